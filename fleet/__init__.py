@@ -1,0 +1,1 @@
+"""TinyFleet coordinator side: compiler, round state machine, aggregation, store, simulation, CLI."""

@@ -1,0 +1,1 @@
+"""Fleet simulation: brokers, device backends, scenarios, reports."""
