@@ -43,6 +43,9 @@ class OpType(IntEnum):
     EMBEDDING = 5  # in [ids (L,) int32, table (V, D) int8] out [y (D,1,L)]
     CLAMP = 6  # in [x] out [y] or [y, mask] (a standalone ReLU/ReLU6)
     SAVE_CHANNELS = 7  # in [x (C,H,W)] out [x_saved (k,H,W)]: the first k channels, kept for a weight update
+    PWDW = 8  # in [x, w_pw, b_pw, w_dw, b_dw] out [y]: 1x1 expansion fused with the next depthwise conv,
+    #           computed one expanded channel at a time (an HxW buffer, not the whole tensor); same numbers
+    #           as CONV2D(pw) then CONV2D(dw). Frozen layers only (nothing saved for backward).
     # loss
     SOFTMAX_CE = 16  # in [logits (K,1,1), label] out [g_logits]
     # backward (gradients are int8 with a per-sample power-of-two exponent)
@@ -67,6 +70,12 @@ OP_ATTRS: dict[OpType, tuple[tuple[str, bool], ...]] = {
     OpType.EMBEDDING: (),
     OpType.CLAMP: (("act_min", False), ("act_max", False)),
     OpType.SAVE_CHANNELS: (("k", False),),
+    OpType.PWDW: (
+        ("pw_act_min", False), ("pw_act_max", False), ("pw_mult", True), ("pw_shift", True),
+        ("mid_zero_point", False),
+        ("dw_stride_h", False), ("dw_stride_w", False), ("dw_pad_h", False), ("dw_pad_w", False),
+        ("dw_act_min", False), ("dw_act_max", False), ("dw_mult", True), ("dw_shift", True),
+    ),
     OpType.SOFTMAX_CE: (("exp_lut", True),),  # 256 entries: round(2**20 * exp(-j * s_logits))
     OpType.APPLY_MASK: (),
     OpType.CONV2D_BWD_INPUT: (
