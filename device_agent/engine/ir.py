@@ -3,7 +3,8 @@
 A :class:`Plan` is a flat, ordered op list over a tensor table: forward ops, then (for training) the loss and
 the backward/update ops the compiler kept for the sparse scheme. Every op attribute is an int32 scalar or an
 int32 array, declared once in :data:`OP_ATTRS`, so the plan writer/reader and the C runtime share one layout.
-This module holds data only; it refuses to compute (kernels live in ``kernels.py``, execution in ``trainer.py``).
+This module holds data only; it refuses to compute (kernels live in ``forward.py`` / ``backward.py`` /
+``update.py``, execution in ``trainer.py``).
 """
 
 from __future__ import annotations

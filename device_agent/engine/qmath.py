@@ -61,10 +61,13 @@ def requantize(acc: np.ndarray, mult: np.ndarray | int, shift: np.ndarray | int)
 
 
 def rshift_round(x: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
-    """Arithmetic right shift with round half up; ``shift <= 0`` shifts left."""
+    """Arithmetic right shift with round half up; ``shift <= 0`` shifts left.
+
+    Right shifts above 62 act as 62 (the result is 0 for ``|x| < 2**61``), so no shift is undefined in C.
+    """
     x = np.asarray(x, dtype=np.int64)
     shift = np.asarray(shift, dtype=np.int64)
-    pos = np.maximum(shift, 0)
+    pos = np.clip(shift, 0, 62)
     half = np.where(pos > 0, np.int64(1) << np.maximum(pos - 1, 0), 0)
     right = (x + half) >> pos
     return np.where(shift > 0, right, x << np.maximum(-shift, 0))
