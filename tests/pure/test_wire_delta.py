@@ -1,0 +1,122 @@
+"""Delta: encode/decode round trip, narrowest dtype, deterministic top-k, personal tensors skipped, exact sizes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agent.engine import ir
+from device_agent.wire import (
+    Delta,
+    Signer,
+    Verifier,
+    WireError,
+    WireFormatError,
+    delta_from_bytes,
+    delta_from_records,
+    delta_support,
+    delta_to_dense,
+    encode_delta,
+    encode_tensor,
+    topk_indices,
+)
+from device_agent.wire.envelope import SigAlg
+
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+_spec = importlib.util.spec_from_file_location("wire_vectors_generate", VECTORS / "generate.py")
+gen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen)
+HDR = {"device_id": "dev-7", "round_id": 9, "base_hash": bytes(range(32)), "counter": 2**63 + 1, "sample_count": 40}
+
+
+def _old_new(plan):
+    return {t.id: np.array(t.data) for t in plan.trainable}, gen.new_state(plan)
+
+
+def test_round_trip_dense_and_to_dense():
+    plan = gen.golden_plan()
+    old, new = _old_new(plan)
+    d = encode_delta(plan, old, new, **HDR)
+    blob = d.to_bytes()
+    back = delta_from_bytes(blob)
+    dense = delta_to_dense(back, plan)
+    assert (back.device_id, back.round_id, back.counter, back.sample_count) == ("dev-7", 9, 2**63 + 1, 40)
+    assert sorted(dense) == [2, 3]  # personal fc.b (8) never travels
+    for tid in dense:
+        assert np.array_equal(dense[tid], new[tid].astype(np.int64) - old[tid])
+    assert back.to_bytes() == blob
+    assert d.size_report().total == len(blob)
+    assert [td.dtype for td in back.tensors] == [ir.DType.INT16, ir.DType.INT32]  # conv.w has a 254 step
+
+
+def test_size_report_with_signature():
+    plan = gen.golden_plan()
+    d = encode_delta(plan, *_old_new(plan), **HDR, top_k=2)
+    blob = d.to_bytes(Signer.hmac_sha256(b"k" * 32))
+    assert d.size_report(SigAlg.HMAC_SHA256).total == len(blob)
+    delta_from_bytes(blob, verify=Verifier.hmac_sha256(b"k" * 32))
+
+
+def test_topk_is_deterministic_with_index_tie_break():
+    v = np.array([0, 5, -5, 3, -7, 5, 0, 1])
+    assert topk_indices(v, 3).tolist() == [1, 2, 4]  # |-7|, then the 5s at 1 and 2 (lower index first)
+    assert topk_indices(v, 100).tolist() == [1, 2, 3, 4, 5, 7]  # zeros are never selected
+    assert topk_indices(np.zeros(4, np.int64), 2).tolist() == []
+
+
+def test_topk_only_when_smaller():
+    big = np.arange(1, 101, dtype=np.int64)
+    assert encode_tensor(0, big, k=10).indices is not None
+    assert encode_tensor(0, big, k=60).indices is None  # 60 indices + values > 100 dense int8 bytes
+
+
+def test_topk_round_trip_and_support():
+    plan = gen.golden_plan()
+    old, new = _old_new(plan)
+    d = delta_from_bytes(encode_delta(plan, old, new, top_k={2: 1}, **HDR).to_bytes())
+    dense, support = delta_to_dense(d, plan), delta_support(d, plan)
+    full = new[2].astype(np.int64) - old[2]
+    assert support[2].sum() == 1 and support[3].all()
+    assert np.array_equal(dense[2][support[2]], full[support[2]])
+    assert (dense[2][~support[2]] == 0).all()
+
+
+def test_records_section_alone():
+    plan = gen.golden_plan()
+    d = encode_delta(plan, *_old_new(plan), top_k=3, **HDR)
+    back = delta_from_records(d.records_bytes(), device_id=d.device_id, round_id=d.round_id,
+                              base_hash=d.base_hash, plan_hash=d.plan_hash, counter=d.counter,
+                              sample_count=d.sample_count)
+    assert back.to_bytes() == d.to_bytes()
+
+
+@pytest.mark.parametrize("edit", ["plan", "personal", "numel", "range"])
+def test_delta_that_does_not_fit_the_plan(edit):
+    plan = gen.golden_plan()
+    d = encode_delta(plan, *_old_new(plan), **HDR)
+    code = WireError.PLAN_MISMATCH
+    if edit == "plan":
+        d.plan_hash = bytes(32)
+    elif edit == "personal":
+        d.tensors.append(encode_tensor(8, np.ones(4, np.int64)))
+    elif edit == "numel":
+        d.tensors[0] = encode_tensor(2, np.ones(5, np.int64))
+    else:
+        d.tensors[0] = encode_tensor(2, np.full(6, 300, np.int64))
+        code = WireError.BAD_VALUE
+    d = delta_from_bytes(d.to_bytes())
+    with pytest.raises(WireFormatError) as e:
+        delta_to_dense(d, plan)
+    assert e.value.code == code
+
+
+def test_writer_refusals():
+    with pytest.raises(ValueError):
+        Delta("a/b", 1, bytes(32), bytes(32), 0, 1).to_bytes()
+    with pytest.raises(ValueError):
+        Delta("dev", 1, bytes(32), bytes(32), 0, 0).to_bytes()
+    with pytest.raises(ValueError):
+        Delta("dev", 1, bytes(32), bytes(32), 0, 1, [encode_tensor(0, np.array([2**40]))]).to_bytes()
