@@ -1,0 +1,51 @@
+"""`tinyfleet compile` end to end on a small torch model: one JSON object out, a plan blob, budget errors."""
+
+from __future__ import annotations
+
+import json
+
+from fleet.cli import main
+
+BOARD = "configs/boards/stm32f746.yaml"
+MODEL = ["fleet.compiler.models:TinyCNN", "--input-shape", "1,28,28", "--board", BOARD]
+
+
+def test_compile_prints_json_and_writes_the_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    out = tmp_path / "plan.ttp"
+    assert main(["compile", *MODEL, "--scheme", "quarter", "-o", str(out), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    for key in ("peak_sram_bytes", "arena_bytes", "trainable_sram_bytes", "flash_bytes", "scheme", "num_ops",
+                "plan_hash"):
+        assert key in r
+    assert r["peak_sram_bytes"] == r["arena_bytes"] + r["trainable_bytes"] + r["runtime_bytes"] <= 256000
+    assert out.stat().st_size == r["flash_bytes"] and len(r["plan_hash"]) == 64
+
+    from device_agent.wire.plan import plan_from_bytes, plan_hash
+
+    blob = out.read_bytes()
+    assert plan_hash(blob).hex() == r["plan_hash"]
+    from device_agent.wire.envelope import Verifier
+
+    plan = plan_from_bytes(blob, verify=Verifier.unsigned())
+    assert plan.arena_bytes == r["arena_bytes"] and len(plan.ops) == r["num_ops"]
+    assert any(t.name.endswith(".scratch") and t.offset >= 0 for t in plan.tensors)
+
+
+def test_impossible_budget_names_the_minimum(capsys, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    assert main(["compile", *MODEL, "--scheme", "last", "--json"]) == 0
+    need = json.loads(capsys.readouterr().out)["peak_sram_bytes"]
+    assert main(["compile", *MODEL, "--scheme", "auto", "--budget", str(need - 1), "--json"]) == 1
+    cap = capsys.readouterr()
+    assert f"smallest feasible budget is {need} bytes" in cap.err
+    assert json.loads(cap.out)["required_bytes"] == need
+    assert main(["compile", *MODEL, "--scheme", "full", "--budget", "1KB"]) == 1
+    assert "smallest feasible budget for it is" in capsys.readouterr().err
+
+
+def test_bad_model_spec_is_a_usage_error(capsys):
+    assert main(["compile", "nonsense", "--board", BOARD]) == 2
+    assert "MODEL must be" in capsys.readouterr().err
