@@ -1,0 +1,398 @@
+"""The coordinator: registry + round machine + aggregation + store behind one ``handle(event) -> outputs`` call.
+
+Sans-I/O: events are parsed-topic + payload bytes (or control ticks), outputs are publish intents with their
+topic and retain flag; time comes from the injected ``clock``. The only side effect is the injected
+:class:`~fleet.store.Store`, written before any output that depends on it is returned (write-ahead), so the
+MQTT adapter may acknowledge an inbound message once ``handle`` returns. If ``handle`` raises (store failure),
+discard the object and build a new one from the same store: it resumes where the last transaction left off.
+It refuses to decode binary formats itself (an injected :class:`Codec` does) and to aggregate (``aggregate``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from device_agent.engine.ir import DTYPE_NUMPY
+from device_agent.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
+from device_agent.wire.delta import delta_from_bytes, delta_support, delta_to_dense
+from device_agent.wire.errors import WireFormatError
+from device_agent.wire.plan import plan_hash, plan_to_bytes
+from device_agent.wire.update import update_from_state, update_hash
+from fleet import aggregate as agg
+from fleet import round as rnd
+from fleet.registry import Registry
+from fleet.store import DeltaRow, Store
+
+# --- what the coordinator needs from the binary formats (device_agent.wire), as an interface -----------------
+
+
+@dataclass(frozen=True)
+class DecodedDelta:
+    """A delta payload after the wire reader accepted it. ``values``/``masks`` are per shared trainable tensor
+    id, full tensor shape: integer weight-unit differences and the coordinates this device actually sent."""
+
+    header: rnd.Upload
+    values: dict[int, np.ndarray]  # tensor id -> int64, tensor shape
+    masks: dict[int, np.ndarray]  # tensor id -> bool, tensor shape
+
+
+class CodecError(ValueError):
+    """A payload the wire reader refused; ``code`` is its WireError number."""
+
+    def __init__(self, code: int, detail: str):
+        super().__init__(f"wire error {code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+class Codec(Protocol):
+    plan_hash: str  # hex
+
+    def plan_bytes(self) -> bytes: ...
+
+    def decode_delta(self, payload: bytes, content_hash: str) -> DecodedDelta: ...  # raises CodecError
+
+    def encode_update(self, base_version: int, new_version: int, state: dict[int, np.ndarray]) -> bytes: ...
+
+    def update_hash(self, payload: bytes) -> str: ...  # hex identity of a model version (a delta's base_hash)
+
+
+class WireCodec:
+    """:class:`Codec` over ``device_agent.wire``. ``signer`` signs plan and updates; ``verify`` checks deltas."""
+
+    def __init__(self, plan, signer=None, verify=None):
+        self.plan, self.signer, self.verify = plan, signer, verify
+        self._hash = plan_hash(plan)
+        self.plan_hash = self._hash.hex()
+        self._plan_bytes: bytes | None = None
+
+    def plan_bytes(self) -> bytes:
+        if self._plan_bytes is None:
+            self._plan_bytes = plan_to_bytes(self.plan, self.signer)
+        return self._plan_bytes
+
+    def decode_delta(self, payload: bytes, content_hash: str) -> DecodedDelta:
+        try:
+            d = delta_from_bytes(payload, verify=self.verify)
+            header = rnd.Upload(d.device_id, d.round_id, bytes(d.plan_hash).hex(), bytes(d.base_hash).hex(),
+                                d.counter, d.sample_count, content_hash)
+            if bytes(d.plan_hash) != self._hash:  # a well-formed delta for another plan: the round rejects it
+                return DecodedDelta(header, {}, {})
+            values = delta_to_dense(d, self.plan, plan_hash=self._hash)
+            masks = delta_support(d, self.plan, plan_hash=self._hash)
+        except WireFormatError as e:
+            raise CodecError(int(e.code), str(e)) from None
+        return DecodedDelta(header, values, masks)
+
+    def encode_update(self, base_version: int, new_version: int, state: dict[int, np.ndarray]) -> bytes:
+        upd = update_from_state(self.plan, state, base_version=base_version, new_version=new_version,
+                                plan_hash=self._hash)
+        return upd.to_bytes(self.signer)
+
+    def update_hash(self, payload: bytes) -> str:
+        return update_hash(payload).hex()
+
+
+# --- events and outputs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    """A device message: ``kind`` is the last topic level (hello | status | delta), ``device_id`` the <id> level."""
+
+    kind: str
+    device_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Boot:
+    """First event after construction: republish plan and model, resume the open round (re-send its tasks)."""
+
+
+@dataclass(frozen=True)
+class StartRound:
+    pass
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Check deadlines and heartbeats against ``clock()``."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Informational (no topic): what happened to one delta. ``reason`` is a Reject name, ok or duplicate."""
+
+    device_id: str
+    round_id: int
+    reason: str
+    code: int = 0  # Reject value (0 = accepted or duplicate); for MALFORMED, ``detail`` holds the WireError
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Informational: a control message that was refused (state unchanged)."""
+
+    device_id: str
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class RoundClosed:
+    """Informational: a round ended; ``version`` is the new model version when committed."""
+
+    round_id: int
+    committed: bool
+    version: int
+    accepted: tuple[str, ...] = ()
+    detail: str = ""
+
+
+Output = Publish | Verdict | Dropped | RoundClosed
+
+
+@dataclass
+class CoordinatorConfig:
+    round: rnd.RoundConfig = field(default_factory=rnd.RoundConfig)
+    lr: float = 0.05
+    local_steps: int = 10
+    batch_size: int = 1
+    aggregator: str = "fedavg"  # fedavg | clipped | median | trimmed
+    clip: float = 0.0  # L2 clip norm (integer weight units) for "clipped"
+    trim: float = 0.1  # fraction trimmed at each end for "trimmed"
+    min_sram: int = 0  # 0: the plan's own need (arena + trainable bytes)
+    require_plan: bool = False  # only devices that already hold the plan are eligible
+    heartbeat_timeout: float = 0.0  # seconds of silence before a device counts as offline (0 = Last Will only)
+
+    def validate(self) -> list[str]:
+        errs = []  # NOTE: round.* is validated by RoundConfig.validate (config.from_dict calls both)
+        if self.aggregator not in agg.AGGREGATORS:
+            errs.append(f"aggregator: expected one of {', '.join(agg.AGGREGATORS)}, got {self.aggregator!r}")
+        if self.aggregator == "clipped" and not self.clip > 0:
+            errs.append(f"clip: must be > 0 for the clipped aggregator, got {self.clip}")
+        if not 0 <= self.trim < 0.5:
+            errs.append(f"trim: must be in [0, 0.5), got {self.trim}")
+        if not self.lr > 0 or self.local_steps < 1 or self.batch_size < 1:
+            errs.append("lr, local_steps, batch_size: must be > 0")
+        return errs
+
+
+def plan_sram(plan) -> int:
+    """Bytes a board needs to train ``plan``: the arena plus the trainable tensors held in SRAM."""
+    return int(plan.arena_bytes) + sum(t.nbytes for t in plan.trainable)
+
+
+class Coordinator:
+    """One fleet, one plan. Build with a store (fresh or from a previous run), then ``handle(Boot())``."""
+
+    def __init__(self, plan, store: Store, config: CoordinatorConfig, clock, codec: Codec):
+        errs = config.validate() + [f"round.{e}" for e in config.round.validate()]
+        if errs:
+            raise ValueError("invalid coordinator config: " + "; ".join(errs))
+        self.plan, self.store, self.config, self.clock, self.codec = plan, store, config, clock, codec
+        self.shared = [t for t in plan.trainable if not t.personal]  # what devices upload and download
+        self.min_sram = config.min_sram or plan_sram(plan)
+        self.registry = Registry(config.heartbeat_timeout)
+        self.machine = rnd.RoundMachine(config.round, codec.plan_hash)
+        store.bind_plan(codec.plan_hash)
+        initial = {t.id: np.asarray(t.data).astype(_np_dtype(t)).reshape(t.shape) for t in self.shared}
+        first = codec.update_hash(codec.encode_update(0, 1, initial))
+        row = store.init_model(1, first, self._pack(initial))  # version 1 = the plan's values (0 = "none")
+        self.version, self.hash, self.state = row.version, row.hash, self._unpack(row.state)
+        for device_id, hello_json, _ in store.devices():
+            if hello_json != "{}":
+                self.registry.on_hello(parse(hello_json.encode(), Hello), 0.0)  # type: ignore[arg-type]
+                self.registry.mark_offline(device_id)  # online again at its next hello/status
+        last = store.last_round()
+        if last is not None:
+            accepted = {d.device_id: d.content_hash for d in store.deltas(last[0])}
+            self.machine.restore(last[2], accepted, store.counters())
+
+    # --- state packing (the store's blob: tensors' raw bytes in id order) ------------------------------------
+
+    def _pack(self, state: dict[int, np.ndarray]) -> bytes:
+        return b"".join(np.ascontiguousarray(state[t.id]).astype(state[t.id].dtype.newbyteorder("<")).tobytes()
+                        for t in self.shared)
+
+    def _unpack(self, blob: bytes) -> dict[int, np.ndarray]:
+        out, pos = {}, 0
+        for t in self.shared:
+            dt = np.dtype(_np_dtype(t)).newbyteorder("<")
+            n = t.numel * dt.itemsize
+            out[t.id] = np.frombuffer(blob[pos:pos + n], dt).astype(_np_dtype(t)).reshape(t.shape)
+            pos += n
+        if pos != len(blob):
+            raise ValueError(f"stored model has {len(blob)} bytes, the plan's shared tensors need {pos}")
+        return out
+
+    # --- the one entry point -------------------------------------------------------------------------------
+
+    def handle(self, event: object) -> list[Output]:
+        now = float(self.clock())
+        if isinstance(event, Received):
+            return self._received(event, now)
+        if isinstance(event, Tick):
+            out: list[Output] = []
+            for d in self.registry.expire(now):
+                out += self._machine(rnd.DeviceLost(d, now), now)
+            return out + self._machine(rnd.Tick(now), now)
+        if isinstance(event, StartRound):
+            return self._start(now)
+        if isinstance(event, Boot):
+            return self._boot(now)
+        raise TypeError(f"unknown coordinator event {type(event).__name__}")
+
+    def _boot(self, now: float) -> list[Output]:
+        out: list[Output] = [Publish(f"plan/{self.codec.plan_hash}", self.codec.plan_bytes(), retain=True),
+                             self._model_output()]
+        m = self.machine
+        if m.state in (rnd.RoundState.COMMITTING, rnd.RoundState.ABANDONED):
+            pending = (rnd.Commit(m.round_id, tuple(sorted(m.accepted))) if m.state == rnd.RoundState.COMMITTING
+                       else rnd.Abandon(m.round_id, "resumed after restart"))
+            return out + self._close(pending, now)
+        if m.state in (rnd.RoundState.TRAINING, rnd.RoundState.COLLECTING):
+            waiting = tuple(d for d in m.selected if d not in m.accepted and d not in m.lost)
+            out += self._tasks(rnd.Dispatch(m.round_id, waiting, m.deadline))
+        elif m.state == rnd.RoundState.SELECTING:  # never persisted in this state; kept for completeness
+            out += self._machine(rnd.Eligible(tuple(self._eligible()), now), now)
+        return out
+
+    def _eligible(self) -> list[str]:
+        return self.registry.eligible(self.min_sram, self.codec.plan_hash if self.config.require_plan else None)
+
+    def _start(self, now: float) -> list[Output]:
+        m = self.machine
+        m.handle(rnd.StartRound(m.round_id + 1, self.version, self.hash, now))
+        return self._machine(rnd.Eligible(tuple(self._eligible()), now), now)
+
+    def _received(self, ev: Received, now: float) -> list[Output]:
+        if ev.kind == "delta":
+            return self._delta(ev, now)
+        if ev.kind not in ("hello", "status"):
+            return [Dropped(ev.device_id, ev.kind, "devices publish only hello, status and delta")]
+        try:
+            msg = parse(ev.payload, Hello if ev.kind == "hello" else Status)
+        except MessageError as e:
+            return [Dropped(ev.device_id, ev.kind, str(e))]
+        if msg.device_id != ev.device_id:  # type: ignore[attr-defined]
+            return [Dropped(ev.device_id, ev.kind, f"device_id {msg.device_id!r} != topic id")]  # type: ignore
+        if isinstance(msg, Hello):
+            self.store.save_device(msg.device_id, ev.payload.decode())
+            self.registry.on_hello(msg, now)
+            return []
+        assert isinstance(msg, Status)
+        was_online = self.registry.is_online(msg.device_id)
+        if self.registry.on_status(msg, now) is None:
+            return [Dropped(ev.device_id, ev.kind, "status before hello")]
+        if msg.state == "offline" and was_online:
+            return self._machine(rnd.DeviceLost(msg.device_id, now), now)
+        return []
+
+    def _delta(self, ev: Received, now: float) -> list[Output]:
+        content_hash = hashlib.sha256(ev.payload).hexdigest()
+        m = self.machine
+        try:
+            decoded = self.codec.decode_delta(ev.payload, content_hash)
+        except CodecError as e:
+            return self._verdict(ev.device_id, m.round_id, content_hash, rnd.Reject.MALFORMED,
+                                 f"WireError {e.code}: {e.detail}")
+        up = decoded.header
+        if up.device_id != ev.device_id:
+            return self._verdict(ev.device_id, up.round_id, content_hash, rnd.Reject.WRONG_DEVICE,
+                                 f"payload says {up.device_id!r}")
+        if up.round_id != m.round_id and self.store.has_delta(up.round_id, up.device_id, content_hash):
+            return self._verdict(ev.device_id, up.round_id, content_hash, None, "")  # redelivered, old round
+        out: list[Output] = []
+        for cmd in m.handle(rnd.DeltaArrived(up, now)):
+            if isinstance(cmd, rnd.Accepted):
+                self.store.accept_delta(DeltaRow(up.round_id, up.device_id, content_hash, up.counter,
+                                                 up.num_samples, ev.payload), m.state.value)
+                out += self._verdict(up.device_id, up.round_id, content_hash, None, "ok", accepted=True)
+            elif isinstance(cmd, rnd.Duplicate):
+                out += self._verdict(up.device_id, up.round_id, content_hash, None, "")
+            elif isinstance(cmd, rnd.Rejected):
+                out += self._verdict(up.device_id, up.round_id, content_hash, cmd.reason, cmd.detail)
+            else:
+                out += self._close(cmd, now)
+        return out
+
+    def _verdict(self, device_id: str, round_id: int, content_hash: str, reason: rnd.Reject | None, detail: str,
+                 accepted: bool = False) -> list[Output]:
+        name = "ok" if accepted else "duplicate" if reason is None else reason.name.lower()
+        ack = Ack(max(round_id, 0), content_hash, accepted or reason is None, name)
+        return [Publish(f"dev/{device_id}/ack", ack.to_json()),
+                Verdict(device_id, round_id, name, int(reason or 0), detail)]
+
+    def _machine(self, event: object, now: float) -> list[Output]:
+        """Feed the round machine; persist its new state and turn its commands into outputs."""
+        before = self.machine.fingerprint()
+        cmds = self.machine.handle(event)
+        out: list[Output] = []
+        if self.machine.fingerprint() != before and self.machine.state != rnd.RoundState.SELECTING:
+            self.store.save_round(self.machine.snapshot())
+        for cmd in cmds:
+            if isinstance(cmd, rnd.Dispatch):
+                out += self._tasks(cmd)
+            elif isinstance(cmd, (rnd.Commit, rnd.Abandon)):
+                out += self._close(cmd, now)
+        return out
+
+    def _tasks(self, d: rnd.Dispatch) -> list[Output]:
+        c = self.config
+        task = Task(d.round_id, self.codec.plan_hash, self.version, self.hash, c.lr, c.local_steps, c.batch_size,
+                    d.deadline).to_json()
+        return [Publish(f"dev/{dev}/task", task) for dev in d.device_ids]
+
+    # --- closing a round: aggregate from the store, persist, publish ------------------------------------------
+
+    def _close(self, cmd: rnd.Commit | rnd.Abandon, now: float) -> list[Output]:
+        m = self.machine
+        if isinstance(cmd, rnd.Abandon):
+            m.handle(rnd.Closed(now))
+            self.store.abandon_round(m.snapshot(), cmd.reason)
+            return [RoundClosed(cmd.round_id, False, self.version, tuple(sorted(m.accepted)), cmd.reason)]
+        new_state = self.aggregate(cmd.round_id)
+        payload = self.codec.encode_update(self.version, self.version + 1, new_state)
+        new_hash = self.codec.update_hash(payload)
+        m.handle(rnd.Closed(now))
+        self.store.commit_round(m.snapshot(), self.version + 1, new_hash, self._pack(new_state))
+        self.version, self.hash, self.state = self.version + 1, new_hash, new_state
+        return [Publish("model/current", payload, retain=True),
+                RoundClosed(cmd.round_id, True, self.version, tuple(sorted(m.accepted)))]
+
+    def _model_output(self) -> Publish:
+        """The current version as published after a commit (base = previous version): same bytes, same hash."""
+        payload = self.codec.encode_update(self.version - 1, self.version, self.state)
+        return Publish("model/current", payload, retain=True)
+
+    def stacked(self, round_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The round's accepted deltas from the store, flat and sorted by device: ``values, masks, weights``."""
+        rows = self.store.deltas(round_id)
+        vals, masks = [], []
+        for r in rows:
+            d = self.codec.decode_delta(r.payload, r.content_hash)
+            vals.append(np.concatenate([d.values[t.id].reshape(-1).astype(np.int64) for t in self.shared]))
+            masks.append(np.concatenate([d.masks[t.id].reshape(-1).astype(bool) for t in self.shared]))
+        weights = np.array([r.num_samples for r in rows], np.int64)
+        return np.stack(vals), np.stack(masks), weights
+
+    def aggregate(self, round_id: int) -> dict[int, np.ndarray]:
+        """The model after applying the round's accepted deltas (pure given the store's rows)."""
+        c = self.config
+        mean = agg.aggregate(c.aggregator, *self.stacked(round_id), clip=c.clip, beta=c.trim)
+        delta = agg.to_int_delta(mean)
+        out, pos = {}, 0
+        for t in self.shared:
+            out[t.id] = agg.apply_int_delta(self.state[t.id], delta[pos:pos + t.numel])
+            pos += t.numel
+        return out
+
+
+def _np_dtype(t) -> type:
+    return DTYPE_NUMPY[t.dtype]

@@ -1,0 +1,205 @@
+"""The coordinator's durable state in one SQLite file: model versions, rounds, accepted deltas, devices.
+
+Write-ahead by construction: every state change the coordinator makes is one transaction here *before* any
+output that depends on it leaves the coordinator (accepting a delta stores its payload; committing stores the
+new version and closes the round). A coordinator killed at any instant therefore finds either the state before
+or the state after each step, and a restart from this file continues to the same result. The store knows rows
+and blobs only: it does not decode payloads, aggregate or decide anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY, hash TEXT NOT NULL, state BLOB NOT NULL, round_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY, state TEXT NOT NULL, snapshot TEXT NOT NULL, outcome TEXT NOT NULL DEFAULT '',
+    new_version INTEGER
+);
+CREATE TABLE IF NOT EXISTS deltas (
+    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, content_hash TEXT NOT NULL, counter INTEGER NOT NULL,
+    num_samples INTEGER NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (round_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, hello TEXT NOT NULL, last_counter INTEGER NOT NULL DEFAULT -1
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The file is not a TinyFleet store of this version, or belongs to another plan."""
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: int
+    hash: str
+    state: bytes
+    round_id: int  # the round that produced it (0 for the initial model)
+
+
+@dataclass(frozen=True)
+class DeltaRow:
+    round_id: int
+    device_id: str
+    content_hash: str
+    counter: int
+    num_samples: int
+    payload: bytes
+
+
+class Store:
+    """One SQLite database (``":memory:"`` for tests). Not thread-safe: one coordinator, one thread."""
+
+    def __init__(self, path: str | Path = ":memory:"):
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        with self._tx():
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                self._db.execute(stmt)
+            got = self._meta("schema_version")
+            if got is None:
+                self._set_meta("schema_version", str(SCHEMA_VERSION))
+            elif got != str(SCHEMA_VERSION):
+                raise StoreError(f"{self.path}: store schema v{SCHEMA_VERSION} expected, got v{got}: "
+                                 "start a new store file or migrate this one")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic transaction: all statements inside commit together or not at all."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- meta ----------------------------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def bind_plan(self, plan_hash: str) -> None:
+        """Tie this store to one plan; opening it for another plan is an error, not a silent mix."""
+        with self._tx():
+            got = self._meta("plan_hash")
+            if got is None:
+                self._set_meta("plan_hash", plan_hash)
+            elif got != plan_hash:
+                raise StoreError(f"{self.path} belongs to plan {got[:16]}, not {plan_hash[:16]}: "
+                                 "use a new store file for a new plan")
+
+    # --- versions ------------------------------------------------------------------------------------------
+
+    def init_model(self, version: int, hash_: str, state: bytes) -> VersionRow:
+        """Store the first model version if the store has none yet; return the latest version either way."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM versions LIMIT 1").fetchone() is None:
+                db.execute("INSERT INTO versions VALUES (?, ?, ?, 0)", (version, hash_, state))
+        latest = self.latest_version()
+        assert latest is not None
+        return latest
+
+    def latest_version(self) -> VersionRow | None:
+        row = self._db.execute("SELECT * FROM versions ORDER BY version DESC LIMIT 1").fetchone()
+        return None if row is None else VersionRow(row[0], row[1], bytes(row[2]), row[3])
+
+    def version(self, v: int) -> VersionRow | None:
+        row = self._db.execute("SELECT * FROM versions WHERE version = ?", (v,)).fetchone()
+        return None if row is None else VersionRow(row[0], row[1], bytes(row[2]), row[3])
+
+    # --- rounds --------------------------------------------------------------------------------------------
+
+    def last_round(self) -> tuple[int, str, dict] | None:
+        """``(round_id, state, snapshot)`` of the newest round, or None; the state column wins over the
+        snapshot's (accepting a delta updates only the column)."""
+        row = self._db.execute("SELECT round_id, state, snapshot FROM rounds ORDER BY round_id DESC LIMIT 1"
+                               ).fetchone()
+        return None if row is None else (row[0], row[1], {**json.loads(row[2]), "state": row[1]})
+
+    def save_round(self, snapshot: dict) -> None:
+        """Insert or update the round row (start, dispatch, device lost, closing)."""
+        with self._tx() as db:
+            self._put_round(db, snapshot)
+
+    @staticmethod
+    def _put_round(db: sqlite3.Connection, snap: dict, outcome: str = "", new_version: int | None = None) -> None:
+        db.execute("INSERT INTO rounds (round_id, state, snapshot, outcome, new_version) VALUES (?, ?, ?, ?, ?) "
+                   "ON CONFLICT(round_id) DO UPDATE SET state = excluded.state, snapshot = excluded.snapshot, "
+                   "outcome = excluded.outcome, new_version = excluded.new_version",
+                   (snap["round_id"], snap["state"], json.dumps(snap, sort_keys=True), outcome, new_version))
+
+    def round_outcome(self, round_id: int) -> tuple[str, str, int | None] | None:
+        row = self._db.execute("SELECT state, outcome, new_version FROM rounds WHERE round_id = ?",
+                               (round_id,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def accept_delta(self, row: DeltaRow, state: str) -> None:
+        """Write-ahead for one accepted delta: its payload, the device's counter and the round's new state, atomically.
+
+        Only the state column changes (the snapshot's selected list is written at dispatch, not per delta).
+        """
+        with self._tx() as db:
+            db.execute("INSERT INTO deltas VALUES (?, ?, ?, ?, ?, ?)",
+                       (row.round_id, row.device_id, row.content_hash, row.counter, row.num_samples, row.payload))
+            db.execute("INSERT INTO devices (device_id, hello, last_counter) VALUES (?, '{}', ?) "
+                       "ON CONFLICT(device_id) DO UPDATE SET last_counter = excluded.last_counter",
+                       (row.device_id, row.counter))
+            if db.execute("UPDATE rounds SET state = ? WHERE round_id = ?", (state, row.round_id)).rowcount != 1:
+                raise StoreError(f"round {row.round_id} was never saved: save_round before accept_delta")
+
+    def commit_round(self, snapshot: dict, version: int, hash_: str, state: bytes) -> None:
+        """The new model version and the closed round, in one transaction."""
+        with self._tx() as db:
+            db.execute("INSERT INTO versions VALUES (?, ?, ?, ?)", (version, hash_, state, snapshot["round_id"]))
+            self._put_round(db, snapshot, "committed", version)
+
+    def abandon_round(self, snapshot: dict, why: str) -> None:
+        with self._tx() as db:
+            self._put_round(db, snapshot, f"abandoned: {why}")
+
+    def deltas(self, round_id: int) -> list[DeltaRow]:
+        """Accepted deltas of a round, sorted by device id (the canonical aggregation order)."""
+        rows = self._db.execute("SELECT * FROM deltas WHERE round_id = ? ORDER BY device_id", (round_id,))
+        return [DeltaRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+    def has_delta(self, round_id: int, device_id: str, content_hash: str) -> bool:
+        return self._db.execute("SELECT 1 FROM deltas WHERE round_id = ? AND device_id = ? AND content_hash = ?",
+                                (round_id, device_id, content_hash)).fetchone() is not None
+
+    # --- devices -------------------------------------------------------------------------------------------
+
+    def save_device(self, device_id: str, hello_json: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO devices (device_id, hello) VALUES (?, ?) "
+                       "ON CONFLICT(device_id) DO UPDATE SET hello = excluded.hello", (device_id, hello_json))
+
+    def devices(self) -> list[tuple[str, str, int]]:
+        """``(device_id, hello JSON, last accepted counter)`` sorted by id."""
+        return [tuple(r) for r in self._db.execute(  # type: ignore[misc]
+            "SELECT device_id, hello, last_counter FROM devices ORDER BY device_id")]
+
+    def counters(self) -> dict[str, int]:
+        return {d: c for d, _, c in self.devices() if c >= 0}
