@@ -127,12 +127,13 @@ def update_op(op: ir.Op, tensors: dict[int, ir.Tensor], store: dict[int, np.ndar
         x_saved = store[xid] if uw else None
         zx = tensors[xid].zero_point if xid >= 0 else 0
         in_hw = tuple(x_saved.shape[2:]) if uw else (0, 0)
-        for tid in (wid, bid):
+        ub = bool(a["update_bias"]) and update_bias
+        for tid in [t for t, on in ((wid, uw), (bid, ub)) if on]:  # a bias-only update leaves w in flash
             if tensors[tid].kind != ir.Kind.TRAINABLE:
                 raise ValueError(f"op {op.name}: tensor {tensors[tid].name} is {tensors[tid].kind.name}, not TRAINABLE")
         store[wid], store[bid] = conv_update(
             store[gid], exps[gid], x_saved, zx, store[wid], store[bid], ConvGeom.from_attrs(a), k, in_hw, a, lr,
-            step, wid, bid, uw, bool(a["update_bias"]) and update_bias)
+            step, wid, bid, uw, ub)
     elif op.type == ir.OpType.EMBEDDING_UPDATE:
         gid, iid, tid = ins
         if update_weight:

@@ -28,6 +28,7 @@ class ImuCNN(nn.Module):
 
     def __init__(self, in_channels: int = 6, num_classes: int = 7, width: int = 32):
         super().__init__()
+        self.input_shape = (in_channels, 128)  # per sample, read by `tinyfleet compile`
         self.stem = _conv_bn(in_channels, 16, 5, stride=2, dims=1)
         self.dw1 = _conv_bn(16, 16, 5, groups=16, dims=1)
         self.pw1 = _conv_bn(16, width, 1, dims=1)
@@ -53,6 +54,7 @@ class TinyCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
         super().__init__()
+        self.input_shape = (in_channels, 28, 28)
         self.stem = _conv_bn(in_channels, width, 3, stride=2, act=nn.ReLU6)
         self.expand = _conv_bn(width, 2 * width, 1, act=nn.ReLU6)
         self.depthwise = _conv_bn(2 * width, 2 * width, 3, groups=2 * width, act=nn.ReLU6)
