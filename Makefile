@@ -6,7 +6,7 @@ PYTEST  := $(BIN)/python -m pytest
 DEBS    := mosquitto qemu-system-arm gcc-arm-none-eabi libnewlib-arm-none-eabi dataset-fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup debs test test-pure test-broker test-firmware test-e2e lint clean
+.PHONY: setup debs test test-pure test-broker test-firmware test-e2e lint clean firmware firmware-test
 
 setup: debs $(BIN)/tinyfleet
 
@@ -43,6 +43,12 @@ test-firmware:
 	$(PYTEST) -q -m firmware tests
 test-e2e:
 	$(PYTEST) -q -m e2e tests
+
+firmware:
+	$(MAKE) -C firmware all
+
+firmware-test: firmware
+	$(PYTEST) -q tests/firmware
 
 lint:
 	$(BIN)/ruff check fleet device_agent tests benchmarks

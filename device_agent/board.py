@@ -1,0 +1,272 @@
+"""Emulated TinyFleet boards: :class:`QemuBoard` starts one, and its only output is a TCP endpoint.
+
+``QemuBoard`` runs ``qemu-system-arm`` (mps2-an386 = Cortex-M4, mps2-an500 = Cortex-M7) with the firmware ELF
+and UART0 on a TCP server socket (``nodelay=on``: without it every reply waits ~40 ms for Nagle + delayed ACK).
+QEMU starts the guest when the first client connects, so a board costs no CPU until it is used. The launcher
+refuses to speak the protocol itself: :class:`BoardClient` is the thin TCP adapter over
+``device_agent.wire.frames`` (encode, deframe, match by sequence number) that tests and the bridge use.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+from device_agent.wire import frames
+
+ROOT = Path(__file__).resolve().parent.parent
+FIRMWARE_BUILD = ROOT / "firmware" / "build"
+MACHINES = {"mps2-an386": "an386", "mps2-an500": "an500"}  # QEMU machine -> firmware build directory
+
+# NOTE: board-only commands not (yet) in frames.Command / frames.PAYLOADS. Same (struct, names, tail) shape as
+# frames.PAYLOADS so they can move there unchanged; once they exist there, frames' entries win.
+CMD_SELFTEST = 0x08
+CMD_BOARD_INFO = 0x09
+PROPOSED_PAYLOADS: dict[tuple[str, int], tuple[struct.Struct, tuple[str, ...], bool]] = {
+    ("req", CMD_SELFTEST): (struct.Struct("<"), (), False),
+    ("resp", CMD_SELFTEST): (struct.Struct("<IIiIQ"), ("cases", "passed", "first_failed", "crc32", "ticks"), False),
+    ("req", CMD_BOARD_INFO): (struct.Struct("<"), (), False),
+    ("resp", CMD_BOARD_INFO): (struct.Struct("<IIQIIIIIIII"), (
+        "cpuid", "tick_hz", "ticks", "stack_size", "stack_high_water", "arena_bytes", "static_ram", "flash_used",
+        "frames_ok", "frames_bad", "last_error"), False),
+}
+
+
+def firmware_elf(machine: str) -> Path:
+    """The ELF ``make -C firmware qemu-<board>`` writes for a QEMU machine name."""
+    if machine not in MACHINES:
+        raise ValueError(f"unknown QEMU machine {machine!r}, expected one of {sorted(MACHINES)}")
+    return FIRMWARE_BUILD / MACHINES[machine] / "tinyfleet.elf"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class QemuBoard:
+    """One emulated board. ``start()`` returns ``(host, port)`` once QEMU listens; ``stop()`` ends it.
+
+    Parameters
+    ----------
+    elf : firmware ELF (default: the build for ``machine``).
+    machine : ``mps2-an386`` (Cortex-M4) or ``mps2-an500`` (Cortex-M7).
+    icount : run with ``-icount shift=0,align=off,sleep=on``: virtual time = instruction count, so the board's
+        SysTick readings are deterministic (25 MHz: 1 tick = 40 instructions); ~2.3x slower.
+    """
+
+    machine: str = "mps2-an500"
+    elf: Path | None = None
+    icount: bool = False
+    host: str = "127.0.0.1"
+    qemu: str = "qemu-system-arm"
+    start_timeout: float = 10.0
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _endpoint: tuple[str, int] | None = field(default=None, init=False)
+    _log: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def command(self, port: int) -> list[str]:
+        elf = Path(self.elf) if self.elf else firmware_elf(self.machine)
+        cmd = [self.qemu, "-M", self.machine, "-nodefaults", "-display", "none", "-monitor", "none",
+               "-kernel", str(elf), "-serial", f"tcp:{self.host}:{port},server=on,wait=on,nodelay=on"]
+        if self.icount:
+            cmd += ["-icount", "shift=0,align=off,sleep=on"]
+        return cmd
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        if self._endpoint is None:
+            raise RuntimeError("board not started: call start() first")
+        return self._endpoint
+
+    def start(self) -> tuple[str, int]:
+        """Launch QEMU and wait until its UART socket listens; returns the endpoint."""
+        if self._proc is not None:
+            return self.endpoint
+        elf = Path(self.elf) if self.elf else firmware_elf(self.machine)
+        if not elf.exists():
+            raise FileNotFoundError(f"firmware {elf} not built: run `make -C firmware qemu-{MACHINES.get(self.machine)}`")
+        if shutil.which(self.qemu) is None:
+            raise FileNotFoundError(f"`{self.qemu}` not on PATH: run `make setup` (Debian: qemu-system-arm)")
+        for _ in range(5):  # NOTE: the free port may be taken between probing and QEMU binding it: retry
+            port = _free_port(self.host)
+            proc = subprocess.Popen(self.command(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            try:
+                listening = self._wait_listening(proc)
+            except BaseException:
+                self._kill(proc)  # NOTE: never leak a QEMU process, whatever interrupts the wait
+                raise
+            if listening:
+                self._proc, self._endpoint = proc, (self.host, port)
+                threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
+                return self._endpoint
+            self._kill(proc)
+            if not any("in use" in line for line in self._log):
+                break
+        raise RuntimeError(f"QEMU did not start ({' '.join(self.command(0))}):\n" + "".join(self._log[-20:]))
+
+    def _wait_listening(self, proc: subprocess.Popen) -> bool:
+        """QEMU prints 'waiting for connection' on stderr once the server socket listens."""
+        assert proc.stderr is not None
+        fd = proc.stderr.fileno()
+        deadline = time.monotonic() + self.start_timeout
+        buf = b""
+        while time.monotonic() < deadline and b"waiting for connection" not in buf:
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:  # QEMU exited
+                    break
+                buf += chunk
+        self._log.append(buf.decode(errors="replace"))
+        return b"waiting for connection" in buf
+
+    def _drain(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self._log.append(line.decode(errors="replace"))
+            del self._log[:-200]
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        """Terminate QEMU (SIGTERM, then SIGKILL after 5 s). Safe to call twice."""
+        if self._proc is not None:
+            self._kill(self._proc)
+            self._proc = None
+            self._endpoint = None
+
+    def log(self) -> str:
+        """QEMU's stderr so far (for error messages)."""
+        return "".join(self._log)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _layout(direction: str, code: int):
+    key = (direction, code)
+    return frames.PAYLOADS.get(key) or PROPOSED_PAYLOADS.get(key)
+
+
+class BoardError(RuntimeError):
+    """The board answered with a non-OK status (``status`` is a frames.Status value)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class BoardClient:
+    """Request/response over a board's UART stream (TCP here; the same frames go over a serial port)."""
+
+    def __init__(self, endpoint: tuple[str, int], timeout: float = 30.0, connect_timeout: float = 10.0):
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                self.sock = socket.create_connection(endpoint, timeout=1.0)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(timeout)
+        self.deframer = frames.Deframer()
+        self.pending: list = []
+        self.seq = 0
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_frame(self) -> frames.Frame:
+        """The next frame (or raise the WireFormatError the deframer produced for it)."""
+        while not self.pending:
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionError("board closed the UART connection")
+            self.pending += self.deframer.feed(data)
+        item = self.pending.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def request(self, cmd: int, payload: bytes = b"", retries: int = 2) -> frames.Frame:
+        """Send one command; return the response frame with the same seq (status in ``code``).
+
+        An ERR_CRC answer (the board could not read the request) is retried up to ``retries`` times, as
+        docs/formats.md prescribes; the retry uses a new seq.
+        """
+        for attempt in range(retries + 1):
+            seq = self.seq
+            self.seq = (self.seq + 1) & 0xFFFF
+            if self.seq == frames.SEQ_UNKNOWN:
+                self.seq = 0
+            self.send_raw(frames.encode_frame(frames.Frame(seq, cmd, payload)))
+            while True:
+                f = self.recv_frame()
+                if f.seq == seq:
+                    return f
+                if f.seq == frames.SEQ_UNKNOWN and f.code == frames.Status.ERR_CRC:
+                    break
+                if f.seq == frames.SEQ_UNKNOWN:
+                    raise BoardError(f.code, f"board reported status {f.code:#04x} outside a request "
+                                             f"(ERR_INTERNAL = a fault, e.g. stack overflow): it has halted")
+            if attempt == retries:
+                raise BoardError(f.code, f"board could not read command {cmd:#04x} after {retries + 1} tries")
+        raise AssertionError("unreachable")
+
+    def call(self, cmd: int) -> dict[str, int]:
+        """A command without request fields; returns the response fields. Raises BoardError on a bad status."""
+        f = self.request(cmd)
+        if f.code != frames.Status.OK:
+            raise BoardError(f.code, f"command {cmd:#04x} failed with status {f.code:#04x}")
+        st, names, _ = _layout("resp", cmd)
+        if len(f.payload) != st.size:
+            raise BoardError(f.code, f"command {cmd:#04x}: {len(f.payload)} payload bytes, expected {st.size}")
+        return dict(zip(names, st.unpack(f.payload)))
+
+    def ping(self) -> dict[str, int]:
+        return self.call(frames.Command.PING)
+
+    def stats(self) -> dict[str, int]:
+        return self.call(frames.Command.GET_STATS)
+
+    def board_info(self) -> dict[str, int]:
+        return self.call(CMD_BOARD_INFO)
+
+    def selftest(self) -> dict[str, int]:
+        return self.call(CMD_SELFTEST)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

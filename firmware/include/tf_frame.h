@@ -1,0 +1,54 @@
+/* UART frame layout, the C twin of device_agent/wire/frames.py (docs/formats.md, "UART frames"):
+ * COBS( seq u16 | code u8 | payload | crc16 u16 ) 0x00, little-endian, CRC-16/CCITT-FALSE over all bytes before
+ * it. A request's code is a command, a response's code is a status; the response repeats the request's seq. */
+#ifndef TF_FRAME_H
+#define TF_FRAME_H
+
+#include <stdint.h>
+
+#define TF_PROTOCOL_VERSION 1
+#define TF_FRAME_MAX_PAYLOAD 512
+#define TF_FRAME_OVERHEAD 5
+#define TF_FRAME_MAX_RAW (TF_FRAME_MAX_PAYLOAD + TF_FRAME_OVERHEAD)
+#define TF_FRAME_MAX_ENCODED (TF_FRAME_MAX_RAW + (TF_FRAME_MAX_RAW + 253) / 254 + 1) /* 521, without the 0x00 */
+#define TF_SEQ_UNKNOWN 0xFFFFu
+
+/* frames.Command */
+enum {
+    TF_CMD_PING = 0x01,
+    TF_CMD_LOAD_PLAN = 0x02,
+    TF_CMD_LOAD_UPDATE = 0x03,
+    TF_CMD_PUSH_SAMPLE = 0x04,
+    TF_CMD_TRAIN = 0x05,
+    TF_CMD_GET_DELTA = 0x06,
+    TF_CMD_GET_STATS = 0x07,
+    /* PROPOSED (not yet in frames.py; device_agent/board.py carries their layouts until it is): */
+    TF_CMD_SELFTEST = 0x08,   /* resp <IIiIQ: cases, passed, first_failed, crc32, ticks */
+    TF_CMD_BOARD_INFO = 0x09, /* resp <IIQIIIIIIII: see tf_proto.c cmd_board_info */
+};
+
+/* frames.Status */
+enum {
+    TF_ST_OK = 0x00,
+    TF_ST_ERR_CRC = 0x01,
+    TF_ST_ERR_UNKNOWN_COMMAND = 0x02,
+    TF_ST_ERR_BAD_PAYLOAD = 0x03,
+    TF_ST_ERR_STATE = 0x04,
+    TF_ST_ERR_NO_MEMORY = 0x05,
+    TF_ST_ERR_FORMAT = 0x06,
+    TF_ST_ERR_BUSY = 0x07,
+    TF_ST_ERR_INTERNAL = 0x08,
+};
+
+/* errors.WireError values the frame layer reports (as BOARD_INFO last_error) */
+enum {
+    TF_WIRE_TRUNCATED = 1,
+    TF_WIRE_CRC_MISMATCH = 6,
+    TF_WIRE_BAD_COBS = 23,
+    TF_WIRE_FRAME_TOO_LONG = 24,
+};
+
+/* CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, no reflection, no final xor ("123456789" -> 0x29B1). */
+uint16_t tf_crc16(const uint8_t *data, uint32_t n);
+
+#endif /* TF_FRAME_H */

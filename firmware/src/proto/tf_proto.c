@@ -1,0 +1,224 @@
+/* Frame reassembly, CRC check and command dispatch for the board (device_agent/wire/frames.py is the spec).
+ * A frame that fails COBS/CRC/length is counted and answered with ERR_CRC and seq 0xFFFF, never acted on. */
+#include "tf_proto.h"
+
+#include <string.h>
+
+#include "selftest.h"
+#include "tf_board.h"
+#include "tf_cobs.h"
+
+uint16_t tf_crc16(const uint8_t *data, uint32_t n) {
+    uint16_t crc = 0xFFFF;
+    for (uint32_t i = 0; i < n; i++) {
+        crc ^= (uint16_t)(data[i] << 8);
+        for (int b = 0; b < 8; b++) {
+            crc = (crc & 0x8000) ? (uint16_t)((crc << 1) ^ 0x1021) : (uint16_t)(crc << 1);
+        }
+    }
+    return crc;
+}
+
+static uint8_t *put_u16(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8);
+    return p + 2;
+}
+static uint8_t *put_u32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8), p[2] = (uint8_t)(v >> 16), p[3] = (uint8_t)(v >> 24);
+    return p + 4;
+}
+static uint8_t *put_u64(uint8_t *p, uint64_t v) { return put_u32(put_u32(p, (uint32_t)v), (uint32_t)(v >> 32)); }
+
+void tf_proto_init(tf_proto *p, tf_write_fn write) {
+    memset(p, 0, sizeof(*p));
+    p->write = write;
+}
+
+/* Send seq | status | msg[3 .. 3+len) | crc16. */
+static void reply(tf_proto *p, uint32_t seq, uint8_t status, int32_t len) {
+    put_u16(p->msg, seq);
+    p->msg[2] = status;
+    uint16_t crc = tf_crc16(p->msg, (uint32_t)(3 + len));
+    put_u16(p->msg + 3 + len, crc);
+    int32_t enc = tf_cobs_encode(p->msg, 3 + len + 2, p->tx, (int32_t)sizeof(p->tx) - 1);
+    if (enc < 0) {
+        return; /* cannot happen: tx holds the worst case */
+    }
+    p->tx[enc] = 0;
+    p->write(p->tx, (uint32_t)enc + 1);
+}
+
+void tf_proto_write_status(tf_write_fn write, uint8_t status) {
+    uint8_t raw[TF_FRAME_OVERHEAD], enc[TF_FRAME_OVERHEAD + 3];
+    put_u16(raw, TF_SEQ_UNKNOWN);
+    raw[2] = status;
+    put_u16(raw + 3, tf_crc16(raw, 3));
+    enc[0] = 0;
+    int32_t n = tf_cobs_encode(raw, TF_FRAME_OVERHEAD, enc + 1, (int32_t)sizeof(enc) - 2);
+    enc[n + 1] = 0;
+    write(enc, (uint32_t)n + 2);
+}
+
+static void reject(tf_proto *p, uint32_t wire_error) {
+    p->frames_bad++;
+    p->last_error = wire_error;
+    reply(p, TF_SEQ_UNKNOWN, TF_ST_ERR_CRC, 0);
+}
+
+static uint32_t stack_high_water(void) { return tf_board_stack_size() - tf_board_stack_unused(); }
+
+/* PING resp <HHII: protocol_version, max_payload, blob_capacity, sram_bytes */
+static int32_t cmd_ping(uint8_t *out) {
+    uint32_t arena = 0;
+    (void)tf_board_arena(&arena);
+    uint8_t *q = put_u16(out, TF_PROTOCOL_VERSION);
+    q = put_u16(q, TF_FRAME_MAX_PAYLOAD);
+    q = put_u32(q, 0); /* blob_capacity: no plan loader yet */
+    q = put_u32(q, tf_board_ram_size());
+    return (int32_t)(q - out);
+}
+
+/* GET_STATS resp <IIIIII: samples_held, steps_total, update_counter, arena_bytes, stack_high_water, plan_bytes */
+static int32_t cmd_stats(uint8_t *out) {
+    uint32_t arena = 0;
+    (void)tf_board_arena(&arena);
+    uint8_t *q = put_u32(out, 0);
+    q = put_u32(q, 0);
+    q = put_u32(q, 0);
+    q = put_u32(q, arena);
+    q = put_u32(q, stack_high_water());
+    q = put_u32(q, 0);
+    return (int32_t)(q - out);
+}
+
+/* BOARD_INFO resp <IIQIIIIIIII: cpuid, tick_hz, ticks, stack_size, stack_high_water, arena_bytes, static_ram,
+ * flash_used, frames_ok, frames_bad, last_error */
+static int32_t cmd_board_info(const tf_proto *p, uint8_t *out) {
+    uint32_t arena = 0;
+    (void)tf_board_arena(&arena);
+    uint8_t *q = put_u32(out, tf_board_cpuid());
+    q = put_u32(q, tf_board_tick_hz());
+    q = put_u64(q, tf_board_ticks());
+    q = put_u32(q, tf_board_stack_size());
+    q = put_u32(q, stack_high_water());
+    q = put_u32(q, arena);
+    q = put_u32(q, tf_board_static_ram());
+    q = put_u32(q, tf_board_flash_used());
+    q = put_u32(q, p->frames_ok);
+    q = put_u32(q, p->frames_bad);
+    q = put_u32(q, p->last_error);
+    return (int32_t)(q - out);
+}
+
+/* SELFTEST resp <IIiIQ: cases, passed, first_failed, crc32, ticks (work memory: the arena) */
+static int32_t cmd_selftest(uint8_t *out) {
+    uint32_t size = 0;
+    uint8_t *arena = tf_board_arena(&size);
+    tf_selftest_result r;
+    uint64_t t0 = tf_board_ticks_aligned();
+    tf_selftest_run(arena, size, NULL, 0, &r);
+    uint64_t dt = tf_board_ticks() - t0;
+    uint8_t *q = put_u32(out, (uint32_t)r.cases);
+    q = put_u32(q, (uint32_t)r.passed);
+    q = put_u32(q, (uint32_t)r.first_failed);
+    q = put_u32(q, r.crc32);
+    q = put_u64(q, dt);
+    return (int32_t)(q - out);
+}
+
+#ifdef TF_BENCH
+int32_t tf_bench_run(uint8_t *arena, uint32_t size, uint64_t *out);
+#endif
+#ifdef TF_FAULT_TEST
+#define TF_CMD_FAULT_TEST 0x7F
+/* 64 levels of 256 live bytes: twice the stack. With the guard a MemManage fault, without it a silent write
+ * into the arena. */
+static __attribute__((noinline)) uint32_t tf_fault_test_recurse(uint32_t depth) {
+    volatile uint8_t pad[256];
+    pad[0] = (uint8_t)depth;
+    return depth >= 64u ? pad[0] : tf_fault_test_recurse(depth + 1) + pad[0]; /* 64 x 256 B > 8 KB stack */
+}
+#endif
+
+static void handle(tf_proto *p, int32_t n) {
+    if (n < TF_FRAME_OVERHEAD) {
+        reject(p, TF_WIRE_TRUNCATED);
+        return;
+    }
+    if (n > TF_FRAME_MAX_RAW) {
+        reject(p, TF_WIRE_FRAME_TOO_LONG);
+        return;
+    }
+    uint16_t crc = (uint16_t)(p->msg[n - 2] | (p->msg[n - 1] << 8));
+    if (tf_crc16(p->msg, (uint32_t)n - 2) != crc) {
+        reject(p, TF_WIRE_CRC_MISMATCH);
+        return;
+    }
+    p->frames_ok++;
+    const uint32_t seq = (uint32_t)(p->msg[0] | (p->msg[1] << 8));
+    const uint8_t cmd = p->msg[2];
+    const int32_t in_len = n - TF_FRAME_OVERHEAD;
+    uint8_t *out = p->msg + 3; /* the response payload overwrites the request's (read fully before) */
+    switch (cmd) {
+    case TF_CMD_PING:
+    case TF_CMD_GET_STATS:
+    case TF_CMD_SELFTEST:
+    case TF_CMD_BOARD_INFO:
+        if (in_len != 0) {
+            reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
+            return;
+        }
+        break;
+#ifdef TF_BENCH
+    case 0x7E: { /* test builds only: kernel micro-benchmark, resp n x u64 ticks */
+        uint32_t size = 0;
+        uint8_t *arena = tf_board_arena(&size);
+        uint64_t t[8];
+        int32_t k = tf_bench_run(arena, size, t);
+        uint8_t *q = out;
+        for (int32_t i = 0; i < k; i++) {
+            q = put_u64(q, t[i]);
+        }
+        reply(p, seq, k < 0 ? TF_ST_ERR_NO_MEMORY : TF_ST_OK, (int32_t)(q - out));
+        return;
+    }
+#endif
+#ifdef TF_FAULT_TEST
+    case TF_CMD_FAULT_TEST: /* test builds only: overflow the stack into the MPU guard */
+        tf_fault_test_recurse(1);
+        break;
+#endif
+    default:
+        reply(p, seq, TF_ST_ERR_UNKNOWN_COMMAND, 0);
+        return;
+    }
+    int32_t len = cmd == TF_CMD_PING        ? cmd_ping(out)
+                  : cmd == TF_CMD_GET_STATS ? cmd_stats(out)
+                  : cmd == TF_CMD_SELFTEST  ? cmd_selftest(out)
+                                            : cmd_board_info(p, out);
+    reply(p, seq, TF_ST_OK, len);
+}
+
+void tf_proto_feed(tf_proto *p, uint8_t byte) {
+    if (byte != 0) {
+        if (p->rx_len < (int32_t)sizeof(p->rx)) {
+            p->rx[p->rx_len++] = byte;
+        } else {
+            p->rx_overflow = 1;
+        }
+        return;
+    }
+    if (p->rx_overflow) {
+        reject(p, TF_WIRE_FRAME_TOO_LONG);
+    } else if (p->rx_len > 0) {
+        int32_t n = tf_cobs_decode(p->rx, p->rx_len, p->msg, (int32_t)sizeof(p->msg));
+        if (n < 0) {
+            /* NOTE: a decode into a full msg buffer also lands here: too long or bad COBS, both unusable */
+            reject(p, TF_WIRE_BAD_COBS);
+        } else {
+            handle(p, n);
+        }
+    }
+    p->rx_len = 0;
+    p->rx_overflow = 0;
+}
