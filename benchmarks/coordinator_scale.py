@@ -1,0 +1,216 @@
+"""Coordinator round overhead at 1,000 and 10,000 simulated devices: everything except device training.
+
+One command: ``python benchmarks/coordinator_scale.py [--sizes 1000,10000] [--broker-sizes 1000] [--store file|memory]``.
+
+Deltas: ``--templates`` devices really train (engine Trainer on ``examples.tiny_plan``, 8 steps of batch 8 on
+their own samples) once; every simulated device then sends one template's delta re-encoded with its own device
+id, round, base hash and counter (``Delta.to_bytes``: a real, distinct, canonical payload per device). The
+encoding happens before the clock starts: it is the devices' work.
+
+(a) in-memory: the sans-I/O ``Coordinator`` driven directly (hello + status per device, then StartRound, every
+delta, commit), with the real SQLite store (``--store file``: WAL + synchronous=FULL on local disk, as
+``tinyfleet serve``; ``memory``: ``:memory:``). Timed phases: dispatch (select + N tasks), ingest (decode, judge,
+dedup, write-ahead per delta), commit (``stacked`` = re-read and re-decode every accepted delta from the store,
+aggregate, encode + hash the update, persist). Also timed after the round: ``stacked`` and ``aggregate`` alone.
+
+(b) broker: the same coordinator behind ``fleet.mqtt.CoordinatorLink`` on an embedded Mosquitto; one MQTT client
+plays all N devices (it answers every ``dev/<id>/task`` with that device's pre-encoded delta at once), so the
+time from StartRound to RoundClosed is coordinator + broker + paho overhead with zero training time. One
+client, not N: 1,000+ paho clients need 1,000+ threads, which would measure our 2 cores, not the coordinator.
+
+Last line: one JSON object, per size ``{"inmemory": {...}, "broker": {...}}``; seconds and deltas/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from benchmarks.common import emit, peak_rss_mb
+
+
+def template_deltas(plan, n: int) -> list:
+    """``n`` real deltas (``wire.delta.Delta`` objects) from real local training."""
+    from device_agent.engine.examples import tiny_dataset
+    from device_agent.engine.trainer import Trainer
+    from device_agent.wire.delta import encode_delta
+    from device_agent.wire.plan import plan_hash
+
+    out = []
+    for i in range(n):
+        x, y = tiny_dataset(48, seed=i)
+        t = Trainer(plan)
+        old = t.trainable_state()
+        rng = np.random.default_rng(i)
+        for _ in range(8):
+            idx = rng.integers(0, len(y), 8)
+            t.train_step(x[idx], y[idx], 0.2)
+        out.append(encode_delta(plan, old, t.trainable_state(), device_id="tmpl", round_id=1, base_hash=b"\0" * 32,
+                                counter=1, sample_count=48, plan_hash=plan_hash(plan)))
+    return out
+
+
+def payloads(templates, ids: list[str], round_id: int, base_hash: str) -> dict[str, bytes]:
+    out = {}
+    for i, d in enumerate(ids):
+        t = templates[i % len(templates)]
+        t.device_id, t.round_id, t.base_hash, t.counter = d, round_id, bytes.fromhex(base_hash), round_id
+        out[d] = t.to_bytes()
+    return out
+
+
+def hello(d: str, plan_hash: str) -> tuple[bytes, bytes]:
+    from device_agent.messages import Hello, Status
+
+    return (Hello(d, "stm32f746", 320_000, 1_000_000, (plan_hash,), "sim").to_json(),
+            Status(d, "online", 1, 48).to_json())
+
+
+def coordinator(plan, n: int, store_path: str, clock=time.time):
+    from fleet import round as rnd
+    from fleet.coordinator import Coordinator, CoordinatorConfig, WireCodec
+    from fleet.store import Store
+
+    cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=n, over_selection=1.0, quorum=0.5, deadline_s=3600.0))
+    return Coordinator(plan, Store(store_path), cfg, clock, WireCodec(plan))
+
+
+def run_inmemory(plan, templates, n: int, store: str, workdir: Path) -> dict:
+    from fleet import aggregate as agg
+    from fleet.coordinator import Boot, Received, RoundClosed, StartRound
+
+    path = ":memory:" if store == "memory" else str(workdir / f"inmem-{n}.sqlite")
+    c = coordinator(plan, n, path)
+    c.handle(Boot())
+    ids = [f"dev{i:05d}" for i in range(n)]
+    t0 = time.perf_counter()
+    for d in ids:
+        h, s = hello(d, c.codec.plan_hash)
+        c.handle(Received("hello", d, h))
+        c.handle(Received("status", d, s))
+    register_s = time.perf_counter() - t0
+    blobs = payloads(templates, ids, c.machine.round_id + 1, c.hash)
+    t0 = time.perf_counter()
+    tasks = c.handle(StartRound())
+    dispatch_s = time.perf_counter() - t0
+    assert len(tasks) == n, f"{len(tasks)} tasks for {n} devices"
+    t0 = time.perf_counter()
+    for d in ids[:-1]:
+        c.handle(Received("delta", d, blobs[d]))
+    ingest_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = c.handle(Received("delta", ids[-1], blobs[ids[-1]]))
+    commit_s = time.perf_counter() - t0
+    closed = [o for o in out if isinstance(o, RoundClosed)]
+    assert closed and closed[0].committed and len(closed[0].accepted) == n
+    rid = closed[0].round_id
+    t0 = time.perf_counter()
+    stacked = c.stacked(rid)
+    stacked_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    agg.aggregate("fedavg", *stacked)
+    aggregate_s = time.perf_counter() - t0
+    total = dispatch_s + ingest_s + commit_s
+    return {"devices": n, "store": store, "register_s": register_s, "dispatch_s": dispatch_s, "ingest_s": ingest_s,
+            "ingest_per_delta_ms": 1e3 * ingest_s / max(1, n - 1), "commit_s": commit_s,
+            "commit_redecode_s": stacked_s, "commit_aggregate_s": aggregate_s, "round_overhead_s": total,
+            "aggregation_deltas_per_s": n / commit_s, "aggregate_only_deltas_per_s": n / aggregate_s,
+            "delta_bytes": len(blobs[ids[0]]), "coordinates": int(stacked[0].shape[1])}
+
+
+def run_broker(plan, templates, n: int, store: str, workdir: Path) -> dict:
+    from device_agent.messages import full_topic, split_topic
+    from device_agent.mqtt import MqttEndpoint
+    from fleet.coordinator import RoundClosed, StartRound
+    from fleet.mqtt import CoordinatorLink
+    from fleet.sim.broker import EmbeddedBroker
+
+    fleet = "scale"
+    path = ":memory:" if store == "memory" else str(workdir / f"broker-{n}.sqlite")
+    closed: list = []
+    done = threading.Event()
+
+    def on_output(o):
+        if isinstance(o, RoundClosed):
+            closed.append((time.perf_counter(), o))
+            done.set()
+
+    with EmbeddedBroker(workdir=workdir / f"broker-{n}") as broker:
+        link = CoordinatorLink(broker.url, fleet, lambda: coordinator(plan, n, path), on_output=on_output).start()
+        ids = [f"dev{i:05d}" for i in range(n)]
+        base = link.call(lambda c: (c.machine.round_id + 1, c.hash, c.codec.plan_hash))
+        blobs = payloads(templates, ids, base[0], base[1])
+        tasks_seen = [0]
+        sim: MqttEndpoint
+
+        def on_task(topic, payload, ack):
+            where = split_topic(fleet, topic)
+            if where is not None and where[1] == "task":
+                tasks_seen[0] += 1
+                sim.publish(full_topic(fleet, f"dev/{where[0]}/delta"), blobs[where[0]])
+            ack()
+
+        sim = MqttEndpoint(broker.url, "scale-sim", [full_topic(fleet, "dev/+/task")], on_task).start()
+        t0 = time.perf_counter()
+        for d in ids:
+            h, s = hello(d, base[2])
+            sim.publish(full_topic(fleet, f"dev/{d}/hello"), h, retain=True)
+            sim.publish(full_topic(fleet, f"dev/{d}/status"), s, retain=True)
+        end = time.monotonic() + 120
+        while link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < n:
+            assert time.monotonic() < end, "devices did not register"
+            time.sleep(0.05)
+        register_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        link.submit(StartRound())
+        ok = done.wait(600)
+        t1 = closed[0][0] if closed else time.perf_counter()
+        sim.stop()
+        link.stop()
+        assert ok and closed[0][1].committed, f"round did not commit: {closed}"
+        return {"devices": n, "store": store, "register_s": register_s, "round_overhead_s": t1 - t0,
+                "tasks_seen": tasks_seen[0], "accepted": len(closed[0][1].accepted),
+                "deltas_per_s": len(closed[0][1].accepted) / (t1 - t0), "link_errors": list(link.errors)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,10000")
+    ap.add_argument("--broker-sizes", default="1000")
+    ap.add_argument("--store", choices=("file", "memory"), default="file")
+    ap.add_argument("--templates", type=int, default=8)
+    args = ap.parse_args()
+    from device_agent.engine.examples import tiny_plan
+
+    plan = tiny_plan()
+    templates = template_deltas(plan, args.templates)
+    result: dict = {}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tinyfleet-scale-") as tmp:
+        for n in [int(s) for s in args.sizes.split(",") if s]:
+            r = run_inmemory(plan, templates, n, args.store, Path(tmp))
+            result.setdefault(str(n), {})["inmemory"] = r
+            rows.append((n, "in-memory", args.store, f"{r['round_overhead_s']:.2f}", f"{r['dispatch_s']:.2f}",
+                         f"{r['ingest_s']:.2f}", f"{r['commit_s']:.2f}", f"{r['commit_redecode_s']:.2f}",
+                         f"{r['aggregation_deltas_per_s']:.0f}"))
+        for n in [int(s) for s in args.broker_sizes.split(",") if s]:
+            r = run_broker(plan, templates, n, args.store, Path(tmp))
+            result.setdefault(str(n), {})["broker"] = r
+            rows.append((n, "broker", args.store, f"{r['round_overhead_s']:.2f}", "", "", "", "",
+                         f"{r['deltas_per_s']:.0f}"))
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["target_overhead_s_at_10000"] = 5.0
+    emit(result, rows, ("devices", "link", "store", "overhead s", "dispatch s", "ingest s", "commit s",
+                        "commit re-decode s", "deltas/s (commit)"))
+
+
+if __name__ == "__main__":
+    main()

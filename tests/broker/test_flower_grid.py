@@ -1,0 +1,93 @@
+"""The Flower Grid over a real Mosquitto: stock FedAvg drives host devices (DeviceAgent) through the broker."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import require_cmd
+
+
+@pytest.fixture
+def fleet(broker):
+    """``make(n)`` -> (FleetGrid, agents); everything stopped afterwards."""
+    require_cmd("mosquitto")
+    from device_agent.buffer import SampleBuffer
+    from device_agent.engine.examples import tiny_dataset, tiny_plan
+    from device_agent.engine.trainer import Trainer
+    from device_agent.mqtt import DeviceAgent
+    from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
+    from device_agent.wire.envelope import Verifier
+    from fleet.flower import GridConfig
+    from fleet.flower_app import mqtt_grid
+
+    plan = tiny_plan()
+    made: list = []
+
+    def make(n: int, silent: tuple[str, ...] = ()):
+        grid, link = mqtt_grid(broker.url, "fl", plan, GridConfig(lr=0.2, local_steps=8, batch_size=8, deadline_s=20))
+        made.append(link)
+        agents = []
+        for i in range(n):
+            x, y = tiny_dataset(48, seed=i)
+            buf = SampleBuffer(64, x.shape[1:], np.int8, seed=i)
+            buf.add(x, y)
+            proto = DeviceProtocol(Identity(f"d{i}", "host", 1 << 20, 1 << 20), plan, Trainer(plan),
+                                   WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
+            if proto.id.device_id in silent:  # hears its tasks, never answers (a device stuck in training)
+                real = proto.handle
+                proto.handle = lambda ev, _real=real: [] if getattr(ev, "kind", "") == "task" else _real(ev)
+            agents.append(DeviceAgent(broker.url, "fl", proto).start())
+            made.append(agents[-1])
+        end = time.monotonic() + 20
+        while len(list(grid.get_node_ids())) < n:
+            assert time.monotonic() < end, "devices did not register"
+            time.sleep(0.05)
+        return grid, plan
+
+    yield make
+    for m in reversed(made):
+        m.stop()
+
+
+def test_stock_fedavg_serverapp_loop_over_mqtt_improves_accuracy(fleet):
+    from flwr.app import ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from device_agent.engine.examples import tiny_dataset
+    from device_agent.engine.trainer import Trainer
+    from fleet.flower import SparseDeltaStrategy, initial_arrays, state_from_arrays
+
+    grid, plan = fleet(4)
+    x, y = tiny_dataset(200, seed=1000)
+
+    def acc(arrays):
+        t = Trainer(plan)
+        t.load_trainable(state_from_arrays(plan, arrays))
+        return t.evaluate(x, y)
+
+    strategy = SparseDeltaStrategy(FedAvg(fraction_evaluate=0.0, min_train_nodes=4, min_available_nodes=4), plan)
+    start = initial_arrays(plan)
+    result = strategy.start(grid, start, num_rounds=3, timeout=20.0,
+                            train_config=ConfigRecord({"lr": 0.2, "local-steps": 8, "batch-size": 8}))
+    assert set(result.train_metrics_clientapp) == {1, 2, 3}
+    assert acc(result.arrays) > acc(start) + 0.1
+
+
+def test_a_device_that_does_not_answer_yields_an_error_reply(fleet):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fleet.flower import GridErrorCode, node_id
+
+    grid, _ = fleet(3, silent=("d1",))
+    msgs = [Message(RecordDict({"config": ConfigRecord({"lr": 0.2, "local-steps": 4})}), n, MessageType.TRAIN)
+            for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=4.0))
+    assert len(replies) == 3
+    errors = [r for r in replies if r.has_error()]
+    assert [e.metadata.src_node_id for e in errors] == [node_id("d1")]
+    assert errors[0].error.code == GridErrorCode.TIMEOUT
+    ok = [r for r in replies if not r.has_error()]
+    assert all(r.content.metric_records["metrics"]["num-examples"] == 48 for r in ok)
