@@ -1,0 +1,139 @@
+"""``device-agent run --broker URL --id ID --data FILE.npz``: one host device of a fleet, until Ctrl-C.
+
+The device fetches the retained, signed plan (``plan/<hash>``), loads its private samples into a bounded
+buffer, says hello and then trains whenever the coordinator sends it a task. ``--data`` is an ``.npz`` with
+``x`` (N, *plan input shape; int8, or float quantized here with the plan's input scale) and ``y`` (N,) labels.
+It never imports the coordinator (``fleet``); it only speaks MQTT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="device-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_arguments(sub.add_parser("run", help="run one host device against a broker"))
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, help="mqtt://[user:pass@]host:port or mqtts://...")
+    p.add_argument("--id", required=True, help="device id (letters, digits, . _ -; at most 64)")
+    p.add_argument("--data", required=True, type=Path, help=".npz with x and y (the device's private samples)")
+    p.add_argument("--fleet", default="tinyfleet", help="fleet name (topics under tinyfleet/<fleet>/)")
+    p.add_argument("--pubkey", type=Path, help="fleet Ed25519 public key (PEM) that signs plans and updates")
+    p.add_argument("--insecure-unsigned", action="store_true", help="accept only unsigned blobs (tests only)")
+    p.add_argument("--plan", type=Path, help="plan blob file instead of fetching plan/<hash> from the broker")
+    p.add_argument("--board", default="host")
+    p.add_argument("--sram", type=int, default=320 * 1024, help="bytes of SRAM announced in hello")
+    p.add_argument("--flash", type=int, default=1024 * 1024)
+    p.add_argument("--capacity", type=int, default=2048, help="sample buffer capacity")
+    p.add_argument("--ca-file"), p.add_argument("--cert-file"), p.add_argument("--key-file")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _verifier(args):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from device_agent.wire.envelope import Verifier
+
+    if args.insecure_unsigned:
+        return Verifier.unsigned()
+    if args.pubkey is None:
+        raise SystemExit("device-agent: --pubkey PEM is required (or --insecure-unsigned for tests)")
+    key = serialization.load_pem_public_key(args.pubkey.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise SystemExit(f"device-agent: {args.pubkey}: expected an Ed25519 public key")
+    return Verifier.ed25519(key)
+
+
+def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0):
+    """The one retained plan under ``plan/+`` (a clear error if there are none or several)."""
+    from device_agent.messages import full_topic, split_topic
+    from device_agent.mqtt import MqttEndpoint
+    from device_agent.wire.plan import plan_from_bytes
+
+    got: queue.Queue = queue.Queue()
+
+    def on_msg(topic: str, payload: bytes, ack) -> None:
+        ack()
+        got.put((split_topic(fleet, topic), payload))
+
+    ep = MqttEndpoint(url, f"{client_id}-plan", [full_topic(fleet, "plan/+")], on_msg, session_expiry=0)
+    ep.start(timeout)
+    blobs = {}
+    try:
+        blobs.update([got.get(timeout=timeout)])
+        while True:  # retained messages arrive together; collect the rest
+            blobs.update([got.get(timeout=0.5)])
+    except queue.Empty:
+        pass
+    finally:
+        ep.stop()
+    if len(blobs) != 1:
+        raise SystemExit(f"device-agent: expected one retained plan on {full_topic(fleet, 'plan/+')}, got "
+                         f"{len(blobs)}{': ' + ', '.join(k[0][:16] for k in blobs) if blobs else ''}; "
+                         "is the coordinator running (tinyfleet serve)?")
+    return plan_from_bytes(next(iter(blobs.values())), verify=verify)
+
+
+def run(args: argparse.Namespace) -> int:
+    from device_agent.buffer import SampleBuffer
+    from device_agent.engine.trainer import Trainer
+    from device_agent.mqtt import BrokerURL, BrokerURLError, DeviceAgent
+    from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
+    from device_agent.wire.plan import plan_from_bytes
+
+    try:
+        url = BrokerURL.parse(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    except BrokerURLError as e:
+        print(f"device-agent: {e}", file=sys.stderr)
+        return 2
+    verify = _verifier(args)
+    plan = (plan_from_bytes(args.plan.read_bytes(), verify=verify) if args.plan
+            else fetch_plan(url, args.fleet, f"tinyfleet-{args.fleet}-{args.id}", verify))
+    data = np.load(args.data)
+    if "x" not in data or "y" not in data:
+        print(f"device-agent: {args.data}: expected arrays x and y, got {sorted(data.files)}", file=sys.stderr)
+        return 2
+    inp = plan.tensors[plan.input_id]
+    x, y = data["x"], np.asarray(data["y"]).astype(np.int32)
+    if x.shape[1:] != tuple(inp.shape):
+        print(f"device-agent: {args.data}: x must be (N, {', '.join(map(str, inp.shape))}), got {x.shape}",
+              file=sys.stderr)
+        return 2
+    if x.dtype != np.int8:  # quantize with the plan's input parameters
+        scale = float(np.ravel(inp.scale)[0])
+        x = np.clip(np.round(x.astype(np.float64) / scale) + inp.zero_point, -128, 127).astype(np.int8)
+    buf = SampleBuffer(args.capacity, tuple(inp.shape), np.int8, seed=args.seed)
+    buf.add(x, y)
+    proto = DeviceProtocol(Identity(args.id, args.board, args.sram, args.flash), plan, Trainer(plan),
+                           WireDeviceCodec(plan, verify), buf, seed=args.seed)
+    agent = DeviceAgent(url, args.fleet, proto)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    agent.start()
+    print(f"device-agent: {args.id} on {url}, plan {proto.codec.plan_hash[:16]}, {len(buf)} samples",
+          file=sys.stderr)
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    agent.stop(graceful=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The coordinator on MQTT: one paho client, one driver thread, ``Coordinator.handle`` in between.
+
+Inbound device messages (``dev/+/hello|status|delta``), control commands (``StartRound``, ``Boot``) and a
+periodic ``Tick`` all go through one queue into the driver thread, which is the only thread that touches the
+coordinator (and its SQLite store). Each inbound message is acknowledged to the broker only after ``handle``
+returned, i.e. after the store committed what it implies; a crash before that gets the message redelivered,
+and the coordinator's dedup makes the redelivery harmless. Publish intents go out at QoS 1 under
+``tinyfleet/<fleet>/``. Informational outputs (verdicts, closed rounds) are handed to ``on_output``.
+This module decides nothing about rounds; it refuses to run the coordinator on any other thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from device_agent.messages import DEVICE_UP, Publish, full_topic, split_topic
+from device_agent.mqtt import BrokerURL, MqttEndpoint
+
+TICK_S = 0.2
+
+
+class CoordinatorLink:
+    """Drive a coordinator built by ``factory()`` (called on the driver thread) over MQTT.
+
+    ``on_output(output)`` gets every non-publish output (``Verdict``, ``RoundClosed``, ``Dropped``) and also
+    every ``Publish`` after it was handed to paho, on the driver thread; keep it short.
+    """
+
+    def __init__(self, url: BrokerURL, fleet: str, factory: Callable[[], Any],
+                 on_output: Callable[[object], None] | None = None, client_id: str | None = None,
+                 tick: float = TICK_S):
+        self.fleet, self.factory, self.on_output, self.tick = fleet, factory, on_output, tick
+        self.coordinator: Any = None
+        self._q: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"coordinator-{fleet}", daemon=True)
+        self._ready: Future = Future()
+        self.errors: list[str] = []
+        subs = [full_topic(fleet, f"dev/+/{kind}") for kind in DEVICE_UP]
+        self.endpoint = MqttEndpoint(url, client_id or f"tinyfleet-{fleet}-coordinator", subs, self._on_message,
+                                     on_connect=self._on_connect)
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> CoordinatorLink:
+        """Build the coordinator, connect, and ``Boot`` (publish plan + model, resume an open round)."""
+        from fleet.coordinator import Boot
+
+        self._thread.start()
+        self._ready.result(timeout)  # re-raises a factory error here
+        try:
+            self.endpoint.start(timeout)
+        except ConnectionError:
+            self._stop.set()
+            self._q.put(None)
+            raise
+        self.submit(Boot())
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._q.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.endpoint.stop(graceful=True)
+
+    # --- commands from other threads ------------------------------------------------------------------------
+
+    def submit(self, event: object) -> None:
+        """Queue a coordinator event (``StartRound()``, ``Tick()``...) for the driver thread."""
+        self._q.put(("event", event, None))
+
+    def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
+        """Run ``fn(coordinator)`` on the driver thread and return its result (e.g. read the registry)."""
+        fut: Future = Future()
+        self._q.put(("call", fn, fut))
+        return fut.result(timeout)
+
+    # --- network thread -------------------------------------------------------------------------------------
+
+    def _on_connect(self, session_present: bool) -> None:
+        from fleet.coordinator import Boot
+
+        if self.coordinator is not None and not session_present:
+            self.submit(Boot())  # a broker that lost our session also lost the retained plan/model, maybe
+
+    def _on_message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        from fleet.coordinator import Received
+
+        where = split_topic(self.fleet, topic)
+        if where is None or where[1] not in DEVICE_UP:
+            ack()
+            return
+        self._q.put(("event", Received(where[1], where[0], payload), ack))
+
+    # --- driver thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        from fleet.coordinator import Tick
+
+        try:
+            self.coordinator = self.factory()
+        except BaseException as e:  # noqa: BLE001  handed to start()
+            self._ready.set_exception(e)
+            return
+        self._ready.set_result(True)
+        next_tick = time.monotonic() + self.tick
+        while not self._stop.is_set():
+            try:
+                item = self._q.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                item = ("event", Tick(), None)
+            if item is None:
+                break
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + self.tick
+                if item[1].__class__ is not Tick:
+                    self._handle(Tick())
+            kind, what, done = item
+            if kind == "call":
+                try:
+                    done.set_result(what(self.coordinator))
+                except BaseException as e:  # noqa: BLE001  handed to the caller
+                    done.set_exception(e)
+                continue
+            self._handle(what)
+            if done is not None:
+                done()  # the broker may forget the message now: the store has what it implied
+
+    def _handle(self, event: object) -> None:
+        try:
+            outputs = self.coordinator.handle(event)
+        except Exception as e:  # noqa: BLE001
+            # NOTE: the coordinator's contract: after a failed handle, rebuild from the same store and Boot.
+            self.errors.append(f"{type(event).__name__}: {type(e).__name__}: {e}")
+            from fleet.coordinator import Boot
+
+            self.coordinator = self.factory()
+            outputs = self.coordinator.handle(Boot())
+        for out in outputs:
+            if isinstance(out, Publish):
+                self.endpoint.publish(full_topic(self.fleet, out.topic), out.payload, out.retain)
+            if self.on_output is not None:
+                self.on_output(out)

@@ -1,0 +1,130 @@
+"""``tinyfleet serve CONFIG``: the coordinator alone, against an MQTT broker, until its rounds are done or Ctrl-C.
+
+The plan comes from ``--plan FILE.ttp`` or is compiled from the config's model section (as ``simulate`` does).
+Downlink blobs are signed with the fleet's Ed25519 key (``--key``, PEM; created with its ``.pub`` beside it
+when missing): give devices the public key (``device-agent run --pubkey``). State lives in ``--store`` (SQLite),
+so a restarted ``serve`` resumes the open round. This module wires; the coordinator decides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="fleet YAML (same schema as simulate), e.g. configs/quickstart.yaml")
+    p.add_argument("--broker", help="override the config's broker URL (mqtt://[user:pass@]host:port)")
+    p.add_argument("--store", type=Path, default=Path("tinyfleet-store.sqlite"), help="SQLite store path")
+    p.add_argument("--key", type=Path, help="Ed25519 private key (PEM); default <store>.key.pem, created if missing")
+    p.add_argument("--plan", type=Path, help="use this signed plan blob instead of compiling from the config")
+    p.add_argument("--rounds", type=int, help="override the number of rounds (0: serve until Ctrl-C)")
+    p.add_argument("--min-devices", type=int, help="devices online before the first round (default: goal)")
+
+
+def load_or_create_key(path: Path):
+    """The fleet's Ed25519 private key from PEM; created (0600) with ``<path>.pub`` when missing."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path}: expected an Ed25519 private key, got {type(key).__name__}")
+        return key
+    key = Ed25519PrivateKey.generate()
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    Path(f"{path}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key
+
+
+def run(args: argparse.Namespace) -> int:
+    from device_agent.wire.envelope import Signer, Verifier
+    from device_agent.wire.errors import WireFormatError
+    from device_agent.wire.plan import plan_from_bytes
+    from fleet import round as rnd
+    from fleet.config import ConfigError
+    from fleet.coordinator import Coordinator, CoordinatorConfig, RoundClosed, StartRound, WireCodec
+    from fleet.mqtt import CoordinatorLink
+    from fleet.sim.broker import BrokerError, resolve
+    from fleet.sim.config import load_sim_config
+
+    try:
+        cfg = load_sim_config(args.config, broker=args.broker, rounds=args.rounds or None)
+    except ConfigError as e:
+        print(f"tinyfleet serve: {e}", file=sys.stderr)
+        return 2
+    if cfg.broker == "embedded":
+        print("tinyfleet serve: needs a broker URL (broker: mqtt://host:port in the config or --broker); "
+              "`tinyfleet simulate` runs an embedded one", file=sys.stderr)
+        return 2
+    try:
+        url, _ = resolve(cfg.broker, **cfg.tls_files())
+    except BrokerError as e:
+        print(f"tinyfleet serve: {e}", file=sys.stderr)
+        return 2
+    key = load_or_create_key(args.key or Path(f"{args.store}.key.pem"))
+    if args.plan is not None:
+        try:
+            plan = plan_from_bytes(args.plan.read_bytes(), verify=Verifier.skip())  # our own file: re-signed below
+        except (OSError, WireFormatError) as e:
+            print(f"tinyfleet serve: --plan {args.plan}: {e}", file=sys.stderr)
+            return 2
+    else:
+        from fleet.sim.datasets import load_watch_scenario
+        from fleet.sim.runner import build_plan
+
+        d = cfg.dataset
+        scenario = load_watch_scenario(1, d.window, d.stride, tuple(d.proxy_subjects), seed=cfg.seed)
+        plan, _, _ = build_plan(cfg, scenario)
+    ccfg = CoordinatorConfig(round=rnd.RoundConfig(goal=cfg.goal_count, over_selection=cfg.over_selection,
+                                                   quorum=cfg.quorum, deadline_s=cfg.deadline, seed=cfg.seed),
+                             lr=cfg.lr, local_steps=cfg.local_steps, batch_size=1)
+    codec = WireCodec(plan, signer=Signer.ed25519(key))
+    closed = threading.Event()
+    results: list[RoundClosed] = []
+
+    def on_output(out: object) -> None:
+        if isinstance(out, RoundClosed):
+            results.append(out)
+            what = f"committed v{out.version}" if out.committed else "abandoned"
+            print(f"round {out.round_id}: {what} "
+                  f"({len(out.accepted)} deltas) {out.detail}", file=sys.stderr)
+            closed.set()
+
+    link = CoordinatorLink(url, cfg.name, lambda: Coordinator(plan, _store(args.store), ccfg, time.time, codec),
+                           on_output=on_output)
+    print(f"tinyfleet serve: fleet {cfg.name!r} on {url}, plan {codec.plan_hash[:16]}", file=sys.stderr)
+    try:
+        link.start()
+        want = args.min_devices or cfg.goal_count
+        while link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < want:
+            time.sleep(0.5)
+        done = 0
+        while args.rounds == 0 or done < cfg.rounds:
+            closed.clear()
+            link.submit(StartRound())
+            while not closed.wait(0.5):
+                pass
+            done += 1
+    except ConnectionError as e:
+        print(f"tinyfleet serve: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tinyfleet serve: interrupted; the store keeps every closed round", file=sys.stderr)
+        return 130
+    finally:
+        link.stop()
+    return 0
+
+
+def _store(path: Path):
+    from fleet.store import Store
+
+    return Store(path)

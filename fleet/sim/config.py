@@ -1,0 +1,163 @@
+"""The ``simulate`` / ``serve`` config tree (``configs/quickstart.yaml``): dataclasses loaded by fleet/config.py.
+
+Every field has a default, so a config only states what differs; :func:`load_sim_config` reports all problems
+at once with their key paths (``rounds: must be > 0, got -3``). This module holds data and checks only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.config import from_dict, load
+
+DATASETS = ("watch",)
+
+
+@dataclass
+class TlsConfig:
+    """TLS files for ``mqtts://`` brokers (paths relative to the working directory)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None  # client certificate (mutual TLS)
+    key_file: str | None = None
+    insecure: bool = False  # skip the hostname check: self-signed dev certificates only
+
+    def validate(self) -> list[str]:
+        errs = []
+        for name in ("ca_file", "cert_file", "key_file"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                errs.append(f"{name}: file not found: {p}")
+        if (self.cert_file is None) != (self.key_file is None):
+            errs.append("cert_file: a client certificate needs both cert_file and key_file")
+        return errs
+
+
+@dataclass
+class DatasetConfig:
+    """Which offline data, and how it is cut into windows and spread over devices."""
+
+    name: str = "watch"
+    window: int = 128  # samples per window (128 = 2.56 s at 50 Hz)
+    stride: int = 64
+    proxy_subjects: list[int] = field(default_factory=lambda: [1, 2])  # coordinator's data, no device
+    max_train_per_device: int | None = None
+
+    def validate(self) -> list[str]:
+        errs = []
+        if self.name not in DATASETS:
+            errs.append(f"name: unknown dataset {self.name!r} (expected one of {', '.join(DATASETS)})")
+        if self.window < 8:
+            errs.append(f"window: must be >= 8, got {self.window}")
+        if self.stride <= 0:
+            errs.append(f"stride: must be > 0, got {self.stride}")
+        bad = [s for s in self.proxy_subjects if not 1 <= s <= 10]
+        if bad:
+            errs.append(f"proxy_subjects: subjects are 1..10, got {bad}")
+        if len(set(self.proxy_subjects)) >= 10:
+            errs.append("proxy_subjects: at least one subject must be left for devices")
+        if self.max_train_per_device is not None and self.max_train_per_device <= 0:
+            errs.append(f"max_train_per_device: must be > 0, got {self.max_train_per_device}")
+        return errs
+
+
+@dataclass
+class ModelConfig:
+    """The model to compile: a factory in fleet/compiler/models.py, a board budget, a sparse scheme."""
+
+    name: str = "imu_cnn"
+    board: str = "stm32f746"  # configs/boards/<board>.yaml
+    scheme: Any = "auto"  # "auto" (search under the budget), a named scheme, or a mapping layer -> settings
+    pretrain_epochs: int = 5  # fp32 epochs on the proxy set before int8 conversion (0: random init)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not isinstance(self.scheme, (str, dict)):
+            errs.append(f"scheme: expected 'auto', a scheme name or a mapping, got {self.scheme!r}")
+        if self.pretrain_epochs < 0:
+            errs.append(f"pretrain_epochs: must be >= 0, got {self.pretrain_epochs}")
+        return errs
+
+
+@dataclass
+class SimConfig:
+    """One fleet: where the broker is, how many devices, how rounds run, what they train on."""
+
+    name: str = "tinyfleet"  # fleet name: topics live under tinyfleet/<name>/
+    broker: str = "embedded"  # "embedded" (mosquitto subprocess) or mqtt://[user:pass@]host:port / mqtts://
+    tls: TlsConfig | None = None
+    devices: int = 10
+    rounds: int = 3
+    local_steps: int = 20  # samples (batch 1) per device per round
+    lr: float = 0.05
+    goal: int | None = None  # deltas to collect before closing a round early (default: every selected device)
+    quorum: float = 0.6  # fraction of the goal needed to commit; fewer -> the round is abandoned
+    deadline: float = 60.0  # seconds a round waits for deltas
+    over_selection: float = 1.0  # devices selected per round = ceil(goal * over_selection)
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not self.name or "/" in self.name or "+" in self.name or "#" in self.name:
+            errs.append(f"name: must be a non-empty MQTT topic level (no '/', '+', '#'), got {self.name!r}")
+        if self.broker != "embedded" and not self.broker.startswith(("mqtt://", "mqtts://")):
+            errs.append(f"broker: expected 'embedded' or mqtt://host:port / mqtts://host:port, got {self.broker!r}")
+        if self.tls is not None and not self.broker.startswith("mqtts://"):
+            errs.append("tls: given, but broker is not an mqtts:// URL")
+        for key in ("devices", "rounds", "local_steps"):
+            if getattr(self, key) <= 0:
+                errs.append(f"{key}: must be > 0, got {getattr(self, key)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            errs.append(f"lr: must be a finite number > 0, got {self.lr}")
+        if self.goal is not None and not 0 < self.goal <= self.devices:
+            errs.append(f"goal: must be in 1..devices ({self.devices}), got {self.goal}")
+        if not 0 < self.quorum <= 1:
+            errs.append(f"quorum: must be a fraction in (0, 1], got {self.quorum}")
+        if self.deadline <= 0:
+            errs.append(f"deadline: must be > 0 seconds, got {self.deadline}")
+        if self.over_selection < 1:
+            errs.append(f"over_selection: must be >= 1, got {self.over_selection}")
+        return errs
+
+    @property
+    def goal_count(self) -> int:
+        return self.goal if self.goal is not None else self.devices
+
+    @property
+    def quorum_count(self) -> int:
+        return max(1, math.ceil(self.quorum * self.goal_count))
+
+    @property
+    def selected_count(self) -> int:
+        return min(self.devices, math.ceil(self.goal_count * self.over_selection))
+
+    def tls_files(self) -> dict[str, object]:
+        """Keyword arguments for :meth:`fleet.sim.broker.BrokerURL.parse`."""
+        if self.tls is None:
+            return {}
+        t = self.tls
+        return {"ca_file": t.ca_file, "cert_file": t.cert_file, "key_file": t.key_file, "tls_insecure": t.insecure}
+
+
+def load_sim_config(path: str | Path, **overrides: Any) -> SimConfig:
+    """Load a simulate config; ``overrides`` (e.g. ``devices=4`` from the CLI) are applied before validation."""
+    if not overrides:
+        return load(SimConfig, path)
+    import yaml
+
+    from fleet.config import ConfigError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {path}"], str(path)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"YAML syntax: {e}"], str(path)) from None
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(SimConfig, data, str(path))

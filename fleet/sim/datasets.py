@@ -1,0 +1,167 @@
+"""Offline scenario data split by natural user: the smartwatch IMU set (seglearn ``load_watch``) per subject.
+
+``load_watch()`` ships inside seglearn (no download): 140 recordings of 6 channels (accelerometer + gyroscope)
+at 50 Hz, 10 subjects x 7 shoulder exercises x 2 recordings. Each subject is a user; each user's data is cut into
+fixed-length windows and spread over that user's devices. Per (subject, exercise) the earlier recording trains
+and the later one is held out for testing, so test windows never overlap training windows in time.
+
+Values stay float32 here; a device turns them into int8 with the plan's input scale and zero point
+(:func:`quantize`). This module refuses to touch the network and never pools data across users except in the
+coordinator's proxy set, which comes from subjects that have no device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+WATCH_CLASSES = ("PEN", "ABD", "FEL", "IR", "ER", "TRAP", "ROW")
+WATCH_CHANNELS = 6
+WATCH_RATE_HZ = 50
+
+
+@dataclass
+class DeviceData:
+    """One device's private slice: windows ``(N, C, 1, W)`` float32 and labels ``(N,)`` int64."""
+
+    device_id: str
+    subject: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+
+@dataclass
+class Scenario:
+    """Per-device slices plus the coordinator's proxy set (calibration / pretraining only)."""
+
+    devices: list[DeviceData]
+    x_proxy: np.ndarray  # (N, C, 1, W) float32
+    y_proxy: np.ndarray  # (N,) int64
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, 1, W)
+    class_names: tuple[str, ...] = field(default=WATCH_CLASSES)
+
+    def test_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """All devices' held-out windows (the fleet-wide test set)."""
+        return (np.concatenate([d.x_test for d in self.devices]), np.concatenate([d.y_test for d in self.devices]))
+
+
+def windows(rec: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """Cut one recording ``(T, C)`` into ``(N, C, 1, window)`` windows starting every ``stride`` samples.
+
+    >>> windows(np.zeros((300, 6)), 128, 64).shape
+    (3, 6, 1, 128)
+    """
+    if rec.ndim != 2:
+        raise ValueError(f"recording must be (T, C), got shape {rec.shape}")
+    n = (len(rec) - window) // stride + 1 if len(rec) >= window else 0
+    if n == 0:
+        return np.zeros((0, rec.shape[1], 1, window), np.float32)
+    idx = np.arange(n)[:, None] * stride + np.arange(window)[None, :]  # (N, W)
+    return np.ascontiguousarray(rec[idx].transpose(0, 2, 1)[:, :, None, :], dtype=np.float32)
+
+
+def _cat(parts: list[np.ndarray], shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros((0, *shape), dtype)
+
+
+def load_watch_scenario(
+    devices: int,
+    window: int = 128,
+    stride: int = 64,
+    proxy_subjects: tuple[int, ...] = (),
+    max_train_per_device: int | None = None,
+    seed: int = 0,
+) -> Scenario:
+    """Split the watch IMU data over ``devices`` devices by subject.
+
+    Subjects not in ``proxy_subjects`` are dealt round-robin to devices (device i -> subject i mod S); a
+    subject's training windows are cut in time order into contiguous chunks, one per device of that subject,
+    and likewise its test windows. Proxy subjects' windows (train and test recordings) form the proxy set.
+
+    Raises ValueError when there are fewer device subjects than needed or a parameter is out of range.
+    """
+    from seglearn.datasets import load_watch  # NOTE: imported here: seglearn pulls in sklearn (slow)
+
+    if devices <= 0:
+        raise ValueError(f"devices must be > 0, got {devices}")
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"window and stride must be > 0, got {window}, {stride}")
+    data = load_watch()
+    subjects = np.asarray(data["subject"])
+    labels = np.asarray(data["y"])
+    unknown = set(proxy_subjects) - set(subjects.tolist())
+    if unknown:
+        raise ValueError(f"proxy_subjects {sorted(unknown)} not in the watch data (subjects 1..10)")
+    user_subjects = [int(s) for s in sorted(set(subjects.tolist())) if s not in proxy_subjects]
+    if not user_subjects:
+        raise ValueError("every subject is a proxy subject: no data left for devices")
+
+    def subject_windows(sub: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        xtr, ytr, xte, yte = [], [], [], []
+        for cls in range(len(WATCH_CLASSES)):
+            recs = [i for i in np.flatnonzero((subjects == sub) & (labels == cls))]  # dataset order
+            for k, i in enumerate(recs):
+                w = windows(np.asarray(data["X"][i], np.float32), window, stride)
+                # earlier recording(s) train, the last one tests (a single recording is split in time)
+                if len(recs) == 1:
+                    cut = int(len(w) * 0.7)
+                    xtr.append(w[:cut]), ytr.append(np.full(cut, cls)), xte.append(w[cut:])
+                    yte.append(np.full(len(w) - cut, cls))
+                elif k < len(recs) - 1:
+                    xtr.append(w), ytr.append(np.full(len(w), cls))
+                else:
+                    xte.append(w), yte.append(np.full(len(w), cls))
+        shape = (WATCH_CHANNELS, 1, window)
+        return (_cat(xtr, shape, np.float32), _cat(ytr, (), np.int64), _cat(xte, shape, np.float32),
+                _cat(yte, (), np.int64))
+
+    rng = np.random.default_rng(seed)
+    per_subject = {s: subject_windows(s) for s in user_subjects}
+    owners: dict[int, list[int]] = {s: [] for s in user_subjects}
+    for d in range(devices):
+        owners[user_subjects[d % len(user_subjects)]].append(d)
+    out: list[DeviceData | None] = [None] * devices
+    for sub, devs in owners.items():
+        if not devs:
+            continue
+        xtr, ytr, xte, yte = per_subject[sub]
+        # NOTE: chunks are contiguous in time per class, then shuffled inside a device (stream order is
+        # the device's business); each device of a subject keeps every exercise it was given.
+        tr_parts = _split_per_class(ytr, len(devs))
+        te_parts = _split_per_class(yte, len(devs))
+        for d, tr, te in zip(devs, tr_parts, te_parts):
+            tr = rng.permutation(tr)
+            if max_train_per_device is not None:
+                tr = tr[:max_train_per_device]
+            out[d] = DeviceData(f"dev{d:04d}", sub, xtr[tr], ytr[tr], xte[te], yte[te])
+    proxy = [subject_windows(s) for s in proxy_subjects]
+    shape = (WATCH_CHANNELS, 1, window)
+    x_proxy = _cat([p[0] for p in proxy] + [p[2] for p in proxy], shape, np.float32)
+    y_proxy = _cat([p[1] for p in proxy] + [p[3] for p in proxy], (), np.int64)
+    return Scenario([d for d in out if d is not None], x_proxy, y_proxy, len(WATCH_CLASSES), shape)
+
+
+def _split_per_class(y: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Indices of ``y`` split into ``parts`` groups: each class's (time-ordered) indices cut into contiguous chunks."""
+    groups: list[list[np.ndarray]] = [[] for _ in range(parts)]
+    for cls in np.unique(y):
+        idx = np.flatnonzero(y == cls)
+        for g, chunk in zip(groups, np.array_split(idx, parts)):
+            g.append(chunk)
+    return [np.concatenate(g) if g else np.zeros(0, np.int64) for g in groups]
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Float input -> int8 with the plan's input quantization: ``clip(round(x / scale) + zp, -128, 127)``."""
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"input scale must be a finite number > 0, got {scale}")
+    q = np.round(np.asarray(x, np.float64) / scale) + zero_point
+    return np.clip(q, -128, 127).astype(np.int8)

@@ -1,0 +1,353 @@
+"""One simulation run: data -> plan -> broker -> coordinator + N host devices over real MQTT -> rounds -> metrics.
+
+Everything crosses the broker exactly as in production (hello, status with Last Will, tasks, deltas, acks,
+retained model); the only in-process shortcut is that host devices get the compiled plan object instead of
+downloading ``plan/<hash>`` (its size is still reported as ``plan_bytes``). Accuracy is the global model's on
+every device's held-out windows, measured by the harness (a simulation privilege: no device sends data).
+This module wires components together; it refuses to implement protocol, training or aggregation logic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fleet.sim.config import SimConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not run (plan does not fit, devices never connected...); says what to change."""
+
+
+@dataclass
+class SimResult:
+    """What ``tinyfleet simulate`` prints as its last line (``to_dict``); lists are per round, in order."""
+
+    rounds: int = 0  # rounds closed (committed or abandoned)
+    devices: int = 0
+    accuracy_initial: float = 0.0
+    accuracy_per_round: list[float] = field(default_factory=list)
+    round_status: list[str] = field(default_factory=list)  # committed | abandoned
+    devices_per_round: list[int] = field(default_factory=list)  # accepted deltas
+    selected_per_round: list[int] = field(default_factory=list)
+    bytes_up_per_device_round: list[float] = field(default_factory=list)  # MQTT PUBLISH bytes, per selected
+    bytes_down_per_device_round: list[float] = field(default_factory=list)  # device (headers+topic+payload)
+    payload_up_per_device_round: list[float] = field(default_factory=list)
+    payload_down_per_device_round: list[float] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)
+    devices_dropped: int = 0  # selected devices whose delta did not count, summed over rounds
+    devices_offline: int = 0  # devices the coordinator saw go offline (Last Will / offline status)
+    model_version: int = 0
+    plan_bytes: int = 0
+    plan_sram_bytes: int = 0
+    scheme: str = ""
+    broker: str = ""
+    setup_seconds: float = 0.0
+    interrupted: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = round(v, 4)
+            elif isinstance(v, list) and v and isinstance(v[0], float):
+                d[k] = [round(x, 4) for x in v]
+        return d
+
+
+# --- plan -----------------------------------------------------------------------------------------------------
+
+
+def _float_batch(x: np.ndarray) -> np.ndarray:
+    """(N, C, 1, W) windows -> (N, C, W) for a torch Conv1d model."""
+    return x.reshape(x.shape[0], x.shape[1], x.shape[-1])
+
+
+def pretrain(cfg: SimConfig, x: np.ndarray, y: np.ndarray, num_classes: int):
+    """The float model, trained ``pretrain_epochs`` on the coordinator's proxy set (fp32, Adam)."""
+    import torch
+
+    from fleet.compiler import models
+
+    factories = {"imu_cnn": lambda: models.ImuCNN(in_channels=x.shape[1], num_classes=num_classes)}
+    if cfg.model.name not in factories:
+        raise SimulationError(f"model.name: unknown model {cfg.model.name!r} (expected one of {sorted(factories)})")
+    torch.manual_seed(cfg.seed)
+    model = factories[cfg.model.name]()
+    if cfg.model.pretrain_epochs and len(y):
+        xt, yt = torch.from_numpy(_float_batch(x)), torch.from_numpy(y)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model.train()
+        for _ in range(cfg.model.pretrain_epochs):
+            for idx in torch.randperm(len(yt), generator=gen).split(64):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+                opt.step()
+    return model.eval()
+
+
+def build_plan(cfg: SimConfig, scenario) -> tuple[object, object, str]:
+    """Pretrain, quantize (PTQ on proxy windows), pick the scheme, compile under the board's budget."""
+    from device_agent.engine import ir
+    from fleet.compiler.compile import BudgetError, compile_plan
+    from fleet.compiler.scheme import named_scheme, search_scheme
+    from fleet.compiler.torch_import import import_torch
+    from fleet.config import BoardConfig, ConfigError, load
+    from fleet.sim.datasets import quantize
+
+    try:
+        board = load(BoardConfig, ROOT / "configs" / "boards" / f"{cfg.model.board}.yaml")
+    except ConfigError as e:
+        raise SimulationError(f"model.board: {e}") from None
+    x_proxy, y_proxy = scenario.x_proxy, scenario.y_proxy
+    if not len(y_proxy):  # no proxy subjects: calibrate on the first device's windows (still not its test set)
+        x_proxy, y_proxy = scenario.devices[0].x_train, scenario.devices[0].y_train
+    model = pretrain(cfg, x_proxy, y_proxy, scenario.num_classes)
+    rng = np.random.default_rng(cfg.seed)
+    calib = x_proxy[rng.permutation(len(x_proxy))[:512]]
+    graph = import_torch(model, _float_batch(calib), name="ImuCNN")
+    s = cfg.model.scheme
+    if isinstance(s, dict):
+        scheme = ir.SparseScheme(name="config", n_bias_update=int(s.get("n_bias_update", 0)),
+                                 weight_ratio={int(k): float(v) for k, v in (s.get("weight_ratio") or {}).items()})
+    elif s == "auto":
+        t = graph.tensors[graph.input_id]
+        scale, zp = float(np.ravel(t.scale)[0]), int(t.zero_point)
+        order = rng.permutation(len(y_proxy))[:256]
+        scheme = search_scheme(graph, board.training_budget, quantize(x_proxy[order], scale, zp),
+                               y_proxy[order].astype(np.int32), steps=10, seed=cfg.seed).scheme
+    else:
+        scheme = named_scheme(graph, s)
+    try:
+        plan, report = compile_plan(graph, scheme, budget=board.training_budget)
+    except BudgetError as e:
+        raise SimulationError(f"model.scheme: {e}") from None
+    return plan, report, scheme.name
+
+
+def _input_quant(plan) -> tuple[float, int]:
+    t = plan.tensors[plan.input_id]
+    return float(np.ravel(t.scale)[0]), int(t.zero_point)
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Rich progress bars on stderr (or nothing)."""
+
+    def __init__(self, enabled: bool, cfg: SimConfig):
+        self.p = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+        self.p.start()
+        self.setup = self.p.add_task("setup", total=4, info="")
+        self.connect = self.p.add_task("devices connected", total=cfg.devices, info="")
+        self.rounds = self.p.add_task("rounds", total=cfg.rounds, info="")
+        self.round = self.p.add_task("round 1 deltas", total=cfg.goal_count, info="")
+
+    def update(self, task: str, **kw) -> None:
+        if self.p is not None:
+            self.p.update(getattr(self, task), **kw)
+
+    def stop(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+
+
+class _Watcher:
+    """Collects the coordinator's informational outputs (driver thread) for the harness (main thread)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.closed: list[object] = []
+        self.accepted = 0
+        self.selected: set[str] = set()
+        self.cv = threading.Condition(self.lock)
+
+    def __call__(self, out: object) -> None:
+        from device_agent.messages import Publish
+        from fleet.coordinator import RoundClosed, Verdict
+
+        with self.cv:
+            if isinstance(out, Publish) and out.topic.endswith("/task"):
+                self.selected.add(out.topic.split("/")[1])
+            elif isinstance(out, Verdict) and out.reason == "ok":
+                self.accepted += 1
+            elif isinstance(out, RoundClosed):
+                self.closed.append(out)
+            self.cv.notify_all()
+
+    def reset_round(self) -> None:
+        with self.cv:
+            self.accepted, self.selected = 0, set()
+
+
+def run_simulation(cfg: SimConfig, out_dir: Path | None = None, progress: bool = True,
+                   stop: threading.Event | None = None) -> SimResult:
+    """Run ``cfg`` end to end; Ctrl-C (KeyboardInterrupt) or ``stop`` ends early with the finished rounds."""
+    res = SimResult(devices=cfg.devices, broker=cfg.broker)
+    bar = _Progress(progress, cfg)
+    try:
+        with ExitStack() as stack:
+            stack.callback(bar.stop)
+            _run(cfg, out_dir, bar, res, stack, stop or threading.Event())
+    except KeyboardInterrupt:
+        res.interrupted = True
+    return res
+
+
+def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, stack: ExitStack,
+         stop: threading.Event) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_agent.buffer import SampleBuffer
+    from device_agent.engine.trainer import Trainer
+    from device_agent.mqtt import DeviceAgent
+    from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
+    from device_agent.wire.envelope import Signer, Verifier
+    from fleet import round as rnd
+    from fleet.coordinator import Coordinator, CoordinatorConfig, StartRound, WireCodec, plan_sram
+    from fleet.mqtt import CoordinatorLink
+    from fleet.sim.broker import resolve
+    from fleet.sim.datasets import load_watch_scenario, quantize
+    from fleet.store import Store
+
+    t0 = time.monotonic()
+    d = cfg.dataset
+    scenario = load_watch_scenario(cfg.devices, d.window, d.stride, tuple(d.proxy_subjects),
+                                   d.max_train_per_device, cfg.seed)
+    bar.update("setup", advance=1, info="data")
+    plan, _report, res.scheme = build_plan(cfg, scenario)
+    res.plan_sram_bytes = plan_sram(plan)
+    bar.update("setup", advance=1, info=f"plan {res.scheme}")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    url, embedded = resolve(cfg.broker, workdir=(out_dir / "broker") if out_dir else None, **cfg.tls_files())
+    if embedded is not None:
+        embedded.start()
+        stack.callback(embedded.close)
+        url = embedded.url
+    res.broker = str(url)
+    bar.update("setup", advance=1, info=str(url))
+
+    key = Ed25519PrivateKey.generate()  # the fleet's signing key for this run
+    signer, verifier = Signer.ed25519(key), Verifier.ed25519(key.public_key())
+    round_cfg = rnd.RoundConfig(goal=cfg.goal_count, over_selection=cfg.over_selection, quorum=cfg.quorum,
+                                deadline_s=cfg.deadline, seed=cfg.seed)
+    ccfg = CoordinatorConfig(round=round_cfg, lr=cfg.lr, local_steps=cfg.local_steps, batch_size=1)
+    store_path = str(out_dir / "store.sqlite") if out_dir is not None else ":memory:"
+    codec = WireCodec(plan, signer=signer)
+    res.plan_bytes = len(codec.plan_bytes())
+    watcher = _Watcher()
+    link = CoordinatorLink(url, cfg.name, lambda: Coordinator(plan, Store(store_path), ccfg, time.time, codec),
+                           on_output=watcher)
+    link.start()
+    stack.callback(link.stop)
+
+    scale, zp = _input_quant(plan)
+    board_sram = max(res.plan_sram_bytes, 256_000)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="devices")  # NOTE: 2 cores; GIL-bound anyway
+    stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+    agents: list[DeviceAgent] = []
+    stack.callback(lambda: [a.stop(graceful=True) for a in agents])
+    for i, dd in enumerate(scenario.devices):
+        buf = SampleBuffer(max(1, dd.n_train), tuple(scenario.input_shape), np.int8, seed=cfg.seed + i)
+        if dd.n_train:
+            buf.add(quantize(dd.x_train, scale, zp), dd.y_train.astype(np.int32))
+        proto = DeviceProtocol(Identity(dd.device_id, cfg.model.board, board_sram, 1_000_000), plan, Trainer(plan),
+                               WireDeviceCodec(plan, verifier), buf, seed=cfg.seed + i)
+        agents.append(DeviceAgent(url, cfg.name, proto, executor=pool).start(timeout=None))
+    deadline = time.monotonic() + 30
+    online = 0
+    while online < cfg.devices:
+        if stop.is_set() or time.monotonic() > deadline:
+            raise SimulationError(f"only {online} of {cfg.devices} devices said hello within 30 s")
+        time.sleep(0.1)
+        online = link.call(lambda c: sum(r.online for r in c.registry.devices.values()))
+        bar.update("connect", completed=online)
+    bar.update("setup", advance=1, info="fleet up")
+    res.setup_seconds = time.monotonic() - t0
+
+    evaluator = Trainer(plan)
+    x_test, y_test = scenario.test_set()
+    xq_test = quantize(x_test, scale, zp)
+
+    def accuracy() -> float:
+        evaluator.load_trainable(link.call(lambda c: {k: v.copy() for k, v in c.state.items()}))
+        return evaluator.evaluate(xq_test, y_test.astype(np.int32))
+
+    res.accuracy_initial = accuracy()
+    for r in range(cfg.rounds):
+        if stop.is_set():
+            res.interrupted = True
+            break
+        bar.update("round", description=f"round {r + 1} deltas", completed=0, info="")
+        before = [a.endpoint.traffic_snapshot() for a in agents]
+        watcher.reset_round()
+        t_round = time.monotonic()
+        n_closed = len(watcher.closed)
+        link.submit(StartRound())
+        with watcher.cv:
+            while len(watcher.closed) == n_closed:
+                if stop.is_set():
+                    break
+                watcher.cv.wait(0.2)
+                bar.update("round", completed=watcher.accepted, info=f"{len(watcher.selected)} selected")
+        if len(watcher.closed) == n_closed:
+            res.interrupted = True
+            break
+        closed = watcher.closed[-1]
+        res.model_version = closed.version
+        _settle(agents, closed.version if closed.committed else None)
+        res.round_seconds.append(time.monotonic() - t_round)
+        after = [a.endpoint.traffic_snapshot() for a in agents]
+        sel = max(1, len(watcher.selected))
+        up = sum(a.sent - b.sent for a, b in zip(after, before))
+        down = sum(a.received - b.received for a, b in zip(after, before))
+        res.bytes_up_per_device_round.append(up / sel)
+        res.bytes_down_per_device_round.append(down / sel)
+        res.payload_up_per_device_round.append(sum(a.sent_payload - b.sent_payload for a, b in zip(after, before)) / sel)
+        res.payload_down_per_device_round.append(
+            sum(a.received_payload - b.received_payload for a, b in zip(after, before)) / sel)
+        res.round_status.append("committed" if closed.committed else "abandoned")
+        res.devices_per_round.append(len(closed.accepted))
+        res.selected_per_round.append(len(watcher.selected))
+        res.devices_dropped += len(watcher.selected - set(closed.accepted))
+        res.accuracy_per_round.append(accuracy())
+        res.rounds += 1
+        bar.update("rounds", advance=1, info=f"acc {res.accuracy_per_round[-1]:.3f}")
+    res.model_version = link.call(lambda c: c.version) if not res.interrupted else res.model_version
+    res.devices_offline = link.call(lambda c: sum(not rec.online for rec in c.registry.devices.values()))
+    res.errors = link.errors + [f"{a.device_id}: {n[1]}" for a in agents for n in a.notes if n[0] == "error"]
+    if out_dir is not None:
+        import json
+
+        (out_dir / "metrics.json").write_text(json.dumps(res.to_dict(), indent=1, sort_keys=True))
+
+
+def _settle(agents, version: int | None, timeout: float = 10.0) -> None:
+    """Wait until every connected device holds ``version`` (None: until their mailboxes are empty)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        live = [a for a in agents if a.endpoint.connected.is_set()]
+        if all(a.idle() and (version is None or a.protocol.version >= version) for a in live):
+            return
+        time.sleep(0.05)
+
+

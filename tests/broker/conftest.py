@@ -1,0 +1,124 @@
+"""Broker-group fixtures: each test gets its own Mosquitto on a free loopback port, stopped afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import require_cmd
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A started :class:`fleet.sim.broker.EmbeddedBroker` with persistence (so ``restart()`` keeps sessions)."""
+    require_cmd("mosquitto")
+    from fleet.sim.broker import EmbeddedBroker
+
+    b = EmbeddedBroker(persistence=True, workdir=tmp_path / "broker")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+class TinyFleet:
+    """A coordinator (CoordinatorLink) and ``n`` host devices (DeviceAgent) on the engine's tiny plan, all
+    through the broker under test. Outputs of the coordinator are recorded in ``outputs``."""
+
+    def __init__(self, url, store_path, n=3, fleet="t", goal=None, quorum=0.5, deadline=20.0, dup_deltas=False):
+        import threading
+        import time
+
+        import numpy as np
+
+        from device_agent.buffer import SampleBuffer
+        from device_agent.engine.examples import tiny_dataset, tiny_plan
+        from device_agent.engine.trainer import Trainer
+        from device_agent.mqtt import DeviceAgent
+        from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
+        from device_agent.wire.envelope import Verifier
+        from fleet import round as rnd
+        from fleet.coordinator import Coordinator, CoordinatorConfig, WireCodec
+        from fleet.mqtt import CoordinatorLink
+        from fleet.store import Store
+
+        self.plan = plan = tiny_plan()
+        self.outputs: list = []
+        self.cv = threading.Condition()
+        cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=goal or n, over_selection=1.0, quorum=quorum,
+                                                      deadline_s=deadline), lr=0.05, local_steps=5)
+        self.link = CoordinatorLink(url, fleet, lambda: Coordinator(plan, Store(store_path), cfg, time.time,
+                                                                    WireCodec(plan)), on_output=self._record)
+        self.link.start()
+        self.agents = []
+        for i in range(n):
+            x, y = tiny_dataset(32, seed=i)
+            buf = SampleBuffer(32, x.shape[1:], np.int8, seed=i)
+            buf.add(x, y)
+            proto = DeviceProtocol(Identity(f"d{i}", "host", 1 << 20, 1 << 20), plan, Trainer(plan),
+                                   WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
+            agent = DeviceAgent(url, fleet, proto, will_delay=0)
+            if dup_deltas:  # every delta published twice: what a QoS 1 redelivery looks like to the coordinator
+                pub = agent.endpoint.publish
+
+                def twice(topic, payload, retain=False, _pub=pub):
+                    info = _pub(topic, payload, retain)
+                    if topic.endswith("/delta"):
+                        _pub(topic, payload, retain)
+                    return info
+                agent.endpoint.publish = twice
+            self.agents.append(agent.start())
+        self.wait(lambda: self.online() == n)
+
+    def _record(self, out):
+        with self.cv:
+            self.outputs.append(out)
+            self.cv.notify_all()
+
+    def of(self, cls):
+        with self.cv:
+            return [o for o in self.outputs if isinstance(o, cls)]
+
+    def wait(self, pred, timeout=20.0):
+        import time
+
+        end = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < end, "timed out"
+            time.sleep(0.05)
+
+    def run_round(self, timeout=30.0, after_start=None):
+        from fleet.coordinator import RoundClosed, StartRound
+
+        n = len(self.of(RoundClosed))
+        self.link.submit(StartRound())
+        if after_start is not None:
+            after_start()
+        self.wait(lambda: len(self.of(RoundClosed)) > n, timeout)
+        return self.of(RoundClosed)[-1]
+
+    def online(self):
+        return self.link.call(lambda c: sum(r.online for r in c.registry.devices.values()))
+
+    def state(self):
+        return self.link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
+
+    def close(self):
+        for a in self.agents:
+            a.stop()
+        self.link.stop()
+
+
+@pytest.fixture
+def tiny_fleet(broker, tmp_path):
+    """``tiny_fleet(n=3, **kw)`` -> a started :class:`TinyFleet` on the ``broker`` fixture; closed afterwards."""
+    made = []
+
+    def make(**kw):
+        f = TinyFleet(broker.url, str(tmp_path / f"store{len(made)}.sqlite"), fleet=f"t{len(made)}", **kw)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()

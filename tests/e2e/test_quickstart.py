@@ -1,0 +1,30 @@
+"""`tinyfleet simulate configs/quickstart.yaml` as a user runs it: a subprocess, one JSON object last on stdout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT, require_cmd
+
+
+def test_quickstart_two_rounds_reports_accuracy_and_bytes(tmp_path):
+    require_cmd("mosquitto")
+    cmd = [sys.executable, "-m", "fleet.cli", "simulate", str(ROOT / "configs" / "quickstart.yaml"),
+           "--rounds", "2", "--devices", "4", "--json", "--quiet", "--out", str(tmp_path / "run")]
+
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rounds"] == 2 and result["devices"] == 4
+    assert len(result["accuracy_per_round"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in result["accuracy_per_round"])
+    assert result["round_status"] == ["committed", "committed"]
+    # a delta of the plan's trainable subset: more than headers, far less than the plan (or a dense fp32 model)
+    for up, down in zip(result["bytes_up_per_device_round"], result["bytes_down_per_device_round"]):
+        assert 100 < up < result["plan_bytes"]
+        assert 100 < down < result["plan_bytes"]
+    assert result["devices_dropped"] == 0
+    assert (tmp_path / "run" / "metrics.json").exists() and (tmp_path / "run" / "store.sqlite").exists()
