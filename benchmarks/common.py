@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fleet.compiler.mit_import import default_models_dir
+
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = (ROOT / ".." / "shared" / "models" / "mit-han-lab").resolve()
+MODELS = default_models_dir()
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 
 

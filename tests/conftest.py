@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from fleet.compiler.mit_import import default_models_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
-MODELS = (ROOT / ".." / "shared" / "models" / "mit-han-lab").resolve()
+MODELS = default_models_dir()
 IN_CI = os.environ.get("TINYFLEET_CI") == "1"
 GROUPS = ("pure", "broker", "firmware", "e2e")
 

@@ -18,7 +18,14 @@ from device_agent.engine import ir
 
 from .graph_builder import GraphBuilder, backbone_convs
 
-__all__ = ["MitFormatError", "backbone_convs", "import_mit", "load_mit"]
+__all__ = ["MitFormatError", "backbone_convs", "default_models_dir", "import_mit", "load_mit"]
+
+
+def default_models_dir() -> Path:
+    """Where the MIT int8 models usually are: ``../shared/models/mit-han-lab`` beside the checkout, else
+    ``/work/shared/models/mit-han-lab`` (this project's machines). May not exist; callers skip cleanly."""
+    here = (Path(__file__).resolve().parents[3] / "shared" / "models" / "mit-han-lab")
+    return here if here.exists() else Path("/work/shared/models/mit-han-lab")
 
 CONV_KEYS = ("pointwise1", "depthwise", "pointwise2")
 
