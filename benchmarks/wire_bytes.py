@@ -1,26 +1,32 @@
 """Bytes per device per round: TinyFleet's sparse int8 delta + model update vs Flower's dense fp32 FedAvg.
 
-One command: ``python benchmarks/wire_bytes.py [--steps N] [--topk-permille P]``. Per model, in one run:
+One command: ``python benchmarks/wire_bytes.py [--devices N] [--rounds R] [--steps S] [--topk-permille P]``.
+A small fleet really trains, round after round, and every byte counted is a real blob:
 
-- ours, up: the real delta blob (``device_agent.wire.delta``) after ``--steps`` real local training steps of the
-  engine's Trainer on the compiled sparse plan (dense records; ``ours_topk_*`` also with top-k);
-  down: the Ed25519-signed model update blob carrying the new values of the shared trainable tensors.
+- workload: ImuCNN on the smartwatch IMU set (seglearn ``load_watch``; subjects 1-2 pretrain it as in
+  configs/quickstart.yaml; the other subjects are the devices' private windows), ``ImuCNN:quarter`` scheme;
+  MbV2-w0.35 (the paper's ``99kb`` rung) on Fashion-MNIST images (nearest-neighbour 128x128, 3 channels) when
+  ../shared/models and the Debian dataset are present. ``--devices`` devices per round, each ``--steps`` local
+  steps (batch 1) at the quickstart's lr 0.05 from the round's model; the coordinator's FedAvg
+  (``fleet.aggregate``) makes the next version.
+- ours, up: the v2 delta, top-``P``‰ per tensor with error feedback (the device agent's path), mean over devices
+  and rounds; ``up_all``: every coordinate (DENSE / FILLED records). down: the Ed25519-signed v2 DIFF model
+  update from the round's base to the new version; ``down_full``: the FULL form a joining device fetches.
+  ``*_v1``: the same every-coordinate delta and full update in the v1 layouts (the numbers before v2).
 - Flower, up: the FedAvg train reply, ``RecordDict({"arrays": ArrayRecord(full model), "metrics":
   MetricRecord({"num-examples": n})})`` serialized with ``flwr.common.serde.recorddict_to_proto(...)
   .SerializeToString()``; down: the train instruction ``RecordDict({"arrays": ..., "config": ConfigRecord})``.
   The full model is the torch ``state_dict()`` for ImuCNN (fp32, BN buffers included, as a Flower user sends
   it) and, for MbV2-w0.35 (no torch module here), every weight and bias of the int8 graph as fp32 arrays.
 
-Payload bytes only on both sides (no MQTT / gRPC framing). ImuCNN uses the ``ImuCNN:quarter`` scheme
-(configs/schemes/torch-models.yaml: biases of the last 3 convs, conv 4 weights, 1/4 of conv 5's input channels,
-classifier), MbV2-w0.35 the paper's ``99kb`` rung. MbV2 is skipped when ../shared/models is absent.
-Last line: one JSON object; ``ratio = ours_bytes / flower_dense_bytes`` (target <= 1/50).
+Payload bytes only on both sides (no MQTT / gRPC framing). For ImuCNN also the devices' test accuracy after
+the rounds: every coordinate vs top-k + error feedback vs top-k alone. Last line: one JSON object;
+``ratio = (up + down) / (flower_up + flower_down)`` (target <= 1/50).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -43,65 +49,127 @@ def flower_bytes(arrays: dict[str, np.ndarray], n_examples: int) -> tuple[int, i
     return (len(recorddict_to_proto(reply).SerializeToString()), len(recorddict_to_proto(ins).SerializeToString()))
 
 
-def ours_bytes(plan, steps: int, topk_permille: int, seed: int = 0) -> dict:
-    """Train ``steps`` real steps from the plan's values, then measure the delta and the next model update."""
+
+
+def fleet_rounds(plan, data: list[tuple[np.ndarray, np.ndarray]], *, rounds: int, steps: int, lr: float,
+                 permille: int | None, feedback: bool = True, seed: int = 0) -> dict:
+    """Train ``rounds`` rounds of every device in ``data`` (int8 inputs, labels); measure every blob."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent.engine.trainer import Trainer
-    from device_agent.wire.delta import encode_delta
+    from device_agent.protocol import topk_counts
+    from device_agent.wire.delta import delta_support, delta_to_dense, encode_delta, residual_after
     from device_agent.wire.envelope import Signer
     from device_agent.wire.plan import plan_hash
-    from device_agent.wire.update import update_from_state
+    from device_agent.wire.update import model_hash, update_from_state, update_from_states
+    from fleet import aggregate as agg
 
-    rng = np.random.default_rng(seed)
-    t_in = plan.tensors[plan.input_id]
-    k = plan.tensors[plan.logits_id].shape[0]
-    trainer = Trainer(plan)
-    old = trainer.trainable_state()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x = rng.integers(-128, 128, (1, *t_in.shape)).astype(np.int8)
-        trainer.train_step(x, rng.integers(0, k, 1).astype(np.int32), 0.05)
-    train_s = time.perf_counter() - t0
-    new = trainer.trainable_state()
-    ph = plan_hash(plan)
-    common = {"device_id": "dev-0001", "round_id": 7, "base_hash": b"\x11" * 32, "counter": 42, "sample_count": steps,
-                  "plan_hash": ph}
     shared = [t for t in plan.trainable if not t.personal]
-    delta = encode_delta(plan, old, new, **common).to_bytes()
-    top_k = {t.id: max(1, math.ceil(t.numel * topk_permille / 1000)) for t in shared}
-    delta_topk = encode_delta(plan, old, new, top_k=top_k, **common).to_bytes()
+    ph = plan_hash(plan)
     signer = Signer.ed25519(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
-    update = update_from_state(plan, new, base_version=6, new_version=7, plan_hash=ph).to_bytes(signer)
-    changed = sum(int(np.count_nonzero(new[t.id] != old[t.id])) for t in shared)
-    return {"up": len(delta), "up_topk": len(delta_topk), "down": len(update), "train_s": train_s,
-            "trainable_params": sum(t.numel for t in shared), "changed_params": changed}
+    trainer = Trainer(plan)
+    state = {t.id: trainer.trainable_state()[t.id] for t in shared}
+    top_k = topk_counts(plan, permille)
+    residual: list[dict | None] = [None] * len(data)
+    rng = np.random.default_rng(seed)
+    m: dict[str, list[float]] = {k: [] for k in ("up", "up_all", "up_v1", "down", "down_full", "down_v1",
+                                                  "changed_down", "sent_up")}
+    t0 = time.perf_counter()
+    for r in range(1, rounds + 1):
+        base_hash = model_hash(plan, state, r, plan_hash=ph)
+        vals, masks, weights = [], [], []
+        for i, (x, y) in enumerate(data):
+            trainer.load_trainable(state)
+            for _ in range(steps):
+                j = int(rng.integers(len(y)))
+                trainer.train_step(x[j:j + 1], y[j:j + 1].astype(np.int32), lr)
+            new = {t.id: trainer.trainable_state()[t.id] for t in shared}
+            hdr = {"device_id": f"dev-{i:04d}", "round_id": r, "base_hash": base_hash, "counter": r,
+                   "sample_count": len(y), "plan_hash": ph}
+            res = residual[i] if feedback else None
+            d = encode_delta(plan, state, new, top_k=top_k, residual=res, **hdr)
+            if feedback and top_k is not None:
+                residual[i] = residual_after(d, plan, state, new, res)
+            every = encode_delta(plan, state, new, **hdr)
+            m["up"].append(len(d.to_bytes()))
+            m["up_all"].append(len(every.to_bytes()))
+            m["up_v1"].append(len(every.to_bytes(version=1)))
+            sup = delta_support(d, plan, plan_hash=ph)
+            m["sent_up"].append(sum(int(v.sum()) for v in sup.values()))
+            dv = delta_to_dense(d, plan, plan_hash=ph)
+            vals.append(np.concatenate([dv[t.id].reshape(-1) for t in shared]))
+            masks.append(np.concatenate([sup[t.id].reshape(-1) for t in shared]))
+            weights.append(len(y))
+        mean = agg.aggregate("fedavg", np.stack(vals), np.stack(masks), np.array(weights, np.int64))
+        step, new_state, pos = agg.to_int_delta(mean), {}, 0
+        for t in shared:
+            new_state[t.id] = agg.apply_int_delta(state[t.id], step[pos:pos + t.numel])
+            pos += t.numel
+        diff = update_from_states(plan, state, new_state, base_version=r, new_version=r + 1, plan_hash=ph)
+        full = update_from_state(plan, new_state, base_version=r, new_version=r + 1, plan_hash=ph)
+        m["down"].append(len(diff.to_bytes(signer)))
+        m["down_full"].append(len(full.to_bytes(signer)))
+        m["down_v1"].append(len(full.to_bytes(signer, version=1)))
+        m["changed_down"].append(sum(int(np.count_nonzero(new_state[t.id] != state[t.id])) for t in shared))
+        state = new_state
+    out: dict = {k: round(float(np.mean(v)), 1) for k, v in m.items()}
+    out.update(train_s=round(time.perf_counter() - t0, 1), trainable_params=sum(t.numel for t in shared),
+               rounds=rounds, devices=len(data), local_steps=steps, lr=lr, topk_permille=permille, state=state)
+    return out
 
 
-def imu_cnn(steps: int, topk: int) -> dict:
+def _accuracy(plan, state: dict | None, x: np.ndarray, y: np.ndarray) -> float:
+    from device_agent.engine.trainer import Trainer
+
+    t = Trainer(plan)
+    if state is not None:
+        t.load_trainable(state)
+    return round(t.evaluate(x, y.astype(np.int32)), 4)
+
+
+def imu_cnn(args) -> dict:
     import torch
 
     from fleet.compiler.compile import compile_plan
-    from fleet.compiler.models import ImuCNN
     from fleet.compiler.scheme import named_scheme
     from fleet.compiler.torch_import import import_torch
+    from fleet.sim.config import load_sim_config
+    from fleet.sim.datasets import load_watch_scenario, quantize
+    from fleet.sim.runner import _float_batch, pretrain
 
-    torch.manual_seed(0)
-    model = ImuCNN().eval()
-    graph = import_torch(model, torch.randn(256, 6, 128, generator=torch.Generator().manual_seed(0)), name="ImuCNN")
+    cfg = load_sim_config(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml")
+    sc = load_watch_scenario(args.devices, cfg.dataset.window, cfg.dataset.stride, tuple(cfg.dataset.proxy_subjects),
+                             seed=cfg.seed)
+    model = pretrain(cfg, sc.x_proxy, sc.y_proxy, sc.num_classes)
+    calib = sc.x_proxy[np.random.default_rng(0).permutation(len(sc.x_proxy))[:512]]
+    graph = import_torch(model, torch.from_numpy(_float_batch(calib)), name="ImuCNN")
     plan, _ = compile_plan(graph, named_scheme(graph, "quarter", "ImuCNN"))
-    r = ours_bytes(plan, steps, topk)
+    t_in = plan.tensors[plan.input_id]
+    scale, zp = float(np.ravel(t_in.scale)[0]), int(t_in.zero_point)
+    data = [(quantize(d.x_train, scale, zp), d.y_train) for d in sc.devices]
+    x_te = np.concatenate([quantize(d.x_test, scale, zp) for d in sc.devices])
+    y_te = np.concatenate([d.y_test for d in sc.devices])
+    kw = {"rounds": args.rounds, "steps": args.steps, "lr": cfg.lr}
+    r = fleet_rounds(plan, data, permille=args.topk_permille, **kw)
+    acc = {"before_rounds": _accuracy(plan, None, x_te, y_te), "topk_ef": _accuracy(plan, r.pop("state"), x_te, y_te)}
+    if not args.no_accuracy:
+        acc["every_coordinate"] = _accuracy(plan, fleet_rounds(plan, data, permille=None, **kw)["state"], x_te, y_te)
+        acc["topk_no_ef"] = _accuracy(plan, fleet_rounds(plan, data, permille=args.topk_permille, feedback=False,
+                                                         **kw)["state"], x_te, y_te)
+    r["test_accuracy"] = acc
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    r["flower_up"], r["flower_down"] = flower_bytes(sd, steps)
+    r["flower_up"], r["flower_down"] = flower_bytes(sd, args.steps)
     r["model_params"] = int(sum(v.size for v in sd.values()))
-    r["scheme"] = "ImuCNN:quarter"
+    r["scheme"], r["data"] = "ImuCNN:quarter", "seglearn watch, quickstart split"
     return r
 
 
-def mbv2(steps: int, topk: int) -> dict | None:
+def mbv2(args) -> dict | None:
+    from benchmarks.common import FASHION, load_fashion_mnist
+
     path = MODELS / "mbv2-w0.35.pkl"
-    if not path.exists():
-        print(f"skip mbv2-w0.35: {path} absent", file=sys.stderr)
+    if not path.exists() or not FASHION.exists():
+        print(f"skip mbv2-w0.35: {path} or {FASHION} absent", file=sys.stderr)
         return None
     from device_agent.engine import ir
     from fleet.compiler.compile import compile_plan
@@ -111,39 +179,55 @@ def mbv2(steps: int, topk: int) -> dict | None:
 
     graph = new_classifier(import_mit(path), 10)
     plan, _ = compile_plan(graph, named_scheme(graph, "mbv2-w0.35:99kb"))
-    r = ours_bytes(plan, steps, topk)
+    t_in = plan.tensors[plan.input_id]
+    n = args.mbv2_devices
+    x, y = load_fashion_mnist("train", limit=16 * n)
+    side = np.arange(t_in.shape[-1]) * 28 // t_in.shape[-1]
+    img = x[:, side][:, :, side].astype(np.float32) / 255.0  # nearest neighbour up to the model's resolution
+    scale, zp = float(np.ravel(t_in.scale)[0]), int(t_in.zero_point)
+    q = np.clip(np.round(img / scale) + zp, -128, 127).astype(np.int8)
+    q = np.repeat(q[:, None], t_in.shape[0], axis=1)
+    data = [(q[i::n], y[i::n]) for i in range(n)]
+    r = fleet_rounds(plan, data, rounds=args.mbv2_rounds, steps=args.mbv2_steps, lr=0.05, permille=args.topk_permille)
+    r.pop("state")
     dense = {t.name: np.zeros(t.shape, np.float32) for t in plan.tensors
              if t.kind in (ir.Kind.CONST, ir.Kind.TRAINABLE) and t.name.endswith((".w", ".b", "weight", "bias"))}
-    r["flower_up"], r["flower_down"] = flower_bytes(dense, steps)
+    r["flower_up"], r["flower_down"] = flower_bytes(dense, args.mbv2_steps)
     r["model_params"] = int(sum(v.size for v in dense.values()))
-    r["scheme"] = "mbv2-w0.35:99kb"
+    r["scheme"], r["data"] = "mbv2-w0.35:99kb", "fashion-mnist, nearest 128x128x3"
     return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20, help="local training steps (batch 1) before the delta")
-    ap.add_argument("--mbv2-steps", type=int, default=2, help="steps for MbV2 (numpy engine, 128x128: slow)")
-    ap.add_argument("--topk-permille", type=int, default=100, help="k per tensor for the top-k variant")
+    ap.add_argument("--devices", type=int, default=8, help="ImuCNN devices, each trains every round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40, help="local steps (batch 1) per device per round (quickstart)")
+    ap.add_argument("--topk-permille", type=int, default=20, help="k = ceil(numel * P / 1000) per tensor")
+    ap.add_argument("--mbv2-devices", type=int, default=4)
+    ap.add_argument("--mbv2-rounds", type=int, default=2)
+    ap.add_argument("--mbv2-steps", type=int, default=3, help="steps for MbV2 (numpy engine, 128x128: slow)")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip the two extra ImuCNN runs for accuracy")
     args = ap.parse_args()
-    results = {"imu_cnn": imu_cnn(args.steps, args.topk_permille)}
-    m = mbv2(args.mbv2_steps, args.topk_permille)
+    results = {"imu_cnn": imu_cnn(args)}
+    m = mbv2(args)
     if m is not None:
         results["mbv2_w035"] = m
     rows, out = [], {}
     for name, r in results.items():
-        ours, flower = r["up"] + r["down"], r["flower_up"] + r["flower_down"]
-        r.update(ours_bytes=ours, flower_dense_bytes=flower, ratio=ours / flower, ratio_up=r["up"] / r["flower_up"],
-                 ours_topk_bytes=r["up_topk"] + r["down"], ratio_topk=(r["up_topk"] + r["down"]) / flower,
-                 train_s=round(r["train_s"], 2))
+        flower = r["flower_up"] + r["flower_down"]
+        r.update(ours_bytes=r["up"] + r["down"], flower_dense_bytes=flower, ratio=(r["up"] + r["down"]) / flower,
+                 ratio_up=r["up"] / r["flower_up"], ratio_down=r["down"] / r["flower_down"],
+                 ratio_v1=(r["up_v1"] + r["down_v1"]) / flower)
         out[name] = r
-        rows.append((name, r["scheme"], r["model_params"], r["trainable_params"], r["up"], r["down"], r["up_topk"],
-                     r["flower_up"], r["flower_down"], f"1/{1 / r['ratio']:.0f}", f"1/{1 / r['ratio_topk']:.0f}"))
+        rows.append((name, r["scheme"], r["trainable_params"], r["up"], r["down"], r["down_full"], r["up_v1"],
+                     r["down_v1"], r["flower_up"], r["flower_down"], f"1/{1 / r['ratio']:.0f}",
+                     f"1/{1 / r['ratio_v1']:.0f}"))
     head = results["imu_cnn"]
     out.update(ours_bytes=head["ours_bytes"], flower_dense_bytes=head["flower_dense_bytes"], ratio=head["ratio"],
                worst_ratio=max(r["ratio"] for r in out.values() if isinstance(r, dict)), target_ratio=1 / 50)
-    emit(out, rows, ("model", "scheme", "params", "trainable", "ours up", "ours down", "ours up top-k",
-                     "flower up", "flower down", "ratio", "ratio top-k"))
+    emit(out, rows, ("model", "scheme", "trainable", "up", "down", "down full", "up v1", "down v1", "flower up",
+                     "flower down", "ratio", "ratio v1"))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import os
 import select
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -22,23 +21,14 @@ from pathlib import Path
 from typing import Self
 
 from device_agent.wire import frames
+from device_agent.wire.errors import WireFormatError
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE_BUILD = ROOT / "firmware" / "build"
 MACHINES = {"mps2-an386": "an386", "mps2-an500": "an500"}  # QEMU machine -> firmware build directory
 
-# NOTE: board-only commands not (yet) in frames.Command / frames.PAYLOADS. Same (struct, names, tail) shape as
-# frames.PAYLOADS so they can move there unchanged; once they exist there, frames' entries win.
-CMD_SELFTEST = 0x08
-CMD_BOARD_INFO = 0x09
-PROPOSED_PAYLOADS: dict[tuple[str, int], tuple[struct.Struct, tuple[str, ...], bool]] = {
-    ("req", CMD_SELFTEST): (struct.Struct("<"), (), False),
-    ("resp", CMD_SELFTEST): (struct.Struct("<IIiIQ"), ("cases", "passed", "first_failed", "crc32", "ticks"), False),
-    ("req", CMD_BOARD_INFO): (struct.Struct("<"), (), False),
-    ("resp", CMD_BOARD_INFO): (struct.Struct("<IIQIIIIIIII"), (
-        "cpuid", "tick_hz", "ticks", "stack_size", "stack_high_water", "arena_bytes", "static_ram", "flash_used",
-        "frames_ok", "frames_bad", "last_error"), False),
-}
+CMD_SELFTEST = frames.Command.SELFTEST
+CMD_BOARD_INFO = frames.Command.BOARD_INFO
 
 
 def firmware_elf(machine: str) -> Path:
@@ -169,8 +159,7 @@ class QemuBoard:
 
 
 def _layout(direction: str, code: int):
-    key = (direction, code)
-    return frames.PAYLOADS.get(key) or PROPOSED_PAYLOADS.get(key)
+    return frames.PAYLOADS[(direction, code)]
 
 
 class BoardError(RuntimeError):
@@ -261,6 +250,65 @@ class BoardClient:
 
     def selftest(self) -> dict[str, int]:
         return self.call(CMD_SELFTEST)
+
+    # ---- plan, samples, training (docs/formats.md "Commands") ----
+
+    def _ok(self, cmd: int, payload: bytes, what: str) -> tuple[dict[str, int], bytes]:
+        f = self.request(cmd, payload)
+        if f.code != frames.Status.OK:
+            try:
+                fields, _ = frames.unpack("err", f.code, f.payload)
+                detail = f" {fields}" if fields else ""
+            except WireFormatError:  # an odd error payload still reports the status
+                detail = f" (payload {f.payload.hex()})"
+            raise BoardError(f.code, f"{what}: board answered {frames.Status(f.code).name}{detail}")
+        return frames.unpack("resp", cmd, f.payload)
+
+    def load_blob(self, cmd: int, blob: bytes, chunk: int = frames.MAX_PAYLOAD - 8) -> int:
+        """LOAD_PLAN / LOAD_UPDATE in chunks; the board checks the whole blob after the last one."""
+        got = 0
+        for off in range(0, len(blob), chunk):
+            fields, _ = self._ok(cmd, frames.pack("req", cmd, blob[off:off + chunk], offset=off, total=len(blob)),
+                                 f"{frames.Command(cmd).name} at offset {off}")
+            got = fields["received"]
+        return got
+
+    def load_plan(self, blob: bytes) -> int:
+        return self.load_blob(frames.Command.LOAD_PLAN, blob)
+
+    def load_update(self, blob: bytes) -> int:
+        return self.load_blob(frames.Command.LOAD_UPDATE, blob)
+
+    def push_sample(self, sample: bytes, label: int, chunk: int = frames.MAX_PAYLOAD - 12) -> dict[str, int]:
+        """PUSH_SAMPLE: the input tensor's bytes (int8, or int32 token ids little-endian) and its label."""
+        fields: dict[str, int] = {}
+        for off in range(0, max(len(sample), 1), chunk):
+            fields, _ = self._ok(frames.Command.PUSH_SAMPLE,
+                                 frames.pack("req", frames.Command.PUSH_SAMPLE, sample[off:off + chunk], offset=off,
+                                             total=len(sample), label=int(label)), "PUSH_SAMPLE")
+        return fields
+
+    def train(self, steps: int, lr_m: int, lr_e: int, round_id: int = 0) -> dict[str, int]:
+        """TRAIN: ``steps`` N=1 steps over the newest min(steps, held) samples, oldest of them first."""
+        return self._ok(frames.Command.TRAIN, frames.pack("req", frames.Command.TRAIN, steps=steps, lr_m=lr_m,
+                                                          lr_e=lr_e, round_id=round_id), "TRAIN")[0]
+
+    def delta_records(self, topk_permille: int = 0, chunk: int = frames.MAX_PAYLOAD - 4) -> bytes:
+        """GET_DELTA: the whole records section (``new - base`` of the shared trainable tensors)."""
+        out, total = bytearray(), None
+        while total is None or len(out) < total:
+            fields, tail = self._ok(frames.Command.GET_DELTA, frames.pack(
+                "req", frames.Command.GET_DELTA, offset=len(out), max_len=chunk, topk_permille=topk_permille),
+                f"GET_DELTA at {len(out)}")
+            total = fields["total"]
+            if not tail and len(out) < total:
+                raise BoardError(frames.Status.ERR_INTERNAL, "GET_DELTA returned no bytes before the end")
+            out += tail
+        return bytes(out)
+
+    def state(self) -> dict[str, int | bytes]:
+        """STATE_HASH: sha256 of the trainable tensors (== Trainer.state_hash) and counters."""
+        return self._ok(frames.Command.STATE_HASH, b"", "STATE_HASH")[0]
 
     def close(self) -> None:
         self.sock.close()

@@ -10,6 +10,7 @@ shared trainable tensors only, and a model update never overwrites personal ones
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -18,10 +19,10 @@ import numpy as np
 
 from device_agent.buffer import SampleBuffer
 from device_agent.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
-from device_agent.wire.delta import encode_delta
+from device_agent.wire.delta import encode_delta, residual_after
 from device_agent.wire.errors import WireFormatError
 from device_agent.wire.plan import plan_hash
-from device_agent.wire.update import ModelUpdate, apply_update, update_hash
+from device_agent.wire.update import Form, ModelUpdate, apply_update
 
 
 class CodecError(ValueError):
@@ -45,39 +46,73 @@ class DeltaHeader:
 class ModelUpdateView:
     base_version: int
     new_version: int
-    state: dict[int, np.ndarray]  # shared trainable tensor id -> new values
-    hash: str  # hex identity of this model version (wire ``update_hash``): the base_hash of the next delta
+    state: dict[int, np.ndarray] | None  # shared trainable tensor id -> new values; None: not applicable here
+    hash: str  # hex identity of this model version (wire ``model_hash``): the base_hash of the next delta
+    full: bool = True  # FULL form (applies anywhere) or DIFF (applies only on top of base_version)
 
 
 class DeviceCodec(Protocol):
     plan_hash: str
 
-    def encode_delta(self, header: DeltaHeader, old: dict[int, np.ndarray], new: dict[int, np.ndarray]) -> bytes: ...
+    def encode_delta(self, header: DeltaHeader, old: dict[int, np.ndarray], new: dict[int, np.ndarray], *,
+                     residual: dict[int, np.ndarray] | None = None,
+                     topk_permille: int | None = None) -> tuple[bytes, dict[int, np.ndarray] | None]: ...
+    # -> (delta payload, the residual left for the next round: None when everything was sent)
 
-    def decode_update(self, payload: bytes) -> ModelUpdateView: ...  # raises CodecError
+    def decode_update(self, payload: bytes, held_version: int = -1,
+                      held: dict[int, np.ndarray] | None = None) -> ModelUpdateView: ...  # raises CodecError
+
+
+def topk_counts(plan, permille: int | None) -> dict[int, int] | None:
+    """Per shared tensor ``k = max(1, ceil(numel * permille / 1000))`` (as the firmware's GET_DELTA); None/0: all."""
+    if not permille:
+        return None
+    return {t.id: max(1, -(-t.numel * permille // 1000)) for t in plan.trainable if not t.personal}
 
 
 class WireDeviceCodec:
-    """:class:`DeviceCodec` over ``device_agent.wire``: deltas dense or top-``k``, updates checked with ``verify``."""
+    """:class:`DeviceCodec` over ``device_agent.wire``: deltas with every coordinate or top-k, updates checked
+    with ``verify``. ``top_k`` (k per tensor, or tensor id -> k) or ``topk_permille`` choose the default
+    sparsity; a task may override the permille. ``error_feedback``: what top-k does not send this round is kept
+    and added to the next round's change, so sparsification delays learning instead of losing it."""
 
-    def __init__(self, plan, verify, top_k: int | dict[int, int] | None = None):
-        self.plan, self.verify, self.top_k = plan, verify, top_k
+    def __init__(self, plan, verify, top_k: int | dict[int, int] | None = None, *, topk_permille: int | None = None,
+                 error_feedback: bool = True):
+        self.plan, self.verify, self.top_k, self.topk_permille = plan, verify, top_k, topk_permille
+        self.error_feedback = error_feedback
         self._hash = plan_hash(plan)
         self.plan_hash = self._hash.hex()
 
-    def encode_delta(self, header: DeltaHeader, old: dict[int, np.ndarray], new: dict[int, np.ndarray]) -> bytes:
-        return encode_delta(self.plan, old, new, device_id=header.device_id, round_id=header.round_id,
-                            base_hash=bytes.fromhex(header.base_hash), counter=header.counter,
-                            sample_count=header.num_samples, top_k=self.top_k, plan_hash=self._hash).to_bytes()
+    def encode_delta(self, header: DeltaHeader, old: dict[int, np.ndarray], new: dict[int, np.ndarray], *,
+                     residual: dict[int, np.ndarray] | None = None,
+                     topk_permille: int | None = None) -> tuple[bytes, dict[int, np.ndarray] | None]:
+        permille = self.topk_permille if topk_permille is None else topk_permille
+        top_k = topk_counts(self.plan, permille) if permille is not None else self.top_k
+        res = residual if self.error_feedback else None
+        d = encode_delta(self.plan, old, new, device_id=header.device_id, round_id=header.round_id,
+                         base_hash=bytes.fromhex(header.base_hash), counter=header.counter,
+                         sample_count=header.num_samples, top_k=top_k, plan_hash=self._hash, residual=res)
+        left = None
+        if self.error_feedback:
+            left = residual_after(d, self.plan, old, new, res)
+            if not any(v.any() for v in left.values()):
+                left = None
+        return d.to_bytes(), left
 
-    def decode_update(self, payload: bytes) -> ModelUpdateView:
+    def decode_update(self, payload: bytes, held_version: int = -1,
+                      held: dict[int, np.ndarray] | None = None) -> ModelUpdateView:
         try:
             upd = ModelUpdate.from_bytes(payload, verify=self.verify)
-            state = apply_update(upd, self.plan, plan_hash=self._hash)
+            mh = bytes(upd.model_hash or b"").hex()
+            if upd.form == Form.DIFF and (held is None or held_version != upd.base_version
+                                          or upd.new_version <= held_version):
+                return ModelUpdateView(upd.base_version, upd.new_version, None, mh, full=False)
+            state = apply_update(upd, self.plan, held if upd.form == Form.DIFF else None, plan_hash=self._hash)
         except WireFormatError as e:
             raise CodecError(int(e.code), str(e)) from None
-        shared = {tid: state[tid] for tid in sorted(upd.tensors)}
-        return ModelUpdateView(upd.base_version, upd.new_version, shared, update_hash(payload).hex())
+        ids = sorted(upd.tensors) if upd.version == 1 else [t.id for t in self.plan.trainable if not t.personal]
+        shared = {tid: state[tid] for tid in ids}
+        return ModelUpdateView(upd.base_version, upd.new_version, shared, mh, full=upd.form == Form.FULL)
 
 
 class LocalTrainer(Protocol):
@@ -147,6 +182,10 @@ class DeviceProtocol:
         self.pending: Task | None = None
         self.last_round, self.last_delta = 0, b""
         self.last_ack: Ack | None = None
+        # error feedback: the part of earlier rounds' change not sent yet (None: nothing pending); if the
+        # coordinator refuses the last delta, everything it carried goes back into the residual
+        self.residual: dict[int, np.ndarray] | None = None
+        self._if_refused: dict[int, np.ndarray] | None = None
 
     # --- topics ---------------------------------------------------------------------------------------------
 
@@ -194,11 +233,16 @@ class DeviceProtocol:
 
     def _model(self, payload: bytes) -> list[DeviceOutput]:
         try:
-            upd = self.codec.decode_update(payload)
+            upd = self.codec.decode_update(payload, self.version, self.base if self.version >= 0 else None)
         except CodecError as e:
             return [Note("bad_model", str(e))]
         if upd.new_version <= self.version:
             return [Note("stale_model", f"v{upd.new_version} <= held v{self.version}")]
+        if upd.state is None:
+            # a DIFF for a base this device does not hold: say which version it holds (status) so the coordinator
+            # can send the FULL form; the task, if any, waits for it
+            return [Note("need_full_model", f"diff v{upd.base_version}->v{upd.new_version}, holding "
+                                            f"v{self.version}"), self.status()]
         if sorted(upd.state) != self.shared_ids:
             return [Note("bad_model", f"tensors {sorted(upd.state)} != shared {self.shared_ids}")]
         self.base = {tid: np.array(v, copy=True) for tid, v in upd.state.items()}
@@ -245,7 +289,12 @@ class DeviceProtocol:
         new = {tid: trained[tid] for tid in self.shared_ids}
         self.counter += 1
         header = DeltaHeader(self.id.device_id, task.round_id, self.model_hash, self.counter, len(self.buffer))
-        self.last_delta = self.codec.encode_delta(header, self.base, new)
+        permille = getattr(task, "topk_permille", None)  # NOTE: a task field once messages.Task carries it
+        self.last_delta, left = self.codec.encode_delta(header, self.base, new, residual=self.residual,
+                                                        topk_permille=permille)
+        self._if_refused = {tid: new[tid].astype(np.int64).reshape(-1) - self.base[tid].astype(np.int64).reshape(-1)
+                            + (self.residual[tid] if self.residual else 0) for tid in self.shared_ids}
+        self.residual = left
         self.last_round = task.round_id
         # the shared tensors go back to the base: the next round trains from the coordinator's next version
         self.trainer.load_trainable(self.base)
@@ -259,4 +308,11 @@ class DeviceProtocol:
             return [Note("bad_ack", str(e))]
         assert isinstance(ack, Ack)
         self.last_ack = ack
-        return [Note("ack", f"round {ack.round_id}: {ack.reason}")]
+        out: list[DeviceOutput] = [Note("ack", f"round {ack.round_id}: {ack.reason}")]
+        if ack.accepted and self.last_delta and ack.content_hash == hashlib.sha256(self.last_delta).hexdigest():
+            self._if_refused = None
+        elif (not ack.accepted and self._if_refused is not None and self.last_delta
+                and ack.content_hash == hashlib.sha256(self.last_delta).hexdigest()):
+            self.residual, self._if_refused = self._if_refused, None  # nothing of it counted: send it later
+            out.append(Note("residual_restored", f"round {ack.round_id}"))
+        return out

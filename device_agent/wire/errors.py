@@ -36,6 +36,7 @@ class WireError(IntEnum):
     PLAN_MISMATCH = 22  # an update/delta that does not fit the plan it is applied to
     BAD_COBS = 23  # COBS decoding failed (zero byte inside a frame, code runs past the end)
     FRAME_TOO_LONG = 24  # a UART frame above the maximum size
+    HASH_MISMATCH = 25  # an applied model update does not give the version it names (a DIFF on another base)
 
 
 class WireFormatError(ValueError):

@@ -31,6 +31,14 @@ class Command(IntEnum):
     TRAIN = 0x05
     GET_DELTA = 0x06  # chunk of the delta records section (docs/formats.md, "Delta")
     GET_STATS = 0x07
+    SELFTEST = 0x08  # the firmware's kernel self-test over its golden vectors (no plan loaded: it uses the arena)
+    BOARD_INFO = 0x09  # CPU id, clock, ticks, stack, arena, statics, flash, frame counters
+    STATE_HASH = 0x0A  # sha256 of the trainable tensors (Trainer.state_hash), counters, ticks of the last TRAIN
+
+
+# Codes a test build of the firmware may answer (kernel micro-benchmark, stack-overflow fault); never in the
+# protocol proper.
+TEST_COMMANDS = frozenset({0x7E, 0x7F})
 
 
 class Status(IntEnum):
@@ -64,6 +72,15 @@ PAYLOADS: dict[tuple[str, int], tuple[struct.Struct, tuple[str, ...], bool]] = {
     ("req", Command.GET_STATS): (_P("<"), (), False),
     ("resp", Command.GET_STATS): (_P("<IIIIII"), ("samples_held", "steps_total", "update_counter", "arena_bytes",
                                                  "stack_high_water", "plan_bytes"), False),
+    ("req", Command.SELFTEST): (_P("<"), (), False),
+    ("resp", Command.SELFTEST): (_P("<IIiIQ"), ("cases", "passed", "first_failed", "crc32", "ticks"), False),
+    ("req", Command.BOARD_INFO): (_P("<"), (), False),
+    ("resp", Command.BOARD_INFO): (_P("<IIQIIIIIIII"), (
+        "cpuid", "tick_hz", "ticks", "stack_size", "stack_high_water", "arena_bytes", "static_ram", "flash_used",
+        "frames_ok", "frames_bad", "last_error"), False),
+    ("req", Command.STATE_HASH): (_P("<"), (), False),
+    ("resp", Command.STATE_HASH): (_P("<32sIIIIQ"), ("state_hash", "update_counter", "model_version", "steps_total",
+                                                    "p_label_q15", "train_ticks"), False),
     ("err", Status.ERR_STATE): (_P("<I"), ("expected_offset",), False),
     ("err", Status.ERR_NO_MEMORY): (_P("<I"), ("capacity",), False),
     ("err", Status.ERR_FORMAT): (_P("<HH"), ("wire_error", "reserved"), False),

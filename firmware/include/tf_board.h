@@ -22,6 +22,8 @@ uint32_t tf_board_stack_unused(void);
 uint32_t tf_board_stack_size(void);
 /* The arena: all SRAM between .bss and the stack guard. */
 uint8_t *tf_board_arena(uint32_t *size);
+/* The plan store: flash-like memory after the firmware (plans and model updates are used in place from it). */
+uint8_t *tf_board_store(uint32_t *size);
 uint32_t tf_board_static_ram(void); /* .data + .bss bytes */
 uint32_t tf_board_ram_size(void);   /* the SRAM budget the linker script enforces */
 uint32_t tf_board_flash_used(void);

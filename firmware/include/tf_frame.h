@@ -22,9 +22,11 @@ enum {
     TF_CMD_TRAIN = 0x05,
     TF_CMD_GET_DELTA = 0x06,
     TF_CMD_GET_STATS = 0x07,
-    /* PROPOSED (not yet in frames.py; device_agent/board.py carries their layouts until it is): */
     TF_CMD_SELFTEST = 0x08,   /* resp <IIiIQ: cases, passed, first_failed, crc32, ticks */
     TF_CMD_BOARD_INFO = 0x09, /* resp <IIQIIIIIIII: see tf_proto.c cmd_board_info */
+    TF_CMD_STATE_HASH = 0x0A, /* resp <32sIIIIQ: sha256 of the trainable tensors, update_counter, model_version,
+                               * steps_total, p_label_q15 of the last step, ticks of the last TRAIN */
+    /* 0x7E / 0x7F: test builds only (kernel bench, stack-overflow fault test) */
 };
 
 /* frames.Status */

@@ -70,6 +70,30 @@ tf_status tf_avgpool_s8(const tf_avgpool_params *p, const tf_dims *x_dims, const
 /* CLAMP: y = clamp(x, act_min, act_max), mask as CONV2D. x, y (n,) int8 (may alias). */
 tf_status tf_clamp_s8(int32_t act_min, int32_t act_max, int32_t n, const int8_t *x, int8_t *y, uint8_t *mask);
 
+typedef struct {
+    int32_t input_offset;                   /* -zero_point(x) */
+    int32_t pw_act_min, pw_act_max;         /* clamp of the expanded channel */
+    const int32_t *pw_mult, *pw_shift;      /* (C_mid,) */
+    int32_t mid_zero_point;                 /* zero point of the expanded channel */
+    int32_t dw_stride_h, dw_stride_w, dw_pad_h, dw_pad_w;
+    int32_t dw_act_min, dw_act_max;
+    const int32_t *dw_mult, *dw_shift;      /* (C_out,) */
+    int32_t output_offset;                  /* zero_point(y) */
+} tf_pwdw_params;
+
+/* PWDW: CONV2D(1x1, pw) then depthwise CONV2D (groups = C_mid), one expanded channel at a time.
+ * x (C_in, H, W); w_pw (C_mid, C_in, 1, 1), b_pw (C_mid,); w_dw (C_out, 1, KH, KW) with C_out a multiple of
+ * C_mid, b_dw (C_out,); y (C_out, OH, OW). Scratch: H*W int8 (one expanded channel). No mask. */
+int32_t tf_pwdw_get_buffer_size(const tf_dims *x_dims);
+tf_status tf_pwdw_s8(const tf_ctx *ctx, const tf_pwdw_params *p, const tf_dims *x_dims, const int8_t *x,
+                     const tf_filter_dims *pw_dims, const int8_t *w_pw, const int32_t *b_pw,
+                     const tf_filter_dims *dw_dims, const int8_t *w_dw, const int32_t *b_dw, const tf_dims *y_dims,
+                     int8_t *y);
+
+/* EMBEDDING: y[d, 0, l] = table[ids[l], d]. ids (L,) int32 in [0, V), table (V, D) int8, y (D, 1, L). */
+tf_status tf_embedding_s8(int32_t vocab, int32_t dim, int32_t length, const int32_t *ids, const int8_t *table,
+                          int8_t *y);
+
 /* ---- loss ---- */
 
 typedef struct {
@@ -135,5 +159,16 @@ typedef struct {
 tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas, const tf_dims *gy_dims,
                               const int8_t *g_y, int32_t e_y, const tf_dims *x_dims, const int8_t *x_saved,
                               const tf_filter_dims *w_dims, int8_t *w, int32_t *b);
+
+typedef struct {
+    int32_t qas_m, qas_e;     /* 1 / s_table as qmath.mant_exp */
+    int32_t lr_m, lr_e;
+    uint32_t step, table_tensor_id;
+} tf_embedding_update_params;
+
+/* EMBEDDING_UPDATE: acc[ids[l], :] += g_y[:, 0, l]; table -= scaled_update(acc) on the looked-up rows.
+ * g_y (D, 1, L) int8 with exponent e_y; ids (L,); table (V, D) int8 updated in place. */
+tf_status tf_embedding_update_s8(const tf_embedding_update_params *p, int32_t vocab, int32_t dim, int32_t length,
+                                 const int8_t *g_y, int32_t e_y, const int32_t *ids, int8_t *table);
 
 #endif /* TF_KERNELS_H */

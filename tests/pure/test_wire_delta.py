@@ -21,9 +21,11 @@ from device_agent.wire import (
     delta_to_dense,
     encode_delta,
     encode_tensor,
+    residual_after,
     topk_indices,
 )
 from device_agent.wire.envelope import SigAlg
+from device_agent.wire.sparse import Enc
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 _spec = importlib.util.spec_from_file_location("wire_vectors_generate", VECTORS / "generate.py")
@@ -70,7 +72,72 @@ def test_topk_is_deterministic_with_index_tie_break():
 def test_topk_only_when_smaller():
     big = np.arange(1, 101, dtype=np.int64)
     assert encode_tensor(0, big, k=10).indices is not None
-    assert encode_tensor(0, big, k=60).indices is None  # 60 indices + values > 100 dense int8 bytes
+    assert encode_tensor(0, big, k=60).indices is not None  # 16-byte bitmap + 60 values < 100 dense bytes
+    assert encode_tensor(0, big, k=90).indices is None  # 16 + 92 >= 100: dense carries everything
+
+
+def test_index_coding_is_the_smallest():
+    # Prepare: a sparse and a dense choice of 2000 coordinates
+    v = np.zeros(2000, np.int64)
+    v[[3, 700, 1999]] = [1, -2, 3]
+    w = np.zeros(2000, np.int64)
+    w[::4] = 1
+    # Execute
+    few, many = encode_tensor(0, v, k=3), encode_tensor(0, w, k=500)
+    # Assert
+    assert few.encoding == Enc.SPARSE_GAPS and few.nbytes == 12 + 8 + 4  # gaps 3, 0xB8 0x05, 0xA2 0x0A
+    assert many.encoding == Enc.SPARSE_BITMAP and many.nbytes == 12 + 252 + 500
+    for r in (few, many):
+        d = Delta("dev", 1, bytes(32), bytes(32), 0, 1, [r])
+        back = delta_from_bytes(d.to_bytes()).tensors[0]
+        assert np.array_equal(back.indices, r.indices) and np.array_equal(back.values, r.values)
+        assert len(d.to_bytes()) == d.size_report().total
+
+
+def test_every_coordinate_mode_lists_non_zeros_when_smaller():
+    v = np.zeros(400, np.int64)
+    v[5] = 9
+    r = encode_tensor(0, v)
+    assert r.encoding == Enc.FILLED_GAPS and r.filled  # unlisted coordinates are zero votes, not absent
+    d = Delta("dev", 1, bytes(32), bytes(32), 0, 1, [encode_tensor(2, np.array([0, 0, 0, 0, 0, 4]))])
+    assert d.tensors[0].encoding == Enc.DENSE  # 6 int8 values: 8 bytes, the bitmap form is 12 bytes
+
+
+def test_v1_blobs_still_read_and_v1_writer_reproduces_them():
+    plan = gen.golden_plan()
+    old, new = _old_new(plan)
+    d = encode_delta(plan, old, new, top_k={2: 3}, **HDR)
+    v1 = d.to_bytes(version=1)
+    back = delta_from_bytes(v1)
+    assert v1[4:6] == b"\x01\x00" and back.to_bytes(version=1) == v1
+    assert all(np.array_equal(a, b) for a, b in zip(delta_to_dense(back, plan).values(),
+                                                   delta_to_dense(d, plan).values()))
+
+
+def test_error_feedback_keeps_what_top_k_did_not_send():
+    # Prepare
+    plan = gen.golden_plan()
+    old, new = _old_new(plan)
+    full = {2: new[2].astype(np.int64).reshape(-1) - old[2].reshape(-1), 3: new[3].astype(np.int64) - old[3]}
+    # Execute: round 1 sends the top 1 per tensor, round 2 (no new change) sends the top 1 of the residual
+    d1 = encode_delta(plan, old, new, top_k=1, **HDR)
+    r1 = residual_after(d1, plan, old, new)
+    d2 = encode_delta(plan, old, old, top_k=1, residual=r1, **HDR)
+    r2 = residual_after(d2, plan, old, old, r1)
+    # Assert: sent + left == everything, at every step
+    for tid in (2, 3):
+        s1, s2 = delta_to_dense(d1, plan)[tid].reshape(-1), delta_to_dense(d2, plan)[tid].reshape(-1)
+        assert np.array_equal(s1 + r1[tid], full[tid]) and np.array_equal(s1 + s2 + r2[tid], full[tid])
+        assert np.count_nonzero(s1) <= 1
+
+
+def test_error_feedback_clips_to_what_a_record_may_carry():
+    plan = gen.golden_plan()
+    old = {t.id: np.array(t.data) for t in plan.trainable}
+    res = {2: np.full(6, 300, np.int64), 3: np.zeros(3, np.int64)}
+    d = encode_delta(plan, old, old, residual=res, **HDR)
+    assert delta_to_dense(d, plan)[2].max() == 254  # the coordinator's ±254 limit for int8 tensors
+    assert (residual_after(d, plan, old, old, res)[2] == 46).all()
 
 
 def test_topk_round_trip_and_support():
@@ -87,10 +154,11 @@ def test_topk_round_trip_and_support():
 def test_records_section_alone():
     plan = gen.golden_plan()
     d = encode_delta(plan, *_old_new(plan), top_k=3, **HDR)
-    back = delta_from_records(d.records_bytes(), device_id=d.device_id, round_id=d.round_id,
-                              base_hash=d.base_hash, plan_hash=d.plan_hash, counter=d.counter,
-                              sample_count=d.sample_count)
-    assert back.to_bytes() == d.to_bytes()
+    for version in (1, 2):  # v1: what v1 firmware returns for GET_DELTA (the default)
+        back = delta_from_records(d.records_bytes(version=version), device_id=d.device_id, round_id=d.round_id,
+                                  base_hash=d.base_hash, plan_hash=d.plan_hash, counter=d.counter,
+                                  sample_count=d.sample_count, version=version)
+        assert back.to_bytes() == d.to_bytes()
 
 
 @pytest.mark.parametrize("edit", ["plan", "personal", "numel", "range"])

@@ -10,7 +10,7 @@ import pytest
 
 from device_agent.wire import ModelUpdate, WireError, WireFormatError, delta_from_bytes, plan_from_bytes
 from device_agent.wire import frames as F
-from device_agent.wire.delta import _read_records
+from device_agent.wire.delta import read_records
 from device_agent.wire.envelope import Cursor
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -27,9 +27,9 @@ gen = _load_generate()
 VERIFY = gen.verifiers()
 
 
-def _records(data: bytes, verify=None):
+def _records(data: bytes, verify=None, version: int = 2):
     c = Cursor(memoryview(data), "records", base=0)
-    out = _read_records(c)
+    out = read_records(c, version)
     c.end()
     return out
 
@@ -39,6 +39,7 @@ READERS = {
     "update": lambda d, v: ModelUpdate.from_bytes(d, verify=v),
     "delta": lambda d, v: delta_from_bytes(d, verify=v),
     "records": lambda d, v: _records(d),
+    "records_v1": lambda d, v: _records(d, version=1),
 }
 
 
@@ -71,7 +72,7 @@ def test_manifest_verdict(row):
     assert e.value.code == WireError[expect], str(e.value)
 
 
-VALID = [r for r in _manifest() if r[3] == "ok" and r[1] != "records"]
+VALID = [r for r in _manifest() if r[3] == "ok" and not r[1].startswith("records")]
 
 
 @pytest.mark.parametrize("row", VALID, ids=lambda r: r[0])
@@ -102,19 +103,27 @@ def test_every_bit_flip_is_refused(row):
             data[i] ^= 1 << bit
 
 
-def test_records_truncations_and_flips_never_crash():
-    data = bytearray((VECTORS / "delta_topk.records").read_bytes())
+@pytest.mark.parametrize("name,version", [("delta_topk.records", 2), ("v1/delta_topk.records", 1)])
+def test_records_truncations_and_flips_never_crash(name, version):
+    data = bytearray((VECTORS / name).read_bytes())
     for n in range(len(data)):
         with pytest.raises(WireFormatError):
-            _records(bytes(data[:n]))
+            _records(bytes(data[:n]), version=version)
     for i in range(len(data)):
         for bit in range(8):
             data[i] ^= 1 << bit
             try:
-                _records(bytes(data))  # no CRC here: some flips are valid records, none may crash
+                _records(bytes(data), version=version)  # no CRC here: some flips are valid, none may crash
             except WireFormatError:
                 pass
             data[i] ^= 1 << bit
+
+
+def test_v1_golden_files_are_v1_and_v2_files_are_v2():
+    for row in _manifest():
+        if row[1] in ("update", "delta") and row[3] == "ok":
+            version = int.from_bytes((VECTORS / row[0]).read_bytes()[4:6], "little")
+            assert version == (1 if row[0].startswith("v1/") else 2), row[0]
 
 
 def test_uart_stream_verdicts():

@@ -23,6 +23,11 @@ uint8_t *tf_board_arena(uint32_t *size) {
     *size = sizeof(host_arena);
     return host_arena;
 }
+static uint32_t host_store[64 * 1024];
+uint8_t *tf_board_store(uint32_t *size) {
+    *size = sizeof(host_store);
+    return (uint8_t *)host_store;
+}
 uint32_t tf_board_static_ram(void) { return 0; }
 uint32_t tf_board_ram_size(void) { return 0; }
 uint32_t tf_board_flash_used(void) { return 0; }

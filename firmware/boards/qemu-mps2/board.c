@@ -33,7 +33,7 @@
 #define STACK_PAINT 0x5AFEC0DEu
 
 extern uint32_t __stack_limit, __stack_top, __guard_start, __arena_start, __arena_end;
-extern uint32_t __data_start, __bss_end, __flash_end, __ram_start, __ram_end;
+extern uint32_t __data_start, __bss_end, __flash_end, __ram_start, __ram_end, __store_start, __store_end;
 
 static volatile uint8_t rx_ring[512];
 static volatile uint32_t rx_head, rx_tail; /* head: written by the ISR, tail: by the main loop */
@@ -146,6 +146,11 @@ uint32_t tf_board_stack_size(void) { return (uint32_t)((uintptr_t)&__stack_top -
 uint8_t *tf_board_arena(uint32_t *size) {
     *size = (uint32_t)((uintptr_t)&__arena_end - (uintptr_t)&__arena_start);
     return (uint8_t *)&__arena_start;
+}
+
+uint8_t *tf_board_store(uint32_t *size) {
+    *size = (uint32_t)((uintptr_t)&__store_end - (uintptr_t)&__store_start);
+    return (uint8_t *)&__store_start;
 }
 
 uint32_t tf_board_static_ram(void) { return (uint32_t)((uintptr_t)&__bss_end - (uintptr_t)&__data_start); }

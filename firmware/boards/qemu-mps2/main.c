@@ -1,5 +1,8 @@
 /* Board main loop: feed UART bytes to the protocol, sleep when idle. */
+#include <stddef.h>
+
 #include "tf_board.h"
+#include "tf_device.h"
 #include "tf_proto.h"
 
 static void write_cb(const uint8_t *buf, uint32_t n) { tf_board_write(buf, n); }
@@ -7,7 +10,15 @@ static void write_cb(const uint8_t *buf, uint32_t n) { tf_board_write(buf, n); }
 int main(void) {
     tf_board_init();
     static tf_proto proto;
+    static tf_device device;
+    uint32_t store_size = 0, pool_size = 0;
+    uint8_t *store = tf_board_store(&store_size);
+    uint8_t *pool = tf_board_arena(&pool_size);
+    /* NOTE: "unsigned only": emulated fleets and tests; a deployed board is built with its HMAC key here. */
+    const tf_verify verify = {0, NULL, 0};
+    tf_device_init(&device, store, store_size, pool, pool_size, &verify);
     tf_proto_init(&proto, write_cb);
+    tf_proto_set_device(&proto, &device);
     for (;;) {
         int b = tf_board_getc();
         if (b < 0) {

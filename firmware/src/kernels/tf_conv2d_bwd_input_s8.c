@@ -53,6 +53,41 @@ static int64_t bwd_elem(const tf_conv_bwd_params *p, const tf_dims *gy, const in
     return acc;
 }
 
+/* The same sum without the int16 g' buffer: g' = rshift_round(g_y * wscale_q, 8) recomputed per term. */
+static int64_t bwd_elem_direct(const tf_conv_bwd_params *p, const tf_dims *gy, const int8_t *g_y,
+                               const int32_t *wscale_q, const tf_filter_dims *wd, const int8_t *w, int32_t ci,
+                               int32_t ih, int32_t iw) {
+    const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, g = ci / cin_g, ci_l = ci % cin_g;
+    const int32_t oplane = gy->h * gy->w, wstride = cin_g * wd->h * wd->w;
+    int64_t acc = 0;
+    for (int32_t kh = 0; kh < wd->h; kh++) {
+        const int32_t th = ih + p->pad_h - kh;
+        if (th < 0 || th % p->stride_h || th / p->stride_h >= gy->h) {
+            continue;
+        }
+        for (int32_t kw = 0; kw < wd->w; kw++) {
+            const int32_t tw = iw + p->pad_w - kw;
+            if (tw < 0 || tw % p->stride_w || tw / p->stride_w >= gy->w) {
+                continue;
+            }
+            const int32_t co0 = g * cout_g;
+            const int8_t *gp = g_y + co0 * oplane + (th / p->stride_h) * gy->w + tw / p->stride_w;
+            const int8_t *wp = w + ((co0 * cin_g + ci_l) * wd->h + kh) * wd->w + kw;
+            int32_t part = 0;
+            for (int32_t co = 0; co < cout_g; co++) {
+                const int32_t gq = ((int32_t)gp[co * oplane] * wscale_q[co0 + co] + 128) >> 8; /* |gq| <= 2^14 */
+                part += gq * wp[co * wstride];
+                if ((co & 511) == 511) {
+                    acc += part;
+                    part = 0;
+                }
+            }
+            acc += part;
+        }
+    }
+    return acc;
+}
+
 tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p, const int32_t *wscale_q,
                                  const tf_dims *gy_dims, const int8_t *g_y, int32_t e_y, const tf_filter_dims *w_dims,
                                  const int8_t *w, const tf_dims *gx_dims, int8_t *g_x, int32_t *e_x) {
@@ -65,25 +100,29 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
     }
     const int32_t need2 = tf_conv2d_bwd_input_get_buffer_size(gy_dims, gx_dims, 0);
     const int32_t need1 = tf_conv2d_bwd_input_get_buffer_size(gy_dims, gx_dims, 1);
-    if (ctx->size < need2 || !ctx->buf) {
-        return TF_ERR_SCRATCH;
-    }
-    int16_t *gq = (int16_t *)ctx->buf;
-    int32_t *acc32 = ctx->size >= need1 ? (int32_t *)((uint8_t *)ctx->buf + need2) : NULL;
+    /* NOTE: without scratch (the plan's memory model: docs/engine.md allows either) g' is recomputed per term
+     * and the sums twice (max, then write): same numbers, no buffer. */
+    const int direct = ctx->size < need2 || !ctx->buf;
+    int16_t *gq = direct ? NULL : (int16_t *)ctx->buf;
+    int32_t *acc32 = !direct && ctx->size >= need1 ? (int32_t *)((uint8_t *)ctx->buf + need2) : NULL;
     const int32_t oplane = gy_dims->h * gy_dims->w;
     for (int32_t co = 0; co < gy_dims->c; co++) {
         if (wscale_q[co] < 0 || wscale_q[co] > 32768) {
             return TF_ERR_ARG;
         }
-        for (int32_t i = 0; i < oplane; i++) {
+        for (int32_t i = 0; gq && i < oplane; i++) {
             gq[co * oplane + i] = (int16_t)tf_rshift_round((int64_t)g_y[co * oplane + i] * wscale_q[co], 8);
         }
     }
+#define BWD_ELEM(i)                                                                                                 \
+    (direct ? bwd_elem_direct(p, gy_dims, g_y, wscale_q, w_dims, w, (i) / iplane, ((i) % iplane) / gx_dims->w,      \
+                              (i) % gx_dims->w)                                                                     \
+            : bwd_elem(p, gy_dims, gq, w_dims, w, (i) / iplane, ((i) % iplane) / gx_dims->w, (i) % gx_dims->w))
     const int32_t iplane = gx_dims->h * gx_dims->w, n = gx_dims->c * iplane;
     uint64_t mx = 0;
     int fits = acc32 != NULL;
     for (int32_t i = 0; i < n; i++) {
-        int64_t a = bwd_elem(p, gy_dims, gq, w_dims, w, i / iplane, (i % iplane) / gx_dims->w, i % gx_dims->w);
+        int64_t a = BWD_ELEM(i);
         uint64_t m = tf_abs64(a);
         mx = m > mx ? m : mx;
         if (fits) {
@@ -96,10 +135,10 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
     }
     const int32_t sh = tf_dyn_shift(mx);
     for (int32_t i = 0; i < n; i++) {
-        int64_t a = fits ? acc32[i]
-                         : bwd_elem(p, gy_dims, gq, w_dims, w, i / iplane, (i % iplane) / gx_dims->w, i % gx_dims->w);
+        int64_t a = fits ? acc32[i] : BWD_ELEM(i);
         g_x[i] = (int8_t)tf_rshift_round(a, sh);
     }
+#undef BWD_ELEM
     *e_x = e_y + p->wscale_p - 7 + sh;
     return TF_OK;
 }

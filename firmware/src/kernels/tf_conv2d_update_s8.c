@@ -12,15 +12,23 @@ tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas,
     if (!p || !qas || !g_y || (p->update_weight && (!w || !x_saved)) || (p->update_bias && !b)) {
         return TF_ERR_ARG;
     }
-    if (p->k < 0 || p->k > x_dims->c || p->lr_m < 0 || p->lr_m > 32768) {
+    if (p->lr_m < 0 || p->lr_m > 32768) {
         return TF_ERR_ARG;
     }
-    tf_status st = tf_conv_check(x_dims, w_dims, gy_dims, p->groups, p->stride_h, p->stride_w, p->pad_h, p->pad_w);
-    if (st != TF_OK) {
-        return st;
+    if (p->update_weight) { /* NOTE: a bias-only update never sees the input (x_dims may be NULL then) */
+        if (!x_dims || p->k < 0 || p->k > x_dims->c) {
+            return TF_ERR_ARG;
+        }
+        tf_status st = tf_conv_check(x_dims, w_dims, gy_dims, p->groups, p->stride_h, p->stride_w, p->pad_h,
+                                     p->pad_w);
+        if (st != TF_OK) {
+            return st;
+        }
+    } else if (gy_dims->c != w_dims->n || p->groups < 1 || w_dims->n % p->groups) {
+        return TF_ERR_SHAPE;
     }
     const int32_t oh_n = gy_dims->h, ow_n = gy_dims->w, oplane = oh_n * ow_n;
-    const int32_t ih_n = x_dims->h, iw_n = x_dims->w, iplane = ih_n * iw_n;
+    const int32_t ih_n = x_dims ? x_dims->h : 0, iw_n = x_dims ? x_dims->w : 0, iplane = ih_n * iw_n;
     if (oplane > TF_UPDATE_MAX_PIXELS) {
         return TF_ERR_OVERFLOW;
     }

@@ -7,6 +7,8 @@
 #include "selftest.h"
 #include "tf_board.h"
 #include "tf_cobs.h"
+#include "tf_device.h"
+#include "tf_sha256.h"
 
 uint16_t tf_crc16(const uint8_t *data, uint32_t n) {
     uint16_t crc = 0xFFFF;
@@ -32,6 +34,12 @@ static uint8_t *put_u64(uint8_t *p, uint64_t v) { return put_u32(put_u32(p, (uin
 void tf_proto_init(tf_proto *p, tf_write_fn write) {
     memset(p, 0, sizeof(*p));
     p->write = write;
+}
+
+void tf_proto_set_device(tf_proto *p, tf_device *dev) { p->dev = dev; }
+
+static uint32_t get_u32(const uint8_t *q) {
+    return (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24;
 }
 
 /* Send seq | status | msg[3 .. 3+len) | crc16. */
@@ -68,12 +76,14 @@ static void reject(tf_proto *p, uint32_t wire_error) {
 static uint32_t stack_high_water(void) { return tf_board_stack_size() - tf_board_stack_unused(); }
 
 /* PING resp <HHII: protocol_version, max_payload, blob_capacity, sram_bytes */
+static tf_device *p_dev; /* set by handle() for the helpers below */
+
 static int32_t cmd_ping(uint8_t *out) {
     uint32_t arena = 0;
     (void)tf_board_arena(&arena);
     uint8_t *q = put_u16(out, TF_PROTOCOL_VERSION);
     q = put_u16(q, TF_FRAME_MAX_PAYLOAD);
-    q = put_u32(q, 0); /* blob_capacity: no plan loader yet */
+    q = put_u32(q, p_dev ? p_dev->store_size : 0); /* blob_capacity: the plan store */
     q = put_u32(q, tf_board_ram_size());
     return (int32_t)(q - out);
 }
@@ -82,12 +92,13 @@ static int32_t cmd_ping(uint8_t *out) {
 static int32_t cmd_stats(uint8_t *out) {
     uint32_t arena = 0;
     (void)tf_board_arena(&arena);
-    uint8_t *q = put_u32(out, 0);
-    q = put_u32(q, 0);
-    q = put_u32(q, 0);
-    q = put_u32(q, arena);
+    const int has = p_dev && p_dev->has_plan;
+    uint8_t *q = put_u32(out, has ? p_dev->samples_held : 0);
+    q = put_u32(q, p_dev ? p_dev->steps_total : 0);
+    q = put_u32(q, has ? p_dev->rt.step : 0);
+    q = put_u32(q, has ? p_dev->rt.plan.arena_bytes : arena);
     q = put_u32(q, stack_high_water());
-    q = put_u32(q, 0);
+    q = put_u32(q, has ? p_dev->plan_len : 0);
     return (int32_t)(q - out);
 }
 
@@ -140,6 +151,77 @@ static __attribute__((noinline)) uint32_t tf_fault_test_recurse(uint32_t depth) 
 }
 #endif
 
+/* Answer a device result: OK with `len` payload bytes, or the error status with its detail payload. */
+static void reply_dev(tf_proto *p, uint32_t seq, tf_dev_result r, int32_t len) {
+    uint8_t *out = p->msg + 3;
+    if (r.status == TF_ST_OK) {
+        reply(p, seq, TF_ST_OK, len);
+    } else if (r.status == TF_ST_ERR_STATE || r.status == TF_ST_ERR_NO_MEMORY) {
+        reply(p, seq, r.status, (int32_t)(put_u32(out, r.detail) - out));
+    } else if (r.status == TF_ST_ERR_FORMAT) {
+        reply(p, seq, r.status, (int32_t)(put_u16(put_u16(out, r.detail), 0) - out));
+    } else {
+        reply(p, seq, r.status, 0);
+    }
+}
+
+/* LOAD_PLAN, LOAD_UPDATE, PUSH_SAMPLE, TRAIN, GET_DELTA (docs/formats.md "Commands"). */
+static void device_command(tf_proto *p, uint32_t seq, uint8_t cmd, int32_t in_len) {
+    tf_device *d = p->dev;
+    const uint8_t *in = p->msg + 3;
+    uint8_t *out = p->msg + 3;
+    static uint8_t chunk[TF_FRAME_MAX_PAYLOAD];
+    tf_dev_result r;
+    uint32_t a, b;
+    if (cmd == TF_CMD_LOAD_PLAN || cmd == TF_CMD_LOAD_UPDATE) {
+        if (in_len < 8) {
+            reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
+            return;
+        }
+        memcpy(chunk, in + 8, (uint32_t)in_len - 8);
+        r = tf_device_load(d, cmd, get_u32(in), get_u32(in + 4), chunk, (uint32_t)in_len - 8, &a);
+        reply_dev(p, seq, r, (int32_t)(put_u32(out, a) - out));
+    } else if (cmd == TF_CMD_PUSH_SAMPLE) {
+        if (in_len < 12) {
+            reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
+            return;
+        }
+        memcpy(chunk, in + 12, (uint32_t)in_len - 12);
+        r = tf_device_push_sample(d, get_u32(in), get_u32(in + 4), (int32_t)get_u32(in + 8), chunk,
+                                  (uint32_t)in_len - 12, &a);
+        reply_dev(p, seq, r, (int32_t)(put_u32(put_u32(out, a), d->samples_held) - out));
+    } else if (cmd == TF_CMD_TRAIN) {
+        if (in_len != 16) {
+            reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
+            return;
+        }
+        const uint32_t steps = get_u32(in);
+        const uint64_t t0 = tf_board_ticks_aligned();
+        r = tf_device_train(d, steps, (int32_t)get_u32(in + 4), (int32_t)get_u32(in + 8), get_u32(in + 12), &a, &b);
+        p->train_ticks = tf_board_ticks() - t0;
+        uint8_t *q = put_u32(out, r.status == TF_ST_OK ? steps : 0);
+        q = put_u32(put_u32(put_u32(q, a), b), d->rt.step);
+        reply_dev(p, seq, r, (int32_t)(q - out));
+    } else { /* GET_DELTA */
+        if (in_len != 8) {
+            reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
+            return;
+        }
+        uint32_t max_len = (uint32_t)(in[4] | in[5] << 8), permille = (uint32_t)(in[6] | in[7] << 8), total = 0;
+        if (max_len > TF_FRAME_MAX_PAYLOAD - 4) {
+            max_len = TF_FRAME_MAX_PAYLOAD - 4;
+        }
+        if (permille > 1000) {
+            reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
+            return;
+        }
+        r = tf_device_delta(d, get_u32(in), max_len, permille, chunk, &a, &total);
+        put_u32(out, total);
+        memcpy(out + 4, chunk, a);
+        reply_dev(p, seq, r, (int32_t)(4 + a));
+    }
+}
+
 static void handle(tf_proto *p, int32_t n) {
     if (n < TF_FRAME_OVERHEAD) {
         reject(p, TF_WIRE_TRUNCATED);
@@ -159,6 +241,33 @@ static void handle(tf_proto *p, int32_t n) {
     const uint8_t cmd = p->msg[2];
     const int32_t in_len = n - TF_FRAME_OVERHEAD;
     uint8_t *out = p->msg + 3; /* the response payload overwrites the request's (read fully before) */
+    p_dev = p->dev;
+    if (p->dev && cmd >= TF_CMD_LOAD_PLAN && cmd <= TF_CMD_GET_DELTA) {
+        device_command(p, seq, cmd, in_len);
+        return;
+    }
+    if (cmd == TF_CMD_STATE_HASH && p->dev) {
+        if (in_len != 0) {
+            reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
+            return;
+        }
+        if (!p->dev->has_plan) {
+            reply(p, seq, TF_ST_ERR_STATE, (int32_t)(put_u32(out, 0) - out));
+            return;
+        }
+        tf_runtime_state_hash(&p->dev->rt, out);
+        uint8_t *q = put_u32(out + 32, p->dev->rt.step);
+        q = put_u32(q, p->dev->model_version);
+        q = put_u32(q, p->dev->steps_total);
+        q = put_u32(q, (uint32_t)p->dev->last_p_label_q15);
+        q = put_u64(q, p->train_ticks);
+        reply(p, seq, TF_ST_OK, (int32_t)(q - out));
+        return;
+    }
+    if (cmd == TF_CMD_SELFTEST && p->dev && p->dev->has_plan) {
+        reply(p, seq, TF_ST_ERR_STATE, (int32_t)(put_u32(out, 0) - out)); /* its work memory is the arena */
+        return;
+    }
     switch (cmd) {
     case TF_CMD_PING:
     case TF_CMD_GET_STATS:

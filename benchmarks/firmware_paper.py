@@ -1,0 +1,165 @@
+"""Training on the emulated Cortex-M7 (QEMU mps2-an500, -icount shift=0), measured: the paper's three models at
+128x128 with their ~100 KB sparse schemes (../shared/models/schemes.yaml rungs 99kb / 98kb / 99kb).
+
+One command: ``python benchmarks/firmware_paper.py [--models mbv2-w0.35,...] [--steps 2]``. Per model it compiles
+the plan, builds the firmware (an500, 320 KB SRAM / 1 MB flash budget), loads the plan over the UART into the
+board's plan store (flash: the plan is used in place from there), pushes one random 128x128 sample, trains
+``--steps`` N=1 steps and reads back:
+
+- ``instructions_per_step``: SysTick ticks of the last TRAIN x 40 (-icount shift=0: virtual time = instructions,
+  25 MHz SysTick -> 40 instructions per tick; timing starts on a tick edge, so it is exact);
+- ``peak_sram_bytes``: statics (.data + .bss of the ELF, arm-none-eabi-size) + arena + trainable copies (the
+  runtime's pool use) + painted-stack high-water;
+- ``flash_bytes``: firmware (.text + .data) + plan blob; ``macs_per_step``: forward + backward MACs counted from
+  the plan's ops; ``bit_exact``: the board's state hash equals the Python Trainer's after the same steps.
+A rung whose plan does not fit the board falls back to the next smaller rung (reported as ``rung``). Models
+absent from ../shared/models are skipped. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import MODELS, ROOT, emit
+from device_agent.board import BoardClient, QemuBoard
+from device_agent.engine import ir
+from device_agent.engine.qmath import mant_exp
+from device_agent.engine.trainer import Trainer
+from fleet.compiler.compile import compile_full
+from fleet.compiler.mit_import import import_mit
+from fleet.compiler.quantize import new_classifier
+from fleet.compiler.scheme import PAPER_SCHEMES, load_schemes
+
+RUNGS = {"mbv2-w0.35": ["99kb", "73kb", "49kb"], "proxyless-w0.3": ["98kb", "74kb", "49kb"],
+         "mcunet-5fps": ["99kb", "74kb", "49kb"]}
+PAPER_KB = {"mbv2-w0.35": 141, "proxyless-w0.3": 135, "mcunet-5fps": 173}
+PAPER_MCYCLES = {"mbv2-w0.35": 80.6, "proxyless-w0.3": 95.7, "mcunet-5fps": 118.0}
+INSNS_PER_TICK = 40
+LR = 0.02
+
+
+def macs(plan: ir.Plan) -> dict[str, int]:
+    """Multiply-accumulates of one training step, from the op list (forward, backward input, weight update)."""
+    T = plan.tensors
+    out = {"forward": 0, "backward": 0}
+    for op in plan.ops:
+        if op.type == ir.OpType.CONV2D:
+            co, cig, kh, kw = T[op.inputs[1]].shape
+            y = T[op.outputs[0]].shape
+            out["forward"] += co * cig * kh * kw * y[1] * y[2]
+        elif op.type == ir.OpType.PWDW:
+            x, y = T[op.inputs[0]].shape, T[op.outputs[0]].shape
+            cm = T[op.inputs[1]].shape[0]
+            _, _, kh, kw = T[op.inputs[3]].shape
+            out["forward"] += cm * x[0] * x[1] * x[2] + y[0] * kh * kw * y[1] * y[2]
+        elif op.type == ir.OpType.CONV2D_BWD_INPUT:
+            co, cig, kh, kw = T[op.inputs[1]].shape
+            g = T[op.inputs[0]].shape
+            out["backward"] += co * cig * kh * kw * g[1] * g[2]
+        elif op.type == ir.OpType.CONV2D_UPDATE and int(op.attrs["update_weight"]) and int(op.attrs["k"]) > 0:
+            co, cig, kh, kw = T[op.inputs[2]].shape
+            g = T[op.inputs[0]].shape
+            groups = int(op.attrs["groups"])
+            k = int(op.attrs["k"])
+            per_out = sum(1 for c in range(co) for j in range(cig) if (c // (co // groups)) * cig + j < k)
+            out["backward"] += per_out * kh * kw * g[1] * g[2]
+    out["total"] = out["forward"] + out["backward"]
+    return out
+
+
+def build_firmware(build: Path) -> tuple[Path, int, int]:
+    """an500 ELF; returns (elf, flash bytes = text + data, statics = data + bss)."""
+    r = subprocess.run(["make", "-s", "-j2", "-C", str(ROOT / "firmware"), f"BUILD={build}", "qemu-an500"],
+                       check=False, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(r.stdout + r.stderr)
+    elf = build / "an500" / "tinyfleet.elf"
+    text, data, bss = (int(v) for v in subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True,
+                                                       text=True, check=True).stdout.splitlines()[1].split()[:3])
+    return elf, text + data, data + bss
+
+
+def pool_need(plan: ir.Plan) -> int:
+    """What tf_runtime_pool_need computes: arena (8-aligned) + trainable copies (4-aligned each)."""
+    return -(-plan.arena_bytes // 8) * 8 + sum(-(-t.nbytes // 4) * 4 for t in plan.trainable)
+
+
+def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, classes: int) -> dict:
+    graph = new_classifier(import_mit(MODELS / f"{model}.pkl"), classes)
+    ladder = load_schemes(PAPER_SCHEMES)[model]
+    with QemuBoard("mps2-an500", elf=elf, icount=True) as board, BoardClient(board.endpoint, timeout=600) as c:
+        info, ping = c.board_info(), c.ping()
+        pool, store = info["arena_bytes"], ping["blob_capacity"]
+        for rung in RUNGS[model]:
+            comp = compile_full(graph, ladder[rung])
+            plan, blob = comp.plan, comp.blob
+            tin = plan.tensors[plan.input_id]
+            # the board's store: plan + one base-update slot + at least one sample (tf_device.c layout_after_plan)
+            upd = 16 + 44 + sum(12 + -(-t.nbytes // 4) * 4 for t in plan.trainable) + 68
+            fits = pool_need(plan) <= pool and -(-len(blob) // 64) * 64 + -(-upd // 64) * 64 + tin.nbytes <= store
+            if fits:
+                break
+            print(f"{model}: rung {rung} does not fit the board (pool {pool_need(plan)} > {pool} or store), "
+                  "falling back", file=sys.stderr)
+        else:
+            raise RuntimeError(f"{model}: no rung fits the board")
+        rng = np.random.default_rng(0)
+        x = rng.integers(-100, 100, (1, *tin.shape)).astype(np.int8)
+        y = np.array([3], np.int32)
+        c.load_plan(blob)
+        c.push_sample(x.tobytes(), int(y[0]))
+        lr_m, lr_e = mant_exp(LR)
+        for _ in range(steps):
+            c.train(1, lr_m, lr_e)
+        st, stats = c.state(), c.stats()
+    ref = Trainer(plan)
+    for _ in range(steps):
+        ref.train_step(x, y, LR)
+    m = macs(plan)
+    trainable = sum(t.nbytes for t in plan.trainable)
+    insns = st["train_ticks"] * INSNS_PER_TICK
+    return {
+        "rung": rung, "peak_sram_bytes": statics + pool_need(plan) + stats["stack_high_water"],
+        "arena_bytes": plan.arena_bytes, "trainable_bytes": trainable, "statics_bytes": statics,
+        "stack_high_water": stats["stack_high_water"], "flash_bytes": flash_fw + len(blob), "plan_bytes": len(blob),
+        "instructions_per_step": insns, "macs_per_step": m["total"], "macs_forward": m["forward"],
+        "macs_backward": m["backward"], "instructions_per_mac": round(insns / m["total"], 3),
+        "bit_exact": bytes(st["state_hash"]).hex() == ref.state_hash(),
+        "paper_peak_kb": PAPER_KB[model], "paper_mcycles": PAPER_MCYCLES[model],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(RUNGS))
+    ap.add_argument("--steps", type=int, default=2, help="training steps; the last one is timed")
+    ap.add_argument("--classes", type=int, default=10)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        elf, flash_fw, statics = build_firmware(Path(tmp))
+        result, rows = {}, []
+        for model in args.models.split(","):
+            if not (MODELS / f"{model}.pkl").exists():
+                print(f"skip {model}: {MODELS / f'{model}.pkl'} absent", file=sys.stderr)
+                continue
+            r = run_model(model, elf, flash_fw, statics, args.steps, args.classes)
+            result[model] = r
+            rows.append((model, r["rung"], f"{r['peak_sram_bytes'] / 1000:.1f}", f"{r['arena_bytes'] / 1000:.1f}",
+                         str(r["paper_peak_kb"]), f"{r['trainable_bytes'] / 1000:.1f}",
+                         f"{r['flash_bytes'] / 1000:.0f}", f"{r['instructions_per_step'] / 1e6:.1f}",
+                         str(r["paper_mcycles"]), f"{r['macs_per_step'] / 1e6:.1f}", str(r["instructions_per_mac"]),
+                         str(r["bit_exact"])))
+    emit(result, rows, ("model", "rung", "peak SRAM KB", "arena KB", "paper KB", "trainable KB", "flash KB",
+                        "M insns/step", "paper M cycles", "M MACs", "insns/MAC", "bit-exact"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+/* The device behind the UART commands, sans I/O: the plan store (flash-like), the runtime, private samples, the
+ * model update reader and the streamed delta records section. tf_proto.c unpacks frames and calls these.
+ *
+ * Store layout (the board's flash minus the firmware, tf_board_store): the plan at offset 0 (used in place),
+ * then the base model update (the last applied TFUP blob: the delta base), then free space for staging incoming
+ * blobs, and the samples at the top. An incoming blob is staged in free space and checked before it replaces
+ * anything; only when it does not fit there does it overwrite (then the old plan / base is gone if it fails). */
+#ifndef TF_DEVICE_H
+#define TF_DEVICE_H
+
+#include "tf_runtime.h"
+
+#define TF_MAX_SAMPLES 64
+#define TF_MAX_DELTA_TENSORS 128
+
+/* prepare errors are reported as ERR_FORMAT with wire_error = TF_PREP_ERROR_BASE + tf_runtime error */
+#define TF_PREP_ERROR_BASE 256
+
+typedef struct {
+    int32_t id;
+    uint8_t enc, dtype, width, _pad;
+    uint32_t numel, count;
+    uint32_t thresh, quota; /* TOPK: |v| > thresh, or |v| == thresh for the first `quota` such indices */
+    uint32_t start, size;   /* record position in the records section, bytes */
+} tf_delta_rec;
+
+typedef struct {
+    uint32_t elem, ties; /* next element to look at, ties taken so far */
+    uint32_t j;          /* selected elements returned so far */
+    uint32_t last;       /* the element returned last (rank j - 1) */
+} tf_sel_iter;
+
+typedef struct tf_device_s {
+    tf_runtime rt;
+    int has_plan;
+    uint8_t *store;
+    uint32_t store_size, plan_len;
+    uint8_t *pool;
+    uint32_t pool_size;
+    /* base model update (the delta base) */
+    int has_update, base_lost;
+    uint32_t upd_off, upd_len, model_version;
+    const uint8_t *base[TF_MAX_TENSORS]; /* base values per shared trainable tensor */
+    /* incoming chunked blob (plan or update) */
+    uint8_t xfer_cmd;
+    uint32_t xfer_at, xfer_total, xfer_got, xfer_last_off;
+    /* samples: ring at the store top, oldest first */
+    uint32_t sample_bytes, sample_cap, samples_held, sample_head, sample_got, sample_total, sample_last_off;
+    uint32_t samples_at;
+    int32_t labels[TF_MAX_SAMPLES];
+    int32_t pending_label;
+    /* training */
+    uint32_t steps_total, round_id;
+    int32_t last_p_label_q15;
+    /* delta records */
+    int delta_ready;
+    uint32_t delta_n, delta_total;
+    tf_delta_rec delta[TF_MAX_DELTA_TENSORS];
+    tf_sel_iter it_idx, it_val;
+    int32_t it_rec;
+    tf_verify verify;
+} tf_device;
+
+/* status of a device call: TF_ST_* (tf_frame.h) plus a detail (expected offset, capacity or wire error). */
+typedef struct {
+    uint8_t status;
+    uint32_t detail;
+} tf_dev_result;
+
+void tf_device_init(tf_device *d, uint8_t *store, uint32_t store_size, uint8_t *pool, uint32_t pool_size,
+                    const tf_verify *verify);
+/* LOAD_PLAN / LOAD_UPDATE chunk; *received = bytes held after it. */
+tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_t total, const uint8_t *chunk,
+                             uint32_t n, uint32_t *received);
+tf_dev_result tf_device_push_sample(tf_device *d, uint32_t offset, uint32_t total, int32_t label,
+                                    const uint8_t *chunk, uint32_t n, uint32_t *received);
+/* TRAIN: step s uses, of the u = min(steps, held) newest samples, the (s mod u)-th oldest. */
+tf_dev_result tf_device_train(tf_device *d, uint32_t steps, int32_t lr_m, int32_t lr_e, uint32_t round_id,
+                              uint32_t *used, uint32_t *correct);
+/* GET_DELTA: chunk [offset, offset + max_len) of the records section (built when offset == 0). */
+tf_dev_result tf_device_delta(tf_device *d, uint32_t offset, uint32_t max_len, uint32_t topk_permille,
+                              uint8_t *out, uint32_t *n, uint32_t *total);
+/* The model update reader alone (envelope + body, no plan checks), for tests. */
+int tf_update_read_only(const uint8_t *blob, uint32_t n, const tf_verify *v);
+
+#endif /* TF_DEVICE_H */

@@ -1,0 +1,467 @@
+/* Plan executor (see tf_runtime.h). One function per op does both the prepare checks (exec = 0, once at load)
+ * and the work (exec = 1, every step), so a step can never run an op its prepare did not check. */
+#include "tf_runtime.h"
+
+#include <string.h>
+
+#include "tf_kernels.h"
+#include "tf_sha256.h"
+
+#define MAX_ATTRS 13
+
+typedef struct {
+    const int32_t *v[MAX_ATTRS];
+    int32_t n[MAX_ATTRS];
+} attrs_t;
+
+typedef struct {
+    tf_tensor_info t;
+    uint8_t *p;
+    int32_t id;
+} ten_t;
+
+typedef struct {
+    int32_t label, lr_m, lr_e;
+    tf_step_result *res;
+} step_ctx;
+
+static void parse_attrs(const tf_op_view *op, attrs_t *a) {
+    const char *spec = tf_op_attr_spec(op->type);
+    const int32_t *q = op->attrs;
+    for (int i = 0; spec[i]; i++) {
+        if (spec[i] == 'a') {
+            a->n[i] = *q++;
+            a->v[i] = q;
+            q += a->n[i];
+        } else {
+            a->n[i] = 1;
+            a->v[i] = q++;
+        }
+    }
+}
+
+static void get(const tf_runtime *rt, int32_t id, ten_t *x) {
+    x->id = id;
+    if (id < 0) {
+        memset(&x->t, 0, sizeof(x->t));
+        x->p = NULL;
+        return;
+    }
+    tf_plan_tensor(&rt->plan, id, &x->t);
+    x->p = rt->ptr[id];
+}
+
+static tf_dims dims3(const ten_t *x) {
+    tf_dims d = {x->t.dims[0], x->t.rank >= 2 ? x->t.dims[1] : 1, x->t.rank >= 3 ? x->t.dims[2] : 1};
+    return d;
+}
+static tf_filter_dims fdims(const ten_t *x) {
+    tf_filter_dims d = {x->t.dims[0], x->t.dims[1], x->t.dims[2], x->t.dims[3]};
+    return d;
+}
+static int is_act(const ten_t *x, int dtype) { return x->p && x->t.dtype == dtype && x->t.rank >= 1 && x->t.rank <= 3; }
+static int writable(const ten_t *x) {
+    return x->p && (x->t.kind == TF_K_ACTIVATION || x->t.kind == TF_K_GRADIENT || x->t.kind == TF_K_MASK);
+}
+static int is_filter(const ten_t *x) { return x->p && x->t.dtype == TF_DT_INT8 && x->t.rank == 4; }
+static int is_vec32(const ten_t *x, int32_t n) { return x->p && x->t.dtype == TF_DT_INT32 && x->t.numel == n; }
+static int act_range(int32_t lo, int32_t hi) { return -128 <= lo && lo <= hi && hi <= 127; }
+static int shifts_ok(const int32_t *s, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        if (s[i] < 1 || s[i] > 62) {
+            return 0;
+        }
+    }
+    return 1;
+}
+static int mask_ok(const ten_t *m, int32_t numel) { return m->t.dtype == TF_DT_MASK && m->t.numel == numel && writable(m); }
+
+#define REQ(c)                                                                                                      \
+    do {                                                                                                            \
+        if (!(c)) {                                                                                                 \
+            return TF_RT_BAD_OP;                                                                                    \
+        }                                                                                                           \
+    } while (0)
+#define KERNEL(call)                                                                                                \
+    do {                                                                                                            \
+        tf_status st_ = (call);                                                                                     \
+        if (st_ != TF_OK) {                                                                                         \
+            rt->err_status = (int32_t)st_;                                                                          \
+            return TF_RT_KERNEL;                                                                                    \
+        }                                                                                                           \
+    } while (0)
+
+static void move(uint8_t *dst, const uint8_t *src, uint32_t n) {
+    if (dst != src) {
+        memmove(dst, src, n);
+    }
+}
+
+static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
+    tf_op_view op;
+    attrs_t a;
+    ten_t in[5], out[2];
+    tf_plan_op(&rt->plan, rt->op_off[i], &op);
+    parse_attrs(&op, &a);
+    for (int k = 0; k < op.n_in; k++) {
+        get(rt, op.ids[k], &in[k]);
+    }
+    for (int k = 0; k < op.n_out; k++) {
+        get(rt, op.ids[op.n_in + k], &out[k]);
+    }
+    const ten_t *y = &out[0];
+    tf_ctx ctx = {NULL, 0};
+    if (rt->scratch[i] >= 0) {
+        ten_t s;
+        get(rt, rt->scratch[i], &s);
+        ctx.buf = s.p;
+        ctx.size = (int32_t)s.t.nbytes;
+    }
+#define A(k) (*a.v[k])
+    switch (op.type) {
+    case TF_OP_CONV2D: {
+        REQ(is_act(&in[0], TF_DT_INT8) && is_filter(&in[1]) && is_vec32(&in[2], in[1].t.dims[0]));
+        REQ(is_act(y, TF_DT_INT8) && writable(y) && (op.n_out < 2 || mask_ok(&out[1], y->t.numel)));
+        const tf_dims xd = dims3(&in[0]), yd = dims3(y);
+        const tf_filter_dims wd = fdims(&in[1]);
+        REQ(a.n[7] == wd.n && a.n[8] == wd.n && shifts_ok(a.v[8], wd.n) && act_range(A(5), A(6)));
+        REQ(tf_conv_check(&xd, &wd, &yd, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
+        if (exec) {
+            const tf_conv_params p = {A(0), A(1), A(2), A(3), A(4), -in[0].t.zero_point, y->t.zero_point, A(5), A(6)};
+            const tf_per_channel_quant q = {a.v[7], a.v[8]};
+            KERNEL(tf_conv2d_s8(&p, &q, &xd, (const int8_t *)in[0].p, &wd, (const int8_t *)in[1].p,
+                                (const int32_t *)(const void *)in[2].p, &yd, (int8_t *)y->p,
+                                op.n_out > 1 ? out[1].p : NULL));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_ADD: {
+        const int32_t n = y->t.numel;
+        REQ(is_act(&in[0], TF_DT_INT8) && is_act(&in[1], TF_DT_INT8) && in[0].t.numel == n && in[1].t.numel == n);
+        REQ(is_act(y, TF_DT_INT8) && writable(y) && (op.n_out < 2 || mask_ok(&out[1], n)));
+        REQ(A(2) >= 1 && A(2) <= 62 && act_range(A(3), A(4)));
+        if (exec) {
+            const tf_add_params p = {-in[0].t.zero_point, -in[1].t.zero_point, A(0), A(1), A(2), y->t.zero_point,
+                                     A(3), A(4)};
+            KERNEL(tf_add_s8(&p, n, (const int8_t *)in[0].p, (const int8_t *)in[1].p, (int8_t *)y->p,
+                             op.n_out > 1 ? out[1].p : NULL));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_AVGPOOL: {
+        REQ(is_act(&in[0], TF_DT_INT8) && is_act(y, TF_DT_INT8) && writable(y) && y->t.numel == in[0].t.dims[0]);
+        REQ(A(1) >= 1 && A(1) <= 62);
+        if (exec) {
+            const tf_avgpool_params p = {-in[0].t.zero_point, y->t.zero_point, A(0), A(1)};
+            const tf_dims xd = dims3(&in[0]);
+            KERNEL(tf_avgpool_s8(&p, &xd, (const int8_t *)in[0].p, (int8_t *)y->p));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_RESHAPE:
+    case TF_OP_RESHAPE_BWD: {
+        REQ(in[0].p && writable(y) && y->t.dtype == in[0].t.dtype && y->t.numel == in[0].t.numel);
+        if (exec) {
+            move(y->p, in[0].p, y->t.nbytes);
+            rt->exp[y->id] = rt->exp[in[0].id];
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_EMBEDDING: {
+        const ten_t *ids = &in[0], *tab = &in[1];
+        REQ(ids->p && ids->t.dtype == TF_DT_INT32 && ids->t.rank == 1 && tab->p && tab->t.dtype == TF_DT_INT8 &&
+            tab->t.rank == 2);
+        REQ(writable(y) && y->t.dtype == TF_DT_INT8 && y->t.numel == tab->t.dims[1] * ids->t.numel);
+        if (exec) {
+            KERNEL(tf_embedding_s8(tab->t.dims[0], tab->t.dims[1], ids->t.numel, (const int32_t *)(const void *)ids->p,
+                                   (const int8_t *)tab->p, (int8_t *)y->p));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_CLAMP: {
+        const int32_t n = y->t.numel;
+        REQ(is_act(&in[0], TF_DT_INT8) && in[0].t.numel == n && is_act(y, TF_DT_INT8) && writable(y));
+        REQ((op.n_out < 2 || mask_ok(&out[1], n)) && act_range(A(0), A(1)));
+        if (exec) {
+            KERNEL(tf_clamp_s8(A(0), A(1), n, (const int8_t *)in[0].p, (int8_t *)y->p, op.n_out > 1 ? out[1].p : NULL));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_SAVE_CHANNELS: {
+        const tf_dims xd = dims3(&in[0]), yd = dims3(y);
+        REQ(is_act(&in[0], TF_DT_INT8) && is_act(y, TF_DT_INT8) && writable(y));
+        REQ(A(0) >= 0 && A(0) <= xd.c && yd.c == A(0) && yd.h == xd.h && yd.w == xd.w);
+        if (exec) {
+            move(y->p, in[0].p, (uint32_t)(A(0) * xd.h * xd.w));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_PWDW: {
+        REQ(is_act(&in[0], TF_DT_INT8) && is_filter(&in[1]) && is_filter(&in[3]) && is_act(y, TF_DT_INT8) && writable(y));
+        const tf_dims xd = dims3(&in[0]), yd = dims3(y);
+        const tf_filter_dims pw = fdims(&in[1]), dw = fdims(&in[3]);
+        REQ(is_vec32(&in[2], pw.n) && is_vec32(&in[4], dw.n) && pw.c == xd.c && pw.h == 1 && pw.w == 1);
+        REQ(a.n[2] == pw.n && a.n[3] == pw.n && a.n[11] == dw.n && a.n[12] == dw.n && shifts_ok(a.v[3], pw.n) &&
+            shifts_ok(a.v[12], dw.n) && act_range(A(0), A(1)) && act_range(A(9), A(10)) && A(4) >= -128 && A(4) <= 127);
+        const tf_dims mid = {pw.n, xd.h, xd.w};
+        REQ(tf_conv_check(&mid, &dw, &yd, pw.n, A(5), A(6), A(7), A(8)) == TF_OK);
+        if (ctx.size < tf_pwdw_get_buffer_size(&xd)) {
+            return TF_RT_NO_SCRATCH;
+        }
+        if (exec) {
+            const tf_pwdw_params p = {-in[0].t.zero_point, A(0), A(1), a.v[2], a.v[3], A(4), A(5), A(6), A(7), A(8),
+                                      A(9), A(10), a.v[11], a.v[12], y->t.zero_point};
+            KERNEL(tf_pwdw_s8(&ctx, &p, &xd, (const int8_t *)in[0].p, &pw, (const int8_t *)in[1].p,
+                              (const int32_t *)(const void *)in[2].p, &dw, (const int8_t *)in[3].p,
+                              (const int32_t *)(const void *)in[4].p, &yd, (int8_t *)y->p));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_SOFTMAX_CE: {
+        const int32_t k = in[0].t.numel;
+        REQ(is_act(&in[0], TF_DT_INT8) && k <= TF_MAX_CLASSES && in[1].p && in[1].t.dtype == TF_DT_INT32);
+        REQ(writable(y) && y->t.dtype == TF_DT_INT8 && y->t.numel == k && a.n[0] == 256);
+        if (!exec) {
+            rt->n_classes = k;
+            return TF_RT_OK;
+        }
+        memcpy(rt->logits, in[0].p, (uint32_t)k);
+        tf_ce_result r;
+        int32_t label;
+        memcpy(&label, in[1].p, 4);
+        KERNEL(tf_softmax_ce_s8(a.v[0], k, (const int8_t *)in[0].p, label, (int8_t *)y->p, &rt->exp[y->id], &r));
+        if (sc && sc->res) {
+            sc->res->correct = r.correct;
+            sc->res->p_label_q15 = r.p_label_q15;
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_APPLY_MASK: {
+        const int32_t n = y->t.numel;
+        REQ(in[0].p && in[0].t.dtype == TF_DT_INT8 && in[0].t.numel == n && in[1].p && in[1].t.dtype == TF_DT_MASK &&
+            in[1].t.numel == n && writable(y) && y->t.dtype == TF_DT_INT8);
+        if (exec) {
+            move(y->p, in[0].p, (uint32_t)n);
+            rt->exp[y->id] = rt->exp[in[0].id];
+            KERNEL(tf_apply_mask_s8(n, in[1].p, (int8_t *)y->p));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_CONV2D_BWD_INPUT: {
+        REQ(is_act(&in[0], TF_DT_INT8) && is_filter(&in[1]) && is_act(y, TF_DT_INT8) && writable(y));
+        const tf_dims gy = dims3(&in[0]), gx = dims3(y);
+        const tf_filter_dims wd = fdims(&in[1]);
+        REQ(a.n[5] == wd.n && tf_conv_check(&gx, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
+        if (exec) {
+            const tf_conv_bwd_params p = {A(0), A(1), A(2), A(3), A(4), A(6)};
+            KERNEL(tf_conv2d_bwd_input_s8(&ctx, &p, a.v[5], &gy, (const int8_t *)in[0].p, rt->exp[in[0].id], &wd,
+                                          (const int8_t *)in[1].p, &gx, (int8_t *)y->p, &rt->exp[y->id]));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_CONV2D_UPDATE: {
+        const ten_t *g = &in[0], *xs = &in[1], *w = &in[2], *b = &in[3];
+        REQ(is_act(g, TF_DT_INT8) && is_filter(w) && is_vec32(b, w->t.dims[0]));
+        const tf_filter_dims wd = fdims(w);
+        const tf_dims gy = dims3(g);
+        const int32_t k = A(5);
+        const int uw = A(6) && k > 0, ub = A(7) != 0;
+        REQ(a.n[8] == wd.n && a.n[9] == wd.n && a.n[10] == wd.n && a.n[11] == wd.n && gy.c == wd.n);
+        tf_dims xd = {0, 0, 0};
+        if (uw) {
+            REQ(is_act(xs, TF_DT_INT8) && w->t.kind == TF_K_TRAINABLE && xs->t.dims[0] >= k);
+            xd = dims3(xs);
+            xd.c = wd.c * A(4);
+            REQ(k <= xd.c && tf_conv_check(&xd, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
+        }
+        REQ(!ub || b->t.kind == TF_K_TRAINABLE);
+        if (exec && (uw || ub)) {
+            const tf_conv_update_params p = {A(0), A(1), A(2), A(3), A(4), k, uw, ub,
+                                             uw ? -xs->t.zero_point : 0, sc->lr_m, sc->lr_e, rt->step,
+                                             (uint32_t)w->id, (uint32_t)b->id};
+            const tf_qas q = {a.v[8], a.v[9], a.v[10], a.v[11]};
+            KERNEL(tf_conv2d_update_s8(&p, &q, &gy, (const int8_t *)g->p, rt->exp[g->id], uw ? &xd : NULL,
+                                       uw ? (const int8_t *)xs->p : NULL, &wd, uw ? (int8_t *)w->p : NULL,
+                                       ub ? (int32_t *)(void *)b->p : NULL));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_GRAD_ACCUM: {
+        const int32_t n = y->t.numel;
+        REQ(in[0].p && in[1].p && in[0].t.dtype == TF_DT_INT8 && in[1].t.dtype == TF_DT_INT8 && in[0].t.numel == n &&
+            in[1].t.numel == n && writable(y) && y->t.dtype == TF_DT_INT8);
+        if (exec) {
+            KERNEL(tf_grad_accum_s8(n, (const int8_t *)in[0].p, rt->exp[in[0].id], (const int8_t *)in[1].p,
+                                    rt->exp[in[1].id], (int8_t *)y->p, &rt->exp[y->id]));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_AVGPOOL_BWD: {
+        REQ(is_act(&in[0], TF_DT_INT8) && is_act(y, TF_DT_INT8) && writable(y) && in[0].t.numel == y->t.dims[0]);
+        if (exec) {
+            const tf_dims gx = dims3(y);
+            KERNEL(tf_avgpool_bwd_s8(A(0), &gx, (const int8_t *)in[0].p, rt->exp[in[0].id], (int8_t *)y->p,
+                                     &rt->exp[y->id]));
+        }
+        return TF_RT_OK;
+    }
+    case TF_OP_EMBEDDING_UPDATE: {
+        const ten_t *g = &in[0], *ids = &in[1], *tab = &in[2];
+        REQ(g->p && g->t.dtype == TF_DT_INT8 && ids->p && ids->t.dtype == TF_DT_INT32 && tab->p &&
+            tab->t.kind == TF_K_TRAINABLE && tab->t.dtype == TF_DT_INT8 && tab->t.rank == 2 &&
+            g->t.numel == tab->t.dims[1] * ids->t.numel);
+        if (exec) {
+            const tf_embedding_update_params p = {A(0), A(1), sc->lr_m, sc->lr_e, rt->step, (uint32_t)tab->id};
+            KERNEL(tf_embedding_update_s8(&p, tab->t.dims[0], tab->t.dims[1], ids->t.numel, (const int8_t *)g->p,
+                                          rt->exp[g->id], (const int32_t *)(const void *)ids->p, (int8_t *)tab->p));
+        }
+        return TF_RT_OK;
+    }
+    default:
+        return TF_RT_BAD_OP;
+    }
+#undef A
+}
+
+static uint32_t align_up(uint32_t n, uint32_t a) { return (n + a - 1) / a * a; }
+
+uint32_t tf_runtime_pool_need(const tf_plan *plan) {
+    uint32_t need = align_up(plan->arena_bytes, 8);
+    for (uint32_t i = 0; i < plan->n_tensors; i++) {
+        tf_tensor_info t;
+        tf_plan_tensor(plan, (int32_t)i, &t);
+        if (t.kind == TF_K_TRAINABLE) {
+            need += align_up(t.nbytes, 4);
+        }
+    }
+    return need;
+}
+
+void tf_runtime_reset_params(tf_runtime *rt) {
+    for (uint32_t i = 0; i < rt->plan.n_tensors; i++) {
+        tf_tensor_info t;
+        tf_plan_tensor(&rt->plan, (int32_t)i, &t);
+        if (t.kind == TF_K_TRAINABLE) {
+            memcpy(rt->ptr[i], rt->plan.blob + t.data_off, t.nbytes);
+        }
+    }
+}
+
+/* Scratch tensors are named "<op name>#<op index>.scratch" (fleet/compiler/planner.py add_scratch). */
+static int32_t scratch_op_index(const char *s, uint32_t n) {
+    static const char suffix[] = ".scratch";
+    const uint32_t ls = sizeof(suffix) - 1;
+    if (n <= ls || memcmp(s + n - ls, suffix, ls) != 0) {
+        return -1;
+    }
+    uint32_t end = n - ls, j = end;
+    while (j > 0 && s[j - 1] >= '0' && s[j - 1] <= '9') {
+        j--;
+    }
+    if (j == end || j == 0 || s[j - 1] != '#' || end - j > 5) {
+        return -1;
+    }
+    int32_t v = 0;
+    for (uint32_t q = j; q < end; q++) {
+        v = v * 10 + (s[q] - '0');
+    }
+    return v;
+}
+
+int tf_runtime_load(tf_runtime *rt, const tf_plan *plan, uint8_t *pool, uint32_t pool_size, int copy_params) {
+    memset(rt, 0, sizeof(*rt));
+    rt->plan = *plan;
+    rt->err_op = -1;
+    tf_content_hash(plan->blob, plan->blob_len, rt->plan_hash);
+    if (plan->n_tensors > TF_MAX_TENSORS || plan->n_ops > TF_MAX_OPS) {
+        return TF_RT_TOO_BIG;
+    }
+    if (tf_runtime_pool_need(plan) > pool_size) {
+        return TF_RT_NO_MEMORY;
+    }
+    rt->arena = pool;
+    rt->params = pool + align_up(plan->arena_bytes, 8);
+    uint32_t off = 0;
+    for (uint32_t i = 0; i < plan->n_tensors; i++) {
+        tf_tensor_info t;
+        tf_plan_tensor(plan, (int32_t)i, &t);
+        if (t.kind == TF_K_TRAINABLE) {
+            rt->ptr[i] = rt->params + off;
+            off += align_up(t.nbytes, 4);
+            rt->n_trainable++;
+        } else if (t.kind == TF_K_CONST) {
+            rt->ptr[i] = (uint8_t *)(uintptr_t)(plan->blob + t.data_off); /* read only: never an op output */
+        } else if (t.offset >= 0) {
+            rt->ptr[i] = rt->arena + t.offset;
+        }
+    }
+    rt->params_bytes = off;
+    uint32_t pos = plan->ops_off;
+    for (uint32_t i = 0; i < plan->n_ops; i++) {
+        rt->op_off[i] = pos;
+        rt->scratch[i] = -1;
+        pos += tf_ld_u32(plan->blob + pos + 4);
+    }
+    for (uint32_t i = 0; i < plan->n_tensors; i++) {
+        uint32_t n;
+        const char *s = tf_plan_string(plan, 2 + i, &n);
+        int32_t oi = scratch_op_index(s, n);
+        if (oi >= 0 && (uint32_t)oi < plan->n_ops && rt->ptr[i]) {
+            rt->scratch[oi] = (int16_t)i;
+        }
+    }
+    tf_tensor_info tin;
+    tf_plan_tensor(plan, plan->input_id, &tin);
+    if (!rt->ptr[plan->input_id] || tin.kind != TF_K_INPUT || (plan->label_id >= 0 && !rt->ptr[plan->label_id])) {
+        return TF_RT_BAD_OP;
+    }
+    for (uint32_t i = 0; i < plan->n_ops; i++) {
+        int e = run_op(rt, i, 0, NULL);
+        if (e) {
+            rt->err_op = (int32_t)i;
+            return e;
+        }
+    }
+    if (copy_params) {
+        tf_runtime_reset_params(rt);
+    }
+    return TF_RT_OK;
+}
+
+int tf_runtime_step(tf_runtime *rt, const uint8_t *sample, int32_t label, int32_t lr_m, int32_t lr_e,
+                    tf_step_result *res) {
+    tf_tensor_info tin;
+    tf_plan_tensor(&rt->plan, rt->plan.input_id, &tin);
+    if (label < 0 || (rt->n_classes && label >= rt->n_classes) || rt->plan.label_id < 0) {
+        return TF_RT_BAD_SAMPLE;
+    }
+    memcpy(rt->ptr[rt->plan.input_id], sample, tin.nbytes);
+    memcpy(rt->ptr[rt->plan.label_id], &label, 4);
+    step_ctx sc = {label, lr_m, lr_e, res};
+    if (res) {
+        res->correct = 0;
+        res->p_label_q15 = 0;
+    }
+    for (uint32_t i = 0; i < rt->plan.n_ops; i++) {
+        int e = run_op(rt, i, 1, &sc);
+        if (e) {
+            rt->err_op = (int32_t)i;
+            return e == TF_RT_KERNEL && rt->err_status == TF_ERR_ARG ? TF_RT_BAD_SAMPLE : e;
+        }
+    }
+    rt->step++;
+    return TF_RT_OK;
+}
+
+void tf_runtime_state_hash(const tf_runtime *rt, uint8_t out[32]) {
+    tf_sha256_ctx c;
+    tf_sha256_init(&c);
+    for (uint32_t i = 0; i < rt->plan.n_tensors; i++) {
+        tf_tensor_info t;
+        tf_plan_tensor(&rt->plan, (int32_t)i, &t);
+        if (t.kind == TF_K_TRAINABLE) {
+            tf_sha256_update(&c, rt->ptr[i], t.nbytes);
+        }
+    }
+    tf_sha256_final(&c, out);
+}

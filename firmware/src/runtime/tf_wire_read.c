@@ -1,0 +1,442 @@
+/* Envelope and plan blob readers (docs/formats.md), check for check the order of device_agent/wire/envelope.py
+ * and plan.py, so a bad blob gets the same WireError in C and Python. Never reads past the given bytes. */
+#include <string.h>
+
+#include "tf_crc.h"
+#include "tf_sha256.h"
+#include "tf_wire.h"
+
+#define MAX_NUMEL 0x7FFFFFFFu
+
+int tf_envelope_open(const uint8_t *blob, uint32_t n, const char *magic, uint16_t version, const tf_verify *v,
+                     const uint8_t **body, uint32_t *body_len) {
+    if (n < 4) {
+        return TF_WE_TRUNCATED;
+    }
+    if (memcmp(blob, magic, 4) != 0) {
+        return TF_WE_BAD_MAGIC;
+    }
+    if (n < 16) {
+        return TF_WE_TRUNCATED;
+    }
+    if (tf_ld_u16(blob + 4) != version) {
+        return TF_WE_UNSUPPORTED_VERSION;
+    }
+    const uint32_t length = tf_ld_u32(blob + 8);
+    if (length < 20 || length > 0x7FFFFFFFu) {
+        return TF_WE_BAD_LENGTH;
+    }
+    if (n < length) {
+        return TF_WE_TRUNCATED;
+    }
+    if (n > length) {
+        return TF_WE_TRAILING_BYTES;
+    }
+    const uint16_t alg = tf_ld_u16(blob + 12), sig_len = tf_ld_u16(blob + 14);
+    if (alg > 2) {
+        return TF_WE_BAD_ENUM;
+    }
+    static const uint16_t want_len[3] = {0, 64, 32};
+    if (sig_len != want_len[alg] || length < 16u + sig_len + 4u) {
+        return TF_WE_BAD_LENGTH;
+    }
+    if (tf_crc32(blob, length - 4) != tf_ld_u32(blob + length - 4)) {
+        return TF_WE_CRC_MISMATCH;
+    }
+    if (tf_ld_u16(blob + 6) != 0) {
+        return TF_WE_RESERVED_NONZERO;
+    }
+    const uint32_t sig_start = length - 4 - sig_len;
+    if (!v || v->alg == 0) {
+        if (alg != 0) {
+            return TF_WE_SIG_ALG_MISMATCH;
+        }
+    } else {
+        if (alg == 0) {
+            return TF_WE_UNSIGNED;
+        }
+        if (alg != v->alg || v->alg != 2) {
+            return TF_WE_SIG_ALG_MISMATCH;
+        }
+        uint8_t tag[32];
+        tf_hmac_sha256(v->key, v->key_len, blob, sig_start, tag);
+        uint8_t diff = 0; /* constant time */
+        for (int i = 0; i < 32; i++) {
+            diff |= (uint8_t)(tag[i] ^ blob[sig_start + i]);
+        }
+        if (diff) {
+            return TF_WE_BAD_SIGNATURE;
+        }
+    }
+    *body = blob + 16;
+    *body_len = sig_start - 16;
+    return TF_WE_OK;
+}
+
+void tf_content_hash(const uint8_t *blob, uint32_t n, uint8_t out[32]) {
+    const uint32_t sig_len = tf_ld_u16(blob + 14);
+    tf_sha256_ctx c;
+    tf_sha256_init(&c);
+    tf_sha256_update(&c, blob, 6);
+    tf_sha256_update(&c, blob + 16, n - 4 - sig_len - 16);
+    tf_sha256_final(&c, out);
+}
+
+/* ---- bounds-checked cursor over the body (positions absolute in the blob) ---- */
+typedef struct {
+    const uint8_t *blob;
+    uint32_t pos, end;
+} cur;
+
+static int need(const cur *c, uint64_t n) { return n <= (uint64_t)(c->end - c->pos) ? TF_WE_OK : TF_WE_TRUNCATED; }
+static int rd_u32(cur *c, uint32_t *v) {
+    if (need(c, 4)) {
+        return TF_WE_TRUNCATED;
+    }
+    *v = tf_ld_u32(c->blob + c->pos);
+    c->pos += 4;
+    return TF_WE_OK;
+}
+static int pad4(cur *c) {
+    uint32_t k = (uint32_t)(-c->pos & 3u);
+    if (need(c, k)) {
+        return TF_WE_TRUNCATED;
+    }
+    for (uint32_t i = 0; i < k; i++) {
+        if (c->blob[c->pos + i]) {
+            return TF_WE_RESERVED_NONZERO;
+        }
+    }
+    c->pos += k;
+    return TF_WE_OK;
+}
+
+/* Strict UTF-8 (as Python's decoder: no overlongs, no surrogates, <= U+10FFFF). */
+static int utf8_ok(const uint8_t *s, uint32_t n) {
+    uint32_t i = 0;
+    while (i < n) {
+        uint8_t b = s[i];
+        uint32_t len, cp;
+        if (b < 0x80) {
+            i++;
+            continue;
+        } else if (b >= 0xC2 && b <= 0xDF) {
+            len = 2, cp = b & 0x1F;
+        } else if (b >= 0xE0 && b <= 0xEF) {
+            len = 3, cp = b & 0x0F;
+        } else if (b >= 0xF0 && b <= 0xF4) {
+            len = 4, cp = b & 0x07;
+        } else {
+            return 0;
+        }
+        if (i + len > n) {
+            return 0;
+        }
+        for (uint32_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) {
+                return 0;
+            }
+            cp = cp << 6 | (s[i + k] & 0x3F);
+        }
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))) {
+            return 0;
+        }
+        i += len;
+    }
+    return 1;
+}
+
+static int rd_string(cur *c) {
+    uint32_t n;
+    if (rd_u32(c, &n)) {
+        return TF_WE_TRUNCATED;
+    }
+    if (n > 255) {
+        return TF_WE_BAD_STRING;
+    }
+    if (need(c, n)) {
+        return TF_WE_TRUNCATED;
+    }
+    const uint8_t *s = c->blob + c->pos;
+    c->pos += n;
+    int e = pad4(c);
+    if (e) {
+        return e;
+    }
+    return utf8_ok(s, n) ? TF_WE_OK : TF_WE_BAD_STRING;
+}
+
+/* Attribute layout per op type: 's' scalar i32, 'a' array (u32 count, count x i32). = ir.OP_ATTRS */
+const char *tf_op_attr_spec(uint32_t t) {
+    switch (t) {
+    case TF_OP_CONV2D: return "sssssssaa";
+    case TF_OP_ADD: return "sssss";
+    case TF_OP_AVGPOOL: return "ss";
+    case TF_OP_RESHAPE: return "";
+    case TF_OP_EMBEDDING: return "";
+    case TF_OP_CLAMP: return "ss";
+    case TF_OP_SAVE_CHANNELS: return "s";
+    case TF_OP_PWDW: return "ssaasssssssaa";
+    case TF_OP_SOFTMAX_CE: return "a";
+    case TF_OP_APPLY_MASK: return "";
+    case TF_OP_CONV2D_BWD_INPUT: return "sssssas";
+    case TF_OP_CONV2D_UPDATE: return "ssssssssaaaa";
+    case TF_OP_GRAD_ACCUM: return "";
+    case TF_OP_AVGPOOL_BWD: return "s";
+    case TF_OP_RESHAPE_BWD: return "";
+    case TF_OP_EMBEDDING_UPDATE: return "ss";
+    default: return NULL;
+    }
+}
+
+/* (inputs, allowed outputs bitmask) = wire/plan.py ARITY */
+static void arity(uint32_t t, uint32_t *n_in, uint32_t *outs) {
+    switch (t) {
+    case TF_OP_CONV2D: *n_in = 3, *outs = 6; break;
+    case TF_OP_ADD: *n_in = 2, *outs = 6; break;
+    case TF_OP_EMBEDDING: case TF_OP_SOFTMAX_CE: case TF_OP_APPLY_MASK: case TF_OP_CONV2D_BWD_INPUT:
+    case TF_OP_GRAD_ACCUM: *n_in = 2, *outs = 2; break;
+    case TF_OP_CLAMP: *n_in = 1, *outs = 6; break;
+    case TF_OP_PWDW: *n_in = 5, *outs = 2; break;
+    case TF_OP_CONV2D_UPDATE: *n_in = 4, *outs = 1; break;
+    case TF_OP_EMBEDDING_UPDATE: *n_in = 3, *outs = 1; break;
+    default: *n_in = 1, *outs = 2; break; /* AVGPOOL RESHAPE SAVE_CHANNELS AVGPOOL_BWD RESHAPE_BWD */
+    }
+}
+
+static int read_op(cur *c, uint32_t nt) {
+    const uint32_t start = c->pos;
+    if (need(c, 8)) {
+        return TF_WE_TRUNCATED;
+    }
+    const uint8_t *h = c->blob + c->pos;
+    const uint32_t typ = h[0], n_in = h[1], n_out = h[2], reserved = h[3], size = tf_ld_u32(h + 4);
+    c->pos += 8;
+    const char *attrs = tf_op_attr_spec(typ);
+    if (!attrs) {
+        return TF_WE_BAD_ENUM;
+    }
+    if (reserved) {
+        return TF_WE_RESERVED_NONZERO;
+    }
+    uint32_t want_in, outs;
+    arity(typ, &want_in, &outs);
+    if (n_in != want_in || n_out > 2 || !((outs >> n_out) & 1)) {
+        return TF_WE_BAD_VALUE;
+    }
+    if (need(c, 4u * (n_in + n_out))) {
+        return TF_WE_TRUNCATED;
+    }
+    for (uint32_t i = 0; i < n_in + n_out; i++) {
+        int32_t tid = (int32_t)tf_ld_u32(c->blob + c->pos + 4 * i);
+        int optional = typ == TF_OP_CONV2D_UPDATE && i == 1;
+        if (!((tid >= 0 && (uint32_t)tid < nt) || (tid == -1 && optional))) {
+            return TF_WE_BAD_INDEX;
+        }
+    }
+    c->pos += 4 * (n_in + n_out);
+    for (const char *a = attrs; *a; a++) {
+        uint32_t v;
+        if (rd_u32(c, &v)) {
+            return TF_WE_TRUNCATED;
+        }
+        if (*a == 'a') {
+            if (need(c, 4ull * v)) {
+                return TF_WE_TRUNCATED;
+            }
+            c->pos += 4 * v;
+        }
+    }
+    return size == c->pos - start ? TF_WE_OK : TF_WE_BAD_LENGTH;
+}
+
+void tf_plan_tensor(const tf_plan *p, int32_t id, tf_tensor_info *t) {
+    const uint8_t *r = p->blob + p->tensors_off + (uint32_t)id * TF_PLAN_TENSOR_REC;
+    t->kind = r[0], t->dtype = r[1], t->rank = r[2], t->flags = r[3];
+    uint64_t numel = 1;
+    for (int i = 0; i < 4; i++) {
+        uint32_t d = tf_ld_u32(r + 4 + 4 * i);
+        t->dims[i] = d > MAX_NUMEL ? (int32_t)MAX_NUMEL : (int32_t)d;
+        if (i < t->rank && i < 4) {
+            numel *= d;
+            if (numel > MAX_NUMEL + 1ull) {
+                numel = MAX_NUMEL + 1ull; /* saturate: already too big */
+            }
+        }
+    }
+    t->numel = numel > MAX_NUMEL ? -1 : (int32_t)numel;
+    t->zero_point = (int32_t)tf_ld_u32(r + 20);
+    t->offset = (int32_t)tf_ld_u32(r + 24);
+    t->n_scales = tf_ld_u32(r + 28);
+    t->scales_off = tf_ld_u32(r + 32);
+    t->data_off = tf_ld_u32(r + 36);
+    t->data_len = tf_ld_u32(r + 40);
+    uint64_t nb = t->dtype == TF_DT_MASK ? (numel + 7) / 8 : numel * (t->dtype == TF_DT_INT16 ? 2u : t->dtype == TF_DT_INT32 ? 4u : 1u);
+    t->nbytes = nb > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)nb;
+}
+
+static int read_tensor(cur *c, const tf_plan *p, int32_t i) {
+    tf_tensor_info t;
+    tf_plan_tensor(p, i, &t);
+    if (t.kind < TF_K_INPUT || t.kind > TF_K_TRAINABLE) {
+        return TF_WE_BAD_ENUM;
+    }
+    if (t.dtype < TF_DT_INT8 || t.dtype > TF_DT_MASK) {
+        return TF_WE_BAD_ENUM;
+    }
+    if (t.flags & ~1u) {
+        return TF_WE_RESERVED_NONZERO;
+    }
+    if ((t.flags & 1u) && t.kind != TF_K_TRAINABLE) {
+        return TF_WE_BAD_VALUE;
+    }
+    if (t.rank > 4) {
+        return TF_WE_BAD_SHAPE;
+    }
+    const uint8_t *r = p->blob + p->tensors_off + (uint32_t)i * TF_PLAN_TENSOR_REC;
+    for (uint32_t k = 0; k < 4; k++) {
+        uint32_t d = tf_ld_u32(r + 4 + 4 * k);
+        if ((k < t.rank && d == 0) || (k >= t.rank && d != 0)) {
+            return TF_WE_BAD_SHAPE;
+        }
+    }
+    if (t.numel < 0) {
+        return TF_WE_SIZE_OVERFLOW;
+    }
+    if (t.dtype == TF_DT_INT8 && (t.zero_point < -128 || t.zero_point > 127)) {
+        return TF_WE_BAD_VALUE;
+    }
+    if (t.offset != -1 && (t.offset < 0 || (uint64_t)(uint32_t)t.offset + t.nbytes > p->arena_bytes)) {
+        return TF_WE_OUT_OF_ARENA;
+    }
+    if (t.n_scales != 1 && !(t.rank >= 1 && t.n_scales == tf_ld_u32(r + 4))) {
+        return TF_WE_BAD_SHAPE;
+    }
+    if (t.scales_off != c->pos) {
+        return TF_WE_BAD_OFFSET;
+    }
+    if (need(c, 4ull * t.n_scales)) {
+        return TF_WE_TRUNCATED;
+    }
+    for (uint32_t k = 0; k < t.n_scales; k++) {
+        uint32_t bits = tf_ld_u32(c->blob + c->pos + 4 * k);
+        if ((bits & 0x80000000u) || ((bits >> 23) & 0xFFu) == 0xFFu || bits == 0) {
+            return TF_WE_BAD_SCALE;
+        }
+    }
+    c->pos += 4 * t.n_scales;
+    if (t.kind == TF_K_CONST || t.kind == TF_K_TRAINABLE) {
+        if (t.data_len != t.nbytes) {
+            return TF_WE_BAD_LENGTH;
+        }
+        if (t.data_off != c->pos) {
+            return TF_WE_BAD_OFFSET;
+        }
+        if (need(c, t.nbytes)) {
+            return TF_WE_TRUNCATED;
+        }
+        c->pos += t.nbytes;
+        return pad4(c);
+    }
+    return (t.data_off || t.data_len) ? TF_WE_BAD_VALUE : TF_WE_OK;
+}
+
+int tf_plan_read(const uint8_t *blob, uint32_t n, const tf_verify *v, tf_plan *out) {
+    const uint8_t *body;
+    uint32_t body_len;
+    int e = tf_envelope_open(blob, n, "TFPL", 1, v, &body, &body_len);
+    if (e) {
+        return e;
+    }
+    tf_plan p;
+    memset(&p, 0, sizeof(p));
+    p.blob = blob, p.blob_len = n;
+    cur c = {blob, 16, 16 + body_len};
+    if (need(&c, 40)) {
+        return TF_WE_TRUNCATED;
+    }
+    const uint8_t *h = blob + 16;
+    p.n_tensors = tf_ld_u32(h), p.n_ops = tf_ld_u32(h + 4);
+    p.input_id = (int32_t)tf_ld_u32(h + 8), p.label_id = (int32_t)tf_ld_u32(h + 12);
+    p.logits_id = (int32_t)tf_ld_u32(h + 16), p.arena_bytes = tf_ld_u32(h + 20);
+    const uint32_t sflags = tf_ld_u32(h + 28), n_ratios = tf_ld_u32(h + 32), data_abs = tf_ld_u32(h + 36);
+    c.pos += 40;
+    const uint32_t nt = p.n_tensors;
+    if (nt > 65535 || p.n_ops > 65535) {
+        return TF_WE_SIZE_OVERFLOW;
+    }
+    if (p.input_id < 0 || (uint32_t)p.input_id >= nt || !(p.label_id == -1 || (p.label_id >= 0 && (uint32_t)p.label_id < nt)) ||
+        p.logits_id < 0 || (uint32_t)p.logits_id >= nt) {
+        return TF_WE_BAD_INDEX;
+    }
+    if (p.arena_bytes > 0x7FFFFFFFu) {
+        return TF_WE_SIZE_OVERFLOW;
+    }
+    if (sflags & ~3u) {
+        return TF_WE_RESERVED_NONZERO;
+    }
+    if (need(&c, 8ull * n_ratios)) {
+        return TF_WE_TRUNCATED;
+    }
+    int64_t prev = -1;
+    for (uint32_t i = 0; i < n_ratios; i++, c.pos += 8) {
+        uint32_t conv = tf_ld_u32(blob + c.pos), eighths = tf_ld_u32(blob + c.pos + 4);
+        if ((int64_t)conv <= prev) {
+            return TF_WE_ID_ORDER;
+        }
+        if (eighths > 8) {
+            return TF_WE_BAD_VALUE;
+        }
+        prev = conv;
+    }
+    if (need(&c, (uint64_t)TF_PLAN_TENSOR_REC * nt)) {
+        return TF_WE_TRUNCATED;
+    }
+    p.tensors_off = c.pos;
+    c.pos += TF_PLAN_TENSOR_REC * nt;
+    p.ops_off = c.pos;
+    for (uint32_t i = 0; i < p.n_ops; i++) {
+        if ((e = read_op(&c, nt)) != 0) {
+            return e;
+        }
+    }
+    p.strings_off = c.pos;
+    for (uint32_t i = 0; i < 2 + nt + p.n_ops; i++) {
+        if ((e = rd_string(&c)) != 0) {
+            return e;
+        }
+    }
+    if (c.pos != data_abs) {
+        return TF_WE_BAD_OFFSET;
+    }
+    for (uint32_t i = 0; i < nt; i++) {
+        if ((e = read_tensor(&c, &p, (int32_t)i)) != 0) {
+            return e;
+        }
+    }
+    if (c.pos != c.end) {
+        return TF_WE_TRAILING_BYTES;
+    }
+    *out = p;
+    return TF_WE_OK;
+}
+
+void tf_plan_op(const tf_plan *p, uint32_t off, tf_op_view *op) {
+    const uint8_t *h = p->blob + off;
+    op->type = h[0], op->n_in = h[1], op->n_out = h[2];
+    op->size = tf_ld_u32(h + 4);
+    op->ids = (const int32_t *)(const void *)(h + 8);
+    op->attrs = op->ids + op->n_in + op->n_out;
+}
+
+const char *tf_plan_string(const tf_plan *p, uint32_t index, uint32_t *len) {
+    uint32_t pos = p->strings_off;
+    for (uint32_t i = 0;; i++) {
+        uint32_t n = tf_ld_u32(p->blob + pos);
+        if (i == index) {
+            *len = n;
+            return (const char *)(p->blob + pos + 4);
+        }
+        pos += 4 + ((n + 3u) & ~3u);
+    }
+}

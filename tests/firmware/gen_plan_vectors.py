@@ -1,0 +1,153 @@
+"""Whole-plan golden vectors for the firmware: plan blob + samples + labels -> the reference Trainer's result.
+
+One ``.tfv`` file per plan (a test-only container, read by firmware/tests/test_plans_host.c and by
+tests/firmware/test_plan_boards.py)::
+
+    "TFTV" u32 version=1 | u32 steps | i32 lr_m | i32 lr_e | u32 n_samples | u32 sample_bytes
+    u32 plan_len | plan blob, pad4 | samples (n_samples x sample_bytes), pad4 | i32 labels[n_samples]
+    u8[32] state sha256 (Trainer.state_hash) | u32 state_len | trainable tensors in id order (LE), pad4
+    u32 n_classes | i8 logits of the last step's forward pass, pad4 | u8 correct per step, pad4
+
+Step ``s`` trains on sample ``s % n_samples`` (N = 1, the device's step). Plans: ``tiny`` (examples.tiny_plan),
+``text`` (examples.tiny_text_plan: EMBEDDING), ``imu`` (fleet.compiler.models.ImuCNN compiled with a sparse
+scheme), ``mbv2`` (MbV2-w0.35 at 128x128, paper rung 99kb; skipped when ../shared/models is absent).
+
+    python tests/firmware/gen_plan_vectors.py [--out DIR] [--plans tiny,text,imu] [--mbv2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from device_agent.engine import ir
+from device_agent.engine.qmath import mant_exp
+from device_agent.engine.trainer import Trainer
+from device_agent.wire.plan import plan_to_bytes
+
+OUT = ROOT / "firmware" / "tests" / "vectors" / "plans"
+MODELS = (ROOT / ".." / "shared" / "models" / "mit-han-lab").resolve()
+SMALL = ("tiny", "text", "imu")
+
+
+def _pad4(b: bytes) -> bytes:
+    return b + b"\0" * (-len(b) % 4)
+
+
+def state_bytes(tr: Trainer) -> bytes:
+    """The trainable tensors in id order as little-endian bytes (what Trainer.state_hash hashes)."""
+    return b"".join(np.ascontiguousarray(v, v.dtype.newbyteorder("<")).tobytes()
+                    for _, v in sorted(tr.params.items()))
+
+
+def run_reference(plan: ir.Plan, x: np.ndarray, y: np.ndarray, steps: int, lr: float):
+    """Train ``steps`` N=1 steps (sample s % n); returns (trainer, last logits int8 (K,), correct per step)."""
+    tr = Trainer(plan)
+    correct, logits = [], None
+    for s in range(steps):
+        i = s % len(x)
+        tr_ = tr.trace_step(x[i:i + 1], y[i:i + 1], lr)
+        correct.append(tr_.stats.correct)
+        logits = tr_.values[plan.logits_id].reshape(-1).astype(np.int8)
+    return tr, logits, correct
+
+
+def write_vector(path: Path, plan: ir.Plan, x: np.ndarray, y: np.ndarray, steps: int, lr: float) -> dict:
+    blob = plan_to_bytes(plan)
+    tr, logits, correct = run_reference(plan, x, y, steps, lr)
+    lr_m, lr_e = mant_exp(lr)
+    tin = plan.tensors[plan.input_id]
+    dt = "<i4" if tin.dtype == ir.DType.INT32 else "<i1"
+    samples = np.ascontiguousarray(x.astype(dt)).tobytes()
+    sb = len(samples) // len(x)
+    st = state_bytes(tr)
+    out = struct.pack("<4sIIiiII", b"TFTV", 1, steps, lr_m, lr_e, len(x), sb) + struct.pack("<I", len(blob))
+    out += _pad4(blob) + _pad4(samples) + np.asarray(y, "<i4").tobytes()
+    out += bytes.fromhex(tr.state_hash()) + struct.pack("<I", len(st)) + _pad4(st)
+    out += struct.pack("<I", logits.size) + _pad4(logits.tobytes()) + _pad4(bytes(correct))
+    path.write_bytes(out)
+    return {"file": path.name, "plan_bytes": len(blob), "arena": plan.arena_bytes, "state_hash": tr.state_hash()}
+
+
+def _planned(plan: ir.Plan) -> ir.Plan:
+    from fleet.compiler.planner import plan_arena
+    plan_arena(plan)
+    return plan
+
+
+def build(name: str):
+    """(plan, x, y, steps, lr) of one named vector."""
+    from device_agent.engine import examples as ex
+    if name == "tiny":
+        x, y = ex.tiny_dataset(6, seed=3)
+        return _planned(ex.tiny_plan(seed=1)), x, y, 9, 0.1
+    if name == "text":
+        x, y = ex.tiny_text_dataset(5, seed=2)
+        return _planned(ex.tiny_text_plan(seed=1)), x, y, 7, 0.2
+    if name == "imu":
+        import torch
+
+        from fleet.compiler.compile import compile_plan
+        from fleet.compiler.models import ImuCNN
+        from fleet.compiler.torch_import import import_torch
+        torch.manual_seed(0)
+        model = ImuCNN(in_channels=6, num_classes=7, width=16).eval()
+        rng = np.random.default_rng(0)
+        calib = rng.standard_normal((64, 6, 64)).astype(np.float32)
+        graph = import_torch(model, calib, name="ImuCNN")
+        scheme = ir.SparseScheme("imu-sparse", n_bias_update=2, weight_ratio={1: 0.5, 2: 0.25})
+        plan, _ = compile_plan(graph, scheme)
+        tin = plan.tensors[plan.input_id]
+        x = rng.integers(-60, 60, (5, *tin.shape)).astype(np.int8)
+        y = rng.integers(0, 7, 5).astype(np.int32)
+        return plan, x, y, 6, 0.05
+    if name == "mbv2":
+        return build_mit("mbv2-w0.35", "99kb", steps=2)
+    raise ValueError(f"unknown vector {name!r}, expected one of {SMALL + ('mbv2',)}")
+
+
+def build_mit(model: str, rung: str, steps: int = 2, classes: int = 10, n: int = 2):
+    """A paper model at 128x128 with its schemes.yaml rung, random int8 samples (the numbers, not accuracy)."""
+    from fleet.compiler.compile import compile_full
+    from fleet.compiler.mit_import import import_mit
+    from fleet.compiler.quantize import new_classifier
+    from fleet.compiler.scheme import PAPER_SCHEMES, load_schemes
+    path = MODELS / f"{model}.pkl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} absent")
+    graph = new_classifier(import_mit(path), classes)
+    plan = compile_full(graph, load_schemes(PAPER_SCHEMES)[model][rung], serialize=False).plan
+    rng = np.random.default_rng(1)
+    tin = plan.tensors[plan.input_id]
+    x = rng.integers(-100, 100, (n, *tin.shape)).astype(np.int8)
+    y = rng.integers(0, classes, n).astype(np.int32)
+    return plan, x, y, steps, 0.02
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--plans", default=",".join(SMALL))
+    ap.add_argument("--mbv2", action="store_true", help="also write mbv2.tfv (skipped if the model is absent)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in args.plans.split(",") if n] + (["mbv2"] if args.mbv2 else [])
+    for name in names:
+        try:
+            plan, x, y, steps, lr = build(name)
+        except FileNotFoundError as e:
+            print(f"skip {name}: {e}")
+            continue
+        info = write_vector(args.out / f"{name}.tfv", plan, x, y, steps, lr)
+        print(name, info)
+
+
+if __name__ == "__main__":
+    main()
