@@ -1,0 +1,262 @@
+"""Device-level differential privacy for sparse int8 deltas: clip, add Gaussian noise, account with RDP.
+
+Pure functions and one small accountant; no I/O, no global RNG. The guarantee (central DP, trusted coordinator):
+whoever sees the sequence of published models learns about one *device's* participation in a round (all of its
+samples together) at most what (epsilon, delta)-DP allows. Neighbouring rounds differ by adding or removing one
+device's whole delta.
+
+Units. A delta arrives in integer weight units; one unit of tensor ``t``, output channel ``c`` is worth
+``scale_t[c]`` in real units (int8 weights: ``s_w[c]``; int32 biases: ``s_x * s_w[c]``; the plan stores both as
+the tensor's scales). Because QAS makes int8 weights and int32 biases move on wildly different integer scales,
+clipping in integer units would let bias coordinates dominate the norm; so by default this module works in
+**real units**: ``real = int * unit`` with :func:`support_units`, clips each device's delta to L2 norm ``clip``
+there, adds ``N(0, (noise_multiplier * clip)^2)`` to the *sum* on every coordinate of the plan's fixed support
+(also coordinates nobody sent: which coordinates a top-k device sent is itself private), divides by a public
+``denominator`` (the round's goal, not the data-dependent count) and converts back to integer units. Passing
+``units=None`` works in integer units instead (same code, unit 1). Rounding to integers afterwards is
+post-processing and costs no privacy.
+
+Accounting: :class:`RDPAccountant` composes the Rényi DP of the (Poisson-)subsampled Gaussian mechanism
+(Mironov, Talwar, Zhang 2019, integer orders) over rounds and converts to (epsilon, delta) with the conversion
+of Canonne, Kamath, Steinke 2020 (Prop. 12 as used by common DP libraries). It refuses a round that would take
+epsilon past the budget (:class:`PrivacyBudgetExceeded`), leaving its state unchanged.
+
+It refuses to pretend: the amplification by sampling (q < 1) holds only if devices are sampled independently
+with probability q and the sample stays secret; with TinyFleet's deterministic, public selection use q = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from fleet.aggregate import AggregationError, Mean
+
+DEFAULT_ORDERS: tuple[int, ...] = tuple(range(2, 65)) + (80, 96, 128, 160, 192, 256, 512, 1024)
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """Spending this round would take epsilon above the configured budget; nothing was spent."""
+
+    def __init__(self, epsilon_after: float, budget: float, rounds_spent: int):
+        super().__init__(f"privacy budget exceeded: round {rounds_spent + 1} would reach epsilon "
+                         f"{epsilon_after:.4g} > budget {budget:.4g} (delta fixed); stop training or raise the budget")
+        self.epsilon_after, self.budget, self.rounds_spent = epsilon_after, budget, rounds_spent
+
+
+class DPError(ValueError):
+    """Invalid DP parameters (clip, noise multiplier, sampling rate, delta); the message names the bad one."""
+
+
+# --- units and clipping -------------------------------------------------------------------------------------
+
+
+def support_units(plan) -> np.ndarray:
+    """(D,) float64: the real value of one integer step of every coordinate of the plan's shared trainable set.
+
+    Order = the coordinator's flattening (shared trainable tensors in plan order, row-major). Per-channel scales
+    repeat over the channel's elements; a per-tensor scale covers the whole tensor.
+    """
+    parts = []
+    for t in plan.trainable:
+        if t.personal:
+            continue
+        s = np.asarray(t.scale, np.float64).reshape(-1)
+        if s.size == 1:
+            parts.append(np.full(t.numel, s[0]))
+        elif s.size == t.shape[0]:
+            parts.append(np.repeat(s, t.numel // t.shape[0]))
+        else:
+            raise DPError(f"tensor {t.name}: {s.size} scales for shape {t.shape}")
+    u = np.concatenate(parts) if parts else np.zeros(0)
+    if not (np.isfinite(u).all() and (u > 0).all()):
+        raise DPError("plan scales must be finite and > 0")
+    return u
+
+
+def _units(units: np.ndarray | None, d: int) -> np.ndarray:
+    if units is None:
+        return np.ones(d)
+    u = np.asarray(units, np.float64)
+    if u.shape != (d,) or not (np.isfinite(u).all() and (u > 0).all()):
+        raise DPError(f"units must be ({d},) finite and > 0, got shape {u.shape}")
+    return u
+
+
+def clip_deltas(values: np.ndarray, masks: np.ndarray, clip: float,
+                units: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each device's delta in real units, scaled to L2 norm <= ``clip`` over the coordinates it sent.
+
+    Returns ``(clipped (n, D) float64 real units, 0 where not sent; norms_before (n,))``.
+    """
+    values, masks = np.asarray(values), np.asarray(masks)
+    if values.ndim != 2 or masks.shape != values.shape or masks.dtype != np.bool_:
+        raise AggregationError(f"values (n, D) and bool masks (n, D) expected, got {values.shape}, {masks.shape}")
+    if not (math.isfinite(clip) and clip > 0):
+        raise DPError(f"clip must be finite and > 0, got {clip!r}")
+    real = np.where(masks, values.astype(np.float64), 0.0) * _units(units, values.shape[1])[None, :]
+    if not np.isfinite(real).all():
+        raise AggregationError("values contain NaN or Inf")
+    norms = np.sqrt((real * real).sum(axis=1))
+    factor = np.minimum(1.0, clip / np.maximum(norms, np.finfo(np.float64).tiny))
+    return real * factor[:, None], norms
+
+
+def dp_mean(values: np.ndarray, masks: np.ndarray, *, clip: float, noise_multiplier: float, denominator: int,
+            rng: np.random.Generator, units: np.ndarray | None = None) -> Mean:
+    """Clip, sum, add ``N(0, (noise_multiplier * clip)^2)`` per coordinate, divide by ``denominator``.
+
+    The result is in integer weight units (feed it to ``fleet.aggregate.to_int_delta``) and covers the whole
+    fixed support. Devices are weighted equally: sample-count weights would multiply one device's sensitivity.
+    ``rng`` must be seeded from a secret (whoever knows the seed can subtract the noise).
+    """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise DPError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
+    if denominator < 1:
+        raise DPError(f"denominator must be a positive (public) device count, got {denominator}")
+    clipped, _ = clip_deltas(values, masks, clip, units)
+    d = clipped.shape[1]
+    noisy = clipped.sum(axis=0) + rng.normal(0.0, noise_multiplier * clip, d)
+    return Mean(noisy / denominator / _units(units, d), np.ones(d, bool))
+
+
+# --- Rényi DP accounting ------------------------------------------------------------------------------------
+
+
+def _logsumexp(xs: list[float]) -> float:
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs)) if m > -math.inf else -math.inf
+
+
+def rdp_gaussian(q: float, noise_multiplier: float, order: int) -> float:
+    """RDP of one round of the sampled Gaussian mechanism (sensitivity 1, std ``noise_multiplier``) at ``order``.
+
+    ``q = 1``: the closed form ``order / (2 sigma^2)``. ``0 < q < 1`` (Poisson sampling, add/remove neighbours,
+    integer order a): ``log(sum_k C(a,k) (1-q)^(a-k) q^k exp((k^2 - k) / (2 sigma^2))) / (a - 1)``.
+    """
+    if not 0 <= q <= 1:
+        raise DPError(f"sampling rate q must be in [0, 1], got {q!r}")
+    if int(order) != order or order < 2:
+        raise DPError(f"orders must be integers >= 2, got {order!r}")
+    if q == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    s2 = 2.0 * noise_multiplier**2
+    if q == 1:
+        return order / s2
+    a = int(order)
+    terms = [math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1) + (a - k) * math.log1p(-q)
+             + k * math.log(q) + (k * k - k) / s2 for k in range(a + 1)]
+    return _logsumexp(terms) / (a - 1)
+
+
+@lru_cache(maxsize=256)
+def _rdp_vector(q: float, noise_multiplier: float, orders: tuple[int, ...]) -> tuple[float, ...]:
+    return tuple(rdp_gaussian(q, noise_multiplier, a) for a in orders)
+
+
+def rdp_to_epsilon(rdp: np.ndarray, orders: tuple[int, ...], delta: float) -> tuple[float, int]:
+    """``(epsilon, best order)``: ``min_a rdp_a + log((a-1)/a) - (log delta + log a) / (a - 1)``, at least 0."""
+    if not 0 < delta < 1:
+        raise DPError(f"delta must be in (0, 1), got {delta!r}")
+    if not np.any(rdp):
+        return 0.0, orders[0]  # NOTE: the conversion's slack term is not a cost: no mechanism ran, no loss
+    best, arg = math.inf, orders[0]
+    for r, a in zip(rdp, orders):
+        eps = float(r) + math.log1p(-1.0 / a) - (math.log(delta) + math.log(a)) / (a - 1)
+        if eps < best:
+            best, arg = eps, a
+    return max(best, 0.0), arg
+
+
+@dataclass(frozen=True)
+class RoundPrivacy:
+    """What one spent round cost: cumulative epsilon after it, and the round's own epsilon alone."""
+
+    round_index: int
+    q: float
+    noise_multiplier: float
+    epsilon: float  # cumulative, at ``delta``
+    epsilon_round: float  # this round alone
+    order: int  # the RDP order that gave ``epsilon``
+
+
+@dataclass
+class RDPAccountant:
+    """Composes rounds; ``spend`` refuses one that would exceed ``budget`` (None: no budget, only reporting)."""
+
+    delta: float
+    budget: float | None = None
+    orders: tuple[int, ...] = DEFAULT_ORDERS
+    rounds: list[tuple[float, float]] = field(default_factory=list)  # (q, noise_multiplier) per spent round
+
+    def __post_init__(self) -> None:
+        if not 0 < self.delta < 1:
+            raise DPError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.budget is not None and not self.budget > 0:
+            raise DPError(f"epsilon budget must be > 0, got {self.budget!r}")
+        self._rdp = np.zeros(len(self.orders))
+        for q, s in self.rounds:
+            self._rdp += self._one(q, s)
+
+    def _one(self, q: float, noise_multiplier: float) -> np.ndarray:
+        return np.array(_rdp_vector(float(q), float(noise_multiplier), tuple(self.orders)))
+
+    def epsilon(self) -> float:
+        """Cumulative epsilon (at ``delta``) of the rounds spent so far; 0 before any."""
+        return rdp_to_epsilon(self._rdp, self.orders, self.delta)[0] if self.rounds else 0.0
+
+    def preview(self, q: float, noise_multiplier: float) -> float:
+        """Epsilon after one more round with these parameters, without spending it."""
+        return rdp_to_epsilon(self._rdp + self._one(q, noise_multiplier), self.orders, self.delta)[0]
+
+    def spend(self, q: float, noise_multiplier: float) -> RoundPrivacy:
+        """Account one round; raises :class:`PrivacyBudgetExceeded` (and spends nothing) if over budget."""
+        one = self._one(q, noise_multiplier)
+        eps, order = rdp_to_epsilon(self._rdp + one, self.orders, self.delta)
+        if self.budget is not None and eps > self.budget:
+            raise PrivacyBudgetExceeded(eps, self.budget, len(self.rounds))
+        self._rdp += one
+        self.rounds.append((float(q), float(noise_multiplier)))
+        alone = rdp_to_epsilon(one, self.orders, self.delta)[0]
+        return RoundPrivacy(len(self.rounds), q, noise_multiplier, eps, alone, order)
+
+    def to_json(self) -> str:
+        """Persist with the coordinator's store: the spent rounds are the whole state."""
+        return json.dumps({"delta": self.delta, "budget": self.budget, "orders": list(self.orders),
+                           "rounds": self.rounds})
+
+    @classmethod
+    def from_json(cls, text: str) -> RDPAccountant:
+        d = json.loads(text)
+        return cls(d["delta"], d["budget"], tuple(d["orders"]), [tuple(r) for r in d["rounds"]])
+
+
+def sample_rate(selected: int, total: int) -> float:
+    """``q = selected / total`` (only meaningful with secret Poisson sampling; see the module docstring)."""
+    if not 0 < selected <= total:
+        raise DPError(f"need 0 < selected <= total devices, got {selected} of {total}")
+    return selected / total
+
+
+def noise_for_budget(epsilon: float, delta: float, q: float, rounds: int, orders: tuple[int, ...] = DEFAULT_ORDERS,
+                     tol: float = 1e-3) -> float:
+    """The smallest noise multiplier (to ``tol``) whose ``rounds`` rounds stay within ``epsilon``."""
+    def eps(sigma: float) -> float:
+        rdp = np.array([rounds * rdp_gaussian(q, sigma, a) for a in orders])
+        return rdp_to_epsilon(rdp, orders, delta)[0]
+
+    lo, hi = 1e-2, 1.0
+    while eps(hi) > epsilon:
+        hi *= 2
+        if hi > 1e6:
+            raise DPError(f"no noise multiplier reaches epsilon {epsilon} in {rounds} rounds")
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if eps(mid) > epsilon else (lo, mid)
+    return hi
