@@ -1,6 +1,7 @@
 """Pure aggregation of sparse deltas: FedAvg over each coordinate's contributors, robust variants, int application.
 
-Every function takes flat arrays and returns new arrays; none does I/O, keeps state or looks at a plan. The
+Every function takes flat arrays and returns new arrays; none does I/O, keeps state or looks at a plan (the one
+stateful helper, :class:`RunningSums`, is :func:`weighted_sums` fed one device at a time). The
 caller flattens the plan's uploaded (non-personal) trainable tensors into one vector of ``D`` coordinates; each
 device contributes ``values (D,)`` and a ``mask (D,)`` of the coordinates it actually sent (its whole fixed
 support for a dense delta, its top-k indices otherwise). A coordinate nobody sent is *not* a zero vote: it
@@ -72,6 +73,37 @@ def mean_from_sums(num: np.ndarray, den: np.ndarray) -> Mean:
     value = np.zeros(num.shape, np.float64)
     value[covered] = num[covered].astype(np.float64) / den[covered].astype(np.float64)
     return Mean(value, covered)
+
+
+class RunningSums:
+    """:func:`weighted_sums` one device at a time, so a coordinator folds each delta in as it is accepted.
+
+    After adding rows in any order, ``num, den`` equal ``weighted_sums`` of the same rows stacked, bit for bit:
+    integer sums are exact (and int64 wraps the same way in any order). Integer values only, for that reason.
+    """
+
+    def __init__(self, size: int):
+        self.num = np.zeros(size, np.int64)
+        self.den = np.zeros(size, np.int64)
+        self.count = 0
+
+    def add(self, values: np.ndarray, mask: np.ndarray, weight: int) -> None:
+        values, mask = np.asarray(values), np.asarray(mask)
+        if values.shape != self.num.shape or mask.shape != self.num.shape:
+            raise AggregationError(f"values and mask must both be {self.num.shape}, got {values.shape} and "
+                                   f"{mask.shape}")
+        if values.dtype.kind not in "iu" or mask.dtype != np.bool_:
+            raise AggregationError(f"integer values and a bool mask expected, got {values.dtype} and {mask.dtype}")
+        if isinstance(weight, bool) or int(weight) != weight or weight <= 0:
+            raise AggregationError(f"weight must be a positive integer (sample count), got {weight!r}")
+        wm = mask * np.int64(weight)
+        self.num += values.astype(np.int64, copy=False) * wm
+        self.den += wm
+        self.count += 1
+
+    def mean(self) -> Mean:
+        """The sparse FedAvg of every row added so far (what :func:`fedavg` gives for them stacked)."""
+        return mean_from_sums(self.num, self.den)
 
 
 def fedavg(values: np.ndarray, masks: np.ndarray, weights: np.ndarray) -> Mean:
