@@ -29,9 +29,37 @@ static inline uint32_t tf_sadd16(uint32_t a, uint32_t b) {
     __asm__("sadd16 %0, %1, %2" : "=r"(r) : "r"(a), "r"(b));
     return r;
 }
+/* (lo = a.lo, hi = b.lo) and (lo = b.hi, hi = a.hi): pair halfwords of two sxtb16 results. */
+static inline uint32_t tf_pkhbt(uint32_t a, uint32_t b) {
+    uint32_t r;
+    __asm__("pkhbt %0, %1, %2, lsl #16" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+static inline uint32_t tf_pkhtb(uint32_t a, uint32_t b) {
+    uint32_t r;
+    __asm__("pkhtb %0, %1, %2, asr #16" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+/* acc + a.lo * b.lo (bb), a.hi * b.lo (tb), a.lo * b.hi (bt), a.hi * b.hi (tt): signed 16-bit halves. */
+#define TF_SMLAXY(xy)                                                                                               \
+    static inline int32_t tf_smla##xy(uint32_t a, uint32_t b, int32_t acc) {                                        \
+        int32_t r;                                                                                                  \
+        __asm__("smla" #xy " %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));                                 \
+        return r;                                                                                                   \
+    }
+TF_SMLAXY(bb)
+TF_SMLAXY(tb)
+TF_SMLAXY(bt)
+TF_SMLAXY(tt)
+#undef TF_SMLAXY
 static inline uint32_t tf_load_u32(const int8_t *p) {
     uint32_t v;
     __builtin_memcpy(&v, p, 4); /* one unaligned ldr on M4/M7 (-ffreestanding turns plain memcpy into a call) */
+    return v;
+}
+static inline uint32_t tf_load_u16(const void *p) {
+    uint16_t v;
+    __builtin_memcpy(&v, p, 2);
     return v;
 }
 #else

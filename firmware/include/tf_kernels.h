@@ -130,7 +130,9 @@ typedef struct {
 /* CONV2D_BWD_INPUT: g' = rshift_round(g_y[c] * wscale_q[c], 8); acc = conv_transpose(g', w);
  * (g_x, e_x) = dyn_requant(acc, e_y + wscale_p - 7).
  * g_y (C_out, OH, OW) int8; wscale_q (C_out,) int32; w (C_out, C_in/groups, KH, KW); g_x (C_in, H, W) int8.
- * Scratch: int16 g' always; with an extra int32 per g_x element the kernel runs one pass, else two. */
+ * Scratch: int16 g' always; with an extra int32 per g_x element the kernel runs one pass, else two.
+ * 1x1 stride-1 and depthwise stride-1 convs never use the scratch: they take two passes (max, then write)
+ * with g' of one pixel (<= 384 output channels per chunk) or one padded channel plane (<= 400) on the stack. */
 int32_t tf_conv2d_bwd_input_get_buffer_size(const tf_dims *gy_dims, const tf_dims *gx_dims, int one_pass);
 tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p, const int32_t *wscale_q,
                                  const tf_dims *gy_dims, const int8_t *g_y, int32_t e_y, const tf_filter_dims *w_dims,

@@ -1,7 +1,10 @@
 /* CONV2D_BWD_INPUT: the error gradient of a conv's input, the exact adjoint (transposed conv) of the forward
  * incl. stride, padding and groups, computed as a gather per input element (docs/engine.md). */
+#include "tf_dsp.h"
 #include "tf_kernels.h"
 #include "tf_qmath.h"
+
+#define TF_BWD_CHUNK 384 /* g' values of one pixel (int16, on the stack) per chunk; int32 sums stay exact */
 
 int32_t tf_conv2d_bwd_input_get_buffer_size(const tf_dims *gy_dims, const tf_dims *gx_dims, int one_pass) {
     int32_t gy_n = gy_dims->c * gy_dims->h * gy_dims->w;
@@ -88,6 +91,141 @@ static int64_t bwd_elem_direct(const tf_conv_bwd_params *p, const tf_dims *gy, c
     return acc;
 }
 
+/* out[j] = sum_k g[k] * w[k * stride + j], j < nci <= 4, k < n (int32: n <= TF_BWD_CHUNK keeps it exact). */
+__attribute__((noinline)) static void dot4_cols(const int16_t *g, const int8_t *w, int32_t stride, int32_t n,
+                                                int32_t nci, int32_t *out) {
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, k = 0;
+#if TF_USE_DSP
+    if (nci == 4) {
+        const int16_t *gend = g + (n & ~1);
+        for (; g < gend; g += 2, w += 2 * stride) {
+            uint32_t gp;
+            __builtin_memcpy(&gp, g, 4); /* (g[k], g[k+1]) */
+            const uint32_t va = tf_load_u32(w), vb = tf_load_u32(w + stride);
+            const uint32_t ae = tf_sxtb16(va), be = tf_sxtb16(vb);
+            a0 = tf_smlad(tf_pkhbt(ae, be), gp, a0);
+            a2 = tf_smlad(tf_pkhtb(be, ae), gp, a2);
+            const uint32_t ao = tf_sxtb16_ror8(va), bo = tf_sxtb16_ror8(vb);
+            a1 = tf_smlad(tf_pkhbt(ao, bo), gp, a1);
+            a3 = tf_smlad(tf_pkhtb(bo, ao), gp, a3);
+        }
+        k = n & ~1;
+    }
+#endif
+    for (; k < n; k++, g++, w += stride) {
+        const int32_t gv = *g;
+        a0 += gv * w[0];
+        a1 += nci > 1 ? gv * w[1] : 0;
+        a2 += nci > 2 ? gv * w[2] : 0;
+        a3 += nci > 3 ? gv * w[3] : 0;
+    }
+    out[0] = a0;
+    out[1] = a1;
+    out[2] = a2;
+    out[3] = a3;
+}
+
+/* One pass of the 1x1 stride-1 case: acc[ci, p] = sum_co g'[co, p] w[co, ci_l]. With write = 0 returns
+ * max |acc|; with write = 1 stores rshift_round(acc, sh). g' of one pixel is built on the stack per chunk. */
+static uint64_t bwd_pointwise(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
+                              const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx,
+                              int8_t *g_x, int32_t sh, int write) {
+    int16_t gq[TF_BWD_CHUNK + 2];
+    const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, plane = gy->h * gy->w;
+    uint64_t mx = 0;
+    for (int32_t g = 0; g < p->groups; g++) {
+        for (int32_t px = 0; px < plane; px++) {
+            int64_t acc[4];
+            for (int32_t ci = 0; ci < cin_g; ci += 4) {
+                const int32_t nci = cin_g - ci < 4 ? cin_g - ci : 4;
+                acc[0] = acc[1] = acc[2] = acc[3] = 0;
+                for (int32_t c0 = 0; c0 < cout_g; c0 += TF_BWD_CHUNK) {
+                    const int32_t nco = cout_g - c0 < TF_BWD_CHUNK ? cout_g - c0 : TF_BWD_CHUNK;
+                    const int32_t cg = g * cout_g + c0;
+                    if (ci == 0 || cout_g > TF_BWD_CHUNK) {
+                        for (int32_t k = 0; k < nco; k++) {
+                            gq[k] = (int16_t)(((int32_t)g_y[(cg + k) * plane + px] * wscale_q[cg + k] + 128) >> 8);
+                        }
+                        gq[nco] = 0;
+                    }
+                    int32_t a[4];
+                    dot4_cols(gq, w + (int32_t)cg * cin_g + ci, cin_g, nco, nci, a);
+                    const int32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+                    acc[0] += a0;
+                    acc[1] += a1;
+                    acc[2] += a2;
+                    acc[3] += a3;
+                }
+                for (int32_t j = 0; j < nci; j++) {
+                    const int32_t i = (g * cin_g + ci + j) * plane + px;
+                    if (write) {
+                        g_x[i] = (int8_t)tf_rshift_round(acc[j], sh);
+                    } else {
+                        const uint64_t m = tf_abs64(acc[j]);
+                        mx = m > mx ? m : mx;
+                    }
+                }
+            }
+        }
+    }
+    (void)gx;
+    return mx;
+}
+
+/* One pass of the depthwise stride-1 case (one input and one output channel per group). g' of a channel goes
+ * to the stack with a border of K-1 zeros on every side, so every tap is read without bounds checks. */
+#define TF_BWD_DW_PLANE 400
+static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
+                              const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx,
+                              int8_t *g_x, int32_t sh, int write) {
+    int16_t gq[TF_BWD_DW_PLANE];
+    const int32_t oh_n = gy->h, ow_n = gy->w, oplane = oh_n * ow_n, ih_n = gx->h, iw_n = gx->w;
+    const int32_t kh_n = wd->h, kw_n = wd->w, bh = kh_n - 1, bw = kw_n - 1, pw = ow_n + 2 * bw;
+    const int32_t ph = oh_n + 2 * bh;
+    uint64_t mx = 0;
+    for (int32_t i = 0; i < ph * pw; i++) {
+        gq[i] = 0;
+    }
+    for (int32_t c = 0; c < gx->c; c++) {
+        const int8_t *gc = g_y + c * oplane;
+        const int32_t q = wscale_q[c];
+        for (int32_t oh = 0; oh < oh_n; oh++) {
+            int16_t *row = gq + (oh + bh) * pw + bw;
+            for (int32_t ow = 0; ow < ow_n; ow++) {
+                row[ow] = (int16_t)(((int32_t)gc[oh * ow_n + ow] * q + 128) >> 8);
+            }
+        }
+        const int8_t *wc = w + c * kh_n * kw_n;
+        for (int32_t ih = 0; ih < ih_n; ih++) {
+            /* g'[ih + pad - kh, iw + pad - kw] lives at gq[(ih + pad - kh + bh) * pw + iw + pad - kw + bw] */
+            const int16_t *base = gq + (ih + p->pad_h + bh) * pw + p->pad_w + bw;
+            for (int32_t iw = 0; iw < iw_n; iw++) {
+                int32_t acc = 0; /* at most K*K terms of 2^14 * 127 */
+                const int16_t *b0 = base + iw;
+                if (kh_n == 3 && kw_n == 3) {
+                    const int16_t *b1 = b0 - pw, *b2 = b1 - pw;
+                    acc = b0[0] * wc[0] + b0[-1] * wc[1] + b0[-2] * wc[2] + b1[0] * wc[3] + b1[-1] * wc[4] +
+                          b1[-2] * wc[5] + b2[0] * wc[6] + b2[-1] * wc[7] + b2[-2] * wc[8];
+                } else {
+                    for (int32_t kh = 0; kh < kh_n; kh++) {
+                        for (int32_t kw = 0; kw < kw_n; kw++) {
+                            acc += b0[-kh * pw - kw] * wc[kh * kw_n + kw];
+                        }
+                    }
+                }
+                const int32_t i = (c * ih_n + ih) * iw_n + iw;
+                if (write) {
+                    g_x[i] = (int8_t)tf_rshift_round(acc, sh);
+                } else {
+                    const uint64_t m = tf_abs64(acc);
+                    mx = m > mx ? m : mx;
+                }
+            }
+        }
+    }
+    return mx;
+}
+
 tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p, const int32_t *wscale_q,
                                  const tf_dims *gy_dims, const int8_t *g_y, int32_t e_y, const tf_filter_dims *w_dims,
                                  const int8_t *w, const tf_dims *gx_dims, int8_t *g_x, int32_t *e_x) {
@@ -97,6 +235,24 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
     tf_status st = tf_conv_check(gx_dims, w_dims, gy_dims, p->groups, p->stride_h, p->stride_w, p->pad_h, p->pad_w);
     if (st != TF_OK) {
         return st;
+    }
+    for (int32_t co = 0; co < gy_dims->c; co++) {
+        if (wscale_q[co] < 0 || wscale_q[co] > 32768) {
+            return TF_ERR_ARG;
+        }
+    }
+    const int unit = p->stride_h == 1 && p->stride_w == 1;
+    const int pw = unit && w_dims->h == 1 && w_dims->w == 1 && p->pad_h == 0 && p->pad_w == 0;
+    const int dw = unit && w_dims->c == 1 && w_dims->n == p->groups &&
+                   (gy_dims->h + 2 * w_dims->h - 2) * (gy_dims->w + 2 * w_dims->w - 2) <= TF_BWD_DW_PLANE;
+    if (pw || dw) { /* NOTE: two passes (max, then write) need no scratch; same numbers as below */
+        uint64_t (*pass)(const tf_conv_bwd_params *, const int32_t *, const tf_dims *, const int8_t *,
+                         const tf_filter_dims *, const int8_t *, const tf_dims *, int8_t *, int32_t, int) =
+            pw ? bwd_pointwise : bwd_depthwise;
+        const int32_t shf = tf_dyn_shift(pass(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, 0, 0));
+        pass(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, shf, 1);
+        *e_x = e_y + p->wscale_p - 7 + shf;
+        return TF_OK;
     }
     const int32_t need2 = tf_conv2d_bwd_input_get_buffer_size(gy_dims, gx_dims, 0);
     const int32_t need1 = tf_conv2d_bwd_input_get_buffer_size(gy_dims, gx_dims, 1);
