@@ -8,10 +8,11 @@ out-of-range values, a protocol version other than :data:`PROTOCOL_VERSION`, pay
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar
 
@@ -99,6 +100,11 @@ _HASH = _str(_HEX, max_len=128)
 _U32_CHECK = _int(0, _U32)
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
 class _Message:
     """Base: ``to_json()`` writes ``{"v": 1, "type": TYPE, ...fields}``; ``parse`` checks against ``SCHEMA``."""
 
@@ -107,7 +113,8 @@ class _Message:
 
     def to_json(self) -> bytes:
         body = {"v": PROTOCOL_VERSION, "type": self.TYPE}
-        for k, v in asdict(self).items():  # type: ignore[call-overload]
+        for k in _field_names(type(self)):  # NOTE: not asdict, which deep-copies every field (flat scalars here)
+            v = getattr(self, k)
             body[k] = list(v) if isinstance(v, tuple) else v
         for k, check in self.SCHEMA.items():  # a writer never emits what a reader would refuse
             check(k, body[k])
@@ -170,10 +177,11 @@ class Task(_Message):
     local_steps: int
     batch_size: int
     deadline: float  # coordinator clock (seconds); a delta arriving later is not counted
+    topk_permille: int = 0  # send the k = ceil(numel * permille / 1000) largest changes per tensor; 0: no request
     SCHEMA: ClassVar[dict[str, Any]] = {
         "round_id": _int(1, _U32), "plan_hash": _HASH, "model_version": _U32_CHECK, "model_hash": _HASH,
         "lr": _num(0.0, 1e6, lo_open=True), "local_steps": _int(1, 1_000_000), "batch_size": _int(1, 4096),
-        "deadline": _num(0.0, 1e12),
+        "deadline": _num(0.0, 1e12), "topk_permille": _int(0, 1000),
     }
 
 
@@ -198,7 +206,7 @@ MESSAGES: dict[str, type[_Message]] = {m.TYPE: m for m in (Hello, Status, Task, 
 
 TOPIC_ROOT = "tinyfleet"
 DEVICE_UP = ("hello", "status", "delta")  # device -> coordinator, on dev/<id>/<kind>
-DEVICE_DOWN = ("task", "ack")  # coordinator -> one device, on dev/<id>/<kind>
+DEVICE_DOWN = ("task", "ack", "model")  # coordinator -> one device, on dev/<id>/<kind>; model: a FULL update
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class Received:
-    """A message on one of the device's subscriptions: kind = task | ack | model."""
+    """A message on one of the device's subscriptions: kind = task | ack | model (``model/current`` or
+    ``dev/<id>/model``: both carry model updates and are handled alike)."""
 
     kind: str
     payload: bytes
@@ -195,7 +196,7 @@ class DeviceProtocol:
     def subscriptions(self) -> list[str]:
         """Topics (relative to tinyfleet/<fleet>/) the adapter subscribes to, QoS 1."""
         d = self.id.device_id
-        return [f"dev/{d}/task", f"dev/{d}/ack", "model/current"]
+        return [f"dev/{d}/task", f"dev/{d}/ack", f"dev/{d}/model", "model/current"]
 
     def status(self, state: str = "online") -> Publish:
         s = Status(self.id.device_id, state, max(self.version, 0), len(self.buffer))
@@ -289,9 +290,10 @@ class DeviceProtocol:
         new = {tid: trained[tid] for tid in self.shared_ids}
         self.counter += 1
         header = DeltaHeader(self.id.device_id, task.round_id, self.model_hash, self.counter, len(self.buffer))
-        permille = getattr(task, "topk_permille", None)  # NOTE: a task field once messages.Task carries it
+        # NOTE: 0 (the task asks for nothing) leaves the codec's own default, which is every coordinate unless the
+        # device was configured for top-k itself
         self.last_delta, left = self.codec.encode_delta(header, self.base, new, residual=self.residual,
-                                                        topk_permille=permille)
+                                                        topk_permille=task.topk_permille or None)
         self._if_refused = {tid: new[tid].astype(np.int64).reshape(-1) - self.base[tid].astype(np.int64).reshape(-1)
                             + (self.residual[tid] if self.residual else 0) for tid in self.shared_ids}
         self.residual = left

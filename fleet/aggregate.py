@@ -128,16 +128,32 @@ def fedavg_reference(deltas: list[tuple[np.ndarray, np.ndarray, int]]) -> Mean:
     return Mean(np.divide(num, den, out=np.zeros(d), where=covered), covered)
 
 
+def capped_weights(weights: np.ndarray) -> np.ndarray:
+    """``weights`` capped at their lower median: what a device may claim to count for, at most.
+
+    Sample counts are self-reported. Capping at the median keeps FedAvg's weighting among the devices at or below
+    it, while a device claiming 10^6 samples counts as much as a median one, as long as fewer than half lie.
+    E.g. ``[40, 48, 50, 10**6]`` -> ``[40, 48, 48, 48]``.
+    """
+    weights = np.asarray(weights)
+    if weights.size == 0:
+        return weights
+    cap = np.sort(weights)[(weights.size - 1) // 2]
+    return np.minimum(weights, cap)
+
+
 def clipped_mean(values: np.ndarray, masks: np.ndarray, weights: np.ndarray, clip: float) -> Mean:
-    """FedAvg after scaling each device's delta to L2 norm at most ``clip`` (norm over its sent coordinates)."""
+    """FedAvg after scaling each device's delta to L2 norm at most ``clip`` (norm over its sent coordinates),
+    with the sample-count weights capped at their median (:func:`capped_weights`): clipping bounds how far one
+    device can push, the cap how much it counts."""
     if not np.isfinite(clip) or clip <= 0:
         raise AggregationError(f"clip norm must be finite and > 0, got {clip!r}")
-    values, masks = np.asarray(values), np.asarray(masks)
-    _check(values, masks, np.asarray(weights))
+    values, masks, weights = np.asarray(values), np.asarray(masks), np.asarray(weights)
+    _check(values, masks, weights)
     v = np.where(masks, values.astype(np.float64), 0.0)
     norms = np.sqrt((v * v).sum(axis=1))
     factor = np.minimum(1.0, clip / np.maximum(norms, np.finfo(np.float64).tiny))
-    return fedavg(v * factor[:, None], masks, np.asarray(weights))
+    return fedavg(v * factor[:, None], masks, capped_weights(weights))
 
 
 def _sorted_contributors(values: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

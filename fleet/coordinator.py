@@ -15,7 +15,6 @@ and to aggregate (``aggregate``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,13 +22,12 @@ from typing import Protocol
 
 import numpy as np
 
-from device_agent.engine import ir
 from device_agent.engine.ir import DTYPE_NUMPY
 from device_agent.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
-from device_agent.wire.delta import delta_from_bytes, delta_support, delta_to_dense
+from device_agent.wire.delta import delta_from_bytes, delta_to_flat, shared_layout
 from device_agent.wire.errors import WireFormatError
 from device_agent.wire.plan import plan_hash, plan_to_bytes
-from device_agent.wire.update import update_from_state, update_hash
+from device_agent.wire.update import update_from_state, update_from_states, update_hash
 from fleet import aggregate as agg
 from fleet import round as rnd
 from fleet.registry import Registry
@@ -67,34 +65,24 @@ class Codec(Protocol):
 
     def update_hash(self, payload: bytes) -> str: ...  # hex identity of a model version (a delta's base_hash)
 
-
-class _SizedTensor(ir.Tensor):
-    @functools.cached_property
-    def numel(self) -> int:  # type: ignore[override]
-        return ir.Tensor.numel.fget(self)  # type: ignore[attr-defined]
+    # optional: ``encode_diff(base_version, new_version, old_state, new_state) -> bytes``, the DIFF form of the
+    # same version (same update_hash); see :func:`encode_diff`
 
 
-class _SizedPlan(ir.Plan):
-    @functools.cached_property
-    def trainable(self) -> list[ir.Tensor]:  # type: ignore[override]
-        return ir.Plan.trainable.fget(self)  # type: ignore[attr-defined]
-
-
-def _sized_view(plan: ir.Plan) -> ir.Plan:
-    """A shallow copy of ``plan`` whose tensors compute ``numel``, and whose ``trainable`` list, once.
-
-    NOTE: the delta converters ask the plan for ``trainable`` and each record's tensor for ``numel`` (an
-    ``np.prod``) on every call: about two thirds of the decode time of a small delta. The coordinator's plan does
-    not change after construction, so computing them once is safe; the copy shares every array.
-    """
-    def copy(obj, cls):
-        new = cls.__new__(cls)
-        new.__dict__.update(vars(obj))
-        return new
-
-    view = copy(plan, _SizedPlan)
-    view.tensors = [copy(t, _SizedTensor) for t in plan.tensors]
-    return view
+def encode_diff(codec, base_version: int, new_version: int, old: dict[int, np.ndarray],
+                new: dict[int, np.ndarray]) -> bytes | None:
+    """The DIFF form of model ``new_version`` against ``base_version`` (``old``), or None when ``codec`` writes
+    only the FULL form (the coordinator then publishes that)."""
+    own = getattr(codec, "encode_diff", None)
+    if own is not None:
+        return own(base_version, new_version, old, new)
+    if isinstance(codec, WireCodec):
+        # NOTE: a function beside WireCodec rather than its method only because that class is being reworked
+        # concurrently; fold it in as ``WireCodec.encode_diff`` afterwards
+        upd = update_from_states(codec.plan, old, new, base_version=base_version, new_version=new_version,
+                                 plan_hash=bytes.fromhex(codec.plan_hash))
+        return upd.to_bytes(codec.signer)
+    return None
 
 
 class WireCodec:
@@ -102,7 +90,9 @@ class WireCodec:
 
     def __init__(self, plan, signer=None, verify=None):
         self.plan, self.signer, self.verify = plan, signer, verify
-        self._view = _sized_view(plan)
+        self._layout = shared_layout(plan)  # where delta_to_flat puts each shared tensor: computed once
+        self._slices = [(t.id, self._layout.slots[t.id][0], t.numel, t.shape) for t in plan.tensors
+                        if t.id in self._layout.slots]
         self._hash = plan_hash(plan)
         self.plan_hash = self._hash.hex()
         self._plan_bytes: bytes | None = None
@@ -119,10 +109,11 @@ class WireCodec:
                                 d.counter, d.sample_count, content_hash)
             if bytes(d.plan_hash) != self._hash:  # a well-formed delta for another plan: the round rejects it
                 return DecodedDelta(header, {}, {})
-            values = delta_to_dense(d, self._view, plan_hash=self._hash)
-            masks = delta_support(d, self._view, plan_hash=self._hash)
+            flat_values, flat_mask = delta_to_flat(d, self.plan, plan_hash=self._hash, layout=self._layout)
         except WireFormatError as e:
             raise CodecError(int(e.code), str(e)) from None
+        values = {tid: flat_values[off:off + n].reshape(shape) for tid, off, n, shape in self._slices}
+        masks = {tid: flat_mask[off:off + n].reshape(shape) for tid, off, n, shape in self._slices}
         return DecodedDelta(header, values, masks)
 
     def encode_update(self, base_version: int, new_version: int, state: dict[int, np.ndarray]) -> bytes:
@@ -207,6 +198,8 @@ class CoordinatorConfig:
     min_sram: int = 0  # 0: the plan's own need (arena + trainable bytes)
     require_plan: bool = False  # only devices that already hold the plan are eligible
     heartbeat_timeout: float = 0.0  # seconds of silence before a device counts as offline (0 = Last Will only)
+    topk_permille: int = 0  # sent in every task: devices upload the top k = ceil(numel * permille / 1000) per
+    #                        tensor (error feedback keeps the rest for later rounds); 0 = every coordinate
 
     def validate(self) -> list[str]:
         errs = []  # NOTE: round.* is validated by RoundConfig.validate (config.from_dict calls both)
@@ -218,6 +211,8 @@ class CoordinatorConfig:
             errs.append(f"trim: must be in [0, 0.5), got {self.trim}")
         if not self.lr > 0 or self.local_steps < 1 or self.batch_size < 1:
             errs.append("lr, local_steps, batch_size: must be > 0")
+        if isinstance(self.topk_permille, bool) or not 0 <= self.topk_permille <= 1000:
+            errs.append(f"topk_permille: must be in [0, 1000] (0 = every coordinate), got {self.topk_permille!r}")
         return errs
 
 
@@ -275,6 +270,10 @@ class Coordinator:
         first = codec.update_hash(codec.encode_update(0, 1, initial))
         row = store.init_model(1, first, self._pack(initial))  # version 1 = the plan's values (0 = "none")
         self.version, self.hash, self.state = row.version, row.hash, self._unpack(row.state)
+        self.model_payload: bytes | None = None  # what model/current carries (DIFF against version - 1 if it can)
+        self.model_base: int | None = None  # the version that payload is a DIFF against; None: FULL form
+        self._full: tuple[int, bytes] | None = None  # (version, its FULL form) for devices that lag behind
+        self.full_sent: dict[str, int] = {}  # device -> version whose FULL form it was sent (reset by its hello)
         for device_id, hello_json, _ in store.devices():
             if hello_json != "{}":
                 self.registry.on_hello(parse(hello_json.encode(), Hello), 0.0)  # type: ignore[arg-type]
@@ -369,14 +368,31 @@ class Coordinator:
         if isinstance(msg, Hello):
             self.store.save_device(msg.device_id, ev.payload.decode())
             self.registry.on_hello(msg, now)
+            self.full_sent.pop(msg.device_id, None)  # a (re)started device may have lost what it was sent
             return []
         assert isinstance(msg, Status)
         was_online = self.registry.is_online(msg.device_id)
         if self.registry.on_status(msg, now) is None:
             return [Dropped(ev.device_id, ev.kind, "status before hello")]
-        if msg.state == "offline" and was_online:
-            return self._machine(rnd.DeviceLost(msg.device_id, now), now)
-        return []
+        if msg.state == "offline":
+            return self._machine(rnd.DeviceLost(msg.device_id, now), now) if was_online else []
+        return self._catch_up(msg.device_id, msg.model_version)
+
+    def _catch_up(self, device_id: str, held: int) -> list[Output]:
+        """The FULL form on ``dev/<id>/model`` for a device whose held version ``model/current`` cannot update:
+        older than the current version and not the base of its DIFF. Once per device and version (until its next
+        hello): a status sent before the FULL arrived must not fetch it twice."""
+        if held >= self.version or held == self.model_base or self.model_base is None:
+            return []
+        if self.full_sent.get(device_id) == self.version:
+            return []
+        self.full_sent[device_id] = self.version
+        return [Publish(f"dev/{device_id}/model", self._full_payload())]
+
+    def _full_payload(self) -> bytes:
+        if self._full is None or self._full[0] != self.version:
+            self._full = (self.version, self.codec.encode_update(self.version - 1, self.version, self.state))
+        return self._full[1]
 
     def _delta(self, ev: Received, now: float) -> list[Output]:
         content_hash = hashlib.sha256(ev.payload).hexdigest()
@@ -433,7 +449,7 @@ class Coordinator:
     def _tasks(self, d: rnd.Dispatch) -> list[Output]:
         c = self.config
         task = Task(d.round_id, self.codec.plan_hash, self.version, self.hash, c.lr, c.local_steps, c.batch_size,
-                    d.deadline).to_json()
+                    d.deadline, c.topk_permille).to_json()
         return [Publish(f"dev/{dev}/task", task) for dev in d.device_ids]
 
     # --- closing a round: aggregate from the store, persist, publish ------------------------------------------
@@ -446,19 +462,35 @@ class Coordinator:
             self.round_deltas = None
             return [RoundClosed(cmd.round_id, False, self.version, tuple(sorted(m.accepted)), cmd.reason)]
         new_state = self.aggregate(cmd.round_id)
-        payload = self.codec.encode_update(self.version, self.version + 1, new_state)
+        base, payload = self._encode_model(self.version, self.state, self.version + 1, new_state)
         new_hash = self.codec.update_hash(payload)
         m.handle(rnd.Closed(now))
         self.store.commit_round(m.snapshot(), self.version + 1, new_hash, self._pack(new_state))
         self.version, self.hash, self.state = self.version + 1, new_hash, new_state
+        self.model_base, self.model_payload = base, payload
         self.round_deltas = None
         return [Publish("model/current", payload, retain=True),
                 RoundClosed(cmd.round_id, True, self.version, tuple(sorted(m.accepted)))]
 
+    def _encode_model(self, old_version: int, old_state: dict[int, np.ndarray] | None, version: int,
+                      state: dict[int, np.ndarray]) -> tuple[int | None, bytes]:
+        """``(base, payload)`` of model/current for ``version``: the DIFF against ``old_version`` when there is
+        one to diff against and the codec writes it, else the FULL form (``base`` None). Deterministic, so a
+        restarted coordinator republishes the same bytes."""
+        if old_version >= 1 and old_state is not None:
+            diff = encode_diff(self.codec, old_version, version, old_state, state)
+            if diff is not None:
+                return old_version, diff
+        return None, self.codec.encode_update(version - 1, version, state)
+
     def _model_output(self) -> Publish:
-        """The current version as published after a commit (base = previous version): same bytes, same hash."""
-        payload = self.codec.encode_update(self.version - 1, self.version, self.state)
-        return Publish("model/current", payload, retain=True)
+        """The current version as published after a commit (DIFF against the previous version): same bytes."""
+        if self.model_payload is None:
+            prev = self.store.version(self.version - 1) if self.version > 1 else None
+            old = self._unpack(prev.state) if prev is not None else None
+            self.model_base, self.model_payload = self._encode_model(self.version - 1, old, self.version,
+                                                                     self.state)
+        return Publish("model/current", self.model_payload, retain=True)
 
     # --- the round's accepted deltas: decoded once on arrival, re-read from the store only after a restart ------
 

@@ -2,9 +2,11 @@
 
 Inbound device messages (``dev/+/hello|status|delta``), control commands (``StartRound``, ``Boot``) and a
 periodic ``Tick`` all go through one queue into the driver thread, which is the only thread that touches the
-coordinator (and its SQLite store). Each inbound message is acknowledged to the broker only after ``handle``
-returned, i.e. after the store committed what it implies; a crash before that gets the message redelivered,
-and the coordinator's dedup makes the redelivery harmless. Publish intents go out at QoS 1 under
+coordinator (and its SQLite store). After one blocking get it drains what is already queued (up to
+:data:`BATCH_MAX` events, stopping at a ``call``) into one ``handle_many`` (one store transaction, one fsync) and
+acknowledges the batch's messages to the broker only after that returned, i.e. after the store committed what
+they imply; a crash or a failed batch before that gets them redelivered, and the coordinator's dedup makes the
+redelivery harmless. Publish intents go out at QoS 1 under
 ``tinyfleet/<fleet>/``. Informational outputs (verdicts, closed rounds) are handed to ``on_output``.
 This module decides nothing about rounds; it refuses to run the coordinator on any other thread.
 """
@@ -22,10 +24,13 @@ from device_agent.messages import DEVICE_UP, Publish, full_topic, split_topic
 from device_agent.mqtt import BrokerURL, MqttEndpoint
 
 TICK_S = 0.2
+BATCH_MAX = 256  # events handled in one store transaction (one fsync), at most
+STOP = ("stop", None, None)  # the stop sentinel (None on the queue), when it was drained behind a batch
 
 
 class CoordinatorLink:
-    """Drive a coordinator built by ``factory()`` (called on the driver thread) over MQTT.
+    """Drive a coordinator built by ``factory()`` (called on the driver thread) over MQTT: anything with
+    ``handle(event) -> outputs``, and ``handle_many(events) -> outputs`` for batches if it has one.
 
     ``on_output(output)`` gets every non-publish output (``Verdict``, ``RoundClosed``, ``Dropped``) and also
     every ``Publish`` after it was handed to paho, on the driver thread; keep it short.
@@ -110,17 +115,21 @@ class CoordinatorLink:
             return
         self._ready.set_result(True)
         next_tick = time.monotonic() + self.tick
+        held = None  # an item taken off the queue while draining a batch, handled next
         while not self._stop.is_set():
-            try:
-                item = self._q.get(timeout=max(0.0, next_tick - time.monotonic()))
-            except queue.Empty:
-                item = ("event", Tick(), None)
+            if held is not None:
+                item, held = held, None
+            else:
+                try:
+                    item = self._q.get(timeout=max(0.0, next_tick - time.monotonic()))
+                except queue.Empty:
+                    item = ("event", Tick(), None)
             if item is None:
                 break
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self.tick
                 if item[1].__class__ is not Tick:
-                    self._handle(Tick())
+                    self._handle([Tick()])
             kind, what, done = item
             if kind == "call":
                 try:
@@ -128,22 +137,42 @@ class CoordinatorLink:
                 except BaseException as e:  # noqa: BLE001  handed to the caller
                     done.set_exception(e)
                 continue
-            self._handle(what)
-            if done is not None:
-                done()  # the broker may forget the message now: the store has what it implied
+            batch = [item]
+            while len(batch) < BATCH_MAX:  # whatever queued up meanwhile goes into the same store transaction
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or nxt[0] == "call":  # a call sees the state after the events queued before it
+                    held = nxt if nxt is not None else STOP
+                    break
+                batch.append(nxt)
+            if self._handle([b[1] for b in batch]):
+                for _, _, done in batch:
+                    if done is not None:
+                        done()  # the broker may forget the message now: the store has what it implied
+            if held is STOP:
+                break
 
-    def _handle(self, event: object) -> None:
+    def _handle(self, events: list) -> bool:
+        """``handle_many(events)`` and publish its outputs; False when it raised (the batch did not happen)."""
+        ok = True
         try:
-            outputs = self.coordinator.handle(event)
+            many = getattr(self.coordinator, "handle_many", None)  # NOTE: the Flower grid's driver has handle only
+            outputs = many(events) if many is not None else [o for ev in events for o in self.coordinator.handle(ev)]
         except Exception as e:  # noqa: BLE001
-            # NOTE: the coordinator's contract: after a failed handle, rebuild from the same store and Boot.
-            self.errors.append(f"{type(event).__name__}: {type(e).__name__}: {e}")
+            # NOTE: the coordinator's contract: after a failed handle, rebuild from the same store and Boot. The
+            # batch's messages stay unacknowledged: the broker redelivers them and dedup makes that harmless.
+            names = ",".join(sorted({type(ev).__name__ for ev in events}))
+            self.errors.append(f"{names} (batch of {len(events)}): {type(e).__name__}: {e}")
             from fleet.coordinator import Boot
 
             self.coordinator = self.factory()
             outputs = self.coordinator.handle(Boot())
+            ok = False
         for out in outputs:
             if isinstance(out, Publish):
                 self.endpoint.publish(full_topic(self.fleet, out.topic), out.payload, out.retain)
             if self.on_output is not None:
                 self.on_output(out)
+        return ok

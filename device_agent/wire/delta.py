@@ -369,6 +369,67 @@ def delta_to_dense(delta: Delta, plan: ir.Plan, *, plan_hash: bytes | None = Non
     return out
 
 
+@dataclass(frozen=True)
+class SharedLayout:
+    """Where each shared (non-personal) trainable tensor of a plan sits in the flat delta vector: ids ascending,
+    each tensor's values in C order. Build with :func:`shared_layout`."""
+
+    slots: dict[int, tuple[int, int, bool]]  # tensor id -> (offset, numel, is int8)
+    size: int  # D, the vector's length
+
+
+def shared_layout(plan: ir.Plan) -> SharedLayout:
+    slots, off = {}, 0
+    for t in plan.tensors:
+        if t.kind == ir.Kind.TRAINABLE and not t.personal:
+            n = t.numel
+            slots[t.id] = (off, n, t.dtype == ir.DType.INT8)
+            off += n
+    return SharedLayout(slots, off)
+
+
+def delta_to_flat(delta: Delta, plan: ir.Plan, *, plan_hash: bytes | None = None,
+                  layout: SharedLayout | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, mask)`` over the shared tensors of ``plan``, flattened in :func:`shared_layout` order.
+
+    Parameters
+    ----------
+    plan_hash, layout : the plan's hash and ``shared_layout(plan)`` if the caller has them (a coordinator
+        decoding many deltas against one plan computes them once).
+
+    Returns
+    -------
+    values : (D,) int64, the delta (0 where not sent).
+    mask : (D,) bool, the coordinates the device sent: all of a DENSE / FILLED record, the listed ones of a
+        SPARSE record, none of an absent tensor.
+
+    Raises :class:`WireFormatError` ``PLAN_MISMATCH`` / ``BAD_VALUE`` as :func:`delta_to_dense` does.
+    """
+    _check_plan(delta, plan, plan_hash)
+    layout = layout or shared_layout(plan)
+    values = np.zeros(layout.size, np.int64)
+    mask = np.zeros(layout.size, bool)
+    for td in delta.tensors:
+        slot = layout.slots.get(td.tensor_id)
+        if slot is None or slot[1] != td.numel:
+            _shared_tensor(delta, plan, td, plan_hash)  # raises, saying what the tensor is
+            raise WireFormatError(WireError.PLAN_MISMATCH, f"delta: tensor {td.tensor_id} is not a shared tensor")
+        off, n, int8 = slot
+        v = td.values
+        if int8 and v.size and (v.max() > INT8_DELTA_LIMIT or v.min() < -INT8_DELTA_LIMIT):
+            raise WireFormatError(WireError.BAD_VALUE, f"delta: int8 tensor {td.tensor_id} has a delta beyond ±254")
+        if td.indices is None:
+            values[off:off + n] = v
+            mask[off:off + n] = True
+        else:
+            values[off:off + n][td.indices] = v
+            if td.filled:
+                mask[off:off + n] = True
+            else:
+                mask[off:off + n][td.indices] = True
+    return values, mask
+
+
 def delta_support(delta: Delta, plan: ir.Plan, *, plan_hash: bytes | None = None) -> dict[int, np.ndarray]:
     """Tensor id -> bool mask of the coordinates the device sent (all for DENSE / FILLED, the listed ones for
     SPARSE); a tensor without a record: none."""

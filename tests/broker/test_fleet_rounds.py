@@ -60,3 +60,31 @@ def test_duplicate_deltas_do_not_double_count(tiny_fleet):
     assert sum(v.reason == "ok" for v in doubled.of(Verdict)) == 3
     sa, sb = plain.state(), doubled.state()
     assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def test_late_device_catches_up_via_full_model_while_model_current_is_a_diff(tiny_fleet, broker):
+    from device_agent.buffer import SampleBuffer
+    from device_agent.engine.examples import tiny_dataset
+    from device_agent.engine.trainer import Trainer
+    from device_agent.messages import Publish
+    from device_agent.mqtt import DeviceAgent
+    from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
+    from device_agent.wire.envelope import Verifier
+
+    fleet = tiny_fleet(n=2)
+    fleet.run_round()
+    assert fleet.run_round().version == 3  # model/current is now the DIFF v2 -> v3
+    fleet.wait(lambda: all(a.protocol.version == 3 for a in fleet.agents))  # the others applied the DIFFs
+
+    x, y = tiny_dataset(32, seed=9)
+    buf = SampleBuffer(32, x.shape[1:], np.int8, seed=9)
+    buf.add(x, y)
+    proto = DeviceProtocol(Identity("d9", "host", 1 << 20, 1 << 20), fleet.plan, Trainer(fleet.plan),
+                           WireDeviceCodec(fleet.plan, Verifier.unsigned()), buf, seed=9)
+    late = DeviceAgent(broker.url, "t0", proto, will_delay=0).start()
+    fleet.agents.append(late)  # closed with the fleet
+
+    fleet.wait(lambda: proto.version == 3)
+    assert proto.model_hash == fleet.link.call(lambda c: c.hash)
+    full = [o for o in fleet.of(Publish) if o.topic == "dev/d9/model"]
+    assert len(full) == 1 and not full[0].retain

@@ -429,3 +429,152 @@ def test_robust_aggregators_commit_through_the_coordinator(kind, extra):
         want = agg.apply_int_delta(np.asarray(t.data).reshape(t.shape), step[pos:pos + t.numel])
         assert np.array_equal(f.coord.state[t.id], want), t.name
         pos += t.numel
+
+
+# --- downlink: DIFF on model/current, FULL for a device that fell behind --------------------------------------
+
+
+def _come_back(f: Fleet, did: str) -> list[Publish]:
+    """Restart ``did`` (hello + status), deliver the retained model/current as a new subscription gets it, pump;
+    the coordinator's publishes on ``dev/<did>/model``."""
+    f.alive.add(did)
+    f._route_dev(f.devices[did], f.devices[did].handle(dp.Start()))
+    f.queue.append(("d", did, dp.Received("model", f.retained["model/current"])))
+    sent: list = []
+    while f.queue:
+        item = f.queue.popleft()
+        if item[0] == "c":
+            out = f.coord.handle(item[1])
+            sent += [o for o in out if isinstance(o, Publish) and o.topic == f"dev/{did}/model"]
+            f._route_coord(out)
+        elif item[1] in f.alive:
+            f._route_dev(f.devices[item[1]], f.devices[item[1]].handle(item[2]))
+    return sent
+
+
+def test_device_that_missed_rounds_catches_up_via_full_and_diff_is_smaller():
+    from device_agent.wire.envelope import Verifier as V
+    from device_agent.wire.update import Form, ModelUpdate
+
+    f = Fleet()
+    f.boot()
+    f.round()
+    f.kill("d03")  # offline (Last Will): misses rounds 2 and 3 and their DIFFs
+    f.pump()
+    f.round()
+    f.kill("d04")  # misses round 3 only
+    f.pump()
+    f.round()
+    assert [c.committed for c in f.closed()] == [True] * 3 and f.coord.version == 4
+    assert f.devices["d00"].version == 4 and f.devices["d03"].version == 2  # the others applied the DIFFs
+    diff = ModelUpdate.from_bytes(f.retained["model/current"], verify=V.unsigned())
+    assert diff.form == Form.DIFF and (diff.base_version, diff.new_version) == (3, 4)
+    # d04 holds v3, the DIFF's base: the retained model/current is all it needs
+    assert _come_back(f, "d04") == [] and f.devices["d04"].version == 4
+    # d03 holds v2: the coordinator sends it the FULL form on dev/d03/model, once
+    (sent,) = _come_back(f, "d03")
+    full = ModelUpdate.from_bytes(sent.payload, verify=V.unsigned())
+    assert full.form == Form.FULL and full.new_version == 4 and not sent.retain
+    d03 = f.devices["d03"]
+    assert d03.version == 4 and d03.model_hash == f.coord.hash
+    assert state_bytes(d03.base) == state_bytes(f.coord.state)
+    f.round()  # and both train in the next round
+    assert {"d03", "d04"} <= set(f.closed()[-1].accepted)
+    # bytes down per round: the DIFF is smaller than the FULL form of the same version
+    assert len(f.retained["model/current"]) < len(f.coord._full_payload())
+
+
+def test_model_current_is_the_same_diff_after_a_restart(tmp_path):
+    path = tmp_path / "fleet.db"
+    f = Fleet(n=4, store=Store(path))
+    f.boot()
+    f.round()
+    before = f.retained["model/current"]
+    again = co.Coordinator(PLAN, Store(path), f.cfg, lambda: f.now, co.WireCodec(PLAN))
+    (model,) = [o for o in again.handle(co.Boot()) if isinstance(o, Publish) and o.topic == "model/current"]
+    assert model.payload == before and again.model_base == 1
+
+
+def test_a_device_at_the_diff_base_is_not_sent_the_full_form():
+    f = Fleet(n=2, cfg=config(goal=2))
+    f.boot()
+    f.round()
+    status = f.devices["d00"].status()  # v2 now; pretend an older v1 status was still in flight
+    old = status.payload.replace(b'"model_version":2', b'"model_version":1')
+    assert not [o for o in f.send(co.Received("status", "d00", old)) if isinstance(o, Publish)]
+    none = old.replace(b'"model_version":1', b'"model_version":0')
+    (full,) = [o for o in f.send(co.Received("status", "d00", none)) if isinstance(o, Publish)]
+    assert full.topic == "dev/d00/model"
+    assert not f.send(co.Received("status", "d00", none))  # once per version (until the device's next hello)
+
+
+# --- task.topk_permille: the coordinator asks devices for top-k deltas -------------------------------------
+
+
+def test_task_topk_permille_makes_devices_send_top_k():
+    f = Fleet(n=4, cfg=config(goal=4, topk_permille=100))
+    f.boot()
+    f.round()
+    assert f.closed()[-1].committed
+    total = sum(t.numel for t in PLAN.trainable)
+    for _, payload in f.uplinks:  # NOTE: a tiny tensor (a bias) may still go dense: top-k only when it is smaller
+        sent = sum(int(m.sum()) for m in delta_support(delta_from_bytes(payload), PLAN).values())
+        assert sent <= 0.2 * total, (sent, total)
+    with pytest.raises(ValueError, match="topk_permille"):
+        co.Coordinator(PLAN, Store(), config(topk_permille=1001), lambda: 0.0, co.WireCodec(PLAN))
+
+
+# --- fleet.mqtt.CoordinatorLink: batches of queued events, acknowledged after their transaction ----------------
+
+
+class _FakeEndpoint:
+    def __init__(self):
+        self.published: list = []
+
+    def start(self, timeout=None):
+        pass
+
+    def stop(self, graceful=True):
+        pass
+
+    def publish(self, topic, payload, retain=False):
+        self.published.append(topic)
+
+
+class _FakeCoordinator:
+    def __init__(self, log, fail):
+        self.log, self.fail = log, fail
+
+    def handle(self, event):
+        return self.handle_many([event])
+
+    def handle_many(self, events):
+        events = list(events)
+        self.log.append([type(e).__name__ for e in events])
+        if any(getattr(e, "payload", b"") == b"boom" for e in events) and self.fail:
+            self.fail.pop()
+            raise RuntimeError("store failed")
+        return [Publish(f"dev/{e.device_id}/ack", b"{}") for e in events if isinstance(e, co.Received)]
+
+
+def test_coordinator_link_batches_queued_messages_and_acks_after_commit():
+    from device_agent.mqtt import BrokerURL
+    from fleet.mqtt import CoordinatorLink
+
+    log: list = []
+    fail = [True]
+    link = CoordinatorLink(BrokerURL.parse("mqtt://127.0.0.1:1"), "t", lambda: _FakeCoordinator(log, fail),
+                           tick=60.0)
+    link.endpoint = _FakeEndpoint()
+    acked: list = []
+    # queued before the driver thread starts: all of them are there for the first drain
+    for i in range(5):
+        link._on_message(f"tinyfleet/t/dev/d{i}/delta", b"x", lambda i=i: acked.append(i))
+    link.start()
+    assert link.call(lambda c: True)
+    assert log[0][:5] == ["Received"] * 5 and acked == [0, 1, 2, 3, 4]  # one batch, then acknowledged
+    # a failing batch: rebuilt and booted, nothing acknowledged (the broker redelivers)
+    link.call(lambda c: link._q.put(("event", co.Received("delta", "d9", b"boom"), lambda: acked.append(9))))
+    assert link.call(lambda c: True)
+    assert 9 not in acked and link.errors and "batch of 1" in link.errors[-1]
+    link.stop()

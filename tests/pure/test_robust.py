@@ -124,8 +124,14 @@ def test_unweighted_rules_ignore_an_inflated_sample_count(kind):
     assert run("sign_flipped_100x_claims_1e6_samples", kind) >= run("none", kind) - 0.02
 
 
-@pytest.mark.xfail(strict=True, reason="fleet.aggregate.clipped_mean weights devices by their self-reported "
-                                       "sample_count: one device claiming 10^6 samples outweighs the other nine "
-                                       "(fix: cap or drop the weights in the clipped mean)")
 def test_clipped_mean_ignores_an_inflated_sample_count():
+    # the clipped mean caps every weight at the median sample count: the liar counts as one median device
     assert run("sign_flipped_100x_claims_1e6_samples", "clipped") >= run("none", "clipped") - 0.02
+
+
+def test_capped_weights_keep_honest_weighting_and_cap_the_liar():
+    w = np.array([40, 48, 50, 10**6], np.int64)
+    assert agg.capped_weights(w).tolist() == [40, 48, 48, 48]
+    values = np.array([[2.0], [2.0], [2.0], [-100.0]])
+    mean = agg.clipped_mean(values, np.ones((4, 1), bool), w, clip=1e9)  # nothing clipped: only the weights
+    assert np.isclose(mean.value[0], (2.0 * (40 + 48 + 48) - 100.0 * 48) / (40 + 48 + 48 + 48))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from device_agent.wire import (
     residual_after,
     topk_indices,
 )
-from device_agent.wire.envelope import SigAlg
+from device_agent.wire import sparse as S
+from device_agent.wire.delta import delta_to_flat, shared_layout
+from device_agent.wire.envelope import Cursor, SigAlg
 from device_agent.wire.sparse import Enc
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -176,9 +179,10 @@ def test_delta_that_does_not_fit_the_plan(edit):
         d.tensors[0] = encode_tensor(2, np.full(6, 300, np.int64))
         code = WireError.BAD_VALUE
     d = delta_from_bytes(d.to_bytes())
-    with pytest.raises(WireFormatError) as e:
-        delta_to_dense(d, plan)
-    assert e.value.code == code
+    for convert in (delta_to_dense, delta_to_flat):
+        with pytest.raises(WireFormatError) as e:
+            convert(d, plan)
+        assert e.value.code == code
 
 
 def test_writer_refusals():
@@ -188,3 +192,63 @@ def test_writer_refusals():
         Delta("dev", 1, bytes(32), bytes(32), 0, 0).to_bytes()
     with pytest.raises(ValueError):
         Delta("dev", 1, bytes(32), bytes(32), 0, 1, [encode_tensor(0, np.array([2**40]))]).to_bytes()
+
+
+@pytest.mark.parametrize("top_k", [None, 1, {2: 2}])
+def test_delta_to_flat_is_dense_and_support_in_shared_order(top_k):
+    # Prepare
+    plan = gen.golden_plan()
+    d = delta_from_bytes(encode_delta(plan, *_old_new(plan), top_k=top_k, **HDR).to_bytes())
+    shared = [t for t in plan.trainable if not t.personal]
+    # Execute
+    values, mask = delta_to_flat(d, plan)
+    again = delta_to_flat(d, plan, plan_hash=d.plan_hash, layout=shared_layout(plan))
+    # Assert
+    dense, support = delta_to_dense(d, plan), delta_support(d, plan)
+    assert values.dtype == np.int64 and mask.dtype == bool and values.shape == (sum(t.numel for t in shared),)
+    assert np.array_equal(values, np.concatenate([dense[t.id].reshape(-1) for t in shared]))
+    assert np.array_equal(mask, np.concatenate([support[t.id].reshape(-1) for t in shared]))
+    assert np.array_equal(again[0], values) and np.array_equal(again[1], mask)
+
+
+def _forged(numel: int, enc: Enc, width: int, values, indices=()) -> bytes:
+    """One v2 record in exactly the encoding and width asked for, canonical or not."""
+    idx = np.asarray(indices, np.int64)
+    out = bytearray(struct.pack("<HBBII", 4, int(enc), {1: 1, 2: 2, 4: 3}[width], numel, len(values)))
+    if enc in S.BITMAP:
+        out += S.encode_bitmap(numel, idx)
+    elif enc != Enc.DENSE:
+        out += S.encode_varints(S.gaps_of(idx))
+    out += bytes(-len(out) % 4) + np.asarray(values, f"<i{width}").tobytes()
+    return bytes(out + bytes(-len(out) % 4))
+
+
+def _read(raw: bytes):
+    return S.read_record(Cursor(memoryview(raw), "test", base=0), "record", frozenset(Enc))
+
+
+@pytest.mark.parametrize("raw", [
+    _forged(2000, Enc.SPARSE_BITMAP, 1, [1, 2], [3, 1999]),  # gaps: 4 bytes, bitmap: 252
+    _forged(16, Enc.FILLED_GAPS, 1, [1, 2], [0, 15]),  # tie (4 and 4 bytes): bitmap
+    _forged(400, Enc.DENSE, 1, [0] * 399 + [5]),  # FILLED_GAPS lists it in 12 + 4 + 4 bytes
+    _forged(8, Enc.FILLED_BITMAP, 1, list(range(1, 9)), range(8)),  # 4 + 8 bytes, DENSE 8
+    _forged(4, Enc.DENSE, 2, [1, -128, 127, 0]),  # fits int8
+    _forged(4, Enc.DENSE, 4, [1, 2, 32767, -32768]),  # fits int16
+    _forged(30000, Enc.SPARSE_GAPS, 1, [1, 0], [5, 29999]),  # a listed zero
+], ids=["bitmap-not-smallest", "gaps-on-tie", "dense-not-smallest", "filled-not-smaller", "int16", "int32",
+        "listed-zero"])
+def test_reader_refuses_each_non_canonical_record(raw):
+    with pytest.raises(WireFormatError) as e:
+        _read(raw)
+    assert e.value.code == WireError.NOT_CANONICAL
+
+
+def test_reader_decodes_multibyte_gaps_and_sizes_them_exactly():
+    # Prepare: gaps of 1, 2, 3 and 4 varint bytes; the bitmap of 2**25 coordinates would be 4 MiB
+    idx = [0, 200, 200 + 2**14 + 1, 2**22 + 2**14, 2**25 - 1]
+    raw = _forged(2**25, Enc.SPARSE_GAPS, 2, [7, -300, 1, 2, 3], idx)
+    # Execute
+    r = _read(raw)
+    # Assert
+    assert r.indices.tolist() == idx and r.values.tolist() == [7, -300, 1, 2, 3] and r.nbytes == len(raw)
+    assert S.varint_total(np.asarray(idx)) == int(S.varint_sizes(S.gaps_of(idx)).sum())
