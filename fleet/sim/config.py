@@ -82,6 +82,31 @@ class ModelConfig:
         return errs
 
 
+BACKENDS = ("python", "qemu", "renode")
+QEMU_MACHINES = ("mps2-an386", "mps2-an500")
+BASELINES = ("local", "centralized")  # local-only training per device; fp32 on pooled data (fleet/sim/baselines.py)
+
+
+@dataclass
+class QemuConfig:
+    """Emulated boards for ``backend: qemu`` / ``qemu_devices`` (fleet/sim/backends.py)."""
+
+    machine: str = "mps2-an500"  # mps2-an500 (Cortex-M7) or mps2-an386 (Cortex-M4)
+    elf: str | None = None  # firmware ELF (default: firmware/build/<an500|an386>/tinyfleet.elf)
+    icount: bool = False  # deterministic virtual time (instruction count), ~2.3x slower
+    timeout: float = 120.0  # seconds one board command may take (100 boards share 2 cores)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if self.machine not in QEMU_MACHINES:
+            errs.append(f"machine: expected one of {', '.join(QEMU_MACHINES)}, got {self.machine!r}")
+        if self.elf is not None and not Path(self.elf).is_file():
+            errs.append(f"elf: file not found: {self.elf}")
+        if self.timeout <= 0:
+            errs.append(f"timeout: must be > 0 seconds, got {self.timeout}")
+        return errs
+
+
 @dataclass
 class SimConfig:
     """One fleet: where the broker is, how many devices, how rounds run, what they train on."""
@@ -100,6 +125,11 @@ class SimConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    backend: str = "python"  # python (host engine) | qemu (one emulated board per device) | renode (not here)
+    qemu_devices: int | None = None  # mixed fleet: the first N devices are QEMU boards, the rest use `backend`
+    qemu: QemuConfig = field(default_factory=QemuConfig)
+    personal: list[str] = field(default_factory=list)  # trainable tensors kept on each device, e.g. [classifier.bias]
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # measured in the same run; [] for none
 
     def validate(self) -> list[str]:
         errs = []
@@ -122,6 +152,16 @@ class SimConfig:
             errs.append(f"deadline: must be > 0 seconds, got {self.deadline}")
         if self.over_selection < 1:
             errs.append(f"over_selection: must be >= 1, got {self.over_selection}")
+        if self.backend not in BACKENDS:
+            errs.append(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.qemu_devices is not None and not 0 <= self.qemu_devices <= self.devices:
+            errs.append(f"qemu_devices: must be in 0..devices ({self.devices}), got {self.qemu_devices}")
+        if not isinstance(self.personal, list) or not all(isinstance(n, str) and n for n in self.personal):
+            errs.append(f"personal: expected a list of trainable tensor names (e.g. [classifier.bias]), "
+                        f"got {self.personal!r}")
+        bad = [b for b in self.baselines if b not in BASELINES] if isinstance(self.baselines, list) else [self.baselines]
+        if bad:
+            errs.append(f"baselines: expected a list drawn from {', '.join(BASELINES)}, got {bad}")
         return errs
 
     @property

@@ -53,9 +53,17 @@ class SimResult:
     setup_seconds: float = 0.0
     interrupted: bool = False
     errors: list[str] = field(default_factory=list)
+    # per round, pooled over every device's test slice (fleet/sim/baselines.py); empty when not measured
+    accuracy_personalized_per_round: list[float] = field(default_factory=list)  # global + each device's personal
+    accuracy_local_per_round: list[float] = field(default_factory=list)  # each device trained alone
+    accuracy_centralized_per_round: list[float] = field(default_factory=list)  # fp32, pooled data, epoch per round
+    personal: list[str] = field(default_factory=list)  # names of the personal tensors
+    accuracy_mean_per_device: dict[str, float] = field(default_factory=dict)  # method -> mean of per-device finals
+    per_device: list[dict] = field(default_factory=list)  # metrics.json only (not the printed JSON line)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("per_device")
         for k, v in d.items():
             if isinstance(v, float):
                 d[k] = round(v, 4)
@@ -234,6 +242,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
                                    d.max_train_per_device, cfg.seed)
     bar.update("setup", advance=1, info="data")
     plan, _report, res.scheme = build_plan(cfg, scenario)
+    plan = _mark_personal(plan, cfg.personal)
+    res.personal = list(cfg.personal)
     res.plan_sram_bytes = plan_sram(plan)
     bar.update("setup", advance=1, info=f"plan {res.scheme}")
     if out_dir is not None:
@@ -264,15 +274,18 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     board_sram = max(res.plan_sram_bytes, 256_000)
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="devices")  # NOTE: 2 cores; GIL-bound anyway
     stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+    from fleet.sim.backends import build_devices  # python Trainer or one QEMU board per device
+
+    slots = build_devices(cfg, plan, stack)
     agents: list[DeviceAgent] = []
     stack.callback(lambda: [a.stop(graceful=True) for a in agents])
     for i, dd in enumerate(scenario.devices):
         buf = SampleBuffer(max(1, dd.n_train), tuple(scenario.input_shape), np.int8, seed=cfg.seed + i)
         if dd.n_train:
             buf.add(quantize(dd.x_train, scale, zp), dd.y_train.astype(np.int32))
-        proto = DeviceProtocol(Identity(dd.device_id, cfg.model.board, board_sram, 1_000_000), plan, Trainer(plan),
+        proto = DeviceProtocol(Identity(dd.device_id, cfg.model.board, board_sram, 1_000_000), plan, slots[i].trainer,
                                WireDeviceCodec(plan, verifier), buf, seed=cfg.seed + i)
-        agents.append(DeviceAgent(url, cfg.name, proto, executor=pool).start(timeout=None))
+        agents.append(DeviceAgent(url, cfg.name, proto, executor=slots[i].executor or pool).start(timeout=None))
     deadline = time.monotonic() + 30
     online = 0
     while online < cfg.devices:
@@ -285,6 +298,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     res.setup_seconds = time.monotonic() - t0
 
     evaluator = Trainer(plan)
+    slices = _device_slices(scenario, scale, zp)
+    participation = {dd.device_id: 0 for dd in scenario.devices}
     x_test, y_test = scenario.test_set()
     xq_test = quantize(x_test, scale, zp)
 
@@ -330,15 +345,19 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         res.selected_per_round.append(len(watcher.selected))
         res.devices_dropped += len(watcher.selected - set(closed.accepted))
         res.accuracy_per_round.append(accuracy())
+        for dev in closed.accepted:
+            participation[dev] = participation.get(dev, 0) + 1
+        if res.personal:
+            res.accuracy_personalized_per_round.append(_personalized(link, evaluator, agents, slices)[0])
         res.rounds += 1
         bar.update("rounds", advance=1, info=f"acc {res.accuracy_per_round[-1]:.3f}")
     res.model_version = link.call(lambda c: c.version) if not res.interrupted else res.model_version
     res.devices_offline = link.call(lambda c: sum(not rec.online for rec in c.registry.devices.values()))
     res.errors = link.errors + [f"{a.device_id}: {n[1]}" for a in agents for n in a.notes if n[0] == "error"]
+    if res.rounds:
+        _final_metrics(cfg, scenario, plan, link, evaluator, agents, slots, slices, participation, res)
     if out_dir is not None:
-        import json
-
-        (out_dir / "metrics.json").write_text(json.dumps(res.to_dict(), indent=1, sort_keys=True))
+        _write_run(out_dir, res)
 
 
 def _settle(agents, version: int | None, timeout: float = 10.0) -> None:
@@ -351,3 +370,97 @@ def _settle(agents, version: int | None, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+
+
+# --- end-of-run metrics: per-device accuracies, baselines, metrics.json + report ------------------------------
+
+
+def _mark_personal(plan, names: list[str]):
+    from fleet.sim.baselines import mark_personal
+
+    try:
+        return mark_personal(plan, names)
+    except ValueError as e:
+        raise SimulationError(str(e)) from None
+
+
+def _device_slices(scenario, scale: float, zp: int) -> list:
+    from fleet.sim.baselines import DeviceSlice
+    from fleet.sim.datasets import quantize
+
+    return [DeviceSlice(d.device_id, quantize(d.x_train, scale, zp), d.y_train.astype(np.int32),
+                        quantize(d.x_test, scale, zp), d.y_test.astype(np.int32)) for d in scenario.devices]
+
+
+def _personalized(link, evaluator, agents, slices) -> tuple[float, list]:
+    """Pooled and per-device accuracy of the global model with each device's own personal tensors swapped in."""
+    from fleet.sim.baselines import device_accuracies, personal_ids, pooled
+
+    ids = personal_ids(evaluator.plan)
+    shared = link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
+    personal: list[dict | None] = []
+    for a in agents:
+        try:
+            state = a.protocol.trainer.trainable_state()  # the harness reads it; the device never sends it
+            personal.append({i: state[i] for i in ids})
+        except (OSError, RuntimeError, KeyError):  # NOTE: a board that went away counts with the global values
+            personal.append(None)
+    accs = device_accuracies(evaluator, shared, slices, personal)
+    return pooled(accs, slices), accs
+
+
+def _final_metrics(cfg: SimConfig, scenario, plan, link, evaluator, agents, slots, slices,
+                   participation: dict[str, int], res: SimResult) -> None:
+    """Per-device table and the baselines (same rounds, steps and lr as the fleet), into ``res``."""
+    from fleet.sim import baselines as bl
+
+    shared = link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
+    methods: dict[str, list] = {"global": bl.device_accuracies(evaluator, shared, slices)}
+    if res.personal:
+        methods["personalized"] = _personalized(link, evaluator, agents, slices)[1]
+    if "local" in cfg.baselines and not res.interrupted:
+        per_round = bl.local_only(plan, slices, res.rounds, cfg.local_steps, cfg.lr, cfg.seed)
+        res.accuracy_local_per_round = [bl.pooled(a, slices) for a in per_round]
+        methods["local"] = per_round[-1]
+    if "centralized" in cfg.baselines and not res.interrupted:
+        x_proxy, y_proxy = scenario.x_proxy, scenario.y_proxy
+        if not len(y_proxy):  # the same fallback as build_plan, so this is the same float model
+            x_proxy, y_proxy = scenario.devices[0].x_train, scenario.devices[0].y_train
+        model = pretrain(cfg, x_proxy, y_proxy, scenario.num_classes)
+        x = _float_batch(np.concatenate([d.x_train for d in scenario.devices]))
+        y = np.concatenate([d.y_train for d in scenario.devices])
+        tests = [(_float_batch(d.x_test), d.y_test) for d in scenario.devices]
+        per_round = bl.centralized(model, x, y, tests, res.rounds, cfg.seed)
+        res.accuracy_centralized_per_round = [bl.pooled(a, slices) for a in per_round]
+        methods["centralized"] = per_round[-1]
+    for name, accs in methods.items():
+        got = [a for a in accs if a is not None]
+        if got:
+            res.accuracy_mean_per_device[name] = round(float(np.mean(got)), 4)
+    for i, dd in enumerate(scenario.devices):
+        # NOTE: a backend that measures its board exposes ``memory`` (sram_bytes, flash_bytes, ...); host devices
+        # report the compiler's plan: SRAM of the plan, flash = the plan blob
+        mem = dict(getattr(slots[i].trainer, "memory", None) or {})
+        row = {"device_id": dd.device_id, "subject": int(dd.subject), "backend": getattr(slots[i], "backend", "python"),
+               "n_train": int(dd.n_train), "n_test": len(dd.y_test),
+               "rounds_participated": participation.get(dd.device_id, 0),
+               "memory_source": "measured" if mem else "planned",
+               "sram_bytes": res.plan_sram_bytes, "flash_bytes": res.plan_bytes, **mem}
+        for name, accs in methods.items():
+            row[f"accuracy_{name}"] = None if accs[i] is None else round(float(accs[i]), 4)
+        res.per_device.append(row)
+
+
+def _write_run(out_dir: Path, res: SimResult) -> None:
+    """metrics.json (the printed JSON plus ``per_device``), then index.html + plots (fleet/sim/report.py)."""
+    import json
+
+    data = res.to_dict()
+    data["per_device"] = res.per_device
+    (out_dir / "metrics.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    try:
+        from fleet.sim.report import write_report
+
+        write_report(out_dir)
+    except (ImportError, OSError, ValueError, KeyError) as e:  # NOTE: a report problem must not lose the run
+        res.errors.append(f"report: {e} (metrics.json is complete; retry with `tinyfleet report {out_dir}`)")

@@ -1,0 +1,237 @@
+"""Device backends for ``tinyfleet simulate``: who runs a simulated device's local training.
+
+- ``python``: the host engine (``device_agent.engine.trainer.Trainer``), devices share the runner's small pool.
+- ``qemu``: one emulated board per device (``qemu-system-arm``, mps2-an500 by default) running our firmware; the
+  board holds the plan (LOAD_PLAN at boot) and the device agent drives it through
+  :class:`device_agent.bridge.BoardTrainer` (samples are pushed to the board as its sensor stream, PUSH_SAMPLE,
+  then TRAIN 1). Board I/O blocks on a socket, so board devices get a pool with one worker per board: the
+  boards train concurrently while the host thread waits (idle boards sleep in WFI and cost no CPU).
+- ``renode``: not available on these machines; asking for it fails with a clear message.
+
+A fleet may mix backends (``qemu_devices: N`` in the config: the first N devices are boards, the rest use
+``backend``). This module builds trainers and owns the boards' lifetime; it implements no protocol logic.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware"
+
+from fleet.sim.config import SimConfig
+from fleet.sim.runner import SimulationError
+
+BACKENDS = ("python", "qemu", "renode")
+
+
+@dataclass
+class DeviceSlot:
+    """One simulated device's trainer and the executor its agent handles messages on (None: the runner's pool)."""
+
+    backend: str
+    trainer: object
+    executor: object | None = None
+
+
+@dataclass
+class QemuFleet:
+    """The boards of one run (for benchmarks and error messages)."""
+
+    boards: list = field(default_factory=list)  # device_agent.board.QemuBoard
+    clients: list = field(default_factory=list)  # device_agent.board.BoardClient
+    elf: Path | None = None
+    boot_seconds: float = 0.0  # QEMU launched, UART connected and the plan loaded on every board
+
+    def pids(self) -> list[int]:
+        return [b._proc.pid for b in self.boards if getattr(b, "_proc", None) is not None]
+
+
+# Observers called with each QemuFleet once all its boards are up (benchmarks/fleet_qemu.py reads timings, pids).
+FLEET_OBSERVERS: list[Callable[[QemuFleet], None]] = []
+
+
+class LazyBoardTrainer:
+    """A :class:`~device_agent.bridge.BoardTrainer` that talks to the board only when it must.
+
+    Host -> board bytes are the expensive direction in QEMU (its CMSDK UART takes one byte per main-loop turn:
+    tens of microseconds of host CPU per byte), so:
+    - ``load_trainable`` only records the state: the device protocol loads the round's base before training,
+      again after it (to drop the trained values) and then the next model. The state goes to the board (one
+      LOAD_UPDATE) right before the next step or read, and not at all when the board already holds exactly that
+      state untrained.
+    - ``train_step`` pushes the sample (the board's sensor stream, PUSH_SAMPLE) and queues the step; the queued
+      steps run as one ``TRAIN k`` (the newest k samples, oldest first: the same order and values as k times
+      PUSH_SAMPLE + TRAIN 1) before the board's state is read, loaded or the learning rate changes.
+    What the board trains is unchanged, so deltas are bit-identical to the eager bridge (and the host Trainer).
+    """
+
+    MAX_QUEUED = 32  # steps queued before a TRAIN (far below the board's sample ring)
+
+    def __init__(self, board):
+        self.board = board
+        self.plan = board.plan
+        self._pending: dict | None = None
+        self._held: dict | None = None  # the state last sent, while no step has trained it since
+        self._steps, self._lr = 0, 0.0
+        self.uploads = 0
+
+    def load_trainable(self, state: dict) -> None:
+        self._pending = {tid: np.array(v, copy=True) for tid, v in state.items()}
+
+    def _flush(self) -> None:
+        self._train_queued()
+        if self._pending is None:
+            return
+        st, self._pending = self._pending, None
+        if self._held is not None and st.keys() == self._held.keys() and all(
+                np.array_equal(st[k], self._held[k]) for k in st):
+            return
+        self.board.load_trainable(st)
+        self._held = st
+        self.uploads += 1
+
+    def _train_queued(self) -> None:
+        if not self._steps:
+            return
+        from device_agent.engine.qmath import mant_exp
+
+        steps, self._steps = self._steps, 0
+        lr_m, lr_e = mant_exp(float(self._lr))
+        r = self.board.client.train(steps, lr_m, lr_e)
+        if r["steps_done"] != steps or r["samples_used"] != steps:
+            raise RuntimeError(f"board trained {r['steps_done']} steps on {r['samples_used']} samples, "
+                               f"{steps} were queued")
+
+    def train_step(self, x, y, lr):
+        from device_agent.engine.trainer import StepStats
+
+        if self._pending is not None or (self._steps and lr != self._lr) or self._steps >= self.MAX_QUEUED:
+            self._flush()
+        x, y = np.asarray(x), np.asarray(y).reshape(-1)
+        tin = self.board.input
+        if x.shape[0] != 1 or y.shape != (1,) or x.shape[1:] != tuple(tin.shape):
+            raise ValueError(f"a board trains one sample of shape {tuple(tin.shape)} per step (batch_size 1), "
+                             f"got x {x.shape}, y {y.shape}")
+        from device_agent.engine import ir
+
+        dt = "<i4" if tin.dtype == ir.DType.INT32 else "<i1"
+        self.board.client.push_sample(np.ascontiguousarray(x[0].astype(dt)).tobytes(), int(y[0]))
+        self._held = None
+        self._steps += 1
+        self._lr = lr
+        return StepStats(float("nan"), 0, 1)
+
+    def trainable_state(self) -> dict:
+        self._flush()
+        return self.board.trainable_state()
+
+    def state_hash(self) -> str:
+        self._flush()
+        return self.board.state_hash()
+
+
+def device_backends(cfg: SimConfig) -> list[str]:
+    """The backend of each device, in device order."""
+    if cfg.qemu_devices is not None:
+        n = min(cfg.qemu_devices, cfg.devices)
+        return ["qemu"] * n + [cfg.backend if cfg.backend != "qemu" else "python"] * (cfg.devices - n)
+    return [cfg.backend] * cfg.devices
+
+
+def build_devices(cfg: SimConfig, plan, stack: ExitStack, on_board: Callable[[int], None] | None = None) -> list[
+        DeviceSlot]:
+    """One :class:`DeviceSlot` per device; boards are stopped when ``stack`` closes."""
+    from device_agent.engine.trainer import Trainer
+
+    kinds = device_backends(cfg)
+    unknown = sorted(set(kinds) - set(BACKENDS))
+    if unknown:
+        raise SimulationError(f"backend: unknown backend {unknown[0]!r} (expected one of {', '.join(BACKENDS)})")
+    if "renode" in kinds:
+        if shutil.which("renode") is None:
+            raise SimulationError("backend: renode not on PATH (Renode is not installable on this machine; "
+                                  "use backend: qemu for emulated boards or python for host devices)")
+        raise SimulationError("backend: renode is on PATH, but the renode backend is not implemented yet "
+                              "(use backend: qemu)")
+    n_qemu = kinds.count("qemu")
+    boards = start_qemu_fleet(cfg, plan, n_qemu, stack, on_board) if n_qemu else []
+    slots, it = [], iter(boards)
+    executor = None
+    if n_qemu:
+        # NOTE: one worker per board: a worker mostly waits on its board's socket (GIL released)
+        executor = ThreadPoolExecutor(max_workers=min(n_qemu, 128), thread_name_prefix="boards")
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+    for kind in kinds:
+        if kind == "qemu":
+            slots.append(DeviceSlot("qemu", next(it), executor))
+        else:
+            slots.append(DeviceSlot("python", Trainer(plan)))
+    return slots
+
+
+def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
+                     on_board: Callable[[int], None] | None = None) -> list:
+    """Launch ``n`` boards, connect to each UART, load ``plan``; returns their BoardTrainers."""
+    from device_agent.board import BoardClient, BoardError, QemuBoard, firmware_elf
+    from device_agent.bridge import BoardTrainer
+
+    q = cfg.qemu
+    if shutil.which("qemu-system-arm") is None:
+        raise SimulationError("backend qemu: `qemu-system-arm` not on PATH (Debian: apt-get install "
+                              "qemu-system-arm; see ../shared/EMULATION.md)")
+    src = Path(q.elf) if q.elf else firmware_elf(q.machine)
+    if not q.elf:  # the default ELF is ours: an incremental make keeps it current with the sources
+        target = f"qemu-{q.machine.split('-')[-1]}"
+        r = subprocess.run(["make", "-s", "-C", str(FIRMWARE_DIR), target], capture_output=True, text=True,
+                           check=False)
+        if r.returncode != 0:
+            raise SimulationError(f"backend qemu: `make -C firmware {target}` failed:\n{r.stderr[-2000:]}")
+    if not src.is_file():
+        raise SimulationError(f"backend qemu: firmware {src} not built: run `make -C firmware "
+                              f"qemu-{q.machine.split('-')[-1]}` (or set qemu.elf)")
+    # a private copy: a rebuild of firmware/build during the run must not change what later boards boot
+    tmp = Path(tempfile.mkdtemp(prefix="tinyfleet-qemu-"))
+    stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+    elf = tmp / "tinyfleet.elf"
+    shutil.copyfile(src, elf)
+    fleet = QemuFleet(elf=elf)
+    stack.callback(lambda: [c.close() for c in fleet.clients])
+    stack.callback(lambda: [b.stop() for b in fleet.boards])  # runs before the clients close (LIFO): fine either way
+    t0 = time.monotonic()
+    boards = [QemuBoard(q.machine, elf=elf, icount=q.icount, start_timeout=30.0) for _ in range(n)]
+    fleet.boards.extend(boards)
+
+    def up(i: int):
+        b = boards[i]
+        b.start()
+        client = BoardClient(b.endpoint, timeout=q.timeout)
+        fleet.clients.append(client)
+        if not client.ping().get("blob_capacity"):
+            raise SimulationError(f"backend qemu: firmware {src} has no plan store (built before LOAD_PLAN existed): "
+                                  f"rebuild it with `make -C firmware qemu-{q.machine.split('-')[-1]}` or set qemu.elf")
+        try:
+            trainer = LazyBoardTrainer(BoardTrainer(client, plan))
+        except BoardError as e:
+            raise SimulationError(f"backend qemu: board {i} refused the plan: {e} (does the plan fit "
+                                  f"{q.machine}'s 320 KB SRAM?)") from None
+        if on_board is not None:
+            on_board(i)
+        return trainer
+
+    with ThreadPoolExecutor(max_workers=min(n, 16), thread_name_prefix="boot") as pool:
+        futures = [pool.submit(up, i) for i in range(n)]
+        trainers = [f.result() for f in futures]
+    fleet.boot_seconds = time.monotonic() - t0
+    for obs in FLEET_OBSERVERS[:]:  # an observer may remove itself
+        obs(fleet)
+    return trainers
