@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
-DEBS    := mosquitto qemu-system-arm gcc-arm-none-eabi libnewlib-arm-none-eabi dataset-fashion-mnist
+DEBS    := mosquitto qemu-system-arm gcc-arm-none-eabi libnewlib-arm-none-eabi dataset-fashion-mnist chromium
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup debs test test-pure test-broker test-firmware test-e2e lint clean firmware firmware-test
@@ -11,13 +11,15 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: debs $(BIN)/tinyfleet
 
 # Debian packages only where missing (mosquitto for broker tests and the embedded broker,
-# the ARM toolchain and QEMU for firmware tests, Fashion-MNIST for the accuracy benchmark).
+# the ARM toolchain and QEMU for firmware tests, Fashion-MNIST for the accuracy benchmark,
+# headless Chromium to check the simulation report renders).
 debs:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v qemu-system-arm >/dev/null 2>&1 || missing="$$missing qemu-system-arm"; \
 	command -v arm-none-eabi-gcc >/dev/null 2>&1 || missing="$$missing gcc-arm-none-eabi libnewlib-arm-none-eabi"; \
 	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \

@@ -1,0 +1,292 @@
+"""``tinyfleet report RUN_DIR``: a simulation's ``metrics.json`` -> ``index.html`` + PNG plots in the same folder.
+
+The page is self-contained and static: plots are PNG files next to it (relative paths), tables are plain HTML,
+styling is inline CSS, and there is no JavaScript, so it reads the same in a browser, a file viewer or a CI
+artifact. Plots: accuracy per round (global, personalized, local-only, centralized), per-device accuracy
+distribution, bytes up/down per device per round, participation and dropout per round, per-device SRAM/flash
+(and instructions per step) when known. This module reads metrics and draws; it never runs a simulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+
+METHODS = (  # metrics key suffix, label, colour
+    ("global", "global model", "#1f77b4"),
+    ("personalized", "global + personal tensors", "#2ca02c"),
+    ("local", "local-only (no fleet)", "#ff7f0e"),
+    ("centralized", "centralized fp32 (upper bound)", "#7f7f7f"),
+)
+PLOTS = {  # file -> caption
+    "accuracy.png": "Accuracy per round on every device's held-out slice (pooled windows)",
+    "device_accuracy.png": "Per-device accuracy at the end of the run, by method",
+    "bytes.png": "MQTT bytes per selected device per round",
+    "participation.png": "Participation and dropout per round",
+    "memory.png": "Per-device memory: planned by the compiler (host devices) or measured (boards)",
+}
+
+
+class ReportError(ValueError):
+    """The run directory has no usable metrics.json; says what to run first."""
+
+
+def load_metrics(run_dir: Path) -> dict:
+    """``RUN_DIR/metrics.json`` as written by ``tinyfleet simulate --out RUN_DIR``."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise ReportError(f"{path} not found: run `tinyfleet simulate CONFIG --out {run_dir}` first")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "accuracy_per_round" not in data:
+        raise ReportError(f"{path}: expected a simulate result object with 'accuracy_per_round'")
+    return data
+
+
+def round_series(m: dict) -> dict[str, list[float]]:
+    """Method -> accuracy per round (index 0 = round 1); methods that were not measured are left out."""
+    keys = {"global": "accuracy_per_round", "personalized": "accuracy_personalized_per_round",
+            "local": "accuracy_local_per_round", "centralized": "accuracy_centralized_per_round"}
+    return {name: list(m[k]) for name, k in keys.items() if m.get(k)}
+
+
+def device_methods(rows: list[dict]) -> list[str]:
+    """Methods with at least one per-device accuracy in the table, in METHODS order."""
+    return [name for name, _, _ in METHODS if any(r.get(f"accuracy_{name}") is not None for r in rows)]
+
+
+# --- plots ----------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # NOTE: no display on servers and CI; set before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure(width: float = 7.0, height: float = 3.6):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
+    ax.grid(True, alpha=0.3)
+    return plt, fig, ax
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_accuracy(m: dict, path: Path) -> None:
+    plt, fig, ax = _figure()
+    series = round_series(m)
+    style = {name: (label, colour) for name, label, colour in METHODS}
+    for name, accs in series.items():
+        xs = list(range(1, len(accs) + 1))
+        if name == "global" and "accuracy_initial" in m:  # round 0: the deployed model before any training
+            xs, accs = [0, *xs], [m["accuracy_initial"], *accs]
+        ls = "--" if name == "centralized" else "-"
+        ax.plot(xs, accs, ls, marker="o", ms=3, label=style[name][0], color=style[name][1])
+    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="lower right", fontsize=8)
+    _save(plt, fig, path)
+
+
+def plot_device_accuracy(rows: list[dict], path: Path) -> None:
+    import numpy as np
+
+    plt, fig, ax = _figure()
+    names = device_methods(rows)
+    style = {name: (label, colour) for name, label, colour in METHODS}
+    rng = np.random.default_rng(0)  # jitter only
+    for i, name in enumerate(names):
+        vals = [r[f"accuracy_{name}"] for r in rows if r.get(f"accuracy_{name}") is not None]
+        ax.boxplot([vals], positions=[i], widths=0.5, showfliers=False)
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(vals)), vals, s=12, alpha=0.7, color=style[name][1])
+    ax.set_xticks(range(len(names)), [style[n][0].replace(" (", "\n(").replace(" + ", "\n+ ") for n in names],
+                  fontsize=8)
+    ax.set(ylabel="accuracy on the device's test slice", ylim=(0, 1.02), xlim=(-0.6, max(len(names), 1) - 0.4))
+    _save(plt, fig, path)
+
+
+def plot_bytes(m: dict, path: Path) -> None:
+    import numpy as np
+
+    plt, fig, ax = _figure()
+    up, down = m.get("bytes_up_per_device_round", []), m.get("bytes_down_per_device_round", [])
+    x = np.arange(1, max(len(up), len(down)) + 1)
+    ax.bar(x[:len(up)] - 0.2, up, 0.4, label="up (delta)", color="#d62728")
+    ax.bar(x[:len(down)] + 0.2, down, 0.4, label="down (task + model update)", color="#1f77b4")
+    if m.get("plan_bytes"):
+        ax.axhline(m["plan_bytes"], color="#7f7f7f", ls=":", label=f"whole plan blob ({m['plan_bytes']} B)")
+    ax.set(xlabel="round", ylabel="bytes per selected device")
+    ax.set_xticks(x)
+    ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def plot_participation(m: dict, path: Path) -> None:
+    import numpy as np
+
+    plt, fig, ax = _figure()
+    sel, acc = m.get("selected_per_round", []), m.get("devices_per_round", [])
+    n = min(len(sel), len(acc))
+    x = np.arange(1, n + 1)
+    dropped = [max(s - a, 0) for s, a in zip(sel, acc)]
+    ax.bar(x, acc[:n], 0.6, label="delta accepted", color="#2ca02c")
+    ax.bar(x, dropped[:n], 0.6, bottom=acc[:n], label="selected, dropped", color="#d62728")
+    for i, status in enumerate(m.get("round_status", [])[:n]):
+        if status != "committed":
+            ax.annotate(status, (x[i], sel[i]), ha="center", va="bottom", fontsize=8)
+    if m.get("devices"):
+        ax.axhline(m["devices"], color="#7f7f7f", ls=":", label=f"fleet size ({m['devices']})")
+    ax.set(xlabel="round", ylabel="devices", ylim=(0, 1.2 * max([m.get("devices") or 0, *sel, 1])))
+    ax.set_xticks(x)
+    ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def plot_memory(rows: list[dict], path: Path) -> None:
+    import numpy as np
+
+    cols = [(k, label) for k, label in (("sram_bytes", "SRAM"), ("flash_bytes", "flash"),
+                                        ("instructions_per_step", "instructions / step"))
+            if any(r.get(k) is not None for r in rows)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(cols), 1, figsize=(7.0, 1.0 + 1.6 * len(cols)), dpi=100, sharex=True, squeeze=False)
+    x = np.arange(len(rows))
+    for ax, (k, label) in zip(axes[:, 0], cols):
+        ax.bar(x, [r.get(k) or 0 for r in rows], color="#9467bd")
+        ax.set_ylabel(label if k == "instructions_per_step" else f"{label} (KB)", fontsize=8)
+        if k != "instructions_per_step":
+            ax.yaxis.set_major_formatter(lambda v, _pos: f"{v / 1000:g}")
+        ax.grid(True, axis="y", alpha=0.3)
+    if len(rows) <= 40:  # NOTE: beyond that, names are unreadable; the per-device table has them
+        axes[-1, 0].set_xticks(x, [r.get("device_id", str(i)) for i, r in enumerate(rows)], rotation=90, fontsize=6)
+    axes[-1, 0].set_xlabel("device")
+    _save(plt, fig, path)
+
+
+# --- page -----------------------------------------------------------------------------------------------------
+
+
+def _cell(v: object) -> str:
+    if v is None:
+        return "<td>–</td>"
+    if isinstance(v, float):
+        return f"<td>{v:.3f}</td>" if abs(v) <= 1.0 else f"<td>{v:,.0f}</td>"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"<td>{v:,}</td>"
+    return f"<td>{html.escape(str(v))}</td>"
+
+
+def _table(header: list[str], rows: list[list[object]], cls: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "\n".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table>'
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:60em;margin:1em auto;padding:0 1em;color:#222;background:#fff}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.85em}th,td{border:1px solid #ccc;padding:.2em .5em;
+text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}figure{margin:1em 0}
+img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.9em;color:#555}.note{color:#555}"""
+
+
+def render_html(m: dict, plots: list[str]) -> str:
+    """The page for metrics ``m`` showing the PNG files ``plots`` (names relative to the page)."""
+    rows = m.get("per_device") or []
+    series = round_series(m)
+    means = m.get("accuracy_mean_per_device") or {}
+    labels = {name: label for name, label, _ in METHODS}
+    summary = [["method", "final accuracy (pooled)", "mean of per-device accuracies"]]
+    for name, accs in series.items():
+        summary.append([labels[name], accs[-1], means.get(name)])
+    facts = [["devices", m.get("devices")], ["rounds", m.get("rounds")], ["scheme", m.get("scheme")],
+             ["personal tensors", ", ".join(m.get("personal") or []) or "none"],
+             ["initial accuracy", m.get("accuracy_initial")], ["plan blob (bytes)", m.get("plan_bytes")],
+             ["plan SRAM (bytes)", m.get("plan_sram_bytes")], ["devices dropped (sum over rounds)",
+                                                              m.get("devices_dropped")],
+             ["devices offline at the end", m.get("devices_offline")], ["setup seconds", m.get("setup_seconds")],
+             ["interrupted", str(bool(m.get("interrupted")))]]
+    n = len(m.get("accuracy_per_round", []))
+    per_round_header = ["round", "status", "selected", "accepted", "bytes up/dev", "bytes down/dev", "seconds",
+                        *[labels[k] for k in series]]
+    cols = [m.get(k) or [] for k in ("round_status", "selected_per_round", "devices_per_round",
+                                     "bytes_up_per_device_round", "bytes_down_per_device_round", "round_seconds")]
+    cols += list(series.values())
+    per_round = [[i + 1, *[c[i] if i < len(c) else None for c in cols]] for i in range(n)]
+    dev_methods = device_methods(rows)
+    extra = [k for k in ("sram_bytes", "flash_bytes", "instructions_per_step", "memory_source")
+             if any(r.get(k) is not None for r in rows)]
+    dev_header = ["device", "subject", "backend", "train", "test", "rounds in", *[labels[k] for k in dev_methods],
+                  *extra]
+    dev_rows = [[r.get("device_id"), r.get("subject"), r.get("backend"), r.get("n_train"), r.get("n_test"),
+                 r.get("rounds_participated"), *[r.get(f"accuracy_{k}") for k in dev_methods],
+                 *[r.get(k) for k in extra]] for r in rows]
+    figs = "\n".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(PLOTS[p])}">'
+                     f"<figcaption>{html.escape(PLOTS[p])}</figcaption></figure>" for p in plots)
+    errors = m.get("errors") or []
+    err_html = ("<h2>Errors</h2><ul>" + "".join(f"<li>{html.escape(str(e))}</li>" for e in errors) + "</ul>"
+                if errors else "")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>TinyFleet run report</title>
+<style>{CSS}</style></head><body>
+<h1>TinyFleet run report</h1>
+<p class="note">Accuracy is measured by the simulation harness on every device's held-out test slice (no device
+sends data). Pooled = all test windows together; local-only trains each device alone with the fleet's steps;
+centralized fine-tunes the fp32 model on every device's training data pooled, one epoch per round.</p>
+<h2>Summary</h2>
+{_table(summary[0], summary[1:], "summary")}
+{_table(["run", "value"], facts, "facts")}
+<h2>Plots</h2>
+{figs}
+<h2>Per round</h2>
+{_table(per_round_header, per_round, "rounds")}
+<h2>Per device</h2>
+{_table(dev_header, dev_rows, "devices") if rows else '<p class="note">No per-device table in metrics.json.</p>'}
+{err_html}
+</body></html>
+"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``index.html`` and its PNG plots into ``run_dir`` from its metrics.json; returns the page's path."""
+    run_dir = Path(run_dir)
+    m = load_metrics(run_dir)
+    rows = m.get("per_device") or []
+    plots = ["accuracy.png", "bytes.png", "participation.png"]
+    plot_accuracy(m, run_dir / "accuracy.png")
+    plot_bytes(m, run_dir / "bytes.png")
+    plot_participation(m, run_dir / "participation.png")
+    if device_methods(rows):
+        plot_device_accuracy(rows, run_dir / "device_accuracy.png")
+        plots.insert(1, "device_accuracy.png")
+    if any(r.get(k) is not None for r in rows for k in ("sram_bytes", "flash_bytes", "instructions_per_step")):
+        plot_memory(rows, run_dir / "memory.png")
+        plots.append("memory.png")
+    page = run_dir / "index.html"
+    page.write_text(render_html(m, plots), encoding="utf-8")
+    return page
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="a `tinyfleet simulate --out` directory (holds metrics.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        page = write_report(args.run_dir)
+    except ReportError as e:
+        print(f"tinyfleet report: {e}", file=sys.stderr)
+        return 2
+    print(page)
+    return 0
