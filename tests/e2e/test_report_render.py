@@ -52,7 +52,9 @@ def test_report_from_fixture_renders_in_headless_chromium(tmp_path):
 
 def test_simulate_writes_report_with_personal_tensors_and_baselines(tmp_path):
     require_cmd("mosquitto")
-    cfg = (ROOT / "configs" / "quickstart.yaml").read_text().replace("seed: 0", "seed: 0\npersonal: [classifier.bias]")
+    cfg = (ROOT / "configs" / "quickstart.yaml").read_text()
+    cfg = "\n".join(ln for ln in cfg.splitlines() if not ln.startswith(("personal:", "baselines:")))
+    cfg += "\npersonal: [classifier.bias]\nbaselines: [local, centralized]\n"
     (tmp_path / "cfg.yaml").write_text(cfg)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "fleet.cli", "simulate", str(tmp_path / "cfg.yaml"), "--devices", "3",
