@@ -31,9 +31,10 @@ from device_agent.engine import ir
 from device_agent.engine.qmath import mant_exp
 from device_agent.engine.trainer import Trainer
 from device_agent.wire.plan import plan_to_bytes
+from fleet.compiler.mit_import import default_models_dir
 
 OUT = ROOT / "firmware" / "tests" / "vectors" / "plans"
-MODELS = (ROOT / ".." / "shared" / "models" / "mit-han-lab").resolve()
+MODELS = default_models_dir()
 SMALL = ("tiny", "text", "imu")
 
 
