@@ -31,6 +31,7 @@ from device_agent.wire.update import update_from_state, update_from_states, upda
 from fleet import aggregate as agg
 from fleet import round as rnd
 from fleet.registry import Registry
+from fleet.security.dp import DPConfig, RDPAccountant, dp_mean, round_rng, support_units
 from fleet.store import DeltaRow, Store
 
 # --- what the coordinator needs from the binary formats (device_agent.wire), as an interface -----------------
@@ -181,9 +182,17 @@ class RoundClosed:
     version: int
     accepted: tuple[str, ...] = ()
     detail: str = ""
+    epsilon: float | None = None  # with DP: cumulative epsilon (at the configured delta) after this round
 
 
-Output = Publish | Verdict | Dropped | RoundClosed
+@dataclass(frozen=True)
+class RoundRefused:
+    """Informational: StartRound was refused and nothing changed (e.g. the privacy budget is spent)."""
+
+    detail: str
+
+
+Output = Publish | Verdict | Dropped | RoundClosed | RoundRefused
 
 
 @dataclass
@@ -200,6 +209,7 @@ class CoordinatorConfig:
     heartbeat_timeout: float = 0.0  # seconds of silence before a device counts as offline (0 = Last Will only)
     topk_permille: int = 0  # sent in every task: devices upload the top k = ceil(numel * permille / 1000) per
     #                        tensor (error feedback keeps the rest for later rounds); 0 = every coordinate
+    dp: DPConfig | None = None  # central DP: clip each delta, add Gaussian noise to the sum, account epsilon
 
     def validate(self) -> list[str]:
         errs = []  # NOTE: round.* is validated by RoundConfig.validate (config.from_dict calls both)
@@ -213,6 +223,11 @@ class CoordinatorConfig:
             errs.append("lr, local_steps, batch_size: must be > 0")
         if isinstance(self.topk_permille, bool) or not 0 <= self.topk_permille <= 1000:
             errs.append(f"topk_permille: must be in [0, 1000] (0 = every coordinate), got {self.topk_permille!r}")
+        if self.dp is not None:
+            errs += [f"dp.{e}" for e in self.dp.validate()]
+            if self.aggregator != "fedavg":  # NOTE: DP's sensitivity argument is for the clipped sum only
+                errs.append(f"dp: replaces the aggregator (clipped noisy mean); aggregator must be fedavg, "
+                            f"got {self.aggregator!r}")
         return errs
 
 
@@ -266,6 +281,15 @@ class Coordinator:
         self.registry = Registry(config.heartbeat_timeout)
         self.machine = rnd.RoundMachine(config.round, codec.plan_hash)
         store.bind_plan(codec.plan_hash)
+        self.keep_rows = config.aggregator != "fedavg" or config.dp is not None
+        self.accountant: RDPAccountant | None = None
+        if config.dp is not None:  # spent rounds are committed with the model, so a restart resumes the budget
+            spent = store.meta("dp_accountant")
+            self.accountant = (RDPAccountant.from_json(spent) if spent is not None
+                               else RDPAccountant(config.dp.delta, config.dp.epsilon_budget))
+            self.accountant.budget = config.dp.epsilon_budget  # the budget is policy: the config's wins
+            self.dp_secret = store.secret("dp_noise")
+            self.dp_units = support_units(plan) if config.dp.units == "real" else None
         initial = {t.id: np.asarray(t.data).astype(_np_dtype(t)).reshape(t.shape) for t in self.shared}
         first = codec.update_hash(codec.encode_update(0, 1, initial))
         row = store.init_model(1, first, self._pack(initial))  # version 1 = the plan's values (0 = "none")
@@ -351,6 +375,12 @@ class Coordinator:
 
     def _start(self, now: float) -> list[Output]:
         m = self.machine
+        acc, dp = self.accountant, self.config.dp
+        if acc is not None and dp is not None and acc.budget is not None:
+            after = acc.preview(1.0, dp.noise_multiplier)  # NOTE: q = 1: selection is public, no amplification
+            if after > acc.budget:
+                return [RoundRefused(f"privacy budget spent: another round would reach epsilon {after:.3g} > "
+                                     f"budget {acc.budget:.3g} (delta {dp.delta:g}) after {len(acc.rounds)} rounds")]
         m.handle(rnd.StartRound(m.round_id + 1, self.version, self.hash, now))
         return self._machine(rnd.Eligible(tuple(self._eligible()), now), now)
 
@@ -464,13 +494,21 @@ class Coordinator:
         new_state = self.aggregate(cmd.round_id)
         base, payload = self._encode_model(self.version, self.state, self.version + 1, new_state)
         new_hash = self.codec.update_hash(payload)
+        meta, epsilon = {}, None
+        if self.accountant is not None and self.config.dp is not None:
+            spent = RDPAccountant.from_json(self.accountant.to_json())  # spend a copy: the store decides
+            spent.budget = None  # NOTE: checked when the round started; the noise is already in the model
+            epsilon = spent.spend(1.0, self.config.dp.noise_multiplier).epsilon
+            meta["dp_accountant"] = spent.to_json()
         m.handle(rnd.Closed(now))
-        self.store.commit_round(m.snapshot(), self.version + 1, new_hash, self._pack(new_state))
+        self.store.commit_round(m.snapshot(), self.version + 1, new_hash, self._pack(new_state), meta)
+        if meta:  # committed: the copy is now the accountant of record
+            spent.budget, self.accountant = self.config.dp.epsilon_budget, spent
         self.version, self.hash, self.state = self.version + 1, new_hash, new_state
         self.model_base, self.model_payload = base, payload
         self.round_deltas = None
         return [Publish("model/current", payload, retain=True),
-                RoundClosed(cmd.round_id, True, self.version, tuple(sorted(m.accepted)))]
+                RoundClosed(cmd.round_id, True, self.version, tuple(sorted(m.accepted)), epsilon=epsilon)]
 
     def _encode_model(self, old_version: int, old_state: dict[int, np.ndarray] | None, version: int,
                       state: dict[int, np.ndarray]) -> tuple[int | None, bytes]:
@@ -503,12 +541,12 @@ class Coordinator:
         """Fold an accepted (already stored) delta into the open round's sums."""
         rd = self.round_deltas
         if rd is None or rd.round_id != up.round_id:
-            rd = self.round_deltas = RoundDeltas(up.round_id, self.size, self.config.aggregator != "fedavg")
+            rd = self.round_deltas = RoundDeltas(up.round_id, self.size, self.keep_rows)
         rd.add(up.device_id, up.content_hash, *self._flat(decoded), up.num_samples)
 
     def _reload(self, round_id: int) -> RoundDeltas:
         """The round's accepted deltas as stored, decoded again (restart, or anything in doubt)."""
-        rd = RoundDeltas(round_id, self.size, self.config.aggregator != "fedavg")
+        rd = RoundDeltas(round_id, self.size, self.keep_rows)
         for r in self.store.deltas(round_id):
             rd.add(r.device_id, r.content_hash, *self._flat(self.codec.decode_delta(r.payload, r.content_hash)),
                    r.num_samples)
@@ -530,7 +568,11 @@ class Coordinator:
         rd = self.round_deltas
         if rd is None or rd.round_id != round_id or rd.hashes != self.store.accepted_hashes(round_id):
             rd = self._reload(round_id)
-        if c.aggregator == "fedavg":
+        if c.dp is not None:
+            values, masks, _ = rd.stacked()  # NOTE: equal weights: sample counts would scale a device's sensitivity
+            mean = dp_mean(values, masks, clip=c.dp.clip, noise_multiplier=c.dp.noise_multiplier,
+                           denominator=c.round.goal, rng=round_rng(self.dp_secret, round_id), units=self.dp_units)
+        elif c.aggregator == "fedavg":
             mean = rd.sums.mean()
         else:
             mean = agg.aggregate(c.aggregator, *rd.stacked(), clip=c.clip, beta=c.trim)

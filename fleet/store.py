@@ -144,6 +144,21 @@ class Store:
     def _set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def meta(self, key: str) -> str | None:
+        """A value the coordinator keeps beside its rounds (e.g. the privacy accountant), or None."""
+        return self._meta(key)
+
+    def secret(self, name: str, nbytes: int = 32) -> bytes:
+        """A random secret created on first use and kept in the store (e.g. the DP noise seed)."""
+        import secrets
+
+        with self._tx():
+            got = self._meta(f"secret:{name}")
+            if got is None:
+                got = secrets.token_hex(nbytes)
+                self._set_meta(f"secret:{name}", got)
+        return bytes.fromhex(got)
+
     def bind_plan(self, plan_hash: str) -> None:
         """Tie this store to one plan; opening it for another plan is an error, not a silent mix."""
         with self._tx():
@@ -219,11 +234,14 @@ class Store:
             if not exists:
                 raise StoreError(f"round {row.round_id} was never saved: save_round before accept_delta")
 
-    def commit_round(self, snapshot: dict, version: int, hash_: str, state: bytes) -> None:
-        """The new model version and the closed round, in one transaction."""
+    def commit_round(self, snapshot: dict, version: int, hash_: str, state: bytes,
+                     meta: dict[str, str] | None = None) -> None:
+        """The new model version, the closed round and ``meta`` values (e.g. privacy spent), in one transaction."""
         with self._tx() as db:
             db.execute("INSERT INTO versions VALUES (?, ?, ?, ?)", (version, hash_, state, snapshot["round_id"]))
             self._put_round(db, snapshot, "committed", version)
+            for k, v in (meta or {}).items():
+                self._set_meta(k, v)
 
     def abandon_round(self, snapshot: dict, why: str) -> None:
         with self._tx() as db:

@@ -27,6 +27,7 @@ with probability q and the sample stays secret; with TinyFleet's deterministic, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -50,6 +51,45 @@ class PrivacyBudgetExceeded(RuntimeError):
 
 class DPError(ValueError):
     """Invalid DP parameters (clip, noise multiplier, sampling rate, delta); the message names the bad one."""
+
+
+@dataclass
+class DPConfig:
+    """Central DP for a fleet's rounds (the ``dp:`` section of a fleet config).
+
+    ``clip`` is the L2 bound of one device's delta (real units unless ``units: int``), ``noise_multiplier`` the
+    Gaussian noise std over ``clip``, ``epsilon_budget`` the (epsilon, ``delta``) budget at which the coordinator
+    refuses further rounds (None: report epsilon, never refuse).
+    """
+
+    clip: float = 0.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    epsilon_budget: float | None = None
+    units: str = "real"  # real | int
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            errs.append(f"clip: must be a finite number > 0, got {self.clip}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            errs.append(f"noise_multiplier: must be finite and >= 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            errs.append(f"delta: must be in (0, 1), got {self.delta}")
+        if self.epsilon_budget is not None and not self.epsilon_budget > 0:
+            errs.append(f"epsilon_budget: must be > 0 (or absent for no budget), got {self.epsilon_budget}")
+        if self.units not in ("real", "int"):
+            errs.append(f"units: expected real or int, got {self.units!r}")
+        return errs
+
+
+def round_rng(secret: bytes, round_id: int) -> np.random.Generator:
+    """The noise generator of one round: seeded from the coordinator's secret and the round id, so a restarted
+    coordinator adds exactly the same noise (bit-identical model) and nobody without the secret can remove it."""
+    if len(secret) < 16:
+        raise DPError("the noise secret must be at least 16 bytes")
+    seed = hashlib.sha256(secret + round_id.to_bytes(8, "little")).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(seed, "little")))
 
 
 # --- units and clipping -------------------------------------------------------------------------------------
