@@ -216,13 +216,19 @@ def render_html(m: dict, plots: list[str]) -> str:
              ["plan SRAM (bytes)", m.get("plan_sram_bytes")], ["devices dropped (sum over rounds)",
                                                               m.get("devices_dropped")],
              ["devices offline at the end", m.get("devices_offline")], ["setup seconds", m.get("setup_seconds")],
-             ["interrupted", str(bool(m.get("interrupted")))]]
+             ["aggregator", m.get("aggregator") or "fedavg"], ["interrupted", str(bool(m.get("interrupted")))]]
+    if m.get("stopped"):
+        facts.append(["stopped early", m.get("stopped")])
     n = len(m.get("accuracy_per_round", []))
     per_round_header = ["round", "status", "selected", "accepted", "bytes up/dev", "bytes down/dev", "seconds",
                         *[labels[k] for k in series]]
     cols = [m.get(k) or [] for k in ("round_status", "selected_per_round", "devices_per_round",
                                      "bytes_up_per_device_round", "bytes_down_per_device_round", "round_seconds")]
     cols += list(series.values())
+    if m.get("epsilon_per_round"):  # DP: cumulative epsilon after each committed round
+        committed = iter(m["epsilon_per_round"])
+        cols.append([next(committed, None) if s == "committed" else None for s in m.get("round_status") or []])
+        per_round_header.append("DP epsilon (cumulative)")
     per_round = [[i + 1, *[c[i] if i < len(c) else None for c in cols]] for i in range(n)]
     dev_methods = device_methods(rows)
     extra = [k for k in ("sram_bytes", "flash_bytes", "instructions_per_step", "memory_source")
