@@ -46,6 +46,9 @@ RECORD_V1 = struct.Struct("<IBBHI")  # tensor_id, dtype, reserved u8, reserved u
 VALUE_DTYPES = (ir.DType.INT8, ir.DType.INT16, ir.DType.INT32)
 UPDATE_ENCODINGS = frozenset({S.Enc.DENSE, S.Enc.FILLED_BITMAP, S.Enc.FILLED_GAPS})
 MODEL_HASH_TAG = b"TFMH"
+# NOTE: the reader expands FILLED records to dense arrays; without a bound a 130-byte blob naming numel 2**31 - 1
+# would ask for 16 GB. 2**24 values is far above any trainable set a device holds (docs/formats.md).
+MAX_UPDATE_VALUES = 2**24
 
 
 class Form(IntEnum):
@@ -143,8 +146,13 @@ class ModelUpdate:
             raise WireFormatError(WireError.SIZE_OVERFLOW, f"model update: {n} tensors, at most {MAX_TENSORS}")
         tensors: dict[int, np.ndarray] = {}
         prev = -1
+        values_total = 0
         for i in range(n):
             r = S.read_record(c, f"model update: record {i}", UPDATE_ENCODINGS, prev)
+            values_total += r.numel
+            if values_total > MAX_UPDATE_VALUES:
+                raise WireFormatError(WireError.SIZE_OVERFLOW, f"model update: record {i} (tensor {r.tensor_id}) "
+                                                               f"takes the update above {MAX_UPDATE_VALUES} values")
             if form == Form.DIFF and r.values.size == 0:
                 raise WireFormatError(WireError.NOT_CANONICAL, f"model update: record {i} (tensor {r.tensor_id}): "
                                                                "an unchanged tensor is left out of a DIFF")

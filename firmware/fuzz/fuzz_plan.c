@@ -1,0 +1,70 @@
+/* libFuzzer target: the strict plan reader (tf_plan_read) and what consumes an accepted plan (every accessor of
+ * tf_wire.h, then the runtime's prepare step), under ASan/UBSan. Each input runs as given under both signature
+ * policies, then resealed (own length, fresh CRC, unsigned) so mutated bodies reach the body checks. */
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fuzz_util.h"
+#include "tf_runtime.h"
+
+static uint8_t pool[64 * 1024];
+static tf_runtime rt;
+
+/* Touch every byte the accessors hand out: any read the reader did not bound shows up under ASan. */
+static uint32_t walk(const tf_plan *p) {
+    uint32_t sum = 0;
+    for (uint32_t i = 0; i < p->n_tensors; i++) {
+        tf_tensor_info t;
+        tf_plan_tensor(p, (int32_t)i, &t);
+        for (uint32_t k = 0; k < t.n_scales; k++) {
+            sum += p->blob[t.scales_off + 4 * k];
+        }
+        if (t.data_len) {
+            sum += p->blob[t.data_off] + p->blob[t.data_off + t.data_len - 1];
+        }
+    }
+    uint32_t off = p->ops_off;
+    for (uint32_t i = 0; i < p->n_ops; i++) {
+        tf_op_view op;
+        tf_plan_op(p, off, &op);
+        const uint8_t *end = p->blob + off + op.size;
+        for (const uint8_t *q = (const uint8_t *)op.ids; q < end; q++) {
+            sum += *q;
+        }
+        off += op.size;
+    }
+    for (uint32_t i = 0; i < 2 + p->n_tensors + p->n_ops; i++) {
+        uint32_t len = 0;
+        const char *s = tf_plan_string(p, i, &len);
+        for (uint32_t k = 0; k < len; k++) {
+            sum += (uint8_t)s[k];
+        }
+    }
+    return sum;
+}
+
+static void check(const uint8_t *blob, size_t n, const tf_verify *v) {
+    tf_plan plan;
+    int e = tf_plan_read(blob, (uint32_t)n, v, &plan);
+    if (e < 0 || e > TF_WE_PLAN_MISMATCH) {
+        __builtin_trap(); /* a code outside errors.WireError */
+    }
+    if (e == TF_WE_OK) {
+        volatile uint32_t s = walk(&plan);
+        (void)s;
+        (void)tf_runtime_pool_need(&plan);
+        (void)tf_runtime_load(&rt, &plan, pool, sizeof(pool), 1);
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n) {
+    uint8_t *b = tf_fuzz_copy(data, n);
+    const tf_verify unsigned_only = {0, NULL, 0}, hmac = {2, TF_FUZZ_HMAC_KEY, sizeof(TF_FUZZ_HMAC_KEY)};
+    check(b, n, &unsigned_only);
+    check(b, n, &hmac);
+    if (tf_fuzz_reseal(b, n)) {
+        check(b, n, &unsigned_only);
+    }
+    free(b);
+    return 0;
+}
