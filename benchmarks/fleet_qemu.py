@@ -4,7 +4,13 @@ Runs ``configs/fleet-100-qemu.yaml`` (watch IMU scenario, ImuCNN plan, one QEMU 
 firmware holding the plan) through the real ``tinyfleet simulate`` path: embedded Mosquitto, coordinator, one
 device agent per board. Last line: JSON with ``boards``, ``round_seconds`` (StartRound -> every board holds the
 new model), ``boot_seconds`` (QEMU launched, UART connected, plan loaded, on every board), ``peak_host_mem_mb``
-(peak of: sum of the QEMU processes' PSS + this process's PSS, sampled every 0.25 s).
+(peak of: sum of the QEMU processes' PSS + this process's PSS, sampled every 0.25 s), ``samples_sent`` (samples
+that crossed the UART, all boards), ``stream_seconds`` (boards up -> every board holds its device's samples),
+``load_avg_before/after`` (1-minute load average: the machine is shared).
+
+The device's samples reach its board once, as its sensor stream (STORE_SAMPLES), during setup; a round's steps
+are one TRAIN_LIST of stored slots. ``--push-per-step`` measures the v1 path instead (PUSH_SAMPLE + TRAIN 1 for
+every step, nothing stored up front) for a back-to-back comparison.
 
     make -C firmware qemu-an500
     .venv/bin/python benchmarks/fleet_qemu.py --boards 100 [--elf path/to/tinyfleet.elf] [--steps 20]
@@ -90,6 +96,8 @@ def main() -> int:
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "fleet-100-qemu.yaml")
     ap.add_argument("--elf", help="firmware ELF (default: the config's, else firmware/build/an500)")
     ap.add_argument("--icount", action="store_true", help="deterministic virtual time (~2.3x slower)")
+    ap.add_argument("--push-per-step", action="store_true",
+                    help="protocol v1 path: push every step's sample (PUSH_SAMPLE + TRAIN 1), no sample store")
     args = ap.parse_args()
 
     import yaml
@@ -114,10 +122,14 @@ def main() -> int:
 
     def seen(fleet) -> None:
         fleets.append(fleet)
+        if args.push_per_step:
+            for t in fleet.trainers:
+                t.board.stored = False
         mem.pids = fleet.pids()
         mem.sample()
 
     backends.FLEET_OBSERVERS.append(seen)
+    load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     try:
         res = run_simulation(cfg, progress=False)
@@ -130,6 +142,7 @@ def main() -> int:
         print(f"fleet_qemu: the round did not run: {res.errors or res.to_dict()}", file=sys.stderr)
         return 1
     fleet = fleets[-1]
+    streams = [t.stream_done_at for t in fleet.trainers if t.stream_done_at]
     out = {
         "boards": len(fleet.boards),
         "local_steps": args.steps,
@@ -146,6 +159,11 @@ def main() -> int:
         "qemu_cpu_seconds": round(sum(mem.cpu.values()), 1),  # all boards, boot + round (sampled: a lower bound)
         "python_cpu_seconds": round(own.user + own.system, 1),  # this process: data, pretraining, agents, broker I/O
         "host_cores": os.cpu_count(),
+        "path": "push-per-step (v1)" if args.push_per_step else "stored samples (v2)",
+        "samples_sent": sum(t.board.samples_sent for t in fleet.trainers),
+        "stream_seconds": round(max(streams) - fleet.booted_at, 3) if streams else 0.0,
+        "load_avg_before": round(load_before, 2),
+        "load_avg_after": round(os.getloadavg()[0], 2),
         "errors": res.errors[:5],
     }
     rows = [(k, v) for k, v in out.items() if k != "errors"]

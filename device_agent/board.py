@@ -293,6 +293,31 @@ class BoardClient:
         return self._ok(frames.Command.TRAIN, frames.pack("req", frames.Command.TRAIN, steps=steps, lr_m=lr_m,
                                                           lr_e=lr_e, round_id=round_id), "TRAIN")[0]
 
+    def store_samples(self, first_slot: int, samples: list[tuple[bytes, int]], input_nbytes: int,
+                      chunk: int = frames.MAX_PAYLOAD - 12) -> dict[str, int]:
+        """STORE_SAMPLES (protocol v2): ``samples`` (input bytes, label) into slots ``first_slot, first_slot + 1,
+        ...`` of the board's sample store, many per frame. No samples: a query of ``sample_capacity``."""
+        batch = frames.sample_records(samples, input_nbytes)
+        fields: dict[str, int] = {}
+        for off in range(0, max(len(batch), 1), chunk):
+            fields, _ = self._ok(frames.Command.STORE_SAMPLES,
+                                 frames.pack("req", frames.Command.STORE_SAMPLES, batch[off:off + chunk],
+                                             first_slot=first_slot, offset=off, total=len(batch)),
+                                 f"STORE_SAMPLES into slot {first_slot} at {off}")
+        return fields
+
+    def train_list(self, slots: list[int], lr_m: int, lr_e: int, round_id: int = 0) -> dict[str, int]:
+        """TRAIN_LIST (protocol v2): one N = 1 step per stored slot, in order (several frames if the list is long)."""
+        out = {"steps_done": 0, "samples_used": 0, "correct": 0, "update_counter": 0}
+        for i in range(0, len(slots), frames.TRAIN_LIST_MAX):
+            part = slots[i:i + frames.TRAIN_LIST_MAX]
+            r = self._ok(frames.Command.TRAIN_LIST, frames.train_list_payload(part, lr_m, lr_e, round_id),
+                         f"TRAIN_LIST of {len(part)} slots")[0]
+            for k in ("steps_done", "samples_used", "correct"):
+                out[k] += r[k]
+            out["update_counter"] = r["update_counter"]
+        return out
+
     def delta_records(self, topk_permille: int = 0, chunk: int = frames.MAX_PAYLOAD - 4) -> bytes:
         """GET_DELTA: the whole records section (``new - base`` of the shared trainable tensors)."""
         out, total = bytearray(), None

@@ -4,9 +4,15 @@ pyserial), with the same frame code (``device_agent.wire.frames`` via :class:`~d
 
 The fleet protocol (:class:`~device_agent.protocol.DeviceProtocol`) is unchanged: it calls
 ``load_trainable`` (-> LOAD_UPDATE, a full-state TFUP v1 blob, which also becomes the board's delta base),
-``train_step`` (-> PUSH_SAMPLE + TRAIN 1: the board trains N = 1 steps, bit-exact with the Python Trainer) and
-``trainable_state`` (-> GET_DELTA, dense, added to the base). It refuses mini-batches (the board has N = 1: use
-``batch_size = 1`` in tasks for board devices) and reading personal tensors (they never leave the board).
+``train_step`` / ``train_steps`` (N = 1 steps, bit-exact with the Python Trainer) and ``trainable_state``
+(-> GET_DELTA, dense, added to the base). It refuses mini-batches (the board has N = 1: use ``batch_size = 1`` in
+tasks for board devices) and reading personal tensors (they never leave the board).
+
+Samples live on the board (protocol v2): ``store_samples`` puts the device's sensor stream into the board's
+sample store once (STORE_SAMPLES, many per frame), and a step names a stored slot (TRAIN_LIST), so a 20-step
+round sends one small frame instead of 20 samples. :class:`SampleSlots` is the host's map of that store, keyed
+by content (label + bytes): whatever sample the agent's buffer draws, the board trains on the same bytes and
+label, so results stay bit-exact. A v1 board falls back to PUSH_SAMPLE + TRAIN 1 per step.
 """
 
 from __future__ import annotations
@@ -82,6 +88,38 @@ def _v1(blob_writer, **kw) -> bytes:
         return blob_writer(**kw)
 
 
+class SampleSlots:
+    """The host's map of a board's sample store (``capacity`` slots): which sample sits in which slot.
+
+    A sample is keyed by ``label i32 | input bytes``. New samples take free slots first, then replace the slot
+    stored longest ago (FIFO), never one listed in ``keep`` (the steps about to train).
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError("the board has no sample store (capacity 0): is its plan store too small?")
+        self.capacity = capacity
+        self.slot_of: dict[bytes, int] = {}
+        self.key_at: list[bytes | None] = [None] * capacity
+        self._next = 0
+
+    def place(self, key: bytes, keep: set[int] = frozenset()) -> tuple[int, bool]:
+        """``(slot, is_new)``: where ``key`` is, or the slot it must be stored into now."""
+        if key in self.slot_of:
+            return self.slot_of[key], False
+        for _ in range(self.capacity):
+            slot, self._next = self._next, (self._next + 1) % self.capacity
+            if slot not in keep:
+                break
+        else:
+            raise ValueError(f"more distinct samples in one TRAIN_LIST than the board's {self.capacity} slots")
+        old = self.key_at[slot]
+        if old is not None:
+            del self.slot_of[old]
+        self.key_at[slot], self.slot_of[key] = key, slot
+        return slot, True
+
+
 class BoardTrainer:
     """LocalTrainer backed by a board. Loads ``plan`` onto it on construction (unless ``load_plan=False``).
 
@@ -89,9 +127,11 @@ class BoardTrainer:
     ----------
     client : a connected :class:`BoardClient` (see :func:`connect`).
     plan : the ir.Plan the board runs (its blob is sent with LOAD_PLAN, unsigned: boards built "unsigned only").
+    stored : train on samples kept in the board's sample store (protocol v2) when the board has one; False: push
+        every step's sample (PUSH_SAMPLE + TRAIN 1, the v1 path).
     """
 
-    def __init__(self, client: BoardClient, plan: ir.Plan, load_plan: bool = True):
+    def __init__(self, client: BoardClient, plan: ir.Plan, load_plan: bool = True, stored: bool = True):
         self.client, self.plan = client, plan
         unplanned = [t.name for t in plan.tensors if t.kind in _ARENA_KINDS and t.offset < 0]
         if plan.arena_bytes <= 0 or plan.input_id in [t.id for t in plan.tensors if t.name in unplanned]:
@@ -104,6 +144,11 @@ class BoardTrainer:
         self.version = 0
         tin = plan.tensors[plan.input_id]
         self.input = tin
+        self._dt = "<i4" if tin.dtype == ir.DType.INT32 else "<i1"
+        self.nbytes = int(np.prod(tin.shape)) * (4 if tin.dtype == ir.DType.INT32 else 1)
+        self.stored = stored
+        self.slots: SampleSlots | None = None  # set when the board's store is first used
+        self.samples_sent = 0  # samples that crossed the UART (STORE_SAMPLES or PUSH_SAMPLE)
         if load_plan:
             client.load_plan(self.blob)
 
@@ -119,18 +164,93 @@ class BoardTrainer:
         upd = update_from_state(self.plan, self.base, base_version=0, new_version=self.version, plan_hash=self.hash)
         self.client.load_update(_v1(upd.to_bytes))
 
+    def sample_key(self, x: np.ndarray, y) -> bytes:
+        """``label i32 | input bytes`` of one sample (its identity in :class:`SampleSlots`)."""
+        x = np.asarray(x)
+        if x.shape != tuple(self.input.shape):
+            raise ValueError(f"sample shape {x.shape}, the plan's input is {tuple(self.input.shape)}")
+        return int(np.asarray(y).reshape(())).to_bytes(4, "little", signed=True) + np.ascontiguousarray(
+            x.astype(self._dt)).tobytes()
+
+    def _store(self) -> SampleSlots | None:
+        """The board's sample store map (None: a v1 board or ``stored=False``: push per step)."""
+        if self.slots is None and self.stored:
+            if self.client.ping()["protocol_version"] < 2:
+                self.stored = False
+                return None
+            cap = self.client.store_samples(0, [], self.nbytes)["sample_capacity"]
+            self.slots = SampleSlots(cap)
+        return self.slots
+
+    def _send(self, new: list[tuple[int, bytes]]) -> None:
+        """STORE_SAMPLES for (slot, key) pairs, one transfer per run of consecutive slots."""
+        new = sorted(new)
+        i = 0
+        while i < len(new):
+            j = i + 1
+            while j < len(new) and new[j][0] == new[j - 1][0] + 1:
+                j += 1
+            run = [(k[4:], int.from_bytes(k[:4], "little", signed=True)) for _, k in new[i:j]]
+            self.client.store_samples(new[i][0], run, self.nbytes)
+            self.samples_sent += len(run)
+            i = j
+
+    def store_samples(self, x: np.ndarray, y: np.ndarray) -> int:
+        """The device's sensor stream: samples ``x`` (N, *input) with labels ``y`` (N,) go into the board's store
+        (those it does not hold yet). Returns how many crossed the UART."""
+        slots = self._store()
+        if slots is None:
+            return 0
+        x, y = np.asarray(x), np.asarray(y).reshape(-1)
+        new = {}
+        for xi, yi in zip(x[-slots.capacity:], y[-slots.capacity:], strict=True):
+            slot, fresh = slots.place(self.sample_key(xi, yi))
+            if fresh:
+                new[slot] = slots.key_at[slot]
+        self._send(list(new.items()))
+        return len(new)
+
+    def train_steps(self, samples: list[bytes], lr: float) -> dict[str, int]:
+        """N = 1 steps on the given samples (keys from :meth:`sample_key`), in order: TRAIN_LIST over stored slots,
+        storing first whichever the board does not hold. Returns the board's TRAIN counters."""
+        lr_m, lr_e = mant_exp(float(lr))
+        slots = self._store()
+        if slots is None:
+            out = {"steps_done": 0, "samples_used": 0, "correct": 0}
+            for k in samples:
+                self.client.push_sample(k[4:], int.from_bytes(k[:4], "little", signed=True))
+                self.samples_sent += 1
+                r = self.client.train(1, lr_m, lr_e)
+                for f in out:
+                    out[f] += r[f]
+            return out
+        out = {"steps_done": 0, "samples_used": 0, "correct": 0}
+        todo: list[int] = []
+        new: list[tuple[int, bytes]] = []
+        for k in samples:
+            if k not in slots.slot_of and len(set(todo)) >= slots.capacity:
+                self._send(new)  # the store is full of this list's samples: train what is listed so far
+                r = self.client.train_list(todo, lr_m, lr_e)
+                out = {f: out[f] + r[f] for f in out}
+                todo, new = [], []
+            slot, fresh = slots.place(k, keep=set(todo))
+            if fresh:
+                new.append((slot, k))
+            todo.append(slot)
+        self._send(new)
+        if todo:
+            r = self.client.train_list(todo, lr_m, lr_e)
+            out = {f: out[f] + r[f] for f in out}
+        return out
+
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepStats:
-        """One N = 1 step on the board: PUSH_SAMPLE then TRAIN 1 (it trains on the sample just pushed)."""
+        """One N = 1 step on the board on sample ``x[0]``: from its store (TRAIN_LIST, storing the sample first if
+        the board does not hold it), or PUSH_SAMPLE + TRAIN 1 on a v1 board."""
         x, y = np.asarray(x), np.asarray(y).reshape(-1)
         if x.shape[0] != 1 or y.shape != (1,):
             raise ValueError(f"a board trains one sample per step (N = 1), got a batch of {x.shape[0]}: "
                              f"use batch_size = 1 in tasks for board devices")
-        if x.shape[1:] != tuple(self.input.shape):
-            raise ValueError(f"sample shape {x.shape[1:]}, the plan's input is {self.input.shape}")
-        dt = "<i4" if self.input.dtype == ir.DType.INT32 else "<i1"
-        self.client.push_sample(np.ascontiguousarray(x[0].astype(dt)).tobytes(), int(y[0]))
-        lr_m, lr_e = mant_exp(float(lr))
-        r = self.client.train(1, lr_m, lr_e)
+        r = self.train_steps([self.sample_key(x[0], y[0])], lr)
         return StepStats(math.nan, r["correct"], 1)
 
     def trainable_state(self) -> dict[int, np.ndarray]:
@@ -149,4 +269,4 @@ class BoardTrainer:
         return bytes(self.client.state()["state_hash"]).hex()
 
 
-__all__ = ["BoardError", "BoardTrainer", "connect"]
+__all__ = ["BoardError", "BoardTrainer", "SampleSlots", "connect"]

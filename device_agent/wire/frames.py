@@ -15,7 +15,7 @@ from enum import IntEnum
 
 from device_agent.wire.errors import WireError, WireFormatError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: STORE_SAMPLES + TRAIN_LIST (samples kept on the board, trained by slot)
 MAX_PAYLOAD = 512
 FRAME_OVERHEAD = 5  # seq u16 + code u8 + crc16 u16
 MAX_RAW = MAX_PAYLOAD + FRAME_OVERHEAD
@@ -34,6 +34,8 @@ class Command(IntEnum):
     SELFTEST = 0x08  # the firmware's kernel self-test over its golden vectors (no plan loaded: it uses the arena)
     BOARD_INFO = 0x09  # CPU id, clock, ticks, stack, arena, statics, flash, frame counters
     STATE_HASH = 0x0A  # sha256 of the trainable tensors (Trainer.state_hash), counters, ticks of the last TRAIN
+    STORE_SAMPLES = 0x0B  # v2: chunked batch of samples into addressed slots of the board's sample store
+    TRAIN_LIST = 0x0C  # v2: one N = 1 step per listed stored slot, in order
 
 
 # Codes a test build of the firmware may answer (kernel micro-benchmark, stack-overflow fault); never in the
@@ -81,6 +83,10 @@ PAYLOADS: dict[tuple[str, int], tuple[struct.Struct, tuple[str, ...], bool]] = {
     ("req", Command.STATE_HASH): (_P("<"), (), False),
     ("resp", Command.STATE_HASH): (_P("<32sIIIIQ"), ("state_hash", "update_counter", "model_version", "steps_total",
                                                     "p_label_q15", "train_ticks"), False),
+    ("req", Command.STORE_SAMPLES): (_P("<III"), ("first_slot", "offset", "total"), True),
+    ("resp", Command.STORE_SAMPLES): (_P("<III"), ("received", "samples_stored", "sample_capacity"), False),
+    ("req", Command.TRAIN_LIST): (_P("<iiII"), ("lr_m", "lr_e", "round_id", "count"), True),
+    ("resp", Command.TRAIN_LIST): (_P("<IIII"), ("steps_done", "samples_used", "correct", "update_counter"), False),
     ("err", Status.ERR_STATE): (_P("<I"), ("expected_offset",), False),
     ("err", Status.ERR_NO_MEMORY): (_P("<I"), ("capacity",), False),
     ("err", Status.ERR_FORMAT): (_P("<HH"), ("wire_error", "reserved"), False),
@@ -94,12 +100,23 @@ class Frame:
     payload: bytes = b""
 
 
+def _crc16_table() -> tuple[int, ...]:
+    out = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+        out.append(crc)
+    return tuple(out)
+
+
+_CRC16 = _crc16_table()  # NOTE: one lookup per byte instead of 8 shifts: ~10x faster on 517-byte frames
+
+
 def crc16_ccitt(data: bytes, crc: int = 0xFFFF) -> int:
     """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, no reflection, no final xor (check "123456789" = 0x29B1)."""
     for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[(crc >> 8) ^ byte]
     return crc
 
 
@@ -241,6 +258,52 @@ def blob_chunks(command: Command, blob: bytes, first_seq: int = 0, max_payload: 
     return [Frame((first_seq + i) & 0xFFFF, command,
                   pack("req", command, blob[off: off + step], offset=off, total=len(blob)))
             for i, off in enumerate(range(0, len(blob), step))]
+
+
+TRAIN_LIST_MAX = (MAX_PAYLOAD - PAYLOADS[("req", Command.TRAIN_LIST)][0].size) // 2  # slots in one frame
+
+
+def sample_records(samples: list[tuple[bytes, int]], input_nbytes: int) -> bytes:
+    """A STORE_SAMPLES batch: per sample ``label i32 | input bytes | zero pad to 4`` (docs/formats.md)."""
+    pad = -input_nbytes % 4
+    out = bytearray()
+    for x, label in samples:
+        if len(x) != input_nbytes:
+            raise ValueError(f"sample of {len(x)} bytes, the plan's input has {input_nbytes}")
+        out += struct.pack("<i", label) + bytes(x) + bytes(pad)
+    return bytes(out)
+
+
+def read_sample_records(batch: bytes, input_nbytes: int) -> list[tuple[bytes, int]]:
+    """Inverse of :func:`sample_records`; ``BAD_LENGTH`` / ``RESERVED_NONZERO`` as the board refuses them."""
+    rec = 4 + input_nbytes + (-input_nbytes % 4)
+    if len(batch) % rec:
+        raise WireFormatError(WireError.BAD_LENGTH, f"sample batch of {len(batch)} bytes: not whole records of "
+                                                    f"{rec} bytes")
+    out = []
+    for off in range(0, len(batch), rec):
+        if any(batch[off + 4 + input_nbytes: off + rec]):
+            raise WireFormatError(WireError.RESERVED_NONZERO, f"sample batch: non-zero padding in record "
+                                                             f"{off // rec}")
+        (label,) = struct.unpack_from("<i", batch, off)
+        out.append((bytes(batch[off + 4: off + 4 + input_nbytes]), label))
+    return out
+
+
+def train_list_payload(slots: list[int], lr_m: int, lr_e: int, round_id: int = 0) -> bytes:
+    """TRAIN_LIST request payload: the fixed fields, then ``count`` x u16 slot indices."""
+    if len(slots) > TRAIN_LIST_MAX or any(not 0 <= s <= 0xFFFF for s in slots):
+        raise ValueError(f"TRAIN_LIST: at most {TRAIN_LIST_MAX} slots in [0, 65535] per frame, got {len(slots)}")
+    return pack("req", Command.TRAIN_LIST, struct.pack(f"<{len(slots)}H", *slots), lr_m=lr_m, lr_e=lr_e,
+                round_id=round_id, count=len(slots))
+
+
+def read_train_list(payload: bytes) -> tuple[dict[str, int], list[int]]:
+    """Inverse of :func:`train_list_payload`: fields and slots; ``BAD_LENGTH`` if count and length disagree."""
+    fields, tail = unpack("req", Command.TRAIN_LIST, payload)
+    if len(tail) != 2 * fields["count"]:
+        raise WireFormatError(WireError.BAD_LENGTH, f"TRAIN_LIST: count {fields['count']} but {len(tail)} slot bytes")
+    return fields, list(struct.unpack(f"<{fields['count']}H", tail))
 
 
 def topk_from_permille(numel: int, permille: int) -> int | None:

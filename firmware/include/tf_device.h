@@ -10,7 +10,7 @@
 
 #include "tf_runtime.h"
 
-#define TF_MAX_SAMPLES 64
+#define TF_MAX_SAMPLES 128 /* sample slots in the store (fewer when the store is small) */
 #define TF_MAX_DELTA_TENSORS 128
 
 /* prepare errors are reported as ERR_FORMAT with wire_error = TF_PREP_ERROR_BASE + tf_runtime error */
@@ -48,6 +48,10 @@ typedef struct tf_device_s {
     uint32_t sample_bytes, sample_cap, samples_held, sample_head, sample_got, sample_total, sample_last_off;
     uint32_t samples_at;
     int32_t labels[TF_MAX_SAMPLES];
+    uint8_t sample_valid[TF_MAX_SAMPLES]; /* slot holds a whole sample (PUSH_SAMPLE or STORE_SAMPLES) */
+    uint32_t samples_stored;              /* valid slots */
+    /* incoming STORE_SAMPLES batch: records for slots first, first + 1, ... */
+    uint32_t batch_first, batch_got, batch_total, batch_last_off;
     int32_t pending_label;
     /* training */
     uint32_t steps_total, round_id;
@@ -74,6 +78,14 @@ tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_
                              uint32_t n, uint32_t *received);
 tf_dev_result tf_device_push_sample(tf_device *d, uint32_t offset, uint32_t total, int32_t label,
                                     const uint8_t *chunk, uint32_t n, uint32_t *received);
+/* STORE_SAMPLES chunk: a batch of `total` bytes, records (label i32 | input bytes | pad4) for the slots first,
+ * first + 1, ... (first + count <= capacity); *received = batch bytes held after it. total 0 stores nothing. */
+tf_dev_result tf_device_store_samples(tf_device *d, uint32_t first, uint32_t offset, uint32_t total,
+                                      const uint8_t *chunk, uint32_t n, uint32_t *received);
+/* TRAIN_LIST: one N = 1 step per listed slot, in list order (slots: count x u16 little-endian). Every slot must
+ * hold a sample (else ERR_STATE with the slot, nothing trained). */
+tf_dev_result tf_device_train_list(tf_device *d, const uint8_t *slots, uint32_t count, int32_t lr_m, int32_t lr_e,
+                                   uint32_t round_id, uint32_t *correct);
 /* TRAIN: step s uses, of the u = min(steps, held) newest samples, the (s mod u)-th oldest. */
 tf_dev_result tf_device_train(tf_device *d, uint32_t steps, int32_t lr_m, int32_t lr_e, uint32_t round_id,
                               uint32_t *used, uint32_t *correct);

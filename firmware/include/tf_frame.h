@@ -6,7 +6,7 @@
 
 #include <stdint.h>
 
-#define TF_PROTOCOL_VERSION 1
+#define TF_PROTOCOL_VERSION 2 /* 2: STORE_SAMPLES, TRAIN_LIST */
 #define TF_FRAME_MAX_PAYLOAD 512
 #define TF_FRAME_OVERHEAD 5
 #define TF_FRAME_MAX_RAW (TF_FRAME_MAX_PAYLOAD + TF_FRAME_OVERHEAD)
@@ -26,6 +26,9 @@ enum {
     TF_CMD_BOARD_INFO = 0x09, /* resp <IIQIIIIIIII: see tf_proto.c cmd_board_info */
     TF_CMD_STATE_HASH = 0x0A, /* resp <32sIIIIQ: sha256 of the trainable tensors, update_counter, model_version,
                                * steps_total, p_label_q15 of the last step, ticks of the last TRAIN */
+    TF_CMD_STORE_SAMPLES = 0x0B, /* v2: req <III first_slot, offset, total + batch chunk; resp <III received,
+                                  * samples_stored, sample_capacity */
+    TF_CMD_TRAIN_LIST = 0x0C,    /* v2: req <iiII lr_m, lr_e, round_id, count + count x u16 slots; resp as TRAIN */
     /* 0x7E / 0x7F: test builds only (kernel bench, stack-overflow fault test) */
 };
 

@@ -3,9 +3,10 @@
 - ``python``: the host engine (``device_agent.engine.trainer.Trainer``), devices share the runner's small pool.
 - ``qemu``: one emulated board per device (``qemu-system-arm``, mps2-an500 by default) running our firmware; the
   board holds the plan (LOAD_PLAN at boot) and the device agent drives it through
-  :class:`device_agent.bridge.BoardTrainer` (samples are pushed to the board as its sensor stream, PUSH_SAMPLE,
-  then TRAIN 1). Board I/O blocks on a socket, so board devices get a pool with one worker per board: the
-  boards train concurrently while the host thread waits (idle boards sleep in WFI and cost no CPU).
+  :class:`device_agent.bridge.BoardTrainer`: the device's samples are stored on the board once, as its sensor
+  stream (STORE_SAMPLES, ``DeviceSlot.on_samples``), and a round's steps are one TRAIN_LIST of stored slots.
+  Board I/O blocks on a socket, so board devices get a pool with one worker per board: the boards train
+  concurrently while the host thread waits (idle boards sleep in WFI and cost no CPU).
 - ``renode``: not available on these machines; asking for it fails with a clear message.
 
 A fleet may mix backends (``qemu_devices: N`` in the config: the first N devices are boards, the rest use
@@ -17,9 +18,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ class DeviceSlot:
     backend: str
     trainer: object
     executor: object | None = None
+    on_samples: Callable | None = None  # a board's sensor stream: (x, y) -> Future, called when samples arrive
 
 
 @dataclass
@@ -51,6 +54,8 @@ class QemuFleet:
     clients: list = field(default_factory=list)  # device_agent.board.BoardClient
     elf: Path | None = None
     boot_seconds: float = 0.0  # QEMU launched, UART connected and the plan loaded on every board
+    trainers: list = field(default_factory=list)  # LazyBoardTrainer, one per board
+    booted_at: float = 0.0  # time.monotonic() when every board was up
 
     def pids(self) -> list[int]:
         return [b._proc.pid for b in self.boards if getattr(b, "_proc", None) is not None]
@@ -65,79 +70,109 @@ class LazyBoardTrainer:
 
     Host -> board bytes are the expensive direction in QEMU (its CMSDK UART takes one byte per main-loop turn:
     tens of microseconds of host CPU per byte), so:
+    - the device's samples go to the board once, when its stream delivers them (``stream_samples``: STORE_SAMPLES
+      into the board's sample store, in the background on ``executor``), not with every step;
     - ``load_trainable`` only records the state: the device protocol loads the round's base before training,
       again after it (to drop the trained values) and then the next model. The state goes to the board (one
       LOAD_UPDATE) right before the next step or read, and not at all when the board already holds exactly that
       state untrained.
-    - ``train_step`` pushes the sample (the board's sensor stream, PUSH_SAMPLE) and queues the step; the queued
-      steps run as one ``TRAIN k`` (the newest k samples, oldest first: the same order and values as k times
-      PUSH_SAMPLE + TRAIN 1) before the board's state is read, loaded or the learning rate changes.
-    What the board trains is unchanged, so deltas are bit-identical to the eager bridge (and the host Trainer).
+    - ``train_step`` queues the step (the sample's identity, label + bytes); the queued steps run as one
+      TRAIN_LIST of stored slots (the same samples in the same order: bit-identical to training them one by one)
+      before the board's state is read, loaded or the learning rate changes.
     """
 
-    MAX_QUEUED = 32  # steps queued before a TRAIN (far below the board's sample ring)
+    MAX_QUEUED = 32  # steps queued before a TRAIN_LIST
 
-    def __init__(self, board):
+    def __init__(self, board, executor=None):
         self.board = board
         self.plan = board.plan
+        self.executor = executor
         self._pending: dict | None = None
-        self._held: dict | None = None  # the state last sent, while no step has trained it since
-        self._steps, self._lr = 0, 0.0
+        # the state the board holds untrained: after LOAD_PLAN, the plan's own values (the first model usually)
+        self._held: dict | None = {t.id: np.asarray(t.data) for t in self.plan.trainable if not t.personal}
+        self._queue: list[bytes] = []
+        self._lr = 0.0
+        self._streaming = None  # Future of the last stream_samples transfer
+        self._lock = threading.Lock()  # one conversation with the board at a time
         self.uploads = 0
+        self.stream_done_at = 0.0  # monotonic time the last stream_samples transfer ended
+
+    def stream_samples(self, x, y) -> Future:
+        """New samples from the device's sensor stream: stored on the board (in the background with an
+        executor); every later board call waits for them. Returns the transfer's Future."""
+        x, y = np.array(x, copy=True), np.array(y, copy=True)
+        if self.executor is None:
+            done: Future = Future()
+            with self._lock:
+                done.set_result(self.board.store_samples(x, y))
+            self.stream_done_at = time.monotonic()
+            return done
+        prev = self._streaming
+
+        def run():
+            if prev is not None:
+                prev.result()
+            with self._lock:
+                self.board.store_samples(x, y)
+            self.stream_done_at = time.monotonic()
+
+        self._streaming = self.executor.submit(run)
+        return self._streaming
+
+    def _wait_stream(self) -> None:
+        if self._streaming is not None:
+            f, self._streaming = self._streaming, None
+            f.result()  # a failed transfer raises here, in the device's own call
 
     def load_trainable(self, state: dict) -> None:
         self._pending = {tid: np.array(v, copy=True) for tid, v in state.items()}
 
     def _flush(self) -> None:
-        self._train_queued()
-        if self._pending is None:
-            return
-        st, self._pending = self._pending, None
-        if self._held is not None and st.keys() == self._held.keys() and all(
-                np.array_equal(st[k], self._held[k]) for k in st):
-            return
-        self.board.load_trainable(st)
-        self._held = st
-        self.uploads += 1
+        self._wait_stream()
+        with self._lock:
+            self._train_queued()
+            if self._pending is None:
+                return
+            st, self._pending = self._pending, None
+            if self._held is not None and st.keys() == self._held.keys() and all(
+                    np.array_equal(np.ravel(st[k]), np.ravel(self._held[k])) for k in st):
+                return
+            self.board.load_trainable(st)
+            self._held = st
+            self.uploads += 1
 
     def _train_queued(self) -> None:
-        if not self._steps:
+        if not self._queue:
             return
-        from device_agent.engine.qmath import mant_exp
-
-        steps, self._steps = self._steps, 0
-        lr_m, lr_e = mant_exp(float(self._lr))
-        r = self.board.client.train(steps, lr_m, lr_e)
-        if r["steps_done"] != steps or r["samples_used"] != steps:
-            raise RuntimeError(f"board trained {r['steps_done']} steps on {r['samples_used']} samples, "
-                               f"{steps} were queued")
+        steps, self._queue = self._queue, []
+        r = self.board.train_steps(steps, self._lr)
+        if r["steps_done"] != len(steps):
+            raise RuntimeError(f"board trained {r['steps_done']} steps, {len(steps)} were queued")
 
     def train_step(self, x, y, lr):
         from device_agent.engine.trainer import StepStats
 
-        if self._pending is not None or (self._steps and lr != self._lr) or self._steps >= self.MAX_QUEUED:
+        if self._pending is not None or (self._queue and lr != self._lr) or len(self._queue) >= self.MAX_QUEUED:
             self._flush()
         x, y = np.asarray(x), np.asarray(y).reshape(-1)
         tin = self.board.input
         if x.shape[0] != 1 or y.shape != (1,) or x.shape[1:] != tuple(tin.shape):
             raise ValueError(f"a board trains one sample of shape {tuple(tin.shape)} per step (batch_size 1), "
                              f"got x {x.shape}, y {y.shape}")
-        from device_agent.engine import ir
-
-        dt = "<i4" if tin.dtype == ir.DType.INT32 else "<i1"
-        self.board.client.push_sample(np.ascontiguousarray(x[0].astype(dt)).tobytes(), int(y[0]))
+        self._queue.append(self.board.sample_key(x[0], y[0]))
         self._held = None
-        self._steps += 1
         self._lr = lr
         return StepStats(float("nan"), 0, 1)
 
     def trainable_state(self) -> dict:
         self._flush()
-        return self.board.trainable_state()
+        with self._lock:
+            return self.board.trainable_state()
 
     def state_hash(self) -> str:
         self._flush()
-        return self.board.state_hash()
+        with self._lock:
+            return self.board.state_hash()
 
 
 def device_backends(cfg: SimConfig) -> list[str]:
@@ -171,9 +206,16 @@ def build_devices(cfg: SimConfig, plan, stack: ExitStack, on_board: Callable[[in
         # NOTE: one worker per board: a worker mostly waits on its board's socket (GIL released)
         executor = ThreadPoolExecutor(max_workers=min(n_qemu, 128), thread_name_prefix="boards")
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        # NOTE: sample transfers get their own pool: a device call waiting for its transfer must not hold the
+        # worker the transfer needs
+        streams = ThreadPoolExecutor(max_workers=min(n_qemu, 64), thread_name_prefix="streams")
+        stack.callback(streams.shutdown, wait=False, cancel_futures=True)
+        for b in boards:
+            b.executor = streams
     for kind in kinds:
         if kind == "qemu":
-            slots.append(DeviceSlot("qemu", next(it), executor))
+            trainer = next(it)
+            slots.append(DeviceSlot("qemu", trainer, executor, on_samples=trainer.stream_samples))
         else:
             slots.append(DeviceSlot("python", Trainer(plan)))
     return slots
@@ -231,7 +273,9 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
     with ThreadPoolExecutor(max_workers=min(n, 16), thread_name_prefix="boot") as pool:
         futures = [pool.submit(up, i) for i in range(n)]
         trainers = [f.result() for f in futures]
-    fleet.boot_seconds = time.monotonic() - t0
+    fleet.booted_at = time.monotonic()
+    fleet.boot_seconds = fleet.booted_at - t0
+    fleet.trainers = trainers
     for obs in FLEET_OBSERVERS[:]:  # an observer may remove itself
         obs(fleet)
     return trainers

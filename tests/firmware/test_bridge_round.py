@@ -1,5 +1,6 @@
-"""A device agent drives an emulated board through a full round against the in-memory coordinator: its delta is
-byte for byte the delta the same device produces with the Python Trainer."""
+"""A device agent drives an emulated board through full rounds against the in-memory coordinator: its delta is
+byte for byte the delta the same device produces with the Python Trainer, whether every step pushes its sample
+(protocol v1) or the samples were stored on the board once (v2)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_board_device_full_round(board_elfs) -> None:
         fleet = _fleet()
         board_plan = copy.deepcopy(PLAN)  # the board runs the compiled form: same tensors + arena offsets
         plan_arena(board_plan)
-        fleet.devices["d00"].trainer = BoardTrainer(client, board_plan)
+        fleet.devices["d00"].trainer = BoardTrainer(client, board_plan, stored=False)  # v1: PUSH_SAMPLE + TRAIN 1
         # Execute
         fleet.boot()
         fleet.round()
@@ -39,3 +40,34 @@ def test_board_device_full_round(board_elfs) -> None:
     ups = dict(fleet.uplinks)
     assert ups["d00"] == dict(ref.uplinks)["d00"]
     assert len(board_hash) == 64
+
+
+def test_board_device_stored_samples_two_rounds(board_elfs) -> None:
+    """The device's samples reach the board once (its sensor stream, STORE_SAMPLES); each round is one model
+    update + TRAIN_LIST of stored slots; the uplinks are still the Python reference's, byte for byte."""
+    from tests.pure.test_fleet_inmemory import tiny_dataset
+
+    ref = _fleet()
+    ref.boot()
+    ref.round()
+    ref.round()
+    with QemuBoard("mps2-an500", elf=board_elfs["mps2-an500"]) as board, \
+            connect(f"tcp://{board.endpoint[0]}:{board.endpoint[1]}") as client:
+        fleet = _fleet()
+        board_plan = copy.deepcopy(PLAN)
+        plan_arena(board_plan)
+        trainer = BoardTrainer(client, board_plan)
+        fleet.devices["d00"].trainer = trainer
+        x, y = tiny_dataset(48, seed=0)  # what d00's buffer holds (tests/pure/test_fleet_inmemory.Fleet)
+        streamed = trainer.store_samples(x, y)
+        # Execute
+        fleet.boot()
+        fleet.round()
+        after_one = trainer.samples_sent
+        fleet.round()
+        stats = client.stats()
+    # Assert
+    ups, ref_ups = [u for d, u in fleet.uplinks if d == "d00"], [u for d, u in ref.uplinks if d == "d00"]
+    assert len(ups) == 2 and ups == ref_ups
+    assert streamed == len({trainer.sample_key(a, b) for a, b in zip(x, y)}) == stats["samples_held"]
+    assert after_one == trainer.samples_sent == streamed  # the rounds sent no sample

@@ -1,4 +1,5 @@
-"""The firmware boots on both emulated boards and answers over its UART: PING, GET_STATS, BOARD_INFO, SELFTEST."""
+"""The firmware boots on both emulated boards and answers over its UART: PING, GET_STATS, BOARD_INFO, SELFTEST;
+and the v2 sample store (STORE_SAMPLES + TRAIN_LIST) trains bit-exactly with the reference."""
 
 from __future__ import annotations
 
@@ -94,3 +95,58 @@ def test_stack_overflow_hits_the_mpu_guard(tmp_path: Path) -> None:
         with pytest.raises(BoardError) as e:
             c.request(0x7F)
     assert e.value.status == frames.Status.ERR_INTERNAL
+
+
+def test_stored_samples_train_bit_exact(elfs) -> None:
+    """Protocol v2: the samples go to the board's store once (STORE_SAMPLES, several per frame) and TRAIN_LIST
+    names stored slots; the board's state equals the golden reference (step s trains on sample s % n)."""
+    from tests.firmware.conftest import PLAN_VECTORS, PlanVector
+
+    for name in ("tiny", "text", "imu"):
+        v = PlanVector.read(PLAN_VECTORS / f"{name}.tfv")
+        nb = len(v.samples[0])
+        with QemuBoard("mps2-an500", elf=elfs["mps2-an500"]) as board, BoardClient(board.endpoint, timeout=60) as c:
+            # Prepare: the plan, then every sample into slots 3, 4, ... (records in reverse: slot 3 + n - 1 - i)
+            c.load_plan(v.plan)
+            cap = c.store_samples(0, [], nb)["sample_capacity"]
+            n = len(v.samples)
+            order = list(zip(v.samples, v.labels))[::-1]
+            st = c.store_samples(3, [(s, int(y)) for s, y in order], nb)
+            slot = {i: 3 + n - 1 - i for i in range(n)}
+            # Execute
+            tr = c.train_list([slot[s % n] for s in range(v.steps)], v.lr_m, v.lr_e, round_id=1)
+            state, stats = c.state(), c.stats()
+        # Assert
+        assert cap >= n and st["samples_stored"] == n and st["received"] == n * (4 + nb + (-nb % 4)), name
+        assert tr["steps_done"] == v.steps and tr["correct"] == sum(v.correct), name
+        assert state["state_hash"] == v.state_hash, f"{name}: stored-sample training differs from the reference"
+        assert stats["samples_held"] == n
+
+
+def test_stored_samples_refusals(elfs) -> None:
+    """TRAIN_LIST of an empty slot, a batch past the store, a batch that is not whole records: refused, nothing
+    trained."""
+    from tests.firmware.conftest import PLAN_VECTORS, PlanVector
+
+    v = PlanVector.read(PLAN_VECTORS / "tiny.tfv")
+    nb = len(v.samples[0])
+    with QemuBoard("mps2-an386", elf=elfs["mps2-an386"]) as board, BoardClient(board.endpoint, timeout=30) as c:
+        with pytest.raises(BoardError) as no_plan:
+            c.store_samples(0, [(v.samples[0], 1)], nb)
+        c.load_plan(v.plan)
+        cap = c.store_samples(0, [], nb)["sample_capacity"]
+        c.store_samples(0, [(v.samples[0], int(v.labels[0]))], nb)
+        before = c.state()
+        with pytest.raises(BoardError) as empty:
+            c.train_list([0, 5], v.lr_m, v.lr_e)
+        with pytest.raises(BoardError) as past:
+            c.store_samples(cap - 1, [(v.samples[0], 0), (v.samples[1], 0)], nb)
+        rec = frames.sample_records([(v.samples[0], 0)], nb) + b"\0"  # not whole records
+        bad = c.request(frames.Command.STORE_SAMPLES, frames.pack("req", frames.Command.STORE_SAMPLES, bytes(rec),
+                                                                  first_slot=1, offset=0, total=len(rec)))
+        after = c.state()
+    assert no_plan.value.status == frames.Status.ERR_STATE
+    assert empty.value.status == frames.Status.ERR_STATE and "5" in str(empty.value)
+    assert past.value.status == frames.Status.ERR_NO_MEMORY
+    assert bad.code == frames.Status.ERR_BAD_PAYLOAD
+    assert after["state_hash"] == before["state_hash"] and after["steps_total"] == before["steps_total"]

@@ -56,19 +56,21 @@ def test_backend_config_is_checked() -> None:
 class _FakeBoard:
     """BoardTrainer's surface as LazyBoardTrainer uses it, counting what would cross the UART."""
 
-    plan = None
+    plan = type("Plan", (), {"trainable": []})()  # the board's plan: no trainable values held before the first load
 
     def __init__(self):
         self.input = type("In", (), {"shape": (2,), "dtype": None})()
-        self.loads, self.pushed, self.trains = [], 0, []
-        self.client = self
+        self.loads, self.stored, self.trains = [], 0, []
 
-    def push_sample(self, data, label):
-        self.pushed += 1
+    def sample_key(self, x, y):
+        return int(y).to_bytes(4, "little", signed=True) + np.asarray(x, np.int8).tobytes()
 
-    def train(self, steps, lr_m, lr_e):
-        self.trains.append(steps)
-        return {"steps_done": steps, "samples_used": steps}
+    def store_samples(self, x, y):
+        self.stored += len(x)
+
+    def train_steps(self, keys, lr):
+        self.trains.append(list(keys))
+        return {"steps_done": len(keys), "samples_used": len(keys), "correct": 0}
 
     def load_trainable(self, state):
         self.loads.append({k: v.copy() for k, v in state.items()})
@@ -78,22 +80,27 @@ class _FakeBoard:
 
 
 def test_lazy_board_trainer_one_update_and_one_train_per_round() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     board = _FakeBoard()
-    lazy = LazyBoardTrainer(board)
-    base = {1: np.arange(4, dtype=np.int8)}
-    x, y = np.zeros((1, 2), np.int8), np.zeros(1, np.int32)
-    for r in range(3):  # the device protocol's order: model, base before training, steps, delta, base again
-        model = {1: base[1] + r}
-        lazy.load_trainable(model)
-        lazy.load_trainable(model)
-        for _ in range(5):
-            lazy.train_step(x, y, 0.1)
+    with ThreadPoolExecutor(1) as pool:
+        lazy = LazyBoardTrainer(board, executor=pool)
+        xs, ys = np.arange(10, dtype=np.int8).reshape(5, 2), np.arange(5, dtype=np.int32)
+        lazy.stream_samples(xs, ys)  # the sensor stream: stored once, in the background
+        base = {1: np.arange(4, dtype=np.int8)}
+        for r in range(3):  # the device protocol's order: model, base before training, steps, delta, base again
+            model = {1: base[1] + r}
+            lazy.load_trainable(model)
+            lazy.load_trainable(model)
+            for s in range(5):
+                lazy.train_step(xs[(s + r) % 5][None], ys[(s + r) % 5][None], 0.1)
+            lazy.trainable_state()
+            lazy.load_trainable(model)
+        assert len(board.loads) == 3 and board.stored == 5 and [len(t) for t in board.trains] == [5, 5, 5]
+        assert [int(s[1][0]) for s in board.loads] == [0, 1, 2]
+        assert board.trains[1] == [board.sample_key(xs[(s + 1) % 5], ys[(s + 1) % 5]) for s in range(5)]
+        # the same base after training must be sent again (the board holds trained values now)
+        lazy.load_trainable({1: base[1] + 2})
+        lazy.train_step(xs[:1], ys[:1], 0.1)
         lazy.trainable_state()
-        lazy.load_trainable(model)
-    assert len(board.loads) == 3 and board.pushed == 15 and board.trains == [5, 5, 5]
-    assert [int(s[1][0]) for s in board.loads] == [0, 1, 2]
-    # the same base after training must be sent again (the board holds trained values now)
-    lazy.load_trainable({1: base[1] + 2})
-    lazy.train_step(x, y, 0.1)
-    lazy.trainable_state()
-    assert len(board.loads) == 4 and board.trains[-1] == 1
+        assert len(board.loads) == 4 and len(board.trains[-1]) == 1

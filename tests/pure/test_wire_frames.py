@@ -92,3 +92,27 @@ def test_blob_chunks_cover_the_blob_in_order():
 def test_topk_from_permille():
     assert F.topk_from_permille(1000, 0) is None
     assert F.topk_from_permille(1000, 10) == 10 and F.topk_from_permille(5, 10) == 1
+
+
+def test_sample_store_frames_round_trip():
+    # STORE_SAMPLES batch records (label | bytes | pad4) and TRAIN_LIST slots (protocol v2)
+    samples = [(bytes([1, 2, 3, 4, 5]), -3), (bytes(5), 6)]
+    batch = F.sample_records(samples, 5)
+    assert len(batch) == 2 * 12 and batch[:4] == (-3).to_bytes(4, "little", signed=True)
+    assert F.read_sample_records(batch, 5) == samples
+    p = F.pack("req", F.Command.STORE_SAMPLES, batch[:10], first_slot=4, offset=0, total=len(batch))
+    assert F.unpack("req", F.Command.STORE_SAMPLES, p) == ({"first_slot": 4, "offset": 0, "total": 24}, batch[:10])
+    p = F.train_list_payload([0, 7, 7, 65535], lr_m=16384, lr_e=-20, round_id=3)
+    assert F.read_train_list(p) == ({"lr_m": 16384, "lr_e": -20, "round_id": 3, "count": 4}, [0, 7, 7, 65535])
+    assert len(F.train_list_payload(list(range(F.TRAIN_LIST_MAX)), 1, 0)) <= F.MAX_PAYLOAD
+    with pytest.raises(ValueError):
+        F.train_list_payload(list(range(F.TRAIN_LIST_MAX + 1)), 1, 0)
+    with pytest.raises(WireFormatError) as e:
+        F.read_sample_records(batch[:-1], 5)
+    assert e.value.code == WireError.BAD_LENGTH
+    with pytest.raises(WireFormatError) as e:
+        F.read_sample_records(batch[:-1] + b"\1", 5)
+    assert e.value.code == WireError.RESERVED_NONZERO
+    with pytest.raises(WireFormatError) as e:
+        F.read_train_list(p[:-2])
+    assert e.value.code == WireError.BAD_LENGTH

@@ -93,7 +93,7 @@ static int32_t cmd_stats(uint8_t *out) {
     uint32_t arena = 0;
     (void)tf_board_arena(&arena);
     const int has = p_dev && p_dev->has_plan;
-    uint8_t *q = put_u32(out, has ? p_dev->samples_held : 0);
+    uint8_t *q = put_u32(out, has ? p_dev->samples_stored : 0); /* slots holding a sample */
     q = put_u32(q, p_dev ? p_dev->steps_total : 0);
     q = put_u32(q, has ? p_dev->rt.step : 0);
     q = put_u32(q, has ? p_dev->rt.plan.arena_bytes : arena);
@@ -165,7 +165,7 @@ static void reply_dev(tf_proto *p, uint32_t seq, tf_dev_result r, int32_t len) {
     }
 }
 
-/* LOAD_PLAN, LOAD_UPDATE, PUSH_SAMPLE, TRAIN, GET_DELTA (docs/formats.md "Commands"). */
+/* LOAD_PLAN, LOAD_UPDATE, PUSH_SAMPLE, TRAIN, GET_DELTA, STORE_SAMPLES, TRAIN_LIST (docs/formats.md "Commands"). */
 static void device_command(tf_proto *p, uint32_t seq, uint8_t cmd, int32_t in_len) {
     tf_device *d = p->dev;
     const uint8_t *in = p->msg + 3;
@@ -201,6 +201,31 @@ static void device_command(tf_proto *p, uint32_t seq, uint8_t cmd, int32_t in_le
         p->train_ticks = tf_board_ticks() - t0;
         uint8_t *q = put_u32(out, r.status == TF_ST_OK ? steps : 0);
         q = put_u32(put_u32(put_u32(q, a), b), d->rt.step);
+        reply_dev(p, seq, r, (int32_t)(q - out));
+    } else if (cmd == TF_CMD_STORE_SAMPLES) {
+        if (in_len < 12) {
+            reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
+            return;
+        }
+        memcpy(chunk, in + 12, (uint32_t)in_len - 12);
+        r = tf_device_store_samples(d, get_u32(in), get_u32(in + 4), get_u32(in + 8), chunk, (uint32_t)in_len - 12,
+                                    &a);
+        uint8_t *q = put_u32(put_u32(out, a), d->samples_stored);
+        reply_dev(p, seq, r, (int32_t)(put_u32(q, d->has_plan ? d->sample_cap : 0) - out));
+    } else if (cmd == TF_CMD_TRAIN_LIST) {
+        if (in_len < 16 || get_u32(in + 12) > (TF_FRAME_MAX_PAYLOAD - 16) / 2 ||
+            (uint32_t)in_len != 16 + 2 * get_u32(in + 12)) {
+            reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
+            return;
+        }
+        const uint32_t count = get_u32(in + 12);
+        memcpy(chunk, in + 16, 2 * count);
+        const uint64_t t0 = tf_board_ticks_aligned();
+        r = tf_device_train_list(d, chunk, count, (int32_t)get_u32(in), (int32_t)get_u32(in + 4), get_u32(in + 8), &b);
+        p->train_ticks = tf_board_ticks() - t0;
+        const int ok = r.status == TF_ST_OK;
+        uint8_t *q = put_u32(put_u32(out, ok ? count : 0), ok ? count : 0);
+        q = put_u32(put_u32(q, b), d->rt.step);
         reply_dev(p, seq, r, (int32_t)(q - out));
     } else { /* GET_DELTA */
         if (in_len != 8) {
@@ -242,7 +267,8 @@ static void handle(tf_proto *p, int32_t n) {
     const int32_t in_len = n - TF_FRAME_OVERHEAD;
     uint8_t *out = p->msg + 3; /* the response payload overwrites the request's (read fully before) */
     p_dev = p->dev;
-    if (p->dev && cmd >= TF_CMD_LOAD_PLAN && cmd <= TF_CMD_GET_DELTA) {
+    if (p->dev && ((cmd >= TF_CMD_LOAD_PLAN && cmd <= TF_CMD_GET_DELTA) || cmd == TF_CMD_STORE_SAMPLES ||
+                   cmd == TF_CMD_TRAIN_LIST)) {
         device_command(p, seq, cmd, in_len);
         return;
     }
@@ -322,8 +348,7 @@ void tf_proto_feed(tf_proto *p, uint8_t byte) {
     } else if (p->rx_len > 0) {
         int32_t n = tf_cobs_decode(p->rx, p->rx_len, p->msg, (int32_t)sizeof(p->msg));
         if (n < 0) {
-            /* NOTE: a decode into a full msg buffer also lands here: too long or bad COBS, both unusable */
-            reject(p, TF_WIRE_BAD_COBS);
+            reject(p, n == -2 ? TF_WIRE_FRAME_TOO_LONG : TF_WIRE_BAD_COBS); /* -2: above TF_FRAME_MAX_RAW */
         } else {
             handle(p, n);
         }

@@ -161,6 +161,8 @@ static void layout_after_plan(tf_device *d) {
     d->sample_cap = cap > TF_MAX_SAMPLES ? TF_MAX_SAMPLES : cap;
     d->samples_at = d->store_size - d->sample_cap * d->sample_bytes;
     d->samples_held = d->sample_head = d->sample_got = d->sample_total = 0;
+    memset(d->sample_valid, 0, sizeof(d->sample_valid));
+    d->samples_stored = d->batch_total = d->batch_got = 0;
     d->has_update = d->base_lost = 0;
     d->upd_len = 0;
     d->model_version = 0;
@@ -290,7 +292,8 @@ tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_
                 d->xfer_at = free_lo;
             } else if (d->has_plan && free_lo + total <= d->store_size) {
                 d->xfer_at = free_lo;
-                d->samples_held = 0; /* staging runs over the samples */
+                d->samples_held = d->samples_stored = 0; /* staging runs over the samples */
+                memset(d->sample_valid, 0, sizeof(d->sample_valid));
             } else {
                 d->xfer_at = 0;
                 d->has_plan = 0; /* does not fit beside the current plan: it is replaced */
@@ -347,6 +350,8 @@ tf_dev_result tf_device_push_sample(tf_device *d, uint32_t offset, uint32_t tota
             d->samples_held--; /* the ring is full: the oldest sample's slot is reused now */
         }
         d->sample_total = total;
+        d->samples_stored -= d->sample_valid[d->sample_head];
+        d->sample_valid[d->sample_head] = 0;
     } else if (offset != d->sample_got) {
         return res(TF_ST_ERR_STATE, d->sample_got);
     }
@@ -356,6 +361,8 @@ tf_dev_result tf_device_push_sample(tf_device *d, uint32_t offset, uint32_t tota
     *received = d->sample_got;
     if (d->sample_got == total) {
         d->labels[d->sample_head] = label;
+        d->sample_valid[d->sample_head] = 1;
+        d->samples_stored++;
         d->sample_head = (d->sample_head + 1) % d->sample_cap;
         d->samples_held++;
         d->sample_got = 0;
@@ -387,6 +394,98 @@ tf_dev_result tf_device_train(tf_device *d, uint32_t steps, int32_t lr_m, int32_
         d->steps_total++;
     }
     *used = u;
+    d->round_id = round_id;
+    d->delta_ready = 0;
+    return res(TF_ST_OK, 0);
+}
+
+/* One record of a STORE_SAMPLES batch: label i32 | input bytes | zero pad to 4 (d->sample_bytes = al(nbytes, 4)). */
+static uint32_t record_size(const tf_device *d) { return 4 + d->sample_bytes; }
+
+tf_dev_result tf_device_store_samples(tf_device *d, uint32_t first, uint32_t offset, uint32_t total,
+                                      const uint8_t *chunk, uint32_t n, uint32_t *received) {
+    *received = 0;
+    if (!d->has_plan) {
+        return res(TF_ST_ERR_STATE, 0);
+    }
+    if (total == 0) {
+        return n == 0 && offset == 0 ? res(TF_ST_OK, 0) : res(TF_ST_ERR_BAD_PAYLOAD, 0); /* a query */
+    }
+    const uint32_t rec = record_size(d);
+    if (total % rec != 0 || offset > total || n > total - offset) {
+        return res(TF_ST_ERR_BAD_PAYLOAD, 0);
+    }
+    if (first >= d->sample_cap || total / rec > d->sample_cap - first) {
+        return res(TF_ST_ERR_NO_MEMORY, d->sample_cap);
+    }
+    if (offset != 0 && offset == d->batch_last_off && offset + n == d->batch_got && total == d->batch_total &&
+        first == d->batch_first) {
+        *received = d->batch_got; /* the bridge re-sent the last chunk: idempotent */
+        return res(TF_ST_OK, 0);
+    }
+    if (offset == 0) {
+        for (uint32_t k = 0; k < total / rec; k++) { /* these slots are being overwritten */
+            d->samples_stored -= d->sample_valid[first + k];
+            d->sample_valid[first + k] = 0;
+        }
+        d->samples_held = d->sample_head = 0; /* addressed slots end the PUSH_SAMPLE ring */
+        d->batch_first = first, d->batch_total = total, d->batch_got = 0;
+    } else if (offset != d->batch_got || total != d->batch_total || first != d->batch_first) {
+        return res(TF_ST_ERR_STATE, first == d->batch_first && total == d->batch_total ? d->batch_got : 0);
+    }
+    tf_tensor_info tin;
+    tensor_info(d, d->rt.plan.input_id, &tin);
+    for (uint32_t i = 0; i < n; i++) {
+        const uint32_t pos = offset + i, slot = first + pos / rec, at = pos % rec;
+        if (at < 4) {
+            const uint32_t sh = 8u * at, old = (uint32_t)d->labels[slot] & ~(0xFFu << sh);
+            d->labels[slot] = (int32_t)(old | (uint32_t)chunk[i] << sh);
+        } else if (at - 4 < (uint32_t)tin.nbytes) {
+            sample_slot(d, slot)[at - 4] = chunk[i]; /* NOTE: flash program on a real board */
+        } else if (chunk[i] != 0) {
+            d->batch_got = d->batch_total = 0; /* padding must be zero: the batch is refused */
+            return res(TF_ST_ERR_BAD_PAYLOAD, 0);
+        }
+        if (at == rec - 1) {
+            d->sample_valid[slot] = 1;
+            d->samples_stored++;
+        }
+    }
+    d->batch_last_off = offset;
+    d->batch_got = offset + n;
+    *received = d->batch_got;
+    return res(TF_ST_OK, 0);
+}
+
+tf_dev_result tf_device_train_list(tf_device *d, const uint8_t *slots, uint32_t count, int32_t lr_m, int32_t lr_e,
+                                   uint32_t round_id, uint32_t *correct) {
+    *correct = 0;
+    if (!d->has_plan) {
+        return res(TF_ST_ERR_STATE, 0);
+    }
+    if (lr_m <= 0 || lr_m > 32768) {
+        return res(TF_ST_ERR_BAD_PAYLOAD, 0);
+    }
+    for (uint32_t s = 0; s < count; s++) { /* check the whole list before training any of it */
+        const uint32_t slot = (uint32_t)(slots[2 * s] | slots[2 * s + 1] << 8);
+        if (slot >= d->sample_cap) {
+            return res(TF_ST_ERR_BAD_PAYLOAD, 0);
+        }
+        if (!d->sample_valid[slot]) {
+            return res(TF_ST_ERR_STATE, slot);
+        }
+    }
+    for (uint32_t s = 0; s < count; s++) {
+        const uint32_t slot = (uint32_t)(slots[2 * s] | slots[2 * s + 1] << 8);
+        tf_step_result r;
+        int e = tf_runtime_step(&d->rt, sample_slot(d, slot), d->labels[slot], lr_m, lr_e, &r);
+        if (e) {
+            return res(e == TF_RT_BAD_SAMPLE ? TF_ST_ERR_BAD_PAYLOAD : TF_ST_ERR_INTERNAL, (uint32_t)e);
+        }
+        *correct += (uint32_t)r.correct;
+        d->last_p_label_q15 = r.p_label_q15;
+        d->steps_total++;
+    }
     d->round_id = round_id;
     d->delta_ready = 0;
     return res(TF_ST_OK, 0);
