@@ -277,12 +277,16 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     from fleet.sim.backends import build_devices  # python Trainer or one QEMU board per device
 
     slots = build_devices(cfg, plan, stack)
+    streams: list = []  # boards storing their device's samples (Futures)
     agents: list[DeviceAgent] = []
     stack.callback(lambda: [a.stop(graceful=True) for a in agents])
     for i, dd in enumerate(scenario.devices):
         buf = SampleBuffer(max(1, dd.n_train), tuple(scenario.input_shape), np.int8, seed=cfg.seed + i)
         if dd.n_train:
-            buf.add(quantize(dd.x_train, scale, zp), dd.y_train.astype(np.int32))
+            xq, yq = quantize(dd.x_train, scale, zp), dd.y_train.astype(np.int32)
+            buf.add(xq, yq)
+            if slots[i].on_samples is not None:  # a board keeps its samples: they reach it once, as its stream
+                streams.append(slots[i].on_samples(xq, yq))
         proto = DeviceProtocol(Identity(dd.device_id, cfg.model.board, board_sram, 1_000_000), plan, slots[i].trainer,
                                WireDeviceCodec(plan, verifier), buf, seed=cfg.seed + i)
         agents.append(DeviceAgent(url, cfg.name, proto, executor=slots[i].executor or pool).start(timeout=None))
@@ -294,6 +298,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         time.sleep(0.1)
         online = link.call(lambda c: sum(r.online for r in c.registry.devices.values()))
         bar.update("connect", completed=online)
+    for f in streams:  # every board holds its samples before the first round
+        f.result()
     bar.update("setup", advance=1, info="fleet up")
     res.setup_seconds = time.monotonic() - t0
 
