@@ -1,6 +1,7 @@
 """Device backends for ``tinyfleet simulate``: who runs a simulated device's local training.
 
-- ``python``: the host engine (``device_agent.engine.trainer.Trainer``), devices share the runner's small pool.
+- ``python``: the host engine (``device_agent.engine.trainer.Trainer``); devices live in ``workers`` processes
+  (fleet/sim/workers.py; ``workers: 0``: on the runner's small thread pool).
 - ``qemu``: one emulated board per device (``qemu-system-arm``, mps2-an500 by default) running our firmware; the
   board holds the plan (LOAD_PLAN at boot) and the device agent drives it through
   :class:`device_agent.bridge.BoardTrainer`: the device's samples are stored on the board once, as its sensor
@@ -43,6 +44,7 @@ class DeviceSlot:
     backend: str
     trainer: object
     executor: object | None = None
+    host: object | None = None  # python devices in worker processes: the fleet/sim/workers.WorkerPool
     on_samples: Callable | None = None  # a board's sensor stream: (x, y) -> Future, called when samples arrive
 
 
@@ -218,6 +220,26 @@ def build_devices(cfg: SimConfig, plan, stack: ExitStack, on_board: Callable[[in
             slots.append(DeviceSlot("qemu", trainer, executor, on_samples=trainer.stream_samples))
         else:
             slots.append(DeviceSlot("python", Trainer(plan)))
+    return _python_workers(cfg, plan, slots, stack)
+
+
+def _python_workers(cfg: SimConfig, plan, slots: list[DeviceSlot], stack: ExitStack) -> list[DeviceSlot]:
+    """Move the python devices into ``cfg.workers`` processes (None: one per CPU; 0: stay on the runner's threads).
+
+    Device i of the python ones goes to worker i % N, with that worker's one handler thread as its executor."""
+    import os
+
+    idx = [i for i, s in enumerate(slots) if s.backend == "python"]
+    n = min((os.cpu_count() or 1) if cfg.workers is None else cfg.workers, len(idx))
+    if n < 1:
+        return slots
+    from fleet.sim.workers import WorkerPool
+
+    pool = WorkerPool(n, plan)
+    stack.callback(pool.close)
+    for k, i in enumerate(idx):
+        pool.placement[i] = k % n
+        slots[i] = DeviceSlot("python", None, executor=pool.executors[k % n], host=pool)
     return slots
 
 

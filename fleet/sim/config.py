@@ -128,6 +128,7 @@ class SimConfig:
     backend: str = "python"  # python (host engine) | qemu (one emulated board per device) | renode (not here)
     qemu_devices: int | None = None  # mixed fleet: the first N devices are QEMU boards, the rest use `backend`
     qemu: QemuConfig = field(default_factory=QemuConfig)
+    workers: int | None = None  # processes for backend python devices (fleet/sim/workers.py); None: CPU count, 0: none
     personal: list[str] = field(default_factory=list)  # trainable tensors kept on each device, e.g. [classifier.bias]
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # measured in the same run; [] for none
 
@@ -154,6 +155,9 @@ class SimConfig:
             errs.append(f"over_selection: must be >= 1, got {self.over_selection}")
         if self.backend not in BACKENDS:
             errs.append(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            errs.append(f"workers: must be a number of processes >= 0 (0: devices on the runner's threads), "
+                        f"got {self.workers!r}")
         if self.qemu_devices is not None and not 0 <= self.qemu_devices <= self.devices:
             errs.append(f"qemu_devices: must be in 0..devices ({self.devices}), got {self.qemu_devices}")
         if not isinstance(self.personal, list) or not all(isinstance(n, str) and n for n in self.personal):

@@ -1,0 +1,28 @@
+"""`backend: python` devices in worker processes give the same run as devices on the runner's threads."""
+
+from __future__ import annotations
+
+from tests.conftest import ROOT, require_cmd
+
+
+def _run(workers: int):
+    from fleet.sim.config import load_sim_config
+    from fleet.sim.runner import run_simulation
+
+    cfg = load_sim_config(ROOT / "configs" / "quickstart.yaml", devices=4, rounds=2, local_steps=15, workers=workers)
+    cfg.model.pretrain_epochs = 1
+    return run_simulation(cfg, progress=False)
+
+
+def test_worker_processes_match_threads_bit_for_bit():
+    require_cmd("mosquitto")
+    threads, procs = _run(0), _run(2)
+
+    assert procs.round_status == threads.round_status == ["committed", "committed"]
+    assert not procs.errors and not threads.errors
+    # same deltas (sizes), same aggregated models (accuracies), same personal tensors on every device
+    assert procs.payload_up_per_device_round == threads.payload_up_per_device_round
+    assert procs.accuracy_per_round == threads.accuracy_per_round
+    assert procs.accuracy_personalized_per_round == threads.accuracy_personalized_per_round
+    assert [d["accuracy_personalized"] for d in procs.per_device] == \
+        [d["accuracy_personalized"] for d in threads.per_device]
