@@ -281,6 +281,13 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     agents: list[DeviceAgent] = []
     stack.callback(lambda: [a.stop(graceful=True) for a in agents])
     for i, dd in enumerate(scenario.devices):
+        if slots[i].host is not None:  # fleet/sim/workers.py: protocol, trainer and samples live in a worker
+            proto = slots[i].host.device(
+                i, Identity(dd.device_id, cfg.model.board, board_sram, 1_000_000), verifier,
+                quantize(dd.x_train, scale, zp) if dd.n_train else None, dd.y_train.astype(np.int32),
+                (max(1, dd.n_train), tuple(scenario.input_shape), np.int8, cfg.seed + i), seed=cfg.seed + i)
+            agents.append(DeviceAgent(url, cfg.name, proto, executor=slots[i].executor).start(timeout=None))
+            continue
         buf = SampleBuffer(max(1, dd.n_train), tuple(scenario.input_shape), np.int8, seed=cfg.seed + i)
         if dd.n_train:
             xq, yq = quantize(dd.x_train, scale, zp), dd.y_train.astype(np.int32)
