@@ -9,8 +9,8 @@
 
 /* Encode src[0..n) into dst (capacity cap); returns the encoded length or -1 if it does not fit. */
 int32_t tf_cobs_encode(const uint8_t *src, int32_t n, uint8_t *dst, int32_t cap);
-/* Decode src[0..n) (no delimiter) into dst (capacity cap, may equal src); returns the length or -1 when the
- * input holds a 0x00 byte, a code runs past the end, or dst is too small. */
+/* Decode src[0..n) (no delimiter) into dst (capacity cap, may equal src); returns the length, -1 when the
+ * input holds a 0x00 byte or a code runs past the end, -2 when it is valid COBS but decodes to more than cap. */
 int32_t tf_cobs_decode(const uint8_t *src, int32_t n, uint8_t *dst, int32_t cap);
 
 #endif /* TF_COBS_H */

@@ -39,18 +39,22 @@ int32_t tf_cobs_decode(const uint8_t *src, int32_t n, uint8_t *dst, int32_t cap)
         if (code == 0 || i + code - 1 > n) {
             return -1;
         }
-        for (int32_t j = 1; j < code; j++) {
-            if (src[i] == 0 || out >= cap) {
+        for (int32_t j = 1; j < code; j++, i++) {
+            if (src[i] == 0) {
                 return -1;
             }
-            dst[out++] = src[i++];
+            if (out < cap) {
+                dst[out] = src[i];
+            }
+            out++;
         }
         if (code != 0xFF && i < n) {
-            if (out >= cap) {
-                return -1;
+            if (out < cap) {
+                dst[out] = 0;
             }
-            dst[out++] = 0;
+            out++;
         }
     }
-    return out;
+    /* NOTE: a too-long frame is still checked to the end: bad COBS anywhere wins, as in frames.py */
+    return out > cap ? -2 : out;
 }

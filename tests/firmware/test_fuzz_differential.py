@@ -1,0 +1,203 @@
+"""Differential decoding: the same bytes to the C readers (firmware/fuzz/decode_cli.c, ASan/UBSan build) and to
+device_agent/wire give the same verdict, the same WireError and the same decoded values (fuzz/digest.py).
+
+Inputs: every golden vector (MANIFEST.txt, uart_frames.bin), truncation at every offset and every single-bit
+flip of each valid one (both languages must refuse them), every body cut resealed with a right CRC, and a few
+hundred seeded random mutations. Known, documented differences: the board reads model updates v1 only (a v2
+blob is UNSUPPORTED_VERSION in C) and has no Ed25519 (signed vectors are compared with the signature stripped).
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from device_agent.wire import Verifier
+from device_agent.wire.envelope import FormatId, open_blob, seal
+from tests.conftest import ROOT, VECTORS, require_cmd
+
+sys.path.insert(0, str(ROOT / "fuzz"))
+from digest import verdict
+from targets import reseal
+
+BUILD = ROOT / "build" / "fuzz-fw"  # NOTE: shared and incremental: make rebuilds only what changed
+HMAC_KEY = VECTORS / "keys" / "test_hmac.key"
+POLICY = {"unsigned": Verifier.unsigned(), "hmac": Verifier.hmac_sha256(HMAC_KEY.read_bytes())}
+CHUNK = 4000
+
+
+@pytest.fixture(scope="module")
+def decode_cli() -> Path:
+    require_cmd("clang", "make")
+    r = subprocess.run(["make", "-s", "-C", str(ROOT / "firmware"), f"BUILD={BUILD}", "decode-cli"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return BUILD / "host" / "decode_cli"
+
+
+def c_verdicts(cli: Path, fmt: str, policy: str, blobs: list[bytes]) -> list[str]:
+    out: list[str] = []
+    args = [str(cli), fmt] + (["--hmac", str(HMAC_KEY)] if policy == "hmac" else [])
+    for i in range(0, len(blobs), CHUNK):
+        batch = b"".join(struct.pack("<I", len(b)) + b for b in blobs[i:i + CHUNK])
+        r = subprocess.run(args, input=batch, capture_output=True, check=False)
+        assert r.returncode == 0, f"decode_cli crashed (exit {r.returncode}):\n{r.stderr.decode()[-3000:]}"
+        out += r.stdout.decode().splitlines()
+    assert len(out) == len(blobs)
+    return out
+
+
+def compare(cli: Path, fmt: str, policy: str, blobs: list[bytes], *, all_refused: bool = False) -> int:
+    """Assert C and Python agree on every blob (and, if asked, that both refuse each one); returns the count."""
+    c = c_verdicts(cli, fmt, policy, blobs)
+    bad = []
+    for blob, cv in zip(blobs, c, strict=True):
+        pv = verdict(fmt, blob, POLICY[policy])
+        if fmt == "update" and blob[:4] == b"TFUP" and blob[4:6] == b"\2\0" and len(blob) >= 16:
+            agree = cv == "err 3"  # the board speaks TFUP v1 only
+        else:
+            agree = cv == pv
+        if not agree or (all_refused and ("ok" in cv or "ok" in pv)):
+            bad.append(f"{blob[:24].hex()}… ({len(blob)} bytes): C {cv!r}, Python {pv!r}")
+    assert not bad, f"{len(bad)} of {len(blobs)} {fmt} inputs disagree, e.g.:\n" + "\n".join(bad[:8])
+    return len(blobs)
+
+
+def _manifest(fmt: str) -> list[tuple[bytes, str, str]]:
+    out = []
+    for line in (VECTORS / "MANIFEST.txt").read_text(encoding="utf-8").splitlines():
+        f = line.split()
+        if len(f) >= 4 and not line.startswith("#") and f[1] == fmt:
+            out.append(((VECTORS / f[0]).read_bytes(), f[2], f[3]))
+    return out
+
+
+def unsign(blob: bytes) -> bytes | None:
+    """The same body sealed unsigned (the board has no Ed25519); None if the envelope itself is bad."""
+    fmt = FormatId("blob", blob[:4], int.from_bytes(blob[4:6], "little"), "")
+    try:
+        return seal(fmt, bytes(open_blob(fmt, blob, Verifier.skip())))
+    except ValueError:
+        return None
+
+
+def vectors(fmt: str) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
+    """(every manifest blob, the valid ones) by the policy the C tool can read them with."""
+    every: dict[str, list[bytes]] = {"unsigned": [], "hmac": []}
+    valid: dict[str, list[bytes]] = {"unsigned": [], "hmac": []}
+    for blob, policy, expect in _manifest(fmt):
+        if policy == "ed25519":
+            stripped = unsign(blob)
+            every["unsigned"] += [blob] + ([stripped] if stripped else [])
+            if expect == "ok" and stripped:
+                valid["unsigned"].append(stripped)
+            continue
+        every[policy].append(blob)
+        if expect == "ok":
+            valid[policy].append(blob)
+    if fmt == "update":  # the board's update leg is v1: its truncations and flips are the ones to compare
+        valid = {k: [b for b in v if b[4:6] == b"\1\0"] for k, v in valid.items()}
+    return every, valid
+
+
+def flips(blob: bytes) -> list[bytes]:
+    out = []
+    for bit in range(8 * len(blob)):
+        b = bytearray(blob)
+        b[bit // 8] ^= 1 << (bit % 8)
+        out.append(bytes(b))
+    return out
+
+
+def mutations(blob: bytes, n: int, seed: int) -> list[bytes]:
+    """Seeded structural mutations of the body (u32 fields set to edge values, bytes changed, inserted,
+    deleted), resealed with a right length and CRC so they reach the body checks."""
+    rng = random.Random(seed)
+    edge = (0, 1, 2, 3, 4, 0x7F, 0x80, 0xFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, len(blob), len(blob) - 16)
+    out = []
+    for _ in range(n):
+        b = bytearray(blob[:-4])
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            op, at = rng.randrange(4), rng.randrange(16, len(b))
+            if op == 0:
+                at -= at % 4
+                b[at:at + 4] = struct.pack("<I", rng.choice(edge) & 0xFFFFFFFF)
+            elif op == 1:
+                b[at] = rng.randrange(256)
+            elif op == 2:
+                b[at:at] = bytes(rng.randrange(256) for _ in range(rng.choice((1, 4, 8))))
+            else:
+                del b[at:at + rng.choice((1, 4, 12))]
+        sealed = reseal(bytes(b) + b"\0\0\0\0")
+        if sealed is not None:
+            out.append(sealed)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["plan", "update"])
+def test_golden_vectors_agree(decode_cli, fmt):
+    every, _ = vectors(fmt)
+    assert compare(decode_cli, fmt, "unsigned", every["unsigned"]) + compare(decode_cli, fmt, "hmac", every["hmac"])
+
+
+@pytest.mark.parametrize("fmt", ["plan", "update"])
+def test_every_truncation_and_bit_flip_refused_alike(decode_cli, fmt):
+    _, valid = vectors(fmt)
+    n = 0
+    for policy, blobs in valid.items():
+        for blob in blobs:
+            n += compare(decode_cli, fmt, policy, [blob[:cut] for cut in range(len(blob))], all_refused=True)
+            n += compare(decode_cli, fmt, policy, flips(blob), all_refused=True)
+    assert n > 1000
+
+
+@pytest.mark.parametrize("fmt", ["plan", "update"])
+def test_resealed_cuts_and_mutations_agree(decode_cli, fmt):
+    _, valid = vectors(fmt)
+    blobs = []
+    for i, blob in enumerate(valid["unsigned"]):
+        body_end = len(blob) - 4
+        blobs += [reseal(blob[:cut] + b"\0\0\0\0") for cut in range(16, body_end)]
+        blobs += mutations(blob, 300, seed=i)
+    assert compare(decode_cli, fmt, "unsigned", blobs) > 300
+
+
+def _frames() -> list[bytes]:
+    return [f for f in (VECTORS / "uart_frames.bin").read_bytes().split(b"\0") if f]
+
+
+def test_uart_frames_agree(decode_cli):
+    stream = (VECTORS / "uart_frames.bin").read_bytes()
+    frames = _frames()
+    # valid COBS of 518 raw bytes in 521 encoded ones: FRAME_TOO_LONG in both (C once said BAD_COBS)
+    oversize = [b"\xff" + bytes(range(1, 255)) + b"\xff" + b"\7" * 254 + b"\x0b" + b"\1" * 10]
+    assert compare(decode_cli, "frames", "unsigned", [stream] + frames + oversize)
+
+
+def test_every_frame_truncation_and_bit_flip_refused_alike(decode_cli):
+    good = [f for f in _frames() if verdict("frames", f, POLICY["unsigned"]).startswith("ok:")]
+    blobs = []
+    for f in good:
+        blobs += [f[:cut] for cut in range(1, len(f))] + flips(f)
+    assert compare(decode_cli, "frames", "unsigned", blobs, all_refused=True) > 1000
+
+
+def test_frame_mutations_agree(decode_cli):
+    rng = random.Random(7)
+    good = [f for f in _frames() if verdict("frames", f, POLICY["unsigned"]).startswith("ok:")]
+    blobs = []
+    for _ in range(400):
+        b = bytearray(rng.choice(good))
+        for _ in range(rng.choice((1, 2, 4))):
+            at = rng.randrange(len(b))
+            if rng.random() < 0.5:
+                b[at] = rng.randrange(256)
+            else:
+                b[at:at] = bytes(rng.randrange(1, 256) for _ in range(rng.choice((1, 3, 300))))
+        blobs.append(bytes(b))
+    assert compare(decode_cli, "frames", "unsigned", blobs)
