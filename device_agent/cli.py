@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity", type=int, default=2048, help="sample buffer capacity")
     p.add_argument("--ca-file"), p.add_argument("--cert-file"), p.add_argument("--key-file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keepalive", type=int, default=30, help="MQTT keepalive, seconds: a silent device counts as "
+                   "gone after 1.5x this")
+    p.add_argument("--will-delay", type=int, default=5, help="seconds the broker waits before publishing the Last "
+                   "Will (offline status) of a lost connection")
 
 
 def _verifier(args):
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     buf.add(x, y)
     proto = DeviceProtocol(Identity(args.id, args.board, args.sram, args.flash), plan, Trainer(plan),
                            WireDeviceCodec(plan, verify), buf, seed=args.seed)
-    agent = DeviceAgent(url, args.fleet, proto)
+    agent = DeviceAgent(url, args.fleet, proto, keepalive=args.keepalive, will_delay=args.will_delay)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     agent.start()

@@ -140,6 +140,7 @@ class MqttEndpoint:
         session_expiry: int = SESSION_EXPIRY_S,
         keepalive: int = KEEPALIVE_S,
         will_delay: int = WILL_DELAY_S,
+        retained_on_resume: bool = False,
     ):
         self.url = url
         self.client_id = client_id
@@ -148,6 +149,7 @@ class MqttEndpoint:
         self.on_connect_cb = on_connect
         self.session_expiry = session_expiry
         self.keepalive = keepalive
+        self.retained_on_resume = retained_on_resume
         self.traffic = Traffic()
         self.connects = 0  # successful connects (1 + reconnects)
         self.connected = threading.Event()
@@ -222,8 +224,11 @@ class MqttEndpoint:
             return  # paho retries with backoff
         if self.subscriptions:
             # NOTE: retainHandling=1: retained messages come only with a *new* subscription, so a resumed
-            # session does not get model/current again on every reconnect.
-            opts = SubscribeOptions(qos=QOS, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+            # session does not get model/current again on every reconnect. A coordinator needs them on every
+            # connect (``retained_on_resume``): a restarted one rebuilds its registry from the retained hellos and
+            # statuses, which its resumed session would otherwise never show it again.
+            opts = SubscribeOptions(qos=QOS, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+                                    if self.retained_on_resume else SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
             client.subscribe([(t, opts) for t in self.subscriptions])
         self.connects += 1
         self.connected.set()
@@ -256,7 +261,7 @@ class DeviceAgent:
     """
 
     def __init__(self, url: BrokerURL, fleet: str, protocol, executor=None, client_id: str | None = None,
-                 will_delay: int = WILL_DELAY_S):
+                 will_delay: int = WILL_DELAY_S, keepalive: int = KEEPALIVE_S):
         from concurrent.futures import ThreadPoolExecutor
 
         from device_agent.messages import full_topic
@@ -276,7 +281,7 @@ class DeviceAgent:
         self.endpoint = MqttEndpoint(
             url, client_id or f"tinyfleet-{fleet}-{self.device_id}", [self._topic(t) for t in protocol.subscriptions()],
             self._on_message, will=(self._topic(will.topic), will.payload), on_connect=self._on_connect,
-            will_delay=will_delay)
+            will_delay=will_delay, keepalive=keepalive)
 
     def start(self, timeout: float | None = 10.0) -> DeviceAgent:
         self.endpoint.start(timeout)

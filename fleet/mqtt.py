@@ -48,7 +48,7 @@ class CoordinatorLink:
         self.errors: list[str] = []
         subs = [full_topic(fleet, f"dev/+/{kind}") for kind in DEVICE_UP]
         self.endpoint = MqttEndpoint(url, client_id or f"tinyfleet-{fleet}-coordinator", subs, self._on_message,
-                                     on_connect=self._on_connect)
+                                     on_connect=self._on_connect, retained_on_resume=True)
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -91,8 +91,13 @@ class CoordinatorLink:
     def _on_connect(self, session_present: bool) -> None:
         from fleet.coordinator import Boot
 
-        if self.coordinator is not None and not session_present:
-            self.submit(Boot())  # a broker that lost our session also lost the retained plan/model, maybe
+        # NOTE: after every reconnect, not only when the session is gone: a broker that crashed restarts from its
+        # last autosave, so it may have lost the newest retained model, a task it had already PUBACKed to us, or
+        # a delta it had PUBACKed to a device (which never sends it again unprompted). Boot republishes the plan
+        # and model and re-sends the open round's tasks to every device that has not contributed; devices answer
+        # a repeated task with the same delta bytes, and dedup counts them once.
+        if self.coordinator is not None and self.endpoint.connects > 1:
+            self.submit(Boot())
 
     def _on_message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
         from fleet.coordinator import Received

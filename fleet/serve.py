@@ -3,12 +3,15 @@
 The plan comes from ``--plan FILE.ttp`` or is compiled from the config's model section (as ``simulate`` does).
 Downlink blobs are signed with the fleet's Ed25519 key (``--key``, PEM; created with its ``.pub`` beside it
 when missing): give devices the public key (``device-agent run --pubkey``). State lives in ``--store`` (SQLite),
-so a restarted ``serve`` resumes the open round. This module wires; the coordinator decides.
+so a restarted ``serve`` resumes the open round and stops after the same total number of rounds (``--crash-at``,
+a hidden fault-injection hook for tests, is :class:`CrashAt`). This module wires; the coordinator decides.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import threading
 import time
@@ -23,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", type=Path, help="use this signed plan blob instead of compiling from the config")
     p.add_argument("--rounds", type=int, help="override the number of rounds (0: serve until Ctrl-C)")
     p.add_argument("--min-devices", type=int, help="devices online before the first round (default: goal)")
+    p.add_argument("--crash-at", metavar="POINT:N", type=CrashAt, help=argparse.SUPPRESS)  # tests only: see CrashAt
 
 
 def load_or_create_key(path: Path):
@@ -98,21 +102,29 @@ def run(args: argparse.Namespace) -> int:
                   f"({len(out.accepted)} deltas) {out.detail}", file=sys.stderr)
             closed.set()
 
-    link = CoordinatorLink(url, cfg.name, lambda: Coordinator(plan, _store(args.store), ccfg, time.time, codec),
-                           on_output=on_output)
+    def coordinator() -> Coordinator:
+        c = Coordinator(plan, _store(args.store), ccfg, time.time, codec)
+        return args.crash_at.arm(c) if args.crash_at is not None else c
+
+    link = CoordinatorLink(url, cfg.name, coordinator, on_output=on_output)
     print(f"tinyfleet serve: fleet {cfg.name!r} on {url}, plan {codec.plan_hash[:16]}", file=sys.stderr)
     try:
         link.start()
         want = args.min_devices or cfg.goal_count
-        while link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < want:
-            time.sleep(0.5)
-        done = 0
-        while args.rounds == 0 or done < cfg.rounds:
-            closed.clear()
-            link.submit(StartRound())
-            while not closed.wait(0.5):
-                pass
-            done += 1
+        watch = _Watch(link)
+        while watch() < want:
+            time.sleep(0.2)
+        while True:
+            # NOTE: rounds are counted by the coordinator (i.e. the store), so a restarted serve finishes the same
+            # run instead of starting cfg.rounds new ones, and lets a resumed open round close before the next
+            rid, idle = link.call(lambda c: (c.machine.round_id, c.machine.state == rnd.RoundState.IDLE))
+            if args.rounds != 0 and (rid if idle else rid - 1) >= cfg.rounds:
+                break
+            if idle:
+                closed.clear()
+                link.submit(StartRound())
+            while not closed.wait(0.2):
+                watch()
     except ConnectionError as e:
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 1
@@ -128,3 +140,70 @@ def _store(path: Path):
     from fleet.store import Store
 
     return Store(path)
+
+
+class _Watch:
+    """What an operator should see in the log: a device going online or offline (the registry's view), and a
+    coordinator error (the link rebuilt the coordinator from the store). Devices restored from the store as
+    offline are not news."""
+
+    def __init__(self, link):
+        self.link, self.seen, self.errors = link, {}, 0
+
+    def __call__(self) -> int:
+        """Print what changed since the last call; return how many devices are online."""
+        now = self.link.call(lambda c: {d: r.online for d, r in c.registry.devices.items()})
+        for d, on in sorted(now.items()):
+            if self.seen.get(d, False) != on:
+                print(f"tinyfleet serve: device {d} {'online' if on else 'offline'}", file=sys.stderr, flush=True)
+        self.seen = now
+        for err in self.link.errors[self.errors:]:
+            print(f"tinyfleet serve: coordinator error, rebuilt from the store: {err}", file=sys.stderr, flush=True)
+        self.errors = len(self.link.errors)
+        return sum(now.values())
+
+
+class CrashAt:
+    """Fault-injection hook for tests (``benchmarks/faults.py``), hidden from ``--help``: ``--crash-at POINT:N``
+    SIGKILLs this process at a point a random kill cannot hit reliably.
+
+    ``accept:N``: right after the N-th accepted delta (counted per process) was written into the open store
+    transaction, before that transaction commits: the coordinator has judged and counted it in memory, nothing
+    is durable, nothing is acknowledged. ``commit:N``: right after the batch holding the N-th accepted delta
+    committed, before its acks and MQTT PUBACKs leave. A restarted coordinator must lose and double-count nothing.
+    """
+
+    POINTS = ("accept", "commit")
+
+    def __init__(self, spec: str):
+        point, _, n = spec.partition(":")
+        if point not in self.POINTS or not n.isdigit() or int(n) < 1:
+            raise argparse.ArgumentTypeError(f"expected accept:N or commit:N with N >= 1, got {spec!r}")
+        self.point, self.n, self.seen = point, int(n), 0
+
+    def arm(self, coordinator):
+        """Wrap ``coordinator`` (or its store) so that the named point kills the process; returns it."""
+        from fleet.coordinator import Verdict
+
+        if self.point == "accept":
+            store, inner = coordinator.store, coordinator.store.accept_delta
+
+            def accept_delta(row, state):
+                inner(row, state)
+                self._passed(1)
+            store.accept_delta = accept_delta
+        else:
+            many = coordinator.handle_many
+
+            def handle_many(events):
+                out = many(events)
+                self._passed(sum(isinstance(o, Verdict) and o.reason == "ok" for o in out))
+                return out
+            coordinator.handle_many = handle_many
+        return coordinator
+
+    def _passed(self, k: int) -> None:
+        self.seen += k
+        if self.seen >= self.n:
+            print(f"tinyfleet serve: --crash-at {self.point}:{self.n}: SIGKILL", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,263 @@
+"""Fault injection with real processes: does a fleet lose, double-count or diverge when things break?
+
+One command: ``python benchmarks/faults.py [--quick] [--kills K] [--seed S] [--only a,b] [--keep DIR]``.
+Every scenario runs Mosquitto (persistence on), ``tinyfleet serve`` and 4 (``--quick``: 3) ``device-agent run`` processes on a
+free loopback port (``fleet/sim/faults.py``); the rounds are designed so the result is well-defined (every
+device in every round, deterministic training, exact integer FedAvg), and a first fault-free run of the same
+seed is the reference:
+
+- ``broker_kill``: SIGKILL the broker K times at random points (seeded; spread over the run), restart it with
+  its persistence file.
+- ``coordinator_kill``: SIGKILL ``tinyfleet serve`` K times and restart it on its store: a third at a random
+  moment, a third between accepting a delta and checkpointing it (``--crash-at accept:N``: inside the store
+  transaction, before it commits), a third after the checkpoint but before the acks (``--crash-at commit:N``).
+- ``chaos_proxy``: every client talks through ``fleet/sim/chaos_proxy.py``, which duplicates 30 % and delays
+  (reorders) 30 % of all PUBLISH packets in both directions.
+- ``garbage``: a rogue client publishes random, empty, oversize (2 MiB), truncated and bit-flipped deltas, a
+  replayed old delta and malformed hello/status messages on device topics during the run.
+  Each of these passes when no acknowledged delta is lost, none is counted twice, nothing crashed that was not
+  killed on purpose, every round committed with every device, and every model version is bit-identical to the
+  reference run's.
+- ``device_kill`` / ``device_hang`` (keepalive 2 s, will delay 1 s): a device is SIGKILLed (the kernel closes
+  its socket, no DISCONNECT) or SIGSTOPped (no FIN, no packets: only the keepalive finds it); passes when the
+  coordinator's registry marks it offline within ``keepalive x 1.5 + will delay`` + 1 s (Mosquitto runs will
+  delays on a whole-second clock) + 0.3 s (serve reports registry changes every 0.2 s), plus for the hang 6 s:
+  Mosquitto 2.0.x sweeps for expired keepalives only every ~6 s (its keepalive.c; measured 7-10 s with a 3 s
+  keepalive window), and the rounds go on without it.
+
+Columns: ``lost`` acknowledged deltas missing from the store or from a committed round; ``duplicated`` deltas
+stored or counted twice; ``rejected`` acks with ``accepted: false``; ``crashes`` process deaths and coordinator
+errors that were not injected; ``faults`` what was injected. Last line: ``{"scenarios": {name: {"pass",
+"lost", "duplicated", "rejected", "crashes"}}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import emit
+from fleet.sim.faults import FleetSpec, Outcome, ProcessFleet, judge, store_versions
+
+WATCH_SLACK = 0.3  # serve polls its registry every 0.2 s; the harness polls the log every 0.02 s
+CLOCK_SLACK = 1.0  # NOTE: Mosquitto 2.0 runs will delays (and keepalives) on a whole-second clock
+SWEEP_S = 6.0  # NOTE: measured + source: Mosquitto 2.0.x sweeps for expired keepalives only every ~6 s
+DEVICES = 4
+
+
+def spec_for(kills: int, devices: int) -> FleetSpec:
+    """Enough rounds that every fault lands inside the run (about two rounds per fault, plus a margin)."""
+    return FleetSpec(devices=devices, rounds=2 * kills + 2)
+
+
+def run_clean(work: Path, spec: FleetSpec, seed: int) -> tuple[list[bytes], Outcome]:
+    out = Outcome()
+    with ProcessFleet(work / "clean", spec, seed) as f:
+        f.start()
+        if f.wait_serve(60 + 5 * spec.rounds) != 0:
+            out.notes.append("clean run did not finish")
+    judge(f, None, out)
+    return store_versions(f.store), out
+
+
+def _gate(f: ProcessFleet, i: int, kills: int, rng: random.Random, timeout: float = 120.0) -> bool:
+    """Wait until the run is ``i/kills`` of the way through (committed rounds), then a random moment more."""
+    end = time.monotonic() + timeout
+    target = (i * f.spec.rounds) // (kills + 1)
+    while f.committed() < target and f.serve.poll() is None and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))
+    return f.serve.poll() is None
+
+
+def broker_kill(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> None:
+    f.start()
+    f.wait_serve_up()
+    for i in range(kills):
+        if not _gate(f, i, kills, rng):
+            break
+        f.broker.kill()
+        out.kills += 1
+        time.sleep(rng.uniform(0.0, 0.5))
+        f.broker.start()
+
+
+def coordinator_kill(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> None:
+    kinds = [("accept", "random", "commit")[i % 3] for i in range(kills)]
+    hook = lambda k: f"{k}:{rng.randint(1, 2 * f.spec.devices)}" if k != "random" else None
+    f.start(hook(kinds[0]))
+    for i, kind in enumerate(kinds):
+        if kind == "random":
+            f.wait_serve_up()
+            if not _gate(f, i, kills, rng):
+                break
+            f.signal(f.serve)
+        else:
+            try:
+                f.serve.wait(120)  # it kills itself at the named point
+            except Exception:  # noqa: BLE001
+                break
+            if f.serve.returncode != -signal.SIGKILL:
+                out.crashes += f.serve.returncode != 0
+                break  # finished (or died) without reaching the point
+        out.kills += 1
+        f.serve_exited()
+        f.start_serve(hook(kinds[i + 1]) if i + 1 < kills else None)
+
+
+def chaos_proxy(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> None:
+    f.start()
+    f.wait_serve(60 + 5 * f.spec.rounds)
+    s = f.proxy.stats
+    out.kills = s.duplicated + s.delayed
+    out.notes += [] if s.duplicated and s.reordered else ["the proxy duplicated or reordered nothing"]
+    out.detail = f"{s.publishes} publishes: {s.duplicated} duplicated, {s.delayed} delayed, {s.reordered} reordered"
+
+
+def garbage(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> None:
+    import paho.mqtt.client as paho
+
+    f.start()
+    f.wait_serve_up()
+    seen: dict[str, bytes] = {}
+    rogue = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="rogue", protocol=paho.MQTTv5)
+    rogue.on_message = lambda c, u, m: seen.setdefault(m.topic, bytes(m.payload))
+    rogue.connect("127.0.0.1", f.broker.port)
+    rogue.loop_start()
+    top = f"tinyfleet/{f.spec.name}/dev"
+    rogue.subscribe(f"{top}/+/delta", qos=1)
+    end = time.monotonic() + 60
+    while f.committed() < 1 and time.monotonic() < end:  # a real delta to mangle and replay
+        time.sleep(0.05)
+    real = seen.get(f"{top}/d0/delta", b"")
+    flipped = bytearray(real)
+    if flipped:
+        flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+    bad_deltas = [b"", b"\x00", rng.randbytes(7), rng.randbytes(100), rng.randbytes(5000),
+                  rng.randbytes(2 << 20), real[:len(real) // 2], bytes(flipped)]
+    msgs = [(f"{top}/d{i % f.spec.devices}/delta", p) for i, p in enumerate(bad_deltas)]
+    msgs += [(f"{top}/d1/delta", real),  # d0's delta on d1's topic: WRONG_DEVICE
+             (f"{top}/d0/delta", real),  # replayed: counted once (duplicate)
+             (f"{top}/d2/hello", b"{not json"), (f"{top}/d1/status", rng.randbytes(64)),
+             (f"{top}/d1/hello", b'{"v":1,"type":"hello","device_id":"d1","board":"x","sram":-1}'),
+             (f"{top}/evil/delta", rng.randbytes(300)), (f"{top}/d0/task", b"not for devices to send")]
+    for topic, payload in msgs:
+        rogue.publish(topic, payload, qos=1).wait_for_publish(10)
+        time.sleep(rng.uniform(0.0, 0.2))
+    out.kills = len(msgs)
+    f.wait_serve(60 + 5 * f.spec.rounds)
+    rogue.loop_stop()
+    rogue.disconnect()
+    out.expect_rejected = len(bad_deltas) + 2  # + WRONG_DEVICE and the evil device's delta
+
+
+def device_faults(f: ProcessFleet, outs: dict[str, Outcome]) -> None:
+    """``device_kill`` then ``device_hang`` in one fleet: each victim must be marked offline in time, and the
+    rounds must go on without it."""
+    f.start()
+    end = time.monotonic() + 60
+    while f.committed() < 1 and time.monotonic() < end:
+        time.sleep(0.05)
+    bound = f.spec.keepalive * 1.5 + f.spec.will_delay
+    for k, (name, sig, extra) in enumerate((("device_kill", signal.SIGKILL, 0.0),
+                                           ("device_hang", signal.SIGSTOP, SWEEP_S))):
+        out, victim = outs[name], f"d{f.spec.devices - 1 - k}"
+        mark = len(f.serve_log.read_text(errors="replace"))
+        t0 = time.monotonic()
+        f.signal(f.agents[victim], sig)
+        seen = f.wait_log(f"device {victim} offline", mark, bound + 10)
+        done = f.committed()
+        while f.committed() < done + 1 and time.monotonic() < t0 + bound + 30:  # the rounds go on without it
+            time.sleep(0.05)
+        if seen is None:
+            out.notes.append(f"{victim} never marked offline")
+            out.detail = f"{victim} not marked offline within {bound + 10:g} s"
+            continue
+        took = seen - t0
+        limit = bound + extra + CLOCK_SLACK + WATCH_SLACK
+        out.kills = 1
+        out.detail = f"{victim} offline after {took:.2f} s (keepalive x 1.5 + will delay = {bound:g} s; limit {limit:g} s)"
+        if took > limit:
+            out.notes.append(f"marked offline after {took:.2f} s > {limit:g} s")
+        if f.committed() < done + 1:
+            out.notes.append("no round committed after the device was lost")
+    f.signal(f.serve, signal.SIGTERM)
+    f.serve.wait(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 kills per kill scenario (CI)")
+    ap.add_argument("--kills", type=int, help="kills per kill scenario (default 20, --quick 3)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--devices", type=int, help=f"device agents per fleet (default {DEVICES}, --quick 3)")
+    ap.add_argument("--only", help="comma-separated scenario names")
+    ap.add_argument("--keep", type=Path, help="keep every process's logs and store under this directory")
+    args = ap.parse_args()
+    kills = args.kills or (3 if args.quick else 20)
+    spec = spec_for(kills, args.devices or (3 if args.quick else DEVICES))
+    names = ["broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "device_kill", "device_hang"]
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    work = args.keep or Path(tempfile.mkdtemp(prefix="tinyfleet-faults-"))
+    os.makedirs(work, exist_ok=True)
+    rows, result = [], {}
+    t = time.monotonic()
+    clean, ref = run_clean(work, spec, args.seed)
+    rows.append(("clean (reference)", ref.passed, 0, 0, 0, 0, 0, f"{time.monotonic() - t:.1f}",
+                 f"{spec.rounds} rounds x {spec.devices} devices"))
+    outs = {name: Outcome() for name in names}
+    for name in names:
+        out, t = outs[name], time.monotonic()
+        if name == "device_hang" and "device_kill" in names:
+            continue  # measured in device_kill's fleet
+        rng = random.Random(f"{args.seed}/{name}")
+        s, chaos = spec, ({"seed": args.seed, "dup": 0.3, "delay": 0.3} if name == "chaos_proxy" else None)
+        if name.startswith("device_"):
+            s = FleetSpec(devices=spec.devices, rounds=10_000, quorum=0.25, keepalive=2, will_delay=1, deadline=30)
+        try:
+            with ProcessFleet(work / name, s, args.seed, chaos) as f:
+                if name == "broker_kill":
+                    broker_kill(f, kills, rng, out)
+                elif name == "coordinator_kill":
+                    coordinator_kill(f, kills, rng, out)
+                elif name == "chaos_proxy":
+                    chaos_proxy(f, kills, rng, out)
+                elif name == "garbage":
+                    garbage(f, kills, rng, out)
+                else:
+                    device_faults(f, {"device_kill": out, "device_hang": outs.get("device_hang", Outcome())})
+                if not name.startswith("device_") and f.serve.poll() is None:
+                    f.wait_serve(60 + 5 * spec.rounds)
+            if name in ("broker_kill", "coordinator_kill") and out.kills < kills:
+                out.notes.append(f"only {out.kills} of {kills} kills landed inside the run")
+            for n in (name, "device_hang") if name == "device_kill" else (name,):
+                judge(f, None if name.startswith("device_") else clean, outs[n])
+            if out.rejected < out.expect_rejected:
+                out.notes.append(f"{out.rejected} rejections < {out.expect_rejected} bad deltas sent")
+        except (RuntimeError, TimeoutError, OSError) as e:
+            out.notes.append(f"{type(e).__name__}: {str(e)[-300:]}")
+            out.passed = False
+        for n in (name, "device_hang") if name == "device_kill" and "device_hang" in names else (name,):
+            o = outs[n]
+            result[n] = o.row()
+            detail = "; ".join([o.detail] * bool(o.detail) + o.notes)
+            rows.append((n, o.passed, o.lost, o.duplicated, o.rejected, o.crashes, o.kills,
+                         f"{time.monotonic() - t:.1f}", detail))
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+    emit({"scenarios": result}, rows,
+         ("scenario", "pass", "lost", "duplicated", "rejected", "crashes", "faults", "seconds", "detail"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Fault harness: a fleet of real processes (Mosquitto with persistence, ``tinyfleet serve``, host device agents)
+that benchmarks/faults.py kills, hangs and floods, and the checks that judge a run from the coordinator's store.
+
+Everything is a separate OS process on a free loopback port; faults are real signals (SIGKILL, SIGSTOP) or
+real bytes (garbage publishes, the :mod:`fleet.sim.chaos_proxy` in the data path). The run is designed so that
+its result is well-defined: every device is selected and must contribute to every round (``over_selection`` 1,
+quorum 1, a deadline far beyond any outage), devices train deterministically from ``(seed, round)`` on fixed
+private data, and FedAvg sums are exact integers, so any correct recovery ends bit-identical to the clean run.
+It refuses to judge from what the processes say about themselves: the verdict comes from the SQLite store and
+from the acks an independent observer client saw on the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+
+from fleet.sim.broker import EmbeddedBroker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class FleetSpec:
+    """One fault-run fleet: ``devices`` host agents on the engine's tiny plan, ``rounds`` rounds."""
+
+    devices: int = 4
+    rounds: int = 6
+    local_steps: int = 5
+    deadline: float = 300.0  # far beyond any outage: a round must never close without every device
+    keepalive: int = 30  # device MQTT keepalive, seconds
+    will_delay: int = 5  # device Last Will delay, seconds
+    quorum: float = 1.0  # 1.0: a round commits only with every device (what makes the result well-defined)
+    name: str = "faults"
+
+
+@dataclass
+class Outcome:
+    """What one scenario measured; ``row()`` is its line of the benchmark's JSON."""
+
+    passed: bool = False
+    lost: int = 0  # acknowledged (accepted) deltas missing from the store or from a committed round
+    duplicated: int = 0  # deltas counted more than once (stored twice, or more deltas than devices in a round)
+    rejected: int = 0  # acks with accepted = false the observer saw
+    crashes: int = 0  # process deaths and coordinator errors we did not inject
+    kills: int = 0  # faults injected
+    expect_rejected: int = 0  # bad deltas the scenario sent: each must come back rejected
+    detail: str = ""  # what the scenario measured, for the table
+    notes: list[str] = field(default_factory=list)  # every note is a reason the scenario failed
+
+    def row(self) -> dict:
+        return {"pass": self.passed, "lost": self.lost, "duplicated": self.duplicated, "rejected": self.rejected,
+                "crashes": self.crashes}
+
+
+class ProcessFleet:
+    """Broker + ``tinyfleet serve`` + ``spec.devices`` ``device-agent run`` processes under ``workdir``.
+
+    With ``chaos`` (:class:`~fleet.sim.chaos_proxy.ChaosProxy` keyword arguments) the coordinator and the devices
+    connect through that proxy; the observer always talks to the broker directly. Use as a context manager; :meth:`close` ends every process it started.
+    """
+
+    def __init__(self, workdir: Path, spec: FleetSpec, seed: int = 0, chaos: dict | None = None):
+        self.dir, self.spec, self.seed, self.chaos = Path(workdir), spec, seed, chaos
+        self.proxy = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.broker = EmbeddedBroker(persistence=True, workdir=self.dir / "broker")
+        self.client_port: int | None = None
+        self.serve: subprocess.Popen | None = None
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.acks: list[dict] = []  # every ack the coordinator published, as the observer received it
+        self.crashes = 0
+        self._killed: set[int] = set()  # pids we signalled ourselves
+        self._observer = None
+        self._lock = threading.Lock()
+
+    # --- files -----------------------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Path:
+        return self.dir / "store.sqlite"
+
+    @property
+    def serve_log(self) -> Path:
+        return self.dir / "serve.log"
+
+    def _prepare(self) -> None:
+        from device_agent.engine.examples import tiny_dataset, tiny_plan
+        from device_agent.wire.plan import plan_to_bytes
+
+        (self.dir / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
+        s = self.spec
+        (self.dir / "fleet.yaml").write_text(
+            f"name: {s.name}\nbroker: mqtt://127.0.0.1:{self.client_port}\ndevices: {s.devices}\n"
+            f"rounds: {s.rounds}\nlocal_steps: {s.local_steps}\ndeadline: {s.deadline}\nquorum: {s.quorum}\n"
+            f"over_selection: 1.0\nseed: {self.seed}\n")
+        for i in range(s.devices):
+            x, y = tiny_dataset(32, seed=1000 * self.seed + i)
+            np.savez(self.dir / f"d{i}.npz", x=x, y=y)
+
+    # --- processes -------------------------------------------------------------------------------------------
+
+    def start(self, crash_at: str | None = None) -> ProcessFleet:
+        self.broker.start()
+        self.client_port = self.broker.port
+        if self.chaos is not None:
+            from fleet.sim.chaos_proxy import ChaosProxy
+
+            self.proxy = ChaosProxy(self.broker.port, **self.chaos).start()
+            self.client_port = self.proxy.port
+        self._prepare()
+        self._start_observer()
+        self.start_serve(crash_at)
+        pub = Path(f"{self.store}.key.pem.pub")
+        end = time.monotonic() + 20
+        while not pub.exists():  # serve writes its key before it connects; agents verify with it
+            if time.monotonic() > end or self.serve.poll() is not None:
+                raise RuntimeError(f"tinyfleet serve did not start: {self.serve_log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        for i in range(self.spec.devices):
+            self.start_agent(f"d{i}")
+        return self
+
+    def start_serve(self, crash_at: str | None = None) -> None:
+        cmd = [sys.executable, "-m", "fleet.cli", "serve", str(self.dir / "fleet.yaml"), "--store", str(self.store),
+               "--plan", str(self.dir / "plan.ttp")] + (["--crash-at", crash_at] if crash_at else [])
+        with open(self.serve_log, "a") as log:
+            log.write(f"=== start {time.time():.3f}{' --crash-at ' + crash_at if crash_at else ''}\n")
+            log.flush()
+            self.serve = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=log)
+
+    def start_agent(self, device_id: str) -> None:
+        i = int(device_id[1:])
+        cmd = [sys.executable, "-m", "device_agent.cli", "run", "--broker", f"mqtt://127.0.0.1:{self.client_port}",
+               "--id", device_id, "--fleet", self.spec.name, "--data", str(self.dir / f"{device_id}.npz"),
+               "--pubkey", f"{self.store}.key.pem.pub", "--seed", str(i), "--keepalive", str(self.spec.keepalive),
+               "--will-delay", str(self.spec.will_delay)]
+        with open(self.dir / f"{device_id}.log", "a") as log:
+            self.agents[device_id] = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                                      stdout=subprocess.DEVNULL, stderr=log)
+
+    def wait_serve_up(self, timeout: float = 30.0) -> bool:
+        """Wait until the current ``tinyfleet serve`` has loaded its plan and store and is connecting (its
+        ``fleet ... on`` line after the latest start marker); False if it exited or timed out first."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.serve.poll() is None:
+            text = self.serve_log.read_text(errors="replace")
+            if "tinyfleet serve: fleet" in text[text.rfind("=== start"):]:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def committed(self) -> int:
+        """The highest round the coordinator logged as committed (any of its lives)."""
+        text = self.serve_log.read_text(errors="replace") if self.serve_log.exists() else ""
+        return max((int(m) for m in re.findall(r"^round (\d+): committed", text, re.MULTILINE)), default=0)
+
+    def wait_log(self, needle: str, after: int, timeout: float) -> float | None:
+        """``time.monotonic()`` when ``needle`` first shows in the serve log beyond byte ``after``, or None."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if needle in self.serve_log.read_text(errors="replace")[after:]:
+                return time.monotonic()
+            time.sleep(0.02)
+        return None
+
+    def signal(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one of our processes, remembered as injected (not a crash)."""
+        self._killed.add(proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            proc.wait(10)
+
+    def serve_exited(self) -> int | None:
+        """The coordinator's exit code once it exited (counting an exit we did not cause as a crash), else None."""
+        rc = self.serve.poll()
+        if rc is not None and rc != 0 and self.serve.pid not in self._killed and "--crash-at" not in self.serve.args:
+            self.crashes += 1
+            self._killed.add(self.serve.pid)
+        return rc
+
+    def wait_serve(self, timeout: float) -> int:
+        """Wait for ``tinyfleet serve`` to finish its rounds; raise TimeoutError with its log tail if it does not."""
+        try:
+            self.serve.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"serve still running after {timeout:g} s: "
+                               f"{self.serve_log.read_text()[-1500:]}") from None
+        return self.serve_exited()
+
+    # --- the observer: every ack, straight from the broker ----------------------------------------------------
+
+    def _start_observer(self) -> None:
+        from device_agent.messages import full_topic
+        from device_agent.mqtt import BrokerURL, MqttEndpoint
+
+        def on_msg(topic: str, payload: bytes, ack) -> None:
+            try:
+                msg = json.loads(payload)
+                msg["device_id"] = topic.split("/")[-2]
+            except ValueError:
+                msg = {"bad": payload[:64].hex()}
+            with self._lock:
+                self.acks.append(msg)
+            ack()
+
+        self._observer = MqttEndpoint(BrokerURL("127.0.0.1", self.broker.port), f"{self.spec.name}-observer",
+                                      [full_topic(self.spec.name, "dev/+/ack")], on_msg)
+        self._observer.start(10)
+
+    # --- cleanup ---------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for p in [self.serve, *self.agents.values()]:
+            if p is None:
+                continue
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)  # a hung (SIGSTOPped) agent must be able to die
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+            elif p.returncode not in (0, -signal.SIGTERM) and p.pid not in self._killed and p is not self.serve:
+                self.crashes += 1  # a device agent died on its own
+        if self._observer is not None:
+            self._observer.stop()
+        if self.proxy is not None:
+            self.proxy.close()
+        self.broker.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- judging a run from its store ------------------------------------------------------------------------------
+
+
+def store_versions(store: Path) -> list[bytes]:
+    """The model state of every version, in version order (read-only; the coordinator must have exited)."""
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        return [bytes(r[0]) for r in db.execute("SELECT state FROM versions ORDER BY version")]
+
+
+def judge(fleet: ProcessFleet, clean: list[bytes] | None, out: Outcome) -> Outcome:
+    """Fill ``out`` from ``fleet``'s store and observed acks; ``clean`` is the clean run's :func:`store_versions`.
+
+    Passes when nothing acknowledged is lost, nothing is counted twice, nothing crashed that we did not kill, and
+    the scenario added no note of its own (a note is a failure: e.g. fewer faults injected than planned); with
+    ``clean``, also every round committed with every device and every model version equals the clean run's.
+    """
+    spec = fleet.spec
+    with sqlite3.connect(f"file:{fleet.store}?mode=ro", uri=True) as db:
+        deltas = db.execute("SELECT round_id, device_id, content_hash FROM deltas").fetchall()
+        rounds = dict(db.execute("SELECT round_id, outcome FROM rounds"))
+    stored = {(r, d): h for r, d, h in deltas}
+    acked = {(a["round_id"], a["device_id"], a["content_hash"]) for a in fleet.acks if a.get("accepted")}
+    out.lost = sum(stored.get((r, d)) != h or rounds.get(r) != "committed" for r, d, h in acked)
+    per_round: dict[int, int] = {}
+    for r, _, _ in deltas:
+        per_round[r] = per_round.get(r, 0) + 1
+    out.duplicated = (len(deltas) - len({h for _, _, h in deltas})
+                      + sum(max(0, n - spec.devices) for n in per_round.values()))
+    out.rejected = sum(not a.get("accepted", False) for a in fleet.acks)
+    out.crashes += fleet.crashes + _coordinator_errors(fleet.serve_log)
+    if clean is not None:
+        _exact(fleet, clean, rounds, per_round, out)
+    out.passed = not out.notes and out.lost == 0 and out.duplicated == 0 and out.crashes == 0
+    return out
+
+
+def _exact(fleet: ProcessFleet, clean: list[bytes], rounds: dict, per_round: dict, out: Outcome) -> None:
+    spec = fleet.spec
+    committed = sorted(r for r, o in rounds.items() if o == "committed")
+    if committed != list(range(1, spec.rounds + 1)):
+        out.notes.append(f"committed rounds {committed}, want 1..{spec.rounds}")
+    short = [r for r in committed if per_round.get(r) != spec.devices]
+    if short:
+        out.notes.append(f"rounds without every device: {short}")
+    versions = store_versions(fleet.store)
+    if versions != clean[:len(versions)] or len(versions) != spec.rounds + 1:
+        out.notes.append(f"model differs from the clean run ({len(versions)} versions)")
+
+
+def _coordinator_errors(log: Path) -> int:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return text.count("Traceback") + text.count("coordinator error")
