@@ -3,16 +3,16 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
-DEBS    := mosquitto qemu-system-arm gcc-arm-none-eabi libnewlib-arm-none-eabi dataset-fashion-mnist chromium
+DEBS    := mosquitto qemu-system-arm gcc-arm-none-eabi libnewlib-arm-none-eabi dataset-fashion-mnist chromium clang libclang-rt-14-dev
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup debs test test-pure test-broker test-firmware test-e2e lint clean firmware firmware-test
+.PHONY: fuzz setup debs test test-pure test-broker test-firmware test-e2e lint clean firmware firmware-test
 
 setup: debs $(BIN)/tinyfleet
 
 # Debian packages only where missing (mosquitto for broker tests and the embedded broker,
 # the ARM toolchain and QEMU for firmware tests, Fashion-MNIST for the accuracy benchmark,
-# headless Chromium to check the simulation report renders).
+# headless Chromium to check the simulation report renders, clang + the libFuzzer runtime for the fuzz targets).
 debs:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -20,6 +20,7 @@ debs:
 	command -v arm-none-eabi-gcc >/dev/null 2>&1 || missing="$$missing gcc-arm-none-eabi libnewlib-arm-none-eabi"; \
 	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a >/dev/null 2>&1 || missing="$$missing clang libclang-rt-14-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
@@ -51,6 +52,23 @@ firmware:
 
 firmware-test: firmware
 	$(PYTEST) -q tests/firmware
+
+# Long fuzzing campaigns (docs/formats.md "Robustness"): each libFuzzer (C) and atheris (Python) target runs
+# FUZZ_SECONDS, seeded from tests/vectors; corpora and crash reproducers stay in build/fuzz/ (gitignored).
+FUZZ_SECONDS ?= 600
+FUZZ_OUT     := build/fuzz
+fuzz:
+	$(MAKE) -s -C firmware BUILD=$(CURDIR)/$(FUZZ_OUT)/fw fuzz-build
+	$(BIN)/python fuzz/corpus.py $(FUZZ_OUT)/seeds
+	@mkdir -p $(FUZZ_OUT)/crashes; set -e; for t in plan update frame; do \
+	  mkdir -p $(FUZZ_OUT)/corpus/c_$$t; echo "== fuzz_$$t (C) $(FUZZ_SECONDS) s"; \
+	  nice $(FUZZ_OUT)/fw/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
+	    -print_final_stats=1 -artifact_prefix=$(FUZZ_OUT)/crashes/c_$$t- $(FUZZ_OUT)/corpus/c_$$t $(FUZZ_OUT)/seeds/c_$$t; \
+	done; for t in plan update delta frames envelope; do \
+	  mkdir -p $(FUZZ_OUT)/corpus/$$t; echo "== fuzz_$$t (Python) $(FUZZ_SECONDS) s"; \
+	  nice $(BIN)/python fuzz/fuzz_$$t.py -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=3072 -max_len=8192 \
+	    -print_final_stats=1 -artifact_prefix=$(FUZZ_OUT)/crashes/$$t- $(FUZZ_OUT)/corpus/$$t $(FUZZ_OUT)/seeds/$$t; \
+	done
 
 lint:
 	$(BIN)/ruff check fleet device_agent tests benchmarks
