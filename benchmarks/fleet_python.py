@@ -1,0 +1,322 @@
+"""Host-device fleet at scale: N devices really train, every message crosses a real embedded Mosquitto.
+
+One command: ``python benchmarks/fleet_python.py --devices 1000,10000 [--rounds 1] [--steps 4] [--workers 2]
+[--per-connection 1]``.
+
+For each size: the coordinator (``fleet.mqtt.CoordinatorLink`` driving ``fleet.coordinator.Coordinator``, SQLite
+store on disk, as ``tinyfleet serve``) runs in this process; the devices run in ``--workers`` processes. Every
+device is a real :class:`~device_agent.protocol.DeviceProtocol` with its own engine ``Trainer`` and its own
+``--samples`` private samples (``examples.tiny_dataset`` seeded by the device: a small model,
+``examples.tiny_plan``, so 10,000 devices fit on 2 cores) and trains ``--steps`` local steps of batch 1 per round.
+
+Connections: one MQTT v5 connection per device by default (persistent session, Last Will, its own
+subscriptions), like ``tinyfleet simulate``; but instead of one paho network thread per device (10,000 threads),
+each worker drives all its devices' paho clients from one selector loop (paho's external-loop API). Messages are
+queued and handled between socket passes, so keepalives go out while devices train. ``--per-connection K > 1``
+shares one connection among K devices (per-device topics still, but one Last Will and one retained model copy
+per connection): for machines whose file-descriptor limit cannot hold N sockets. The broker needs N + a few file
+descriptors (mosquitto inherits this process's ``ulimit -n``, raised to the hard limit here; the generated
+config sets no ``max_connections``, i.e. unlimited); the JSON reports both.
+
+Measured per size: ``round_seconds`` (StartRound -> RoundClosed, the round committed), ``coordinator_busy_s``
+(wall time inside the coordinator's ``handle``/``handle_many`` during the round: selecting, decoding, judging,
+aggregating, persisting) with its CPU time and a breakdown, ``register_s`` (all devices connected and
+registered), ``peak_host_mem_mb`` (sum of PSS of this process, the workers and the broker, sampled every 0.25 s).
+Target (DESIGN.md): 10,000 host devices per round, coordinator overhead < 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import emit
+from benchmarks.fleet_qemu import MemSampler
+
+FLEET = "scale"
+KEEPALIVE_S = 120
+
+
+class TimedCoordinator:
+    """The coordinator with a stopwatch around every ``handle``/``handle_many`` (its own time, not the link's)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.busy = {"start": 0.0, "deltas": 0.0, "other": 0.0}
+        self.cpu = 0.0
+        self.closing_batch_s = 0.0
+        self.on = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _timed(self, fn, events):
+        from fleet.coordinator import Received, RoundClosed, StartRound
+
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = fn()
+        dt = time.perf_counter() - t0
+        if self.on:
+            kind = ("start" if any(isinstance(e, StartRound) for e in events) else
+                    "deltas" if any(isinstance(e, Received) and e.kind == "delta" for e in events) else "other")
+            self.busy[kind] += dt
+            self.cpu += time.thread_time() - c0
+            if any(isinstance(o, RoundClosed) for o in out):
+                self.closing_batch_s = dt
+        return out
+
+    def handle(self, event):
+        return self._timed(lambda: self.inner.handle(event), [event])
+
+    def handle_many(self, events):
+        return self._timed(lambda: self.inner.handle_many(events), events)
+
+
+# --- devices (worker processes) -------------------------------------------------------------------------------
+
+
+def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, samples: int) -> None:
+    """Build this worker's devices and serve them over MQTT until told to stop; reports on ``conn``."""
+    import selectors
+    from collections import deque
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from device_agent import protocol as dp
+    from device_agent.buffer import SampleBuffer
+    from device_agent.engine.examples import tiny_dataset, tiny_plan
+    from device_agent.engine.trainer import Trainer
+    from device_agent.messages import Publish, full_topic, split_topic
+    from device_agent.wire.envelope import Verifier
+
+    plan = tiny_plan()
+    protos: dict[str, dp.DeviceProtocol] = {}
+    for i in ids:
+        x, y = tiny_dataset(samples, seed=i)
+        buf = SampleBuffer(samples, x.shape[1:], seed=i)
+        buf.add(x, y)
+        did = f"dev{i:05d}"
+        protos[did] = dp.DeviceProtocol(dp.Identity(did, "stm32f746", 320_000, 1_000_000), plan, Trainer(plan),
+                                        dp.WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
+    sel = selectors.DefaultSelector()
+    inbox: deque = deque()
+    groups = [list(protos)[k:k + per_conn] for k in range(0, len(protos), per_conn)]
+    clients: list = []
+    connected = [0]
+    stats = {"messages_in": 0, "messages_out": 0, "trained": 0, "errors": []}
+
+    def send(client, outs):
+        for o in outs:
+            if isinstance(o, Publish):
+                client.publish(full_topic(FLEET, o.topic), o.payload, qos=1, retain=o.retain)
+                stats["messages_out"] += 1
+
+    def on_connect(client, devs, flags, rc, props):
+        subs = [(full_topic(FLEET, "model/current"), 1)]
+        subs += [(full_topic(FLEET, f"dev/{d}/{k}"), 1) for d in devs for k in ("task", "ack", "model")]
+        client.subscribe(subs)
+        connected[0] += 1
+        for d in devs:
+            inbox.append((client, d, dp.Start()))
+
+    def on_message(client, devs, msg):
+        stats["messages_in"] += 1
+        where = split_topic(FLEET, msg.topic)
+        if where is None:
+            return
+        for d in (devs if where[0] == "" else [where[0]]):  # model/current: every device on this connection
+            inbox.append((client, d, dp.Received(where[1], bytes(msg.payload))))
+
+    for devs in groups:
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{FLEET}-{devs[0]}-x{len(devs)}",
+                        protocol=paho.MQTTv5, userdata=devs)
+        if len(devs) == 1:
+            will = protos[devs[0]].last_will()
+            c.will_set(full_topic(FLEET, will.topic), will.payload, qos=1, retain=True)
+        c.on_connect, c.on_message = on_connect, on_message
+        c.on_socket_open = lambda cl, ud, sock: sel.register(sock, selectors.EVENT_READ, cl)
+        c.on_socket_close = lambda cl, ud, sock: sel.unregister(sock)
+        c.on_socket_register_write = lambda cl, ud, sock: sel.modify(
+            sock, selectors.EVENT_READ | selectors.EVENT_WRITE, cl)
+        c.on_socket_unregister_write = lambda cl, ud, sock: sel.modify(sock, selectors.EVENT_READ, cl)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        c.connect(host, port, keepalive=KEEPALIVE_S, clean_start=True, properties=props)
+        clients.append(c)
+        for key, mask in sel.select(0):  # NOTE: let CONNACKs in while connecting thousands
+            key.data.loop_read()
+    conn.send(("built", len(protos)))
+    last_misc = 0.0
+    while True:
+        for key, mask in sel.select(0 if inbox else 0.05):
+            if mask & selectors.EVENT_READ:
+                key.data.loop_read()
+            if mask & selectors.EVENT_WRITE:
+                key.data.loop_write()
+        if time.monotonic() - last_misc > 1.0:
+            for c in clients:
+                c.loop_misc()
+            last_misc = time.monotonic()
+        end = time.monotonic() + 0.1  # handle queued messages for 100 ms, then service the sockets again
+        while inbox and time.monotonic() < end:
+            client, d, event = inbox.popleft()
+            try:
+                outs = protos[d].handle(event)
+            except Exception as e:  # noqa: BLE001  NOTE: counted and reported, the benchmark fails on it
+                stats["errors"].append(f"{d}: {type(e).__name__}: {e}")
+                continue
+            stats["trained"] += sum(1 for o in outs if isinstance(o, Publish) and o.topic.endswith("/delta"))
+            send(client, outs)
+        if conn.poll():
+            cmd = conn.recv()
+            if cmd == "stop":
+                for c in clients:
+                    c.disconnect()
+                conn.send(("stats", {**stats, "connected": connected[0], "clients": len(clients)}))
+                return
+            conn.send(("stats", {**stats, "connected": connected[0], "clients": len(clients)}))
+
+
+# --- one size -------------------------------------------------------------------------------------------------
+
+
+def run_size(n: int, args, workdir: Path) -> dict:
+    from device_agent.engine.examples import tiny_plan
+    from fleet import round as rnd
+    from fleet.coordinator import Coordinator, CoordinatorConfig, RoundClosed, StartRound, WireCodec
+    from fleet.mqtt import CoordinatorLink
+    from fleet.sim.broker import EmbeddedBroker
+    from fleet.store import Store
+
+    plan = tiny_plan()
+    closed: list = []
+    done = threading.Event()
+
+    def on_output(o):
+        if isinstance(o, RoundClosed):
+            closed.append(o)
+            done.set()
+
+    cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=n, quorum=0.9, deadline_s=args.deadline), lr=0.2,
+                            local_steps=args.steps, batch_size=1)
+    timed: list[TimedCoordinator] = []
+
+    def factory():
+        timed.append(TimedCoordinator(Coordinator(plan, Store(str(workdir / f"store-{n}.sqlite")), cfg, time.time,
+                                                  WireCodec(plan))))
+        return timed[0]
+
+    mem = MemSampler().start()
+    ctx = mp.get_context("spawn")
+    with EmbeddedBroker(workdir=workdir / f"broker-{n}") as broker:
+        link = CoordinatorLink(broker.url, FLEET, factory, on_output=on_output).start()
+        t0 = time.perf_counter()
+        workers = []
+        for w in range(args.workers):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_devices_worker, daemon=True,
+                            args=(child, broker.url.host, broker.url.port, list(range(w, n, args.workers)),
+                                  args.per_connection, args.samples))
+            p.start()
+            workers.append((p, parent))
+        mem.pids = [broker.proc.pid] + [p.pid for p, _ in workers]
+        for p, c in workers:
+            if not c.poll(600):
+                raise SystemExit(f"fleet_python: worker {p.pid} did not build its devices within 600 s")
+            c.recv()
+        end = time.monotonic() + 600
+        online = 0
+        while online < n:
+            if time.monotonic() > end:
+                raise SystemExit(f"fleet_python: only {online} of {n} devices registered within 600 s "
+                                 f"(see {broker.log_path})")
+            time.sleep(0.2)
+            online = link.call(lambda c: sum(r.online for r in c.registry.devices.values()))
+        register_s = time.perf_counter() - t0
+        print(f"fleet_python: {n} devices registered in {register_s:.1f} s", file=sys.stderr, flush=True)
+        rounds = []
+        for _ in range(args.rounds):
+            tc = timed[0]
+            link.call(lambda c: setattr(c, "on", True))
+            tc.busy = {k: 0.0 for k in tc.busy}
+            tc.cpu = 0.0
+            done.clear()
+            t0 = time.perf_counter()
+            link.submit(StartRound())
+            if not done.wait(args.deadline + 60):
+                raise SystemExit("fleet_python: the round never closed")
+            wall = time.perf_counter() - t0
+            link.call(lambda c: setattr(c, "on", False))
+            rc = closed[-1]
+            rounds.append({"round_seconds": wall, "committed": rc.committed, "accepted": len(rc.accepted),
+                           "coordinator_busy_s": sum(tc.busy.values()), "coordinator_cpu_s": tc.cpu,
+                           "busy_breakdown_s": dict(tc.busy), "closing_batch_s": tc.closing_batch_s})
+        wstats = []
+        for p, c in workers:
+            c.send("stop")
+            wstats.append(c.recv()[1] if c.poll(60) else {})
+            p.join(10)
+        link.stop()
+    mem.stop()
+    trained = sum(s.get("trained", 0) for s in wstats)
+    errors = [e for s in wstats for e in s.get("errors", [])][:5] + link.errors[:5]
+    last = rounds[-1]
+    return {"devices": n, "workers": args.workers, "devices_per_connection": args.per_connection,
+            "connections": sum(s.get("clients", 0) for s in wstats), "local_steps": args.steps,
+            "register_s": register_s, "round_seconds": last["round_seconds"],
+            "coordinator_overhead_s": last["coordinator_busy_s"], "coordinator_cpu_s": last["coordinator_cpu_s"],
+            "busy_breakdown_s": last["busy_breakdown_s"], "closing_batch_s": last["closing_batch_s"],
+            "committed": last["committed"], "accepted": last["accepted"], "deltas_trained": trained,
+            "rounds": rounds, "peak_host_mem_mb": round(mem.peak_kb / 1024, 1), "errors": errors}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", default="1000,10000", help="comma-separated fleet sizes")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=4, help="local training steps (batch 1) per device per round")
+    ap.add_argument("--samples", type=int, default=16, help="private samples per device")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="device processes")
+    ap.add_argument("--per-connection", type=int, default=1, help="devices sharing one MQTT connection")
+    ap.add_argument("--deadline", type=float, default=600.0, help="round deadline, seconds")
+    ap.add_argument("--quick", action="store_true", help="50 devices")
+    args = ap.parse_args()
+    sizes = [50] if args.quick else [int(s) for s in args.devices.split(",") if s]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by mosquitto and the workers
+    fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    result: dict = {"ulimit_n": fds, "mosquitto_max_connections": "unlimited (not set)", "host_cores": os.cpu_count(),
+                    "target_overhead_s_at_10000": 5.0}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tinyfleet-fleetpy-") as tmp:
+        for n in sizes:
+            need = -(-n // args.per_connection) + 64
+            if need > fds:
+                print(f"fleet_python: {n} devices need ~{need} file descriptors in the broker, ulimit -n is {fds}: "
+                      f"use --per-connection {-(-n // (fds - 64))} or raise the limit", file=sys.stderr)
+                return 2
+            r = run_size(n, args, Path(tmp))
+            result[str(n)] = r
+            rows.append((n, r["connections"], f"{r['register_s']:.1f}", f"{r['round_seconds']:.1f}",
+                         f"{r['coordinator_overhead_s']:.2f}", f"{r['coordinator_cpu_s']:.2f}",
+                         r["accepted"], r["peak_host_mem_mb"]))
+    emit(result, rows, ("devices", "connections", "register s", "round s", "coord busy s", "coord cpu s",
+                        "accepted", "peak MB"))
+    ok = all(result[str(n)]["committed"] and not result[str(n)]["errors"] for n in sizes)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
