@@ -42,10 +42,6 @@ typedef struct {
 tf_status tf_conv_check(const tf_dims *x, const tf_filter_dims *w, const tf_dims *y, int32_t groups,
                         int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w);
 
-/* Shared shape check of the conv family: y = floor((x + 2 pad - K) / stride) + 1, groups divide channels. */
-tf_status tf_conv_check(const tf_dims *x, const tf_filter_dims *w, const tf_dims *y, int32_t groups,
-                        int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w);
-
 tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims,
                        const int8_t *x, const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias,
                        const tf_dims *y_dims, int8_t *y, uint8_t *mask);
@@ -130,9 +126,14 @@ typedef struct {
 /* CONV2D_BWD_INPUT: g' = rshift_round(g_y[c] * wscale_q[c], 8); acc = conv_transpose(g', w);
  * (g_x, e_x) = dyn_requant(acc, e_y + wscale_p - 7).
  * g_y (C_out, OH, OW) int8; wscale_q (C_out,) int32; w (C_out, C_in/groups, KH, KW); g_x (C_in, H, W) int8.
- * Scratch: int16 g' always; with an extra int32 per g_x element the kernel runs one pass, else two.
- * 1x1 stride-1 and depthwise stride-1 convs never use the scratch: they take two passes (max, then write)
- * with g' of one pixel (<= 384 output channels per chunk) or one padded channel plane (<= 400) on the stack. */
+ * 1x1 stride-1 and depthwise (any stride) convs: with int32 scratch for every g_x element
+ * (tf_conv2d_bwd_input_fast_buffer_size, 4-byte aligned) one pass, without scratch two (max, then write); g' of
+ * one pixel (<= 384 output channels per chunk) or one zero-stuffed channel plane (<= 400) lives on the stack.
+ * Other convs: int16 g' in scratch (tf_conv2d_bwd_input_get_buffer_size), with an extra int32 per g_x element
+ * one pass, else two; no scratch at all: g' recomputed per term. Every path gives the same numbers. */
+/* Scratch bytes of the one-pass 1x1 / depthwise path, or -1 when the conv takes the general path. */
+int32_t tf_conv2d_bwd_input_fast_buffer_size(const tf_conv_bwd_params *p, const tf_filter_dims *w_dims,
+                                             const tf_dims *gx_dims);
 int32_t tf_conv2d_bwd_input_get_buffer_size(const tf_dims *gy_dims, const tf_dims *gx_dims, int one_pass);
 tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p, const int32_t *wscale_q,
                                  const tf_dims *gy_dims, const int8_t *g_y, int32_t e_y, const tf_filter_dims *w_dims,

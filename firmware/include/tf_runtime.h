@@ -37,7 +37,7 @@ typedef struct {
     uint8_t *ptr[TF_MAX_TENSORS]; /* value of each tensor (arena, SRAM copy or blob), NULL if never used */
     int32_t exp[TF_MAX_TENSORS];  /* gradient exponents of the current step */
     uint32_t op_off[TF_MAX_OPS];
-    int16_t scratch[TF_MAX_OPS];  /* scratch tensor id per op, -1 */
+    int16_t scratch[TF_MAX_OPS];  /* scratch tensor id per op, -1 none, <= -2 a free arena gap (tf_runtime.c) */
     uint32_t step;                /* update counter (uint32, wraps), seeds the stochastic rounding */
     int32_t n_classes;
     int8_t logits[TF_MAX_CLASSES]; /* logits of the last step (read by SOFTMAX_CE) */

@@ -125,11 +125,28 @@ __attribute__((noinline)) static void dot4_cols(const int16_t *g, const int8_t *
     out[3] = a3;
 }
 
-/* One pass of the 1x1 stride-1 case: acc[ci, p] = sum_co g'[co, p] w[co, ci_l]. With write = 0 returns
- * max |acc|; with write = 1 stores rshift_round(acc, sh). g' of one pixel is built on the stack per chunk. */
+/* What one pass of the 1x1 / depthwise paths does with each acc: find max |acc| (TF_PASS_MAX), store
+ * rshift_round(acc, sh) (TF_PASS_WRITE) or keep acc in int32 scratch and find the max (TF_PASS_KEEP). */
+enum { TF_PASS_MAX, TF_PASS_WRITE, TF_PASS_KEEP };
+
+static inline __attribute__((always_inline)) void visit(int64_t acc, int32_t i, int mode, int32_t sh, int8_t *g_x,
+                                                       int32_t *acc32, uint64_t *mx) {
+    if (mode == TF_PASS_WRITE) {
+        g_x[i] = (int8_t)tf_rshift_round(acc, sh);
+        return;
+    }
+    if (mode == TF_PASS_KEEP) {
+        acc32[i] = (int32_t)acc; /* NOTE: meaningless if |acc| >= 2^31; the caller then runs TF_PASS_WRITE */
+    }
+    const uint64_t m = tf_abs64(acc);
+    *mx = m > *mx ? m : *mx;
+}
+
+/* One pass of the 1x1 stride-1 case: acc[ci, p] = sum_co g'[co, p] w[co, ci_l] (see visit() for mode).
+ * g' of one pixel is built on the stack per chunk of output channels. */
 static uint64_t bwd_pointwise(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
-                              const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx,
-                              int8_t *g_x, int32_t sh, int write) {
+                              const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, int8_t *g_x,
+                              int32_t *acc32, int32_t sh, int mode) {
     int16_t gq[TF_BWD_CHUNK + 2];
     const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, plane = gy->h * gy->w;
     uint64_t mx = 0;
@@ -150,62 +167,79 @@ static uint64_t bwd_pointwise(const tf_conv_bwd_params *p, const int32_t *wscale
                     }
                     int32_t a[4];
                     dot4_cols(gq, w + (int32_t)cg * cin_g + ci, cin_g, nco, nci, a);
-                    const int32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-                    acc[0] += a0;
-                    acc[1] += a1;
-                    acc[2] += a2;
-                    acc[3] += a3;
+                    acc[0] += a[0];
+                    acc[1] += a[1];
+                    acc[2] += a[2];
+                    acc[3] += a[3];
                 }
                 for (int32_t j = 0; j < nci; j++) {
-                    const int32_t i = (g * cin_g + ci + j) * plane + px;
-                    if (write) {
-                        g_x[i] = (int8_t)tf_rshift_round(acc[j], sh);
-                    } else {
-                        const uint64_t m = tf_abs64(acc[j]);
-                        mx = m > mx ? m : mx;
-                    }
+                    visit(acc[j], (g * cin_g + ci + j) * plane + px, mode, sh, g_x, acc32, &mx);
                 }
             }
         }
     }
-    (void)gx;
     return mx;
 }
 
-/* One pass of the depthwise stride-1 case (one input and one output channel per group). g' of a channel goes
- * to the stack with a border of K-1 zeros on every side, so every tap is read without bounds checks. */
+/* Depthwise (one input and one output channel per group), any stride: g' of a channel goes to a stack plane
+ * U[r][c] = g'[oh][ow] at r = oh*s_h - pad_h + KH-1, c = ow*s_w - pad_w + KW-1 and zero elsewhere (the zero
+ * stuffing of a transposed conv), so acc[ih][iw] = sum_kh,kw U[ih + KH-1 - kh][iw + KW-1 - kw] w[kh][kw]
+ * reads every tap without bounds checks or divisions. */
 #define TF_BWD_DW_PLANE 400
+static int dw_plane_fits(const tf_dims *gx, const tf_filter_dims *wd) {
+    return (gx->h + wd->h - 1) * (gx->w + wd->w - 1) <= TF_BWD_DW_PLANE;
+}
+
 static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
                               const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx,
-                              int8_t *g_x, int32_t sh, int write) {
-    int16_t gq[TF_BWD_DW_PLANE];
+                              int8_t *g_x, int32_t *acc32, int32_t sh, int mode) {
+    int16_t u[TF_BWD_DW_PLANE];
     const int32_t oh_n = gy->h, ow_n = gy->w, oplane = oh_n * ow_n, ih_n = gx->h, iw_n = gx->w;
-    const int32_t kh_n = wd->h, kw_n = wd->w, bh = kh_n - 1, bw = kw_n - 1, pw = ow_n + 2 * bw;
-    const int32_t ph = oh_n + 2 * bh;
+    const int32_t kh_n = wd->h, kw_n = wd->w, ph = ih_n + kh_n - 1, pw = iw_n + kw_n - 1;
+    const int32_t sh_ = p->stride_h, sw_ = p->stride_w;
+    /* output rows / columns whose g' lands inside the plane (the others are never read) */
+    const int32_t r0 = kh_n - 1 - p->pad_h, c0 = kw_n - 1 - p->pad_w;
+    int32_t oh_lo = 0, ow_lo = 0, oh_hi = oh_n, ow_hi = ow_n;
+    while (oh_lo < oh_n && r0 + oh_lo * sh_ < 0) {
+        oh_lo++;
+    }
+    while (oh_hi > oh_lo && r0 + (oh_hi - 1) * sh_ >= ph) {
+        oh_hi--;
+    }
+    while (ow_lo < ow_n && c0 + ow_lo * sw_ < 0) {
+        ow_lo++;
+    }
+    while (ow_hi > ow_lo && c0 + (ow_hi - 1) * sw_ >= pw) {
+        ow_hi--;
+    }
     uint64_t mx = 0;
     for (int32_t i = 0; i < ph * pw; i++) {
-        gq[i] = 0;
+        u[i] = 0;
     }
+    const int k33 = kh_n == 3 && kw_n == 3;
     for (int32_t c = 0; c < gx->c; c++) {
         const int8_t *gc = g_y + c * oplane;
         const int32_t q = wscale_q[c];
-        for (int32_t oh = 0; oh < oh_n; oh++) {
-            int16_t *row = gq + (oh + bh) * pw + bw;
-            for (int32_t ow = 0; ow < ow_n; ow++) {
-                row[ow] = (int16_t)(((int32_t)gc[oh * ow_n + ow] * q + 128) >> 8);
+        for (int32_t oh = oh_lo; oh < oh_hi; oh++) {
+            const int32_t row = (r0 + oh * sh_) * pw + c0;
+            const int8_t *grow = gc + oh * ow_n;
+            for (int32_t ow = ow_lo; ow < ow_hi; ow++) {
+                u[row + ow * sw_] = (int16_t)(((int32_t)grow[ow] * q + 128) >> 8);
             }
         }
         const int8_t *wc = w + c * kh_n * kw_n;
+        const int32_t w0 = k33 ? wc[0] : 0, w1 = k33 ? wc[1] : 0, w2 = k33 ? wc[2] : 0;
+        const int32_t w3 = k33 ? wc[3] : 0, w4 = k33 ? wc[4] : 0, w5 = k33 ? wc[5] : 0;
+        const int32_t w6 = k33 ? wc[6] : 0, w7 = k33 ? wc[7] : 0, w8 = k33 ? wc[8] : 0;
+        int32_t i = c * ih_n * iw_n;
         for (int32_t ih = 0; ih < ih_n; ih++) {
-            /* g'[ih + pad - kh, iw + pad - kw] lives at gq[(ih + pad - kh + bh) * pw + iw + pad - kw + bw] */
-            const int16_t *base = gq + (ih + p->pad_h + bh) * pw + p->pad_w + bw;
-            for (int32_t iw = 0; iw < iw_n; iw++) {
+            const int16_t *b0 = u + (ih + kh_n - 1) * pw + kw_n - 1; /* U[ih + KH-1][iw + KW-1] at iw = 0 */
+            for (int32_t iw = 0; iw < iw_n; iw++, i++, b0++) {
                 int32_t acc = 0; /* at most K*K terms of 2^14 * 127 */
-                const int16_t *b0 = base + iw;
-                if (kh_n == 3 && kw_n == 3) {
+                if (k33) {
                     const int16_t *b1 = b0 - pw, *b2 = b1 - pw;
-                    acc = b0[0] * wc[0] + b0[-1] * wc[1] + b0[-2] * wc[2] + b1[0] * wc[3] + b1[-1] * wc[4] +
-                          b1[-2] * wc[5] + b2[0] * wc[6] + b2[-1] * wc[7] + b2[-2] * wc[8];
+                    acc = b0[0] * w0 + b0[-1] * w1 + b0[-2] * w2 + b1[0] * w3 + b1[-1] * w4 + b1[-2] * w5 +
+                          b2[0] * w6 + b2[-1] * w7 + b2[-2] * w8;
                 } else {
                     for (int32_t kh = 0; kh < kh_n; kh++) {
                         for (int32_t kw = 0; kw < kw_n; kw++) {
@@ -213,17 +247,27 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
                         }
                     }
                 }
-                const int32_t i = (c * ih_n + ih) * iw_n + iw;
-                if (write) {
-                    g_x[i] = (int8_t)tf_rshift_round(acc, sh);
-                } else {
-                    const uint64_t m = tf_abs64(acc);
-                    mx = m > mx ? m : mx;
+                visit(acc, i, mode, sh, g_x, acc32, &mx);
+            }
+        }
+        if (sh_ > 1 || sw_ > 1) { /* NOTE: clear what this channel placed; the zeros between stay zero */
+            for (int32_t oh = oh_lo; oh < oh_hi; oh++) {
+                const int32_t row = (r0 + oh * sh_) * pw + c0;
+                for (int32_t ow = ow_lo; ow < ow_hi; ow++) {
+                    u[row + ow * sw_] = 0;
                 }
             }
         }
     }
     return mx;
+}
+
+int32_t tf_conv2d_bwd_input_fast_buffer_size(const tf_conv_bwd_params *p, const tf_filter_dims *w_dims,
+                                             const tf_dims *gx_dims) {
+    const int unit = p->stride_h == 1 && p->stride_w == 1;
+    const int pw = unit && w_dims->h == 1 && w_dims->w == 1 && p->pad_h == 0 && p->pad_w == 0;
+    const int dw = w_dims->c == 1 && w_dims->n == p->groups && dw_plane_fits(gx_dims, w_dims);
+    return pw || dw ? gx_dims->c * gx_dims->h * gx_dims->w * 4 : -1;
 }
 
 tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p, const int32_t *wscale_q,
@@ -243,14 +287,27 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
     }
     const int unit = p->stride_h == 1 && p->stride_w == 1;
     const int pw = unit && w_dims->h == 1 && w_dims->w == 1 && p->pad_h == 0 && p->pad_w == 0;
-    const int dw = unit && w_dims->c == 1 && w_dims->n == p->groups &&
-                   (gy_dims->h + 2 * w_dims->h - 2) * (gy_dims->w + 2 * w_dims->w - 2) <= TF_BWD_DW_PLANE;
-    if (pw || dw) { /* NOTE: two passes (max, then write) need no scratch; same numbers as below */
-        uint64_t (*pass)(const tf_conv_bwd_params *, const int32_t *, const tf_dims *, const int8_t *,
-                         const tf_filter_dims *, const int8_t *, const tf_dims *, int8_t *, int32_t, int) =
-            pw ? bwd_pointwise : bwd_depthwise;
-        const int32_t shf = tf_dyn_shift(pass(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, 0, 0));
-        pass(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, shf, 1);
+    const int dw = w_dims->c == 1 && w_dims->n == p->groups && dw_plane_fits(gx_dims, w_dims);
+    if (pw || dw) {
+        /* NOTE: with int32 scratch for g_x one pass keeps every acc; without, two passes (max, then write).
+         * Same numbers either way. */
+        const int32_t n = gx_dims->c * gx_dims->h * gx_dims->w;
+        int32_t *acc32 = ctx->buf && ctx->size >= 4 * n && ((uintptr_t)ctx->buf & 3) == 0 ? (int32_t *)ctx->buf
+                                                                                            : NULL;
+        const int mode = acc32 ? TF_PASS_KEEP : TF_PASS_MAX;
+        const uint64_t mx = pw ? bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, acc32, 0, mode)
+                               : bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, acc32, 0, mode);
+        const int32_t shf = tf_dyn_shift(mx);
+        if (acc32 && mx < ((uint64_t)1 << 31)) {
+            const int32_t r = shf > 0 ? 1 << (shf - 1) : 0; /* shf <= 25 here: |acc| < 2^31 */
+            for (int32_t i = 0; i < n; i++) {
+                g_x[i] = (int8_t)(((int64_t)acc32[i] + r) >> shf);
+            }
+        } else if (pw) {
+            bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, NULL, shf, TF_PASS_WRITE);
+        } else {
+            bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, NULL, shf, TF_PASS_WRITE);
+        }
         *e_x = e_y + p->wscale_p - 7 + shf;
         return TF_OK;
     }

@@ -329,7 +329,7 @@ tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, c
     const int32_t ih_n = x_dims->h, iw_n = x_dims->w, oh_n = y_dims->h, ow_n = y_dims->w;
     const int32_t plane = ih_n * iw_n, oplane = oh_n * ow_n, wsize = cin_g * kh_n * kw_n;
     const int32_t off = p->input_offset;
-    const int linear = (plane == 1 && kh_n == 1 && kw_n == 1);
+    const int linear = plane == 1 && oplane == 1 && kh_n == 1 && kw_n == 1; /* NOTE: padding can make OH, OW > 1 */
     const int pointwise1 = kh_n == 1 && kw_n == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_h == 0 &&
                            p->pad_w == 0;
     uint32_t bits = 0;

@@ -6,6 +6,39 @@
 
 #define TF_UPDATE_MAX_PIXELS 32768 /* |g| <= 128, |x - zx| <= 255: int32 sums over this many pixels are exact */
 
+/* New weight w - scaled_update(acc, m, -s, rnd, 255) clamped to [-127, 127], for 1 <= s <= 62, |acc| < 2^31 and
+ * 0 <= m < 2^17: |acc * m| < 2^48, so the 2^56 clamp of tf_scaled_update never acts, and the +-255 clamp is
+ * implied by the final one (|w| <= 127). Same numbers as the general code below. */
+static inline int32_t upd_weight(int32_t w, int32_t acc, int32_t m, int32_t s, uint32_t rnd) {
+    const int64_t r = s <= 32 ? (int64_t)(rnd >> (32 - s)) : (int64_t)rnd << (s - 32);
+    const int64_t out = ((int64_t)acc * m + r) >> s;
+    const int64_t nw = (int64_t)w - out;
+    return nw < TF_WEIGHT_MIN ? TF_WEIGHT_MIN : (nw > TF_WEIGHT_MAX ? TF_WEIGHT_MAX : (int32_t)nw);
+}
+
+/* The 1x1 stride-1 weights of output channel co: acc = sum_p g[p] (x[il, p] - zx) for il < kmax. */
+static void update_pointwise(const tf_conv_update_params *p, const int8_t *gc, int32_t gsum, const int8_t *x,
+                             int32_t plane, int32_t kmax, int32_t m, int32_t e, int8_t *wc, uint32_t flat0) {
+    const int32_t goff = p->input_offset * gsum;
+    const uint32_t seed = p->step * 0x85EBCA77u ^ p->w_tensor_id * 0xC2B2AE3Du;
+    for (int32_t il = 0; il < kmax; il++, x += plane) {
+        const int32_t acc = tf_dot_s8(gc, x, plane) + goff;
+        const uint32_t idx = flat0 + (uint32_t)il;
+        uint32_t h = idx * 0x9E3779B1u ^ seed; /* tf_rng_u32 with the per-tensor part hoisted */
+        h ^= h >> 16;
+        h *= 0x7FEB352Du;
+        h ^= h >> 15;
+        h *= 0x846CA68Bu;
+        h ^= h >> 16;
+        if (e < 0 && m >= 0 && m < (1 << 17)) {
+            wc[il] = (int8_t)upd_weight(wc[il], acc, m, -e > 62 ? 62 : -e, h);
+        } else {
+            const int64_t dw = tf_scaled_update(acc, m, e, h, 255);
+            wc[il] = (int8_t)tf_clamp_i32((int64_t)wc[il] - dw, TF_WEIGHT_MIN, TF_WEIGHT_MAX);
+        }
+    }
+}
+
 tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas, const tf_dims *gy_dims,
                               const int8_t *g_y, int32_t e_y, const tf_dims *x_dims, const int8_t *x_saved,
                               const tf_filter_dims *w_dims, int8_t *w, int32_t *b) {
@@ -43,7 +76,14 @@ tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas,
             const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->w_m[co], 15);
             const int32_t e = p->lr_e + qas->w_e[co] + 15 + e_y;
             const int32_t g = co / cout_g;
-            for (int32_t il = 0; il < cin_g; il++) {
+            if (pointwise) {
+                const int32_t kmax = p->k - g * cin_g < cin_g ? p->k - g * cin_g : cin_g;
+                if (kmax > 0) {
+                    update_pointwise(p, gc, gsum, x_saved + g * cin_g * iplane, oplane, kmax, m, e, w + co * wsize,
+                                     (uint32_t)(co * wsize));
+                }
+            }
+            for (int32_t il = 0; il < cin_g && !pointwise; il++) {
                 const int32_t gi = g * cin_g + il;
                 if (gi >= p->k) {
                     break;

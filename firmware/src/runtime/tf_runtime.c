@@ -7,6 +7,11 @@
 #include "tf_kernels.h"
 #include "tf_sha256.h"
 
+#ifdef TF_PROFILE
+#include "tf_board.h"
+uint64_t tf_profile_ticks[TF_MAX_OPS]; /* profiling builds only: board ticks of each op in the last step */
+#endif
+
 #define MAX_ATTRS 13
 
 typedef struct {
@@ -95,6 +100,76 @@ static void move(uint8_t *dst, const uint8_t *src, uint32_t n) {
     if (dst != src) {
         memmove(dst, src, n);
     }
+}
+
+/* rt->scratch[i] <= GAP_BASE: op i uses the free arena gap at byte offset 8 * (GAP_BASE - scratch[i]). */
+#define GAP_BASE (-2)
+#define GAP_MAX_LIVE 64
+
+/* Lowest 8-aligned arena offset of `need` bytes that no tensor live at op i touches, or -1. Lifetimes are the
+ * planner's (fleet/compiler/planner.py buffers()): inclusive first..last op that names the tensor, INPUT and
+ * LABEL from op 0, an op's scratch tensor at that op only. Bytes outside every live tensor hold nothing that is
+ * read later, so a kernel may use them as scratch while op i runs. */
+__attribute__((noinline)) static int32_t free_gap(const tf_runtime *rt, uint32_t i, uint32_t need) {
+    uint8_t before[TF_MAX_TENSORS / 8], after[TF_MAX_TENSORS / 8];
+    uint32_t lo[GAP_MAX_LIVE], hi[GAP_MAX_LIVE], n_live = 0;
+    memset(before, 0, sizeof(before));
+    memset(after, 0, sizeof(after));
+#define MARK(set, t) ((set)[(uint32_t)(t) >> 3] |= (uint8_t)(1u << ((uint32_t)(t) & 7)))
+#define HAS(set, t) (((set)[(uint32_t)(t) >> 3] >> ((uint32_t)(t) & 7)) & 1)
+    for (uint32_t j = 0; j < rt->plan.n_ops; j++) {
+        tf_op_view op;
+        tf_plan_op(&rt->plan, rt->op_off[j], &op);
+        for (int k = 0; k <= op.n_in + op.n_out; k++) {
+            const int32_t t = k < op.n_in + op.n_out ? op.ids[k] : rt->scratch[j];
+            if (t < 0 || (uint32_t)t >= rt->plan.n_tensors) {
+                continue;
+            }
+            if (j <= i) {
+                MARK(before, t);
+            }
+            if (j >= i) {
+                MARK(after, t);
+            }
+        }
+    }
+    if (rt->plan.input_id >= 0) {
+        MARK(before, rt->plan.input_id);
+    }
+    if (rt->plan.label_id >= 0) {
+        MARK(before, rt->plan.label_id);
+    }
+    for (uint32_t t = 0; t < rt->plan.n_tensors; t++) {
+        if (!HAS(before, t) || !HAS(after, t)) {
+            continue;
+        }
+        tf_tensor_info ti;
+        tf_plan_tensor(&rt->plan, (int32_t)t, &ti);
+        if (ti.kind == TF_K_CONST || ti.kind == TF_K_TRAINABLE || ti.offset < 0 || ti.nbytes == 0) {
+            continue;
+        }
+        if (n_live == GAP_MAX_LIVE) {
+            return -1;
+        }
+        lo[n_live] = (uint32_t)ti.offset;
+        hi[n_live++] = (uint32_t)ti.offset + ti.nbytes;
+    }
+#undef MARK
+#undef HAS
+    int32_t best = -1;
+    for (uint32_t c = 0; c <= n_live; c++) { /* candidates: offset 0 and the end of every live tensor */
+        const uint32_t start = c == n_live ? 0 : (hi[c] + 7u) & ~7u;
+        if (start + need > rt->plan.arena_bytes || start / 8 > (uint32_t)(GAP_BASE - INT16_MIN) ||
+            (best >= 0 && start >= (uint32_t)best)) {
+            continue;
+        }
+        int clash = 0;
+        for (uint32_t k = 0; k < n_live && !clash; k++) {
+            clash = lo[k] < start + need && start < hi[k];
+        }
+        best = clash ? best : (int32_t)start;
+    }
+    return best;
 }
 
 static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
@@ -252,8 +327,20 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         const tf_dims gy = dims3(&in[0]), gx = dims3(y);
         const tf_filter_dims wd = fdims(&in[1]);
         REQ(a.n[5] == wd.n && tf_conv_check(&gx, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
+        const tf_conv_bwd_params p = {A(0), A(1), A(2), A(3), A(4), A(6)};
+        /* NOTE: the planner gives this op no scratch; the one-pass kernel paths use arena bytes that no tensor
+         * live at this op occupies (free_gap), found once at load: same numbers, no extra SRAM. */
+        int32_t need = tf_conv2d_bwd_input_fast_buffer_size(&p, &wd, &gx);
+        need = need >= 0 ? need : tf_conv2d_bwd_input_get_buffer_size(&gy, &gx, 1);
+        if (!exec && rt->scratch[i] < 0) {
+            const int32_t off = free_gap(rt, i, (uint32_t)need);
+            rt->scratch[i] = (int16_t)(off >= 0 ? GAP_BASE - off / 8 : -1);
+        }
+        if (rt->scratch[i] <= GAP_BASE) {
+            ctx.buf = rt->arena + 8 * (uint32_t)(GAP_BASE - rt->scratch[i]);
+            ctx.size = need;
+        }
         if (exec) {
-            const tf_conv_bwd_params p = {A(0), A(1), A(2), A(3), A(4), A(6)};
             KERNEL(tf_conv2d_bwd_input_s8(&ctx, &p, a.v[5], &gy, (const int8_t *)in[0].p, rt->exp[in[0].id], &wd,
                                           (const int8_t *)in[1].p, &gx, (int8_t *)y->p, &rt->exp[y->id]));
         }
@@ -443,7 +530,13 @@ int tf_runtime_step(tf_runtime *rt, const uint8_t *sample, int32_t label, int32_
         res->p_label_q15 = 0;
     }
     for (uint32_t i = 0; i < rt->plan.n_ops; i++) {
+#ifdef TF_PROFILE
+        const uint64_t t0 = tf_board_ticks();
         int e = run_op(rt, i, 1, &sc);
+        tf_profile_ticks[i] = tf_board_ticks() - t0;
+#else
+        int e = run_op(rt, i, 1, &sc);
+#endif
         if (e) {
             rt->err_op = (int32_t)i;
             return e == TF_RT_KERNEL && rt->err_status == TF_ERR_ARG ? TF_RT_BAD_SAMPLE : e;
