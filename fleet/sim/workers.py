@@ -87,6 +87,9 @@ class DeviceHost:
 
 def _serve(conn, plan) -> None:
     """A worker's main loop: one request at a time, ``(op, args)`` in, ``("ok", result)`` or ``("error", text)``."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # NOTE: Ctrl-C is the runner's; it ends workers by closing the pipe
     host = DeviceHost(plan)
     while True:
         try:
