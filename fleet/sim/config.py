@@ -13,7 +13,7 @@ from typing import Any
 
 from fleet.config import from_dict, load
 
-DATASETS = ("watch",)
+DATASETS = ("watch", "shakespeare", "heart")  # loaders: fleet/sim/scenarios.py
 
 
 @dataclass
@@ -45,6 +45,14 @@ class DatasetConfig:
     stride: int = 64
     proxy_subjects: list[int] = field(default_factory=lambda: [1, 2])  # coordinator's data, no device
     max_train_per_device: int | None = None
+    max_test_per_device: int | None = None  # evenly spaced test windows kept per device (evaluation cost)
+    # shakespeare: window/stride in characters; users are (play, role)s with >= min_chars characters
+    devices_per_user: int = 1
+    proxy_users: int = 40  # roles with no device: the coordinator's proxy set
+    min_chars: int = 4000
+    max_proxy: int = 20000  # proxy windows kept (evenly sampled)
+    # heart: fraction of each hospital's patients held out as the coordinator's proxy set (no device)
+    proxy_fraction: float = 0.2
 
     def validate(self) -> list[str]:
         errs = []
@@ -55,12 +63,21 @@ class DatasetConfig:
         if self.stride <= 0:
             errs.append(f"stride: must be > 0, got {self.stride}")
         bad = [s for s in self.proxy_subjects if not 1 <= s <= 10]
-        if bad:
+        if bad and self.name == "watch":
             errs.append(f"proxy_subjects: subjects are 1..10, got {bad}")
-        if len(set(self.proxy_subjects)) >= 10:
+        if len(set(self.proxy_subjects)) >= 10 and self.name == "watch":
             errs.append("proxy_subjects: at least one subject must be left for devices")
         if self.max_train_per_device is not None and self.max_train_per_device <= 0:
             errs.append(f"max_train_per_device: must be > 0, got {self.max_train_per_device}")
+        if self.max_test_per_device is not None and self.max_test_per_device <= 0:
+            errs.append(f"max_test_per_device: must be > 0, got {self.max_test_per_device}")
+        for key in ("devices_per_user", "min_chars", "max_proxy"):
+            if getattr(self, key) <= 0:
+                errs.append(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.proxy_users < 0:
+            errs.append(f"proxy_users: must be >= 0, got {self.proxy_users}")
+        if not 0 < self.proxy_fraction < 1:
+            errs.append(f"proxy_fraction: must be a fraction in (0, 1), got {self.proxy_fraction}")
         return errs
 
 

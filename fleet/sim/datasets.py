@@ -163,7 +163,12 @@ def _split_per_class(y: np.ndarray, parts: int) -> list[np.ndarray]:
 
 
 def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    """Float input -> int8 with the plan's input quantization: ``clip(round(x / scale) + zp, -128, 127)``."""
+    """Float input -> int8 with the plan's input quantization: ``clip(round(x / scale) + zp, -128, 127)``.
+
+    Integer input (character ids) is already what the plan takes and comes back unchanged.
+    """
+    if np.issubdtype(np.asarray(x).dtype, np.integer):
+        return np.asarray(x)
     if not np.isfinite(scale) or scale <= 0:
         raise ValueError(f"input scale must be a finite number > 0, got {scale}")
     q = np.round(np.asarray(x, np.float64) / scale) + zero_point

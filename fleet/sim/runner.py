@@ -76,7 +76,9 @@ class SimResult:
 
 
 def _float_batch(x: np.ndarray) -> np.ndarray:
-    """(N, C, 1, W) windows -> (N, C, W) for a torch Conv1d model."""
+    """(N, C, 1, W) windows -> (N, C, W) for a torch Conv1d model; (N, L) character ids -> int64 for nn.Embedding."""
+    if x.ndim == 2:
+        return x.astype(np.int64)
     return x.reshape(x.shape[0], x.shape[1], x.shape[-1])
 
 
@@ -84,13 +86,13 @@ def pretrain(cfg: SimConfig, x: np.ndarray, y: np.ndarray, num_classes: int):
     """The float model, trained ``pretrain_epochs`` on the coordinator's proxy set (fp32, Adam)."""
     import torch
 
-    from fleet.compiler import models
+    from fleet.sim.scenarios import make_model
 
-    factories = {"imu_cnn": lambda: models.ImuCNN(in_channels=x.shape[1], num_classes=num_classes)}
-    if cfg.model.name not in factories:
-        raise SimulationError(f"model.name: unknown model {cfg.model.name!r} (expected one of {sorted(factories)})")
     torch.manual_seed(cfg.seed)
-    model = factories[cfg.model.name]()
+    try:
+        model = make_model(cfg.model.name, x, num_classes)
+    except ValueError as e:
+        raise SimulationError(str(e)) from None
     if cfg.model.pretrain_epochs and len(y):
         xt, yt = torch.from_numpy(_float_batch(x)), torch.from_numpy(y)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -123,7 +125,7 @@ def build_plan(cfg: SimConfig, scenario) -> tuple[object, object, str]:
     model = pretrain(cfg, x_proxy, y_proxy, scenario.num_classes)
     rng = np.random.default_rng(cfg.seed)
     calib = x_proxy[rng.permutation(len(x_proxy))[:512]]
-    graph = import_torch(model, _float_batch(calib), name="ImuCNN")
+    graph = import_torch(model, _float_batch(calib), name=type(model).__name__)
     s = cfg.model.scheme
     if isinstance(s, dict):
         scheme = ir.SparseScheme(name="config", n_bias_update=int(s.get("n_bias_update", 0)),
@@ -233,13 +235,15 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     from fleet.coordinator import Coordinator, CoordinatorConfig, StartRound, WireCodec, plan_sram
     from fleet.mqtt import CoordinatorLink
     from fleet.sim.broker import resolve
-    from fleet.sim.datasets import load_watch_scenario, quantize
+    from fleet.sim.datasets import quantize
+    from fleet.sim.scenarios import load_scenario
     from fleet.store import Store
 
     t0 = time.monotonic()
-    d = cfg.dataset
-    scenario = load_watch_scenario(cfg.devices, d.window, d.stride, tuple(d.proxy_subjects),
-                                   d.max_train_per_device, cfg.seed)
+    try:
+        scenario = load_scenario(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SimulationError(f"dataset: {e}") from None
     bar.update("setup", advance=1, info="data")
     plan, _report, res.scheme = build_plan(cfg, scenario)
     plan = _mark_personal(plan, cfg.personal)
