@@ -9,6 +9,8 @@ It never imports the coordinator (``fleet``); it only speaks MQTT.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import queue
 import signal
 import sys
@@ -40,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity", type=int, default=2048, help="sample buffer capacity")
     p.add_argument("--ca-file"), p.add_argument("--cert-file"), p.add_argument("--key-file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state", type=Path, help="file that keeps the delta counter (and the trainer's rounding "
+                   "step) across restarts (default: <data>.state.json next to --data)")
     p.add_argument("--keepalive", type=int, default=30, help="MQTT keepalive, seconds: a silent device counts as "
                    "gone after 1.5x this")
     p.add_argument("--will-delay", type=int, default=5, help="seconds the broker waits before publishing the Last "
@@ -122,8 +126,13 @@ def run(args: argparse.Namespace) -> int:
         x = np.clip(np.round(x.astype(np.float64) / scale) + inp.zero_point, -128, 127).astype(np.int8)
     buf = SampleBuffer(args.capacity, tuple(inp.shape), np.int8, seed=args.seed)
     buf.add(x, y)
-    proto = DeviceProtocol(Identity(args.id, args.board, args.sram, args.flash), plan, Trainer(plan),
-                           WireDeviceCodec(plan, verify), buf, seed=args.seed)
+    state_file = args.state or args.data.with_suffix(".state.json")
+    state = _load_state(state_file)
+    trainer = Trainer(plan)
+    trainer.step = state["trainer_step"]
+    proto = DeviceProtocol(Identity(args.id, args.board, args.sram, args.flash), plan, trainer,
+                           WireDeviceCodec(plan, verify), buf, counter=state["counter"], seed=args.seed)
+    _persist_state(proto, state_file)
     agent = DeviceAgent(url, args.fleet, proto, keepalive=args.keepalive, will_delay=args.will_delay)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -138,6 +147,39 @@ def run(args: argparse.Namespace) -> int:
     agent.stop(graceful=True)
     return 0
 
+
+def _load_state(path: Path) -> dict[str, int]:
+    try:
+        state = json.loads(path.read_text())
+        if not (isinstance(state, dict) and all(type(state.get(k)) is int for k in ("counter", "trainer_step"))):
+            raise ValueError
+        return state
+    except FileNotFoundError:
+        return {"counter": 0, "trainer_step": 0}
+    except ValueError:
+        raise SystemExit(f"device-agent: {path}: expected {{\"counter\": int, \"trainer_step\": int}}; "
+                         "delete it only for a device that never trained in this fleet") from None
+
+
+def _persist_state(proto, path: Path) -> None:
+    """Write the delta counter and the trainer's step (which seeds its stochastic rounding) to ``path``
+    (atomically, fsynced) whenever a new delta was made, before the adapter publishes it. A restarted agent must
+    never reuse a counter (the coordinator refuses it as REPLAYED_COUNTER: the device could never contribute
+    again), as a board keeps its counter in flash; with the step it also trains exactly as if it had not died."""
+    inner = proto.handle
+
+    def handle(event):
+        before = proto.counter
+        out = inner(event)
+        if proto.counter != before:
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"counter": proto.counter, "trainer_step": int(proto.trainer.step)}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return out
+    proto.handle = handle
 
 if __name__ == "__main__":
     sys.exit(main())

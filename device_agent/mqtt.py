@@ -224,11 +224,12 @@ class MqttEndpoint:
             return  # paho retries with backoff
         if self.subscriptions:
             # NOTE: retainHandling=1: retained messages come only with a *new* subscription, so a resumed
-            # session does not get model/current again on every reconnect. A coordinator needs them on every
-            # connect (``retained_on_resume``): a restarted one rebuilds its registry from the retained hellos and
-            # statuses, which its resumed session would otherwise never show it again.
+            # session does not get model/current again on every reconnect of this process. Its first connect gets
+            # them always (a restarted process holds nothing: a restarted device must see model/current even though
+            # the broker kept its session), and so does every connect with ``retained_on_resume`` (the coordinator).
+            again = self.retained_on_resume or self.connects == 0
             opts = SubscribeOptions(qos=QOS, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
-                                    if self.retained_on_resume else SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+                                    if again else SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
             client.subscribe([(t, opts) for t in self.subscriptions])
         self.connects += 1
         self.connected.set()

@@ -399,6 +399,9 @@ class Coordinator:
             self.store.save_device(msg.device_id, ev.payload.decode())
             self.registry.on_hello(msg, now)
             self.full_sent.pop(msg.device_id, None)  # a (re)started device may have lost what it was sent
+            m = self.machine  # ... including its task of the open round, or the delta it made: ask again
+            if m.state in _COLLECTING and msg.device_id in m._chosen and msg.device_id not in m.accepted:
+                return self._tasks(rnd.Dispatch(m.round_id, (msg.device_id,), m.deadline))
             return []
         assert isinstance(msg, Status)
         was_online = self.registry.is_online(msg.device_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -65,7 +66,8 @@ class Outcome:
 
 
 class ProcessFleet:
-    """Broker + ``tinyfleet serve`` + ``spec.devices`` ``device-agent run`` processes under ``workdir``.
+    """Broker + ``tinyfleet serve`` + ``spec.devices`` ``device-agent run`` processes under ``workdir`` (emptied
+    first).
 
     With ``chaos`` (:class:`~fleet.sim.chaos_proxy.ChaosProxy` keyword arguments) the coordinator and the devices
     connect through that proxy; the observer always talks to the broker directly. Use as a context manager; :meth:`close` ends every process it started.
@@ -74,7 +76,8 @@ class ProcessFleet:
     def __init__(self, workdir: Path, spec: FleetSpec, seed: int = 0, chaos: dict | None = None):
         self.dir, self.spec, self.seed, self.chaos = Path(workdir), spec, seed, chaos
         self.proxy = None
-        self.dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)  # NOTE: a store or device state left over would resume an old run
+        self.dir.mkdir(parents=True)
         self.broker = EmbeddedBroker(persistence=True, workdir=self.dir / "broker")
         self.client_port: int | None = None
         self.serve: subprocess.Popen | None = None
@@ -224,19 +227,19 @@ class ProcessFleet:
     # --- cleanup ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        for p in [self.serve, *self.agents.values()]:
-            if p is None:
-                continue
+        procs = [p for p in [self.serve, *self.agents.values()] if p is not None]
+        for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)  # a hung (SIGSTOPped) agent must be able to die
                 p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
             elif p.returncode not in (0, -signal.SIGTERM) and p.pid not in self._killed and p is not self.serve:
                 self.crashes += 1  # a device agent died on its own
+        for p in procs:  # NOTE: all terminated first, then waited for: agents say goodbye in parallel
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
         if self._observer is not None:
             self._observer.stop()
         if self.proxy is not None:

@@ -13,7 +13,8 @@ import sys
 
 from tests.conftest import ROOT, require_cmd
 
-SCENARIOS = {"broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "device_kill", "device_hang"}
+SCENARIOS = {"broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "device_restart", "device_kill",
+             "device_hang"}
 
 
 def test_faults_quick_every_scenario_passes(tmp_path):
