@@ -8,12 +8,14 @@ new model), ``boot_seconds`` (QEMU launched, UART connected, plan loaded, on eve
 that crossed the UART, all boards), ``stream_seconds`` (boards up -> every board holds its device's samples),
 ``load_avg_before/after`` (1-minute load average: the machine is shared).
 
-The device's samples reach its board once, as its sensor stream (STORE_SAMPLES), during setup; a round's steps
-are one TRAIN_LIST of stored slots. ``--push-per-step`` measures the v1 path instead (PUSH_SAMPLE + TRAIN 1 for
-every step, nothing stored up front) for a back-to-back comparison.
+The plan is provisioned in each board's flash image (QEMU's generic loader; the firmware checks it at boot), the
+device's samples reach its board once, as its sensor stream (STORE_SAMPLES), during setup, and a round's steps
+are one TRAIN_LIST of stored slots. ``--push-per-step --plan-over-uart`` measures the v1 path instead (LOAD_PLAN
+at boot, PUSH_SAMPLE + TRAIN 1 for every step, nothing stored up front) for a back-to-back comparison.
 
     make -C firmware qemu-an500
     .venv/bin/python benchmarks/fleet_qemu.py --boards 100 [--elf path/to/tinyfleet.elf] [--steps 20]
+        [--push-per-step] [--plan-over-uart]
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def main() -> int:
     ap.add_argument("--icount", action="store_true", help="deterministic virtual time (~2.3x slower)")
     ap.add_argument("--push-per-step", action="store_true",
                     help="protocol v1 path: push every step's sample (PUSH_SAMPLE + TRAIN 1), no sample store")
+    ap.add_argument("--plan-over-uart", action="store_true",
+                    help="send the plan with LOAD_PLAN at boot instead of provisioning it in the flash image")
     args = ap.parse_args()
 
     import yaml
@@ -129,6 +133,7 @@ def main() -> int:
         mem.sample()
 
     backends.FLEET_OBSERVERS.append(seen)
+    backends.PRELOAD_PLAN = not args.plan_over_uart
     load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     try:
@@ -160,6 +165,7 @@ def main() -> int:
         "python_cpu_seconds": round(own.user + own.system, 1),  # this process: data, pretraining, agents, broker I/O
         "host_cores": os.cpu_count(),
         "path": "push-per-step (v1)" if args.push_per_step else "stored samples (v2)",
+        "plan": "LOAD_PLAN over the UART" if args.plan_over_uart else "provisioned in the flash image",
         "samples_sent": sum(t.board.samples_sent for t in fleet.trainers),
         "stream_seconds": round(max(streams) - fleet.booted_at, 3) if streams else 0.0,
         "load_avg_before": round(load_before, 2),

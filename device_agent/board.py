@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -38,6 +39,41 @@ def firmware_elf(machine: str) -> Path:
     return FIRMWARE_BUILD / MACHINES[machine] / "tinyfleet.elf"
 
 
+def elf_symbol(elf: Path, name: str) -> int:
+    """The value of symbol ``name`` in a 32-bit little-endian ELF (e.g. ``__store_start``, the plan store)."""
+    data = Path(elf).read_bytes()
+    if data[:6] != b"\x7fELF\x01\x01":
+        raise ValueError(f"{elf}: not a 32-bit little-endian ELF")
+    shoff, = struct.unpack_from("<I", data, 0x20)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x2E)
+    sections = [struct.unpack_from("<IIIIIIIIII", data, shoff + i * shentsize) for i in range(shnum)]
+    want = name.encode()
+    for sh in sections:
+        if sh[1] != 2:  # SHT_SYMTAB
+            continue
+        strtab = sections[sh[6]]
+        for off in range(sh[4], sh[4] + sh[5], 16):
+            st_name, st_value = struct.unpack_from("<II", data, off)
+            start = strtab[4] + st_name
+            if data[start:data.index(b"\0", start)] == want:
+                return st_value
+    raise KeyError(f"{elf}: no symbol {name!r} (stripped ELF?)")
+
+
+def elf_load_ranges(elf: Path) -> list[tuple[int, int]]:
+    """``(start, end)`` physical ranges QEMU writes when it loads the ELF (PT_LOAD segments, zero fill included):
+    a preload must not overlap them (QEMU refuses overlapping ROM regions)."""
+    data = Path(elf).read_bytes()
+    phoff, = struct.unpack_from("<I", data, 0x1C)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x2A)
+    out = []
+    for i in range(phnum):
+        p_type, _, _, paddr, _, memsz = struct.unpack_from("<IIIIII", data, phoff + i * phentsize)
+        if p_type == 1 and memsz:
+            out.append((paddr, paddr + memsz))
+    return out
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -54,6 +90,9 @@ class QemuBoard:
     machine : ``mps2-an386`` (Cortex-M4) or ``mps2-an500`` (Cortex-M7).
     icount : run with ``-icount shift=0,align=off,sleep=on``: virtual time = instruction count, so the board's
         SysTick readings are deterministic (25 MHz: 1 tick = 40 instructions); ~2.3x slower.
+    preload : ``(file, address)`` pairs QEMU's generic loader writes into the board's memory at reset, e.g. a
+        plan blob at ``elf_symbol(elf, "__store_start")``: the firmware adopts a plan it finds there at boot (as a
+        plan flashed with the firmware), so it need not cross the UART.
     """
 
     machine: str = "mps2-an500"
@@ -62,6 +101,7 @@ class QemuBoard:
     host: str = "127.0.0.1"
     qemu: str = "qemu-system-arm"
     start_timeout: float = 10.0
+    preload: list = field(default_factory=list)
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _endpoint: tuple[str, int] | None = field(default=None, init=False)
     _log: list[str] = field(default_factory=list, init=False, repr=False)
@@ -72,6 +112,8 @@ class QemuBoard:
                "-kernel", str(elf), "-serial", f"tcp:{self.host}:{port},server=on,wait=on,nodelay=on"]
         if self.icount:
             cmd += ["-icount", "shift=0,align=off,sleep=on"]
+        for path, addr in self.preload:
+            cmd += ["-device", f"loader,file={path},addr={addr:#x},force-raw=on"]
         return cmd
 
     @property

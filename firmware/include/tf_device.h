@@ -73,6 +73,9 @@ typedef struct {
 
 void tf_device_init(tf_device *d, uint8_t *store, uint32_t store_size, uint8_t *pool, uint32_t pool_size,
                     const tf_verify *verify);
+/* At boot: adopt a plan provisioned at store offset 0 with the firmware image (flashed at the factory; QEMU's
+ * generic loader in emulated fleets), checked by the full plan reader as LOAD_PLAN would. ERR_STATE: none there. */
+tf_dev_result tf_device_boot(tf_device *d);
 /* LOAD_PLAN / LOAD_UPDATE chunk; *received = bytes held after it. */
 tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_t total, const uint8_t *chunk,
                              uint32_t n, uint32_t *received);

@@ -4,7 +4,8 @@
   (fleet/sim/workers.py; ``workers: 0``: on the runner's small thread pool).
 - ``qemu``: one emulated board per device (``qemu-system-arm``, mps2-an500 by default) running our firmware; the
   board holds the plan (LOAD_PLAN at boot) and the device agent drives it through
-  :class:`device_agent.bridge.BoardTrainer`: the device's samples are stored on the board once, as its sensor
+  :class:`device_agent.bridge.BoardTrainer` (the plan is provisioned in each board's flash image, PRELOAD_PLAN,
+  else sent with LOAD_PLAN): the device's samples are stored on the board once, as its sensor
   stream (STORE_SAMPLES, ``DeviceSlot.on_samples``), and a round's steps are one TRAIN_LIST of stored slots.
   Board I/O blocks on a socket, so board devices get a pool with one worker per board: the boards train
   concurrently while the host thread waits (idle boards sleep in WFI and cost no CPU).
@@ -62,6 +63,10 @@ class QemuFleet:
     def pids(self) -> list[int]:
         return [b._proc.pid for b in self.boards if getattr(b, "_proc", None) is not None]
 
+
+# Boards boot with the plan provisioned in their flash image (QEMU's generic loader at the plan store; the firmware
+# runs the plan reader on it at boot) instead of LOAD_PLAN over the UART; benchmarks/fleet_qemu.py can turn it off.
+PRELOAD_PLAN = True
 
 # Observers called with each QemuFleet once all its boards are up (benchmarks/fleet_qemu.py reads timings, pids).
 FLEET_OBSERVERS: list[Callable[[QemuFleet], None]] = []
@@ -246,8 +251,10 @@ def _python_workers(cfg: SimConfig, plan, slots: list[DeviceSlot], stack: ExitSt
 def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
                      on_board: Callable[[int], None] | None = None) -> list:
     """Launch ``n`` boards, connect to each UART, load ``plan``; returns their BoardTrainers."""
-    from device_agent.board import BoardClient, BoardError, QemuBoard, firmware_elf
+    from device_agent.board import BoardClient, BoardError, QemuBoard, elf_load_ranges, elf_symbol, firmware_elf
     from device_agent.bridge import BoardTrainer
+    from device_agent.engine.trainer import Trainer
+    from device_agent.wire.plan import plan_to_bytes
 
     q = cfg.qemu
     if shutil.which("qemu-system-arm") is None:
@@ -272,7 +279,18 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
     stack.callback(lambda: [c.close() for c in fleet.clients])
     stack.callback(lambda: [b.stop() for b in fleet.boards])  # runs before the clients close (LIFO): fine either way
     t0 = time.monotonic()
-    boards = [QemuBoard(q.machine, elf=elf, icount=q.icount, start_timeout=30.0) for _ in range(n)]
+    blob, preload, initial = plan_to_bytes(plan), [], ""
+    if PRELOAD_PLAN:  # the plan in each board's flash image (its plan store): no plan bytes cross the UART
+        try:
+            at = elf_symbol(elf, "__store_start")
+            # an older ELF zero-fills the store start at load: QEMU would refuse the overlap
+            if not any(lo < at + len(blob) and at < hi for lo, hi in elf_load_ranges(elf)):
+                preload = [(tmp / "plan.ttp", at)]
+                preload[0][0].write_bytes(blob)
+                initial = Trainer(plan).state_hash()
+        except (KeyError, ValueError):
+            preload = []  # a stripped or foreign ELF: LOAD_PLAN over the UART
+    boards = [QemuBoard(q.machine, elf=elf, icount=q.icount, start_timeout=30.0, preload=preload) for _ in range(n)]
     fleet.boards.extend(boards)
 
     def up(i: int):
@@ -284,7 +302,10 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
             raise SimulationError(f"backend qemu: firmware {src} has no plan store (built before LOAD_PLAN existed): "
                                   f"rebuild it with `make -C firmware qemu-{q.machine.split('-')[-1]}` or set qemu.elf")
         try:
-            trainer = LazyBoardTrainer(BoardTrainer(client, plan))
+            # a provisioned board booted with the plan (the firmware checked it); else LOAD_PLAN
+            held = bool(preload) and client.stats()["plan_bytes"] == len(blob) and \
+                client.state()["state_hash"].hex() == initial
+            trainer = LazyBoardTrainer(BoardTrainer(client, plan, load_plan=not held))
         except BoardError as e:
             raise SimulationError(f"backend qemu: board {i} refused the plan: {e} (does the plan fit "
                                   f"{q.machine}'s 320 KB SRAM?)") from None

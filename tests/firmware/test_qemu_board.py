@@ -150,3 +150,30 @@ def test_stored_samples_refusals(elfs) -> None:
     assert past.value.status == frames.Status.ERR_NO_MEMORY
     assert bad.code == frames.Status.ERR_BAD_PAYLOAD
     assert after["state_hash"] == before["state_hash"] and after["steps_total"] == before["steps_total"]
+
+
+def test_plan_provisioned_in_the_flash_image(elfs, tmp_path: Path) -> None:
+    """A plan written into the plan store with the firmware image (QEMU's generic loader) is adopted at boot after
+    the full plan reader; a corrupted one is not (the board waits for LOAD_PLAN)."""
+    from device_agent.board import elf_load_ranges, elf_symbol
+    from tests.firmware.conftest import PLAN_VECTORS, PlanVector
+
+    v = PlanVector.read(PLAN_VECTORS / "imu.tfv")
+    elf = elfs["mps2-an500"]
+    at = elf_symbol(elf, "__store_start")
+    assert not any(lo < at + len(v.plan) and at < hi for lo, hi in elf_load_ranges(elf))
+    good, bad = tmp_path / "good.ttp", tmp_path / "bad.ttp"
+    good.write_bytes(v.plan)
+    bad.write_bytes(v.plan[:-1] + bytes([v.plan[-1] ^ 1]))  # CRC mismatch
+    nb, n = len(v.samples[0]), len(v.samples)
+    with QemuBoard("mps2-an500", elf=elf, preload=[(good, at)]) as board, BoardClient(board.endpoint) as c:
+        held = c.stats()["plan_bytes"]
+        c.store_samples(0, [(s, int(y)) for s, y in zip(v.samples, v.labels)], nb)
+        c.train_list([s % n for s in range(v.steps)], v.lr_m, v.lr_e)
+        state = c.state()
+    with QemuBoard("mps2-an500", elf=elf, preload=[(bad, at)]) as board, BoardClient(board.endpoint) as c:
+        refused = c.stats()["plan_bytes"]
+        c.load_plan(v.plan)
+        loaded = c.stats()["plan_bytes"]
+    assert held == len(v.plan) and state["state_hash"] == v.state_hash
+    assert refused == 0 and loaded == len(v.plan)

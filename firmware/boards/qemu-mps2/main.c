@@ -17,6 +17,7 @@ int main(void) {
     /* NOTE: "unsigned only": emulated fleets and tests; a deployed board is built with its HMAC key here. */
     const tf_verify verify = {0, NULL, 0};
     tf_device_init(&device, store, store_size, pool, pool_size, &verify);
+    (void)tf_device_boot(&device); /* a plan provisioned in the flash image, if any (else LOAD_PLAN brings one) */
     tf_proto_init(&proto, write_cb);
     tf_proto_set_device(&proto, &device);
     for (;;) {

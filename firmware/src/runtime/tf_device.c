@@ -270,6 +270,18 @@ void tf_device_init(tf_device *d, uint8_t *store, uint32_t store_size, uint8_t *
     d->verify = *verify;
 }
 
+tf_dev_result tf_device_boot(tf_device *d) {
+    if (d->store_size < 16 || memcmp(d->store, "TFPL", 4) != 0) {
+        return res(TF_ST_ERR_STATE, 0); /* nothing provisioned: wait for LOAD_PLAN */
+    }
+    const uint32_t len = tf_ld_u32(d->store + 8);
+    if (len < 20 || len > d->store_size) {
+        return res(TF_ST_ERR_FORMAT, TF_WE_BAD_LENGTH);
+    }
+    d->xfer_at = 0, d->xfer_total = len;
+    return finish_plan(d); /* the full plan reader, as after the last LOAD_PLAN chunk */
+}
+
 tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_t total, const uint8_t *chunk,
                              uint32_t n, uint32_t *received) {
     if (cmd == TF_CMD_LOAD_UPDATE && !d->has_plan) {
