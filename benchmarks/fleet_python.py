@@ -114,7 +114,7 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
     groups = [list(protos)[k:k + per_conn] for k in range(0, len(protos), per_conn)]
     clients: list = []
     connected = [0]
-    stats = {"messages_in": 0, "messages_out": 0, "trained": 0, "errors": []}
+    stats = {"messages_in": 0, "messages_out": 0, "trained": 0, "connect_retries": 0, "errors": []}
 
     def send(client, outs):
         for o in outs:
@@ -152,7 +152,15 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
         c.on_socket_unregister_write = lambda cl, ud, sock: sel.modify(sock, selectors.EVENT_READ, cl)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
-        c.connect(host, port, keepalive=KEEPALIVE_S, clean_start=True, properties=props)
+        for attempt in range(20):  # NOTE: a starved broker lets its accept queue overflow; back off and retry
+            try:
+                c.connect(host, port, keepalive=KEEPALIVE_S, clean_start=True, properties=props)
+                break
+            except ConnectionRefusedError:
+                stats["connect_retries"] += 1
+                time.sleep(0.1 * (attempt + 1))
+        else:
+            raise ConnectionRefusedError(f"{devs[0]}: broker {host}:{port} refused 20 connects")
         clients.append(c)
         for key, mask in sel.select(0):  # NOTE: let CONNACKs in while connecting thousands
             key.data.loop_read()
@@ -186,6 +194,13 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
                 conn.send(("stats", {**stats, "connected": connected[0], "clients": len(clients)}))
                 return
             conn.send(("stats", {**stats, "connected": connected[0], "clients": len(clients)}))
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"({path}: {e})"
 
 
 # --- one size -------------------------------------------------------------------------------------------------
@@ -232,15 +247,16 @@ def run_size(n: int, args, workdir: Path) -> dict:
             workers.append((p, parent))
         mem.pids = [broker.proc.pid] + [p.pid for p, _ in workers]
         for p, c in workers:
-            if not c.poll(600):
-                raise SystemExit(f"fleet_python: worker {p.pid} did not build its devices within 600 s")
+            if not c.poll(1800):
+                raise SystemExit(f"fleet_python: worker {p.pid} did not build its devices within 1800 s (exit code "
+                                 f"{p.exitcode}); broker log:\n{_tail(broker.log_path)}")
             c.recv()
         end = time.monotonic() + 600
         online = 0
         while online < n:
             if time.monotonic() > end:
-                raise SystemExit(f"fleet_python: only {online} of {n} devices registered within 600 s "
-                                 f"(see {broker.log_path})")
+                raise SystemExit(f"fleet_python: only {online} of {n} devices registered within 600 s; broker "
+                                 f"log:\n{_tail(broker.log_path)}")
             time.sleep(0.2)
             online = link.call(lambda c: sum(r.online for r in c.registry.devices.values()))
         register_s = time.perf_counter() - t0
@@ -271,9 +287,11 @@ def run_size(n: int, args, workdir: Path) -> dict:
     mem.stop()
     trained = sum(s.get("trained", 0) for s in wstats)
     errors = [e for s in wstats for e in s.get("errors", [])][:5] + link.errors[:5]
+    retries = sum(s.get("connect_retries", 0) for s in wstats)
     last = rounds[-1]
     return {"devices": n, "workers": args.workers, "devices_per_connection": args.per_connection,
-            "connections": sum(s.get("clients", 0) for s in wstats), "local_steps": args.steps,
+            "connections": sum(s.get("clients", 0) for s in wstats), "connect_retries": retries,
+            "local_steps": args.steps,
             "register_s": register_s, "round_seconds": last["round_seconds"],
             "coordinator_overhead_s": last["coordinator_busy_s"], "coordinator_cpu_s": last["coordinator_cpu_s"],
             "busy_breakdown_s": last["busy_breakdown_s"], "closing_batch_s": last["closing_batch_s"],

@@ -41,3 +41,22 @@ def test_memory_vs_pytorch_quick_imu():
     r = _run("memory_vs_pytorch.py", "--models", "imu")
     row = r["imu"]["ImuCNN:tail"]
     assert 0 < row["ours_arena_bytes"] <= row["ours_peak_sram_bytes"] < row["torch_peak_rss_bytes"]
+
+
+def test_fleet_python_quick():
+    """50 host devices, each its own MQTT connection, really train one round through the embedded broker."""
+    r = _run("fleet_python.py", timeout=300)["50"]
+    assert r["committed"] and r["accepted"] == r["deltas_trained"] == 50 and r["connections"] == 50
+    assert 0 < r["coordinator_overhead_s"] < r["round_seconds"] and not r["errors"]
+
+
+def test_flower_baseline_quick():
+    """Flower (fp32 FedAvg) and ours on the same 8-device watch scenario, 2 rounds, 4 clients per round."""
+    r = _run("flower_baseline.py", timeout=400)
+    ours, flower = r["ours"], r["flower"]
+    assert flower["clients_per_round"] == ours["clients_per_round"] == 4 and flower["parameters"] > 5000
+    # dense fp32 both ways vs sparse int8: the serialized model alone is 4 bytes per parameter
+    assert flower["bytes_up_per_device_round"] > flower["fp32_parameter_bytes"] > 10 * ours["bytes_up_per_device_round"]
+    assert 0 < ours["client_memory_bytes"] < flower["client_memory_bytes"] < flower["peak_rss_bytes"]
+    for s in (ours, flower):
+        assert 0.3 < s["accuracy_final"] <= 1.0  # 7 classes: chance is ~0.14
