@@ -168,6 +168,8 @@ def mbv2(args) -> dict | None:
     from benchmarks.common import FASHION, load_fashion_mnist
 
     path = MODELS / "mbv2-w0.35.pkl"
+    if args.mbv2_devices < 1:
+        return None
     if not path.exists() or not FASHION.exists():
         print(f"skip mbv2-w0.35: {path} or {FASHION} absent", file=sys.stderr)
         return None
@@ -204,7 +206,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40, help="local steps (batch 1) per device per round (quickstart)")
     ap.add_argument("--topk-permille", type=int, default=20, help="k = ceil(numel * P / 1000) per tensor")
-    ap.add_argument("--mbv2-devices", type=int, default=4)
+    ap.add_argument("--mbv2-devices", type=int, default=4, help="0: ImuCNN only")
     ap.add_argument("--mbv2-rounds", type=int, default=2)
     ap.add_argument("--mbv2-steps", type=int, default=3, help="steps for MbV2 (numpy engine, 128x128: slow)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the two extra ImuCNN runs for accuracy")

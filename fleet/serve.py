@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from device_agent.wire.plan import plan_from_bytes
     from fleet import round as rnd
     from fleet.config import ConfigError
-    from fleet.coordinator import Coordinator, CoordinatorConfig, RoundClosed, StartRound, WireCodec
+    from fleet.coordinator import Coordinator, RoundClosed, RoundRefused, StartRound, WireCodec
     from fleet.mqtt import CoordinatorLink
     from fleet.sim.broker import BrokerError, resolve
     from fleet.sim.config import load_sim_config
@@ -87,19 +87,23 @@ def run(args: argparse.Namespace) -> int:
         d = cfg.dataset
         scenario = load_watch_scenario(1, d.window, d.stride, tuple(d.proxy_subjects), seed=cfg.seed)
         plan, _, _ = build_plan(cfg, scenario)
-    ccfg = CoordinatorConfig(round=rnd.RoundConfig(goal=cfg.goal_count, over_selection=cfg.over_selection,
-                                                   quorum=cfg.quorum, deadline_s=cfg.deadline, seed=cfg.seed),
-                             lr=cfg.lr, local_steps=cfg.local_steps, batch_size=1)
+    ccfg = cfg.coordinator_config()
     codec = WireCodec(plan, signer=Signer.ed25519(key))
     closed = threading.Event()
     results: list[RoundClosed] = []
+    refused: list[str] = []
 
     def on_output(out: object) -> None:
         if isinstance(out, RoundClosed):
             results.append(out)
             what = f"committed v{out.version}" if out.committed else "abandoned"
+            eps = f" epsilon {out.epsilon:.3g}" if out.epsilon is not None else ""
             print(f"round {out.round_id}: {what} "
-                  f"({len(out.accepted)} deltas) {out.detail}", file=sys.stderr)
+                  f"({len(out.accepted)} deltas){eps} {out.detail}", file=sys.stderr)
+            closed.set()
+        elif isinstance(out, RoundRefused):
+            refused.append(out.detail)
+            print(f"tinyfleet serve: round refused: {out.detail}", file=sys.stderr)
             closed.set()
 
     def coordinator() -> Coordinator:
@@ -125,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
                 link.submit(StartRound())
             while not closed.wait(0.2):
                 watch()
+            if refused:
+                return 3
     except ConnectionError as e:
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.config import from_dict, load
+from fleet.security.dp import DPConfig
 
 DATASETS = ("watch", "shakespeare", "heart")  # loaders: fleet/sim/scenarios.py
 
@@ -148,6 +149,10 @@ class SimConfig:
     workers: int | None = None  # processes for backend python devices (fleet/sim/workers.py); None: CPU count, 0: none
     personal: list[str] = field(default_factory=list)  # trainable tensors kept on each device, e.g. [classifier.bias]
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # measured in the same run; [] for none
+    aggregator: str = "fedavg"  # fedavg | clipped | median | trimmed (fleet/aggregate.py)
+    clip: float = 0.0  # L2 clip (integer weight units) for the clipped aggregator
+    trim: float = 0.1  # fraction trimmed at each end for the trimmed aggregator
+    dp: DPConfig | None = None  # central differential privacy (clip + Gaussian noise + RDP accountant)
 
     def validate(self) -> list[str]:
         errs = []
@@ -170,6 +175,15 @@ class SimConfig:
             errs.append(f"deadline: must be > 0 seconds, got {self.deadline}")
         if self.over_selection < 1:
             errs.append(f"over_selection: must be >= 1, got {self.over_selection}")
+        from fleet.aggregate import AGGREGATORS
+
+        if self.aggregator not in AGGREGATORS:
+            errs.append(f"aggregator: expected one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
+        elif self.aggregator == "clipped" and not self.clip > 0:
+            errs.append(f"clip: must be > 0 for the clipped aggregator, got {self.clip}")
+        if self.dp is not None and self.aggregator != "fedavg":
+            errs.append(f"dp: replaces the aggregator with a clipped noisy mean; leave aggregator at fedavg, "
+                        f"got {self.aggregator!r}")
         if self.backend not in BACKENDS:
             errs.append(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
@@ -196,6 +210,16 @@ class SimConfig:
     @property
     def selected_count(self) -> int:
         return min(self.devices, math.ceil(self.goal_count * self.over_selection))
+
+    def coordinator_config(self):
+        """The coordinator's policy for this fleet (``simulate`` and ``serve`` build it the same way)."""
+        from fleet import round as rnd
+        from fleet.coordinator import CoordinatorConfig
+
+        return CoordinatorConfig(round=rnd.RoundConfig(goal=self.goal_count, over_selection=self.over_selection,
+                                                       quorum=self.quorum, deadline_s=self.deadline, seed=self.seed),
+                                 lr=self.lr, local_steps=self.local_steps, batch_size=1, aggregator=self.aggregator,
+                                 clip=self.clip, trim=self.trim, dp=self.dp)
 
     def tls_files(self) -> dict[str, object]:
         """Keyword arguments for :meth:`fleet.sim.broker.BrokerURL.parse`."""

@@ -52,6 +52,9 @@ class SimResult:
     broker: str = ""
     setup_seconds: float = 0.0
     interrupted: bool = False
+    stopped: str = ""  # why the run ended before cfg.rounds without an interrupt (e.g. privacy budget spent)
+    aggregator: str = ""
+    epsilon_per_round: list[float] = field(default_factory=list)  # DP: cumulative epsilon after each committed round
     errors: list[str] = field(default_factory=list)
     # per round, pooled over every device's test slice (fleet/sim/baselines.py); empty when not measured
     accuracy_personalized_per_round: list[float] = field(default_factory=list)  # global + each device's personal
@@ -192,14 +195,14 @@ class _Watcher:
 
     def __call__(self, out: object) -> None:
         from device_agent.messages import Publish
-        from fleet.coordinator import RoundClosed, Verdict
+        from fleet.coordinator import RoundClosed, RoundRefused, Verdict
 
         with self.cv:
             if isinstance(out, Publish) and out.topic.endswith("/task"):
                 self.selected.add(out.topic.split("/")[1])
             elif isinstance(out, Verdict) and out.reason == "ok":
                 self.accepted += 1
-            elif isinstance(out, RoundClosed):
+            elif isinstance(out, (RoundClosed, RoundRefused)):
                 self.closed.append(out)
             self.cv.notify_all()
 
@@ -211,7 +214,7 @@ class _Watcher:
 def run_simulation(cfg: SimConfig, out_dir: Path | None = None, progress: bool = True,
                    stop: threading.Event | None = None) -> SimResult:
     """Run ``cfg`` end to end; Ctrl-C (KeyboardInterrupt) or ``stop`` ends early with the finished rounds."""
-    res = SimResult(devices=cfg.devices, broker=cfg.broker)
+    res = SimResult(devices=cfg.devices, broker=cfg.broker, aggregator="dp" if cfg.dp else cfg.aggregator)
     bar = _Progress(progress, cfg)
     try:
         with ExitStack() as stack:
@@ -231,8 +234,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     from device_agent.mqtt import DeviceAgent
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
     from device_agent.wire.envelope import Signer, Verifier
-    from fleet import round as rnd
-    from fleet.coordinator import Coordinator, CoordinatorConfig, StartRound, WireCodec, plan_sram
+    from fleet.coordinator import Coordinator, RoundClosed, StartRound, WireCodec, plan_sram
     from fleet.mqtt import CoordinatorLink
     from fleet.sim.broker import resolve
     from fleet.sim.datasets import quantize
@@ -262,9 +264,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
 
     key = Ed25519PrivateKey.generate()  # the fleet's signing key for this run
     signer, verifier = Signer.ed25519(key), Verifier.ed25519(key.public_key())
-    round_cfg = rnd.RoundConfig(goal=cfg.goal_count, over_selection=cfg.over_selection, quorum=cfg.quorum,
-                                deadline_s=cfg.deadline, seed=cfg.seed)
-    ccfg = CoordinatorConfig(round=round_cfg, lr=cfg.lr, local_steps=cfg.local_steps, batch_size=1)
+    ccfg = cfg.coordinator_config()
     store_path = str(out_dir / "store.sqlite") if out_dir is not None else ":memory:"
     codec = WireCodec(plan, signer=signer)
     res.plan_bytes = len(codec.plan_bytes())
@@ -345,7 +345,12 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
             res.interrupted = True
             break
         closed = watcher.closed[-1]
+        if not isinstance(closed, RoundClosed):  # refused (privacy budget): no more rounds, nothing changed
+            res.stopped, res.errors = closed.detail, [*res.errors, closed.detail]
+            break
         res.model_version = closed.version
+        if closed.epsilon is not None:
+            res.epsilon_per_round.append(closed.epsilon)
         _settle(agents, closed.version if closed.committed else None)
         res.round_seconds.append(time.monotonic() - t_round)
         after = [a.endpoint.traffic_snapshot() for a in agents]
