@@ -251,7 +251,14 @@ def _python_workers(cfg: SimConfig, plan, slots: list[DeviceSlot], stack: ExitSt
 def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
                      on_board: Callable[[int], None] | None = None) -> list:
     """Launch ``n`` boards, connect to each UART, load ``plan``; returns their BoardTrainers."""
-    from device_agent.board import BoardClient, BoardError, QemuBoard, elf_load_ranges, elf_symbol, firmware_elf
+    from device_agent.board import (
+        BoardClient,
+        BoardError,
+        QemuBoard,
+        elf_load_ranges,
+        elf_symbol,
+        firmware_elf,
+    )
     from device_agent.bridge import BoardTrainer
     from device_agent.engine.trainer import Trainer
     from device_agent.wire.plan import plan_to_bytes
