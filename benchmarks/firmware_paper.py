@@ -1,8 +1,9 @@
-"""Training on the emulated Cortex-M7 (QEMU mps2-an500, -icount shift=0), measured: the paper's three models at
-128x128 with their ~100 KB sparse schemes (../shared/models/schemes.yaml rungs 99kb / 98kb / 99kb).
+"""Training on an emulated Cortex-M (QEMU mps2-an500 = M7 or mps2-an386 = M4, -icount shift=0), measured: the paper's
+three models at 128x128 with their ~100 KB sparse schemes (../shared/models/schemes.yaml rungs 99kb / 98kb / 99kb).
 
-One command: ``python benchmarks/firmware_paper.py [--models mbv2-w0.35,...] [--steps 2]``. Per model it compiles
-the plan, builds the firmware (an500, 320 KB SRAM / 1 MB flash budget), loads the plan over the UART into the
+One command: ``python benchmarks/firmware_paper.py [--models mbv2-w0.35,...] [--steps 2] [--board an500|an386]``.
+Per model it compiles the plan, builds the firmware for the board (320 KB SRAM / 1 MB flash budget), loads the
+plan over the UART into the
 board's plan store (flash: the plan is used in place from there), pushes one random 128x128 sample, trains
 ``--steps`` N=1 steps and reads back:
 
@@ -75,13 +76,16 @@ def macs(plan: ir.Plan) -> dict[str, int]:
     return out
 
 
-def build_firmware(build: Path) -> tuple[Path, int, int]:
-    """an500 ELF; returns (elf, flash bytes = text + data, statics = data + bss)."""
-    r = subprocess.run(["make", "-s", "-j2", "-C", str(ROOT / "firmware"), f"BUILD={build}", "qemu-an500"],
+BOARDS = ("an500", "an386")  # QEMU mps2-an500 (Cortex-M7), mps2-an386 (Cortex-M4)
+
+
+def build_firmware(build: Path, board: str = "an500") -> tuple[Path, int, int]:
+    """The board's ELF; returns (elf, flash bytes = text + data, statics = data + bss)."""
+    r = subprocess.run(["make", "-s", "-j2", "-C", str(ROOT / "firmware"), f"BUILD={build}", f"qemu-{board}"],
                        check=False, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(r.stdout + r.stderr)
-    elf = build / "an500" / "tinyfleet.elf"
+    elf = build / board / "tinyfleet.elf"
     text, data, bss = (int(v) for v in subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True,
                                                        text=True, check=True).stdout.splitlines()[1].split()[:3])
     return elf, text + data, data + bss
@@ -92,10 +96,11 @@ def pool_need(plan: ir.Plan) -> int:
     return -(-plan.arena_bytes // 8) * 8 + sum(-(-t.nbytes // 4) * 4 for t in plan.trainable)
 
 
-def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, classes: int) -> dict:
+def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, classes: int,
+              board_name: str = "an500") -> dict:
     graph = new_classifier(import_mit(MODELS / f"{model}.pkl"), classes)
     ladder = load_schemes(PAPER_SCHEMES)[model]
-    with QemuBoard("mps2-an500", elf=elf, icount=True) as board, BoardClient(board.endpoint, timeout=600) as c:
+    with QemuBoard(f"mps2-{board_name}", elf=elf, icount=True) as board, BoardClient(board.endpoint, timeout=600) as c:
         info, ping = c.board_info(), c.ping()
         pool, store = info["arena_bytes"], ping["blob_capacity"]
         for rung in RUNGS[model]:
@@ -127,7 +132,7 @@ def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, cl
     trainable = sum(t.nbytes for t in plan.trainable)
     insns = st["train_ticks"] * INSNS_PER_TICK
     return {
-        "rung": rung, "peak_sram_bytes": statics + pool_need(plan) + stats["stack_high_water"],
+        "board": f"mps2-{board_name}", "rung": rung, "peak_sram_bytes": statics + pool_need(plan) + stats["stack_high_water"],
         "arena_bytes": plan.arena_bytes, "trainable_bytes": trainable, "statics_bytes": statics,
         "stack_high_water": stats["stack_high_water"], "flash_bytes": flash_fw + len(blob), "plan_bytes": len(blob),
         "instructions_per_step": insns, "macs_per_step": m["total"], "macs_forward": m["forward"],
@@ -142,15 +147,16 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(RUNGS))
     ap.add_argument("--steps", type=int, default=2, help="training steps; the last one is timed")
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--board", choices=BOARDS, default="an500", help="QEMU mps2 board: an500 (M7) or an386 (M4)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        elf, flash_fw, statics = build_firmware(Path(tmp))
+        elf, flash_fw, statics = build_firmware(Path(tmp), args.board)
         result, rows = {}, []
         for model in args.models.split(","):
             if not (MODELS / f"{model}.pkl").exists():
                 print(f"skip {model}: {MODELS / f'{model}.pkl'} absent", file=sys.stderr)
                 continue
-            r = run_model(model, elf, flash_fw, statics, args.steps, args.classes)
+            r = run_model(model, elf, flash_fw, statics, args.steps, args.classes, args.board)
             result[model] = r
             rows.append((model, r["rung"], f"{r['peak_sram_bytes'] / 1000:.1f}", f"{r['arena_bytes'] / 1000:.1f}",
                          str(r["paper_peak_kb"]), f"{r['trainable_bytes'] / 1000:.1f}",
