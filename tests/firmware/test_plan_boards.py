@@ -90,6 +90,11 @@ def test_delta_and_update_round_trip(board_elfs) -> None:
         with pytest.raises(BoardError) as e:
             c.load_update(bytes(bad))
         kept = c.state()
+        # a validly formed but older (rolled-back) full update is refused; the model stays
+        old = update_from_state(plan, base, base_version=0, new_version=2, plan_hash=plan_hash(v.plan))
+        with pytest.raises(BoardError) as rolled:
+            c.load_update(v1_bytes(old))
+        still = c.state()
     # Assert
     assert dense == _records(plan, base, ref.trainable_state(), 0)
     assert topk == _records(plan, base, ref.trainable_state(), 100) and len(topk) < len(dense)
@@ -97,6 +102,8 @@ def test_delta_and_update_round_trip(board_elfs) -> None:
     assert empty == _records(plan, ref.trainable_state(), ref.trainable_state(), 0)
     assert e.value.status == frames.Status.ERR_FORMAT
     assert kept["state_hash"] == after["state_hash"]
+    assert rolled.value.status == frames.Status.ERR_STATE
+    assert still["state_hash"] == after["state_hash"] and still["model_version"] == 3
 
 
 def test_bad_plan_refused_last_good_plan_kept(board_elfs) -> None:

@@ -247,8 +247,14 @@ static tf_dev_result finish_update(tf_device *d) {
         }
         return res(TF_ST_ERR_FORMAT, (uint32_t)e);
     }
-    if (u.base_version != 0 && u.base_version != d->model_version) {
-        return res(TF_ST_ERR_STATE, d->model_version); /* needs the full state (base_version 0) */
+    /* A DIFF applies only on top of the version held; no update may take the model back (rollback). */
+    if ((u.base_version != 0 && u.base_version != d->model_version) ||
+        (d->has_update && u.new_version <= d->model_version)) {
+        if (d->xfer_at == d->upd_off) {
+            d->has_update = 0;
+            d->base_lost = 1;
+        }
+        return res(TF_ST_ERR_STATE, d->model_version);
     }
     if (d->xfer_at != d->upd_off) {
         memmove(d->store + d->upd_off, blob, d->xfer_total);
