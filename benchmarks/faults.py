@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,7 +107,8 @@ def coordinator_kill(f: ProcessFleet, kills: int, rng: random.Random, out: Outco
         else:
             try:
                 f.serve.wait(60)  # it kills itself at the named point
-            except Exception:  # noqa: BLE001
+            except subprocess.TimeoutExpired:
+                out.notes.append(f"--crash-at {f.serve.args[-1]} did not fire within 60 s")
                 break
             if f.serve.returncode != -signal.SIGKILL:
                 out.crashes += f.serve.returncode != 0

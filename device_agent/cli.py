@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     trainer.step = state["trainer_step"]
     proto = DeviceProtocol(Identity(args.id, args.board, args.sram, args.flash), plan, trainer,
                            WireDeviceCodec(plan, verify), buf, counter=state["counter"], seed=args.seed)
-    _persist_state(proto, state_file)
+    _persist_state(proto, state_file, state)
     agent = DeviceAgent(url, args.fleet, proto, keepalive=args.keepalive, will_delay=args.will_delay)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_state(path: Path) -> dict[str, int]:
+def _load_state(path: Path) -> dict:
     try:
         state = json.loads(path.read_text())
         if not (isinstance(state, dict) and all(type(state.get(k)) is int for k in ("counter", "trainer_step"))):
@@ -157,29 +157,51 @@ def _load_state(path: Path) -> dict[str, int]:
     except FileNotFoundError:
         return {"counter": 0, "trainer_step": 0}
     except ValueError:
-        raise SystemExit(f"device-agent: {path}: expected {{\"counter\": int, \"trainer_step\": int}}; "
+        raise SystemExit(f"device-agent: {path}: expected {{\"counter\": int, \"trainer_step\": int, ...}}; "
                          "delete it only for a device that never trained in this fleet") from None
 
 
-def _persist_state(proto, path: Path) -> None:
-    """Write the delta counter and the trainer's step (which seeds its stochastic rounding) to ``path``
-    (atomically, fsynced) whenever a new delta was made, before the adapter publishes it. A restarted agent must
-    never reuse a counter (the coordinator refuses it as REPLAYED_COUNTER: the device could never contribute
-    again), as a board keeps its counter in flash; with the step it also trains exactly as if it had not died."""
+def _persist_state(proto, path: Path, state: dict) -> None:
+    """Keep what a restarted agent needs in ``path`` (atomically, fsynced), written whenever a new delta was made,
+    before the adapter publishes it: the delta counter (never reused: the coordinator refuses a counter it has seen
+    as REPLAYED_COUNTER, so a device restarted at 0 could never contribute again; a board keeps it in flash), the
+    trainer's step (it seeds the stochastic rounding) and the last delta with its round and base model hash.
+
+    A restarted agent answers a task for exactly that round and base with the same delta bytes, as the protocol
+    asks of a repeated task (the delta may have died with the process before it left); trained again, it would
+    differ. A task for a later round makes the saved delta moot.
+    """
+    from device_agent.messages import MessageError, Task, parse
+    from device_agent.protocol import Received
+
     inner = proto.handle
+    saved = state if state.get("delta") else None
 
     def handle(event):
+        nonlocal saved
+        if saved is not None and isinstance(event, Received) and event.kind == "task":
+            try:
+                task = parse(event.payload, Task)
+                if (task.round_id, task.model_hash) == (saved["round"], saved["base"]):
+                    proto.last_round, proto.last_delta = saved["round"], bytes.fromhex(saved["delta"])
+                    saved = None
+                elif task.round_id > saved["round"]:
+                    saved = None
+            except MessageError:
+                pass
         before = proto.counter
         out = inner(event)
         if proto.counter != before:
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "w") as f:
-                json.dump({"counter": proto.counter, "trainer_step": int(proto.trainer.step)}, f)
+                json.dump({"counter": proto.counter, "trainer_step": int(proto.trainer.step),
+                           "round": proto.last_round, "base": proto.model_hash, "delta": proto.last_delta.hex()}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         return out
     proto.handle = handle
+
 
 if __name__ == "__main__":
     sys.exit(main())
