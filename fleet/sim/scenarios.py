@@ -13,7 +13,7 @@ import numpy as np
 from fleet.sim.config import SimConfig
 from fleet.sim.datasets import Scenario
 
-MODELS = ("imu_cnn", "char_cnn", "tabular_net")
+MODELS = ("imu_cnn", "char_cnn", "char_conv", "tabular_net")
 
 
 def load_scenario(cfg: SimConfig) -> Scenario:
@@ -57,10 +57,12 @@ def make_model(name: str, x: np.ndarray, num_classes: int):
 
     if name == "imu_cnn":
         return models.ImuCNN(in_channels=x.shape[1], num_classes=num_classes)
-    if name == "char_cnn":
+    if name in ("char_cnn", "char_conv"):
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
-            raise ValueError(f"model.name: char_cnn reads character ids (N, L), got {x.dtype} {x.shape}")
-        return models.CharCNN(vocab=num_classes)
+            raise ValueError(f"model.name: {name} reads character ids (N, L), got {x.dtype} {x.shape}")
+        if name == "char_cnn":
+            return models.CharCNN(vocab=num_classes)
+        return models.CharConvNet(vocab=num_classes, length=x.shape[1])
     if name == "tabular_net":
         return models.TabularNet(in_features=x.shape[1], num_classes=num_classes)
     raise ValueError(f"model.name: unknown model {name!r} (expected one of {', '.join(MODELS)})")
