@@ -1,10 +1,10 @@
 """Fault injection with real processes: does a fleet lose, double-count or diverge when things break?
 
 One command: ``python benchmarks/faults.py [--quick] [--kills K] [--seed S] [--only a,b] [--keep DIR]``.
-Every scenario runs Mosquitto (persistence on), ``tinyfleet serve`` and 4 (``--quick``: 3) ``device-agent run`` processes on a
-free loopback port (``fleet/sim/faults.py``); the rounds are designed so the result is well-defined (every
-device in every round, deterministic training, exact integer FedAvg), and a first fault-free run of the same
-seed is the reference:
+Every scenario runs Mosquitto (persistence on), ``tinyfleet serve`` and 4 (``--quick``: 3) ``device-agent run``
+processes on a free loopback port (``fleet/sim/faults.py``); the rounds are designed so the result is
+well-defined (every device in every round, deterministic training, exact integer FedAvg), and a first fault-free
+run of the same seed is the reference:
 
 - ``broker_kill``: SIGKILL the broker K times at random points (seeded; spread over the run), restart it with
   its persistence file.
@@ -206,7 +206,8 @@ def device_faults(f: ProcessFleet, outs: dict[str, Outcome]) -> None:
         took = seen - t0
         limit = bound + extra + CLOCK_SLACK + WATCH_SLACK
         out.kills = 1
-        out.detail = f"{victim} offline after {took:.2f} s (keepalive x 1.5 + will delay = {bound:g} s; limit {limit:g} s)"
+        out.detail = (f"{victim} offline after {took:.2f} s (keepalive x 1.5 + will delay = {bound:g} s; "
+                      f"limit {limit:g} s)")
         if took > limit:
             out.notes.append(f"marked offline after {took:.2f} s > {limit:g} s")
         if f.committed() < done + 1:

@@ -5,7 +5,8 @@ Everything is a separate OS process on a free loopback port; faults are real sig
 real bytes (garbage publishes, the :mod:`fleet.sim.chaos_proxy` in the data path). The run is designed so that
 its result is well-defined: every device is selected and must contribute to every round (``over_selection`` 1,
 quorum 1, a deadline far beyond any outage), devices train deterministically from ``(seed, round)`` on fixed
-private data, and FedAvg sums are exact integers, so any correct recovery ends bit-identical to the clean run.
+private data (device agents keep their counter, rounding step and last delta across restarts), and FedAvg sums
+are exact integers, so any correct recovery ends bit-identical to the clean run.
 It refuses to judge from what the processes say about themselves: the verdict comes from the SQLite store and
 from the acks an independent observer client saw on the broker.
 """
@@ -70,7 +71,8 @@ class ProcessFleet:
     first).
 
     With ``chaos`` (:class:`~fleet.sim.chaos_proxy.ChaosProxy` keyword arguments) the coordinator and the devices
-    connect through that proxy; the observer always talks to the broker directly. Use as a context manager; :meth:`close` ends every process it started.
+    connect through that proxy; the observer always talks to the broker directly. Use as a context manager;
+    :meth:`close` ends every process it started.
     """
 
     def __init__(self, workdir: Path, spec: FleetSpec, seed: int = 0, chaos: dict | None = None):
