@@ -101,6 +101,7 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
     from device_agent.wire.envelope import Verifier
 
     plan = tiny_plan()
+    codec = dp.WireDeviceCodec(plan, Verifier.unsigned())  # NOTE: stateless, so one per worker (it hashes the plan)
     protos: dict[str, dp.DeviceProtocol] = {}
     for i in ids:
         x, y = tiny_dataset(samples, seed=i)
@@ -108,7 +109,7 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
         buf.add(x, y)
         did = f"dev{i:05d}"
         protos[did] = dp.DeviceProtocol(dp.Identity(did, "stm32f746", 320_000, 1_000_000), plan, Trainer(plan),
-                                        dp.WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
+                                        codec, buf, seed=i)
     sel = selectors.DefaultSelector()
     inbox: deque = deque()
     groups = [list(protos)[k:k + per_conn] for k in range(0, len(protos), per_conn)]

@@ -9,7 +9,8 @@ def _run(workers: int):
     from fleet.sim.config import load_sim_config
     from fleet.sim.runner import run_simulation
 
-    cfg = load_sim_config(ROOT / "configs" / "quickstart.yaml", devices=4, rounds=2, local_steps=15, workers=workers)
+    cfg = load_sim_config(ROOT / "configs" / "quickstart.yaml", devices=4, rounds=2, local_steps=15, workers=workers,
+                          deadline=900)  # NOTE: rounds close on every delta, never on a slow machine's clock
     cfg.model.pretrain_epochs = 1
     return run_simulation(cfg, progress=False)
 
