@@ -139,6 +139,79 @@ __attribute__((noinline)) static void pointwise(const rq_t *rp, const int8_t *x,
     (void)TF_DISPATCH(pointwise_impl, rp, mask, rp, x, w, cin, plane, woff, y, mask, bitsp, out_i);
 }
 
+/* Two output channels of the 1x1 stride-1 case at once (the unpacked x pairs serve both): y[co0 + j, p] for
+ * j < 2. Their outputs are oplane apart; each channel collects its own mask bits, so callers use it only where
+ * every channel starts on a mask byte (plane % 8 == 0) or without a mask. */
+static inline __attribute__((always_inline)) int pointwise2_impl(const rq_t *rp, const int8_t *x, const int8_t *w,
+                                                                  int32_t cin, int32_t plane, int32_t woff0,
+                                                                  int32_t woff1, int8_t *y, uint8_t *mask,
+                                                                  int32_t out_i, int fast, int has_mask) {
+    const rq_t r0l = rp[0], r1l = rp[1]; /* NOTE: local copies, as in pointwise() */
+    uint32_t b0 = 0, b1 = 0;
+    const int8_t *w1 = w + cin;
+    int32_t p = 0;
+    for (; p + 4 <= plane; p += 4) {
+        int32_t a0 = woff0, a1 = woff0, a2 = woff0, a3 = woff0, c0 = woff1, c1 = woff1, c2 = woff1, c3 = woff1;
+        int32_t ci = 0;
+        const int8_t *xp = x + p;
+#if TF_USE_DSP
+        for (; ci + 2 <= cin; ci += 2, xp += 2 * plane) {
+            const uint32_t va = tf_load_u32(xp), vb = tf_load_u32(xp + plane);
+            const uint32_t ae = tf_sxtb16(va), be = tf_sxtb16(vb), ao = tf_sxtb16_ror8(va), bo = tf_sxtb16_ror8(vb);
+            const uint32_t x0 = tf_pkhbt(ae, be), x2 = tf_pkhtb(be, ae), x1 = tf_pkhbt(ao, bo), x3 = tf_pkhtb(bo, ao);
+            uint32_t h = tf_load_u16(w + ci);
+            const uint32_t wp = tf_sxtb16(h | (h << 8));
+            h = tf_load_u16(w1 + ci);
+            const uint32_t wq = tf_sxtb16(h | (h << 8));
+            a0 = tf_smlad(x0, wp, a0);
+            a1 = tf_smlad(x1, wp, a1);
+            a2 = tf_smlad(x2, wp, a2);
+            a3 = tf_smlad(x3, wp, a3);
+            c0 = tf_smlad(x0, wq, c0);
+            c1 = tf_smlad(x1, wq, c1);
+            c2 = tf_smlad(x2, wq, c2);
+            c3 = tf_smlad(x3, wq, c3);
+        }
+#endif
+        for (; ci < cin; ci++, xp += plane) {
+            const int32_t wv = w[ci], wu = w1[ci];
+            a0 += xp[0] * wv;
+            a1 += xp[1] * wv;
+            a2 += xp[2] * wv;
+            a3 += xp[3] * wv;
+            c0 += xp[0] * wu;
+            c1 += xp[1] * wu;
+            c2 += xp[2] * wu;
+            c3 += xp[3] * wu;
+        }
+        putf(&r0l, y, mask, &b0, out_i + p, a0, fast, has_mask);
+        putf(&r0l, y, mask, &b0, out_i + p + 1, a1, fast, has_mask);
+        putf(&r0l, y, mask, &b0, out_i + p + 2, a2, fast, has_mask);
+        putf(&r0l, y, mask, &b0, out_i + p + 3, a3, fast, has_mask);
+        putf(&r1l, y, mask, &b1, out_i + plane + p, c0, fast, has_mask);
+        putf(&r1l, y, mask, &b1, out_i + plane + p + 1, c1, fast, has_mask);
+        putf(&r1l, y, mask, &b1, out_i + plane + p + 2, c2, fast, has_mask);
+        putf(&r1l, y, mask, &b1, out_i + plane + p + 3, c3, fast, has_mask);
+    }
+    for (; p < plane; p++) {
+        int32_t acc0 = woff0, acc1 = woff1;
+        for (int32_t ci = 0; ci < cin; ci++) {
+            acc0 += x[ci * plane + p] * w[ci];
+            acc1 += x[ci * plane + p] * w1[ci];
+        }
+        putf(&r0l, y, mask, &b0, out_i + p, acc0, fast, has_mask);
+        putf(&r1l, y, mask, &b1, out_i + plane + p, acc1, fast, has_mask);
+    }
+    return 0;
+}
+
+/* rp[0], rp[1] must both take the fast requantization or both not (TF_DISPATCH looks at rp[0]). */
+__attribute__((noinline)) static void pointwise2(const rq_t *rp, const int8_t *x, const int8_t *w, int32_t cin,
+                                                 int32_t plane, int32_t woff0, int32_t woff1, int8_t *y,
+                                                 uint8_t *mask, int32_t out_i) {
+    (void)TF_DISPATCH(pointwise2_impl, rp, mask, rp, x, w, cin, plane, woff0, woff1, y, mask, out_i);
+}
+
 /* sum x * w over a K x K window fully inside x (no padding): rows iw_n apart, cin channels plane apart. */
 static inline int32_t window(const int8_t *x, const int8_t *w, int32_t cin, int32_t plane, int32_t iw_n,
                              int32_t kh_n, int32_t kw_n) {
@@ -344,6 +417,16 @@ tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, c
         if (linear) {
             put(&r, y, mask, &bits, out_i, tf_dot_s8(xg, wc, cin_g) + woff);
             out_i++;
+            continue;
+        }
+        if (pointwise1 && co + 1 < w_dims->n && (co + 1) / cout_g == g && (!mask || (plane & 7) == 0) &&
+            (q->shift[co] >= 33) == (q->shift[co + 1] >= 33)) {
+            rq_t r2[2];
+            r2[0] = r;
+            rq_init(&r2[1], p, q->mult[co + 1], q->shift[co + 1], bias ? bias[co + 1] : 0);
+            pointwise2(r2, xg, wc, cin_g, plane, woff, off * tf_sum_s8(wc + wsize, wsize), y, mask, out_i);
+            out_i += 2 * oplane;
+            co++;
             continue;
         }
         if (pointwise1) {
