@@ -100,6 +100,8 @@ def main() -> int:
     ap.add_argument("--icount", action="store_true", help="deterministic virtual time (~2.3x slower)")
     ap.add_argument("--push-per-step", action="store_true",
                     help="protocol v1 path: push every step's sample (PUSH_SAMPLE + TRAIN 1), no sample store")
+    ap.add_argument("--board-nice", type=int, default=None,
+                    help="QEMU's CPU priority below this process (default: fleet/sim/backends.BOARD_NICE)")
     ap.add_argument("--plan-over-uart", action="store_true",
                     help="send the plan with LOAD_PLAN at boot instead of provisioning it in the flash image")
     args = ap.parse_args()
@@ -134,6 +136,8 @@ def main() -> int:
 
     backends.FLEET_OBSERVERS.append(seen)
     backends.PRELOAD_PLAN = not args.plan_over_uart
+    if args.board_nice is not None:
+        backends.BOARD_NICE = args.board_nice
     load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     try:
@@ -166,6 +170,7 @@ def main() -> int:
         "host_cores": os.cpu_count(),
         "path": "push-per-step (v1)" if args.push_per_step else "stored samples (v2)",
         "plan": "LOAD_PLAN over the UART" if args.plan_over_uart else "provisioned in the flash image",
+        "board_nice": backends.BOARD_NICE,
         "samples_sent": sum(t.board.samples_sent for t in fleet.trainers),
         "stream_seconds": round(max(streams) - fleet.booted_at, 3) if streams else 0.0,
         "load_avg_before": round(load_before, 2),

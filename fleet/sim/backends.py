@@ -67,6 +67,9 @@ class QemuFleet:
 # Boards boot with the plan provisioned in their flash image (QEMU's generic loader at the plan store; the firmware
 # runs the plan reader on it at boot) instead of LOAD_PLAN over the UART; benchmarks/fleet_qemu.py can turn it off.
 PRELOAD_PLAN = True
+# QEMU's CPU priority below the runner's (0: the same). Measured on the shared 2-core machine, 100 boards: +5 let
+# tasks reach the boards sooner but the boards then lost CPU to other processes (round 34 s vs 11 s at 0).
+BOARD_NICE = 0
 
 # Observers called with each QemuFleet once all its boards are up (benchmarks/fleet_qemu.py reads timings, pids).
 FLEET_OBSERVERS: list[Callable[[QemuFleet], None]] = []
@@ -297,7 +300,8 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
                 initial = Trainer(plan).state_hash()
         except (KeyError, ValueError):
             preload = []  # a stripped or foreign ELF: LOAD_PLAN over the UART
-    boards = [QemuBoard(q.machine, elf=elf, icount=q.icount, start_timeout=30.0, preload=preload) for _ in range(n)]
+    boards = [QemuBoard(q.machine, elf=elf, icount=q.icount, start_timeout=30.0, preload=preload, nice=BOARD_NICE)
+              for _ in range(n)]
     fleet.boards.extend(boards)
 
     def up(i: int):

@@ -104,3 +104,14 @@ def test_lazy_board_trainer_one_update_and_one_train_per_round() -> None:
         lazy.train_step(xs[:1], ys[:1], 0.1)
         lazy.trainable_state()
         assert len(board.loads) == 4 and len(board.trains[-1]) == 1
+
+
+def test_sample_slots_reuse_fifo_and_keep() -> None:
+    from device_agent.bridge import SampleSlots
+
+    s = SampleSlots(3)
+    assert [s.place(k) for k in (b"a", b"b", b"a", b"c")] == [(0, True), (1, True), (0, False), (2, True)]
+    assert s.place(b"d") == (0, True) and b"a" not in s.slot_of  # full: the slot stored longest ago
+    assert s.place(b"e", keep={1}) == (2, True)  # slot 1 is listed for training: skipped
+    with pytest.raises(ValueError, match="slots"):
+        s.place(b"f", keep={0, 1, 2})
