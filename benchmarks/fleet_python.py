@@ -248,15 +248,17 @@ def run_size(n: int, args, workdir: Path) -> dict:
             workers.append((p, parent))
         mem.pids = [broker.proc.pid] + [p.pid for p, _ in workers]
         for p, c in workers:
-            if not c.poll(1800):
-                raise SystemExit(f"fleet_python: worker {p.pid} did not build its devices within 1800 s (exit code "
+            if not c.poll(args.setup_timeout):
+                raise SystemExit(f"fleet_python: worker {p.pid} did not build its devices within "
+                                 f"{args.setup_timeout:g} s (exit code "
                                  f"{p.exitcode}); broker log:\n{_tail(broker.log_path)}")
             c.recv()
-        end = time.monotonic() + 600
+        end = time.monotonic() + args.setup_timeout
         online = 0
         while online < n:
             if time.monotonic() > end:
-                raise SystemExit(f"fleet_python: only {online} of {n} devices registered within 600 s; broker "
+                raise SystemExit(f"fleet_python: only {online} of {n} devices registered within "
+                                 f"{args.setup_timeout:g} s (--setup-timeout); broker "
                                  f"log:\n{_tail(broker.log_path)}")
             time.sleep(0.2)
             online = link.call(lambda c: sum(r.online for r in c.registry.devices.values()))
@@ -309,6 +311,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="device processes")
     ap.add_argument("--per-connection", type=int, default=1, help="devices sharing one MQTT connection")
     ap.add_argument("--deadline", type=float, default=600.0, help="round deadline, seconds")
+    ap.add_argument("--setup-timeout", type=float, default=1800.0,
+                    help="seconds for the workers to build and connect their devices, and again for registration")
     ap.add_argument("--quick", action="store_true", help="50 devices")
     args = ap.parse_args()
     sizes = [50] if args.quick else [int(s) for s in args.devices.split(",") if s]
