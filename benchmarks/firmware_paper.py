@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import MODELS, ROOT, emit
 from device_agent.board import BoardClient, QemuBoard
+from device_agent.bridge import pool_need
 from device_agent.engine import ir
 from device_agent.engine.qmath import mant_exp
 from device_agent.engine.trainer import Trainer
@@ -89,11 +90,6 @@ def build_firmware(build: Path, board: str = "an500") -> tuple[Path, int, int]:
     text, data, bss = (int(v) for v in subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True,
                                                        text=True, check=True).stdout.splitlines()[1].split()[:3])
     return elf, text + data, data + bss
-
-
-def pool_need(plan: ir.Plan) -> int:
-    """What tf_runtime_pool_need computes: arena (8-aligned) + trainable copies (4-aligned each)."""
-    return -(-plan.arena_bytes // 8) * 8 + sum(-(-t.nbytes // 4) * 4 for t in plan.trainable)
 
 
 def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, classes: int,

@@ -268,5 +268,19 @@ class BoardTrainer:
         """The board's own sha256 of its trainable tensors (== Trainer.state_hash of the same training)."""
         return bytes(self.client.state()["state_hash"]).hex()
 
+    @property
+    def memory(self) -> dict[str, int]:
+        """What the board measured of itself: SRAM = statics (.data + .bss) + the plan's pool + the painted
+        stack's high-water mark; flash = firmware + plan blob."""
+        info, stats = self.client.board_info(), self.client.stats()
+        return {"sram_bytes": info["static_ram"] + pool_need(self.plan) + info["stack_high_water"],
+                "flash_bytes": info["flash_used"] + stats["plan_bytes"], "stack_high_water": info["stack_high_water"]}
 
-__all__ = ["BoardError", "BoardTrainer", "SampleSlots", "connect"]
+
+def pool_need(plan: ir.Plan) -> int:
+    """SRAM a plan takes from the board's pool, as ``tf_runtime_pool_need`` computes it: the arena (8-aligned)
+    plus a 4-aligned copy of every trainable tensor."""
+    return -(-plan.arena_bytes // 8) * 8 + sum(-(-t.nbytes // 4) * 4 for t in plan.trainable)
+
+
+__all__ = ["BoardError", "BoardTrainer", "SampleSlots", "connect", "pool_need"]

@@ -184,6 +184,12 @@ class LazyBoardTrainer:
         with self._lock:
             return self.board.state_hash()
 
+    @property
+    def memory(self) -> dict[str, int]:
+        """The board's own measurement (see :attr:`device_agent.bridge.BoardTrainer.memory`)."""
+        with self._lock:
+            return self.board.memory
+
 
 def device_backends(cfg: SimConfig) -> list[str]:
     """The backend of each device, in device order."""

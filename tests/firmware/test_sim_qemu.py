@@ -36,6 +36,14 @@ def test_mixed_fleet_round_through_the_broker(board_elfs) -> None:
     assert res.devices_per_round == [4] and res.devices_dropped == 0
     assert res.model_version >= 2
     assert 0.0 <= res.accuracy_per_round[0] <= 1.0
+    # the boards report what they measured of themselves (statics + plan pool + stack high-water, within the
+    # 320 KB budget; flash = firmware + plan), host devices what the compiler planned
+    boards, hosts = res.per_device[:2], res.per_device[2:]
+    assert [r["memory_source"] for r in res.per_device] == ["measured", "measured", "planned", "planned"]
+    for r in boards:
+        assert res.plan_sram_bytes < r["sram_bytes"] <= 320 * 1024 and 0 < r["stack_high_water"] < 64 * 1024
+        assert r["flash_bytes"] > res.plan_bytes + 10_000
+    assert all(r["sram_bytes"] == res.plan_sram_bytes for r in hosts)
 
 
 def test_renode_backend_says_it_is_not_on_path(monkeypatch) -> None:
