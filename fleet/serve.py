@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
                 link.submit(StartRound())
             while not closed.wait(0.2):
                 watch()
+            watch()  # NOTE: also when rounds close faster than the poll, or devices going offline go unlogged
             if refused:
                 return 3
     except ConnectionError as e:
