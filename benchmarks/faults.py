@@ -158,7 +158,9 @@ def garbage(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> No
              (f"{top}/evil/delta", rng.randbytes(300)), (f"{top}/d0/task", b"not for devices to send")]
     for topic, payload in msgs:
         rogue.publish(topic, payload, qos=1).wait_for_publish(10)
-        time.sleep(rng.uniform(0.0, 0.2))
+        time.sleep(rng.uniform(0.0, 0.03))  # NOTE: all of it inside the run: 8 quick rounds last ~3 s when idle
+    if f.serve.poll() is not None:
+        out.notes.append("the run ended before every bad message was published: some could not be judged")
     out.kills = len(msgs)
     f.wait_serve(60 + 3 * f.spec.rounds)
     rogue.loop_stop()
@@ -270,9 +272,7 @@ def main() -> None:
             for n in (name, "device_hang") if name == "device_kill" else (name,):
                 judge(f, None if n in ("device_kill", "device_hang") else clean, outs[n])
             if out.rejected < out.expect_rejected:
-                # NOTE: not (yet) a failure: the observer sees 7-9 of 10 rejection acks, varying run to run, while
-                # nothing is lost, double-counted or crashes. Unexplained; reported in the table, not hidden.
-                out.detail = f"observer saw {out.rejected} rejection acks of {out.expect_rejected} bad deltas sent"
+                out.notes.append(f"{out.rejected} rejections < {out.expect_rejected} bad deltas sent")
         except (RuntimeError, TimeoutError, OSError) as e:
             out.notes.append(f"{type(e).__name__}: {str(e)[-300:]}")
             out.passed = False
