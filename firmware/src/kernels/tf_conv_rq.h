@@ -1,0 +1,78 @@
+/* Requantization shared by the forward conv kernels (tf_conv2d_s8.c, tf_conv2d_spatial_s8.c); internal, not
+ * part of the kernel API. Each output: pre = ((acc + bias) * mult + 2^(shift-1)) >> shift, + zy, clamped. */
+#ifndef TF_CONV_RQ_H
+#define TF_CONV_RQ_H
+
+#include "tf_kernels.h"
+#include "tf_qmath.h"
+
+/* Per output channel requantization: pre = ((acc + bias) * mult + 2^(shift-1)) >> shift, + zy. */
+typedef struct {
+    int64_t cb; /* bias * mult + 2^(shift-1) */
+    int32_t mult, shift, out_off, lo, hi;
+} rq_t;
+
+static inline void rq_init(rq_t *r, const tf_conv_params *p, int32_t mult, int32_t shift, int32_t bias) {
+    r->cb = (int64_t)bias * mult + TF_POW2_I64(shift - 1);
+    r->mult = mult;
+    r->shift = shift;
+    r->out_off = p->output_offset;
+    r->lo = p->act_min;
+    r->hi = p->act_max;
+}
+
+/* NOTE: |acc + bias| < 2^32 and mult < 2^31, so v is exact in int64. For shift >= 33, floor(v / 2^shift) =
+ * floor(floor(v / 2^32) / 2^(shift - 32)) and |v >> 32| < 2^31: the high word alone, |result| < 2^30. Other
+ * shifts saturate to +-2^30, far outside any int8 activation range: same clamp, same mask. */
+static inline int32_t rq_pre(const rq_t *r, int32_t acc) {
+    const int64_t v = r->cb + (int64_t)acc * r->mult;
+    if (r->shift >= 33) {
+        return ((int32_t)(v >> 32) >> (r->shift - 32)) + r->out_off;
+    }
+    const int64_t q = v >> r->shift;
+    const int64_t lim = TF_POW2_I64(30);
+    return (int32_t)(q < -lim ? -lim : (q > lim ? lim : q)) + r->out_off;
+}
+
+/* Writes y[i] and mask bit i; mask bits collect in *bits and are stored a whole byte at a time. fast and
+ * has_mask are constants where the callers below are instantiated (r->shift >= 33, mask != NULL). */
+static inline __attribute__((always_inline)) void putf(const rq_t *r, int8_t *y, uint8_t *mask, uint32_t *bits,
+                                                       int32_t i, int32_t acc, int fast, int has_mask) {
+    int32_t pre;
+    if (fast) {
+        const int64_t v = r->cb + (int64_t)acc * r->mult;
+        pre = ((int32_t)(v >> 32) >> (r->shift - 32)) + r->out_off;
+    } else {
+        pre = rq_pre(r, acc);
+    }
+    const int32_t yv = pre < r->lo ? r->lo : (pre > r->hi ? r->hi : pre);
+    y[i] = (int8_t)yv;
+    if (has_mask) {
+        *bits |= (uint32_t)(yv == pre) << (i & 7);
+        if ((i & 7) == 7) {
+            mask[i >> 3] = (uint8_t)*bits;
+            *bits = 0;
+        }
+    }
+}
+
+static inline void put(const rq_t *r, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i, int32_t acc) {
+    putf(r, y, mask, bits, i, acc, r->shift >= 33, mask != NULL);
+}
+
+/* Instantiates name##_impl (always inline, last two parameters fast and has_mask) for the four cases. */
+#define TF_DISPATCH(impl, rp, mask, ...)                                                                            \
+    ((rp)->shift >= 33 ? ((mask) ? impl(__VA_ARGS__, 1, 1) : impl(__VA_ARGS__, 1, 0))                              \
+                       : ((mask) ? impl(__VA_ARGS__, 0, 1) : impl(__VA_ARGS__, 0, 0)))
+/* One output channel of a KxK conv (cin_g input channels of its group at xg, weights wc (cin_g, KH, KW)) and
+ * the 3x3 depthwise case; both return the next output index (tf_conv2d_spatial_s8.c). */
+int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *xg, const int8_t *wc, int32_t cin_g,
+                        int32_t ih_n, int32_t iw_n, int32_t kh_n, int32_t kw_n, int32_t oh_n, int32_t ow_n,
+                        int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i);
+int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, const int8_t *wc, int32_t ih_n,
+                    int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask,
+                    uint32_t *bitsp, int32_t out_i);
+
+#define TF_DW_ROW 256 /* widest input row of the 3x3 depthwise path (a row of zero points on the stack) */
+
+#endif /* TF_CONV_RQ_H */
