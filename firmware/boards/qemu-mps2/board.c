@@ -35,26 +35,34 @@
 extern uint32_t __stack_limit, __stack_top, __guard_start, __arena_start, __arena_end;
 extern uint32_t __data_start, __bss_end, __flash_end, __ram_start, __ram_end, __store_start, __store_end;
 
-static volatile uint8_t rx_ring[512];
+static volatile uint8_t rx_ring[1024]; /* holds a whole maximum-size frame (~520 bytes encoded) */
 static volatile uint32_t rx_head, rx_tail; /* head: written by the ISR, tail: by the main loop */
 static volatile uint32_t tick_wraps;
 volatile uint32_t fault_exception; /* IPSR of the last fault, for a debugger */
 
 static void dsb_isb(void) { __asm__ volatile("dsb\n isb" ::: "memory"); }
 
+/* Moves received bytes from the UART into the ring while it has room (interrupts masked or in the ISR). A full
+ * ring leaves the byte in the UART: QEMU then takes nothing more from the socket until DATA is read, so a burst
+ * that arrives while the main loop is busy (e.g. a request sent during a long TRAIN) waits instead of being lost
+ * (flow control; a lost frame delimiter would merge frames and stall the link). */
+static void rx_drain(void) {
+    while (UART_STATE & UART_STATE_RXFULL) {
+        const uint32_t next = (rx_head + 1) % sizeof(rx_ring);
+        if (next == rx_tail) {
+            return;
+        }
+        rx_ring[rx_head] = (uint8_t)UART_DATA;
+        rx_head = next;
+    }
+}
+
 void tf_uart0_rx_handler(void) {
     /* NOTE: clear first, then drain: a byte arriving after the last RXFULL check re-raises the interrupt.
      * (Clearing after the drain can lose that interrupt while RXFULL stays set: QEMU then never delivers
-     * another byte.) */
+     * another byte.) A byte left behind by a full ring is fetched by tf_board_getc. */
     UART_INTCLR = UART_INT_RX;
-    while (UART_STATE & UART_STATE_RXFULL) {
-        uint8_t b = (uint8_t)UART_DATA;
-        uint32_t next = (rx_head + 1) % sizeof(rx_ring);
-        if (next != rx_tail) { /* NOTE: a full ring drops bytes; the frame CRC then rejects the frame */
-            rx_ring[rx_head] = b;
-            rx_head = next;
-        }
-    }
+    rx_drain();
 }
 
 void tf_systick_handler(void) { tick_wraps++; }
@@ -92,7 +100,13 @@ void tf_board_init(void) {
 
 int tf_board_getc(void) {
     if (rx_tail == rx_head) {
-        return -1;
+        /* NOTE: the ISR stops at a full ring and its interrupt is already cleared: fetch what waits in the UART */
+        __asm__ volatile("cpsid i" ::: "memory");
+        rx_drain();
+        __asm__ volatile("cpsie i" ::: "memory");
+        if (rx_tail == rx_head) {
+            return -1;
+        }
     }
     int b = rx_ring[rx_tail];
     rx_tail = (rx_tail + 1) % sizeof(rx_ring);
@@ -101,7 +115,7 @@ int tf_board_getc(void) {
 
 void tf_board_idle(void) {
     __asm__ volatile("cpsid i" ::: "memory");
-    if (rx_tail == rx_head) {
+    if (rx_tail == rx_head && !(UART_STATE & UART_STATE_RXFULL)) {
         __asm__ volatile("dsb\n wfi" ::: "memory"); /* a pending IRQ still wakes WFI with PRIMASK set */
     }
     __asm__ volatile("cpsie i\n isb" ::: "memory");
