@@ -1,0 +1,365 @@
+/* Ed25519 verification, written from RFC 8032 (sections 5.1.2-5.1.7). The field GF(2^255 - 19) uses ten signed
+ * 32-bit limbs in radix 2^25.5 (limb i weighs 2^ceil(25.5 i): 26, 25, 26, ... bits); products are 32x32->64
+ * (one UMULL/SMLAL on the M4/M7). Every operation ends in a carry, so every limb stays within +-2^26 and no
+ * 64-bit sum can overflow (10 products of at most 2^26 * 19 * 2^25 < 2^56). Points are extended twisted Edwards
+ * coordinates (X : Y : Z : T), added with the complete unified formula, which also doubles. Simple over fast:
+ * inversion and square root are plain square-and-multiply, doubling is an addition. */
+#include "tf_ed25519.h"
+
+#include <string.h>
+
+#include "tf_sha512.h"
+
+typedef int32_t fe[10];
+typedef struct {
+    fe X, Y, Z, T;
+} ge;
+
+/* Generated from the RFC 8032 parameters (p = 2^255 - 19, d = -121665/121666, sqrt(-1) = 2^((p-1)/4), base
+ * point B = (x, 4/5) with x even, T = x y), as canonical limbs. */
+static const fe FE_D = {56195235, 13857412, 51736253, 6949390, 114729, 24766616, 60832955, 30306712, 48412415, 21499315};
+static const fe FE_D2 = {45281625, 27714825, 36363642, 13898781, 229458, 15978800, 54557047, 27058993, 29715967, 9444199};
+static const fe FE_SQRTM1 = {34513072, 25610706, 9377949, 3500415, 12389472, 33281959, 41962654, 31548777, 326685, 11406482};
+static const fe FE_BX = {52811034, 25909283, 16144682, 17082669, 27570973, 30858332, 40966398, 8378388, 20764389, 8758491};
+static const fe FE_BY = {40265304, 26843545, 13421772, 20132659, 26843545, 6710886, 53687091, 13421772, 40265318, 26843545};
+static const fe FE_BT = {28827043, 27438313, 39759291, 244362, 8635006, 11264893, 19351346, 13413597, 16611511, 27139452};
+
+static const uint8_t L_BYTES[32] = {0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7,
+                                    0xa2, 0xde, 0xf9, 0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10};
+/* p - 2 (inversion) and (p - 5) / 8 (square root), little-endian */
+static const uint8_t EXP_INV[32] = {0xeb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                                    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                                    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f};
+static const uint8_t EXP_SQRT[32] = {0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                                     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                                     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f};
+
+static int width(int i) { return (i & 1) ? 25 : 26; }
+
+/* ---- field ---- */
+
+/* Rounding carry of 64-bit limb sums into limbs of +-2^25 (+-2^24 odd); the carry out of limb 9 re-enters limb 0
+ * times 19 (2^255 = 19 mod p). NOTE: >> of a negative int64 is arithmetic on every compiler we build with. */
+static void fe_carry(fe out, int64_t h[10]) {
+    for (int i = 0; i < 10; i++) {
+        const int w = width(i);
+        const int64_t c = (h[i] + ((int64_t)1 << (w - 1))) >> w;
+        h[i] -= c * ((int64_t)1 << w);
+        if (i < 9) {
+            h[i + 1] += c;
+        } else {
+            h[0] += 19 * c;
+        }
+    }
+    const int64_t c = (h[0] + ((int64_t)1 << 25)) >> 26;
+    h[0] -= c * ((int64_t)1 << 26);
+    h[1] += c;
+    for (int i = 0; i < 10; i++) {
+        out[i] = (int32_t)h[i];
+    }
+}
+
+static void fe_copy(fe out, const fe a) { memcpy(out, a, sizeof(fe)); }
+
+static void fe_set(fe out, int32_t v) {
+    memset(out, 0, sizeof(fe));
+    out[0] = v;
+}
+
+static void fe_add(fe out, const fe a, const fe b) {
+    int64_t h[10];
+    for (int i = 0; i < 10; i++) {
+        h[i] = (int64_t)a[i] + b[i];
+    }
+    fe_carry(out, h);
+}
+
+static void fe_sub(fe out, const fe a, const fe b) {
+    int64_t h[10];
+    for (int i = 0; i < 10; i++) {
+        h[i] = (int64_t)a[i] - b[i];
+    }
+    fe_carry(out, h);
+}
+
+static void fe_neg(fe out, const fe a) {
+    static const fe zero = {0};
+    fe_sub(out, zero, a);
+}
+
+/* f_i g_j lands in limb i + j (mod 10); twice over when i and j are both odd (the half bits of the radix), times
+ * 19 when i + j >= 10 (past 2^255). */
+static void fe_mul(fe out, const fe f, const fe g) {
+    int32_t f2[10], g19[10];
+    int64_t h[10] = {0};
+    for (int i = 0; i < 10; i++) {
+        f2[i] = 2 * f[i];
+        g19[i] = 19 * g[i];
+    }
+    for (int i = 0; i < 10; i++) {
+        for (int j = 0; j < 10; j++) {
+            const int32_t a = (i & j & 1) ? f2[i] : f[i];
+            const int32_t b = (i + j >= 10) ? g19[j] : g[j];
+            h[(i + j) % 10] += (int64_t)a * b;
+        }
+    }
+    fe_carry(out, h);
+}
+
+static void fe_sq(fe out, const fe f) { fe_mul(out, f, f); }
+
+/* z^e, e a 255-bit little-endian exponent. */
+static void fe_pow(fe out, const fe z, const uint8_t e[32]) {
+    fe r;
+    fe_set(r, 1);
+    for (int i = 254; i >= 0; i--) {
+        fe_sq(r, r);
+        if ((e[i >> 3] >> (i & 7)) & 1) {
+            fe_mul(r, r, z);
+        }
+    }
+    fe_copy(out, r);
+}
+
+/* The low 255 bits of s (bit 255 is the caller's: a sign bit). Not reduced: y >= p is the caller's check. */
+static void fe_frombytes(fe out, const uint8_t s[32]) {
+    int pos = 0;
+    for (int i = 0; i < 10; i++) {
+        uint64_t v = 0;
+        for (int k = 0; k < 5 && pos / 8 + k < 32; k++) {
+            v |= (uint64_t)s[pos / 8 + k] << (8 * k);
+        }
+        out[i] = (int32_t)((v >> (pos % 8)) & ((1u << width(i)) - 1));
+        pos += width(i);
+    }
+}
+
+/* The canonical encoding (value mod p in [0, p), little-endian, bit 255 clear). */
+static void fe_tobytes(uint8_t s[32], const fe f) {
+    int64_t h[10];
+    for (int i = 0; i < 10; i++) { /* + 2p (limbs 2^27 - 38, 2^26 - 2, 2^27 - 2, ...): every limb >= 0 */
+        h[i] = (int64_t)f[i] + ((int64_t)2 << width(i)) - (i == 0 ? 38 : 2);
+    }
+    for (int round = 0; round < 3; round++) { /* floor carries: limbs in [0, 2^w), value < 2^255 */
+        for (int i = 0; i < 10; i++) {
+            const int64_t c = h[i] >> width(i);
+            h[i] &= ((int64_t)1 << width(i)) - 1;
+            if (i < 9) {
+                h[i + 1] += c;
+            } else {
+                h[0] += 19 * c;
+            }
+        }
+    }
+    int64_t q = 19; /* q = 1 iff value + 19 >= 2^255, i.e. value >= p: then subtract p = add 19, drop 2^255 */
+    for (int i = 0; i < 10; i++) {
+        q = (h[i] + q) >> width(i);
+    }
+    h[0] += 19 * q;
+    for (int i = 0; i < 10; i++) {
+        const int64_t c = h[i] >> width(i);
+        h[i] &= ((int64_t)1 << width(i)) - 1;
+        if (i < 9) {
+            h[i + 1] += c;
+        }
+    }
+    memset(s, 0, 32);
+    int pos = 0;
+    for (int i = 0; i < 10; i++) {
+        const uint64_t v = (uint64_t)h[i] << (pos % 8);
+        for (int k = 0; k < 5 && pos / 8 + k < 32; k++) {
+            s[pos / 8 + k] |= (uint8_t)(v >> (8 * k));
+        }
+        pos += width(i);
+    }
+}
+
+static int fe_isnegative(const fe f) {
+    uint8_t s[32];
+    fe_tobytes(s, f);
+    return s[0] & 1;
+}
+
+static int fe_equal(const fe a, const fe b) {
+    uint8_t sa[32], sb[32];
+    fe_tobytes(sa, a);
+    fe_tobytes(sb, b);
+    return memcmp(sa, sb, 32) == 0;
+}
+
+/* ---- group ---- */
+
+/* r = p + q (complete for a = -1, d non-square: also doubles, also the identity). r may alias p or q. */
+static void ge_add(ge *r, const ge *p, const ge *q) {
+    fe a, b, c, d, t;
+    fe_sub(a, p->Y, p->X);
+    fe_sub(t, q->Y, q->X);
+    fe_mul(a, a, t);
+    fe_add(b, p->Y, p->X);
+    fe_add(t, q->Y, q->X);
+    fe_mul(b, b, t);
+    fe_mul(c, p->T, q->T);
+    fe_mul(c, c, FE_D2);
+    fe_mul(d, p->Z, q->Z);
+    fe_add(d, d, d);
+    fe e, f, g, h;
+    fe_sub(e, b, a);
+    fe_sub(f, d, c);
+    fe_add(g, d, c);
+    fe_add(h, b, a);
+    fe_mul(r->X, e, f);
+    fe_mul(r->Y, g, h);
+    fe_mul(r->T, e, h);
+    fe_mul(r->Z, f, g);
+}
+
+/* RFC 8032 5.1.3 decoding; 0 if s is not the canonical encoding of a curve point. */
+static int ge_decode(ge *P, const uint8_t s[32]) {
+    const int sign = s[31] >> 7;
+    fe y, u, v, v3, x, t;
+    fe_frombytes(y, s);
+    uint8_t back[32];
+    fe_tobytes(back, y);
+    back[31] |= (uint8_t)(sign << 7);
+    if (memcmp(back, s, 32) != 0) {
+        return 0; /* y >= p */
+    }
+    fe_sq(u, y);
+    fe_mul(v, u, FE_D);
+    fe_set(t, 1);
+    fe_sub(u, u, t); /* u = y^2 - 1 */
+    fe_add(v, v, t); /* v = d y^2 + 1 */
+    fe_sq(v3, v);
+    fe_mul(v3, v3, v);   /* v^3 */
+    fe_sq(x, v3);
+    fe_mul(x, x, v);     /* v^7 */
+    fe_mul(x, x, u);     /* u v^7 */
+    fe_pow(x, x, EXP_SQRT);
+    fe_mul(x, x, v3);
+    fe_mul(x, x, u);     /* x = u v^3 (u v^7)^((p-5)/8) */
+    fe_sq(t, x);
+    fe_mul(t, t, v);     /* v x^2 */
+    if (!fe_equal(t, u)) {
+        fe_neg(u, u);
+        if (!fe_equal(t, u)) {
+            return 0; /* x^2 = u/v has no root */
+        }
+        fe_mul(x, x, FE_SQRTM1);
+    }
+    fe_set(t, 0);
+    if (fe_equal(x, t) && sign) {
+        return 0;
+    }
+    if (fe_isnegative(x) != sign) {
+        fe_neg(x, x);
+    }
+    fe_copy(P->X, x);
+    fe_copy(P->Y, y);
+    fe_set(P->Z, 1);
+    fe_mul(P->T, x, y);
+    return 1;
+}
+
+static void ge_encode(uint8_t s[32], const ge *P) {
+    fe zi, x, y;
+    fe_pow(zi, P->Z, EXP_INV);
+    fe_mul(x, P->X, zi);
+    fe_mul(y, P->Y, zi);
+    fe_tobytes(s, y);
+    s[31] |= (uint8_t)(fe_isnegative(x) << 7);
+}
+
+/* [s]B + [k]Q, one shared doubling chain (Straus-Shamir), scalars 256-bit little-endian. */
+static void ge_double_scalarmult(ge *r, const uint8_t s[32], const uint8_t k[32], const ge *Q) {
+    ge B, BQ;
+    fe_copy(B.X, FE_BX);
+    fe_copy(B.Y, FE_BY);
+    fe_set(B.Z, 1);
+    fe_copy(B.T, FE_BT);
+    ge_add(&BQ, &B, Q);
+    fe_set(r->X, 0);
+    fe_set(r->Y, 1);
+    fe_set(r->Z, 1);
+    fe_set(r->T, 0);
+    for (int i = 255; i >= 0; i--) {
+        ge_add(r, r, r);
+        const int bs = (s[i >> 3] >> (i & 7)) & 1, bk = (k[i >> 3] >> (i & 7)) & 1;
+        if (bs || bk) {
+            ge_add(r, r, bs && bk ? &BQ : bs ? &B : Q);
+        }
+    }
+}
+
+/* ---- scalars mod L ---- */
+
+/* 1 iff the 256-bit little-endian s < L (RFC 8032: reject S >= L, no malleability). */
+static int sc_canonical(const uint8_t s[32]) {
+    for (int i = 31; i >= 0; i--) {
+        if (s[i] != L_BYTES[i]) {
+            return s[i] < L_BYTES[i];
+        }
+    }
+    return 0;
+}
+
+/* out = in mod L for a 512-bit little-endian in, bit by bit from the top (r < L < 2^253 throughout). */
+static void sc_reduce512(uint8_t out[32], const uint8_t in[64]) {
+    uint32_t r[8] = {0}, l[8];
+    for (int i = 0; i < 8; i++) {
+        l[i] = (uint32_t)L_BYTES[4 * i] | (uint32_t)L_BYTES[4 * i + 1] << 8 | (uint32_t)L_BYTES[4 * i + 2] << 16 |
+               (uint32_t)L_BYTES[4 * i + 3] << 24;
+    }
+    for (int bit = 511; bit >= 0; bit--) {
+        for (int i = 7; i > 0; i--) {
+            r[i] = r[i] << 1 | r[i - 1] >> 31;
+        }
+        r[0] = r[0] << 1 | ((in[bit >> 3] >> (bit & 7)) & 1u);
+        int ge_l = 1; /* r >= L ? */
+        for (int i = 7; i >= 0; i--) {
+            if (r[i] != l[i]) {
+                ge_l = r[i] > l[i];
+                break;
+            }
+        }
+        if (ge_l) {
+            uint32_t borrow = 0;
+            for (int i = 0; i < 8; i++) {
+                const uint64_t d = (uint64_t)r[i] - l[i] - borrow;
+                r[i] = (uint32_t)d;
+                borrow = (uint32_t)(d >> 63);
+            }
+        }
+    }
+    for (int i = 0; i < 32; i++) {
+        out[i] = (uint8_t)(r[i / 4] >> (8 * (i % 4)));
+    }
+}
+
+/* k = SHA-512(R ‖ A ‖ M) mod L */
+static void challenge(uint8_t k[32], const uint8_t r[32], const uint8_t pub[32], const uint8_t *msg, uint32_t n) {
+    tf_sha512_ctx c;
+    uint8_t h[64];
+    tf_sha512_init(&c);
+    tf_sha512_update(&c, r, 32);
+    tf_sha512_update(&c, pub, 32);
+    tf_sha512_update(&c, msg, n);
+    tf_sha512_final(&c, h);
+    sc_reduce512(k, h);
+}
+
+int tf_ed25519_verify(const uint8_t sig[64], const uint8_t *msg, uint32_t n, const uint8_t pub[32]) {
+    if (!sc_canonical(sig + 32)) {
+        return 0;
+    }
+    ge A, R;
+    if (!ge_decode(&A, pub)) {
+        return 0;
+    }
+    uint8_t k[32], rcheck[32];
+    challenge(k, sig, pub, msg, n);
+    fe_neg(A.X, A.X); /* -A: [S]B - [k]A = [S]B + [k](-A) */
+    fe_neg(A.T, A.T);
+    ge_double_scalarmult(&R, sig + 32, k, &A);
+    ge_encode(rcheck, &R);
+    return memcmp(rcheck, sig, 32) == 0;
+}
