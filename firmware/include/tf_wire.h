@@ -1,7 +1,7 @@
 /* Readers of the downlink formats (docs/formats.md): envelope, plan blob (TFPL v1), model update (TFUP v1), and
  * the delta records section writer. The C twin of device_agent/wire; every reader returns a WireError number
- * (device_agent/wire/errors.py), 0 = OK, and never reads outside the bytes it was given. Ed25519 is not
- * implemented here: a board verifies HMAC-SHA256 or runs "unsigned only" (tests, emulated fleets). */
+ * (device_agent/wire/errors.py), 0 = OK, and never reads outside the bytes it was given. A board verifies
+ * Ed25519 (the fleet public key, tf_ed25519.h) or HMAC-SHA256, or runs "unsigned only" (tests, emulated fleets). */
 #ifndef TF_WIRE_H
 #define TF_WIRE_H
 
@@ -27,8 +27,8 @@ enum {
 
 /* Signature policy, always explicit (docs/formats.md check 11). */
 typedef struct {
-    int alg;            /* 0 = unsigned only, 2 = HMAC-SHA256 (1 = Ed25519 is not available in C) */
-    const uint8_t *key; /* HMAC key */
+    int alg;            /* 0 = unsigned only, 1 = Ed25519, 2 = HMAC-SHA256 */
+    const uint8_t *key; /* Ed25519: the 32-byte public key (other lengths verify nothing); HMAC: the key */
     uint32_t key_len;
 } tf_verify;
 

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "tf_crc.h"
+#include "tf_ed25519.h"
 #include "tf_sha256.h"
 #include "tf_wire.h"
 
@@ -55,17 +56,23 @@ int tf_envelope_open(const uint8_t *blob, uint32_t n, const char *magic, uint16_
         if (alg == 0) {
             return TF_WE_UNSIGNED;
         }
-        if (alg != v->alg || v->alg != 2) {
+        if (alg != v->alg) {
             return TF_WE_SIG_ALG_MISMATCH;
         }
-        uint8_t tag[32];
-        tf_hmac_sha256(v->key, v->key_len, blob, sig_start, tag);
-        uint8_t diff = 0; /* constant time */
-        for (int i = 0; i < 32; i++) {
-            diff |= (uint8_t)(tag[i] ^ blob[sig_start + i]);
-        }
-        if (diff) {
-            return TF_WE_BAD_SIGNATURE;
+        if (alg == 1) { /* a policy without a 32-byte public key verifies nothing */
+            if (!v->key || v->key_len != 32 || !tf_ed25519_verify(blob + sig_start, blob, sig_start, v->key)) {
+                return TF_WE_BAD_SIGNATURE;
+            }
+        } else {
+            uint8_t tag[32];
+            tf_hmac_sha256(v->key, v->key_len, blob, sig_start, tag);
+            uint8_t diff = 0; /* constant time */
+            for (int i = 0; i < 32; i++) {
+                diff |= (uint8_t)(tag[i] ^ blob[sig_start + i]);
+            }
+            if (diff) {
+                return TF_WE_BAD_SIGNATURE;
+            }
         }
     }
     *body = blob + 16;
