@@ -35,6 +35,13 @@ typedef struct {
 /* Envelope checks 1-11 for magic/version; on OK *body / *body_len is the body [16, L-4-S). */
 int tf_envelope_open(const uint8_t *blob, uint32_t n, const char *magic, uint16_t version, const tf_verify *v,
                      const uint8_t **body, uint32_t *body_len);
+/* The key slot (docs/formats.md "Key slot"): the signature policy provisioned in the flash image, a record
+ * "TFKY" u16 version=1 | u16 sig_alg | u32 key_len | key | u32 CRC32. An erased slot (first word all 0 or all 1
+ * bits) gives OK and "unsigned only"; a damaged record its WireError and a policy that refuses every blob (fail
+ * closed: Ed25519 without a key). On OK out->key points into the slot, which must outlive the policy. */
+#define TF_KEY_SLOT_BYTES 256u
+int tf_key_slot_read(const uint8_t *slot, uint32_t n, tf_verify *out);
+
 /* SHA-256(magic ‖ version ‖ body) of a blob that passed tf_envelope_open. */
 void tf_content_hash(const uint8_t *blob, uint32_t n, uint8_t out[32]);
 

@@ -5,7 +5,8 @@ and checked against the published public keys and signatures; a multi-block mess
 Each case is then mutated (a flipped bit in R, S, the message, the public key; S + L; S = L; public keys that
 do not decode or are of small order) and every mutation carries the verdict of ``cryptography`` (OpenSSL), which
 the C verifier must reproduce, except where OpenSSL accepts a public key RFC 8032 5.1.3 refuses to decode
-(y >= p, or x = 0 with the sign bit): the C verifier follows the RFC (a fleet key is ours and canonical). SHA-512 digests at the padding boundaries come from ``hashlib``.
+(y >= p, or x = 0 with the sign bit): the C verifier follows the RFC (a fleet key is ours and canonical). Key slot records (device_agent/wire/keyslot.py)
+and their mutations carry the code and policy of the Python reader, which tf_key_slot_read must reproduce. SHA-512 digests at the padding boundaries come from ``hashlib``.
 
     python tests/firmware/gen_ed25519_vectors.py   # writes firmware/tests/crypto/ed25519_vectors.h
 """
@@ -13,12 +14,19 @@ the C verifier must reproduce, except where OpenSSL accepts a public key RFC 803
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-ROOT = Path(__file__).resolve().parents[2]
+from device_agent.wire.envelope import FormatId, SigAlg, Signer, seal
+from device_agent.wire.errors import WireFormatError
+from device_agent.wire.keyslot import SLOT_BYTES, key_slot_from_bytes, key_slot_to_bytes
+
 OUT = ROOT / "firmware" / "tests" / "crypto" / "ed25519_vectors.h"
 L = 2**252 + 27742317777372353535851937790883648493
 P = 2**255 - 19
@@ -120,6 +128,28 @@ def flip(b: bytes, bit: int) -> bytes:
     return bytes(a)
 
 
+def key_slots() -> list[tuple[str, bytes, int, int]]:
+    """(name, slot bytes, WireError code, policy alg) as device_agent.wire.keyslot reads them (damaged: fail
+    closed, alg 1 without a key)."""
+    pub = bytes.fromhex(RFC[0][1])
+    ed, hm = key_slot_to_bytes(SigAlg.ED25519, pub), key_slot_to_bytes(SigAlg.HMAC_SHA256, b"device key 01234")
+    slots = [("Ed25519 key", ed), ("HMAC key", hm), ("erased 0x00", b""), ("erased 0xff", b"\xff" * SLOT_BYTES),
+             ("bad magic", b"TFKZ" + ed[4:]), ("version 2", ed[:4] + b"\x02\x00" + ed[6:]),
+             ("sig_alg 0", ed[:6] + b"\x00\x00" + ed[8:]), ("sig_alg 3", ed[:6] + b"\x03\x00" + ed[8:]),
+             ("Ed25519 key_len 33", ed[:8] + b"\x21\x00\x00\x00" + ed[12:]),
+             ("HMAC key_len 15", hm[:8] + b"\x0f\x00\x00\x00" + hm[12:]),
+             ("key bit flipped", ed[:12] + bytes([ed[12] ^ 1]) + ed[13:]), ("CRC flipped", ed[:-1] + bytes([ed[-1] ^ 1]))]
+    out = []
+    for name, rec in slots:
+        slot = rec + bytes(SLOT_BYTES - len(rec))
+        try:
+            alg, _ = key_slot_from_bytes(slot)
+            out.append((name, slot, 0, int(alg)))
+        except WireFormatError as e:
+            out.append((name, slot, int(e.code), 1))
+    return out
+
+
 def c_bytes(b: bytes) -> str:
     if not b:
         return "{0}"
@@ -147,7 +177,19 @@ def main() -> None:
     for n in (0, 1, 3, 111, 112, 127, 128, 129, 239, 240, 1000):
         data = bytes((i * 13 + 1) & 0xFF for i in range(n))
         lines.append(f"    {{{n}, {c_bytes(hashlib.sha512(data).digest())}}},")
-    lines += ["};", "", "#endif /* TF_ED25519_VECTORS_H */", ""]
+    lines += ["};", "", "/* key slots (device_agent/wire/keyslot.py) and the code + policy the reader gives */",
+              "typedef struct {", "    const char *name;", f"    uint8_t slot[{SLOT_BYTES}];", "    int code, alg;",
+              "} key_slot_case;", "", "static const key_slot_case KEY_SLOT_CASES[] = {"]
+    for name, slot, code, alg in key_slots():
+        lines.append(f'    {{"{name}", {c_bytes(slot)}, {code}, {alg}}},')
+    lines += ["};", ""]
+    fmt = FormatId("test", b"TEST", 1, "")
+    signer = Signer.ed25519(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(RFC[0][0])))
+    for name, blob in (("ENV_ED25519", seal(fmt, b"hello, board", signer)), ("ENV_UNSIGNED", seal(fmt, b"hello"))):
+        lines.append(f"/* envelope \"TEST\" v1 signed with the RFC 8032 TEST 1 key (= the \"Ed25519 key\" slot) */"
+                     if name == "ENV_ED25519" else "/* the same envelope format, unsigned */")
+        lines.append(f"static const uint8_t {name}[{len(blob)}] = {c_bytes(blob)};")
+    lines += ["", "#endif /* TF_ED25519_VECTORS_H */", ""]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines))
     valid = sum(rfc_verdict(p, s, m) for _, p, s, m in cs)

@@ -80,6 +80,42 @@ int tf_envelope_open(const uint8_t *blob, uint32_t n, const char *magic, uint16_
     return TF_WE_OK;
 }
 
+int tf_key_slot_read(const uint8_t *slot, uint32_t n, tf_verify *out) {
+    out->alg = 1, out->key = NULL, out->key_len = 0; /* fail closed until the record checked out */
+    if (n < 4) {
+        return TF_WE_TRUNCATED;
+    }
+    const uint32_t first = tf_ld_u32(slot);
+    if (first == 0 || first == 0xFFFFFFFFu) {
+        out->alg = 0; /* erased: nothing provisioned, "unsigned only" */
+        return TF_WE_OK;
+    }
+    if (memcmp(slot, "TFKY", 4) != 0) {
+        return TF_WE_BAD_MAGIC;
+    }
+    if (n < 12) {
+        return TF_WE_TRUNCATED;
+    }
+    if (tf_ld_u16(slot + 4) != 1) {
+        return TF_WE_UNSUPPORTED_VERSION;
+    }
+    const uint32_t alg = tf_ld_u16(slot + 6), key_len = tf_ld_u32(slot + 8);
+    if (alg != 1 && alg != 2) {
+        return TF_WE_BAD_ENUM;
+    }
+    if (alg == 1 ? key_len != 32 : (key_len < 16 || key_len > 64)) {
+        return TF_WE_BAD_LENGTH;
+    }
+    if (n < 16 + key_len) {
+        return TF_WE_TRUNCATED;
+    }
+    if (tf_crc32(slot, 12 + key_len) != tf_ld_u32(slot + 12 + key_len)) {
+        return TF_WE_CRC_MISMATCH;
+    }
+    out->alg = (int)alg, out->key = slot + 12, out->key_len = key_len;
+    return TF_WE_OK;
+}
+
 void tf_content_hash(const uint8_t *blob, uint32_t n, uint8_t out[32]) {
     const uint32_t sig_len = tf_ld_u16(blob + 14);
     tf_sha256_ctx c;
