@@ -40,21 +40,15 @@ static int width(int i) { return (i & 1) ? 25 : 26; }
 /* ---- field ---- */
 
 /* Rounding carry of 64-bit limb sums into limbs of +-2^25 (+-2^24 odd); the carry out of limb 9 re-enters limb 0
- * times 19 (2^255 = 19 mod p). NOTE: >> of a negative int64 is arithmetic on every compiler we build with. */
+ * times 19 (2^255 = 19 mod p). NOTE: >> of a negative integer is arithmetic on every compiler we build with. */
 static void fe_carry(fe out, int64_t h[10]) {
-    for (int i = 0; i < 10; i++) {
-        const int w = width(i);
-        const int64_t c = (h[i] + ((int64_t)1 << (w - 1))) >> w;
-        h[i] -= c * ((int64_t)1 << w);
-        if (i < 9) {
-            h[i + 1] += c;
-        } else {
-            h[0] += 19 * c;
-        }
-    }
-    const int64_t c = (h[0] + ((int64_t)1 << 25)) >> 26;
-    h[0] -= c * ((int64_t)1 << 26);
-    h[1] += c;
+    int64_t c;
+#define CARRY(i, w, to, times) \
+    (c = (h[i] + ((int64_t)1 << ((w) - 1))) >> (w), h[i] -= c * ((int64_t)1 << (w)), h[to] += (times) * c)
+    CARRY(0, 26, 1, 1), CARRY(1, 25, 2, 1), CARRY(2, 26, 3, 1), CARRY(3, 25, 4, 1), CARRY(4, 26, 5, 1);
+    CARRY(5, 25, 6, 1), CARRY(6, 26, 7, 1), CARRY(7, 25, 8, 1), CARRY(8, 26, 9, 1), CARRY(9, 25, 0, 19);
+    CARRY(0, 26, 1, 1);
+#undef CARRY
     for (int i = 0; i < 10; i++) {
         out[i] = (int32_t)h[i];
     }
@@ -67,20 +61,28 @@ static void fe_set(fe out, int32_t v) {
     out[0] = v;
 }
 
+/* The same carry for a sum or difference of two carried elements (limbs below 2^27): 32-bit arithmetic. */
+static void fe_carry32(fe h) {
+    int32_t c;
+#define CARRY(i, w, to, times) (c = (h[i] + (1 << ((w) - 1))) >> (w), h[i] -= c * (1 << (w)), h[to] += (times) * c)
+    CARRY(0, 26, 1, 1), CARRY(1, 25, 2, 1), CARRY(2, 26, 3, 1), CARRY(3, 25, 4, 1), CARRY(4, 26, 5, 1);
+    CARRY(5, 25, 6, 1), CARRY(6, 26, 7, 1), CARRY(7, 25, 8, 1), CARRY(8, 26, 9, 1), CARRY(9, 25, 0, 19);
+    CARRY(0, 26, 1, 1);
+#undef CARRY
+}
+
 static void fe_add(fe out, const fe a, const fe b) {
-    int64_t h[10];
     for (int i = 0; i < 10; i++) {
-        h[i] = (int64_t)a[i] + b[i];
+        out[i] = a[i] + b[i];
     }
-    fe_carry(out, h);
+    fe_carry32(out);
 }
 
 static void fe_sub(fe out, const fe a, const fe b) {
-    int64_t h[10];
     for (int i = 0; i < 10; i++) {
-        h[i] = (int64_t)a[i] - b[i];
+        out[i] = a[i] - b[i];
     }
-    fe_carry(out, h);
+    fe_carry32(out);
 }
 
 static void fe_neg(fe out, const fe a) {
@@ -89,23 +91,50 @@ static void fe_neg(fe out, const fe a) {
 }
 
 /* f_i g_j lands in limb i + j (mod 10); twice over when i and j are both odd (the half bits of the radix), times
- * 19 when i + j >= 10 (past 2^255). */
+ * 19 when i + j >= 10 (past 2^255). Written out (generated): 100 SMLALs with constant operands. */
+#define M(a, b) ((int64_t)(a) * (b))
 static void fe_mul(fe out, const fe f, const fe g) {
-    int32_t f2[10], g19[10];
-    int64_t h[10] = {0};
-    for (int i = 0; i < 10; i++) {
-        f2[i] = 2 * f[i];
-        g19[i] = 19 * g[i];
-    }
-    for (int i = 0; i < 10; i++) {
-        for (int j = 0; j < 10; j++) {
-            const int32_t a = (i & j & 1) ? f2[i] : f[i];
-            const int32_t b = (i + j >= 10) ? g19[j] : g[j];
-            h[(i + j) % 10] += (int64_t)a * b;
-        }
-    }
+    const int32_t f0 = f[0], f1 = f[1], f2 = f[2], f3 = f[3], f4 = f[4], f5 = f[5], f6 = f[6], f7 = f[7], f8 = f[8],
+                  f9 = f[9];
+    const int32_t f1_2 = 2 * f1, f3_2 = 2 * f3, f5_2 = 2 * f5, f7_2 = 2 * f7, f9_2 = 2 * f9;
+    const int32_t g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], g4 = g[4], g5 = g[5], g6 = g[6], g7 = g[7], g8 = g[8],
+                  g9 = g[9];
+    const int32_t g1_19 = 19 * g1, g2_19 = 19 * g2, g3_19 = 19 * g3, g4_19 = 19 * g4, g5_19 = 19 * g5,
+                  g6_19 = 19 * g6, g7_19 = 19 * g7, g8_19 = 19 * g8, g9_19 = 19 * g9;
+    int64_t h0 = M(f0, g0) + M(f1_2, g9_19) + M(f2, g8_19) + M(f3_2, g7_19)
+                 + M(f4, g6_19) + M(f5_2, g5_19) + M(f6, g4_19) + M(f7_2, g3_19)
+                 + M(f8, g2_19) + M(f9_2, g1_19);
+    int64_t h1 = M(f0, g1) + M(f1, g0) + M(f2, g9_19) + M(f3, g8_19)
+                 + M(f4, g7_19) + M(f5, g6_19) + M(f6, g5_19) + M(f7, g4_19)
+                 + M(f8, g3_19) + M(f9, g2_19);
+    int64_t h2 = M(f0, g2) + M(f1_2, g1) + M(f2, g0) + M(f3_2, g9_19)
+                 + M(f4, g8_19) + M(f5_2, g7_19) + M(f6, g6_19) + M(f7_2, g5_19)
+                 + M(f8, g4_19) + M(f9_2, g3_19);
+    int64_t h3 = M(f0, g3) + M(f1, g2) + M(f2, g1) + M(f3, g0)
+                 + M(f4, g9_19) + M(f5, g8_19) + M(f6, g7_19) + M(f7, g6_19)
+                 + M(f8, g5_19) + M(f9, g4_19);
+    int64_t h4 = M(f0, g4) + M(f1_2, g3) + M(f2, g2) + M(f3_2, g1)
+                 + M(f4, g0) + M(f5_2, g9_19) + M(f6, g8_19) + M(f7_2, g7_19)
+                 + M(f8, g6_19) + M(f9_2, g5_19);
+    int64_t h5 = M(f0, g5) + M(f1, g4) + M(f2, g3) + M(f3, g2)
+                 + M(f4, g1) + M(f5, g0) + M(f6, g9_19) + M(f7, g8_19)
+                 + M(f8, g7_19) + M(f9, g6_19);
+    int64_t h6 = M(f0, g6) + M(f1_2, g5) + M(f2, g4) + M(f3_2, g3)
+                 + M(f4, g2) + M(f5_2, g1) + M(f6, g0) + M(f7_2, g9_19)
+                 + M(f8, g8_19) + M(f9_2, g7_19);
+    int64_t h7 = M(f0, g7) + M(f1, g6) + M(f2, g5) + M(f3, g4)
+                 + M(f4, g3) + M(f5, g2) + M(f6, g1) + M(f7, g0)
+                 + M(f8, g9_19) + M(f9, g8_19);
+    int64_t h8 = M(f0, g8) + M(f1_2, g7) + M(f2, g6) + M(f3_2, g5)
+                 + M(f4, g4) + M(f5_2, g3) + M(f6, g2) + M(f7_2, g1)
+                 + M(f8, g0) + M(f9_2, g9_19);
+    int64_t h9 = M(f0, g9) + M(f1, g8) + M(f2, g7) + M(f3, g6)
+                 + M(f4, g5) + M(f5, g4) + M(f6, g3) + M(f7, g2)
+                 + M(f8, g1) + M(f9, g0);
+    int64_t h[10] = {h0, h1, h2, h3, h4, h5, h6, h7, h8, h9};
     fe_carry(out, h);
 }
+#undef M
 
 static void fe_sq(fe out, const fe f) { fe_mul(out, f, f); }
 
