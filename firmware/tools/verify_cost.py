@@ -22,13 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device_agent.board import BoardClient, QemuBoard, key_slot_preload  # noqa: E402
-from device_agent.wire.envelope import SigAlg, Signer, Verifier, open_blob, seal  # noqa: E402
-from device_agent.wire.keyslot import key_slot_to_bytes  # noqa: E402
-from device_agent.wire.plan import PLAN  # noqa: E402
-from tests.firmware.conftest import PLAN_VECTORS, PlanVector  # noqa: E402
+from device_agent.board import BoardClient, QemuBoard, key_slot_preload
+from device_agent.wire.envelope import SigAlg, Signer, Verifier, open_blob, seal
+from device_agent.wire.keyslot import key_slot_to_bytes
+from device_agent.wire.plan import PLAN
+from tests.firmware.conftest import PLAN_VECTORS, PlanVector
 
 
 @dataclasses.dataclass

@@ -186,7 +186,7 @@ def main() -> None:
     fmt = FormatId("test", b"TEST", 1, "")
     signer = Signer.ed25519(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(RFC[0][0])))
     for name, blob in (("ENV_ED25519", seal(fmt, b"hello, board", signer)), ("ENV_UNSIGNED", seal(fmt, b"hello"))):
-        lines.append(f"/* envelope \"TEST\" v1 signed with the RFC 8032 TEST 1 key (= the \"Ed25519 key\" slot) */"
+        lines.append("/* envelope \"TEST\" v1 signed with the RFC 8032 TEST 1 key (= the \"Ed25519 key\" slot) */"
                      if name == "ENV_ED25519" else "/* the same envelope format, unsigned */")
         lines.append(f"static const uint8_t {name}[{len(blob)}] = {c_bytes(blob)};")
     lines += ["", "#endif /* TF_ED25519_VECTORS_H */", ""]
