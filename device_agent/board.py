@@ -74,6 +74,17 @@ def elf_load_ranges(elf: Path) -> list[tuple[int, int]]:
     return out
 
 
+def key_slot_preload(elf: Path, record: bytes, path: Path) -> tuple[Path, int]:
+    """A ``QemuBoard.preload`` entry that provisions the board's key slot (docs/formats.md "Key slot"): ``record``
+    (:func:`device_agent.wire.keyslot.key_slot_to_bytes`: the fleet's Ed25519 public key or an HMAC key) is written
+    to ``path`` for QEMU's generic loader at the ELF symbol ``__key_slot``, as a factory would flash it. There is
+    no UART command for it on purpose: whoever holds the link must not be able to replace the key."""
+    if len(record) > 256:
+        raise ValueError(f"key slot record of {len(record)} bytes, the slot holds 256")
+    Path(path).write_bytes(record)
+    return Path(path), elf_symbol(elf, "__key_slot")
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -92,7 +103,8 @@ class QemuBoard:
         SysTick readings are deterministic (25 MHz: 1 tick = 40 instructions); ~2.3x slower.
     preload : ``(file, address)`` pairs QEMU's generic loader writes into the board's memory at reset, e.g. a
         plan blob at ``elf_symbol(elf, "__store_start")``: the firmware adopts a plan it finds there at boot (as a
-        plan flashed with the firmware), so it need not cross the UART.
+        plan flashed with the firmware), so it need not cross the UART; :func:`key_slot_preload` provisions the
+        signature policy (an Ed25519 fleet public key or an HMAC key; without it the board runs "unsigned only").
     nice : run QEMU this much below our own CPU priority (a fleet: the agents and coordinator that feed the boards
         come first).
     """

@@ -1,7 +1,7 @@
 /* Differential decoding tool (tests/firmware/test_fuzz_differential.py): the C readers' verdict and a digest of
  * the values they decoded, one line per input, for comparison with device_agent/wire on the same bytes.
  *
- * usage: decode_cli plan|update|frames [--hmac KEYFILE] < batch
+ * usage: decode_cli plan|update|frames [--hmac KEYFILE | --ed25519 PUBFILE] < batch
  * batch: records `u32 len | len bytes`, little-endian. Output, one line per record:
  *   plan / update: `ok <sha256 hex of the decoded values>` or `err <WireError>`;
  *   frames (the record is a line byte stream, the tool appends a final 0x00): one word per frame the board
@@ -144,19 +144,20 @@ static void frames(const uint8_t *b, uint32_t n) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: decode_cli plan|update|frames [--hmac KEYFILE] < batch\n");
+        fprintf(stderr, "usage: decode_cli plan|update|frames [--hmac KEYFILE | --ed25519 PUBFILE] < batch\n");
         return 2;
     }
     const char *fmt = argv[1];
     static uint8_t key[256];
     tf_verify v = {0, NULL, 0};
-    if (argc == 4 && strcmp(argv[2], "--hmac") == 0) {
+    if (argc == 4 && (strcmp(argv[2], "--hmac") == 0 || strcmp(argv[2], "--ed25519") == 0)) {
         FILE *kf = fopen(argv[3], "rb");
         if (!kf) {
             fprintf(stderr, "decode_cli: cannot open key file %s\n", argv[3]);
             return 2;
         }
-        v.alg = 2, v.key = key, v.key_len = (uint32_t)fread(key, 1, sizeof(key), kf);
+        v.alg = strcmp(argv[2], "--hmac") == 0 ? 2 : 1, v.key = key;
+        v.key_len = (uint32_t)fread(key, 1, sizeof(key), kf);
         fclose(kf);
     }
     uint8_t hdr[4];

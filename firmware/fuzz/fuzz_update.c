@@ -16,9 +16,11 @@ static void check(const uint8_t *blob, size_t n, const tf_verify *v) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n) {
     uint8_t *b = tf_fuzz_copy(data, n);
-    const tf_verify unsigned_only = {0, NULL, 0}, hmac = {2, TF_FUZZ_HMAC_KEY, sizeof(TF_FUZZ_HMAC_KEY)};
+    const tf_verify unsigned_only = {0, NULL, 0}, hmac = {2, TF_FUZZ_HMAC_KEY, sizeof(TF_FUZZ_HMAC_KEY)},
+                    ed25519 = {1, TF_FUZZ_ED25519_PUB, sizeof(TF_FUZZ_ED25519_PUB)};
     check(b, n, &unsigned_only);
     check(b, n, &hmac);
+    check(b, n, &ed25519);
     if (tf_fuzz_reseal(b, n)) {
         check(b, n, &unsigned_only);
     }

@@ -1,7 +1,7 @@
 /* Readers of the downlink formats (docs/formats.md): envelope, plan blob (TFPL v1), model update (TFUP v1), and
  * the delta records section writer. The C twin of device_agent/wire; every reader returns a WireError number
- * (device_agent/wire/errors.py), 0 = OK, and never reads outside the bytes it was given. Ed25519 is not
- * implemented here: a board verifies HMAC-SHA256 or runs "unsigned only" (tests, emulated fleets). */
+ * (device_agent/wire/errors.py), 0 = OK, and never reads outside the bytes it was given. A board verifies
+ * Ed25519 (the fleet public key, tf_ed25519.h) or HMAC-SHA256, or runs "unsigned only" (tests, emulated fleets). */
 #ifndef TF_WIRE_H
 #define TF_WIRE_H
 
@@ -27,14 +27,21 @@ enum {
 
 /* Signature policy, always explicit (docs/formats.md check 11). */
 typedef struct {
-    int alg;            /* 0 = unsigned only, 2 = HMAC-SHA256 (1 = Ed25519 is not available in C) */
-    const uint8_t *key; /* HMAC key */
+    int alg;            /* 0 = unsigned only, 1 = Ed25519, 2 = HMAC-SHA256 */
+    const uint8_t *key; /* Ed25519: the 32-byte public key (other lengths verify nothing); HMAC: the key */
     uint32_t key_len;
 } tf_verify;
 
 /* Envelope checks 1-11 for magic/version; on OK *body / *body_len is the body [16, L-4-S). */
 int tf_envelope_open(const uint8_t *blob, uint32_t n, const char *magic, uint16_t version, const tf_verify *v,
                      const uint8_t **body, uint32_t *body_len);
+/* The key slot (docs/formats.md "Key slot"): the signature policy provisioned in the flash image, a record
+ * "TFKY" u16 version=1 | u16 sig_alg | u32 key_len | key | u32 CRC32. An erased slot (first word all 0 or all 1
+ * bits) gives OK and "unsigned only"; a damaged record its WireError and a policy that refuses every blob (fail
+ * closed: Ed25519 without a key). On OK out->key points into the slot, which must outlive the policy. */
+#define TF_KEY_SLOT_BYTES 256u
+int tf_key_slot_read(const uint8_t *slot, uint32_t n, tf_verify *out);
+
 /* SHA-256(magic ‖ version ‖ body) of a blob that passed tf_envelope_open. */
 void tf_content_hash(const uint8_t *blob, uint32_t n, uint8_t out[32]);
 

@@ -3,8 +3,10 @@ device_agent/wire give the same verdict, the same WireError and the same decoded
 
 Inputs: every golden vector (MANIFEST.txt, uart_frames.bin), truncation at every offset and every single-bit
 flip of each valid one (both languages must refuse them), every body cut resealed with a right CRC, and a few
-hundred seeded random mutations. Known, documented differences: the board reads model updates v1 only (a v2
-blob is UNSUPPORTED_VERSION in C) and has no Ed25519 (signed vectors are compared with the signature stripped).
+hundred seeded random mutations. Ed25519-signed vectors are compared under the Ed25519 policy (and stripped of
+their signature under "unsigned only"), with signed-byte edits whose CRC is fixed up so that only the signature
+refuses them. Known, documented difference: the board reads model updates v1 only (a v2 blob is
+UNSUPPORTED_VERSION in C).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import random
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.wire import Verifier
 from device_agent.wire.envelope import FormatId, open_blob, seal
@@ -27,7 +31,10 @@ from targets import reseal
 
 BUILD = ROOT / "build" / "fuzz-fw"  # NOTE: shared and incremental: make rebuilds only what changed
 HMAC_KEY = VECTORS / "keys" / "test_hmac.key"
-POLICY = {"unsigned": Verifier.unsigned(), "hmac": Verifier.hmac_sha256(HMAC_KEY.read_bytes())}
+ED25519_PUB = VECTORS / "keys" / "test_ed25519.pub"
+POLICY = {"unsigned": Verifier.unsigned(), "hmac": Verifier.hmac_sha256(HMAC_KEY.read_bytes()),
+          "ed25519": Verifier.ed25519(Ed25519PublicKey.from_public_bytes(ED25519_PUB.read_bytes()))}
+KEY_ARGS = {"unsigned": [], "hmac": ["--hmac", str(HMAC_KEY)], "ed25519": ["--ed25519", str(ED25519_PUB)]}
 CHUNK = 4000
 
 
@@ -42,7 +49,7 @@ def decode_cli() -> Path:
 
 def c_verdicts(cli: Path, fmt: str, policy: str, blobs: list[bytes]) -> list[str]:
     out: list[str] = []
-    args = [str(cli), fmt] + (["--hmac", str(HMAC_KEY)] if policy == "hmac" else [])
+    args = [str(cli), fmt] + KEY_ARGS[policy]
     for i in range(0, len(blobs), CHUNK):
         batch = b"".join(struct.pack("<I", len(b)) + b for b in blobs[i:i + CHUNK])
         r = subprocess.run(args, input=batch, capture_output=True, check=False)
@@ -78,7 +85,7 @@ def _manifest(fmt: str) -> list[tuple[bytes, str, str]]:
 
 
 def unsign(blob: bytes) -> bytes | None:
-    """The same body sealed unsigned (the board has no Ed25519); None if the envelope itself is bad."""
+    """The same body sealed unsigned; None if the envelope itself is bad."""
     fmt = FormatId("blob", blob[:4], int.from_bytes(blob[4:6], "little"), "")
     try:
         return seal(fmt, bytes(open_blob(fmt, blob, Verifier.skip())))
@@ -88,15 +95,14 @@ def unsign(blob: bytes) -> bytes | None:
 
 def vectors(fmt: str) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
     """(every manifest blob, the valid ones) by the policy the C tool can read them with."""
-    every: dict[str, list[bytes]] = {"unsigned": [], "hmac": []}
-    valid: dict[str, list[bytes]] = {"unsigned": [], "hmac": []}
+    every: dict[str, list[bytes]] = {"unsigned": [], "hmac": [], "ed25519": []}
+    valid: dict[str, list[bytes]] = {"unsigned": [], "hmac": [], "ed25519": []}
     for blob, policy, expect in _manifest(fmt):
         if policy == "ed25519":
             stripped = unsign(blob)
             every["unsigned"] += [blob] + ([stripped] if stripped else [])
             if expect == "ok" and stripped:
                 valid["unsigned"].append(stripped)
-            continue
         every[policy].append(blob)
         if expect == "ok":
             valid[policy].append(blob)
@@ -142,7 +148,23 @@ def mutations(blob: bytes, n: int, seed: int) -> list[bytes]:
 @pytest.mark.parametrize("fmt", ["plan", "update"])
 def test_golden_vectors_agree(decode_cli, fmt):
     every, _ = vectors(fmt)
-    assert compare(decode_cli, fmt, "unsigned", every["unsigned"]) + compare(decode_cli, fmt, "hmac", every["hmac"])
+    assert all(compare(decode_cli, fmt, policy, blobs) for policy, blobs in every.items())
+
+
+@pytest.mark.parametrize("fmt", ["plan", "update"])
+def test_signed_edits_refused_alike(decode_cli, fmt):
+    """Bit flips anywhere before the CRC of the valid Ed25519-signed vectors, CRC fixed up: header fields, body,
+    R and S; the signature (or an earlier header check) refuses every one, with the same code in C and Python."""
+    _, valid = vectors(fmt)
+    rng = random.Random(11)
+    blobs = []
+    for blob in valid["ed25519"]:
+        for bit in sorted(rng.sample(range(8 * (len(blob) - 4)), 96)) + [8 * (len(blob) - 5) + 4]:  # + S >= L
+            b = bytearray(blob)
+            b[bit // 8] ^= 1 << (bit % 8)
+            b[-4:] = struct.pack("<I", zlib.crc32(bytes(b[:-4])) & 0xFFFFFFFF)
+            blobs.append(bytes(b))
+    assert compare(decode_cli, fmt, "ed25519", blobs, all_refused=True) > 96
 
 
 @pytest.mark.parametrize("fmt", ["plan", "update"])

@@ -225,7 +225,10 @@ static tf_dev_result finish_plan(tf_device *d) {
     if (d->xfer_at != 0) {
         memmove(d->store, blob, d->xfer_total); /* NOTE: a real board erases and programs its flash here */
     }
-    load_runtime(d, d->store, d->xfer_total, &p, &detail, 1);
+    /* NOTE: the bytes just read, moved: the plan's offsets are relative to its blob, so it is not read (nor its
+     * signature verified) a second time */
+    p.blob = d->store;
+    (void)tf_runtime_load(&d->rt, &p, d->pool, d->pool_size, 1);
     d->has_plan = 1;
     d->plan_len = d->xfer_total;
     layout_after_plan(d);

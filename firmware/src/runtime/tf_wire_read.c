@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "tf_crc.h"
+#include "tf_ed25519.h"
 #include "tf_sha256.h"
 #include "tf_wire.h"
 
@@ -55,21 +56,63 @@ int tf_envelope_open(const uint8_t *blob, uint32_t n, const char *magic, uint16_
         if (alg == 0) {
             return TF_WE_UNSIGNED;
         }
-        if (alg != v->alg || v->alg != 2) {
+        if (alg != v->alg) {
             return TF_WE_SIG_ALG_MISMATCH;
         }
-        uint8_t tag[32];
-        tf_hmac_sha256(v->key, v->key_len, blob, sig_start, tag);
-        uint8_t diff = 0; /* constant time */
-        for (int i = 0; i < 32; i++) {
-            diff |= (uint8_t)(tag[i] ^ blob[sig_start + i]);
-        }
-        if (diff) {
-            return TF_WE_BAD_SIGNATURE;
+        if (alg == 1) { /* a policy without a 32-byte public key verifies nothing */
+            if (!v->key || v->key_len != 32 || !tf_ed25519_verify(blob + sig_start, blob, sig_start, v->key)) {
+                return TF_WE_BAD_SIGNATURE;
+            }
+        } else {
+            uint8_t tag[32];
+            tf_hmac_sha256(v->key, v->key_len, blob, sig_start, tag);
+            uint8_t diff = 0; /* constant time */
+            for (int i = 0; i < 32; i++) {
+                diff |= (uint8_t)(tag[i] ^ blob[sig_start + i]);
+            }
+            if (diff) {
+                return TF_WE_BAD_SIGNATURE;
+            }
         }
     }
     *body = blob + 16;
     *body_len = sig_start - 16;
+    return TF_WE_OK;
+}
+
+int tf_key_slot_read(const uint8_t *slot, uint32_t n, tf_verify *out) {
+    out->alg = 1, out->key = NULL, out->key_len = 0; /* fail closed until the record checked out */
+    if (n < 4) {
+        return TF_WE_TRUNCATED;
+    }
+    const uint32_t first = tf_ld_u32(slot);
+    if (first == 0 || first == 0xFFFFFFFFu) {
+        out->alg = 0; /* erased: nothing provisioned, "unsigned only" */
+        return TF_WE_OK;
+    }
+    if (memcmp(slot, "TFKY", 4) != 0) {
+        return TF_WE_BAD_MAGIC;
+    }
+    if (n < 12) {
+        return TF_WE_TRUNCATED;
+    }
+    if (tf_ld_u16(slot + 4) != 1) {
+        return TF_WE_UNSUPPORTED_VERSION;
+    }
+    const uint32_t alg = tf_ld_u16(slot + 6), key_len = tf_ld_u32(slot + 8);
+    if (alg != 1 && alg != 2) {
+        return TF_WE_BAD_ENUM;
+    }
+    if (alg == 1 ? key_len != 32 : (key_len < 16 || key_len > 64)) {
+        return TF_WE_BAD_LENGTH;
+    }
+    if (n < 16 + key_len) {
+        return TF_WE_TRUNCATED;
+    }
+    if (tf_crc32(slot, 12 + key_len) != tf_ld_u32(slot + 12 + key_len)) {
+        return TF_WE_CRC_MISMATCH;
+    }
+    out->alg = (int)alg, out->key = slot + 12, out->key_len = key_len;
     return TF_WE_OK;
 }
 

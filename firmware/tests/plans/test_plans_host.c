@@ -124,7 +124,7 @@ static int run_vector(const char *path) {
     return bad;
 }
 
-/* MANIFEST lines: file format verify expect ...; plans and updates only, unsigned and hmac policies. */
+/* MANIFEST lines: file format verify expect ...; plans and updates only, unsigned, Ed25519 and HMAC policies. */
 static const char *const WIRE_NAMES[] = {"ok", "TRUNCATED", "BAD_MAGIC", "UNSUPPORTED_VERSION", "BAD_LENGTH",
                                          "TRAILING_BYTES", "CRC_MISMATCH", "UNSIGNED", "BAD_SIGNATURE",
                                          "SIG_ALG_MISMATCH", "RESERVED_NONZERO", "BAD_ENUM", "BAD_INDEX", "BAD_SCALE",
@@ -144,18 +144,22 @@ static int run_manifest(const char *dir) {
     uint32_t key_len = 0;
     snprintf(path, sizeof(path), "%s/keys/test_hmac.key", dir);
     uint8_t *key = read_file(path, &key_len);
-    int checked = 0, bad = 0, skipped = 0;
+    uint32_t pub_len = 0;
+    snprintf(path, sizeof(path), "%s/keys/test_ed25519.pub", dir);
+    uint8_t *pub = read_file(path, &pub_len);
+    int checked = 0, bad = 0, skipped = 0, ed25519 = 0;
     while (fgets(line, sizeof(line), f)) {
         char file[256], fmt[32], ver[32], expect[64];
         if (line[0] == '#' || sscanf(line, "%255s %31s %31s %63s", file, fmt, ver, expect) != 4) {
             continue;
         }
         int is_plan = strcmp(fmt, "plan") == 0, is_upd = strcmp(fmt, "update") == 0;
-        if ((!is_plan && !is_upd) || strcmp(ver, "ed25519") == 0) {
-            skipped++; /* Ed25519 is not implemented in C; deltas are written, not read, by the board */
+        if (!is_plan && !is_upd) {
+            skipped++; /* deltas are written, not read, by the board */
             continue;
         }
-        tf_verify v = {strcmp(ver, "hmac") == 0 ? 2 : 0, key, key_len};
+        const int is_ed = strcmp(ver, "ed25519") == 0;
+        tf_verify v = {is_ed ? 1 : strcmp(ver, "hmac") == 0 ? 2 : 0, is_ed ? pub : key, is_ed ? pub_len : key_len};
         uint32_t n;
         snprintf(path, sizeof(path), "%s/%s", dir, file);
         uint8_t *blob = read_file(path, &n);
@@ -173,6 +177,7 @@ static int run_manifest(const char *dir) {
             }
         }
         checked++;
+        ed25519 += is_ed;
         if (e != want) {
             printf("FAIL manifest %s: got wire error %d, expected %s\n", file, e, expect);
             bad = 1;
@@ -201,8 +206,9 @@ static int run_manifest(const char *dir) {
     }
     fclose(f);
     free(key);
-    printf("%s manifest: %d blobs checked, %d skipped (Ed25519 / not a downlink format / not TFUP v1)\n", bad ? "FAIL" : "ok",
-           checked, skipped);
+    free(pub);
+    printf("%s manifest: %d blobs checked (%d Ed25519-signed), %d skipped (not a downlink format / not TFUP v1; 0 for Ed25519)\n",
+           bad ? "FAIL" : "ok", checked, ed25519, skipped);
     return bad;
 }
 
