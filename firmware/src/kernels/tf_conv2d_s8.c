@@ -152,6 +152,147 @@ __attribute__((noinline)) static void pointwise2(const rq_t *rp, const int8_t *x
     (void)TF_DISPATCH(pointwise2_impl, rp, mask, rp, x, w, cin, plane, woff0, woff1, y, mask, out_i);
 }
 
+/* Unpack and multiply-add helpers of the 4-channel path: __SMLAD and friends on M4/M7, the same integer
+ * arithmetic in C elsewhere (so the host tests run this very path). */
+#if TF_USE_DSP
+#define pw_sxtb16 tf_sxtb16
+#define pw_sxtb16_ror8 tf_sxtb16_ror8
+#define pw_smlad tf_smlad
+#else
+static inline uint32_t pw_sxtb16(uint32_t v) {
+    return (uint32_t)(uint16_t)(int16_t)(int8_t)(v & 0xFF) | ((uint32_t)(uint16_t)(int16_t)(int8_t)(v >> 16) << 16);
+}
+static inline uint32_t pw_sxtb16_ror8(uint32_t v) { return pw_sxtb16((v >> 8) | (v << 24)); }
+static inline int32_t pw_smlad(uint32_t a, uint32_t b, int32_t acc) {
+    return (int32_t)((uint32_t)acc + (uint32_t)((int16_t)(a & 0xFFFF) * (int16_t)(b & 0xFFFF) +
+                                                (int16_t)(a >> 16) * (int16_t)(b >> 16)));
+}
+#endif
+static inline uint32_t pw_ld16(const int8_t *p) {
+    uint16_t v;
+    __builtin_memcpy(&v, p, 2);
+    return v;
+}
+
+#define TF_PW4_MAX_CIN 96 /* packed weights of 4 channels: 4 * C_in / 2 words = 8 * C_in bytes of stack */
+
+/* wq[(ci / 2) * 4 + j] = (w[j, ci], w[j, ci + 1]) as two int16, for four channels of (4, C_in) weights. */
+static void pw4_pack(uint32_t *wq, const int8_t *w, int32_t cin) {
+    for (int32_t ci = 0; ci < cin; ci += 2) {
+        for (int32_t j = 0; j < 4; j++) {
+            *wq++ = (uint32_t)(uint16_t)(int16_t)w[j * cin + ci] | ((uint32_t)(uint16_t)(int16_t)w[j * cin + ci + 1]
+                                                                     << 16);
+        }
+    }
+}
+
+/* Requantizes and stores channel j's two pixels; their mask bits go to bits 8j + 6, 8j + 7 of *mb. */
+static inline __attribute__((always_inline)) void pw4_put(const rqf_t *f, int8_t *yc, int32_t a, int32_t b,
+                                                          uint32_t *mb, int j, int has_mask) {
+    const int32_t pa = rqf_pre(f, a), pb = rqf_pre(f, b);
+    const int32_t ya = rqf_sat8(pa), yb = rqf_sat8(pb);
+    yc[0] = (int8_t)ya;
+    yc[1] = (int8_t)yb;
+    if (has_mask) {
+        if (ya == pa) {
+            *mb |= 1u << (8 * j + 6);
+        }
+        if (yb == pb) {
+            *mb |= 1u << (8 * j + 7);
+        }
+    }
+}
+
+/* Two pixels (p, p + 1) of four channels: 8 sums over C_in, one x pair unpack serves four channels. */
+static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const int32_t *init, const int8_t *xp,
+                                                          const uint32_t *wq, const uint32_t *wend, int32_t plane,
+                                                          int8_t *yp, uint32_t *mb, int has_mask) {
+    int32_t a0 = init[0], b0 = init[0], a1 = init[1], b1 = init[1], a2 = init[2], b2 = init[2], a3 = init[3],
+            b3 = init[3];
+    for (; wq < wend; wq += 4, xp += 2 * plane) {
+        const uint32_t t = pw_ld16(xp) | (pw_ld16(xp + plane) << 16); /* x[ci, p..p+1], x[ci+1, p..p+1] */
+        const uint32_t x0 = pw_sxtb16(t), x1 = pw_sxtb16_ror8(t);     /* (x[ci, p], x[ci+1, p]), p + 1 */
+        a0 = pw_smlad(x0, wq[0], a0);
+        b0 = pw_smlad(x1, wq[0], b0);
+        a1 = pw_smlad(x0, wq[1], a1);
+        b1 = pw_smlad(x1, wq[1], b1);
+        a2 = pw_smlad(x0, wq[2], a2);
+        b2 = pw_smlad(x1, wq[2], b2);
+        a3 = pw_smlad(x0, wq[3], a3);
+        b3 = pw_smlad(x1, wq[3], b3);
+    }
+    if (has_mask) {
+        *mb >>= 2;
+    }
+    pw4_put(&f[0], yp, a0, b0, mb, 0, has_mask);
+    pw4_put(&f[1], yp + plane, a1, b1, mb, 1, has_mask);
+    pw4_put(&f[2], yp + 2 * plane, a2, b2, mb, 2, has_mask);
+    pw4_put(&f[3], yp + 3 * plane, a3, b3, mb, 3, has_mask);
+}
+
+/* Four output channels of a 1x1 stride-1 conv, fast requantization: y[j, p] for j < 4, p < plane.
+ * x (C_in, plane), wq packed by pw4_pack (C_in even), init[j] = bias + offset term; y, mask at output index
+ * out_i of channel 0 (a multiple of 8 with a mask; plane % 8 == 0 with a mask, else plane even).
+ * NOTE: with a mask, eight pixels per outer step: after four two-pixel steps (each shifting *mb right by 2)
+ * channel j's eight bits sit in byte j of mb, in order. */
+static inline __attribute__((always_inline)) void pw4_impl(const rqf_t *f, const int32_t *init, const int8_t *x,
+                                                           const uint32_t *wq, int32_t cin, int32_t plane,
+                                                           int8_t *y, uint8_t *mask, int32_t out_i, int has_mask) {
+    const uint32_t *wend = wq + 2 * cin;
+    int8_t *yo = y + out_i;
+    if (!has_mask) {
+        for (int32_t p = 0; p < plane; p += 2) {
+            pw4_px2(f, init, x + p, wq, wend, plane, yo + p, NULL, 0);
+        }
+        return;
+    }
+    uint8_t *mo = mask + (out_i >> 3);
+    const int32_t mplane = plane >> 3;
+    for (int32_t p = 0; p < plane; p += 8) {
+        uint32_t mb = 0;
+        pw4_px2(f, init, x + p, wq, wend, plane, yo + p, &mb, 1);
+        pw4_px2(f, init, x + p + 2, wq, wend, plane, yo + p + 2, &mb, 1);
+        pw4_px2(f, init, x + p + 4, wq, wend, plane, yo + p + 4, &mb, 1);
+        pw4_px2(f, init, x + p + 6, wq, wend, plane, yo + p + 6, &mb, 1);
+        uint8_t *m = mo + (p >> 3);
+        m[0] = (uint8_t)mb;
+        m[mplane] = (uint8_t)(mb >> 8);
+        m[2 * mplane] = (uint8_t)(mb >> 16);
+        m[3 * mplane] = (uint8_t)(mb >> 24);
+    }
+}
+
+__attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *init, const int8_t *x, const uint32_t *wq,
+                                          int32_t cin, int32_t plane, int8_t *y, uint8_t *mask, int32_t out_i) {
+    if (mask) {
+        pw4_impl(f, init, x, wq, cin, plane, y, mask, out_i, 1);
+    } else {
+        pw4_impl(f, init, x, wq, cin, plane, y, mask, out_i, 0);
+    }
+}
+
+/* Channels co..co+3 through pw4 if the shapes and all four requantizations allow it; 1 if done. */
+static int try_pw4(const tf_conv_params *p, const tf_per_channel_quant *q, const int8_t *xg, const int8_t *wc,
+                   const int32_t *bias, int32_t co, int32_t cin, int32_t plane, int8_t *y, uint8_t *mask,
+                   int32_t out_i) {
+    if (cin > TF_PW4_MAX_CIN || (cin & 1) || (plane & (mask ? 7 : 1)) || (mask && (out_i & 7))) {
+        return 0;
+    }
+    rqf_t f[4];
+    int32_t init[4];
+    for (int32_t j = 0; j < 4; j++) {
+        const int32_t b = bias ? bias[co + j] : 0;
+        if (!rqf_init(&f[j], p, q->mult[co + j], q->shift[co + j], b, cin * 255 * 128)) {
+            return 0;
+        }
+        init[j] = b + p->input_offset * tf_sum_s8(wc + j * cin, cin);
+    }
+    uint32_t wq[2 * TF_PW4_MAX_CIN];
+    pw4_pack(wq, wc, cin);
+    pw4(f, init, xg, wq, cin, plane, y, mask, out_i);
+    return 1;
+}
+
 tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims,
                        const int8_t *x, const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias,
                        const tf_dims *y_dims, int8_t *y, uint8_t *mask) {
@@ -185,6 +326,12 @@ tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, c
         if (linear) {
             put(&r, y, mask, &bits, out_i, tf_dot_s8(xg, wc, cin_g) + woff);
             out_i++;
+            continue;
+        }
+        if (pointwise1 && co + 3 < w_dims->n && (co + 3) / cout_g == g &&
+            try_pw4(p, q, xg, wc, bias, co, cin_g, plane, y, mask, out_i)) {
+            out_i += 4 * oplane;
+            co += 3;
             continue;
         }
         if (pointwise1 && co + 1 < w_dims->n && (co + 1) / cout_g == g && (!mask || (plane & 7) == 0) &&
