@@ -209,6 +209,38 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
                                                           int8_t *yp, uint32_t *mb, int has_mask) {
     int32_t a0 = init[0], b0 = init[0], a1 = init[1], b1 = init[1], a2 = init[2], b2 = init[2], a3 = init[3],
             b3 = init[3];
+#if TF_USE_DSP
+    /* NOTE: the compiler spills accumulators out of this loop (15 live values for 14 registers); by hand only
+     * the loop end lives on the stack. Runs at least once (C_in >= 2). */
+    uint32_t tt, xx, ww;
+    __asm__("1:\n\t"
+            "ldrh %[t], [%[xp]]\n\t"
+            "ldrh %[x0], [%[xp], %[pl]]\n\t"
+            "add %[xp], %[xp], %[pl], lsl #1\n\t"
+            "orr %[t], %[t], %[x0], lsl #16\n\t"
+            "sxtb16 %[x0], %[t]\n\t"
+            "sxtb16 %[t], %[t], ror #8\n\t"
+            "ldr %[w], [%[wq]], #4\n\t"
+            "smlad %[a0], %[x0], %[w], %[a0]\n\t"
+            "smlad %[b0], %[t], %[w], %[b0]\n\t"
+            "ldr %[w], [%[wq]], #4\n\t"
+            "smlad %[a1], %[x0], %[w], %[a1]\n\t"
+            "smlad %[b1], %[t], %[w], %[b1]\n\t"
+            "ldr %[w], [%[wq]], #4\n\t"
+            "smlad %[a2], %[x0], %[w], %[a2]\n\t"
+            "smlad %[b2], %[t], %[w], %[b2]\n\t"
+            "ldr %[w], [%[wq]], #4\n\t"
+            "smlad %[a3], %[x0], %[w], %[a3]\n\t"
+            "smlad %[b3], %[t], %[w], %[b3]\n\t"
+            "ldr %[w], %[we]\n\t"
+            "cmp %[wq], %[w]\n\t"
+            "bne 1b"
+            : [a0] "+r"(a0), [b0] "+r"(b0), [a1] "+r"(a1), [b1] "+r"(b1), [a2] "+r"(a2), [b2] "+r"(b2),
+              [a3] "+r"(a3), [b3] "+r"(b3), [xp] "+r"(xp), [wq] "+r"(wq), [t] "=&r"(tt), [x0] "=&r"(xx),
+              [w] "=&r"(ww)
+            : [pl] "r"(plane), [we] "m"(wend)
+            : "cc", "memory");
+#else
     for (; wq < wend; wq += 4, xp += 2 * plane) {
         const uint32_t t = pw_ld16(xp) | (pw_ld16(xp + plane) << 16); /* x[ci, p..p+1], x[ci+1, p..p+1] */
         const uint32_t x0 = pw_sxtb16(t), x1 = pw_sxtb16_ror8(t);     /* (x[ci, p], x[ci+1, p]), p + 1 */
@@ -221,6 +253,7 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
         a3 = pw_smlad(x0, wq[3], a3);
         b3 = pw_smlad(x1, wq[3], b3);
     }
+#endif
     if (has_mask) {
         *mb >>= 2;
     }
@@ -275,7 +308,7 @@ __attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *init, c
 static int try_pw4(const tf_conv_params *p, const tf_per_channel_quant *q, const int8_t *xg, const int8_t *wc,
                    const int32_t *bias, int32_t co, int32_t cin, int32_t plane, int8_t *y, uint8_t *mask,
                    int32_t out_i) {
-    if (cin > TF_PW4_MAX_CIN || (cin & 1) || (plane & (mask ? 7 : 1)) || (mask && (out_i & 7))) {
+    if (cin > TF_PW4_MAX_CIN || cin < 2 || (cin & 1) || (plane & (mask ? 7 : 1)) || (mask && (out_i & 7))) {
         return 0;
     }
     rqf_t f[4];
