@@ -174,14 +174,25 @@ static inline uint32_t pw_ld16(const int8_t *p) {
     return v;
 }
 
-#define TF_PW4_MAX_CIN 96 /* packed weights of 4 channels: 4 * C_in / 2 words = 8 * C_in bytes of stack */
+#define TF_PW4_CHUNK 96 /* C_in per packed weight chunk: 4 channels x C_in / 2 words = 768 bytes of stack */
+#define TF_PW4_PX 16     /* pixels per block when C_in spans several chunks: 4 x 16 int32 partial sums */
 
-/* wq[(ci / 2) * 4 + j] = (w[j, ci], w[j, ci + 1]) as two int16, for four channels of (4, C_in) weights. */
-static void pw4_pack(uint32_t *wq, const int8_t *w, int32_t cin) {
-    for (int32_t ci = 0; ci < cin; ci += 2) {
-        for (int32_t j = 0; j < 4; j++) {
-            *wq++ = (uint32_t)(uint16_t)(int16_t)w[j * cin + ci] | ((uint32_t)(uint16_t)(int16_t)w[j * cin + ci + 1]
-                                                                     << 16);
+/* wq[(ci / 2) * 4 + j] = (w[j, ci], w[j, ci + 1]) as two int16, ci < n (even), for four channels of weights
+ * w[j, ci] at w + j * stride + ci. */
+static void pw4_pack(uint32_t *wq, const int8_t *w, int32_t stride, int32_t n) {
+    for (int32_t j = 0; j < 4; j++, w += stride) {
+        uint32_t *q = wq + j;
+        int32_t ci = 0;
+#if TF_USE_DSP
+        for (; ci + 4 <= n; ci += 4, q += 8) {
+            const uint32_t v = tf_load_u32(w + ci);
+            const uint32_t e = tf_sxtb16(v), o = tf_sxtb16_ror8(v); /* (w0, w2), (w1, w3) */
+            q[0] = tf_pkhbt(e, o);                                  /* (w0, w1) */
+            q[4] = tf_pkhtb(o, e);                                  /* (w2, w3) */
+        }
+#endif
+        for (; ci < n; ci += 2, q += 4) {
+            *q = (uint32_t)(uint16_t)(int16_t)w[ci] | ((uint32_t)(uint16_t)(int16_t)w[ci + 1] << 16);
         }
     }
 }
@@ -203,15 +214,17 @@ static inline __attribute__((always_inline)) void pw4_put(const rqf_t *f, int8_t
     }
 }
 
-/* Two pixels (p, p + 1) of four channels: 8 sums over C_in, one x pair unpack serves four channels. */
-static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const int32_t *init, const int8_t *xp,
+/* Two pixels (p, p + 1) of four channels: 8 sums over the C_in of wq..wend, starting from ia (a0 b0 a1 b1 ..:
+ * channel j pixel p, p + 1), one x pair unpack serves four channels. last: requantize and store at yp (+ mask
+ * bits), else store the 8 sums at po. */
+static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const int32_t *ia, const int8_t *xp,
                                                           const uint32_t *wq, const uint32_t *wend, int32_t plane,
-                                                          int8_t *yp, uint32_t *mb, int has_mask) {
-    int32_t a0 = init[0], b0 = init[0], a1 = init[1], b1 = init[1], a2 = init[2], b2 = init[2], a3 = init[3],
-            b3 = init[3];
+                                                          int8_t *yp, uint32_t *mb, int32_t *po, int last,
+                                                          int has_mask) {
+    int32_t a0 = ia[0], b0 = ia[1], a1 = ia[2], b1 = ia[3], a2 = ia[4], b2 = ia[5], a3 = ia[6], b3 = ia[7];
 #if TF_USE_DSP
     /* NOTE: the compiler spills accumulators out of this loop (15 live values for 14 registers); by hand only
-     * the loop end lives on the stack. Runs at least once (C_in >= 2). */
+     * the loop end lives on the stack. Runs at least once (wend > wq). */
     uint32_t tt, xx, ww;
     __asm__("1:\n\t"
             "ldrh %[t], [%[xp]]\n\t"
@@ -254,6 +267,17 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
         b3 = pw_smlad(x1, wq[3], b3);
     }
 #endif
+    if (!last) {
+        po[0] = a0;
+        po[1] = b0;
+        po[2] = a1;
+        po[3] = b1;
+        po[4] = a2;
+        po[5] = b2;
+        po[6] = a3;
+        po[7] = b3;
+        return;
+    }
     if (has_mask) {
         *mb >>= 2;
     }
@@ -263,30 +287,29 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
     pw4_put(&f[3], yp + 3 * plane, a3, b3, mb, 3, has_mask);
 }
 
-/* Four output channels of a 1x1 stride-1 conv, fast requantization: y[j, p] for j < 4, p < plane.
- * x (C_in, plane), wq packed by pw4_pack (C_in even), init[j] = bias + offset term; y, mask at output index
- * out_i of channel 0 (a multiple of 8 with a mask; plane % 8 == 0 with a mask, else plane even).
- * NOTE: with a mask, eight pixels per outer step: after four two-pixel steps (each shifting *mb right by 2)
+/* Pixels p0 .. p0 + n - 1 (n even; with a mask n % 8 == 0) of four channels over the C_in of wq..wend; pixel
+ * pair k starts from ia + 8 * k * ia_step. last / has_mask as pw4_px2; partial sums go to po (8 per pair).
+ * NOTE: with a mask, eight pixels per outer step: after four two-pixel steps (each shifting mb right by 2)
  * channel j's eight bits sit in byte j of mb, in order. */
-static inline __attribute__((always_inline)) void pw4_impl(const rqf_t *f, const int32_t *init, const int8_t *x,
-                                                           const uint32_t *wq, int32_t cin, int32_t plane,
-                                                           int8_t *y, uint8_t *mask, int32_t out_i, int has_mask) {
-    const uint32_t *wend = wq + 2 * cin;
-    int8_t *yo = y + out_i;
-    if (!has_mask) {
-        for (int32_t p = 0; p < plane; p += 2) {
-            pw4_px2(f, init, x + p, wq, wend, plane, yo + p, NULL, 0);
+static inline __attribute__((always_inline)) void pw4_run(const rqf_t *f, const int32_t *ia, int32_t ia_step,
+                                                          const int8_t *x, const uint32_t *wq, const uint32_t *wend,
+                                                          int32_t plane, int32_t p0, int32_t n, int8_t *yo,
+                                                          uint8_t *mo, int32_t *po, int last, int has_mask) {
+    if (!last || !has_mask) {
+        for (int32_t k = 0; k < n; k += 2) {
+            pw4_px2(f, ia + 4 * k * ia_step, x + p0 + k, wq, wend, plane, yo + p0 + k, NULL, po + 4 * k, last, 0);
         }
         return;
     }
-    uint8_t *mo = mask + (out_i >> 3);
     const int32_t mplane = plane >> 3;
-    for (int32_t p = 0; p < plane; p += 8) {
+    for (int32_t k = 0; k < n; k += 8) {
         uint32_t mb = 0;
-        pw4_px2(f, init, x + p, wq, wend, plane, yo + p, &mb, 1);
-        pw4_px2(f, init, x + p + 2, wq, wend, plane, yo + p + 2, &mb, 1);
-        pw4_px2(f, init, x + p + 4, wq, wend, plane, yo + p + 4, &mb, 1);
-        pw4_px2(f, init, x + p + 6, wq, wend, plane, yo + p + 6, &mb, 1);
+        const int32_t *ik = ia + 4 * k * ia_step;
+        const int32_t p = p0 + k;
+        pw4_px2(f, ik, x + p, wq, wend, plane, yo + p, &mb, NULL, 1, 1);
+        pw4_px2(f, ik + 8 * ia_step, x + p + 2, wq, wend, plane, yo + p + 2, &mb, NULL, 1, 1);
+        pw4_px2(f, ik + 16 * ia_step, x + p + 4, wq, wend, plane, yo + p + 4, &mb, NULL, 1, 1);
+        pw4_px2(f, ik + 24 * ia_step, x + p + 6, wq, wend, plane, yo + p + 6, &mb, NULL, 1, 1);
         uint8_t *m = mo + (p >> 3);
         m[0] = (uint8_t)mb;
         m[mplane] = (uint8_t)(mb >> 8);
@@ -295,20 +318,58 @@ static inline __attribute__((always_inline)) void pw4_impl(const rqf_t *f, const
     }
 }
 
-__attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *init, const int8_t *x, const uint32_t *wq,
-                                          int32_t cin, int32_t plane, int8_t *y, uint8_t *mask, int32_t out_i) {
-    if (mask) {
-        pw4_impl(f, init, x, wq, cin, plane, y, mask, out_i, 1);
-    } else {
-        pw4_impl(f, init, x, wq, cin, plane, y, mask, out_i, 0);
+/* pw4 for C_in > TF_PW4_CHUNK: per block of TF_PW4_PX pixels, chunk by chunk of C_in, the sums wait on the
+ * stack between chunks (each chunk's weights repacked per block). i8 as pw4_run's ia with step 0. */
+__attribute__((noinline)) static void pw4_big(const rqf_t *f, const int32_t *i8, const int8_t *x, const int8_t *w,
+                                              uint32_t *wq, int32_t cin, int32_t plane, int8_t *yo, uint8_t *mo) {
+    int32_t part[4 * TF_PW4_PX];
+    for (int32_t p0 = 0; p0 < plane; p0 += TF_PW4_PX) {
+        const int32_t n = plane - p0 < TF_PW4_PX ? plane - p0 : TF_PW4_PX;
+        for (int32_t c0 = 0; c0 < cin; c0 += TF_PW4_CHUNK) {
+            const int32_t cc = cin - c0 < TF_PW4_CHUNK ? cin - c0 : TF_PW4_CHUNK;
+            pw4_pack(wq, w + c0, cin, cc);
+            const int8_t *xc = x + c0 * plane;
+            const int32_t *ia = c0 ? part : i8;
+            const int32_t step = c0 ? 1 : 0;
+            if (c0 + cc < cin) {
+                pw4_run(f, ia, step, xc, wq, wq + 2 * cc, plane, p0, n, yo, mo, part, 0, 0);
+            } else if (mo) {
+                pw4_run(f, ia, step, xc, wq, wq + 2 * cc, plane, p0, n, yo, mo, NULL, 1, 1);
+            } else {
+                pw4_run(f, ia, step, xc, wq, wq + 2 * cc, plane, p0, n, yo, mo, NULL, 1, 0);
+            }
+        }
     }
+}
+
+/* Four output channels of a 1x1 stride-1 conv, fast requantization: y[j, p] for j < 4, p < plane.
+ * x (C_in, plane), w (4, C_in), init[j] = bias + offset term; wq a 2 * TF_PW4_CHUNK word buffer; y, mask at
+ * output index out_i of channel 0 (plane % 8 == 0 and out_i % 8 == 0 with a mask, else plane even).
+ * NOTE: C_in <= TF_PW4_CHUNK: weights packed once, one pass. Larger C_in: per block of TF_PW4_PX pixels, chunk
+ * by chunk, the sums wait on the stack between chunks (each chunk's weights repacked per block). */
+__attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *init, const int8_t *x, const int8_t *w,
+                                          uint32_t *wq, int32_t cin, int32_t plane, int8_t *y, uint8_t *mask,
+                                          int32_t out_i) {
+    const int32_t i8[8] = {init[0], init[0], init[1], init[1], init[2], init[2], init[3], init[3]};
+    int8_t *yo = y + out_i;
+    uint8_t *mo = mask ? mask + (out_i >> 3) : NULL;
+    if (cin <= TF_PW4_CHUNK) {
+        pw4_pack(wq, w, cin, cin);
+        if (mask) {
+            pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 1);
+        } else {
+            pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 0);
+        }
+        return;
+    }
+    pw4_big(f, i8, x, w, wq, cin, plane, yo, mo);
 }
 
 /* Channels co..co+3 through pw4 if the shapes and all four requantizations allow it; 1 if done. */
 static int try_pw4(const tf_conv_params *p, const tf_per_channel_quant *q, const int8_t *xg, const int8_t *wc,
                    const int32_t *bias, int32_t co, int32_t cin, int32_t plane, int8_t *y, uint8_t *mask,
                    int32_t out_i) {
-    if (cin > TF_PW4_MAX_CIN || cin < 2 || (cin & 1) || (plane & (mask ? 7 : 1)) || (mask && (out_i & 7))) {
+    if (cin < 2 || (cin & 1) || (plane & (mask ? 7 : 1)) || (mask && (out_i & 7))) {
         return 0;
     }
     rqf_t f[4];
@@ -320,9 +381,8 @@ static int try_pw4(const tf_conv_params *p, const tf_per_channel_quant *q, const
         }
         init[j] = b + p->input_offset * tf_sum_s8(wc + j * cin, cin);
     }
-    uint32_t wq[2 * TF_PW4_MAX_CIN];
-    pw4_pack(wq, wc, cin);
-    pw4(f, init, xg, wq, cin, plane, y, mask, out_i);
+    uint32_t wq[2 * TF_PW4_CHUNK];
+    pw4(f, init, xg, wc, wq, cin, plane, y, mask, out_i);
     return 1;
 }
 
