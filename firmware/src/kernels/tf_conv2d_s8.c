@@ -224,35 +224,45 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
     int32_t a0 = ia[0], b0 = ia[1], a1 = ia[2], b1 = ia[3], a2 = ia[4], b2 = ia[5], a3 = ia[6], b3 = ia[7];
 #if TF_USE_DSP
     /* NOTE: the compiler spills accumulators out of this loop (15 live values for 14 registers); by hand only
-     * the loop end lives on the stack. Runs at least once (wend > wq). */
+     * the loop end lives on the stack. Needs wend > wq. */
     uint32_t tt, xx, ww;
-    __asm__("1:\n\t"
-            "ldrh %[t], [%[xp]]\n\t"
-            "ldrh %[x0], [%[xp], %[pl]]\n\t"
-            "add %[xp], %[xp], %[pl], lsl #1\n\t"
-            "orr %[t], %[t], %[x0], lsl #16\n\t"
-            "sxtb16 %[x0], %[t]\n\t"
-            "sxtb16 %[t], %[t], ror #8\n\t"
-            "ldr %[w], [%[wq]], #4\n\t"
-            "smlad %[a0], %[x0], %[w], %[a0]\n\t"
-            "smlad %[b0], %[t], %[w], %[b0]\n\t"
-            "ldr %[w], [%[wq]], #4\n\t"
-            "smlad %[a1], %[x0], %[w], %[a1]\n\t"
-            "smlad %[b1], %[t], %[w], %[b1]\n\t"
-            "ldr %[w], [%[wq]], #4\n\t"
-            "smlad %[a2], %[x0], %[w], %[a2]\n\t"
-            "smlad %[b2], %[t], %[w], %[b2]\n\t"
-            "ldr %[w], [%[wq]], #4\n\t"
-            "smlad %[a3], %[x0], %[w], %[a3]\n\t"
-            "smlad %[b3], %[t], %[w], %[b3]\n\t"
-            "ldr %[w], %[we]\n\t"
+    /* two input channels: x pair unpack (6) + 4 weight pairs x 2 pixels (12) */
+#define PW4_STEP                                                                                                    \
+    "ldrh %[t], [%[xp]]\n\t"                                                                                        \
+    "ldrh %[x0], [%[xp], %[pl]]\n\t"                                                                                \
+    "add %[xp], %[xp], %[pl], lsl #1\n\t"                                                                           \
+    "orr %[t], %[t], %[x0], lsl #16\n\t"                                                                            \
+    "sxtb16 %[x0], %[t]\n\t"                                                                                        \
+    "sxtb16 %[t], %[t], ror #8\n\t"                                                                                 \
+    "ldr %[w], [%[wq]], #4\n\t"                                                                                     \
+    "smlad %[a0], %[x0], %[w], %[a0]\n\t"                                                                           \
+    "smlad %[b0], %[t], %[w], %[b0]\n\t"                                                                            \
+    "ldr %[w], [%[wq]], #4\n\t"                                                                                     \
+    "smlad %[a1], %[x0], %[w], %[a1]\n\t"                                                                           \
+    "smlad %[b1], %[t], %[w], %[b1]\n\t"                                                                            \
+    "ldr %[w], [%[wq]], #4\n\t"                                                                                     \
+    "smlad %[a2], %[x0], %[w], %[a2]\n\t"                                                                           \
+    "smlad %[b2], %[t], %[w], %[b2]\n\t"                                                                            \
+    "ldr %[w], [%[wq]], #4\n\t"                                                                                     \
+    "smlad %[a3], %[x0], %[w], %[a3]\n\t"                                                                           \
+    "smlad %[b3], %[t], %[w], %[b3]\n\t"
+    /* NOTE: an odd number of pairs (C_in % 4 == 2) takes one step first, then the loop runs two per turn */
+    __asm__("ldr %[w], %[we]\n\t"
+            "sub %[w], %[w], %[wq]\n\t"
+            "tst %[w], #16\n\t"
+            "beq 2f\n\t" PW4_STEP "ldr %[w], %[we]\n\t"
             "cmp %[wq], %[w]\n\t"
-            "bne 1b"
+            "beq 3f\n"
+            "2:\n\t" PW4_STEP PW4_STEP "ldr %[w], %[we]\n\t"
+            "cmp %[wq], %[w]\n\t"
+            "bne 2b\n"
+            "3:"
             : [a0] "+r"(a0), [b0] "+r"(b0), [a1] "+r"(a1), [b1] "+r"(b1), [a2] "+r"(a2), [b2] "+r"(b2),
               [a3] "+r"(a3), [b3] "+r"(b3), [xp] "+r"(xp), [wq] "+r"(wq), [t] "=&r"(tt), [x0] "=&r"(xx),
               [w] "=&r"(ww)
             : [pl] "r"(plane), [we] "m"(wend)
             : "cc", "memory");
+#undef PW4_STEP
 #else
     for (; wq < wend; wq += 4, xp += 2 * plane) {
         const uint32_t t = pw_ld16(xp) | (pw_ld16(xp + plane) << 16); /* x[ci, p..p+1], x[ci+1, p..p+1] */
