@@ -178,21 +178,29 @@ static inline uint32_t pw_ld16(const int8_t *p) {
 #define TF_PW4_PX 16     /* pixels per block when C_in spans several chunks: 4 x 16 int32 partial sums */
 
 /* wq[(ci / 2) * 4 + j] = (w[j, ci], w[j, ci + 1]) as two int16, ci < n (even), for four channels of weights
- * w[j, ci] at w + j * stride + ci. */
-static void pw4_pack(uint32_t *wq, const int8_t *w, int32_t stride, int32_t n) {
+ * w[j, ci] at w + j * stride + ci; sums[j] = sum_ci w[j, ci] unless sums is NULL. */
+static void pw4_pack(uint32_t *wq, const int8_t *w, int32_t stride, int32_t n, int32_t *sums) {
     for (int32_t j = 0; j < 4; j++, w += stride) {
         uint32_t *q = wq + j;
-        int32_t ci = 0;
+        int32_t ci = 0, s = 0;
 #if TF_USE_DSP
         for (; ci + 4 <= n; ci += 4, q += 8) {
             const uint32_t v = tf_load_u32(w + ci);
             const uint32_t e = tf_sxtb16(v), o = tf_sxtb16_ror8(v); /* (w0, w2), (w1, w3) */
             q[0] = tf_pkhbt(e, o);                                  /* (w0, w1) */
             q[4] = tf_pkhtb(o, e);                                  /* (w2, w3) */
+            if (sums) {
+                s = tf_smlad(e, 0x00010001u, s);
+                s = tf_smlad(o, 0x00010001u, s);
+            }
         }
 #endif
         for (; ci < n; ci += 2, q += 4) {
             *q = (uint32_t)(uint16_t)(int16_t)w[ci] | ((uint32_t)(uint16_t)(int16_t)w[ci + 1] << 16);
+            s += w[ci] + w[ci + 1];
+        }
+        if (sums) {
+            sums[j] = s;
         }
     }
 }
@@ -337,7 +345,7 @@ __attribute__((noinline)) static void pw4_big(const rqf_t *f, const int32_t *i8,
         const int32_t n = plane - p0 < TF_PW4_PX ? plane - p0 : TF_PW4_PX;
         for (int32_t c0 = 0; c0 < cin; c0 += TF_PW4_CHUNK) {
             const int32_t cc = cin - c0 < TF_PW4_CHUNK ? cin - c0 : TF_PW4_CHUNK;
-            pw4_pack(wq, w + c0, cin, cc);
+            pw4_pack(wq, w + c0, cin, cc, NULL);
             const int8_t *xc = x + c0 * plane;
             const int32_t *ia = c0 ? part : i8;
             const int32_t step = c0 ? 1 : 0;
@@ -353,26 +361,33 @@ __attribute__((noinline)) static void pw4_big(const rqf_t *f, const int32_t *i8,
 }
 
 /* Four output channels of a 1x1 stride-1 conv, fast requantization: y[j, p] for j < 4, p < plane.
- * x (C_in, plane), w (4, C_in), init[j] = bias + offset term; wq a 2 * TF_PW4_CHUNK word buffer; y, mask at
+ * x (C_in, plane), w (4, C_in), bias b[j], input offset off; wq a 2 * TF_PW4_CHUNK word buffer; y, mask at
  * output index out_i of channel 0 (plane % 8 == 0 and out_i % 8 == 0 with a mask, else plane even).
- * NOTE: C_in <= TF_PW4_CHUNK: weights packed once, one pass. Larger C_in: per block of TF_PW4_PX pixels, chunk
- * by chunk, the sums wait on the stack between chunks (each chunk's weights repacked per block). */
-__attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *init, const int8_t *x, const int8_t *w,
-                                          uint32_t *wq, int32_t cin, int32_t plane, int8_t *y, uint8_t *mask,
-                                          int32_t out_i) {
-    const int32_t i8[8] = {init[0], init[0], init[1], init[1], init[2], init[2], init[3], init[3]};
+ * NOTE: C_in <= TF_PW4_CHUNK: weights packed once (their sums on the way), one pass. Larger C_in: per block of
+ * TF_PW4_PX pixels, chunk by chunk, the sums wait on the stack between chunks (weights repacked per block). */
+__attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *b, int32_t off, const int8_t *x,
+                                          const int8_t *w, uint32_t *wq, int32_t cin, int32_t plane, int8_t *y,
+                                          uint8_t *mask, int32_t out_i) {
+    int32_t ws[4];
+    if (cin <= TF_PW4_CHUNK) {
+        pw4_pack(wq, w, cin, cin, ws);
+    } else {
+        for (int32_t j = 0; j < 4; j++) {
+            ws[j] = tf_sum_s8(w + j * cin, cin);
+        }
+    }
+    const int32_t i0 = b[0] + off * ws[0], i1 = b[1] + off * ws[1], i2 = b[2] + off * ws[2],
+                  i3 = b[3] + off * ws[3];
+    const int32_t i8[8] = {i0, i0, i1, i1, i2, i2, i3, i3};
     int8_t *yo = y + out_i;
     uint8_t *mo = mask ? mask + (out_i >> 3) : NULL;
-    if (cin <= TF_PW4_CHUNK) {
-        pw4_pack(wq, w, cin, cin);
-        if (mask) {
-            pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 1);
-        } else {
-            pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 0);
-        }
-        return;
+    if (cin > TF_PW4_CHUNK) {
+        pw4_big(f, i8, x, w, wq, cin, plane, yo, mo);
+    } else if (mask) {
+        pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 1);
+    } else {
+        pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 0);
     }
-    pw4_big(f, i8, x, w, wq, cin, plane, yo, mo);
 }
 
 /* Channels co..co+3 through pw4 if the shapes and all four requantizations allow it; 1 if done. */
@@ -383,16 +398,15 @@ static int try_pw4(const tf_conv_params *p, const tf_per_channel_quant *q, const
         return 0;
     }
     rqf_t f[4];
-    int32_t init[4];
+    int32_t b[4];
     for (int32_t j = 0; j < 4; j++) {
-        const int32_t b = bias ? bias[co + j] : 0;
-        if (!rqf_init(&f[j], p, q->mult[co + j], q->shift[co + j], b, cin * 255 * 128)) {
+        b[j] = bias ? bias[co + j] : 0;
+        if (!rqf_init(&f[j], p, q->mult[co + j], q->shift[co + j], b[j], cin * 255 * 128)) {
             return 0;
         }
-        init[j] = b + p->input_offset * tf_sum_s8(wc + j * cin, cin);
     }
     uint32_t wq[2 * TF_PW4_CHUNK];
-    pw4(f, init, xg, wc, wq, cin, plane, y, mask, out_i);
+    pw4(f, b, p->input_offset, xg, wc, wq, cin, plane, y, mask, out_i);
     return 1;
 }
 
@@ -423,18 +437,18 @@ tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, c
         const int32_t g = co / cout_g;
         const int8_t *xg = x + (int32_t)g * cin_g * plane; /* (C_in/groups, H, W) of this group */
         const int8_t *wc = w + co * wsize;                 /* (C_in/groups, KH, KW) */
+        if (pointwise1 && co + 3 < w_dims->n && (co + 3) / cout_g == g &&
+            try_pw4(p, q, xg, wc, bias, co, cin_g, plane, y, mask, out_i)) {
+            out_i += 4 * oplane;
+            co += 3;
+            continue;
+        }
         rq_t r;
         rq_init(&r, p, q->mult[co], q->shift[co], bias ? bias[co] : 0);
         const int32_t woff = off * tf_sum_s8(wc, wsize); /* the offset term of a window without padding */
         if (linear) {
             put(&r, y, mask, &bits, out_i, tf_dot_s8(xg, wc, cin_g) + woff);
             out_i++;
-            continue;
-        }
-        if (pointwise1 && co + 3 < w_dims->n && (co + 3) / cout_g == g &&
-            try_pw4(p, q, xg, wc, bias, co, cin_g, plane, y, mask, out_i)) {
-            out_i += 4 * oplane;
-            co += 3;
             continue;
         }
         if (pointwise1 && co + 1 < w_dims->n && (co + 1) / cout_g == g && (!mask || (plane & 7) == 0) &&
