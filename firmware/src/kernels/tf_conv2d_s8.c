@@ -179,7 +179,8 @@ static inline uint32_t pw_ld16(const int8_t *p) {
 
 /* wq[(ci / 2) * 4 + j] = (w[j, ci], w[j, ci + 1]) as two int16, ci < n (even), for four channels of weights
  * w[j, ci] at w + j * stride + ci; sums[j] = sum_ci w[j, ci] unless sums is NULL. */
-static void pw4_pack(uint32_t *wq, const int8_t *w, int32_t stride, int32_t n, int32_t *sums) {
+static inline __attribute__((always_inline)) void pw4_pack(uint32_t *wq, const int8_t *w, int32_t stride, int32_t n,
+                                                           int32_t *sums) {
     for (int32_t j = 0; j < 4; j++, w += stride) {
         uint32_t *q = wq + j;
         int32_t ci = 0, s = 0;
@@ -232,7 +233,7 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
     int32_t a0 = ia[0], b0 = ia[1], a1 = ia[2], b1 = ia[3], a2 = ia[4], b2 = ia[5], a3 = ia[6], b3 = ia[7];
 #if TF_USE_DSP
     /* NOTE: the compiler spills accumulators out of this loop (15 live values for 14 registers); by hand only
-     * the loop end lives on the stack. Needs wend > wq. */
+     * the loop end lives on the stack. Four input channels per turn: needs wend > wq, C_in % 4 == 0. */
     uint32_t tt, xx, ww;
     /* two input channels: x pair unpack (6) + 4 weight pairs x 2 pixels (12) */
 #define PW4_STEP                                                                                                    \
@@ -254,17 +255,9 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
     "ldr %[w], [%[wq]], #4\n\t"                                                                                     \
     "smlad %[a3], %[x0], %[w], %[a3]\n\t"                                                                           \
     "smlad %[b3], %[t], %[w], %[b3]\n\t"
-    /* NOTE: an odd number of pairs (C_in % 4 == 2) takes one step first, then the loop runs two per turn */
-    __asm__("ldr %[w], %[we]\n\t"
-            "sub %[w], %[w], %[wq]\n\t"
-            "tst %[w], #16\n\t"
-            "beq 2f\n\t" PW4_STEP "ldr %[w], %[we]\n\t"
+    __asm__("2:\n\t" PW4_STEP PW4_STEP "ldr %[w], %[we]\n\t"
             "cmp %[wq], %[w]\n\t"
-            "beq 3f\n"
-            "2:\n\t" PW4_STEP PW4_STEP "ldr %[w], %[we]\n\t"
-            "cmp %[wq], %[w]\n\t"
-            "bne 2b\n"
-            "3:"
+            "bne 2b"
             : [a0] "+r"(a0), [b0] "+r"(b0), [a1] "+r"(a1), [b1] "+r"(b1), [a2] "+r"(a2), [b2] "+r"(b2),
               [a3] "+r"(a3), [b3] "+r"(b3), [xp] "+r"(xp), [wq] "+r"(wq), [t] "=&r"(tt), [x0] "=&r"(xx),
               [w] "=&r"(ww)
@@ -394,7 +387,7 @@ __attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *b, int3
 static int try_pw4(const tf_conv_params *p, const tf_per_channel_quant *q, const int8_t *xg, const int8_t *wc,
                    const int32_t *bias, int32_t co, int32_t cin, int32_t plane, int8_t *y, uint8_t *mask,
                    int32_t out_i) {
-    if (cin < 2 || (cin & 1) || (plane & (mask ? 7 : 1)) || (mask && (out_i & 7))) {
+    if (cin < 4 || (cin & 3) || (plane & (mask ? 7 : 1)) || (mask && (out_i & 7))) {
         return 0;
     }
     rqf_t f[4];
