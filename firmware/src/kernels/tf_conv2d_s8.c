@@ -168,6 +168,22 @@ static inline int32_t pw_smlad(uint32_t a, uint32_t b, int32_t acc) {
                                                 (int16_t)(a >> 16) * (int16_t)(b >> 16)));
 }
 #endif
+/* sum w[i], i < n, int8 (int32). NOTE: on M4/M7 four bytes per usada8: biased to unsigned by ^ 0x80 each. */
+static inline int32_t pw_sum_s8(const int8_t *w, int32_t n) {
+    int32_t i = 0, s = 0;
+#if TF_USE_DSP
+    uint32_t u = 0;
+    for (; i + 4 <= n; i += 4) {
+        const uint32_t v = tf_load_u32(w + i) ^ 0x80808080u;
+        __asm__("usada8 %0, %1, %2, %0" : "+r"(u) : "r"(v), "r"(0u));
+    }
+    s = (int32_t)u - 128 * i;
+#endif
+    for (; i < n; i++) {
+        s += w[i];
+    }
+    return s;
+}
 static inline uint32_t pw_ld16(const int8_t *p) {
     uint16_t v;
     __builtin_memcpy(&v, p, 2);
@@ -366,7 +382,7 @@ __attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *b, int3
         pw4_pack(wq, w, cin, cin, ws);
     } else {
         for (int32_t j = 0; j < 4; j++) {
-            ws[j] = tf_sum_s8(w + j * cin, cin);
+            ws[j] = pw_sum_s8(w + j * cin, cin);
         }
     }
     const int32_t i0 = b[0] + off * ws[0], i1 = b[1] + off * ws[1], i2 = b[2] + off * ws[2],
