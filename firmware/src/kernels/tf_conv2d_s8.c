@@ -314,8 +314,9 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
     pw4_put(&f[3], yp + 3 * plane, a3, b3, mb, 3, has_mask);
 }
 
-/* Pixels p0 .. p0 + n - 1 (n even; with a mask n % 8 == 0) of four channels over the C_in of wq..wend; pixel
- * pair k starts from ia + 8 * k * ia_step. last / has_mask as pw4_px2; partial sums go to po (8 per pair).
+/* Pixels p0 .. p0 + n - 1 (n even; with a mask n % 8 == 0) of four channels over the C_in of wq..wend; the
+ * pair at p0 + k starts from the 8 sums at ia + 4 * k * ia_step (ia_step 0: one set for all). last / has_mask
+ * as pw4_px2; partial sums go to po + 4 * k.
  * NOTE: with a mask, eight pixels per outer step: after four two-pixel steps (each shifting mb right by 2)
  * channel j's eight bits sit in byte j of mb, in order. */
 static inline __attribute__((always_inline)) void pw4_run(const rqf_t *f, const int32_t *ia, int32_t ia_step,
@@ -324,7 +325,8 @@ static inline __attribute__((always_inline)) void pw4_run(const rqf_t *f, const 
                                                           uint8_t *mo, int32_t *po, int last, int has_mask) {
     if (!last || !has_mask) {
         for (int32_t k = 0; k < n; k += 2) {
-            pw4_px2(f, ia + 4 * k * ia_step, x + p0 + k, wq, wend, plane, yo + p0 + k, NULL, po + 4 * k, last, 0);
+            pw4_px2(f, ia + 4 * k * ia_step, x + p0 + k, wq, wend, plane, yo + p0 + k, NULL, last ? NULL : po + 4 * k,
+                    last, 0);
         }
         return;
     }
