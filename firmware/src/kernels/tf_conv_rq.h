@@ -60,6 +60,50 @@ static inline void put(const rq_t *r, int8_t *y, uint8_t *mask, uint32_t *bits, 
     putf(r, y, mask, bits, i, acc, r->shift >= 33, mask != NULL);
 }
 
+/* Fast requantization for the common case (shift in [33, 55], act range [-128, 127]): the bias goes into the
+ * accumulator and the rounding constant and zero point into the high word, so one output is
+ * y = sat8(smmla(acc + bias, mult, k) >> t), t = shift - 32, k = 2^(t-1) + zy * 2^t.
+ * NOTE: (acc + bias) * mult + k * 2^32 = v + zy * 2^shift with v as in rq_pre, so floor(. / 2^32) >> t is
+ * floor(v / 2^shift) + zy exactly; |k| < 2^31 needs t <= 23, and acc + bias must not wrap in int32 (checked
+ * against the caller's bound on |acc|). Both sides are below 2^62, so the 64-bit sum in smmla is exact. */
+typedef struct {
+    int32_t mult, k, t;
+} rqf_t;
+
+/* 1 and fills *f when the fast form applies; acc_bound bounds |acc| (C_in * 255 * 128 for a 1x1 conv). */
+static inline int rqf_init(rqf_t *f, const tf_conv_params *p, int32_t mult, int32_t shift, int32_t bias,
+                           int32_t acc_bound) {
+    if (p->act_min != -128 || p->act_max != 127 || shift < 33 || shift > 55 || p->output_offset < -128 ||
+        p->output_offset > 127 || (int64_t)(bias < 0 ? -(int64_t)bias : bias) + acc_bound > INT32_MAX) {
+        return 0;
+    }
+    f->mult = mult;
+    f->t = shift - 32;
+    f->k = (int32_t)(TF_POW2_I64(f->t - 1) + (int64_t)p->output_offset * TF_POW2_I64(f->t));
+    return 1;
+}
+
+static inline int32_t rqf_pre(const rqf_t *f, int32_t acc) {
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP == 1 && !defined(TF_NO_DSP)
+    int32_t r;
+    __asm__("smmla %0, %1, %2, %3" : "=r"(r) : "r"(acc), "r"(f->mult), "r"(f->k));
+    return r >> f->t;
+#else
+    return (int32_t)(((int64_t)acc * f->mult + (int64_t)f->k * 4294967296LL) >> 32) >> f->t;
+#endif
+}
+
+/* clamp to [-128, 127] */
+static inline int32_t rqf_sat8(int32_t v) {
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP == 1 && !defined(TF_NO_DSP)
+    int32_t r;
+    __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(v));
+    return r;
+#else
+    return v < -128 ? -128 : (v > 127 ? 127 : v);
+#endif
+}
+
 /* Instantiates name##_impl (always inline, last two parameters fast and has_mask) for the four cases. */
 #define TF_DISPATCH(impl, rp, mask, ...)                                                                            \
     ((rp)->shift >= 33 ? ((mask) ? impl(__VA_ARGS__, 1, 1) : impl(__VA_ARGS__, 1, 0))                              \

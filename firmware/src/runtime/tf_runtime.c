@@ -280,6 +280,18 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
             shifts_ok(a.v[12], dw.n) && act_range(A(0), A(1)) && act_range(A(9), A(10)) && A(4) >= -128 && A(4) <= 127);
         const tf_dims mid = {pw.n, xd.h, xd.w};
         REQ(tf_conv_check(&mid, &dw, &yd, pw.n, A(5), A(6), A(7), A(8)) == TF_OK);
+        /* NOTE: four expanded channels per pass (their 1x1 shares every x unpack) where a free arena gap holds
+         * 4 x H x W bytes (free_gap, found once at load, as for CONV2D_BWD_INPUT); else one channel at a time
+         * in the planner's H x W scratch. Same numbers, no extra SRAM. */
+        const int32_t need4 = 4 * tf_pwdw_get_buffer_size(&xd);
+        if (!exec && rt->scratch[i] >= 0 && pw.n >= 4) {
+            const int32_t off = free_gap(rt, i, (uint32_t)need4);
+            rt->scratch[i] = off >= 0 ? (int16_t)(GAP_BASE - off / 8) : rt->scratch[i];
+        }
+        if (rt->scratch[i] <= GAP_BASE) {
+            ctx.buf = rt->arena + 8 * (uint32_t)(GAP_BASE - rt->scratch[i]);
+            ctx.size = need4;
+        }
         if (ctx.size < tf_pwdw_get_buffer_size(&xd)) {
             return TF_RT_NO_SCRATCH;
         }
