@@ -5,12 +5,23 @@
 #include "tf_qmath.h"
 
 #define TF_BWD_CHUNK 384 /* g' values of one pixel (int16, on the stack) per chunk; int32 sums stay exact */
+#define TF_PW_GEMM_MAX_COUT 1022 /* |g'| <= 2^14, |w| <= 128: int32 sums of <= 1022 terms cannot overflow */
+
+/* Bytes after the int32 sums that the 1x1 GEMM path packs its operands into: g' as (P/2, C_out/2, 2) words
+ * (int16 pairs of consecutive co, two pixels side by side) and 4 input channels of w as (C_out/2, 4) words. */
+static int32_t pw_gemm_bytes(int32_t cout, int32_t plane) {
+    const int32_t ncp = (cout + 1) / 2, npp = (plane + 1) / 2;
+    return npp * ncp * 8 + ncp * 16;
+}
 
 int32_t tf_conv2d_bwd_input_get_buffer_size(const tf_dims *gy_dims, const tf_dims *gx_dims, int one_pass) {
     int32_t gy_n = gy_dims->c * gy_dims->h * gy_dims->w;
     int32_t size = ((gy_n * 2 + 3) / 4) * 4; /* int16 g', padded so the int32 part is aligned */
     if (one_pass) {
-        size += gx_dims->c * gx_dims->h * gx_dims->w * 4;
+        const int32_t n4 = gx_dims->c * gx_dims->h * gx_dims->w * 4;
+        const int32_t gemm = n4 + pw_gemm_bytes(gy_dims->c, gy_dims->h * gy_dims->w);
+        size += n4;
+        size = size > gemm ? size : gemm; /* NOTE: enough for the 1x1 GEMM path too (g' is as large there) */
     }
     return size;
 }
@@ -262,12 +273,142 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
     return mx;
 }
 
+/* (lo, hi) signed 16-bit halves of one word. */
+static inline uint32_t pair16(int32_t lo, int32_t hi) { return ((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16); }
+
+/* a[2j + s] = sum_k wp[4k + j] . gp[2k + s] (dot of int16 pairs), k < ncp >= 1; wp (ncp, 4), gp (ncp, 2) words. */
+static inline __attribute__((always_inline)) void mac4x2(const uint32_t *wp, const uint32_t *gp, int32_t ncp,
+                                                        int32_t *a) {
+#if TF_USE_DSP
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+    const uint32_t *gend = gp + 2 * ncp;
+    uint32_t t, g0, g1;
+    /* NOTE: 15 instructions per 16 MACs; in C the compiler spills some of the 14 live registers. */
+    __asm__("1:\n\t"
+            "ldrd %[g0], %[g1], [%[gp]], #8\n\t"
+            "ldr %[t], [%[wp]], #4\n\t"
+            "smlad %[a0], %[t], %[g0], %[a0]\n\t"
+            "smlad %[a1], %[t], %[g1], %[a1]\n\t"
+            "ldr %[t], [%[wp]], #4\n\t"
+            "smlad %[a2], %[t], %[g0], %[a2]\n\t"
+            "smlad %[a3], %[t], %[g1], %[a3]\n\t"
+            "ldr %[t], [%[wp]], #4\n\t"
+            "smlad %[a4], %[t], %[g0], %[a4]\n\t"
+            "smlad %[a5], %[t], %[g1], %[a5]\n\t"
+            "ldr %[t], [%[wp]], #4\n\t"
+            "smlad %[a6], %[t], %[g0], %[a6]\n\t"
+            "smlad %[a7], %[t], %[g1], %[a7]\n\t"
+            "cmp %[gp], %[gend]\n\t"
+            "bne 1b"
+            : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5),
+              [a6] "+r"(a6), [a7] "+r"(a7), [wp] "+r"(wp), [gp] "+r"(gp), [t] "=&r"(t), [g0] "=&r"(g0),
+              [g1] "=&r"(g1)
+            : [gend] "r"(gend)
+            : "cc", "memory");
+    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;
+#else
+    for (int32_t j = 0; j < 8; j++) {
+        a[j] = 0;
+    }
+    for (int32_t k = 0; k < ncp; k++, wp += 4, gp += 2) {
+        for (int32_t j = 0; j < 4; j++) {
+            const int32_t wl = (int16_t)(wp[j] & 0xFFFFu), wh = (int16_t)(wp[j] >> 16);
+            a[2 * j] += wl * (int16_t)(gp[0] & 0xFFFFu) + wh * (int16_t)(gp[0] >> 16);
+            a[2 * j + 1] += wl * (int16_t)(gp[1] & 0xFFFFu) + wh * (int16_t)(gp[1] >> 16);
+        }
+    }
+#endif
+}
+
+/* The 1x1 stride-1 case as a GEMM into the int32 sums: acc[ci, p] = sum_co w[co, ci] g'[co, p], 4 input channels
+ * x 2 pixels per inner loop, both operands packed as int16 pairs of consecutive co behind the sums (scratch of
+ * 4 * C_in * P + pw_gemm_bytes; C_out per group <= TF_PW_GEMM_MAX_COUT). Returns max |acc|. */
+static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
+                                   const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, int32_t *acc32) {
+    const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, plane = gy->h * gy->w;
+    const int32_t ncp = (cout_g + 1) / 2, npp = (plane + 1) / 2;
+    uint32_t *gq = (uint32_t *)(acc32 + cin_g * p->groups * plane); /* (npp, ncp, 2) */
+    uint32_t *wpk = gq + npp * ncp * 2;                             /* (ncp, 4) */
+    uint32_t mx = 0;
+    for (int32_t g = 0; g < p->groups; g++) {
+        const int32_t cg = g * cout_g;
+        for (int32_t k = 0; k < ncp; k++) { /* g' of co = cg + 2k (lo) and + 2k + 1 (hi; 0 past the group) */
+            const int has1 = 2 * k + 1 < cout_g;
+            const int8_t *y0 = g_y + (cg + 2 * k) * plane, *y1 = has1 ? y0 + plane : y0;
+            const int32_t q0 = wscale_q[cg + 2 * k], q1 = has1 ? wscale_q[cg + 2 * k + 1] : 0;
+            uint32_t *dst = gq + 2 * k;
+            for (int32_t px = 0; px < plane; px++) {
+                dst[(px >> 1) * ncp * 2 + (px & 1)] = pair16(((int32_t)y0[px] * q0 + 128) >> 8,
+                                                             ((int32_t)y1[px] * q1 + 128) >> 8);
+            }
+            if (plane & 1) {
+                dst[(plane >> 1) * ncp * 2 + 1] = 0;
+            }
+        }
+        for (int32_t ci = 0; ci < cin_g; ci += 4) {
+            const int32_t nci = cin_g - ci < 4 ? cin_g - ci : 4;
+            for (int32_t k = 0; k < ncp; k++) { /* (w[co][ci + j], w[co + 1][ci + j]) at wpk[4k + j] */
+                const int8_t *w0 = w + (cg + 2 * k) * cin_g + ci, *w1 = w0 + cin_g;
+                const int has1 = 2 * k + 1 < cout_g;
+#if TF_USE_DSP
+                if (nci == 4 && has1) {
+                    const uint32_t va = tf_load_u32(w0), vb = tf_load_u32(w1);
+                    const uint32_t ae = tf_sxtb16(va), be = tf_sxtb16(vb);
+                    const uint32_t ao = tf_sxtb16_ror8(va), bo = tf_sxtb16_ror8(vb);
+                    wpk[4 * k] = tf_pkhbt(ae, be);
+                    wpk[4 * k + 1] = tf_pkhbt(ao, bo);
+                    wpk[4 * k + 2] = tf_pkhtb(be, ae);
+                    wpk[4 * k + 3] = tf_pkhtb(bo, ao);
+                    continue;
+                }
+#endif
+                for (int32_t j = 0; j < 4; j++) {
+                    wpk[4 * k + j] = j < nci ? pair16(w0[j], has1 ? w1[j] : 0) : 0;
+                }
+            }
+            int32_t *dst = acc32 + (g * cin_g + ci) * plane;
+            for (int32_t pp = 0; pp < npp; pp++) {
+                int32_t a[8];
+                mac4x2(wpk, gq + pp * ncp * 2, ncp, a);
+                for (int32_t s = 0; s < 2 && 2 * pp + s < plane; s++) {
+                    for (int32_t j = 0; j < nci; j++) {
+                        const int32_t v = a[2 * j + s];
+                        const uint32_t m = v < 0 ? 0u - (uint32_t)v : (uint32_t)v;
+                        dst[j * plane + 2 * pp + s] = v;
+                        mx = m > mx ? m : mx;
+                    }
+                }
+            }
+        }
+    }
+    return mx;
+}
+
+/* g_x[i] = rshift_round(acc[i], sh), |acc| < 2^31: ((acc >> (sh - 1)) + 1) >> 1 is (acc + 2^(sh-1)) >> sh
+ * without the int32 overflow of the addition. */
+static void requant_out(const int32_t *acc, int8_t *g_x, int32_t n, int32_t sh) {
+    if (sh == 0) {
+        for (int32_t i = 0; i < n; i++) {
+            g_x[i] = (int8_t)acc[i];
+        }
+        return;
+    }
+    const int32_t s1 = sh - 1;
+    for (int32_t i = 0; i < n; i++) {
+        g_x[i] = (int8_t)(((acc[i] >> s1) + 1) >> 1);
+    }
+}
+
 int32_t tf_conv2d_bwd_input_fast_buffer_size(const tf_conv_bwd_params *p, const tf_filter_dims *w_dims,
                                              const tf_dims *gx_dims) {
     const int unit = p->stride_h == 1 && p->stride_w == 1;
     const int pw = unit && w_dims->h == 1 && w_dims->w == 1 && p->pad_h == 0 && p->pad_w == 0;
     const int dw = w_dims->c == 1 && w_dims->n == p->groups && dw_plane_fits(gx_dims, w_dims);
-    return pw || dw ? gx_dims->c * gx_dims->h * gx_dims->w * 4 : -1;
+    const int32_t n4 = gx_dims->c * gx_dims->h * gx_dims->w * 4;
+    if (pw && w_dims->n / p->groups <= TF_PW_GEMM_MAX_COUT) {
+        return n4 + pw_gemm_bytes(w_dims->n / p->groups, gx_dims->h * gx_dims->w);
+    }
+    return pw || dw ? n4 : -1;
 }
 
 tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p, const int32_t *wscale_q,
@@ -294,15 +435,16 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
         const int32_t n = gx_dims->c * gx_dims->h * gx_dims->w;
         int32_t *acc32 = ctx->buf && ctx->size >= 4 * n && ((uintptr_t)ctx->buf & 3) == 0 ? (int32_t *)ctx->buf
                                                                                             : NULL;
+        const int32_t cout_g = w_dims->n / p->groups;
+        const int gemm = pw && acc32 && cout_g <= TF_PW_GEMM_MAX_COUT &&
+                         ctx->size >= 4 * n + pw_gemm_bytes(cout_g, gy_dims->h * gy_dims->w);
         const int mode = acc32 ? TF_PASS_KEEP : TF_PASS_MAX;
-        const uint64_t mx = pw ? bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, acc32, 0, mode)
-                               : bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, acc32, 0, mode);
+        const uint64_t mx = gemm ? bwd_pointwise_gemm(p, wscale_q, gy_dims, g_y, w_dims, w, acc32)
+                            : pw ? bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, acc32, 0, mode)
+                                 : bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, acc32, 0, mode);
         const int32_t shf = tf_dyn_shift(mx);
         if (acc32 && mx < ((uint64_t)1 << 31)) {
-            const int32_t r = shf > 0 ? 1 << (shf - 1) : 0; /* shf <= 25 here: |acc| < 2^31 */
-            for (int32_t i = 0; i < n; i++) {
-                g_x[i] = (int8_t)(((int64_t)acc32[i] + r) >> shf);
-            }
+            requant_out(acc32, g_x, n, shf); /* shf <= 25 here */
         } else if (pw) {
             bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, NULL, shf, TF_PASS_WRITE);
         } else {
