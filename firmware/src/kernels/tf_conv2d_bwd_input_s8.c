@@ -10,7 +10,7 @@
 /* Bytes after the int32 sums that the 1x1 GEMM path packs its operands into: g' as (P/2, C_out/2, 2) words
  * (int16 pairs of consecutive co, two pixels side by side) and 4 input channels of w as (C_out/2, 4) words. */
 static int32_t pw_gemm_bytes(int32_t cout, int32_t plane) {
-    const int32_t ncp = (cout + 1) / 2, npp = (plane + 1) / 2;
+    const int32_t ncp = (cout + 3) / 4 * 2, npp = (plane + 1) / 2; /* co pairs, padded to even */
     return npp * ncp * 8 + ncp * 16;
 }
 
@@ -276,35 +276,84 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
 /* (lo, hi) signed 16-bit halves of one word. */
 static inline uint32_t pair16(int32_t lo, int32_t hi) { return ((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16); }
 
-/* a[2j + s] = sum_k wp[4k + j] . gp[2k + s] (dot of int16 pairs), k < ncp >= 1; wp (ncp, 4), gp (ncp, 2) words. */
+#if TF_USE_DSP
+/* The co-pair loop of mac4x2 (operands as there): 14 instructions per 16 MACs. */
+#define TF_MAC4X2_LOOP \
+    "1:\n\t" \
+    "ldrd %[g0], %[g1], [%[gp]], #8\n\t" \
+    "ldr %[t], [%[wp]], #4\n\t" \
+    "smlad %[a0], %[t], %[g0], %[a0]\n\t" \
+    "smlad %[a1], %[t], %[g1], %[a1]\n\t" \
+    "ldr %[t], [%[wp]], #4\n\t" \
+    "smlad %[a2], %[t], %[g0], %[a2]\n\t" \
+    "smlad %[a3], %[t], %[g1], %[a3]\n\t" \
+    "ldr %[t], [%[wp]], #4\n\t" \
+    "smlad %[a4], %[t], %[g0], %[a4]\n\t" \
+    "smlad %[a5], %[t], %[g1], %[a5]\n\t" \
+    "ldr %[t], [%[wp]], #4\n\t" \
+    "smlad %[a6], %[t], %[g0], %[a6]\n\t" \
+    "smlad %[a7], %[t], %[g1], %[a7]\n\t" \
+    "ldrd %[g0], %[g1], [%[gp]], #8\n\t" \
+    "ldr %[t], [%[wp]], #4\n\t" \
+    "smlad %[a0], %[t], %[g0], %[a0]\n\t" \
+    "smlad %[a1], %[t], %[g1], %[a1]\n\t" \
+    "ldr %[t], [%[wp]], #4\n\t" \
+    "smlad %[a2], %[t], %[g0], %[a2]\n\t" \
+    "smlad %[a3], %[t], %[g1], %[a3]\n\t" \
+    "ldr %[t], [%[wp]], #4\n\t" \
+    "smlad %[a4], %[t], %[g0], %[a4]\n\t" \
+    "smlad %[a5], %[t], %[g1], %[a5]\n\t" \
+    "ldr %[t], [%[wp]], #4\n\t" \
+    "smlad %[a6], %[t], %[g0], %[a6]\n\t" \
+    "smlad %[a7], %[t], %[g1], %[a7]\n\t" \
+    "cmp %[gp], %[gend]\n\t" \
+    "bne 1b"
+#define TF_MAC4X2_OPERANDS                                                                                          \
+    : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5), [a6] "+r"(a6),       \
+      [a7] "+r"(a7), [wp] "+r"(wp), [gp] "+r"(gp), [t] "=&r"(t), [g0] "=&r"(g0), [g1] "=&r"(g1)                      \
+    : [gend] "r"(gend)                                                                                               \
+    : "cc", "memory"
+#endif
+
+#if TF_USE_DSP
+/* mac4x2 for 4 channels x 2 pixels that all exist: stores the sums at d[j * plane + s] (d 4-byte aligned) and
+ * returns max(mx, max_j t_j), t = a ^ (a >> 31) (|a|, or |a| - 1 for a < 0: see bwd_pointwise_gemm). */
+static inline __attribute__((always_inline)) uint32_t tile4x2(const uint32_t *wp, const uint32_t *gp, int32_t ncp,
+                                                             int32_t *d, int32_t plane, uint32_t mx) {
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+    const uint32_t *gend = gp + 2 * ncp;
+    uint32_t t, g0, g1;
+    __asm__(TF_MAC4X2_LOOP TF_MAC4X2_OPERANDS);
+    /* NOTE: 39 instructions for the 8 stores and the max, where C keeps a[] on the stack */
+    __asm__("strd %[a0], %[a1], [%[d]]\n\t"
+            "add %[d], %[d], %[st]\n\t"
+            "strd %[a2], %[a3], [%[d]]\n\t"
+            "add %[d], %[d], %[st]\n\t"
+            "strd %[a4], %[a5], [%[d]]\n\t"
+            "add %[d], %[d], %[st]\n\t"
+            "strd %[a6], %[a7], [%[d]]\n\t"
+#define TF_TMAX(r) "eor " r ", " r ", " r ", asr #31\n\tcmp " r ", %[mx]\n\tit hi\n\tmovhi %[mx], " r "\n\t"
+            TF_TMAX("%[a0]") TF_TMAX("%[a1]") TF_TMAX("%[a2]") TF_TMAX("%[a3]") TF_TMAX("%[a4]") TF_TMAX("%[a5]")
+            TF_TMAX("%[a6]") TF_TMAX("%[a7]")
+#undef TF_TMAX
+            : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5),
+              [a6] "+r"(a6), [a7] "+r"(a7), [d] "+r"(d), [mx] "+r"(mx)
+            : [st] "r"(plane * 4)
+            : "cc", "memory");
+    return mx;
+}
+#endif
+
+/* a[2j + s] = sum_k wp[4k + j] . gp[2k + s] (dot of int16 pairs), k < ncp, ncp even >= 2; wp (ncp, 4), gp (ncp, 2)
+ * words. */
 static inline __attribute__((always_inline)) void mac4x2(const uint32_t *wp, const uint32_t *gp, int32_t ncp,
                                                         int32_t *a) {
 #if TF_USE_DSP
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
     const uint32_t *gend = gp + 2 * ncp;
     uint32_t t, g0, g1;
-    /* NOTE: 15 instructions per 16 MACs; in C the compiler spills some of the 14 live registers. */
-    __asm__("1:\n\t"
-            "ldrd %[g0], %[g1], [%[gp]], #8\n\t"
-            "ldr %[t], [%[wp]], #4\n\t"
-            "smlad %[a0], %[t], %[g0], %[a0]\n\t"
-            "smlad %[a1], %[t], %[g1], %[a1]\n\t"
-            "ldr %[t], [%[wp]], #4\n\t"
-            "smlad %[a2], %[t], %[g0], %[a2]\n\t"
-            "smlad %[a3], %[t], %[g1], %[a3]\n\t"
-            "ldr %[t], [%[wp]], #4\n\t"
-            "smlad %[a4], %[t], %[g0], %[a4]\n\t"
-            "smlad %[a5], %[t], %[g1], %[a5]\n\t"
-            "ldr %[t], [%[wp]], #4\n\t"
-            "smlad %[a6], %[t], %[g0], %[a6]\n\t"
-            "smlad %[a7], %[t], %[g1], %[a7]\n\t"
-            "cmp %[gp], %[gend]\n\t"
-            "bne 1b"
-            : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5),
-              [a6] "+r"(a6), [a7] "+r"(a7), [wp] "+r"(wp), [gp] "+r"(gp), [t] "=&r"(t), [g0] "=&r"(g0),
-              [g1] "=&r"(g1)
-            : [gend] "r"(gend)
-            : "cc", "memory");
+    /* NOTE: in C the compiler spills some of the 14 live registers. */
+    __asm__(TF_MAC4X2_LOOP TF_MAC4X2_OPERANDS);
     a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;
 #else
     for (int32_t j = 0; j < 8; j++) {
@@ -322,20 +371,21 @@ static inline __attribute__((always_inline)) void mac4x2(const uint32_t *wp, con
 
 /* The 1x1 stride-1 case as a GEMM into the int32 sums: acc[ci, p] = sum_co w[co, ci] g'[co, p], 4 input channels
  * x 2 pixels per inner loop, both operands packed as int16 pairs of consecutive co behind the sums (scratch of
- * 4 * C_in * P + pw_gemm_bytes; C_out per group <= TF_PW_GEMM_MAX_COUT). Returns max |acc|. */
+ * 4 * C_in * P + pw_gemm_bytes; C_out per group <= TF_PW_GEMM_MAX_COUT). Returns M: max |acc| is M or M + 1
+ * (the DSP tiles track a ^ (a >> 31), one instruction cheaper than |a|; the caller settles which). */
 static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
                                    const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, int32_t *acc32) {
     const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, plane = gy->h * gy->w;
-    const int32_t ncp = (cout_g + 1) / 2, npp = (plane + 1) / 2;
+    const int32_t ncp = (cout_g + 3) / 4 * 2, npp = (plane + 1) / 2; /* as pw_gemm_bytes */
     uint32_t *gq = (uint32_t *)(acc32 + cin_g * p->groups * plane); /* (npp, ncp, 2) */
     uint32_t *wpk = gq + npp * ncp * 2;                             /* (ncp, 4) */
     uint32_t mx = 0;
     for (int32_t g = 0; g < p->groups; g++) {
         const int32_t cg = g * cout_g;
-        for (int32_t k = 0; k < ncp; k++) { /* g' of co = cg + 2k (lo) and + 2k + 1 (hi; 0 past the group) */
-            const int has1 = 2 * k + 1 < cout_g;
-            const int8_t *y0 = g_y + (cg + 2 * k) * plane, *y1 = has1 ? y0 + plane : y0;
-            const int32_t q0 = wscale_q[cg + 2 * k], q1 = has1 ? wscale_q[cg + 2 * k + 1] : 0;
+        for (int32_t k = 0; k < ncp; k++) { /* g' of co = cg + 2k (lo) and + 2k + 1 (hi), 0 past the group */
+            const int has0 = 2 * k < cout_g, has1 = 2 * k + 1 < cout_g;
+            const int8_t *y0 = g_y + (cg + (has0 ? 2 * k : 0)) * plane, *y1 = has1 ? y0 + plane : y0;
+            const int32_t q0 = has0 ? wscale_q[cg + 2 * k] : 0, q1 = has1 ? wscale_q[cg + 2 * k + 1] : 0;
             uint32_t *dst = gq + 2 * k;
             for (int32_t px = 0; px < plane; px++) {
                 dst[(px >> 1) * ncp * 2 + (px & 1)] = pair16(((int32_t)y0[px] * q0 + 128) >> 8,
@@ -349,7 +399,7 @@ static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *w
             const int32_t nci = cin_g - ci < 4 ? cin_g - ci : 4;
             for (int32_t k = 0; k < ncp; k++) { /* (w[co][ci + j], w[co + 1][ci + j]) at wpk[4k + j] */
                 const int8_t *w0 = w + (cg + 2 * k) * cin_g + ci, *w1 = w0 + cin_g;
-                const int has1 = 2 * k + 1 < cout_g;
+                const int has0 = 2 * k < cout_g, has1 = 2 * k + 1 < cout_g;
 #if TF_USE_DSP
                 if (nci == 4 && has1) {
                     const uint32_t va = tf_load_u32(w0), vb = tf_load_u32(w1);
@@ -363,11 +413,17 @@ static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *w
                 }
 #endif
                 for (int32_t j = 0; j < 4; j++) {
-                    wpk[4 * k + j] = j < nci ? pair16(w0[j], has1 ? w1[j] : 0) : 0;
+                    wpk[4 * k + j] = j < nci && has0 ? pair16(w0[j], has1 ? w1[j] : 0) : 0;
                 }
             }
             int32_t *dst = acc32 + (g * cin_g + ci) * plane;
             for (int32_t pp = 0; pp < npp; pp++) {
+#if TF_USE_DSP
+                if (nci == 4 && 2 * pp + 1 < plane) {
+                    mx = tile4x2(wpk, gq + pp * ncp * 2, ncp, dst + 2 * pp, plane, mx);
+                    continue;
+                }
+#endif
                 int32_t a[8];
                 mac4x2(wpk, gq + pp * ncp * 2, ncp, a);
                 for (int32_t s = 0; s < 2 && 2 * pp + s < plane; s++) {
@@ -442,7 +498,15 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
         const uint64_t mx = gemm ? bwd_pointwise_gemm(p, wscale_q, gy_dims, g_y, w_dims, w, acc32)
                             : pw ? bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, acc32, 0, mode)
                                  : bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, acc32, 0, mode);
-        const int32_t shf = tf_dyn_shift(mx);
+        int32_t shf = tf_dyn_shift(mx);
+        if (gemm && tf_dyn_shift(mx + 1) != shf) { /* NOTE: rare: only a sum of -(M + 1) makes the max M + 1 */
+            for (int32_t i = 0; i < n; i++) {
+                if ((int64_t)acc32[i] == -(int64_t)(mx + 1)) {
+                    shf = tf_dyn_shift(mx + 1);
+                    break;
+                }
+            }
+        }
         if (acc32 && mx < ((uint64_t)1 << 31)) {
             requant_out(acc32, g_x, n, shf); /* shf <= 25 here */
         } else if (pw) {
