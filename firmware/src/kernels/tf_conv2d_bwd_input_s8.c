@@ -26,6 +26,9 @@ int32_t tf_conv2d_bwd_input_get_buffer_size(const tf_dims *gy_dims, const tf_dim
     return size;
 }
 
+/* (lo, hi) signed 16-bit halves of one word. */
+static inline uint32_t pair16(int32_t lo, int32_t hi) { return ((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16); }
+
 /* acc[ci, ih, iw] = sum_{co in group, kh, kw: ih = oh*s - pad + kh} g'[co, oh, ow] * w[co, ci_local, kh, kw] */
 static int64_t bwd_elem(const tf_conv_bwd_params *p, const tf_dims *gy, const int16_t *gq,
                         const tf_filter_dims *wd, const int8_t *w, int32_t ci, int32_t ih, int32_t iw) {
@@ -201,6 +204,50 @@ static int dw_plane_fits(const tf_dims *gx, const tf_filter_dims *wd) {
     return (gx->h + wd->h - 1) * (gx->w + wd->w - 1) <= TF_BWD_DW_PLANE;
 }
 
+#if TF_USE_DSP
+/* One channel of the 3x3 depthwise into the int32 sums d (ih_n, iw_n): two outputs per step from int16 pairs of
+ * the plane rows, weights packed per kernel row r as (w[r][2], w[r][1]) and (w[r][1], w[r][0]). Returns
+ * max(mx, a ^ (a >> 31)) over the sums, as tile4x2. */
+static __attribute__((noinline)) uint32_t dw3_keep(const int16_t *u, int32_t pw, int32_t ih_n, int32_t iw_n,
+                                                  const int8_t *wc, int32_t *d, uint32_t mx) {
+    const uint32_t k0 = pair16(wc[2], wc[1]), l0 = pair16(wc[1], wc[0]);
+    const uint32_t k1 = pair16(wc[5], wc[4]), l1 = pair16(wc[4], wc[3]);
+    const uint32_t k2 = pair16(wc[8], wc[7]), l2 = pair16(wc[7], wc[6]);
+    for (int32_t ih = 0; ih < ih_n; ih++) {
+        const int16_t *b = u + (ih + 2) * pw + 2; /* U[ih + 2][iw + 2]: rows b, b - pw, b - 2pw take w rows 0, 1, 2 */
+        int32_t iw = 0;
+        for (; iw + 2 <= iw_n; iw += 2, b += 2, d += 2) {
+            uint32_t p0, p1, q0, q1, r0, r1; /* (U[x - 2], U[x - 1]) and (U[x], U[x + 1]) of the three rows */
+            __builtin_memcpy(&p0, b - 2, 4);
+            __builtin_memcpy(&p1, b, 4);
+            __builtin_memcpy(&q0, b - pw - 2, 4);
+            __builtin_memcpy(&q1, b - pw, 4);
+            __builtin_memcpy(&r0, b - 2 * pw - 2, 4);
+            __builtin_memcpy(&r1, b - 2 * pw, 4);
+            int32_t o0 = tf_smlad(p0, k0, 0), o1 = tf_smlatb(p0, k0, 0);
+            o0 = tf_smlabt(p1, l0, o0), o1 = tf_smlad(p1, l0, o1);
+            o0 = tf_smlad(q0, k1, o0), o1 = tf_smlatb(q0, k1, o1);
+            o0 = tf_smlabt(q1, l1, o0), o1 = tf_smlad(q1, l1, o1);
+            o0 = tf_smlad(r0, k2, o0), o1 = tf_smlatb(r0, k2, o1);
+            o0 = tf_smlabt(r1, l2, o0), o1 = tf_smlad(r1, l2, o1);
+            d[0] = o0, d[1] = o1;
+            const uint32_t t0 = (uint32_t)(o0 ^ (o0 >> 31)), t1 = (uint32_t)(o1 ^ (o1 >> 31));
+            mx = t0 > mx ? t0 : mx;
+            mx = t1 > mx ? t1 : mx;
+        }
+        if (iw < iw_n) {
+            const int16_t *b1 = b - pw, *b2 = b1 - pw;
+            const int32_t o = b[0] * wc[0] + b[-1] * wc[1] + b[-2] * wc[2] + b1[0] * wc[3] + b1[-1] * wc[4] +
+                              b1[-2] * wc[5] + b2[0] * wc[6] + b2[-1] * wc[7] + b2[-2] * wc[8];
+            const uint32_t t = (uint32_t)(o ^ (o >> 31));
+            *d++ = o;
+            mx = t > mx ? t : mx;
+        }
+    }
+    return mx;
+}
+#endif
+
 static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
                               const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx,
                               int8_t *g_x, int32_t *acc32, int32_t sh, int mode) {
@@ -229,6 +276,7 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
     }
     const int k33 = kh_n == 3 && kw_n == 3;
     for (int32_t c = 0; c < gx->c; c++) {
+        int ih_skip = 0;
         const int8_t *gc = g_y + c * oplane;
         const int32_t q = wscale_q[c];
         for (int32_t oh = oh_lo; oh < oh_hi; oh++) {
@@ -243,7 +291,13 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
         const int32_t w3 = k33 ? wc[3] : 0, w4 = k33 ? wc[4] : 0, w5 = k33 ? wc[5] : 0;
         const int32_t w6 = k33 ? wc[6] : 0, w7 = k33 ? wc[7] : 0, w8 = k33 ? wc[8] : 0;
         int32_t i = c * ih_n * iw_n;
-        for (int32_t ih = 0; ih < ih_n; ih++) {
+#if TF_USE_DSP
+        if (k33 && mode == TF_PASS_KEEP) {
+            mx = dw3_keep(u, pw, ih_n, iw_n, wc, acc32 + i, (uint32_t)mx);
+            ih_skip = 1;
+        }
+#endif
+        for (int32_t ih = ih_skip ? ih_n : 0; ih < ih_n; ih++) {
             const int16_t *b0 = u + (ih + kh_n - 1) * pw + kw_n - 1; /* U[ih + KH-1][iw + KW-1] at iw = 0 */
             for (int32_t iw = 0; iw < iw_n; iw++, i++, b0++) {
                 int32_t acc = 0; /* at most K*K terms of 2^14 * 127 */
@@ -272,9 +326,6 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
     }
     return mx;
 }
-
-/* (lo, hi) signed 16-bit halves of one word. */
-static inline uint32_t pair16(int32_t lo, int32_t hi) { return ((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16); }
 
 #if TF_USE_DSP
 /* The co-pair loop of mac4x2 (operands as there): 14 instructions per 16 MACs. */
@@ -499,7 +550,9 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
                             : pw ? bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, acc32, 0, mode)
                                  : bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, acc32, 0, mode);
         int32_t shf = tf_dyn_shift(mx);
-        if (gemm && tf_dyn_shift(mx + 1) != shf) { /* NOTE: rare: only a sum of -(M + 1) makes the max M + 1 */
+        if (acc32 && mx < ((uint64_t)1 << 31) && tf_dyn_shift(mx + 1) != shf) {
+            /* NOTE: the DSP paths track a ^ (a >> 31), so max |acc| is M or M + 1: rarely the shift differs, then
+             * a sum of -(M + 1) settles it (the exact paths never have one) */
             for (int32_t i = 0; i < n; i++) {
                 if ((int64_t)acc32[i] == -(int64_t)(mx + 1)) {
                     shf = tf_dyn_shift(mx + 1);
