@@ -328,6 +328,19 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
 }
 
 #if TF_USE_DSP
+/* NOTE: helpers tf_dsp.h lacks (kept local to this kernel). (a + b) >> 1 per signed halfword; the low byte of
+ * each halfword, zero-extended. */
+static inline uint32_t tf_shadd16(uint32_t a, uint32_t b) {
+    uint32_t r;
+    __asm__("shadd16 %0, %1, %2" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+static inline uint32_t tf_uxtb16(uint32_t a) {
+    uint32_t r;
+    __asm__("uxtb16 %0, %1" : "=r"(r) : "r"(a));
+    return r;
+}
+
 /* The co-pair loop of mac4x2 (operands as there): 14 instructions per 16 MACs. */
 #define TF_MAC4X2_LOOP \
     "1:\n\t" \
@@ -501,7 +514,19 @@ static void requant_out(const int32_t *acc, int8_t *g_x, int32_t n, int32_t sh) 
         return;
     }
     const int32_t s1 = sh - 1;
-    for (int32_t i = 0; i < n; i++) {
+    int32_t i = 0;
+#if TF_USE_DSP
+    /* NOTE: acc >> s1 lies in [-256, 255], so the rounding halving is one shadd16 per two outputs and the int8
+     * results are gathered with uxtb16: 4 outputs in ~15 instructions instead of ~28. */
+    const uint32_t ones = 0x00010001u;
+    for (; i + 4 <= n; i += 4) {
+        const uint32_t x = tf_pkhbt((uint32_t)(acc[i] >> s1), (uint32_t)(acc[i + 2] >> s1));
+        const uint32_t y = tf_pkhbt((uint32_t)(acc[i + 1] >> s1), (uint32_t)(acc[i + 3] >> s1));
+        const uint32_t v = tf_uxtb16(tf_shadd16(x, ones)) | (tf_uxtb16(tf_shadd16(y, ones)) << 8);
+        __builtin_memcpy(g_x + i, &v, 4);
+    }
+#endif
+    for (; i < n; i++) {
         g_x[i] = (int8_t)(((acc[i] >> s1) + 1) >> 1);
     }
 }
