@@ -419,6 +419,18 @@ static inline __attribute__((always_inline)) void mac4x2(const uint32_t *wp, con
 #endif
 }
 
+/* (g'(ya, qa), g'(yb, qb)) as an int16 pair, g'(y, q) = (y * q + 128) >> 8. */
+static inline uint32_t gq_pair(int32_t ya, int32_t qa, int32_t yb, int32_t qb) {
+#if TF_USE_DSP
+    /* NOTE: the high half is bits 8..23 of yb * qb + 128, so pkhbt's lsl #8 does that shift */
+    uint32_t r;
+    __asm__("pkhbt %0, %1, %2, lsl #8" : "=r"(r) : "r"((ya * qa + 128) >> 8), "r"(yb * qb + 128));
+    return r;
+#else
+    return pair16((ya * qa + 128) >> 8, (yb * qb + 128) >> 8);
+#endif
+}
+
 /* The 1x1 stride-1 case as a GEMM into the int32 sums: acc[ci, p] = sum_co w[co, ci] g'[co, p], 4 input channels
  * x 2 pixels per inner loop, both operands packed as int16 pairs of consecutive co behind the sums (scratch of
  * 4 * C_in * P + pw_gemm_bytes; C_out per group <= TF_PW_GEMM_MAX_COUT). Returns M: max |acc| is M or M + 1
@@ -437,12 +449,14 @@ static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *w
             const int8_t *y0 = g_y + (cg + (has0 ? 2 * k : 0)) * plane, *y1 = has1 ? y0 + plane : y0;
             const int32_t q0 = has0 ? wscale_q[cg + 2 * k] : 0, q1 = has1 ? wscale_q[cg + 2 * k + 1] : 0;
             uint32_t *dst = gq + 2 * k;
-            for (int32_t px = 0; px < plane; px++) {
-                dst[(px >> 1) * ncp * 2 + (px & 1)] = pair16(((int32_t)y0[px] * q0 + 128) >> 8,
-                                                             ((int32_t)y1[px] * q1 + 128) >> 8);
+            int32_t px = 0;
+            for (; px + 2 <= plane; px += 2, dst += 2 * ncp) {
+                dst[0] = gq_pair(y0[px], q0, y1[px], q1);
+                dst[1] = gq_pair(y0[px + 1], q0, y1[px + 1], q1);
             }
-            if (plane & 1) {
-                dst[(plane >> 1) * ncp * 2 + 1] = 0;
+            if (px < plane) {
+                dst[0] = gq_pair(y0[px], q0, y1[px], q1);
+                dst[1] = 0;
             }
         }
         for (int32_t ci = 0; ci < cin_g; ci += 4) {
