@@ -215,27 +215,50 @@ static __attribute__((noinline)) uint32_t dw3_keep(const int16_t *u, int32_t pw,
     const uint32_t k2 = pair16(wc[8], wc[7]), l2 = pair16(wc[7], wc[6]);
     for (int32_t ih = 0; ih < ih_n; ih++) {
         const int16_t *b = u + (ih + 2) * pw + 2; /* U[ih + 2][iw + 2]: rows b, b - pw, b - 2pw take w rows 0, 1, 2 */
-        int32_t iw = 0;
-        for (; iw + 2 <= iw_n; iw += 2, b += 2, d += 2) {
-            uint32_t p0, p1, q0, q1, r0, r1; /* (U[x - 2], U[x - 1]) and (U[x], U[x + 1]) of the three rows */
-            __builtin_memcpy(&p0, b - 2, 4);
-            __builtin_memcpy(&p1, b, 4);
-            __builtin_memcpy(&q0, b - pw - 2, 4);
-            __builtin_memcpy(&q1, b - pw, 4);
-            __builtin_memcpy(&r0, b - 2 * pw - 2, 4);
-            __builtin_memcpy(&r1, b - 2 * pw, 4);
-            int32_t o0 = tf_smlad(p0, k0, 0), o1 = tf_smlatb(p0, k0, 0);
-            o0 = tf_smlabt(p1, l0, o0), o1 = tf_smlad(p1, l0, o1);
-            o0 = tf_smlad(q0, k1, o0), o1 = tf_smlatb(q0, k1, o1);
-            o0 = tf_smlabt(q1, l1, o0), o1 = tf_smlad(q1, l1, o1);
-            o0 = tf_smlad(r0, k2, o0), o1 = tf_smlatb(r0, k2, o1);
-            o0 = tf_smlabt(r1, l2, o0), o1 = tf_smlad(r1, l2, o1);
-            d[0] = o0, d[1] = o1;
-            const uint32_t t0 = (uint32_t)(o0 ^ (o0 >> 31)), t1 = (uint32_t)(o1 ^ (o1 >> 31));
-            mx = t0 > mx ? t0 : mx;
-            mx = t1 > mx ? t1 : mx;
+        const int32_t iw2 = iw_n & ~1;
+        if (iw2) {
+            const int16_t *b1 = b - pw, *b2 = b1 - pw, *const bend = b + iw2;
+            int32_t o0, o1;
+            uint32_t t;
+            /* NOTE: 30 instructions per two outputs (C spilled the weights: 47); rows advance by post-increment */
+            __asm__("1:\n\t"
+                    "ldr %[t], [%[b0], #-4]\n\t"
+                    "smuad %[o0], %[t], %[k0]\n\t"
+                    "smultb %[o1], %[t], %[k0]\n\t"
+                    "ldr %[t], [%[b0]], #4\n\t"
+                    "smlabt %[o0], %[t], %[l0], %[o0]\n\t"
+                    "smlad %[o1], %[t], %[l0], %[o1]\n\t"
+                    "ldr %[t], [%[b1], #-4]\n\t"
+                    "smlad %[o0], %[t], %[k1], %[o0]\n\t"
+                    "smlatb %[o1], %[t], %[k1], %[o1]\n\t"
+                    "ldr %[t], [%[b1]], #4\n\t"
+                    "smlabt %[o0], %[t], %[l1], %[o0]\n\t"
+                    "smlad %[o1], %[t], %[l1], %[o1]\n\t"
+                    "ldr %[t], [%[b2], #-4]\n\t"
+                    "smlad %[o0], %[t], %[k2], %[o0]\n\t"
+                    "smlatb %[o1], %[t], %[k2], %[o1]\n\t"
+                    "ldr %[t], [%[b2]], #4\n\t"
+                    "smlabt %[o0], %[t], %[l2], %[o0]\n\t"
+                    "smlad %[o1], %[t], %[l2], %[o1]\n\t"
+                    "strd %[o0], %[o1], [%[d]], #8\n\t"
+                    "eor %[o0], %[o0], %[o0], asr #31\n\t"
+                    "cmp %[o0], %[mx]\n\t"
+                    "it hi\n\t"
+                    "movhi %[mx], %[o0]\n\t"
+                    "eor %[o1], %[o1], %[o1], asr #31\n\t"
+                    "cmp %[o1], %[mx]\n\t"
+                    "it hi\n\t"
+                    "movhi %[mx], %[o1]\n\t"
+                    "ldr %[t], %[bend]\n\t"
+                    "cmp %[b0], %[t]\n\t"
+                    "bne 1b"
+                    : [b0] "+r"(b), [b1] "+r"(b1), [b2] "+r"(b2), [d] "+r"(d), [mx] "+r"(mx), [o0] "=&r"(o0),
+                      [o1] "=&r"(o1), [t] "=&r"(t)
+                    : [k0] "r"(k0), [l0] "r"(l0), [k1] "r"(k1), [l1] "r"(l1), [k2] "r"(k2), [l2] "r"(l2),
+                      [bend] "m"(bend)
+                    : "cc", "memory");
         }
-        if (iw < iw_n) {
+        if (iw2 < iw_n) {
             const int16_t *b1 = b - pw, *b2 = b1 - pw;
             const int32_t o = b[0] * wc[0] + b[-1] * wc[1] + b[-2] * wc[2] + b1[0] * wc[3] + b1[-1] * wc[4] +
                               b1[-2] * wc[5] + b2[0] * wc[6] + b2[-1] * wc[7] + b2[-2] * wc[8];
