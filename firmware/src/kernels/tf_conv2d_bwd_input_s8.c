@@ -269,12 +269,70 @@ static __attribute__((noinline)) uint32_t dw3_keep(const int16_t *u, int32_t pw,
     }
     return mx;
 }
+
+/* Any KH x KW <= TF_DWK_MAX depthwise channel into the int32 sums d (ih_n, iw_n): each kernel row is a dot of
+ * int16 pairs, U[r][iw + m] with w[kh][KW-1-m] (m < KW, padded to even with a zero weight). As dw3_keep. */
+#define TF_DWK_MAX 8
+static inline __attribute__((always_inline)) int32_t dwk_row(const int16_t *r, const uint32_t *wk, int32_t np,
+                                                            int32_t acc) {
+    uint32_t v0, v1, v2, v3;
+    if (np == 4) {
+        __builtin_memcpy(&v0, r, 4);
+        __builtin_memcpy(&v1, r + 2, 4);
+        __builtin_memcpy(&v2, r + 4, 4);
+        __builtin_memcpy(&v3, r + 6, 4);
+        acc = tf_smlad(v0, wk[0], acc);
+        acc = tf_smlad(v1, wk[1], acc);
+        acc = tf_smlad(v2, wk[2], acc);
+        return tf_smlad(v3, wk[3], acc);
+    }
+    if (np == 3) {
+        __builtin_memcpy(&v0, r, 4);
+        __builtin_memcpy(&v1, r + 2, 4);
+        __builtin_memcpy(&v2, r + 4, 4);
+        acc = tf_smlad(v0, wk[0], acc);
+        acc = tf_smlad(v1, wk[1], acc);
+        return tf_smlad(v2, wk[2], acc);
+    }
+    for (int32_t j = 0; j < np; j++) {
+        __builtin_memcpy(&v0, r + 2 * j, 4);
+        acc = tf_smlad(v0, wk[j], acc);
+    }
+    return acc;
+}
+
+static __attribute__((noinline)) uint32_t dwk_keep(const int16_t *u, int32_t pw, int32_t kh_n, int32_t kw_n,
+                                                  int32_t ih_n, int32_t iw_n, const int8_t *wc, int32_t *d,
+                                                  uint32_t mx) {
+    uint32_t wk[TF_DWK_MAX * TF_DWK_MAX / 2];
+    const int32_t np = (kw_n + 1) / 2;
+    for (int32_t kh = 0; kh < kh_n; kh++) {
+        for (int32_t j = 0; j < np; j++) {
+            const int8_t *wr = wc + kh * kw_n + kw_n - 1; /* w[kh][KW-1-m] = wr[-m] */
+            wk[kh * np + j] = pair16(wr[-2 * j], 2 * j + 1 < kw_n ? wr[-2 * j - 1] : 0);
+        }
+    }
+    for (int32_t ih = 0; ih < ih_n; ih++) {
+        const int16_t *row0 = u + (ih + kh_n - 1) * pw; /* kernel row kh reads plane row ih + KH-1 - kh */
+        for (int32_t iw = 0; iw < iw_n; iw++) {
+            int32_t acc = 0;
+            const int16_t *r = row0 + iw;
+            for (int32_t kh = 0; kh < kh_n; kh++, r -= pw) {
+                acc = dwk_row(r, wk + kh * np, np, acc);
+            }
+            const uint32_t t = (uint32_t)(acc ^ (acc >> 31));
+            *d++ = acc;
+            mx = t > mx ? t : mx;
+        }
+    }
+    return mx;
+}
 #endif
 
 static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
                               const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx,
                               int8_t *g_x, int32_t *acc32, int32_t sh, int mode) {
-    int16_t u[TF_BWD_DW_PLANE];
+    int16_t u[TF_BWD_DW_PLANE + 2]; /* + 2: the zero-weight pad tap of an odd K reads one past a row */
     const int32_t oh_n = gy->h, ow_n = gy->w, oplane = oh_n * ow_n, ih_n = gx->h, iw_n = gx->w;
     const int32_t kh_n = wd->h, kw_n = wd->w, ph = ih_n + kh_n - 1, pw = iw_n + kw_n - 1;
     const int32_t sh_ = p->stride_h, sw_ = p->stride_w;
@@ -294,7 +352,7 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
         ow_hi--;
     }
     uint64_t mx = 0;
-    for (int32_t i = 0; i < ph * pw; i++) {
+    for (int32_t i = 0; i < ph * pw + 2; i++) {
         u[i] = 0;
     }
     const int k33 = kh_n == 3 && kw_n == 3;
@@ -317,6 +375,9 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
 #if TF_USE_DSP
         if (k33 && mode == TF_PASS_KEEP) {
             mx = dw3_keep(u, pw, ih_n, iw_n, wc, acc32 + i, (uint32_t)mx);
+            ih_skip = 1;
+        } else if (mode == TF_PASS_KEEP && kh_n <= TF_DWK_MAX && kw_n <= TF_DWK_MAX) {
+            mx = dwk_keep(u, pw, kh_n, kw_n, ih_n, iw_n, wc, acc32 + i, (uint32_t)mx);
             ih_skip = 1;
         }
 #endif
