@@ -7,8 +7,9 @@
 #define TF_BWD_CHUNK 384 /* g' values of one pixel (int16, on the stack) per chunk; int32 sums stay exact */
 #define TF_PW_GEMM_MAX_COUT 1022 /* |g'| <= 2^14, |w| <= 128: int32 sums of <= 1022 terms cannot overflow */
 
-/* Bytes after the int32 sums that the 1x1 GEMM path packs its operands into: g' as (P/2, C_out/2, 2) words
- * (int16 pairs of consecutive co, two pixels side by side) and 4 input channels of w as (C_out/2, 4) words. */
+/* Bytes after the int32 sums that the 1x1 GEMM path packs its operands into: g' as (ceil(P/2), NCP, 2) words
+ * (int16 pairs of consecutive co, two pixels side by side) and 4 input channels of w as (NCP, 4) words, NCP the
+ * co pairs padded to a multiple of 4 with zeros. */
 static int32_t pw_gemm_bytes(int32_t cout, int32_t plane) {
     const int32_t ncp = (cout + 7) / 8 * 4, npp = (plane + 1) / 2; /* co pairs, padded to a multiple of 4 */
     return npp * ncp * 8 + ncp * 16;
