@@ -5,15 +5,30 @@
 #include "tf_qmath.h"
 
 #define TF_BWD_CHUNK 384 /* g' values of one pixel (int16, on the stack) per chunk; int32 sums stay exact */
+#define TF_PW_GEMM_MAX_COUT 1022 /* |g'| <= 2^14, |w| <= 128: int32 sums of <= 1022 terms cannot overflow */
+
+/* Bytes after the int32 sums that the 1x1 GEMM path packs its operands into: g' as (ceil(P/2), NCP, 2) words
+ * (int16 pairs of consecutive co, two pixels side by side) and 4 input channels of w as (NCP, 4) words, NCP the
+ * co pairs padded to a multiple of 4 with zeros. */
+static int32_t pw_gemm_bytes(int32_t cout, int32_t plane) {
+    const int32_t ncp = (cout + 7) / 8 * 4, npp = (plane + 1) / 2; /* co pairs, padded to a multiple of 4 */
+    return npp * ncp * 8 + ncp * 16;
+}
 
 int32_t tf_conv2d_bwd_input_get_buffer_size(const tf_dims *gy_dims, const tf_dims *gx_dims, int one_pass) {
     int32_t gy_n = gy_dims->c * gy_dims->h * gy_dims->w;
     int32_t size = ((gy_n * 2 + 3) / 4) * 4; /* int16 g', padded so the int32 part is aligned */
     if (one_pass) {
-        size += gx_dims->c * gx_dims->h * gx_dims->w * 4;
+        const int32_t n4 = gx_dims->c * gx_dims->h * gx_dims->w * 4;
+        const int32_t gemm = n4 + pw_gemm_bytes(gy_dims->c, gy_dims->h * gy_dims->w);
+        size += n4;
+        size = size > gemm ? size : gemm; /* NOTE: enough for the 1x1 GEMM path too (g' is as large there) */
     }
     return size;
 }
+
+/* (lo, hi) signed 16-bit halves of one word. */
+static inline uint32_t pair16(int32_t lo, int32_t hi) { return ((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16); }
 
 /* acc[ci, ih, iw] = sum_{co in group, kh, kw: ih = oh*s - pad + kh} g'[co, oh, ow] * w[co, ci_local, kh, kw] */
 static int64_t bwd_elem(const tf_conv_bwd_params *p, const tf_dims *gy, const int16_t *gq,
@@ -190,10 +205,135 @@ static int dw_plane_fits(const tf_dims *gx, const tf_filter_dims *wd) {
     return (gx->h + wd->h - 1) * (gx->w + wd->w - 1) <= TF_BWD_DW_PLANE;
 }
 
+#if TF_USE_DSP
+/* One channel of the 3x3 depthwise into the int32 sums d (ih_n, iw_n): two outputs per step from int16 pairs of
+ * the plane rows, weights packed per kernel row r as (w[r][2], w[r][1]) and (w[r][1], w[r][0]). Returns
+ * max(mx, a ^ (a >> 31)) over the sums, as tile4x2. */
+static __attribute__((noinline)) uint32_t dw3_keep(const int16_t *u, int32_t pw, int32_t ih_n, int32_t iw_n,
+                                                  const int8_t *wc, int32_t *d, uint32_t mx) {
+    const uint32_t k0 = pair16(wc[2], wc[1]), l0 = pair16(wc[1], wc[0]);
+    const uint32_t k1 = pair16(wc[5], wc[4]), l1 = pair16(wc[4], wc[3]);
+    const uint32_t k2 = pair16(wc[8], wc[7]), l2 = pair16(wc[7], wc[6]);
+    for (int32_t ih = 0; ih < ih_n; ih++) {
+        const int16_t *b = u + (ih + 2) * pw + 2; /* U[ih + 2][iw + 2]: rows b, b - pw, b - 2pw take w rows 0, 1, 2 */
+        const int32_t iw2 = iw_n & ~1;
+        if (iw2) {
+            const int16_t *b1 = b - pw, *b2 = b1 - pw, *const bend = b + iw2;
+            int32_t o0, o1;
+            uint32_t t;
+            /* NOTE: 30 instructions per two outputs (C spilled the weights: 47); rows advance by post-increment */
+            __asm__("1:\n\t"
+                    "ldr %[t], [%[b0], #-4]\n\t"
+                    "smuad %[o0], %[t], %[k0]\n\t"
+                    "smultb %[o1], %[t], %[k0]\n\t"
+                    "ldr %[t], [%[b0]], #4\n\t"
+                    "smlabt %[o0], %[t], %[l0], %[o0]\n\t"
+                    "smlad %[o1], %[t], %[l0], %[o1]\n\t"
+                    "ldr %[t], [%[b1], #-4]\n\t"
+                    "smlad %[o0], %[t], %[k1], %[o0]\n\t"
+                    "smlatb %[o1], %[t], %[k1], %[o1]\n\t"
+                    "ldr %[t], [%[b1]], #4\n\t"
+                    "smlabt %[o0], %[t], %[l1], %[o0]\n\t"
+                    "smlad %[o1], %[t], %[l1], %[o1]\n\t"
+                    "ldr %[t], [%[b2], #-4]\n\t"
+                    "smlad %[o0], %[t], %[k2], %[o0]\n\t"
+                    "smlatb %[o1], %[t], %[k2], %[o1]\n\t"
+                    "ldr %[t], [%[b2]], #4\n\t"
+                    "smlabt %[o0], %[t], %[l2], %[o0]\n\t"
+                    "smlad %[o1], %[t], %[l2], %[o1]\n\t"
+                    "strd %[o0], %[o1], [%[d]], #8\n\t"
+                    "eor %[o0], %[o0], %[o0], asr #31\n\t"
+                    "cmp %[o0], %[mx]\n\t"
+                    "it hi\n\t"
+                    "movhi %[mx], %[o0]\n\t"
+                    "eor %[o1], %[o1], %[o1], asr #31\n\t"
+                    "cmp %[o1], %[mx]\n\t"
+                    "it hi\n\t"
+                    "movhi %[mx], %[o1]\n\t"
+                    "ldr %[t], %[bend]\n\t"
+                    "cmp %[b0], %[t]\n\t"
+                    "bne 1b"
+                    : [b0] "+r"(b), [b1] "+r"(b1), [b2] "+r"(b2), [d] "+r"(d), [mx] "+r"(mx), [o0] "=&r"(o0),
+                      [o1] "=&r"(o1), [t] "=&r"(t)
+                    : [k0] "r"(k0), [l0] "r"(l0), [k1] "r"(k1), [l1] "r"(l1), [k2] "r"(k2), [l2] "r"(l2),
+                      [bend] "m"(bend)
+                    : "cc", "memory");
+        }
+        if (iw2 < iw_n) {
+            const int16_t *b1 = b - pw, *b2 = b1 - pw;
+            const int32_t o = b[0] * wc[0] + b[-1] * wc[1] + b[-2] * wc[2] + b1[0] * wc[3] + b1[-1] * wc[4] +
+                              b1[-2] * wc[5] + b2[0] * wc[6] + b2[-1] * wc[7] + b2[-2] * wc[8];
+            const uint32_t t = (uint32_t)(o ^ (o >> 31));
+            *d++ = o;
+            mx = t > mx ? t : mx;
+        }
+    }
+    return mx;
+}
+
+/* Any KH x KW <= TF_DWK_MAX depthwise channel into the int32 sums d (ih_n, iw_n): each kernel row is a dot of
+ * int16 pairs, U[r][iw + m] with w[kh][KW-1-m] (m < KW, padded to even with a zero weight). As dw3_keep. */
+#define TF_DWK_MAX 8
+static inline __attribute__((always_inline)) int32_t dwk_row(const int16_t *r, const uint32_t *wk, int32_t np,
+                                                            int32_t acc) {
+    uint32_t v0, v1, v2, v3;
+    if (np == 4) {
+        __builtin_memcpy(&v0, r, 4);
+        __builtin_memcpy(&v1, r + 2, 4);
+        __builtin_memcpy(&v2, r + 4, 4);
+        __builtin_memcpy(&v3, r + 6, 4);
+        acc = tf_smlad(v0, wk[0], acc);
+        acc = tf_smlad(v1, wk[1], acc);
+        acc = tf_smlad(v2, wk[2], acc);
+        return tf_smlad(v3, wk[3], acc);
+    }
+    if (np == 3) {
+        __builtin_memcpy(&v0, r, 4);
+        __builtin_memcpy(&v1, r + 2, 4);
+        __builtin_memcpy(&v2, r + 4, 4);
+        acc = tf_smlad(v0, wk[0], acc);
+        acc = tf_smlad(v1, wk[1], acc);
+        return tf_smlad(v2, wk[2], acc);
+    }
+    for (int32_t j = 0; j < np; j++) {
+        __builtin_memcpy(&v0, r + 2 * j, 4);
+        acc = tf_smlad(v0, wk[j], acc);
+    }
+    return acc;
+}
+
+static __attribute__((noinline)) uint32_t dwk_keep(const int16_t *u, int32_t pw, int32_t kh_n, int32_t kw_n,
+                                                  int32_t ih_n, int32_t iw_n, const int8_t *wc, int32_t *d,
+                                                  uint32_t mx) {
+    uint32_t wk[TF_DWK_MAX * TF_DWK_MAX / 2];
+    const int32_t np = (kw_n + 1) / 2;
+    for (int32_t kh = 0; kh < kh_n; kh++) {
+        for (int32_t j = 0; j < np; j++) {
+            const int8_t *wr = wc + kh * kw_n + kw_n - 1; /* w[kh][KW-1-m] = wr[-m] */
+            wk[kh * np + j] = pair16(wr[-2 * j], 2 * j + 1 < kw_n ? wr[-2 * j - 1] : 0);
+        }
+    }
+    for (int32_t ih = 0; ih < ih_n; ih++) {
+        const int16_t *row0 = u + (ih + kh_n - 1) * pw; /* kernel row kh reads plane row ih + KH-1 - kh */
+        for (int32_t iw = 0; iw < iw_n; iw++) {
+            int32_t acc = 0;
+            const int16_t *r = row0 + iw;
+            for (int32_t kh = 0; kh < kh_n; kh++, r -= pw) {
+                acc = dwk_row(r, wk + kh * np, np, acc);
+            }
+            const uint32_t t = (uint32_t)(acc ^ (acc >> 31));
+            *d++ = acc;
+            mx = t > mx ? t : mx;
+        }
+    }
+    return mx;
+}
+#endif
+
 static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
                               const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx,
                               int8_t *g_x, int32_t *acc32, int32_t sh, int mode) {
-    int16_t u[TF_BWD_DW_PLANE];
+    int16_t u[TF_BWD_DW_PLANE + 2]; /* + 2: the zero-weight pad tap of an odd K reads one past a row */
     const int32_t oh_n = gy->h, ow_n = gy->w, oplane = oh_n * ow_n, ih_n = gx->h, iw_n = gx->w;
     const int32_t kh_n = wd->h, kw_n = wd->w, ph = ih_n + kh_n - 1, pw = iw_n + kw_n - 1;
     const int32_t sh_ = p->stride_h, sw_ = p->stride_w;
@@ -213,11 +353,12 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
         ow_hi--;
     }
     uint64_t mx = 0;
-    for (int32_t i = 0; i < ph * pw; i++) {
+    for (int32_t i = 0; i < ph * pw + 2; i++) {
         u[i] = 0;
     }
     const int k33 = kh_n == 3 && kw_n == 3;
     for (int32_t c = 0; c < gx->c; c++) {
+        int ih_skip = 0;
         const int8_t *gc = g_y + c * oplane;
         const int32_t q = wscale_q[c];
         for (int32_t oh = oh_lo; oh < oh_hi; oh++) {
@@ -232,7 +373,16 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
         const int32_t w3 = k33 ? wc[3] : 0, w4 = k33 ? wc[4] : 0, w5 = k33 ? wc[5] : 0;
         const int32_t w6 = k33 ? wc[6] : 0, w7 = k33 ? wc[7] : 0, w8 = k33 ? wc[8] : 0;
         int32_t i = c * ih_n * iw_n;
-        for (int32_t ih = 0; ih < ih_n; ih++) {
+#if TF_USE_DSP
+        if (k33 && mode == TF_PASS_KEEP) {
+            mx = dw3_keep(u, pw, ih_n, iw_n, wc, acc32 + i, (uint32_t)mx);
+            ih_skip = 1;
+        } else if (mode == TF_PASS_KEEP && kh_n <= TF_DWK_MAX && kw_n <= TF_DWK_MAX) {
+            mx = dwk_keep(u, pw, kh_n, kw_n, ih_n, iw_n, wc, acc32 + i, (uint32_t)mx);
+            ih_skip = 1;
+        }
+#endif
+        for (int32_t ih = ih_skip ? ih_n : 0; ih < ih_n; ih++) {
             const int16_t *b0 = u + (ih + kh_n - 1) * pw + kw_n - 1; /* U[ih + KH-1][iw + KW-1] at iw = 0 */
             for (int32_t iw = 0; iw < iw_n; iw++, i++, b0++) {
                 int32_t acc = 0; /* at most K*K terms of 2^14 * 127 */
@@ -262,12 +412,220 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
     return mx;
 }
 
+#if TF_USE_DSP
+/* NOTE: helpers tf_dsp.h lacks (kept local to this kernel). (a + b) >> 1 per signed halfword; the low byte of
+ * each halfword, zero-extended. */
+static inline uint32_t tf_shadd16(uint32_t a, uint32_t b) {
+    uint32_t r;
+    __asm__("shadd16 %0, %1, %2" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+static inline uint32_t tf_uxtb16(uint32_t a) {
+    uint32_t r;
+    __asm__("uxtb16 %0, %1" : "=r"(r) : "r"(a));
+    return r;
+}
+
+/* The co-pair loop of mac4x2 (operands as there), four pairs per turn: 47 instructions per 64 MACs. The loop end
+ * is read from the stack so that the w words come in pairs (ldrd) with 14 registers. */
+#define TF_MAC4X2_STEP                                                                                              \
+    "ldrd %[g0], %[g1], [%[gp]], #8\n\t"                                                                            \
+    "ldrd %[t0], %[t1], [%[wp]], #8\n\t"                                                                            \
+    "smlad %[a0], %[t0], %[g0], %[a0]\n\t"                                                                          \
+    "smlad %[a1], %[t0], %[g1], %[a1]\n\t"                                                                          \
+    "smlad %[a2], %[t1], %[g0], %[a2]\n\t"                                                                          \
+    "smlad %[a3], %[t1], %[g1], %[a3]\n\t"                                                                          \
+    "ldrd %[t0], %[t1], [%[wp]], #8\n\t"                                                                            \
+    "smlad %[a4], %[t0], %[g0], %[a4]\n\t"                                                                          \
+    "smlad %[a5], %[t0], %[g1], %[a5]\n\t"                                                                          \
+    "smlad %[a6], %[t1], %[g0], %[a6]\n\t"                                                                          \
+    "smlad %[a7], %[t1], %[g1], %[a7]\n\t"
+#define TF_MAC4X2_LOOP                                                                                              \
+    "1:\n\t" TF_MAC4X2_STEP TF_MAC4X2_STEP TF_MAC4X2_STEP TF_MAC4X2_STEP                                              \
+    "ldr %[t0], %[gend]\n\tcmp %[gp], %[t0]\n\tbne 1b"
+#define TF_MAC4X2_OPERANDS                                                                                          \
+    : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5), [a6] "+r"(a6),       \
+      [a7] "+r"(a7), [wp] "+r"(wp), [gp] "+r"(gp), [t0] "=&r"(t0), [t1] "=&r"(t1), [g0] "=&r"(g0), [g1] "=&r"(g1)     \
+    : [gend] "m"(gend)                                                                                               \
+    : "cc", "memory"
+#endif
+
+#if TF_USE_DSP
+/* mac4x2 for 4 channels x 2 pixels that all exist: stores the sums at d[j * plane + s] (d 4-byte aligned) and
+ * returns max(mx, max_j t_j), t = a ^ (a >> 31) (|a|, or |a| - 1 for a < 0: see bwd_pointwise_gemm). */
+static inline __attribute__((always_inline)) uint32_t tile4x2(const uint32_t *wp, const uint32_t *gp, int32_t ncp,
+                                                             int32_t *d, int32_t plane, uint32_t mx) {
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+    const uint32_t *gend = gp + 2 * ncp;
+    uint32_t t0, t1, g0, g1;
+    __asm__(TF_MAC4X2_LOOP TF_MAC4X2_OPERANDS);
+    /* NOTE: 39 instructions for the 8 stores and the max, where C keeps a[] on the stack */
+    __asm__("strd %[a0], %[a1], [%[d]]\n\t"
+            "add %[d], %[d], %[st]\n\t"
+            "strd %[a2], %[a3], [%[d]]\n\t"
+            "add %[d], %[d], %[st]\n\t"
+            "strd %[a4], %[a5], [%[d]]\n\t"
+            "add %[d], %[d], %[st]\n\t"
+            "strd %[a6], %[a7], [%[d]]\n\t"
+#define TF_TMAX(r) "eor " r ", " r ", " r ", asr #31\n\tcmp " r ", %[mx]\n\tit hi\n\tmovhi %[mx], " r "\n\t"
+            TF_TMAX("%[a0]") TF_TMAX("%[a1]") TF_TMAX("%[a2]") TF_TMAX("%[a3]") TF_TMAX("%[a4]") TF_TMAX("%[a5]")
+            TF_TMAX("%[a6]") TF_TMAX("%[a7]")
+#undef TF_TMAX
+            : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5),
+              [a6] "+r"(a6), [a7] "+r"(a7), [d] "+r"(d), [mx] "+r"(mx)
+            : [st] "r"(plane * 4)
+            : "cc", "memory");
+    return mx;
+}
+#endif
+
+/* a[2j + s] = sum_k wp[4k + j] . gp[2k + s] (dot of int16 pairs), k < ncp, ncp a multiple of 4; wp (ncp, 4),
+ * gp (ncp, 2) words. */
+static inline __attribute__((always_inline)) void mac4x2(const uint32_t *wp, const uint32_t *gp, int32_t ncp,
+                                                        int32_t *a) {
+#if TF_USE_DSP
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+    const uint32_t *gend = gp + 2 * ncp;
+    uint32_t t0, t1, g0, g1;
+    /* NOTE: in C the compiler spills some of the 14 live registers. */
+    __asm__(TF_MAC4X2_LOOP TF_MAC4X2_OPERANDS);
+    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;
+#else
+    for (int32_t j = 0; j < 8; j++) {
+        a[j] = 0;
+    }
+    for (int32_t k = 0; k < ncp; k++, wp += 4, gp += 2) {
+        for (int32_t j = 0; j < 4; j++) {
+            const int32_t wl = (int16_t)(wp[j] & 0xFFFFu), wh = (int16_t)(wp[j] >> 16);
+            a[2 * j] += wl * (int16_t)(gp[0] & 0xFFFFu) + wh * (int16_t)(gp[0] >> 16);
+            a[2 * j + 1] += wl * (int16_t)(gp[1] & 0xFFFFu) + wh * (int16_t)(gp[1] >> 16);
+        }
+    }
+#endif
+}
+
+/* (g'(ya, qa), g'(yb, qb)) as an int16 pair, g'(y, q) = (y * q + 128) >> 8. */
+static inline uint32_t gq_pair(int32_t ya, int32_t qa, int32_t yb, int32_t qb) {
+#if TF_USE_DSP
+    /* NOTE: the high half is bits 8..23 of yb * qb + 128, so pkhbt's lsl #8 does that shift */
+    uint32_t r;
+    __asm__("pkhbt %0, %1, %2, lsl #8" : "=r"(r) : "r"((ya * qa + 128) >> 8), "r"(yb * qb + 128));
+    return r;
+#else
+    return pair16((ya * qa + 128) >> 8, (yb * qb + 128) >> 8);
+#endif
+}
+
+/* The 1x1 stride-1 case as a GEMM into the int32 sums: acc[ci, p] = sum_co w[co, ci] g'[co, p], 4 input channels
+ * x 2 pixels per inner loop, both operands packed as int16 pairs of consecutive co behind the sums (scratch of
+ * 4 * C_in * P + pw_gemm_bytes; C_out per group <= TF_PW_GEMM_MAX_COUT). Returns M: max |acc| is M or M + 1
+ * (the DSP tiles track a ^ (a >> 31), one instruction cheaper than |a|; the caller settles which). */
+static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
+                                   const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, int32_t *acc32) {
+    const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, plane = gy->h * gy->w;
+    const int32_t ncp = (cout_g + 7) / 8 * 4, npp = (plane + 1) / 2; /* as pw_gemm_bytes */
+    uint32_t *gq = (uint32_t *)(acc32 + cin_g * p->groups * plane); /* (npp, ncp, 2) */
+    uint32_t *wpk = gq + npp * ncp * 2;                             /* (ncp, 4) */
+    uint32_t mx = 0;
+    for (int32_t g = 0; g < p->groups; g++) {
+        const int32_t cg = g * cout_g;
+        for (int32_t k = 0; k < ncp; k++) { /* g' of co = cg + 2k (lo) and + 2k + 1 (hi), 0 past the group */
+            const int has0 = 2 * k < cout_g, has1 = 2 * k + 1 < cout_g;
+            const int8_t *y0 = g_y + (cg + (has0 ? 2 * k : 0)) * plane, *y1 = has1 ? y0 + plane : y0;
+            const int32_t q0 = has0 ? wscale_q[cg + 2 * k] : 0, q1 = has1 ? wscale_q[cg + 2 * k + 1] : 0;
+            uint32_t *dst = gq + 2 * k;
+            int32_t px = 0;
+            for (; px + 2 <= plane; px += 2, dst += 2 * ncp) {
+                dst[0] = gq_pair(y0[px], q0, y1[px], q1);
+                dst[1] = gq_pair(y0[px + 1], q0, y1[px + 1], q1);
+            }
+            if (px < plane) {
+                dst[0] = gq_pair(y0[px], q0, y1[px], q1);
+                dst[1] = 0;
+            }
+        }
+        for (int32_t ci = 0; ci < cin_g; ci += 4) {
+            const int32_t nci = cin_g - ci < 4 ? cin_g - ci : 4;
+            for (int32_t k = 0; k < ncp; k++) { /* (w[co][ci + j], w[co + 1][ci + j]) at wpk[4k + j] */
+                const int8_t *w0 = w + (cg + 2 * k) * cin_g + ci, *w1 = w0 + cin_g;
+                const int has0 = 2 * k < cout_g, has1 = 2 * k + 1 < cout_g;
+#if TF_USE_DSP
+                if (nci == 4 && has1) {
+                    const uint32_t va = tf_load_u32(w0), vb = tf_load_u32(w1);
+                    const uint32_t ae = tf_sxtb16(va), be = tf_sxtb16(vb);
+                    const uint32_t ao = tf_sxtb16_ror8(va), bo = tf_sxtb16_ror8(vb);
+                    wpk[4 * k] = tf_pkhbt(ae, be);
+                    wpk[4 * k + 1] = tf_pkhbt(ao, bo);
+                    wpk[4 * k + 2] = tf_pkhtb(be, ae);
+                    wpk[4 * k + 3] = tf_pkhtb(bo, ao);
+                    continue;
+                }
+#endif
+                for (int32_t j = 0; j < 4; j++) {
+                    wpk[4 * k + j] = j < nci && has0 ? pair16(w0[j], has1 ? w1[j] : 0) : 0;
+                }
+            }
+            int32_t *dst = acc32 + (g * cin_g + ci) * plane;
+            for (int32_t pp = 0; pp < npp; pp++) {
+#if TF_USE_DSP
+                if (nci == 4 && 2 * pp + 1 < plane) {
+                    mx = tile4x2(wpk, gq + pp * ncp * 2, ncp, dst + 2 * pp, plane, mx);
+                    continue;
+                }
+#endif
+                int32_t a[8];
+                mac4x2(wpk, gq + pp * ncp * 2, ncp, a);
+                for (int32_t s = 0; s < 2 && 2 * pp + s < plane; s++) {
+                    for (int32_t j = 0; j < nci; j++) {
+                        const int32_t v = a[2 * j + s];
+                        const uint32_t m = v < 0 ? 0u - (uint32_t)v : (uint32_t)v;
+                        dst[j * plane + 2 * pp + s] = v;
+                        mx = m > mx ? m : mx;
+                    }
+                }
+            }
+        }
+    }
+    return mx;
+}
+
+/* g_x[i] = rshift_round(acc[i], sh), |acc| < 2^31: ((acc >> (sh - 1)) + 1) >> 1 is (acc + 2^(sh-1)) >> sh
+ * without the int32 overflow of the addition. */
+static void requant_out(const int32_t *acc, int8_t *g_x, int32_t n, int32_t sh) {
+    if (sh == 0) {
+        for (int32_t i = 0; i < n; i++) {
+            g_x[i] = (int8_t)acc[i];
+        }
+        return;
+    }
+    const int32_t s1 = sh - 1;
+    int32_t i = 0;
+#if TF_USE_DSP
+    /* NOTE: acc >> s1 lies in [-256, 255], so the rounding halving is one shadd16 per two outputs and the int8
+     * results are gathered with uxtb16: 4 outputs in ~15 instructions instead of ~28. */
+    const uint32_t ones = 0x00010001u;
+    for (; i + 4 <= n; i += 4) {
+        const uint32_t x = tf_pkhbt((uint32_t)(acc[i] >> s1), (uint32_t)(acc[i + 2] >> s1));
+        const uint32_t y = tf_pkhbt((uint32_t)(acc[i + 1] >> s1), (uint32_t)(acc[i + 3] >> s1));
+        const uint32_t v = tf_uxtb16(tf_shadd16(x, ones)) | (tf_uxtb16(tf_shadd16(y, ones)) << 8);
+        __builtin_memcpy(g_x + i, &v, 4);
+    }
+#endif
+    for (; i < n; i++) {
+        g_x[i] = (int8_t)(((acc[i] >> s1) + 1) >> 1);
+    }
+}
+
 int32_t tf_conv2d_bwd_input_fast_buffer_size(const tf_conv_bwd_params *p, const tf_filter_dims *w_dims,
                                              const tf_dims *gx_dims) {
     const int unit = p->stride_h == 1 && p->stride_w == 1;
     const int pw = unit && w_dims->h == 1 && w_dims->w == 1 && p->pad_h == 0 && p->pad_w == 0;
     const int dw = w_dims->c == 1 && w_dims->n == p->groups && dw_plane_fits(gx_dims, w_dims);
-    return pw || dw ? gx_dims->c * gx_dims->h * gx_dims->w * 4 : -1;
+    const int32_t n4 = gx_dims->c * gx_dims->h * gx_dims->w * 4;
+    if (pw && w_dims->n / p->groups <= TF_PW_GEMM_MAX_COUT) {
+        return n4 + pw_gemm_bytes(w_dims->n / p->groups, gx_dims->h * gx_dims->w);
+    }
+    return pw || dw ? n4 : -1;
 }
 
 tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p, const int32_t *wscale_q,
@@ -294,15 +652,26 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
         const int32_t n = gx_dims->c * gx_dims->h * gx_dims->w;
         int32_t *acc32 = ctx->buf && ctx->size >= 4 * n && ((uintptr_t)ctx->buf & 3) == 0 ? (int32_t *)ctx->buf
                                                                                             : NULL;
+        const int32_t cout_g = w_dims->n / p->groups;
+        const int gemm = pw && acc32 && cout_g <= TF_PW_GEMM_MAX_COUT &&
+                         ctx->size >= 4 * n + pw_gemm_bytes(cout_g, gy_dims->h * gy_dims->w);
         const int mode = acc32 ? TF_PASS_KEEP : TF_PASS_MAX;
-        const uint64_t mx = pw ? bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, acc32, 0, mode)
-                               : bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, acc32, 0, mode);
-        const int32_t shf = tf_dyn_shift(mx);
-        if (acc32 && mx < ((uint64_t)1 << 31)) {
-            const int32_t r = shf > 0 ? 1 << (shf - 1) : 0; /* shf <= 25 here: |acc| < 2^31 */
+        const uint64_t mx = gemm ? bwd_pointwise_gemm(p, wscale_q, gy_dims, g_y, w_dims, w, acc32)
+                            : pw ? bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, acc32, 0, mode)
+                                 : bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, acc32, 0, mode);
+        int32_t shf = tf_dyn_shift(mx);
+        if (acc32 && mx < ((uint64_t)1 << 31) && tf_dyn_shift(mx + 1) != shf) {
+            /* NOTE: the DSP paths track a ^ (a >> 31), so max |acc| is M or M + 1: rarely the shift differs, then
+             * a sum of -(M + 1) settles it (the exact paths never have one) */
             for (int32_t i = 0; i < n; i++) {
-                g_x[i] = (int8_t)(((int64_t)acc32[i] + r) >> shf);
+                if ((int64_t)acc32[i] == -(int64_t)(mx + 1)) {
+                    shf = tf_dyn_shift(mx + 1);
+                    break;
+                }
             }
+        }
+        if (acc32 && mx < ((uint64_t)1 << 31)) {
+            requant_out(acc32, g_x, n, shf); /* shf <= 25 here */
         } else if (pw) {
             bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, NULL, shf, TF_PASS_WRITE);
         } else {
