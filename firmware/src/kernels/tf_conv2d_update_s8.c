@@ -56,13 +56,21 @@ static inline int8_t upd_ref(int8_t w, int32_t acc, int32_t m, int32_t e, uint32
     return (int8_t)tf_clamp_i32((int64_t)w - dw, TF_WEIGHT_MIN, TF_WEIGHT_MAX);
 }
 
+/* The two fast forms (see above): new weight from w, acc and rnd. */
+static inline int8_t upd_mul(int8_t w, int32_t acc, int32_t mm, uint32_t rnd) {
+    return upd_clamp_w(w - (int32_t)(((int64_t)acc * mm + (int64_t)rnd) >> 32));
+}
+static inline int8_t upd_shift(int8_t w, int32_t acc, int32_t m, int32_t t, uint32_t rnd) {
+    return upd_clamp_w(w - (int32_t)((((int64_t)acc * m >> t) + (int64_t)rnd) >> 32));
+}
+
 /* New value of one weight: w, its sum acc (|acc| < 2^30), rnd = tf_rng_u32 of its flat index. */
 static inline int8_t upd_one(const upd_rule *r, int8_t w, int32_t acc, uint32_t rnd) {
     if (r->mode == UPD_MUL) {
-        return upd_clamp_w(w - (int32_t)(((int64_t)acc * r->mm + (int64_t)rnd) >> 32));
+        return upd_mul(w, acc, r->mm, rnd);
     }
     if (r->mode == UPD_SHIFT) {
-        return upd_clamp_w(w - (int32_t)((((int64_t)acc * r->m >> r->mm) + (int64_t)rnd) >> 32));
+        return upd_shift(w, acc, r->m, r->mm, rnd);
     }
     return upd_ref(w, acc, r->m, r->e, rnd);
 }
@@ -85,13 +93,13 @@ static void upd_row(const upd_rule *r, const int32_t *acc, int8_t *wc, int32_t n
         const int32_t mm = r->mm;
         for (int32_t i = 0; i < n; i++, hi += 0x9E3779B1u) {
             const uint32_t rnd = upd_mix(hi ^ seed);
-            wc[i] = upd_clamp_w(wc[i] - (int32_t)(((int64_t)acc[i] * mm + (int64_t)rnd) >> 32));
+            wc[i] = upd_mul(wc[i], acc[i], mm, rnd);
         }
     } else if (r->mode == UPD_SHIFT) {
         const int32_t m = r->m, t = r->mm;
         for (int32_t i = 0; i < n; i++, hi += 0x9E3779B1u) {
             const uint32_t rnd = upd_mix(hi ^ seed);
-            wc[i] = upd_clamp_w(wc[i] - (int32_t)((((int64_t)acc[i] * m >> t) + (int64_t)rnd) >> 32));
+            wc[i] = upd_shift(wc[i], acc[i], m, t, rnd);
         }
     } else {
         for (int32_t i = 0; i < n; i++, hi += 0x9E3779B1u) {
