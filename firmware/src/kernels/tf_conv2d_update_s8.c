@@ -22,19 +22,24 @@
  *            |acc * M| < 2^61: one SMLAL into (rnd, 0), out is the high word.
  *  UPD_SHIFT (32 < s <= 62, t = s - 32 in [1, 30]): out = floor((v + rnd * 2^t) / 2^(t+32))
  *            = floor((floor(v / 2^t) + rnd) / 2^32) (nested floors), i.e. ((v >> t) + rnd) >> 32.
- * In both forms |out| < 2^30, so w - out is exact in int32. Checked against tf_scaled_update by
+ *  UPD_HI    (the same with M2 = m * 2^(32-t) < 2^31, always so for s >= 50): floor(v / 2^t) is the high word of
+ *            acc * M2 = v * 2^(32-t) (one SMULL, no 64-bit shift); then out = (hi + rnd) >> 32 in 64 bits.
+ * In all forms |out| < 2^30, so w - out is exact in int32. Checked against tf_scaled_update by
  * tests/update/test_update_fast.c. */
-enum { UPD_REF = 0, UPD_MUL = 1, UPD_SHIFT = 2 };
+enum { UPD_REF = 0, UPD_MUL = 1, UPD_SHIFT = 2, UPD_HI = 3 };
 typedef struct {
     int32_t mode, m, e;
-    int32_t mm; /* UPD_MUL: M; UPD_SHIFT: t */
+    int32_t mm; /* UPD_MUL: M; UPD_SHIFT: t; UPD_HI: M2 */
 } upd_rule;
 
 static inline upd_rule upd_make_rule(int32_t m, int32_t e) {
     upd_rule r = {UPD_REF, m, e, 0};
     if (e < 0 && m >= 0 && m < (1 << 17)) {
         const int32_t s = -e > 62 ? 62 : -e;
-        if (s > 32) {
+        if (s > 32 && ((int64_t)m << (64 - s)) < ((int64_t)1 << 31)) {
+            r.mode = UPD_HI;
+            r.mm = (int32_t)((int64_t)m << (64 - s));
+        } else if (s > 32) {
             r.mode = UPD_SHIFT;
             r.mm = s - 32;
         } else if (((int64_t)m << (32 - s)) < ((int64_t)1 << 31)) {
@@ -64,6 +69,11 @@ static inline int8_t upd_shift(int8_t w, int32_t acc, int32_t m, int32_t t, uint
     return upd_clamp_w(w - (int32_t)((((int64_t)acc * m >> t) + (int64_t)rnd) >> 32));
 }
 
+static inline int8_t upd_hi(int8_t w, int32_t acc, int32_t m2, uint32_t rnd) {
+    const int32_t vt = (int32_t)(((int64_t)acc * m2) >> 32); /* floor(v / 2^t) */
+    return upd_clamp_w(w - (int32_t)(((int64_t)vt + (int64_t)rnd) >> 32));
+}
+
 /* New value of one weight: w, its sum acc (|acc| < 2^30), rnd = tf_rng_u32 of its flat index. */
 static inline int8_t upd_one(const upd_rule *r, int8_t w, int32_t acc, uint32_t rnd) {
     if (r->mode == UPD_MUL) {
@@ -71,6 +81,9 @@ static inline int8_t upd_one(const upd_rule *r, int8_t w, int32_t acc, uint32_t 
     }
     if (r->mode == UPD_SHIFT) {
         return upd_shift(w, acc, r->m, r->mm, rnd);
+    }
+    if (r->mode == UPD_HI) {
+        return upd_hi(w, acc, r->mm, rnd);
     }
     return upd_ref(w, acc, r->m, r->e, rnd);
 }
@@ -92,14 +105,17 @@ static void upd_row(const upd_rule *r, const int32_t *acc, int8_t *wc, int32_t n
     if (r->mode == UPD_MUL) {
         const int32_t mm = r->mm;
         for (int32_t i = 0; i < n; i++, hi += 0x9E3779B1u) {
-            const uint32_t rnd = upd_mix(hi ^ seed);
-            wc[i] = upd_mul(wc[i], acc[i], mm, rnd);
+            wc[i] = upd_mul(wc[i], acc[i], mm, upd_mix(hi ^ seed));
+        }
+    } else if (r->mode == UPD_HI) {
+        const int32_t mm = r->mm;
+        for (int32_t i = 0; i < n; i++, hi += 0x9E3779B1u) {
+            wc[i] = upd_hi(wc[i], acc[i], mm, upd_mix(hi ^ seed));
         }
     } else if (r->mode == UPD_SHIFT) {
         const int32_t m = r->m, t = r->mm;
         for (int32_t i = 0; i < n; i++, hi += 0x9E3779B1u) {
-            const uint32_t rnd = upd_mix(hi ^ seed);
-            wc[i] = upd_shift(wc[i], acc[i], m, t, rnd);
+            wc[i] = upd_shift(wc[i], acc[i], m, t, upd_mix(hi ^ seed));
         }
     } else {
         for (int32_t i = 0; i < n; i++, hi += 0x9E3779B1u) {
@@ -185,6 +201,65 @@ static void update_pointwise(const tf_conv_update_params *p, const int8_t *gc, i
     }
 }
 
+#if TF_USE_DSP
+#define UPD_PAIR_MAX_PLANE 128 /* two g rows unpacked: 4 words per 4 pixels, 512 B of stack */
+/* Two output channels co, co+1 of a 1x1 stride-1 groups-1 update (plane % 4 == 0, plane <= 128): acc for both
+ * channels and two input channels per pass, so each x word is loaded and sign-extended once for two channels and
+ * each unpacked g word serves two input channels. gc (2, plane), x (kmax, plane), wc (2, wsize). */
+static void update_pointwise_pair(const tf_conv_update_params *p, const int8_t *gc, const int32_t *gsum,
+                                  const int8_t *x, int32_t plane, int32_t kmax, const upd_rule *rule, int8_t *wc,
+                                  int32_t wsize, uint32_t flat0) {
+    const int32_t goff0 = p->input_offset * gsum[0], goff1 = p->input_offset * gsum[1];
+    const uint32_t seed = p->step * 0x85EBCA77u ^ p->w_tensor_id * 0xC2B2AE3Du;
+    const int32_t nq = plane >> 2;
+    uint32_t gu[4 * (UPD_PAIR_MAX_PLANE / 4)];
+    int32_t acc0[UPD_CHUNK], acc1[UPD_CHUNK];
+    /* NOTE: per 4 pixels: channel co bytes 0,2 | 1,3, then channel co+1 bytes 0,2 | 1,3 (SXTB16 / ROR 8 order) */
+    for (int32_t q = 0; q < nq; q++) {
+        const uint32_t v0 = tf_load_u32(gc + 4 * q), v1 = tf_load_u32(gc + plane + 4 * q);
+        gu[4 * q] = tf_sxtb16(v0);
+        gu[4 * q + 1] = tf_sxtb16_ror8(v0);
+        gu[4 * q + 2] = tf_sxtb16(v1);
+        gu[4 * q + 3] = tf_sxtb16_ror8(v1);
+    }
+    for (int32_t il0 = 0; il0 < kmax; il0 += UPD_CHUNK) {
+        const int32_t n = kmax - il0 < UPD_CHUNK ? kmax - il0 : UPD_CHUNK;
+        const int8_t *xc = x + il0 * plane;
+        int32_t i = 0;
+        for (; i + 2 <= n; i += 2, xc += 2 * plane) {
+            const uint32_t *g = gu, *gend = gu + 4 * nq;
+            const int8_t *xp = xc;
+            int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0; /* (channel, input channel) */
+            do {
+                const uint32_t v0 = tf_load_u32(xp), v1 = tf_load_u32(xp + plane);
+                const uint32_t t0 = tf_sxtb16(v0), t1 = tf_sxtb16_ror8(v0);
+                const uint32_t t2 = tf_sxtb16(v1), t3 = tf_sxtb16_ror8(v1);
+                a00 = tf_smlad(g[0], t0, a00);
+                a00 = tf_smlad(g[1], t1, a00);
+                a01 = tf_smlad(g[0], t2, a01);
+                a01 = tf_smlad(g[1], t3, a01);
+                a10 = tf_smlad(g[2], t0, a10);
+                a10 = tf_smlad(g[3], t1, a10);
+                a11 = tf_smlad(g[2], t2, a11);
+                a11 = tf_smlad(g[3], t3, a11);
+                g += 4;
+                xp += 4;
+            } while (g < gend);
+            acc0[i] = a00 + goff0;
+            acc0[i + 1] = a01 + goff0;
+            acc1[i] = a10 + goff1;
+            acc1[i + 1] = a11 + goff1;
+        }
+        if (i < n) { /* odd last input channel */
+            acc0[i] = tf_dot_s8(gc, xc, plane) + goff0;
+            acc1[i] = tf_dot_s8(gc + plane, xc, plane) + goff1;
+        }
+        upd_row(&rule[0], acc0, wc + il0, n, flat0 + (uint32_t)il0, seed);
+        upd_row(&rule[1], acc1, wc + wsize + il0, n, flat0 + (uint32_t)(wsize + il0), seed);
+    }
+}
+#endif
+
 tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas, const tf_dims *gy_dims,
                               const int8_t *g_y, int32_t e_y, const tf_dims *x_dims, const int8_t *x_saved,
                               const tf_filter_dims *w_dims, int8_t *w, int32_t *b) {
@@ -215,9 +290,34 @@ tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas,
     const int32_t wsize = cin_g * kh_n * kw_n;
     const int pointwise = kh_n == 1 && kw_n == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_h == 0 &&
                           p->pad_w == 0 && oplane == iplane;
+#if TF_USE_DSP
+    const int pair = pointwise && p->update_weight && p->groups == 1 && p->k > 0 && oplane % 4 == 0 &&
+                     oplane <= UPD_PAIR_MAX_PLANE;
+#endif
     for (int32_t co = 0; co < w_dims->n; co++) {
         const int8_t *gc = g_y + co * oplane; /* (OH, OW) */
         const int32_t gsum = upd_sum_s8(gc, oplane);
+#if TF_USE_DSP
+        if (pair && co + 1 < w_dims->n) { /* channels co, co+1 together (weights only; biases below) */
+            const int32_t gs[2] = {gsum, upd_sum_s8(gc + oplane, oplane)};
+            upd_rule rules[2];
+            for (int32_t j = 0; j < 2; j++) {
+                const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->w_m[co + j], 15);
+                rules[j] = upd_make_rule(m, p->lr_e + qas->w_e[co + j] + 15 + e_y);
+            }
+            update_pointwise_pair(p, gc, gs, x_saved, oplane, p->k < cin_g ? p->k : cin_g, rules, w + co * wsize,
+                                  wsize, (uint32_t)(co * wsize));
+            for (int32_t j = 0; j < 2 && p->update_bias; j++) {
+                const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->b_m[co + j], 15);
+                const int32_t e = p->lr_e + qas->b_e[co + j] + 15 + e_y;
+                int64_t db = tf_scaled_update(gs[j], m, e, tf_rng_u32(p->step, p->b_tensor_id, (uint32_t)(co + j)),
+                                              INT32_MAX);
+                b[co + j] = tf_clamp_i32((int64_t)b[co + j] - db, INT32_MIN, INT32_MAX);
+            }
+            co++;
+            continue;
+        }
+#endif
         if (p->update_weight) {
             const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->w_m[co], 15);
             const int32_t e = p->lr_e + qas->w_e[co] + 15 + e_y;
