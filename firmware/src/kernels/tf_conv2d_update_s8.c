@@ -20,26 +20,22 @@
  *            = floor((acc * M + rnd) / 2^32): writing rnd = r * 2^(32-s) + l with 0 <= l < 2^(32-s), the low
  *            part l adds less than one unit of 2^(32-s) to a multiple of 2^(32-s), so the floor is unchanged.
  *            |acc * M| < 2^61: one SMLAL into (rnd, 0), out is the high word.
- *  UPD_SHIFT (32 < s <= 62, t = s - 32 in [1, 30]): out = floor((v + rnd * 2^t) / 2^(t+32))
- *            = floor((floor(v / 2^t) + rnd) / 2^32) (nested floors), i.e. ((v >> t) + rnd) >> 32.
- *  UPD_HI    (the same with M2 = m * 2^(32-t) < 2^31, always so for s >= 50): floor(v / 2^t) is the high word of
- *            acc * M2 = v * 2^(32-t) (one SMULL, no 64-bit shift); then out = (hi + rnd) >> 32 in 64 bits.
- * In all forms |out| < 2^30, so w - out is exact in int32. Checked against tf_scaled_update by
+ *  UPD_SHIFT (32 < s <= 62, t = s - 32 in [1, 30]): out = floor(X / 2^(32+t)) with X = v + rnd * 2^t
+ *            (|X| < 2^63), i.e. the high word of X shifted right by t (nested floors): rnd * 2^t as two words
+ *            (rnd << t, rnd >> (32 - t)), one SMLAL of acc * m into them, one ASR, no 64-bit shift.
+ * In both forms |out| < 2^30, so w - out is exact in int32. Checked against tf_scaled_update by
  * tests/update/test_update_fast.c. */
-enum { UPD_REF = 0, UPD_MUL = 1, UPD_SHIFT = 2, UPD_HI = 3 };
+enum { UPD_REF = 0, UPD_MUL = 1, UPD_SHIFT = 2 };
 typedef struct {
     int32_t mode, m, e;
-    int32_t mm; /* UPD_MUL: M; UPD_SHIFT: t; UPD_HI: M2 */
+    int32_t mm; /* UPD_MUL: M; UPD_SHIFT: t */
 } upd_rule;
 
 static inline upd_rule upd_make_rule(int32_t m, int32_t e) {
     upd_rule r = {UPD_REF, m, e, 0};
     if (e < 0 && m >= 0 && m < (1 << 17)) {
         const int32_t s = -e > 62 ? 62 : -e;
-        if (s > 32 && ((int64_t)m << (64 - s)) < ((int64_t)1 << 31)) {
-            r.mode = UPD_HI;
-            r.mm = (int32_t)((int64_t)m << (64 - s));
-        } else if (s > 32) {
+        if (s > 32) {
             r.mode = UPD_SHIFT;
             r.mm = s - 32;
         } else if (((int64_t)m << (32 - s)) < ((int64_t)1 << 31)) {
@@ -66,12 +62,9 @@ static inline int8_t upd_mul(int8_t w, int32_t acc, int32_t mm, uint32_t rnd) {
     return upd_clamp_w(w - (int32_t)(((int64_t)acc * mm + (int64_t)rnd) >> 32));
 }
 static inline int8_t upd_shift(int8_t w, int32_t acc, int32_t m, int32_t t, uint32_t rnd) {
-    return upd_clamp_w(w - (int32_t)((((int64_t)acc * m >> t) + (int64_t)rnd) >> 32));
-}
-
-static inline int8_t upd_hi(int8_t w, int32_t acc, int32_t m2, uint32_t rnd) {
-    const int32_t vt = (int32_t)(((int64_t)acc * m2) >> 32); /* floor(v / 2^t) */
-    return upd_clamp_w(w - (int32_t)(((int64_t)vt + (int64_t)rnd) >> 32));
+    const uint64_t r = (uint64_t)(rnd >> (32 - t)) << 32 | (uint32_t)(rnd << t); /* rnd * 2^t, t in [1, 30] */
+    const int64_t x = (int64_t)acc * m + (int64_t)r;
+    return upd_clamp_w(w - ((int32_t)(x >> 32) >> t));
 }
 
 /* New value of one weight: w, its sum acc (|acc| < 2^30), rnd = tf_rng_u32 of its flat index. */
@@ -81,9 +74,6 @@ static inline int8_t upd_one(const upd_rule *r, int8_t w, int32_t acc, uint32_t 
     }
     if (r->mode == UPD_SHIFT) {
         return upd_shift(w, acc, r->m, r->mm, rnd);
-    }
-    if (r->mode == UPD_HI) {
-        return upd_hi(w, acc, r->mm, rnd);
     }
     return upd_ref(w, acc, r->m, r->e, rnd);
 }
@@ -106,11 +96,6 @@ static void upd_row(const upd_rule *r, const int32_t *acc, int8_t *wc, int32_t n
         const int32_t mm = r->mm;
         for (int32_t i = 0; i < n; i++, hi += 0x9E3779B1u) {
             wc[i] = upd_mul(wc[i], acc[i], mm, upd_mix(hi ^ seed));
-        }
-    } else if (r->mode == UPD_HI) {
-        const int32_t mm = r->mm;
-        for (int32_t i = 0; i < n; i++, hi += 0x9E3779B1u) {
-            wc[i] = upd_hi(wc[i], acc[i], mm, upd_mix(hi ^ seed));
         }
     } else if (r->mode == UPD_SHIFT) {
         const int32_t m = r->m, t = r->mm;
