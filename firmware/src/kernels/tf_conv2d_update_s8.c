@@ -57,14 +57,35 @@ static inline int8_t upd_ref(int8_t w, int32_t acc, int32_t m, int32_t e, uint32
     return (int8_t)tf_clamp_i32((int64_t)w - dw, TF_WEIGHT_MIN, TF_WEIGHT_MAX);
 }
 
-/* The two fast forms (see above): new weight from w, acc and rnd. */
-static inline int8_t upd_mul(int8_t w, int32_t acc, int32_t mm, uint32_t rnd) {
-    return upd_clamp_w(w - (int32_t)(((int64_t)acc * mm + (int64_t)rnd) >> 32));
+/* The two fast forms (see above): out from acc and rnd, then the new weight. */
+static inline int32_t upd_out_mul(int32_t acc, int32_t mm, uint32_t rnd) {
+    return (int32_t)(((int64_t)acc * mm + (int64_t)rnd) >> 32);
 }
-static inline int8_t upd_shift(int8_t w, int32_t acc, int32_t m, int32_t t, uint32_t rnd) {
+static inline int32_t upd_out_shift(int32_t acc, int32_t m, int32_t t, uint32_t rnd) {
     const uint64_t r = (uint64_t)(rnd >> (32 - t)) << 32 | (uint32_t)(rnd << t); /* rnd * 2^t, t in [1, 30] */
     const int64_t x = (int64_t)acc * m + (int64_t)r;
-    return upd_clamp_w(w - ((int32_t)(x >> 32) >> t));
+    return (int32_t)(x >> 32) >> t;
+}
+static inline int8_t upd_mul(int8_t w, int32_t acc, int32_t mm, uint32_t rnd) {
+    return upd_clamp_w(w - upd_out_mul(acc, mm, rnd));
+}
+static inline int8_t upd_shift(int8_t w, int32_t acc, int32_t m, int32_t t, uint32_t rnd) {
+    return upd_clamp_w(w - upd_out_shift(acc, m, t, rnd));
+}
+
+/* New bias b - scaled_update(gsum, m, e, rnd, INT32_MAX), clamped to int32. NOTE: |gsum| <= 128 * 32768 = 2^22,
+ * so the bounds above hold and |out| < 2^30: the INT32_MAX limit never acts either. */
+static inline int32_t upd_bias(int32_t b, int32_t gsum, int32_t m, int32_t e, uint32_t rnd) {
+    const upd_rule r = upd_make_rule(m, e);
+    int64_t out;
+    if (r.mode == UPD_MUL) {
+        out = upd_out_mul(gsum, r.mm, rnd);
+    } else if (r.mode == UPD_SHIFT) {
+        out = upd_out_shift(gsum, m, r.mm, rnd);
+    } else {
+        out = tf_scaled_update(gsum, m, e, rnd, INT32_MAX);
+    }
+    return tf_clamp_i32((int64_t)b - out, INT32_MIN, INT32_MAX);
 }
 
 /* New value of one weight: w, its sum acc (|acc| < 2^30), rnd = tf_rng_u32 of its flat index. */
@@ -295,9 +316,7 @@ tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas,
             for (int32_t j = 0; j < 2 && p->update_bias; j++) {
                 const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->b_m[co + j], 15);
                 const int32_t e = p->lr_e + qas->b_e[co + j] + 15 + e_y;
-                int64_t db = tf_scaled_update(gs[j], m, e, tf_rng_u32(p->step, p->b_tensor_id, (uint32_t)(co + j)),
-                                              INT32_MAX);
-                b[co + j] = tf_clamp_i32((int64_t)b[co + j] - db, INT32_MIN, INT32_MAX);
+                b[co + j] = upd_bias(b[co + j], gs[j], m, e, tf_rng_u32(p->step, p->b_tensor_id, (uint32_t)(co + j)));
             }
             co++;
             continue;
@@ -345,8 +364,7 @@ tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas,
         if (p->update_bias) {
             const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->b_m[co], 15);
             const int32_t e = p->lr_e + qas->b_e[co] + 15 + e_y;
-            int64_t db = tf_scaled_update(gsum, m, e, tf_rng_u32(p->step, p->b_tensor_id, (uint32_t)co), INT32_MAX);
-            b[co] = tf_clamp_i32((int64_t)b[co] - db, INT32_MIN, INT32_MAX);
+            b[co] = upd_bias(b[co], gsum, m, e, tf_rng_u32(p->step, p->b_tensor_id, (uint32_t)co));
         }
     }
     return TF_OK;

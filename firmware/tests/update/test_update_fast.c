@@ -95,6 +95,22 @@ int main(void) {
         /* small |acc * m / 2^s| too, so the rounding decides the result */
         check(w, acc, m, e, next_u32());
     }
+    /* bias updates: |gsum| <= 2^22, any int32 b */
+    for (long i = 0; i < 2000000; i++) {
+        const uint32_t u = next_u32();
+        int32_t acc = (int32_t)(next_u32() & ((1u << 22) - 1)) >> (u & 31);
+        acc = (u & 32) ? -acc : acc;
+        const int32_t m = (int32_t)(next_u32() & ((1u << 17) - 1)) >> ((u >> 6) & 15);
+        const int32_t e = -(int32_t)((u >> 10) % 90) + 8;
+        const int32_t bb = (u >> 20) & 1 ? (int32_t)next_u32() : (int32_t)(next_u32() & 0xFFFF) - 32768;
+        const uint32_t rnd = next_u32();
+        const int64_t want = tf_clamp_i32((int64_t)bb - tf_scaled_update(acc, m, e, rnd, INT32_MAX), INT32_MIN,
+                                          INT32_MAX);
+        checks++;
+        if (upd_bias(bb, acc, m, e, rnd) != want && failures++ < 10) {
+            printf("FAIL bias b=%d acc=%d m=%d e=%d rnd=%u\n", (int)bb, (int)acc, (int)m, (int)e, (unsigned)rnd);
+        }
+    }
     /* upd_sum_s8 against tf_sum_s8 */
     int8_t buf[300];
     for (int32_t n = 0; n < 300; n++) {
