@@ -231,11 +231,13 @@ static void update_pointwise_pair(const tf_conv_update_params *p, const int8_t *
     for (int32_t il0 = 0; il0 < kmax; il0 += UPD_CHUNK) {
         const int32_t n = kmax - il0 < UPD_CHUNK ? kmax - il0 : UPD_CHUNK;
         const int8_t *xc = x + il0 * plane;
-        int32_t i = 0;
-        for (; i + 2 <= n; i += 2, xc += 2 * plane) {
-            const uint32_t *g = gu, *gend = gu + 4 * nq;
+        const int8_t *xend = xc + (n & ~1) * plane;
+        int32_t *o0 = acc0, *o1 = acc1;
+        const uint32_t *gend = gu + 4 * nq;
+        for (; xc < xend; xc += 2 * plane, o0 += 2, o1 += 2) {
+            const uint32_t *g = gu;
             const int8_t *xp = xc;
-            int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0; /* (channel, input channel) */
+            int32_t a00 = goff0, a01 = goff0, a10 = goff1, a11 = goff1; /* (channel, input channel) */
             do {
                 const uint32_t v0 = tf_load_u32(xp), v1 = tf_load_u32(xp + plane);
                 const uint32_t t0 = tf_sxtb16(v0), t1 = tf_sxtb16_ror8(v0);
@@ -251,11 +253,12 @@ static void update_pointwise_pair(const tf_conv_update_params *p, const int8_t *
                 g += 4;
                 xp += 4;
             } while (g < gend);
-            acc0[i] = a00 + goff0;
-            acc0[i + 1] = a01 + goff0;
-            acc1[i] = a10 + goff1;
-            acc1[i + 1] = a11 + goff1;
+            o0[0] = a00;
+            o0[1] = a01;
+            o1[0] = a10;
+            o1[1] = a11;
         }
+        const int32_t i = n & ~1;
         if (i < n) { /* odd last input channel */
             acc0[i] = tf_dot_s8(gc, xc, plane) + goff0;
             acc1[i] = tf_dot_s8(gc + plane, xc, plane) + goff1;
