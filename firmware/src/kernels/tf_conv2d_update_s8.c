@@ -46,9 +46,16 @@ static inline upd_rule upd_make_rule(int32_t m, int32_t e) {
     return r;
 }
 
+/* clamp(nw, -127, 127). NOTE: DSP: SSAT to [-128, 127], then -128 (only from nw <= -128) becomes -127. */
 static inline int8_t upd_clamp_w(int32_t nw) {
+#if TF_USE_DSP
+    int32_t r;
+    __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(nw));
+    return (int8_t)(r == -128 ? TF_WEIGHT_MIN : r);
+#else
     nw = nw < TF_WEIGHT_MIN ? TF_WEIGHT_MIN : nw;
     return (int8_t)(nw > TF_WEIGHT_MAX ? TF_WEIGHT_MAX : nw);
+#endif
 }
 
 /* The reference: tf_scaled_update then the weight clamp. */
