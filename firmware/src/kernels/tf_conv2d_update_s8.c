@@ -147,6 +147,27 @@ static inline uint32_t upd_usada8(uint32_t a, uint32_t b, uint32_t acc) {
 
 /* sum a[i], i < n (tf_sum_s8). NOTE: DSP: flipping the sign bits maps int8 a to a + 128 as uint8, which USADA8
  * against 0 sums four at a time; 128 per element is taken off at the end (exact: n <= 32768). */
+/* upd_sum_s8 that also tells whether a[0..n) is all zero (*zero = 1). */
+static inline int32_t upd_sum_zero_s8(const int8_t *a, int32_t n, int *zero) {
+    int32_t acc = 0, i = 0;
+    uint32_t any = 0;
+#if TF_USE_DSP
+    uint32_t u = 0;
+    for (; i + 4 <= n; i += 4) {
+        const uint32_t v = tf_load_u32(a + i);
+        any |= v;
+        u = upd_usada8(v ^ 0x80808080u, 0, u);
+    }
+    acc = (int32_t)u - 128 * i;
+#endif
+    for (; i < n; i++) {
+        acc += a[i];
+        any |= (uint8_t)a[i];
+    }
+    *zero = any == 0;
+    return acc;
+}
+
 static inline int32_t upd_sum_s8(const int8_t *a, int32_t n) {
     int32_t acc = 0, i = 0;
 #if TF_USE_DSP
@@ -216,12 +237,12 @@ static void update_pointwise(const tf_conv_update_params *p, const int8_t *gc, i
 
 #if TF_USE_DSP
 #define UPD_PAIR_MAX_PLANE 128 /* two g rows unpacked: 4 words per 4 pixels, 512 B of stack */
-/* Two output channels co, co+1 of a 1x1 stride-1 groups-1 update (plane % 4 == 0, plane <= 128): acc for both
- * channels and two input channels per pass, so each x word is loaded and sign-extended once for two channels and
- * each unpacked g word serves two input channels. gc (2, plane), x (kmax, plane), wc (2, wsize). */
-static void update_pointwise_pair(const tf_conv_update_params *p, const int8_t *gc, const int32_t *gsum,
-                                  const int8_t *x, int32_t plane, int32_t kmax, const upd_rule *rule, int8_t *wc,
-                                  int32_t wsize, uint32_t flat0) {
+/* Two output channels of a 1x1 stride-1 groups-1 update (plane % 4 == 0, plane <= 128): acc for both channels
+ * and two input channels per pass, so each x word is loaded and sign-extended once for two channels and each
+ * unpacked g word serves two input channels. gc, gc1 (plane,); x (kmax, plane); wc, wc1 (kmax,) at flat0, flat1. */
+static void update_pointwise_pair(const tf_conv_update_params *p, const int8_t *gc, const int8_t *gc1,
+                                  const int32_t *gsum, const int8_t *x, int32_t plane, int32_t kmax,
+                                  const upd_rule *rule, int8_t *wc, int8_t *wc1, uint32_t flat0, uint32_t flat1) {
     const int32_t goff0 = p->input_offset * gsum[0], goff1 = p->input_offset * gsum[1];
     const uint32_t seed = p->step * 0x85EBCA77u ^ p->w_tensor_id * 0xC2B2AE3Du;
     const int32_t nq = plane >> 2;
@@ -229,7 +250,7 @@ static void update_pointwise_pair(const tf_conv_update_params *p, const int8_t *
     int32_t acc0[UPD_CHUNK], acc1[UPD_CHUNK];
     /* NOTE: per 4 pixels: channel co bytes 0,2 | 1,3, then channel co+1 bytes 0,2 | 1,3 (SXTB16 / ROR 8 order) */
     for (int32_t q = 0; q < nq; q++) {
-        const uint32_t v0 = tf_load_u32(gc + 4 * q), v1 = tf_load_u32(gc + plane + 4 * q);
+        const uint32_t v0 = tf_load_u32(gc + 4 * q), v1 = tf_load_u32(gc1 + 4 * q);
         gu[4 * q] = tf_sxtb16(v0);
         gu[4 * q + 1] = tf_sxtb16_ror8(v0);
         gu[4 * q + 2] = tf_sxtb16(v1);
@@ -268,10 +289,10 @@ static void update_pointwise_pair(const tf_conv_update_params *p, const int8_t *
         const int32_t i = n & ~1;
         if (i < n) { /* odd last input channel */
             acc0[i] = tf_dot_s8(gc, xc, plane) + goff0;
-            acc1[i] = tf_dot_s8(gc + plane, xc, plane) + goff1;
+            acc1[i] = tf_dot_s8(gc1, xc, plane) + goff1;
         }
         upd_row(&rule[0], acc0, wc + il0, n, flat0 + (uint32_t)il0, seed);
-        upd_row(&rule[1], acc1, wc + wsize + il0, n, flat0 + (uint32_t)(wsize + il0), seed);
+        upd_row(&rule[1], acc1, wc1 + il0, n, flat1 + (uint32_t)il0, seed);
     }
 }
 #endif
@@ -307,31 +328,63 @@ tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas,
     const int pointwise = kh_n == 1 && kw_n == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_h == 0 &&
                           p->pad_w == 0 && oplane == iplane;
 #if TF_USE_DSP
-    const int pair = pointwise && p->update_weight && p->groups == 1 && p->k > 0 && oplane % 4 == 0 &&
-                     oplane <= UPD_PAIR_MAX_PLANE;
+    if (pointwise && p->update_weight && p->groups == 1 && p->k > 0 && oplane % 4 == 0 &&
+        oplane <= UPD_PAIR_MAX_PLANE) {
+        /* NOTE: output channels whose g row is all zero are skipped: acc = 0 (and gsum = 0) gives out = 0 in every
+         * form (0 <= r < 2^s before the shift), so w and b keep their values, except that the clamp turns a
+         * weight of -128 into -127, done here. Masked gradients have many such channels. The others are paired
+         * in order (not necessarily adjacent); an odd last one goes alone. */
+        const int32_t kmax = p->k < cin_g ? p->k : cin_g;
+        int32_t held = -1, held_sum = 0;
+        for (int32_t co = 0; co <= w_dims->n; co++) {
+            int32_t gsum = 0;
+            if (co < w_dims->n) {
+                int zero;
+                gsum = upd_sum_zero_s8(g_y + co * oplane, oplane, &zero);
+                if (zero) {
+                    int8_t *wc = w + co * wsize;
+                    for (int32_t il = 0; il < kmax; il++) {
+                        wc[il] = wc[il] < TF_WEIGHT_MIN ? TF_WEIGHT_MIN : wc[il];
+                    }
+                    continue;
+                }
+                if (held < 0) {
+                    held = co;
+                    held_sum = gsum;
+                    continue;
+                }
+            } else if (held < 0) {
+                break;
+            }
+            const int32_t cs[2] = {held, co};
+            const int32_t gs[2] = {held_sum, gsum};
+            const int32_t nc = co < w_dims->n ? 2 : 1;
+            upd_rule rules[2];
+            for (int32_t j = 0; j < nc; j++) {
+                const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->w_m[cs[j]], 15);
+                rules[j] = upd_make_rule(m, p->lr_e + qas->w_e[cs[j]] + 15 + e_y);
+            }
+            if (nc == 2) {
+                update_pointwise_pair(p, g_y + held * oplane, g_y + co * oplane, gs, x_saved, oplane, kmax, rules,
+                                      w + held * wsize, w + co * wsize, (uint32_t)(held * wsize),
+                                      (uint32_t)(co * wsize));
+            } else {
+                update_pointwise(p, g_y + held * oplane, held_sum, x_saved, oplane, kmax, &rules[0], w + held * wsize,
+                                 (uint32_t)(held * wsize));
+            }
+            for (int32_t j = 0; j < nc && p->update_bias; j++) {
+                const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->b_m[cs[j]], 15);
+                const int32_t e = p->lr_e + qas->b_e[cs[j]] + 15 + e_y;
+                b[cs[j]] = upd_bias(b[cs[j]], gs[j], m, e, tf_rng_u32(p->step, p->b_tensor_id, (uint32_t)cs[j]));
+            }
+            held = -1;
+        }
+        return TF_OK;
+    }
 #endif
     for (int32_t co = 0; co < w_dims->n; co++) {
         const int8_t *gc = g_y + co * oplane; /* (OH, OW) */
         const int32_t gsum = upd_sum_s8(gc, oplane);
-#if TF_USE_DSP
-        if (pair && co + 1 < w_dims->n) { /* channels co, co+1 together (weights only; biases below) */
-            const int32_t gs[2] = {gsum, upd_sum_s8(gc + oplane, oplane)};
-            upd_rule rules[2];
-            for (int32_t j = 0; j < 2; j++) {
-                const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->w_m[co + j], 15);
-                rules[j] = upd_make_rule(m, p->lr_e + qas->w_e[co + j] + 15 + e_y);
-            }
-            update_pointwise_pair(p, gc, gs, x_saved, oplane, p->k < cin_g ? p->k : cin_g, rules, w + co * wsize,
-                                  wsize, (uint32_t)(co * wsize));
-            for (int32_t j = 0; j < 2 && p->update_bias; j++) {
-                const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->b_m[co + j], 15);
-                const int32_t e = p->lr_e + qas->b_e[co + j] + 15 + e_y;
-                b[co + j] = upd_bias(b[co + j], gs[j], m, e, tf_rng_u32(p->step, p->b_tensor_id, (uint32_t)(co + j)));
-            }
-            co++;
-            continue;
-        }
-#endif
         if (p->update_weight) {
             const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->w_m[co], 15);
             const int32_t e = p->lr_e + qas->w_e[co] + 15 + e_y;
