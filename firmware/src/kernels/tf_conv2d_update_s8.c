@@ -83,6 +83,9 @@ static inline int8_t upd_shift(int8_t w, int32_t acc, int32_t m, int32_t t, uint
 /* New bias b - scaled_update(gsum, m, e, rnd, INT32_MAX), clamped to int32. NOTE: |gsum| <= 128 * 32768 = 2^22,
  * so the bounds above hold and |out| < 2^30: the INT32_MAX limit never acts either. */
 static inline int32_t upd_bias(int32_t b, int32_t gsum, int32_t m, int32_t e, uint32_t rnd) {
+    if (gsum == 0) { /* out = 0 in every form (0 <= r < 2^s before the shift): b stays */
+        return b;
+    }
     const upd_rule r = upd_make_rule(m, e);
     int64_t out;
     if (r.mode == UPD_MUL) {
@@ -385,7 +388,7 @@ tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas,
     for (int32_t co = 0; co < w_dims->n; co++) {
         const int8_t *gc = g_y + co * oplane; /* (OH, OW) */
         const int32_t gsum = upd_sum_s8(gc, oplane);
-        if (p->update_weight) {
+        if (p->update_weight && (co / cout_g) * cin_g < p->k) { /* NOTE: else no input channel of co is saved */
             const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->w_m[co], 15);
             const int32_t e = p->lr_e + qas->w_e[co] + 15 + e_y;
             const int32_t g = co / cout_g;
