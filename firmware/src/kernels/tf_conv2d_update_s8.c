@@ -150,6 +150,7 @@ static inline uint32_t upd_usada8(uint32_t a, uint32_t b, uint32_t acc) {
 
 /* sum a[i], i < n (tf_sum_s8). NOTE: DSP: flipping the sign bits maps int8 a to a + 128 as uint8, which USADA8
  * against 0 sums four at a time; 128 per element is taken off at the end (exact: n <= 32768). */
+#if TF_USE_DSP
 /* upd_sum_s8 that also tells whether a[0..n) is all zero (*zero = 1). */
 static inline int32_t upd_sum_zero_s8(const int8_t *a, int32_t n, int *zero) {
     int32_t acc = 0, i = 0;
@@ -170,6 +171,7 @@ static inline int32_t upd_sum_zero_s8(const int8_t *a, int32_t n, int *zero) {
     *zero = any == 0;
     return acc;
 }
+#endif
 
 static inline int32_t upd_sum_s8(const int8_t *a, int32_t n) {
     int32_t acc = 0, i = 0;
