@@ -24,14 +24,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import MODELS  # noqa: E402
-from benchmarks.firmware_paper import LR, RUNGS, build_firmware  # noqa: E402
-from device_agent.board import BoardClient, QemuBoard  # noqa: E402
-from device_agent.engine.qmath import mant_exp  # noqa: E402
-from fleet.compiler.compile import compile_full  # noqa: E402
-from fleet.compiler.mit_import import import_mit  # noqa: E402
-from fleet.compiler.quantize import new_classifier  # noqa: E402
-from fleet.compiler.scheme import PAPER_SCHEMES, load_schemes  # noqa: E402
+from benchmarks.common import MODELS
+from benchmarks.firmware_paper import LR, RUNGS, build_firmware
+from device_agent.board import BoardClient, QemuBoard
+from device_agent.engine.qmath import mant_exp
+from fleet.compiler.compile import compile_full
+from fleet.compiler.mit_import import import_mit
+from fleet.compiler.quantize import new_classifier
+from fleet.compiler.scheme import PAPER_SCHEMES, load_schemes
 
 
 @dataclasses.dataclass

@@ -121,6 +121,7 @@ static int32_t cmd_board_info(const tf_proto *p, uint8_t *out) {
     return (int32_t)(q - out);
 }
 
+#ifndef TF_NO_SELFTEST
 /* SELFTEST resp <IIiIQ: cases, passed, first_failed, crc32, ticks (work memory: the arena) */
 static int32_t cmd_selftest(uint8_t *out) {
     uint32_t size = 0;
@@ -136,6 +137,7 @@ static int32_t cmd_selftest(uint8_t *out) {
     q = put_u64(q, dt);
     return (int32_t)(q - out);
 }
+#endif
 
 #ifdef TF_BENCH
 int32_t tf_bench_run(uint8_t *arena, uint32_t size, uint64_t *out);
@@ -290,14 +292,18 @@ static void handle(tf_proto *p, int32_t n) {
         reply(p, seq, TF_ST_OK, (int32_t)(q - out));
         return;
     }
+#ifndef TF_NO_SELFTEST
     if (cmd == TF_CMD_SELFTEST && p->dev && p->dev->has_plan) {
         reply(p, seq, TF_ST_ERR_STATE, (int32_t)(put_u32(out, 0) - out)); /* its work memory is the arena */
         return;
     }
+#endif
     switch (cmd) {
     case TF_CMD_PING:
     case TF_CMD_GET_STATS:
+#ifndef TF_NO_SELFTEST /* NOTE: SELFTEST=0 builds leave the kernel vectors (~70 KB of flash) out: unknown command */
     case TF_CMD_SELFTEST:
+#endif
     case TF_CMD_BOARD_INFO:
         if (in_len != 0) {
             reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);
@@ -329,7 +335,9 @@ static void handle(tf_proto *p, int32_t n) {
     }
     int32_t len = cmd == TF_CMD_PING        ? cmd_ping(out)
                   : cmd == TF_CMD_GET_STATS ? cmd_stats(out)
+#ifndef TF_NO_SELFTEST
                   : cmd == TF_CMD_SELFTEST  ? cmd_selftest(out)
+#endif
                                             : cmd_board_info(p, out);
     reply(p, seq, TF_ST_OK, len);
 }
