@@ -26,6 +26,23 @@ static inline int32_t window(const int8_t *x, const int8_t *w, int32_t cin, int3
     return acc;
 }
 
+#if TF_USE_DSP
+#define TF_PACK16(a, b) (((uint32_t)(a) & 0xFFFFu) | ((uint32_t)(b) << 16))
+/* One 3-tap kernel row at stride 2 for two neighbouring outputs: x[0..2] (a0) and x[2..4] (a1); w02 = (w0, w2)
+ * as int16 halves, w1 in the low half. NOTE: one word gives (x0, x2) and (x1, x3) after sxtb16: 9 instructions
+ * for 6 MACs (the scalar row is 3 loads and 3 MACs per output). */
+static inline __attribute__((always_inline)) void row3s2(const int8_t *x, uint32_t w02, uint32_t w1, int32_t *a0,
+                                                         int32_t *a1) {
+    const uint32_t v = tf_load_u32(x), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+    const int32_t x4 = x[4];
+    *a0 = tf_smlad(e, w02, *a0);                /* x0 w0 + x2 w2 */
+    *a0 = tf_smlabb(o, w1, *a0);                /* x1 w1 */
+    *a1 = tf_smlatb(e, w02, *a1);               /* x2 w0 */
+    *a1 = tf_smlatb(o, w1, *a1);                /* x3 w1 */
+    *a1 = tf_smlabt((uint32_t)x4, w02, *a1);    /* x4 w2 */
+}
+#endif
+
 /* Depthwise 3x3 for one channel: rows outside x read a row of zero points (x - zx = 0 there), so only the
  * left and right edge columns need bounds; every window uses sum x * w + off * sum w. */
 static inline __attribute__((always_inline)) int32_t dw3_impl(const rq_t *rp, const tf_conv_params *p,
@@ -43,10 +60,8 @@ static inline __attribute__((always_inline)) int32_t dw3_impl(const rq_t *rp, co
     const int32_t w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5], w6 = wc[6], w7 = wc[7],
                   w8 = wc[8];
 #if TF_USE_DSP
-#define TF_PACK16(a, b) (((uint32_t)(a) & 0xFFFFu) | ((uint32_t)(b) << 16))
     const uint32_t w02 = TF_PACK16(w0, w2), w35 = TF_PACK16(w3, w5), w68 = TF_PACK16(w6, w8);
     const uint32_t w14 = TF_PACK16(w1, w4), w7p = TF_PACK16(w7, 0);
-#undef TF_PACK16
 #endif
     int32_t ow_lo = (p->pad_w + sw - 1) / sw, ow_hi = iw_n - 3 + p->pad_w >= 0 ? (iw_n - 3 + p->pad_w) / sw + 1 : 0;
     ow_hi = ow_hi > ow_n ? ow_n : ow_hi;
@@ -77,6 +92,15 @@ static inline __attribute__((always_inline)) int32_t dw3_impl(const rq_t *rp, co
                         a1 = tf_smlad(o, w68, a1);
                         a0 = tf_smlabb(o, w7p, a0);
                         a1 = tf_smlatb(e, w7p, a1);
+                        putf(r, y, mask, bits, out_i, a0, fast, has_mask);
+                        putf(r, y, mask, bits, out_i + 1, a1, fast, has_mask);
+                    }
+                } else if (sw == 2) { /* two outputs per step from x[i..i+4] of each row */
+                    for (; ow + 1 < ow_hi; ow += 2, out_i += 2, i += 4) {
+                        int32_t a0 = woff, a1 = woff;
+                        row3s2(r0 + i, w02, (uint32_t)w1, &a0, &a1);
+                        row3s2(r1 + i, w35, (uint32_t)w4, &a0, &a1);
+                        row3s2(r2 + i, w68, (uint32_t)w7, &a0, &a1);
                         putf(r, y, mask, bits, out_i, a0, fast, has_mask);
                         putf(r, y, mask, bits, out_i + 1, a1, fast, has_mask);
                     }
