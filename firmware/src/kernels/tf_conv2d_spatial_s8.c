@@ -26,44 +26,118 @@ static inline int32_t window(const int8_t *x, const int8_t *w, int32_t cin, int3
     return acc;
 }
 
-#if TF_USE_DSP
+#define TF_AI inline __attribute__((always_inline))
 #define TF_PACK16(a, b) (((uint32_t)(a) & 0xFFFFu) | ((uint32_t)(b) << 16))
+
+/* Requantization of the common case, shift >= 33 and output range [-128, 127] (every MbV2 / Proxyless / MCUNet
+ * layer): y = sat8(((cb + zy 2^shift) + acc mult) >> shift), the same numbers as putf() (tf_conv_rq.h).
+ * NOTE: floor((v + zy 2^s) / 2^s) = floor(v / 2^s) + zy exactly, so the zero point rides in the rounding
+ * constant; with |cb| < 2^61, |zy| <= 256 and shift <= 52 the sum stays below 2^62 and v below 2^63 (|acc| <
+ * 2^31, mult < 2^31). The clamp is one ssat. */
+typedef struct {
+    int64_t cb;       /* bias * mult + 2^(shift-1) + zy * 2^shift */
+    int32_t mult, sh; /* sh = shift - 32 */
+} rq8_t;
+
+static inline int rq8_init(rq8_t *q, const rq_t *r) {
+    const int64_t lim = TF_POW2_I64(61);
+    if (r->shift < 33 || r->shift > 52 || r->lo != -128 || r->hi != 127 || r->cb >= lim || r->cb <= -lim ||
+        r->out_off > 256 || r->out_off < -256) {
+        return 0;
+    }
+    q->cb = r->cb + (int64_t)r->out_off * TF_POW2_I64(r->shift);
+    q->mult = r->mult;
+    q->sh = r->shift - 32;
+    return 1;
+}
+
+static inline int32_t tf_sat8(int32_t x) {
+#if TF_USE_DSP
+    int32_t r;
+    __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(x));
+    return r;
+#else
+    return x < -128 ? -128 : (x > 127 ? 127 : x);
+#endif
+}
+
+/* Writes y[i] (and mask bit i) from acc: s8 (rq8 above), fast and has_mask are constants per instance. */
+static TF_AI void put8(const rq_t *r, const rq8_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i,
+                       int32_t acc, int s8, int fast, int has_mask) {
+    if (!s8) {
+        putf(r, y, mask, bits, i, acc, fast, has_mask);
+        return;
+    }
+    const int64_t v = q->cb + (int64_t)acc * q->mult;
+    const int32_t pre = (int32_t)(v >> 32) >> q->sh, yv = tf_sat8(pre);
+    y[i] = (int8_t)yv;
+    if (has_mask) {
+        *bits |= (uint32_t)(yv == pre) << (i & 7);
+        if ((i & 7) == 7) {
+            mask[i >> 3] = (uint8_t)*bits;
+            *bits = 0;
+        }
+    }
+}
+
+/* Instantiates impl (last parameters s8, fast, has_mask) for the rq8 cases and the four putf cases. */
+#define TF_DISPATCH8(impl, s8, rp, mask, ...)                                                                       \
+    ((s8) ? ((mask) ? impl(__VA_ARGS__, 1, 1, 1) : impl(__VA_ARGS__, 1, 1, 0))                                      \
+          : TF_DISPATCH(impl, rp, mask, __VA_ARGS__, 0))
+
 /* One 3-tap kernel row at stride 2 for two neighbouring outputs: x[0..2] (a0) and x[2..4] (a1); w02 = (w0, w2)
  * as int16 halves, w1 in the low half. NOTE: one word gives (x0, x2) and (x1, x3) after sxtb16: 9 instructions
- * for 6 MACs (the scalar row is 3 loads and 3 MACs per output). */
-static inline __attribute__((always_inline)) void row3s2(const int8_t *x, uint32_t w02, uint32_t w1, int32_t *a0,
-                                                         int32_t *a1) {
+ * for 6 MACs (the scalar row is a load and a MAC per tap). */
+static TF_AI void row3s2(const int8_t *x, uint32_t w02, uint32_t w1, int32_t *a0, int32_t *a1) {
+#if TF_USE_DSP
     const uint32_t v = tf_load_u32(x), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
     const int32_t x4 = x[4];
-    *a0 = tf_smlad(e, w02, *a0);                /* x0 w0 + x2 w2 */
-    *a0 = tf_smlabb(o, w1, *a0);                /* x1 w1 */
-    *a1 = tf_smlatb(e, w02, *a1);               /* x2 w0 */
-    *a1 = tf_smlatb(o, w1, *a1);                /* x3 w1 */
-    *a1 = tf_smlabt((uint32_t)x4, w02, *a1);    /* x4 w2 */
-}
+    *a0 = tf_smlad(e, w02, *a0);             /* x0 w0 + x2 w2 */
+    *a0 = tf_smlabb(o, w1, *a0);             /* x1 w1 */
+    *a1 = tf_smlatb(e, w02, *a1);            /* x2 w0 */
+    *a1 = tf_smlatb(o, w1, *a1);             /* x3 w1 */
+    *a1 = tf_smlabt((uint32_t)x4, w02, *a1); /* x4 w2 */
+#else
+    const int32_t w0 = (int16_t)(w02 & 0xFFFFu), w2 = (int16_t)(w02 >> 16), w1s = (int16_t)(w1 & 0xFFFFu);
+    *a0 += x[0] * w0 + x[1] * w1s + x[2] * w2;
+    *a1 += x[2] * w0 + x[3] * w1s + x[4] * w2;
 #endif
+}
+
+/* sum (x + off) w over the taps of a 3-wide window at column iw inside the row (the others are padding). */
+static TF_AI int32_t edge3(const int8_t *x, const int8_t *w, int32_t iw, int32_t iw_n, int32_t off) {
+    int32_t acc = 0;
+    for (int32_t kw = 0; kw < 3; kw++) {
+        if (iw + kw >= 0 && iw + kw < iw_n) {
+            acc += (x[iw + kw] + off) * w[kw];
+        }
+    }
+    return acc;
+}
 
 /* Depthwise 3x3 for one channel: rows outside x read a row of zero points (x - zx = 0 there), so only the
  * left and right edge columns need bounds; every window uses sum x * w + off * sum w. */
-static inline __attribute__((always_inline)) int32_t dw3_impl(const rq_t *rp, const tf_conv_params *p,
-                                                              const int8_t *xc, const int8_t *wc, int32_t ih_n,
-                                                              int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff,
-                                                              int8_t *y, uint8_t *mask, uint32_t *bitsp,
-                                                              int32_t out_i, int fast, int has_mask) {
+static TF_AI int32_t dw3_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_params *p, const int8_t *xc,
+                              const int8_t *wc, int32_t ih_n, int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff,
+                              int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i, int s8, int fast,
+                              int has_mask) {
     const rq_t rl = *rp, *r = &rl; /* NOTE: local copies, as in pointwise() */
+    const rq8_t ql = *qp, *q = &ql;
     uint32_t bv = *bitsp, *bits = &bv;
     int8_t zrow[TF_DW_ROW];
-    const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset;
+    const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset, pw = p->pad_w;
     for (int32_t i = 0; i < iw_n; i++) {
         zrow[i] = (int8_t)-off;
     }
     const int32_t w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5], w6 = wc[6], w7 = wc[7],
                   w8 = wc[8];
-#if TF_USE_DSP
     const uint32_t w02 = TF_PACK16(w0, w2), w35 = TF_PACK16(w3, w5), w68 = TF_PACK16(w6, w8);
+#if TF_USE_DSP
     const uint32_t w14 = TF_PACK16(w1, w4), w7p = TF_PACK16(w7, 0);
 #endif
-    int32_t ow_lo = (p->pad_w + sw - 1) / sw, ow_hi = iw_n - 3 + p->pad_w >= 0 ? (iw_n - 3 + p->pad_w) / sw + 1 : 0;
+    /* NOTE: the edge windows of pad 1 miss one column: left (iw = -1) column 0, right (iw = iw_n - 2) column 2 */
+    const int32_t woffl = woff - off * (w0 + w3 + w6), woffr = woff - off * (w2 + w5 + w8);
+    int32_t ow_lo = (pw + sw - 1) / sw, ow_hi = iw_n - 3 + pw >= 0 ? (iw_n - 3 + pw) / sw + 1 : 0;
     ow_hi = ow_hi > ow_n ? ow_n : ow_hi;
     ow_lo = ow_lo > ow_hi ? ow_hi : ow_lo;
     for (int32_t oh = 0; oh < oh_n; oh++) {
@@ -71,59 +145,63 @@ static inline __attribute__((always_inline)) int32_t dw3_impl(const rq_t *rp, co
         const int8_t *r0 = ih0 >= 0 && ih0 < ih_n ? xc + ih0 * iw_n : zrow;
         const int8_t *r1 = ih0 + 1 >= 0 && ih0 + 1 < ih_n ? xc + (ih0 + 1) * iw_n : zrow;
         const int8_t *r2 = ih0 + 2 >= 0 && ih0 + 2 < ih_n ? xc + (ih0 + 2) * iw_n : zrow;
-        for (int32_t ow = 0; ow < ow_n; ow++, out_i++) {
-            const int32_t iw0 = ow * sw - p->pad_w;
-            if (ow == ow_lo) {
-                int32_t i = iw0;
+        int32_t ow = 0;
+        for (int32_t end = ow_lo;; end = ow_n) { /* edge columns: [0, ow_lo), then [ow_hi, ow_n) */
+            for (; ow < end; ow++, out_i++) {
+                const int32_t iw = ow * sw - pw;
+                int32_t acc;
+                if (iw == -1 && iw_n >= 2) {
+                    acc = woffl + r0[0] * w1 + r0[1] * w2 + r1[0] * w4 + r1[1] * w5 + r2[0] * w7 + r2[1] * w8;
+                } else if (iw == iw_n - 2 && iw >= 0) {
+                    acc = woffr + r0[iw] * w0 + r0[iw + 1] * w1 + r1[iw] * w3 + r1[iw + 1] * w4 + r2[iw] * w6 +
+                          r2[iw + 1] * w7;
+                } else {
+                    acc = edge3(r0, wc, iw, iw_n, off) + edge3(r1, wc + 3, iw, iw_n, off) +
+                          edge3(r2, wc + 6, iw, iw_n, off);
+                }
+                put8(r, q, y, mask, bits, out_i, acc, s8, fast, has_mask);
+            }
+            if (end == ow_n) {
+                break;
+            }
+            int32_t i = ow * sw - pw;
 #if TF_USE_DSP
-                if (sw == 1) { /* two outputs per step: x[i..i+3] of a row as (x0, x2) and (x1, x3) */
-                    for (; ow + 1 < ow_hi; ow += 2, out_i += 2, i += 2) {
-                        uint32_t v = tf_load_u32(r0 + i), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
-                        int32_t a0 = tf_smlad(e, w02, woff), a1 = tf_smlad(o, w02, woff);
-                        a0 = tf_smlabb(o, w14, a0);
-                        a1 = tf_smlatb(e, w14, a1);
-                        v = tf_load_u32(r1 + i), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
-                        a0 = tf_smlad(e, w35, a0);
-                        a1 = tf_smlad(o, w35, a1);
-                        a0 = tf_smlabt(o, w14, a0);
-                        a1 = tf_smlatt(e, w14, a1);
-                        v = tf_load_u32(r2 + i), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
-                        a0 = tf_smlad(e, w68, a0);
-                        a1 = tf_smlad(o, w68, a1);
-                        a0 = tf_smlabb(o, w7p, a0);
-                        a1 = tf_smlatb(e, w7p, a1);
-                        putf(r, y, mask, bits, out_i, a0, fast, has_mask);
-                        putf(r, y, mask, bits, out_i + 1, a1, fast, has_mask);
-                    }
-                } else if (sw == 2) { /* two outputs per step from x[i..i+4] of each row */
-                    for (; ow + 1 < ow_hi; ow += 2, out_i += 2, i += 4) {
-                        int32_t a0 = woff, a1 = woff;
-                        row3s2(r0 + i, w02, (uint32_t)w1, &a0, &a1);
-                        row3s2(r1 + i, w35, (uint32_t)w4, &a0, &a1);
-                        row3s2(r2 + i, w68, (uint32_t)w7, &a0, &a1);
-                        putf(r, y, mask, bits, out_i, a0, fast, has_mask);
-                        putf(r, y, mask, bits, out_i + 1, a1, fast, has_mask);
-                    }
+            if (sw == 1) { /* two outputs per step: x[i..i+3] of a row as (x0, x2) and (x1, x3) */
+                for (; ow + 1 < ow_hi; ow += 2, out_i += 2, i += 2) {
+                    uint32_t v = tf_load_u32(r0 + i), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+                    int32_t a0 = tf_smlad(e, w02, woff), a1 = tf_smlad(o, w02, woff);
+                    a0 = tf_smlabb(o, w14, a0);
+                    a1 = tf_smlatb(e, w14, a1);
+                    v = tf_load_u32(r1 + i), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+                    a0 = tf_smlad(e, w35, a0);
+                    a1 = tf_smlad(o, w35, a1);
+                    a0 = tf_smlabt(o, w14, a0);
+                    a1 = tf_smlatt(e, w14, a1);
+                    v = tf_load_u32(r2 + i), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+                    a0 = tf_smlad(e, w68, a0);
+                    a1 = tf_smlad(o, w68, a1);
+                    a0 = tf_smlabb(o, w7p, a0);
+                    a1 = tf_smlatb(e, w7p, a1);
+                    put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
+                    put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
                 }
+            }
 #endif
-                for (; ow < ow_hi; ow++, out_i++, i += sw) {
-                    const int32_t acc = woff + r0[i] * w0 + r0[i + 1] * w1 + r0[i + 2] * w2 + r1[i] * w3 +
-                                        r1[i + 1] * w4 + r1[i + 2] * w5 + r2[i] * w6 + r2[i + 1] * w7 + r2[i + 2] * w8;
-                    putf(r, y, mask, bits, out_i, acc, fast, has_mask);
-                }
-                if (ow >= ow_n) {
-                    break;
-                }
-            }
-            const int32_t iw = ow * sw - p->pad_w;
-            int32_t acc = 0;
-            for (int32_t kw = 0; kw < 3; kw++) {
-                if (iw + kw >= 0 && iw + kw < iw_n) {
-                    const int32_t wa = wc[kw], wb = wc[3 + kw], wd = wc[6 + kw];
-                    acc += (r0[iw + kw] + off) * wa + (r1[iw + kw] + off) * wb + (r2[iw + kw] + off) * wd;
+            if (sw == 2) { /* two outputs per step from x[i..i+4] of each row */
+                for (; ow + 1 < ow_hi; ow += 2, out_i += 2, i += 4) {
+                    int32_t a0 = woff, a1 = woff;
+                    row3s2(r0 + i, w02, (uint32_t)w1, &a0, &a1);
+                    row3s2(r1 + i, w35, (uint32_t)w4, &a0, &a1);
+                    row3s2(r2 + i, w68, (uint32_t)w7, &a0, &a1);
+                    put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
+                    put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
                 }
             }
-            putf(r, y, mask, bits, out_i, acc, fast, has_mask);
+            for (; ow < ow_hi; ow++, out_i++, i += sw) {
+                const int32_t acc = woff + r0[i] * w0 + r0[i + 1] * w1 + r0[i + 2] * w2 + r1[i] * w3 +
+                                    r1[i + 1] * w4 + r1[i + 2] * w5 + r2[i] * w6 + r2[i + 1] * w7 + r2[i + 2] * w8;
+                put8(r, q, y, mask, bits, out_i, acc, s8, fast, has_mask);
+            }
         }
     }
     *bitsp = bv;
@@ -133,13 +211,83 @@ static inline __attribute__((always_inline)) int32_t dw3_impl(const rq_t *rp, co
 int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, const int8_t *wc, int32_t ih_n,
                     int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask,
                     uint32_t *bitsp, int32_t out_i) {
-    return TF_DISPATCH(dw3_impl, rp, mask, rp, p, xc, wc, ih_n, iw_n, oh_n, ow_n, woff, y, mask, bitsp, out_i);
+    rq8_t q;
+    const int s8 = rq8_init(&q, rp);
+    return TF_DISPATCH8(dw3_impl, s8, rp, mask, rp, &q, p, xc, wc, ih_n, iw_n, oh_n, ow_n, woff, y, mask, bitsp,
+                        out_i);
+}
+
+#define TF_S2_CIN 4 /* most input channels of the 3x3 stride-2 path (the first conv has 3) */
+
+/* 3x3 stride-2 conv, cin <= TF_S2_CIN input channels, for one output channel (the first conv): the cin x 3
+ * kernel rows of an output row are pointers (a row of zero points above and below x, as in dw3_impl), two
+ * outputs per step (row3s2); only the padded edge columns take the per-tap path. */
+static TF_AI int32_t conv3s2_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_params *p, const int8_t *xg,
+                                  const int8_t *wc, int32_t cin, int32_t ih_n, int32_t iw_n, int32_t oh_n,
+                                  int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp,
+                                  int32_t out_i, int s8, int fast, int has_mask) {
+    const rq_t rl = *rp, *r = &rl;
+    const rq8_t ql = *qp, *q = &ql;
+    uint32_t bv = *bitsp, *bits = &bv;
+    int8_t zrow[TF_DW_ROW];
+    const int8_t *row[TF_S2_CIN * 3]; /* (cin, 3) row pointers of the current output row */
+    uint32_t wp[TF_S2_CIN * 3][2];    /* (cin, 3) kernel rows as ((w0, w2) int16 pair, w1) */
+    const int32_t sh = p->stride_h, off = p->input_offset, pw = p->pad_w, nr = cin * 3, plane = ih_n * iw_n;
+    for (int32_t i = 0; i < iw_n; i++) {
+        zrow[i] = (int8_t)-off;
+    }
+    for (int32_t k = 0; k < nr; k++) {
+        wp[k][0] = TF_PACK16(wc[3 * k], wc[3 * k + 2]);
+        wp[k][1] = (uint32_t)(int32_t)wc[3 * k + 1];
+    }
+    int32_t ow_lo = (pw + 1) / 2, ow_hi = iw_n - 3 + pw >= 0 ? (iw_n - 3 + pw) / 2 + 1 : 0;
+    ow_hi = ow_hi > ow_n ? ow_n : ow_hi;
+    ow_lo = ow_lo > ow_hi ? ow_hi : ow_lo;
+    for (int32_t oh = 0; oh < oh_n; oh++) {
+        const int32_t ih0 = oh * sh - p->pad_h;
+        for (int32_t k = 0; k < nr; k++) {
+            const int32_t ih = ih0 + k % 3;
+            row[k] = ih >= 0 && ih < ih_n ? xg + (k / 3) * plane + ih * iw_n : zrow;
+        }
+        int32_t ow = 0;
+        for (int32_t end = ow_lo;; end = ow_n) { /* edge columns (and an odd last one): [0, ow_lo), [.., ow_n) */
+            for (; ow < end; ow++, out_i++) {
+                const int32_t iw = ow * 2 - pw;
+                int32_t acc = 0;
+                for (int32_t k = 0; k < nr; k++) {
+                    acc += edge3(row[k], wc + 3 * k, iw, iw_n, off);
+                }
+                put8(r, q, y, mask, bits, out_i, acc, s8, fast, has_mask);
+            }
+            if (end == ow_n) {
+                break;
+            }
+            for (int32_t i = ow * 2 - pw; ow + 1 < ow_hi; ow += 2, out_i += 2, i += 4) {
+                int32_t a0 = woff, a1 = woff;
+                for (int32_t k = 0; k < nr; k += 3) {
+                    row3s2(row[k] + i, wp[k][0], wp[k][1], &a0, &a1);
+                    row3s2(row[k + 1] + i, wp[k + 1][0], wp[k + 1][1], &a0, &a1);
+                    row3s2(row[k + 2] + i, wp[k + 2][0], wp[k + 2][1], &a0, &a1);
+                }
+                put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
+                put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
+            }
+        }
+    }
+    *bitsp = bv;
+    return out_i;
 }
 
 /* KH x KW (stride, padding) for one output channel: interior windows without bounds checks. */
 int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *xg, const int8_t *wc, int32_t cin_g,
                         int32_t ih_n, int32_t iw_n, int32_t kh_n, int32_t kw_n, int32_t oh_n, int32_t ow_n,
                         int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i) {
+    if (kh_n == 3 && kw_n == 3 && p->stride_w == 2 && cin_g <= TF_S2_CIN && iw_n <= TF_DW_ROW) {
+        rq8_t q;
+        const int s8 = rq8_init(&q, rp);
+        return TF_DISPATCH8(conv3s2_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, oh_n, ow_n, woff, y,
+                            mask, bitsp, out_i);
+    }
     const rq_t rl = *rp, *r = &rl; /* NOTE: local copies, as in pointwise() */
     uint32_t bv = *bitsp, *bits = &bv;
     const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset, plane = ih_n * iw_n;
