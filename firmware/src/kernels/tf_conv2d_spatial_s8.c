@@ -30,24 +30,27 @@ static inline int32_t window(const int8_t *x, const int8_t *w, int32_t cin, int3
 #define TF_PACK16(a, b) (((uint32_t)(a) & 0xFFFFu) | ((uint32_t)(b) << 16))
 
 /* Requantization of the common case, shift >= 33 and output range [-128, 127] (every MbV2 / Proxyless / MCUNet
- * layer): y = sat8(((cb + zy 2^shift) + acc mult) >> shift), the same numbers as putf() (tf_conv_rq.h).
- * NOTE: floor((v + zy 2^s) / 2^s) = floor(v / 2^s) + zy exactly, so the zero point rides in the rounding
- * constant; with |cb| < 2^61, |zy| <= 256 and shift <= 52 the sum stays below 2^62 and v below 2^63 (|acc| <
- * 2^31, mult < 2^31). The clamp is one ssat. */
+ * layer), with the bias added to acc up front: y = sat8(hi32((acc + bias) mult + c 2^32) >> (shift - 32)), the
+ * same numbers as putf() (tf_conv_rq.h). NOTE: 2^(shift-1) + zy 2^shift = c 2^32 exactly for shift >= 33, and
+ * floor((v + zy 2^s) / 2^s) = floor(v / 2^s) + zy, so one smmla gives the high word and one ssat clamps.
+ * |bias| <= 2^30 keeps acc + bias in int32 (|acc| < 2^23 on these paths); shift <= 52 keeps c in int32. */
 typedef struct {
-    int64_t cb;       /* bias * mult + 2^(shift-1) + zy * 2^shift */
-    int32_t mult, sh; /* sh = shift - 32 */
+    int32_t mult, c, sh, bias; /* c = 2^(shift-33) + zy 2^(shift-32), sh = shift - 32 */
 } rq8_t;
 
 static inline int rq8_init(rq8_t *q, const rq_t *r) {
-    const int64_t lim = TF_POW2_I64(61);
-    if (r->shift < 33 || r->shift > 52 || r->lo != -128 || r->hi != 127 || r->cb >= lim || r->cb <= -lim ||
-        r->out_off > 256 || r->out_off < -256) {
+    if (r->shift < 33 || r->shift > 52 || r->lo != -128 || r->hi != 127 || r->mult <= 0 || r->out_off > 256 ||
+        r->out_off < -256) {
         return 0;
     }
-    q->cb = r->cb + (int64_t)r->out_off * TF_POW2_I64(r->shift);
+    const int64_t bm = r->cb - TF_POW2_I64(r->shift - 1); /* bias * mult, exactly */
+    if (bm % r->mult != 0 || bm / r->mult > TF_POW2_I64(30) || bm / r->mult < -TF_POW2_I64(30)) {
+        return 0;
+    }
     q->mult = r->mult;
+    q->c = (int32_t)(TF_POW2_I64(r->shift - 33) + (int64_t)r->out_off * TF_POW2_I64(r->shift - 32));
     q->sh = r->shift - 32;
+    q->bias = (int32_t)(bm / r->mult);
     return 1;
 }
 
@@ -61,15 +64,26 @@ static inline int32_t tf_sat8(int32_t x) {
 #endif
 }
 
-/* Writes y[i] (and mask bit i) from acc: s8 (rq8 above), fast and has_mask are constants per instance. */
+/* hi32(a * b + c 2^32) (floor) */
+static inline int32_t tf_mmla(int32_t a, int32_t b, int32_t c) {
+#if TF_USE_DSP
+    int32_t r;
+    __asm__("smmla %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+#else
+    return (int32_t)(((int64_t)a * b + (int64_t)c * TF_POW2_I64(32)) >> 32);
+#endif
+}
+
+/* Writes y[i] (and mask bit i) from acc: s8 (rq8 above: acc includes the bias), fast and has_mask are constants
+ * per instance. */
 static TF_AI void put8(const rq_t *r, const rq8_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i,
                        int32_t acc, int s8, int fast, int has_mask) {
     if (!s8) {
         putf(r, y, mask, bits, i, acc, fast, has_mask);
         return;
     }
-    const int64_t v = q->cb + (int64_t)acc * q->mult;
-    const int32_t pre = (int32_t)(v >> 32) >> q->sh, yv = tf_sat8(pre);
+    const int32_t pre = tf_mmla(acc, q->mult, q->c) >> q->sh, yv = tf_sat8(pre);
     y[i] = (int8_t)yv;
     if (has_mask) {
         *bits |= (uint32_t)(yv == pre) << (i & 7);
@@ -126,9 +140,11 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_par
     uint32_t bv = *bitsp, *bits = &bv;
     int8_t zrow[TF_DW_ROW];
     const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset, pw = p->pad_w;
+    const int32_t b0 = s8 ? q->bias : 0; /* rq8 takes acc + bias */
     for (int32_t i = 0; i < iw_n; i++) {
         zrow[i] = (int8_t)-off;
     }
+    woff += b0;
     const int32_t w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5], w6 = wc[6], w7 = wc[7],
                   w8 = wc[8];
     const uint32_t w02 = TF_PACK16(w0, w2), w35 = TF_PACK16(w3, w5), w68 = TF_PACK16(w6, w8);
@@ -156,7 +172,7 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_par
                     acc = woffr + r0[iw] * w0 + r0[iw + 1] * w1 + r1[iw] * w3 + r1[iw + 1] * w4 + r2[iw] * w6 +
                           r2[iw + 1] * w7;
                 } else {
-                    acc = edge3(r0, wc, iw, iw_n, off) + edge3(r1, wc + 3, iw, iw_n, off) +
+                    acc = b0 + edge3(r0, wc, iw, iw_n, off) + edge3(r1, wc + 3, iw, iw_n, off) +
                           edge3(r2, wc + 6, iw, iw_n, off);
                 }
                 put8(r, q, y, mask, bits, out_i, acc, s8, fast, has_mask);
@@ -233,6 +249,8 @@ static TF_AI int32_t conv3s2_impl(const rq_t *rp, const rq8_t *qp, const tf_conv
     const int8_t *row[TF_S2_CIN * 3]; /* (cin, 3) row pointers of the current output row */
     uint32_t wp[TF_S2_CIN * 3][2];    /* (cin, 3) kernel rows as ((w0, w2) int16 pair, w1) */
     const int32_t sh = p->stride_h, off = p->input_offset, pw = p->pad_w, nr = cin * 3, plane = ih_n * iw_n;
+    const int32_t b0 = s8 ? q->bias : 0; /* rq8 takes acc + bias */
+    woff += b0;
     for (int32_t i = 0; i < iw_n; i++) {
         zrow[i] = (int8_t)-off;
     }
@@ -253,7 +271,7 @@ static TF_AI int32_t conv3s2_impl(const rq_t *rp, const rq8_t *qp, const tf_conv
         for (int32_t end = ow_lo;; end = ow_n) { /* edge columns (and an odd last one): [0, ow_lo), [.., ow_n) */
             for (; ow < end; ow++, out_i++) {
                 const int32_t iw = ow * 2 - pw;
-                int32_t acc = 0;
+                int32_t acc = b0;
                 for (int32_t k = 0; k < nr; k++) {
                     acc += edge3(row[k], wc + 3 * k, iw, iw_n, off);
                 }
