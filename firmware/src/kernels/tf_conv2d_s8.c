@@ -152,6 +152,11 @@ __attribute__((noinline)) static void pointwise2(const rq_t *rp, const int8_t *x
     (void)TF_DISPATCH(pointwise2_impl, rp, mask, rp, x, w, cin, plane, woff0, woff1, y, mask, out_i);
 }
 
+/* NOTE: helper B's entry point (tf_conv2d_spatial_s8.c); belongs in tf_conv_rq.h with the others. */
+int tf_conv_patch3(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims, const int8_t *x,
+                   const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims,
+                   int8_t *y, const uint8_t *mask);
+
 tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims,
                        const int8_t *x, const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias,
                        const tf_dims *y_dims, int8_t *y, uint8_t *mask) {
@@ -166,6 +171,9 @@ tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, c
     const int32_t cout_g = w_dims->n / p->groups;
     if (cin_g * kh_n * kw_n > TF_CONV_MAX_TERMS) {
         return TF_ERR_OVERFLOW;
+    }
+    if (tf_conv_patch3(p, q, x_dims, x, w_dims, w, bias, y_dims, y, mask)) { /* the first conv: 3x3, C_in <= 4 */
+        return TF_OK;
     }
     const int32_t ih_n = x_dims->h, iw_n = x_dims->w, oh_n = y_dims->h, ow_n = y_dims->w;
     const int32_t plane = ih_n * iw_n, oplane = oh_n * ow_n, wsize = cin_g * kh_n * kw_n;

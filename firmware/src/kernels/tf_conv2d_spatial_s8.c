@@ -361,3 +361,178 @@ int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *x
     return out_i;
 }
 
+
+/* ---- 3x3 conv with few input channels (the first conv): one window patch, every output channel ---- */
+
+#define TF_PATCH_CIN 4 /* most input channels */
+#define TF_PATCH_NP ((9 * TF_PATCH_CIN + 1) / 2) /* int16 pairs of a TF_PATCH_CIN x 3 x 3 window */
+#define TF_PATCH_CO 8  /* output channels per pass over x (packed weights on the stack: 8 x 18 words) */
+
+/* Slot of tap (ci, kh, kw) among a window's int16 values, in the order sxtb16 delivers them: per channel
+ * (x0, x2) of rows 0, 1, 2 and (x1 of row 0, x1 of row 1); then x1 of row 2 of every channel; a zero pads the
+ * odd last pair. */
+static inline int32_t patch_slot(int32_t cin, int32_t ci, int32_t kh, int32_t kw) {
+    if (kw != 1) {
+        return ci * 8 + kh * 2 + (kw >> 1);
+    }
+    return kh < 2 ? ci * 8 + 6 + kh : cin * 8 + ci;
+}
+
+/* acc + a.lo b.lo + a.hi b.hi (int16 halves) */
+static inline int32_t dot2(uint32_t a, uint32_t b, int32_t acc) {
+#if TF_USE_DSP
+    return tf_smlad(a, b, acc);
+#else
+    return acc + (int16_t)(a & 0xFFFFu) * (int16_t)(b & 0xFFFFu) + (int16_t)(a >> 16) * (int16_t)(b >> 16);
+#endif
+}
+
+/* Window (ci, ih0..ih0+2, iw0..iw0+2) of x as int16 pairs in patch_slot order; taps over the padding are zx. */
+static __attribute__((noinline)) void patch_slow(uint32_t *pp, const int8_t *xg, int32_t cin, int32_t ih_n,
+                                                 int32_t iw_n, int32_t ih0, int32_t iw0, int32_t off) {
+    int16_t t[2 * TF_PATCH_NP];
+    const int32_t np = (9 * cin + 1) / 2;
+    t[2 * np - 1] = 0;
+    for (int32_t ci = 0; ci < cin; ci++) {
+        for (int32_t kh = 0; kh < 3; kh++) {
+            for (int32_t kw = 0; kw < 3; kw++) {
+                const int32_t ih = ih0 + kh, iw = iw0 + kw;
+                const int in = ih >= 0 && ih < ih_n && iw >= 0 && iw < iw_n;
+                t[patch_slot(cin, ci, kh, kw)] = (int16_t)(in ? xg[(ci * ih_n + ih) * iw_n + iw] : -off);
+            }
+        }
+    }
+    for (int32_t j = 0; j < np; j++) {
+        pp[j] = TF_PACK16(t[2 * j], t[2 * j + 1]);
+    }
+}
+
+#if TF_USE_DSP
+/* The same for a window inside x with one readable byte after each row (iw0 + 4 <= iw_n): a word per row. */
+static TF_AI void patch_fast(uint32_t *pp, const int8_t *xw, int32_t cin, int32_t plane, int32_t iw_n) {
+    uint32_t *left = pp + 4 * cin, pend = 0;
+    for (int32_t ci = 0; ci < cin; ci++, xw += plane) {
+        const uint32_t v0 = tf_load_u32(xw), v1 = tf_load_u32(xw + iw_n), v2 = tf_load_u32(xw + 2 * iw_n);
+        pp[4 * ci] = tf_sxtb16(v0);
+        pp[4 * ci + 1] = tf_sxtb16(v1);
+        pp[4 * ci + 2] = tf_sxtb16(v2);
+        pp[4 * ci + 3] = tf_pkhbt(tf_sxtb16_ror8(v0), tf_sxtb16_ror8(v1));
+        const uint32_t o2 = tf_sxtb16_ror8(v2);
+        if (ci & 1) {
+            left[ci >> 1] = tf_pkhbt(pend, o2);
+        } else {
+            pend = o2;
+        }
+    }
+    if (cin & 1) {
+        left[cin >> 1] = pend & 0xFFFFu;
+    }
+}
+#endif
+
+/* Output channels [co0, co0 + nco) over every window, two neighbouring windows per step: each window's patch
+ * is built once and dotted with every channel's packed weights (wt: (nco, np) int16 pairs; rq[c].bias holds
+ * bias + zx-term). cin is a constant where it pays (the first conv's 3). */
+static TF_AI void patch_pass(const tf_conv_params *p, const int8_t *xg, int32_t cin, int32_t ih_n, int32_t iw_n,
+                             int32_t oh_n, int32_t ow_n, const uint32_t *wt, const rq8_t *rq, int32_t nco,
+                             int8_t *yc) {
+    uint32_t pa[TF_PATCH_NP] __attribute__((aligned(8))), pb[TF_PATCH_NP] __attribute__((aligned(8)));
+    const int32_t np = (9 * cin + 1) / 2, oplane = oh_n * ow_n, off = p->input_offset;
+    const int32_t sh = p->stride_h, sw = p->stride_w;
+#if TF_USE_DSP
+    const int32_t plane = ih_n * iw_n;
+#endif
+    for (int32_t oh = 0; oh < oh_n; oh++) {
+        const int32_t ih0 = oh * sh - p->pad_h;
+        const int rows_in = ih0 >= 0 && ih0 + 3 <= ih_n;
+        for (int32_t ow = 0; ow < ow_n; ow += 2) {
+            const int two = ow + 1 < ow_n;
+            for (int32_t k = 0; k < 2; k++) { /* a lone last window is built twice, written once */
+                uint32_t *pp = k ? pb : pa;
+                const int32_t iw0 = (ow + (two ? k : 0)) * sw - p->pad_w;
+#if TF_USE_DSP
+                if (rows_in && iw0 >= 0 && iw0 + 4 <= iw_n) {
+                    patch_fast(pp, xg + ih0 * iw_n + iw0, cin, plane, iw_n);
+                    continue;
+                }
+#endif
+                (void)rows_in;
+                patch_slow(pp, xg, cin, ih_n, iw_n, ih0, iw0, off);
+            }
+            int8_t *yo = yc + oh * ow_n + ow;
+            const uint32_t *wk = wt;
+            for (int32_t c = 0; c < nco; c++, wk += np, yo += oplane) {
+                int32_t a0 = rq[c].bias, a1 = a0;
+                for (int32_t j = 0; j < np; j++) {
+                    a0 = dot2(pa[j], wk[j], a0);
+                    a1 = dot2(pb[j], wk[j], a1);
+                }
+                yo[0] = (int8_t)tf_sat8(tf_mmla(a0, rq[c].mult, rq[c].c) >> rq[c].sh);
+                if (two) {
+                    yo[1] = (int8_t)tf_sat8(tf_mmla(a1, rq[c].mult, rq[c].c) >> rq[c].sh);
+                }
+            }
+        }
+    }
+}
+
+/* NOTE: out of line, so their stack frames are not added to tf_conv_patch3's (1 KB frame limit) */
+static __attribute__((noinline)) void patch_pass3(const tf_conv_params *p, const int8_t *xg, int32_t ih_n,
+                                                  int32_t iw_n, int32_t oh_n, int32_t ow_n, const uint32_t *wt,
+                                                  const rq8_t *rq, int32_t nco, int8_t *yc) {
+    patch_pass(p, xg, 3, ih_n, iw_n, oh_n, ow_n, wt, rq, nco, yc);
+}
+static __attribute__((noinline)) void patch_passn(const tf_conv_params *p, const int8_t *xg, int32_t cin,
+                                                  int32_t ih_n, int32_t iw_n, int32_t oh_n, int32_t ow_n,
+                                                  const uint32_t *wt, const rq8_t *rq, int32_t nco, int8_t *yc) {
+    patch_pass(p, xg, cin, ih_n, iw_n, oh_n, ow_n, wt, rq, nco, yc);
+}
+
+/* CONV2D 3x3, groups 1, cin <= TF_PATCH_CIN, no mask, every channel in rq8 range: the whole conv (returns 1),
+ * else 0 and the caller takes the per-channel path. Shapes as tf_conv2d_s8 (checked by it). */
+int tf_conv_patch3(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims, const int8_t *x,
+                   const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims,
+                   int8_t *y, const uint8_t *mask) {
+    const int32_t cin = w_dims->c, cout = w_dims->n;
+    if (mask || p->groups != 1 || w_dims->h != 3 || w_dims->w != 3 || cin > TF_PATCH_CIN || cout < 2) {
+        return 0;
+    }
+    for (int32_t co = 0; co < cout; co++) {
+        rq_t r;
+        rq8_t q8;
+        rq_init(&r, p, q->mult[co], q->shift[co], bias ? bias[co] : 0);
+        if (!rq8_init(&q8, &r)) {
+            return 0;
+        }
+    }
+    const int32_t np = (9 * cin + 1) / 2, oplane = y_dims->h * y_dims->w;
+    uint32_t wt[TF_PATCH_CO * TF_PATCH_NP];
+    rq8_t rq[TF_PATCH_CO];
+    for (int32_t co0 = 0; co0 < cout; co0 += TF_PATCH_CO) {
+        const int32_t nco = cout - co0 < TF_PATCH_CO ? cout - co0 : TF_PATCH_CO;
+        for (int32_t c = 0; c < nco; c++) {
+            const int8_t *wc = w + (co0 + c) * cin * 9; /* (C_in, 3, 3) */
+            int16_t t[2 * TF_PATCH_NP];
+            t[2 * np - 1] = 0;
+            for (int32_t ci = 0; ci < cin; ci++) {
+                for (int32_t k = 0; k < 9; k++) {
+                    t[patch_slot(cin, ci, k / 3, k % 3)] = wc[ci * 9 + k];
+                }
+            }
+            for (int32_t j = 0; j < np; j++) {
+                wt[c * np + j] = TF_PACK16(t[2 * j], t[2 * j + 1]);
+            }
+            rq_t r;
+            rq_init(&r, p, q->mult[co0 + c], q->shift[co0 + c], bias ? bias[co0 + c] : 0);
+            (void)rq8_init(&rq[c], &r);
+            rq[c].bias += p->input_offset * tf_sum_s8(wc, cin * 9); /* the zx term, as woff */
+        }
+        int8_t *yc = y + co0 * oplane;
+        if (cin == 3) {
+            patch_pass3(p, x, x_dims->h, x_dims->w, y_dims->h, y_dims->w, wt, rq, nco, yc);
+        } else {
+            patch_passn(p, x, cin, x_dims->h, x_dims->w, y_dims->h, y_dims->w, wt, rq, nco, yc);
+        }
+    }
+    return 1;
+}
