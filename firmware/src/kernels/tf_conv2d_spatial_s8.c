@@ -224,11 +224,103 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_par
     return out_i;
 }
 
+#define TF_DW_PAD 400 /* bytes of the padded plane of small depthwise layers (a 16 x 16 input: 18 x 20) */
+
+/* Depthwise 3x3 for one small channel: x copied once into a plane already padded with zero points (hp x wp,
+ * wp a multiple of 4), so every window is interior: no edge columns, no per-row pointer choice. NOTE: on 8 x 8
+ * and 4 x 4 planes the edges and per-row set-up of dw3_impl cost more than the windows. */
+static TF_AI int32_t dw3p_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_params *p, const int8_t *xc,
+                               const int8_t *wc, int32_t ih_n, int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t hp,
+                               int32_t wp, int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i,
+                               int s8, int fast, int has_mask) {
+    const rq_t rl = *rp, *r = &rl;
+    const rq8_t ql = *qp, *q = &ql;
+    uint32_t bv = *bitsp, *bits = &bv;
+    uint32_t buf32[TF_DW_PAD / 4];
+    int8_t *buf = (int8_t *)buf32;
+    const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset;
+    const uint32_t z4 = ((uint32_t)-off & 0xFFu) * 0x01010101u;
+    for (int32_t k = 0; k < hp * wp / 4; k++) {
+        buf32[k] = z4;
+    }
+    /* input rows and columns that some window reads (the others are never read) */
+    const int32_t nh = ih_n < hp - p->pad_h ? ih_n : hp - p->pad_h, nw = iw_n < wp - p->pad_w ? iw_n : wp - p->pad_w;
+    for (int32_t ih = 0; ih < nh; ih++) {
+        const int8_t *src = xc + ih * iw_n;
+        int8_t *dst = buf + (ih + p->pad_h) * wp + p->pad_w;
+        int32_t k = 0;
+        for (; k + 4 <= nw; k += 4) {
+            uint32_t v;
+            __builtin_memcpy(&v, src + k, 4);
+            __builtin_memcpy(dst + k, &v, 4);
+        }
+        for (; k < nw; k++) {
+            dst[k] = src[k];
+        }
+    }
+    woff += s8 ? q->bias : 0; /* rq8 takes acc + bias */
+    const int32_t w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5], w6 = wc[6], w7 = wc[7],
+                  w8 = wc[8];
+    const uint32_t w02 = TF_PACK16(w0, w2), w35 = TF_PACK16(w3, w5), w68 = TF_PACK16(w6, w8);
+#if TF_USE_DSP
+    const uint32_t w14 = TF_PACK16(w1, w4), w7p = TF_PACK16(w7, 0);
+#endif
+    for (int32_t oh = 0; oh < oh_n; oh++) {
+        const int8_t *r0 = buf + oh * sh * wp, *r1 = r0 + wp, *r2 = r1 + wp;
+        int32_t ow = 0, i = 0;
+#if TF_USE_DSP
+        if (sw == 1) { /* as in dw3_impl */
+            for (; ow + 1 < ow_n; ow += 2, out_i += 2, i += 2) {
+                uint32_t v = tf_load_u32(r0 + i), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+                int32_t a0 = tf_smlad(e, w02, woff), a1 = tf_smlad(o, w02, woff);
+                a0 = tf_smlabb(o, w14, a0);
+                a1 = tf_smlatb(e, w14, a1);
+                v = tf_load_u32(r1 + i), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+                a0 = tf_smlad(e, w35, a0);
+                a1 = tf_smlad(o, w35, a1);
+                a0 = tf_smlabt(o, w14, a0);
+                a1 = tf_smlatt(e, w14, a1);
+                v = tf_load_u32(r2 + i), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+                a0 = tf_smlad(e, w68, a0);
+                a1 = tf_smlad(o, w68, a1);
+                a0 = tf_smlabb(o, w7p, a0);
+                a1 = tf_smlatb(e, w7p, a1);
+                put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
+                put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
+            }
+        }
+#endif
+        if (sw == 2) {
+            for (; ow + 1 < ow_n; ow += 2, out_i += 2, i += 4) {
+                int32_t a0 = woff, a1 = woff;
+                row3s2(r0 + i, w02, (uint32_t)w1, &a0, &a1);
+                row3s2(r1 + i, w35, (uint32_t)w4, &a0, &a1);
+                row3s2(r2 + i, w68, (uint32_t)w7, &a0, &a1);
+                put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
+                put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
+            }
+        }
+        for (; ow < ow_n; ow++, out_i++, i += sw) {
+            const int32_t acc = woff + r0[i] * w0 + r0[i + 1] * w1 + r0[i + 2] * w2 + r1[i] * w3 + r1[i + 1] * w4 +
+                                r1[i + 2] * w5 + r2[i] * w6 + r2[i + 1] * w7 + r2[i + 2] * w8;
+            put8(r, q, y, mask, bits, out_i, acc, s8, fast, has_mask);
+        }
+    }
+    *bitsp = bv;
+    return out_i;
+}
+
 int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, const int8_t *wc, int32_t ih_n,
                     int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask,
                     uint32_t *bitsp, int32_t out_i) {
-    rq8_t q;
+    rq8_t q = {0, 0, 0, 0};
     const int s8 = rq8_init(&q, rp);
+    /* padded plane: every window's rows and columns, + 1 column read by the two-output steps, rounded to words */
+    const int32_t hp = (oh_n - 1) * p->stride_h + 3, wp = ((ow_n - 1) * p->stride_w + 4 + 3) & ~3;
+    if (hp * wp <= TF_DW_PAD && p->pad_h <= 2 && p->pad_w <= 2) {
+        return TF_DISPATCH8(dw3p_impl, s8, rp, mask, rp, &q, p, xc, wc, ih_n, iw_n, oh_n, ow_n, hp, wp, woff, y,
+                            mask, bitsp, out_i);
+    }
     return TF_DISPATCH8(dw3_impl, s8, rp, mask, rp, &q, p, xc, wc, ih_n, iw_n, oh_n, ow_n, woff, y, mask, bitsp,
                         out_i);
 }
@@ -301,7 +393,7 @@ int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *x
                         int32_t ih_n, int32_t iw_n, int32_t kh_n, int32_t kw_n, int32_t oh_n, int32_t ow_n,
                         int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i) {
     if (kh_n == 3 && kw_n == 3 && p->stride_w == 2 && cin_g <= TF_S2_CIN && iw_n <= TF_DW_ROW) {
-        rq8_t q;
+        rq8_t q = {0, 0, 0, 0};
         const int s8 = rq8_init(&q, rp);
         return TF_DISPATCH8(conv3s2_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, oh_n, ow_n, woff, y,
                             mask, bitsp, out_i);
