@@ -224,11 +224,13 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_par
     return out_i;
 }
 
-#define TF_DW_PAD 400 /* bytes of the padded plane of small depthwise layers (a 16 x 16 input: 18 x 20) */
+#define TF_DW_PITCH 20 /* row pitch of the padded plane of small depthwise layers (a 16 x 16 input: 18 x 20) */
+#define TF_DW_PAD (TF_DW_PITCH * 20) /* its bytes */
 
-/* Depthwise 3x3 for one small channel: x copied once into a plane already padded with zero points (hp x wp,
- * wp a multiple of 4), so every window is interior: no edge columns, no per-row pointer choice. NOTE: on 8 x 8
- * and 4 x 4 planes the edges and per-row set-up of dw3_impl cost more than the windows. */
+/* Depthwise 3x3 for one small channel: x copied once into a plane already padded with zero points (hp rows of
+ * wp <= TF_DW_PITCH used bytes), so every window is interior: no edge columns, no per-row pointer choice.
+ * NOTE: on 8 x 8 and 4 x 4 planes the edges and per-row set-up of dw3_impl cost more than the windows; the
+ * constant pitch makes the three rows of a window immediate offsets of one pointer (fewer registers). */
 static TF_AI int32_t dw3p_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_params *p, const int8_t *xc,
                                const int8_t *wc, int32_t ih_n, int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t hp,
                                int32_t wp, int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i,
@@ -240,14 +242,14 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_pa
     int8_t *buf = (int8_t *)buf32;
     const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset;
     const uint32_t z4 = ((uint32_t)-off & 0xFFu) * 0x01010101u;
-    for (int32_t k = 0; k < hp * wp / 4; k++) {
+    for (int32_t k = 0; k < hp * TF_DW_PITCH / 4; k++) {
         buf32[k] = z4;
     }
     /* input rows and columns that some window reads (the others are never read) */
     const int32_t nh = ih_n < hp - p->pad_h ? ih_n : hp - p->pad_h, nw = iw_n < wp - p->pad_w ? iw_n : wp - p->pad_w;
     for (int32_t ih = 0; ih < nh; ih++) {
         const int8_t *src = xc + ih * iw_n;
-        int8_t *dst = buf + (ih + p->pad_h) * wp + p->pad_w;
+        int8_t *dst = buf + (ih + p->pad_h) * TF_DW_PITCH + p->pad_w;
         int32_t k = 0;
         for (; k + 4 <= nw; k += 4) {
             uint32_t v;
@@ -266,7 +268,7 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_pa
     const uint32_t w14 = TF_PACK16(w1, w4), w7p = TF_PACK16(w7, 0);
 #endif
     for (int32_t oh = 0; oh < oh_n; oh++) {
-        const int8_t *r0 = buf + oh * sh * wp, *r1 = r0 + wp, *r2 = r1 + wp;
+        const int8_t *r0 = buf + oh * sh * TF_DW_PITCH, *r1 = r0 + TF_DW_PITCH, *r2 = r1 + TF_DW_PITCH;
         int32_t ow = 0, i = 0;
 #if TF_USE_DSP
         if (sw == 1) { /* as in dw3_impl */
@@ -317,7 +319,7 @@ int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, c
     const int s8 = rq8_init(&q, rp);
     /* padded plane: every window's rows and columns, + 1 column read by the two-output steps, rounded to words */
     const int32_t hp = (oh_n - 1) * p->stride_h + 3, wp = ((ow_n - 1) * p->stride_w + 4 + 3) & ~3;
-    if (hp * wp <= TF_DW_PAD && p->pad_h <= 2 && p->pad_w <= 2) {
+    if (wp <= TF_DW_PITCH && hp * TF_DW_PITCH <= TF_DW_PAD) {
         return TF_DISPATCH8(dw3p_impl, s8, rp, mask, rp, &q, p, xc, wc, ih_n, iw_n, oh_n, ow_n, hp, wp, woff, y,
                             mask, bitsp, out_i);
     }
