@@ -94,6 +94,31 @@ static TF_AI void put8(const rq_t *r, const rq8_t *q, int8_t *y, uint8_t *mask, 
     }
 }
 
+/* put8 of outputs i and i + 1: with a mask, both bits join the byte in one step. */
+static TF_AI void put8x2(const rq_t *r, const rq8_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i,
+                         int32_t a0, int32_t a1, int s8, int fast, int has_mask) {
+    if (!s8 || !has_mask) {
+        put8(r, q, y, mask, bits, i, a0, s8, fast, has_mask);
+        put8(r, q, y, mask, bits, i + 1, a1, s8, fast, has_mask);
+        return;
+    }
+    const int32_t p0 = tf_mmla(a0, q->mult, q->c) >> q->sh, p1 = tf_mmla(a1, q->mult, q->c) >> q->sh;
+    const int32_t y0 = tf_sat8(p0), y1 = tf_sat8(p1);
+    const uint32_t k = (uint32_t)i & 7;
+    y[i] = (int8_t)y0;
+    y[i + 1] = (int8_t)y1;
+    if (k != 7) {
+        *bits |= ((uint32_t)(y0 == p0) | (uint32_t)(y1 == p1) << 1) << k;
+        if (k == 6) {
+            mask[i >> 3] = (uint8_t)*bits;
+            *bits = 0;
+        }
+    } else {
+        mask[i >> 3] = (uint8_t)(*bits | (uint32_t)(y0 == p0) << 7);
+        *bits = (uint32_t)(y1 == p1);
+    }
+}
+
 /* Instantiates impl (last parameters s8, fast, has_mask) for the rq8 cases and the four putf cases. */
 #define TF_DISPATCH8(impl, s8, rp, mask, ...)                                                                       \
     ((s8) ? ((mask) ? impl(__VA_ARGS__, 1, 1, 1) : impl(__VA_ARGS__, 1, 1, 0))                                      \
@@ -198,8 +223,7 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_par
                     a1 = tf_smlad(o, w68, a1);
                     a0 = tf_smlabb(o, w7p, a0);
                     a1 = tf_smlatb(e, w7p, a1);
-                    put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
-                    put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
+                    put8x2(r, q, y, mask, bits, out_i, a0, a1, s8, fast, has_mask);
                 }
             }
 #endif
@@ -209,8 +233,7 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_par
                     row3s2(r0 + i, w02, (uint32_t)w1, &a0, &a1);
                     row3s2(r1 + i, w35, (uint32_t)w4, &a0, &a1);
                     row3s2(r2 + i, w68, (uint32_t)w7, &a0, &a1);
-                    put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
-                    put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
+                    put8x2(r, q, y, mask, bits, out_i, a0, a1, s8, fast, has_mask);
                 }
             }
             for (; ow < ow_hi; ow++, out_i++, i += sw) {
@@ -287,8 +310,7 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_pa
                 a1 = tf_smlad(o, w68, a1);
                 a0 = tf_smlabb(o, w7p, a0);
                 a1 = tf_smlatb(e, w7p, a1);
-                put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
-                put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
+                put8x2(r, q, y, mask, bits, out_i, a0, a1, s8, fast, has_mask);
             }
         }
 #endif
@@ -298,8 +320,7 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_pa
                 row3s2(r0 + i, w02, (uint32_t)w1, &a0, &a1);
                 row3s2(r1 + i, w35, (uint32_t)w4, &a0, &a1);
                 row3s2(r2 + i, w68, (uint32_t)w7, &a0, &a1);
-                put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
-                put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
+                put8x2(r, q, y, mask, bits, out_i, a0, a1, s8, fast, has_mask);
             }
         }
         for (; ow < ow_n; ow++, out_i++, i += sw) {
@@ -381,8 +402,7 @@ static TF_AI int32_t conv3s2_impl(const rq_t *rp, const rq8_t *qp, const tf_conv
                     row3s2(row[k + 1] + i, wp[k + 1][0], wp[k + 1][1], &a0, &a1);
                     row3s2(row[k + 2] + i, wp[k + 2][0], wp[k + 2][1], &a0, &a1);
                 }
-                put8(r, q, y, mask, bits, out_i, a0, s8, fast, has_mask);
-                put8(r, q, y, mask, bits, out_i + 1, a1, s8, fast, has_mask);
+                put8x2(r, q, y, mask, bits, out_i, a0, a1, s8, fast, has_mask);
             }
         }
     }
