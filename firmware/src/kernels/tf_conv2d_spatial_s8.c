@@ -33,7 +33,9 @@ static inline int32_t window(const int8_t *x, const int8_t *w, int32_t cin, int3
  * layer), with the bias added to acc up front: y = sat8(hi32((acc + bias) mult + c 2^32) >> (shift - 32)), the
  * same numbers as putf() (tf_conv_rq.h). NOTE: 2^(shift-1) + zy 2^shift = c 2^32 exactly for shift >= 33, and
  * floor((v + zy 2^s) / 2^s) = floor(v / 2^s) + zy, so one smmla gives the high word and one ssat clamps.
- * |bias| <= 2^30 keeps acc + bias in int32 (|acc| < 2^23 on these paths); shift <= 52 keeps c in int32. */
+ * |bias| <= 2^30 keeps acc + bias in int32 (|acc| <= 2 taps 2^14 < 2^27 for at most TF_RQ8_TERMS taps);
+ * shift <= 52 keeps c in int32. */
+#define TF_RQ8_TERMS 4096
 typedef struct {
     int32_t mult, c, sh, bias; /* c = 2^(shift-33) + zy 2^(shift-32), sh = shift - 32 */
 } rq8_t;
@@ -411,17 +413,15 @@ static TF_AI int32_t conv3s2_impl(const rq_t *rp, const rq8_t *qp, const tf_conv
 }
 
 /* KH x KW (stride, padding) for one output channel: interior windows without bounds checks. */
-int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *xg, const int8_t *wc, int32_t cin_g,
-                        int32_t ih_n, int32_t iw_n, int32_t kh_n, int32_t kw_n, int32_t oh_n, int32_t ow_n,
-                        int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i) {
-    if (kh_n == 3 && kw_n == 3 && p->stride_w == 2 && cin_g <= TF_S2_CIN && iw_n <= TF_DW_ROW) {
-        rq8_t q = {0, 0, 0, 0};
-        const int s8 = rq8_init(&q, rp);
-        return TF_DISPATCH8(conv3s2_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, oh_n, ow_n, woff, y,
-                            mask, bitsp, out_i);
-    }
+static TF_AI int32_t spatial_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_params *p, const int8_t *xg,
+                                  const int8_t *wc, int32_t cin_g, int32_t ih_n, int32_t iw_n, int32_t kh_n,
+                                  int32_t kw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask,
+                                  uint32_t *bitsp, int32_t out_i, int s8, int fast, int has_mask) {
     const rq_t rl = *rp, *r = &rl; /* NOTE: local copies, as in pointwise() */
+    const rq8_t ql = *qp, *q = &ql;
     uint32_t bv = *bitsp, *bits = &bv;
+    const int32_t b0 = s8 ? q->bias : 0; /* rq8 takes acc + bias */
+    woff += b0;
     const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset, plane = ih_n * iw_n;
     const int dw3 = cin_g == 1 && kh_n == 3 && kw_n == 3;
     /* interior columns: iw0 = ow * sw - pad_w >= 0 and iw0 + kw_n <= iw_n */
@@ -441,13 +441,15 @@ int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *x
                                   w6 = wc[6], w7 = wc[7], w8 = wc[8];
                     for (; ow < ow_hi; ow++, out_i++, xw += sw) {
                         const int8_t *r1 = xw + iw_n, *r2 = r1 + iw_n;
-                        put(r, y, mask, bits, out_i,
-                            woff + xw[0] * w0 + xw[1] * w1 + xw[2] * w2 + r1[0] * w3 + r1[1] * w4 + r1[2] * w5 +
-                                r2[0] * w6 + r2[1] * w7 + r2[2] * w8);
+                        put8(r, q, y, mask, bits, out_i,
+                             woff + xw[0] * w0 + xw[1] * w1 + xw[2] * w2 + r1[0] * w3 + r1[1] * w4 + r1[2] * w5 +
+                                 r2[0] * w6 + r2[1] * w7 + r2[2] * w8,
+                             s8, fast, has_mask);
                     }
                 } else {
                     for (; ow < ow_hi; ow++, out_i++, xw += sw) {
-                        put(r, y, mask, bits, out_i, woff + window(xw, wc, cin_g, plane, iw_n, kh_n, kw_n));
+                        put8(r, q, y, mask, bits, out_i, woff + window(xw, wc, cin_g, plane, iw_n, kh_n, kw_n), s8,
+                             fast, has_mask);
                     }
                 }
                 ow--, out_i--; /* the for loop's increment */
@@ -456,7 +458,7 @@ int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *x
             /* a window over the padding: padded x is zx, so only the taps inside count */
             const int32_t kh_lo = ih0 < 0 ? -ih0 : 0, kh_hi = ih_n - ih0 < kh_n ? ih_n - ih0 : kh_n;
             const int32_t kw_lo = iw0 < 0 ? -iw0 : 0, kw_hi = iw_n - iw0 < kw_n ? iw_n - iw0 : kw_n;
-            acc = 0;
+            acc = b0;
             for (int32_t ci = 0; ci < cin_g; ci++) {
                 const int8_t *xc = xg + ci * plane;
                 const int8_t *wk = wc + ci * kh_n * kw_n;
@@ -468,13 +470,26 @@ int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *x
                     }
                 }
             }
-            put(r, y, mask, bits, out_i, acc);
+            put8(r, q, y, mask, bits, out_i, acc, s8, fast, has_mask);
         }
     }
     *bitsp = bv;
     return out_i;
 }
 
+
+int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *xg, const int8_t *wc, int32_t cin_g,
+                        int32_t ih_n, int32_t iw_n, int32_t kh_n, int32_t kw_n, int32_t oh_n, int32_t ow_n,
+                        int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i) {
+    rq8_t q = {0, 0, 0, 0};
+    const int s8 = cin_g * kh_n * kw_n <= TF_RQ8_TERMS && rq8_init(&q, rp);
+    if (kh_n == 3 && kw_n == 3 && p->stride_w == 2 && cin_g <= TF_S2_CIN && iw_n <= TF_DW_ROW) {
+        return TF_DISPATCH8(conv3s2_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, oh_n, ow_n, woff, y,
+                            mask, bitsp, out_i);
+    }
+    return TF_DISPATCH8(spatial_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, kh_n, kw_n, oh_n, ow_n,
+                        woff, y, mask, bitsp, out_i);
+}
 
 /* ---- 3x3 conv with few input channels (the first conv): one window patch, every output channel ---- */
 
