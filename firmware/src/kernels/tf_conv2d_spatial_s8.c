@@ -1,5 +1,7 @@
-/* CONV2D forward, spatial kernels (KxK with stride and zero-point padding; the 3x3 depthwise case with an
- * __SMLAD path for stride 1): one output channel per call, called by tf_conv2d_s8.c. */
+/* CONV2D forward, spatial kernels called by tf_conv2d_s8.c: KxK with stride and zero-point padding and the 3x3
+ * depthwise case (__SMLAD paths for stride 1 and 2; small planes through a padded copy), one output channel per
+ * call; and the whole 3x3 conv with C_in <= 4 (the first conv) as one window patch per pixel for every output
+ * channel. It does no 1x1 convs and keeps every result identical to the reference (device_agent/engine). */
 #include "tf_conv_rq.h"
 #include "tf_dsp.h"
 
