@@ -436,6 +436,9 @@ tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, c
     if (cin_g * kh_n * kw_n > TF_CONV_MAX_TERMS) {
         return TF_ERR_OVERFLOW;
     }
+    if (tf_conv_patch3(p, q, x_dims, x, w_dims, w, bias, y_dims, y, mask)) { /* the first conv: 3x3, C_in <= 4 */
+        return TF_OK;
+    }
     const int32_t ih_n = x_dims->h, iw_n = x_dims->w, oh_n = y_dims->h, ow_n = y_dims->w;
     const int32_t plane = ih_n * iw_n, oplane = oh_n * ow_n, wsize = cin_g * kh_n * kw_n;
     const int32_t off = p->input_offset;

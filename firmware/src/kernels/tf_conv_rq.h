@@ -117,6 +117,12 @@ int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, c
                     int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask,
                     uint32_t *bitsp, int32_t out_i);
 
+/* The first conv's patch path (3x3, C_in <= 4, no mask; tf_conv2d_spatial_s8.c): computes the whole output and
+ * returns 1, or returns 0 when the shape is not its case. */
+int tf_conv_patch3(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims, const int8_t *x,
+                   const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims,
+                   int8_t *y, const uint8_t *mask);
+
 #define TF_DW_ROW 256 /* widest input row of the 3x3 depthwise path (a row of zero points on the stack) */
 
 #endif /* TF_CONV_RQ_H */
