@@ -58,26 +58,7 @@ static inline int rq8_init(rq8_t *q, const rq_t *r) {
     return 1;
 }
 
-static inline int32_t tf_sat8(int32_t x) {
-#if TF_USE_DSP
-    int32_t r;
-    __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(x));
-    return r;
-#else
-    return x < -128 ? -128 : (x > 127 ? 127 : x);
-#endif
-}
-
-/* hi32(a * b + c 2^32) (floor) */
-static inline int32_t tf_mmla(int32_t a, int32_t b, int32_t c) {
-#if TF_USE_DSP
-    int32_t r;
-    __asm__("smmla %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-    return r;
-#else
-    return (int32_t)(((int64_t)a * b + (int64_t)c * TF_POW2_I64(32)) >> 32);
-#endif
-}
+/* tf_sat8, tf_mmla: tf_conv_rq.h */
 
 /* Writes y[i] (and mask bit i) from acc: s8 (rq8 above: acc includes the bias), fast and has_mask are constants
  * per instance. */

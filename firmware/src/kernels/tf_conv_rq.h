@@ -83,26 +83,31 @@ static inline int rqf_init(rqf_t *f, const tf_conv_params *p, int32_t mult, int3
     return 1;
 }
 
-static inline int32_t rqf_pre(const rqf_t *f, int32_t acc) {
+/* clamp to [-128, 127]: one ssat on M4/M7 */
+static inline int32_t tf_sat8(int32_t x) {
 #if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP == 1 && !defined(TF_NO_DSP)
     int32_t r;
-    __asm__("smmla %0, %1, %2, %3" : "=r"(r) : "r"(acc), "r"(f->mult), "r"(f->k));
-    return r >> f->t;
+    __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(x));
+    return r;
 #else
-    return (int32_t)(((int64_t)acc * f->mult + (int64_t)f->k * 4294967296LL) >> 32) >> f->t;
+    return x < -128 ? -128 : (x > 127 ? 127 : x);
 #endif
 }
 
-/* clamp to [-128, 127] */
-static inline int32_t rqf_sat8(int32_t v) {
+/* hi32(a * b + c 2^32) (floor): one smmla on M4/M7 */
+static inline int32_t tf_mmla(int32_t a, int32_t b, int32_t c) {
 #if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP == 1 && !defined(TF_NO_DSP)
     int32_t r;
-    __asm__("ssat %0, #8, %1" : "=r"(r) : "r"(v));
+    __asm__("smmla %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
 #else
-    return v < -128 ? -128 : (v > 127 ? 127 : v);
+    return (int32_t)(((int64_t)a * b + (int64_t)c * TF_POW2_I64(32)) >> 32);
 #endif
 }
+
+static inline int32_t rqf_pre(const rqf_t *f, int32_t acc) { return tf_mmla(acc, f->mult, f->k) >> f->t; }
+
+static inline int32_t rqf_sat8(int32_t v) { return tf_sat8(v); }
 
 /* Instantiates name##_impl (always inline, last two parameters fast and has_mask) for the four cases. */
 #define TF_DISPATCH(impl, rp, mask, ...)                                                                            \
