@@ -84,7 +84,7 @@ fuzz:
 	done
 
 lint:
-	$(BIN)/ruff check fleet device_agent tests benchmarks
+	$(BIN)/ruff check fleet device_agent tests benchmarks firmware/tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info

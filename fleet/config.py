@@ -37,7 +37,7 @@ def parse_size(value: Any) -> int:
     KB is 1000 bytes, as in the paper's figures; KiB is 1024.
     """
     if isinstance(value, bool):
-        raise ValueError(f"expected a size like 256KB, got {value!r}")
+        raise ValueError(f"expected a size like 256KB, got {value!r}")  # noqa: TRY004 (config errors: ValueError)
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"size must be >= 0, got {value}")
@@ -162,8 +162,8 @@ class BoardConfig:
 
     name: str
     cpu: str = "cortex-m7"
-    sram: Size = Size(320 * 1024)
-    flash: Size = Size(1024 * 1024)
+    sram: Size = Size(320 * 1024)  # noqa: RUF009 (an int: immutable)
+    flash: Size = Size(1024 * 1024)  # noqa: RUF009
     budget: Size | None = None  # training budget for the plan (defaults to sram)
     qemu_machine: str | None = None
 

@@ -48,7 +48,7 @@ def test_without_the_secret_the_noise_differs():
     f = dp_fleet(Store())
     f.round()
     values, masks, _ = f.coord.stacked(1)
-    kw = dict(clip=0.5, noise_multiplier=SIGMA, denominator=5, units=support_units(PLAN))
+    kw = {"clip": 0.5, "noise_multiplier": SIGMA, "denominator": 5, "units": support_units(PLAN)}
     ours = dp_mean(values, masks, rng=round_rng(f.store.secret("dp_noise"), 1), **kw).value
     guess = dp_mean(values, masks, rng=round_rng(b"\0" * 32, 1), **kw).value
     assert not np.allclose(ours, guess)
