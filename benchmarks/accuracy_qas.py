@@ -41,11 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from benchmarks.common import MODELS, emit, load_fashion_mnist
-from device_agent.engine import ir
-from device_agent.engine.forward import forward_activations
-from device_agent.engine.trainer import Trainer
-from fleet.compiler.ablation import (
+from benchmarks.ablation import (
     earliest_trained_conv,
     engine_ready,
     graph_to_torch,
@@ -55,6 +51,10 @@ from fleet.compiler.ablation import (
     torch_scheme_params,
     without_qas,
 )
+from benchmarks.common import MODELS, emit, load_fashion_mnist
+from device_agent.engine import ir
+from device_agent.engine.forward import forward_activations
+from device_agent.engine.trainer import Trainer
 from fleet.compiler.graph_builder import backbone_convs
 from fleet.compiler.training import build_training_plan
 

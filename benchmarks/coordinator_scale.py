@@ -45,10 +45,10 @@ from benchmarks.common import emit, peak_rss_mb
 
 def template_deltas(plan, n: int) -> list:
     """``n`` real deltas (``wire.delta.Delta`` objects) from real local training."""
-    from device_agent.engine.examples import tiny_dataset
     from device_agent.engine.trainer import Trainer
     from device_agent.wire.delta import encode_delta
     from device_agent.wire.plan import plan_hash
+    from tests.fixtures.tiny import tiny_dataset
 
     out = []
     for i in range(n):
@@ -74,7 +74,7 @@ def payloads(templates, ids: list[str], round_id: int, base_hash: str) -> dict[s
 
 
 def hello(d: str, plan_hash: str) -> tuple[bytes, bytes]:
-    from device_agent.messages import Hello, Status
+    from device_agent.wire.messages import Hello, Status
 
     return (Hello(d, "stm32f746", 320_000, 1_000_000, (plan_hash,), "sim").to_json(),
             Status(d, "online", 1, 48).to_json())
@@ -142,8 +142,8 @@ def run_inmemory(plan, templates, n: int, store: str, workdir: Path, batch: int 
 
 
 def run_broker(plan, templates, n: int, store: str, workdir: Path) -> dict:
-    from device_agent.messages import full_topic, split_topic
     from device_agent.mqtt import MqttEndpoint
+    from device_agent.wire.messages import full_topic, split_topic
     from fleet.coordinator import RoundClosed, StartRound
     from fleet.mqtt import CoordinatorLink
     from fleet.sim.broker import EmbeddedBroker
@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--templates", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256, help="deltas per handle_many (1: one handle per delta)")
     args = ap.parse_args()
-    from device_agent.engine.examples import tiny_plan
+    from tests.fixtures.tiny import tiny_plan
 
     plan = tiny_plan()
     templates = template_deltas(plan, args.templates)

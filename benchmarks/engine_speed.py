@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
+from benchmarks.ablation import engine_ready, graph_to_torch, torch_scheme_params
 from benchmarks.common import MODELS, emit
 from device_agent.engine import ir
 from device_agent.engine.trainer import Trainer
-from fleet.compiler.ablation import engine_ready, graph_to_torch, torch_scheme_params
 from fleet.compiler.compile import compile_plan
 
 

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import emit
 from fleet.sim.faults import FleetSpec, Outcome, ProcessFleet, judge, store_versions
+from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
 WATCH_SLACK = 0.3  # serve polls its registry every 0.2 s; the harness polls the log every 0.02 s
 CLOCK_SLACK = 1.0  # NOTE: Mosquitto 2.0 runs will delays (and keepalives) on a whole-second clock
@@ -64,7 +65,7 @@ def spec_for(kills: int, devices: int) -> FleetSpec:
 
 def run_clean(work: Path, spec: FleetSpec, seed: int) -> tuple[list[bytes], Outcome]:
     out = Outcome()
-    with ProcessFleet(work / "clean", spec, seed) as f:
+    with ProcessFleet(work / "clean", spec, tiny_plan(), tiny_dataset, seed) as f:
         f.start()
         if f.wait_serve(60 + 3 * spec.rounds) != 0:
             out.notes.append("clean run did not finish")
@@ -252,7 +253,7 @@ def main() -> None:
         elif name.startswith("device_"):
             s = FleetSpec(devices=spec.devices, rounds=10_000, quorum=0.25, keepalive=2, will_delay=1, deadline=30)
         try:
-            with ProcessFleet(work / name, s, args.seed, chaos) as f:
+            with ProcessFleet(work / name, s, tiny_plan(), tiny_dataset, args.seed, chaos) as f:
                 if name == "broker_kill":
                     broker_kill(f, kills, rng, out)
                 elif name == "coordinator_kill":

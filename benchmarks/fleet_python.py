@@ -95,10 +95,10 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
 
     from device_agent import protocol as dp
     from device_agent.buffer import SampleBuffer
-    from device_agent.engine.examples import tiny_dataset, tiny_plan
     from device_agent.engine.trainer import Trainer
-    from device_agent.messages import Publish, full_topic, split_topic
     from device_agent.wire.envelope import Verifier
+    from device_agent.wire.messages import Publish, full_topic, split_topic
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
     plan = tiny_plan()
     codec = dp.WireDeviceCodec(plan, Verifier.unsigned())  # NOTE: stateless, so one per worker (it hashes the plan)
@@ -215,12 +215,12 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def run_size(n: int, args, workdir: Path) -> dict:
-    from device_agent.engine.examples import tiny_plan
     from fleet import round as rnd
     from fleet.coordinator import Coordinator, CoordinatorConfig, RoundClosed, StartRound, WireCodec
     from fleet.mqtt import CoordinatorLink
     from fleet.sim.broker import EmbeddedBroker
     from fleet.store import Store
+    from tests.fixtures.tiny import tiny_plan
 
     plan = tiny_plan()
     closed: list = []

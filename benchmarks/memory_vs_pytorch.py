@@ -53,7 +53,7 @@ def measure_torch(model: str, scheme_name: str) -> dict:
     """Run in a fresh process: one fp32 training step at batch 1; returns the byte counts."""
     import torch
 
-    from fleet.compiler.ablation import graph_to_torch, torch_scheme_params
+    from benchmarks.ablation import graph_to_torch, torch_scheme_params
     from fleet.compiler.scheme import named_scheme
 
     torch.set_num_threads(1)

@@ -68,8 +68,8 @@ def _verifier(args):
 
 def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0):
     """The one retained plan under ``plan/+`` (a clear error if there are none or several)."""
-    from device_agent.messages import full_topic, split_topic
     from device_agent.mqtt import MqttEndpoint
+    from device_agent.wire.messages import full_topic, split_topic
     from device_agent.wire.plan import plan_from_bytes
 
     got: queue.Queue = queue.Queue()
@@ -171,8 +171,8 @@ def _persist_state(proto, path: Path, state: dict) -> None:
     asks of a repeated task (the delta may have died with the process before it left); trained again, it would
     differ. A task for a later round makes the saved delta moot.
     """
-    from device_agent.messages import MessageError, Task, parse
     from device_agent.protocol import Received
+    from device_agent.wire.messages import MessageError, Task, parse
 
     inner = proto.handle
     saved = state if state.get("delta") else None

@@ -265,7 +265,7 @@ class DeviceAgent:
                  will_delay: int = WILL_DELAY_S, keepalive: int = KEEPALIVE_S):
         from concurrent.futures import ThreadPoolExecutor
 
-        from device_agent.messages import full_topic
+        from device_agent.wire.messages import full_topic
 
         self.protocol, self.fleet = protocol, fleet
         self.device_id = protocol.id.device_id
@@ -312,8 +312,8 @@ class DeviceAgent:
         self._post(Start(), None)
 
     def _on_message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
-        from device_agent.messages import split_topic
         from device_agent.protocol import Received
+        from device_agent.wire.messages import split_topic
 
         where = split_topic(self.fleet, topic)
         if where is None:
@@ -330,7 +330,7 @@ class DeviceAgent:
         self._executor.submit(self._drain)
 
     def _drain(self) -> None:
-        from device_agent.messages import Publish
+        from device_agent.wire.messages import Publish
 
         while True:
             with self._mlock:

@@ -18,9 +18,9 @@ from typing import Protocol
 import numpy as np
 
 from device_agent.buffer import SampleBuffer
-from device_agent.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
 from device_agent.wire.delta import encode_delta, residual_after
 from device_agent.wire.errors import WireFormatError
+from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
 from device_agent.wire.plan import plan_hash
 from device_agent.wire.update import Form, ModelUpdate, apply_update
 

@@ -23,9 +23,9 @@ from typing import Protocol
 import numpy as np
 
 from device_agent.engine.ir import DTYPE_NUMPY
-from device_agent.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
 from device_agent.wire.delta import delta_from_bytes, delta_to_flat, shared_layout
 from device_agent.wire.errors import WireFormatError
+from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
 from device_agent.wire.plan import plan_hash, plan_to_bytes
 from device_agent.wire.update import update_from_state, update_from_states, update_hash
 from fleet import aggregate as agg

@@ -40,7 +40,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from device_agent.engine.ir import DTYPE_NUMPY
-from device_agent.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
+from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
 from fleet import aggregate as agg
 from fleet.coordinator import Boot, CodecError, Received, Tick, WireCodec, plan_sram
 from fleet.registry import Registry

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device_agent.messages import Publish
+from device_agent.wire.messages import Publish
 from fleet.coordinator import Boot, Received
 from fleet.flower import FleetGrid, GridConfig, GridCore, SparseDeltaStrategy, initial_arrays
 

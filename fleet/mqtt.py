@@ -20,8 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from device_agent.messages import DEVICE_UP, Publish, full_topic, split_topic
 from device_agent.mqtt import BrokerURL, MqttEndpoint
+from device_agent.wire.messages import DEVICE_UP, Publish, full_topic, split_topic
 
 TICK_S = 0.2
 BATCH_MAX = 256  # events handled in one store transaction (one fsync), at most

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from device_agent.messages import Hello, Status
+from device_agent.wire.messages import Hello, Status
 
 
 @dataclass

@@ -43,7 +43,7 @@ DELTA_V1 = FormatId("delta", b"TFDL", 1, DELTA.remedy)
 DELTA_HEADER = struct.Struct("<IIQ32s32sI")  # round_id, sample_count, counter, base_hash, plan_hash, id length
 RECORD_V1 = struct.Struct("<IBBHII")  # tensor_id, encoding, dtype, reserved u16, numel, count: 16 bytes
 MAX_DEVICE_ID = 64
-DEVICE_ID = re.compile(rb"[A-Za-z0-9_.-]{1,64}")  # MQTT-topic-safe, as in device_agent.messages
+DEVICE_ID = re.compile(rb"[A-Za-z0-9_.-]{1,64}")  # MQTT-topic-safe, as in device_agent.wire.messages
 INT8_DELTA_LIMIT = 254  # int8 weights live in [-127, 127]: their difference in [-254, 254]
 _INT32 = (-(2**31), 2**31 - 1)
 

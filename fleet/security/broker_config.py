@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # as device_agent.messages: no '/', '+', '#', no '%'
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # as device_agent.wire.messages: no '/', '+', '#', no '%'
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes; the password itself carries the entropy (128 bits)
 DEFAULT_MAX_PACKET = 1 << 20  # bytes; must exceed the largest plan blob (retained, published by the coordinator)
 COORDINATOR_USER = "coordinator"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from device_agent.secagg import (
+from device_agent.wire.secagg import (
     MAX_GROUP,
     SHARE_BYTES,
     AdvertiseKeys,
@@ -172,7 +172,7 @@ def to_signed(total: np.ndarray, bits: int = 32) -> np.ndarray:
 
 
 def split_sums(total: np.ndarray, bits: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """The FedAvg ``(num, den)`` (int64, D each) from the sum of ``device_agent.secagg.encode_input`` vectors."""
+    """The FedAvg ``(num, den)`` (int64, D each) from the sum of ``device_agent.wire.secagg.encode_input`` vectors."""
     s = to_signed(total, bits)
     d = s.size // 2
     return s[:d], s[d:]

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class FleetSpec:
-    """One fault-run fleet: ``devices`` host agents on the engine's tiny plan, ``rounds`` rounds."""
+    """One fault-run fleet: ``devices`` host agents on the caller's plan, ``rounds`` rounds."""
 
     devices: int = 4
     rounds: int = 6
@@ -75,8 +75,10 @@ class ProcessFleet:
     :meth:`close` ends every process it started.
     """
 
-    def __init__(self, workdir: Path, spec: FleetSpec, seed: int = 0, chaos: dict | None = None):
+    def __init__(self, workdir: Path, spec: FleetSpec, plan, dataset, seed: int = 0, chaos: dict | None = None):
+        """``plan``: the ir.Plan every device trains; ``dataset(n, seed) -> (x, y)``: one device's samples."""
         self.dir, self.spec, self.seed, self.chaos = Path(workdir), spec, seed, chaos
+        self.plan, self.dataset = plan, dataset
         self.proxy = None
         shutil.rmtree(self.dir, ignore_errors=True)  # NOTE: a store or device state left over would resume an old run
         self.dir.mkdir(parents=True)
@@ -101,17 +103,16 @@ class ProcessFleet:
         return self.dir / "serve.log"
 
     def _prepare(self) -> None:
-        from device_agent.engine.examples import tiny_dataset, tiny_plan
         from device_agent.wire.plan import plan_to_bytes
 
-        (self.dir / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
+        (self.dir / "plan.ttp").write_bytes(plan_to_bytes(self.plan))
         s = self.spec
         (self.dir / "fleet.yaml").write_text(
             f"name: {s.name}\nbroker: mqtt://127.0.0.1:{self.client_port}\ndevices: {s.devices}\n"
             f"rounds: {s.rounds}\nlocal_steps: {s.local_steps}\ndeadline: {s.deadline}\nquorum: {s.quorum}\n"
             f"over_selection: 1.0\nseed: {self.seed}\n")
         for i in range(s.devices):
-            x, y = tiny_dataset(32, seed=1000 * self.seed + i)
+            x, y = self.dataset(32, 1000 * self.seed + i)
             np.savez(self.dir / f"d{i}.npz", x=x, y=y)
 
     # --- processes -------------------------------------------------------------------------------------------
@@ -209,8 +210,8 @@ class ProcessFleet:
     # --- the observer: every ack, straight from the broker ----------------------------------------------------
 
     def _start_observer(self) -> None:
-        from device_agent.messages import full_topic
         from device_agent.mqtt import BrokerURL, MqttEndpoint
+        from device_agent.wire.messages import full_topic
 
         def on_msg(topic: str, payload: bytes, ack) -> None:
             try:

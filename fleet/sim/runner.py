@@ -194,7 +194,7 @@ class _Watcher:
         self.cv = threading.Condition(self.lock)
 
     def __call__(self, out: object) -> None:
-        from device_agent.messages import Publish
+        from device_agent.wire.messages import Publish
         from fleet.coordinator import RoundClosed, RoundRefused, Verdict
 
         with self.cv:

@@ -32,7 +32,6 @@ class TinyFleet:
         import numpy as np
 
         from device_agent.buffer import SampleBuffer
-        from device_agent.engine.examples import tiny_dataset, tiny_plan
         from device_agent.engine.trainer import Trainer
         from device_agent.mqtt import DeviceAgent
         from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
@@ -41,6 +40,7 @@ class TinyFleet:
         from fleet.coordinator import Coordinator, CoordinatorConfig, WireCodec
         from fleet.mqtt import CoordinatorLink
         from fleet.store import Store
+        from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
         self.plan = plan = tiny_plan()
         self.outputs: list = []

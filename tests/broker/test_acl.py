@@ -267,7 +267,6 @@ def test_tls_with_generated_ca_works_and_plain_tcp_is_refused(secured_tls, tmp_p
 def test_real_fleet_round_over_tls_with_per_device_credentials(secured_tls, tmp_path):
     """The ACL is not only strict but sufficient: a real coordinator and devices complete a round through it."""
     from device_agent.buffer import SampleBuffer
-    from device_agent.engine.examples import tiny_dataset, tiny_plan
     from device_agent.engine.trainer import Trainer
     from device_agent.mqtt import BrokerURL, DeviceAgent
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
@@ -276,6 +275,7 @@ def test_real_fleet_round_over_tls_with_per_device_credentials(secured_tls, tmp_
     from fleet.coordinator import Coordinator, CoordinatorConfig, RoundClosed, StartRound, WireCodec
     from fleet.mqtt import CoordinatorLink
     from fleet.store import Store
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
     files = secured_tls
     ca = str(files.ca_cert)

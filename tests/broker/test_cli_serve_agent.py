@@ -11,8 +11,8 @@ from tests.conftest import ROOT
 
 
 def test_serve_and_two_device_agents_commit_a_round(broker, tmp_path):
-    from device_agent.engine.examples import tiny_dataset, tiny_plan
     from device_agent.wire.plan import plan_to_bytes
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
     (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
     (tmp_path / "fleet.yaml").write_text(

@@ -7,8 +7,8 @@ import subprocess
 import sys
 import textwrap
 
-from device_agent.messages import Status, full_topic, parse
 from device_agent.mqtt import MqttEndpoint, publish_size
+from device_agent.wire.messages import Status, full_topic, parse
 
 
 class T:

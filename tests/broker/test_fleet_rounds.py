@@ -64,12 +64,12 @@ def test_duplicate_deltas_do_not_double_count(tiny_fleet):
 
 def test_late_device_catches_up_via_full_model_while_model_current_is_a_diff(tiny_fleet, broker):
     from device_agent.buffer import SampleBuffer
-    from device_agent.engine.examples import tiny_dataset
     from device_agent.engine.trainer import Trainer
-    from device_agent.messages import Publish
     from device_agent.mqtt import DeviceAgent
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
     from device_agent.wire.envelope import Verifier
+    from device_agent.wire.messages import Publish
+    from tests.fixtures.tiny import tiny_dataset
 
     fleet = tiny_fleet(n=2)
     fleet.run_round()

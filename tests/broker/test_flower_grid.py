@@ -15,13 +15,13 @@ def fleet(broker):
     """``make(n)`` -> (FleetGrid, agents); everything stopped afterwards."""
     require_cmd("mosquitto")
     from device_agent.buffer import SampleBuffer
-    from device_agent.engine.examples import tiny_dataset, tiny_plan
     from device_agent.engine.trainer import Trainer
     from device_agent.mqtt import DeviceAgent
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
     from device_agent.wire.envelope import Verifier
     from fleet.flower import GridConfig
     from fleet.flower_app import mqtt_grid
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
     plan = tiny_plan()
     made: list = []
@@ -56,9 +56,9 @@ def test_stock_fedavg_serverapp_loop_over_mqtt_improves_accuracy(fleet):
     from flwr.app import ConfigRecord
     from flwr.serverapp.strategy import FedAvg
 
-    from device_agent.engine.examples import tiny_dataset
     from device_agent.engine.trainer import Trainer
     from fleet.flower import SparseDeltaStrategy, initial_arrays, state_from_arrays
+    from tests.fixtures.tiny import tiny_dataset
 
     grid, plan = fleet(4)
     x, y = tiny_dataset(200, seed=1000)

@@ -85,7 +85,7 @@ def _planned(plan: ir.Plan) -> ir.Plan:
 
 def build(name: str):
     """(plan, x, y, steps, lr) of one named vector."""
-    from device_agent.engine import examples as ex
+    from tests.fixtures import tiny as ex
     if name == "tiny":
         x, y = ex.tiny_dataset(6, seed=3)
         return _planned(ex.tiny_plan(seed=1)), x, y, 9, 0.1

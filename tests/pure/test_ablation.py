@@ -1,4 +1,4 @@
-"""fleet.compiler.ablation: no-QAS factors, the float twin, the frozen-prefix split, the torch scheme mask."""
+"""ablation: no-QAS factors, the float twin, the frozen-prefix split, the torch scheme mask."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from device_agent.engine import ir
-from device_agent.engine.examples import tiny_dataset, tiny_plan
-from device_agent.engine.forward import forward_activations, run_forward
-from device_agent.engine.trainer import Trainer
-from fleet.compiler.ablation import (
+from benchmarks.ablation import (
     engine_ready,
     graph_to_torch,
     n_convs_before,
@@ -21,6 +17,10 @@ from fleet.compiler.ablation import (
     torch_scheme_params,
     without_qas,
 )
+from device_agent.engine import ir
+from device_agent.engine.forward import forward_activations, run_forward
+from device_agent.engine.trainer import Trainer
+from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
 torch = pytest.importorskip("torch")
 

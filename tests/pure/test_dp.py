@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from device_agent.engine.examples import tiny_plan
 from fleet import aggregate as agg
 from fleet.security.dp import (
     DPError,
@@ -22,6 +21,7 @@ from fleet.security.dp import (
     sample_rate,
     support_units,
 )
+from tests.fixtures.tiny import tiny_plan
 
 PLAN = tiny_plan()
 UNITS = support_units(PLAN)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from device_agent.engine import attrs as A
 from device_agent.engine import forward_activations, ir, run_forward
 from device_agent.engine.conv import ConvGeom
-from device_agent.engine.examples import tiny_dataset, tiny_plan
 from device_agent.engine.forward import add, avgpool, conv2d, embedding
+from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
 RNG = np.random.default_rng(0)
 
@@ -206,7 +206,7 @@ def test_run_forward_plan_skips_train_ops_and_checks_input():
 
 def test_engine_imports_numpy_only():
     # Prepare
-    code = ("import sys, device_agent.engine, device_agent.engine.examples, device_agent.engine.trainer; "
+    code = ("import sys, device_agent.engine, device_agent.engine.trainer; "
             "print(sorted(m for m in ('torch', 'fleet') if m in sys.modules))")
     # Execute
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from device_agent.engine import StepStats, Trainer, ir, run_forward
-from device_agent.engine.examples import tiny_dataset, tiny_plan, tiny_text_dataset, tiny_text_plan
+from tests.fixtures.tiny import tiny_dataset, tiny_plan, tiny_text_dataset, tiny_text_plan
 
 
 @pytest.fixture(scope="module")

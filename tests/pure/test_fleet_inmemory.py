@@ -10,15 +10,15 @@ import pytest
 
 from device_agent import protocol as dp
 from device_agent.buffer import SampleBuffer
-from device_agent.engine.examples import tiny_dataset, tiny_plan
 from device_agent.engine.trainer import Trainer
-from device_agent.messages import Publish
 from device_agent.wire.delta import delta_from_bytes, delta_support, delta_to_dense, encode_delta
 from device_agent.wire.envelope import Verifier
+from device_agent.wire.messages import Publish
 from fleet import aggregate as agg
 from fleet import coordinator as co
 from fleet.round import Reject, RoundConfig
 from fleet.store import Store
+from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
 PLAN = tiny_plan()
 TEST_X, TEST_Y = tiny_dataset(200, seed=1000)
@@ -344,7 +344,7 @@ def test_personal_tensors_never_uploaded():
 
 
 def test_control_messages_roundtrip_and_strict_parsing():
-    from device_agent.messages import Hello, MessageError, MsgError, Task, parse, split_topic
+    from device_agent.wire.messages import Hello, MessageError, MsgError, Task, parse, split_topic
 
     t = Task(3, "ab" * 32, 2, "cd" * 32, 0.05, 10, 8, 123.5)
     assert parse(t.to_json()) == t and parse(t.to_json(), Task) == t
@@ -402,7 +402,7 @@ def test_device_ignores_stale_tasks_and_updates():
     assert dev.version == 2
     (note,) = dev.handle(dp.Received("model", model_v1))
     assert note.what == "stale_model" and dev.version == 2
-    from device_agent.messages import Task
+    from device_agent.wire.messages import Task
 
     old = Task(1, f.coord.codec.plan_hash, 1, "00" * 32, 0.1, 1, 1, 0.0).to_json()
     again = dev.handle(dp.Received("task", old))  # the round it already trained: same delta bytes again

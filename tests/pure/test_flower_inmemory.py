@@ -8,7 +8,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from device_agent import protocol as dp
 from device_agent.buffer import SampleBuffer
-from device_agent.engine.examples import tiny_dataset, tiny_plan
 from device_agent.engine.trainer import Trainer
 from device_agent.wire.envelope import Verifier
 from fleet.flower import (
@@ -22,6 +21,7 @@ from fleet.flower import (
     state_from_arrays,
 )
 from fleet.flower_app import InMemoryLink
+from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
 PLAN = tiny_plan()
 TEST_X, TEST_Y = tiny_dataset(200, seed=1000)

@@ -17,7 +17,6 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from device_agent.engine.examples import tiny_plan
 from device_agent.wire.delta import encode_delta
 from device_agent.wire.plan import plan_hash
 from fleet import aggregate as agg
@@ -31,6 +30,7 @@ from fleet.flower import (
     shared_tensors,
     state_from_arrays,
 )
+from tests.fixtures.tiny import tiny_plan
 
 PLAN = tiny_plan()
 SHARED = shared_tensors(PLAN)

@@ -14,10 +14,10 @@ import functools
 import numpy as np
 import pytest
 
-from device_agent.engine.examples import tiny_dataset, tiny_plan
 from device_agent.engine.trainer import Trainer
 from device_agent.wire.delta import delta_from_bytes, delta_support, delta_to_dense, encode_delta
 from fleet import aggregate as agg
+from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
 PLAN = tiny_plan()
 SHARED = [t for t in PLAN.trainable if not t.personal]

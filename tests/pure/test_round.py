@@ -156,7 +156,7 @@ def test_snapshot_restore_roundtrip():
 
 
 def test_registry_eligibility_last_will_and_heartbeat():
-    from device_agent.messages import Hello, Status
+    from device_agent.wire.messages import Hello, Status
     from fleet.registry import Registry
 
     reg = Registry(heartbeat_timeout=30.0)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device_agent.engine.examples import tiny_plan
-from device_agent.secagg import (
+from device_agent.secagg import SecAggDevice
+from device_agent.wire.secagg import (
     PRIME,
     Roster,
-    SecAggDevice,
     SecAggError,
     SharesFor,
     UnmaskRequest,
@@ -19,6 +18,7 @@ from device_agent.secagg import (
 )
 from fleet import aggregate as agg
 from fleet.security.secagg import SecAggAborted, SecAggServer, plan_groups, split_sums, to_signed
+from tests.fixtures.tiny import tiny_plan
 
 PLAN = tiny_plan()
 SHARED = [t for t in PLAN.trainable if not t.personal]

@@ -8,12 +8,12 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from device_agent.engine.examples import tiny_plan
-from device_agent.messages import Hello
 from device_agent.wire.delta import encode_delta
+from device_agent.wire.messages import Hello
 from fleet import coordinator as co
 from fleet.round import RoundConfig
 from fleet.store import DeltaRow, Store, StoreError
+from tests.fixtures.tiny import tiny_plan
 
 PLAN = tiny_plan()
 CODEC = co.WireCodec(PLAN)

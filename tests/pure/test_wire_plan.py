@@ -29,7 +29,7 @@ _spec.loader.exec_module(gen)
 def _plans() -> list[ir.Plan]:
     plans = [gen.golden_plan()]
     try:
-        from device_agent.engine.examples import tiny_plan
+        from tests.fixtures.tiny import tiny_plan
     except ImportError:  # the engine examples are optional for this test
         return plans
     return plans + [tiny_plan(seed=1), tiny_plan(seed=2, ratio=0.0), tiny_plan(ratio=1.0, n_classes=3)]

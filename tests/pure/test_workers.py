@@ -9,15 +9,15 @@ import pytest
 
 from device_agent import protocol as dp
 from device_agent.buffer import SampleBuffer
-from device_agent.engine.examples import tiny_dataset, tiny_plan
 from device_agent.engine.trainer import Trainer
-from device_agent.messages import Publish
 from device_agent.wire.envelope import Signer, Verifier
+from device_agent.wire.messages import Publish
 from fleet import coordinator as co
 from fleet.round import RoundConfig
 from fleet.sim.baselines import mark_personal
 from fleet.sim.workers import WorkerError, WorkerPool
 from fleet.store import Store
+from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
 N = 6
 

@@ -31,8 +31,7 @@ import numpy as np
 from device_agent.engine import attrs as A
 from device_agent.engine import ir
 from device_agent.engine.qmath import mant_exp
-
-from .graph_builder import backbone_convs
+from fleet.compiler.graph_builder import backbone_convs
 
 # ---------------------------------------------------------------------------------------------- QAS ablation
 
