@@ -209,7 +209,7 @@ def imu_task(quick: bool) -> tuple[Task, dict]:
     from fleet.compiler.quantize import new_classifier
     from fleet.compiler.scheme import named_scheme
     from fleet.compiler.torch_import import import_torch
-    from fleet.sim.datasets import quantize, windows
+    from fleet.scenarios.base import quantize, windows
 
     data = load_watch()
     subj, lab = np.asarray(data["subject"]), np.asarray(data["y"])

@@ -4,8 +4,8 @@ One command: ``python benchmarks/flower_baseline.py [--config configs/sensor-wat
 [--devices N] [--flower-lr 0.002] [--quick]``.
 
 Same scenario for both, from one config: the watch IMU data split over the same devices
-(``fleet.sim.datasets.load_watch_scenario`` with the config's window, stride, proxy subjects and seed), the same
-ImuCNN pretrained on the proxy subjects (``fleet.sim.runner.pretrain``: the float model our plan is compiled
+(``fleet.scenarios.watch.load_watch_scenario`` with the config's window, stride, proxy subjects and seed), the same
+ImuCNN pretrained on the proxy subjects (``fleet.compiler.pipeline.pretrain``: the float model our plan is compiled
 from), the same rounds, clients per round (the config's ``goal``) and local steps (batch 1).
 
 - ours: ``tinyfleet simulate`` on the config (``run_simulation``: embedded Mosquitto, int8 sparse training on host
@@ -58,8 +58,8 @@ def load_config(args):
 
 
 def scenario_and_model(cfg):
-    from fleet.sim.datasets import load_watch_scenario
-    from fleet.sim.runner import pretrain
+    from fleet.compiler.pipeline import pretrain
+    from fleet.scenarios.watch import load_watch_scenario
 
     d = cfg.dataset
     sc = load_watch_scenario(cfg.devices, d.window, d.stride, tuple(d.proxy_subjects), d.max_train_per_device,

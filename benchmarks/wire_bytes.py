@@ -131,18 +131,19 @@ def imu_cnn(args) -> dict:
     import torch
 
     from fleet.compiler.compile import compile_plan
+    from fleet.compiler.pipeline import float_batch, pretrain
     from fleet.compiler.scheme import named_scheme
     from fleet.compiler.torch_import import import_torch
+    from fleet.scenarios.base import quantize
+    from fleet.scenarios.watch import load_watch_scenario
     from fleet.sim.config import load_sim_config
-    from fleet.sim.datasets import load_watch_scenario, quantize
-    from fleet.sim.runner import _float_batch, pretrain
 
     cfg = load_sim_config(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml")
     sc = load_watch_scenario(args.devices, cfg.dataset.window, cfg.dataset.stride, tuple(cfg.dataset.proxy_subjects),
                              seed=cfg.seed)
     model = pretrain(cfg, sc.x_proxy, sc.y_proxy, sc.num_classes)
     calib = sc.x_proxy[np.random.default_rng(0).permutation(len(sc.x_proxy))[:512]]
-    graph = import_torch(model, torch.from_numpy(_float_batch(calib)), name="ImuCNN")
+    graph = import_torch(model, torch.from_numpy(float_batch(calib)), name="ImuCNN")
     plan, _ = compile_plan(graph, named_scheme(graph, "quarter", "ImuCNN"))
     t_in = plan.tensors[plan.input_id]
     scale, zp = float(np.ravel(t_in.scale)[0]), int(t_in.zero_point)

@@ -197,6 +197,9 @@ Output = Publish | Verdict | Dropped | RoundClosed | RoundRefused
 
 @dataclass
 class CoordinatorConfig:
+    """The coordinator's policy, derived from a validated fleet config (:meth:`fleet.schema.FleetConfig.
+    coordinator_config`); not validated again here."""
+
     round: rnd.RoundConfig = field(default_factory=rnd.RoundConfig)
     lr: float = 0.05
     local_steps: int = 10
@@ -210,25 +213,6 @@ class CoordinatorConfig:
     topk_permille: int = 0  # sent in every task: devices upload the top k = ceil(numel * permille / 1000) per
     #                        tensor (error feedback keeps the rest for later rounds); 0 = every coordinate
     dp: DPConfig | None = None  # central DP: clip each delta, add Gaussian noise to the sum, account epsilon
-
-    def validate(self) -> list[str]:
-        errs = []  # NOTE: round.* is validated by RoundConfig.validate (config.from_dict calls both)
-        if self.aggregator not in agg.AGGREGATORS:
-            errs.append(f"aggregator: expected one of {', '.join(agg.AGGREGATORS)}, got {self.aggregator!r}")
-        if self.aggregator == "clipped" and not self.clip > 0:
-            errs.append(f"clip: must be > 0 for the clipped aggregator, got {self.clip}")
-        if not 0 <= self.trim < 0.5:
-            errs.append(f"trim: must be in [0, 0.5), got {self.trim}")
-        if not self.lr > 0 or self.local_steps < 1 or self.batch_size < 1:
-            errs.append("lr, local_steps, batch_size: must be > 0")
-        if isinstance(self.topk_permille, bool) or not 0 <= self.topk_permille <= 1000:
-            errs.append(f"topk_permille: must be in [0, 1000] (0 = every coordinate), got {self.topk_permille!r}")
-        if self.dp is not None:
-            errs += [f"dp.{e}" for e in self.dp.validate()]
-            if self.aggregator != "fedavg":  # NOTE: DP's sensitivity argument is for the clipped sum only
-                errs.append(f"dp: replaces the aggregator (clipped noisy mean); aggregator must be fedavg, "
-                            f"got {self.aggregator!r}")
-        return errs
 
 
 def plan_sram(plan) -> int:
@@ -270,9 +254,6 @@ class Coordinator:
     """One fleet, one plan. Build with a store (fresh or from a previous run), then ``handle(Boot())``."""
 
     def __init__(self, plan, store: Store, config: CoordinatorConfig, clock, codec: Codec):
-        errs = config.validate() + [f"round.{e}" for e in config.round.validate()]
-        if errs:
-            raise ValueError("invalid coordinator config: " + "; ".join(errs))
         self.plan, self.store, self.config, self.clock, self.codec = plan, store, config, clock, codec
         self.shared = [t for t in plan.trainable if not t.personal]  # what devices upload and download
         self.size = sum(t.numel for t in self.shared)  # coordinates of the flat delta vector

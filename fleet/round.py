@@ -141,25 +141,14 @@ class IllegalTransition(RuntimeError):
 
 @dataclass
 class RoundConfig:
-    """Round policy. ``quorum`` is a fraction of ``goal``; ``over_selection`` >= 1 asks extra devices."""
+    """Round policy (derived from the validated fleet config). ``quorum`` is a fraction of ``goal``;
+    ``over_selection`` >= 1 asks extra devices."""
 
     goal: int = 10
     over_selection: float = 1.3
     quorum: float = 0.5
     deadline_s: float = 60.0
     seed: int = 0
-
-    def validate(self) -> list[str]:
-        errs = []
-        if self.goal < 1:
-            errs.append(f"goal: must be >= 1, got {self.goal}")
-        if not self.over_selection >= 1.0:
-            errs.append(f"over_selection: must be >= 1, got {self.over_selection}")
-        if not 0.0 < self.quorum <= 1.0:
-            errs.append(f"quorum: must be in (0, 1], got {self.quorum}")
-        if not self.deadline_s > 0:
-            errs.append(f"deadline_s: must be > 0, got {self.deadline_s}")
-        return errs
 
     @property
     def min_accepted(self) -> int:

@@ -1,6 +1,7 @@
 """``tinyfleet serve CONFIG``: the coordinator alone, against an MQTT broker, until its rounds are done or Ctrl-C.
 
-The plan comes from ``--plan FILE.ttp`` or is compiled from the config's model section (as ``simulate`` does).
+The plan comes from ``--plan FILE.ttp`` or is compiled from the config's model and scenario by the compiler
+pipeline (as ``simulate`` does); the config's ``personal`` tensors are marked either way.
 Downlink blobs are signed with the fleet's Ed25519 key (``--key``, PEM; created with its ``.pub`` beside it
 when missing): give devices the public key (``device-agent run --pubkey``). State lives in ``--store`` (SQLite),
 so a restarted ``serve`` resumes the open round and stops after the same total number of rounds (``--crash-at``,
@@ -49,18 +50,12 @@ def load_or_create_key(path: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from device_agent.wire.envelope import Signer, Verifier
-    from device_agent.wire.errors import WireFormatError
-    from device_agent.wire.plan import plan_from_bytes
-    from fleet import round as rnd
+    from device_agent.mqtt import BrokerURL, BrokerURLError
     from fleet.config import ConfigError
-    from fleet.coordinator import Coordinator, RoundClosed, RoundRefused, StartRound, WireCodec
-    from fleet.mqtt import CoordinatorLink
-    from fleet.sim.broker import BrokerError, resolve
-    from fleet.sim.config import load_sim_config
+    from fleet.schema import load_fleet_config
 
     try:
-        cfg = load_sim_config(args.config, broker=args.broker, rounds=args.rounds or None)
+        cfg = load_fleet_config(args.config, broker=args.broker, rounds=args.rounds or None)
     except ConfigError as e:
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 2
@@ -69,24 +64,47 @@ def run(args: argparse.Namespace) -> int:
               "`tinyfleet simulate` runs an embedded one", file=sys.stderr)
         return 2
     try:
-        url, _ = resolve(cfg.broker, **cfg.tls_files())
-    except BrokerError as e:
+        url = BrokerURL.parse(cfg.broker, **cfg.tls_files())
+        key = load_or_create_key(args.key or Path(f"{args.store}.key.pem"))
+        plan = _plan(cfg, args.plan)
+    except (BrokerURLError, ValueError, OSError) as e:
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 2
-    key = load_or_create_key(args.key or Path(f"{args.store}.key.pem"))
-    if args.plan is not None:
-        try:
-            plan = plan_from_bytes(args.plan.read_bytes(), verify=Verifier.skip())  # our own file: re-signed below
-        except (OSError, WireFormatError) as e:
-            print(f"tinyfleet serve: --plan {args.plan}: {e}", file=sys.stderr)
-            return 2
-    else:
-        from fleet.sim.datasets import load_watch_scenario
-        from fleet.sim.runner import build_plan
+    return _serve(args, cfg, url, key, plan)
 
-        d = cfg.dataset
-        scenario = load_watch_scenario(1, d.window, d.stride, tuple(d.proxy_subjects), seed=cfg.seed)
-        plan, _, _ = build_plan(cfg, scenario)
+
+def _plan(cfg, path: Path | None):
+    """The fleet's plan: ``--plan FILE.ttp`` (from ``tinyfleet compile``) or compiled from the config's scenario;
+    either way the config's ``personal`` tensors are marked, so they are trained on devices and never uploaded."""
+    from device_agent.wire.envelope import Verifier
+    from device_agent.wire.errors import WireFormatError
+    from device_agent.wire.plan import plan_from_bytes
+    from fleet.compiler.pipeline import mark_personal, plan_for
+
+    if path is None:
+        from fleet.scenarios import load_scenario
+
+        try:
+            scenario = load_scenario(cfg)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"dataset: {e}") from None
+        return plan_for(cfg, scenario)
+    try:
+        plan = plan_from_bytes(path.read_bytes(), verify=Verifier.skip())  # our own file: re-signed by the codec
+    except (OSError, WireFormatError) as e:
+        raise ValueError(f"--plan {path}: {e}") from None
+    try:
+        return mark_personal(plan, cfg.personal)
+    except ValueError as e:
+        raise ValueError(f"--plan {path}: {e}") from None
+
+
+def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
+    from device_agent.wire.envelope import Signer
+    from fleet import round as rnd
+    from fleet.coordinator import Coordinator, RoundClosed, RoundRefused, StartRound, WireCodec
+    from fleet.mqtt import CoordinatorLink
+
     ccfg = cfg.coordinator_config()
     codec = WireCodec(plan, signer=Signer.ed25519(key))
     closed = threading.Event()

@@ -32,10 +32,8 @@ import numpy as np
 
 FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware"
 
-from fleet.sim.config import SimConfig
-from fleet.sim.runner import SimulationError
-
-BACKENDS = ("python", "qemu", "renode")
+from fleet.sim.config import BACKENDS, SimConfig
+from fleet.sim.errors import SimulationError
 
 
 @dataclass

@@ -1,7 +1,5 @@
-"""Per-device evaluation and the baselines a fleet run is compared with: personal tensors, local-only, centralized.
+"""Per-device evaluation and the baselines a fleet run is compared with: personalized, local-only, centralized.
 
-- :func:`mark_personal` marks chosen trainable tensors of a plan personal (trained on the device, never uploaded)
-  on a copy, before the plan is serialized, so devices, coordinator and wire all see the same flag.
 - :func:`device_accuracies` evaluates one shared model state on every device's own held-out slice, optionally
   with each device's personal tensors swapped in (the "personalized" model).
 - :func:`local_only` trains each device alone, from the initial model, on its own samples with the same
@@ -33,37 +31,6 @@ class DeviceSlice:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-
-
-def mark_personal(plan: ir.Plan, names: Sequence[str]) -> ir.Plan:
-    """A copy of ``plan`` whose trainable tensors named in ``names`` are personal (``ir.Tensor.personal``).
-
-    Parameters
-    ----------
-    plan : the compiled plan (left untouched).
-    names : tensor names as the importer gave them, e.g. ``["classifier.bias"]``; empty -> ``plan`` itself.
-
-    Raises
-    ------
-    ValueError
-        A name is not a trainable tensor of the plan, or every trainable tensor would become personal (then
-        the fleet would have nothing to aggregate).
-    """
-    if not names:
-        return plan
-    trainable = {t.name: t for t in plan.trainable}
-    unknown = [n for n in names if n not in trainable]
-    if unknown:
-        raise ValueError(f"personal: {unknown} are not trainable tensors of plan {plan.name!r} "
-                         f"(trainable: {sorted(trainable)})")
-    if set(names) >= set(trainable):
-        raise ValueError(f"personal: every trainable tensor ({sorted(trainable)}) would be personal: "
-                         "leave at least one shared tensor for the fleet to train")
-    out = copy.deepcopy(plan)
-    for t in out.tensors:
-        if t.kind == ir.Kind.TRAINABLE and t.name in names:
-            t.personal = True
-    return out
 
 
 def personal_ids(plan: ir.Plan) -> list[int]:

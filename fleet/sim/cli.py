@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fleet.sim.broker import BrokerError
     from fleet.sim.config import load_sim_config
-    from fleet.sim.runner import SimulationError, run_simulation
+    from fleet.sim.errors import SimulationError
+    from fleet.sim.runner import run_simulation
 
     try:
         cfg = load_sim_config(args.config, devices=args.devices, rounds=args.rounds, broker=args.broker)

@@ -18,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fleet.compiler.pipeline import PipelineError, build_plan, float_batch, mark_personal, pretrain
 from fleet.sim.config import SimConfig
+from fleet.sim.errors import SimulationError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class SimulationError(RuntimeError):
-    """The simulation could not run (plan does not fit, devices never connected...); says what to change."""
 
 
 @dataclass
@@ -76,76 +74,6 @@ class SimResult:
 
 
 # --- plan -----------------------------------------------------------------------------------------------------
-
-
-def _float_batch(x: np.ndarray) -> np.ndarray:
-    """(N, C, 1, W) windows -> (N, C, W) for a torch Conv1d model; (N, L) character ids -> int64 for nn.Embedding."""
-    if x.ndim == 2:
-        return x.astype(np.int64)
-    return x.reshape(x.shape[0], x.shape[1], x.shape[-1])
-
-
-def pretrain(cfg: SimConfig, x: np.ndarray, y: np.ndarray, num_classes: int):
-    """The float model, trained ``pretrain_epochs`` on the coordinator's proxy set (fp32, Adam)."""
-    import torch
-
-    from fleet.sim.scenarios import make_model
-
-    torch.manual_seed(cfg.seed)
-    try:
-        model = make_model(cfg.model.name, x, num_classes)
-    except ValueError as e:
-        raise SimulationError(str(e)) from None
-    if cfg.model.pretrain_epochs and len(y):
-        xt, yt = torch.from_numpy(_float_batch(x)), torch.from_numpy(y)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        model.train()
-        for _ in range(cfg.model.pretrain_epochs):
-            for idx in torch.randperm(len(yt), generator=gen).split(64):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-                opt.step()
-    return model.eval()
-
-
-def build_plan(cfg: SimConfig, scenario) -> tuple[object, object, str]:
-    """Pretrain, quantize (PTQ on proxy windows), pick the scheme, compile under the board's budget."""
-    from device_agent.engine import ir
-    from fleet.compiler.compile import BudgetError, compile_plan
-    from fleet.compiler.scheme import named_scheme, search_scheme
-    from fleet.compiler.torch_import import import_torch
-    from fleet.config import BoardConfig, ConfigError, load
-    from fleet.sim.datasets import quantize
-
-    try:
-        board = load(BoardConfig, ROOT / "configs" / "boards" / f"{cfg.model.board}.yaml")
-    except ConfigError as e:
-        raise SimulationError(f"model.board: {e}") from None
-    x_proxy, y_proxy = scenario.x_proxy, scenario.y_proxy
-    if not len(y_proxy):  # no proxy subjects: calibrate on the first device's windows (still not its test set)
-        x_proxy, y_proxy = scenario.devices[0].x_train, scenario.devices[0].y_train
-    model = pretrain(cfg, x_proxy, y_proxy, scenario.num_classes)
-    rng = np.random.default_rng(cfg.seed)
-    calib = x_proxy[rng.permutation(len(x_proxy))[:512]]
-    graph = import_torch(model, _float_batch(calib), name=type(model).__name__)
-    s = cfg.model.scheme
-    if isinstance(s, dict):
-        scheme = ir.SparseScheme(name="config", n_bias_update=int(s.get("n_bias_update", 0)),
-                                 weight_ratio={int(k): float(v) for k, v in (s.get("weight_ratio") or {}).items()})
-    elif s == "auto":
-        t = graph.tensors[graph.input_id]
-        scale, zp = float(np.ravel(t.scale)[0]), int(t.zero_point)
-        order = rng.permutation(len(y_proxy))[:256]
-        scheme = search_scheme(graph, board.training_budget, quantize(x_proxy[order], scale, zp),
-                               y_proxy[order].astype(np.int32), steps=10, seed=cfg.seed).scheme
-    else:
-        scheme = named_scheme(graph, s)
-    try:
-        plan, report = compile_plan(graph, scheme, budget=board.training_budget)
-    except BudgetError as e:
-        raise SimulationError(f"model.scheme: {e}") from None
-    return plan, report, scheme.name
 
 
 def _input_quant(plan) -> tuple[float, int]:
@@ -236,9 +164,9 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     from device_agent.wire.envelope import Signer, Verifier
     from fleet.coordinator import Coordinator, RoundClosed, StartRound, WireCodec, plan_sram
     from fleet.mqtt import CoordinatorLink
+    from fleet.scenarios import load_scenario
+    from fleet.scenarios.base import quantize
     from fleet.sim.broker import resolve
-    from fleet.sim.datasets import quantize
-    from fleet.sim.scenarios import load_scenario
     from fleet.store import Store
 
     t0 = time.monotonic()
@@ -247,8 +175,11 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     except (ValueError, FileNotFoundError) as e:
         raise SimulationError(f"dataset: {e}") from None
     bar.update("setup", advance=1, info="data")
-    plan, _report, res.scheme = build_plan(cfg, scenario)
-    plan = _mark_personal(plan, cfg.personal)
+    try:
+        plan, _report, res.scheme = build_plan(cfg, scenario)
+        plan = mark_personal(plan, cfg.personal)
+    except (PipelineError, ValueError) as e:
+        raise SimulationError(str(e)) from None
     res.personal = list(cfg.personal)
     res.plan_sram_bytes = plan_sram(plan)
     bar.update("setup", advance=1, info=f"plan {res.scheme}")
@@ -397,18 +328,9 @@ def _settle(agents, version: int | None, timeout: float = 10.0) -> None:
 # --- end-of-run metrics: per-device accuracies, baselines, metrics.json + report ------------------------------
 
 
-def _mark_personal(plan, names: list[str]):
-    from fleet.sim.baselines import mark_personal
-
-    try:
-        return mark_personal(plan, names)
-    except ValueError as e:
-        raise SimulationError(str(e)) from None
-
-
 def _device_slices(scenario, scale: float, zp: int) -> list:
+    from fleet.scenarios.base import quantize
     from fleet.sim.baselines import DeviceSlice
-    from fleet.sim.datasets import quantize
 
     return [DeviceSlice(d.device_id, quantize(d.x_train, scale, zp), d.y_train.astype(np.int32),
                         quantize(d.x_test, scale, zp), d.y_test.astype(np.int32)) for d in scenario.devices]
@@ -449,9 +371,9 @@ def _final_metrics(cfg: SimConfig, scenario, plan, link, evaluator, agents, slot
         if not len(y_proxy):  # the same fallback as build_plan, so this is the same float model
             x_proxy, y_proxy = scenario.devices[0].x_train, scenario.devices[0].y_train
         model = pretrain(cfg, x_proxy, y_proxy, scenario.num_classes)
-        x = _float_batch(np.concatenate([d.x_train for d in scenario.devices]))
+        x = float_batch(np.concatenate([d.x_train for d in scenario.devices]))
         y = np.concatenate([d.y_train for d in scenario.devices])
-        tests = [(_float_batch(d.x_test), d.y_test) for d in scenario.devices]
+        tests = [(float_batch(d.x_test), d.y_test) for d in scenario.devices]
         per_round = bl.centralized(model, x, y, tests, res.rounds, cfg.seed)
         res.accuracy_centralized_per_round = [bl.pooled(a, slices) for a in per_round]
         methods["centralized"] = per_round[-1]

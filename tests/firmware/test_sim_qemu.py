@@ -11,7 +11,8 @@ import pytest
 from fleet.config import ConfigError, from_dict
 from fleet.sim.backends import LazyBoardTrainer, build_devices, device_backends
 from fleet.sim.config import SimConfig
-from fleet.sim.runner import SimulationError, run_simulation
+from fleet.sim.errors import SimulationError
+from fleet.sim.runner import run_simulation
 from tests.conftest import require_cmd
 
 

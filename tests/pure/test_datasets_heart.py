@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fleet.sim import datasets_heart as H
+from fleet.scenarios import heart as H
 from tests.conftest import require
 
 

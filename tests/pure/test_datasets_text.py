@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fleet.sim import datasets_text as T
+from fleet.scenarios import text as T
 from tests.conftest import require
 
 PLAY = """THE TRAGEDY OF X

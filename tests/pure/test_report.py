@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from device_agent.engine import ir
+from fleet.compiler.pipeline import mark_personal
 from fleet.sim import baselines as bl
 from fleet.sim import report
 
@@ -108,19 +109,19 @@ def _plan() -> ir.Plan:
 def test_mark_personal_marks_a_copy_only():
     plan = _plan()
 
-    out = bl.mark_personal(plan, ["classifier.bias"])
+    out = mark_personal(plan, ["classifier.bias"])
 
     assert [t.name for t in out.tensors if t.personal] == ["classifier.bias"]
     assert not any(t.personal for t in plan.tensors)
     assert bl.personal_ids(out) == [2] and bl.personal_ids(plan) == []
-    assert bl.mark_personal(plan, []) is plan
+    assert mark_personal(plan, []) is plan
 
 
 @pytest.mark.parametrize("names, msg", [(["frozen"], "not trainable"), (["nope"], "not trainable"),
                                         (["classifier.bias", "classifier.weight"], "at least one shared")])
 def test_mark_personal_rejects_bad_names(names, msg):
     with pytest.raises(ValueError, match=msg):
-        bl.mark_personal(_plan(), names)
+        mark_personal(_plan(), names)
 
 
 def test_pooled_weights_devices_by_test_windows():

@@ -13,8 +13,8 @@ from device_agent.engine.trainer import Trainer
 from device_agent.wire.envelope import Signer, Verifier
 from device_agent.wire.messages import Publish
 from fleet import coordinator as co
+from fleet.compiler.pipeline import mark_personal
 from fleet.round import RoundConfig
-from fleet.sim.baselines import mark_personal
 from fleet.sim.workers import WorkerError, WorkerPool
 from fleet.store import Store
 from tests.fixtures.tiny import tiny_dataset, tiny_plan

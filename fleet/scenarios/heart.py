@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fleet.sim.datasets import DeviceData, Scenario
+from fleet.scenarios.base import DeviceData, Scenario
 
 HOSPITALS = ("Cleveland", "Hungary", "VA Long Beach", "Switzerland")
 NUMERIC = ("age", "trestbps", "chol", "thalch", "oldpeak", "ca")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.sim.datasets import DeviceData, Scenario, _cat
+from fleet.scenarios.base import DeviceData, Scenario, _cat
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = ROOT / ".data"

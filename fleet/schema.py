@@ -1,0 +1,238 @@
+"""The one fleet config schema (``configs/*.yaml``): what ``serve`` and ``simulate`` both read, validated once.
+
+:class:`FleetConfig` holds the fleet (broker, rounds, policy, model, data set); the simulator's config
+(``fleet/sim/config.py``) extends it with how devices are emulated. The coordinator's own policy objects
+(:class:`fleet.coordinator.CoordinatorConfig`, :class:`fleet.round.RoundConfig`) are derived from a validated
+config by :meth:`FleetConfig.coordinator_config` and are never validated again. Every bad value is one error
+with its key path (``rounds: must be > 0, got -3``); this module holds data and checks only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from fleet.config import ConfigError, from_dict, load
+from fleet.security.dp import DPConfig
+
+T = TypeVar("T")
+
+
+@dataclass
+class TlsConfig:
+    """TLS files for ``mqtts://`` brokers (paths relative to the working directory)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None  # client certificate (mutual TLS)
+    key_file: str | None = None
+    insecure: bool = False  # skip the hostname check: self-signed dev certificates only
+
+    def validate(self) -> list[str]:
+        errs = []
+        for name in ("ca_file", "cert_file", "key_file"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                errs.append(f"{name}: file not found: {p}")
+        if (self.cert_file is None) != (self.key_file is None):
+            errs.append("cert_file: a client certificate needs both cert_file and key_file")
+        return errs
+
+
+@dataclass
+class DatasetConfig:
+    """Which offline data, and how it is cut into windows and spread over devices."""
+
+    name: str = "watch"
+    window: int = 128  # samples per window (128 = 2.56 s at 50 Hz)
+    stride: int = 64
+    proxy_subjects: list[int] = field(default_factory=lambda: [1, 2])  # coordinator's data, no device
+    max_train_per_device: int | None = None
+    max_test_per_device: int | None = None  # evenly spaced test windows kept per device (evaluation cost)
+    # shakespeare: window/stride in characters; users are (play, role)s with >= min_chars characters
+    devices_per_user: int = 1
+    proxy_users: int = 40  # roles with no device: the coordinator's proxy set
+    min_chars: int = 4000
+    max_proxy: int = 20000  # proxy windows kept (evenly sampled)
+    # heart: fraction of each hospital's patients held out as the coordinator's proxy set (no device)
+    proxy_fraction: float = 0.2
+
+    def validate(self) -> list[str]:
+        errs = []
+        from fleet.scenarios import DATASETS
+
+        if self.name not in DATASETS:
+            errs.append(f"name: unknown dataset {self.name!r} (expected one of {', '.join(DATASETS)})")
+        if self.window < 8:
+            errs.append(f"window: must be >= 8, got {self.window}")
+        if self.stride <= 0:
+            errs.append(f"stride: must be > 0, got {self.stride}")
+        bad = [s for s in self.proxy_subjects if not 1 <= s <= 10]
+        if bad and self.name == "watch":
+            errs.append(f"proxy_subjects: subjects are 1..10, got {bad}")
+        if len(set(self.proxy_subjects)) >= 10 and self.name == "watch":
+            errs.append("proxy_subjects: at least one subject must be left for devices")
+        if self.max_train_per_device is not None and self.max_train_per_device <= 0:
+            errs.append(f"max_train_per_device: must be > 0, got {self.max_train_per_device}")
+        if self.max_test_per_device is not None and self.max_test_per_device <= 0:
+            errs.append(f"max_test_per_device: must be > 0, got {self.max_test_per_device}")
+        for key in ("devices_per_user", "min_chars", "max_proxy"):
+            if getattr(self, key) <= 0:
+                errs.append(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.proxy_users < 0:
+            errs.append(f"proxy_users: must be >= 0, got {self.proxy_users}")
+        if not 0 < self.proxy_fraction < 1:
+            errs.append(f"proxy_fraction: must be a fraction in (0, 1), got {self.proxy_fraction}")
+        return errs
+
+
+@dataclass
+class ModelConfig:
+    """The model to compile: a name the compiler pipeline knows (fleet/compiler/pipeline.py), a board, a scheme."""
+
+    name: str = "imu_cnn"
+    board: str = "stm32f746"  # configs/boards/<board>.yaml
+    scheme: Any = "auto"  # "auto" (search under the budget), a named scheme, or a mapping layer -> settings
+    pretrain_epochs: int = 5  # fp32 epochs on the proxy set before int8 conversion (0: random init)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not isinstance(self.scheme, (str, dict)):
+            errs.append(f"scheme: expected 'auto', a scheme name or a mapping, got {self.scheme!r}")
+        if self.pretrain_epochs < 0:
+            errs.append(f"pretrain_epochs: must be >= 0, got {self.pretrain_epochs}")
+        return errs
+
+
+@dataclass
+class FleetConfig:
+    """One fleet: where the broker is, how many devices, how rounds run, what they train on."""
+
+    # NOTE: keys only `tinyfleet simulate` reads (fleet/sim/config.py validates them); `serve` skips them, so
+    # one YAML file serves both. tests/pure/test_config.py keeps this list equal to the simulator's extra fields.
+    SIMULATOR_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"backend", "qemu_devices", "qemu", "workers", "baselines"})
+
+    name: str = "tinyfleet"  # fleet name: topics live under tinyfleet/<name>/
+    broker: str = "embedded"  # "embedded" (simulate only: a mosquitto subprocess) or mqtt://[user:pass@]host:port
+    tls: TlsConfig | None = None
+    devices: int = 10
+    rounds: int = 3
+    local_steps: int = 20  # samples (batch 1) per device per round
+    lr: float = 0.05
+    goal: int | None = None  # deltas to collect before closing a round early (default: every selected device)
+    quorum: float = 0.6  # fraction of the goal needed to commit; fewer -> the round is abandoned
+    deadline: float = 60.0  # seconds a round waits for deltas
+    over_selection: float = 1.0  # devices selected per round = ceil(goal * over_selection)
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    personal: list[str] = field(default_factory=list)  # trainable tensors kept on each device, e.g. [classifier.bias]
+    aggregator: str = "fedavg"  # fedavg | clipped | median | trimmed (fleet/aggregate.py)
+    clip: float = 0.0  # L2 clip (integer weight units) for the clipped aggregator
+    trim: float = 0.1  # fraction trimmed at each end for the trimmed aggregator
+    topk_permille: int = 0  # devices upload the top ceil(numel * k / 1000) per tensor (error feedback); 0 = all
+    heartbeat_timeout: float = 0.0  # seconds of silence before a device counts as offline (0 = Last Will only)
+    dp: DPConfig | None = None  # central differential privacy (clip + Gaussian noise + RDP accountant)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not self.name or "/" in self.name or "+" in self.name or "#" in self.name:
+            errs.append(f"name: must be a non-empty MQTT topic level (no '/', '+', '#'), got {self.name!r}")
+        if self.broker != "embedded" and not self.broker.startswith(("mqtt://", "mqtts://")):
+            errs.append(f"broker: expected 'embedded' or mqtt://host:port / mqtts://host:port, got {self.broker!r}")
+        if self.tls is not None and not self.broker.startswith("mqtts://"):
+            errs.append("tls: given, but broker is not an mqtts:// URL")
+        for key in ("devices", "rounds", "local_steps"):
+            if getattr(self, key) <= 0:
+                errs.append(f"{key}: must be > 0, got {getattr(self, key)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            errs.append(f"lr: must be a finite number > 0, got {self.lr}")
+        if self.goal is not None and not 0 < self.goal <= self.devices:
+            errs.append(f"goal: must be in 1..devices ({self.devices}), got {self.goal}")
+        if not 0 < self.quorum <= 1:
+            errs.append(f"quorum: must be a fraction in (0, 1], got {self.quorum}")
+        if not (self.deadline > 0 and math.isfinite(self.deadline)):
+            errs.append(f"deadline: must be > 0 seconds, got {self.deadline}")
+        if not self.over_selection >= 1:
+            errs.append(f"over_selection: must be >= 1, got {self.over_selection}")
+        if not self.heartbeat_timeout >= 0:
+            errs.append(f"heartbeat_timeout: must be >= 0 seconds (0: Last Will only), got {self.heartbeat_timeout}")
+        errs += self._policy_errors()
+        if not isinstance(self.personal, list) or not all(isinstance(n, str) and n for n in self.personal):
+            errs.append(f"personal: expected a list of trainable tensor names (e.g. [classifier.bias]), "
+                        f"got {self.personal!r}")
+        return errs
+
+    def _policy_errors(self) -> list[str]:
+        from fleet.aggregate import AGGREGATORS
+
+        errs = []
+        if self.aggregator not in AGGREGATORS:
+            errs.append(f"aggregator: expected one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
+        elif self.aggregator == "clipped" and not self.clip > 0:
+            errs.append(f"clip: must be > 0 for the clipped aggregator, got {self.clip}")
+        if not 0 <= self.trim < 0.5:
+            errs.append(f"trim: must be a fraction in [0, 0.5), got {self.trim}")
+        if isinstance(self.topk_permille, bool) or not 0 <= self.topk_permille <= 1000:
+            errs.append(f"topk_permille: must be in 0..1000 (0 = every coordinate), got {self.topk_permille!r}")
+        if self.dp is not None and self.aggregator != "fedavg":  # NOTE: DP's sensitivity is for the clipped sum
+            errs.append(f"dp: replaces the aggregator with a clipped noisy mean; leave aggregator at fedavg, "
+                        f"got {self.aggregator!r}")
+        return errs
+
+    @property
+    def goal_count(self) -> int:
+        return self.goal if self.goal is not None else self.devices
+
+    @property
+    def quorum_count(self) -> int:
+        return max(1, math.ceil(self.quorum * self.goal_count))
+
+    @property
+    def selected_count(self) -> int:
+        return min(self.devices, math.ceil(self.goal_count * self.over_selection))
+
+    def coordinator_config(self):
+        """The coordinator's policy for this fleet, derived (not validated again): ``serve`` and ``simulate``."""
+        from fleet import round as rnd
+        from fleet.coordinator import CoordinatorConfig
+
+        return CoordinatorConfig(round=rnd.RoundConfig(goal=self.goal_count, over_selection=self.over_selection,
+                                                       quorum=self.quorum, deadline_s=self.deadline, seed=self.seed),
+                                 lr=self.lr, local_steps=self.local_steps, batch_size=1, aggregator=self.aggregator,
+                                 clip=self.clip, trim=self.trim, topk_permille=self.topk_permille,
+                                 heartbeat_timeout=self.heartbeat_timeout, dp=self.dp)
+
+    def tls_files(self) -> dict[str, object]:
+        """Keyword arguments for :meth:`device_agent.mqtt.BrokerURL.parse`."""
+        if self.tls is None:
+            return {}
+        t = self.tls
+        return {"ca_file": t.ca_file, "cert_file": t.cert_file, "key_file": t.key_file, "tls_insecure": t.insecure}
+
+
+def load_fleet_config(path: str | Path, cls: type[T] = FleetConfig, **overrides: Any) -> T:  # type: ignore[assignment]
+    """Load ``path`` into ``cls`` (FleetConfig or a subclass); ``overrides`` (e.g. ``rounds=4`` from a CLI flag)
+    are applied before validation. For plain :class:`FleetConfig` the simulator's keys are skipped, not refused.
+    """
+    if not overrides and cls is not FleetConfig:
+        return load(cls, path)
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {path}"], str(path)) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError([f"cannot read YAML: {e}"], str(path)) from None
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        if cls is FleetConfig:
+            data = {k: v for k, v in data.items() if k not in FleetConfig.SIMULATOR_KEYS}
+    return from_dict(cls, data, str(path))
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
