@@ -83,8 +83,10 @@ fuzz:
 	    -print_final_stats=1 -artifact_prefix=$(FUZZ_OUT)/crashes/$$t- $(FUZZ_OUT)/corpus/$$t $(FUZZ_OUT)/seeds/$$t; \
 	done
 
+# ruff, then the import contracts of pyproject.toml (who may import whom: README "Layout").
 lint:
-	$(BIN)/ruff check fleet device_agent tests benchmarks firmware/tools
+	$(BIN)/ruff check fleet device_agent tests benchmarks fuzz firmware/tools
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info

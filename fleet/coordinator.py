@@ -30,6 +30,7 @@ from device_agent.wire.plan import plan_hash, plan_to_bytes
 from device_agent.wire.update import update_from_state, update_from_states, update_hash
 from fleet import aggregate as agg
 from fleet import round as rnd
+from fleet.ratelimit import Buckets, RateLimit
 from fleet.registry import Registry
 from fleet.security.dp import DPConfig, RDPAccountant, dp_mean, round_rng, support_units
 from fleet.store import DeltaRow, Store
@@ -213,6 +214,8 @@ class CoordinatorConfig:
     topk_permille: int = 0  # sent in every task: devices upload the top k = ceil(numel * permille / 1000) per
     #                        tensor (error feedback keeps the rest for later rounds); 0 = every coordinate
     dp: DPConfig | None = None  # central DP: clip each delta, add Gaussian noise to the sum, account epsilon
+    control_limit: RateLimit = field(default_factory=lambda: RateLimit(2.0, 20.0))  # hello+status per device/s
+    delta_limit: RateLimit = field(default_factory=lambda: RateLimit(1.0, 10.0))  # deltas per device/s (0: off)
 
 
 def plan_sram(plan) -> int:
@@ -260,6 +263,7 @@ class Coordinator:
         self.round_deltas: RoundDeltas | None = None  # the open round's accepted deltas, decoded
         self.min_sram = config.min_sram or plan_sram(plan)
         self.registry = Registry(config.heartbeat_timeout)
+        self.limits = {"control": Buckets(config.control_limit), "delta": Buckets(config.delta_limit)}
         self.machine = rnd.RoundMachine(config.round, codec.plan_hash)
         store.bind_plan(codec.plan_hash)
         self.keep_rows = config.aggregator != "fedavg" or config.dp is not None
@@ -366,6 +370,11 @@ class Coordinator:
         return self._machine(rnd.Eligible(tuple(self._eligible()), now), now)
 
     def _received(self, ev: Received, now: float) -> list[Output]:
+        kind = "delta" if ev.kind == "delta" else "control"
+        if not self.limits[kind].allow(ev.device_id, now):  # NOTE: before any decoding: a flood costs nothing
+            lim = self.limits[kind].limit
+            return [Dropped(ev.device_id, ev.kind, f"rate limited: {kind} messages above {lim.rate:g}/s "
+                                                   f"(burst {lim.burst:g}) from this device")]
         if ev.kind == "delta":
             return self._delta(ev, now)
         if ev.kind not in ("hello", "status"):

@@ -22,6 +22,7 @@ from typing import Any
 
 from device_agent.mqtt import BrokerURL, MqttEndpoint
 from device_agent.wire.messages import DEVICE_UP, Publish, full_topic, split_topic
+from fleet.coordinator import Dropped, Received
 
 TICK_S = 0.2
 BATCH_MAX = 256  # events handled in one store transaction (one fsync), at most
@@ -100,8 +101,6 @@ class CoordinatorLink:
             self.submit(Boot())
 
     def _on_message(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
-        from fleet.coordinator import Received
-
         where = split_topic(self.fleet, topic)
         if where is None or where[1] not in DEVICE_UP:
             ack()
@@ -160,24 +159,43 @@ class CoordinatorLink:
                 break
 
     def _handle(self, events: list) -> bool:
-        """``handle_many(events)`` and publish its outputs; False when it raised (the batch did not happen)."""
-        ok = True
-        try:
-            many = getattr(self.coordinator, "handle_many", None)  # NOTE: the Flower grid's driver has handle only
-            outputs = many(events) if many is not None else [o for ev in events for o in self.coordinator.handle(ev)]
-        except Exception as e:  # noqa: BLE001
-            # NOTE: the coordinator's contract: after a failed handle, rebuild from the same store and Boot. The
-            # batch's messages stay unacknowledged: the broker redelivers them and dedup makes that harmless.
-            names = ",".join(sorted({type(ev).__name__ for ev in events}))
-            self.errors.append(f"{names} (batch of {len(events)}): {type(e).__name__}: {e}")
-            from fleet.coordinator import Boot
+        """``handle_many(events)`` and publish its outputs; False when the batch did not happen as a whole.
 
-            self.coordinator = self.factory()
-            outputs = self.coordinator.handle(Boot())
-            ok = False
+        NOTE: the coordinator's contract: after a failed handle, rebuild from the same store and Boot. Then the
+        batch's events are handled again one at a time, so one message that makes a handler raise (a poison
+        message) cannot stall the others: it is refused alone (logged with its device id, a ``Dropped``
+        output) and counts as handled, so it is acknowledged and the broker does not redeliver it forever.
+        """
+        try:
+            self._emit(self._many(events))
+            return True
+        except Exception as e:  # noqa: BLE001
+            self._rebuild(f"batch of {len(events)}: {type(e).__name__}: {e}")
+        if len(events) > 1 or isinstance(events[0], Received):
+            for ev in events:
+                try:
+                    self._emit(self._many([ev]))
+                except Exception as e:  # noqa: BLE001
+                    who = f"{ev.kind} from device {ev.device_id!r}" if isinstance(ev, Received) else type(ev).__name__
+                    self._rebuild(f"refused {who}: {type(e).__name__}: {e}")
+                    if isinstance(ev, Received):
+                        self._emit([Dropped(ev.device_id, ev.kind, f"handler raised {type(e).__name__}: {e}")])
+        return True
+
+    def _many(self, events: list) -> list:
+        many = getattr(self.coordinator, "handle_many", None)  # NOTE: the Flower grid's driver has handle only
+        return many(events) if many is not None else [o for ev in events for o in self.coordinator.handle(ev)]
+
+    def _rebuild(self, why: str) -> None:
+        from fleet.coordinator import Boot
+
+        self.errors.append(why)
+        self.coordinator = self.factory()
+        self._emit(self.coordinator.handle(Boot()))
+
+    def _emit(self, outputs: list) -> None:
         for out in outputs:
             if isinstance(out, Publish):
                 self.endpoint.publish(full_topic(self.fleet, out.topic), out.payload, out.retain)
             if self.on_output is not None:
                 self.on_output(out)
-        return ok

@@ -106,6 +106,22 @@ class ModelConfig:
 
 
 @dataclass
+class RateLimitsConfig:
+    """Per-device limits on what devices publish; excess messages are refused before decoding (0: no limit)."""
+
+    control_per_s: float = 2.0  # hello + status messages per second, sustained
+    control_burst: float = 20.0
+    delta_per_s: float = 1.0
+    delta_burst: float = 10.0
+
+    def validate(self) -> list[str]:
+        errs = [f"{k}: must be >= 0, got {getattr(self, k)}" for k in ("control_per_s", "delta_per_s")
+                if not getattr(self, k) >= 0]
+        return errs + [f"{k}: must be >= 1, got {getattr(self, k)}" for k in ("control_burst", "delta_burst")
+                       if not getattr(self, k) >= 1]
+
+
+@dataclass
 class FleetConfig:
     """One fleet: where the broker is, how many devices, how rounds run, what they train on."""
 
@@ -135,6 +151,7 @@ class FleetConfig:
     topk_permille: int = 0  # devices upload the top ceil(numel * k / 1000) per tensor (error feedback); 0 = all
     heartbeat_timeout: float = 0.0  # seconds of silence before a device counts as offline (0 = Last Will only)
     dp: DPConfig | None = None  # central differential privacy (clip + Gaussian noise + RDP accountant)
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
 
     def validate(self) -> list[str]:
         errs = []
@@ -198,12 +215,16 @@ class FleetConfig:
         """The coordinator's policy for this fleet, derived (not validated again): ``serve`` and ``simulate``."""
         from fleet import round as rnd
         from fleet.coordinator import CoordinatorConfig
+        from fleet.ratelimit import RateLimit
 
+        r = self.rate_limits
         return CoordinatorConfig(round=rnd.RoundConfig(goal=self.goal_count, over_selection=self.over_selection,
                                                        quorum=self.quorum, deadline_s=self.deadline, seed=self.seed),
                                  lr=self.lr, local_steps=self.local_steps, batch_size=1, aggregator=self.aggregator,
                                  clip=self.clip, trim=self.trim, topk_permille=self.topk_permille,
-                                 heartbeat_timeout=self.heartbeat_timeout, dp=self.dp)
+                                 heartbeat_timeout=self.heartbeat_timeout, dp=self.dp,
+                                 control_limit=RateLimit(r.control_per_s, r.control_burst),
+                                 delta_limit=RateLimit(r.delta_per_s, r.delta_burst))
 
     def tls_files(self) -> dict[str, object]:
         """Keyword arguments for :meth:`device_agent.mqtt.BrokerURL.parse`."""

@@ -102,13 +102,14 @@ def _plan(cfg, path: Path | None):
 def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
     from device_agent.wire.envelope import Signer
     from fleet import round as rnd
-    from fleet.coordinator import Coordinator, RoundClosed, RoundRefused, StartRound, WireCodec
+    from fleet.coordinator import Coordinator, Dropped, RoundClosed, RoundRefused, StartRound, Verdict, WireCodec
     from fleet.mqtt import CoordinatorLink
 
     ccfg = cfg.coordinator_config()
     codec = WireCodec(plan, signer=Signer.ed25519(key))
     closed = threading.Event()
     results: list[RoundClosed] = []
+    drops = _DropLog()
     refused: list[str] = []
 
     def on_output(out: object) -> None:
@@ -123,6 +124,11 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
             refused.append(out.detail)
             print(f"tinyfleet serve: round refused: {out.detail}", file=sys.stderr)
             closed.set()
+        elif isinstance(out, Verdict) and out.reason not in ("ok", "duplicate"):
+            print(f"tinyfleet serve: delta from {out.device_id} for round {out.round_id} refused: {out.reason} "
+                  f"{out.detail}", file=sys.stderr)
+        elif isinstance(out, Dropped):
+            drops(out)
 
     def coordinator() -> Coordinator:
         c = Coordinator(plan, _store(args.store), ccfg, time.time, codec)
@@ -186,6 +192,25 @@ class _Watch:
             print(f"tinyfleet serve: coordinator error, rebuilt from the store: {err}", file=sys.stderr, flush=True)
         self.errors = len(self.link.errors)
         return sum(now.values())
+
+
+class _DropLog:
+    """Refused control messages in the log with their device id, at most one line per device every ``every``
+    seconds (with how many were refused meanwhile), so a flooding device cannot flood the log too."""
+
+    def __init__(self, every: float = 10.0):
+        self.every, self.last, self.quiet = every, {}, {}
+
+    def __call__(self, d) -> None:
+        now = time.monotonic()
+        if now - self.last.get(d.device_id, -self.every) < self.every:
+            self.quiet[d.device_id] = self.quiet.get(d.device_id, 0) + 1
+            return
+        more = self.quiet.pop(d.device_id, 0)
+        self.last[d.device_id] = now
+        extra = f" (and {more} more since the last line)" if more else ""
+        print(f"tinyfleet serve: refused {d.kind} from device {d.device_id}: {d.detail}{extra}", file=sys.stderr,
+              flush=True)
 
 
 class CrashAt:
