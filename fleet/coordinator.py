@@ -25,7 +25,7 @@ import numpy as np
 from device_agent.engine.ir import DTYPE_NUMPY
 from device_agent.wire.delta import delta_from_bytes, delta_to_flat, shared_layout
 from device_agent.wire.errors import WireFormatError
-from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
+from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Task, parse
 from device_agent.wire.plan import plan_hash, plan_to_bytes
 from device_agent.wire.update import update_from_state, update_from_states, update_hash
 from fleet import aggregate as agg
@@ -380,25 +380,16 @@ class Coordinator:
         if ev.kind not in ("hello", "status"):
             return [Dropped(ev.device_id, ev.kind, "devices publish only hello, status and delta")]
         try:
-            msg = parse(ev.payload, Hello if ev.kind == "hello" else Status)
+            ctl = self.registry.receive(ev.kind, ev.device_id, ev.payload, now)
         except MessageError as e:
             return [Dropped(ev.device_id, ev.kind, str(e))]
-        if msg.device_id != ev.device_id:  # type: ignore[attr-defined]
-            return [Dropped(ev.device_id, ev.kind, f"device_id {msg.device_id!r} != topic id")]  # type: ignore
+        msg = ctl.message
         if isinstance(msg, Hello):
             self.store.save_device(msg.device_id, ev.payload.decode())
-            self.registry.on_hello(msg, now)
             self.full_sent.pop(msg.device_id, None)  # a (re)started device may have lost what it was sent
-            m = self.machine  # ... including its task of the open round, or the delta it made: ask again
-            if m.state in _COLLECTING and msg.device_id in m._chosen and msg.device_id not in m.accepted:
-                return self._tasks(rnd.Dispatch(m.round_id, (msg.device_id,), m.deadline))
-            return []
-        assert isinstance(msg, Status)
-        was_online = self.registry.is_online(msg.device_id)
-        if self.registry.on_status(msg, now) is None:
-            return [Dropped(ev.device_id, ev.kind, "status before hello")]
+            return self._machine(rnd.Rejoined(msg.device_id, now), now)  # ... incl. its task of the open round
         if msg.state == "offline":
-            return self._machine(rnd.DeviceLost(msg.device_id, now), now) if was_online else []
+            return self._machine(rnd.DeviceLost(msg.device_id, now), now) if ctl.lost else []
         return self._catch_up(msg.device_id, msg.model_version)
 
     def _catch_up(self, device_id: str, held: int) -> list[Output]:

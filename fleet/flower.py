@@ -7,8 +7,10 @@ Three layers, top to bottom:
   or a query on a :class:`Link` (``fleet.flower_app`` has an MQTT link and an in-memory one).
 - :class:`GridCore` — sans-I/O, the same ``handle(event) -> outputs`` shape as ``fleet.coordinator.Coordinator``
   so ``fleet.mqtt.CoordinatorLink`` can drive it unchanged. It turns a Flower train ``Message`` into our model
-  update + ``task``, judges the device's delta (dedup by (round, device, content hash), replayed counter, stale
-  base, plan) and turns it into ``Message(RecordDict, reply_to=...)``; a device that goes offline, misses the
+  update + ``task``; one push of train messages is one round of ``fleet.round.RoundMachine``, which judges each
+  delta by the coordinator's own rules (dedup, replayed counter, stale base, plan, samples, deadline), and the
+  hello/status rule is the registry's (``Registry.receive``), as for the coordinator. An accepted delta becomes
+  ``Message(RecordDict, reply_to=...)``; a device that goes offline, misses the
   deadline or sends a refused delta gets ``Message(Error, reply_to=...)``.
 - Records (pure): the model as Flower sees it is an ``ArrayRecord`` of float64 arrays holding the **integer
   values** of the plan's shared trainable tensors (int8 weight units, int32 bias units), keyed by tensor name.
@@ -40,8 +42,9 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from device_agent.engine.ir import DTYPE_NUMPY
-from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
+from device_agent.wire.messages import Ack, MessageError, Publish, Task
 from fleet import aggregate as agg
+from fleet import round as rnd
 from fleet.coordinator import Boot, CodecError, Received, Tick, WireCodec, plan_sram
 from fleet.registry import Registry
 
@@ -163,17 +166,21 @@ class GridCore:
         self.codec = self.codec or WireCodec(self.plan)
         self.shared = shared_tensors(self.plan)
         self.min_sram = plan_sram(self.plan)
-        self.round_id = self.first_round - 1
         self.version, self.state = 0, {}
         self.hash, self.model_payload = "", b""
         self._set_model({t.id: np.asarray(t.data).astype(DTYPE_NUMPY[t.dtype]).reshape(t.shape)
                          for t in self.shared})
-        self.bases: dict[str, dict[int, np.ndarray]] = {}  # model hash -> state (the base of a round's deltas)
+        # NOTE: the round machine of fleet/round.py judges every delta, as for the coordinator (one push of
+        # train messages = one round); it also keeps the per-device counters (replay protection).
+        self.machine = rnd.RoundMachine(rnd.RoundConfig(), self.codec.plan_hash, round_id=self.first_round - 1)
+        self.bases: dict[str, dict[int, np.ndarray]] = {}  # model hash -> state, for the hashes tasks still name
         self.pending: dict[str, _Pending] = {}  # message id -> instruction awaiting its device's delta
         self.owing: dict[str, str] = {}  # device id -> message id
         self.replies: dict[str, Message] = {}  # message id -> reply, until pulled
-        self.counters: dict[str, int] = {}  # device -> last accepted counter (replay protection)
-        self.seen: set[tuple[int, str, str]] = set()  # (round, device, content hash) accepted
+
+    @property
+    def round_id(self) -> int:
+        return self.machine.round_id
 
     # --- queries (run on the link's thread) -----------------------------------------------------------------
 
@@ -226,11 +233,13 @@ class GridCore:
     def _push(self, messages: tuple[Message, ...]) -> list[Publish]:
         out: list[Publish] = []
         nodes = self.node_ids()
-        self.round_id += 1
         now = float(self.clock())
+        self._close_round(now)
+        round_id = self.machine.round_id + 1
+        tasks: dict[str, Task] = {}
         for msg in messages:
             mid, md = msg.metadata.message_id, msg.metadata
-            self.pending[mid] = _Pending(msg, nodes.get(md.dst_node_id, ""), self.round_id, "", 0.0)
+            self.pending[mid] = _Pending(msg, nodes.get(md.dst_node_id, ""), round_id, "", 0.0)
             if md.message_type != MessageType.TRAIN:
                 self._fail(mid, GridErrorCode.UNSUPPORTED, f"TinyFleet devices only train, not {md.message_type!r}: "
                            "evaluate on the server (evaluate_fn) and set fraction_evaluate=0")
@@ -243,7 +252,7 @@ class GridCore:
                 self._fail(mid, GridErrorCode.BAD_CONTENT, f"{device} already has a task in this round")
                 continue
             try:
-                task, model = self._task(msg.content, now + min(self.config.deadline_s, md.ttl))
+                task, model = self._task(round_id, msg.content, now + min(self.config.deadline_s, md.ttl))
             except ValueError as e:
                 self._fail(mid, GridErrorCode.BAD_CONTENT, str(e))
                 continue
@@ -252,10 +261,27 @@ class GridCore:
             p = self.pending[mid]
             p.device_id, p.base_hash, p.deadline = device, task.model_hash, task.deadline
             self.owing[device] = mid
-            out.append(Publish(f"dev/{device}/task", task.to_json()))
+            tasks[device] = task
+        if tasks:  # the round: every device with a task must deliver; the machine's deadline is the latest one
+            m = self.machine
+            m.config = rnd.RoundConfig(goal=len(tasks), over_selection=1.0, quorum=1 / len(tasks),
+                                       deadline_s=max(t.deadline for t in tasks.values()) - now)
+            m.handle(rnd.StartRound(round_id, self.version, self.hash, now))
+            m.handle(rnd.Eligible(tuple(tasks), now))
+            out += [Publish(f"dev/{d}/task", t.to_json()) for d, t in tasks.items()]
+        self.bases = {h: st for h, st in self.bases.items() if h == self.hash or any(
+            p.base_hash == h for p in self.pending.values())}
         return out
 
-    def _task(self, content: RecordDict, deadline: float) -> tuple[Task, Publish | None]:
+    def _close_round(self, now: float) -> None:
+        """Close the machine's round (Flower aggregates; the machine only judges) so the next push opens one."""
+        m = self.machine
+        if m.state in (rnd.RoundState.TRAINING, rnd.RoundState.COLLECTING):
+            m.handle(rnd.Tick(max(now, m.deadline) + 1.0))
+        if m.state in (rnd.RoundState.COMMITTING, rnd.RoundState.ABANDONED):
+            m.handle(rnd.Closed(now))
+
+    def _task(self, round_id: int, content: RecordDict, deadline: float) -> tuple[Task, Publish | None]:
         """The task for one instruction, plus a new ``model/current`` if its ArrayRecord is another model."""
         model = None
         if content.array_records:
@@ -270,7 +296,7 @@ class GridCore:
         steps = _num(cfg, ("local-steps", "local_steps"), c.local_steps, int)
         batch = _num(cfg, ("batch-size", "batch_size"), c.batch_size, int)
         try:
-            task = Task(self.round_id, self.codec.plan_hash, self.version, self.hash, lr, steps, batch, deadline)
+            task = Task(round_id, self.codec.plan_hash, self.version, self.hash, lr, steps, batch, deadline)
             task.to_json()  # the schema check: lr > 0, 1 <= steps <= 10**6, 1 <= batch <= 4096
         except MessageError as e:
             raise ValueError(f"config does not make a valid task: {e}") from None
@@ -279,53 +305,60 @@ class GridCore:
     def _received(self, ev: Received) -> list[Publish]:
         if ev.kind == "delta":
             return self._delta(ev)
+        now = float(self.clock())
         try:
-            msg = parse(ev.payload, Hello if ev.kind == "hello" else Status)
+            ctl = self.registry.receive(ev.kind, ev.device_id, ev.payload, now)  # the coordinator's own rule
         except MessageError:
             return []
-        if msg.device_id != ev.device_id:  # type: ignore[attr-defined]
-            return []
-        now = float(self.clock())
-        if isinstance(msg, Hello):
-            self.registry.on_hello(msg, now)
-        elif self.registry.on_status(msg, now) is not None and msg.state == "offline":  # type: ignore[union-attr]
-            mid = self.owing.get(msg.device_id)
-            if mid is not None:
-                self._fail(mid, GridErrorCode.OFFLINE, f"{msg.device_id} went offline (Last Will)")
+        if ctl.lost:
+            self._lost(ev.device_id, now, f"{ev.device_id} went offline (Last Will)")
         return []
+
+    def _lost(self, device_id: str, now: float, why: str) -> None:
+        mid = self.owing.get(device_id)
+        if mid is not None:
+            self._fail(mid, GridErrorCode.OFFLINE, why)
+        if self.machine.state in (rnd.RoundState.TRAINING, rnd.RoundState.COLLECTING):
+            self.machine.handle(rnd.DeviceLost(device_id, now))
 
     def _delta(self, ev: Received) -> list[Publish]:
         content_hash = hashlib.sha256(ev.payload).hexdigest()
+        m = self.machine
         mid = self.owing.get(ev.device_id)
         try:
             d = self.codec.decode_delta(ev.payload, content_hash)
         except CodecError as e:
+            detail = f"WireError {e.code}: {e.detail}"
             if mid is not None:
-                self._fail(mid, GridErrorCode.REJECTED, f"malformed delta: WireError {e.code}: {e.detail}")
-            return self._ack(ev.device_id, self.round_id, content_hash, "malformed")
+                self._fail(mid, GridErrorCode.REJECTED, f"malformed delta: {detail}")
+            return self._ack(ev.device_id, m.round_id, content_hash, rnd.Reject.MALFORMED, detail)
         up = d.header
         if up.device_id != ev.device_id:
-            return self._ack(ev.device_id, up.round_id, content_hash, "wrong_device")
-        if (up.round_id, up.device_id, content_hash) in self.seen:
-            return self._ack(ev.device_id, up.round_id, content_hash, "duplicate", True)
-        p = self.pending.get(mid) if mid is not None else None
-        if p is None or up.round_id != p.round_id:
-            return self._ack(ev.device_id, up.round_id, content_hash, "wrong_round")
-        reason = ("wrong_plan" if up.plan_hash != self.codec.plan_hash else
-                  "replayed_counter" if up.counter <= self.counters.get(up.device_id, -1) else
-                  "stale_base" if up.base_hash != p.base_hash else "")
-        if reason:
-            self._fail(p.message.metadata.message_id, GridErrorCode.REJECTED, f"delta refused: {reason}")
-            return self._ack(ev.device_id, up.round_id, content_hash, reason)
-        self.counters[up.device_id] = up.counter
-        self.seen.add((up.round_id, up.device_id, content_hash))
-        content = reply_content(self.plan, self.bases[p.base_hash], d.values, d.masks, up.num_samples,
-                                up.device_id, up.round_id, ev.payload)
-        self._reply(p.message.metadata.message_id, content)
-        return self._ack(ev.device_id, up.round_id, content_hash, "ok", True)
+            return self._ack(ev.device_id, up.round_id, content_hash, rnd.Reject.WRONG_DEVICE,
+                             f"payload says {up.device_id!r}")
+        out: list[Publish] = []
+        for cmd in m.handle(rnd.DeltaArrived(up, float(self.clock()))):
+            if isinstance(cmd, rnd.Accepted):
+                p = self.pending.get(mid) if mid is not None else None
+                if p is not None:
+                    content = reply_content(self.plan, self.bases[p.base_hash], d.values, d.masks, up.num_samples,
+                                            up.device_id, up.round_id, ev.payload)
+                    self._reply(mid, content)  # type: ignore[arg-type]
+                out += self._ack(ev.device_id, up.round_id, content_hash, None, "ok", ok=True)
+            elif isinstance(cmd, rnd.Duplicate):
+                out += self._ack(ev.device_id, up.round_id, content_hash, None, "", ok=True)
+            elif isinstance(cmd, rnd.Rejected):
+                if mid is not None and cmd.reason not in (rnd.Reject.WRONG_ROUND, rnd.Reject.ROUND_CLOSED):
+                    self._fail(mid, GridErrorCode.REJECTED, f"delta refused: {cmd.reason.name.lower()}")
+                out += self._ack(ev.device_id, up.round_id, content_hash, cmd.reason, cmd.detail)
+            else:  # Commit / Abandon: every device with a task answered; Flower aggregates what it pulls
+                self._close_round(float(self.clock()))
+        return out
 
-    def _ack(self, device_id: str, round_id: int, content_hash: str, reason: str, ok: bool = False) -> list[Publish]:
-        return [Publish(f"dev/{device_id}/ack", Ack(max(round_id, 0), content_hash, ok, reason).to_json())]
+    def _ack(self, device_id: str, round_id: int, content_hash: str, reason: rnd.Reject | None, detail: str,
+             ok: bool = False) -> list[Publish]:
+        name = ("ok" if detail == "ok" else "duplicate") if reason is None else reason.name.lower()
+        return [Publish(f"dev/{device_id}/ack", Ack(max(round_id, 0), content_hash, ok, name).to_json())]
 
 
 def _num(cfg: ConfigRecord, keys: tuple[str, ...], default, kind: type):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from device_agent.wire.messages import Hello, Status
+from device_agent.wire.messages import Hello, MessageError, MsgError, Status, parse
 
 
 @dataclass
@@ -27,12 +27,44 @@ class DeviceRecord:
     last_seen: float = 0.0
 
 
+@dataclass(frozen=True)
+class Control:
+    """What one hello/status meant: the parsed message, whether the device was online before, and ``lost``:
+    True when the device has just gone offline (its open task will not be answered)."""
+
+    message: Hello | Status
+    was_online: bool
+    lost: bool
+
+
 @dataclass
 class Registry:
     """Devices by id. ``heartbeat_timeout`` (seconds, 0 = never) marks a silent device as offline."""
 
     heartbeat_timeout: float = 0.0
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
+
+    def receive(self, kind: str, device_id: str, payload: bytes, now: float) -> Control:
+        """The one rule for control messages, for the coordinator and the Flower grid alike: parse a ``hello`` or
+        ``status`` from ``dev/<device_id>/<kind>`` and apply it.
+
+        Raises
+        ------
+        MessageError
+            Not a valid message of that kind, another device's id, or a status before any hello (the registry is
+            unchanged).
+        """
+        msg = parse(payload, Hello if kind == "hello" else Status)
+        if msg.device_id != device_id:  # type: ignore[attr-defined]
+            raise MessageError(MsgError.BAD_VALUE, f"device_id {msg.device_id!r} != topic id")  # type: ignore[attr-defined]
+        was_online = self.is_online(device_id)
+        if isinstance(msg, Hello):
+            self.on_hello(msg, now)
+            return Control(msg, was_online, False)
+        assert isinstance(msg, Status)
+        if self.on_status(msg, now) is None:
+            raise MessageError(MsgError.BAD_VALUE, "status before hello")
+        return Control(msg, was_online, was_online and msg.state == "offline")
 
     def on_hello(self, hello: Hello, now: float) -> DeviceRecord:
         """A (re)announcement: capabilities replace the old ones; the device is online."""

@@ -83,6 +83,14 @@ class DeviceLost:
 
 
 @dataclass(frozen=True)
+class Rejoined:
+    """A device said hello again (a restart may have lost its task, or the delta it made)."""
+
+    device_id: str
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     now: float
 
@@ -173,12 +181,14 @@ TRANSITIONS: dict[tuple[RoundState, type], tuple[str, frozenset[RoundState]]] = 
     **{(s, DeltaArrived): ("_delta", frozenset({s, S.COLLECTING, S.COMMITTING, S.ABANDONED})) for s in _ACTIVE},
     **{(s, DeviceLost): ("_lost", frozenset({s, S.COMMITTING, S.ABANDONED})) for s in _ACTIVE},
     **{(s, Tick): ("_tick", frozenset({s, S.COMMITTING, S.ABANDONED})) for s in _ACTIVE},
+    **{(s, Rejoined): ("_rejoined", frozenset({s})) for s in _ACTIVE},
     (S.COMMITTING, Closed): ("_closed", frozenset({S.IDLE})),
     (S.ABANDONED, Closed): ("_closed", frozenset({S.IDLE})),
     # harmless outside a collecting round: late deltas are answered, the rest is ignored
     **{(s, DeltaArrived): ("_delta_closed", frozenset({s})) for s in _CLOSED},
     **{(s, DeviceLost): ("_ignore", frozenset({s})) for s in _CLOSED},
     **{(s, Tick): ("_ignore", frozenset({s})) for s in _CLOSED},
+    **{(s, Rejoined): ("_ignore", frozenset({s})) for s in _CLOSED},
 }
 
 
@@ -280,6 +290,13 @@ class RoundMachine:
         self.lost.add(ev.device_id)
         out, nxt = self._maybe_close()
         return out, (nxt if nxt is not None else self.state)
+
+    def _rejoined(self, ev: Rejoined):
+        """Ask a selected device that has not contributed again: it answers with the same delta bytes if it had
+        made one (dedup counts it once), or trains the task it lost."""
+        if ev.device_id not in self._chosen or ev.device_id in self.accepted:
+            return [], self.state
+        return [Dispatch(self.round_id, (ev.device_id,), self.deadline)], self.state
 
     def _tick(self, ev: Tick):
         if ev.now <= self.deadline:

@@ -102,7 +102,15 @@ def _plan(cfg, path: Path | None):
 def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
     from device_agent.wire.envelope import Signer
     from fleet import round as rnd
-    from fleet.coordinator import Coordinator, Dropped, RoundClosed, RoundRefused, StartRound, Verdict, WireCodec
+    from fleet.coordinator import (
+        Coordinator,
+        Dropped,
+        RoundClosed,
+        RoundRefused,
+        StartRound,
+        Verdict,
+        WireCodec,
+    )
     from fleet.mqtt import CoordinatorLink
 
     ccfg = cfg.coordinator_config()

@@ -141,3 +141,4 @@ def test_duplicate_delta_is_deduplicated_and_a_replayed_one_refused():
     ids = list(grid.push_messages([train_msg(grid, node_id(device))]))
     link.submit(Received("delta", device, payload))
     assert not core.replies and ids[0] in core.pending  # wrong_round: ignored, still waiting
+

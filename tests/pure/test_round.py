@@ -170,3 +170,20 @@ def test_registry_eligibility_last_will_and_heartbeat():
     reg.on_status(Status("big", "online", 3, 40), 25.0)
     assert reg.expire(40.0) == ["small"] and reg.eligible(0) == ["big"]
     assert reg.on_status(Status("stranger", "online"), 1.0) is None
+
+
+def test_a_selected_device_that_says_hello_again_is_asked_again_until_it_contributed():
+    # Prepare
+    m = machine(goal=3, over=1.0)
+    sel = opened(m).device_ids
+    outsider = next(d for d in DEVS if d not in sel)
+    # Execute
+    again = m.handle(rnd.Rejoined(sel[0], 1.0))
+    m.handle(rnd.DeltaArrived(up(sel[0]), 2.0))
+    after = m.handle(rnd.Rejoined(sel[0], 3.0))
+    other = m.handle(rnd.Rejoined(outsider, 3.0))
+    # Assert: the table decides re-sends: one Dispatch with the round's own deadline, none once it counted
+    assert again == [rnd.Dispatch(1, (sel[0],), 60.0)]
+    assert after == [] and other == [] and m.state == RoundState.COLLECTING
+    idle = machine()
+    assert idle.handle(rnd.Rejoined(sel[0], 0.0)) == [] and idle.state == RoundState.IDLE
