@@ -1,0 +1,24 @@
+"""The coordinator, split by job: ``core`` (the one ``handle(event) -> outputs`` entry, boot, rounds, closing),
+``deltas`` (judge, store, count and aggregate deltas), ``publication`` (tasks and models), ``events`` (its
+vocabulary and derived policy) and ``codec`` (the binary formats behind one interface). Import from here."""
+
+from fleet.coordinator.codec import Codec, CodecError, DecodedDelta, WireCodec, encode_diff
+from fleet.coordinator.core import Coordinator
+from fleet.coordinator.deltas import RoundDeltas
+from fleet.coordinator.events import (
+    Boot,
+    CoordinatorConfig,
+    Dropped,
+    Output,
+    Received,
+    RoundClosed,
+    RoundRefused,
+    StartRound,
+    Tick,
+    Verdict,
+    plan_sram,
+)
+
+__all__ = ["Boot", "Codec", "CodecError", "Coordinator", "CoordinatorConfig", "DecodedDelta", "Dropped", "Output",
+           "Received", "RoundClosed", "RoundDeltas", "RoundRefused", "StartRound", "Tick", "Verdict", "WireCodec",
+           "encode_diff", "plan_sram"]

@@ -1,0 +1,228 @@
+"""The coordinator: registry + round machine + aggregation + store behind one ``handle(event) -> outputs`` call.
+
+Sans-I/O: events are parsed-topic + payload bytes (or control ticks), outputs are publish intents with their
+topic and retain flag; time comes from the injected ``clock``. The only side effect is the injected
+:class:`~fleet.store.Store`, written before any output that depends on it is returned (write-ahead), so the
+MQTT adapter may acknowledge an inbound message once ``handle`` returns. ``handle_many`` does the same for a
+batch of events in one store transaction (group commit: one fsync per batch instead of per delta); the adapter
+acknowledges the batch's messages once it returns. If either raises (store failure), discard the object and build
+a new one from the same store: it resumes where the last committed transaction left off.
+Each accepted delta is decoded once, on arrival, and folded into the open round's running sums (or kept, for the
+robust aggregators that need every value), so committing does not re-read the store; a restarted coordinator
+rebuilds that from the stored rows. It refuses to decode binary formats itself (an injected :class:`Codec` does)
+and to aggregate (``aggregate``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from device_agent.engine.ir import DTYPE_NUMPY
+from device_agent.wire.messages import Hello, MessageError, Publish, parse
+from fleet import round as rnd
+from fleet.coordinator.codec import Codec
+from fleet.coordinator.deltas import DeltaBook, RoundDeltas
+from fleet.coordinator.events import (
+    Boot,
+    CoordinatorConfig,
+    Dropped,
+    Output,
+    Received,
+    RoundClosed,
+    RoundRefused,
+    StartRound,
+    Tick,
+    plan_sram,
+)
+from fleet.coordinator.publication import Publication
+from fleet.ratelimit import Buckets
+from fleet.registry import Registry
+from fleet.security.dp import RDPAccountant, support_units
+from fleet.store import Store
+
+
+class Coordinator(Publication, DeltaBook):
+    """One fleet, one plan. Build with a store (fresh or from a previous run), then ``handle(Boot())``."""
+
+    def __init__(self, plan, store: Store, config: CoordinatorConfig, clock, codec: Codec):
+        self.plan, self.store, self.config, self.clock, self.codec = plan, store, config, clock, codec
+        self.shared = [t for t in plan.trainable if not t.personal]  # what devices upload and download
+        self.size = sum(t.numel for t in self.shared)  # coordinates of the flat delta vector
+        self.round_deltas: RoundDeltas | None = None  # the open round's accepted deltas, decoded
+        self.min_sram = config.min_sram or plan_sram(plan)
+        self.registry = Registry(config.heartbeat_timeout)
+        self.limits = {"control": Buckets(config.control_limit), "delta": Buckets(config.delta_limit)}
+        self.machine = rnd.RoundMachine(config.round, codec.plan_hash)
+        store.bind_plan(codec.plan_hash)
+        self.keep_rows = config.aggregator != "fedavg" or config.dp is not None
+        self.accountant: RDPAccountant | None = None
+        if config.dp is not None:  # spent rounds are committed with the model, so a restart resumes the budget
+            spent = store.meta("dp_accountant")
+            self.accountant = (RDPAccountant.from_json(spent) if spent is not None
+                               else RDPAccountant(config.dp.delta, config.dp.epsilon_budget))
+            self.accountant.budget = config.dp.epsilon_budget  # the budget is policy: the config's wins
+            self.dp_secret = store.secret("dp_noise")
+            self.dp_units = support_units(plan) if config.dp.units == "real" else None
+        initial = {t.id: np.asarray(t.data).astype(_np_dtype(t)).reshape(t.shape) for t in self.shared}
+        first = codec.update_hash(codec.encode_update(0, 1, initial))
+        row = store.init_model(1, first, self._pack(initial))  # version 1 = the plan's values (0 = "none")
+        self.version, self.hash, self.state = row.version, row.hash, self._unpack(row.state)
+        self.model_payload: bytes | None = None  # what model/current carries (DIFF against version - 1 if it can)
+        self.model_base: int | None = None  # the version that payload is a DIFF against; None: FULL form
+        self._full: tuple[int, bytes] | None = None  # (version, its FULL form) for devices that lag behind
+        self.full_sent: dict[str, int] = {}  # device -> version whose FULL form it was sent (reset by its hello)
+        for device_id, hello_json, _ in store.devices():
+            if hello_json != "{}":
+                self.registry.on_hello(parse(hello_json.encode(), Hello), 0.0)  # type: ignore[arg-type]
+                self.registry.mark_offline(device_id)  # online again at its next hello/status
+        last = store.last_round()
+        if last is not None:
+            self.machine.restore(last[2], store.accepted_hashes(last[0]), store.counters())
+            if self.machine.state in (*_COLLECTING, rnd.RoundState.COMMITTING):
+                self.round_deltas = self._reload(last[0])  # restart cost: decode the round's stored deltas once
+
+
+    def _pack(self, state: dict[int, np.ndarray]) -> bytes:
+        return b"".join(np.ascontiguousarray(state[t.id]).astype(state[t.id].dtype.newbyteorder("<")).tobytes()
+                        for t in self.shared)
+
+    def _unpack(self, blob: bytes) -> dict[int, np.ndarray]:
+        out, pos = {}, 0
+        for t in self.shared:
+            dt = np.dtype(_np_dtype(t)).newbyteorder("<")
+            n = t.numel * dt.itemsize
+            out[t.id] = np.frombuffer(blob[pos:pos + n], dt).astype(_np_dtype(t)).reshape(t.shape)
+            pos += n
+        if pos != len(blob):
+            raise ValueError(f"stored model has {len(blob)} bytes, the plan's shared tensors need {pos}")
+        return out
+
+
+    def handle_many(self, events: Iterable[object]) -> list[Output]:
+        """``handle`` each event in order, all in one store transaction; the outputs of all, once it committed.
+
+        Same outputs and same stored state as calling ``handle`` on each, but one fsync for the batch. Nothing of
+        the batch is durable, and no output leaves, until this returns: acknowledge the batch's inbound messages
+        after it returns. If it raises, none of the batch happened (rebuild from the store and redeliver).
+        """
+        out: list[Output] = []
+        with self.store.batch():
+            for event in events:
+                out += self.handle(event)
+        return out
+
+    def handle(self, event: object) -> list[Output]:
+        now = float(self.clock())
+        if isinstance(event, Received):
+            return self._received(event, now)
+        if isinstance(event, Tick):
+            out: list[Output] = []
+            for d in self.registry.expire(now):
+                out += self._machine(rnd.DeviceLost(d, now), now)
+            return out + self._machine(rnd.Tick(now), now)
+        if isinstance(event, StartRound):
+            return self._start(now)
+        if isinstance(event, Boot):
+            return self._boot(now)
+        raise TypeError(f"unknown coordinator event {type(event).__name__}")
+
+    def _boot(self, now: float) -> list[Output]:
+        out: list[Output] = [Publish(f"plan/{self.codec.plan_hash}", self.codec.plan_bytes(), retain=True),
+                             self._model_output()]
+        m = self.machine
+        if m.state in (rnd.RoundState.COMMITTING, rnd.RoundState.ABANDONED):
+            pending = (rnd.Commit(m.round_id, tuple(sorted(m.accepted))) if m.state == rnd.RoundState.COMMITTING
+                       else rnd.Abandon(m.round_id, "resumed after restart"))
+            return out + self._close(pending, now)
+        if m.state in (rnd.RoundState.TRAINING, rnd.RoundState.COLLECTING):
+            waiting = tuple(d for d in m.selected if d not in m.accepted and d not in m.lost)
+            out += self._tasks(rnd.Dispatch(m.round_id, waiting, m.deadline))
+        elif m.state == rnd.RoundState.SELECTING:  # never persisted in this state; kept for completeness
+            out += self._machine(rnd.Eligible(tuple(self._eligible()), now), now)
+        return out
+
+    def _eligible(self) -> list[str]:
+        return self.registry.eligible(self.min_sram, self.codec.plan_hash if self.config.require_plan else None)
+
+    def _start(self, now: float) -> list[Output]:
+        m = self.machine
+        acc, dp = self.accountant, self.config.dp
+        if acc is not None and dp is not None and acc.budget is not None:
+            after = acc.preview(1.0, dp.noise_multiplier)  # NOTE: q = 1: selection is public, no amplification
+            if after > acc.budget:
+                return [RoundRefused(f"privacy budget spent: another round would reach epsilon {after:.3g} > "
+                                     f"budget {acc.budget:.3g} (delta {dp.delta:g}) after {len(acc.rounds)} rounds")]
+        m.handle(rnd.StartRound(m.round_id + 1, self.version, self.hash, now))
+        return self._machine(rnd.Eligible(tuple(self._eligible()), now), now)
+
+    def _received(self, ev: Received, now: float) -> list[Output]:
+        kind = "delta" if ev.kind == "delta" else "control"
+        if not self.limits[kind].allow(ev.device_id, now):  # NOTE: before any decoding: a flood costs nothing
+            lim = self.limits[kind].limit
+            return [Dropped(ev.device_id, ev.kind, f"rate limited: {kind} messages above {lim.rate:g}/s "
+                                                   f"(burst {lim.burst:g}) from this device")]
+        if ev.kind == "delta":
+            return self._delta(ev, now)
+        if ev.kind not in ("hello", "status"):
+            return [Dropped(ev.device_id, ev.kind, "devices publish only hello, status and delta")]
+        try:
+            ctl = self.registry.receive(ev.kind, ev.device_id, ev.payload, now)
+        except MessageError as e:
+            return [Dropped(ev.device_id, ev.kind, str(e))]
+        msg = ctl.message
+        if isinstance(msg, Hello):
+            self.store.save_device(msg.device_id, ev.payload.decode())
+            self.full_sent.pop(msg.device_id, None)  # a (re)started device may have lost what it was sent
+            return self._machine(rnd.Rejoined(msg.device_id, now), now)  # ... incl. its task of the open round
+        if msg.state == "offline":
+            return self._machine(rnd.DeviceLost(msg.device_id, now), now) if ctl.lost else []
+        return self._catch_up(msg.device_id, msg.model_version)
+
+    def _machine(self, event: object, now: float) -> list[Output]:
+        """Feed the round machine; persist its new state and turn its commands into outputs."""
+        before = self.machine.fingerprint()
+        cmds = self.machine.handle(event)
+        out: list[Output] = []
+        if self.machine.fingerprint() != before and self.machine.state != rnd.RoundState.SELECTING:
+            self.store.save_round(self.machine.snapshot())
+        for cmd in cmds:
+            if isinstance(cmd, rnd.Dispatch):
+                out += self._tasks(cmd)
+            elif isinstance(cmd, (rnd.Commit, rnd.Abandon)):
+                out += self._close(cmd, now)
+        return out
+
+    def _close(self, cmd: rnd.Commit | rnd.Abandon, now: float) -> list[Output]:
+        m = self.machine
+        if isinstance(cmd, rnd.Abandon):
+            m.handle(rnd.Closed(now))
+            self.store.abandon_round(m.snapshot(), cmd.reason)
+            self.round_deltas = None
+            return [RoundClosed(cmd.round_id, False, self.version, tuple(sorted(m.accepted)), cmd.reason)]
+        new_state = self.aggregate(cmd.round_id)
+        base, payload = self._encode_model(self.version, self.state, self.version + 1, new_state)
+        new_hash = self.codec.update_hash(payload)
+        meta, epsilon = {}, None
+        if self.accountant is not None and self.config.dp is not None:
+            spent = RDPAccountant.from_json(self.accountant.to_json())  # spend a copy: the store decides
+            spent.budget = None  # NOTE: checked when the round started; the noise is already in the model
+            epsilon = spent.spend(1.0, self.config.dp.noise_multiplier).epsilon
+            meta["dp_accountant"] = spent.to_json()
+        m.handle(rnd.Closed(now))
+        self.store.commit_round(m.snapshot(), self.version + 1, new_hash, self._pack(new_state), meta)
+        if meta:  # committed: the copy is now the accountant of record
+            spent.budget, self.accountant = self.config.dp.epsilon_budget, spent
+        self.version, self.hash, self.state = self.version + 1, new_hash, new_state
+        self.model_base, self.model_payload = base, payload
+        self.round_deltas = None
+        return [Publish("model/current", payload, retain=True),
+                RoundClosed(cmd.round_id, True, self.version, tuple(sorted(m.accepted)), epsilon=epsilon)]
+
+
+_COLLECTING = (rnd.RoundState.TRAINING, rnd.RoundState.COLLECTING)
+
+
+def _np_dtype(t) -> type:
+    return DTYPE_NUMPY[t.dtype]

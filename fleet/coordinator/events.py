@@ -1,0 +1,103 @@
+"""The coordinator's vocabulary: the events it handles, the outputs it returns, and its (derived) policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from device_agent.wire.messages import Publish
+from fleet import round as rnd
+from fleet.ratelimit import RateLimit
+from fleet.security.dp import DPConfig
+
+
+@dataclass(frozen=True)
+class Received:
+    """A device message: ``kind`` is the last topic level (hello | status | delta), ``device_id`` the <id> level."""
+
+    kind: str
+    device_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Boot:
+    """First event after construction: republish plan and model, resume the open round (re-send its tasks)."""
+
+
+@dataclass(frozen=True)
+class StartRound:
+    pass
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Check deadlines and heartbeats against ``clock()``."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Informational (no topic): what happened to one delta. ``reason`` is a Reject name, ok or duplicate."""
+
+    device_id: str
+    round_id: int
+    reason: str
+    code: int = 0  # Reject value (0 = accepted or duplicate); for MALFORMED, ``detail`` holds the WireError
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Informational: a control message that was refused (state unchanged)."""
+
+    device_id: str
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class RoundClosed:
+    """Informational: a round ended; ``version`` is the new model version when committed."""
+
+    round_id: int
+    committed: bool
+    version: int
+    accepted: tuple[str, ...] = ()
+    detail: str = ""
+    epsilon: float | None = None  # with DP: cumulative epsilon (at the configured delta) after this round
+
+
+@dataclass(frozen=True)
+class RoundRefused:
+    """Informational: StartRound was refused and nothing changed (e.g. the privacy budget is spent)."""
+
+    detail: str
+
+
+Output = Publish | Verdict | Dropped | RoundClosed | RoundRefused
+
+
+@dataclass
+class CoordinatorConfig:
+    """The coordinator's policy, derived from a validated fleet config (:meth:`fleet.schema.FleetConfig.
+    coordinator_config`); not validated again here."""
+
+    round: rnd.RoundConfig = field(default_factory=rnd.RoundConfig)
+    lr: float = 0.05
+    local_steps: int = 10
+    batch_size: int = 1
+    aggregator: str = "fedavg"  # fedavg | clipped | median | trimmed
+    clip: float = 0.0  # L2 clip norm (integer weight units) for "clipped"
+    trim: float = 0.1  # fraction trimmed at each end for "trimmed"
+    min_sram: int = 0  # 0: the plan's own need (arena + trainable bytes)
+    require_plan: bool = False  # only devices that already hold the plan are eligible
+    heartbeat_timeout: float = 0.0  # seconds of silence before a device counts as offline (0 = Last Will only)
+    topk_permille: int = 0  # sent in every task: devices upload the top k = ceil(numel * permille / 1000) per
+    #                        tensor (error feedback keeps the rest for later rounds); 0 = every coordinate
+    dp: DPConfig | None = None  # central DP: clip each delta, add Gaussian noise to the sum, account epsilon
+    control_limit: RateLimit = field(default_factory=lambda: RateLimit(2.0, 20.0))  # hello+status per device/s
+    delta_limit: RateLimit = field(default_factory=lambda: RateLimit(1.0, 10.0))  # deltas per device/s (0: off)
+
+
+def plan_sram(plan) -> int:
+    """Bytes a board needs to train ``plan``: the arena plus the trainable tensors held in SRAM."""
+    return int(plan.arena_bytes) + sum(t.nbytes for t in plan.trainable)
