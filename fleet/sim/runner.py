@@ -5,6 +5,8 @@ retained model); the only in-process shortcut is that host devices get the compi
 downloading ``plan/<hash>`` (its size is still reported as ``plan_bytes``). Accuracy is the global model's on
 every device's held-out windows, measured by the harness (a simulation privilege: no device sends data).
 This module wires components together; it refuses to implement protocol, training or aggregation logic.
+(Over 400 lines because it is one sequential story, run -> final metrics; the parts that stand alone live in
+backends, baselines and report.)
 """
 
 from __future__ import annotations

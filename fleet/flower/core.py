@@ -1,129 +1,22 @@
-"""Flower 1.42 on a TinyFleet fleet: a ``flwr.serverapp.Grid`` whose nodes are our MQTT devices, and a strategy
-wrapper that lets any stock Flower strategy aggregate sparse int8 deltas.
-
-Three layers, top to bottom:
-
-- :class:`FleetGrid` — the ``Grid`` a ServerApp (or ``Strategy.start``) talks to. Every call becomes an event
-  or a query on a :class:`Link` (``fleet.flower_app`` has an MQTT link and an in-memory one).
-- :class:`GridCore` — sans-I/O, the same ``handle(event) -> outputs`` shape as ``fleet.coordinator.Coordinator``
-  so ``fleet.mqtt.CoordinatorLink`` can drive it unchanged. It turns a Flower train ``Message`` into our model
-  update + ``task``; one push of train messages is one round of ``fleet.round.RoundMachine``, which judges each
-  delta by the coordinator's own rules (dedup, replayed counter, stale base, plan, samples, deadline), and the
-  hello/status rule is the registry's (``Registry.receive``), as for the coordinator. An accepted delta becomes
-  ``Message(RecordDict, reply_to=...)``; a device that goes offline, misses the
-  deadline or sends a refused delta gets ``Message(Error, reply_to=...)``.
-- Records (pure): the model as Flower sees it is an ``ArrayRecord`` of float64 arrays holding the **integer
-  values** of the plan's shared trainable tensors (int8 weight units, int32 bias units), keyed by tensor name.
-  Float64 holds every int32 exactly, so a FedAvg of dense replies equals ``fleet.aggregate.fedavg`` except
-  at exact .5 ties, where Flower's float weighting may land one ulp low and round one unit down.
-  Aggregated floats go back to integers by ``floor(x + 0.5)`` (round half up, as ``aggregate.to_int_delta``),
-  clamped to [-127, 127] (int8) or the int32 range; NaN/Inf are refused.
-
-It refuses what our devices cannot do: evaluate messages (devices only train; use ``evaluate_fn`` on the
-server) and two tasks for one device in one push are answered with an ``Error`` reply at once. It keeps no
-store: a restarted ServerApp starts a new Flower run (crash-resume is the native coordinator's job).
-"""
+"""GridCore: the Flower grid's state, sans-I/O (see the package docstring)."""
 
 from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from device_agent.engine.ir import DTYPE_NUMPY
 from device_agent.wire.messages import Ack, MessageError, Publish, Task
-from fleet import aggregate as agg
 from fleet import round as rnd
 from fleet.coordinator import Boot, CodecError, Received, Tick, WireCodec, plan_sram
+from fleet.flower.records import GridErrorCode, node_id, reply_content, shared_tensors, state_from_arrays
 from fleet.registry import Registry
-
-ARRAYS, METRICS, CONFIG, META = "arrays", "metrics", "config", "tinyfleet"
-NUM_EXAMPLES = "num-examples"
-
-
-class GridErrorCode:
-    """``Error.code`` of the replies this grid makes up (100+ so they never clash with ``flwr`` ErrorCode)."""
-
-    TIMEOUT = 101  # no delta before the deadline (the task's TTL or send_and_receive's timeout)
-    OFFLINE = 102  # the device's Last Will (or an offline status) arrived while it owed a delta
-    REJECTED = 103  # the device's delta was refused (reason names the rule: stale_base, replayed_counter...)
-    UNKNOWN_NODE = 104  # dst_node_id is not a registered, eligible device
-    UNSUPPORTED = 105  # a message type devices cannot run (evaluate, query)
-    BAD_CONTENT = 106  # the instruction's records do not fit the plan (array names, shapes, config types)
-
-
-# --- node ids and records (pure) -----------------------------------------------------------------------------
-
-
-def node_id(device_id: str) -> int:
-    """The stable Flower node id of a device: the first 8 bytes of sha256(device id) as an int in [2, 2**63)."""
-    v = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "little") & (2**63 - 1)
-    return v if v > SUPERLINK_NODE_ID else v + 2
-
-
-def shared_tensors(plan) -> list:
-    """The plan's shared (uploaded, downloaded) trainable tensors in id order; names must be unique."""
-    ts = sorted((t for t in plan.trainable if not t.personal), key=lambda t: t.id)
-    names = [t.name for t in ts]
-    if len(set(names)) != len(names):
-        raise ValueError(f"plan {plan.name}: shared trainable tensor names are not unique: {names}")
-    return ts
-
-
-def arrays_from_state(plan, state: dict[int, np.ndarray]) -> ArrayRecord:
-    """Integer model state (tensor id -> int8/int32) -> ArrayRecord of float64 arrays, keyed by tensor name."""
-    return ArrayRecord({t.name: Array(np.asarray(state[t.id], np.float64).reshape(t.shape))
-                        for t in shared_tensors(plan)})
-
-
-def initial_arrays(plan) -> ArrayRecord:
-    """The plan's own values (model version 1) as the ServerApp's ``initial_arrays``."""
-    return arrays_from_state(plan, {t.id: np.asarray(t.data) for t in shared_tensors(plan)})
-
-
-def state_from_arrays(plan, arrays: ArrayRecord) -> dict[int, np.ndarray]:
-    """Float arrays (integer units) -> int state: ``floor(x + 0.5)``, clamped to the tensor's integer range.
-
-    Raises ValueError naming the tensor when names or shapes differ from the plan, or values are not finite.
-    """
-    ts = shared_tensors(plan)
-    want, got = {t.name for t in ts}, set(arrays.keys())
-    if want != got:
-        raise ValueError(f"ArrayRecord names {sorted(got)} != the plan's shared trainable tensors {sorted(want)}")
-    out = {}
-    for t in ts:
-        x = np.asarray(arrays[t.name].numpy(), np.float64)
-        if x.size != t.numel:
-            raise ValueError(f"array {t.name!r}: {t.numel} values expected (shape {t.shape}), got {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"array {t.name!r}: NaN or Inf after aggregation")
-        zero = np.zeros(t.shape, DTYPE_NUMPY[t.dtype])
-        out[t.id] = agg.apply_int_delta(zero, np.floor(x.reshape(t.shape) + 0.5).astype(np.int64))
-    return out
-
-
-def reply_content(plan, base: dict[int, np.ndarray], values: dict[int, np.ndarray], masks: dict[int, np.ndarray],
-                  num_samples: int, device_id: str, round_id: int, payload: bytes) -> RecordDict:
-    """One decoded delta as a Flower train reply: the updated tensors (base + delta, dense, float64 integer
-    units), ``num-examples`` = the delta's sample count, and the raw delta bytes under ``tinyfleet``."""
-    arrays = ArrayRecord({t.name: Array((base[t.id].astype(np.float64) + np.where(masks[t.id], values[t.id], 0))
-                                        .reshape(t.shape)) for t in shared_tensors(plan)})
-    meta = ConfigRecord({"device-id": device_id, "round-id": round_id, "delta": payload})
-    return RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: int(num_samples)}), META: meta})
-
-
-# --- the sans-I/O core -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -372,131 +265,3 @@ def _num(cfg: ConfigRecord, keys: tuple[str, ...], default, kind: type):
 
 
 # --- the Grid ------------------------------------------------------------------------------------------------
-
-
-class Link(Protocol):
-    """What :class:`FleetGrid` needs from a transport (``fleet.mqtt.CoordinatorLink`` fits as it is)."""
-
-    def submit(self, event: object) -> None: ...  # handle(event) on the core, publish its outputs
-
-    def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any: ...  # fn(core) on the core's thread
-
-
-class FleetGrid(Grid):
-    """A Flower ``Grid`` over a TinyFleet fleet. Outside ``flwr run`` (tests, scripts) it sets Flower's task
-    identity (run id, SuperLink node id) itself, since ``Message(...)`` needs one."""
-
-    def __init__(self, link: Link, run_id: int = 1, pull_interval: float = 0.05):
-        self.link, self.pull_interval = link, pull_interval
-        self._run = Run.create_empty(run_id)
-        try:
-            TaskIdentity.run_id  # noqa: B018  set by flwr when running under a SuperLink
-        except RuntimeError:
-            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
-
-    def set_run(self, run: Run) -> None:
-        if not isinstance(run, Run):
-            raise TypeError(f"`run` must be a flwr Run, got {type(run).__name__}")
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return Run(**vars(self._run))
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return sorted(self.link.call(lambda core: core.node_ids()))
-
-    def device_ids(self) -> dict[int, str]:
-        """Node id -> device id (ours, not Flower's API: for logs and tests)."""
-        return self.link.call(lambda core: core.node_ids())
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        msgs = tuple(messages)
-        for m in msgs:
-            md = m.metadata
-            if md.reply_to_message_id or md.ttl <= 0:
-                raise ValueError(f"not an instruction message: {md}")
-            md.__dict__["_message_id"] = uuid.uuid4().hex  # NOTE: what Flower's own grids do (no public setter)
-        self.link.submit(Push(msgs))
-        return [m.metadata.message_id for m in msgs]
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        ids = list(message_ids)
-        return self.link.call(lambda core: core.pull(ids))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push, then pull until every instruction has a reply; at ``timeout`` the missing ones get an Error
-        reply (``GridErrorCode.TIMEOUT``), so the result always has one reply per message."""
-        ids = list(self.push_messages(messages))
-        waiting, out = set(ids), []
-        end = None if timeout is None else time.monotonic() + timeout
-        while waiting:
-            got = list(self.pull_messages(waiting))
-            out += got
-            waiting -= {m.metadata.reply_to_message_id for m in got}
-            if not waiting or (end is not None and time.monotonic() >= end):
-                break
-            time.sleep(self.pull_interval)
-        if waiting:
-            left = list(waiting)
-            out += self.link.call(lambda core: core.expire(left, f"no reply within send_and_receive's {timeout} s"))
-        return out
-
-
-# --- the strategy wrapper ------------------------------------------------------------------------------------
-
-
-class SparseDeltaStrategy(Strategy):
-    """Wrap any stock Flower strategy (FedAvg, FedProx, Krum, DP wrappers...) for a TinyFleet plan.
-
-    Replies that carry only the raw delta (``tinyfleet.delta`` bytes, e.g. forwarded by a ClientApp on a
-    bridge) are decoded into dense records first; then the inner strategy aggregates; then its float arrays
-    become the next integer model (``floor(x + 0.5)``, clamped; see :func:`state_from_arrays`), so the arrays
-    sent in the next round are exactly what devices will hold. ``state`` is that integer model.
-    """
-
-    def __init__(self, inner: Strategy, plan, codec=None):
-        self.inner, self.plan = inner, plan
-        self.codec = codec or WireCodec(plan)
-        self.state: dict[int, np.ndarray] = state_from_arrays(plan, initial_arrays(plan))
-        self._base = self.state
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        self._base = state_from_arrays(self.plan, arrays)
-        return self.inner.configure_train(server_round, arrays_from_state(self.plan, self._base), config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        dense = [self._densify(m) for m in replies]
-        arrays, metrics = self.inner.aggregate_train(server_round, dense)
-        if arrays is None:
-            return None, metrics
-        self.state = state_from_arrays(self.plan, arrays)
-        return arrays_from_state(self.plan, self.state), metrics
-
-    def _densify(self, m: Message) -> Message:
-        if m.has_error() or m.content.array_records or META not in m.content.config_records:
-            return m
-        payload = bytes(m.content.config_records[META]["delta"])  # type: ignore[arg-type]
-        d = self.codec.decode_delta(payload, hashlib.sha256(payload).hexdigest())
-        up = d.header
-        content = reply_content(self.plan, self._base, d.values, d.masks, up.num_samples, up.device_id,
-                                up.round_id, payload)
-        return _with_content(m, content)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.inner.summary()
-
-
-def _with_content(m: Message, content: RecordDict) -> Message:
-    """The same reply (metadata kept) with dense content in place of the raw delta."""
-    return Message(metadata=m.metadata, content=content)  # type: ignore[call-overload]
