@@ -31,7 +31,7 @@ def test_last_will_marks_killed_device_offline_and_round_commits_without_it(tiny
     assert closed.committed and closed.accepted == ("d0", "d1")
 
 
-def test_broker_restart_mid_round_completes_without_double_count(tiny_fleet, broker):
+def test_broker_restart_mid_round_never_double_counts_and_the_next_round_commits(tiny_fleet, broker):
     fleet = tiny_fleet(n=3, deadline=30.0)
 
     def restart():
@@ -43,8 +43,11 @@ def test_broker_restart_mid_round_completes_without_double_count(tiny_fleet, bro
     assert len(ok) == len(closed.accepted) == len(set(closed.accepted))
     rows = fleet.link.call(lambda c: c.store.deltas(closed.round_id))
     assert sorted(r.device_id for r in rows) == list(closed.accepted)
-    # NOTE: mosquitto publishes every Last Will when it shuts down, so the round usually ends abandoned
+    # NOTE: mosquitto publishes every Last Will when it shuts down, so the interrupted round may close either way
+    # (committed with what arrived, or abandoned below quorum); what must hold is that it counted each delta once
+    # and that the version moved exactly when it committed
     assert closed.version == (2 if closed.committed else 1)
+    assert closed.committed or "quorum" in closed.detail
     fleet.wait(lambda: fleet.online() == 3)  # devices re-announce themselves after reconnecting
     next_round = fleet.run_round(timeout=40.0)  # the fleet keeps working after the restart
     assert next_round.committed and next_round.round_id == closed.round_id + 1

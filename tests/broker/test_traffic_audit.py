@@ -31,10 +31,18 @@ class Sniffer:
         self.c.loop_start()
         assert self.ready.wait(10), "sniffer could not subscribe"
 
-    def stop(self):
-        time.sleep(0.5)
+    def stop(self, timeout: float = 10.0):
+        """Publish a marker through the broker and stop once it came back: everything published before it has
+        been delivered to this subscriber (one broker, QoS 1, in-order per publisher-subscriber pair)."""
+        marker = f"tinyfleet/audit-marker/{time.monotonic_ns()}"
+        self.c.publish(marker, b"end", qos=1)
+        deadline = time.monotonic() + timeout
+        while not any(t == marker for t, _ in self.seen) and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.c.loop_stop()
         self.c.disconnect()
+        assert any(t == marker for t, _ in self.seen), "the audit marker never came back"
+        self.seen = [(t, p) for t, p in self.seen if t != marker]
 
 
 def leaks(payloads: list[bytes], windows: list[np.ndarray]) -> list[int]:

@@ -21,6 +21,9 @@ def test_quickstart_two_rounds_reports_accuracy_and_bytes(tmp_path):
     assert result["rounds"] == 2 and result["devices"] == 4
     assert len(result["accuracy_per_round"]) == 2
     assert all(0.0 <= a <= 1.0 for a in result["accuracy_per_round"])
+    # the fleet learns: measured 0.675 -> 0.738 -> 0.769 (4 devices, every delta counts, seeded); a margin of
+    # 3 points keeps the test about learning, not about the last digit
+    assert result["accuracy_per_round"][-1] >= result["accuracy_initial"] + 0.03, result
     assert result["round_status"] == ["committed", "committed"]
     # a delta of the plan's trainable subset: more than headers, far less than the plan (or a dense fp32 model)
     for up, down in zip(result["bytes_up_per_device_round"], result["bytes_down_per_device_round"]):
