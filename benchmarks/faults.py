@@ -15,6 +15,13 @@ run of the same seed is the reference:
   (reorders) 30 % of all PUBLISH packets in both directions.
 - ``garbage``: a rogue client publishes random, empty, oversize (2 MiB), truncated and bit-flipped deltas, a
   replayed old delta and malformed hello/status messages on device topics during the run.
+- ``poison``: during the run a rogue client publishes poison on every device topic (hello, status and delta):
+  deeply nested JSON (``[`` x 995, ``{`` x 3000: the message that once wedged the coordinator), invalid UTF-8,
+  truncated JSON, empty and random payloads; a flood (~50/s) on unknown device ids, and about one message
+  every 2 s on each real device's topics (under the per-device rate limits, so the run stays comparable with
+  the reference); the coordinator is SIGKILLed and restarted twice meanwhile (its persistent session gets the
+  poison queued while it is down). Passes like the others: nothing lost, nothing counted twice, every round
+  committed with every device (no stalled round), models bit-identical, and no coordinator error at all.
 - ``device_restart``: SIGKILL a device agent (K/4 times, at least 2) and start it again at once (same id, data
   and counter file; its Last Will waits 60 s, so the coordinator never sees it leave).
   Each of these passes when no acknowledged delta is lost, none is counted twice, nothing crashed that was not
@@ -169,6 +176,55 @@ def garbage(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> No
     out.expect_rejected = len(bad_deltas) + 2  # + WRONG_DEVICE and the evil device's delta
 
 
+POISON = (b"[" * 995, b"{" * 3000, b"\xff\xfe\xfd", b'{"v": 1, "type": "hello", "device_id": ', b"", b"null")
+
+
+def poison(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> None:
+    import threading
+
+    import paho.mqtt.client as paho
+
+    f.start()
+    f.wait_serve_up()
+    top = f"tinyfleet/{f.spec.name}/dev"
+    rogue = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="poisoner", protocol=paho.MQTTv5)
+    rogue.connect("127.0.0.1", f.broker.port)
+    rogue.loop_start()
+    stop, sent = threading.Event(), [0]
+
+    def flood() -> None:
+        step = 0
+        while not stop.is_set():
+            kind = ("hello", "status", "delta")[step % 3]
+            payload = POISON[step % len(POISON)] if step % 7 else rng.randbytes(rng.randrange(1, 600))
+            dev = f"evil{step % 3}" if step % 100 else f"d{(step // 100) % f.spec.devices}"
+            rogue.publish(f"{top}/{dev}/{kind}", payload, qos=1)
+            sent[0] += 1
+            step += 1
+            time.sleep(0.02)
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        for i in range(2):
+            if not _gate(f, i + 1, 3, rng):
+                break
+            f.signal(f.serve)
+            out.kills += 1
+            f.serve_exited()
+            time.sleep(rng.uniform(0.2, 0.6))  # poison piles up in the coordinator's persistent session
+            f.start_serve()
+            f.wait_serve_up()
+        f.wait_serve(60 + 3 * f.spec.rounds)
+    finally:
+        stop.set()
+        t.join(5)
+        rogue.loop_stop()
+        rogue.disconnect()
+    out.detail = f"{sent[0]} poison messages, {out.kills} coordinator restarts"
+    out.kills += sent[0]
+
+
 def device_restart(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> None:
     n = max(2, kills // 4)
     f.start()
@@ -230,7 +286,7 @@ def main() -> None:
     args = ap.parse_args()
     kills = args.kills or (3 if args.quick else 20)
     spec = spec_for(kills, args.devices or (3 if args.quick else DEVICES))
-    names = ["broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "device_restart", "device_kill",
+    names = ["broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "poison", "device_restart", "device_kill",
              "device_hang"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
@@ -262,6 +318,8 @@ def main() -> None:
                     chaos_proxy(f, kills, rng, out)
                 elif name == "garbage":
                     garbage(f, kills, rng, out)
+                elif name == "poison":
+                    poison(f, kills, rng, out)
                 elif name == "device_restart":
                     device_restart(f, kills, rng, out)
                 else:
