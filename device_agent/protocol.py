@@ -203,8 +203,10 @@ class DeviceProtocol:
         return self._up("status", s.to_json(), retain=True)
 
     def last_will(self) -> Publish:
-        """What the adapter registers as MQTT Last Will: a retained offline status."""
-        return self.status("offline")
+        """What the adapter registers as MQTT Last Will: a retained offline status without ``model_version`` and
+        ``samples`` (the broker keeps the will from connect time on, so they would be stale after an update)."""
+        s = Status(self.id.device_id, "offline", None, None)
+        return self._up("status", s.to_json(), retain=True)
 
     # --- events ---------------------------------------------------------------------------------------------
 
