@@ -102,7 +102,7 @@ class WireDeviceCodec:
     def decode_update(self, payload: bytes, held_version: int = -1,
                       held: dict[int, np.ndarray] | None = None) -> ModelUpdateView:
         try:
-            upd = ModelUpdate.from_bytes(payload, verify=self.verify)
+            upd = ModelUpdate.from_bytes(payload, verify=self.verify, plan=self.plan, plan_hash=self._hash)
             mh = bytes(upd.model_hash or b"").hex()
             if upd.form == Form.DIFF and (held is None or held_version != upd.base_version
                                           or upd.new_version <= held_version):
