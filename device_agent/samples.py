@@ -34,13 +34,15 @@ class InputSpec:
     zero_point: int
 
 
-def input_spec(plan: ir.Plan) -> InputSpec:
+def input_spec(plan: ir.Plan | ir.Graph) -> InputSpec:
+    """What ``plan`` (or a compiler's forward graph) trains on."""
     inp = plan.tensors[plan.input_id]
+    logits_id = plan.logits_id if isinstance(plan, ir.Plan) else plan.output_id
     vocab = None
     for op in plan.ops:
         if op.type == ir.OpType.EMBEDDING and op.inputs[0] == plan.input_id:
             vocab = plan.tensors[op.inputs[1]].shape[0]
-    return InputSpec(tuple(inp.shape), inp.dtype, plan.tensors[plan.logits_id].shape[0], vocab,
+    return InputSpec(tuple(inp.shape), inp.dtype, plan.tensors[logits_id].shape[0], vocab,
                      float(np.ravel(inp.scale)[0]), int(inp.zero_point))
 
 
@@ -88,7 +90,7 @@ def _check_labels(spec: InputSpec, y: np.ndarray, n: int) -> None:
         raise SampleError(f"labels y must be ({n},): one per sample, got shape {y.shape}")
     if y.size and (int(y.min()) < 0 or int(y.max()) >= spec.classes):
         bad = int(np.count_nonzero((y < 0) | (y >= spec.classes)))
-        raise SampleError(f"labels y must be class indices in [0, {spec.classes}) for this plan, got range "
+        raise SampleError(f"labels y must be class indices in [0, {spec.classes}), got range "
                           f"[{int(y.min())}, {int(y.max())}] ({bad} of {y.size} outside)")
 
 
