@@ -312,7 +312,7 @@ def parse(payload: bytes, expect: type[_Message] | None = None) -> _Message:
     payload = bytes(payload)
     depth = nesting_depth(payload)
     if depth > MAX_DEPTH:
-        raise MessageError(MsgError.TOO_DEEP, f"JSON nested {depth} levels deep, at most {MAX_DEPTH}")
+        raise MessageError(MsgError.TOO_DEEP, f"JSON nested deeper than {MAX_DEPTH} levels (objects and lists)")
     try:
         obj = json.loads(payload.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
@@ -331,25 +331,29 @@ def parse(payload: bytes, expect: type[_Message] | None = None) -> _Message:
     return cls.from_obj(obj)
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)  # a JSON string literal, escapes included
+# a JSON string literal (escapes included; an unterminated one runs to the end) or a bracket: one pass, no
+# backtracking, so a hostile payload costs linear time
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 
 
 def nesting_depth(payload: bytes) -> int:
-    """The deepest ``[``/``{`` nesting of ``payload`` outside string literals, from the bytes alone (exact above
-    :data:`MAX_DEPTH`; at or below it, possibly an upper bound).
+    """How deep ``[``/``{`` nest in ``payload`` outside string literals, from the bytes alone: a value above
+    :data:`MAX_DEPTH` (the scan stops there) or, at or below it, an upper bound of the real depth.
 
-    NOTE: a cheap bound first (C-speed ``count``: fewer openers than the limit cannot nest deeper), the exact
-    running depth only for the rare payload with many brackets. Brackets of an unterminated string count (the
-    decoder refuses such a payload anyway).
+    NOTE: a cheap bound first (C-speed ``count``: fewer openers than the limit cannot nest deeper), the running
+    depth only for the rare payload with many brackets.
     """
     openers = payload.count(b"[") + payload.count(b"{")
     if openers <= MAX_DEPTH:
         return openers  # an upper bound, enough to pass
     depth = deepest = 0
-    for byte in _STRING.sub(b"", payload):
+    for m in _TOKEN.finditer(payload):
+        byte = payload[m.start()]
         if byte in (0x5B, 0x7B):  # [ {
             depth += 1
             deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                break
         elif byte in (0x5D, 0x7D):  # ] }
             depth -= 1
     return deepest

@@ -205,3 +205,18 @@ def test_ack_detail_is_optional_bounded_and_printable():
 def test_depth_limit_leaves_room_for_every_message():
     # Prepare / Execute / Assert: the deepest legal message (hello with its list) is well inside the limit
     assert nesting_depth(Hello("d", "b", 1, 1, ("ab",) * 16, "").to_json()) <= 2 < MAX_DEPTH
+
+
+def test_depth_scan_is_linear_on_unterminated_escapes():
+    # Prepare: 4 KB of quote/backslash pairs, then brackets to force the scan (a backtracking string pattern
+    # would rescan to the end from every quote: ~80 ms per payload instead of well under 1 ms)
+    payloads = [b'"\\' * 2040 + b"[" * 6, b'"' + b'\\"' * 1360 + b"[" * 6]
+    # Execute
+    start = time.monotonic()
+    for _ in range(100):
+        for p in payloads:
+            with pytest.raises(MessageError):
+                parse(p)
+    elapsed = time.monotonic() - start
+    # Assert: a bound ten times above what a linear scan needs even on a busy machine
+    assert elapsed < 4.0, elapsed
