@@ -335,7 +335,8 @@ class DeviceProtocol:
             return [Note("bad_ack", str(e))]
         assert isinstance(ack, Ack)
         self.last_ack = ack
-        out: list[DeviceOutput] = [Note("ack", f"round {ack.round_id}: {ack.reason}")]
+        why = f" ({ack.detail})" if ack.detail else ""  # the coordinator's words, e.g. the wire error of a refusal
+        out: list[DeviceOutput] = [Note("ack", f"round {ack.round_id}: {ack.reason}{why}")]
         if ack.accepted and self.last_delta and ack.content_hash == hashlib.sha256(self.last_delta).hexdigest():
             self._if_refused = None
         elif (not ack.accepted and self._if_refused is not None and self.last_delta

@@ -73,14 +73,16 @@ def prepare(plan: ir.Plan, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np
 
 
 def check_batch(spec: InputSpec, x: np.ndarray, y: np.ndarray) -> None:
-    """What a training step needs of one batch (already in the plan's input form). Raises :class:`SampleError`."""
-    want = np.int8 if spec.dtype == ir.DType.INT8 else np.int32
-    if x.ndim != len(spec.shape) + 1 or x.shape[1:] != spec.shape or x.dtype != want or len(x) == 0:
-        raise SampleError(f"batch x must be (N >= 1, {', '.join(map(str, spec.shape))}) {np.dtype(want)}, got "
-                          f"{x.shape} {x.dtype}")
+    """What a training step needs of one batch (already quantized: integers, as the engine takes them).
+    Raises :class:`SampleError`."""
+    if x.ndim != len(spec.shape) + 1 or x.shape[1:] != spec.shape or len(x) == 0 or x.dtype.kind not in "iu":
+        raise SampleError(f"x must be quantized integers (N >= 1, {', '.join(map(str, spec.shape))}), got {x.shape} "
+                          f"{x.dtype}")
     _check_labels(spec, y, len(x))
     if spec.dtype == ir.DType.INT32:
         _token_ids(spec, x)
+    elif x.dtype != np.int8 and x.size and (int(x.min()) < -128 or int(x.max()) > 127):
+        raise SampleError(f"x must fit int8 for this plan's input, got range [{int(x.min())}, {int(x.max())}]")
 
 
 def _check_labels(spec: InputSpec, y: np.ndarray, n: int) -> None:

@@ -5,6 +5,7 @@ leaves out the version it could not keep current, and samples are checked agains
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from device_agent.engine.trainer import Trainer
 from device_agent.protocol import DeviceProtocol, Identity, Note, Received, Start, WireDeviceCodec
 from device_agent.samples import SampleError, input_spec, prepare
 from device_agent.wire.envelope import Verifier
-from device_agent.wire.messages import Publish, Status, Task, parse
+from device_agent.wire.messages import Ack, Publish, Status, Task, parse
 from device_agent.wire.update import trainable_state, update_from_state, update_hash
 from tests.fixtures.tiny import tiny_dataset, tiny_plan, tiny_text_plan
 
@@ -182,3 +183,14 @@ def test_prepare_checks_token_ids_against_the_embedding_table():
     ok, _, _ = prepare(text, np.full((2, 6), 15, np.int64), np.array([0, 1]))
     # Assert
     assert spec.vocab == 16 and "[0, 16)" in str(e.value) and ok.dtype == np.int32
+
+
+def test_ack_detail_reaches_the_device_log():
+    # Prepare: a device that sent a delta the coordinator refused as malformed
+    dev = device()
+    dev.handle(Received("task", task(dev)))
+    ack = Ack(5, hashlib.sha256(dev.last_delta).hexdigest(), False, "malformed", "size_overflow: record 0 too big")
+    # Execute
+    out = dev.handle(Received("ack", ack.to_json()))
+    # Assert
+    assert out[0].what == "ack" and out[0].detail == "round 5: malformed (size_overflow: record 0 too big)"
