@@ -34,15 +34,14 @@ class InputSpec:
     zero_point: int
 
 
-def input_spec(plan: ir.Plan | ir.Graph) -> InputSpec:
-    """What ``plan`` (or a compiler's forward graph) trains on."""
+def input_spec(plan: ir.Plan) -> InputSpec:
+    """What ``plan`` trains on."""
     inp = plan.tensors[plan.input_id]
-    logits_id = plan.logits_id if isinstance(plan, ir.Plan) else plan.output_id
     vocab = None
     for op in plan.ops:
         if op.type == ir.OpType.EMBEDDING and op.inputs[0] == plan.input_id:
             vocab = plan.tensors[op.inputs[1]].shape[0]
-    return InputSpec(tuple(inp.shape), inp.dtype, plan.tensors[logits_id].shape[0], vocab,
+    return InputSpec(tuple(inp.shape), inp.dtype, plan.tensors[plan.logits_id].shape[0], vocab,
                      float(np.ravel(inp.scale)[0]), int(inp.zero_point))
 
 

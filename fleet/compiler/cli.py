@@ -97,14 +97,19 @@ def _torch_factory(spec: str):
 
 
 def _check_proxy(graph: ir.Graph, x: np.ndarray, y: np.ndarray) -> None:
-    from device_agent.samples import SampleError, check_batch, input_spec
-
-    try:
-        check_batch(input_spec(graph), x, y)
-    except SampleError as e:
-        raise UsageError(f"--proxy: {e} (x int8, quantized like the model's input)") from None
+    """Proxy data the scheme search can train on: int8 ``(N >= 2, *input shape)``, labels in ``[0, K)``."""
+    shape = tuple(graph.tensors[graph.input_id].shape)
+    k = graph.tensors[graph.output_id].shape[0]
+    want = f"(N, {', '.join(map(str, shape))})"
+    if x.dtype != np.int8 or x.shape[1:] != shape:
+        raise UsageError(f"--proxy: x must be int8 {want}, quantized like the model's input; got {x.dtype} {x.shape}")
     if len(x) < 2:
         raise UsageError(f"--proxy: at least 2 samples needed (half train, half score), got {len(x)}")
+    if y.dtype.kind not in "iu" or y.shape != (len(x),):
+        raise UsageError(f"--proxy: y must be {len(x)} integer labels, got {y.dtype} {y.shape}")
+    if int(y.min()) < 0 or int(y.max()) >= k:
+        raise UsageError(f"--proxy: labels y must be class indices in [0, {k}), got range [{int(y.min())}, "
+                         f"{int(y.max())}]")
 
 
 def load_graph(args: argparse.Namespace) -> ir.Graph:
