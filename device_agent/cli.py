@@ -180,29 +180,11 @@ def run(args: argparse.Namespace) -> int:
     from device_agent.engine.trainer import Trainer
     from device_agent.mqtt import BrokerURL, BrokerURLError, DeviceAgent
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
-    from device_agent.wire.messages import Hello
-
-    if not _ID.fullmatch(args.id):
-        raise CliError(f"--id {args.id!r}: expected 1-64 letters, digits, '.', '_' or '-' (it is an MQTT topic level)")
-    if args.capacity < 1:
-        raise CliError(f"--capacity must be >= 1, got {args.capacity}")
-    for name in ("sram", "flash"):
-        if not 0 <= getattr(args, name) < 2**32:
-            raise CliError(f"--{name} must be in 0..2**32-1 bytes, got {getattr(args, name)}")
-    try:
-        Hello(args.id, args.board, 0, 0)
-    except ValueError:
-        raise CliError(f"--board {args.board!r}: expected 1-64 letters, digits, '.', '_' or '-'") from None
-    for flag in ("ca_file", "cert_file", "key_file"):
-        f = getattr(args, flag)
-        if f is not None and not Path(f).is_file():
-            raise CliError(f"--{flag.replace('_', '-')} {f}: no such file")
+    _check_flags(args)
     try:
         url = BrokerURL.parse(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
     except BrokerURLError as e:
         raise CliError(str(e)) from None
-    if not args.data.is_file():  # NOTE: before waiting for the broker
-        raise CliError(f"--data {args.data}: no such file")
     verify = _verifier(args)
     plan = _load_plan(args, url, verify)
     x, y, saturated = load_samples(args.data, plan)
@@ -243,6 +225,29 @@ def run(args: argparse.Namespace) -> int:
     agent.stop(graceful=True)
     log(args.id, "stopped", "offline status published" if agent.said_offline else "no broker connection at exit")
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """What can be checked before touching the broker (so a typo does not wait out a connect timeout)."""
+    from device_agent.wire.messages import Hello, MessageError
+
+    if not _ID.fullmatch(args.id):
+        raise CliError(f"--id {args.id!r}: expected 1-64 letters, digits, '.', '_' or '-' (it is an MQTT topic level)")
+    try:
+        Hello(args.id, args.board, 0, 0).to_json()
+    except MessageError:
+        raise CliError(f"--board {args.board!r}: expected 1-64 letters, digits, '.', '_' or '-'") from None
+    if args.capacity < 1:
+        raise CliError(f"--capacity must be >= 1, got {args.capacity}")
+    for name in ("sram", "flash"):
+        if not 0 <= getattr(args, name) < 2**32:
+            raise CliError(f"--{name} must be in 0..2**32-1 bytes, got {getattr(args, name)}")
+    for flag in ("ca_file", "cert_file", "key_file"):
+        f = getattr(args, flag)
+        if f is not None and not Path(f).is_file():
+            raise CliError(f"--{flag.replace('_', '-')} {f}: no such file")
+    if not args.data.is_file():
+        raise CliError(f"--data {args.data}: no such file")
 
 
 def log(device_id: str, what: str, detail: str = "") -> None:

@@ -68,6 +68,8 @@ CASES = {  # name -> (arguments after the common ones, words the one line must h
     "bad_state_file": (["--data", "{d}/good.npz", "--plan", "{d}/plan.ttp", "--state", "{d}/bad.state.json"],
                        "--state"),
     "bad_capacity": (["--data", "{d}/good.npz", "--capacity", "0"], "--capacity"),
+    "bad_board_name": (["--data", "{d}/good.npz", "--board", "my board"], "--board 'my board'"),
+    "missing_tls_file": (["--data", "{d}/good.npz", "--ca-file", "{d}/missing.crt"], "--ca-file"),
     "bad_broker_url": (["--data", "{d}/good.npz", "--broker", "http://x"], "scheme must be mqtt://"),
 }
 
