@@ -380,16 +380,30 @@ class BoardClient:
             out["update_counter"] = r["update_counter"]
         return out
 
-    def delta_records(self, topk_permille: int = 0, chunk: int = frames.MAX_PAYLOAD - 4) -> bytes:
-        """GET_DELTA: the whole records section (``new - base`` of the shared trainable tensors)."""
+    def delta_records(self, topk_permille: int = 0, chunk: int = frames.MAX_PAYLOAD - 4,
+                      max_total: int | None = None) -> bytes:
+        """GET_DELTA: the whole records section (``new - base`` of the shared trainable tensors).
+
+        ``max_total``: the most bytes the plan allows (``wire.delta.max_records_bytes``); a board announcing more,
+        changing its total between chunks or sending past it is refused before the bytes are collected.
+        """
         out, total = bytearray(), None
         while total is None or len(out) < total:
             fields, tail = self._ok(frames.Command.GET_DELTA, frames.pack(
                 "req", frames.Command.GET_DELTA, offset=len(out), max_len=chunk, topk_permille=topk_permille),
                 f"GET_DELTA at {len(out)}")
+            if total is not None and fields["total"] != total:
+                raise BoardError(frames.Status.ERR_INTERNAL, f"GET_DELTA total changed from {total} to "
+                                                             f"{fields['total']} bytes between chunks")
             total = fields["total"]
+            if max_total is not None and total > max_total:
+                raise BoardError(frames.Status.ERR_INTERNAL, f"GET_DELTA announces {total} bytes, the plan allows at "
+                                                             f"most {max_total}")
             if not tail and len(out) < total:
                 raise BoardError(frames.Status.ERR_INTERNAL, "GET_DELTA returned no bytes before the end")
+            if len(out) + len(tail) > total:
+                raise BoardError(frames.Status.ERR_INTERNAL, f"GET_DELTA sent {len(out) + len(tail)} bytes, "
+                                                             f"announced {total}")
             out += tail
         return bytes(out)
 

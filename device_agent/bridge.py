@@ -27,7 +27,7 @@ from device_agent.engine import ir
 from device_agent.engine.qmath import mant_exp
 from device_agent.engine.trainer import StepStats
 from device_agent.wire import frames
-from device_agent.wire.delta import delta_from_records, delta_to_dense
+from device_agent.wire.delta import delta_from_records, delta_to_dense, max_records_bytes
 from device_agent.wire.plan import plan_hash, plan_to_bytes
 from device_agent.wire.update import update_from_state
 
@@ -255,9 +255,9 @@ class BoardTrainer:
 
     def trainable_state(self) -> dict[int, np.ndarray]:
         """Base + the board's delta (GET_DELTA, dense) for the shared tensors; personal ones as last loaded."""
-        records = self.client.delta_records(0)
+        records = self.client.delta_records(0, max_total=max_records_bytes(self.plan))
         d = delta_from_records(records, device_id="board", round_id=0, base_hash=b"\0" * 32, plan_hash=self.hash,
-                               counter=1, sample_count=1)
+                               counter=1, sample_count=1, plan=self.plan)
         dense = delta_to_dense(d, self.plan, plan_hash=self.hash)
         out = {tid: v.copy() for tid, v in self.base.items()}
         for tid, dv in dense.items():

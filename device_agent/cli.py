@@ -3,7 +3,10 @@
 The device fetches the retained, signed plan (``plan/<hash>``), loads its private samples into a bounded
 buffer, says hello and then trains whenever the coordinator sends it a task. ``--data`` is an ``.npz`` with
 ``x`` (N, *plan input shape; int8, or float quantized here with the plan's input scale) and ``y`` (N,) labels.
-It never imports the coordinator (``fleet``); it only speaks MQTT.
+It never imports the coordinator (``fleet``); it only speaks MQTT. Bad input (files, keys, plan, samples that do
+not fit the plan, an unreachable broker, an invalid id) is one line on stderr and exit 2, never a traceback
+(``TINYFLEET_DEBUG=1`` shows one for an unexpected error); what the device does while running (model versions,
+rounds trained or failed, acks) is logged one line each on stderr.
 """
 
 from __future__ import annotations
@@ -11,13 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import queue
+import re
 import signal
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as device_agent.wire.messages: an MQTT topic level
+
+
+class CliError(Exception):
+    """What the user must fix, in one line (printed as ``device-agent: <message>``, exit 2)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_arguments(sub.add_parser("run", help="run one host device against a broker"))
     args = parser.parse_args(argv)
-    return run(args)
+    try:
+        return run(args)
+    except CliError as e:
+        print(f"device-agent: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if os.environ.get("TINYFLEET_DEBUG"):
+            raise
+        print(f"device-agent: unexpected {type(e).__name__}: {e} (TINYFLEET_DEBUG=1 shows where)", file=sys.stderr)
+        return 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "gone after 1.5x this")
     p.add_argument("--will-delay", type=int, default=5, help="seconds the broker waits before publishing the Last "
                    "Will (offline status) of a lost connection")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the broker at start")
 
 
 def _verifier(args):
@@ -59,10 +81,16 @@ def _verifier(args):
     if args.insecure_unsigned:
         return Verifier.unsigned()
     if args.pubkey is None:
-        raise SystemExit("device-agent: --pubkey PEM is required (or --insecure-unsigned for tests)")
-    key = serialization.load_pem_public_key(args.pubkey.read_bytes())
+        raise CliError("--pubkey PEM is required (or --insecure-unsigned for tests)")
+    try:
+        key = serialization.load_pem_public_key(args.pubkey.read_bytes())
+    except OSError as e:
+        raise CliError(f"--pubkey {args.pubkey}: cannot read ({e.strerror or e})") from None
+    except (ValueError, TypeError):
+        raise CliError(f"--pubkey {args.pubkey}: not a PEM public key (expected the fleet's Ed25519 key, "
+                       "-----BEGIN PUBLIC KEY-----)") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise SystemExit(f"device-agent: {args.pubkey}: expected an Ed25519 public key")
+        raise CliError(f"--pubkey {args.pubkey}: expected an Ed25519 public key, got {type(key).__name__}")
     return Verifier.ed25519(key)
 
 
@@ -70,7 +98,6 @@ def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0):
     """The one retained plan under ``plan/+`` (a clear error if there are none or several)."""
     from device_agent.mqtt import MqttEndpoint
     from device_agent.wire.messages import full_topic, split_topic
-    from device_agent.wire.plan import plan_from_bytes
 
     got: queue.Queue = queue.Queue()
 
@@ -79,7 +106,11 @@ def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0):
         got.put((split_topic(fleet, topic), payload))
 
     ep = MqttEndpoint(url, f"{client_id}-plan", [full_topic(fleet, "plan/+")], on_msg, session_expiry=0)
-    ep.start(timeout)
+    try:
+        ep.start(timeout)
+    except ConnectionError:
+        raise CliError(f"no connection to the broker {url} within {timeout:g} s: is it running, and are the "
+                       "URL, credentials and TLS files right?") from None
     blobs = {}
     try:
         blobs.update([got.get(timeout=timeout)])
@@ -90,10 +121,58 @@ def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0):
     finally:
         ep.stop()
     if len(blobs) != 1:
-        raise SystemExit(f"device-agent: expected one retained plan on {full_topic(fleet, 'plan/+')}, got "
-                         f"{len(blobs)}{': ' + ', '.join(k[0][:16] for k in blobs) if blobs else ''}; "
-                         "is the coordinator running (tinyfleet serve)?")
-    return plan_from_bytes(next(iter(blobs.values())), verify=verify)
+        raise CliError(f"expected one retained plan on {full_topic(fleet, 'plan/+')}, got "
+                       f"{len(blobs)}{': ' + ', '.join(k[0][:16] for k in blobs) if blobs else ''}; "
+                       "is the coordinator running (tinyfleet serve)?")
+    return _plan(next(iter(blobs.values())), verify, f"the retained plan on {full_topic(fleet, 'plan/+')}")
+
+
+def _plan(blob: bytes, verify, what: str):
+    from device_agent.wire.errors import WireFormatError
+    from device_agent.wire.plan import plan_from_bytes
+
+    try:
+        return plan_from_bytes(blob, verify=verify)
+    except WireFormatError as e:
+        raise CliError(f"{what}: refused: {e}") from None
+
+
+def _load_plan(args, url, verify):
+    if args.plan is None:
+        return fetch_plan(url, args.fleet, f"tinyfleet-{args.fleet}-{args.id}", verify, args.connect_timeout)
+    try:
+        blob = args.plan.read_bytes()
+    except OSError as e:
+        raise CliError(f"--plan {args.plan}: cannot read ({e.strerror or e})") from None
+    return _plan(blob, verify, f"--plan {args.plan}")
+
+
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
+
+
+def load_samples(path: Path, plan) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(x, y, saturated)`` from the .npz at ``path``, checked against ``plan`` (device_agent.samples)."""
+    from device_agent.samples import SampleError, prepare
+
+    if not path.is_file():
+        raise CliError(f"--data {path}: no such file")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            raise CliError(f"--data {path}: a single array (.npy); expected an .npz with arrays x and y "
+                           "(np.savez(path, x=x, y=y))")
+        with data:
+            if "x" not in data.files or "y" not in data.files:
+                raise CliError(f"--data {path}: expected arrays x and y, got {sorted(data.files)}")
+            x, y = data["x"], data["y"]
+    except CliError:
+        raise
+    except _UNREADABLE as e:
+        raise CliError(f"--data {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    try:
+        return prepare(plan, x, y)
+    except SampleError as e:
+        raise CliError(f"--data {path}: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,51 +180,79 @@ def run(args: argparse.Namespace) -> int:
     from device_agent.engine.trainer import Trainer
     from device_agent.mqtt import BrokerURL, BrokerURLError, DeviceAgent
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
-    from device_agent.wire.plan import plan_from_bytes
-
+    _check_flags(args)
     try:
         url = BrokerURL.parse(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
     except BrokerURLError as e:
-        print(f"device-agent: {e}", file=sys.stderr)
-        return 2
+        raise CliError(str(e)) from None
     verify = _verifier(args)
-    plan = (plan_from_bytes(args.plan.read_bytes(), verify=verify) if args.plan
-            else fetch_plan(url, args.fleet, f"tinyfleet-{args.fleet}-{args.id}", verify))
-    data = np.load(args.data)
-    if "x" not in data or "y" not in data:
-        print(f"device-agent: {args.data}: expected arrays x and y, got {sorted(data.files)}", file=sys.stderr)
-        return 2
-    inp = plan.tensors[plan.input_id]
-    x, y = data["x"], np.asarray(data["y"]).astype(np.int32)
-    if x.shape[1:] != tuple(inp.shape):
-        print(f"device-agent: {args.data}: x must be (N, {', '.join(map(str, inp.shape))}), got {x.shape}",
-              file=sys.stderr)
-        return 2
-    if x.dtype != np.int8:  # quantize with the plan's input parameters
-        scale = float(np.ravel(inp.scale)[0])
-        x = np.clip(np.round(x.astype(np.float64) / scale) + inp.zero_point, -128, 127).astype(np.int8)
-    buf = SampleBuffer(args.capacity, tuple(inp.shape), np.int8, seed=args.seed)
-    buf.add(x, y)
+    plan = _load_plan(args, url, verify)
+    x, y, saturated = load_samples(args.data, plan)
+    if saturated:
+        log(args.id, "note", f"{saturated} of {x.size} input values were outside the plan's int8 input range "
+                             "and saturated at -128/127")
+    if len(x) > args.capacity:
+        log(args.id, "note", f"{len(x)} samples, --capacity {args.capacity}: the buffer keeps the newest "
+                             f"{args.capacity}")
     state_file = args.state or args.data.with_suffix(".state.json")
     state = _load_state(state_file)
+    buf = SampleBuffer(args.capacity, x.shape[1:], x.dtype, seed=args.seed)
+    buf.add(x, y)
     trainer = Trainer(plan)
     trainer.step = state["trainer_step"]
     proto = DeviceProtocol(Identity(args.id, args.board, args.sram, args.flash), plan, trainer,
                            WireDeviceCodec(plan, verify), buf, counter=state["counter"], seed=args.seed)
     _persist_state(proto, state_file, state)
-    agent = DeviceAgent(url, args.fleet, proto, keepalive=args.keepalive, will_delay=args.will_delay)
+    try:
+        agent = DeviceAgent(url, args.fleet, proto, keepalive=args.keepalive, will_delay=args.will_delay,
+                            log=lambda what, detail: log(args.id, what, detail))
+    except (OSError, ValueError) as e:  # NOTE: paho loads the TLS files here
+        raise CliError(f"TLS setup for {url}: {e}") from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    agent.start()
-    print(f"device-agent: {args.id} on {url}, plan {proto.codec.plan_hash[:16]}, {len(buf)} samples",
-          file=sys.stderr)
+    try:
+        agent.start(args.connect_timeout)
+    except ConnectionError:
+        agent.stop(graceful=False)
+        raise CliError(f"no connection to the broker {url} within {args.connect_timeout:g} s: is it running, and "
+                       "are the URL, credentials and TLS files right?") from None
+    log(args.id, "started", f"on {url}, plan {proto.codec.plan_hash[:16]}, {len(buf)} samples")
     try:
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
         pass
     agent.stop(graceful=True)
+    log(args.id, "stopped", "offline status published" if agent.said_offline else "no broker connection at exit")
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """What can be checked before touching the broker (so a typo does not wait out a connect timeout)."""
+    from device_agent.wire.messages import Hello, MessageError
+
+    if not _ID.fullmatch(args.id):
+        raise CliError(f"--id {args.id!r}: expected 1-64 letters, digits, '.', '_' or '-' (it is an MQTT topic level)")
+    try:
+        Hello(args.id, args.board, 0, 0).to_json()
+    except MessageError:
+        raise CliError(f"--board {args.board!r}: expected 1-64 letters, digits, '.', '_' or '-'") from None
+    if args.capacity < 1:
+        raise CliError(f"--capacity must be >= 1, got {args.capacity}")
+    for name in ("sram", "flash"):
+        if not 0 <= getattr(args, name) < 2**32:
+            raise CliError(f"--{name} must be in 0..2**32-1 bytes, got {getattr(args, name)}")
+    for flag in ("ca_file", "cert_file", "key_file"):
+        f = getattr(args, flag)
+        if f is not None and not Path(f).is_file():
+            raise CliError(f"--{flag.replace('_', '-')} {f}: no such file")
+    if not args.data.is_file():
+        raise CliError(f"--data {args.data}: no such file")
+
+
+def log(device_id: str, what: str, detail: str = "") -> None:
+    """One line on stderr: ``device-agent: <id>: <what>: <detail>``."""
+    print(f"device-agent: {device_id}: {what}{': ' + detail if detail else ''}", file=sys.stderr, flush=True)
 
 
 def _load_state(path: Path) -> dict:
@@ -156,9 +263,11 @@ def _load_state(path: Path) -> dict:
         return state
     except FileNotFoundError:
         return {"counter": 0, "trainer_step": 0}
+    except OSError as e:
+        raise CliError(f"--state {path}: cannot read ({e.strerror or e})") from None
     except ValueError:
-        raise SystemExit(f"device-agent: {path}: expected {{\"counter\": int, \"trainer_step\": int, ...}}; "
-                         "delete it only for a device that never trained in this fleet") from None
+        raise CliError(f"--state {path}: expected {{\"counter\": int, \"trainer_step\": int, ...}}; "
+                       "delete it only for a device that never trained in this fleet") from None
 
 
 def _persist_state(proto, path: Path, state: dict) -> None:

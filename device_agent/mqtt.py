@@ -259,10 +259,13 @@ class DeviceAgent:
     (many simulated devices share a small pool; each device still runs serially) or on a thread of its own.
     Each message is acknowledged only after the protocol handled it. On every (re)connect the protocol's
     ``Start`` is replayed, so the device re-announces itself (hello, status) after a broker restart.
+    ``log(what, detail)``, when given, receives every Note the protocol returns and every handler error as it
+    happens (the CLI prints them), besides the bounded ``notes`` history.
     """
 
     def __init__(self, url: BrokerURL, fleet: str, protocol, executor=None, client_id: str | None = None,
-                 will_delay: int = WILL_DELAY_S, keepalive: int = KEEPALIVE_S):
+                 will_delay: int = WILL_DELAY_S, keepalive: int = KEEPALIVE_S,
+                 log: Callable[[str, str], None] | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         from device_agent.wire.messages import full_topic
@@ -279,6 +282,8 @@ class DeviceAgent:
         self._handle_lock = threading.Lock()
         self.notes: deque = deque(maxlen=200)  # recent Note outputs and handler errors, newest last
         self.errors = 0
+        self.log = log
+        self.said_offline = False  # stop(graceful=True) published the offline status and the broker took it
         self.endpoint = MqttEndpoint(
             url, client_id or f"tinyfleet-{fleet}-{self.device_id}", [self._topic(t) for t in protocol.subscriptions()],
             self._on_message, will=(self._topic(will.topic), will.payload), on_connect=self._on_connect,
@@ -294,10 +299,20 @@ class DeviceAgent:
         if graceful and self.endpoint.connected.is_set():
             with self._handle_lock:
                 out = self.protocol.status("offline")
-            self.endpoint.publish(self._topic(out.topic), out.payload, out.retain).wait_for_publish(2)
+            info = self.endpoint.publish(self._topic(out.topic), out.payload, out.retain)
+            try:
+                info.wait_for_publish(2)
+                self.said_offline = info.is_published()
+            except (RuntimeError, ValueError):  # the connection went while publishing: the will covers it
+                self.said_offline = False
         self.endpoint.stop(graceful)
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _note(self, what: str, detail: str) -> None:
+        self.notes.append((what, detail))
+        if self.log is not None:
+            self.log(what, detail)
 
     def idle(self) -> bool:
         """Nothing queued or being handled."""
@@ -343,12 +358,12 @@ class DeviceAgent:
                     outputs = self.protocol.handle(event)
             except Exception as e:  # noqa: BLE001  NOTE: a bad message must not kill the device; it is logged and acked
                 self.errors += 1
-                self.notes.append(("error", f"{type(e).__name__}: {e}"))
+                self._note("error", f"{type(e).__name__}: {e}")
                 outputs = []
             for out in outputs:
                 if isinstance(out, Publish):
                     self.endpoint.publish(self._topic(out.topic), out.payload, out.retain)
                 else:
-                    self.notes.append((getattr(out, "what", type(out).__name__), getattr(out, "detail", "")))
+                    self._note(getattr(out, "what", type(out).__name__), getattr(out, "detail", ""))
             if ack is not None:
                 ack()

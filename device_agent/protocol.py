@@ -5,7 +5,9 @@ is a call into an injected trainer (the engine's ``Trainer``); encoding and deco
 injected :class:`DeviceCodec` (``device_agent.wire``). The machine is strict: a task for another plan, an older
 round or another model version, and a model update that is not newer than what it holds, change nothing (they
 come back as :class:`Note` outputs saying why). Personal tensors train but never leave: the delta covers the
-shared trainable tensors only, and a model update never overwrites personal ones.
+shared trainable tensors only, and a model update never overwrites personal ones. A task the device cannot train
+(another plan, a model hash it does not hold, no or bad samples, a trainer error) is answered with a ``failed``
+status naming the round, so the coordinator stops waiting for it (docs/protocol.md, "status").
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from device_agent.buffer import SampleBuffer
+from device_agent.samples import SampleError, check_batch, input_spec
 from device_agent.wire.delta import encode_delta, residual_after
 from device_agent.wire.errors import WireFormatError
 from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
@@ -102,7 +105,7 @@ class WireDeviceCodec:
     def decode_update(self, payload: bytes, held_version: int = -1,
                       held: dict[int, np.ndarray] | None = None) -> ModelUpdateView:
         try:
-            upd = ModelUpdate.from_bytes(payload, verify=self.verify)
+            upd = ModelUpdate.from_bytes(payload, verify=self.verify, plan=self.plan, plan_hash=self._hash)
             mh = bytes(upd.model_hash or b"").hex()
             if upd.form == Form.DIFF and (held is None or held_version != upd.base_version
                                           or upd.new_version <= held_version):
@@ -187,6 +190,8 @@ class DeviceProtocol:
         # coordinator refuses the last delta, everything it carried goes back into the residual
         self.residual: dict[int, np.ndarray] | None = None
         self._if_refused: dict[int, np.ndarray] | None = None
+        self.spec = input_spec(plan)
+        self.last_failure: tuple[int, str, str] | None = None  # (round, reason, detail) of the last failed task
 
     # --- topics ---------------------------------------------------------------------------------------------
 
@@ -202,9 +207,18 @@ class DeviceProtocol:
         s = Status(self.id.device_id, state, max(self.version, 0), len(self.buffer))
         return self._up("status", s.to_json(), retain=True)
 
+    def failed(self, round_id: int, reason: str, detail: str) -> list[DeviceOutput]:
+        """A Note ``reason`` carrying ``detail`` for the local log (the detail stays on the device), then a retained
+        ``failed`` status for ``round_id``: the coordinator counts the device out of that round."""
+        self.last_failure = (round_id, reason, detail)
+        s = Status(self.id.device_id, "failed", max(self.version, 0), len(self.buffer), round_id, reason)
+        return [Note(reason, f"round {round_id} failed: {detail}"), self._up("status", s.to_json(), retain=True)]
+
     def last_will(self) -> Publish:
-        """What the adapter registers as MQTT Last Will: a retained offline status."""
-        return self.status("offline")
+        """What the adapter registers as MQTT Last Will: a retained offline status without ``model_version`` and
+        ``samples`` (the broker keeps the will from connect time on, so they would be stale after an update)."""
+        s = Status(self.id.device_id, "offline", None, None)
+        return self._up("status", s.to_json(), retain=True)
 
     # --- events ---------------------------------------------------------------------------------------------
 
@@ -263,7 +277,8 @@ class DeviceProtocol:
             return [Note("bad_task", str(e))]
         assert isinstance(task, Task)
         if task.plan_hash != self.codec.plan_hash:
-            return [Note("wrong_plan", task.plan_hash[:16])]
+            return self.failed(task.round_id, "wrong_plan", f"task plan {task.plan_hash[:16]}, this device holds "
+                                                            f"{self.codec.plan_hash[:16]}: restart it with that plan")
         if task.round_id < self.last_round:
             return [Note("stale_task", f"round {task.round_id} < {self.last_round}")]
         if task.round_id == self.last_round and self.last_delta:
@@ -276,17 +291,27 @@ class DeviceProtocol:
         return self._run(task)
 
     def _run(self, task: Task) -> list[DeviceOutput]:
-        if task.model_version != self.version or task.model_hash != self.model_hash:
-            return [Note("stale_task", f"task model v{task.model_version}/{task.model_hash[:12]} != held "
-                                       f"v{self.version}/{self.model_hash[:12]}")]
+        if task.model_version != self.version:  # the model moved past the task's base: that round is over
+            return [Note("stale_task", f"task model v{task.model_version} != held v{self.version}")]
+        if task.model_hash != self.model_hash:
+            return self.failed(task.round_id, "wrong_model", f"task model v{task.model_version} hash "
+                                                             f"{task.model_hash[:12]}, held {self.model_hash[:12]}")
         if len(self.buffer) == 0:
-            return [Note("no_samples", f"round {task.round_id}")]
+            return self.failed(task.round_id, "no_samples", "the sample buffer is empty")
         self.trainer.load_trainable(self.base)  # train from the round's base, with this device's personal tensors
         rng = np.random.default_rng([self.seed, task.round_id])
-        for _ in range(task.local_steps):
-            x, y = self.buffer.batch(task.batch_size, rng)
-            self.trainer.train_step(x, y, task.lr)
-        trained = self.trainer.trainable_state()
+        try:
+            for _ in range(task.local_steps):
+                x, y = self.buffer.batch(task.batch_size, rng)
+                check_batch(self.spec, x, y)
+                self.trainer.train_step(x, y, task.lr)
+            trained = self.trainer.trainable_state()
+        except SampleError as e:
+            self.trainer.load_trainable(self.base)
+            return self.failed(task.round_id, "bad_samples", str(e))
+        except Exception as e:  # noqa: BLE001  NOTE: any trainer error ends this round for this device, not the device
+            self.trainer.load_trainable(self.base)
+            return self.failed(task.round_id, "train_error", f"{type(e).__name__}: {e}")
         new = {tid: trained[tid] for tid in self.shared_ids}
         self.counter += 1
         header = DeltaHeader(self.id.device_id, task.round_id, self.model_hash, self.counter, len(self.buffer))
@@ -310,7 +335,8 @@ class DeviceProtocol:
             return [Note("bad_ack", str(e))]
         assert isinstance(ack, Ack)
         self.last_ack = ack
-        out: list[DeviceOutput] = [Note("ack", f"round {ack.round_id}: {ack.reason}")]
+        why = f" ({ack.detail})" if ack.detail else ""  # the coordinator's words, e.g. the wire error of a refusal
+        out: list[DeviceOutput] = [Note("ack", f"round {ack.round_id}: {ack.reason}{why}")]
         if ack.accepted and self.last_delta and ack.content_hash == hashlib.sha256(self.last_delta).hexdigest():
             self._if_refused = None
         elif (not ack.accepted and self._if_refused is not None and self.last_delta

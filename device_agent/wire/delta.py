@@ -249,11 +249,22 @@ def _open(data: bytes, verify: Verifier) -> tuple[memoryview, int]:
     return open_blob(fmt, data, verify), fmt.version
 
 
-def delta_from_bytes(data: bytes, *, verify: Verifier | None = None) -> Delta:
-    """Parse a v2 (or v1) delta blob; raises :class:`WireFormatError` on bad input. ``verify``: unsigned by default."""
+def delta_from_bytes(data: bytes, *, verify: Verifier | None = None, plan: ir.Plan | None = None,
+                     plan_hash: bytes | None = None) -> Delta:
+    """Parse a v2 (or v1) delta blob; raises :class:`WireFormatError` on bad input. ``verify``: unsigned by default.
+
+    ``plan`` (with its ``plan_hash`` if the caller knows it): when the delta names this plan, a record for a
+    tensor that is not one of its shared trainable tensors, or of another size, is ``PLAN_MISMATCH`` before its
+    index section is read, so what the reader allocates is bounded by the plan. A delta naming another plan is
+    read with the format's bounds only (its allocations stay within a small multiple of its own length) and
+    left to the caller to refuse (the coordinator: ``WRONG_PLAN``).
+    """
     body, version = _open(data, verify or Verifier.unsigned())
     c = Cursor(body, "delta")
     round_id, samples, counter, base_hash, phash, id_len = c.unpack(DELTA_HEADER, "header")
+    expect = None
+    if plan is not None and bytes(phash) == (plan_hash or _plan_hash(plan)):
+        expect = S.shared_numel(plan)
     if samples < 1:
         raise WireFormatError(WireError.BAD_VALUE, "delta: sample_count must be >= 1, got 0")
     if not 1 <= id_len <= MAX_DEVICE_ID:
@@ -262,32 +273,40 @@ def delta_from_bytes(data: bytes, *, verify: Verifier | None = None) -> Delta:
     c.pad("device id")
     if not DEVICE_ID.fullmatch(raw_id):
         raise WireFormatError(WireError.BAD_STRING, f"delta: device id {raw_id!r} must match [A-Za-z0-9_.-]{{1,64}}")
-    tensors = read_records(c, version)
+    tensors = read_records(c, version, expect)
     c.end()
     return Delta(raw_id.decode("ascii"), round_id, base_hash, phash, counter, samples, tensors)
 
 
 def delta_from_records(records: bytes, *, device_id: str, round_id: int, base_hash: bytes, plan_hash: bytes,
-                       counter: int, sample_count: int, version: int = 1) -> Delta:
+                       counter: int, sample_count: int, version: int = 1, plan: ir.Plan | None = None) -> Delta:
     """A :class:`Delta` from a records section plus the bridge's header.
 
-    ``version`` is the records' layout: 1 (default) is what v1 firmware returns for GET_DELTA.
+    ``version`` is the records' layout: 1 (default) is what v1 firmware returns for GET_DELTA. ``plan``: the
+    records must name its shared trainable tensors with their sizes (``PLAN_MISMATCH`` otherwise).
     """
     c = Cursor(memoryview(bytes(records)), "delta records", base=0)
-    tensors = read_records(c, _fmt(version).version)
+    tensors = read_records(c, _fmt(version).version, None if plan is None else S.shared_numel(plan))
     c.end()
     return Delta(device_id, round_id, base_hash, plan_hash, counter, sample_count, tensors)
 
 
-def read_records(c: Cursor, version: int = DELTA.version) -> list[Record]:
-    """The records section at the cursor, in the given layout version."""
+def max_records_bytes(plan: ir.Plan) -> int:
+    """An upper bound of a records section for ``plan`` in either layout: count, then per shared tensor its
+    record header (16 bytes at most), u32 indices or a bitmap (4 bytes per value at most) and int32 values, padded."""
+    return 4 + sum(16 + 8 * n + 8 for n in S.shared_numel(plan).values())
+
+
+def read_records(c: Cursor, version: int = DELTA.version, expect: dict[int, int] | None = None) -> list[Record]:
+    """The records section at the cursor, in the given layout version; ``expect`` as in :func:`S.read_record`."""
     n = c.u32("tensor count")
     if n > MAX_TENSORS:
         raise WireFormatError(WireError.SIZE_OVERFLOW, f"{c.what}: {n} tensors, at most {MAX_TENSORS}")
     out: list[Record] = []
     prev = -1
     for i in range(n):
-        td = _read_v1(c, i, prev) if version == 1 else S.read_record(c, f"{c.what}: record {i}", DELTA_ENCODINGS, prev)
+        td = (_read_v1(c, i, prev, expect) if version == 1
+              else S.read_record(c, f"{c.what}: record {i}", DELTA_ENCODINGS, prev, expect))
         prev = td.tensor_id
         out.append(td)
     return out
@@ -300,7 +319,7 @@ _ENCODINGS = frozenset(int(e) for e in Encoding)
 _VALUE_DTYPES = frozenset(int(d) for d in _WIDTH)
 
 
-def _read_v1(c: Cursor, i: int, prev: int) -> Record:
+def _read_v1(c: Cursor, i: int, prev: int, expect: dict[int, int] | None = None) -> Record:
     tid, enc, dtype, reserved, numel, count = c.unpack(RECORD_V1, f"record {i}")
     what = f"{c.what}: record {i} (tensor {tid})"
     if tid <= prev:
@@ -313,6 +332,7 @@ def _read_v1(c: Cursor, i: int, prev: int) -> Record:
         raise WireFormatError(WireError.SIZE_OVERFLOW, f"{what}: numel {numel} outside [1, 2**31 - 1]")
     if (enc == Encoding.DENSE and count != numel) or count > numel:
         raise WireFormatError(WireError.BAD_LENGTH, f"{what}: count {count} for numel {numel}")
+    S.check_expected(expect, tid, numel, what)
     idx = None
     if enc == Encoding.TOPK:
         idx = c.array("<u4", count, f"{what} indices").astype(np.int64)

@@ -11,6 +11,7 @@ the format's.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -189,9 +190,14 @@ def varint_total(indices: np.ndarray) -> int:
     return total
 
 
-def read_record(c: Cursor, what: str, allowed: frozenset[Enc], prev: int = -1) -> Record:
+def read_record(c: Cursor, what: str, allowed: frozenset[Enc], prev: int = -1,
+                expect: Mapping[int, int] | None = None) -> Record:
     """One record at the cursor (``prev``: the previous record's tensor id); every check of docs/formats.md
     "Tensor record (v2)", in its order.
+
+    ``expect`` (tensor id -> numel, e.g. :func:`shared_numel` of the plan the record belongs to): a record naming
+    another tensor or another numel is ``PLAN_MISMATCH`` right after the 12-byte record header, before any index
+    section is read, so nothing the reader allocates is sized by more than the plan allows.
 
     NOTE: the canonical-form checks compare section sizes computed from counts (bitmap ``ceil(numel / 8)``,
     varint bytes of the gaps, ``numel * width``) instead of re-encoding the record: same verdicts, a fraction of
@@ -209,6 +215,7 @@ def read_record(c: Cursor, what: str, allowed: frozenset[Enc], prev: int = -1) -
         raise WireFormatError(WireError.SIZE_OVERFLOW, f"{what} (tensor {tid}): numel {numel} outside [1, 2**31 - 1]")
     if (enc == Enc.DENSE and count != numel) or count > numel:
         raise WireFormatError(WireError.BAD_LENGTH, f"{what} (tensor {tid}): count {count} for numel {numel}")
+    check_expected(expect, tid, numel, what)
     bitmap_bytes = pad4((numel + 7) // 8)
     idx = None
     index_bytes = 0
@@ -244,6 +251,24 @@ def read_record(c: Cursor, what: str, allowed: frozenset[Enc], prev: int = -1) -
         raise WireFormatError(WireError.NOT_CANONICAL,
                               f"{what} (tensor {tid}): DENSE where listing the non-zeros is smaller")
     return Record(tid, numel, values, idx, filled=enc not in SPARSE)
+
+
+def check_expected(expect: Mapping[int, int] | None, tid: int, numel: int, what: str) -> None:
+    """``PLAN_MISMATCH`` unless ``expect`` (None: anything goes) holds tensor ``tid`` with ``numel`` values."""
+    if expect is None:
+        return
+    want = expect.get(tid)
+    if want is None:
+        raise WireFormatError(WireError.PLAN_MISMATCH, f"{what}: tensor {tid} is not a shared trainable tensor of "
+                                                       f"the plan (expected one of {sorted(expect)[:8]})")
+    if numel != want:
+        raise WireFormatError(WireError.PLAN_MISMATCH, f"{what} (tensor {tid}): numel {numel}, the plan's tensor "
+                                                       f"has {want}")
+
+
+def shared_numel(plan: ir.Plan) -> dict[int, int]:
+    """Tensor id -> numel of every shared (non-personal) trainable tensor: what an update or delta may carry."""
+    return {t.id: t.numel for t in plan.trainable if not t.personal}
 
 
 def _filled_is_smaller(raw: np.ndarray, numel: int, width: int, bitmap_bytes: int, dense_bytes: int) -> bool:

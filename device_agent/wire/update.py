@@ -125,12 +125,20 @@ class ModelUpdate:
         return seal(UPDATE_V1, bytes(b.buf), signer)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, verify: Verifier) -> ModelUpdate:
-        """Parse a v2 (or v1) update blob; raises :class:`WireFormatError` on bad input (signature checked first)."""
+    def from_bytes(cls, data: bytes, *, verify: Verifier, plan: ir.Plan | None = None,
+                   plan_hash: bytes | None = None) -> ModelUpdate:
+        """Parse a v2 (or v1) update blob; raises :class:`WireFormatError` on bad input (signature checked first).
+
+        ``plan`` (with its ``plan_hash`` if the caller knows it): the plan the update must fit. Then an update for
+        another plan, a tensor that is not one of its shared trainable tensors, or a tensor size other than the
+        plan's is ``PLAN_MISMATCH`` before anything is expanded, so the reader allocates at most what the plan's
+        shared tensors take (int64). Without a plan only the format bound (:data:`MAX_UPDATE_VALUES`) applies.
+        """
         raw = bytes(data[:6]) if len(data) >= 16 else b""
         v1 = raw[:4] == UPDATE.magic and int.from_bytes(raw[4:6], "little") == 1
+        expect, want = (None, None) if plan is None else (S.shared_numel(plan), plan_hash or _plan_hash(plan))
         if v1:
-            u = cls._from_body_v1(open_blob(UPDATE_V1, data, verify))
+            u = cls._from_body_v1(open_blob(UPDATE_V1, data, verify), expect, want)
             u.model_hash = content_hash(bytes(data))
             return u
         c = Cursor(open_blob(UPDATE, data, verify), "model update")
@@ -144,11 +152,12 @@ class ModelUpdate:
                                                        "must exceed base, and a DIFF needs base >= 1")
         if n > MAX_TENSORS:
             raise WireFormatError(WireError.SIZE_OVERFLOW, f"model update: {n} tensors, at most {MAX_TENSORS}")
+        _check_plan_hash(phash, want)
         tensors: dict[int, np.ndarray] = {}
         prev = -1
         values_total = 0
         for i in range(n):
-            r = S.read_record(c, f"model update: record {i}", UPDATE_ENCODINGS, prev)
+            r = S.read_record(c, f"model update: record {i}", UPDATE_ENCODINGS, prev, expect)
             values_total += r.numel
             if values_total > MAX_UPDATE_VALUES:
                 raise WireFormatError(WireError.SIZE_OVERFLOW, f"model update: record {i} (tensor {r.tensor_id}) "
@@ -167,13 +176,14 @@ class ModelUpdate:
         return cls(base, new, phash, tensors, Form(form), mhash, UPDATE.version)
 
     @classmethod
-    def _from_body_v1(cls, body: memoryview) -> ModelUpdate:
+    def _from_body_v1(cls, body: memoryview, expect: dict[int, int] | None, want: bytes | None) -> ModelUpdate:
         c = Cursor(body, "model update")
         base, new, phash, n = c.unpack(UPDATE_HEADER_V1, "header")
         if new <= base:
             raise WireFormatError(WireError.BAD_VALUE, f"model update: new version {new} must exceed base {base}")
         if n > MAX_TENSORS:
             raise WireFormatError(WireError.SIZE_OVERFLOW, f"model update: {n} tensors, at most {MAX_TENSORS}")
+        _check_plan_hash(phash, want)
         tensors: dict[int, np.ndarray] = {}
         prev = -1
         for i in range(n):
@@ -187,11 +197,18 @@ class ModelUpdate:
                 raise WireFormatError(WireError.RESERVED_NONZERO, f"{what}: reserved bytes not zero")
             if count == 0 or count > MAX_NUMEL:
                 raise WireFormatError(WireError.SIZE_OVERFLOW, f"{what}: count {count} outside [1, 2**31 - 1]")
+            S.check_expected(expect, tid, count, what)
             dt = ir.DType(dtype)
             tensors[tid] = c.array(f"<i{ITEMSIZE[dt]}", count, what).astype(ir.DTYPE_NUMPY[dt])
             prev = tid
         c.end()
         return cls(base, new, phash, tensors, Form.FULL, None, 1)
+
+
+def _check_plan_hash(got: bytes, want: bytes | None) -> None:
+    if want is not None and bytes(got) != want:
+        raise WireFormatError(WireError.PLAN_MISMATCH, f"model update is for plan {bytes(got).hex()[:16]}..., this "
+                                                       f"plan is {want.hex()[:16]}...: load the right plan")
 
 
 _DTYPE_OF = {np.dtype(ir.DTYPE_NUMPY[d]).str: d for d in VALUE_DTYPES}

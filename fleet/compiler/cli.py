@@ -2,7 +2,8 @@
 
 It only parses arguments, loads inputs and calls :func:`fleet.compiler.compile.compile_plan`; it refuses to
 guess shapes it cannot know (a torch model needs ``--input-shape``) and reports an infeasible budget with the
-smallest one that would fit.
+smallest one that would fit. Every error is one line on stderr naming the cause (exit 2; an infeasible budget
+exits 1), never a traceback (``TINYFLEET_DEBUG=1`` shows it for an unexpected one).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +47,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _load_array(path: str, key: str) -> np.ndarray:
-    data = np.load(path)
-    if isinstance(data, np.ndarray):
-        return data
-    if key not in data:
-        raise ValueError(f"{path}: expected an array named {key!r}, found {sorted(data.files)}")
-    return data[key]
+class UsageError(ValueError):
+    """Bad input named by the user (a file, a flag, a model): one line for stderr, exit 2."""
+
+
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
+
+
+def _load_array(path: str, key: str, what: str) -> np.ndarray:
+    """Array ``key`` of the .npz at ``path`` (a .npy is the array itself); ``what`` names the flag."""
+    if not Path(path).is_file():
+        raise UsageError(f"{what} {path}: no such file")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            return data
+        with data:
+            if key not in data.files:
+                raise UsageError(f"{what} {path}: expected an array named {key!r}, found {sorted(data.files)}")
+            return data[key]
+    except UsageError:
+        raise
+    except _UNREADABLE as e:
+        raise UsageError(f"{what} {path}: not a readable .npy/.npz ({type(e).__name__}: {e})") from None
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in str(text).replace("x", ",").strip("()").split(",") if d.strip())
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise UsageError(f"--input-shape {text!r}: expected positive integers per sample, e.g. 6,128 or 1,28,28")
+    return dims
+
+
+def _torch_factory(spec: str):
+    mod, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"cannot load torch model {spec!r}: no module named {e.name!r} (is it on PYTHONPATH?)") \
+            from None
+    except AttributeError:
+        raise UsageError(f"cannot load torch model {spec!r}: module {mod!r} has no attribute {attr!r}") from None
+    except Exception as e:  # noqa: BLE001  NOTE: the user's module failed to import; say how, not where
+        raise UsageError(f"cannot load torch model {spec!r}: importing {mod!r} raised {type(e).__name__}: {e}") \
+            from None
+
+
+def _check_proxy(graph: ir.Graph, x: np.ndarray, y: np.ndarray) -> None:
+    """Proxy data the scheme search can train on: int8 ``(N >= 2, *input shape)``, labels in ``[0, K)``."""
+    shape = tuple(graph.tensors[graph.input_id].shape)
+    k = graph.tensors[graph.output_id].shape[0]
+    want = f"(N, {', '.join(map(str, shape))})"
+    if x.dtype != np.int8 or x.shape[1:] != shape:
+        raise UsageError(f"--proxy: x must be int8 {want}, quantized like the model's input; got {x.dtype} {x.shape}")
+    if len(x) < 2:
+        raise UsageError(f"--proxy: at least 2 samples needed (half train, half score), got {len(x)}")
+    if y.dtype.kind not in "iu" or y.shape != (len(x),):
+        raise UsageError(f"--proxy: y must be {len(x)} integer labels, got {y.dtype} {y.shape}")
+    if int(y.min()) < 0 or int(y.max()) >= k:
+        raise UsageError(f"--proxy: labels y must be class indices in [0, {k}), got range [{int(y.min())}, "
+                         f"{int(y.max())}]")
 
 
 def load_graph(args: argparse.Namespace) -> ir.Graph:
@@ -58,10 +118,16 @@ def load_graph(args: argparse.Namespace) -> ir.Graph:
     if spec.endswith(".pkl"):
         from .mit_import import import_mit, load_mit
 
-        if not Path(spec).exists():
-            raise ValueError(f"model file not found: {spec}")
+        if not Path(spec).is_file():
+            raise UsageError(f"model file not found: {spec}")
+        try:
+            cfg = load_mit(spec)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001  NOTE: torch.load of a damaged file raises many kinds
+            raise UsageError(f"{spec}: not a readable MIT model .pkl ({type(e).__name__}: {e})") from None
         if args.input_size is not None:
-            have = int(load_mit(spec)["first_conv"].get("in_shape", 128))
+            have = int(cfg["first_conv"].get("in_shape", 128))
             if have != args.input_size:
                 raise ValueError(f"{spec} was exported at {have}x{have}; --input-size {args.input_size} is not "
                                  f"supported (omit it or pass {have})")
@@ -71,26 +137,34 @@ def load_graph(args: argparse.Namespace) -> ir.Graph:
 
         from .torch_import import import_torch
 
-        mod, _, attr = spec.partition(":")
+        factory = _torch_factory(spec)
         try:
-            factory = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot load torch model {spec!r}: {e}") from None
-        model = factory().eval()
+            model = factory().eval()
+        except Exception as e:  # noqa: BLE001  NOTE: the user's constructor; say how it failed
+            raise UsageError(f"{spec}: building the model raised {type(e).__name__}: {e}") from None
         if args.calib:
-            calib = _load_array(args.calib, "x")
+            calib = _load_array(args.calib, "x", "--calib")
+            if calib.dtype.kind != "f" or calib.ndim < 2 or not np.isfinite(calib).all():
+                raise UsageError(f"--calib {args.calib}: expected a finite float batch (N, *input shape), got "
+                                 f"{calib.dtype} {calib.shape}")
         else:
             shape = args.input_shape or getattr(model, "input_shape", None)
             if shape is None:
-                raise ValueError(f"{spec}: pass --input-shape (per sample, e.g. 6,128 or 1,28,28) or --calib")
-            dims = tuple(int(d) for d in str(shape).replace("x", ",").strip("()").split(",") if d.strip())
-            calib = torch.randn(256, *dims, generator=torch.Generator().manual_seed(args.seed))
-        graph = import_torch(model, calib, name=type(model).__name__)
+                raise UsageError(f"{spec}: pass --input-shape (per sample, e.g. 6,128 or 1,28,28) or --calib")
+            calib = torch.randn(256, *_input_shape(shape), generator=torch.Generator().manual_seed(args.seed))
+        try:
+            graph = import_torch(model, calib, name=type(model).__name__)
+        except (RuntimeError, TypeError, IndexError) as e:  # the forward pass on the calibration batch failed
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"{spec}: running the model on a calibration batch of shape {tuple(calib.shape)} "
+                             f"failed ({first}): check --input-shape / --calib") from None
     else:
         raise ValueError(f"MODEL must be a .pkl file or 'package.module:Class', got {spec!r}")
     if args.classes is not None:
         from .quantize import new_classifier
 
+        if args.classes < 2:
+            raise UsageError(f"--classes must be >= 2, got {args.classes}")
         graph = new_classifier(graph, args.classes, seed=args.seed)
     return graph
 
@@ -114,38 +188,61 @@ def _auto_named(graph: ir.Graph, budget: int) -> tuple[ir.SparseScheme, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Compile, write ``-o``, print the report; exit 0, or 1 (budget) / 2 (bad input) with a message on stderr."""
+    """Compile, write ``-o``, print the report; exit 0, or 1 (budget) / 2 (bad input) with one line on stderr."""
     try:
-        board = load(BoardConfig, args.board)
-        budget = parse_size(args.budget) if args.budget else board.training_budget
-        graph = load_graph(args)
-        if args.scheme == "auto" and args.proxy:
-            px, py = _load_array(args.proxy, "x"), _load_array(args.proxy, "y")
-            scheme = search_scheme(graph, budget, px, py, seed=args.seed).scheme
-        elif args.scheme == "auto":
-            scheme = _auto_named(graph, budget)[0]
-        else:
-            scheme = named_scheme(graph, args.scheme)
-        c = compile_full(graph, scheme, fuse=not args.no_fuse)
-        check_budget(c.report, budget, scheme.name)
+        return _run(args)
     except BudgetError as e:
         print(f"tinyfleet compile: {e}", file=sys.stderr)
         if args.json:
             print(json.dumps({"error": "budget", "message": str(e), "required_bytes": e.required}))
         return 1
     except (ConfigError, SchemeError, ValueError, OSError) as e:
-        print(f"tinyfleet compile: {e}", file=sys.stderr)
+        print(f"tinyfleet compile: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if os.environ.get("TINYFLEET_DEBUG"):
+            raise
+        print(f"tinyfleet compile: unexpected {type(e).__name__}: {_one_line(e)} (TINYFLEET_DEBUG=1 shows where)",
+              file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = " / ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or text}"
+    return text or type(e).__name__
+
+
+def _run(args: argparse.Namespace) -> int:
+    board = load(BoardConfig, args.board)
+    try:
+        budget = parse_size(args.budget) if args.budget else board.training_budget
+    except ValueError as e:
+        raise UsageError(f"--budget: {e}") from None
+    graph = load_graph(args)
+    if args.scheme == "auto" and args.proxy:
+        px, py = _load_array(args.proxy, "x", "--proxy"), _load_array(args.proxy, "y", "--proxy")
+        _check_proxy(graph, px, py)
+        scheme = search_scheme(graph, budget, px, py, seed=args.seed).scheme
+    elif args.scheme == "auto":
+        scheme = _auto_named(graph, budget)[0]
+    else:
+        scheme = named_scheme(graph, args.scheme)
+    c = compile_full(graph, scheme, fuse=not args.no_fuse)
+    check_budget(c.report, budget, scheme.name)
     digest = ""
     if c.blob is not None:
         from device_agent.wire.plan import plan_hash
 
         digest = plan_hash(c.blob).hex()
-        if args.output:
+    if args.output:
+        if c.blob is None:
+            raise UsageError("the plan writer (device_agent.wire.plan) is unavailable")
+        try:
             Path(args.output).write_bytes(c.blob)
-    elif args.output:
-        print("tinyfleet compile: the plan writer (device_agent.wire.plan) is unavailable", file=sys.stderr)
-        return 2
+        except OSError as e:
+            raise UsageError(f"-o {args.output}: cannot write ({e.strerror or e})") from None
     out = {"model": graph.name, "board": board.name, "budget_bytes": budget, "scheme": scheme.name,
            "n_bias_update": scheme.n_bias_update, "weight_ratio": {str(k): v for k, v in scheme.weight_ratio.items()},
            "plan_hash": digest, "output": args.output, **c.report.as_dict()}
