@@ -83,7 +83,11 @@ class Registry:
             return None
         rec.online = status.state != "offline"
         rec.busy = status.state == "busy"
-        rec.model_version, rec.samples, rec.last_seen = status.model_version, status.samples, now
+        if status.model_version is not None:  # NOTE: the Last Will leaves both out (they would be stale)
+            rec.model_version = status.model_version
+        if status.samples is not None:
+            rec.samples = status.samples
+        rec.last_seen = now
         return rec
 
     def mark_offline(self, device_id: str) -> bool:

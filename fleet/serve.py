@@ -104,6 +104,7 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
     from fleet import round as rnd
     from fleet.coordinator import (
         Coordinator,
+        DeviceFailed,
         Dropped,
         RoundClosed,
         RoundRefused,
@@ -137,6 +138,9 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
                   f"{out.detail}", file=sys.stderr)
         elif isinstance(out, Dropped):
             drops(out)
+        elif isinstance(out, DeviceFailed):
+            print(f"tinyfleet serve: device {out.device_id} cannot train round {out.round_id}: {out.reason}",
+                  file=sys.stderr, flush=True)
 
     def coordinator() -> Coordinator:
         c = Coordinator(plan, _store(args.store), ccfg, time.time, codec)

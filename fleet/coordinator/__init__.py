@@ -8,6 +8,7 @@ from fleet.coordinator.deltas import RoundDeltas
 from fleet.coordinator.events import (
     Boot,
     CoordinatorConfig,
+    DeviceFailed,
     Dropped,
     Output,
     Received,
@@ -19,6 +20,6 @@ from fleet.coordinator.events import (
     plan_sram,
 )
 
-__all__ = ["Boot", "Codec", "CodecError", "Coordinator", "CoordinatorConfig", "DecodedDelta", "Dropped", "Output",
+__all__ = ["Boot", "Codec", "CodecError", "Coordinator", "CoordinatorConfig", "DecodedDelta", "DeviceFailed", "Dropped", "Output",
            "Received", "RoundClosed", "RoundDeltas", "RoundRefused", "StartRound", "Tick", "Verdict", "WireCodec",
            "encode_diff", "plan_sram"]

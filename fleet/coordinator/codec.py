@@ -79,7 +79,7 @@ class WireCodec:
 
     def decode_delta(self, payload: bytes, content_hash: str) -> DecodedDelta:
         try:
-            d = delta_from_bytes(payload, verify=self.verify)
+            d = delta_from_bytes(payload, verify=self.verify, plan=self.plan, plan_hash=self._hash)
             header = rnd.Upload(d.device_id, d.round_id, bytes(d.plan_hash).hex(), bytes(d.base_hash).hex(),
                                 d.counter, d.sample_count, content_hash)
             if bytes(d.plan_hash) != self._hash:  # a well-formed delta for another plan: the round rejects it

@@ -27,6 +27,7 @@ from fleet.coordinator.deltas import DeltaBook, RoundDeltas
 from fleet.coordinator.events import (
     Boot,
     CoordinatorConfig,
+    DeviceFailed,
     Dropped,
     Output,
     Received,
@@ -178,6 +179,11 @@ class Coordinator(Publication, DeltaBook):
             return self._machine(rnd.Rejoined(msg.device_id, now), now)  # ... incl. its task of the open round
         if msg.state == "offline":
             return self._machine(rnd.DeviceLost(msg.device_id, now), now) if ctl.lost else []
+        if msg.state == "failed":  # cannot train that round: for the open round, a dropout (stop waiting)
+            out: list[Output] = [DeviceFailed(msg.device_id, msg.round_id or 0, msg.reason or "")]
+            if msg.round_id == self.machine.round_id:
+                out += self._machine(rnd.DeviceLost(msg.device_id, now), now)
+            return out
         return self._catch_up(msg.device_id, msg.model_version)
 
     def _machine(self, event: object, now: float) -> list[Output]:

@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from device_agent.wire.messages import Ack, Publish
+from device_agent.wire.messages import Ack, Publish, ack_detail
 from fleet import aggregate as agg
 from fleet import round as rnd
 from fleet.coordinator.codec import CodecError, DecodedDelta
@@ -87,7 +87,8 @@ class DeltaBook:
     def _verdict(self, device_id: str, round_id: int, content_hash: str, reason: rnd.Reject | None, detail: str,
                  accepted: bool = False) -> list[Output]:
         name = "ok" if accepted else "duplicate" if reason is None else reason.name.lower()
-        ack = Ack(max(round_id, 0), content_hash, accepted or reason is None, name)
+        ack = Ack(max(round_id, 0), content_hash, accepted or reason is None, name,
+                  ack_detail(detail) if reason is not None and detail else None)
         return [Publish(f"dev/{device_id}/ack", ack.to_json()),
                 Verdict(device_id, round_id, name, int(reason or 0), detail)]
 

@@ -55,6 +55,16 @@ class Dropped:
 
 
 @dataclass(frozen=True)
+class DeviceFailed:
+    """Informational: a device reported it cannot train ``round_id`` (a ``failed`` status); if that is the open
+    round and it was selected, the round stops waiting for it."""
+
+    device_id: str
+    round_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class RoundClosed:
     """Informational: a round ended; ``version`` is the new model version when committed."""
 
@@ -73,7 +83,7 @@ class RoundRefused:
     detail: str
 
 
-Output = Publish | Verdict | Dropped | RoundClosed | RoundRefused
+Output = Publish | Verdict | Dropped | DeviceFailed | RoundClosed | RoundRefused
 
 
 @dataclass

@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from device_agent.engine.ir import DTYPE_NUMPY
-from device_agent.wire.messages import Ack, MessageError, Publish, Task
+from device_agent.wire.messages import Ack, MessageError, Publish, Task, ack_detail
 from fleet import round as rnd
 from fleet.coordinator import Boot, CodecError, Received, Tick, WireCodec, plan_sram
 from fleet.flower.records import GridErrorCode, node_id, reply_content, shared_tensors, state_from_arrays
@@ -205,6 +205,8 @@ class GridCore:
             return []
         if ctl.lost:
             self._lost(ev.device_id, now, f"{ev.device_id} went offline (Last Will)")
+        elif ctl.message.state == "failed" and ctl.message.round_id == self.machine.round_id:  # type: ignore[union-attr]
+            self._lost(ev.device_id, now, f"{ev.device_id} cannot train: {ctl.message.reason}")  # type: ignore[union-attr]
         return []
 
     def _lost(self, device_id: str, now: float, why: str) -> None:
@@ -251,7 +253,8 @@ class GridCore:
     def _ack(self, device_id: str, round_id: int, content_hash: str, reason: rnd.Reject | None, detail: str,
              ok: bool = False) -> list[Publish]:
         name = ("ok" if detail == "ok" else "duplicate") if reason is None else reason.name.lower()
-        return [Publish(f"dev/{device_id}/ack", Ack(max(round_id, 0), content_hash, ok, name).to_json())]
+        extra = ack_detail(detail) if reason is not None and detail else None
+        return [Publish(f"dev/{device_id}/ack", Ack(max(round_id, 0), content_hash, ok, name, extra).to_json())]
 
 
 def _num(cfg: ConfigRecord, keys: tuple[str, ...], default, kind: type):

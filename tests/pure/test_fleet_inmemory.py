@@ -578,3 +578,34 @@ def test_coordinator_link_batches_queued_messages_and_acks_after_commit():
     assert acked[-1] == 9 and link.errors and "batch of 1" in link.errors[-1]
     assert log[-1] == ["Received"] and not fail
     link.stop()
+
+
+def test_a_device_that_cannot_train_is_a_dropout_and_the_round_closes_before_its_deadline():
+    # Prepare: d00 has no samples, so it answers its task with a failed status
+    f = Fleet(n=4)
+    f.devices["d00"].buffer = SampleBuffer(64, PLAN.tensors[PLAN.input_id].shape)
+    f.boot()
+    # Execute: a round, without ever reaching the deadline
+    f.now += 10.0
+    f.send(co.StartRound())
+    f.pump()
+    # Assert: the round closed early with the three others, and the coordinator said why d00 was left out
+    (closed,) = f.closed()
+    assert closed.committed and closed.accepted == ("d01", "d02", "d03")
+    (failed,) = [i for i in f.infos if isinstance(i, co.DeviceFailed)]
+    assert (failed.device_id, failed.round_id, failed.reason) == ("d00", 1, "no_samples")
+
+
+def test_a_refused_delta_is_acked_with_the_wire_error_in_detail():
+    # Prepare
+    from device_agent.wire.messages import Ack, parse
+
+    f = Fleet()
+    f.boot()
+    f.now += 10.0
+    f.send(co.StartRound())
+    # Execute
+    out = f.send(co.Received("delta", "d00", b"TFDL" + bytes(40)))
+    # Assert: the device can learn why: lowercase reason, the reader's error in detail
+    (ack,) = [parse(o.payload, Ack) for o in out if isinstance(o, Publish)]
+    assert ack.reason == "malformed" and not ack.accepted and "WireError" in ack.detail
