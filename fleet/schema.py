@@ -109,10 +109,10 @@ class ModelConfig:
 class RateLimitsConfig:
     """Per-device limits on what devices publish; excess messages are refused before decoding (0: no limit)."""
 
-    control_per_s: float = 2.0  # hello + status messages per second, sustained
-    control_burst: float = 20.0
-    delta_per_s: float = 1.0
-    delta_burst: float = 10.0
+    control_per_s: float = 20.0  # hello + status messages per second, sustained (a simulated round can take 0.3 s)
+    control_burst: float = 100.0
+    delta_per_s: float = 10.0
+    delta_burst: float = 50.0
 
     def validate(self) -> list[str]:
         errs = [f"{k}: must be >= 0, got {getattr(self, k)}" for k in ("control_per_s", "delta_per_s")

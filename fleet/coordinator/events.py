@@ -104,8 +104,8 @@ class CoordinatorConfig:
     topk_permille: int = 0  # sent in every task: devices upload the top k = ceil(numel * permille / 1000) per
     #                        tensor (error feedback keeps the rest for later rounds); 0 = every coordinate
     dp: DPConfig | None = None  # central DP: clip each delta, add Gaussian noise to the sum, account epsilon
-    control_limit: RateLimit = field(default_factory=lambda: RateLimit(2.0, 20.0))  # hello+status per device/s
-    delta_limit: RateLimit = field(default_factory=lambda: RateLimit(1.0, 10.0))  # deltas per device/s (0: off)
+    control_limit: RateLimit = field(default_factory=lambda: RateLimit(20.0, 100.0))  # hello+status per device/s
+    delta_limit: RateLimit = field(default_factory=lambda: RateLimit(10.0, 50.0))  # deltas per device/s (0: off)
 
 
 def plan_sram(plan) -> int:

@@ -13,7 +13,7 @@ import sys
 
 from tests.conftest import ROOT, require_cmd
 
-SCENARIOS = {"broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "device_restart", "device_kill",
+SCENARIOS = {"broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "poison", "device_restart", "device_kill",
              "device_hang"}
 
 

@@ -609,3 +609,18 @@ def test_a_refused_delta_is_acked_with_the_wire_error_in_detail():
     # Assert: the device can learn why: lowercase reason, the reader's error in detail
     (ack,) = [parse(o.payload, Ack) for o in out if isinstance(o, Publish)]
     assert ack.reason == "malformed" and not ack.accepted and "WireError" in ack.detail
+
+
+def test_a_flooding_device_is_rate_limited_before_decoding_and_the_others_are_not():
+    # Prepare
+    f = Fleet(n=3)
+    f.boot()
+    burst = int(f.cfg.control_limit.burst)
+    # Execute: a flood of (undecodable) hellos from d00 at one instant, then one valid hello from d01
+    outs = [f.send(co.Received("hello", "d00", b"[" * 900)) for _ in range(burst + 20)]
+    other = f.send(co.Received("hello", "d01", b"{"))
+    # Assert: the first `burst` were judged (and refused as bad JSON), the rest refused unread; d01 unaffected
+    details = [o[0].detail for o in outs]
+    assert all("rate limited" not in d for d in details[:burst])
+    assert all(d.startswith("rate limited") for d in details[burst:])
+    assert "rate limited" not in other[0].detail
