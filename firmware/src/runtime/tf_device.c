@@ -7,7 +7,10 @@
 
 #define ALIGN_STORE 64u
 
-static uint32_t al(uint32_t n, uint32_t a) { return (n + a - 1) / a * a; }
+static uint32_t al(uint32_t n, uint32_t a) { return (n + a - 1) / a * a; } /* n <= 2^32 - a only */
+
+/* n bytes fit at `at` in a region ending at `end`: overflow-safe (at <= end first, then n <= end - at). */
+static int fits(uint32_t at, uint32_t n, uint32_t end) { return at <= end && n <= end - at; }
 static tf_dev_result res(uint8_t st, uint32_t detail) {
     tf_dev_result r = {st, detail};
     return r;
@@ -144,21 +147,20 @@ static void base_from_plan(tf_device *d) {
 static void layout_after_plan(tf_device *d) {
     tf_tensor_info tin;
     tensor_info(d, d->rt.plan.input_id, &tin);
-    uint32_t shared_bytes = 0, n_shared = 0;
+    uint64_t shared_bytes = 0; /* NOTE: 64-bit sums: every term is < 2^32, n_tensors <= 65535 */
     for (uint32_t i = 0; i < d->rt.plan.n_tensors; i++) {
         tf_tensor_info t;
         tensor_info(d, (int32_t)i, &t);
         if (is_shared(&t)) {
-            shared_bytes += al(t.nbytes, 4) + 12;
-            n_shared++;
+            shared_bytes += (uint64_t)t.nbytes + 3 + 12;
         }
     }
-    d->upd_off = al(d->plan_len, ALIGN_STORE);
-    const uint32_t upd_est = al(16 + 44 + shared_bytes + 64 + 4, ALIGN_STORE);
-    d->sample_bytes = al(tin.nbytes, 4);
-    const uint32_t used = d->upd_off + upd_est;
-    uint32_t cap = used < d->store_size ? (d->store_size - used) / d->sample_bytes : 0;
-    d->sample_cap = cap > TF_MAX_SAMPLES ? TF_MAX_SAMPLES : cap;
+    d->upd_off = al(d->plan_len, ALIGN_STORE); /* plan_len <= store_size, a multiple of 64 */
+    const uint64_t used = (uint64_t)d->upd_off + 16 + 44 + shared_bytes + 64 + 4 + ALIGN_STORE;
+    /* the input is an arena tensor (arena <= pool), but the slot size is bounded here too */
+    d->sample_bytes = tin.nbytes > d->store_size ? 0 : al(tin.nbytes, 4);
+    uint64_t cap = used < d->store_size && d->sample_bytes ? (d->store_size - used) / d->sample_bytes : 0;
+    d->sample_cap = cap > TF_MAX_SAMPLES ? TF_MAX_SAMPLES : (uint32_t)cap;
     d->samples_at = d->store_size - d->sample_cap * d->sample_bytes;
     d->samples_held = d->sample_head = d->sample_got = d->sample_total = 0;
     memset(d->sample_valid, 0, sizeof(d->sample_valid));
@@ -167,7 +169,6 @@ static void layout_after_plan(tf_device *d) {
     d->upd_len = 0;
     d->model_version = 0;
     d->delta_ready = 0;
-    (void)n_shared;
 }
 
 static int load_runtime(tf_device *d, const uint8_t *blob, uint32_t n, tf_plan *plan, uint32_t *detail,
@@ -284,7 +285,7 @@ tf_dev_result tf_device_boot(tf_device *d) {
         return res(TF_ST_ERR_STATE, 0); /* nothing provisioned: wait for LOAD_PLAN */
     }
     const uint32_t len = tf_ld_u32(d->store + 8);
-    if (len < 20 || len > d->store_size) {
+    if (len < 20 || len > d->store_size) { /* the plan lies inside the store */
         return res(TF_ST_ERR_FORMAT, TF_WE_BAD_LENGTH);
     }
     d->xfer_at = 0, d->xfer_total = len;
@@ -296,8 +297,8 @@ tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_
     if (cmd == TF_CMD_LOAD_UPDATE && !d->has_plan) {
         return res(TF_ST_ERR_STATE, 0);
     }
-    if (offset != 0 && d->xfer_cmd == cmd && offset == d->xfer_last_off && offset + n == d->xfer_got &&
-        total == d->xfer_total) {
+    if (offset != 0 && d->xfer_cmd == cmd && offset == d->xfer_last_off && offset <= d->xfer_got &&
+        n == d->xfer_got - offset && total == d->xfer_total) {
         *received = d->xfer_got; /* the bridge re-sent the last chunk: idempotent */
         return res(TF_ST_OK, 0);
     }
@@ -309,9 +310,9 @@ tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_
             if (total > d->store_size) {
                 return res(TF_ST_ERR_NO_MEMORY, d->store_size);
             }
-            if (d->has_plan && free_lo + total <= free_hi) {
+            if (d->has_plan && fits(free_lo, total, free_hi)) {
                 d->xfer_at = free_lo;
-            } else if (d->has_plan && free_lo + total <= d->store_size) {
+            } else if (d->has_plan && fits(free_lo, total, d->store_size)) {
                 d->xfer_at = free_lo;
                 d->samples_held = d->samples_stored = 0; /* staging runs over the samples */
                 memset(d->sample_valid, 0, sizeof(d->sample_valid));
@@ -320,11 +321,13 @@ tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_
                 d->has_plan = 0; /* does not fit beside the current plan: it is replaced */
             }
         } else {
-            const uint32_t lo = al(d->upd_off + (d->has_update ? d->upd_len : 0), ALIGN_STORE);
-            if (d->upd_off + total > d->samples_at) {
-                return res(TF_ST_ERR_NO_MEMORY, d->samples_at - d->upd_off);
+            /* NOTE: overflow-safe: `upd_off + total > samples_at` wrapped for total near 2^32, and the chunks
+             * that followed were written past the store (where a real board keeps its key slot) */
+            if (!fits(d->upd_off, total, d->samples_at)) {
+                return res(TF_ST_ERR_NO_MEMORY, d->upd_off <= d->samples_at ? d->samples_at - d->upd_off : 0);
             }
-            d->xfer_at = lo + total <= d->samples_at ? lo : d->upd_off;
+            const uint32_t lo = al(d->upd_off + (d->has_update ? d->upd_len : 0), ALIGN_STORE);
+            d->xfer_at = fits(lo, total, d->samples_at) ? lo : d->upd_off;
             if (d->xfer_at == d->upd_off && d->has_update) {
                 d->has_update = 0;
                 d->base_lost = 1;
@@ -334,9 +337,10 @@ tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_
     } else if (d->xfer_cmd != cmd || offset != d->xfer_got || total != d->xfer_total) {
         return res(TF_ST_ERR_STATE, d->xfer_cmd == cmd ? d->xfer_got : 0);
     }
-    if (n > total - offset) {
+    if (offset > total || n > total - offset) { /* offset == xfer_got <= total here; kept for the reader */
         return res(TF_ST_ERR_BAD_PAYLOAD, 0);
     }
+    /* invariant: xfer_at + total <= store_size (checked at offset 0), so [xfer_at + offset, + n) is inside */
     memcpy(d->store + d->xfer_at + offset, chunk, n); /* NOTE: flash program on a real board */
     d->xfer_last_off = offset;
     d->xfer_got = offset + n;
@@ -359,10 +363,11 @@ tf_dev_result tf_device_push_sample(tf_device *d, uint32_t offset, uint32_t tota
     }
     tf_tensor_info tin;
     tensor_info(d, d->rt.plan.input_id, &tin);
-    if (total != tin.nbytes || n > total - offset) {
+    if (total != tin.nbytes || total > d->sample_bytes || offset > total || n > total - offset) {
         return res(TF_ST_ERR_BAD_PAYLOAD, 0);
     }
-    if (offset != 0 && offset == d->sample_last_off && offset + n == d->sample_got && d->sample_total == total) {
+    if (offset != 0 && offset == d->sample_last_off && offset <= d->sample_got && n == d->sample_got - offset &&
+        d->sample_total == total) {
         *received = d->sample_got;
         return res(TF_ST_OK, 0);
     }
@@ -439,8 +444,8 @@ tf_dev_result tf_device_store_samples(tf_device *d, uint32_t first, uint32_t off
     if (first >= d->sample_cap || total / rec > d->sample_cap - first) {
         return res(TF_ST_ERR_NO_MEMORY, d->sample_cap);
     }
-    if (offset != 0 && offset == d->batch_last_off && offset + n == d->batch_got && total == d->batch_total &&
-        first == d->batch_first) {
+    if (offset != 0 && offset == d->batch_last_off && offset <= d->batch_got && n == d->batch_got - offset &&
+        total == d->batch_total && first == d->batch_first) {
         *received = d->batch_got; /* the bridge re-sent the last chunk: idempotent */
         return res(TF_ST_OK, 0);
     }
@@ -576,8 +581,13 @@ static int build_record(tf_device *d, int32_t id, uint32_t k, tf_delta_rec *r) {
     if (!w_all) {
         return TF_WE_BAD_VALUE; /* a delta beyond int32 (as Python's narrowest_dtype refuses) */
     }
-    const uint32_t dense = 16 + al(r->numel * (uint32_t)w_all, 4);
-    r->enc = 1, r->width = (uint8_t)w_all, r->count = r->numel, r->size = dense;
+    /* NOTE: 64-bit sizes: numel < 2^31 and width <= 4 (the tensor's data lies in the plan, so it fits 32 bits
+     * in practice; the record refuses rather than wraps if it ever did not) */
+    const uint64_t dense = 16 + (((uint64_t)r->numel * (uint32_t)w_all + 3) & ~3ull);
+    if (dense > 0xFFFFFFFFull) {
+        return TF_WE_SIZE_OVERFLOW;
+    }
+    r->enc = 1, r->width = (uint8_t)w_all, r->count = r->numel, r->size = (uint32_t)dense;
     if (!k) {
         return TF_WE_OK;
     }
@@ -614,8 +624,9 @@ static int build_record(tf_device *d, int32_t id, uint32_t k, tf_delta_rec *r) {
         }
     }
     s.width = (uint8_t)width_of(slo, shi);
-    s.size = 16 + 4 * s.count + al(s.count * s.width, 4);
-    if (s.size < dense) {
+    const uint64_t sparse = 16 + 4ull * s.count + (((uint64_t)s.count * s.width + 3) & ~3ull); /* count <= numel */
+    if (sparse < dense) {
+        s.size = (uint32_t)sparse;
         *r = s;
     }
     return TF_WE_OK;
@@ -693,7 +704,7 @@ tf_dev_result tf_device_delta(tf_device *d, uint32_t offset, uint32_t max_len, u
     }
     if (offset == 0) {
         d->delta_n = 0;
-        uint32_t pos = 4;
+        uint64_t pos = 4; /* NOTE: 64-bit sum of record sizes, refused above 2^32 - 1 */
         for (uint32_t i = 0; i < d->rt.plan.n_tensors; i++) {
             tf_tensor_info t;
             tensor_info(d, (int32_t)i, &t);
@@ -713,10 +724,13 @@ tf_dev_result tf_device_delta(tf_device *d, uint32_t offset, uint32_t max_len, u
             if (e) {
                 return res(TF_ST_ERR_FORMAT, (uint32_t)e);
             }
-            r->start = pos;
+            r->start = (uint32_t)pos;
             pos += r->size;
+            if (pos > 0xFFFFFFFFull) {
+                return res(TF_ST_ERR_FORMAT, TF_WE_SIZE_OVERFLOW);
+            }
         }
-        d->delta_total = pos;
+        d->delta_total = (uint32_t)pos;
         d->delta_ready = 1;
         d->it_rec = -1;
     } else if (!d->delta_ready) {
