@@ -293,6 +293,11 @@ static int read_op(cur *c, uint32_t nt) {
     return size == c->pos - start ? TF_WE_OK : TF_WE_BAD_LENGTH;
 }
 
+/* Exact byte size of `numel` elements (numel <= 2^31: at most 2^33 bytes, no wrap in 64 bits). */
+static uint64_t nbytes64(uint32_t dtype, uint64_t numel) {
+    return dtype == TF_DT_MASK ? (numel + 7) / 8 : numel * (dtype == TF_DT_INT16 ? 2u : dtype == TF_DT_INT32 ? 4u : 1u);
+}
+
 void tf_plan_tensor(const tf_plan *p, int32_t id, tf_tensor_info *t) {
     const uint8_t *r = p->blob + p->tensors_off + (uint32_t)id * TF_PLAN_TENSOR_REC;
     t->kind = r[0], t->dtype = r[1], t->rank = r[2], t->flags = r[3];
@@ -314,8 +319,8 @@ void tf_plan_tensor(const tf_plan *p, int32_t id, tf_tensor_info *t) {
     t->scales_off = tf_ld_u32(r + 32);
     t->data_off = tf_ld_u32(r + 36);
     t->data_len = tf_ld_u32(r + 40);
-    uint64_t nb = t->dtype == TF_DT_MASK ? (numel + 7) / 8 : numel * (t->dtype == TF_DT_INT16 ? 2u : t->dtype == TF_DT_INT32 ? 4u : 1u);
-    t->nbytes = nb > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)nb;
+    const uint64_t nb = nbytes64(t->dtype, numel);
+    t->nbytes = nb > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)nb; /* saturated: only for tensors the reader refuses */
 }
 
 static int read_tensor(cur *c, const tf_plan *p, int32_t i) {
@@ -349,7 +354,10 @@ static int read_tensor(cur *c, const tf_plan *p, int32_t i) {
     if (t.dtype == TF_DT_INT8 && (t.zero_point < -128 || t.zero_point > 127)) {
         return TF_WE_BAD_VALUE;
     }
-    if (t.offset != -1 && (t.offset < 0 || (uint64_t)(uint32_t)t.offset + t.nbytes > p->arena_bytes)) {
+    /* NOTE: the exact size, not t.nbytes: that saturates at 2^32 - 1, which a data_len of 0xFFFFFFFF would
+     * "match" (an INT32 tensor of 2^30 elements is 2^32 bytes: BAD_LENGTH, as in Python) */
+    const uint64_t nbytes = nbytes64(t.dtype, (uint64_t)t.numel);
+    if (t.offset != -1 && (t.offset < 0 || (uint64_t)(uint32_t)t.offset + nbytes > p->arena_bytes)) {
         return TF_WE_OUT_OF_ARENA;
     }
     if (t.n_scales != 1 && !(t.rank >= 1 && t.n_scales == tf_ld_u32(r + 4))) {
@@ -369,16 +377,16 @@ static int read_tensor(cur *c, const tf_plan *p, int32_t i) {
     }
     c->pos += 4 * t.n_scales;
     if (t.kind == TF_K_CONST || t.kind == TF_K_TRAINABLE) {
-        if (t.data_len != t.nbytes) {
+        if ((uint64_t)t.data_len != nbytes) {
             return TF_WE_BAD_LENGTH;
         }
         if (t.data_off != c->pos) {
             return TF_WE_BAD_OFFSET;
         }
-        if (need(c, t.nbytes)) {
+        if (need(c, nbytes)) {
             return TF_WE_TRUNCATED;
         }
-        c->pos += t.nbytes;
+        c->pos += (uint32_t)nbytes; /* <= end - pos (need) */
         return pad4(c);
     }
     return (t.data_off || t.data_len) ? TF_WE_BAD_VALUE : TF_WE_OK;
