@@ -210,7 +210,7 @@ def size_edges(blob: bytes) -> list[bytes]:
                 TENSOR_REC.pack_into(b, at, kind, dtype, rank, flags, *dims, zp, o, n_scales, s_off, d_off, d_len)
                 out.append(reseal(bytes(b) + b"\0\0\0\0"))
             continue
-        c = n_scales if n_scales > 1 else 1
+        c = max(1, n_scales)
         for numel in (2**30, 2**30 + 1, 2**31 - 1):
             rest = -(-numel // c)
             nb = c * rest * width
