@@ -1,7 +1,7 @@
 /* The device's plan store (flash-like, tf_device.h): LOAD_PLAN / LOAD_UPDATE chunks staged in free space and
  * checked before they replace anything, the plan adopted at boot, the base model update (the delta base) and
  * the store layout after a plan. Every offset and size from a frame is checked overflow-safe before a byte is
- * written; it does not read the blobs itself (src/wire/ does) nor touch the sample slots' contents. */
+ * written; it parses no blob itself (src/wire/ does) and only drops samples when a plan is staged over them. */
 #include <string.h>
 
 #include "tf_device_int.h"
