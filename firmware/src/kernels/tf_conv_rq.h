@@ -118,6 +118,14 @@ static inline int32_t rqf_pre(const rqf_t *f, int32_t acc) { return tf_mmla(acc,
 
 static inline int32_t rqf_sat8(int32_t v) { return tf_sat8(v); }
 
+/* rqf_t of a per-channel rq_t, for a kernel whose |acc| is at most taps * TF_RQF_TAP at every partial sum */
+static inline int rqf_of(rqf_t *q, const tf_conv_params *p, const rq_t *r, int32_t taps) {
+    return rqf_init(q, p, r->mult, r->shift, r->bias, (int64_t)taps * TF_RQF_TAP);
+}
+
+#define TF_AI inline __attribute__((always_inline))
+#define TF_PACK16(a, b) (((uint32_t)(a) & 0xFFFFu) | ((uint32_t)(b) << 16))
+
 /* Instantiates name##_impl (always inline, last two parameters fast and has_mask) for the four cases. */
 #define TF_DISPATCH(impl, rp, mask, ...)                                                                            \
     ((rp)->shift >= 33 ? ((mask) ? impl(__VA_ARGS__, 1, 1) : impl(__VA_ARGS__, 1, 0))                              \
