@@ -107,7 +107,7 @@ def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, cl
             comp = compile_full(graph, ladder[rung])
             plan, blob = comp.plan, comp.blob
             tin = plan.tensors[plan.input_id]
-            # the board's store: plan + one base-update slot + at least one sample (tf_device.c layout_after_plan)
+            # the board's store: plan + one base-update slot + at least one sample (firmware/src/device/tf_device_store.c layout_after_plan)
             upd = 16 + 44 + sum(12 + -(-t.nbytes // 4) * 4 for t in plan.trainable) + 68
             fits = pool_need(plan) <= pool and -(-len(blob) // 64) * 64 + -(-upd // 64) * 64 + tin.nbytes <= store
             if fits:

@@ -24,6 +24,7 @@ from device_agent.wire import frames as F
 from device_agent.wire.delta import DELTA, DELTA_V1, read_records
 from device_agent.wire.envelope import Cursor, open_blob
 from device_agent.wire.errors import WireError, WireFormatError
+from device_agent.wire.messages import MESSAGES, MessageError, parse
 from device_agent.wire.plan import PLAN
 from device_agent.wire.update import UPDATE, UPDATE_V1, update_hash
 
@@ -128,5 +129,24 @@ def envelope_target(data: bytes) -> None:
                 content_hash(blob)
 
 
+def messages_target(data: bytes) -> None:
+    """The JSON control-message parser (``device_agent.wire.messages.parse``): bytes from any MQTT client.
+
+    Only :class:`MessageError` is a refusal; anything else escaping parse (e.g. RecursionError from json.loads
+    on deeply nested arrays, ``b"[" * 995``) is a crash the fuzzer reports. Accepted messages round-trip."""
+    try:
+        msg = parse(data)
+    except MessageError:
+        return
+    assert type(msg) in MESSAGES.values(), f"parse returned {type(msg).__name__}"
+    again = msg.to_json()
+    assert parse(again) == msg, "message: accepted message does not round-trip"
+    for cls in MESSAGES.values():  # the typed entry point refuses other types with MessageError only
+        try:
+            parse(data, expect=cls)
+        except MessageError:
+            pass
+
+
 TARGETS = {"plan": plan_target, "update": update_target, "delta": delta_target, "frames": frames_target,
-           "envelope": envelope_target}
+           "envelope": envelope_target, "messages": messages_target}

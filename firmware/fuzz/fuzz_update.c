@@ -1,4 +1,4 @@
-/* libFuzzer target: the board's model update reader (TFUP v1, tf_update_read_only in tf_device.c) under
+/* libFuzzer target: the board's model update reader (TFUP v1, tf_update_read_only in src/wire/tf_update_read.c) under
  * ASan/UBSan, under both signature policies and resealed (own length, fresh CRC, unsigned) so mutated bodies
  * reach the record checks. */
 #include <stddef.h>

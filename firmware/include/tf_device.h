@@ -1,5 +1,6 @@
-/* The device behind the UART commands, sans I/O: the plan store (flash-like), the runtime, private samples, the
- * model update reader and the streamed delta records section. tf_proto.c unpacks frames and calls these.
+/* The device behind the UART commands, sans I/O: the plan store (flash-like), the runtime, private samples,
+ * training and the streamed delta records section. tf_proto.c unpacks frames and calls these; the code is in
+ * src/device/ (store, samples, train, delta), the format readers and the delta writer in src/wire/.
  *
  * Store layout (the board's flash minus the firmware, tf_board_store): the plan at offset 0 (used in place),
  * then the base model update (the last applied TFUP blob: the delta base), then free space for staging incoming
@@ -15,20 +16,6 @@
 
 /* prepare errors are reported as ERR_FORMAT with wire_error = TF_PREP_ERROR_BASE + tf_runtime error */
 #define TF_PREP_ERROR_BASE 256
-
-typedef struct {
-    int32_t id;
-    uint8_t enc, dtype, width, _pad;
-    uint32_t numel, count;
-    uint32_t thresh, quota; /* TOPK: |v| > thresh, or |v| == thresh for the first `quota` such indices */
-    uint32_t start, size;   /* record position in the records section, bytes */
-} tf_delta_rec;
-
-typedef struct {
-    uint32_t elem, ties; /* next element to look at, ties taken so far */
-    uint32_t j;          /* selected elements returned so far */
-    uint32_t last;       /* the element returned last (rank j - 1) */
-} tf_sel_iter;
 
 typedef struct tf_device_s {
     tf_runtime rt;
@@ -95,7 +82,5 @@ tf_dev_result tf_device_train(tf_device *d, uint32_t steps, int32_t lr_m, int32_
 /* GET_DELTA: chunk [offset, offset + max_len) of the records section (built when offset == 0). */
 tf_dev_result tf_device_delta(tf_device *d, uint32_t offset, uint32_t max_len, uint32_t topk_permille,
                               uint8_t *out, uint32_t *n, uint32_t *total);
-/* The model update reader alone (envelope + body, no plan checks), for tests. */
-int tf_update_read_only(const uint8_t *blob, uint32_t n, const tf_verify *v);
 
 #endif /* TF_DEVICE_H */

@@ -85,6 +85,47 @@ const char *tf_op_attr_spec(uint32_t type);
 /* i-th string (0 plan name, 1 scheme, 2.. tensors, then ops): pointer + length. */
 const char *tf_plan_string(const tf_plan *p, uint32_t index, uint32_t *len);
 
+/* ---- model update (TFUP v1, src/wire/tf_update_read.c) */
+typedef struct {
+    uint32_t base_version, new_version, n_tensors;
+    const uint8_t *plan_hash; /* 32 bytes */
+    const uint8_t *records;   /* first record: tensor_id u32 | dtype u8 | 0 u8 | 0 u16 | count u32 | values | pad4 */
+} tf_update_view;
+
+/* Envelope + body checks (no plan checks: those are the device's, PLAN_MISMATCH); fills *u on OK. */
+int tf_update_read(const uint8_t *blob, uint32_t n, const tf_verify *v, tf_update_view *u);
+/* The same, for tests and the differential tool. */
+int tf_update_read_only(const uint8_t *blob, uint32_t n, const tf_verify *v);
+
+/* ---- delta records section (docs/formats.md "Delta", src/wire/tf_delta_write.c), streamed byte by byte */
+typedef struct {
+    int32_t id;
+    uint8_t enc, dtype, width, _pad;
+    uint32_t numel, count;
+    uint32_t thresh, quota; /* TOPK: |v| > thresh, or |v| == thresh for the first `quota` such indices */
+    uint32_t start, size;   /* record position in the records section, bytes */
+} tf_delta_rec;
+
+typedef struct {
+    uint32_t elem, ties; /* next element to look at, ties taken so far */
+    uint32_t j;          /* selected elements returned so far */
+    uint32_t last;       /* the element returned last (rank j - 1) */
+} tf_sel_iter;
+
+/* Where a tensor's delta comes from: new values cur[id] minus base values base[id] (shapes: the plan's). */
+typedef struct {
+    const tf_plan *plan;
+    const uint8_t *const *cur;
+    const uint8_t *const *base;
+} tf_delta_src;
+
+/* Plans record r of tensor id: DENSE, or TOPK of k elements (k > 0) when smaller. WireError (BAD_VALUE: a delta
+ * beyond int32; SIZE_OVERFLOW: a record above 2^32 - 1 bytes). */
+int tf_delta_record(const tf_delta_src *s, int32_t id, uint32_t k, tf_delta_rec *r);
+/* Byte pos of record r (header, TOPK indices, values, zero pad); the iterators resume the selection scan. */
+uint8_t tf_delta_record_byte(const tf_delta_src *s, const tf_delta_rec *r, tf_sel_iter *it_idx, tf_sel_iter *it_val,
+                             uint32_t pos);
+
 /* Little-endian loads from a byte pointer (no alignment assumption). */
 static inline uint32_t tf_ld_u32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;

@@ -189,6 +189,52 @@ def test_resealed_cuts_and_mutations_agree(decode_cli, fmt):
     assert compare(decode_cli, fmt, "unsigned", blobs) > 300
 
 
+def size_edges(blob: bytes) -> list[bytes]:
+    """Every CONST / TRAINABLE tensor of a valid unsigned plan re-shaped to sizes whose byte count passes 2^31 or
+    2^32 (numel 2^30, 2^30 + 1, 2^31 - 1 as (n_scales, rest)), each with data_bytes 0xFFFFFFFF, the size mod 2^32
+    and the true size: the readers must compare sizes exactly (C once saturated at 0xFFFFFFFF and said BAD_OFFSET
+    where Python says BAD_LENGTH); plus arena offsets near 2^31 for the arena tensors. Resealed: right CRC."""
+    from device_agent.wire.plan import PLAN_HEADER, TENSOR_REC
+
+    body = bytearray(blob[:-4])
+    nt, n_ratios = PLAN_HEADER.unpack_from(body, 16)[0], PLAN_HEADER.unpack_from(body, 16)[8]
+    table = 16 + PLAN_HEADER.size + 8 * n_ratios
+    out = []
+    for i in range(nt):
+        at = table + i * TENSOR_REC.size
+        kind, dtype, rank, flags, *dims, zp, off, n_scales, s_off, d_off, d_len = TENSOR_REC.unpack_from(body, at)
+        width = {1: 1, 2: 2, 3: 4}.get(dtype)
+        if kind in (1, 2, 3, 4) or width is None:  # activation-like: offsets near the arena's limits instead
+            for o in (0x7FFFFFFF, 0x7FFFFFFF - 3, -2):
+                b = bytearray(body)
+                TENSOR_REC.pack_into(b, at, kind, dtype, rank, flags, *dims, zp, o, n_scales, s_off, d_off, d_len)
+                out.append(reseal(bytes(b) + b"\0\0\0\0"))
+            continue
+        c = max(1, n_scales)
+        for numel in (2**30, 2**30 + 1, 2**31 - 1):
+            rest = -(-numel // c)
+            nb = c * rest * width
+            for dl, do in ((0xFFFFFFFF, d_off), (0xFFFFFFFF, d_off + 4), (nb & 0xFFFFFFFF, d_off),
+                           (min(nb, 0xFFFFFFFF) - 1, d_off)):
+                b = bytearray(body)
+                shape = (c, rest, 0, 0) if c > 1 else (rest, 0, 0, 0)
+                TENSOR_REC.pack_into(b, at, kind, dtype, 2 if c > 1 else 1, flags, *shape, zp, off, n_scales, s_off,
+                                     do, dl)
+                out.append(reseal(bytes(b) + b"\0\0\0\0"))
+    return [b for b in out if b is not None]
+
+
+def test_size_edges_agree(decode_cli):
+    """Huge declared tensor sizes: C and Python give the same error code for every one (item: INT32 CONST of
+    numel >= 2^30 with data_bytes = 0xFFFFFFFF is BAD_LENGTH in both)."""
+    _, valid = vectors("plan")
+    blobs = [b for blob in valid["unsigned"] for b in size_edges(blob)]
+    assert len(blobs) > 50
+    assert compare(decode_cli, "plan", "unsigned", blobs, all_refused=True)
+    int32_edge = [b for b in blobs if verdict("plan", b, POLICY["unsigned"]) == "err 4"]
+    assert int32_edge, "the corpus must hold the BAD_LENGTH case of a 2^32-byte tensor"
+
+
 def _frames() -> list[bytes]:
     return [f for f in (VECTORS / "uart_frames.bin").read_bytes().split(b"\0") if f]
 

@@ -412,7 +412,7 @@ static int try_pw4(const tf_conv_params *p, const tf_per_channel_quant *q, const
     int32_t b[4];
     for (int32_t j = 0; j < 4; j++) {
         b[j] = bias ? bias[co + j] : 0;
-        if (!rqf_init(&f[j], p, q->mult[co + j], q->shift[co + j], b[j], cin * 255 * 128)) {
+        if (!rqf_init(&f[j], p, q->mult[co + j], q->shift[co + j], b[j], (int64_t)cin * TF_RQF_TAP)) {
             return 0;
         }
     }

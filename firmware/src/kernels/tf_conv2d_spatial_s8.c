@@ -1,7 +1,6 @@
 /* CONV2D forward, spatial kernels called by tf_conv2d_s8.c: KxK with stride and zero-point padding and the 3x3
  * depthwise case (__SMLAD paths for stride 1 and 2; small planes through a padded copy), one output channel per
- * call; and the whole 3x3 conv with C_in <= 4 (the first conv) as one window patch per pixel for every output
- * channel. It does no 1x1 convs and keeps every result identical to the reference (device_agent/engine). */
+ * call (the first conv's patch path: tf_conv2d_patch_s8.c). It does no 1x1 convs and keeps every result identical to the reference (device_agent/engine). */
 #include "tf_conv_rq.h"
 #include "tf_dsp.h"
 
@@ -28,47 +27,19 @@ static inline int32_t window(const int8_t *x, const int8_t *w, int32_t cin, int3
     return acc;
 }
 
-#define TF_AI inline __attribute__((always_inline))
-#define TF_PACK16(a, b) (((uint32_t)(a) & 0xFFFFu) | ((uint32_t)(b) << 16))
-
-/* Requantization of the common case, shift >= 33 and output range [-128, 127] (every MbV2 / Proxyless / MCUNet
- * layer), with the bias added to acc up front: y = sat8(hi32((acc + bias) mult + c 2^32) >> (shift - 32)), the
- * same numbers as putf() (tf_conv_rq.h). NOTE: 2^(shift-1) + zy 2^shift = c 2^32 exactly for shift >= 33, and
- * floor((v + zy 2^s) / 2^s) = floor(v / 2^s) + zy, so one smmla gives the high word and one ssat clamps.
- * |bias| <= 2^30 keeps acc + bias in int32 (|acc| <= 2 taps 2^14 < 2^27 for at most TF_RQ8_TERMS taps);
- * shift <= 52 keeps c in int32. */
-#define TF_RQ8_TERMS 4096
-typedef struct {
-    int32_t mult, c, sh, bias; /* c = 2^(shift-33) + zy 2^(shift-32), sh = shift - 32 */
-} rq8_t;
-
-static inline int rq8_init(rq8_t *q, const rq_t *r) {
-    if (r->shift < 33 || r->shift > 52 || r->lo != -128 || r->hi != 127 || r->mult <= 0 || r->out_off > 256 ||
-        r->out_off < -256) {
-        return 0;
-    }
-    const int64_t bm = r->cb - TF_POW2_I64(r->shift - 1); /* bias * mult, exactly */
-    if (bm % r->mult != 0 || bm / r->mult > TF_POW2_I64(30) || bm / r->mult < -TF_POW2_I64(30)) {
-        return 0;
-    }
-    q->mult = r->mult;
-    q->c = (int32_t)(TF_POW2_I64(r->shift - 33) + (int64_t)r->out_off * TF_POW2_I64(r->shift - 32));
-    q->sh = r->shift - 32;
-    q->bias = (int32_t)(bm / r->mult);
-    return 1;
-}
+/* The fast requantization (rqf_t, tf_conv_rq.h) takes acc + bias: the kernels below start acc at the bias. */
 
 /* tf_sat8, tf_mmla: tf_conv_rq.h */
 
-/* Writes y[i] (and mask bit i) from acc: s8 (rq8 above: acc includes the bias), fast and has_mask are constants
+/* Writes y[i] (and mask bit i) from acc: s8 (rqf: acc includes the bias), fast and has_mask are constants
  * per instance. */
-static TF_AI void put8(const rq_t *r, const rq8_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i,
+static TF_AI void put8(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i,
                        int32_t acc, int s8, int fast, int has_mask) {
     if (!s8) {
         putf(r, y, mask, bits, i, acc, fast, has_mask);
         return;
     }
-    const int32_t pre = tf_mmla(acc, q->mult, q->c) >> q->sh, yv = tf_sat8(pre);
+    const int32_t pre = tf_mmla(acc, q->mult, q->k) >> q->t, yv = tf_sat8(pre);
     y[i] = (int8_t)yv;
     if (has_mask) {
         *bits |= (uint32_t)(yv == pre) << (i & 7);
@@ -80,14 +51,14 @@ static TF_AI void put8(const rq_t *r, const rq8_t *q, int8_t *y, uint8_t *mask, 
 }
 
 /* put8 of outputs i and i + 1: with a mask, both bits join the byte in one step. */
-static TF_AI void put8x2(const rq_t *r, const rq8_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i,
+static TF_AI void put8x2(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i,
                          int32_t a0, int32_t a1, int s8, int fast, int has_mask) {
     if (!s8 || !has_mask) {
         put8(r, q, y, mask, bits, i, a0, s8, fast, has_mask);
         put8(r, q, y, mask, bits, i + 1, a1, s8, fast, has_mask);
         return;
     }
-    const int32_t p0 = tf_mmla(a0, q->mult, q->c) >> q->sh, p1 = tf_mmla(a1, q->mult, q->c) >> q->sh;
+    const int32_t p0 = tf_mmla(a0, q->mult, q->k) >> q->t, p1 = tf_mmla(a1, q->mult, q->k) >> q->t;
     const int32_t y0 = tf_sat8(p0), y1 = tf_sat8(p1);
     const uint32_t k = (uint32_t)i & 7;
     y[i] = (int8_t)y0;
@@ -104,7 +75,7 @@ static TF_AI void put8x2(const rq_t *r, const rq8_t *q, int8_t *y, uint8_t *mask
     }
 }
 
-/* Instantiates impl (last parameters s8, fast, has_mask) for the rq8 cases and the four putf cases. */
+/* Instantiates impl (last parameters s8, fast, has_mask) for the rqf cases and the four putf cases. */
 #define TF_DISPATCH8(impl, s8, rp, mask, ...)                                                                       \
     ((s8) ? ((mask) ? impl(__VA_ARGS__, 1, 1, 1) : impl(__VA_ARGS__, 1, 1, 0))                                      \
           : TF_DISPATCH(impl, rp, mask, __VA_ARGS__, 0))
@@ -141,16 +112,16 @@ static TF_AI int32_t edge3(const int8_t *x, const int8_t *w, int32_t iw, int32_t
 
 /* Depthwise 3x3 for one channel: rows outside x read a row of zero points (x - zx = 0 there), so only the
  * left and right edge columns need bounds; every window uses sum x * w + off * sum w. */
-static TF_AI int32_t dw3_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_params *p, const int8_t *xc,
+static TF_AI int32_t dw3_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_params *p, const int8_t *xc,
                               const int8_t *wc, int32_t ih_n, int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff,
                               int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i, int s8, int fast,
                               int has_mask) {
     const rq_t rl = *rp, *r = &rl; /* NOTE: local copies, as in pointwise() */
-    const rq8_t ql = *qp, *q = &ql;
+    const rqf_t ql = *qp, *q = &ql;
     uint32_t bv = *bitsp, *bits = &bv;
     int8_t zrow[TF_DW_ROW];
     const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset, pw = p->pad_w;
-    const int32_t b0 = s8 ? q->bias : 0; /* rq8 takes acc + bias */
+    const int32_t b0 = s8 ? q->bias : 0; /* rqf takes acc + bias */
     for (int32_t i = 0; i < iw_n; i++) {
         zrow[i] = (int8_t)-off;
     }
@@ -239,12 +210,12 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_par
  * wp <= TF_DW_PITCH used bytes), so every window is interior: no edge columns, no per-row pointer choice.
  * NOTE: on 8 x 8 and 4 x 4 planes the edges and per-row set-up of dw3_impl cost more than the windows; the
  * constant pitch makes the three rows of a window immediate offsets of one pointer (fewer registers). */
-static TF_AI int32_t dw3p_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_params *p, const int8_t *xc,
+static TF_AI int32_t dw3p_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_params *p, const int8_t *xc,
                                const int8_t *wc, int32_t ih_n, int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t hp,
                                int32_t wp, int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i,
                                int s8, int fast, int has_mask) {
     const rq_t rl = *rp, *r = &rl;
-    const rq8_t ql = *qp, *q = &ql;
+    const rqf_t ql = *qp, *q = &ql;
     uint32_t bv = *bitsp, *bits = &bv;
     uint32_t buf32[TF_DW_PAD / 4];
     int8_t *buf = (int8_t *)buf32;
@@ -268,7 +239,7 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_pa
             dst[k] = src[k];
         }
     }
-    woff += s8 ? q->bias : 0; /* rq8 takes acc + bias */
+    woff += s8 ? q->bias : 0; /* rqf takes acc + bias */
     const int32_t w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5], w6 = wc[6], w7 = wc[7],
                   w8 = wc[8];
     const uint32_t w02 = TF_PACK16(w0, w2), w35 = TF_PACK16(w3, w5), w68 = TF_PACK16(w6, w8);
@@ -321,8 +292,8 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_pa
 int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, const int8_t *wc, int32_t ih_n,
                     int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask,
                     uint32_t *bitsp, int32_t out_i) {
-    rq8_t q = {0, 0, 0, 0};
-    const int s8 = rq8_init(&q, rp);
+    rqf_t q = {0, 0, 0, 0};
+    const int s8 = rqf_of(&q, p, rp, 9);
     /* padded plane: every window's rows and columns, + 1 column read by the two-output steps, rounded to words */
     const int32_t hp = (oh_n - 1) * p->stride_h + 3, wp = ((ow_n - 1) * p->stride_w + 4 + 3) & ~3;
     if (wp <= TF_DW_PITCH && hp * TF_DW_PITCH <= TF_DW_PAD) {
@@ -338,18 +309,18 @@ int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, c
 /* 3x3 stride-2 conv, cin <= TF_S2_CIN input channels, for one output channel (the first conv): the cin x 3
  * kernel rows of an output row are pointers (a row of zero points above and below x, as in dw3_impl), two
  * outputs per step (row3s2); only the padded edge columns take the per-tap path. */
-static TF_AI int32_t conv3s2_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_params *p, const int8_t *xg,
+static TF_AI int32_t conv3s2_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_params *p, const int8_t *xg,
                                   const int8_t *wc, int32_t cin, int32_t ih_n, int32_t iw_n, int32_t oh_n,
                                   int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp,
                                   int32_t out_i, int s8, int fast, int has_mask) {
     const rq_t rl = *rp, *r = &rl;
-    const rq8_t ql = *qp, *q = &ql;
+    const rqf_t ql = *qp, *q = &ql;
     uint32_t bv = *bitsp, *bits = &bv;
     int8_t zrow[TF_DW_ROW];
     const int8_t *row[TF_S2_CIN * 3]; /* (cin, 3) row pointers of the current output row */
     uint32_t wp[TF_S2_CIN * 3][2];    /* (cin, 3) kernel rows as ((w0, w2) int16 pair, w1) */
     const int32_t sh = p->stride_h, off = p->input_offset, pw = p->pad_w, nr = cin * 3, plane = ih_n * iw_n;
-    const int32_t b0 = s8 ? q->bias : 0; /* rq8 takes acc + bias */
+    const int32_t b0 = s8 ? q->bias : 0; /* rqf takes acc + bias */
     woff += b0;
     for (int32_t i = 0; i < iw_n; i++) {
         zrow[i] = (int8_t)-off;
@@ -396,14 +367,14 @@ static TF_AI int32_t conv3s2_impl(const rq_t *rp, const rq8_t *qp, const tf_conv
 }
 
 /* KH x KW (stride, padding) for one output channel: interior windows without bounds checks. */
-static TF_AI int32_t spatial_impl(const rq_t *rp, const rq8_t *qp, const tf_conv_params *p, const int8_t *xg,
+static TF_AI int32_t spatial_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_params *p, const int8_t *xg,
                                   const int8_t *wc, int32_t cin_g, int32_t ih_n, int32_t iw_n, int32_t kh_n,
                                   int32_t kw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask,
                                   uint32_t *bitsp, int32_t out_i, int s8, int fast, int has_mask) {
     const rq_t rl = *rp, *r = &rl; /* NOTE: local copies, as in pointwise() */
-    const rq8_t ql = *qp, *q = &ql;
+    const rqf_t ql = *qp, *q = &ql;
     uint32_t bv = *bitsp, *bits = &bv;
-    const int32_t b0 = s8 ? q->bias : 0; /* rq8 takes acc + bias */
+    const int32_t b0 = s8 ? q->bias : 0; /* rqf takes acc + bias */
     woff += b0;
     const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset, plane = ih_n * iw_n;
     const int dw3 = cin_g == 1 && kh_n == 3 && kw_n == 3;
@@ -464,221 +435,12 @@ static TF_AI int32_t spatial_impl(const rq_t *rp, const rq8_t *qp, const tf_conv
 int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *xg, const int8_t *wc, int32_t cin_g,
                         int32_t ih_n, int32_t iw_n, int32_t kh_n, int32_t kw_n, int32_t oh_n, int32_t ow_n,
                         int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i) {
-    rq8_t q = {0, 0, 0, 0};
-    const int s8 = cin_g * kh_n * kw_n <= TF_RQ8_TERMS && rq8_init(&q, rp);
+    rqf_t q = {0, 0, 0, 0};
+    const int s8 = rqf_of(&q, p, rp, cin_g * kh_n * kw_n);
     if (kh_n == 3 && kw_n == 3 && p->stride_w == 2 && cin_g <= TF_S2_CIN && iw_n <= TF_DW_ROW) {
         return TF_DISPATCH8(conv3s2_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, oh_n, ow_n, woff, y,
                             mask, bitsp, out_i);
     }
     return TF_DISPATCH8(spatial_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, kh_n, kw_n, oh_n, ow_n,
                         woff, y, mask, bitsp, out_i);
-}
-
-/* ---- 3x3 conv with few input channels (the first conv): one window patch, every output channel ---- */
-
-#define TF_PATCH_CIN 4 /* most input channels */
-#define TF_PATCH_NP ((9 * TF_PATCH_CIN + 1) / 2) /* int16 pairs of a TF_PATCH_CIN x 3 x 3 window */
-#define TF_PATCH_CO 8  /* output channels per pass over x (packed weights on the stack: 8 x 18 words) */
-
-/* Slot of tap (ci, kh, kw) among a window's int16 values, in the order sxtb16 delivers them: per channel
- * (x0, x2) of rows 0, 1, 2 and (x1 of row 0, x1 of row 1); then x1 of row 2 of every channel; a zero pads the
- * odd last pair. */
-static inline int32_t patch_slot(int32_t cin, int32_t ci, int32_t kh, int32_t kw) {
-    if (kw != 1) {
-        return ci * 8 + kh * 2 + (kw >> 1);
-    }
-    return kh < 2 ? ci * 8 + 6 + kh : cin * 8 + ci;
-}
-
-/* acc + a.lo b.lo + a.hi b.hi (int16 halves) */
-static inline int32_t dot2(uint32_t a, uint32_t b, int32_t acc) {
-#if TF_USE_DSP
-    return tf_smlad(a, b, acc);
-#else
-    return acc + (int16_t)(a & 0xFFFFu) * (int16_t)(b & 0xFFFFu) + (int16_t)(a >> 16) * (int16_t)(b >> 16);
-#endif
-}
-
-/* Window (ci, ih0..ih0+2, iw0..iw0+2) of x as int16 pairs in patch_slot order, pair j at pp[2 j] (two windows
- * interleave); taps over the padding are zx. */
-static __attribute__((noinline)) void patch_slow(uint32_t *pp, const int8_t *xg, int32_t cin, int32_t ih_n,
-                                                 int32_t iw_n, int32_t ih0, int32_t iw0, int32_t off) {
-    int16_t t[2 * TF_PATCH_NP];
-    const int32_t np = (9 * cin + 1) / 2;
-    t[2 * np - 1] = 0;
-    for (int32_t ci = 0; ci < cin; ci++) {
-        for (int32_t kh = 0; kh < 3; kh++) {
-            for (int32_t kw = 0; kw < 3; kw++) {
-                const int32_t ih = ih0 + kh, iw = iw0 + kw;
-                const int in = ih >= 0 && ih < ih_n && iw >= 0 && iw < iw_n;
-                t[patch_slot(cin, ci, kh, kw)] = (int16_t)(in ? xg[(ci * ih_n + ih) * iw_n + iw] : -off);
-            }
-        }
-    }
-    for (int32_t j = 0; j < np; j++) {
-        pp[2 * j] = TF_PACK16(t[2 * j], t[2 * j + 1]);
-    }
-}
-
-#if TF_USE_DSP
-/* The same for a window inside x with one readable byte after each row (iw0 + 4 <= iw_n): a word per row. */
-static TF_AI void patch_fast(uint32_t *pp, const int8_t *xw, int32_t cin, int32_t plane, int32_t iw_n) {
-    uint32_t *left = pp + 8 * cin, pend = 0;
-    for (int32_t ci = 0; ci < cin; ci++, xw += plane) {
-        const uint32_t v0 = tf_load_u32(xw), v1 = tf_load_u32(xw + iw_n), v2 = tf_load_u32(xw + 2 * iw_n);
-        pp[8 * ci] = tf_sxtb16(v0);
-        pp[8 * ci + 2] = tf_sxtb16(v1);
-        pp[8 * ci + 4] = tf_sxtb16(v2);
-        pp[8 * ci + 6] = tf_pkhbt(tf_sxtb16_ror8(v0), tf_sxtb16_ror8(v1));
-        const uint32_t o2 = tf_sxtb16_ror8(v2);
-        if (ci & 1) {
-            left[2 * (ci >> 1)] = tf_pkhbt(pend, o2);
-        } else {
-            pend = o2;
-        }
-    }
-    if (cin & 1) {
-        left[2 * (cin >> 1)] = pend & 0xFFFFu;
-    }
-}
-#endif
-
-/* Output channels [co0, co0 + nco) (nco even: a zero-weight channel pads an odd count, never written) over
- * every window, two neighbouring windows x two channels per step: each window's patch is built once and dotted
- * with every channel's packed weights (wt: (nco / 2, np, 2) int16 pairs, channel pairs interleaved; rq[c].bias
- * holds bias + the zx term). cin is a constant where it pays (the first conv's 3). */
-static TF_AI void patch_pass(const tf_conv_params *p, const int8_t *xg, int32_t cin, int32_t ih_n, int32_t iw_n,
-                             int32_t oh_n, int32_t ow_n, const uint32_t *wt, const rq8_t *rq, int32_t nco,
-                             int32_t nout, int8_t *yc) {
-    uint32_t pp[TF_PATCH_NP][2] __attribute__((aligned(8))); /* (np, 2): pair j of windows a and b */
-    const int32_t np = (9 * cin + 1) / 2, oplane = oh_n * ow_n, off = p->input_offset;
-    const int32_t sh = p->stride_h, sw = p->stride_w;
-#if TF_USE_DSP
-    const int32_t plane = ih_n * iw_n;
-#endif
-    for (int32_t oh = 0; oh < oh_n; oh++) {
-        const int32_t ih0 = oh * sh - p->pad_h;
-        const int rows_in = ih0 >= 0 && ih0 + 3 <= ih_n;
-        for (int32_t ow = 0; ow < ow_n; ow += 2) {
-            const int two = ow + 1 < ow_n;
-            for (int32_t k = 0; k < 2; k++) { /* a lone last window is built twice, written once */
-                const int32_t iw0 = (ow + (two ? k : 0)) * sw - p->pad_w;
-#if TF_USE_DSP
-                if (rows_in && iw0 >= 0 && iw0 + 4 <= iw_n) {
-                    patch_fast(&pp[0][k], xg + ih0 * iw_n + iw0, cin, plane, iw_n);
-                    continue;
-                }
-#endif
-                (void)rows_in;
-                patch_slow(&pp[0][k], xg, cin, ih_n, iw_n, ih0, iw0, off);
-            }
-            int8_t *yo = yc + oh * ow_n + ow;
-            const uint32_t *wk = wt;
-            for (int32_t c = 0; c < nco; c += 2, wk += 2 * np, yo += 2 * oplane) {
-                int32_t a0 = rq[c].bias, a1 = a0, b0 = rq[c + 1].bias, b1 = b0;
-#if TF_USE_DSP
-                if (np == 14) { /* NOTE: the compiler reloads and spills here; ldrd pairs keep it at 6 per pair */
-                    const uint32_t *pj = &pp[0][0], *wj = wk;
-                    uint32_t xa, xb, wa, wb;
-                    __asm__(".rept 14\n\t"
-                            "ldrd %[xa], %[xb], [%[pj]], #8\n\t"
-                            "ldrd %[wa], %[wb], [%[wj]], #8\n\t"
-                            "smlad %[a0], %[xa], %[wa], %[a0]\n\t"
-                            "smlad %[a1], %[xb], %[wa], %[a1]\n\t"
-                            "smlad %[b0], %[xa], %[wb], %[b0]\n\t"
-                            "smlad %[b1], %[xb], %[wb], %[b1]\n\t"
-                            ".endr"
-                            : [a0] "+r"(a0), [a1] "+r"(a1), [b0] "+r"(b0), [b1] "+r"(b1), [pj] "+r"(pj), [wj] "+r"(wj),
-                              [xa] "=&r"(xa), [xb] "=&r"(xb), [wa] "=&r"(wa), [wb] "=&r"(wb)
-                            :
-                            : "memory");
-                } else
-#endif
-                {
-                    for (int32_t j = 0; j < np; j++) {
-                        const uint32_t xa = pp[j][0], xb = pp[j][1], wa = wk[2 * j], wb = wk[2 * j + 1];
-                        a0 = dot2(xa, wa, a0);
-                        a1 = dot2(xb, wa, a1);
-                        b0 = dot2(xa, wb, b0);
-                        b1 = dot2(xb, wb, b1);
-                    }
-                }
-                yo[0] = (int8_t)tf_sat8(tf_mmla(a0, rq[c].mult, rq[c].c) >> rq[c].sh);
-                if (two) {
-                    yo[1] = (int8_t)tf_sat8(tf_mmla(a1, rq[c].mult, rq[c].c) >> rq[c].sh);
-                }
-                if (c + 1 < nout) {
-                    yo[oplane] = (int8_t)tf_sat8(tf_mmla(b0, rq[c + 1].mult, rq[c + 1].c) >> rq[c + 1].sh);
-                    if (two) {
-                        yo[oplane + 1] = (int8_t)tf_sat8(tf_mmla(b1, rq[c + 1].mult, rq[c + 1].c) >> rq[c + 1].sh);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/* NOTE: out of line, so their stack frames are not added to tf_conv_patch3's (1 KB frame limit) */
-static __attribute__((noinline)) void patch_pass3(const tf_conv_params *p, const int8_t *xg, int32_t ih_n,
-                                                  int32_t iw_n, int32_t oh_n, int32_t ow_n, const uint32_t *wt,
-                                                  const rq8_t *rq, int32_t nco, int32_t nout, int8_t *yc) {
-    patch_pass(p, xg, 3, ih_n, iw_n, oh_n, ow_n, wt, rq, nco, nout, yc);
-}
-static __attribute__((noinline)) void patch_passn(const tf_conv_params *p, const int8_t *xg, int32_t cin,
-                                                  int32_t ih_n, int32_t iw_n, int32_t oh_n, int32_t ow_n,
-                                                  const uint32_t *wt, const rq8_t *rq, int32_t nco, int32_t nout,
-                                                  int8_t *yc) {
-    patch_pass(p, xg, cin, ih_n, iw_n, oh_n, ow_n, wt, rq, nco, nout, yc);
-}
-
-/* CONV2D 3x3, groups 1, cin <= TF_PATCH_CIN, no mask, every channel in rq8 range: the whole conv (returns 1),
- * else 0 and the caller takes the per-channel path. Shapes as tf_conv2d_s8 (checked by it). */
-int tf_conv_patch3(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims, const int8_t *x,
-                   const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims,
-                   int8_t *y, const uint8_t *mask) {
-    const int32_t cin = w_dims->c, cout = w_dims->n;
-    if (mask || p->groups != 1 || w_dims->h != 3 || w_dims->w != 3 || cin > TF_PATCH_CIN || cout < 2) {
-        return 0;
-    }
-    for (int32_t co = 0; co < cout; co++) {
-        rq_t r;
-        rq8_t q8;
-        rq_init(&r, p, q->mult[co], q->shift[co], bias ? bias[co] : 0);
-        if (!rq8_init(&q8, &r)) {
-            return 0;
-        }
-    }
-    const int32_t np = (9 * cin + 1) / 2, oplane = y_dims->h * y_dims->w;
-    uint32_t wt[TF_PATCH_CO * TF_PATCH_NP];
-    rq8_t rq[TF_PATCH_CO];
-    for (int32_t co0 = 0; co0 < cout; co0 += TF_PATCH_CO) {
-        const int32_t nout = cout - co0 < TF_PATCH_CO ? cout - co0 : TF_PATCH_CO, nco = (nout + 1) & ~1;
-        for (int32_t c = 0; c < nco; c++) {
-            int16_t t[2 * TF_PATCH_NP] = {0};
-            if (c < nout) {
-                const int8_t *wc = w + (co0 + c) * cin * 9; /* (C_in, 3, 3) */
-                for (int32_t ci = 0; ci < cin; ci++) {
-                    for (int32_t k = 0; k < 9; k++) {
-                        t[patch_slot(cin, ci, k / 3, k % 3)] = wc[ci * 9 + k];
-                    }
-                }
-                rq_t r;
-                rq_init(&r, p, q->mult[co0 + c], q->shift[co0 + c], bias ? bias[co0 + c] : 0);
-                (void)rq8_init(&rq[c], &r);
-                rq[c].bias += p->input_offset * tf_sum_s8(wc, cin * 9); /* the zx term, as woff */
-            } else {
-                rq[c] = rq[c - 1]; /* the padding channel: computed, never written */
-            }
-            for (int32_t j = 0; j < np; j++) { /* channel pairs interleaved: (c / 2, j, c % 2) */
-                wt[((c >> 1) * np + j) * 2 + (c & 1)] = TF_PACK16(t[2 * j], t[2 * j + 1]);
-            }
-        }
-        int8_t *yc = y + co0 * oplane;
-        if (cin == 3) {
-            patch_pass3(p, x, x_dims->h, x_dims->w, y_dims->h, y_dims->w, wt, rq, nco, nout, yc);
-        } else {
-            patch_passn(p, x, cin, x_dims->h, x_dims->w, y_dims->h, y_dims->w, wt, rq, nco, nout, yc);
-        }
-    }
-    return 1;
 }

@@ -9,11 +9,12 @@
 /* Per output channel requantization: pre = ((acc + bias) * mult + 2^(shift-1)) >> shift, + zy. */
 typedef struct {
     int64_t cb; /* bias * mult + 2^(shift-1) */
-    int32_t mult, shift, out_off, lo, hi;
+    int32_t mult, shift, out_off, lo, hi, bias;
 } rq_t;
 
 static inline void rq_init(rq_t *r, const tf_conv_params *p, int32_t mult, int32_t shift, int32_t bias) {
     r->cb = (int64_t)bias * mult + TF_POW2_I64(shift - 1);
+    r->bias = bias;
     r->mult = mult;
     r->shift = shift;
     r->out_off = p->output_offset;
@@ -60,26 +61,34 @@ static inline void put(const rq_t *r, int8_t *y, uint8_t *mask, uint32_t *bits, 
     putf(r, y, mask, bits, i, acc, r->shift >= 33, mask != NULL);
 }
 
-/* Fast requantization for the common case (shift in [33, 55], act range [-128, 127]): the bias goes into the
- * accumulator and the rounding constant and zero point into the high word, so one output is
+/* THE fast requantization, used by every forward conv kernel (1x1 pw4, KxK spatial, 3x3 depthwise, the first
+ * conv's patch path) for the common case (shift in [33, 55], act range [-128, 127], int8 zero point): the bias
+ * goes into the accumulator and the rounding constant and zero point into the high word, so one output is
  * y = sat8(smmla(acc + bias, mult, k) >> t), t = shift - 32, k = 2^(t-1) + zy * 2^t.
  * NOTE: (acc + bias) * mult + k * 2^32 = v + zy * 2^shift with v as in rq_pre, so floor(. / 2^32) >> t is
- * floor(v / 2^shift) + zy exactly; |k| < 2^31 needs t <= 23, and acc + bias must not wrap in int32 (checked
- * against the caller's bound on |acc|). Both sides are below 2^62, so the 64-bit sum in smmla is exact. */
+ * floor(v / 2^shift) + zy exactly; |k| < 2^31 needs t <= 23, and acc + bias must not wrap in int32: the one
+ * entry condition checks |bias| + acc_bound <= INT32_MAX with the caller's bound on |acc| at every partial sum.
+ * Both sides are below 2^62, so the 64-bit sum in smmla is exact. (The spatial path once had its own copy with
+ * other conditions, so one layer could take the fast path in one kernel and the slow one in another.) */
 typedef struct {
-    int32_t mult, k, t;
+    int32_t mult, k, t, bias;
 } rqf_t;
 
-/* 1 and fills *f when the fast form applies; acc_bound bounds |acc| (C_in * 255 * 128 for a 1x1 conv). */
+/* |acc| bound per tap: |x - zx| * |w| <= 255 * 128 for (x - zx) sums, |x w| + |zx w| <= 2 * 128 * 128 when the
+ * zero-point term is carried separately (woff / the bias) */
+#define TF_RQF_TAP 32768
+
+/* 1 and fills *f when the fast form applies; acc_bound bounds |acc| at every partial sum (taps * TF_RQF_TAP). */
 static inline int rqf_init(rqf_t *f, const tf_conv_params *p, int32_t mult, int32_t shift, int32_t bias,
-                           int32_t acc_bound) {
+                           int64_t acc_bound) {
     if (p->act_min != -128 || p->act_max != 127 || shift < 33 || shift > 55 || p->output_offset < -128 ||
-        p->output_offset > 127 || (int64_t)(bias < 0 ? -(int64_t)bias : bias) + acc_bound > INT32_MAX) {
+        p->output_offset > 127 || (bias < 0 ? -(int64_t)bias : bias) + acc_bound > INT32_MAX) {
         return 0;
     }
     f->mult = mult;
     f->t = shift - 32;
     f->k = (int32_t)(TF_POW2_I64(f->t - 1) + (int64_t)p->output_offset * TF_POW2_I64(f->t));
+    f->bias = bias;
     return 1;
 }
 
@@ -108,6 +117,14 @@ static inline int32_t tf_mmla(int32_t a, int32_t b, int32_t c) {
 static inline int32_t rqf_pre(const rqf_t *f, int32_t acc) { return tf_mmla(acc, f->mult, f->k) >> f->t; }
 
 static inline int32_t rqf_sat8(int32_t v) { return tf_sat8(v); }
+
+/* rqf_t of a per-channel rq_t, for a kernel whose |acc| is at most taps * TF_RQF_TAP at every partial sum */
+static inline int rqf_of(rqf_t *q, const tf_conv_params *p, const rq_t *r, int32_t taps) {
+    return rqf_init(q, p, r->mult, r->shift, r->bias, (int64_t)taps * TF_RQF_TAP);
+}
+
+#define TF_AI inline __attribute__((always_inline))
+#define TF_PACK16(a, b) (((uint32_t)(a) & 0xFFFFu) | ((uint32_t)(b) << 16))
 
 /* Instantiates name##_impl (always inline, last two parameters fast and has_mask) for the four cases. */
 #define TF_DISPATCH(impl, rp, mask, ...)                                                                            \

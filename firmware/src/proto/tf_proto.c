@@ -174,7 +174,7 @@ static void device_command(tf_proto *p, uint32_t seq, uint8_t cmd, int32_t in_le
     uint8_t *out = p->msg + 3;
     static uint8_t chunk[TF_FRAME_MAX_PAYLOAD];
     tf_dev_result r;
-    uint32_t a, b;
+    uint32_t a = 0, b = 0; /* NOTE: an early refusal leaves them unset; never send indeterminate bytes */
     if (cmd == TF_CMD_LOAD_PLAN || cmd == TF_CMD_LOAD_UPDATE) {
         if (in_len < 8) {
             reply(p, seq, TF_ST_ERR_BAD_PAYLOAD, 0);

@@ -159,7 +159,8 @@ __attribute__((noinline)) static int32_t free_gap(const tf_runtime *rt, uint32_t
     int32_t best = -1;
     for (uint32_t c = 0; c <= n_live; c++) { /* candidates: offset 0 and the end of every live tensor */
         const uint32_t start = c == n_live ? 0 : (hi[c] + 7u) & ~7u;
-        if (start + need > rt->plan.arena_bytes || start / 8 > (uint32_t)(GAP_BASE - INT16_MIN) ||
+        if (!(start <= rt->plan.arena_bytes && need <= rt->plan.arena_bytes - start) ||
+            start / 8 > (uint32_t)(GAP_BASE - INT16_MIN) ||
             (best >= 0 && start >= (uint32_t)best)) {
             continue;
         }
@@ -425,15 +426,16 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
 static uint32_t align_up(uint32_t n, uint32_t a) { return (n + a - 1) / a * a; }
 
 uint32_t tf_runtime_pool_need(const tf_plan *plan) {
-    uint32_t need = align_up(plan->arena_bytes, 8);
+    /* NOTE: summed in 64 bits and saturated: arena (< 2^31) + trainables could pass 2^32 and wrap below the pool */
+    uint64_t need = ((uint64_t)plan->arena_bytes + 7) & ~7ull;
     for (uint32_t i = 0; i < plan->n_tensors; i++) {
         tf_tensor_info t;
         tf_plan_tensor(plan, (int32_t)i, &t);
         if (t.kind == TF_K_TRAINABLE) {
-            need += align_up(t.nbytes, 4);
+            need += ((uint64_t)t.nbytes + 3) & ~3ull;
         }
     }
-    return need;
+    return need > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)need;
 }
 
 void tf_runtime_reset_params(tf_runtime *rt) {

@@ -131,7 +131,7 @@ static const char *const WIRE_NAMES[] = {"ok", "TRUNCATED", "BAD_MAGIC", "UNSUPP
                                          "SIZE_OVERFLOW", "OUT_OF_ARENA", "BAD_SHAPE", "BAD_OFFSET", "BAD_STRING",
                                          "BAD_VALUE", "ID_ORDER", "NOT_CANONICAL", "PLAN_MISMATCH"};
 
-int tf_update_read_only(const uint8_t *blob, uint32_t n, const tf_verify *v); /* tf_device.c */
+/* tf_update_read_only: tf_wire.h (src/wire/tf_update_read.c) */
 
 static int run_manifest(const char *dir) {
     char path[512], line[512];

@@ -1,129 +1,11 @@
-/* Envelope and plan blob readers (docs/formats.md), check for check the order of device_agent/wire/envelope.py
- * and plan.py, so a bad blob gets the same WireError in C and Python. Never reads past the given bytes. */
+/* The plan blob reader (docs/formats.md "Plan blob"), check for check the order of device_agent/wire/plan.py, so a
+ * bad plan gets the same WireError in C and Python. Reads in place, copies nothing, never reads past the bytes;
+ * every size is compared exactly (64-bit sums), never saturated or wrapped. */
 #include <string.h>
 
-#include "tf_crc.h"
-#include "tf_ed25519.h"
-#include "tf_sha256.h"
 #include "tf_wire.h"
 
 #define MAX_NUMEL 0x7FFFFFFFu
-
-int tf_envelope_open(const uint8_t *blob, uint32_t n, const char *magic, uint16_t version, const tf_verify *v,
-                     const uint8_t **body, uint32_t *body_len) {
-    if (n < 4) {
-        return TF_WE_TRUNCATED;
-    }
-    if (memcmp(blob, magic, 4) != 0) {
-        return TF_WE_BAD_MAGIC;
-    }
-    if (n < 16) {
-        return TF_WE_TRUNCATED;
-    }
-    if (tf_ld_u16(blob + 4) != version) {
-        return TF_WE_UNSUPPORTED_VERSION;
-    }
-    const uint32_t length = tf_ld_u32(blob + 8);
-    if (length < 20 || length > 0x7FFFFFFFu) {
-        return TF_WE_BAD_LENGTH;
-    }
-    if (n < length) {
-        return TF_WE_TRUNCATED;
-    }
-    if (n > length) {
-        return TF_WE_TRAILING_BYTES;
-    }
-    const uint16_t alg = tf_ld_u16(blob + 12), sig_len = tf_ld_u16(blob + 14);
-    if (alg > 2) {
-        return TF_WE_BAD_ENUM;
-    }
-    static const uint16_t want_len[3] = {0, 64, 32};
-    if (sig_len != want_len[alg] || length < 16u + sig_len + 4u) {
-        return TF_WE_BAD_LENGTH;
-    }
-    if (tf_crc32(blob, length - 4) != tf_ld_u32(blob + length - 4)) {
-        return TF_WE_CRC_MISMATCH;
-    }
-    if (tf_ld_u16(blob + 6) != 0) {
-        return TF_WE_RESERVED_NONZERO;
-    }
-    const uint32_t sig_start = length - 4 - sig_len;
-    if (!v || v->alg == 0) {
-        if (alg != 0) {
-            return TF_WE_SIG_ALG_MISMATCH;
-        }
-    } else {
-        if (alg == 0) {
-            return TF_WE_UNSIGNED;
-        }
-        if (alg != v->alg) {
-            return TF_WE_SIG_ALG_MISMATCH;
-        }
-        if (alg == 1) { /* a policy without a 32-byte public key verifies nothing */
-            if (!v->key || v->key_len != 32 || !tf_ed25519_verify(blob + sig_start, blob, sig_start, v->key)) {
-                return TF_WE_BAD_SIGNATURE;
-            }
-        } else {
-            uint8_t tag[32];
-            tf_hmac_sha256(v->key, v->key_len, blob, sig_start, tag);
-            uint8_t diff = 0; /* constant time */
-            for (int i = 0; i < 32; i++) {
-                diff |= (uint8_t)(tag[i] ^ blob[sig_start + i]);
-            }
-            if (diff) {
-                return TF_WE_BAD_SIGNATURE;
-            }
-        }
-    }
-    *body = blob + 16;
-    *body_len = sig_start - 16;
-    return TF_WE_OK;
-}
-
-int tf_key_slot_read(const uint8_t *slot, uint32_t n, tf_verify *out) {
-    out->alg = 1, out->key = NULL, out->key_len = 0; /* fail closed until the record checked out */
-    if (n < 4) {
-        return TF_WE_TRUNCATED;
-    }
-    const uint32_t first = tf_ld_u32(slot);
-    if (first == 0 || first == 0xFFFFFFFFu) {
-        out->alg = 0; /* erased: nothing provisioned, "unsigned only" */
-        return TF_WE_OK;
-    }
-    if (memcmp(slot, "TFKY", 4) != 0) {
-        return TF_WE_BAD_MAGIC;
-    }
-    if (n < 12) {
-        return TF_WE_TRUNCATED;
-    }
-    if (tf_ld_u16(slot + 4) != 1) {
-        return TF_WE_UNSUPPORTED_VERSION;
-    }
-    const uint32_t alg = tf_ld_u16(slot + 6), key_len = tf_ld_u32(slot + 8);
-    if (alg != 1 && alg != 2) {
-        return TF_WE_BAD_ENUM;
-    }
-    if (alg == 1 ? key_len != 32 : (key_len < 16 || key_len > 64)) {
-        return TF_WE_BAD_LENGTH;
-    }
-    if (n < 16 + key_len) {
-        return TF_WE_TRUNCATED;
-    }
-    if (tf_crc32(slot, 12 + key_len) != tf_ld_u32(slot + 12 + key_len)) {
-        return TF_WE_CRC_MISMATCH;
-    }
-    out->alg = (int)alg, out->key = slot + 12, out->key_len = key_len;
-    return TF_WE_OK;
-}
-
-void tf_content_hash(const uint8_t *blob, uint32_t n, uint8_t out[32]) {
-    const uint32_t sig_len = tf_ld_u16(blob + 14);
-    tf_sha256_ctx c;
-    tf_sha256_init(&c);
-    tf_sha256_update(&c, blob, 6);
-    tf_sha256_update(&c, blob + 16, n - 4 - sig_len - 16);
-    tf_sha256_final(&c, out);
-}
 
 /* ---- bounds-checked cursor over the body (positions absolute in the blob) ---- */
 typedef struct {
@@ -293,6 +175,11 @@ static int read_op(cur *c, uint32_t nt) {
     return size == c->pos - start ? TF_WE_OK : TF_WE_BAD_LENGTH;
 }
 
+/* Exact byte size of `numel` elements (numel <= 2^31: at most 2^33 bytes, no wrap in 64 bits). */
+static uint64_t nbytes64(uint32_t dtype, uint64_t numel) {
+    return dtype == TF_DT_MASK ? (numel + 7) / 8 : numel * (dtype == TF_DT_INT16 ? 2u : dtype == TF_DT_INT32 ? 4u : 1u);
+}
+
 void tf_plan_tensor(const tf_plan *p, int32_t id, tf_tensor_info *t) {
     const uint8_t *r = p->blob + p->tensors_off + (uint32_t)id * TF_PLAN_TENSOR_REC;
     t->kind = r[0], t->dtype = r[1], t->rank = r[2], t->flags = r[3];
@@ -314,8 +201,8 @@ void tf_plan_tensor(const tf_plan *p, int32_t id, tf_tensor_info *t) {
     t->scales_off = tf_ld_u32(r + 32);
     t->data_off = tf_ld_u32(r + 36);
     t->data_len = tf_ld_u32(r + 40);
-    uint64_t nb = t->dtype == TF_DT_MASK ? (numel + 7) / 8 : numel * (t->dtype == TF_DT_INT16 ? 2u : t->dtype == TF_DT_INT32 ? 4u : 1u);
-    t->nbytes = nb > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)nb;
+    const uint64_t nb = nbytes64(t->dtype, numel);
+    t->nbytes = nb > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)nb; /* saturated: only for tensors the reader refuses */
 }
 
 static int read_tensor(cur *c, const tf_plan *p, int32_t i) {
@@ -349,7 +236,10 @@ static int read_tensor(cur *c, const tf_plan *p, int32_t i) {
     if (t.dtype == TF_DT_INT8 && (t.zero_point < -128 || t.zero_point > 127)) {
         return TF_WE_BAD_VALUE;
     }
-    if (t.offset != -1 && (t.offset < 0 || (uint64_t)(uint32_t)t.offset + t.nbytes > p->arena_bytes)) {
+    /* NOTE: the exact size, not t.nbytes: that saturates at 2^32 - 1, which a data_len of 0xFFFFFFFF would
+     * "match" (an INT32 tensor of 2^30 elements is 2^32 bytes: BAD_LENGTH, as in Python) */
+    const uint64_t nbytes = nbytes64(t.dtype, (uint64_t)t.numel);
+    if (t.offset != -1 && (t.offset < 0 || (uint64_t)(uint32_t)t.offset + nbytes > p->arena_bytes)) {
         return TF_WE_OUT_OF_ARENA;
     }
     if (t.n_scales != 1 && !(t.rank >= 1 && t.n_scales == tf_ld_u32(r + 4))) {
@@ -369,16 +259,16 @@ static int read_tensor(cur *c, const tf_plan *p, int32_t i) {
     }
     c->pos += 4 * t.n_scales;
     if (t.kind == TF_K_CONST || t.kind == TF_K_TRAINABLE) {
-        if (t.data_len != t.nbytes) {
+        if ((uint64_t)t.data_len != nbytes) {
             return TF_WE_BAD_LENGTH;
         }
         if (t.data_off != c->pos) {
             return TF_WE_BAD_OFFSET;
         }
-        if (need(c, t.nbytes)) {
+        if (need(c, nbytes)) {
             return TF_WE_TRUNCATED;
         }
-        c->pos += t.nbytes;
+        c->pos += (uint32_t)nbytes; /* <= end - pos (need) */
         return pad4(c);
     }
     return (t.data_off || t.data_len) ? TF_WE_BAD_VALUE : TF_WE_OK;
