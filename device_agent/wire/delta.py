@@ -5,7 +5,8 @@ layout in docs/formats.md, "Delta". Version 2 (written) carries each tensor as a
 (``wire.sparse``: dense, or listed coordinates with bitmap / varint-gap indices); version 1 (fixed 16-byte
 records, u32 top-k indices) is still read, because v1 firmware returns v1 records for GET_DELTA, and written
 only on request (``version=1``). Personal tensors never travel: the encoder skips them and
-:func:`delta_to_dense` refuses a delta that names one. Readers refuse non-canonical encodings.
+:func:`delta_to_dense` refuses a delta that names one. Readers refuse non-canonical encodings. (Over 400 lines:
+one format, defined once: both versions' writer and reader and the plan-bound checks live together.)
 """
 
 from __future__ import annotations

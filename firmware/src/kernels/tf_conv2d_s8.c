@@ -1,7 +1,8 @@
 /* CONV2D forward (standard, grouped, depthwise; stride; zero-point padding), optional ReLU mask.
  * Portable C always; on M4/M7 the 1x1 paths use __SMLAD (two input channels paired per instruction).
  * NOTE: sum (x + off) * w is computed as sum x * w + off * sum w (exact integers, same result): the offset
- * term is hoisted per output channel, and the bias and rounding constant are folded into one int64. */
+ * term is hoisted per output channel, and the bias and rounding constant are folded into one int64.
+ * Over 400 lines: the checks, the dispatcher and the 1x1 paths (portable and __SMLAD) of one op. */
 #include "tf_conv_rq.h"
 #include "tf_dsp.h"
 

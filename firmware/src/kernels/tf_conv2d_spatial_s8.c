@@ -1,6 +1,7 @@
 /* CONV2D forward, spatial kernels called by tf_conv2d_s8.c: KxK with stride and zero-point padding and the 3x3
  * depthwise case (__SMLAD paths for stride 1 and 2; small planes through a padded copy), one output channel per
- * call (the first conv's patch path: tf_conv2d_patch_s8.c). It does no 1x1 convs and keeps every result identical to the reference (device_agent/engine). */
+ * call (the first conv's patch path: tf_conv2d_patch_s8.c). It does no 1x1 convs and keeps every result identical to the reference (device_agent/engine).
+ * Over 400 lines: the portable and __SMLAD forms of each window shape stay beside each other. */
 #include "tf_conv_rq.h"
 #include "tf_dsp.h"
 

@@ -1,5 +1,7 @@
 /* Plan executor (see tf_runtime.h). One function per op does both the prepare checks (exec = 0, once at load)
- * and the work (exec = 1, every step), so a step can never run an op its prepare did not check. */
+ * and the work (exec = 1, every step), so a step can never run an op its prepare did not check.
+ * (Over 400 lines for that reason: one such function per op type; splitting them apart would part each op's
+ * checks from its work.) */
 #include "tf_runtime.h"
 
 #include <string.h>
