@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,12 +142,14 @@ class MqttEndpoint:
         keepalive: int = KEEPALIVE_S,
         will_delay: int = WILL_DELAY_S,
         retained_on_resume: bool = False,
+        on_disconnect: Callable[[], None] | None = None,
     ):
         self.url = url
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
         self.on_message = on_message
         self.on_connect_cb = on_connect
+        self.on_disconnect_cb = on_disconnect
         self.session_expiry = session_expiry
         self.keepalive = keepalive
         self.retained_on_resume = retained_on_resume
@@ -162,10 +165,10 @@ class MqttEndpoint:
             c.tls_set(ca_certs=url.ca_file, certfile=url.cert_file, keyfile=url.key_file,
                       cert_reqs=ssl.CERT_REQUIRED)
             c.tls_insecure_set(url.tls_insecure)
+        self.will_delay = will_delay
+        self.client = c
         if will is not None:
-            wprops = Properties(PacketTypes.WILLMESSAGE)
-            wprops.WillDelayInterval = will_delay
-            c.will_set(will[0], will[1], qos=QOS, retain=True, properties=wprops)
+            self.set_will(*will)
         c.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         c.max_queued_messages_set(0)  # unbounded: a QoS 1 message is never dropped while offline
         c.on_connect = self._on_connect
@@ -236,8 +239,16 @@ class MqttEndpoint:
         if self.on_connect_cb is not None:
             self.on_connect_cb(bool(flags.session_present))
 
+    def set_will(self, topic: str, payload: bytes) -> None:
+        """The Last Will of the next connect (QoS 1, retained, ``will_delay``); the current one keeps its own."""
+        wprops = Properties(PacketTypes.WILLMESSAGE)
+        wprops.WillDelayInterval = self.will_delay
+        self.client.will_set(topic, payload, qos=QOS, retain=True, properties=wprops)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        if self.on_disconnect_cb is not None:
+            self.on_disconnect_cb()  # before paho reconnects: e.g. a new Last Will for the next connection
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         with self._lock:
@@ -250,6 +261,13 @@ class MqttEndpoint:
     def _ack(self, mid: int, qos: int) -> None:
         if qos > 0:
             self.client.ack(mid, qos)
+
+
+def next_session(previous: int | None = None) -> int:
+    """A connection number that grows across reconnects and restarts: wall-clock milliseconds, or one more than
+    ``previous`` if the clock has not moved past it."""
+    now = int(time.time() * 1000)
+    return now if previous is None or now > previous else previous + 1
 
 
 class DeviceAgent:
@@ -273,6 +291,7 @@ class DeviceAgent:
         self.protocol, self.fleet = protocol, fleet
         self.device_id = protocol.id.device_id
         self._topic = lambda rel: full_topic(fleet, rel)
+        protocol.session = next_session()
         will = protocol.last_will()
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"dev-{self.device_id}")
@@ -287,7 +306,14 @@ class DeviceAgent:
         self.endpoint = MqttEndpoint(
             url, client_id or f"tinyfleet-{fleet}-{self.device_id}", [self._topic(t) for t in protocol.subscriptions()],
             self._on_message, will=(self._topic(will.topic), will.payload), on_connect=self._on_connect,
-            will_delay=will_delay, keepalive=keepalive)
+            will_delay=will_delay, keepalive=keepalive, on_disconnect=self._new_session)
+
+    def _new_session(self) -> None:
+        """Number the next connection and give it its own Last Will: a will of this one that the broker delivers
+        late (after the device is back) is then recognisably stale (``Status.session``)."""
+        self.protocol.session = next_session(self.protocol.session)
+        will = self.protocol.last_will()
+        self.endpoint.set_will(self._topic(will.topic), will.payload)
 
     def start(self, timeout: float | None = 10.0) -> DeviceAgent:
         self.endpoint.start(timeout)

@@ -192,6 +192,7 @@ class DeviceProtocol:
         self._if_refused: dict[int, np.ndarray] | None = None
         self.spec = input_spec(plan)
         self.last_failure: tuple[int, str, str] | None = None  # (round, reason, detail) of the last failed task
+        self.session: int | None = None  # the MQTT connection's number, set by the adapter (messages.Status)
 
     # --- topics ---------------------------------------------------------------------------------------------
 
@@ -204,20 +205,25 @@ class DeviceProtocol:
         return [f"dev/{d}/task", f"dev/{d}/ack", f"dev/{d}/model", "model/current"]
 
     def status(self, state: str = "online") -> Publish:
-        s = Status(self.id.device_id, state, max(self.version, 0), len(self.buffer))
+        s = Status(self.id.device_id, state, max(self.version, 0), len(self.buffer), session=self.session)
         return self._up("status", s.to_json(), retain=True)
 
     def failed(self, round_id: int, reason: str, detail: str) -> list[DeviceOutput]:
         """A Note ``reason`` carrying ``detail`` for the local log (the detail stays on the device), then a retained
         ``failed`` status for ``round_id``: the coordinator counts the device out of that round."""
         self.last_failure = (round_id, reason, detail)
-        s = Status(self.id.device_id, "failed", max(self.version, 0), len(self.buffer), round_id, reason)
+        s = Status(self.id.device_id, "failed", max(self.version, 0), len(self.buffer), round_id, reason,
+                   self.session)
         return [Note(reason, f"round {round_id} failed: {detail}"), self._up("status", s.to_json(), retain=True)]
+
+    def set_session(self, session: int | None) -> None:
+        """The adapter numbers each MQTT connection (``Status.session``); hello, status and will carry it."""
+        self.session = session
 
     def last_will(self) -> Publish:
         """What the adapter registers as MQTT Last Will: a retained offline status without ``model_version`` and
         ``samples`` (the broker keeps the will from connect time on, so they would be stale after an update)."""
-        s = Status(self.id.device_id, "offline", None, None)
+        s = Status(self.id.device_id, "offline", None, None, session=self.session)
         return self._up("status", s.to_json(), retain=True)
 
     # --- events ---------------------------------------------------------------------------------------------
@@ -243,7 +249,7 @@ class DeviceProtocol:
         if self.state == DeviceState.OFF:
             self.state = DeviceState.NO_MODEL if self.version < 0 else DeviceState.READY
         i = self.id
-        hello = Hello(i.device_id, i.board, i.sram, i.flash, (self.codec.plan_hash,), i.firmware)
+        hello = Hello(i.device_id, i.board, i.sram, i.flash, (self.codec.plan_hash,), i.firmware, self.session)
         return [self._up("hello", hello.to_json(), retain=True), self.status()]
 
     def _model(self, payload: bytes) -> list[DeviceOutput]:

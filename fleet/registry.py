@@ -25,6 +25,7 @@ class DeviceRecord:
     model_version: int = 0
     samples: int = 0
     last_seen: float = 0.0
+    session: int = 0  # the newest connection number heard from the device (0: it sends none)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Control:
     message: Hello | Status
     was_online: bool
     lost: bool
+    stale: bool = False  # from an older connection than one already heard (e.g. a late Last Will): ignored
 
 
 @dataclass
@@ -58,18 +60,23 @@ class Registry:
         if msg.device_id != device_id:  # type: ignore[attr-defined]
             raise MessageError(MsgError.BAD_VALUE, f"device_id {msg.device_id!r} != topic id")  # type: ignore[attr-defined]
         was_online = self.is_online(device_id)
+        rec = self.devices.get(device_id)
+        if rec is not None and msg.session is not None and msg.session < rec.session:  # type: ignore[union-attr]
+            return Control(msg, was_online, False, stale=True)
         if isinstance(msg, Hello):
             self.on_hello(msg, now)
             return Control(msg, was_online, False)
         assert isinstance(msg, Status)
         if self.on_status(msg, now) is None:
             raise MessageError(MsgError.BAD_VALUE, "status before hello")
+        if msg.session is not None:
+            self.devices[device_id].session = msg.session
         return Control(msg, was_online, was_online and msg.state == "offline")
 
     def on_hello(self, hello: Hello, now: float) -> DeviceRecord:
         """A (re)announcement: capabilities replace the old ones; the device is online."""
         rec = DeviceRecord(hello.device_id, hello.board, hello.sram, hello.flash, frozenset(hello.plan_hashes),
-                           hello.firmware, online=True, last_seen=now)
+                           hello.firmware, online=True, last_seen=now, session=hello.session or 0)
         old = self.devices.get(hello.device_id)
         if old is not None:
             rec.model_version, rec.samples = old.model_version, old.samples

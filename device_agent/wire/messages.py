@@ -107,6 +107,7 @@ _DEVICE_ID = _str(_ID)
 _HASH = _str(_HEX, max_len=128)
 _U32_CHECK = _int(0, _U32)
 _REASON = _str(re.compile(r"^[a-z][a-z_]{0,31}$"), max_len=32)  # a lowercase name: ok, stale_base, no_samples, ...
+_SESSION = _int(0, 2**53 - 1)  # a connection number (JSON-safe integer), growing per device
 MAX_DETAIL = 256
 _DETAIL = _str(re.compile(rf"^[ -~]{{0,{MAX_DETAIL}}}$"), max_len=MAX_DETAIL)  # printable ASCII, one line
 
@@ -168,10 +169,12 @@ class Hello(_Message):
     flash: int  # bytes
     plan_hashes: tuple[str, ...] = ()  # plans already in flash (hex)
     firmware: str = ""
+    session: int | None = None  # this connection's number, growing (see Status.session)
     SCHEMA: ClassVar[dict[str, Any]] = {
         "device_id": _DEVICE_ID, "board": _str(_ID), "sram": _int(0, _U32), "flash": _int(0, _U32),
-        "plan_hashes": _list(_HASH, 16), "firmware": _str(re.compile(r"^[ -~]{0,64}$")),
+        "plan_hashes": _list(_HASH, 16), "firmware": _str(re.compile(r"^[ -~]{0,64}$")), "session": _SESSION,
     }
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"session"})
 
 
 @dataclass(frozen=True)
@@ -193,11 +196,14 @@ class Status(_Message):
     samples: int | None = 0  # private samples currently buffered; None: left out (offline only)
     round_id: int | None = None  # failed only: the round the device cannot train
     reason: str | None = None  # failed only: why, lowercase (FAIL_REASONS)
+    # NOTE: the connection this status belongs to (birth/death numbering, as Sparkplug's bdSeq): a Last Will or
+    # status of an older connection that the broker delivers late is stale, and a receiver ignores it
+    session: int | None = None
     SCHEMA: ClassVar[dict[str, Any]] = {
         "device_id": _DEVICE_ID, "state": _str(choices=STATES), "model_version": _U32_CHECK,
-        "samples": _U32_CHECK, "round_id": _int(1, _U32), "reason": _REASON,
+        "samples": _U32_CHECK, "round_id": _int(1, _U32), "reason": _REASON, "session": _SESSION,
     }
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"model_version", "samples", "round_id", "reason"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"model_version", "samples", "round_id", "reason", "session"})
 
     @classmethod
     def _check_fields(cls, obj: dict) -> None:

@@ -173,6 +173,8 @@ class Coordinator(Publication, DeltaBook):
         except MessageError as e:
             return [Dropped(ev.device_id, ev.kind, str(e))]
         msg = ctl.message
+        if ctl.stale:  # NOTE: a late message of an older connection (the broker delivers queued wills late)
+            return []
         if isinstance(msg, Hello):
             self.store.save_device(msg.device_id, ev.payload.decode())
             self.full_sent.pop(msg.device_id, None)  # a (re)started device may have lost what it was sent

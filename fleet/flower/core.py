@@ -203,6 +203,8 @@ class GridCore:
             ctl = self.registry.receive(ev.kind, ev.device_id, ev.payload, now)  # the coordinator's own rule
         except MessageError:
             return []
+        if ctl.stale:
+            return []
         if ctl.lost:
             self._lost(ev.device_id, now, f"{ev.device_id} went offline (Last Will)")
         elif ctl.message.state == "failed" and ctl.message.round_id == self.machine.round_id:  # type: ignore[union-attr]

@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 # what the runner may ask of a device in its worker (method paths on the DeviceProtocol)
-CALLS = ("handle", "status", "last_will", "subscriptions", "trainer.trainable_state", "trainer.state_hash")
+CALLS = ("handle", "status", "last_will", "subscriptions", "set_session", "trainer.trainable_state",
+         "trainer.state_hash")
 
 
 class WorkerError(RuntimeError):
@@ -181,6 +182,7 @@ class RemoteProtocol:
     def __init__(self, pool: WorkerPool, worker: int, idx: int, identity):
         self.pool, self.worker, self.idx, self.id = pool, worker, idx, identity
         self.version = -1
+        self._session: int | None = None
         self.trainer = _RemoteTrainer(self)
 
     @property
@@ -199,6 +201,15 @@ class RemoteProtocol:
 
     def last_will(self):
         return self._call("last_will")
+
+    @property
+    def session(self) -> int | None:
+        return self._session
+
+    @session.setter
+    def session(self, value: int | None) -> None:  # NOTE: DeviceAgent numbers each connection (Status.session)
+        self._session = value
+        self._call("set_session", value)
 
     def subscriptions(self) -> list[str]:
         return self._call("subscriptions")

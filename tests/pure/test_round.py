@@ -187,3 +187,24 @@ def test_a_selected_device_that_says_hello_again_is_asked_again_until_it_contrib
     assert after == [] and other == [] and m.state == RoundState.COLLECTING
     idle = machine()
     assert idle.handle(rnd.Rejoined(sel[0], 0.0)) == [] and idle.state == RoundState.IDLE
+
+
+def test_a_late_last_will_of_an_older_connection_does_not_take_a_reconnected_device_offline():
+    # Prepare: connection 1's will, then connection 2's hello and status (the broker delivers the will late)
+    from device_agent.wire.messages import Hello, Status
+    from fleet.registry import Registry
+
+    reg = Registry()
+    hello = lambda s: Hello("d1", "stm32f746", 320_000, 1_000_000, (), "", s).to_json()  # noqa: E731
+    status = lambda state, s: Status("d1", state, 0 if state != "offline" else None,  # noqa: E731
+                                     0 if state != "offline" else None, session=s).to_json()
+    reg.receive("hello", "d1", hello(1), 0.0)
+    reg.receive("hello", "d1", hello(2), 1.0)
+    reg.receive("status", "d1", status("online", 2), 1.0)
+    # Execute
+    late = reg.receive("status", "d1", status("offline", 1), 2.0)
+    old_hello = reg.receive("hello", "d1", hello(1), 2.0)
+    real = reg.receive("status", "d1", status("offline", 2), 3.0)
+    # Assert: the stale will and hello change nothing; the current connection's will does
+    assert late.stale and not late.lost and old_hello.stale
+    assert real.lost and not real.stale and not reg.is_online("d1")
