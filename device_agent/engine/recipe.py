@@ -26,7 +26,7 @@ INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 ACC_BITS_W = 16  # weight acc/mom units: 2**-16 weight LSB (int32: +-32768 LSB)
 ACC_BITS_B = 4  # bias acc/mom units: 2**-4 bias LSB (the bias LSB s_x s_w is already tiny)
 # 0.5 (1 + cos(pi i / 64)) in Q15, i = 0..64: the device's cosine table (generated here, copied to C verbatim)
-COS_Q15 = tuple(int(round(32768 * 0.5 * (1 + math.cos(math.pi * i / 64)))) for i in range(65))
+COS_Q15 = tuple(round(32768 * 0.5 * (1 + math.cos(math.pi * i / 64))) for i in range(65))
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Recipe:
 
     @property
     def beta_q15(self) -> int:
-        return int(round(float(self.momentum) * 32768))
+        return round(float(self.momentum) * 32768)
 
     @property
     def stateful(self) -> bool:

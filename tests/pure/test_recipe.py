@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -36,7 +38,7 @@ def test_schedule_warmup_is_linear_then_cosine_to_floor():
     assert f[:5] == [8192, 16384, 24576, 32768, 32768]
     assert f[8] == 3277 + ((32768 - 3277) * COS_Q15[32] + (1 << 14) >> 15) == 18023
     assert f[12] == f[13] == 3277
-    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(f[4:]))
 
 
 def test_constant_schedule_and_zero_factor():
