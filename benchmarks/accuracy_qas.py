@@ -43,6 +43,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")  # NOTE: one core per run (2 cores shared); before numpy/torch load BLAS
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -357,7 +358,7 @@ def imu_task(quick: bool, **_) -> tuple[Task, dict]:
     x = {k: quantize(norm(cat[k][0]), float(t_in.scale[0]), t_in.zero_point) for k in ("train", "val", "test")}
     y = {k: cat[k][1].astype(np.int32) for k in ("train", "val", "test")}
     task = Task("imu", graph, named_scheme(graph, "ImuCNN:tail"), x, y,
-                grid=(0.01, 0.05) if quick else (0.003, 0.01, 0.03, 0.1))
+                grid=(0.003, 0.01) if quick else (0.001, 0.003, 0.01, 0.03))
     return task, {}
 
 
@@ -387,7 +388,7 @@ def fashion_task(quick: bool, n_train: int = 2000, n_val: int = 500, n_test: int
          "test": yt[te].astype(np.int32)}
     expand = lambda a: np.repeat(a[:, None], 3, axis=1)
     task = Task("fashion", graph, named_scheme(graph, "mbv2-w0.35:99kb"), x, y,
-                grid=(0.01, 0.05) if quick else (0.01, 0.03, 0.1), expand=expand)
+                grid=(0.003, 0.01) if quick else (0.001, 0.003, 0.01), expand=expand)
     return task, {}
 
 
@@ -401,13 +402,15 @@ def method_plan(task: Task, setup: Setup) -> dict[str, tuple]:
     sp = task.sparse
     bias = ir.SparseScheme(f"bias{sp.n_bias_update}", sp.n_bias_update, {})
     last = ir.SparseScheme("last", 0, {})
-    wide = tuple(sorted({round(lr * k, 10) for lr in task.grid for k in WIDE}))
+    mid = task.grid[len(task.grid) // 2]
+    wide = tuple(round(mid * k, 10) for k in WIDE)  # NOTE: no-QAS steps are ~s_w**2 smaller than QAS steps
+    plain = tuple(round(lr / ((1 - setup.momentum) * setup.batch), 10) for lr in task.grid)  # same per-sample step
     out = {
         "fp32_full": (lambda lr, s: run_fp32(task, setup, None, lr, s), task.grid, None, None),
         "fp32_sparse": (lambda lr, s: run_fp32(task, setup, sp, lr, s), task.grid, None, None),
         "int8_sparse_qas": (lambda lr, s: run_int8(task, setup, sp, lr, s), task.grid, sp, rec),
         "int8_sparse_noqas": (lambda lr, s: run_int8(task, setup, sp, lr, s, qas=False), wide, sp, rec),
-        "int8_sparse_plain": (lambda lr, s: run_int8(task, setup, sp, lr, s, plain=True), task.grid, sp, None),
+        "int8_sparse_plain": (lambda lr, s: run_int8(task, setup, sp, lr, s, plain=True), plain, sp, None),
         "int8_last": (lambda lr, s: run_int8(task, setup, last, lr, s), task.grid, last, rec),
         "int8_bias": (lambda lr, s: run_int8(task, setup, bias, lr, s), task.grid, bias, rec),
     }
@@ -443,6 +446,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="default: 6 (fashion), 10 (imu); quick 2")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-wide", action="store_true", help="no-QAS uses the common grid (quick CI)")
+    ap.add_argument("--grid", default=None, help="comma-separated learning rates (default per task)")
+    ap.add_argument("--partial", default=None, help="write the results so far to this JSON file after each method")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = 1 if args.quick else args.seeds
@@ -452,6 +457,8 @@ def main() -> None:
         task, extra = {"imu": imu_task, "fashion": fashion_task}[name](
             args.quick, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
         epochs = 2 if args.quick else (args.epochs or {"imu": 10, "fashion": 6}[name])
+        if args.grid and not args.quick:
+            task.grid = tuple(float(v) for v in args.grid.split(","))
         setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs)
         plans = method_plan(task, setup)
         out: dict[str, dict] = {}
@@ -468,6 +475,8 @@ def main() -> None:
             rows.append((name, m, f"{r['mean']:.4f}", f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", r["n"], r["lr"],
                          r["mem_kb"], r["val_curve"], f"{r['seconds']}s"))
             log(f"test {r['mean']:.4f} ci95 {r['ci95']} seeds {r['seeds']} lr {r['lr']} mem {r['mem_kb']} KB")
+            if args.partial:
+                Path(args.partial).write_text(json.dumps({**result, name: out}, sort_keys=True))
         out["_setup"] = {"scheme": task.sparse.name, "n": {k: len(v) for k, v in task.y.items()}, "epochs": epochs,
                          "batch": setup.batch, "momentum": setup.momentum, "warmup_frac": setup.warmup_frac,
                          "frac_bits": setup.frac_bits, "seeds": seeds, "seconds": round(time.time() - t0, 1), **extra}

@@ -5,6 +5,7 @@ For the Fashion / MbV2-w0.35 ``99kb`` task (frozen prefix cached, as ``accuracy_
 plan with the engine's plain step at batch 1 and, at each checkpoint, takes ``--probe`` validation samples and
 compares per trained layer:
 
+- ``norm_w`` / ``norm_b``: |int8 update| / |fp32 update| (1 = same step size);
 - ``cos_w`` / ``cos_b``: cosine between the int8 engine's exact pre-rounding update (``acc * M * 2**E``, in LSB)
   and the fp32 twin's QAS update ``lr dL/dW / s_w`` (``lr dL/dB / (s_x s_w)``), summed over the probe samples;
 - ``upd_lsb``: median |update| of one sample in LSB over trained weights, ``w_rms``: rms |w| in LSB;
@@ -115,6 +116,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / (na * nb)) if na > 0 and nb > 0 else float("nan")
 
 
+def norm_ratio(a: np.ndarray, b: np.ndarray) -> float:
+    """|a| / |b| (the int8 update's size relative to the fp32 twin's)."""
+    nb = np.linalg.norm(b)
+    return float(np.linalg.norm(a) / nb) if nb > 0 else float("nan")
+
+
 def probe(task, tail, trainer: Trainer, feats: np.ndarray, y: np.ndarray, lr: float) -> dict:
     eng = engine_updates(trainer, feats, y, lr)
     twin, extra = twin_updates(tail, trainer, feats, y, lr)
@@ -128,11 +135,13 @@ def probe(task, tail, trainer: Trainer, feats: np.ndarray, y: np.ndarray, lr: fl
             u1 = np.abs(res["dw"][:, m])  # one-sample updates of trained weights (N, n_trained)
             wv = trainer.params[wid][m].astype(np.float64)
             r.update(cos_w=cosine(res["dw"].sum(0)[m], twin[wid].sum(0)[m]),
+                     norm_w=norm_ratio(res["dw"].sum(0)[m], twin[wid].sum(0)[m]),
                      upd_lsb=float(np.median(u1)), w_rms=float(np.sqrt((wv ** 2).mean())),
                      zero_rtn=float((u1 < 0.5).mean()), sr_moves=float(np.minimum(u1, 1).mean()),
                      sat_w=int((np.abs(wv) >= 127).sum()), n_w=int(m.sum()))
         if "db" in res:
             r["cos_b"] = cosine(res["db"].sum(0), twin[bid].sum(0))
+            r["norm_b"] = norm_ratio(res["db"].sum(0), twin[bid].sum(0))
             r["sat_b"] = int((np.abs(trainer.params[bid].astype(np.int64)) >= 1 << 30).sum())
             r["upd_b_lsb"] = float(np.median(np.abs(res["db"])))
         rows[name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}

@@ -4,8 +4,9 @@ The default engine step (``Trainer(recipe=None)``) is untouched: golden vectors 
 :class:`Recipe` adds per-trainable-element optimizer state held in SRAM beside the weights (never in the arena),
 all integer (docs/engine.md, "Training recipe"):
 
-- ``acc`` int32: per-sample fixed-point updates summed over ``accum_steps`` samples (a mini-batch at N = 1);
-- ``mom`` int32: heavy-ball momentum ``v = (v * beta_q15 + 2**14) >> 15 + acc`` (``beta_q15 = round(beta 2**15)``);
+- one int32 buffer per trained element: per-sample fixed-point updates summed over ``accum_steps`` samples (a
+  mini-batch at N = 1); with momentum it is the heavy-ball buffer itself: after each applied update it keeps
+  ``v = (v * beta_q15 + 2**14) >> 15`` (``beta_q15 = round(beta 2**15)``), so ``v = beta v_prev + sum d``;
 - ``frac`` int8/int16: the sub-LSB part of each trained int8 weight (``frac_bits`` 8 or 16), so tiny updates are
   kept instead of rounded away (the weight is ``w + frac 2**-frac_bits`` in LSBs, deterministically rounded);
 - an lr schedule (linear warm-up, then cosine to ``lr_min``) evaluated from integers with a 65-entry Q15 table.
@@ -78,9 +79,9 @@ class Recipe:
         """SRAM bytes of optimizer state for ``n_weight`` trained int8 weights and ``n_bias`` int32 biases.
 
         >>> Recipe(accum_steps=4, momentum=0.9, frac_bits=8).state_bytes(100, 10)
-        980
+        540
         """
-        per = 4 * (self.accum_steps > 1) + 4 * (self.beta_q15 > 0)  # acc (only when B > 1), mom
+        per = 4 * (self.accum_steps > 1 or self.beta_q15 > 0)  # one int32 buffer (B = 1, no momentum: transient)
         return (per + self.frac_bits // 8) * n_weight + per * n_bias
 
 
@@ -132,11 +133,9 @@ def sat_add32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(a, np.int64) + np.asarray(b, np.int64), INT32_MIN, INT32_MAX)
 
 
-def momentum_step(mom: np.ndarray | None, acc: np.ndarray, beta_q15: int) -> np.ndarray:
-    """``v = sat32(rshift_round(v * beta_q15, 15) + acc)``; without a buffer (beta 0) the step is ``acc``."""
-    if mom is None or beta_q15 == 0:
-        return np.asarray(acc, np.int64)
-    return sat_add32(rshift_round(np.asarray(mom, np.int64) * beta_q15, 15), acc)
+def momentum_decay(v: np.ndarray, beta_q15: int) -> np.ndarray:
+    """After an applied update: ``v = rshift_round(v * beta_q15, 15)`` (``beta = 0``: the accumulator empties)."""
+    return rshift_round(np.asarray(v, np.int64) * beta_q15, 15)
 
 
 def apply_weight(w: np.ndarray, frac: np.ndarray | None, v: np.ndarray, frac_bits: int, step: int,

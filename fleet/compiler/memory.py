@@ -86,7 +86,7 @@ def optimizer_bytes(plan: ir.Plan, recipe: Recipe | None) -> int:
     Examples
     --------
     One trained 1x1 conv of 10 outputs on 4 inputs (40 weights, 10 biases) with accumulation (B = 4), momentum
-    and 8-bit residuals: ``(4 + 4 + 1) * 40 + (4 + 4) * 10 = 440`` bytes.
+    and 8-bit residuals: ``(4 + 1) * 40 + 4 * 10 = 240`` bytes.
     """
     if recipe is None:
         return 0

@@ -16,7 +16,7 @@ from device_agent.engine.recipe import (
     apply_weight,
     fixed_delta,
     lr_factor_q15,
-    momentum_step,
+    momentum_decay,
     scaled_lr,
 )
 from tests.fixtures.tiny import tiny_dataset, tiny_plan
@@ -69,8 +69,8 @@ def test_residual_saturates_with_the_weight():
 
 
 def test_momentum_and_bias_fixed_point_by_hand():
-    assert momentum_step(np.array([1000]), np.array([10]), 16384).tolist() == [510]
-    assert momentum_step(None, np.array([7]), 0).tolist() == [7]
+    assert momentum_decay(np.array([1000, -3]), 16384).tolist() == [500, -1]  # -1.5 rounds half up
+    assert momentum_decay(np.array([7]), 0).tolist() == [0]
     assert apply_bias(np.array([100], np.int32), np.array([24])).tolist() == [98]  # 24 / 16 = 1.5 -> 2
     # fixed_delta: acc 3 * mult 16384 * 2**-14 = 3 LSB -> 3 * 2**16 units
     assert fixed_delta(np.array([3]), np.array([16384]), np.array([-14]), 16).tolist() == [3 << 16]
@@ -134,8 +134,9 @@ def test_recipe_learns_the_tiny_task(plan):
 def test_state_bytes_count_each_buffer():
     assert Recipe().state_bytes(100, 10) == 0
     assert Recipe(frac_bits=16).state_bytes(100, 10) == 200
-    assert Recipe(momentum=0.9).state_bytes(100, 10) == 440  # B = 1: no accumulator, the step is transient
-    assert Recipe(accum_steps=2, momentum=0.9, frac_bits=8).state_bytes(100, 10) == 980
+    assert Recipe(momentum=0.9).state_bytes(100, 10) == 440  # the momentum buffer
+    assert Recipe(accum_steps=2).state_bytes(100, 10) == 440  # the accumulator
+    assert Recipe(accum_steps=2, momentum=0.9, frac_bits=8).state_bytes(100, 10) == 540  # one buffer serves both
 
 
 def test_memory_report_counts_optimizer_state(plan):
@@ -153,5 +154,5 @@ def test_memory_report_counts_optimizer_state(plan):
     base, rep = memory_report(p, layout), memory_report(p, layout, recipe=r)
     # Assert
     assert trained_elements(p) == (nw, nb)
-    assert optimizer_bytes(p, r) == rep.optimizer_bytes == 10 * nw + 8 * nb
+    assert optimizer_bytes(p, r) == rep.optimizer_bytes == 6 * nw + 4 * nb
     assert rep.peak_sram_bytes - base.peak_sram_bytes == rep.optimizer_bytes and base.optimizer_bytes == 0
