@@ -8,14 +8,18 @@ One command: ``python benchmarks/accuracy_qas.py [--quick] [--tasks imu,fashion]
 Recipe (the same for every method; docs/engine.md, "Training recipe"): mini-batches of ``B`` samples
 (gradient accumulation at batch 1 for the int8 engine: ``Recipe(accum_steps=B)``), SGD with momentum 0.9
 (fixed-point int32 buffers for int8), linear warm-up over the first 5% of updates then cosine to 0 (the
-engine's integer schedule, its Q15 factor also drives torch's lr), int8 weights with 16-bit residuals.
+engine's integer schedule, its Q15 factor also drives torch's lr), int8 weights with 16-bit residuals, and
+plans compiled with ``range_ste`` (no saturation mask on linear int8-range clamps; docs/engine.md, "Diagnosis").
 Methods:
 - ``fp32_full`` / ``fp32_sparse``: torch float twin of the int8 graph (``ablation.graph_to_torch``), all
   parameters / only the scheme's (weights on the first ``k`` input channels);
 - ``int8_sparse_qas``: the engine on the compiled plan with the recipe; ``int8_sparse_noqas``: the same
   without QAS (``ablation.without_qas``), own wider lr grid (no-QAS steps are ``s_w**2`` smaller);
-- ``int8_sparse_plain``: the engine's default step (batch 1, stochastic rounding to int8, constant lr, no
-  momentum) - the regime before the recipe;
+- ``int8_sparse_plain``: the engine's default step and plan (batch 1, stochastic rounding to int8, constant lr,
+  no momentum, saturation masks on every clamp) - the regime before this work; its grid is the common one
+  scaled by ``1 / ((1 - momentum) B)`` (the same per-sample step);
+- ``int8_sparse_lite``: batch 1, no momentum, 8-bit weight residuals (1 byte per trained weight), the same
+  schedule, ``range_ste`` plan; grid as ``plain``;
 - ``int8_last``: classifier only; ``int8_bias``: the scheme's biases (its last ``n_bias_update`` convs) +
   classifier; ``int8_lastk``: weights and biases of the last ``k`` backbone convs, ``k`` the largest whose
   memory does not exceed the sparse scheme's.
@@ -73,8 +77,8 @@ from device_agent.engine.trainer import Trainer
 from fleet.compiler.graph_builder import backbone_convs
 from fleet.compiler.training import build_training_plan
 
-METHODS = ("fp32_full", "fp32_sparse", "int8_sparse_qas", "int8_sparse_noqas", "int8_sparse_plain", "int8_last",
-           "int8_bias", "int8_lastk")
+METHODS = ("fp32_sparse", "int8_sparse_qas", "int8_sparse_lite", "int8_sparse_plain", "int8_sparse_noqas", "int8_last",
+           "int8_bias", "int8_lastk", "fp32_full")
 WIDE = (1.0, 1e2, 1e4)  # multipliers of the grid for the no-QAS sweep
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -253,12 +257,21 @@ def run_fp32(task: Task, setup: Setup, scheme: ir.SparseScheme | None, lr: float
     return {"val_curve": curve, "val": curve[-1], "test": acc("test")}
 
 
+def lite_recipe(setup: Setup, n_train: int) -> Recipe:
+    """The cheap variant: batch 1 (no buffer), no momentum, 8-bit weight residuals, the same schedule."""
+    r = setup.recipe(n_train)
+    b = setup.batch
+    return Recipe(accum_steps=1, frac_bits=8, warmup=r.warmup * b, total=r.total * b)
+
+
 def run_int8(task: Task, setup: Setup, scheme: ir.SparseScheme, lr: float, seed: int, qas: bool = True,
-             plain: bool = False) -> dict:
-    """Train with the engine and the recipe (``plain``: the default step at batch 1) -> val curve, test acc."""
-    plan, cut = int8_plan(task, scheme)
+             plain: bool = False, lite: bool = False) -> dict:
+    """Train with the engine and the recipe (``plain``: the default step at batch 1; ``lite``: see
+    :func:`lite_recipe`) -> val curve, test acc."""
+    plan, cut = int8_plan(task, scheme, range_ste=not plain)
     ytr = task.y["train"]
-    trainer = Trainer(plan if qas else without_qas(plan), recipe=None if plain else setup.recipe(len(ytr)))
+    rec = None if plain else (lite_recipe(setup, len(ytr)) if lite else setup.recipe(len(ytr)))
+    trainer = Trainer(plan if qas else without_qas(plan), recipe=rec)
     feats = {s: features(task, cut, s) for s in ("train", "val", "test")}
 
     def get(split, idx):
@@ -272,7 +285,7 @@ def run_int8(task: Task, setup: Setup, scheme: ir.SparseScheme, lr: float, seed:
     curve = []
     for ep in range(setup.epochs):
         for idx in order(len(ytr), setup.batch, ep, seed):
-            if plain:
+            if plain or lite:
                 for j in range(len(idx)):  # NOTE: the device's step: one sample, one rounded update
                     trainer.train_step(get("train", idx[j:j + 1]), ytr[idx[j:j + 1]], lr)
             else:
@@ -411,6 +424,8 @@ def method_plan(task: Task, setup: Setup) -> dict[str, tuple]:
         "int8_sparse_qas": (lambda lr, s: run_int8(task, setup, sp, lr, s), task.grid, sp, rec),
         "int8_sparse_noqas": (lambda lr, s: run_int8(task, setup, sp, lr, s, qas=False), wide, sp, rec),
         "int8_sparse_plain": (lambda lr, s: run_int8(task, setup, sp, lr, s, plain=True), plain, sp, None),
+        "int8_sparse_lite": (lambda lr, s: run_int8(task, setup, sp, lr, s, lite=True), plain, sp,
+                             lite_recipe(setup, len(task.y["train"]))),
         "int8_last": (lambda lr, s: run_int8(task, setup, last, lr, s), task.grid, last, rec),
         "int8_bias": (lambda lr, s: run_int8(task, setup, bias, lr, s), task.grid, bias, rec),
     }
