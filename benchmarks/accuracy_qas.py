@@ -295,12 +295,15 @@ def run_int8(task: Task, setup: Setup, scheme: ir.SparseScheme, lr: float, seed:
 
 
 def plan_memory(task: Task, scheme: ir.SparseScheme, recipe: Recipe | None) -> dict:
-    """The compiler's memory report of ``scheme`` on the whole graph (KB = 1000 B), cached per scheme."""
+    """The compiler's memory report of ``scheme`` on the whole graph (KB = 1000 B), cached per scheme.
+
+    With a recipe the plan is compiled with ``range_ste`` (as the runs train it); without, as the default plan.
+    """
     from fleet.compiler.compile import compile_full
 
     key = ("mem", scheme.name, recipe)
     if key not in task.cache:
-        r = compile_full(task.graph, scheme, serialize=False, recipe=recipe).report
+        r = compile_full(task.graph, scheme, serialize=False, recipe=recipe, range_ste=recipe is not None).report
         task.cache[key] = {"arena_kb": round(r.arena_bytes / 1000, 1), "trainable_kb": round(r.trainable_bytes / 1000, 1),
                            "optimizer_kb": round(r.optimizer_bytes / 1000, 1),
                            "mem_kb": round((r.arena_bytes + r.trainable_bytes + r.optimizer_bytes) / 1000, 1),

@@ -43,9 +43,10 @@ def _serialize(plan: ir.Plan) -> bytes | None:
 
 
 def compile_full(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True, serialize: bool = True,
-                 runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES, recipe: Recipe | None = None) -> Compiled:
+                 runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES, recipe: Recipe | None = None,
+                 range_ste: bool = False) -> Compiled:
     """Build, plan, check and (optionally) serialize; no budget check. See :func:`compile_plan`."""
-    plan = build_training_plan(graph, scheme, fuse=fuse)
+    plan = build_training_plan(graph, scheme, fuse=fuse, range_ste=range_ste)
     layout = plan_arena(plan)
     check_layout(plan, layout)
     blob = _serialize(plan) if serialize else None
@@ -55,7 +56,7 @@ def compile_full(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True, se
 
 def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = None, fuse: bool = True,
                  serialize: bool = True, runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES,
-                 recipe: Recipe | None = None) -> tuple[ir.Plan, MemoryReport]:
+                 recipe: Recipe | None = None, range_ste: bool = False) -> tuple[ir.Plan, MemoryReport]:
     """Compile ``graph`` for ``scheme`` and check it against ``budget``.
 
     Parameters
@@ -76,6 +77,8 @@ def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = 
     recipe : Recipe, optional
         Training recipe; its optimizer state counts in ``optimizer_bytes`` and ``peak_sram_bytes``. The plan
         format does not carry it yet (docs/engine.md, "Training recipe"): host trainers take it as an option.
+    range_ste : bool
+        No saturation masks on linear int8-range clamps (``training.build_training_plan``); opt-in.
 
     Returns
     -------
@@ -87,7 +90,7 @@ def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = 
     BudgetError
         ``peak_sram_bytes > budget``; ``.required`` = the plan's peak.
     """
-    c = compile_full(graph, scheme, fuse, serialize, runtime_bytes, recipe)
+    c = compile_full(graph, scheme, fuse, serialize, runtime_bytes, recipe, range_ste)
     check_budget(c.report, budget, scheme.name)
     return c.plan, c.report
 
