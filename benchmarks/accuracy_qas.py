@@ -1,26 +1,42 @@
-"""Transfer-learning accuracy: int8 sparse update with and without QAS against fp32 fine-tuning, same run.
+"""Transfer-learning accuracy of the int8 engine against fp32 on one training recipe, >= 3 seeds with intervals.
 
-One command: ``python benchmarks/accuracy_qas.py [--quick] [--tasks imu,fashion] [--seeds N]``.
-Methods (same data order, batch, epochs and seeds for all; plain SGD, no momentum, as the engine does):
-- ``fp32_full``: torch, every parameter of the float twin of the int8 graph (``ablation.graph_to_torch``);
-- ``fp32_sparse``: torch, only the scheme's parameters (weights on the first ``k`` input channels);
-- ``int8_sparse_noqas`` / ``int8_sparse_qas``: the engine's Trainer on the compiled plan, update factors
-  without QAS (``ablation.without_qas``) / as compiled;
-- ``int8_last``: classifier only; ``int8_bias``: every bias + classifier (the compiler's ``bias`` variant).
-Learning rate: for every method the same grid; the rate with the best validation accuracy (mean over seeds) is
-chosen and its test accuracy reported. ``int8_sparse_noqas_wide`` also sweeps rates up to 10**4 x larger (no-QAS
-steps are ``s_w**2`` smaller), to show that no single rate fixes it.
+One command: ``python benchmarks/accuracy_qas.py [--quick] [--tasks imu,fashion] [--seeds 3] [--n-train N]
+[--epochs E] [--batch B] [--methods m1,m2]``. Full run (paper scale for Fashion, hours on one core):
+``python benchmarks/accuracy_qas.py --tasks fashion,imu --seeds 3 --n-train 10000 --n-val 2000 --n-test 5000
+--epochs 10 --batch 16``.
+
+Recipe (the same for every method; docs/engine.md, "Training recipe"): mini-batches of ``B`` samples
+(gradient accumulation at batch 1 for the int8 engine: ``Recipe(accum_steps=B)``), SGD with momentum 0.9
+(fixed-point int32 buffers for int8), linear warm-up over the first 5% of updates then cosine to 0 (the
+engine's integer schedule, its Q15 factor also drives torch's lr), int8 weights with 16-bit residuals, and
+plans compiled with ``range_ste`` (no saturation mask on linear int8-range clamps; docs/engine.md, "Diagnosis").
+Methods:
+- ``fp32_full`` / ``fp32_sparse``: torch float twin of the int8 graph (``ablation.graph_to_torch``), all
+  parameters / only the scheme's (weights on the first ``k`` input channels);
+- ``int8_sparse_qas``: the engine on the compiled plan with the recipe; ``int8_sparse_noqas``: the same
+  without QAS (``ablation.without_qas``), own wider lr grid (no-QAS steps are ``s_w**2`` smaller);
+- ``int8_sparse_plain``: the engine's default step and plan (batch 1, stochastic rounding to int8, constant lr,
+  no momentum, saturation masks on every clamp) - the regime before this work; its grid is the common one
+  scaled by ``1 / ((1 - momentum) B)`` (the same per-sample step);
+- ``int8_sparse_lite``: batch 1, no momentum, 8-bit weight residuals (1 byte per trained weight), the same
+  schedule, ``range_ste`` plan; grid as ``plain``;
+- ``int8_last``: classifier only; ``int8_bias``: the scheme's biases (its last ``n_bias_update`` convs) +
+  classifier; ``int8_lastk``: weights and biases of the last ``k`` backbone convs, ``k`` the largest whose
+  memory does not exceed the sparse scheme's.
+Learning rate: each method sweeps its grid on seed 0 and keeps the best final validation accuracy; seeds
+1.. run at that rate. Reported: test accuracy mean, 95% t-interval over seeds, per-seed values, the seed-0
+validation curve per epoch (to see it flatten), and memory of the int8 plan (KB = 1000 B: arena + trainable +
+optimizer state, from ``fleet.compiler.compile.compile_full``).
 
 Tasks and splits (no test data is used for any choice):
-- ``imu``: ImuCNN pretrained fp32 on watch subjects 1-5 (all recordings), PTQ-imported with calibration on
-  those windows, then a fresh zero-initialised 7-way head. Fine-tuned on subjects 6-10's earlier recording per
-  exercise (its first 75% of windows train, the rest validate), tested on their later recording.
-- ``fashion``: MIT MbV2-w0.35 int8 ImageNet weights, new zero-initialised 10-way head; Fashion-MNIST resized to
-  128x128, grey replicated to RGB, int8 = pixel - 128. Train / validation from the train file, test from t10k.
+- ``imu``: ImuCNN pretrained fp32 on watch subjects 1-5, PTQ-imported, fresh zero-initialised 7-way head;
+  fine-tuned on subjects 6-10's earlier recording per exercise (75% train / rest validate), tested on the later.
+- ``fashion``: MIT MbV2-w0.35 int8 ImageNet weights, fresh zero-initialised 10-way head; Fashion-MNIST resized
+  to 128x128, grey replicated to RGB, int8 = pixel - 128; train/validation from the train file, test from t10k.
   Sparse scheme: the paper's ``mbv2-w0.35:99kb`` rung.
-The int8 runs of schemes that freeze a prefix train on cached prefix outputs (``ablation.split_graph``): the same
-arithmetic as the full plan (stochastic-rounding streams are keyed by tensor ids, so not the same bits).
-Last stdout line: ``{"<task>": {"fp32_full": acc, ...}}`` with accuracies in [0, 1].
+Runs whose scheme freezes a prefix train on cached prefix outputs (``ablation.split_graph``; for fp32 the float
+twin's prefix): the same arithmetic as the full plan (rounding streams are keyed by tensor ids).
+Last stdout line: ``{"<task>": {"<method>": {"mean", "ci95", "n", "seeds", "lr", "mem_kb", ...}, "_setup": {...}}}``.
 """
 
 from __future__ import annotations
@@ -31,6 +47,8 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")  # NOTE: one core per run (2 cores shared); before numpy/torch load BLAS
 
 import argparse
+import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,12 +72,15 @@ from benchmarks.ablation import (
 from benchmarks.common import MODELS, emit, load_fashion_mnist
 from device_agent.engine import ir
 from device_agent.engine.forward import forward_activations
+from device_agent.engine.recipe import Recipe, lr_factor_q15
 from device_agent.engine.trainer import Trainer
 from fleet.compiler.graph_builder import backbone_convs
 from fleet.compiler.training import build_training_plan
 
-METHODS = ("fp32_full", "fp32_sparse", "int8_sparse_noqas", "int8_sparse_qas", "int8_last", "int8_bias")
-WIDE = (1.0, 1e2, 1e4)  # extra multipliers of the grid for the no-QAS sweep
+METHODS = ("fp32_sparse", "int8_sparse_qas", "int8_sparse_lite", "int8_sparse_plain", "int8_sparse_noqas", "int8_last",
+           "int8_bias", "int8_lastk", "fp32_full")
+WIDE = (1.0, 1e2, 1e4)  # multipliers of the grid for the no-QAS sweep
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass
@@ -71,8 +92,6 @@ class Task:
     sparse: ir.SparseScheme
     x: dict[str, np.ndarray]  # split -> int8 inputs (N, *input shape) (or a compact form, see ``expand``)
     y: dict[str, np.ndarray]
-    batch: int
-    epochs: int
     grid: tuple[float, ...]
     expand: object = None  # callable: stored inputs -> (N, *input shape) int8
     cache: dict = field(default_factory=dict)
@@ -82,56 +101,42 @@ class Task:
         return self.expand(x) if self.expand else x
 
 
-def order(n: int, batch: int, epochs: int, seed: int) -> list[np.ndarray]:
-    """The mini-batches every method sees: per epoch a seeded permutation cut into ``batch``-sized pieces."""
-    out = []
-    for e in range(epochs):
-        p = np.random.default_rng(1000 * seed + e).permutation(n)
-        out += [p[i:i + batch] for i in range(0, n, batch)]
-    return out
+@dataclass(frozen=True)
+class Setup:
+    """The recipe every method shares: batch, epochs, momentum, warm-up + cosine schedule, residual bits."""
+
+    batch: int
+    epochs: int
+    momentum: float = 0.9
+    warmup_frac: float = 0.05
+    frac_bits: int = 16
+
+    def updates(self, n_train: int) -> int:
+        return self.epochs * (n_train // self.batch)
+
+    def recipe(self, n_train: int) -> Recipe:
+        total = self.updates(n_train)
+        warm = max(1, round(self.warmup_frac * total))
+        return Recipe(accum_steps=self.batch, momentum=self.momentum, frac_bits=self.frac_bits, warmup=warm,
+                      total=max(total, warm + 1))
 
 
-# ------------------------------------------------------------------------------------------------- fp32
+def order(n: int, batch: int, epoch: int, seed: int) -> list[np.ndarray]:
+    """One epoch's mini-batches: a seeded permutation cut into full ``batch``-sized pieces (the rest dropped)."""
+    p = np.random.default_rng(1000 * seed + epoch).permutation(n)
+    return [p[i:i + batch] for i in range(0, n - batch + 1, batch)]
 
 
-def run_fp32(task: Task, scheme: ir.SparseScheme | None, lr: float, seed: int) -> tuple[float, float]:
-    """Fine-tune the float twin (all parameters if ``scheme`` is None); returns (val acc, test acc)."""
-    torch.manual_seed(seed)
-    model = graph_to_torch(task.graph)
-    if scheme is None:
-        params, masks = list(model.parameters()), {}
-    else:
-        params, masks = torch_scheme_params(model, task.graph, scheme)
-    for p, m in masks.items():
-        p.register_hook(lambda g, m=m: g * m)
-    opt = torch.optim.SGD(params, lr=lr)
-    t_in = task.graph.tensors[task.graph.input_id]
-    s, z = float(t_in.scale[0]), t_in.zero_point
-
-    def real(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(s * (x.astype(np.float32) - z))
-
-    ytr = torch.from_numpy(task.y["train"].astype(np.int64))
-    model.train()
-    for idx in order(len(ytr), task.batch, task.epochs, seed):
-        loss = torch.nn.functional.cross_entropy(model(real(task.inputs("train", idx))), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    accs = []
-    with torch.no_grad():
-        for split in ("val", "test"):
-            n, hits = len(task.y[split]), 0
-            for i in range(0, n, 256):
-                sl = slice(i, min(n, i + 256))
-                pred = model(real(task.inputs(split, sl))).argmax(1).numpy()
-                hits += int((pred == task.y[split][sl]).sum())
-            accs.append(hits / n)
-    return accs[0], accs[1]
+def t_interval(v: list[float]) -> list[float]:
+    """95% Student-t interval of the mean ([mean, mean] for one value)."""
+    m = float(np.mean(v))
+    if len(v) < 2:
+        return [round(m, 4), round(m, 4)]
+    h = T975.get(len(v) - 1, 1.96) * float(np.std(v, ddof=1)) / math.sqrt(len(v))
+    return [round(m - h, 4), round(m + h, 4)]
 
 
-# ------------------------------------------------------------------------------------------------- int8
+# ------------------------------------------------------------------------------------------------- splits
 
 
 def _cut_for(graph: ir.Graph, scheme: ir.SparseScheme) -> int | None:
@@ -149,23 +154,26 @@ def _cut_for(graph: ir.Graph, scheme: ir.SparseScheme) -> int | None:
     return None
 
 
-def int8_plan(task: Task, scheme: ir.SparseScheme) -> tuple[ir.Plan, int | None]:
+def _tail(task: Task, scheme: ir.SparseScheme) -> tuple[ir.Graph, ir.SparseScheme, int | None]:
+    """(graph the run trains, scheme in its coordinates, cut tensor or None)."""
+    cut = _cut_for(task.graph, scheme)
+    if cut is None:
+        return task.graph, scheme, None
+    _, tail = split_graph(task.graph, cut)
+    return tail, shift_scheme(scheme, n_convs_before(task.graph, cut), len(backbone_convs(tail))), cut
+
+
+def int8_plan(task: Task, scheme: ir.SparseScheme, range_ste: bool = True) -> tuple[ir.Plan, int | None]:
     """The training plan of ``scheme`` on the graph's trainable tail, and the cut tensor (None: whole graph)."""
-    key = ("plan", scheme.name)
+    key = ("plan", scheme.name, range_ste)
     if key not in task.cache:
-        cut = _cut_for(task.graph, scheme)
-        if cut is None:
-            plan = build_training_plan(task.graph, scheme)
-        else:
-            _, tail = split_graph(task.graph, cut)
-            sch = shift_scheme(scheme, n_convs_before(task.graph, cut), len(backbone_convs(tail)))
-            plan = build_training_plan(tail, sch)
-        task.cache[key] = (engine_ready(plan), cut)
+        g, sch, cut = _tail(task, scheme)
+        task.cache[key] = (engine_ready(build_training_plan(g, sch, range_ste=range_ste)), cut)
     return task.cache[key]
 
 
-def features(task: Task, cut: int | None, split: str) -> np.ndarray:
-    """Engine inputs of the tail: the frozen prefix's output at ``cut`` (computed once per split)."""
+def features(task: Task, cut: int | None, split: str) -> np.ndarray | None:
+    """Engine inputs of the tail: the frozen int8 prefix's output at ``cut`` (computed once per split)."""
     if cut is None:
         return task.x[split] if task.expand is None else None
     key = ("feat", cut, split)
@@ -177,31 +185,148 @@ def features(task: Task, cut: int | None, split: str) -> np.ndarray:
     return task.cache[key]
 
 
-def run_int8(task: Task, scheme: ir.SparseScheme, lr: float, seed: int, qas: bool = True) -> tuple[float, float]:
-    """Train with the engine (mini-batches of ``task.batch``); returns (val acc, test acc)."""
-    plan, cut = int8_plan(task, scheme)
-    trainer = Trainer(plan if qas else without_qas(plan))
+def _real_input(task: Task, split: str, idx) -> torch.Tensor:
+    t_in = task.graph.tensors[task.graph.input_id]
+    x = task.inputs(split, idx)
+    return torch.from_numpy(float(t_in.scale[0]) * (x.astype(np.float32) - t_in.zero_point))
+
+
+def float_features(task: Task, cut: int | None, split: str) -> torch.Tensor:
+    """fp32 twin inputs of the tail: the float prefix's output at ``cut`` (or the real input), once per split."""
+    key = ("ffeat", cut, split)
+    if key not in task.cache:
+        n = len(task.y[split])
+        if cut is None:
+            task.cache[key] = torch.cat([_real_input(task, split, slice(i, i + 64)) for i in range(0, n, 64)])
+        else:
+            prefix, _ = split_graph(task.graph, cut)
+            model = graph_to_torch(prefix).eval()
+            shape = task.graph.tensors[cut].shape
+            with torch.no_grad():
+                task.cache[key] = torch.cat([model(_real_input(task, split, slice(i, i + 64))).reshape(-1, *shape)
+                                             for i in range(0, n, 64)])
+    return task.cache[key]
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def run_fp32(task: Task, setup: Setup, scheme: ir.SparseScheme | None, lr: float, seed: int) -> dict:
+    """Fine-tune the float twin with the recipe (all parameters if ``scheme`` is None) -> val curve, test acc."""
+    torch.manual_seed(seed)
+    if scheme is None:
+        g, cut = task.graph, None
+        model = graph_to_torch(g)
+        params, masks = list(model.parameters()), {}
+    else:
+        g, sch, cut = _tail(task, scheme)
+        model = graph_to_torch(g)
+        params, masks = torch_scheme_params(model, g, sch)
+    for p, m in masks.items():
+        p.register_hook(lambda gr, m=m: gr * m)
+    ytr = torch.from_numpy(task.y["train"].astype(np.int64))
+    rec = setup.recipe(len(ytr))
+    opt = torch.optim.SGD(params, lr=lr, momentum=setup.momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: lr_factor_q15(u, rec) / 32768)
+    feats = {s: float_features(task, cut, s) if (cut is not None or task.expand is None) else None
+             for s in ("train", "val", "test")}
+
+    def inp(split, idx):
+        return feats[split][idx] if feats[split] is not None else _real_input(task, split, idx)
+
+    def acc(split):
+        model.eval()
+        n, hits = len(task.y[split]), 0
+        with torch.no_grad():
+            for i in range(0, n, 256):
+                sl = slice(i, min(n, i + 256))
+                hits += int((model(inp(split, sl)).argmax(1).numpy() == task.y[split][sl]).sum())
+        model.train()
+        return hits / n
+
+    curve = []
+    model.train()
+    for ep in range(setup.epochs):
+        for idx in order(len(ytr), setup.batch, ep, seed):
+            loss = torch.nn.functional.cross_entropy(model(inp("train", idx)), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        curve.append(round(acc("val"), 4))
+    return {"val_curve": curve, "val": curve[-1], "test": acc("test")}
+
+
+def lite_recipe(setup: Setup, n_train: int) -> Recipe:
+    """The cheap variant: batch 1 (no buffer), no momentum, 8-bit weight residuals, the same schedule."""
+    r = setup.recipe(n_train)
+    b = setup.batch
+    return Recipe(accum_steps=1, frac_bits=8, warmup=r.warmup * b, total=r.total * b)
+
+
+def run_int8(task: Task, setup: Setup, scheme: ir.SparseScheme, lr: float, seed: int, qas: bool = True,
+             plain: bool = False, lite: bool = False) -> dict:
+    """Train with the engine and the recipe (``plain``: the default step at batch 1; ``lite``: see
+    :func:`lite_recipe`) -> val curve, test acc."""
+    plan, cut = int8_plan(task, scheme, range_ste=not plain)
+    ytr = task.y["train"]
+    rec = None if plain else (lite_recipe(setup, len(ytr)) if lite else setup.recipe(len(ytr)))
+    trainer = Trainer(plan if qas else without_qas(plan), recipe=rec)
     feats = {s: features(task, cut, s) for s in ("train", "val", "test")}
 
     def get(split, idx):
         return feats[split][idx] if feats[split] is not None else task.inputs(split, idx)
 
-    ytr = task.y["train"]
-    for idx in order(len(ytr), task.batch, task.epochs, seed):
-        trainer.train_step(get("train", idx), ytr[idx], lr)
-    accs = []
-    for split in ("val", "test"):
+    def acc(split):
         n = len(task.y[split])
-        hits = sum(int((trainer.predict(get(split, slice(i, i + 64))) == task.y[split][i:i + 64]).sum())
-                   for i in range(0, n, 64))
-        accs.append(hits / n)
-    return accs[0], accs[1]
+        return sum(int((trainer.predict(get(split, slice(i, i + 64))) == task.y[split][i:i + 64]).sum())
+                   for i in range(0, n, 64)) / n
+
+    curve = []
+    for ep in range(setup.epochs):
+        for idx in order(len(ytr), setup.batch, ep, seed):
+            if plain or lite:
+                for j in range(len(idx)):  # NOTE: the device's step: one sample, one rounded update
+                    trainer.train_step(get("train", idx[j:j + 1]), ytr[idx[j:j + 1]], lr)
+            else:
+                trainer.train_step(get("train", idx), ytr[idx], lr)
+        curve.append(round(acc("val"), 4))
+    return {"val_curve": curve, "val": curve[-1], "test": acc("test")}
+
+
+def plan_memory(task: Task, scheme: ir.SparseScheme, recipe: Recipe | None) -> dict:
+    """The compiler's memory report of ``scheme`` on the whole graph (KB = 1000 B), cached per scheme.
+
+    With a recipe the plan is compiled with ``range_ste`` (as the runs train it); without, as the default plan.
+    """
+    from fleet.compiler.compile import compile_full
+
+    key = ("mem", scheme.name, recipe)
+    if key not in task.cache:
+        r = compile_full(task.graph, scheme, serialize=False, recipe=recipe, range_ste=recipe is not None).report
+        task.cache[key] = {"arena_kb": round(r.arena_bytes / 1000, 1), "trainable_kb": round(r.trainable_bytes / 1000, 1),
+                           "optimizer_kb": round(r.optimizer_bytes / 1000, 1),
+                           "mem_kb": round((r.arena_bytes + r.trainable_bytes + r.optimizer_bytes) / 1000, 1),
+                           "peak_sram_kb": round(r.peak_sram_bytes / 1000, 1)}
+    return task.cache[key]
+
+
+def last_k(task: Task, budget_kb: float, recipe: Recipe) -> ir.SparseScheme:
+    """Weights + biases of the last ``k`` backbone convs, ``k`` the largest with memory <= ``budget_kb``."""
+    n = len(backbone_convs(task.graph))
+    best = ir.SparseScheme("last1", 1, {n - 1: 1.0})
+    for k in range(1, n + 1):
+        s = ir.SparseScheme(f"last{k}", k, {i: 1.0 for i in range(n - k, n)})
+        if plan_memory(task, s, recipe)["mem_kb"] > budget_kb:
+            break
+        best = s
+    return best
 
 
 # ------------------------------------------------------------------------------------------------- tasks
 
 
-def imu_task(quick: bool) -> tuple[Task, dict]:
+def imu_task(quick: bool, **_) -> tuple[Task, dict]:
     """ImuCNN pretrained on subjects 1-5, fine-tuned on 6-10 (earlier recordings), tested on later ones."""
     from seglearn.datasets import load_watch
 
@@ -237,7 +362,7 @@ def imu_task(quick: bool) -> tuple[Task, dict]:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for e in range(8 if quick else 30):
         model.train()
-        for idx in order(len(yp), 32, 1, e):
+        for idx in order(len(yp), 32, e, 0):
             loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xp[idx])), torch.from_numpy(yp[idx]))
             opt.zero_grad()
             loss.backward()
@@ -248,15 +373,12 @@ def imu_task(quick: bool) -> tuple[Task, dict]:
     t_in = graph.tensors[graph.input_id]
     x = {k: quantize(norm(cat[k][0]), float(t_in.scale[0]), t_in.zero_point) for k in ("train", "val", "test")}
     y = {k: cat[k][1].astype(np.int32) for k in ("train", "val", "test")}
-    x_test, y_test = cat["test"]
-    with torch.no_grad():
-        fp32_zero = float((model(torch.from_numpy(norm(x_test)[:, :, 0, :])).argmax(1).numpy() == y_test).mean())
-    task = Task("imu", graph, named_scheme(graph, "ImuCNN:tail"), x, y, batch=8, epochs=3 if quick else 10,
-                grid=(0.01, 0.05) if quick else (0.003, 0.01, 0.03, 0.1))
-    return task, {"fp32_pretrained_head_on_test": fp32_zero}
+    task = Task("imu", graph, named_scheme(graph, "ImuCNN:tail"), x, y,
+                grid=(0.003, 0.01) if quick else (0.001, 0.003, 0.01, 0.03))
+    return task, {}
 
 
-def fashion_task(quick: bool) -> tuple[Task, dict]:
+def fashion_task(quick: bool, n_train: int = 2000, n_val: int = 500, n_test: int = 1000) -> tuple[Task, dict]:
     """MbV2-w0.35 (MIT int8 weights, fresh 10-way head) on Fashion-MNIST at 128x128."""
     from fleet.compiler.mit_import import import_mit
     from fleet.compiler.quantize import new_classifier
@@ -266,7 +388,7 @@ def fashion_task(quick: bool) -> tuple[Task, dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} absent: the fashion task needs the MIT MbV2-w0.35 int8 model")
     graph = new_classifier(import_mit(path, name="mbv2-w0.35"), 10)
-    n_tr, n_va, n_te = (200, 100, 200) if quick else (600, 200, 400)
+    n_tr, n_va, n_te = (200, 100, 200) if quick else (n_train, n_val, n_test)
     xa, ya = load_fashion_mnist("train")
     xt, yt = load_fashion_mnist("test")
     perm = np.random.default_rng(0).permutation(len(ya))[:n_tr + n_va]
@@ -281,77 +403,103 @@ def fashion_task(quick: bool) -> tuple[Task, dict]:
     y = {"train": ya[perm[:n_tr]].astype(np.int32), "val": ya[perm[n_tr:]].astype(np.int32),
          "test": yt[te].astype(np.int32)}
     expand = lambda a: np.repeat(a[:, None], 3, axis=1)
-    task = Task("fashion", graph, named_scheme(graph, "mbv2-w0.35:99kb"), x, y, batch=16,
-                epochs=2, grid=(0.01, 0.05) if quick else (0.003, 0.01, 0.03, 0.1), expand=expand)
+    task = Task("fashion", graph, named_scheme(graph, "mbv2-w0.35:99kb"), x, y,
+                grid=(0.003, 0.01) if quick else (0.001, 0.003, 0.01), expand=expand)
     return task, {}
 
 
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def sweep(fn, grid, seeds: int) -> tuple[float, float, float]:
-    """Best learning rate by mean validation accuracy over seeds -> (lr, val, test)."""
-    best = None
-    for lr in grid:
-        vt = np.array([fn(lr, s) for s in range(seeds)])
-        val, test = float(vt[:, 0].mean()), float(vt[:, 1].mean())
-        if best is None or val > best[1]:
-            best = (lr, val, test)
-    return best
-
-
-def method_runs(task: Task, schemes: dict[str, ir.SparseScheme]) -> dict:
-    """Method name -> ``f(lr, seed) -> (val acc, test acc)``."""
-    return {
-        "fp32_full": lambda lr, s: run_fp32(task, None, lr, s),
-        "fp32_sparse": lambda lr, s: run_fp32(task, task.sparse, lr, s),
-        "int8_sparse_noqas": lambda lr, s: run_int8(task, task.sparse, lr, s, qas=False),
-        "int8_sparse_qas": lambda lr, s: run_int8(task, task.sparse, lr, s),
-        "int8_last": lambda lr, s: run_int8(task, schemes["last"], lr, s),
-        "int8_bias": lambda lr, s: run_int8(task, schemes["bias"], lr, s),
+def method_plan(task: Task, setup: Setup) -> dict[str, tuple]:
+    """Method -> (run(lr, seed) -> dict, lr grid, int8 scheme for memory or None, recipe for memory)."""
+    rec = setup.recipe(len(task.y["train"]))
+    n = len(backbone_convs(task.graph))
+    sp = task.sparse
+    bias = ir.SparseScheme(f"bias{sp.n_bias_update}", sp.n_bias_update, {})
+    last = ir.SparseScheme("last", 0, {})
+    mid = task.grid[len(task.grid) // 2]
+    wide = tuple(round(mid * k, 10) for k in WIDE)  # NOTE: no-QAS steps are ~s_w**2 smaller than QAS steps
+    plain = tuple(round(lr / ((1 - setup.momentum) * setup.batch), 10) for lr in task.grid)  # same per-sample step
+    out = {
+        "fp32_full": (lambda lr, s: run_fp32(task, setup, None, lr, s), task.grid, None, None),
+        "fp32_sparse": (lambda lr, s: run_fp32(task, setup, sp, lr, s), task.grid, None, None),
+        "int8_sparse_qas": (lambda lr, s: run_int8(task, setup, sp, lr, s), task.grid, sp, rec),
+        "int8_sparse_noqas": (lambda lr, s: run_int8(task, setup, sp, lr, s, qas=False), wide, sp, rec),
+        "int8_sparse_plain": (lambda lr, s: run_int8(task, setup, sp, lr, s, plain=True), plain, sp, None),
+        "int8_sparse_lite": (lambda lr, s: run_int8(task, setup, sp, lr, s, lite=True), plain, sp,
+                             lite_recipe(setup, len(task.y["train"]))),
+        "int8_last": (lambda lr, s: run_int8(task, setup, last, lr, s), task.grid, last, rec),
+        "int8_bias": (lambda lr, s: run_int8(task, setup, bias, lr, s), task.grid, bias, rec),
     }
+    if n:
+        lk = last_k(task, plan_memory(task, sp, rec)["mem_kb"], rec)
+        out["int8_lastk"] = (lambda lr, s: run_int8(task, setup, lk, lr, s), task.grid, lk, rec)
+    return out
+
+
+def study(fn, grid, seeds: int, log) -> dict:
+    """Seed 0 over the grid (best final validation accuracy), then seeds 1.. at that rate."""
+    tried = {}
+    for lr in grid:
+        tried[lr] = fn(lr, 0)
+        log(f"lr {lr}: val {tried[lr]['val_curve']} test {tried[lr]['test']:.4f}")
+    lr = max(grid, key=lambda v: tried[v]["val"])
+    runs = [tried[lr]] + [fn(lr, s) for s in range(1, seeds)]
+    tests = [r["test"] for r in runs]
+    return {"mean": round(float(np.mean(tests)), 4), "ci95": t_interval(tests), "n": len(tests),
+            "seeds": [round(t, 4) for t in tests], "lr": lr, "val": round(float(np.mean([r["val"] for r in runs])), 4),
+            "val_curve": tried[lr]["val_curve"], "grid_val": {str(k): v["val"] for k, v in tried.items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI size: fewer samples, epochs and rates")
+    ap.add_argument("--quick", action="store_true", help="CI size: fewer samples, epochs, rates and seeds")
     ap.add_argument("--tasks", default="imu,fashion")
-    ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--no-wide", action="store_true", help="skip the wide no-QAS learning-rate sweep")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--n-val", type=int, default=500)
+    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=None, help="default: 6 (fashion), 10 (imu); quick 2")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--no-wide", action="store_true", help="no-QAS uses the common grid (quick CI)")
+    ap.add_argument("--grid", default=None, help="comma-separated learning rates (default per task)")
+    ap.add_argument("--partial", default=None, help="write the results so far to this JSON file after each method")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    seeds = 1 if args.quick else args.seeds
     result, rows = {}, []
     for name in args.tasks.split(","):
         t0 = time.time()
-        task, extra = {"imu": imu_task, "fashion": fashion_task}[name](args.quick)
-        g = task.graph
-        from fleet.compiler.scheme import variant
-        schemes = {"last": variant(g, "last"), "bias": variant(g, "bias")}
-        runs = method_runs(task, schemes)
-        out: dict[str, float | str | dict] = {}
-        lrs = {}
-        for m in METHODS:
+        task, extra = {"imu": imu_task, "fashion": fashion_task}[name](
+            args.quick, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+        epochs = 2 if args.quick else (args.epochs or {"imu": 10, "fashion": 6}[name])
+        if args.grid and not args.quick:
+            task.grid = tuple(float(v) for v in args.grid.split(","))
+        setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs)
+        plans = method_plan(task, setup)
+        out: dict[str, dict] = {}
+        for m in [m for m in args.methods.split(",") if m in plans]:
+            fn, grid, scheme, rec = plans[m]
+            grid = task.grid if (args.no_wide or args.quick) else grid
             tm = time.time()
-            lr, val, test = sweep(runs[m], task.grid, args.seeds)
-            out[m], lrs[m] = round(test, 4), lr
-            rows.append((name, m, f"{test:.4f}", f"{val:.4f}", lr, f"{time.time() - tm:.0f}s"))
-            print(f"  {name} {m}: test {test:.4f} val {val:.4f} lr {lr} ({time.time() - tm:.0f}s)",
-                  file=sys.stderr, flush=True)
-        if not args.no_wide:
-            grid = sorted({round(lr * k, 10) for lr in task.grid for k in WIDE})
-            lr, val, test = sweep(runs["int8_sparse_noqas"], grid, args.seeds)
-            out["int8_sparse_noqas_wide"], lrs["int8_sparse_noqas_wide"] = round(test, 4), lr
-            rows.append((name, "int8_sparse_noqas_wide", f"{test:.4f}", f"{val:.4f}", lr, ""))
-        out["gap_qas_vs_fp32_full"] = round(out["int8_sparse_qas"] - out["fp32_full"], 4)
-        out["gap_noqas_vs_qas"] = round(out["int8_sparse_noqas"] - out["int8_sparse_qas"], 4)
-        out["lr"] = lrs
-        out["scheme"] = task.sparse.name
-        out["n"] = {k: len(v) for k, v in task.y.items()}
-        out["epochs"], out["batch"], out["seeds"] = task.epochs, task.batch, args.seeds
-        out["seconds"] = round(time.time() - t0, 1)
-        out.update(extra)
+            log = lambda msg, m=m, name=name: print(f"  {name} {m}: {msg}", file=sys.stderr, flush=True)
+            r = study(fn, grid, seeds, log)
+            r.update(plan_memory(task, scheme, rec) if scheme is not None else {"mem_kb": None})
+            r["scheme"] = scheme.name if scheme is not None else ("full" if m == "fp32_full" else task.sparse.name)
+            r["seconds"] = round(time.time() - tm)
+            out[m] = r
+            rows.append((name, m, f"{r['mean']:.4f}", f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", r["n"], r["lr"],
+                         r["mem_kb"], r["val_curve"], f"{r['seconds']}s"))
+            log(f"test {r['mean']:.4f} ci95 {r['ci95']} seeds {r['seeds']} lr {r['lr']} mem {r['mem_kb']} KB")
+            if args.partial:
+                Path(args.partial).write_text(json.dumps({**result, name: out}, sort_keys=True))
+        out["_setup"] = {"scheme": task.sparse.name, "n": {k: len(v) for k, v in task.y.items()}, "epochs": epochs,
+                         "batch": setup.batch, "momentum": setup.momentum, "warmup_frac": setup.warmup_frac,
+                         "frac_bits": setup.frac_bits, "seeds": seeds, "seconds": round(time.time() - t0, 1), **extra}
         result[name] = out
-    emit(result, rows, ("task", "method", "test acc", "val acc", "lr", "time"))
+    emit(result, rows, ("task", "method", "test", "ci95", "n", "lr", "mem_kb", "val curve (seed 0)", "time"))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import numpy as np
 from . import ir
 from .backward import backward_op
 from .forward import check_input, forward_op
-from .update import lr_mant_exp, update_op
+from .recipe import Recipe, lr_factor_q15, scaled_lr
+from .update import lr_mant_exp, recipe_update, update_op
 
 UPDATE_OPS = frozenset({ir.OpType.CONV2D_UPDATE, ir.OpType.EMBEDDING_UPDATE})
 
@@ -45,9 +46,14 @@ class Trainer:
     plan : the ir.Plan to execute (its trainable tensors are copied; the plan is left untouched).
     update_weight, update_bias : global switches ANDed with every update op's own flags (e.g. to compare
         "bias only" against the plan's scheme without recompiling).
+    recipe : optional :class:`~device_agent.engine.recipe.Recipe` (accumulation, momentum, weight residuals,
+        lr schedule). None (default) is the plan's own step, bit-exact with the firmware. With a recipe, a
+        batch of N samples is N device steps at batch 1: samples accumulate, and every ``accum_steps``-th
+        sample applies the update (a batch may cross that boundary; it is split there).
     """
 
-    def __init__(self, plan: ir.Plan, update_weight: bool = True, update_bias: bool = True) -> None:
+    def __init__(self, plan: ir.Plan, update_weight: bool = True, update_bias: bool = True,
+                 recipe: Recipe | None = None) -> None:
         self.plan = plan
         self.tensors = {t.id: t for t in plan.tensors}
         for t in plan.tensors:
@@ -60,6 +66,11 @@ class Trainer:
         self.update_weight = update_weight
         self.update_bias = update_bias
         self.step = 0  # uint32 update counter, seeds the stochastic rounding
+        self.recipe = recipe if recipe is not None and (recipe.stateful or recipe.warmup or recipe.total) else None
+        self.opt_state: dict[tuple[int, str], np.ndarray] = {}  # (tensor id, "acc"|"mom"|"frac") -> state
+        self.pending = 0  # samples accumulated since the last applied update (recipe only)
+        if self.recipe is not None and any(op.type == ir.OpType.EMBEDDING_UPDATE for op in plan.ops):
+            raise ValueError("the training recipe supports CONV2D_UPDATE plans only (this plan has EMBEDDING_UPDATE)")
 
     # ---- execution -----------------------------------------------------------------------------------------
 
@@ -79,9 +90,18 @@ class Trainer:
             raise ValueError(f"labels must be class indices in [0, {k}), got range [{y.min()}, {y.max()}]")
         return y
 
-    def trace_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Trace:
+    def trace_step(self, x: np.ndarray, y: np.ndarray, lr: float, _apply: bool | None = None) -> Trace:
         """One training step like :meth:`train_step`, returning every intermediate value (for test vectors)."""
         lr_mant_exp(lr)  # NOTE: reject a bad learning rate before any op runs
+        if self.recipe is not None and _apply is None:
+            if len(x) > self.recipe.accum_steps - self.pending:
+                raise ValueError(f"trace_step with a recipe takes at most {self.recipe.accum_steps - self.pending} "
+                                 f"samples (up to the next update), got {len(x)}; use train_step")
+            _apply = self.pending + len(x) == self.recipe.accum_steps
+        lr_me = None
+        if self.recipe is not None:
+            r = self.recipe
+            lr_me = scaled_lr(*lr_mant_exp(lr, r.accum_steps), lr_factor_q15(self.step, r))
         store = self._store(x)
         n = store[self.plan.input_id].shape[0]
         if n < 1:
@@ -91,7 +111,10 @@ class Trainer:
         exps: dict[int, np.ndarray] = {}
         loss, correct = np.zeros(n), np.zeros(n, bool)
         for op in self.plan.ops:
-            if op.type in UPDATE_OPS:
+            if op.type in UPDATE_OPS and self.recipe is not None:
+                recipe_update(op, self.tensors, store, exps, self.opt_state, self.recipe, lr_me, bool(_apply),
+                              self.step, self.update_weight, self.update_bias)
+            elif op.type in UPDATE_OPS:
                 update_op(op, self.tensors, store, exps, lr, self.step, self.update_weight, self.update_bias)
             elif op.type in ir.BACKWARD_OPS:
                 lo, ok = backward_op(op, self.tensors, store, exps, labels)
@@ -101,7 +124,10 @@ class Trainer:
                 forward_op(op, self.tensors, store)
         for tid in self.params:
             self.params[tid] = store[tid]
-        self.step = (self.step + 1) & 0xFFFFFFFF
+        if self.recipe is not None:
+            self.pending = 0 if _apply else self.pending + n
+        if self.recipe is None or _apply:
+            self.step = (self.step + 1) & 0xFFFFFFFF
         return Trace(store, exps, StepStats(float(loss.mean()), int(correct.sum()), n))
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepStats:
@@ -116,7 +142,14 @@ class Trainer:
         -------
         StepStats with the mean loss, the number of correct predictions (before the update) and N.
         """
-        return self.trace_step(x, y, lr).stats
+        if self.recipe is None:
+            return self.trace_step(x, y, lr).stats
+        i, n, loss, correct = 0, len(x), 0.0, 0
+        while i < n:  # NOTE: chunks end at accumulation boundaries; weights are fixed within a chunk
+            j = min(n, i + self.recipe.accum_steps - self.pending)
+            st = self.trace_step(x[i:j], np.asarray(y)[i:j], lr, self.pending + j - i == self.recipe.accum_steps).stats
+            loss, correct, i = loss + st.loss * st.n, correct + st.correct, j
+        return StepStats(loss / max(n, 1), correct, n)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Forward only with the current weights: (N, *input shape) -> (N, K, 1, 1) int8."""

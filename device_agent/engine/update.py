@@ -141,3 +141,80 @@ def update_op(op: ir.Op, tensors: dict[int, ir.Tensor], store: dict[int, np.ndar
                                           int(a["qas_e"]), lr, step, tid)
     else:
         raise ValueError(f"op {op.name or op.type.name} is not an update op")
+
+
+# ---- training recipe (opt-in, docs/engine.md "Training recipe") ----------------------------------------------
+
+
+def _accumulate(state: dict, key: tuple, deltas: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Add per-sample deltas (N, ...) one sample at a time into the int32 accumulator ``state[key]`` (saturating)."""
+    from .recipe import sat_add32
+
+    a = np.asarray(state.get(key, np.zeros(shape, np.int32)), np.int64)
+    for d in deltas:
+        a = sat_add32(a, d)
+    return a
+
+
+def recipe_update(op: ir.Op, tensors: dict[int, ir.Tensor], store: dict[int, np.ndarray],
+                  exps: dict[int, np.ndarray], state: dict, recipe, lr_me: tuple[int, int] | None, apply: bool,
+                  step: int, update_weight: bool = True, update_bias: bool = True) -> None:
+    """One CONV2D_UPDATE under a :class:`~device_agent.engine.recipe.Recipe`: accumulate, and at ``apply`` step.
+
+    Per sample ``n``: ``d_n = rshift_round(acc_n * M, -(E_n + bits))`` (``M, E_n`` as in the default step with
+    the per-sample lr ``lr_me``; ``bits`` 16 for weights, 4 for biases), added with int32 saturation into one
+    buffer per tensor: the momentum buffer ``v`` when ``beta > 0`` (it already holds ``beta v_prev``), else the
+    accumulator ``a``. At ``apply`` the parameter takes the buffer (``recipe.apply_weight`` / ``apply_bias``),
+    then ``v = rshift_round(v * beta_q15, 15)`` (or ``a = 0``). ``lr_me = None`` (schedule factor 0): nothing is
+    added. State arrays are full-shape in the reference; only trained elements count as device bytes.
+    """
+    from .recipe import ACC_BITS_B, ACC_BITS_W, apply_bias, apply_weight, fixed_delta, momentum_decay
+
+    if op.type != ir.OpType.CONV2D_UPDATE:
+        raise ValueError(f"the training recipe supports CONV2D_UPDATE only, got {op.name or op.type.name}")
+    a = op.attrs
+    gid, xid, wid, bid = op.inputs
+    k = int(a["k"])
+    uw = bool(a["update_weight"]) and update_weight and k > 0
+    ub = bool(a["update_bias"]) and update_bias
+    for tid in [t for t, on in ((wid, uw), (bid, ub)) if on]:
+        if tensors[tid].kind != ir.Kind.TRAINABLE:
+            raise ValueError(f"op {op.name}: tensor {tensors[tid].name} is {tensors[tid].kind.name}, not TRAINABLE")
+    g, e = store[gid], np.asarray(exps[gid], np.int64)
+    n = g.shape[0]
+    geom = ConvGeom.from_attrs(a)
+    buf = "mom" if recipe.beta_q15 else "acc"
+    if uw:
+        w = store[wid]
+        x_saved = store[xid]
+        c_in = w.shape[1] * geom.groups
+        xc = np.zeros((n, c_in, *x_saved.shape[2:]), np.int64)
+        xc[:, :k] = x_saved[:, :k].astype(np.int64) - tensors[xid].zero_point
+        mask = channel_mask(w.shape, geom.groups, k)[:, :, None, None]
+        d = np.zeros((0, *w.shape), np.int64)
+        if lr_me is not None:
+            acc = conv_weight_acc(g, xc, w.shape, geom)
+            m, ex = _mult_exp(lr_me[0], lr_me[1], a["qas_w_m"], a["qas_w_e"], 0)
+            d = fixed_delta(acc, m.reshape(1, -1, 1, 1, 1), (ex[None, :] + e[:, None]).reshape(n, -1, 1, 1, 1),
+                            ACC_BITS_W) * mask
+        v = _accumulate(state, (wid, buf), d, w.shape)
+        if apply:
+            w_new, f_new = apply_weight(w, state.get((wid, "frac"), np.zeros(w.shape, np.int64)), v * mask,
+                                        recipe.frac_bits, step, wid)
+            store[wid] = np.where(mask, w_new, w).astype(np.int8)
+            if f_new is not None:
+                state[(wid, "frac")] = f_new
+            v = momentum_decay(v, recipe.beta_q15)
+        state[(wid, buf)] = v.astype(np.int32)
+    if ub:
+        b = store[bid]
+        d = np.zeros((0, *b.shape), np.int64)
+        if lr_me is not None:
+            acc = g.astype(np.int64).sum(axis=(2, 3))
+            m, ex = _mult_exp(lr_me[0], lr_me[1], a["qas_b_m"], a["qas_b_e"], 0)
+            d = fixed_delta(acc, m[None, :], ex[None, :] + e[:, None], ACC_BITS_B)
+        v = _accumulate(state, (bid, buf), d, b.shape)
+        if apply:
+            store[bid] = apply_bias(b, v)
+            v = momentum_decay(v, recipe.beta_q15)
+        state[(bid, buf)] = v.astype(np.int32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from device_agent.engine import ir
+from device_agent.engine.recipe import Recipe
 
 from .memory import RUNTIME_ALLOWANCE_BYTES, MemoryReport, memory_report
 from .planner import Layout, check_layout, plan_arena
@@ -42,19 +43,20 @@ def _serialize(plan: ir.Plan) -> bytes | None:
 
 
 def compile_full(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True, serialize: bool = True,
-                 runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES) -> Compiled:
+                 runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES, recipe: Recipe | None = None,
+                 range_ste: bool = False) -> Compiled:
     """Build, plan, check and (optionally) serialize; no budget check. See :func:`compile_plan`."""
-    plan = build_training_plan(graph, scheme, fuse=fuse)
+    plan = build_training_plan(graph, scheme, fuse=fuse, range_ste=range_ste)
     layout = plan_arena(plan)
     check_layout(plan, layout)
     blob = _serialize(plan) if serialize else None
-    report = memory_report(plan, layout, len(blob) if blob is not None else None, runtime_bytes)
+    report = memory_report(plan, layout, len(blob) if blob is not None else None, runtime_bytes, recipe)
     return Compiled(plan, layout, report, blob)
 
 
 def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = None, fuse: bool = True,
-                 serialize: bool = True,
-                 runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES) -> tuple[ir.Plan, MemoryReport]:
+                 serialize: bool = True, runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES,
+                 recipe: Recipe | None = None, range_ste: bool = False) -> tuple[ir.Plan, MemoryReport]:
     """Compile ``graph`` for ``scheme`` and check it against ``budget``.
 
     Parameters
@@ -72,6 +74,11 @@ def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = 
         Serialize with the plan writer to measure ``flash_bytes`` exactly.
     runtime_bytes : int
         Runtime statics/stack allowance added to the peak.
+    recipe : Recipe, optional
+        Training recipe; its optimizer state counts in ``optimizer_bytes`` and ``peak_sram_bytes``. The plan
+        format does not carry it yet (docs/engine.md, "Training recipe"): host trainers take it as an option.
+    range_ste : bool
+        No saturation masks on linear int8-range clamps (``training.build_training_plan``); opt-in.
 
     Returns
     -------
@@ -83,7 +90,7 @@ def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = 
     BudgetError
         ``peak_sram_bytes > budget``; ``.required`` = the plan's peak.
     """
-    c = compile_full(graph, scheme, fuse, serialize, runtime_bytes)
+    c = compile_full(graph, scheme, fuse, serialize, runtime_bytes, recipe, range_ste)
     check_budget(c.report, budget, scheme.name)
     return c.plan, c.report
 
@@ -95,6 +102,6 @@ def check_budget(report: MemoryReport, budget: int | None, what: str) -> None:
     r = report
     raise BudgetError(
         f"scheme {what!r} needs {r.peak_sram_bytes} bytes of SRAM (arena {r.arena_bytes} + trainable "
-        f"{r.trainable_bytes} + runtime {r.runtime_bytes}) but the budget is {budget} bytes; "
+        f"{r.trainable_bytes} + optimizer {r.optimizer_bytes} + runtime {r.runtime_bytes}) but the budget is {budget} bytes; "
         f"the smallest feasible budget for it is {r.peak_sram_bytes} bytes ({r.peak_sram_bytes / 1000:.1f} KB)",
         r.peak_sram_bytes)

@@ -1,7 +1,8 @@
 """Memory report of a planned training plan, in the paper's accounting plus what the whole board needs.
 
 ``arena`` is what the paper compared (activations, gradients, masks, scratch; KB = 1000 bytes); ``trainable``
-are the parameters updated in SRAM; ``peak_sram`` adds a stated runtime allowance. It refuses to estimate the
+are the parameters updated in SRAM; ``optimizer`` the training recipe's state (accumulators, momentum, weight
+residuals; 0 for the plain step); ``peak_sram`` adds them and a stated runtime allowance. It refuses to estimate the
 arena: it reads the offsets the planner assigned.
 """
 
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from device_agent.engine import ir
+from device_agent.engine.recipe import Recipe
 
 from .planner import Layout
 
@@ -24,7 +28,7 @@ _UPDATE_ARRAYS = ("qas_w_m", "qas_w_e", "qas_b_m", "qas_b_e")
 
 @dataclass
 class MemoryReport:
-    """Bytes of one plan on a board. ``peak_sram_bytes = arena + trainable + runtime allowance``."""
+    """Bytes of one plan on a board. ``peak_sram_bytes = arena + trainable + optimizer + runtime allowance``."""
 
     arena_bytes: int  # allocated arena (paper's accounting: activations, gradients, masks, scratch)
     live_peak_bytes: int  # largest sum of buffers live at one op (lower bound of the arena)
@@ -35,6 +39,7 @@ class MemoryReport:
     peak_sram_bytes: int
     num_ops: int
     num_tensors: int
+    optimizer_bytes: int = 0  # training-recipe state in SRAM (Recipe.state_bytes of the trained elements)
 
     def as_dict(self) -> dict:
         """JSON-ready dict, with ``trainable_sram_bytes`` as an alias of ``trainable_bytes``."""
@@ -50,6 +55,42 @@ def trainable_bytes(plan: ir.Plan) -> int:
     reads them from the plan in flash; :func:`update_attr_bytes` counts them for reference.
     """
     return sum(t.nbytes for t in plan.trainable)
+
+
+def trained_elements(plan: ir.Plan) -> tuple[int, int]:
+    """(int8 weight elements, int32 bias elements) that update ops change: only the first-k input channels count.
+
+    A bias-only layer contributes its ``C_out`` biases; a weight on ``k`` of ``C_in`` channels (groups ``G``)
+    contributes ``C_out * KH * KW`` times the number of its ``C_in/G`` inputs with global index ``< k``.
+    """
+    nw = nb = 0
+    for op in plan.ops:
+        if op.type == ir.OpType.CONV2D_UPDATE:
+            w = plan.tensors[op.inputs[2]]
+            k = int(op.attrs["k"])
+            if op.attrs["update_weight"] and k > 0:
+                c_out, cin_g = w.shape[:2]
+                g = int(op.attrs["groups"])
+                grp = np.arange(c_out) // (c_out // g)
+                nw += int((grp[:, None] * cin_g + np.arange(cin_g)[None, :] < k).sum()) * int(np.prod(w.shape[2:]))
+            if op.attrs["update_bias"]:
+                nb += int(plan.tensors[op.inputs[3]].shape[0])
+        elif op.type == ir.OpType.EMBEDDING_UPDATE:
+            nw += int(np.prod(plan.tensors[op.inputs[2]].shape))
+    return nw, nb
+
+
+def optimizer_bytes(plan: ir.Plan, recipe: Recipe | None) -> int:
+    """SRAM bytes of the training recipe's state for ``plan`` (0 without a recipe).
+
+    Examples
+    --------
+    One trained 1x1 conv of 10 outputs on 4 inputs (40 weights, 10 biases) with accumulation (B = 4), momentum
+    and 8-bit residuals: ``(4 + 1) * 40 + 4 * 10 = 240`` bytes.
+    """
+    if recipe is None:
+        return 0
+    return recipe.state_bytes(*trained_elements(plan))
 
 
 def update_attr_bytes(plan: ir.Plan) -> int:
@@ -73,7 +114,7 @@ def flash_bytes(plan: ir.Plan, blob_bytes: int | None = None) -> int:
 
 
 def memory_report(plan: ir.Plan, layout: Layout, blob_bytes: int | None = None,
-                  runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES) -> MemoryReport:
+                  runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES, recipe: Recipe | None = None) -> MemoryReport:
     """Report a plan whose arena :func:`fleet.compiler.planner.plan_arena` has planned.
 
     Parameters
@@ -86,6 +127,8 @@ def memory_report(plan: ir.Plan, layout: Layout, blob_bytes: int | None = None,
         Length of the serialized plan; used as ``flash_bytes`` when given.
     runtime_bytes : int
         Statics/stack allowance added to ``peak_sram_bytes``.
+    recipe : Recipe, optional
+        The training recipe whose optimizer state (:func:`optimizer_bytes`) is added to ``peak_sram_bytes``.
 
     Examples
     --------
@@ -97,11 +140,13 @@ def memory_report(plan: ir.Plan, layout: Layout, blob_bytes: int | None = None,
     live = layout.live_bytes(len(plan.ops))
     peak_i = max(range(len(live)), key=live.__getitem__) if live else 0
     tb = trainable_bytes(plan)
+    ob = optimizer_bytes(plan, recipe)
     return MemoryReport(
         arena_bytes=plan.arena_bytes, live_peak_bytes=live[peak_i] if live else 0,
         peak_op=plan.ops[peak_i].name if plan.ops else "", trainable_bytes=tb,
         flash_bytes=flash_bytes(plan, blob_bytes), runtime_bytes=runtime_bytes,
-        peak_sram_bytes=plan.arena_bytes + tb + runtime_bytes, num_ops=len(plan.ops), num_tensors=len(plan.tensors))
+        peak_sram_bytes=plan.arena_bytes + tb + ob + runtime_bytes, num_ops=len(plan.ops),
+        num_tensors=len(plan.tensors), optimizer_bytes=ob)
 
 
 def live_at(plan: ir.Plan, layout: Layout, op_index: int) -> list[tuple[str, int]]:

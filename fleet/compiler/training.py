@@ -154,7 +154,7 @@ def _geom(op: ir.Op) -> dict[str, int]:
 
 
 def build_training_plan(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True,
-                        name: str | None = None) -> ir.Plan:
+                        name: str | None = None, range_ste: bool = False) -> ir.Plan:
     """Compile the training step of ``scheme`` on ``graph`` into an ordered plan (offsets not yet planned).
 
     Parameters
@@ -167,6 +167,11 @@ def build_training_plan(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = T
         Fuse frozen 1x1 expansion + depthwise pairs into PWDW (one expanded channel at a time).
     name : str, optional
         Plan name; default ``"<graph>/<scheme>"``.
+    range_ste : bool
+        Opt-in (docs/engine.md, "Diagnosis"): ops whose clamp is only the int8 range (``act_min`` below the
+        output zero point: no ReLU - projections, residual adds, the logits) get no saturation mask, so their
+        gradient passes the clamp straight through as in the float model. Default False keeps the masks (the
+        exact derivative of the int8 forward); a saturated logit or projection then never gets a gradient again.
 
     Returns
     -------
@@ -201,7 +206,8 @@ def build_training_plan(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = T
                 em.op(ir.OpType.SAVE_CHANNELS, [x], [s], f"{op.name}.save", k=k)
                 saved[i] = s
         y = op.outputs[0]
-        if op.type in _MASKED and y in req:
+        linear = int(op.attrs.get("act_min", 0)) < g.tensors[y].zero_point
+        if op.type in _MASKED and y in req and not (range_ste and linear):
             m = em.tensor(f"{g.tensors[y].name}.mask", g.tensors[y].shape, ir.DType.MASK, ir.Kind.MASK)
             op.outputs = [y, m]
             masks[y] = m

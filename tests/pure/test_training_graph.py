@@ -140,3 +140,29 @@ def test_bad_scheme_is_refused_with_the_range(graph):
         build_training_plan(graph, ir.SparseScheme("bad", 1, {9: 1.0}))
     with pytest.raises(SchemeError, match="ratio 0.3"):
         build_training_plan(graph, ir.SparseScheme("bad", 1, {5: 0.3}))
+
+
+def test_range_ste_drops_masks_of_linear_clamps_only(graph):
+    # Prepare: full scheme, so every op output needs a gradient
+    n = sum(1 for op in graph.ops if op.type == ir.OpType.CONV2D) - 1
+    full = ir.SparseScheme("full", n, {i: 1.0 for i in range(n)})
+    # Execute
+    exact, ste = build_training_plan(graph, full), build_training_plan(graph, full, range_ste=True)
+    # Assert: masks remain exactly on the ReLU ops (act_min at the output zero point); the project conv, the
+    # residual add and the logits lose theirs; the rest of the plan is the same ops
+    def masked(plan):
+        return {plan.tensors[op.inputs[1]].name.removesuffix(".mask") for op in plan.ops
+                if op.type == ir.OpType.APPLY_MASK}
+
+    relu = {graph.tensors[op.outputs[0]].name for op in graph.ops if op.type in (ir.OpType.CONV2D, ir.OpType.ADD)
+            and int(op.attrs["act_min"]) >= graph.tensors[op.outputs[0]].zero_point}
+    assert masked(ste) == masked(exact) & relu
+    assert len(masked(exact) - masked(ste)) >= 3  # project, add, logits
+    assert len(ste.ops) == len(exact.ops) - len(masked(exact) - masked(ste))
+    # and it still plans and runs (a gradient without a mask may have two readers, e.g. a residual's branches)
+    from device_agent.engine import Trainer
+    from fleet.compiler.planner import check_layout, plan_arena
+
+    check_layout(ste, plan_arena(ste))
+    x = np.random.default_rng(0).integers(-128, 128, (2, *graph.tensors[graph.input_id].shape)).astype(np.int8)
+    assert np.isfinite(Trainer(ste).train_step(x, np.array([0, 1]), 0.01).loss)

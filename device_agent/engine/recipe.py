@@ -1,0 +1,163 @@
+"""Training recipe (opt-in): gradient accumulation at batch 1, fixed-point momentum, weight residuals, lr schedule.
+
+The default engine step (``Trainer(recipe=None)``) is untouched: golden vectors and firmware keep matching. A
+:class:`Recipe` adds per-trainable-element optimizer state held in SRAM beside the weights (never in the arena),
+all integer (docs/engine.md, "Training recipe"):
+
+- one int32 buffer per trained element: per-sample fixed-point updates summed over ``accum_steps`` samples (a
+  mini-batch at N = 1); with momentum it is the heavy-ball buffer itself: after each applied update it keeps
+  ``v = (v * beta_q15 + 2**14) >> 15`` (``beta_q15 = round(beta 2**15)``), so ``v = beta v_prev + sum d``;
+- ``frac`` int8/int16: the sub-LSB part of each trained int8 weight (``frac_bits`` 8 or 16), so tiny updates are
+  kept instead of rounded away (the weight is ``w + frac 2**-frac_bits`` in LSBs, deterministically rounded);
+- an lr schedule (linear warm-up, then cosine to ``lr_min``) evaluated from integers with a 65-entry Q15 table.
+
+It refuses float state: floats appear only in :meth:`Recipe.__post_init__`-style conversions done once on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .qmath import WEIGHT_MAX, WEIGHT_MIN, rng_u32, rshift_round, stochastic_shift
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+ACC_BITS_W = 16  # weight acc/mom units: 2**-16 weight LSB (int32: +-32768 LSB)
+ACC_BITS_B = 4  # bias acc/mom units: 2**-4 bias LSB (the bias LSB s_x s_w is already tiny)
+# 0.5 (1 + cos(pi i / 64)) in Q15, i = 0..64: the device's cosine table (generated here, copied to C verbatim)
+COS_Q15 = tuple(round(32768 * 0.5 * (1 + math.cos(math.pi * i / 64))) for i in range(65))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimizer options; every field is an integer or converts to one on the host.
+
+    Parameters
+    ----------
+    accum_steps : samples per update (B >= 1); each sample's update is ``lr / B`` scaled.
+    momentum : heavy-ball beta in [0, 1) (0: no momentum buffer).
+    frac_bits : 0 (stochastic rounding to int8, the default engine's rule), 8 or 16 (weight residual bits).
+    warmup : update steps of linear warm-up (0: none).
+    total : update steps of the cosine decay after warm-up ends at ``total`` (0: constant lr after warm-up).
+    lr_min_q15 : floor of the schedule as a Q15 fraction of the peak lr.
+    """
+
+    accum_steps: int = 1
+    momentum: float = 0.0
+    frac_bits: int = 0
+    warmup: int = 0
+    total: int = 0
+    lr_min_q15: int = 0
+
+    def __post_init__(self) -> None:
+        errs = []
+        if not (isinstance(self.accum_steps, int) and 1 <= self.accum_steps <= 65535):
+            errs.append(f"accum_steps: must be an int in [1, 65535], got {self.accum_steps!r}")
+        if not (0.0 <= float(self.momentum) < 1.0):
+            errs.append(f"momentum: must be in [0, 1), got {self.momentum!r}")
+        if self.frac_bits not in (0, 8, 16):
+            errs.append(f"frac_bits: must be 0, 8 or 16, got {self.frac_bits!r}")
+        if self.warmup < 0 or self.total < 0 or (self.total and self.total <= self.warmup):
+            errs.append(f"warmup/total: need 0 <= warmup < total (or total = 0), got {self.warmup}/{self.total}")
+        if not 0 <= self.lr_min_q15 <= 32768:
+            errs.append(f"lr_min_q15: must be in [0, 32768], got {self.lr_min_q15}")
+        if errs:
+            raise ValueError("; ".join(errs))
+
+    @property
+    def beta_q15(self) -> int:
+        return round(float(self.momentum) * 32768)
+
+    @property
+    def stateful(self) -> bool:
+        """True when updates go through optimizer state (anything but the default engine step)."""
+        return self.accum_steps > 1 or self.beta_q15 > 0 or self.frac_bits > 0
+
+    def state_bytes(self, n_weight: int, n_bias: int) -> int:
+        """SRAM bytes of optimizer state for ``n_weight`` trained int8 weights and ``n_bias`` int32 biases.
+
+        >>> Recipe(accum_steps=4, momentum=0.9, frac_bits=8).state_bytes(100, 10)
+        540
+        """
+        per = 4 * (self.accum_steps > 1 or self.beta_q15 > 0)  # one int32 buffer (B = 1, no momentum: transient)
+        return (per + self.frac_bits // 8) * n_weight + per * n_bias
+
+
+def lr_factor_q15(u: int, r: Recipe) -> int:
+    """Schedule factor in Q15 at update step ``u`` (0-based): warm-up ``(u+1) 2**15 // warmup``, then cosine.
+
+    Cosine phase: ``p = (u - warmup) 2**16 // (total - warmup)`` (capped at 2**16), ``i = p >> 10``,
+    ``c = COS[i] + (((COS[i+1] - COS[i]) (p & 1023) + 512) >> 10)``, factor ``lr_min + ((2**15 - lr_min) c + 2**14)
+    >> 15``. Integer only.
+
+    >>> lr_factor_q15(0, Recipe(warmup=4, total=12)), lr_factor_q15(4, Recipe(warmup=4, total=12))
+    (8192, 32768)
+    """
+    if u < r.warmup:
+        return ((u + 1) << 15) // r.warmup
+    if not r.total:
+        return 32768
+    p = min(((u - r.warmup) << 16) // (r.total - r.warmup), 1 << 16)
+    i, f = p >> 10, p & 1023
+    c = COS_Q15[i] if i == 64 else COS_Q15[i] + (((COS_Q15[i + 1] - COS_Q15[i]) * f + 512) >> 10)
+    return r.lr_min_q15 + (((32768 - r.lr_min_q15) * c + (1 << 14)) >> 15)
+
+
+def scaled_lr(lr_m: int, lr_e: int, f_q15: int) -> tuple[int, int] | None:
+    """``(lr_m, lr_e)`` times a Q15 factor, renormalised to a mantissa in [2**14, 2**15]; None when the factor is 0.
+
+    >>> scaled_lr(16384, -14, 16384)
+    (16384, -15)
+    """
+    if f_q15 <= 0:
+        return None
+    m = lr_m * f_q15
+    sh = m.bit_length() - 15
+    m = int(rshift_round(m, sh))
+    return m, lr_e - 15 + sh
+
+
+def fixed_delta(acc: np.ndarray, mult: np.ndarray, exp: np.ndarray, bits: int) -> np.ndarray:
+    """One sample's update ``acc * mult * 2**exp`` in units of ``2**-bits`` LSB, round half up, saturated to int32.
+
+    ``acc`` int64 per-sample sums (|acc| < 2**40), ``mult`` < 2**16, all broadcast.
+    """
+    v = np.clip(np.asarray(acc, np.int64) * np.asarray(mult, np.int64), -(1 << 56), 1 << 56)
+    return np.clip(rshift_round(v, -(np.asarray(exp, np.int64) + bits)), INT32_MIN, INT32_MAX)
+
+
+def sat_add32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """int32 saturating add (int64 in, int64 out)."""
+    return np.clip(np.asarray(a, np.int64) + np.asarray(b, np.int64), INT32_MIN, INT32_MAX)
+
+
+def momentum_decay(v: np.ndarray, beta_q15: int) -> np.ndarray:
+    """After an applied update: ``v = rshift_round(v * beta_q15, 15)`` (``beta = 0``: the accumulator empties)."""
+    return rshift_round(np.asarray(v, np.int64) * beta_q15, 15)
+
+
+def apply_weight(w: np.ndarray, frac: np.ndarray | None, v: np.ndarray, frac_bits: int, step: int,
+                 tensor_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Subtract ``v`` (units ``2**-ACC_BITS_W`` LSB) from int8 weights with their residual.
+
+    ``frac_bits = 0``: ``w - stochastic_shift(v, 16, rng_u32(step, tensor_id, flat_index))``, clamped to
+    [-127, 127]. ``frac_bits = F > 0``: ``t = (w << 16) + (frac << (16 - F)) - v``; ``w' = clamp(rshift_round(t,
+    16))``; ``frac' = clamp(rshift_round(t - (w' << 16), 16 - F), -2**(F-1), 2**(F-1) - 1)``.
+    """
+    w64 = np.asarray(w, np.int64)
+    v = np.asarray(v, np.int64)
+    if frac_bits == 0:
+        rnd = rng_u32(step, tensor_id, np.arange(w64.size, dtype=np.int64).reshape(w64.shape))
+        return np.clip(w64 - stochastic_shift(v, ACC_BITS_W, rnd), WEIGHT_MIN, WEIGHT_MAX).astype(np.int8), None
+    t = (w64 << ACC_BITS_W) + (np.asarray(frac, np.int64) << (ACC_BITS_W - frac_bits)) - v
+    w_new = np.clip(rshift_round(t, ACC_BITS_W), WEIGHT_MIN, WEIGHT_MAX)
+    half = 1 << (frac_bits - 1)
+    f_new = np.clip(rshift_round(t - (w_new << ACC_BITS_W), ACC_BITS_W - frac_bits), -half, half - 1)
+    return w_new.astype(np.int8), f_new.astype(np.int8 if frac_bits == 8 else np.int16)
+
+
+def apply_bias(b: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``b - rshift_round(v, ACC_BITS_B)`` saturated to int32."""
+    return np.clip(np.asarray(b, np.int64) - rshift_round(v, ACC_BITS_B), INT32_MIN, INT32_MAX).astype(np.int32)
