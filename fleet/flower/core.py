@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from device_agent.engine.ir import DTYPE_NUMPY
-from device_agent.wire.messages import Ack, MessageError, Publish, Task, ack_detail
+from device_agent.wire.messages import Ack, MessageError, Publish, Status, Task, ack_detail
 from fleet import round as rnd
 from fleet.coordinator import Boot, CodecError, Received, Tick, WireCodec, plan_sram
 from fleet.flower.records import GridErrorCode, node_id, reply_content, shared_tensors, state_from_arrays
@@ -205,10 +205,11 @@ class GridCore:
             return []
         if ctl.stale:
             return []
+        msg = ctl.message
         if ctl.lost:
             self._lost(ev.device_id, now, f"{ev.device_id} went offline (Last Will)")
-        elif ctl.message.state == "failed" and ctl.message.round_id == self.machine.round_id:  # type: ignore[union-attr]
-            self._lost(ev.device_id, now, f"{ev.device_id} cannot train: {ctl.message.reason}")  # type: ignore[union-attr]
+        elif isinstance(msg, Status) and msg.state == "failed" and msg.round_id == self.machine.round_id:
+            self._lost(ev.device_id, now, f"{ev.device_id} cannot train: {msg.reason}")
         return []
 
     def _lost(self, device_id: str, now: float, why: str) -> None:

@@ -142,3 +142,21 @@ def test_duplicate_delta_is_deduplicated_and_a_replayed_one_refused():
     link.submit(Received("delta", device, payload))
     assert not core.replies and ids[0] in core.pending  # wrong_round: ignored, still waiting
 
+
+
+
+def test_a_failed_status_answers_the_owed_instruction_with_an_error():
+    # Prepare: a device that will not answer its task by itself
+    from device_agent.wire.messages import Status
+    from fleet.coordinator import Received
+
+    grid, link = make_grid(2)
+    device = "d00"
+    link.silent.add(device)
+    (mid,) = list(grid.push_messages([train_msg(grid, node_id(device))]))
+    # Execute: its status says it cannot train that round (as the MQTT link delivers it: raw bytes)
+    failed = Status(device, "failed", 1, 0, link.core.round_id, "no_samples").to_json()
+    link.core.handle(Received("status", device, failed))
+    # Assert: the strategy gets an Error reply at once instead of waiting for the deadline
+    (reply,) = grid.pull_messages([mid])
+    assert reply.has_error() and "no_samples" in reply.error.reason

@@ -195,8 +195,8 @@ def test_a_late_last_will_of_an_older_connection_does_not_take_a_reconnected_dev
     from fleet.registry import Registry
 
     reg = Registry()
-    hello = lambda s: Hello("d1", "stm32f746", 320_000, 1_000_000, (), "", s).to_json()  # noqa: E731
-    status = lambda state, s: Status("d1", state, 0 if state != "offline" else None,  # noqa: E731
+    hello = lambda s: Hello("d1", "stm32f746", 320_000, 1_000_000, (), "", s).to_json()
+    status = lambda state, s: Status("d1", state, 0 if state != "offline" else None,
                                      0 if state != "offline" else None, session=s).to_json()
     reg.receive("hello", "d1", hello(1), 0.0)
     reg.receive("hello", "d1", hello(2), 1.0)
