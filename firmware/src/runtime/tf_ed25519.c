@@ -4,7 +4,8 @@
  * 64-bit sum can overflow (10 products of at most 2^26 * 19 * 2^25 < 2^56). Points are extended twisted Edwards
  * coordinates (X : Y : Z : T), added with the complete unified formula and doubled with RFC 8032's. Simple over
  * fast: inversion and square root are plain square-and-multiply. NOTE: the noinline steps
- * keep their locals out of the callers' frames (deepest path ~1.3 KB of stack on the M7, not ~1.9 KB). */
+ * keep their locals out of the callers' frames (deepest path ~1.3 KB of stack on the M7, not ~1.9 KB).
+ * Over 400 lines: field, group and verification of one algorithm, kept together to be read against the RFC. */
 #include "tf_ed25519.h"
 
 #include <string.h>
