@@ -144,16 +144,22 @@ def from_dict(cls: type[T], data: dict, source: str = "", prefix: str = "") -> T
     return obj
 
 
-def load(cls: type[T], path: str | Path) -> T:
-    """Load a YAML file into ``cls`` (see :func:`from_dict`)."""
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; a missing or unreadable file is a :class:`ConfigError`."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError([f"file not found: {path}"], str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"cannot read: {e}"], str(path)) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"YAML syntax: {e}"], str(path)) from None
-    return from_dict(cls, data, str(path))
+
+
+def load(cls: type[T], path: str | Path) -> T:
+    """Load a YAML file into ``cls`` (see :func:`from_dict`)."""
+    return from_dict(cls, read_yaml(path), str(path))
 
 
 @dataclasses.dataclass

@@ -10,11 +10,11 @@ with its key path (``rounds: must be > 0, got -3``); this module holds data and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from fleet.config import ConfigError, from_dict, load
+from fleet.config import from_dict, read_yaml
 from fleet.security.dp import DPConfig
 
 T = TypeVar("T")
@@ -238,22 +238,9 @@ def load_fleet_config(path: str | Path, cls: type[T] = FleetConfig, **overrides:
     """Load ``path`` into ``cls`` (FleetConfig or a subclass); ``overrides`` (e.g. ``rounds=4`` from a CLI flag)
     are applied before validation. For plain :class:`FleetConfig` the simulator's keys are skipped, not refused.
     """
-    if not overrides and cls is not FleetConfig:
-        return load(cls, path)
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError([f"file not found: {path}"], str(path)) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError([f"cannot read YAML: {e}"], str(path)) from None
+    data = read_yaml(path)
     if isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})
         if cls is FleetConfig:
             data = {k: v for k, v in data.items() if k not in FleetConfig.SIMULATOR_KEYS}
     return from_dict(cls, data, str(path))
-
-
-def field_names(cls: type) -> set[str]:
-    return {f.name for f in fields(cls)}
