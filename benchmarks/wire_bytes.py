@@ -52,11 +52,12 @@ def flower_bytes(arrays: dict[str, np.ndarray], n_examples: int) -> tuple[int, i
 
 
 def fleet_rounds(plan, data: list[tuple[np.ndarray, np.ndarray]], *, rounds: int, steps: int, lr: float,
-                 permille: int | None, feedback: bool = True, seed: int = 0, unsent: str = "keep") -> dict:
+                 permille: int | None, feedback: bool = True, seed: int = 0, unsent: str = "zero") -> dict:
     """Train ``rounds`` rounds of every device in ``data`` (int8 inputs, labels); measure every blob.
 
-    ``unsent``: how FedAvg counts a coordinate a top-k delta left out: ``keep`` not a vote (the mean over the
-    devices that sent it, ``delta_support``), ``zero`` a zero vote (its value waits in the device's residual).
+    ``unsent``: how FedAvg counts a coordinate a top-k delta left out: ``zero`` a zero vote (the coordinator's
+    rule, ``delta_to_flat``: its value waits in the device's residual), ``keep`` not a vote (the mean over the
+    devices that sent it, ``delta_support``; the rule before 2026-12-07, kept as an ablation).
     """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -99,9 +100,9 @@ def fleet_rounds(plan, data: list[tuple[np.ndarray, np.ndarray]], *, rounds: int
             m["up_all"].append(len(every.to_bytes()))
             m["up_v1"].append(len(every.to_bytes(version=1)))
             sup = delta_support(d, plan, plan_hash=ph)
-            if unsent == "zero":
-                sup = {t: np.ones_like(v) for t, v in sup.items()}
             m["sent_up"].append(sum(int(v.sum()) for v in sup.values()))
+            if unsent == "zero":  # as delta_to_flat: every coordinate of a tensor with a record
+                sup = {t: np.full_like(v, t in {td.tensor_id for td in d.tensors}) for t, v in sup.items()}
             dv = delta_to_dense(d, plan, plan_hash=ph)
             vals.append(np.concatenate([dv[t.id].reshape(-1) for t in shared]))
             masks.append(np.concatenate([sup[t.id].reshape(-1) for t in shared]))
