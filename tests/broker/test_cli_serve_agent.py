@@ -56,11 +56,13 @@ def _eval_scores_every_stored_version(tmp_path, store):
     base = [sys.executable, "-m", "fleet.cli", "eval", str(tmp_path / "fleet.yaml"), "--store", str(store),
             "--plan", str(tmp_path / "plan.ttp"), "--data", str(tmp_path / "test.npz")]
 
-    ok = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    missing = subprocess.run(base + ["--versions", "7"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    def tinyfleet(argv):
+        return subprocess.run(argv, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    ok = tinyfleet(base)
+    missing = tinyfleet(base + ["--versions", "7"])
     np.savez(tmp_path / "bad.npz", x=x[:, :2], y=y)  # 2 channels where the plan takes 3
-    bad = subprocess.run(base[:-1] + [str(tmp_path / "bad.npz")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    bad = tinyfleet(base[:-1] + [str(tmp_path / "bad.npz")])
 
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout.strip().splitlines()[-1])
