@@ -6,9 +6,13 @@ PYTEST  := $(BIN)/python -m pytest
 DEBS    := mosquitto qemu-system-arm gcc-arm-none-eabi libnewlib-arm-none-eabi dataset-fashion-mnist chromium clang libclang-rt-14-dev
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: fuzz setup debs data test test-pure test-broker test-firmware test-e2e lint clean firmware firmware-test
+.PHONY: fuzz setup debs data native test test-pure test-broker test-firmware test-e2e lint clean firmware firmware-test
 
-setup: debs $(BIN)/tinyfleet data
+setup: debs $(BIN)/tinyfleet data native
+
+# The firmware's C runtime as a host library for `engine: native` (device_agent/native.py).
+native:
+	$(MAKE) -s -C firmware -f boards/host/native.mk
 
 # Debian packages only where missing (mosquitto for broker tests and the embedded broker,
 # the ARM toolchain and QEMU for firmware tests, Fashion-MNIST for the accuracy benchmark,

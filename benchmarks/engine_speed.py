@@ -1,7 +1,9 @@
 """Training speed of the Python reference engine against a PyTorch fp32 step of the same model and scheme.
 
 One command: ``python benchmarks/engine_speed.py [--quick] [--models imu,mbv2]``. For each model the int8
-plan of the scheme runs ``Trainer.train_step`` at batch 1 (a device's step) and at a mini-batch; PyTorch runs
+plan of the scheme runs ``Trainer.train_step`` at batch 1 (a device's step) and at a mini-batch, and the
+native engine (``device_agent.native.NativeTrainer``: the firmware's C runtime built for the host by
+``make native``, bit-exact with the reference) at batch 1 (``native_*``; skipped with a note if not built); PyTorch runs
 the float twin of the same graph (``ablation.graph_to_torch``) with only the scheme's parameters trainable,
 SGD, same batch sizes. Both single-threaded (BLAS and torch threads = 1) so the ratio compares code, not
 cores. Models: ImuCNN (scheme ``ImuCNN:tail``), MbV2-w0.35 128x128 (scheme ``mbv2-w0.35:99kb``, whole plan,
@@ -30,6 +32,7 @@ from benchmarks.ablation import engine_ready, graph_to_torch, torch_scheme_param
 from benchmarks.common import MODELS, emit
 from device_agent.engine import ir
 from device_agent.engine.trainer import Trainer
+from device_agent.native import NativeError, NativeTrainer
 from fleet.compiler.compile import compile_plan
 
 
@@ -66,6 +69,11 @@ def measure(graph: ir.Graph, scheme: ir.SparseScheme, batches: tuple[int, ...], 
             min_seconds: float) -> dict:
     plan, _ = compile_plan(graph, scheme, serialize=False)
     trainer = Trainer(engine_ready(plan))
+    try:
+        native = NativeTrainer(plan)
+    except NativeError as e:
+        print(f"skip native: {e}", file=sys.stderr)
+        native = None
     model = graph_to_torch(graph)
     params, masks = torch_scheme_params(model, graph, scheme)
     for p, m in masks.items():
@@ -90,6 +98,11 @@ def measure(graph: ir.Graph, scheme: ir.SparseScheme, batches: tuple[int, ...], 
         ours = rate(lambda x=x, y=y: trainer.train_step(x, y, 1e-3), min_steps, min_seconds)
         theirs = rate(torch_step, min_steps, min_seconds)
         sfx = "" if n == 1 else f"_b{n}"
+        if native is not None and n == 1:
+            nat = rate(lambda x=x, y=y: native.train_step(x, y, 1e-3), min_steps, min_seconds)
+            out["steps_per_s_native"] = round(nat, 2)
+            out["native_over_torch"] = round(nat / theirs, 4)
+            out["native_over_ours"] = round(nat / ours, 2)
         out[f"steps_per_s_ours{sfx}"] = round(ours, 2)
         out[f"steps_per_s_torch{sfx}"] = round(theirs, 2)
         out[f"ours_over_torch{sfx}"] = round(ours / theirs, 4)
@@ -116,11 +129,13 @@ def main() -> None:
         for n in batches:
             sfx = "" if n == 1 else f"_b{n}"
             rows.append((name, scheme.name, n, r[f"steps_per_s_ours{sfx}"], r[f"steps_per_s_torch{sfx}"],
-                         r[f"ours_over_torch{sfx}"]))
+                         r[f"ours_over_torch{sfx}"], r.get("steps_per_s_native", "-") if n == 1 else "-",
+                         r.get("native_over_torch", "-") if n == 1 else "-"))
     if "imu" in result:
         result["steps_per_s_ours"] = result["imu"]["steps_per_s_ours"]
         result["steps_per_s_torch"] = result["imu"]["steps_per_s_torch"]
-    emit(result, rows, ("model", "scheme", "batch", "ours steps/s", "torch steps/s", "ours/torch"))
+    emit(result, rows, ("model", "scheme", "batch", "ours steps/s", "torch steps/s", "ours/torch", "native steps/s",
+                        "native/torch"))
 
 
 if __name__ == "__main__":
