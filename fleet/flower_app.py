@@ -2,27 +2,52 @@
 ``ServerApp`` for ``flwr run``.
 
 - :func:`mqtt_grid` — the grid over a real broker: ``fleet.mqtt.CoordinatorLink`` drives a
-  :class:`~fleet.flower.GridCore` on its own thread exactly as it drives the native coordinator.
+  :class:`~fleet.flower.GridCore` on its own thread exactly as it drives the native coordinator. Before that it
+  reads what the fleet's broker retains (``model/current``, ``flower/state``, ``flower/lock``) so the run
+  continues the fleet's model versions and round ids, and claims the fleet (one ServerApp at a time; another
+  one gets :class:`~fleet.flower.FleetBusy`). Each run has its own MQTT client id.
 - :class:`InMemoryLink` — the grid and host devices (``device_agent.protocol.DeviceProtocol``) in one process,
   FIFO delivery, no broker: for tests and benchmarks.
 - ``app`` — a ``flwr.serverapp.ServerApp`` whose ``main`` ignores the SuperLink's grid (our devices are not
-  SuperNodes) and runs a stock strategy, wrapped in :class:`~fleet.flower.SparseDeltaStrategy`, on an MQTT grid.
+  SuperNodes) and runs a stock strategy, wrapped in :class:`~fleet.flower.SparseDeltaStrategy`, on an MQTT grid,
+  signed with the fleet key; at the end the final model is saved and published to the devices.
 
 This module owns no round logic; it only wires.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.wire.messages import Publish
+import numpy as np
+
+from device_agent.wire.messages import Publish, full_topic
 from fleet.coordinator import Boot, Received
-from fleet.flower import FleetGrid, GridConfig, GridCore, SparseDeltaStrategy, initial_arrays
+from fleet.flower import (
+    LOCK_TOPIC,
+    STATE_TOPIC,
+    FleetBusy,
+    FleetGrid,
+    GridConfig,
+    GridCore,
+    Lock,
+    Release,
+    SetModel,
+    SparseDeltaStrategy,
+    State,
+    arrays_from_state,
+    initial_arrays,
+    winner,
+)
+from fleet.flower.claim import LOCK_TTL_S
 
 
 class InMemoryLink:
@@ -89,58 +114,262 @@ class InMemoryLink:
                 self._from_device(self.devices[to].handle(ev))
 
 
-def mqtt_grid(url, fleet: str, plan, config: GridConfig | None = None, first_round: int = 1,
-              codec=None) -> tuple[FleetGrid, Any]:
-    """A started ``(FleetGrid, CoordinatorLink)`` on broker ``url`` for fleet ``fleet``; ``link.stop()`` ends it."""
-    from fleet.mqtt import CoordinatorLink
+@dataclass
+class FleetSnapshot:
+    """What the broker retains for a fleet when a run starts."""
+
+    lock: Lock | None = None
+    state: State | None = None
+    version: int = 0  # of the retained model/current (0: none, or not for this plan / not signed by this key)
+    model: dict | None = None  # its shared tensors when it is the FULL form
+    note: str = ""  # why a retained model/current was not used
+
+
+def read_fleet(url, fleet: str, client_id: str, plan, verify, codec, *, claim: Lock | None = None,
+               timeout: float = 10.0) -> FleetSnapshot:
+    """Read the fleet's retained ``flower/lock``, ``flower/state`` and ``model/current``; with ``claim``, take
+    the lock for that run or raise :class:`FleetBusy`. A probe message on a topic of our own marks the end of
+    the retained messages (the broker sends them on subscribe, before our later publication)."""
+    from device_agent.mqtt import MqttEndpoint
+    from device_agent.wire.errors import WireFormatError
+    from device_agent.wire.update import Form, ModelUpdate, apply_update
+
+    got: queue.Queue = queue.Queue()
+    probe = f"flower/probe/{client_id}"
+    topics = (LOCK_TOPIC, STATE_TOPIC, "model/current", probe)
+    prefix = full_topic(fleet, "")
+
+    def on_msg(topic: str, payload: bytes, ack) -> None:
+        ack()
+        got.put((topic[len(prefix):], payload))
+
+    ep = MqttEndpoint(url, f"{client_id}-probe", [full_topic(fleet, t) for t in topics], on_msg, session_expiry=0)
+    try:
+        ep.start(timeout)
+    except ConnectionError:
+        raise ConnectionError(f"no connection to the broker {url} within {timeout:g} s: is it running, and are the "
+                              "URL, credentials and TLS files right?") from None
+
+    def until_probe(mark: bytes) -> list[tuple[str, bytes]]:
+        ep.publish(full_topic(fleet, probe), mark)
+        out, end = [], time.monotonic() + timeout
+        while True:
+            try:
+                topic, payload = got.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                raise ConnectionError(f"broker {url}: our own probe message did not come back within "
+                                      f"{timeout:g} s (does the ACL allow tinyfleet/{fleet}/flower/#?)") from None
+            if topic == probe and payload == mark:
+                return out
+            out.append((topic, payload))
+
+    try:
+        retained = dict(until_probe(b"retained"))
+        snap = FleetSnapshot()
+        now = time.time()
+        try:
+            snap.lock = Lock.from_bytes(retained.get(LOCK_TOPIC, b""))
+        except ValueError:
+            snap.lock = None  # NOTE: not a lock we can read: claim over it
+        try:
+            snap.state = State.from_bytes(retained.get(STATE_TOPIC, b""))
+        except ValueError as e:
+            snap.note = f"{e}: round ids start at first-round"
+        if claim is not None and snap.lock is not None and snap.lock.live(now) and snap.lock.holder != claim.holder:
+            raise FleetBusy(snap.lock.busy_message(fleet, now))
+        if claim is not None:
+            ep.publish(full_topic(fleet, LOCK_TOPIC), claim.to_bytes(), retain=True)
+            claims = []
+            for topic, payload in until_probe(b"claimed"):
+                if topic == LOCK_TOPIC:
+                    try:
+                        claims.append(Lock.from_bytes(payload))
+                    except ValueError:
+                        pass
+            w = winner(None, claims, now)
+            if w is not None and w.holder != claim.holder:
+                ep.publish(full_topic(fleet, LOCK_TOPIC), w.to_bytes(), retain=True).wait_for_publish(timeout)
+                raise FleetBusy(w.busy_message(fleet, now))
+        payload = retained.get("model/current", b"")
+        if payload:
+            try:
+                upd = ModelUpdate.from_bytes(payload, verify=verify, plan=plan, plan_hash=bytes.fromhex(codec.plan_hash))
+                snap.version = upd.new_version
+                if upd.form == Form.FULL:
+                    full = apply_update(upd, plan, None, plan_hash=bytes.fromhex(codec.plan_hash))
+                    snap.model = {t.id: full[t.id] for t in plan.trainable if not t.personal}
+            except WireFormatError as e:
+                snap.note = f"the retained model/current is not usable here ({e}); starting above flower/state"
+        return snap
+    finally:
+        ep.stop()
+
+
+class FlowerLink:
+    """``fleet.mqtt.CoordinatorLink`` for one ServerApp run: its own client id, a Last Will that deletes the
+    fleet's ``flower/lock``, and a ``stop`` that releases the lock before disconnecting."""
+
+    def __init__(self, url, fleet: str, factory: Callable[[], GridCore], client_id: str):
+        from fleet.mqtt import CoordinatorLink
+
+        self.fleet, self.client_id = fleet, client_id
+        self.inner = CoordinatorLink(url, fleet, factory, client_id=client_id)
+        self.inner.endpoint.set_will(full_topic(fleet, LOCK_TOPIC), b"")
+
+    def start(self, timeout: float = 10.0) -> FlowerLink:
+        self.inner.start(timeout)
+        return self
+
+    def submit(self, event: object) -> None:
+        self.inner.submit(event)
+
+    def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
+        return self.inner.call(fn, timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        try:
+            self.submit(Release())
+            self.call(lambda core: None, timeout)  # Release handled and its publications handed to paho
+            info = self.inner.endpoint.publish(full_topic(self.fleet, LOCK_TOPIC), b"", retain=True)
+            info.wait_for_publish(timeout)
+        except (RuntimeError, TimeoutError, ValueError):
+            pass  # NOTE: no broker now: the Last Will deletes the lock, or it expires
+        self.inner.stop(timeout)
+
+
+def mqtt_grid(url, fleet: str, plan, config: GridConfig | None = None, first_round: int = 1, codec=None, *,
+              signer=None, verify=None, run_id: int = 1, initial: str = "fleet",
+              timeout: float = 10.0) -> tuple[FleetGrid, FlowerLink]:
+    """A started ``(FleetGrid, link)`` on broker ``url`` for fleet ``fleet``; ``link.stop()`` ends it.
+
+    ``signer`` (``device_agent.wire.envelope.Signer``) signs the plan and every model; ``verify`` is the
+    matching verifier, used to read the fleet's retained model (both unsigned when None: tests only). The run
+    continues the fleet: model versions above the retained ``model/current`` (``initial="fleet"``: starting
+    from its values when it is the FULL form; ``"plan"``: from the plan's values) and round ids above
+    ``flower/state`` and ``first_round - 1``. Raises :class:`FleetBusy` while another run serves the fleet.
+    """
+    from device_agent.wire.envelope import Verifier
+    from fleet.coordinator import WireCodec
+
+    codec = codec or WireCodec(plan, signer=signer)
+    verify = verify or Verifier.unsigned()
+    client_id = f"tinyfleet-{fleet}-flower-{uuid.uuid4().hex[:12]}"
+    now = time.time()
+    snap = read_fleet(url, fleet, client_id, plan, verify, codec,
+                      claim=Lock(client_id, run_id, now, now + LOCK_TTL_S), timeout=timeout)
+    if snap.note:
+        from logging import WARNING
+
+        from flwr.common.logger import log
+
+        log(WARNING, "tinyfleet: %s", snap.note)
+    version = max(snap.version, snap.state.version if snap.state else 0)
+    start_state = snap.model if initial == "fleet" and snap.version == version else None
+    rounds = max(first_round - 1, snap.state.last_round if snap.state else 0)
+    lock = Lock(client_id, run_id, now, now + LOCK_TTL_S)
 
     def factory() -> GridCore:
-        return GridCore(plan, time.time, config or GridConfig(), first_round, codec)
+        return GridCore(plan, time.time, config or GridConfig(), rounds + 1, codec, start_version=version,
+                        start_state=start_state, lock=lock)
 
-    link = CoordinatorLink(url, fleet, factory, client_id=f"tinyfleet-{fleet}-flower")
-    link.start()
-    return FleetGrid(link), link
+    link = FlowerLink(url, fleet, factory, client_id)
+    try:
+        link.start(timeout)
+    except BaseException:
+        link.stop(timeout)
+        raise
+    return FleetGrid(link, run_id), link
 
 
 # --- the ServerApp (flwr run) -------------------------------------------------------------------------------
 
 
-def _strategy(name: str, n_nodes: int):
-    from flwr.serverapp import strategy as fs
+def signing(rc):
+    """``(signer, verifier)`` from the run config's ``key`` (created with its ``.pub`` when missing, as
+    ``tinyfleet serve --key``), or the unsigned pair with ``insecure-unsigned``."""
+    from device_agent.wire.envelope import Signer, Verifier
+    from fleet.serve import load_or_create_key
 
-    common = {"fraction_evaluate": 0.0, "min_train_nodes": n_nodes, "min_available_nodes": n_nodes}
-    if name == "fedavg":
-        return fs.FedAvg(**common)
-    if name == "fedprox":
-        return fs.FedProx(proximal_mu=0.1, **common)
-    if name == "krum":
-        return fs.Krum(num_malicious_nodes=0, **common)
-    raise ValueError(f"strategy: expected fedavg | fedprox | krum, got {name!r}")
+    if rc.key is None:
+        return None, Verifier.unsigned()
+    key = load_or_create_key(Path(rc.key).expanduser())
+    return Signer.ed25519(key), Verifier.ed25519(key.public_key())
+
+
+def evaluator(plan, path: str):
+    """``evaluate_fn(round, arrays) -> MetricRecord(accuracy)`` on the coordinator's samples in ``path``."""
+    from flwr.app import MetricRecord
+
+    from device_agent.engine.trainer import Trainer
+    from device_agent.samples import prepare
+    from fleet.flower import state_from_arrays
+
+    with np.load(Path(path).expanduser(), allow_pickle=False) as data:
+        x, y, _ = prepare(plan, data["x"], data["y"])
+
+    def evaluate(server_round: int, arrays) -> MetricRecord:
+        t = Trainer(plan)
+        t.load_trainable(state_from_arrays(plan, arrays))
+        return MetricRecord({"accuracy": float(t.evaluate(x, y)), "eval-samples": len(x)})
+    return evaluate
+
+
+def save_model(path: Path, plan, state: dict, version: int, model_hash: str) -> None:
+    """The final model as an .npz: one integer array per shared trainable tensor (by name), plus
+    ``tinyfleet-version`` and ``tinyfleet-model-hash``."""
+    from fleet.flower import shared_tensors
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {t.name: np.asarray(state[t.id]) for t in shared_tensors(plan)}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays, **{"tinyfleet-version": np.array(version), "tinyfleet-model-hash": np.array(model_hash)})
 
 
 def main(grid, context) -> None:
-    """``flwr run`` entry. Run config keys (pyproject ``[tool.flwr.app.config]``): ``plan`` (path of a .ttp),
-    ``broker`` (mqtt://host:port), ``fleet``, ``num-rounds``, ``min-nodes``, ``strategy``, ``lr``,
-    ``local-steps``, ``batch-size``, ``round-timeout``, ``first-round``."""
+    """``flwr run`` entry; the run config keys are those of :mod:`fleet.flower.runconfig` (docs/flower.md)."""
+    from logging import INFO, WARNING
+
     from flwr.app import ConfigRecord
+    from flwr.common.logger import log
 
     from device_agent.mqtt import BrokerURL
     from device_agent.wire.envelope import Verifier
     from device_agent.wire.plan import plan_from_bytes
+    from fleet.flower import runconfig
 
-    rc = context.run_config
-    plan = plan_from_bytes(Path(str(rc["plan"])).read_bytes(), verify=Verifier.unsigned())
-    cfg = GridConfig(lr=float(rc.get("lr", 0.05)), local_steps=int(rc.get("local-steps", 10)),
-                     batch_size=int(rc.get("batch-size", 1)), deadline_s=float(rc.get("round-timeout", 60)))
-    fleet_grid, link = mqtt_grid(BrokerURL.parse(str(rc.get("broker", "mqtt://127.0.0.1:1883"))),
-                                 str(rc.get("fleet", "default")), plan, cfg, int(rc.get("first-round", 1)))
+    rc = runconfig.parse(dict(context.run_config))
+    try:
+        blob = Path(rc.plan).expanduser().read_bytes()
+    except OSError as e:
+        raise runconfig.RunConfigError(f"run config: plan: cannot read {rc.plan} ({e.strerror or e})") from None
+    plan = plan_from_bytes(blob, verify=Verifier.skip())  # our own file: signed by the codec when published
+    signer, verify = signing(rc)
+    evaluate_fn = evaluator(plan, rc.eval_data) if rc.eval_data else None
+    inner = runconfig.make_strategy(rc)
+    if rc.strategy.lower() == "fedprox":
+        log(WARNING, "tinyfleet: FedProx with proximal-mu = 0 is FedAvg (devices add no proximal term)")
+    cfg = GridConfig(lr=rc.lr, local_steps=rc.local_steps, batch_size=rc.batch_size, deadline_s=rc.round_timeout,
+                     topk_permille=rc.topk_permille)
+    url = BrokerURL.parse(rc.broker, ca_file=rc.ca_file, cert_file=rc.cert_file, key_file=rc.key_file)
+    fleet_grid, link = mqtt_grid(url, rc.fleet, plan, cfg, rc.first_round, signer=signer, verify=verify,
+                                 run_id=grid.run.run_id, initial=rc.initial_model)
     try:
         fleet_grid.set_run(grid.run)
-        strategy = SparseDeltaStrategy(_strategy(str(rc.get("strategy", "fedavg")), int(rc.get("min-nodes", 2))),
-                                       plan)
-        strategy.start(fleet_grid, initial_arrays(plan), num_rounds=int(rc.get("num-rounds", 3)),
-                       timeout=cfg.deadline_s, train_config=ConfigRecord({"lr": cfg.lr,
-                                                                          "local-steps": cfg.local_steps}))
+        start = link.call(lambda core: arrays_from_state(plan, core.state))
+        version = link.call(lambda core: core.version)
+        log(INFO, "tinyfleet: fleet %r on %s, starting from model v%d, %s", rc.fleet, url, version,
+            "signed" if signer else "UNSIGNED (insecure-unsigned)")
+        strategy = SparseDeltaStrategy(inner, plan)
+        strategy.start(fleet_grid, start, num_rounds=rc.num_rounds, timeout=rc.round_timeout,
+                       train_config=ConfigRecord({"lr": rc.lr, "local-steps": rc.local_steps,
+                                                  "batch-size": rc.batch_size, "topk-permille": rc.topk_permille}),
+                       evaluate_fn=evaluate_fn)
+        link.submit(SetModel(strategy.state))
+        version, mhash = link.call(lambda core: (core.version, core.hash))
+        log(INFO, "tinyfleet: final model v%d (%s) published on model/current", version, mhash[:16])
+        if rc.final_model:
+            save_model(Path(rc.final_model).expanduser(), plan, strategy.state, version, mhash)
+            log(INFO, "tinyfleet: final model saved to %s", rc.final_model)
     finally:
         link.stop()
 
@@ -154,3 +383,6 @@ def _make_app():
 
 
 app = _make_app()
+
+__all__ = ["FleetBusy", "FleetSnapshot", "FlowerLink", "InMemoryLink", "app", "evaluator", "initial_arrays",
+           "main", "mqtt_grid", "read_fleet", "save_model", "signing"]

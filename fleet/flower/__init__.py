@@ -26,7 +26,8 @@ store: a restarted ServerApp starts a new Flower run (crash-resume is the native
 """
 
 
-from fleet.flower.core import GridConfig, GridCore, Push
+from fleet.flower.claim import LOCK_TOPIC, STATE_TOPIC, FleetBusy, Lock, State, winner
+from fleet.flower.core import GridConfig, GridCore, Push, Release, SetModel
 from fleet.flower.grid import FleetGrid, Link
 from fleet.flower.records import (
     ARRAYS,
@@ -44,6 +45,7 @@ from fleet.flower.records import (
 )
 from fleet.flower.strategy import SparseDeltaStrategy
 
-__all__ = ["ARRAYS", "CONFIG", "META", "METRICS", "NUM_EXAMPLES", "FleetGrid", "GridConfig", "GridCore",
-           "GridErrorCode", "Link", "Push", "SparseDeltaStrategy", "arrays_from_state", "initial_arrays", "node_id",
-           "reply_content", "shared_tensors", "state_from_arrays"]
+__all__ = ["ARRAYS", "CONFIG", "LOCK_TOPIC", "META", "METRICS", "NUM_EXAMPLES", "STATE_TOPIC", "FleetBusy",
+           "FleetGrid", "GridConfig", "GridCore", "GridErrorCode", "Link", "Lock", "Push", "Release", "SetModel",
+           "SparseDeltaStrategy", "State", "arrays_from_state", "initial_arrays", "node_id", "reply_content",
+           "shared_tensors", "state_from_arrays", "winner"]

@@ -77,13 +77,20 @@ def state_from_arrays(plan, arrays: ArrayRecord) -> dict[int, np.ndarray]:
 
 
 def reply_content(plan, base: dict[int, np.ndarray], values: dict[int, np.ndarray], masks: dict[int, np.ndarray],
-                  num_samples: int, device_id: str, round_id: int, payload: bytes) -> RecordDict:
+                  num_samples: int, device_id: str, round_id: int, payload: bytes, trained: int = 0) -> RecordDict:
     """One decoded delta as a Flower train reply: the updated tensors (base + delta, dense, float64 integer
-    units), ``num-examples`` = the delta's sample count, and the raw delta bytes under ``tinyfleet``."""
+    units); metrics ``num-examples`` = the delta's sample count (the device's buffered samples: the weight of
+    FedAvg, as in the native coordinator), ``samples-trained`` = ``trained`` (local steps x batch size of the
+    task), ``sent-fraction`` (coordinates the delta carries / shared coordinates) and ``delta-bytes``; the raw
+    delta bytes under ``tinyfleet``."""
+    ts = shared_tensors(plan)
     arrays = ArrayRecord({t.name: Array((base[t.id].astype(np.float64) + np.where(masks[t.id], values[t.id], 0))
-                                        .reshape(t.shape)) for t in shared_tensors(plan)})
+                                        .reshape(t.shape)) for t in ts})
+    sent = sum(int(np.count_nonzero(masks[t.id])) for t in ts) / max(1, sum(t.numel for t in ts))
+    metrics = MetricRecord({NUM_EXAMPLES: int(num_samples), "samples-trained": int(trained),
+                            "sent-fraction": float(sent), "delta-bytes": len(payload)})
     meta = ConfigRecord({"device-id": device_id, "round-id": round_id, "delta": payload})
-    return RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: int(num_samples)}), META: meta})
+    return RecordDict({ARRAYS: arrays, METRICS: metrics, META: meta})
 
 
 # --- the sans-I/O core -----------------------------------------------------------------------------------------
