@@ -384,5 +384,23 @@ def _make_app():
 
 app = _make_app()
 
-__all__ = ["FleetBusy", "FleetSnapshot", "FlowerLink", "InMemoryLink", "app", "evaluator", "initial_arrays",
+__all__ = ["FleetBusy", "FleetSnapshot", "FlowerLink", "InMemoryLink", "app", "client_app", "evaluator", "initial_arrays",
            "main", "mqtt_grid", "read_fleet", "save_model", "signing"]
+
+
+def _make_client_app():
+    """flwr's app schema requires a ``clientapp``; TinyFleet devices are not SuperNodes, so nothing should ever
+    run this one: a SuperNode that does gets a clear error instead of silently training nothing."""
+    from flwr.clientapp import ClientApp
+
+    c = ClientApp()
+
+    @c.train()
+    def _train(msg, context):
+        raise RuntimeError("fleet.flower_app:client_app runs on no device: TinyFleet devices speak MQTT "
+                           "(device-agent run), they are not Flower SuperNodes")
+
+    return c
+
+
+client_app = _make_client_app()

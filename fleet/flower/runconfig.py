@@ -77,6 +77,9 @@ _KEYS: dict[str, tuple[str, type, Any, str]] = {
 }
 
 
+_OPTIONAL_PATHS = {"key", "eval-data", "final-model", "ca-file", "cert-file", "key-file"}
+
+
 def parse(run_config: dict[str, Any]) -> RunConfig:
     """``context.run_config`` -> :class:`RunConfig`, or :class:`RunConfigError` naming every bad key."""
     errors: list[str] = []
@@ -90,6 +93,8 @@ def parse(run_config: dict[str, Any]) -> RunConfig:
             errors.append(f"{k}: unknown key (known: {', '.join(sorted(_KEYS))}, {STRATEGY_ARGS}.<name>)")
             continue
         attr, kind, check, want = _KEYS[k]
+        if v == "" and k in _OPTIONAL_PATHS:
+            continue  # NOTE: flwr overrides only keys the app's pyproject lists, so "" there means "not set"
         ok_type = (isinstance(v, bool) if kind is bool else
                    isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or v == int(v))
                    if kind in (int, float) else isinstance(v, str))
