@@ -56,11 +56,11 @@ class FlowerSetup:
         (self.app / "pyproject.toml").write_text(APP_TOML.format(tmp=tmp, url=self.broker.url))
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_HOME": str(self.home),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.superlink = subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess", "--port", str(port),
-             "--disable-runtime-dependency-installation", "--database", str(tmp / "superlink.db")],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=open(tmp / "superlink.log", "w"),
-            start_new_session=True)
+        with open(tmp / "superlink.log", "w") as log:
+            self.superlink = subprocess.Popen(
+                [str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess", "--port", str(port),
+                 "--disable-runtime-dependency-installation", "--database", str(tmp / "superlink.db")],
+                env=self.env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         self.started.append(self._stop_superlink)
         assert wait_for_port("127.0.0.1", port, 30, self.superlink), (tmp / "superlink.log").read_text()[-2000:]
         # the devices: a run publishes the signed plan, devices built from the same plan verify every model
@@ -101,7 +101,7 @@ class FlowerSetup:
             stop()
 
     def flwr(self, *args: str, timeout: float = 60) -> dict:
-        p = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=self.app, env=self.env,
+        p = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], check=False, cwd=self.app, env=self.env,
                            capture_output=True, text=True, timeout=timeout)
         assert p.returncode == 0, p.stdout + p.stderr
         return json.loads(p.stdout)
@@ -119,7 +119,7 @@ class FlowerSetup:
         pytest.fail(f"run {run_id} did not finish in {timeout} s: {self.log(run_id)[-3000:]}")
 
     def log(self, run_id: str) -> str:
-        p = subprocess.run([str(BIN / "flwr"), "log", run_id, "e2e", "--show"], cwd=self.app, env=self.env,
+        p = subprocess.run([str(BIN / "flwr"), "log", run_id, "e2e", "--show"], check=False, cwd=self.app, env=self.env,
                            capture_output=True, text=True, timeout=30)
         return p.stdout + p.stderr
 
