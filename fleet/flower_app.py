@@ -179,10 +179,13 @@ def main(grid, context) -> None:
         log(INFO, "tinyfleet: fleet %r on %s, starting from model v%d, %s", rc.fleet, url, version,
             "signed" if signer else "UNSIGNED (insecure-unsigned)")
         strategy = SparseDeltaStrategy(inner, plan)
-        strategy.start(fleet_grid, start, num_rounds=rc.num_rounds, timeout=rc.round_timeout,
+        result = strategy.start(fleet_grid, start, num_rounds=rc.num_rounds, timeout=rc.round_timeout,
                        train_config=ConfigRecord({"lr": rc.lr, "local-steps": rc.local_steps,
                                                   "batch-size": rc.batch_size, "topk-permille": rc.topk_permille}),
                        evaluate_fn=evaluate_fn)
+        if not result.train_metrics_clientapp:
+            raise RuntimeError(f"no device delivered an accepted delta in any of the {rc.num_rounds} rounds (see the "
+                               "error replies above and the devices' logs); the fleet's model is unchanged")
         link.submit(SetModel(strategy.state))
         version, mhash = link.call(lambda core: (core.version, core.hash))
         log(INFO, "tinyfleet: final model v%d (%s) published on model/current", version, mhash[:16])

@@ -136,3 +136,38 @@ def test_a_crashed_serverapp_frees_its_fleet_by_its_last_will(broker):
             assert time.monotonic() < end, "the Last Will did not free the fleet"
             time.sleep(0.5)
     link.stop()
+
+
+def test_the_serverapp_fails_when_no_device_delivers_and_frees_the_fleet(broker, tmp_path):
+    require_cmd("mosquitto")
+    from flwr.app import Context, RecordDict
+
+    from device_agent.buffer import SampleBuffer
+    from device_agent.engine.trainer import Trainer
+    from device_agent.mqtt import DeviceAgent
+    from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
+    from device_agent.wire.envelope import Verifier
+    from device_agent.wire.plan import plan_to_bytes
+    from fleet.flower import FleetGrid
+    from fleet.flower_app import main, mqtt_grid
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
+
+    plan = tiny_plan()
+    (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(plan, None))
+    x, y = tiny_dataset(16)
+    buf = SampleBuffer(16, x.shape[1:], np.int8)
+    buf.add(x, y)
+    proto = DeviceProtocol(Identity("mute", "host", 1 << 20, 1 << 20), plan, Trainer(plan),
+                           WireDeviceCodec(plan, Verifier.unsigned()), buf)
+    real = proto.handle
+    proto.handle = lambda ev: [] if getattr(ev, "kind", "") == "task" else real(ev)  # hears tasks, never trains
+    agent = DeviceAgent(broker.url, "quiet", proto).start()
+    try:
+        rc = {"plan": str(tmp_path / "plan.ttp"), "insecure-unsigned": True, "broker": str(broker.url),
+              "fleet": "quiet", "num-rounds": 2, "min-nodes": 1, "round-timeout": 1.0}
+        with pytest.raises(RuntimeError, match="no device delivered an accepted delta in any of the 2 rounds"):
+            main(FleetGrid(None, run_id=9), Context(9, 0, {}, RecordDict(), rc))
+        _, link = mqtt_grid(broker.url, "quiet", plan)  # the failed run released the fleet
+        link.stop()
+    finally:
+        agent.stop()
