@@ -54,7 +54,7 @@ class FlowerSetup:
         self.app = tmp / "app"
         self.app.mkdir()
         (self.app / "pyproject.toml").write_text(APP_TOML.format(tmp=tmp, url=self.broker.url))
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_HOME": str(self.home),
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_HOME": str(self.home), "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         with open(tmp / "superlink.log", "w") as log:
             self.superlink = subprocess.Popen(
