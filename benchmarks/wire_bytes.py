@@ -52,8 +52,13 @@ def flower_bytes(arrays: dict[str, np.ndarray], n_examples: int) -> tuple[int, i
 
 
 def fleet_rounds(plan, data: list[tuple[np.ndarray, np.ndarray]], *, rounds: int, steps: int, lr: float,
-                 permille: int | None, feedback: bool = True, seed: int = 0) -> dict:
-    """Train ``rounds`` rounds of every device in ``data`` (int8 inputs, labels); measure every blob."""
+                 permille: int | None, feedback: bool = True, seed: int = 0, unsent: str = "zero") -> dict:
+    """Train ``rounds`` rounds of every device in ``data`` (int8 inputs, labels); measure every blob.
+
+    ``unsent``: how FedAvg counts a coordinate a top-k delta left out: ``zero`` a zero vote (the coordinator's
+    rule, ``delta_to_flat``: its value waits in the device's residual), ``keep`` not a vote (the mean over the
+    devices that sent it, ``delta_support``; the rule before 2026-12-07, kept as an ablation).
+    """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent.engine.trainer import Trainer
@@ -96,6 +101,8 @@ def fleet_rounds(plan, data: list[tuple[np.ndarray, np.ndarray]], *, rounds: int
             m["up_v1"].append(len(every.to_bytes(version=1)))
             sup = delta_support(d, plan, plan_hash=ph)
             m["sent_up"].append(sum(int(v.sum()) for v in sup.values()))
+            if unsent == "zero":  # as delta_to_flat: every coordinate of a tensor with a record
+                sup = {t: np.full_like(v, t in {td.tensor_id for td in d.tensors}) for t, v in sup.items()}
             dv = delta_to_dense(d, plan, plan_hash=ph)
             vals.append(np.concatenate([dv[t.id].reshape(-1) for t in shared]))
             masks.append(np.concatenate([sup[t.id].reshape(-1) for t in shared]))
@@ -127,7 +134,8 @@ def _accuracy(plan, state: dict | None, x: np.ndarray, y: np.ndarray) -> float:
     return round(t.evaluate(x, y.astype(np.int32)), 4)
 
 
-def imu_cnn(args) -> dict:
+def imu_setup(devices: int) -> tuple:
+    """The quickstart's ImuCNN plan, ``devices`` devices' int8 training data, the pooled test set, the torch model."""
     import torch
 
     from fleet.compiler.compile import compile_plan
@@ -139,7 +147,7 @@ def imu_cnn(args) -> dict:
     from fleet.sim.config import load_sim_config
 
     cfg = load_sim_config(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml")
-    sc = load_watch_scenario(args.devices, cfg.dataset.window, cfg.dataset.stride, tuple(cfg.dataset.proxy_subjects),
+    sc = load_watch_scenario(devices, cfg.dataset.window, cfg.dataset.stride, tuple(cfg.dataset.proxy_subjects),
                              seed=cfg.seed)
     model = pretrain(cfg, sc.x_proxy, sc.y_proxy, sc.num_classes)
     calib = sc.x_proxy[np.random.default_rng(0).permutation(len(sc.x_proxy))[:512]]
@@ -150,7 +158,12 @@ def imu_cnn(args) -> dict:
     data = [(quantize(d.x_train, scale, zp), d.y_train) for d in sc.devices]
     x_te = np.concatenate([quantize(d.x_test, scale, zp) for d in sc.devices])
     y_te = np.concatenate([d.y_test for d in sc.devices])
-    kw = {"rounds": args.rounds, "steps": args.steps, "lr": cfg.lr}
+    return plan, data, x_te, y_te, model, cfg.lr
+
+
+def imu_cnn(args) -> dict:
+    plan, data, x_te, y_te, model, lr = imu_setup(args.devices)
+    kw = {"rounds": args.rounds, "steps": args.steps, "lr": lr}
     r = fleet_rounds(plan, data, permille=args.topk_permille, **kw)
     acc = {"before_rounds": _accuracy(plan, None, x_te, y_te), "topk_ef": _accuracy(plan, r.pop("state"), x_te, y_te)}
     if not args.no_accuracy:

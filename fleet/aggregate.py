@@ -3,10 +3,10 @@
 Every function takes flat arrays and returns new arrays; none does I/O, keeps state or looks at a plan (the one
 stateful helper, :class:`RunningSums`, is :func:`weighted_sums` fed one device at a time). The
 caller flattens the plan's uploaded (non-personal) trainable tensors into one vector of ``D`` coordinates; each
-device contributes ``values (D,)`` and a ``mask (D,)`` of the coordinates it actually sent (its whole fixed
-support for a dense delta, its top-k indices otherwise). A coordinate nobody sent is *not* a zero vote: it
-keeps its value. This is the difference to Flower's FedTrimmedAvg / FedMedian, which treat absent coordinates as
-zeros and so pull sparse updates towards zero.
+device contributes ``values (D,)`` and a ``mask (D,)`` of the coordinates it votes on (every coordinate of each
+tensor it sent a record for, a top-k record voting 0 where it is silent: see
+:func:`device_agent.wire.delta.delta_to_flat`; none of a tensor it left out). A coordinate nobody voted on is
+*not* a zero vote: it keeps its value.
 
 Conventions: ``values (n, D)`` int64 (integer weight units, exact) or float64; ``masks (n, D)`` bool;
 ``weights (n,)`` positive ints (sample counts). Results are a float64 mean plus a ``covered (D,)`` mask, then

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", type=Path, help="use this signed plan blob instead of compiling from the config")
     p.add_argument("--rounds", type=int, help="override the number of rounds (0: serve until Ctrl-C)")
     p.add_argument("--min-devices", type=int, help="devices online before the first round (default: goal)")
+    p.add_argument("--dashboard", metavar="[HOST:]PORT",
+                   help="serve a live read-only dashboard (default host 127.0.0.1; other hosts need a token)")
+    p.add_argument("--dashboard-token", help="access token for the dashboard (default: generated off loopback)")
     p.add_argument("--crash-at", metavar="POINT:N", type=CrashAt, help=argparse.SUPPRESS)  # tests only: see CrashAt
 
 
@@ -52,6 +55,7 @@ def load_or_create_key(path: Path):
 def run(args: argparse.Namespace) -> int:
     from device_agent.mqtt import BrokerURL, BrokerURLError
     from fleet.config import ConfigError
+    from fleet.dashboard.server import parse_bind
     from fleet.schema import load_fleet_config
 
     try:
@@ -64,13 +68,14 @@ def run(args: argparse.Namespace) -> int:
               "`tinyfleet simulate` runs an embedded one", file=sys.stderr)
         return 2
     try:
+        bind = parse_bind(args.dashboard) if args.dashboard else None
         url = BrokerURL.parse(cfg.broker, **cfg.tls_files())
         key = load_or_create_key(args.key or Path(f"{args.store}.key.pem"))
         plan = _plan(cfg, args.plan)
     except (BrokerURLError, ValueError, OSError) as e:
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 2
-    return _serve(args, cfg, url, key, plan)
+    return _serve(args, cfg, url, key, plan, bind)
 
 
 def _plan(cfg, path: Path | None):
@@ -99,7 +104,7 @@ def _plan(cfg, path: Path | None):
         raise ValueError(f"--plan {path}: {e}") from None
 
 
-def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
+def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] | None) -> int:
     from device_agent.wire.envelope import Signer
     from fleet import round as rnd
     from fleet.coordinator import (
@@ -121,7 +126,15 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
     drops = _DropLog()
     refused: list[str] = []
 
+    try:
+        dash = _dashboard(cfg, codec.plan_hash, bind, args.dashboard_token) if bind else None
+    except OSError as e:
+        print(f"tinyfleet serve: {e}", file=sys.stderr)
+        return 2
+
     def on_output(out: object) -> None:
+        if dash is not None:
+            dash.update(lambda v: v.apply(out))
         if isinstance(out, RoundClosed):
             results.append(out)
             what = f"committed v{out.version}" if out.committed else "abandoned"
@@ -151,7 +164,7 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
     try:
         link.start()
         want = args.min_devices or cfg.goal_count
-        watch = _Watch(link)
+        watch = _Watch(link, dash)
         while watch() < want:
             time.sleep(0.2)
         while True:
@@ -176,7 +189,19 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan) -> int:
         return 130
     finally:
         link.stop()
+        if dash is not None:
+            dash.stop()
     return 0
+
+
+def _dashboard(cfg, plan_hash: str, bind: tuple[str, int], token: str | None):
+    from fleet.dashboard.server import Dashboard
+    from fleet.dashboard.view import FleetView
+
+    budget = cfg.dp.epsilon_budget if cfg.dp is not None else None
+    dash = Dashboard(FleetView(cfg.name, plan_hash, budget), *bind, token=token).start()
+    print(f"tinyfleet serve: dashboard at {dash.url}", file=sys.stderr, flush=True)
+    return dash
 
 
 def _store(path: Path):
@@ -190,12 +215,17 @@ class _Watch:
     coordinator error (the link rebuilt the coordinator from the store). Devices restored from the store as
     offline are not news."""
 
-    def __init__(self, link):
-        self.link, self.seen, self.errors = link, {}, 0
+    def __init__(self, link, dash=None):
+        self.link, self.dash, self.seen, self.errors = link, dash, {}, 0
 
     def __call__(self) -> int:
         """Print what changed since the last call; return how many devices are online."""
         now = self.link.call(lambda c: {d: r.online for d, r in c.registry.devices.items()})
+        if self.dash is not None:
+            from fleet.dashboard.view import coordinator_snapshot
+
+            records, open_round = self.link.call(coordinator_snapshot)
+            self.dash.update(lambda v: v.sync(records, open_round))
         for d, on in sorted(now.items()):
             if self.seen.get(d, False) != on:
                 print(f"tinyfleet serve: device {d} {'online' if on else 'offline'}", file=sys.stderr, flush=True)

@@ -62,11 +62,17 @@ class DeltaRow:
 class Store:
     """One SQLite database (``":memory:"`` for tests). Not thread-safe: one coordinator, one thread."""
 
-    def __init__(self, path: str | Path = ":memory:"):
+    def __init__(self, path: str | Path = ":memory:", *, readonly: bool = False):
         self.path = str(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None)
         self._batch_depth = 0  # > 0 inside batch(): _tx joins the batch's transaction
         self._batch_failed = False
+        if readonly:  # a reader beside a running coordinator (``tinyfleet eval``): never creates or writes
+            self._db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            got = self._meta("schema_version")
+            if got != str(SCHEMA_VERSION):
+                raise StoreError(f"{self.path}: store schema v{SCHEMA_VERSION} expected, got {got}")
+            return
+        self._db = sqlite3.connect(self.path, isolation_level=None)
         if self.path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

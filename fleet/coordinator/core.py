@@ -86,19 +86,10 @@ class Coordinator(Publication, DeltaBook):
 
 
     def _pack(self, state: dict[int, np.ndarray]) -> bytes:
-        return b"".join(np.ascontiguousarray(state[t.id]).astype(state[t.id].dtype.newbyteorder("<")).tobytes()
-                        for t in self.shared)
+        return pack_state(self.shared, state)
 
     def _unpack(self, blob: bytes) -> dict[int, np.ndarray]:
-        out, pos = {}, 0
-        for t in self.shared:
-            dt = np.dtype(_np_dtype(t)).newbyteorder("<")
-            n = t.numel * dt.itemsize
-            out[t.id] = np.frombuffer(blob[pos:pos + n], dt).astype(_np_dtype(t)).reshape(t.shape)
-            pos += n
-        if pos != len(blob):
-            raise ValueError(f"stored model has {len(blob)} bytes, the plan's shared tensors need {pos}")
-        return out
+        return unpack_state(self.shared, blob)
 
 
     def handle_many(self, events: Iterable[object]) -> list[Output]:
@@ -234,3 +225,22 @@ _COLLECTING = (rnd.RoundState.TRAINING, rnd.RoundState.COLLECTING)
 
 def _np_dtype(t) -> type:
     return DTYPE_NUMPY[t.dtype]
+
+
+def pack_state(shared: list, state: dict[int, np.ndarray]) -> bytes:
+    """The stored form of a model version: the shared tensors' values, little-endian, in ``shared`` order."""
+    return b"".join(np.ascontiguousarray(state[t.id]).astype(state[t.id].dtype.newbyteorder("<")).tobytes()
+                    for t in shared)
+
+
+def unpack_state(shared: list, blob: bytes) -> dict[int, np.ndarray]:
+    """Inverse of :func:`pack_state`; raises ValueError when ``blob`` does not hold exactly these tensors."""
+    out, pos = {}, 0
+    for t in shared:
+        dt = np.dtype(_np_dtype(t)).newbyteorder("<")
+        n = t.numel * dt.itemsize
+        out[t.id] = np.frombuffer(blob[pos:pos + n], dt).astype(_np_dtype(t)).reshape(t.shape)
+        pos += n
+    if pos != len(blob):
+        raise ValueError(f"stored model has {len(blob)} bytes, the plan's shared tensors need {pos}")
+    return out

@@ -7,6 +7,7 @@ answers the device, and aggregates a round from exactly the stored rows (re-deco
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -54,6 +55,10 @@ class DeltaBook:
     """Mixin of :class:`fleet.coordinator.Coordinator`: deltas in, verdicts and aggregates out."""
 
     def _delta(self, ev: Received, now: float) -> list[Output]:
+        return [dataclasses.replace(o, nbytes=len(ev.payload)) if isinstance(o, Verdict) else o
+                for o in self._judge(ev, now)]
+
+    def _judge(self, ev: Received, now: float) -> list[Output]:
         content_hash = hashlib.sha256(ev.payload).hexdigest()
         m = self.machine
         if m.accepted.get(ev.device_id) == content_hash:  # QoS 1 redelivery of a counted delta: same bytes, same

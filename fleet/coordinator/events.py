@@ -43,6 +43,7 @@ class Verdict:
     reason: str
     code: int = 0  # Reject value (0 = accepted or duplicate); for MALFORMED, ``detail`` holds the WireError
     detail: str = ""
+    nbytes: int = 0  # the delta's payload size
 
 
 @dataclass(frozen=True)

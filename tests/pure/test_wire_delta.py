@@ -207,7 +207,10 @@ def test_delta_to_flat_is_dense_and_support_in_shared_order(top_k):
     dense, support = delta_to_dense(d, plan), delta_support(d, plan)
     assert values.dtype == np.int64 and mask.dtype == bool and values.shape == (sum(t.numel for t in shared),)
     assert np.array_equal(values, np.concatenate([dense[t.id].reshape(-1) for t in shared]))
-    assert np.array_equal(mask, np.concatenate([support[t.id].reshape(-1) for t in shared]))
+    recorded = {td.tensor_id for td in d.tensors}
+    votes = np.concatenate([np.full(t.numel, t.id in recorded) for t in shared])
+    assert np.array_equal(mask, votes)  # every coordinate of a sent tensor: top-k silence is a 0 vote
+    assert np.all(mask >= np.concatenate([support[t.id].reshape(-1) for t in shared]))
     assert np.array_equal(again[0], values) and np.array_equal(again[1], mask)
 
 
