@@ -15,6 +15,7 @@ from device_agent.engine.ir import DTYPE_NUMPY
 from device_agent.wire.messages import Ack, MessageError, Publish, Status, Task, ack_detail
 from fleet import round as rnd
 from fleet.coordinator import Boot, CodecError, Received, Tick, WireCodec, plan_sram
+from fleet.flower.claim import LOCK_TOPIC, LOCK_TTL_S, STATE_TOPIC, Lock, State
 from fleet.flower.records import GridErrorCode, node_id, reply_content, shared_tensors, state_from_arrays
 from fleet.registry import Registry
 
@@ -26,12 +27,26 @@ class Push:
     messages: tuple[Message, ...]
 
 
+@dataclass(frozen=True)
+class SetModel:
+    """Make ``state`` (tensor id -> integer array) the fleet's model: a new version on ``model/current`` if it
+    differs from the current one (the final model of a run, so devices hold what the strategy returned)."""
+
+    state: dict
+
+
+@dataclass(frozen=True)
+class Release:
+    """The run ends: delete the retained ``flower/lock`` (the last ``flower/state`` stays for the next run)."""
+
+
 @dataclass
 class GridConfig:
     lr: float = 0.05  # defaults for a ConfigRecord that does not say
     local_steps: int = 10
     batch_size: int = 1
     deadline_s: float = 60.0  # a task's deadline is min(this, the message's TTL)
+    topk_permille: int = 0  # ask devices for top-k deltas (k = ceil(numel * permille / 1000)); 0: every coordinate
 
 
 @dataclass
@@ -41,6 +56,7 @@ class _Pending:
     round_id: int
     base_hash: str
     deadline: float
+    trained: int = 0  # local_steps * batch_size of its task: the samples the device trains on
 
 
 @dataclass
@@ -54,15 +70,25 @@ class GridCore:
     first_round: int = 1  # NOTE: devices ignore tasks for rounds below the last one they trained: pick above it
     codec: Any = None
     registry: Registry = field(default_factory=Registry)
+    # resuming a fleet (flower_app reads both from the broker): the model version the devices hold, and its
+    # tensors when known; without them the grid starts at start_version + 1 with the plan's values
+    start_version: int = 0
+    start_state: dict | None = None
+    lock: Lock | None = None  # when set, published retained on flower/lock at Boot and refreshed on Tick
 
     def __post_init__(self):
         self.codec = self.codec or WireCodec(self.plan)
         self.shared = shared_tensors(self.plan)
         self.min_sram = plan_sram(self.plan)
-        self.version, self.state = 0, {}
+        self.version, self.state = self.start_version, {}
         self.hash, self.model_payload = "", b""
-        self._set_model({t.id: np.asarray(t.data).astype(DTYPE_NUMPY[t.dtype]).reshape(t.shape)
-                         for t in self.shared})
+        if self.start_state is not None and self.start_version > 0:
+            self.version -= 1  # NOTE: the same version again (same model hash): devices holding it ignore it
+            self._set_model(self.start_state)
+        else:
+            self._set_model({t.id: np.asarray(t.data).astype(DTYPE_NUMPY[t.dtype]).reshape(t.shape)
+                             for t in self.shared})
+        self._lock_due = float("inf") if self.lock is None else 0.0
         # NOTE: the round machine of fleet/round.py judges every delta, as for the coordinator (one push of
         # train messages = one round); it also keeps the per-device counters (replay protection).
         self.machine = rnd.RoundMachine(rnd.RoundConfig(), self.codec.plan_hash, round_id=self.first_round - 1)
@@ -102,11 +128,31 @@ class GridCore:
             now = float(self.clock())
             for i in [i for i, p in self.pending.items() if now > p.deadline]:
                 self._fail(i, GridErrorCode.TIMEOUT, f"no delta from {self.pending[i].device_id} by the deadline")
-            return []
+            return self._refresh_lock(now)
         if isinstance(event, Boot):
-            return [Publish(f"plan/{self.codec.plan_hash}", self.codec.plan_bytes(), retain=True),
-                    Publish("model/current", self.model_payload, retain=True)]
+            self._lock_due = 0.0 if self.lock is not None else float("inf")
+            return [*self._refresh_lock(float(self.clock())),
+                    Publish(f"plan/{self.codec.plan_hash}", self.codec.plan_bytes(), retain=True),
+                    Publish("model/current", self.model_payload, retain=True), self._state()]
+        if isinstance(event, SetModel):
+            if all(np.array_equal(event.state[t.id], self.state[t.id]) for t in self.shared):
+                return []
+            self._set_model({t.id: np.asarray(event.state[t.id]) for t in self.shared})
+            return [Publish("model/current", self.model_payload, retain=True), self._state()]
+        if isinstance(event, Release):
+            held, self.lock, self._lock_due = self.lock is not None, None, float("inf")
+            return [self._state()] + ([Publish(LOCK_TOPIC, b"", retain=True)] if held else [])
         raise TypeError(f"unknown grid event {type(event).__name__}")
+
+    def _state(self) -> Publish:
+        return Publish(STATE_TOPIC, State(self.machine.round_id, self.version).to_bytes(), retain=True)
+
+    def _refresh_lock(self, now: float) -> list[Publish]:
+        if self.lock is None or now < self._lock_due:
+            return []
+        self._lock_due = now + LOCK_TTL_S / 3
+        self.lock = Lock(self.lock.holder, self.lock.run_id, self.lock.since, now + LOCK_TTL_S)
+        return [Publish(LOCK_TOPIC, self.lock.to_bytes(), retain=True)]
 
     def _set_model(self, state: dict[int, np.ndarray]) -> None:
         self.version += 1
@@ -153,6 +199,7 @@ class GridCore:
                 out.append(model)
             p = self.pending[mid]
             p.device_id, p.base_hash, p.deadline = device, task.model_hash, task.deadline
+            p.trained = task.local_steps * task.batch_size
             self.owing[device] = mid
             tasks[device] = task
         if tasks:  # the round: every device with a task must deliver; the machine's deadline is the latest one
@@ -161,6 +208,7 @@ class GridCore:
                                        deadline_s=max(t.deadline for t in tasks.values()) - now)
             m.handle(rnd.StartRound(round_id, self.version, self.hash, now))
             m.handle(rnd.Eligible(tuple(tasks), now))
+            out.append(self._state())  # NOTE: before the tasks: a run that dies now still left its round id
             out += [Publish(f"dev/{d}/task", t.to_json()) for d, t in tasks.items()]
         self.bases = {h: st for h, st in self.bases.items() if h == self.hash or any(
             p.base_hash == h for p in self.pending.values())}
@@ -188,9 +236,15 @@ class GridCore:
         lr = _num(cfg, ("lr", "learning-rate"), c.lr, float)
         steps = _num(cfg, ("local-steps", "local_steps"), c.local_steps, int)
         batch = _num(cfg, ("batch-size", "batch_size"), c.batch_size, int)
+        topk = _num(cfg, ("topk-permille", "topk_permille"), c.topk_permille, int)
+        mu = _num(cfg, ("proximal-mu", "proximal_mu"), 0.0, float)
+        if mu != 0.0:
+            # NOTE: FedProx only differs from FedAvg by this term in the *device's* loss; our devices do not add it
+            raise ValueError(f"proximal-mu = {mu:g}: TinyFleet devices do not add FedProx's proximal term to their "
+                             "int8 update, so this would silently be FedAvg; use proximal-mu = 0 or FedAvg")
         try:
-            task = Task(round_id, self.codec.plan_hash, self.version, self.hash, lr, steps, batch, deadline)
-            task.to_json()  # the schema check: lr > 0, 1 <= steps <= 10**6, 1 <= batch <= 4096
+            task = Task(round_id, self.codec.plan_hash, self.version, self.hash, lr, steps, batch, deadline, topk)
+            task.to_json()  # the schema check: lr > 0, 1 <= steps <= 10**6, 1 <= batch <= 4096, permille <= 1000
         except MessageError as e:
             raise ValueError(f"config does not make a valid task: {e}") from None
         return task, model
@@ -240,7 +294,7 @@ class GridCore:
                 p = self.pending.get(mid) if mid is not None else None
                 if p is not None:
                     content = reply_content(self.plan, self.bases[p.base_hash], d.values, d.masks, up.num_samples,
-                                            up.device_id, up.round_id, ev.payload)
+                                            up.device_id, up.round_id, ev.payload, trained=p.trained)
                     self._reply(mid, content)  # type: ignore[arg-type]
                 out += self._ack(ev.device_id, up.round_id, content_hash, None, "ok", ok=True)
             elif isinstance(cmd, rnd.Duplicate):

@@ -9,6 +9,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from device_agent.engine.ir import DTYPE_NUMPY
+from device_agent.wire.delta import delta_from_bytes, delta_support
+from device_agent.wire.envelope import Verifier
 from fleet import aggregate as agg
 
 ARRAYS, METRICS, CONFIG, META = "arrays", "metrics", "config", "tinyfleet"
@@ -77,13 +79,23 @@ def state_from_arrays(plan, arrays: ArrayRecord) -> dict[int, np.ndarray]:
 
 
 def reply_content(plan, base: dict[int, np.ndarray], values: dict[int, np.ndarray], masks: dict[int, np.ndarray],
-                  num_samples: int, device_id: str, round_id: int, payload: bytes) -> RecordDict:
+                  num_samples: int, device_id: str, round_id: int, payload: bytes, trained: int = 0) -> RecordDict:
     """One decoded delta as a Flower train reply: the updated tensors (base + delta, dense, float64 integer
-    units), ``num-examples`` = the delta's sample count, and the raw delta bytes under ``tinyfleet``."""
+    units; where a top-k record is silent, the base: a 0 vote, as in the native coordinator); metrics
+    ``num-examples`` = the delta's sample count (the device's buffered samples: the weight of FedAvg, as in the
+    native coordinator), ``samples-trained`` = ``trained`` (local steps x batch size of the task),
+    ``sent-fraction`` (coordinates the delta carries / shared coordinates) and ``delta-bytes``; the raw delta
+    bytes under ``tinyfleet``."""
+    ts = shared_tensors(plan)
     arrays = ArrayRecord({t.name: Array((base[t.id].astype(np.float64) + np.where(masks[t.id], values[t.id], 0))
-                                        .reshape(t.shape)) for t in shared_tensors(plan)})
+                                        .reshape(t.shape)) for t in ts})
+    # NOTE: not from ``masks``: a top-k record votes 0 where it is silent, so its mask covers the whole tensor
+    support = delta_support(delta_from_bytes(payload, verify=Verifier.skip(), plan=plan), plan)
+    sent = sum(int(np.count_nonzero(support[t.id])) for t in ts) / max(1, sum(t.numel for t in ts))
+    metrics = MetricRecord({NUM_EXAMPLES: int(num_samples), "samples-trained": int(trained),
+                            "sent-fraction": float(sent), "delta-bytes": len(payload)})
     meta = ConfigRecord({"device-id": device_id, "round-id": round_id, "delta": payload})
-    return RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: int(num_samples)}), META: meta})
+    return RecordDict({ARRAYS: arrays, METRICS: metrics, META: meta})
 
 
 # --- the sans-I/O core -----------------------------------------------------------------------------------------

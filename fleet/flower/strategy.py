@@ -24,6 +24,9 @@ from fleet.flower.records import (
 class SparseDeltaStrategy(Strategy):
     """Wrap any stock Flower strategy (FedAvg, FedProx, Krum, DP wrappers...) for a TinyFleet plan.
 
+    Refuses FedProx with ``proximal_mu`` > 0: the proximal term lives in the device's loss, which our devices
+    do not have (the grid refuses a train message with ``proximal-mu`` too).
+
     Replies that carry only the raw delta (``tinyfleet.delta`` bytes, e.g. forwarded by a ClientApp on a
     bridge) are decoded into dense records first; then the inner strategy aggregates; then its float arrays
     become the next integer model (``floor(x + 0.5)``, clamped; see :func:`state_from_arrays`), so the arrays
@@ -31,6 +34,10 @@ class SparseDeltaStrategy(Strategy):
     """
 
     def __init__(self, inner: Strategy, plan, codec=None):
+        if getattr(inner, "proximal_mu", 0.0):
+            raise ValueError(f"{type(inner).__name__}(proximal_mu={inner.proximal_mu}): TinyFleet devices do not "  # type: ignore[attr-defined]
+                             "add the proximal term to their int8 update, so this would silently be FedAvg; "
+                             "use proximal_mu=0 or FedAvg")
         self.inner, self.plan = inner, plan
         self.codec = codec or WireCodec(plan)
         self.state: dict[int, np.ndarray] = state_from_arrays(plan, initial_arrays(plan))

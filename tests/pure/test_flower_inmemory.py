@@ -160,3 +160,27 @@ def test_a_failed_status_answers_the_owed_instruction_with_an_error():
     # Assert: the strategy gets an Error reply at once instead of waiting for the deadline
     (reply,) = grid.pull_messages([mid])
     assert reply.has_error() and "no_samples" in reply.error.reason
+
+
+def test_topk_requested_in_the_train_config_reaches_the_devices():
+    grid, _ = make_grid(3)
+    dense = list(grid.send_and_receive([train_msg(grid, n) for n in grid.get_node_ids()]))
+    sparse = list(grid.send_and_receive([train_msg(grid, n, **{"topk-permille": 100})
+                                         for n in grid.get_node_ids()]))
+    full = min(r.content.metric_records["metrics"]["sent-fraction"] for r in dense)
+    fractions = [r.content.metric_records["metrics"]["sent-fraction"] for r in sparse]
+    assert all(0 < f < full / 3 for f in fractions), (full, fractions)
+    assert all(r.content.metric_records["metrics"]["samples-trained"] == 8 * 8 for r in sparse)  # steps x batch
+
+
+def test_a_proximal_term_is_refused_not_silently_dropped():
+    import pytest
+    from flwr.serverapp.strategy import FedProx
+
+    grid, _ = make_grid(2)
+    replies = list(grid.send_and_receive([train_msg(grid, n, **{"proximal-mu": 0.1})
+                                          for n in grid.get_node_ids()]))
+    assert all(r.has_error() and r.error.code == GridErrorCode.BAD_CONTENT for r in replies)
+    assert "proximal term" in replies[0].error.reason
+    with pytest.raises(ValueError, match="proximal term"):
+        SparseDeltaStrategy(FedProx(proximal_mu=0.1), PLAN)

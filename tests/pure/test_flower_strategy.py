@@ -141,7 +141,7 @@ def test_the_wrapper_decodes_replies_that_carry_only_the_raw_delta():
     assert_same_but_ties(run(FedAvg(), replies(ds, raw_only=True)), ds)
 
 
-@pytest.mark.parametrize("make", [lambda: FedProx(proximal_mu=0.1), lambda: Krum(num_malicious_nodes=1),
+@pytest.mark.parametrize("make", [lambda: FedProx(proximal_mu=0.0), lambda: Krum(num_malicious_nodes=1),
                                   lambda: DifferentialPrivacyServerSideFixedClipping(
                                       FedAvg(), noise_multiplier=0.1, clipping_norm=50.0, num_sampled_clients=5)])
 def test_other_stock_strategies_aggregate_and_come_back_as_valid_int_models(make):
