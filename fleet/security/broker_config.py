@@ -87,6 +87,7 @@ def acl_text(fleet: str, coordinator: str = COORDINATOR_USER) -> str:
         *(f"topic write {p}/dev/+/{k}" for k in ("task", "ack", "model")),
         f"topic readwrite {p}/model/current",
         f"topic readwrite {p}/plan/+",
+        f"topic readwrite {p}/flower/#",  # a Flower ServerApp's lock and run state (docs/protocol.md)
         "",
         "# every other user is a device whose username is its device id",
         *(f"pattern write {p}/dev/%u/{k}" for k in ("hello", "status", "delta")),
