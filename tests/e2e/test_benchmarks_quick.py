@@ -37,6 +37,7 @@ def test_accuracy_qas_quick_imu():
 def test_engine_speed_quick_imu():
     r = _run("engine_speed.py", "--models", "imu")
     assert r["steps_per_s_ours"] > 0 and r["steps_per_s_torch"] > 0
+    assert r["imu"]["steps_per_s_native"] > 0  # `make setup` builds the native library
 
 
 def test_memory_vs_pytorch_quick_imu():
@@ -62,3 +63,12 @@ def test_flower_baseline_quick():
     assert 0 < ours["client_memory_bytes"] < flower["client_memory_bytes"] < flower["peak_rss_bytes"]
     for s in (ours, flower):
         assert 0.3 < s["accuracy_final"] <= 1.0  # 7 classes: chance is ~0.14
+
+
+def test_topk_accuracy_quick():
+    """4 devices, 2 rounds, one seed: every-coordinate and top-2% under both rules for silent coordinates."""
+    r = _run("topk_accuracy.py")
+    assert set(r) == {"every", "topk20_keep", "topk20_zero", "best"}
+    assert r["topk20_zero"]["bytes"] < r["every"]["bytes"] and 0 < r["topk20_zero"]["ratio"] < 1
+    assert all(0.0 <= r[k]["mean"] <= 1.0 for k in ("every", "topk20_keep", "topk20_zero"))
+    assert r["best"]["setting"] in r
