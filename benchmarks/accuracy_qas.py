@@ -378,6 +378,41 @@ def imu_task(quick: bool, **_) -> tuple[Task, dict]:
     return task, {}
 
 
+def heart_task(quick: bool, **_) -> tuple[Task, dict]:
+    """TabularNet pretrained on Cleveland, fine-tuned with a fresh head on the other three hospitals' patients."""
+    from fleet.compiler.models import TabularNet
+    from fleet.compiler.quantize import new_classifier
+    from fleet.compiler.torch_import import import_torch
+    from fleet.scenarios.base import quantize
+    from fleet.scenarios.heart import HeartFeatures, labels, load_table
+
+    df = load_table()
+    home = (df["dataset"] == "Cleveland").to_numpy()
+    feats = HeartFeatures(df[home])  # NOTE: every statistic from the pretraining hospital, none from the targets
+    xp, yp = feats(df[home])[:, :, 0, :], labels(df[home])
+    rest = np.flatnonzero(~home)[np.random.default_rng(0).permutation(int((~home).sum()))]
+    cut = {"train": rest[:int(0.6 * len(rest))], "val": rest[int(0.6 * len(rest)):int(0.75 * len(rest))],
+           "test": rest[int(0.75 * len(rest)):]}
+    torch.manual_seed(0)
+    model = TabularNet(xp.shape[1], 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for e in range(10 if quick else 40):
+        model.train()
+        for idx in order(len(yp), 32, e, 0):
+            loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xp[idx])), torch.from_numpy(yp[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    graph = new_classifier(import_torch(model, torch.from_numpy(xp), name="TabularNet"), 2)
+    t_in = graph.tensors[graph.input_id]
+    x = {k: quantize(feats(df.iloc[r]), float(t_in.scale[0]), t_in.zero_point) for k, r in cut.items()}
+    y = {k: labels(df.iloc[r]).astype(np.int32) for k, r in cut.items()}
+    sparse = ir.SparseScheme("TabularNet:half", 2, {1: 0.5})  # fc2 on its first 16 inputs, both biases, head
+    task = Task("heart", graph, sparse, x, y, grid=(0.003, 0.01) if quick else (0.003, 0.01, 0.03, 0.1))
+    return task, {"pretrain": "Cleveland (304)", "target": "Hungary + VA Long Beach + Switzerland"}
+
+
 def fashion_task(quick: bool, n_train: int = 2000, n_val: int = 500, n_test: int = 1000) -> tuple[Task, dict]:
     """MbV2-w0.35 (MIT int8 weights, fresh 10-way head) on Fashion-MNIST at 128x128."""
     from fleet.compiler.mit_import import import_mit
@@ -472,9 +507,9 @@ def main() -> None:
     result, rows = {}, []
     for name in args.tasks.split(","):
         t0 = time.time()
-        task, extra = {"imu": imu_task, "fashion": fashion_task}[name](
+        task, extra = {"imu": imu_task, "fashion": fashion_task, "heart": heart_task}[name](
             args.quick, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
-        epochs = 2 if args.quick else (args.epochs or {"imu": 10, "fashion": 6}[name])
+        epochs = 2 if args.quick else (args.epochs or {"imu": 10, "fashion": 6, "heart": 20}[name])
         if args.grid and not args.quick:
             task.grid = tuple(float(v) for v in args.grid.split(","))
         setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs)
