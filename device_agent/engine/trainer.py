@@ -14,7 +14,7 @@ import numpy as np
 from . import ir
 from .backward import backward_op
 from .forward import check_input, forward_op
-from .recipe import Recipe, lr_factor_q15, scaled_lr
+from .recipe import Recipe, check_plan_recipe, lr_factor_q15, plan_recipe, scaled_lr
 from .update import lr_mant_exp, recipe_update, update_op
 
 UPDATE_OPS = frozenset({ir.OpType.CONV2D_UPDATE, ir.OpType.EMBEDDING_UPDATE})
@@ -47,8 +47,10 @@ class Trainer:
     update_weight, update_bias : global switches ANDed with every update op's own flags (e.g. to compare
         "bias only" against the plan's scheme without recompiling).
     recipe : optional :class:`~device_agent.engine.recipe.Recipe` (accumulation, momentum, weight residuals,
-        lr schedule). None (default) is the plan's own step, bit-exact with the firmware. With a recipe, a
-        batch of N samples is N device steps at batch 1: samples accumulate, and every ``accum_steps``-th
+        lr schedule). A plan that carries a recipe (plan v2 RECIPE section, ``recipe.RecipePlan``) trains with
+        it, as the firmware does; an explicit ``recipe`` is for plans without one (benchmarks), and one that
+        differs from the plan's raises ValueError. No recipe anywhere: the plan's default step. With a recipe,
+        a batch of N samples is N device steps at batch 1: samples accumulate, and every ``accum_steps``-th
         sample applies the update (a batch may cross that boundary; it is split there).
     """
 
@@ -66,7 +68,14 @@ class Trainer:
         self.update_weight = update_weight
         self.update_bias = update_bias
         self.step = 0  # uint32 update counter, seeds the stochastic rounding
-        self.recipe = recipe if recipe is not None and (recipe.stateful or recipe.warmup or recipe.total) else None
+        carried = plan_recipe(plan)
+        if carried is not None:
+            check_plan_recipe(plan)
+            if recipe is not None and recipe.normalized() != carried.recipe.normalized():
+                raise ValueError(f"plan {plan.name!r} carries the recipe {carried.recipe}; the explicit recipe "
+                                 f"{recipe} conflicts with it (pass recipe=None to train with the plan's)")
+            recipe = carried.recipe
+        self.recipe = recipe if recipe is not None and recipe.active else None
         self.opt_state: dict[tuple[int, str], np.ndarray] = {}  # (tensor id, "acc"|"mom"|"frac") -> state
         self.pending = 0  # samples accumulated since the last applied update (recipe only)
         if self.recipe is not None and any(op.type == ir.OpType.EMBEDDING_UPDATE for op in plan.ops):
