@@ -188,7 +188,8 @@ class Trainer:
         return {tid: v.copy() for tid, v in self.params.items()}
 
     def load_trainable(self, state: dict[int, np.ndarray]) -> None:
-        """Replace trainable tensors (a subset is fine); ids, shapes and dtypes must match the plan."""
+        """Replace trainable tensors (a subset is fine); ids, shapes and dtypes must match the plan. Resets the
+        recipe's optimizer state (a new model version)."""
         for tid, v in state.items():
             if tid not in self.params:
                 raise KeyError(f"tensor {tid} is not trainable in plan {self.plan.name!r} "
@@ -200,6 +201,10 @@ class Trainer:
                                  f"got {v.dtype} {v.shape}")
         for tid, v in state.items():
             self.params[tid] = np.array(v, copy=True)
+        # NOTE: a recipe's momentum, accumulated samples and residuals belong to the old values (the firmware
+        # zeroes its optimizer region on a model update too); the update counter keeps counting.
+        self.opt_state.clear()
+        self.pending = 0
 
     def state_hash(self) -> str:
         """sha256 (hex) over the trainable tensors in id order, each as little-endian bytes."""

@@ -10,7 +10,11 @@ tests/firmware/test_plan_boards.py)::
 
 Step ``s`` trains on sample ``s % n_samples`` (N = 1, the device's step). Plans: ``tiny`` (examples.tiny_plan),
 ``text`` (examples.tiny_text_plan: EMBEDDING), ``imu`` (fleet.compiler.models.ImuCNN compiled with a sparse
-scheme), ``mbv2`` (MbV2-w0.35 at 128x128, paper rung 99kb; skipped when ../shared/models is absent).
+scheme), ``mbv2`` (MbV2-w0.35 at 128x128, paper rung 99kb; skipped when ../shared/models is absent), and plans
+carrying a training recipe (plan v2 RECIPE section; ``lr_m, lr_e`` are then ``mant_exp(lr / accum_steps)``, what
+a device receives): ``tiny_recipe8`` (B = 3, momentum 0.9, 8-bit residuals, warm-up 1 + cosine to 4 updates with a
+floor), ``imu_recipe16`` (B = 2, momentum 0.5, 16-bit residuals, warm-up 2 + cosine to 5), ``tiny_recipe_sr``
+(B = 2, no momentum, stochastic rounding at the boundary, cosine to 0 at 3 updates: the last samples add nothing).
 
     python tests/firmware/gen_plan_vectors.py [--out DIR] [--plans tiny,text,imu] [--mbv2]
 """
@@ -28,14 +32,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from device_agent.engine import ir
-from device_agent.engine.qmath import mant_exp
+from device_agent.engine.recipe import Recipe, plan_recipe, with_recipe
 from device_agent.engine.trainer import Trainer
+from device_agent.engine.update import lr_mant_exp
 from device_agent.wire.plan import plan_to_bytes
 from fleet.compiler.mit_import import default_models_dir
 
 OUT = ROOT / "firmware" / "tests" / "vectors" / "plans"
 MODELS = default_models_dir()
-SMALL = ("tiny", "text", "imu")
+SMALL = ("tiny", "text", "imu", "tiny_recipe8", "imu_recipe16", "tiny_recipe_sr")
 
 
 def _pad4(b: bytes) -> bytes:
@@ -63,7 +68,8 @@ def run_reference(plan: ir.Plan, x: np.ndarray, y: np.ndarray, steps: int, lr: f
 def write_vector(path: Path, plan: ir.Plan, x: np.ndarray, y: np.ndarray, steps: int, lr: float) -> dict:
     blob = plan_to_bytes(plan)
     tr, logits, correct = run_reference(plan, x, y, steps, lr)
-    lr_m, lr_e = mant_exp(lr)
+    pr = plan_recipe(plan)
+    lr_m, lr_e = lr_mant_exp(lr, pr.recipe.accum_steps if pr is not None else 1)
     tin = plan.tensors[plan.input_id]
     dt = "<i4" if tin.dtype == ir.DType.INT32 else "<i1"
     samples = np.ascontiguousarray(x.astype(dt)).tobytes()
@@ -109,6 +115,16 @@ def build(name: str):
         x = rng.integers(-60, 60, (5, *tin.shape)).astype(np.int8)
         y = rng.integers(0, 7, 5).astype(np.int32)
         return plan, x, y, 6, 0.05
+    if name == "tiny_recipe8":
+        plan, x, y, _, _ = build("tiny")
+        r = Recipe(accum_steps=3, momentum=0.9, frac_bits=8, warmup=1, total=4, lr_min_q15=2000)
+        return with_recipe(plan, r), x, y, 11, 0.3
+    if name == "imu_recipe16":
+        plan, x, y, _, _ = build("imu")
+        return with_recipe(plan, Recipe(accum_steps=2, momentum=0.5, frac_bits=16, warmup=2, total=5)), x, y, 9, 0.1
+    if name == "tiny_recipe_sr":
+        plan, x, y, _, _ = build("tiny")
+        return with_recipe(plan, Recipe(accum_steps=2, frac_bits=0, total=3)), x, y, 9, 0.3
     if name == "mbv2":
         return build_mit("mbv2-w0.35", "99kb", steps=2)
     raise ValueError(f"unknown vector {name!r}, expected one of {SMALL + ('mbv2',)}")
