@@ -187,3 +187,16 @@ def test_plan_carried_recipe_trains_like_the_explicit_one(plan):
     object.__setattr__(bad.recipe.slots[0], "wbuf_off", 4)
     with pytest.raises(ValueError, match="canonical"):
         check_plan_recipe(bad)
+
+
+def test_firmware_cos_table_is_the_reference_one():
+    # the C table is copied verbatim (docs/engine.md): parse firmware/src/runtime/tf_recipe.c
+    import re
+    from pathlib import Path
+
+    from device_agent.engine.recipe import COS_Q15
+
+    src = (Path(__file__).resolve().parents[2] / "firmware" / "src" / "runtime" / "tf_recipe.c").read_text()
+    body = re.search(r"tf_cos_q15\[65\] = \{([^}]*)\}", src)
+    assert body is not None
+    assert tuple(int(v) for v in body.group(1).replace("\n", " ").split(",") if v.strip()) == COS_Q15
