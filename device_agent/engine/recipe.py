@@ -9,7 +9,8 @@ all integer (docs/engine.md, "Training recipe"):
   ``v = (v * beta_q15 + 2**14) >> 15`` (``beta_q15 = round(beta 2**15)``), so ``v = beta v_prev + sum d``;
 - ``frac`` int8/int16: the sub-LSB part of each trained int8 weight (``frac_bits`` 8 or 16), so tiny updates are
   kept instead of rounded away (the weight is ``w + frac 2**-frac_bits`` in LSBs, deterministically rounded);
-- an lr schedule (linear warm-up, then cosine to ``lr_min``) evaluated from integers with a 65-entry Q15 table.
+- an lr schedule (linear warm-up, then cosine to ``lr_min``) evaluated from integers with a 65-entry Q15 table;
+  each sample adds with the task's rate divided by ``accum_steps`` in integers (:func:`per_sample_lr`).
 
 It refuses float state: floats appear only in :meth:`Recipe.__post_init__`-style conversions done once on the host.
 """
@@ -132,6 +133,20 @@ def scaled_lr(lr_m: int, lr_e: int, f_q15: int) -> tuple[int, int] | None:
     sh = m.bit_length() - 15
     m = int(rshift_round(m, sh))
     return m, lr_e - 15 + sh
+
+
+def per_sample_lr(lr_m: int, lr_e: int, accum_steps: int) -> tuple[int, int]:
+    """The per-sample rate ``(lr_m, lr_e) / B`` in integers, renormalised to a 15-bit mantissa.
+
+    A device receives the task's rate as ``mant_exp(lr)`` (as for the default step) and divides it here:
+    ``q = (lr_m 2**15 + B // 2) // B``, ``sh = bitlen(q) - 15``, ``(rshift_round(q, sh), lr_e - 15 + sh)``.
+
+    >>> per_sample_lr(20000, -20, 1), per_sample_lr(16384, -14, 4)
+    ((20000, -20), (16384, -16))
+    """
+    q = ((lr_m << 15) + accum_steps // 2) // accum_steps
+    sh = q.bit_length() - 15
+    return int(rshift_round(q, sh)), lr_e - 15 + sh
 
 
 def fixed_delta(acc: np.ndarray, mult: np.ndarray, exp: np.ndarray, bits: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from . import ir
 from .backward import backward_op
 from .forward import check_input, forward_op
-from .recipe import Recipe, check_plan_recipe, lr_factor_q15, plan_recipe, scaled_lr
+from .recipe import Recipe, check_plan_recipe, lr_factor_q15, per_sample_lr, plan_recipe, scaled_lr
 from .update import lr_mant_exp, recipe_update, update_op
 
 UPDATE_OPS = frozenset({ir.OpType.CONV2D_UPDATE, ir.OpType.EMBEDDING_UPDATE})
@@ -110,7 +110,7 @@ class Trainer:
         lr_me = None
         if self.recipe is not None:
             r = self.recipe
-            lr_me = scaled_lr(*lr_mant_exp(lr, r.accum_steps), lr_factor_q15(self.step, r))
+            lr_me = scaled_lr(*per_sample_lr(*lr_mant_exp(lr), r.accum_steps), lr_factor_q15(self.step, r))
         store = self._store(x)
         n = store[self.plan.input_id].shape[0]
         if n < 1:

@@ -56,8 +56,8 @@ int tf_runtime_load(tf_runtime *rt, const tf_plan *plan, uint8_t *pool, uint32_t
 /* Bytes of SRAM the plan needs from the pool (arena + aligned trainable copies + the recipe's optimizer region). */
 uint32_t tf_runtime_pool_need(const tf_plan *plan);
 /* One training step on one sample (input tensor bytes), label, learning rate lr_m * 2^lr_e. With a recipe
- * (plan.has_recipe) the rate is per sample (the host sends mant_exp(lr / accum_steps)) and the schedule scales
- * it at each applied update; the parameters change on every accum_steps-th sample only. */
+ * (plan.has_recipe) each sample adds with the rate / accum_steps (tf_per_sample_lr), scaled by the schedule at
+ * the current update step; the parameters change on every accum_steps-th sample only. */
 int tf_runtime_step(tf_runtime *rt, const uint8_t *sample, int32_t label, int32_t lr_m, int32_t lr_e,
                     tf_step_result *res);
 /* SHA-256 over the trainable tensors in id order, little-endian bytes (= Trainer.state_hash). */

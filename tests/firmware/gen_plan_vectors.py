@@ -11,8 +11,8 @@ tests/firmware/test_plan_boards.py)::
 Step ``s`` trains on sample ``s % n_samples`` (N = 1, the device's step). Plans: ``tiny`` (examples.tiny_plan),
 ``text`` (examples.tiny_text_plan: EMBEDDING), ``imu`` (fleet.compiler.models.ImuCNN compiled with a sparse
 scheme), ``mbv2`` (MbV2-w0.35 at 128x128, paper rung 99kb; skipped when ../shared/models is absent), and plans
-carrying a training recipe (plan v2 RECIPE section; ``lr_m, lr_e`` are then ``mant_exp(lr / accum_steps)``, what
-a device receives): ``tiny_recipe8`` (B = 3, momentum 0.9, 8-bit residuals, warm-up 1 + cosine to 4 updates with a
+carrying a training recipe (plan v2 RECIPE section; ``lr_m, lr_e`` stay ``mant_exp(lr)``: the device divides by
+``accum_steps`` itself, ``recipe.per_sample_lr``): ``tiny_recipe8`` (B = 3, momentum 0.9, 8-bit residuals, warm-up 1 + cosine to 4 updates with a
 floor), ``imu_recipe16`` (B = 2, momentum 0.5, 16-bit residuals, warm-up 2 + cosine to 5), ``tiny_recipe_sr``
 (B = 2, no momentum, stochastic rounding at the boundary, cosine to 0 at 3 updates: the last samples add nothing).
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from device_agent.engine import ir
-from device_agent.engine.recipe import Recipe, plan_recipe, with_recipe
+from device_agent.engine.recipe import Recipe, with_recipe
 from device_agent.engine.trainer import Trainer
 from device_agent.engine.update import lr_mant_exp
 from device_agent.wire.plan import plan_to_bytes
@@ -68,8 +68,7 @@ def run_reference(plan: ir.Plan, x: np.ndarray, y: np.ndarray, steps: int, lr: f
 def write_vector(path: Path, plan: ir.Plan, x: np.ndarray, y: np.ndarray, steps: int, lr: float) -> dict:
     blob = plan_to_bytes(plan)
     tr, logits, correct = run_reference(plan, x, y, steps, lr)
-    pr = plan_recipe(plan)
-    lr_m, lr_e = lr_mant_exp(lr, pr.recipe.accum_steps if pr is not None else 1)
+    lr_m, lr_e = lr_mant_exp(lr)  # NOTE: with a recipe too: the device divides by accum_steps itself
     tin = plan.tensors[plan.input_id]
     dt = "<i4" if tin.dtype == ir.DType.INT32 else "<i1"
     samples = np.ascontiguousarray(x.astype(dt)).tobytes()

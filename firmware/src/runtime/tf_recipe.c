@@ -27,16 +27,27 @@ int32_t tf_lr_factor_q15(uint32_t u, uint32_t warmup, uint32_t total, int32_t lr
     return lr_min_q15 + (int32_t)((((int64_t)(32768 - lr_min_q15)) * c + (1 << 14)) >> 15);
 }
 
+static int32_t bitlen64(int64_t v) {
+    int32_t bl = 0;
+    for (uint64_t q = (uint64_t)(v < 0 ? -v : v); q; q >>= 1) {
+        bl++;
+    }
+    return bl;
+}
+
+void tf_per_sample_lr(int32_t lr_m, int32_t lr_e, uint32_t accum_steps, int32_t *m, int32_t *e) {
+    const int64_t q = ((int64_t)lr_m * 32768 + (int64_t)(accum_steps / 2)) / (int64_t)accum_steps; /* lr_m >= 0 */
+    const int32_t sh = bitlen64(q) - 15;
+    *m = (int32_t)tf_rshift_round(q, sh);
+    *e = lr_e - 15 + sh;
+}
+
 int tf_scaled_lr(int32_t lr_m, int32_t lr_e, int32_t f_q15, int32_t *m, int32_t *e) {
     if (f_q15 <= 0) {
         return 0;
     }
     const int64_t prod = (int64_t)lr_m * f_q15;
-    int32_t bl = 0;
-    for (uint64_t q = (uint64_t)(prod < 0 ? -prod : prod); q; q >>= 1) {
-        bl++;
-    }
-    const int32_t sh = bl - 15;
+    const int32_t sh = bitlen64(prod) - 15;
     *m = (int32_t)tf_rshift_round(prod, sh);
     *e = lr_e - 15 + sh;
     return 1;

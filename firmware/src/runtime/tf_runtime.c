@@ -620,7 +620,9 @@ int tf_runtime_step(tf_runtime *rt, const uint8_t *sample, int32_t label, int32_
     const tf_plan *pl = &rt->plan;
     if (pl->has_recipe) {
         sc.apply = rt->pending + 1 >= pl->accum_steps;
-        sc.add = tf_scaled_lr(lr_m, lr_e, tf_lr_factor_q15(rt->step, pl->warmup, pl->total, (int32_t)pl->lr_min_q15),
+        int32_t m, e;
+        tf_per_sample_lr(lr_m, lr_e, pl->accum_steps, &m, &e);
+        sc.add = tf_scaled_lr(m, e, tf_lr_factor_q15(rt->step, pl->warmup, pl->total, (int32_t)pl->lr_min_q15),
                               &sc.lr_m, &sc.lr_e);
     }
     rt->slot_next = rt->opt_cursor = 0;
