@@ -200,3 +200,11 @@ def test_firmware_cos_table_is_the_reference_one():
     body = re.search(r"tf_cos_q15\[65\] = \{([^}]*)\}", src)
     assert body is not None
     assert tuple(int(v) for v in body.group(1).replace("\n", " ").split(",") if v.strip()) == COS_Q15
+
+
+def test_recipe_refuses_embedding_plans():
+    from device_agent.engine.recipe import with_recipe
+    from tests.fixtures.tiny import tiny_text_plan
+
+    with pytest.raises(ValueError, match="EMBEDDING_UPDATE"):
+        with_recipe(tiny_text_plan(seed=1), Recipe(accum_steps=2))
