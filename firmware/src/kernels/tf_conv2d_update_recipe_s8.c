@@ -2,8 +2,10 @@
  * device_agent/engine/update.py recipe_update at N = 1: per output channel, each trained element's fixed-point
  * update d is added into its int32 buffer v (accumulator / momentum); on the sample that ends a mini-batch the
  * parameters take v (weights with their sub-LSB residual, or stochastic rounding when there is none), then v
- * decays by beta (or empties). Portable C only: this path runs once per sample like the default update, but it
- * is not the default step, so it has no DSP variant. No scratch. */
+ * decays by beta (or empties). The sums are those of the default update (1x1 stride-1 layers: one tf_dot_s8 per
+ * weight, SMLAD where the board has it; other shapes the plain loop); a sample whose gradient row is all zero adds
+ * nothing (d = 0 exactly), so off the boundary that channel is skipped. No scratch. */
+#include "tf_dsp.h"
 #include "tf_kernels.h"
 #include "tf_qmath.h"
 
@@ -97,15 +99,36 @@ tf_status tf_conv2d_update_recipe_s8(const tf_conv_update_params *p, const tf_qa
     }
     const int32_t cin_g = w_dims->c, cout_g = w_dims->n / p->groups, kh_n = w_dims->h, kw_n = w_dims->w;
     const int32_t wsize = cin_g * kh_n * kw_n;
+    const int pointwise = kh_n == 1 && kw_n == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_h == 0 &&
+                          p->pad_w == 0 && oplane == iplane;
     int32_t idx = 0; /* compact index of the trained weight: C order of (co, il < k_co, kh, kw) */
     for (int32_t co = 0; co < w_dims->n; co++) {
         const int8_t *gc = g_y + co * oplane; /* (OH, OW) */
         int32_t gsum = 0;
+        uint32_t any = 0;
         for (int32_t i = 0; i < oplane; i++) {
             gsum += gc[i];
+            any |= (uint8_t)gc[i];
         }
         const int32_t g = co / cout_g;
-        if (p->update_weight) {
+        if (!any && !r->apply) { /* d = 0 for every element of this channel: v stays, nothing to apply */
+            if (p->update_weight) {
+                const int32_t left = p->k - g * cin_g;
+                idx += (left <= 0 ? 0 : left < cin_g ? left : cin_g) * kh_n * kw_n;
+            }
+            continue;
+        }
+        if (p->update_weight && pointwise) {
+            const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->w_m[co], 15);
+            const int32_t e = p->lr_e + qas->w_e[co] + 15 + e_y;
+            const int32_t goff = p->input_offset * gsum;
+            for (int32_t il = 0; il < cin_g && g * cin_g + il < p->k; il++, idx++) {
+                const int32_t acc = r->add && any ? tf_dot_s8(gc, x_saved + (g * cin_g + il) * iplane, oplane) + goff : 0;
+                const int32_t flat = co * wsize + il;
+                step_w(r, idx, acc, m, e, &w[flat],
+                       r->apply && !r->frac_bits ? tf_rng_u32(p->step, p->w_tensor_id, (uint32_t)flat) : 0u);
+            }
+        } else if (p->update_weight) {
             const int32_t m = (int32_t)tf_rshift_round((int64_t)p->lr_m * qas->w_m[co], 15);
             const int32_t e = p->lr_e + qas->w_e[co] + 15 + e_y;
             for (int32_t il = 0; il < cin_g && g * cin_g + il < p->k; il++) {
