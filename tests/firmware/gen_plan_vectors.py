@@ -14,7 +14,9 @@ scheme), ``mbv2`` (MbV2-w0.35 at 128x128, paper rung 99kb; skipped when ../share
 carrying a training recipe (plan v2 RECIPE section; ``lr_m, lr_e`` stay ``mant_exp(lr)``: the device divides by
 ``accum_steps`` itself, ``recipe.per_sample_lr``): ``tiny_recipe8`` (B = 3, momentum 0.9, 8-bit residuals, warm-up 1 + cosine to 4 updates with a
 floor), ``imu_recipe16`` (B = 2, momentum 0.5, 16-bit residuals, warm-up 2 + cosine to 5), ``tiny_recipe_sr``
-(B = 2, no momentum, stochastic rounding at the boundary, cosine to 0 at 3 updates: the last samples add nothing).
+(B = 2, no momentum, stochastic rounding at the boundary, cosine to 0 at 3 updates: the last samples add nothing),
+``imu_recipe_b1`` (B = 1, no momentum: transient v, 8-bit residuals, warm-up 3 + cosine to 12 over 12 updates),
+``tiny_recipe_mom_sr`` (B = 1, momentum 0.8, stochastic rounding, no schedule).
 
     python tests/firmware/gen_plan_vectors.py [--out DIR] [--plans tiny,text,imu] [--mbv2]
 """
@@ -40,7 +42,7 @@ from fleet.compiler.mit_import import default_models_dir
 
 OUT = ROOT / "firmware" / "tests" / "vectors" / "plans"
 MODELS = default_models_dir()
-SMALL = ("tiny", "text", "imu", "tiny_recipe8", "imu_recipe16", "tiny_recipe_sr")
+SMALL = ("tiny", "text", "imu", "tiny_recipe8", "imu_recipe16", "tiny_recipe_sr", "imu_recipe_b1", "tiny_recipe_mom_sr")
 
 
 def _pad4(b: bytes) -> bytes:
@@ -124,6 +126,12 @@ def build(name: str):
     if name == "tiny_recipe_sr":
         plan, x, y, _, _ = build("tiny")
         return with_recipe(plan, Recipe(accum_steps=2, frac_bits=0, total=3)), x, y, 9, 0.3
+    if name == "imu_recipe_b1":
+        plan, x, y, _, _ = build("imu")
+        return with_recipe(plan, Recipe(frac_bits=8, warmup=3, total=12, lr_min_q15=500)), x, y, 12, 0.1
+    if name == "tiny_recipe_mom_sr":
+        plan, x, y, _, _ = build("tiny")
+        return with_recipe(plan, Recipe(momentum=0.8)), x, y, 8, 0.1
     if name == "mbv2":
         return build_mit("mbv2-w0.35", "99kb", steps=2)
     raise ValueError(f"unknown vector {name!r}, expected one of {SMALL + ('mbv2',)}")
