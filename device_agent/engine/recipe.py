@@ -290,3 +290,31 @@ def check_plan_recipe(plan: ir.Plan) -> None:
     if want != pr:
         raise ValueError(f"plan {plan.name!r}: optimizer layout {pr.slots} / {pr.optimizer_bytes} B differs from "
                          f"the canonical {want.slots} / {want.optimizer_bytes} B: recompile with `tinyfleet compile`")
+
+
+def optimizer_region(plan: ir.Plan, state: dict) -> bytes:
+    """The device's optimizer region (``optimizer_bytes``, little-endian) holding a Trainer's recipe state
+    (``Trainer.opt_state``): per slot the trained elements of each buffer, compact in C order; b"" without a
+    recipe. What a board's region holds after the same samples (tests/firmware compare it byte for byte)."""
+    from .update import channel_mask
+
+    pr = plan_recipe(plan)
+    if pr is None:
+        return b""
+    buf = "mom" if pr.recipe.beta_q15 else "acc"
+    out = bytearray(pr.optimizer_bytes)
+    for sl in pr.slots:
+        op = plan.ops[sl.op_index]
+        w, b = plan.tensors[op.inputs[2]], plan.tensors[op.inputs[3]]
+        k = int(op.attrs["k"])
+        mask = np.broadcast_to(channel_mask(w.shape, int(op.attrs["groups"]), k)[:, :, None, None], w.shape)
+        fdt = "<i1" if pr.recipe.frac_bits == 8 else "<i2"
+        for off, key, dt, sel, shape in ((sl.wbuf_off, (w.id, buf), "<i4", mask, w.shape),
+                                         (sl.bbuf_off, (b.id, buf), "<i4", None, b.shape),
+                                         (sl.frac_off, (w.id, "frac"), fdt, mask, w.shape)):
+            if off < 0:
+                continue
+            arr = np.asarray(state.get(key, np.zeros(shape, np.int64)))
+            raw = (arr[sel] if sel is not None else arr.reshape(-1)).astype(dt).tobytes()
+            out[off:off + len(raw)] = raw
+    return bytes(out)

@@ -3,10 +3,11 @@
 One ``.tfv`` file per plan (a test-only container, read by firmware/tests/test_plans_host.c and by
 tests/firmware/test_plan_boards.py)::
 
-    "TFTV" u32 version=1 | u32 steps | i32 lr_m | i32 lr_e | u32 n_samples | u32 sample_bytes
+    "TFTV" u32 version=2 | u32 steps | i32 lr_m | i32 lr_e | u32 n_samples | u32 sample_bytes
     u32 plan_len | plan blob, pad4 | samples (n_samples x sample_bytes), pad4 | i32 labels[n_samples]
     u8[32] state sha256 (Trainer.state_hash) | u32 state_len | trainable tensors in id order (LE), pad4
     u32 n_classes | i8 logits of the last step's forward pass, pad4 | u8 correct per step, pad4
+    u32 opt_len | the recipe's optimizer region (recipe.optimizer_region), pad4 | u32 samples pending
 
 Step ``s`` trains on sample ``s % n_samples`` (N = 1, the device's step). Plans: ``tiny`` (examples.tiny_plan),
 ``text`` (examples.tiny_text_plan: EMBEDDING), ``imu`` (fleet.compiler.models.ImuCNN compiled with a sparse
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from device_agent.engine import ir
-from device_agent.engine.recipe import Recipe, with_recipe
+from device_agent.engine.recipe import Recipe, optimizer_region, with_recipe
 from device_agent.engine.trainer import Trainer
 from device_agent.engine.update import lr_mant_exp
 from device_agent.wire.plan import plan_to_bytes
@@ -76,10 +77,12 @@ def write_vector(path: Path, plan: ir.Plan, x: np.ndarray, y: np.ndarray, steps:
     samples = np.ascontiguousarray(x.astype(dt)).tobytes()
     sb = len(samples) // len(x)
     st = state_bytes(tr)
-    out = struct.pack("<4sIIiiII", b"TFTV", 1, steps, lr_m, lr_e, len(x), sb) + struct.pack("<I", len(blob))
+    out = struct.pack("<4sIIiiII", b"TFTV", 2, steps, lr_m, lr_e, len(x), sb) + struct.pack("<I", len(blob))
     out += _pad4(blob) + _pad4(samples) + np.asarray(y, "<i4").tobytes()
     out += bytes.fromhex(tr.state_hash()) + struct.pack("<I", len(st)) + _pad4(st)
     out += struct.pack("<I", logits.size) + _pad4(logits.tobytes()) + _pad4(bytes(correct))
+    region = optimizer_region(plan, tr.opt_state)
+    out += struct.pack("<I", len(region)) + _pad4(region) + struct.pack("<I", tr.pending)
     path.write_bytes(out)
     return {"file": path.name, "plan_bytes": len(blob), "arena": plan.arena_bytes, "state_hash": tr.state_hash()}
 
