@@ -123,7 +123,8 @@ tf_status tf_conv2d_update_recipe_s8(const tf_conv_update_params *p, const tf_qa
             const int32_t e = p->lr_e + qas->w_e[co] + 15 + e_y;
             const int32_t goff = p->input_offset * gsum;
             for (int32_t il = 0; il < cin_g && g * cin_g + il < p->k; il++, idx++) {
-                const int32_t acc = r->add && any ? tf_dot_s8(gc, x_saved + (g * cin_g + il) * iplane, oplane) + goff : 0;
+                const int8_t *xc = x_saved + (g * cin_g + il) * iplane; /* (H, W) */
+                const int32_t acc = r->add && any ? tf_dot_s8(gc, xc, oplane) + goff : 0;
                 const int32_t flat = co * wsize + il;
                 step_w(r, idx, acc, m, e, &w[flat],
                        r->apply && !r->frac_bits ? tf_rng_u32(p->step, p->w_tensor_id, (uint32_t)flat) : 0u);
@@ -144,7 +145,8 @@ tf_status tf_conv2d_update_recipe_s8(const tf_conv_update_params *p, const tf_qa
                             for (int32_t ow = 0; ow < ow_n; ow++) {
                                 const int32_t iw = ow * p->stride_w - p->pad_w + kw;
                                 if (iw >= 0 && iw < iw_n) {
-                                    acc += (int32_t)gc[oh * ow_n + ow] * ((int32_t)xc[ih * iw_n + iw] + p->input_offset);
+                                    const int32_t xv = (int32_t)xc[ih * iw_n + iw] + p->input_offset;
+                                    acc += (int32_t)gc[oh * ow_n + ow] * xv;
                                 }
                             }
                         }

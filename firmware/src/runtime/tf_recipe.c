@@ -23,7 +23,8 @@ int32_t tf_lr_factor_q15(uint32_t u, uint32_t warmup, uint32_t total, int32_t lr
     const int32_t i = (int32_t)(p >> 10), f = (int32_t)(p & 1023u);
     /* NOTE: (COS[i+1] - COS[i]) * f is <= 0; >> floors it, as Python's >> does (arithmetic shift, as everywhere in
      * this firmware) */
-    const int32_t c = i == 64 ? tf_cos_q15[64] : tf_cos_q15[i] + (((tf_cos_q15[i + 1] - tf_cos_q15[i]) * f + 512) >> 10);
+    const int32_t c =
+        i == 64 ? tf_cos_q15[64] : tf_cos_q15[i] + (((tf_cos_q15[i + 1] - tf_cos_q15[i]) * f + 512) >> 10);
     return lr_min_q15 + (int32_t)((((int64_t)(32768 - lr_min_q15)) * c + (1 << 14)) >> 15);
 }
 
