@@ -9,7 +9,8 @@ all integer (docs/engine.md, "Training recipe"):
   ``v = (v * beta_q15 + 2**14) >> 15`` (``beta_q15 = round(beta 2**15)``), so ``v = beta v_prev + sum d``;
 - ``frac`` int8/int16: the sub-LSB part of each trained int8 weight (``frac_bits`` 8 or 16), so tiny updates are
   kept instead of rounded away (the weight is ``w + frac 2**-frac_bits`` in LSBs, deterministically rounded);
-- an lr schedule (linear warm-up, then cosine to ``lr_min``) evaluated from integers with a 65-entry Q15 table.
+- an lr schedule (linear warm-up, then cosine to ``lr_min``) evaluated from integers with a 65-entry Q15 table;
+  each sample adds with the task's rate divided by ``accum_steps`` in integers (:func:`per_sample_lr`).
 
 It refuses float state: floats appear only in :meth:`Recipe.__post_init__`-style conversions done once on the host.
 """
@@ -17,10 +18,11 @@ It refuses float state: floats appear only in :meth:`Recipe.__post_init__`-style
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import ir
 from .qmath import WEIGHT_MAX, WEIGHT_MIN, rng_u32, rshift_round, stochastic_shift
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -63,6 +65,10 @@ class Recipe:
             errs.append(f"warmup/total: need 0 <= warmup < total (or total = 0), got {self.warmup}/{self.total}")
         if not 0 <= self.lr_min_q15 <= 32768:
             errs.append(f"lr_min_q15: must be in [0, 32768], got {self.lr_min_q15}")
+        if 0.0 <= float(self.momentum) < 1.0 and round(float(self.momentum) * 32768) > 32767:
+            errs.append(f"momentum: rounds to 1.0 in Q15 (beta_q15 = 32768), use at most 0.99997, got {self.momentum!r}")
+        if self.warmup > 2**32 - 1 or self.total > 2**32 - 1:
+            errs.append(f"warmup/total: must fit uint32, got {self.warmup}/{self.total}")
         if errs:
             raise ValueError("; ".join(errs))
 
@@ -74,6 +80,16 @@ class Recipe:
     def stateful(self) -> bool:
         """True when updates go through optimizer state (anything but the default engine step)."""
         return self.accum_steps > 1 or self.beta_q15 > 0 or self.frac_bits > 0
+
+    def normalized(self) -> Recipe:
+        """The same options with ``momentum = beta_q15 / 2**15``: what a plan carries (equal recipes compare equal)."""
+        return Recipe(self.accum_steps, self.beta_q15 / 32768, self.frac_bits, self.warmup, self.total,
+                      self.lr_min_q15)
+
+    @property
+    def active(self) -> bool:
+        """False for ``Recipe()``-like options that change nothing: the default engine step applies then."""
+        return self.stateful or bool(self.warmup or self.total)
 
     def state_bytes(self, n_weight: int, n_bias: int) -> int:
         """SRAM bytes of optimizer state for ``n_weight`` trained int8 weights and ``n_bias`` int32 biases.
@@ -119,6 +135,20 @@ def scaled_lr(lr_m: int, lr_e: int, f_q15: int) -> tuple[int, int] | None:
     return m, lr_e - 15 + sh
 
 
+def per_sample_lr(lr_m: int, lr_e: int, accum_steps: int) -> tuple[int, int]:
+    """The per-sample rate ``(lr_m, lr_e) / B`` in integers, renormalised to a 15-bit mantissa.
+
+    A device receives the task's rate as ``mant_exp(lr)`` (as for the default step) and divides it here:
+    ``q = (lr_m 2**15 + B // 2) // B``, ``sh = bitlen(q) - 15``, ``(rshift_round(q, sh), lr_e - 15 + sh)``.
+
+    >>> per_sample_lr(20000, -20, 1), per_sample_lr(16384, -14, 4)
+    ((20000, -20), (16384, -16))
+    """
+    q = ((lr_m << 15) + accum_steps // 2) // accum_steps
+    sh = q.bit_length() - 15
+    return int(rshift_round(q, sh)), lr_e - 15 + sh
+
+
 def fixed_delta(acc: np.ndarray, mult: np.ndarray, exp: np.ndarray, bits: int) -> np.ndarray:
     """One sample's update ``acc * mult * 2**exp`` in units of ``2**-bits`` LSB, round half up, saturated to int32.
 
@@ -161,3 +191,130 @@ def apply_weight(w: np.ndarray, frac: np.ndarray | None, v: np.ndarray, frac_bit
 def apply_bias(b: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``b - rshift_round(v, ACC_BITS_B)`` saturated to int32."""
     return np.clip(np.asarray(b, np.int64) - rshift_round(v, ACC_BITS_B), INT32_MIN, INT32_MAX).astype(np.int32)
+
+
+# ---- the recipe in the plan (docs/engine.md "Training recipe", plan v2 RECIPE section) ---------------------
+
+
+@dataclass(frozen=True)
+class OptSlot:
+    """Where one CONV2D_UPDATE keeps its optimizer state: byte offsets into the optimizer region, -1 when absent.
+
+    ``wbuf_off``: int32 per trained weight; ``bbuf_off``: int32 per bias (``C_out``); ``frac_off``: int8/int16
+    residual per trained weight. Trained weights are stored compactly in C order of ``(c, j < k_c, kh, kw)``.
+    """
+
+    op_index: int
+    wbuf_off: int = -1
+    bbuf_off: int = -1
+    frac_off: int = -1
+
+
+@dataclass(frozen=True)
+class PlanRecipe:
+    """What a plan's RECIPE section carries: the options, the optimizer region's size and one slot per update op."""
+
+    recipe: Recipe
+    optimizer_bytes: int
+    slots: tuple[OptSlot, ...] = ()
+
+
+@dataclass(eq=True)
+class RecipePlan(ir.Plan):
+    """An :class:`ir.Plan` that carries a training recipe (plan v2 RECIPE section); the Trainer runs it with it.
+
+    NOTE: a subclass, not a field of ``ir.Plan``, so that plans without a recipe stay exactly what they were.
+    """
+
+    recipe: PlanRecipe | None = field(default=None)
+
+
+def plan_recipe(plan: ir.Plan) -> PlanRecipe | None:
+    """The recipe a plan carries (None for a plain plan)."""
+    return getattr(plan, "recipe", None)
+
+
+def trained_weights(op: ir.Op, w_shape: tuple[int, ...]) -> int:
+    """Trained int8 weights of one CONV2D_UPDATE: ``KH KW sum_c min(max(k - g(c) C_in/G, 0), C_in/G)``."""
+    k = int(op.attrs["k"])
+    if not (op.attrs["update_weight"] and k > 0):
+        return 0
+    c_out, cin_g, kh, kw = w_shape
+    per_group = c_out // int(op.attrs["groups"])
+    return kh * kw * sum(min(max(k - (c // per_group) * cin_g, 0), cin_g) for c in range(c_out))
+
+
+def layout_optimizer(plan: ir.Plan, recipe: Recipe) -> PlanRecipe:
+    """The canonical optimizer region of ``plan`` under ``recipe`` (the compiler's layout; runtimes check it).
+
+    Update ops in plan order; per op: the weight buffer (4 B per trained weight, when ``B > 1`` or momentum),
+    the bias buffer (4 B per bias, same condition, when the op updates biases), the weight residuals (F / 8 B
+    per trained weight, when F > 0), each padded to 4 bytes. For example, one 1x1 conv of 10 outputs on 4 trained
+    inputs with biases, B = 4, momentum and F = 8: wbuf at 0 (160 B), bbuf at 160 (40 B), frac at 200 (40 B),
+    240 bytes in all (= ``Recipe.state_bytes(40, 10)``).
+    """
+    if any(op.type == ir.OpType.EMBEDDING_UPDATE for op in plan.ops) and recipe.active:
+        raise ValueError("the training recipe supports CONV2D_UPDATE plans only (this plan has EMBEDDING_UPDATE)")
+    buf = recipe.accum_steps > 1 or recipe.beta_q15 > 0
+    off, slots = 0, []
+    for i, op in enumerate(plan.ops):
+        if op.type != ir.OpType.CONV2D_UPDATE:
+            continue
+        nw = trained_weights(op, plan.tensors[op.inputs[2]].shape)
+        nb = plan.tensors[op.inputs[3]].shape[0] if op.attrs["update_bias"] else 0
+        offs = []
+        for present, size in ((buf and nw > 0, 4 * nw), (buf and nb > 0, 4 * nb),
+                              (recipe.frac_bits > 0 and nw > 0, nw * recipe.frac_bits // 8)):
+            offs.append(off if present else -1)
+            off += (size + 3) // 4 * 4 if present else 0
+        slots.append(OptSlot(i, *offs))
+    return PlanRecipe(recipe, off, tuple(slots))
+
+
+def with_recipe(plan: ir.Plan, recipe: Recipe | None) -> ir.Plan:
+    """``plan`` carrying ``recipe`` (a :class:`RecipePlan` sharing its tensors and ops); ``plan`` itself for None
+    or an inactive recipe (:attr:`Recipe.active`), which is the default step exactly."""
+    if recipe is None or not recipe.active:
+        return plan
+    fields = {f: getattr(plan, f) for f in ("tensors", "ops", "input_id", "label_id", "logits_id", "arena_bytes",
+                                            "scheme", "name")}
+    return RecipePlan(**fields, recipe=layout_optimizer(plan, recipe.normalized()))
+
+
+def check_plan_recipe(plan: ir.Plan) -> None:
+    """Raise ValueError unless the plan's recipe slots are the canonical layout (what a runtime accepts)."""
+    pr = plan_recipe(plan)
+    if pr is None:
+        return
+    want = layout_optimizer(plan, pr.recipe)
+    if want != pr:
+        raise ValueError(f"plan {plan.name!r}: optimizer layout {pr.slots} / {pr.optimizer_bytes} B differs from "
+                         f"the canonical {want.slots} / {want.optimizer_bytes} B: recompile with `tinyfleet compile`")
+
+
+def optimizer_region(plan: ir.Plan, state: dict) -> bytes:
+    """The device's optimizer region (``optimizer_bytes``, little-endian) holding a Trainer's recipe state
+    (``Trainer.opt_state``): per slot the trained elements of each buffer, compact in C order; b"" without a
+    recipe. What a board's region holds after the same samples (tests/firmware compare it byte for byte)."""
+    from .update import channel_mask
+
+    pr = plan_recipe(plan)
+    if pr is None:
+        return b""
+    buf = "mom" if pr.recipe.beta_q15 else "acc"
+    out = bytearray(pr.optimizer_bytes)
+    for sl in pr.slots:
+        op = plan.ops[sl.op_index]
+        w, b = plan.tensors[op.inputs[2]], plan.tensors[op.inputs[3]]
+        k = int(op.attrs["k"])
+        mask = np.broadcast_to(channel_mask(w.shape, int(op.attrs["groups"]), k)[:, :, None, None], w.shape)
+        fdt = "<i1" if pr.recipe.frac_bits == 8 else "<i2"
+        for off, key, dt, sel, shape in ((sl.wbuf_off, (w.id, buf), "<i4", mask, w.shape),
+                                         (sl.bbuf_off, (b.id, buf), "<i4", None, b.shape),
+                                         (sl.frac_off, (w.id, "frac"), fdt, mask, w.shape)):
+            if off < 0:
+                continue
+            arr = np.asarray(state.get(key, np.zeros(shape, np.int64)))
+            raw = (arr[sel] if sel is not None else arr.reshape(-1)).astype(dt).tobytes()
+            out[off:off + len(raw)] = raw
+    return bytes(out)

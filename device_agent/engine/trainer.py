@@ -14,7 +14,7 @@ import numpy as np
 from . import ir
 from .backward import backward_op
 from .forward import check_input, forward_op
-from .recipe import Recipe, lr_factor_q15, scaled_lr
+from .recipe import Recipe, check_plan_recipe, lr_factor_q15, per_sample_lr, plan_recipe, scaled_lr
 from .update import lr_mant_exp, recipe_update, update_op
 
 UPDATE_OPS = frozenset({ir.OpType.CONV2D_UPDATE, ir.OpType.EMBEDDING_UPDATE})
@@ -47,8 +47,10 @@ class Trainer:
     update_weight, update_bias : global switches ANDed with every update op's own flags (e.g. to compare
         "bias only" against the plan's scheme without recompiling).
     recipe : optional :class:`~device_agent.engine.recipe.Recipe` (accumulation, momentum, weight residuals,
-        lr schedule). None (default) is the plan's own step, bit-exact with the firmware. With a recipe, a
-        batch of N samples is N device steps at batch 1: samples accumulate, and every ``accum_steps``-th
+        lr schedule). A plan that carries a recipe (plan v2 RECIPE section, ``recipe.RecipePlan``) trains with
+        it, as the firmware does; an explicit ``recipe`` is for plans without one (benchmarks), and one that
+        differs from the plan's raises ValueError. No recipe anywhere: the plan's default step. With a recipe,
+        a batch of N samples is N device steps at batch 1: samples accumulate, and every ``accum_steps``-th
         sample applies the update (a batch may cross that boundary; it is split there).
     """
 
@@ -66,7 +68,14 @@ class Trainer:
         self.update_weight = update_weight
         self.update_bias = update_bias
         self.step = 0  # uint32 update counter, seeds the stochastic rounding
-        self.recipe = recipe if recipe is not None and (recipe.stateful or recipe.warmup or recipe.total) else None
+        carried = plan_recipe(plan)
+        if carried is not None:
+            check_plan_recipe(plan)
+            if recipe is not None and recipe.normalized() != carried.recipe.normalized():
+                raise ValueError(f"plan {plan.name!r} carries the recipe {carried.recipe}; the explicit recipe "
+                                 f"{recipe} conflicts with it (pass recipe=None to train with the plan's)")
+            recipe = carried.recipe
+        self.recipe = recipe if recipe is not None and recipe.active else None
         self.opt_state: dict[tuple[int, str], np.ndarray] = {}  # (tensor id, "acc"|"mom"|"frac") -> state
         self.pending = 0  # samples accumulated since the last applied update (recipe only)
         if self.recipe is not None and any(op.type == ir.OpType.EMBEDDING_UPDATE for op in plan.ops):
@@ -101,7 +110,7 @@ class Trainer:
         lr_me = None
         if self.recipe is not None:
             r = self.recipe
-            lr_me = scaled_lr(*lr_mant_exp(lr, r.accum_steps), lr_factor_q15(self.step, r))
+            lr_me = scaled_lr(*per_sample_lr(*lr_mant_exp(lr), r.accum_steps), lr_factor_q15(self.step, r))
         store = self._store(x)
         n = store[self.plan.input_id].shape[0]
         if n < 1:
@@ -179,7 +188,8 @@ class Trainer:
         return {tid: v.copy() for tid, v in self.params.items()}
 
     def load_trainable(self, state: dict[int, np.ndarray]) -> None:
-        """Replace trainable tensors (a subset is fine); ids, shapes and dtypes must match the plan."""
+        """Replace trainable tensors (a subset is fine); ids, shapes and dtypes must match the plan. Resets the
+        recipe's optimizer state (a new model version)."""
         for tid, v in state.items():
             if tid not in self.params:
                 raise KeyError(f"tensor {tid} is not trainable in plan {self.plan.name!r} "
@@ -191,6 +201,10 @@ class Trainer:
                                  f"got {v.dtype} {v.shape}")
         for tid, v in state.items():
             self.params[tid] = np.array(v, copy=True)
+        # NOTE: a recipe's momentum, accumulated samples and residuals belong to the old values (the firmware
+        # zeroes its optimizer region on a model update too); the update counter keeps counting.
+        self.opt_state.clear()
+        self.pending = 0
 
     def state_hash(self) -> str:
         """sha256 (hex) over the trainable tensors in id order, each as little-endian bytes."""

@@ -1,7 +1,8 @@
 """The plan blob (.ttp): one writer and one reader for :class:`ir.Plan` (layout in docs/formats.md, "Plan blob").
 
-The body is header, scheme ratios, a fixed-size tensor table, op records, strings, then one 4-byte aligned data
-section (per tensor: float32 scales, then CONST/TRAINABLE values) that a C runtime can use in place from flash.
+The body is header, scheme ratios, a fixed-size tensor table, op records, the optional RECIPE section (v2: the
+training recipe and the optimizer-state slot of every CONV2D_UPDATE, docs/engine.md "Training recipe"), strings,
+then one 4-byte aligned data section (per tensor: float32 scales, then CONST/TRAINABLE values) that a C runtime can use in place from flash.
 Every offset is the canonical one, so a plan has exactly one encoding and its hash (:func:`plan_hash`) is stable.
 The reader refuses anything that could make a runtime read out of bounds; it does not check kernel semantics
 (e.g. that a conv's weight shape matches its input): that is the runtime's prepare step.
@@ -15,6 +16,7 @@ import struct
 import numpy as np
 
 from device_agent.engine import ir
+from device_agent.engine.recipe import OptSlot, PlanRecipe, Recipe, RecipePlan, plan_recipe
 from device_agent.wire.envelope import (
     Builder,
     Cursor,
@@ -27,7 +29,9 @@ from device_agent.wire.envelope import (
 )
 from device_agent.wire.errors import WireError, WireFormatError
 
-PLAN = FormatId("plan", b"TFPL", 1, "recompile with `tinyfleet compile`")
+# NOTE: v2 added the RECIPE section (flag FLAG_RECIPE). A v1 blob is refused (UNSUPPORTED_VERSION) rather than read
+# as "no recipe": the plan hash covers the version, so a silently upgraded v1 plan would change identity.
+PLAN = FormatId("plan", b"TFPL", 2, "recompile with `tinyfleet compile`")
 
 MAX_TENSORS = 65535
 MAX_OPS = 65535
@@ -43,6 +47,9 @@ OP_HEAD = struct.Struct("<BBBBI")  # 8 bytes
 FLAG_PERSONAL = 1
 SCHEME_CLASSIFIER_WEIGHT = 1
 SCHEME_CLASSIFIER_BIAS = 2
+FLAG_RECIPE = 4  # header flags: a RECIPE section follows the op records
+RECIPE_HEAD = struct.Struct("<HHBBHIIII")  # accum, beta_q15, frac_bits, 0, lr_min_q15, warmup, total, opt bytes, n
+RECIPE_SLOT = struct.Struct("<Iiii")  # op index, wbuf_off, bbuf_off, frac_off
 
 ITEMSIZE = {ir.DType.INT8: 1, ir.DType.INT16: 2, ir.DType.INT32: 4}
 DATA_KINDS = (ir.Kind.CONST, ir.Kind.TRAINABLE)
@@ -96,8 +103,9 @@ def _write_body(plan: ir.Plan) -> bytes:
     nt, no = len(plan.tensors), len(plan.ops)
     ratios = sorted(plan.scheme.weight_ratio.items())
     b = Builder()
+    pr = plan_recipe(plan)
     flags = (SCHEME_CLASSIFIER_WEIGHT if plan.scheme.classifier_weight else 0) | \
-            (SCHEME_CLASSIFIER_BIAS if plan.scheme.classifier_bias else 0)
+            (SCHEME_CLASSIFIER_BIAS if plan.scheme.classifier_bias else 0) | (FLAG_RECIPE if pr is not None else 0)
     head_at = len(b.buf)
     b.pack("40x")  # header, filled in once the data section offset is known
     for conv, ratio in ratios:
@@ -122,6 +130,12 @@ def _write_body(plan: ir.Plan) -> bytes:
     b.pack(f"{TENSOR_REC.size * nt}x")
     for op in plan.ops:
         _write_op(b, op)
+    if pr is not None:
+        r = pr.recipe
+        b.pack(RECIPE_HEAD.format[1:], r.accum_steps, r.beta_q15, r.frac_bits, 0, r.lr_min_q15, r.warmup, r.total,
+               pr.optimizer_bytes, len(pr.slots))
+        for sl in pr.slots:
+            b.pack(RECIPE_SLOT.format[1:], sl.op_index, sl.wbuf_off, sl.bbuf_off, sl.frac_off)
     for s in [plan.name, plan.scheme.name] + [t.name for t in plan.tensors] + [op.name for op in plan.ops]:
         b.string(s, MAX_NAME, "name")
     data_abs = b.abs_pos
@@ -214,7 +228,7 @@ def _read_body(body: memoryview) -> ir.Plan:
             raise _fail(WireError.BAD_INDEX, f"{what} {tid} out of range [0, {nt})")
     if arena > 2**31 - 1:
         raise _fail(WireError.SIZE_OVERFLOW, f"arena_bytes {arena} above 2**31 - 1")
-    if sflags & ~(SCHEME_CLASSIFIER_WEIGHT | SCHEME_CLASSIFIER_BIAS):
+    if sflags & ~(SCHEME_CLASSIFIER_WEIGHT | SCHEME_CLASSIFIER_BIAS | FLAG_RECIPE):
         raise _fail(WireError.RESERVED_NONZERO, f"scheme flags {sflags:#x} has reserved bits set")
     c.need(8 * n_ratios, "scheme ratios")
     ratios: dict[int, float] = {}
@@ -230,6 +244,7 @@ def _read_body(body: memoryview) -> ir.Plan:
     c.need(TENSOR_REC.size * nt, "tensor table")
     recs = [c.unpack(TENSOR_REC, f"tensor {i}") for i in range(nt)]
     ops = [_read_op(c, i, nt) for i in range(no)]
+    recipe = _read_recipe(c, ops) if sflags & FLAG_RECIPE else None
     names = [c.string(MAX_NAME, "name") for _ in range(2 + nt + no)]
     if c.abs_pos != data_abs:
         raise _fail(WireError.BAD_OFFSET, f"data section at offset {data_abs}, the layout puts it at {c.abs_pos}")
@@ -239,6 +254,8 @@ def _read_body(body: memoryview) -> ir.Plan:
         op.name = names[2 + nt + i]
     scheme = ir.SparseScheme(names[1], n_bias, ratios, bool(sflags & SCHEME_CLASSIFIER_WEIGHT),
                              bool(sflags & SCHEME_CLASSIFIER_BIAS))
+    if recipe is not None:
+        return RecipePlan(tensors, ops, input_id, label_id, logits_id, arena, scheme, names[0], recipe)
     return ir.Plan(tensors, ops, input_id, label_id, logits_id, arena, scheme, names[0])
 
 
@@ -271,6 +288,38 @@ def _read_op(c: Cursor, index: int, nt: int) -> ir.Op:
     if size != c.pos - start:
         raise _fail(WireError.BAD_LENGTH, f"op {index}: record size {size}, its fields take {c.pos - start}")
     return ir.Op(typ, list(ids[:n_in]), list(ids[n_in:]), attrs)
+
+
+def _read_recipe(c: Cursor, ops: list[ir.Op]) -> PlanRecipe:
+    """The RECIPE section: options in range, one slot per CONV2D_UPDATE in op order, offsets aligned inside the
+    optimizer region (that they are the canonical layout is the runtime's prepare check, recipe.check_plan_recipe)."""
+    accum, beta, frac, reserved, lr_min, warmup, total, opt_bytes, n_slots = c.unpack(RECIPE_HEAD, "recipe")
+    if reserved:
+        raise _fail(WireError.RESERVED_NONZERO, f"recipe: reserved byte {reserved}")
+    if not (1 <= accum and beta <= 32767 and frac in (0, 8, 16) and lr_min <= 32768
+            and (total == 0 or total > warmup)):
+        raise _fail(WireError.BAD_VALUE, f"recipe: accum_steps {accum} (>= 1), beta_q15 {beta} (<= 32767), "
+                                         f"frac_bits {frac} (0/8/16), lr_min_q15 {lr_min} (<= 32768), "
+                                         f"warmup {warmup} < total {total} (or total 0)")
+    if opt_bytes > 2**31 - 1:
+        raise _fail(WireError.SIZE_OVERFLOW, f"recipe: optimizer_bytes {opt_bytes} above 2**31 - 1")
+    updates = [i for i, op in enumerate(ops) if op.type == ir.OpType.CONV2D_UPDATE]
+    r = Recipe(accum, beta / 32768, frac, warmup, total, lr_min)
+    if not r.active or n_slots != len(updates) or any(op.type == ir.OpType.EMBEDDING_UPDATE for op in ops):
+        raise _fail(WireError.BAD_VALUE, f"recipe: {n_slots} slots for {len(updates)} CONV2D_UPDATE ops, no "
+                                         f"EMBEDDING_UPDATE, options not all default expected")
+    c.need(RECIPE_SLOT.size * n_slots, "recipe slots")
+    slots = []
+    for want in updates:
+        op_index, *offs = c.unpack(RECIPE_SLOT, "recipe slot")
+        if op_index != want:
+            raise _fail(WireError.BAD_INDEX, f"recipe slot for op {op_index}, the next CONV2D_UPDATE is op {want}")
+        for off in offs:
+            if off != -1 and not (0 <= off < opt_bytes and off % 4 == 0):
+                raise _fail(WireError.BAD_OFFSET, f"recipe slot of op {want}: offset {off} outside the "
+                                                  f"{opt_bytes}-byte optimizer region or not 4-aligned")
+        slots.append(OptSlot(op_index, *offs))
+    return PlanRecipe(r, opt_bytes, tuple(slots))
 
 
 _OP_TYPES = frozenset(int(t) for t in ir.OpType)

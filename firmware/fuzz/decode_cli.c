@@ -48,7 +48,7 @@ static void plan_digest(const tf_plan *p) {
     h_u32(p->n_tensors), h_u32(p->n_ops), h_u32((uint32_t)p->input_id), h_u32((uint32_t)p->label_id);
     h_u32((uint32_t)p->logits_id), h_u32(p->arena_bytes);
     const uint32_t n_ratios = tf_ld_u32(h + 32);
-    h_u32(tf_ld_u32(h + 24)), h_u32(tf_ld_u32(h + 28)), h_u32(n_ratios);
+    h_u32(tf_ld_u32(h + 24)), h_u32(tf_ld_u32(h + 28) & 3u), h_u32(n_ratios); /* scheme flags (fuzz/digest.py) */
     for (uint32_t i = 0; i < n_ratios; i++) {
         h_u32(tf_ld_u32(h + 40 + 8 * i)), h_u32(tf_ld_u32(h + 44 + 8 * i));
     }

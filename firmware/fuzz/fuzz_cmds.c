@@ -231,7 +231,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
         fprintf(stderr, "fuzz_cmds: cannot read %s\n", TF_FUZZ_PLAN_TFV);
         exit(2);
     }
-    plan_len = tf_ld_u32(h + 28); /* TFTV v1: magic, version, steps, lr_m, lr_e, n, sample bytes, plan bytes */
+    plan_len = tf_ld_u32(h + 28); /* TFTV v2: magic, version, steps, lr_m, lr_e, n, sample bytes, plan bytes */
     plan = (uint8_t *)malloc(plan_len);
     if (!plan || fread(plan, 1, plan_len, f) != plan_len) {
         exit(2);

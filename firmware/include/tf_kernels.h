@@ -164,6 +164,25 @@ tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas,
                               const int8_t *g_y, int32_t e_y, const tf_dims *x_dims, const int8_t *x_saved,
                               const tf_filter_dims *w_dims, int8_t *w, int32_t *b);
 
+/* Optimizer state of one CONV2D_UPDATE under a training recipe (docs/engine.md "Training recipe"): pointers into
+ * the optimizer region, compact over the trained weights in C order of (c, j < k_c, kh, kw). */
+typedef struct {
+    int32_t beta_q15;  /* momentum in Q15, 0 none */
+    int32_t frac_bits; /* 0 (stochastic rounding at the boundary), 8 or 16 */
+    int32_t apply;     /* this sample ends a mini-batch: the parameters take v, then v decays */
+    int32_t add;       /* 0 when the schedule factor is 0: no update is added this sample */
+    int32_t *wbuf;     /* (trained weights,) int32 v, or NULL (B = 1 and no momentum: v is transient) */
+    int32_t *bbuf;     /* (C_out,) int32 v of the biases, or NULL */
+    void *frac;        /* (trained weights,) int8 (F = 8) / int16 (F = 16) residuals, or NULL */
+} tf_recipe_state;
+
+/* CONV2D_UPDATE under a recipe: the default update's sums, accumulated in fixed point and applied on the
+ * mini-batch boundary. p->lr_m, p->lr_e: the scheduled per-sample rate; p->step seeds the F = 0 rounding.
+ * Shapes as tf_conv2d_update_s8; w and b are written only when r->apply. No scratch. */
+tf_status tf_conv2d_update_recipe_s8(const tf_conv_update_params *p, const tf_qas *qas, const tf_recipe_state *r,
+                                     const tf_dims *gy_dims, const int8_t *g_y, int32_t e_y, const tf_dims *x_dims,
+                                     const int8_t *x_saved, const tf_filter_dims *w_dims, int8_t *w, int32_t *b);
+
 typedef struct {
     int32_t qas_m, qas_e;     /* 1 / s_table as qmath.mant_exp */
     int32_t lr_m, lr_e;

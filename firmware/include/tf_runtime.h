@@ -38,7 +38,12 @@ typedef struct {
     int32_t exp[TF_MAX_TENSORS];  /* gradient exponents of the current step */
     uint32_t op_off[TF_MAX_OPS];
     int16_t scratch[TF_MAX_OPS];  /* scratch tensor id per op, -1 none, <= -2 a free arena gap (tf_runtime.c) */
-    uint32_t step;                /* update counter (uint32, wraps), seeds the stochastic rounding */
+    uint32_t step;                /* update counter (uint32, wraps), seeds the stochastic rounding; with a recipe
+                                     it counts applied updates only */
+    uint8_t *opt;                 /* the recipe's optimizer region (plan.opt_bytes, after the trainable copies) */
+    uint32_t pending;             /* recipe: samples accumulated since the last applied update (< accum_steps) */
+    uint32_t slot_next;           /* recipe: slot of the next CONV2D_UPDATE while ops run */
+    uint32_t opt_cursor;          /* recipe: canonical layout position while the prepare checks the slots */
     int32_t n_classes;
     int8_t logits[TF_MAX_CLASSES]; /* logits of the last step (read by SOFTMAX_CE) */
     int32_t err_op, err_status;
@@ -48,14 +53,18 @@ typedef struct {
  * pool is written unless the prepare passed and copy_params is set (then the trainable copies are reset to the
  * plan's values); copy_params = 0 re-attaches a plan whose trained values are still in the pool. */
 int tf_runtime_load(tf_runtime *rt, const tf_plan *plan, uint8_t *pool, uint32_t pool_size, int copy_params);
-/* Bytes of SRAM the plan needs from the pool (arena + aligned trainable copies). */
+/* Bytes of SRAM the plan needs from the pool (arena + aligned trainable copies + the recipe's optimizer region). */
 uint32_t tf_runtime_pool_need(const tf_plan *plan);
-/* One training step on one sample (input tensor bytes), label, learning rate lr_m * 2^lr_e. */
+/* One training step on one sample (input tensor bytes), label, learning rate lr_m * 2^lr_e. With a recipe
+ * (plan.has_recipe) each sample adds with the rate / accum_steps (tf_per_sample_lr), scaled by the schedule at
+ * the current update step; the parameters change on every accum_steps-th sample only. */
 int tf_runtime_step(tf_runtime *rt, const uint8_t *sample, int32_t label, int32_t lr_m, int32_t lr_e,
                     tf_step_result *res);
 /* SHA-256 over the trainable tensors in id order, little-endian bytes (= Trainer.state_hash). */
 void tf_runtime_state_hash(const tf_runtime *rt, uint8_t out[32]);
-/* Re-copy every trainable tensor from the plan blob (the plan's initial model). */
+/* Re-copy every trainable tensor from the plan blob (the plan's initial model); resets the optimizer state. */
 void tf_runtime_reset_params(tf_runtime *rt);
+/* Zero the recipe's optimizer region and the pending sample count (a new model version arrived). */
+void tf_runtime_reset_optimizer(tf_runtime *rt);
 
 #endif /* TF_RUNTIME_H */

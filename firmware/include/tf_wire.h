@@ -1,4 +1,4 @@
-/* Readers of the downlink formats (docs/formats.md): envelope, plan blob (TFPL v1), model update (TFUP v1), and
+/* Readers of the downlink formats (docs/formats.md): envelope, plan blob (TFPL v2), model update (TFUP v1), and
  * the delta records section writer. The C twin of device_agent/wire; every reader returns a WireError number
  * (device_agent/wire/errors.py), 0 = OK, and never reads outside the bytes it was given. A board verifies
  * Ed25519 (the fleet public key, tf_ed25519.h) or HMAC-SHA256, or runs "unsigned only" (tests, emulated fleets). */
@@ -67,7 +67,16 @@ typedef struct {
     uint32_t tensors_off; /* absolute offset of the tensor table */
     uint32_t ops_off;     /* absolute offset of the first op record */
     uint32_t strings_off; /* absolute offset of the strings section */
+    /* the optional RECIPE section (plan v2, docs/engine.md "Training recipe"); has_recipe = 0: the default step */
+    uint32_t has_recipe;
+    uint32_t accum_steps, beta_q15, frac_bits, lr_min_q15, warmup, total;
+    uint32_t opt_bytes; /* size of the SRAM optimizer region */
+    uint32_t n_slots;   /* one per CONV2D_UPDATE, in op order */
+    uint32_t slots_off; /* absolute offset of slot 0: u32 op_index | i32 wbuf_off | i32 bbuf_off | i32 frac_off */
 } tf_plan;
+
+#define TF_PLAN_VERSION 2
+#define TF_PLAN_FLAG_RECIPE 4u
 
 /* The strict reader: envelope + body (every check of wire/plan.py, same order, same codes). */
 int tf_plan_read(const uint8_t *blob, uint32_t n, const tf_verify *v, tf_plan *out);

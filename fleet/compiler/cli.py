@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import pickle
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.engine import ir
+from device_agent.engine.recipe import Recipe, plan_recipe
 from fleet.config import BoardConfig, ConfigError, load, parse_size
 
 from .compile import BudgetError, check_budget, compile_full
@@ -45,6 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="write the plan blob (.ttp) here")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("training recipe (docs/engine.md; the plan carries it, its state counts in SRAM)")
+    g.add_argument("--accum-steps", type=int, default=1, help="samples per applied update at batch 1 (1..65535)")
+    g.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum in [0, 1), Q15 on the device")
+    g.add_argument("--residual-bits", type=int, default=0,
+                   help="sub-LSB weight residual bits: 0 (stochastic rounding), 8 or 16")
+    g.add_argument("--warmup", type=int, default=0, help="update steps of linear lr warm-up")
+    g.add_argument("--total-steps", type=int, default=0,
+                   help="update steps at which the cosine schedule ends (0: constant lr after warm-up)")
+    g.add_argument("--lr-floor", type=float, default=0.0, help="cosine floor as a fraction of the peak lr, [0, 1]")
 
 
 class UsageError(ValueError):
@@ -169,13 +180,13 @@ def load_graph(args: argparse.Namespace) -> ir.Graph:
     return graph
 
 
-def _auto_named(graph: ir.Graph, budget: int) -> tuple[ir.SparseScheme, object]:
+def _auto_named(graph: ir.Graph, budget: int, recipe: Recipe | None = None) -> tuple[ir.SparseScheme, object]:
     """Without proxy data: the named scheme with the most trainable bytes that fits (cheapest: 'last')."""
     cands = [named_scheme(graph, v) for v in VARIANTS] + list(all_schemes().get(graph.name, {}).values())
     compiled = []
     for s in cands:
         try:
-            compiled.append((s, compile_full(graph, s, serialize=False)))
+            compiled.append((s, compile_full(graph, s, serialize=False, recipe=recipe)))
         except SchemeError:
             continue
     fits = [(s, c) for s, c in compiled if c.report.peak_sram_bytes <= budget]
@@ -214,22 +225,55 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+_RECIPE_OPTS = {"accum_steps": "--accum-steps", "momentum": "--momentum", "frac_bits": "--residual-bits",
+                "warmup": "--warmup", "warmup/total": "--warmup/--total-steps", "lr_min_q15": "--lr-floor"}
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe | None:
+    """The recipe the options ask for (None: the default step); errors name the options."""
+    floor = args.lr_floor
+    if not (math.isfinite(floor) and 0.0 <= floor <= 1.0):
+        raise UsageError(f"--lr-floor: must be a fraction in [0, 1], got {floor}")
+    if not math.isfinite(args.momentum):
+        raise UsageError(f"--momentum: must be in [0, 1), got {args.momentum}")
+    try:
+        r = Recipe(accum_steps=args.accum_steps, momentum=args.momentum, frac_bits=args.residual_bits,
+                   warmup=args.warmup, total=args.total_steps, lr_min_q15=round(floor * 32768))
+    except ValueError as e:
+        msgs = str(e).split("; ")
+        for field, opt in sorted(_RECIPE_OPTS.items(), key=lambda kv: -len(kv[0])):
+            msgs = [m.replace(f"{field}:", f"{opt}:", 1) if m.startswith(f"{field}:") else m for m in msgs]
+        raise UsageError("; ".join(msgs)) from None
+    return r if r.active else None
+
+
+def _recipe_json(plan: ir.Plan) -> dict | None:
+    pr = plan_recipe(plan)
+    if pr is None:
+        return None
+    r = pr.recipe
+    return {"accum_steps": r.accum_steps, "momentum": r.momentum, "beta_q15": r.beta_q15,
+            "residual_bits": r.frac_bits, "warmup": r.warmup, "total_steps": r.total, "lr_min_q15": r.lr_min_q15,
+            "optimizer_bytes": pr.optimizer_bytes}
+
+
 def _run(args: argparse.Namespace) -> int:
     board = load(BoardConfig, args.board)
     try:
         budget = parse_size(args.budget) if args.budget else board.training_budget
     except ValueError as e:
         raise UsageError(f"--budget: {e}") from None
+    recipe = recipe_from_args(args)
     graph = load_graph(args)
     if args.scheme == "auto" and args.proxy:
         px, py = _load_array(args.proxy, "x", "--proxy"), _load_array(args.proxy, "y", "--proxy")
         _check_proxy(graph, px, py)
         scheme = search_scheme(graph, budget, px, py, seed=args.seed).scheme
     elif args.scheme == "auto":
-        scheme = _auto_named(graph, budget)[0]
+        scheme = _auto_named(graph, budget, recipe)[0]
     else:
         scheme = named_scheme(graph, args.scheme)
-    c = compile_full(graph, scheme, fuse=not args.no_fuse)
+    c = compile_full(graph, scheme, fuse=not args.no_fuse, recipe=recipe)
     check_budget(c.report, budget, scheme.name)
     digest = ""
     if c.blob is not None:
@@ -245,13 +289,14 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"-o {args.output}: cannot write ({e.strerror or e})") from None
     out = {"model": graph.name, "board": board.name, "budget_bytes": budget, "scheme": scheme.name,
            "n_bias_update": scheme.n_bias_update, "weight_ratio": {str(k): v for k, v in scheme.weight_ratio.items()},
-           "plan_hash": digest, "output": args.output, **c.report.as_dict()}
+           "plan_hash": digest, "output": args.output, "recipe": _recipe_json(c.plan), **c.report.as_dict()}
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:
         r = c.report
         print(f"{graph.name} / {scheme.name}: peak SRAM {r.peak_sram_bytes / 1000:.1f} KB (arena "
-              f"{r.arena_bytes / 1000:.1f} + trainable {r.trainable_bytes / 1000:.1f} + runtime "
+              f"{r.arena_bytes / 1000:.1f} + trainable {r.trainable_bytes / 1000:.1f} + optimizer "
+              f"{r.optimizer_bytes / 1000:.1f} + runtime "
               f"{r.runtime_bytes / 1000:.1f}) of {budget / 1000:.1f} KB; flash {r.flash_bytes / 1000:.1f} KB; "
               f"{r.num_ops} ops" + (f"; wrote {args.output}" if args.output else ""))
     return 0

@@ -46,11 +46,11 @@ def compile_full(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True, se
                  runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES, recipe: Recipe | None = None,
                  range_ste: bool = False) -> Compiled:
     """Build, plan, check and (optionally) serialize; no budget check. See :func:`compile_plan`."""
-    plan = build_training_plan(graph, scheme, fuse=fuse, range_ste=range_ste)
+    plan = build_training_plan(graph, scheme, fuse=fuse, range_ste=range_ste, recipe=recipe)
     layout = plan_arena(plan)
     check_layout(plan, layout)
     blob = _serialize(plan) if serialize else None
-    report = memory_report(plan, layout, len(blob) if blob is not None else None, runtime_bytes, recipe)
+    report = memory_report(plan, layout, len(blob) if blob is not None else None, runtime_bytes)
     return Compiled(plan, layout, report, blob)
 
 
@@ -75,8 +75,8 @@ def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = 
     runtime_bytes : int
         Runtime statics/stack allowance added to the peak.
     recipe : Recipe, optional
-        Training recipe; its optimizer state counts in ``optimizer_bytes`` and ``peak_sram_bytes``. The plan
-        format does not carry it yet (docs/engine.md, "Training recipe"): host trainers take it as an option.
+        Training recipe, carried by the plan (plan v2 RECIPE section; ``recipe.RecipePlan``) so host trainers
+        and boards run it alike; its optimizer region counts in ``optimizer_bytes`` and ``peak_sram_bytes``.
     range_ste : bool
         No saturation masks on linear int8-range clamps (``training.build_training_plan``); opt-in.
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from device_agent.engine import ir
-from device_agent.engine.recipe import Recipe
+from device_agent.engine.recipe import Recipe, layout_optimizer, plan_recipe
 
 from .planner import Layout
 
@@ -80,8 +80,10 @@ def trained_elements(plan: ir.Plan) -> tuple[int, int]:
     return nw, nb
 
 
-def optimizer_bytes(plan: ir.Plan, recipe: Recipe | None) -> int:
-    """SRAM bytes of the training recipe's state for ``plan`` (0 without a recipe).
+def optimizer_bytes(plan: ir.Plan, recipe: Recipe | None = None) -> int:
+    """SRAM bytes of the training recipe's state for ``plan``: the optimizer region the plan's RECIPE section
+    lays out (``recipe.layout_optimizer``: ``Recipe.state_bytes`` of the trained elements, each buffer padded to
+    4 bytes). ``recipe`` None: the recipe the plan carries, else 0.
 
     Examples
     --------
@@ -89,8 +91,9 @@ def optimizer_bytes(plan: ir.Plan, recipe: Recipe | None) -> int:
     and 8-bit residuals: ``(4 + 1) * 40 + 4 * 10 = 240`` bytes.
     """
     if recipe is None:
-        return 0
-    return recipe.state_bytes(*trained_elements(plan))
+        carried = plan_recipe(plan)
+        return 0 if carried is None else carried.optimizer_bytes
+    return layout_optimizer(plan, recipe).optimizer_bytes
 
 
 def update_attr_bytes(plan: ir.Plan) -> int:
@@ -128,7 +131,8 @@ def memory_report(plan: ir.Plan, layout: Layout, blob_bytes: int | None = None,
     runtime_bytes : int
         Statics/stack allowance added to ``peak_sram_bytes``.
     recipe : Recipe, optional
-        The training recipe whose optimizer state (:func:`optimizer_bytes`) is added to ``peak_sram_bytes``.
+        The training recipe whose optimizer state (:func:`optimizer_bytes`) is added to ``peak_sram_bytes``;
+        default the one the plan carries (none: 0).
 
     Examples
     --------

@@ -13,6 +13,7 @@ import math
 
 from device_agent.engine import attrs as A
 from device_agent.engine import ir
+from device_agent.engine.recipe import Recipe, with_recipe
 
 from .graph_builder import backbone_convs
 from .quantize import classifier_op
@@ -154,7 +155,7 @@ def _geom(op: ir.Op) -> dict[str, int]:
 
 
 def build_training_plan(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True,
-                        name: str | None = None, range_ste: bool = False) -> ir.Plan:
+                        name: str | None = None, range_ste: bool = False, recipe: Recipe | None = None) -> ir.Plan:
     """Compile the training step of ``scheme`` on ``graph`` into an ordered plan (offsets not yet planned).
 
     Parameters
@@ -172,6 +173,10 @@ def build_training_plan(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = T
         output zero point: no ReLU - projections, residual adds, the logits) get no saturation mask, so their
         gradient passes the clamp straight through as in the float model. Default False keeps the masks (the
         exact derivative of the int8 forward); a saturated logit or projection then never gets a gradient again.
+    recipe : Recipe, optional
+        Training recipe the plan carries (docs/engine.md "Training recipe"): the result is a
+        ``recipe.RecipePlan`` with the optimizer region laid out (``recipe.layout_optimizer``), which the
+        Trainer and the firmware both train with. None or an inactive recipe: a plain plan.
 
     Returns
     -------
@@ -276,7 +281,7 @@ def build_training_plan(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = T
                    name=name or f"{graph.name}/{scheme.name}")
     prune_dead(plan)
     mask_in_place(plan)
-    return compact(plan)
+    return with_recipe(compact(plan), recipe)
 
 
 _SIDE_EFFECTS = frozenset({ir.OpType.CONV2D_UPDATE, ir.OpType.EMBEDDING_UPDATE})

@@ -45,12 +45,14 @@ class PlanVector:
     state: bytes
     logits: bytes
     correct: list[int]
+    optimizer: bytes = b""  # the recipe's optimizer region after the steps (b"" without a recipe)
+    pending: int = 0
 
     @classmethod
     def read(cls, path: Path) -> PlanVector:
         b = path.read_bytes()
         magic, ver, steps, lr_m, lr_e, n, sb, plen = struct.unpack_from("<4sIIiiIII", b, 0)
-        assert magic == b"TFTV" and ver == 1, f"{path}: not a TFTV v1 file"
+        assert magic == b"TFTV" and ver == 2, f"{path}: not a TFTV v2 file"
         pos = 32
         plan = b[pos:pos + plen]
         pos += _pad4(plen)
@@ -65,5 +67,10 @@ class PlanVector:
         (k,) = struct.unpack_from("<I", b, pos)
         logits = b[pos + 4: pos + 4 + k]
         pos += 4 + _pad4(k)
-        return cls(steps, lr_m, lr_e, plan, samples, [int(v) for v in labels], h, state, logits,
-                   list(b[pos:pos + steps]))
+        correct = list(b[pos:pos + steps])
+        pos += _pad4(steps)
+        (olen,) = struct.unpack_from("<I", b, pos)
+        opt = b[pos + 4:pos + 4 + olen]
+        (pending,) = struct.unpack_from("<I", b, pos + 4 + _pad4(olen))
+        return cls(steps, lr_m, lr_e, plan, samples, [int(v) for v in labels], h, state, logits, correct, opt,
+                   pending)

@@ -3,14 +3,21 @@
 One ``.tfv`` file per plan (a test-only container, read by firmware/tests/test_plans_host.c and by
 tests/firmware/test_plan_boards.py)::
 
-    "TFTV" u32 version=1 | u32 steps | i32 lr_m | i32 lr_e | u32 n_samples | u32 sample_bytes
+    "TFTV" u32 version=2 | u32 steps | i32 lr_m | i32 lr_e | u32 n_samples | u32 sample_bytes
     u32 plan_len | plan blob, pad4 | samples (n_samples x sample_bytes), pad4 | i32 labels[n_samples]
     u8[32] state sha256 (Trainer.state_hash) | u32 state_len | trainable tensors in id order (LE), pad4
     u32 n_classes | i8 logits of the last step's forward pass, pad4 | u8 correct per step, pad4
+    u32 opt_len | the recipe's optimizer region (recipe.optimizer_region), pad4 | u32 samples pending
 
 Step ``s`` trains on sample ``s % n_samples`` (N = 1, the device's step). Plans: ``tiny`` (examples.tiny_plan),
 ``text`` (examples.tiny_text_plan: EMBEDDING), ``imu`` (fleet.compiler.models.ImuCNN compiled with a sparse
-scheme), ``mbv2`` (MbV2-w0.35 at 128x128, paper rung 99kb; skipped when ../shared/models is absent).
+scheme), ``mbv2`` (MbV2-w0.35 at 128x128, paper rung 99kb; skipped when ../shared/models is absent), and plans
+carrying a training recipe (plan v2 RECIPE section; ``lr_m, lr_e`` stay ``mant_exp(lr)``: the device divides by
+``accum_steps`` itself, ``recipe.per_sample_lr``): ``tiny_recipe8`` (B = 3, momentum 0.9, 8-bit residuals, warm-up 1 + cosine to 4 updates with a
+floor), ``imu_recipe16`` (B = 2, momentum 0.5, 16-bit residuals, warm-up 2 + cosine to 5), ``tiny_recipe_sr``
+(B = 2, no momentum, stochastic rounding at the boundary, cosine to 0 at 3 updates: the last samples add nothing),
+``imu_recipe_b1`` (B = 1, no momentum: transient v, 8-bit residuals, warm-up 3 + cosine to 12 over 12 updates),
+``tiny_recipe_mom_sr`` (B = 1, momentum 0.8, stochastic rounding, no schedule).
 
     python tests/firmware/gen_plan_vectors.py [--out DIR] [--plans tiny,text,imu] [--mbv2]
 """
@@ -28,14 +35,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from device_agent.engine import ir
-from device_agent.engine.qmath import mant_exp
+from device_agent.engine.recipe import Recipe, optimizer_region, with_recipe
 from device_agent.engine.trainer import Trainer
+from device_agent.engine.update import lr_mant_exp
 from device_agent.wire.plan import plan_to_bytes
 from fleet.compiler.mit_import import default_models_dir
 
 OUT = ROOT / "firmware" / "tests" / "vectors" / "plans"
 MODELS = default_models_dir()
-SMALL = ("tiny", "text", "imu")
+SMALL = ("tiny", "text", "imu", "tiny_recipe8", "imu_recipe16", "tiny_recipe_sr", "imu_recipe_b1", "tiny_recipe_mom_sr")
 
 
 def _pad4(b: bytes) -> bytes:
@@ -63,16 +71,18 @@ def run_reference(plan: ir.Plan, x: np.ndarray, y: np.ndarray, steps: int, lr: f
 def write_vector(path: Path, plan: ir.Plan, x: np.ndarray, y: np.ndarray, steps: int, lr: float) -> dict:
     blob = plan_to_bytes(plan)
     tr, logits, correct = run_reference(plan, x, y, steps, lr)
-    lr_m, lr_e = mant_exp(lr)
+    lr_m, lr_e = lr_mant_exp(lr)  # NOTE: with a recipe too: the device divides by accum_steps itself
     tin = plan.tensors[plan.input_id]
     dt = "<i4" if tin.dtype == ir.DType.INT32 else "<i1"
     samples = np.ascontiguousarray(x.astype(dt)).tobytes()
     sb = len(samples) // len(x)
     st = state_bytes(tr)
-    out = struct.pack("<4sIIiiII", b"TFTV", 1, steps, lr_m, lr_e, len(x), sb) + struct.pack("<I", len(blob))
+    out = struct.pack("<4sIIiiII", b"TFTV", 2, steps, lr_m, lr_e, len(x), sb) + struct.pack("<I", len(blob))
     out += _pad4(blob) + _pad4(samples) + np.asarray(y, "<i4").tobytes()
     out += bytes.fromhex(tr.state_hash()) + struct.pack("<I", len(st)) + _pad4(st)
     out += struct.pack("<I", logits.size) + _pad4(logits.tobytes()) + _pad4(bytes(correct))
+    region = optimizer_region(plan, tr.opt_state)
+    out += struct.pack("<I", len(region)) + _pad4(region) + struct.pack("<I", tr.pending)
     path.write_bytes(out)
     return {"file": path.name, "plan_bytes": len(blob), "arena": plan.arena_bytes, "state_hash": tr.state_hash()}
 
@@ -109,6 +119,22 @@ def build(name: str):
         x = rng.integers(-60, 60, (5, *tin.shape)).astype(np.int8)
         y = rng.integers(0, 7, 5).astype(np.int32)
         return plan, x, y, 6, 0.05
+    if name == "tiny_recipe8":
+        plan, x, y, _, _ = build("tiny")
+        r = Recipe(accum_steps=3, momentum=0.9, frac_bits=8, warmup=1, total=4, lr_min_q15=2000)
+        return with_recipe(plan, r), x, y, 11, 0.3
+    if name == "imu_recipe16":
+        plan, x, y, _, _ = build("imu")
+        return with_recipe(plan, Recipe(accum_steps=2, momentum=0.5, frac_bits=16, warmup=2, total=5)), x, y, 9, 0.1
+    if name == "tiny_recipe_sr":
+        plan, x, y, _, _ = build("tiny")
+        return with_recipe(plan, Recipe(accum_steps=2, frac_bits=0, total=3)), x, y, 9, 0.3
+    if name == "imu_recipe_b1":
+        plan, x, y, _, _ = build("imu")
+        return with_recipe(plan, Recipe(frac_bits=8, warmup=3, total=12, lr_min_q15=500)), x, y, 12, 0.1
+    if name == "tiny_recipe_mom_sr":
+        plan, x, y, _, _ = build("tiny")
+        return with_recipe(plan, Recipe(momentum=0.8)), x, y, 8, 0.1
     if name == "mbv2":
         return build_mit("mbv2-w0.35", "99kb", steps=2)
     raise ValueError(f"unknown vector {name!r}, expected one of {SMALL + ('mbv2',)}")

@@ -123,3 +123,29 @@ def test_bad_plan_refused_last_good_plan_kept(board_elfs) -> None:
     assert f.code == frames.Status.ERR_STATE
     assert again["steps_done"] == 1 and again["update_counter"] == before["update_counter"] + 1
     assert info["frames_bad"] == 0
+
+
+def test_recipe_plan_with_a_foreign_optimizer_layout_is_refused(board_elfs) -> None:
+    # Prepare: a recipe plan whose first slot's two buffers swap places (aligned, inside the region: the reader
+    # takes it; the layout is not the canonical one, so the runtime's prepare must refuse it)
+    import struct
+
+    from tests.vectors.generate import plan_offsets, reseal
+
+    v = PlanVector.read(PLAN_VECTORS / "tiny_recipe8.tfv")
+    plan = plan_from_bytes(v.plan, verify=Verifier.unsigned())
+    slot = plan.recipe.slots[0]
+    at = plan_offsets(v.plan)["recipe"] + 24
+    bad = bytearray(v.plan)
+    struct.pack_into("<ii", bad, at + 4, slot.bbuf_off, slot.wbuf_off)
+    bad = reseal(bytes(bad))
+    plan_from_bytes(bad, verify=Verifier.unsigned())  # the reader accepts it
+    with QemuBoard("mps2-an386", elf=board_elfs["mps2-an386"]) as board, BoardClient(board.endpoint) as c:
+        # Execute
+        with pytest.raises(BoardError) as e:
+            c.load_plan(bad)
+        tr = _train(c, v)  # the good one still loads and trains
+        st = c.state()
+    # Assert: ERR_FORMAT with the prepare error TF_RT_BAD_OP (256 + 3)
+    assert e.value.status == frames.Status.ERR_FORMAT and "259" in str(e.value)
+    assert tr["steps_done"] == v.steps and st["state_hash"] == v.state_hash

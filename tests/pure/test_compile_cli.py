@@ -49,3 +49,40 @@ def test_impossible_budget_names_the_minimum(capsys, monkeypatch):
 def test_bad_model_spec_is_a_usage_error(capsys):
     assert main(["compile", "nonsense", "--board", BOARD]) == 2
     assert "MODEL must be" in capsys.readouterr().err
+
+
+def test_compile_with_a_recipe_reports_and_carries_it(tmp_path, capsys, monkeypatch):
+    # Prepare
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    out = tmp_path / "plan.ttp"
+    opts = ["--accum-steps", "4", "--momentum", "0.9", "--residual-bits", "8", "--warmup", "2", "--total-steps",
+            "20", "--lr-floor", "0.1"]
+    # Execute
+    assert main(["compile", *MODEL, "--scheme", "last", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["compile", *MODEL, "--scheme", "last", "-o", str(out), "--json", *opts]) == 0
+    r = json.loads(capsys.readouterr().out)
+    from device_agent.engine.recipe import plan_recipe
+    from device_agent.wire.envelope import Verifier
+    from device_agent.wire.plan import plan_from_bytes
+    from fleet.compiler.memory import trained_elements
+    plan = plan_from_bytes(out.read_bytes(), verify=Verifier.unsigned())
+    # Assert: the recipe is in the JSON and in the blob, its bytes counted in the peak
+    nw, nb = trained_elements(plan)
+    assert plain["recipe"] is None and plain["optimizer_bytes"] == 0
+    assert r["recipe"] == {"accum_steps": 4, "momentum": 29491 / 32768, "beta_q15": 29491, "residual_bits": 8,
+                           "warmup": 2, "total_steps": 20, "lr_min_q15": 3277,
+                           "optimizer_bytes": r["optimizer_bytes"]}
+    assert r["optimizer_bytes"] >= 5 * nw + 4 * nb and r["optimizer_bytes"] - (5 * nw + 4 * nb) < 4 * len(plan.ops)
+    assert r["peak_sram_bytes"] == plain["peak_sram_bytes"] + r["optimizer_bytes"]
+    pr = plan_recipe(plan)
+    assert pr is not None and pr.recipe.accum_steps == 4 and pr.optimizer_bytes == r["optimizer_bytes"]
+
+
+def test_bad_recipe_options_name_the_option(capsys, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    for opts, want in ((["--accum-steps", "0"], "--accum-steps:"), (["--residual-bits", "4"], "--residual-bits:"),
+                       (["--momentum", "1.0"], "--momentum:"), (["--lr-floor", "2"], "--lr-floor:"),
+                       (["--warmup", "10", "--total-steps", "5"], "--warmup/--total-steps:")):
+        assert main(["compile", *MODEL, "--scheme", "last", *opts]) == 2, opts
+        assert want in capsys.readouterr().err, opts

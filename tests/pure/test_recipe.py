@@ -156,3 +156,55 @@ def test_memory_report_counts_optimizer_state(plan):
     assert trained_elements(p) == (nw, nb)
     assert optimizer_bytes(p, r) == rep.optimizer_bytes == 6 * nw + 4 * nb
     assert rep.peak_sram_bytes - base.peak_sram_bytes == rep.optimizer_bytes and base.optimizer_bytes == 0
+
+
+def test_plan_carried_recipe_trains_like_the_explicit_one(plan):
+    # Prepare
+    import copy
+
+    from device_agent.engine.recipe import check_plan_recipe, plan_recipe, with_recipe
+    from device_agent.wire.envelope import Verifier
+    from device_agent.wire.plan import plan_from_bytes, plan_to_bytes
+    from fleet.compiler.planner import plan_arena
+
+    p = copy.deepcopy(plan)
+    plan_arena(p)
+    r = Recipe(accum_steps=3, momentum=0.9, frac_bits=16, warmup=2, total=6, lr_min_q15=1000)
+    carried = plan_from_bytes(plan_to_bytes(with_recipe(p, r)), verify=Verifier.unsigned())
+    x, y = tiny_dataset(8, seed=4)
+    # Execute: 7 samples at batch 1 (two applied updates, one pending) with either form
+    a, b = Trainer(carried), Trainer(p, recipe=r)
+    for i in range(7):
+        a.train_step(x[i:i + 1], y[i:i + 1], 0.05)
+        b.train_step(x[i:i + 1], y[i:i + 1], 0.05)
+    # Assert
+    assert a.state_hash() == b.state_hash() and a.step == b.step == 2 and a.pending == 1
+    assert Trainer(carried, recipe=r.normalized()).recipe == plan_recipe(carried).recipe
+    with pytest.raises(ValueError, match="conflicts"):
+        Trainer(carried, recipe=Recipe(accum_steps=2))
+    assert with_recipe(p, Recipe()) is p  # an inactive recipe is the default step: no section
+    bad = copy.deepcopy(carried)
+    object.__setattr__(bad.recipe.slots[0], "wbuf_off", 4)
+    with pytest.raises(ValueError, match="canonical"):
+        check_plan_recipe(bad)
+
+
+def test_firmware_cos_table_is_the_reference_one():
+    # the C table is copied verbatim (docs/engine.md): parse firmware/src/runtime/tf_recipe.c
+    import re
+    from pathlib import Path
+
+    from device_agent.engine.recipe import COS_Q15
+
+    src = (Path(__file__).resolve().parents[2] / "firmware" / "src" / "runtime" / "tf_recipe.c").read_text()
+    body = re.search(r"tf_cos_q15\[65\] = \{([^}]*)\}", src)
+    assert body is not None
+    assert tuple(int(v) for v in body.group(1).replace("\n", " ").split(",") if v.strip()) == COS_Q15
+
+
+def test_recipe_refuses_embedding_plans():
+    from device_agent.engine.recipe import with_recipe
+    from tests.fixtures.tiny import tiny_text_plan
+
+    with pytest.raises(ValueError, match="EMBEDDING_UPDATE"):
+        with_recipe(tiny_text_plan(seed=1), Recipe(accum_steps=2))

@@ -113,8 +113,8 @@ def test_signature_is_checked_before_the_body():
 
 
 def test_version_message_says_what_to_do():
-    blob = gen.patch(plan_to_bytes(gen.golden_plan()), 4, "H", 2)
-    with pytest.raises(WireFormatError, match=r"plan v1 expected, got v2: recompile with `tinyfleet compile`"):
+    blob = gen.patch(plan_to_bytes(gen.golden_plan()), 4, "H", 3)
+    with pytest.raises(WireFormatError, match=r"plan v2 expected, got v3: recompile with `tinyfleet compile`"):
         plan_from_bytes(blob, verify=Verifier.unsigned())
 
 
@@ -138,3 +138,24 @@ def test_writer_refuses_what_the_reader_would(mutate, match):
     mutate(plan)
     with pytest.raises(ValueError, match=match):
         plan_to_bytes(plan)
+
+
+def test_recipe_plan_round_trips_and_v1_is_refused():
+    # Prepare: the golden plan with a recipe (plan v2 RECIPE section)
+    from device_agent.engine.recipe import RecipePlan, plan_recipe
+
+    rp = gen.golden_recipe_plan()
+    # Execute
+    blob = plan_to_bytes(rp)
+    back = plan_from_bytes(blob, verify=Verifier.unsigned())
+    plain = plan_from_bytes(plan_to_bytes(gen.golden_plan()), verify=Verifier.unsigned())
+    v1 = gen.patch(blob, 4, "H", 1)
+    # Assert: same recipe and slots, byte-identical re-encoding; no section -> a plain ir.Plan; v1 refused
+    assert isinstance(back, RecipePlan) and back.recipe == rp.recipe and plan_to_bytes(back) == blob
+    assert [(s.op_index, s.wbuf_off, s.bbuf_off, s.frac_off) for s in back.recipe.slots] == \
+        [(4, -1, 0, -1), (8, 16, 40, 52)] and back.recipe.optimizer_bytes == 64
+    assert type(plain) is ir.Plan and plan_recipe(plain) is None
+    assert plan_hash(blob) != plan_hash(gen.golden_plan())
+    with pytest.raises(WireFormatError, match=r"plan v2 expected, got v1: recompile") as e:
+        plan_from_bytes(v1, verify=Verifier.unsigned())
+    assert e.value.code == WireError.UNSUPPORTED_VERSION

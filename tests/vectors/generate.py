@@ -21,6 +21,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agent.engine import ir
+from device_agent.engine.recipe import Recipe, with_recipe
 from device_agent.wire import (
     Signer,
     Verifier,
@@ -156,7 +157,19 @@ def plan_offsets(blob: bytes) -> dict[str, int]:
     op_at = [ops]
     for _ in range(no):
         op_at.append(op_at[-1] + struct.unpack_from("<I", blob, op_at[-1] + 4)[0])
-    return {"ratios": 56, "tensors": tensors, "ops": ops, "op1": op_at[1], "strings": op_at[-1], "data": data_abs}
+    flags = struct.unpack_from("<I", blob, 16 + 28)[0]
+    n_slots = struct.unpack_from("<I", blob, op_at[-1] + 20)[0] if flags & 4 else 0
+    strings = op_at[-1] + (24 + 16 * n_slots if flags & 4 else 0)
+    return {"ratios": 56, "tensors": tensors, "ops": ops, "op1": op_at[1], "recipe": op_at[-1], "strings": strings,
+            "data": data_abs}
+
+
+def golden_recipe_plan() -> ir.Plan:
+    """The golden plan carrying a recipe (plan v2 RECIPE section): B = 2, momentum 0.5, 16-bit residuals,
+    warm-up 1 of 4 steps, floor 1000/32768. Slots: fc.update (bias only) bbuf 0; conv.update wbuf 16, bbuf 40,
+    frac 52; 64 bytes."""
+    return with_recipe(golden_plan(), Recipe(accum_steps=2, momentum=0.5, frac_bits=16, warmup=1, total=4,
+                                             lr_min_q15=1000))
 
 
 # ------------------------------------------------------------------------------------------------ vectors
@@ -196,7 +209,9 @@ def build() -> list[tuple[str, str, str, str, bytes]]:
 
     # envelope (signed plan, Ed25519 reader)
     bad("env_magic.ttp", "plan", "ed25519", E.BAD_MAGIC, b"TFXX" + p_ed[4:])
-    bad("env_version.ttp", "plan", "ed25519", E.UNSUPPORTED_VERSION, patch(p_ed, 4, "H", 2, crc=False))
+    bad("env_version.ttp", "plan", "ed25519", E.UNSUPPORTED_VERSION, patch(p_ed, 4, "H", 3, crc=False))
+    # a v1 plan (before the RECIPE section) is refused, not read as "no recipe" (wire/plan.py PLAN)
+    bad("env_version_1.ttp", "plan", "unsigned", E.UNSUPPORTED_VERSION, patch(p0, 4, "H", 1))
     bad("env_short_header.ttp", "plan", "ed25519", E.TRUNCATED, p_ed[:10])
     bad("env_truncated.ttp", "plan", "ed25519", E.TRUNCATED, p_ed[:-1])
     bad("env_trailing.ttp", "plan", "ed25519", E.TRAILING_BYTES, p_ed + b"\0")
@@ -223,7 +238,7 @@ def build() -> list[tuple[str, str, str, str, bytes]]:
     v.append(("plan_no_label.ttp", "plan", "unsigned", "ok", patch(p0, 28, "i", -1)))
     bad("plan_logits_id.ttp", "plan", "unsigned", E.BAD_INDEX, patch(p0, 32, "i", -1))
     bad("plan_arena_huge.ttp", "plan", "unsigned", E.SIZE_OVERFLOW, patch(p0, 36, "I", 2**31))
-    bad("plan_scheme_flags.ttp", "plan", "unsigned", E.RESERVED_NONZERO, patch(p0, 44, "I", 4))
+    bad("plan_scheme_flags.ttp", "plan", "unsigned", E.RESERVED_NONZERO, patch(p0, 44, "I", 8))
     bad("plan_data_offset.ttp", "plan", "unsigned", E.BAD_OFFSET, patch(p0, 52, "I", o["data"] + 4))
     bad("plan_ratio.ttp", "plan", "unsigned", E.BAD_VALUE, patch(p0, o["ratios"] + 4, "I", 9))
     bad("plan_kind.ttp", "plan", "unsigned", E.BAD_ENUM, patch(p0, tr(4, 0), "B", 99))
@@ -260,6 +275,7 @@ def build() -> list[tuple[str, str, str, str, bytes]]:
     bad("plan_name_padding.ttp", "plan", "unsigned", E.RESERVED_NONZERO, patch(p0, o["strings"] + 4 + 11, "B", 1))
     w_end = struct.unpack_from("<I", p0, tr(2, 36))[0] + 6  # conv.w: 6 int8 values, then 2 padding bytes
     bad("plan_data_padding.ttp", "plan", "unsigned", E.RESERVED_NONZERO, patch(p0, w_end, "B", 1))
+    recipe_vectors(v, ed)
     # v1 model update (frozen layout, read for v1 firmware; signed; re-signed after the edit so the body check is what fails)
     bad1("update_versions.tfu", "update", "ed25519", E.BAD_VALUE, patch(u_ed, 20, "I", 0, signer=ed))
     bad1("update_count.tfu", "update", "ed25519", E.SIZE_OVERFLOW, patch(u_ed, 60 + 8, "I", 0, signer=ed))
@@ -292,6 +308,33 @@ def build() -> list[tuple[str, str, str, str, bytes]]:
         _delta_raw(phash, [(3, 1, 1, 3, None, [1, 2, 3])], pad=b"\x01"))
     v2_vectors(v, plan, state, phash, ed, hm)
     return v
+
+
+def recipe_vectors(v: list, ed: Signer) -> None:
+    """The golden recipe plan (unsigned, Ed25519) and one malformed RECIPE section per reader check."""
+    E = WireError
+    r0 = plan_to_bytes(golden_recipe_plan())
+    v.append(("plan_recipe.ttp", "plan", "unsigned", "ok", r0))
+    v.append(("plan_recipe_ed25519.ttp", "plan", "ed25519", "ok", plan_to_bytes(golden_recipe_plan(), ed)))
+    at = plan_offsets(r0)["recipe"]
+
+    def bad(name: str, code: WireError, data: bytes) -> None:
+        v.append((f"bad/{name}", "plan", "unsigned", code.name, data))
+
+    bad("recipe_reserved.ttp", E.RESERVED_NONZERO, patch(r0, at + 5, "B", 1))
+    bad("recipe_accum_zero.ttp", E.BAD_VALUE, patch(r0, at, "H", 0))
+    bad("recipe_beta.ttp", E.BAD_VALUE, patch(r0, at + 2, "H", 32768))
+    bad("recipe_frac_bits.ttp", E.BAD_VALUE, patch(r0, at + 4, "B", 4))
+    bad("recipe_lr_min.ttp", E.BAD_VALUE, patch(r0, at + 6, "H", 32769))
+    bad("recipe_warmup_total.ttp", E.BAD_VALUE, patch(r0, at + 8, "I", 4))
+    bad("recipe_opt_bytes.ttp", E.SIZE_OVERFLOW, patch(r0, at + 16, "I", 2**31))
+    bad("recipe_n_slots.ttp", E.BAD_VALUE, patch(r0, at + 20, "I", 3))
+    bad("recipe_inactive.ttp", E.BAD_VALUE, patch(r0, at, "HHBBHII", 1, 0, 0, 0, 0, 0, 0))
+    bad("recipe_op_index.ttp", E.BAD_INDEX, patch(r0, at + 24, "I", 5))
+    bad("recipe_offset_align.ttp", E.BAD_OFFSET, patch(r0, at + 24 + 16 + 4, "i", 18))
+    bad("recipe_offset_out.ttp", E.BAD_OFFSET, patch(r0, at + 24 + 16 + 12, "i", 64))
+    bad("recipe_offset_negative.ttp", E.BAD_OFFSET, patch(r0, at + 24 + 8, "i", -4))
+    bad("recipe_flag_missing.ttp", E.BAD_STRING, patch(r0, 44, "I", 2))
 
 
 def _delta_raw(phash: bytes, records, pad: bytes = b"\0") -> bytes:

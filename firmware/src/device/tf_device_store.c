@@ -28,6 +28,7 @@ static int update_apply(tf_device *d, const tf_update_view *u, int apply) {
         }
         if (apply == 1) {
             memcpy(d->rt.ptr[tid], r + 12, t.nbytes);
+            tf_runtime_reset_optimizer(&d->rt); /* momentum and residuals belong to the old model */
         }
         if (apply) {
             d->base[tid] = r + 12;
@@ -101,7 +102,7 @@ static int load_runtime(tf_device *d, const uint8_t *blob, uint32_t n, tf_plan *
 
 /* Re-attach the last good plan (still at offset 0) after a refused one: its trained values, update counter and
  * delta base are untouched (a refused plan never writes the pool). */
-static void restore_plan(tf_device *d, uint32_t step) {
+static void restore_plan(tf_device *d, uint32_t step, uint32_t pending) {
     tf_plan p;
     uint32_t detail;
     if (!d->has_plan || load_runtime(d, d->store, d->plan_len, &p, &detail, 0) != TF_ST_OK) {
@@ -109,6 +110,7 @@ static void restore_plan(tf_device *d, uint32_t step) {
         return;
     }
     d->rt.step = step;
+    d->rt.pending = pending; /* the optimizer region is untouched, like the trained values */
     base_from_plan(d);
     if (d->has_update) {
         tf_update_view u;
@@ -122,11 +124,11 @@ static tf_dev_result finish_plan(tf_device *d) {
     const uint8_t *blob = d->store + d->xfer_at;
     tf_plan p;
     uint32_t detail = 0;
-    const uint32_t step = d->rt.step;
+    const uint32_t step = d->rt.step, pending = d->rt.pending;
     int st = load_runtime(d, blob, d->xfer_total, &p, &detail, 0); /* checked where it was staged */
     if (st != TF_ST_OK) {
         if (d->xfer_at != 0) {
-            restore_plan(d, step);
+            restore_plan(d, step, pending);
         } else {
             d->has_plan = 0;
         }

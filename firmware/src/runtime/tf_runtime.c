@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "tf_kernels.h"
+#include "tf_recipe.h"
 #include "tf_sha256.h"
 
 #ifdef TF_PROFILE
@@ -30,6 +31,7 @@ typedef struct {
 typedef struct {
     int32_t label, lr_m, lr_e;
     tf_step_result *res;
+    int32_t apply, add; /* recipe: this sample ends a mini-batch; the scheduled rate is not zero */
 } step_ctx;
 
 static void parse_attrs(const tf_op_view *op, attrs_t *a) {
@@ -173,6 +175,55 @@ __attribute__((noinline)) static int32_t free_gap(const tf_runtime *rt, uint32_t
         best = clash ? best : (int32_t)start;
     }
     return best;
+}
+
+/* The optimizer slot of the CONV2D_UPDATE at op i (slots in op order): at prepare (rt->opt_cursor advancing) its
+ * offsets must be the canonical layout (recipe.layout_optimizer): wbuf (4 B per trained weight) and bbuf (4 B per
+ * bias) when accum_steps > 1 or momentum, frac (F/8 B per trained weight, padded to 4) when F > 0, -1 otherwise.
+ * Fills the state pointers. */
+static int recipe_slot(tf_runtime *rt, uint32_t i, const tf_filter_dims *wd, int32_t groups, int32_t k, int uw,
+                       int ub, tf_recipe_state *rs) {
+    const tf_plan *pl = &rt->plan;
+    if (rt->slot_next >= pl->n_slots || groups < 1 || wd->n % groups) {
+        return TF_RT_BAD_OP;
+    }
+    const uint8_t *sl = pl->blob + pl->slots_off + 16 * rt->slot_next++;
+    if (tf_ld_u32(sl) != i) {
+        return TF_RT_BAD_OP;
+    }
+    int64_t nw = 0;
+    const int32_t per_group = wd->n / groups;
+    for (int32_t c = 0; uw && c < wd->n; c++) {
+        const int32_t left = k - (c / per_group) * wd->c;
+        nw += left <= 0 ? 0 : left < wd->c ? left : wd->c;
+    }
+    nw *= (int64_t)wd->h * wd->w;
+    const int buf = pl->accum_steps > 1 || pl->beta_q15 > 0;
+    const int64_t sizes[3] = {4 * nw, ub ? 4 * (int64_t)wd->n : 0, nw * (int64_t)pl->frac_bits / 8};
+    const int present[3] = {buf && nw > 0, buf && sizes[1] > 0, pl->frac_bits > 0 && nw > 0};
+    void *ptr[3];
+    for (int j = 0; j < 3; j++) {
+        const int32_t off = (int32_t)tf_ld_u32(sl + 4 + 4 * j);
+        ptr[j] = NULL;
+        if (!present[j]) {
+            if (off != -1) {
+                return TF_RT_BAD_OP;
+            }
+            continue;
+        }
+        if (off < 0 || (uint32_t)off != rt->opt_cursor || (uint64_t)off + (uint64_t)sizes[j] > pl->opt_bytes) {
+            return TF_RT_BAD_OP;
+        }
+        rt->opt_cursor = (uint32_t)off + (uint32_t)((sizes[j] + 3) & ~3);
+        ptr[j] = rt->opt + off;
+    }
+    rs->beta_q15 = (int32_t)pl->beta_q15;
+    rs->frac_bits = (int32_t)pl->frac_bits;
+    rs->apply = rs->add = 0;
+    rs->wbuf = (int32_t *)ptr[0];
+    rs->bbuf = (int32_t *)ptr[1];
+    rs->frac = ptr[2];
+    return TF_RT_OK;
 }
 
 static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
@@ -377,14 +428,26 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
             REQ(k <= xd.c && tf_conv_check(&xd, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
         }
         REQ(!ub || b->t.kind == TF_K_TRAINABLE);
+        tf_recipe_state rs;
+        if (rt->plan.has_recipe) {
+            REQ(recipe_slot(rt, i, &wd, A(4), k, uw, ub, &rs) == TF_RT_OK);
+        }
         if (exec && (uw || ub)) {
             const tf_conv_update_params p = {A(0), A(1), A(2), A(3), A(4), k, uw, ub,
                                              uw ? -xs->t.zero_point : 0, sc->lr_m, sc->lr_e, rt->step,
                                              (uint32_t)w->id, (uint32_t)b->id};
             const tf_qas q = {a.v[8], a.v[9], a.v[10], a.v[11]};
-            KERNEL(tf_conv2d_update_s8(&p, &q, &gy, (const int8_t *)g->p, rt->exp[g->id], uw ? &xd : NULL,
-                                       uw ? (const int8_t *)xs->p : NULL, &wd, uw ? (int8_t *)w->p : NULL,
-                                       ub ? (int32_t *)(void *)b->p : NULL));
+            if (rt->plan.has_recipe) {
+                rs.apply = sc->apply;
+                rs.add = sc->add;
+                KERNEL(tf_conv2d_update_recipe_s8(&p, &q, &rs, &gy, (const int8_t *)g->p, rt->exp[g->id],
+                                                  uw ? &xd : NULL, uw ? (const int8_t *)xs->p : NULL, &wd,
+                                                  uw ? (int8_t *)w->p : NULL, ub ? (int32_t *)(void *)b->p : NULL));
+            } else {
+                KERNEL(tf_conv2d_update_s8(&p, &q, &gy, (const int8_t *)g->p, rt->exp[g->id], uw ? &xd : NULL,
+                                           uw ? (const int8_t *)xs->p : NULL, &wd, uw ? (int8_t *)w->p : NULL,
+                                           ub ? (int32_t *)(void *)b->p : NULL));
+            }
         }
         return TF_RT_OK;
     }
@@ -437,10 +500,19 @@ uint32_t tf_runtime_pool_need(const tf_plan *plan) {
             need += ((uint64_t)t.nbytes + 3) & ~3ull;
         }
     }
+    need += plan->has_recipe ? plan->opt_bytes : 0;
     return need > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)need;
 }
 
+void tf_runtime_reset_optimizer(tf_runtime *rt) {
+    if (rt->plan.has_recipe) {
+        memset(rt->opt, 0, rt->plan.opt_bytes);
+    }
+    rt->pending = 0;
+}
+
 void tf_runtime_reset_params(tf_runtime *rt) {
+    tf_runtime_reset_optimizer(rt);
     for (uint32_t i = 0; i < rt->plan.n_tensors; i++) {
         tf_tensor_info t;
         tf_plan_tensor(&rt->plan, (int32_t)i, &t);
@@ -499,6 +571,7 @@ int tf_runtime_load(tf_runtime *rt, const tf_plan *plan, uint8_t *pool, uint32_t
         }
     }
     rt->params_bytes = off;
+    rt->opt = rt->params + off; /* 4-aligned: the arena part is 8-aligned, every copy 4-aligned */
     uint32_t pos = plan->ops_off;
     for (uint32_t i = 0; i < plan->n_ops; i++) {
         rt->op_off[i] = pos;
@@ -525,6 +598,9 @@ int tf_runtime_load(tf_runtime *rt, const tf_plan *plan, uint8_t *pool, uint32_t
             return e;
         }
     }
+    if (plan->has_recipe && (rt->slot_next != plan->n_slots || rt->opt_cursor != plan->opt_bytes)) {
+        return TF_RT_BAD_OP; /* the region is exactly the slots' canonical layout */
+    }
     if (copy_params) {
         tf_runtime_reset_params(rt);
     }
@@ -540,7 +616,16 @@ int tf_runtime_step(tf_runtime *rt, const uint8_t *sample, int32_t label, int32_
     }
     memcpy(rt->ptr[rt->plan.input_id], sample, tin.nbytes);
     memcpy(rt->ptr[rt->plan.label_id], &label, 4);
-    step_ctx sc = {label, lr_m, lr_e, res};
+    step_ctx sc = {label, lr_m, lr_e, res, 0, 1};
+    const tf_plan *pl = &rt->plan;
+    if (pl->has_recipe) {
+        sc.apply = rt->pending + 1 >= pl->accum_steps;
+        int32_t m, e;
+        tf_per_sample_lr(lr_m, lr_e, pl->accum_steps, &m, &e);
+        sc.add = tf_scaled_lr(m, e, tf_lr_factor_q15(rt->step, pl->warmup, pl->total, (int32_t)pl->lr_min_q15),
+                              &sc.lr_m, &sc.lr_e);
+    }
+    rt->slot_next = rt->opt_cursor = 0;
     if (res) {
         res->correct = 0;
         res->p_label_q15 = 0;
@@ -558,6 +643,11 @@ int tf_runtime_step(tf_runtime *rt, const uint8_t *sample, int32_t label, int32_
             return e == TF_RT_KERNEL && rt->err_status == TF_ERR_ARG ? TF_RT_BAD_SAMPLE : e;
         }
     }
+    if (pl->has_recipe && !sc.apply) {
+        rt->pending++;
+        return TF_RT_OK;
+    }
+    rt->pending = 0;
     rt->step++;
     return TF_RT_OK;
 }

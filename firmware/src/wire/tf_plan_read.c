@@ -274,10 +274,68 @@ static int read_tensor(cur *c, const tf_plan *p, int32_t i) {
     return (t.data_off || t.data_len) ? TF_WE_BAD_VALUE : TF_WE_OK;
 }
 
+/* The RECIPE section (wire/plan.py _read_recipe, same checks in the same order). */
+static int read_recipe(cur *c, tf_plan *p) {
+    if (need(c, 24)) {
+        return TF_WE_TRUNCATED;
+    }
+    const uint8_t *r = c->blob + c->pos;
+    const uint32_t accum = tf_ld_u16(r), beta = tf_ld_u16(r + 2), frac = r[4], reserved = r[5];
+    const uint32_t lr_min = tf_ld_u16(r + 6), warmup = tf_ld_u32(r + 8), total = tf_ld_u32(r + 12);
+    const uint32_t opt_bytes = tf_ld_u32(r + 16), n_slots = tf_ld_u32(r + 20);
+    c->pos += 24;
+    if (reserved) {
+        return TF_WE_RESERVED_NONZERO;
+    }
+    if (!(accum >= 1 && beta <= 32767 && (frac == 0 || frac == 8 || frac == 16) && lr_min <= 32768 &&
+          (total == 0 || total > warmup))) {
+        return TF_WE_BAD_VALUE;
+    }
+    if (opt_bytes > 0x7FFFFFFFu) {
+        return TF_WE_SIZE_OVERFLOW;
+    }
+    uint32_t n_upd = 0, emb = 0, off = p->ops_off;
+    for (uint32_t i = 0; i < p->n_ops; i++) {
+        const uint8_t typ = c->blob[off];
+        n_upd += typ == TF_OP_CONV2D_UPDATE;
+        emb |= typ == TF_OP_EMBEDDING_UPDATE;
+        off += tf_ld_u32(c->blob + off + 4);
+    }
+    const int active = accum > 1 || beta > 0 || frac > 0 || warmup > 0 || total > 0;
+    if (!active || n_slots != n_upd || emb) {
+        return TF_WE_BAD_VALUE;
+    }
+    if (need(c, 16ull * n_slots)) {
+        return TF_WE_TRUNCATED;
+    }
+    p->slots_off = c->pos;
+    off = p->ops_off;
+    for (uint32_t i = 0; i < p->n_ops; i++) {
+        if (c->blob[off] == TF_OP_CONV2D_UPDATE) {
+            const uint8_t *sl = c->blob + c->pos;
+            if (tf_ld_u32(sl) != i) {
+                return TF_WE_BAD_INDEX;
+            }
+            for (uint32_t k = 1; k < 4; k++) {
+                const int32_t o = (int32_t)tf_ld_u32(sl + 4 * k);
+                if (o != -1 && !(o >= 0 && (uint32_t)o < opt_bytes && (o & 3) == 0)) {
+                    return TF_WE_BAD_OFFSET;
+                }
+            }
+            c->pos += 16;
+        }
+        off += tf_ld_u32(c->blob + off + 4);
+    }
+    p->has_recipe = 1;
+    p->accum_steps = accum, p->beta_q15 = beta, p->frac_bits = frac, p->lr_min_q15 = lr_min;
+    p->warmup = warmup, p->total = total, p->opt_bytes = opt_bytes, p->n_slots = n_slots;
+    return TF_WE_OK;
+}
+
 int tf_plan_read(const uint8_t *blob, uint32_t n, const tf_verify *v, tf_plan *out) {
     const uint8_t *body;
     uint32_t body_len;
-    int e = tf_envelope_open(blob, n, "TFPL", 1, v, &body, &body_len);
+    int e = tf_envelope_open(blob, n, "TFPL", TF_PLAN_VERSION, v, &body, &body_len);
     if (e) {
         return e;
     }
@@ -305,7 +363,7 @@ int tf_plan_read(const uint8_t *blob, uint32_t n, const tf_verify *v, tf_plan *o
     if (p.arena_bytes > 0x7FFFFFFFu) {
         return TF_WE_SIZE_OVERFLOW;
     }
-    if (sflags & ~3u) {
+    if (sflags & ~(3u | TF_PLAN_FLAG_RECIPE)) {
         return TF_WE_RESERVED_NONZERO;
     }
     if (need(&c, 8ull * n_ratios)) {
@@ -332,6 +390,9 @@ int tf_plan_read(const uint8_t *blob, uint32_t n, const tf_verify *v, tf_plan *o
         if ((e = read_op(&c, nt)) != 0) {
             return e;
         }
+    }
+    if ((sflags & TF_PLAN_FLAG_RECIPE) && (e = read_recipe(&c, &p)) != 0) {
+        return e;
     }
     p.strings_off = c.pos;
     for (uint32_t i = 0; i < 2 + nt + p.n_ops; i++) {

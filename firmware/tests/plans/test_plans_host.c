@@ -32,8 +32,8 @@ static uint32_t p4(uint32_t n) { return (n + 3u) & ~3u; }
 static int run_vector(const char *path) {
     uint32_t n, pos = 0;
     uint8_t *v = read_file(path, &n);
-    if (!v || n < 28 || memcmp(v, "TFTV", 4) != 0 || tf_ld_u32(v + 4) != 1) {
-        printf("FAIL %s: not a TFTV v1 file\n", path);
+    if (!v || n < 28 || memcmp(v, "TFTV", 4) != 0 || tf_ld_u32(v + 4) != 2) {
+        printf("FAIL %s: not a TFTV v2 file\n", path);
         return 1;
     }
     const uint32_t steps = tf_ld_u32(v + 8), n_samples = tf_ld_u32(v + 20), sample_bytes = tf_ld_u32(v + 24);
@@ -54,6 +54,10 @@ static int run_vector(const char *path) {
     const int8_t *want_logits = (const int8_t *)(v + pos + 4);
     pos += 4 + p4(k);
     const uint8_t *want_correct = v + pos;
+    pos += p4(steps);
+    const uint32_t opt_len = tf_ld_u32(v + pos);
+    const uint8_t *want_opt = v + pos + 4;
+    const uint32_t want_pending = tf_ld_u32(v + pos + 4 + p4(opt_len));
 
     static tf_runtime rt;
     tf_plan plan;
@@ -105,6 +109,12 @@ static int run_vector(const char *path) {
         }
         off += ti.nbytes;
     }
+    if (opt_len != (plan.has_recipe ? plan.opt_bytes : 0) || (opt_len && memcmp(rt.opt, want_opt, opt_len) != 0) ||
+        rt.pending != want_pending) {
+        printf("FAIL %s: optimizer region (%u bytes) or pending samples (%u, reference %u) differ\n", path, opt_len,
+               rt.pending, want_pending);
+        bad = 1;
+    }
     uint8_t h[32];
     tf_runtime_state_hash(&rt, h);
     if (off != state_len || memcmp(h, want_hash, 32) != 0) {
@@ -112,8 +122,8 @@ static int run_vector(const char *path) {
         bad = 1;
     }
     if (!bad) {
-        printf("ok %s: %u steps, %u trainable tensors (%u bytes), arena %u, state ", path, steps, rt.n_trainable,
-               state_len, plan.arena_bytes);
+        printf("ok %s: %u steps, %u trainable tensors (%u bytes), arena %u, optimizer %u (%u pending), state ", path,
+               steps, rt.n_trainable, state_len, plan.arena_bytes, opt_len, rt.pending);
         for (int i = 0; i < 8; i++) {
             printf("%02x", h[i]);
         }
