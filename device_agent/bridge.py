@@ -25,6 +25,7 @@ import numpy as np
 from device_agent.board import BoardClient, BoardError
 from device_agent.engine import ir
 from device_agent.engine.qmath import mant_exp
+from device_agent.engine.recipe import plan_recipe
 from device_agent.engine.trainer import StepStats
 from device_agent.wire import frames
 from device_agent.wire.delta import delta_from_records, delta_to_dense, max_records_bytes
@@ -278,9 +279,11 @@ class BoardTrainer:
 
 
 def pool_need(plan: ir.Plan) -> int:
-    """SRAM a plan takes from the board's pool, as ``tf_runtime_pool_need`` computes it: the arena (8-aligned)
-    plus a 4-aligned copy of every trainable tensor."""
-    return -(-plan.arena_bytes // 8) * 8 + sum(-(-t.nbytes // 4) * 4 for t in plan.trainable)
+    """SRAM a plan takes from the board's pool, as ``tf_runtime_pool_need`` computes it: the arena (8-aligned),
+    a 4-aligned copy of every trainable tensor, and a training recipe's optimizer region."""
+    pr = plan_recipe(plan)
+    return (-(-plan.arena_bytes // 8) * 8 + sum(-(-t.nbytes // 4) * 4 for t in plan.trainable)
+            + (pr.optimizer_bytes if pr is not None else 0))
 
 
 __all__ = ["BoardError", "BoardTrainer", "SampleSlots", "connect", "pool_need"]

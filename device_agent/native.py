@@ -6,7 +6,8 @@ construction (tests compare state hashes step by step). Forward-only work (``pre
 I/O stay in the reference engine, on the values copied back after each call. It trains at batch 1 as a board
 does: a batch of N samples is N device steps in one call, which is what the reference does only with a
 training recipe (plain reference mini-batches sum N gradients into one update; that is refused here rather
-than silently changed). It refuses a recipe until the firmware runs one (the plan format carries none yet).
+than silently changed). A plan's training recipe (plan v2 RECIPE section) runs in C with its optimizer state
+there; ``load_trainable`` (a new model version) resets it, as on a board and in the reference.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from device_agent.engine import ir
 from device_agent.engine.forward import check_input
+from device_agent.engine.recipe import plan_recipe
 from device_agent.engine.trainer import StepStats, Trainer
 from device_agent.engine.update import lr_mant_exp
 from device_agent.wire.plan import plan_to_bytes
@@ -58,6 +60,12 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
     lib.tf_native_set_step.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
     lib.tf_native_err_op.restype = ctypes.c_int32
     lib.tf_native_err_op.argtypes = [ctypes.c_void_p]
+    lib.tf_native_get_pending.restype = ctypes.c_uint32
+    lib.tf_native_get_pending.argtypes = [ctypes.c_void_p]
+    lib.tf_native_set_pending.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.tf_native_reset_optimizer.argtypes = [ctypes.c_void_p]
+    lib.tf_native_optimizer.restype = ctypes.c_int
+    lib.tf_native_optimizer.argtypes = [ctypes.c_void_p, u8p, ctypes.c_uint32]
     if path == LIBRARY:
         _lib = lib
     return lib
@@ -95,11 +103,9 @@ class NativeTrainer(Trainer):
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepStats:
         """N device steps at batch 1 (N must be 1 without a recipe); the same bits as the reference's N = 1 steps."""
-        if self.recipe is not None:
-            raise NativeError("the native engine has no training recipe yet (the firmware runs the plain step)")
         xs = check_input(self.tensors[self.plan.input_id], x)
         n = xs.shape[0]
-        if n != 1:
+        if n != 1 and self.recipe is None:
             raise ValueError(f"the native engine trains at batch 1, as a board does; got {n} samples "
                              "(call train_step once per sample, or use steps())")
         return self.steps(xs, y, lr)
@@ -113,6 +119,7 @@ class NativeTrainer(Trainer):
         labels = np.ascontiguousarray(self._labels(y, n), np.int32)
         lr_m, lr_e = lr_mant_exp(lr)
         self._lib.tf_native_set_step(self._h, self.step & 0xFFFFFFFF)
+        self._lib.tf_native_set_pending(self._h, self.pending)
         done = ctypes.c_uint32(0)
         correct, p = np.zeros(n, np.int32), np.zeros(n, np.int32)
         raw = xs.astype(xs.dtype.newbyteorder("<"), copy=False).view(np.uint8)
@@ -129,6 +136,7 @@ class NativeTrainer(Trainer):
 
     def load_trainable(self, state: dict[int, np.ndarray]) -> None:
         super().load_trainable(state)
+        self._lib.tf_native_reset_optimizer(self._h)
         for tid in state:
             v = np.ascontiguousarray(self.params[tid], self.params[tid].dtype.newbyteorder("<")).view(np.uint8)
             if self._lib.tf_native_tensor(self._h, tid, _ptr(v), v.size, 1) != 0:
@@ -141,3 +149,13 @@ class NativeTrainer(Trainer):
                 raise NativeError(f"native engine: cannot read trainable tensor {tid}")
             self.params[tid] = buf.view(v.dtype.newbyteorder("<")).astype(v.dtype).reshape(v.shape)
         self.step = int(self._lib.tf_native_get_step(self._h))
+        self.pending = int(self._lib.tf_native_get_pending(self._h))
+
+    def optimizer_region(self) -> bytes:
+        """The recipe's optimizer region as the C runtime holds it (b"" without a recipe)."""
+        pr = plan_recipe(self.plan)
+        n = pr.optimizer_bytes if pr is not None else 0
+        buf = np.zeros(n, np.uint8)
+        if self._lib.tf_native_optimizer(self._h, _ptr(buf), n) != 0:
+            raise NativeError(f"native engine: the optimizer region is not {n} bytes")
+        return buf.tobytes()

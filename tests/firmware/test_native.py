@@ -87,8 +87,30 @@ def test_many_steps_in_one_call_and_state_io(library):
     assert np.array_equal(nat.predict(x), ref.predict(x))
 
 
+@pytest.mark.parametrize("opts", [{"accum_steps": 4, "momentum": 0.9, "frac_bits": 16, "warmup": 2, "total": 12},
+                                  {"accum_steps": 1, "frac_bits": 8, "warmup": 3, "total": 30}])
+def test_a_plan_recipe_runs_in_c_bit_exact_with_its_optimizer_state(library, opts):
+    from device_agent.engine.recipe import Recipe, optimizer_region, with_recipe
+    from device_agent.engine.trainer import Trainer
+    from device_agent.native import NativeTrainer
+    from tests.fixtures import tiny
+
+    plan = with_recipe(_plans()["tiny"][0], Recipe(**opts))
+    x, y = tiny.tiny_dataset(30, seed=4)
+    ref, nat = Trainer(plan), NativeTrainer(plan, library)
+
+    for i in range(0, 30, 3):  # batches that cross accumulation boundaries
+        ref.train_step(x[i:i + 3], y[i:i + 3], 0.05)
+        nat.steps(x[i:i + 3], y[i:i + 3], 0.05)
+        assert nat.state_hash() == ref.state_hash() and (nat.step, nat.pending) == (ref.step, ref.pending)
+        assert nat.optimizer_region() == optimizer_region(plan, ref.opt_state)
+    fresh = {tid: v.copy() for tid, v in ref.trainable_state().items()}
+    ref.load_trainable(fresh)
+    nat.load_trainable(fresh)  # a new model version: optimizer state and pending samples reset
+    assert nat.optimizer_region() == optimizer_region(plan, ref.opt_state) and nat.pending == ref.pending == 0
+
+
 def test_refuses_what_it_cannot_do(library):
-    from device_agent.engine.recipe import Recipe
     from device_agent.native import NativeError, NativeTrainer
     from tests.fixtures import tiny
 
@@ -102,6 +124,3 @@ def test_refuses_what_it_cannot_do(library):
         NativeTrainer(tiny.tiny_plan(), library)
     with pytest.raises(NativeError, match="not built"):
         NativeTrainer(plan, library.with_name("missing.so"))
-    nat.recipe = Recipe(accum_steps=2)
-    with pytest.raises(NativeError, match="recipe"):
-        nat.train_step(x[:1], y[:1], lr)

@@ -98,3 +98,18 @@ uint32_t tf_native_get_step(const tf_native *h) { return h->rt.step; }
 void tf_native_set_step(tf_native *h, uint32_t step) { h->rt.step = step; }
 void tf_native_state_hash(const tf_native *h, uint8_t out[32]) { tf_runtime_state_hash(&h->rt, out); }
 int32_t tf_native_err_op(const tf_native *h) { return h->rt.err_op; }
+
+/* The recipe's state (plan v2 RECIPE): samples accumulated since the last applied update, and the optimizer
+ * region (copied out; n must be its size). A new model version resets both, as on a board. */
+uint32_t tf_native_get_pending(const tf_native *h) { return h->rt.pending; }
+void tf_native_set_pending(tf_native *h, uint32_t pending) { h->rt.pending = pending; }
+void tf_native_reset_optimizer(tf_native *h) { tf_runtime_reset_optimizer(&h->rt); }
+int tf_native_optimizer(const tf_native *h, uint8_t *buf, uint32_t n) {
+    if (n != h->rt.plan.opt_bytes || (n && !h->rt.opt)) {
+        return -1;
+    }
+    if (n) {
+        memcpy(buf, h->rt.opt, n);
+    }
+    return 0;
+}
