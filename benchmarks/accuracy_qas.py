@@ -110,6 +110,7 @@ class Setup:
     momentum: float = 0.9
     warmup_frac: float = 0.05
     frac_bits: int = 16
+    engine: str = "python"  # int8 runs: "python" (the reference) or "native" (the firmware's C, bit-exact)
 
     def updates(self, n_train: int) -> int:
         return self.epochs * (n_train // self.batch)
@@ -271,7 +272,11 @@ def run_int8(task: Task, setup: Setup, scheme: ir.SparseScheme, lr: float, seed:
     plan, cut = int8_plan(task, scheme, range_ste=not plain)
     ytr = task.y["train"]
     rec = None if plain else (lite_recipe(setup, len(ytr)) if lite else setup.recipe(len(ytr)))
-    trainer = Trainer(plan if qas else without_qas(plan), recipe=rec)
+    base = plan if qas else without_qas(plan)
+    if setup.engine == "native":
+        trainer = native_trainer(base, rec)
+    else:
+        trainer = Trainer(base, recipe=rec)
     feats = {s: features(task, cut, s) for s in ("train", "val", "test")}
 
     def get(split, idx):
@@ -285,13 +290,28 @@ def run_int8(task: Task, setup: Setup, scheme: ir.SparseScheme, lr: float, seed:
     curve = []
     for ep in range(setup.epochs):
         for idx in order(len(ytr), setup.batch, ep, seed):
-            if plain or lite:
+            if setup.engine == "native":  # N device steps in one call: the same bits as both branches below
+                trainer.steps(get("train", idx), ytr[idx], lr)
+            elif plain or lite:
                 for j in range(len(idx)):  # NOTE: the device's step: one sample, one rounded update
                     trainer.train_step(get("train", idx[j:j + 1]), ytr[idx[j:j + 1]], lr)
             else:
                 trainer.train_step(get("train", idx), ytr[idx], lr)
         curve.append(round(acc("val"), 4))
     return {"val_curve": curve, "val": curve[-1], "test": acc("test")}
+
+
+def native_trainer(plan: ir.Plan, recipe: Recipe | None):
+    """The firmware's C runtime on ``plan`` carrying ``recipe`` (arena planned on a copy, as the compiler does)."""
+    import copy
+
+    from device_agent.engine.recipe import with_recipe
+    from device_agent.native import NativeTrainer
+    from fleet.compiler.planner import plan_arena
+
+    p = copy.deepcopy(plan)
+    plan_arena(p)
+    return NativeTrainer(with_recipe(p, recipe))
 
 
 def plan_memory(task: Task, scheme: ir.SparseScheme, recipe: Recipe | None) -> dict:
@@ -500,6 +520,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-wide", action="store_true", help="no-QAS uses the common grid (quick CI)")
     ap.add_argument("--grid", default=None, help="comma-separated learning rates (default per task)")
+    ap.add_argument("--engine", default="python", choices=("python", "native"),
+                    help="int8 runs on the reference engine or the native one (`make native`; bit-exact, faster)")
     ap.add_argument("--partial", default=None, help="write the results so far to this JSON file after each method")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -512,7 +534,7 @@ def main() -> None:
         epochs = 2 if args.quick else (args.epochs or {"imu": 10, "fashion": 6, "heart": 20}[name])
         if args.grid and not args.quick:
             task.grid = tuple(float(v) for v in args.grid.split(","))
-        setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs)
+        setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs, engine=args.engine)
         plans = method_plan(task, setup)
         out: dict[str, dict] = {}
         for m in [m for m in args.methods.split(",") if m in plans]:
