@@ -27,6 +27,7 @@ from . import ir
 
 METHODS = ("ditto", "finetune", "head", "bias")  # most memory first: the fallback order
 Q15 = 1 << 15
+PERSONAL_STEP0 = 1 << 31  # the trainer's update counter during personal steps starts here (+ steps done)
 
 
 def head_ids(plan: ir.Plan) -> list[int]:
@@ -100,6 +101,7 @@ class Personalizer:
         self.ids = method_ids(plan, spec.method)
         self.state: dict[int, np.ndarray] | None = None  # personal copy, None until the first update
         self.updates = 0
+        self.steps_done = 0  # personal steps ever taken: the stochastic-rounding counter of the personal copy
 
     def update(self, trainer, reference: dict[int, np.ndarray], batch: Callable[[int], tuple]) -> None:
         """Personalize on top of ``reference`` (every trainable tensor: the global model as this device holds
@@ -107,11 +109,17 @@ class Personalizer:
         s = self.spec
         start = reference if self.state is None or s.method == "finetune" else {**reference, **self.state}
         trainer.load_trainable(start)
+        # NOTE: personal steps draw stochastic rounding from their own counter (from 2^31 up), so the shared
+        # training, and the delta, are bit-identical with or without personalization
+        shared_step = getattr(trainer, "step", None)
+        if shared_step is not None:
+            trainer.step = (PERSONAL_STEP0 + self.steps_done) & 0xFFFFFFFF
         keep = {i: v for i, v in reference.items() if i not in self.ids}
         try:
             for k in range(s.steps):
                 x, y = batch(k)
                 trainer.train_step(x, y, s.lr)
+                self.steps_done += 1
                 if keep:  # NOTE: restoring the rest after each step = training only the personal set
                     trainer.load_trainable(keep)
                 if s.method == "ditto":
@@ -122,6 +130,8 @@ class Personalizer:
             self.updates += 1
         finally:
             trainer.load_trainable(reference)
+            if shared_step is not None:
+                trainer.step = shared_step
 
     def model(self, reference: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """The personal model: ``reference`` with the personal copy laid over it."""

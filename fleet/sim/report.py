@@ -20,6 +20,10 @@ METHODS = (  # metrics key suffix, label, colour
     ("personalized", "global + personal tensors", "#2ca02c"),
     ("local", "local-only (no fleet)", "#ff7f0e"),
     ("centralized", "centralized fp32 (upper bound)", "#7f7f7f"),
+    ("ditto", "Ditto personal model", "#9467bd"),
+    ("finetune", "fine-tuned personal model", "#8c564b"),
+    ("head", "personal head", "#e377c2"),
+    ("bias", "personal bias", "#17becf"),
 )
 PLOTS = {  # file -> caption
     "accuracy.png": "Accuracy per round on every device's held-out slice (pooled windows)",
@@ -27,6 +31,9 @@ PLOTS = {  # file -> caption
     "bytes.png": "MQTT bytes per selected device per round",
     "participation.png": "Participation and dropout per round",
     "memory.png": "Per-device memory: planned by the compiler (host devices) or measured (boards)",
+    "personal.png": "Per-device accuracy of each model (global, local-only, each personalization method)",
+    "prequential.png": "Prequential (test-then-train) accuracy per round over each device's stream, pooled; "
+                       "one panel per buffer policy, and the drift case (dotted line: the stream switches user)",
 }
 
 
@@ -116,6 +123,56 @@ def plot_device_accuracy(rows: list[dict], path: Path) -> None:
                   fontsize=8)
     ax.set(ylabel="accuracy on the device's test slice", ylim=(0, 1.02), xlim=(-0.6, max(len(names), 1) - 0.4))
     _save(plt, fig, path)
+
+
+def plot_device_bars(rows: list[dict], path: Path) -> None:
+    """Grouped bars: one group per device, one bar per model."""
+    import numpy as np
+
+    names = device_methods(rows)
+    style = {name: (label, colour) for name, label, colour in METHODS}
+    plt, fig, ax = _figure(width=max(7.0, 0.35 * len(rows) * max(len(names), 1) / 3))
+    x = np.arange(len(rows))
+    w = 0.8 / max(len(names), 1)
+    for k, name in enumerate(names):
+        ax.bar(x - 0.4 + w * (k + 0.5), [r.get(f"accuracy_{name}") or 0 for r in rows], w, label=style[name][0],
+               color=style[name][1])
+    ax.set_xticks(x, [r.get("device_id", str(i)) for i, r in enumerate(rows)], rotation=90, fontsize=6)
+    ax.set(ylabel="accuracy on the device's test slice", ylim=(0, 1.02))
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    _save(plt, fig, path)
+
+
+def plot_prequential(runs: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.4), dpi=100, squeeze=False, sharey=True)
+    style = {name: (label, colour) for name, label, colour in METHODS}
+    for ax, run in zip(axes[0], runs):
+        for name, curve in run["prequential"].items():
+            xs = [i + 1 for i, a in enumerate(curve) if a is not None]
+            ax.plot(xs, [a for a in curve if a is not None], marker="o", ms=3, color=style.get(name, ("", None))[1],
+                    label=style.get(name, (name,))[0])
+        title = f"{run['policy']} buffer ({run['capacity'] or 'all'})"
+        if run.get("drift_round"):
+            ax.axvline(run["drift_round"] - 0.5, color="#7f7f7f", ls=":")
+            title += ", drift"
+        ax.set(title=title, xlabel="round", ylim=(0, 1.02))
+        ax.grid(True, alpha=0.3)
+    axes[0, 0].set_ylabel("prequential accuracy")
+    axes[0, -1].legend(fontsize=7, loc="lower right")
+    _save(plt, fig, path)
+
+
+def continual_rows(m: dict) -> list[list[object]]:
+    """Per continual run and model: final prequential, mean prequential, forgetting, recovery rounds."""
+    out = []
+    for run in (m.get("continual") or {}).get("runs", []):
+        case = f"{run['policy']}{' + drift' if run.get('drift_round') else ''}"
+        for name, curve in run["prequential"].items():
+            got = [a for a in curve if a is not None]
+            out.append([case, name, got[-1] if got else None, sum(got) / len(got) if got else None,
+                        (run.get("forgetting") or {}).get(name), (run.get("recovery_rounds") or {}).get(name)])
+    return out
 
 
 def plot_bytes(m: dict, path: Path) -> None:
@@ -210,8 +267,15 @@ def render_html(m: dict, plots: list[str]) -> str:
     summary = [["method", "final accuracy (pooled)", "mean of per-device accuracies"]]
     for name, accs in series.items():
         summary.append([labels[name], accs[-1], means.get(name)])
+    for name, v in means.items():  # replayed methods and new users: per-device means only
+        if name not in series:
+            summary.append([labels.get(name, name.replace("_", " ")), None, v])
     facts = [["devices", m.get("devices")], ["rounds", m.get("rounds")], ["scheme", m.get("scheme")],
              ["personal tensors", ", ".join(m.get("personal") or []) or "none"],
+             ["personalization (devices)", m.get("personalization") or "none"],
+             ["methods used after memory fallback", ", ".join(f"{k}: {v}" for k, v in
+                                                             (m.get("personal_methods") or {}).items()) or "–"],
+             ["new users (held out)", ", ".join(m.get("new_users") or []) or "none"],
              ["initial accuracy", m.get("accuracy_initial")], ["plan blob (bytes)", m.get("plan_bytes")],
              ["plan SRAM (bytes)", m.get("plan_sram_bytes")], ["devices dropped (sum over rounds)",
                                                               m.get("devices_dropped")],
@@ -231,7 +295,7 @@ def render_html(m: dict, plots: list[str]) -> str:
         per_round_header.append("DP epsilon (cumulative)")
     per_round = [[i + 1, *[c[i] if i < len(c) else None for c in cols]] for i in range(n)]
     dev_methods = device_methods(rows)
-    extra = [k for k in ("sram_bytes", "flash_bytes", "instructions_per_step", "memory_source")
+    extra = [k for k in ("personalization", "sram_bytes", "flash_bytes", "instructions_per_step", "memory_source")
              if any(r.get(k) is not None for r in rows)]
     dev_header = ["device", "subject", "backend", "train", "test", "rounds in", *[labels[k] for k in dev_methods],
                   *extra]
@@ -255,6 +319,7 @@ centralized fine-tunes the fp32 model on every device's training data pooled, on
 {_table(["run", "value"], facts, "facts")}
 <h2>Plots</h2>
 {figs}
+{_continual_html(m)}
 <h2>Per round</h2>
 {_table(per_round_header, per_round, "rounds")}
 <h2>Per device</h2>
@@ -262,6 +327,18 @@ centralized fine-tunes the fp32 model on every device's training data pooled, on
 {err_html}
 </body></html>
 """
+
+
+def _continual_html(m: dict) -> str:
+    rows = continual_rows(m)
+    if not rows:
+        return ""
+    return ("<h2>Continual evaluation</h2><p class=\"note\">Prequential: each round a device first predicts its next "
+            "chunk of stream, then trains on it. Forgetting: accuracy on the first user's held-out data just before "
+            "the drift minus at the end. Recovery: rounds after the drift until prequential accuracy is back "
+            "within 0.05 of its pre-drift mean.</p>"
+            + _table(["case", "model", "final prequential", "mean prequential", "forgetting", "recovery rounds"],
+                     rows, "continual"))
 
 
 def write_report(run_dir: Path) -> Path:
@@ -276,6 +353,12 @@ def write_report(run_dir: Path) -> Path:
     if device_methods(rows):
         plot_device_accuracy(rows, run_dir / "device_accuracy.png")
         plots.insert(1, "device_accuracy.png")
+    if len(device_methods(rows)) > 1:
+        plot_device_bars(rows, run_dir / "personal.png")
+        plots.insert(2, "personal.png")
+    if (m.get("continual") or {}).get("runs"):
+        plot_prequential(m["continual"]["runs"], run_dir / "prequential.png")
+        plots.insert(3, "prequential.png")
     if any(r.get(k) is not None for r in rows for k in ("sram_bytes", "flash_bytes", "instructions_per_step")):
         plot_memory(rows, run_dir / "memory.png")
         plots.append("memory.png")

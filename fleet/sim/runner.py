@@ -147,21 +147,24 @@ class _Watcher:
 
 
 def run_simulation(cfg: SimConfig, out_dir: Path | None = None, progress: bool = True,
-                   stop: threading.Event | None = None) -> SimResult:
-    """Run ``cfg`` end to end; Ctrl-C (KeyboardInterrupt) or ``stop`` ends early with the finished rounds."""
+                   stop: threading.Event | None = None, probe=None) -> SimResult:
+    """Run ``cfg`` end to end; Ctrl-C (KeyboardInterrupt) or ``stop`` ends early with the finished rounds.
+
+    ``probe(agents)``, if given, is called with the device agents after the last round, before they stop (tests
+    read what devices hold privately, e.g. the traffic audit's personal models)."""
     res = SimResult(devices=cfg.devices, broker=cfg.broker, aggregator="dp" if cfg.dp else cfg.aggregator)
     bar = _Progress(progress, cfg)
     try:
         with ExitStack() as stack:
             stack.callback(bar.stop)
-            _run(cfg, out_dir, bar, res, stack, stop or threading.Event())
+            _run(cfg, out_dir, bar, res, stack, stop or threading.Event(), probe)
     except KeyboardInterrupt:
         res.interrupted = True
     return res
 
 
 def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, stack: ExitStack,
-         stop: threading.Event) -> None:
+         stop: threading.Event, probe=None) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent.buffer import SampleBuffer
@@ -330,6 +333,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
                 _personalized(link, evaluator, agents, slices, bool(res.personalization))[0])
         res.rounds += 1
         bar.update("rounds", advance=1, info=f"acc {res.accuracy_per_round[-1]:.3f}")
+    if probe is not None:
+        probe(agents)
     res.model_version = link.call(lambda c: c.version) if not res.interrupted else res.model_version
     res.devices_offline = link.call(lambda c: sum(not rec.online for rec in c.registry.devices.values()))
     res.errors = link.errors + [f"{a.device_id}: {n[1]}" for a in agents for n in a.notes if n[0] == "error"]
