@@ -419,12 +419,15 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
         for name, accs in got.items():
             _mean_into(res, f"new_users_{name}", accs)
     cc = cfg.continual
-    if cc.prequential and methods and len(globals_) >= 2:
-        runs = [ps.prequential(plan, initial, globals_, slices, subjects, methods, p, pol, cc.buffer_capacity)
-                for pol in cc.policies]
+    # NOTE: the stream replays cover the devices' own method only (or the first compared one): each model costs
+    # its training steps again per buffer policy and for the drift case
+    stream_methods = [pc.method] if pc.method else methods[:1]
+    if cc.prequential and stream_methods and len(globals_) >= 2:
+        runs = [ps.prequential(plan, initial, globals_, slices, subjects, stream_methods, p, pol,
+                               cc.buffer_capacity) for pol in cc.policies]
         if cc.drift:
-            runs.append(ps.prequential(plan, initial, globals_, slices, subjects, methods, p, cc.policies[0],
-                                       cc.buffer_capacity, drift=True))
+            runs.append(ps.prequential(plan, initial, globals_, slices, subjects, stream_methods, p,
+                                       cc.policies[0], cc.buffer_capacity, drift=True))
         res.continual = {"runs": runs}
 
 
