@@ -95,10 +95,11 @@ class SimConfig(FleetConfig):
             return [f"new_users: must leave at least one fleet device: 0..{self.devices - 1}, got {nu}"]
         if isinstance(nu, list) and (any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.devices
                                          for i in nu) or len(set(idx)) != len(nu) or len(nu) >= self.devices):
-            return [f"new_users: expected distinct device indices in 0..{self.devices - 1}, fewer than devices, "
-                    f"got {nu!r}"]
-        if self.goal is not None and self.goal > self.devices - len(idx or range(nu if isinstance(nu, int) else 0)):
-            return [f"goal: {self.goal} is more than the {self.devices} devices minus the new users"]
+            return [(f"new_users: expected distinct device indices in 0..{self.devices - 1}, fewer than devices, "
+                     f"got {nu!r}")]
+        held = len(idx) if isinstance(nu, list) else nu
+        if self.goal is not None and self.goal > self.devices - held:
+            return [f"goal: {self.goal} is more than the {self.devices} devices minus the {held} new users"]
         return []
 
     def new_user_indices(self) -> list[int]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_agent.buffer import SampleBuffer
-from device_agent.engine.personal import PersonalSpec, Personalizer
+from device_agent.engine.personal import Personalizer, PersonalSpec
 from device_agent.engine.trainer import Trainer
 
 
@@ -126,7 +126,7 @@ def new_users(plan, initial: dict, final: dict, slices, methods: Sequence[str], 
         for k, m in enumerate(methods):
             pz = Personalizer(plan, PersonalSpec(m, steps, p.personal_lr, p.lam_q15))
             prng = np.random.default_rng([p.seed + i, 0, k + 1])
-            pz.update(t, final, lambda _s, g=prng: buf.batch(1, g))
+            pz.update(t, final, lambda _s, g=prng, b=buf: b.batch(1, g))
             out[m].append(_acc(t, pz.model(final), d.x_test, d.y_test))
     return out
 

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.compiler.pipeline import PipelineError, build_plan, float_batch, mark_personal, personal_names, pretrain
+from fleet.compiler.pipeline import (
+    PipelineError,
+    build_plan,
+    float_batch,
+    mark_personal,
+    personal_names,
+    pretrain,
+)
 from fleet.sim.config import SimConfig
 from fleet.sim.errors import SimulationError
 

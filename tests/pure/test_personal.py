@@ -8,7 +8,7 @@ import pytest
 
 from device_agent.buffer import SampleBuffer
 from device_agent.engine import ir
-from device_agent.engine.personal import METHODS, PersonalSpec, Personalizer, ditto_pull, head_ids, method_ids
+from device_agent.engine.personal import METHODS, Personalizer, PersonalSpec, ditto_pull, head_ids, method_ids
 from device_agent.engine.trainer import Trainer
 from fleet.compiler.personal import choose_method, method_cost
 from tests.fixtures.tiny import tiny_dataset, tiny_plan
@@ -107,9 +107,8 @@ def test_ditto_full_pull_stays_global_and_finetune_restarts(plan, data):
 
 
 def test_a_device_personalizes_after_each_update_and_sends_only_shared_deltas(plan):
-    from tests.pure.test_workers import N, run_fleet, samples
-
     from device_agent import protocol as dp
+    from tests.pure.test_workers import N, run_fleet, samples
 
     def make(i, did, verifier):
         x, y = samples(i)
