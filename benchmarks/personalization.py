@@ -62,7 +62,7 @@ def run_one(scenario: str, seed: int, args) -> dict:
         cfg.dataset.max_train_per_device = min(cfg.dataset.max_train_per_device or 10**9, 120)
         cfg.model.pretrain_epochs = min(cfg.model.pretrain_epochs, 3)
         cfg.continual.drift = False
-    if args.no_continual:
+    if args.no_continual or seed >= args.continual_seeds:
         cfg.continual.prequential = False
     t0 = time.monotonic()
     res = run_simulation(cfg, None, progress=False)
@@ -104,7 +104,7 @@ def summarize(per_seed: list[dict]) -> dict:
                  if f"new_users_{base}" in s["means"]]
             if d:
                 out[f"new_users_best_minus_{base}"] = {"mean": round(float(np.mean(d)), 4), "ci95": t_interval(d)}
-    out["continual"] = [s["continual"] for s in per_seed]
+    out["continual"] = [s["continual"] for s in per_seed if s["continual"]]
     out["methods_used"] = per_seed[0]["methods_used"]
     out["seconds"] = [s["seconds"] for s in per_seed]
     return out
@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=None, help="override every config's device count")
     ap.add_argument("--rounds", type=int, default=None, help="override every config's rounds")
     ap.add_argument("--no-continual", action="store_true", help="skip the prequential replays")
+    ap.add_argument("--continual-seeds", type=int, default=1,
+                    help="run the prequential replays (fifo, reservoir, drift) for the first N seeds only")
     args = ap.parse_args()
     seeds = args.seeds or (2 if args.quick else 3)
     result: dict = {"benchmark": "personalization", "quick": args.quick, "seeds": list(range(seeds)),

@@ -31,11 +31,13 @@ class PipelineError(ValueError):
 
 
 def plan_for(cfg: FleetConfig, scenario: Scenario) -> ir.Plan:
-    """The plan a fleet trains: :func:`build_plan`, then ``cfg.personal`` (and what ``cfg.personalization``
-    keeps unshared: :func:`personal_names`) marked (:func:`mark_personal`)."""
+    """The plan a fleet trains: :func:`build_plan`, then ``cfg.personal`` marked (:func:`mark_personal`).
+
+    Personalization methods (``cfg.personalization``) mark nothing: their personal copy lives beside the
+    shared model on the device (device_agent/engine/personal.py)."""
     plan, _, _ = build_plan(cfg, scenario)
     try:
-        return mark_personal(plan, personal_names(plan, cfg.personal, cfg.personalization.method))
+        return mark_personal(plan, cfg.personal)
     except ValueError as e:
         raise PipelineError(str(e)) from None
 
@@ -125,21 +127,6 @@ def build_plan(cfg: FleetConfig, scenario) -> tuple[object, object, str]:
     except BudgetError as e:
         raise PipelineError(f"model.scheme: {e}") from None
     return plan, report, scheme.name
-
-
-def personal_names(plan: ir.Plan, names: Sequence[str], method: str | None = None) -> list[str]:
-    """The tensors a fleet keeps off the wire: ``names`` plus what a personalization ``method`` needs unshared.
-
-    ``head`` (FedPer) adds the classifier's weights and bias, ``bias`` the classifier bias; ``finetune`` and
-    ``ditto`` add nothing (their personal copy lives beside the shared model: device_agent/engine/personal.py).
-    """
-    from device_agent.engine.personal import method_ids
-
-    out = list(dict.fromkeys(names))
-    if method in ("head", "bias"):
-        tensors = {t.id: t for t in plan.tensors}
-        out += [tensors[i].name for i in method_ids(plan, method) if tensors[i].name not in out]
-    return out
 
 
 def mark_personal(plan: ir.Plan, names: Sequence[str]) -> ir.Plan:

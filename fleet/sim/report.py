@@ -20,6 +20,8 @@ METHODS = (  # metrics key suffix, label, colour
     ("personalized", "global + personal tensors", "#2ca02c"),
     ("local", "local-only (no fleet)", "#ff7f0e"),
     ("centralized", "centralized fp32 (upper bound)", "#7f7f7f"),
+)
+PERSONAL_METHODS = (  # replayed personalization methods (fleet/sim/personalize.py), same layout
     ("ditto", "Ditto personal model", "#9467bd"),
     ("finetune", "fine-tuned personal model", "#8c564b"),
     ("head", "personal head", "#e377c2"),
@@ -31,6 +33,8 @@ PLOTS = {  # file -> caption
     "bytes.png": "MQTT bytes per selected device per round",
     "participation.png": "Participation and dropout per round",
     "memory.png": "Per-device memory: planned by the compiler (host devices) or measured (boards)",
+}
+PERSONAL_PLOTS = {  # drawn when the run measured personalization methods / continual evaluation
     "personal.png": "Per-device accuracy of each model (global, local-only, each personalization method)",
     "prequential.png": "Prequential (test-then-train) accuracy per round over each device's stream, pooled; "
                        "one panel per buffer policy, and the drift case (dotted line: the stream switches user)",
@@ -63,8 +67,9 @@ def round_series(m: dict) -> dict[str, list[float]]:
 
 
 def device_methods(rows: list[dict]) -> list[str]:
-    """Methods with at least one per-device accuracy in the table, in METHODS order."""
-    return [name for name, _, _ in METHODS if any(r.get(f"accuracy_{name}") is not None for r in rows)]
+    """Methods with at least one per-device accuracy in the table, in METHODS then PERSONAL_METHODS order."""
+    return [name for name, _, _ in (*METHODS, *PERSONAL_METHODS)
+            if any(r.get(f"accuracy_{name}") is not None for r in rows)]
 
 
 # --- plots ----------------------------------------------------------------------------------------------------
@@ -95,7 +100,7 @@ def _save(plt, fig, path: Path) -> None:
 def plot_accuracy(m: dict, path: Path) -> None:
     plt, fig, ax = _figure()
     series = round_series(m)
-    style = {name: (label, colour) for name, label, colour in METHODS}
+    style = {name: (label, colour) for name, label, colour in (*METHODS, *PERSONAL_METHODS)}
     for name, accs in series.items():
         xs = list(range(1, len(accs) + 1))
         if name == "global" and "accuracy_initial" in m:  # round 0: the deployed model before any training
@@ -113,7 +118,7 @@ def plot_device_accuracy(rows: list[dict], path: Path) -> None:
 
     plt, fig, ax = _figure()
     names = device_methods(rows)
-    style = {name: (label, colour) for name, label, colour in METHODS}
+    style = {name: (label, colour) for name, label, colour in (*METHODS, *PERSONAL_METHODS)}
     rng = np.random.default_rng(0)  # jitter only
     for i, name in enumerate(names):
         vals = [r[f"accuracy_{name}"] for r in rows if r.get(f"accuracy_{name}") is not None]
@@ -130,7 +135,7 @@ def plot_device_bars(rows: list[dict], path: Path) -> None:
     import numpy as np
 
     names = device_methods(rows)
-    style = {name: (label, colour) for name, label, colour in METHODS}
+    style = {name: (label, colour) for name, label, colour in (*METHODS, *PERSONAL_METHODS)}
     plt, fig, ax = _figure(width=max(7.0, 0.35 * len(rows) * max(len(names), 1) / 3))
     x = np.arange(len(rows))
     w = 0.8 / max(len(names), 1)
@@ -146,7 +151,7 @@ def plot_device_bars(rows: list[dict], path: Path) -> None:
 def plot_prequential(runs: list[dict], path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.4), dpi=100, squeeze=False, sharey=True)
-    style = {name: (label, colour) for name, label, colour in METHODS}
+    style = {name: (label, colour) for name, label, colour in (*METHODS, *PERSONAL_METHODS)}
     for ax, run in zip(axes[0], runs):
         for name, curve in run["prequential"].items():
             xs = [i + 1 for i, a in enumerate(curve) if a is not None]
@@ -263,12 +268,12 @@ def render_html(m: dict, plots: list[str]) -> str:
     rows = m.get("per_device") or []
     series = round_series(m)
     means = m.get("accuracy_mean_per_device") or {}
-    labels = {name: label for name, label, _ in METHODS}
+    labels = {name: label for name, label, _ in (*METHODS, *PERSONAL_METHODS)}
     summary = [["method", "final accuracy (pooled)", "mean of per-device accuracies"]]
     for name, accs in series.items():
         summary.append([labels[name], accs[-1], means.get(name)])
     for name, v in means.items():  # replayed methods and new users: per-device means only
-        if name not in series:
+        if name not in series and name not in ("global", "personalized", "local", "centralized"):
             summary.append([labels.get(name, name.replace("_", " ")), None, v])
     facts = [["devices", m.get("devices")], ["rounds", m.get("rounds")], ["scheme", m.get("scheme")],
              ["personal tensors", ", ".join(m.get("personal") or []) or "none"],
@@ -302,8 +307,9 @@ def render_html(m: dict, plots: list[str]) -> str:
     dev_rows = [[r.get("device_id"), r.get("subject"), r.get("backend"), r.get("n_train"), r.get("n_test"),
                  r.get("rounds_participated"), *[r.get(f"accuracy_{k}") for k in dev_methods],
                  *[r.get(k) for k in extra]] for r in rows]
-    figs = "\n".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(PLOTS[p])}">'
-                     f"<figcaption>{html.escape(PLOTS[p])}</figcaption></figure>" for p in plots)
+    caps = {**PLOTS, **PERSONAL_PLOTS}
+    figs = "\n".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(caps[p])}">'
+                     f"<figcaption>{html.escape(caps[p])}</figcaption></figure>" for p in plots)
     errors = m.get("errors") or []
     err_html = ("<h2>Errors</h2><ul>" + "".join(f"<li>{html.escape(str(e))}</li>" for e in errors) + "</ul>"
                 if errors else "")
@@ -353,7 +359,8 @@ def write_report(run_dir: Path) -> Path:
     if device_methods(rows):
         plot_device_accuracy(rows, run_dir / "device_accuracy.png")
         plots.insert(1, "device_accuracy.png")
-    if len(device_methods(rows)) > 1:
+    if len(device_methods(rows)) > 1 and any(r.get(f"accuracy_{m}") is not None for r in rows
+                                             for m in ("ditto", "finetune", "head", "bias")):
         plot_device_bars(rows, run_dir / "personal.png")
         plots.insert(2, "personal.png")
     if (m.get("continual") or {}).get("runs"):

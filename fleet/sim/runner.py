@@ -20,14 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.compiler.pipeline import (
-    PipelineError,
-    build_plan,
-    float_batch,
-    mark_personal,
-    personal_names,
-    pretrain,
-)
+from fleet.compiler.pipeline import PipelineError, build_plan, float_batch, mark_personal, pretrain
 from fleet.sim.config import SimConfig
 from fleet.sim.errors import SimulationError
 
@@ -201,11 +194,10 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     cfg = replace(cfg, devices=len(scenario.devices))  # NOTE: the fleet is what is left (goal, selection, hello)
     try:
         plan, _report, res.scheme = build_plan(cfg, scenario)
-        names = personal_names(plan, cfg.personal, cfg.personalization.method)
-        plan = mark_personal(plan, names)
+        plan = mark_personal(plan, cfg.personal)
     except (PipelineError, ValueError) as e:
         raise SimulationError(str(e)) from None
-    res.personal = names
+    res.personal = list(cfg.personal)
     res.personalization = cfg.personalization.method or ""
     res.plan_sram_bytes = plan_sram(plan)
     bar.update("setup", advance=1, info=f"plan {res.scheme}")
