@@ -162,6 +162,7 @@ def plot_prequential(runs: list[dict], path: Path) -> None:
             ax.axvline(run["drift_round"] - 0.5, color="#7f7f7f", ls=":")
             title += ", drift"
         ax.set(title=title, xlabel="round", ylim=(0, 1.02))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(True, alpha=0.3)
     axes[0, 0].set_ylabel("prequential accuracy")
     axes[0, -1].legend(fontsize=7, loc="lower right")
