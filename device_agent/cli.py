@@ -61,6 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sram", type=int, default=320 * 1024, help="bytes of SRAM announced in hello")
     p.add_argument("--flash", type=int, default=1024 * 1024)
     p.add_argument("--capacity", type=int, default=2048, help="sample buffer capacity")
+    p.add_argument("--buffer-policy", choices=("fifo", "reservoir"), default="fifo",
+                   help="which samples a full buffer keeps: the newest (fifo) or a uniform sample (reservoir)")
+    p.add_argument("--personalize", choices=("ditto", "finetune", "head", "bias"),
+                   help="train a personal copy after each model update (docs/personalization.md; it never leaves)")
+    p.add_argument("--personal-steps", type=int, default=20, help="local steps per model update (--personalize)")
+    p.add_argument("--personal-lr", type=float, default=0.05, help="learning rate of the personal steps")
+    p.add_argument("--ditto-lambda", type=float, default=0.1, help="Ditto's pull toward the global model, [0, 1]")
     p.add_argument("--ca-file"), p.add_argument("--cert-file"), p.add_argument("--key-file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state", type=Path, help="file that keeps the delta counter (and the trainer's rounding "
@@ -196,12 +203,22 @@ def run(args: argparse.Namespace) -> int:
                              f"{args.capacity}")
     state_file = args.state or args.data.with_suffix(".state.json")
     state = _load_state(state_file)
-    buf = SampleBuffer(args.capacity, x.shape[1:], x.dtype, seed=args.seed)
+    buf = SampleBuffer(args.capacity, x.shape[1:], x.dtype, policy=args.buffer_policy, seed=args.seed)
     buf.add(x, y)
     trainer = Trainer(plan)
     trainer.step = state["trainer_step"]
+    pers = None
+    if args.personalize:
+        from device_agent.engine.personal import Personalizer, PersonalSpec
+
+        try:
+            pers = Personalizer(plan, PersonalSpec(args.personalize, args.personal_steps, args.personal_lr,
+                                                   round(args.ditto_lambda * 32768)))
+        except ValueError as e:
+            raise CliError(f"--personalize {args.personalize}: {e}") from None
     proto = DeviceProtocol(Identity(args.id, args.board, args.sram, args.flash), plan, trainer,
-                           WireDeviceCodec(plan, verify), buf, counter=state["counter"], seed=args.seed)
+                           WireDeviceCodec(plan, verify), buf, counter=state["counter"], seed=args.seed,
+                           personalizer=pers)
     _persist_state(proto, state_file, state)
     try:
         agent = DeviceAgent(url, args.fleet, proto, keepalive=args.keepalive, will_delay=args.will_delay,
@@ -239,6 +256,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise CliError(f"--board {args.board!r}: expected 1-64 letters, digits, '.', '_' or '-'") from None
     if args.capacity < 1:
         raise CliError(f"--capacity must be >= 1, got {args.capacity}")
+    if args.personal_steps < 0 or not args.personal_lr > 0 or not 0 <= args.ditto_lambda <= 1:
+        raise CliError(f"--personal-steps must be >= 0, --personal-lr > 0 and --ditto-lambda in [0, 1], got "
+                       f"{args.personal_steps}, {args.personal_lr}, {args.ditto_lambda}")
     for name in ("sram", "flash"):
         if not 0 <= getattr(args, name) < 2**32:
             raise CliError(f"--{name} must be in 0..2**32-1 bytes, got {getattr(args, name)}")

@@ -5,7 +5,9 @@ is a call into an injected trainer (the engine's ``Trainer``); encoding and deco
 injected :class:`DeviceCodec` (``device_agent.wire``). The machine is strict: a task for another plan, an older
 round or another model version, and a model update that is not newer than what it holds, change nothing (they
 come back as :class:`Note` outputs saying why). Personal tensors train but never leave: the delta covers the
-shared trainable tensors only, and a model update never overwrites personal ones. A task the device cannot train
+shared trainable tensors only, and a model update never overwrites personal ones. With a personalizer
+(``device_agent/engine/personal.py``) the device also trains its personal copy on its buffer after each model
+update; that copy is only ever read locally (:meth:`DeviceProtocol.personal_model`). A task the device cannot train
 (another plan, a model hash it does not hold, no or bad samples, a trainer error) is answered with a ``failed``
 status naming the round, so the coordinator stops waiting for it (docs/protocol.md, "status").
 """
@@ -176,8 +178,9 @@ class DeviceProtocol:
     """One device. ``counter`` must persist across reboots on a real board (flash); pass it back in."""
 
     def __init__(self, identity: Identity, plan, trainer: LocalTrainer, codec: DeviceCodec, buffer: SampleBuffer,
-                 counter: int = 0, seed: int = 0):
+                 counter: int = 0, seed: int = 0, personalizer=None):
         self.id, self.plan, self.trainer, self.codec, self.buffer = identity, plan, trainer, codec, buffer
+        self.personalizer = personalizer  # engine.personal.Personalizer or None
         self.shared_ids = sorted(t.id for t in plan.trainable if not t.personal)
         self.state = DeviceState.OFF
         self.version, self.model_hash = -1, ""
@@ -271,10 +274,30 @@ class DeviceProtocol:
         self.version, self.model_hash = upd.new_version, upd.hash
         self.state = DeviceState.READY
         out: list[DeviceOutput] = [Note("model", f"v{self.version}")]
+        out += self._personalize()
         if self.pending is not None:
             task, self.pending = self.pending, None
             out += self._run(task)
         return out
+
+    def _personalize(self) -> list[DeviceOutput]:
+        """Train the personal copy on the buffer, on top of the model just received (nothing is published)."""
+        p = self.personalizer
+        if p is None or len(self.buffer) == 0 or p.spec.steps == 0:
+            return []
+        rng = np.random.default_rng([self.seed, self.version, 0x9E5])  # NOTE: apart from any round's stream
+        reference = self.trainer.trainable_state()
+        try:
+            p.update(self.trainer, reference, lambda _k: self.buffer.batch(p.spec.batch_size, rng))
+        except Exception as e:  # noqa: BLE001  NOTE: a failed personalization keeps the last personal copy
+            self.trainer.load_trainable(reference)
+            return [Note("personalize_error", f"{type(e).__name__}: {e}")]
+        return [Note("personalized", f"{p.spec.method} v{self.version}")]
+
+    def personal_model(self) -> dict[int, np.ndarray]:
+        """The model this device predicts with: what it holds, with its personal copy over it (local use only)."""
+        held = self.trainer.trainable_state()
+        return held if self.personalizer is None else self.personalizer.model(held)
 
     def _task(self, payload: bytes) -> list[DeviceOutput]:
         try:

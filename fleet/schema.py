@@ -121,6 +121,45 @@ class RateLimitsConfig:
                        if not getattr(self, k) >= 1]
 
 
+PERSONAL_METHODS = ("ditto", "finetune", "head", "bias")  # device_agent/engine/personal.py METHODS (fallback order)
+
+
+@dataclass
+class PersonalizationConfig:
+    """How each device builds its personal model (device_agent/engine/personal.py, docs/personalization.md)."""
+
+    method: str | None = None  # ditto | finetune | head | bias; None: no personal model beyond `personal`
+    steps: int = 20  # local steps on the device's buffer after each model update
+    lr: float | None = None  # None: the fleet's lr
+    ditto_lambda: float = 0.1  # Ditto's pull toward the global model per step (lr * lambda), in [0, 1]
+    new_user_steps: int = 30  # simulate: steps a new user personalizes for after joining
+    compare: list[str] = field(default_factory=lambda: list(PERSONAL_METHODS))  # simulate: methods measured
+    device_sram: list[int] = field(default_factory=list)  # SRAM budget per device (bytes, cycled); []: the board's
+
+    def validate(self) -> list[str]:
+        errs = []
+        if self.method is not None and self.method not in PERSONAL_METHODS:
+            errs.append(f"method: expected one of {', '.join(PERSONAL_METHODS)}, got {self.method!r}")
+        for key in ("steps", "new_user_steps"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                errs.append(f"{key}: must be a number of steps >= 0, got {v!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            errs.append(f"lr: must be a finite number > 0 (or absent: the fleet's lr), got {self.lr!r}")
+        if not (isinstance(self.ditto_lambda, (int, float)) and 0 <= self.ditto_lambda <= 1):
+            errs.append(f"ditto_lambda: must be in [0, 1], got {self.ditto_lambda!r}")
+        if not isinstance(self.compare, list) or any(m not in PERSONAL_METHODS for m in self.compare):
+            errs.append(f"compare: expected a list drawn from {', '.join(PERSONAL_METHODS)}, got {self.compare!r}")
+        if not isinstance(self.device_sram, list) or any(
+                isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in self.device_sram):
+            errs.append(f"device_sram: expected a list of SRAM budgets in bytes (> 0), got {self.device_sram!r}")
+        return errs
+
+    @property
+    def lam_q15(self) -> int:
+        return round(self.ditto_lambda * 32768)
+
+
 @dataclass
 class FleetConfig:
     """One fleet: where the broker is, how many devices, how rounds run, what they train on."""
@@ -128,7 +167,7 @@ class FleetConfig:
     # NOTE: keys only `tinyfleet simulate` reads (fleet/sim/config.py validates them); `serve` skips them, so
     # one YAML file serves both. tests/pure/test_config.py keeps this list equal to the simulator's extra fields.
     SIMULATOR_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"backend", "qemu_devices", "qemu", "workers", "baselines"})
+        {"backend", "qemu_devices", "qemu", "workers", "baselines", "new_users", "continual"})
 
     name: str = "tinyfleet"  # fleet name: topics live under tinyfleet/<name>/
     broker: str = "embedded"  # "embedded" (simulate only: a mosquitto subprocess) or mqtt://[user:pass@]host:port
@@ -145,6 +184,7 @@ class FleetConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     personal: list[str] = field(default_factory=list)  # trainable tensors kept on each device, e.g. [classifier.bias]
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     aggregator: str = "fedavg"  # fedavg | clipped | median | trimmed (fleet/aggregate.py)
     clip: float = 0.0  # L2 clip (integer weight units) for the clipped aggregator
     trim: float = 0.1  # fraction trimmed at each end for the trimmed aggregator

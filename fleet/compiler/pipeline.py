@@ -31,7 +31,10 @@ class PipelineError(ValueError):
 
 
 def plan_for(cfg: FleetConfig, scenario: Scenario) -> ir.Plan:
-    """The plan a fleet trains: :func:`build_plan`, then ``cfg.personal`` marked (:func:`mark_personal`)."""
+    """The plan a fleet trains: :func:`build_plan`, then ``cfg.personal`` marked (:func:`mark_personal`).
+
+    Personalization methods (``cfg.personalization``) mark nothing: their personal copy lives beside the
+    shared model on the device (device_agent/engine/personal.py)."""
     plan, _, _ = build_plan(cfg, scenario)
     try:
         return mark_personal(plan, cfg.personal)

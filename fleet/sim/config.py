@@ -38,6 +38,25 @@ class QemuConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """Continual evaluation (fleet/sim/continual.py): each device's stream in time order, tested then trained."""
+
+    prequential: bool = True  # measure prequential accuracy per round for global, local and every method
+    buffer_capacity: int = 0  # samples a device keeps (0: its whole stream)
+    policies: list[str] = field(default_factory=lambda: ["fifo", "reservoir"])  # buffer policies compared
+    drift: bool = True  # also run the drift case: halfway, each stream switches to another user's data
+
+    def validate(self) -> list[str]:
+        errs = []
+        if isinstance(self.buffer_capacity, bool) or not isinstance(self.buffer_capacity, int) or self.buffer_capacity < 0:
+            errs.append(f"buffer_capacity: must be a number of samples >= 0 (0: all), got {self.buffer_capacity!r}")
+        if not isinstance(self.policies, list) or not self.policies or any(
+                p not in ("fifo", "reservoir") for p in self.policies):
+            errs.append(f"policies: expected a non-empty list drawn from fifo, reservoir, got {self.policies!r}")
+        return errs
+
+
+@dataclass
 class SimConfig(FleetConfig):
     """A fleet as ``tinyfleet simulate`` runs it: which backend each device uses, and the in-run baselines."""
 
@@ -46,6 +65,10 @@ class SimConfig(FleetConfig):
     qemu: QemuConfig = field(default_factory=QemuConfig)
     workers: int | None = None  # processes for backend python devices (fleet/sim/workers.py); None: CPU count, 0: none
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # measured in the same run; [] for none
+    # users held out of training (a count: the last N devices of the scenario; or a list of device indices):
+    # they join after the run, get the global model and personalize (fleet/sim/newusers.py)
+    new_users: int | list[int] = 0
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def validate(self) -> list[str]:
         errs = super().validate()
@@ -56,10 +79,35 @@ class SimConfig(FleetConfig):
                         f"got {self.workers!r}")
         if self.qemu_devices is not None and not 0 <= self.qemu_devices <= self.devices:
             errs.append(f"qemu_devices: must be in 0..devices ({self.devices}), got {self.qemu_devices}")
+        errs += self._new_user_errors()
         bad = [b for b in self.baselines if b not in BASELINES] if isinstance(self.baselines, list) else [self.baselines]
         if bad:
             errs.append(f"baselines: expected a list drawn from {', '.join(BASELINES)}, got {bad}")
         return errs
+
+
+    def _new_user_errors(self) -> list[str]:
+        nu = self.new_users
+        if isinstance(nu, bool) or not isinstance(nu, (int, list)):
+            return [f"new_users: expected a count or a list of device indices, got {nu!r}"]
+        idx = self.new_user_indices() if isinstance(nu, list) else []
+        if isinstance(nu, int) and not 0 <= nu < self.devices:
+            return [f"new_users: must leave at least one fleet device: 0..{self.devices - 1}, got {nu}"]
+        if isinstance(nu, list) and (any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.devices
+                                         for i in nu) or len(set(idx)) != len(nu) or len(nu) >= self.devices):
+            return [(f"new_users: expected distinct device indices in 0..{self.devices - 1}, fewer than devices, "
+                     f"got {nu!r}")]
+        held = len(idx) if isinstance(nu, list) else nu
+        if self.goal is not None and self.goal > self.devices - held:
+            return [f"goal: {self.goal} is more than the {self.devices} devices minus the {held} new users"]
+        return []
+
+    def new_user_indices(self) -> list[int]:
+        """Scenario device indices held out as new users (ascending)."""
+        nu = self.new_users
+        if isinstance(nu, list):
+            return sorted(nu)
+        return list(range(self.devices - nu, self.devices)) if nu else []
 
 
 def load_sim_config(path: str | Path, **overrides: Any) -> SimConfig:

@@ -21,12 +21,23 @@ METHODS = (  # metrics key suffix, label, colour
     ("local", "local-only (no fleet)", "#ff7f0e"),
     ("centralized", "centralized fp32 (upper bound)", "#7f7f7f"),
 )
+PERSONAL_METHODS = (  # replayed personalization methods (fleet/sim/personalize.py), same layout
+    ("ditto", "Ditto personal model", "#9467bd"),
+    ("finetune", "fine-tuned personal model", "#8c564b"),
+    ("head", "personal head", "#e377c2"),
+    ("bias", "personal bias", "#17becf"),
+)
 PLOTS = {  # file -> caption
     "accuracy.png": "Accuracy per round on every device's held-out slice (pooled windows)",
     "device_accuracy.png": "Per-device accuracy at the end of the run, by method",
     "bytes.png": "MQTT bytes per selected device per round",
     "participation.png": "Participation and dropout per round",
     "memory.png": "Per-device memory: planned by the compiler (host devices) or measured (boards)",
+}
+PERSONAL_PLOTS = {  # drawn when the run measured personalization methods / continual evaluation
+    "personal.png": "Per-device accuracy of each model (global, local-only, each personalization method)",
+    "prequential.png": "Prequential (test-then-train) accuracy per round over each device's stream, pooled; "
+                       "one panel per buffer policy, and the drift case (dotted line: the stream switches user)",
 }
 
 
@@ -56,8 +67,9 @@ def round_series(m: dict) -> dict[str, list[float]]:
 
 
 def device_methods(rows: list[dict]) -> list[str]:
-    """Methods with at least one per-device accuracy in the table, in METHODS order."""
-    return [name for name, _, _ in METHODS if any(r.get(f"accuracy_{name}") is not None for r in rows)]
+    """Methods with at least one per-device accuracy in the table, in METHODS then PERSONAL_METHODS order."""
+    return [name for name, _, _ in (*METHODS, *PERSONAL_METHODS)
+            if any(r.get(f"accuracy_{name}") is not None for r in rows)]
 
 
 # --- plots ----------------------------------------------------------------------------------------------------
@@ -88,7 +100,7 @@ def _save(plt, fig, path: Path) -> None:
 def plot_accuracy(m: dict, path: Path) -> None:
     plt, fig, ax = _figure()
     series = round_series(m)
-    style = {name: (label, colour) for name, label, colour in METHODS}
+    style = {name: (label, colour) for name, label, colour in (*METHODS, *PERSONAL_METHODS)}
     for name, accs in series.items():
         xs = list(range(1, len(accs) + 1))
         if name == "global" and "accuracy_initial" in m:  # round 0: the deployed model before any training
@@ -106,7 +118,7 @@ def plot_device_accuracy(rows: list[dict], path: Path) -> None:
 
     plt, fig, ax = _figure()
     names = device_methods(rows)
-    style = {name: (label, colour) for name, label, colour in METHODS}
+    style = {name: (label, colour) for name, label, colour in (*METHODS, *PERSONAL_METHODS)}
     rng = np.random.default_rng(0)  # jitter only
     for i, name in enumerate(names):
         vals = [r[f"accuracy_{name}"] for r in rows if r.get(f"accuracy_{name}") is not None]
@@ -116,6 +128,57 @@ def plot_device_accuracy(rows: list[dict], path: Path) -> None:
                   fontsize=8)
     ax.set(ylabel="accuracy on the device's test slice", ylim=(0, 1.02), xlim=(-0.6, max(len(names), 1) - 0.4))
     _save(plt, fig, path)
+
+
+def plot_device_bars(rows: list[dict], path: Path) -> None:
+    """Grouped bars: one group per device, one bar per model."""
+    import numpy as np
+
+    names = device_methods(rows)
+    style = {name: (label, colour) for name, label, colour in (*METHODS, *PERSONAL_METHODS)}
+    plt, fig, ax = _figure(width=max(7.0, 0.35 * len(rows) * max(len(names), 1) / 3))
+    x = np.arange(len(rows))
+    w = 0.8 / max(len(names), 1)
+    for k, name in enumerate(names):
+        ax.bar(x - 0.4 + w * (k + 0.5), [r.get(f"accuracy_{name}") or 0 for r in rows], w, label=style[name][0],
+               color=style[name][1])
+    ax.set_xticks(x, [r.get("device_id", str(i)) for i, r in enumerate(rows)], rotation=90, fontsize=6)
+    ax.set(ylabel="accuracy on the device's test slice", ylim=(0, 1.02))
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    _save(plt, fig, path)
+
+
+def plot_prequential(runs: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.4), dpi=100, squeeze=False, sharey=True)
+    style = {name: (label, colour) for name, label, colour in (*METHODS, *PERSONAL_METHODS)}
+    for ax, run in zip(axes[0], runs):
+        for name, curve in run["prequential"].items():
+            xs = [i + 1 for i, a in enumerate(curve) if a is not None]
+            ax.plot(xs, [a for a in curve if a is not None], marker="o", ms=3, color=style.get(name, ("", None))[1],
+                    label=style.get(name, (name,))[0])
+        title = f"{run['policy']} buffer ({run['capacity'] or 'all'})"
+        if run.get("drift_round"):
+            ax.axvline(run["drift_round"] - 0.5, color="#7f7f7f", ls=":")
+            title += ", drift"
+        ax.set(title=title, xlabel="round", ylim=(0, 1.02))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, alpha=0.3)
+    axes[0, 0].set_ylabel("prequential accuracy")
+    axes[0, -1].legend(fontsize=7, loc="lower right")
+    _save(plt, fig, path)
+
+
+def continual_rows(m: dict) -> list[list[object]]:
+    """Per continual run and model: final prequential, mean prequential, forgetting, recovery rounds."""
+    out = []
+    for run in (m.get("continual") or {}).get("runs", []):
+        case = f"{run['policy']}{' + drift' if run.get('drift_round') else ''}"
+        for name, curve in run["prequential"].items():
+            got = [a for a in curve if a is not None]
+            out.append([case, name, got[-1] if got else None, sum(got) / len(got) if got else None,
+                        (run.get("forgetting") or {}).get(name), (run.get("recovery_rounds") or {}).get(name)])
+    return out
 
 
 def plot_bytes(m: dict, path: Path) -> None:
@@ -206,12 +269,19 @@ def render_html(m: dict, plots: list[str]) -> str:
     rows = m.get("per_device") or []
     series = round_series(m)
     means = m.get("accuracy_mean_per_device") or {}
-    labels = {name: label for name, label, _ in METHODS}
+    labels = {name: label for name, label, _ in (*METHODS, *PERSONAL_METHODS)}
     summary = [["method", "final accuracy (pooled)", "mean of per-device accuracies"]]
     for name, accs in series.items():
         summary.append([labels[name], accs[-1], means.get(name)])
+    for name, v in means.items():  # replayed methods and new users: per-device means only
+        if name not in series and name not in ("global", "personalized", "local", "centralized"):
+            summary.append([labels.get(name, name.replace("_", " ")), None, v])
     facts = [["devices", m.get("devices")], ["rounds", m.get("rounds")], ["scheme", m.get("scheme")],
              ["personal tensors", ", ".join(m.get("personal") or []) or "none"],
+             ["personalization (devices)", m.get("personalization") or "none"],
+             ["methods used after memory fallback", ", ".join(f"{k}: {v}" for k, v in
+                                                             (m.get("personal_methods") or {}).items()) or "–"],
+             ["new users (held out)", ", ".join(m.get("new_users") or []) or "none"],
              ["initial accuracy", m.get("accuracy_initial")], ["plan blob (bytes)", m.get("plan_bytes")],
              ["plan SRAM (bytes)", m.get("plan_sram_bytes")], ["devices dropped (sum over rounds)",
                                                               m.get("devices_dropped")],
@@ -231,15 +301,16 @@ def render_html(m: dict, plots: list[str]) -> str:
         per_round_header.append("DP epsilon (cumulative)")
     per_round = [[i + 1, *[c[i] if i < len(c) else None for c in cols]] for i in range(n)]
     dev_methods = device_methods(rows)
-    extra = [k for k in ("sram_bytes", "flash_bytes", "instructions_per_step", "memory_source")
+    extra = [k for k in ("personalization", "sram_bytes", "flash_bytes", "instructions_per_step", "memory_source")
              if any(r.get(k) is not None for r in rows)]
     dev_header = ["device", "subject", "backend", "train", "test", "rounds in", *[labels[k] for k in dev_methods],
                   *extra]
     dev_rows = [[r.get("device_id"), r.get("subject"), r.get("backend"), r.get("n_train"), r.get("n_test"),
                  r.get("rounds_participated"), *[r.get(f"accuracy_{k}") for k in dev_methods],
                  *[r.get(k) for k in extra]] for r in rows]
-    figs = "\n".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(PLOTS[p])}">'
-                     f"<figcaption>{html.escape(PLOTS[p])}</figcaption></figure>" for p in plots)
+    caps = {**PLOTS, **PERSONAL_PLOTS}
+    figs = "\n".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(caps[p])}">'
+                     f"<figcaption>{html.escape(caps[p])}</figcaption></figure>" for p in plots)
     errors = m.get("errors") or []
     err_html = ("<h2>Errors</h2><ul>" + "".join(f"<li>{html.escape(str(e))}</li>" for e in errors) + "</ul>"
                 if errors else "")
@@ -255,6 +326,7 @@ centralized fine-tunes the fp32 model on every device's training data pooled, on
 {_table(["run", "value"], facts, "facts")}
 <h2>Plots</h2>
 {figs}
+{_continual_html(m)}
 <h2>Per round</h2>
 {_table(per_round_header, per_round, "rounds")}
 <h2>Per device</h2>
@@ -262,6 +334,18 @@ centralized fine-tunes the fp32 model on every device's training data pooled, on
 {err_html}
 </body></html>
 """
+
+
+def _continual_html(m: dict) -> str:
+    rows = continual_rows(m)
+    if not rows:
+        return ""
+    return ("<h2>Continual evaluation</h2><p class=\"note\">Prequential: each round a device first predicts its next "
+            "chunk of stream, then trains on it. Forgetting: accuracy on the first user's held-out data just before "
+            "the drift minus at the end. Recovery: rounds after the drift until prequential accuracy is back "
+            "within 0.05 of its pre-drift mean.</p>"
+            + _table(["case", "model", "final prequential", "mean prequential", "forgetting", "recovery rounds"],
+                     rows, "continual"))
 
 
 def write_report(run_dir: Path) -> Path:
@@ -276,6 +360,13 @@ def write_report(run_dir: Path) -> Path:
     if device_methods(rows):
         plot_device_accuracy(rows, run_dir / "device_accuracy.png")
         plots.insert(1, "device_accuracy.png")
+    if len(device_methods(rows)) > 1 and any(r.get(f"accuracy_{m}") is not None for r in rows
+                                             for m in ("ditto", "finetune", "head", "bias")):
+        plot_device_bars(rows, run_dir / "personal.png")
+        plots.insert(2, "personal.png")
+    if (m.get("continual") or {}).get("runs"):
+        plot_prequential(m["continual"]["runs"], run_dir / "prequential.png")
+        plots.insert(3, "prequential.png")
     if any(r.get(k) is not None for r in rows for k in ("sram_bytes", "flash_bytes", "instructions_per_step")):
         plot_memory(rows, run_dir / "memory.png")
         plots.append("memory.png")

@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +62,16 @@ class SimResult:
     accuracy_centralized_per_round: list[float] = field(default_factory=list)  # fp32, pooled data, epoch per round
     personal: list[str] = field(default_factory=list)  # names of the personal tensors
     accuracy_mean_per_device: dict[str, float] = field(default_factory=dict)  # method -> mean of per-device finals
+    personalization: str = ""  # the method devices were asked for (personalization.method); "" none
+    personal_methods: dict[str, int] = field(default_factory=dict)  # method a device used (after fallback) -> count
+    new_users: list[str] = field(default_factory=list)  # device ids held out of training
+    continual: dict = field(default_factory=dict)  # fleet/sim/personalize.py prequential (+ drift), metrics.json
     per_device: list[dict] = field(default_factory=list)  # metrics.json only (not the printed JSON line)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("per_device")
+        d.pop("continual")
         for k, v in d.items():
             if isinstance(v, float):
                 d[k] = round(v, 4)
@@ -142,24 +147,28 @@ class _Watcher:
 
 
 def run_simulation(cfg: SimConfig, out_dir: Path | None = None, progress: bool = True,
-                   stop: threading.Event | None = None) -> SimResult:
-    """Run ``cfg`` end to end; Ctrl-C (KeyboardInterrupt) or ``stop`` ends early with the finished rounds."""
+                   stop: threading.Event | None = None, probe=None) -> SimResult:
+    """Run ``cfg`` end to end; Ctrl-C (KeyboardInterrupt) or ``stop`` ends early with the finished rounds.
+
+    ``probe(agents)``, if given, is called with the device agents after the last round, before they stop (tests
+    read what devices hold privately, e.g. the traffic audit's personal models)."""
     res = SimResult(devices=cfg.devices, broker=cfg.broker, aggregator="dp" if cfg.dp else cfg.aggregator)
     bar = _Progress(progress, cfg)
     try:
         with ExitStack() as stack:
             stack.callback(bar.stop)
-            _run(cfg, out_dir, bar, res, stack, stop or threading.Event())
+            _run(cfg, out_dir, bar, res, stack, stop or threading.Event(), probe)
     except KeyboardInterrupt:
         res.interrupted = True
     return res
 
 
 def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, stack: ExitStack,
-         stop: threading.Event) -> None:
+         stop: threading.Event, probe=None) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent.buffer import SampleBuffer
+    from device_agent.engine.personal import Personalizer
     from device_agent.engine.trainer import Trainer
     from device_agent.mqtt import DeviceAgent
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
@@ -177,12 +186,19 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     except (ValueError, FileNotFoundError) as e:
         raise SimulationError(f"dataset: {e}") from None
     bar.update("setup", advance=1, info="data")
+    held = set(cfg.new_user_indices())
+    newcomers = [d for i, d in enumerate(scenario.devices) if i in held]
+    scenario.devices = [d for i, d in enumerate(scenario.devices) if i not in held]
+    res.new_users = [d.device_id for d in newcomers]
+    res.devices = len(scenario.devices)
+    cfg = replace(cfg, devices=len(scenario.devices))  # NOTE: the fleet is what is left (goal, selection, hello)
     try:
         plan, _report, res.scheme = build_plan(cfg, scenario)
         plan = mark_personal(plan, cfg.personal)
     except (PipelineError, ValueError) as e:
         raise SimulationError(str(e)) from None
     res.personal = list(cfg.personal)
+    res.personalization = cfg.personalization.method or ""
     res.plan_sram_bytes = plan_sram(plan)
     bar.update("setup", advance=1, info=f"plan {res.scheme}")
     if out_dir is not None:
@@ -217,12 +233,16 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     streams: list = []  # boards storing their device's samples (Futures)
     agents: list[DeviceAgent] = []
     stack.callback(lambda: [a.stop(graceful=True) for a in agents])
+    specs, used = _personal_specs(cfg, plan, res.plan_sram_bytes, board_sram, slots)
     for i, dd in enumerate(scenario.devices):
+        sram = cfg.personalization.device_sram[i % len(cfg.personalization.device_sram)] \
+            if cfg.personalization.device_sram else board_sram
         if slots[i].host is not None:  # fleet/sim/workers.py: protocol, trainer and samples live in a worker
             proto = slots[i].host.device(
-                i, Identity(dd.device_id, cfg.model.board, board_sram, 1_000_000), verifier,
+                i, Identity(dd.device_id, cfg.model.board, sram, 1_000_000), verifier,
                 quantize(dd.x_train, scale, zp) if dd.n_train else None, dd.y_train.astype(np.int32),
-                (max(1, dd.n_train), tuple(scenario.input_shape), np.int8, cfg.seed + i), seed=cfg.seed + i)
+                (max(1, dd.n_train), tuple(scenario.input_shape), np.int8, cfg.seed + i), seed=cfg.seed + i,
+                personal=specs[i])
             agents.append(DeviceAgent(url, cfg.name, proto, executor=slots[i].executor).start(timeout=None))
             continue
         buf = SampleBuffer(max(1, dd.n_train), tuple(scenario.input_shape), np.int8, seed=cfg.seed + i)
@@ -231,8 +251,9 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
             buf.add(xq, yq)
             if slots[i].on_samples is not None:  # a board keeps its samples: they reach it once, as its stream
                 streams.append(slots[i].on_samples(xq, yq))
-        proto = DeviceProtocol(Identity(dd.device_id, cfg.model.board, board_sram, 1_000_000), plan, slots[i].trainer,
-                               WireDeviceCodec(plan, verifier), buf, seed=cfg.seed + i)
+        pers = Personalizer(plan, specs[i]) if specs[i] is not None else None
+        proto = DeviceProtocol(Identity(dd.device_id, cfg.model.board, sram, 1_000_000), plan, slots[i].trainer,
+                               WireDeviceCodec(plan, verifier), buf, seed=cfg.seed + i, personalizer=pers)
         agents.append(DeviceAgent(url, cfg.name, proto, executor=slots[i].executor or pool).start(timeout=None))
     deadline = time.monotonic() + 30
     online = 0
@@ -258,6 +279,9 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         return evaluator.evaluate(xq_test, y_test.astype(np.int32))
 
     res.accuracy_initial = accuracy()
+    res.personal_methods = {m: used.count(m) for m in sorted(set(used))} if cfg.personalization.method else {}
+    initial = {t.id: np.array(t.data, copy=True) for t in plan.trainable}
+    globals_: list[dict] = []  # every trainable tensor after each round (personal ones: initial values)
     for r in range(cfg.rounds):
         if stop.is_set():
             res.interrupted = True
@@ -300,19 +324,47 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         res.selected_per_round.append(len(watcher.selected))
         res.devices_dropped += len(watcher.selected - set(closed.accepted))
         res.accuracy_per_round.append(accuracy())
+        globals_.append({**initial, **link.call(lambda c: {k: v.copy() for k, v in c.state.items()})})
         for dev in closed.accepted:
             participation[dev] = participation.get(dev, 0) + 1
-        if res.personal:
-            res.accuracy_personalized_per_round.append(_personalized(link, evaluator, agents, slices)[0])
+        if res.personal or res.personalization:
+            res.accuracy_personalized_per_round.append(
+                _personalized(link, evaluator, agents, slices, bool(res.personalization))[0])
         res.rounds += 1
         bar.update("rounds", advance=1, info=f"acc {res.accuracy_per_round[-1]:.3f}")
+    if probe is not None:
+        probe(agents)
     res.model_version = link.call(lambda c: c.version) if not res.interrupted else res.model_version
     res.devices_offline = link.call(lambda c: sum(not rec.online for rec in c.registry.devices.values()))
     res.errors = link.errors + [f"{a.device_id}: {n[1]}" for a in agents for n in a.notes if n[0] == "error"]
     if res.rounds:
         _final_metrics(cfg, scenario, plan, link, evaluator, agents, slots, slices, participation, res)
+        for i, m in enumerate(used):
+            res.per_device[i]["personalization"] = m
+        if not res.interrupted:
+            _personal_metrics(cfg, plan, initial, globals_, slices, _device_slices_of(newcomers, scale, zp),
+                              [int(d.subject) for d in scenario.devices], res)
     if out_dir is not None:
         _write_run(out_dir, res)
+
+
+def _personal_specs(cfg: SimConfig, plan, plan_sram: int, board_sram: int, slots) -> tuple[list, list[str]]:
+    """Per device: the engine PersonalSpec it runs (None: none) and the method it uses after the memory fallback
+    (fleet/compiler/personal.py); boards (qemu) do not personalize yet: "none"."""
+    from device_agent.engine.personal import PersonalSpec
+    from fleet.compiler.personal import choose_method
+
+    pc = cfg.personalization
+    specs: list = []
+    used: list[str] = []
+    for i, slot in enumerate(slots[:cfg.devices]):
+        sram = pc.device_sram[i % len(pc.device_sram)] if pc.device_sram else board_sram
+        m = choose_method(plan, pc.method, plan_sram, sram) if pc.method else "none"
+        if slot.backend != "python":  # NOTE: the firmware side of personalization is a later piece of work
+            m = "none"
+        used.append(m)
+        specs.append(None if m == "none" else PersonalSpec(m, pc.steps, pc.lr or cfg.lr, pc.lam_q15))
+    return specs, used
 
 
 def _settle(agents, version: int | None, timeout: float = 10.0) -> None:
@@ -331,15 +383,62 @@ def _settle(agents, version: int | None, timeout: float = 10.0) -> None:
 
 
 def _device_slices(scenario, scale: float, zp: int) -> list:
+    return _device_slices_of(scenario.devices, scale, zp)
+
+
+def _device_slices_of(devices, scale: float, zp: int) -> list:
     from fleet.scenarios.base import quantize
     from fleet.sim.baselines import DeviceSlice
 
     return [DeviceSlice(d.device_id, quantize(d.x_train, scale, zp), d.y_train.astype(np.int32),
-                        quantize(d.x_test, scale, zp), d.y_test.astype(np.int32)) for d in scenario.devices]
+                        quantize(d.x_test, scale, zp), d.y_test.astype(np.int32)) for d in devices]
 
 
-def _personalized(link, evaluator, agents, slices) -> tuple[float, list]:
-    """Pooled and per-device accuracy of the global model with each device's own personal tensors swapped in."""
+def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict], slices, newcomers,
+                      subjects: list[int], res: SimResult) -> None:
+    """Every method replayed on this run's global models (fleet/sim/personalize.py): per-device finals, new
+    users, prequential curves per buffer policy and the drift case."""
+    from fleet.sim import personalize as ps
+
+    pc = cfg.personalization
+    methods = list(pc.compare)
+    if not methods and not newcomers:
+        return
+    p = ps.Plain(cfg.local_steps, cfg.lr, pc.steps, pc.lr or cfg.lr, pc.lam_q15, cfg.seed)
+    if methods:
+        got = ps.compare_methods(plan, initial, globals_, slices, methods, p)
+        for name in methods:  # NOTE: "global" and "local" come from the run itself (_final_metrics)
+            _mean_into(res, name, got[name])
+            for row, a in zip(res.per_device, got[name]):
+                row[f"accuracy_{name}"] = None if a is None else round(float(a), 4)
+        if "local" not in res.accuracy_mean_per_device:
+            _mean_into(res, "local", got["local"])
+    if newcomers:
+        got = ps.new_users(plan, initial, globals_[-1], newcomers, methods, pc.new_user_steps, p)
+        for name, accs in got.items():
+            _mean_into(res, f"new_users_{name}", accs)
+    cc = cfg.continual
+    # NOTE: the stream replays cover the devices' own method only (or the first compared one): each model costs
+    # its training steps again per buffer policy and for the drift case
+    stream_methods = [pc.method] if pc.method else methods[:1]
+    if cc.prequential and stream_methods and len(globals_) >= 2:
+        runs = [ps.prequential(plan, initial, globals_, slices, subjects, stream_methods, p, pol,
+                               cc.buffer_capacity) for pol in cc.policies]
+        if cc.drift:
+            runs.append(ps.prequential(plan, initial, globals_, slices, subjects, stream_methods, p,
+                                       cc.policies[0], cc.buffer_capacity, drift=True))
+        res.continual = {"runs": runs}
+
+
+def _mean_into(res: SimResult, name: str, accs: list) -> None:
+    got = [a for a in accs if a is not None]
+    if got:
+        res.accuracy_mean_per_device[name] = round(float(np.mean(got)), 4)
+
+
+def _personalized(link, evaluator, agents, slices, whole: bool = False) -> tuple[float, list]:
+    """Pooled and per-device accuracy of the global model with each device's own personal tensors swapped in
+    (``whole``: every trainable tensor as the device predicts with it, personal copy included)."""
     from fleet.sim.baselines import device_accuracies, personal_ids, pooled
 
     ids = personal_ids(evaluator.plan)
@@ -347,8 +446,9 @@ def _personalized(link, evaluator, agents, slices) -> tuple[float, list]:
     personal: list[dict | None] = []
     for a in agents:
         try:
-            state = a.protocol.trainer.trainable_state()  # the harness reads it; the device never sends it
-            personal.append({i: state[i] for i in ids})
+            # the harness reads it; the device never sends it
+            state = a.protocol.personal_model() if whole else a.protocol.trainer.trainable_state()
+            personal.append(state if whole else {i: state[i] for i in ids})
         except (OSError, RuntimeError, KeyError):  # NOTE: a board that went away counts with the global values
             personal.append(None)
     accs = device_accuracies(evaluator, shared, slices, personal)
@@ -362,8 +462,8 @@ def _final_metrics(cfg: SimConfig, scenario, plan, link, evaluator, agents, slot
 
     shared = link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
     methods: dict[str, list] = {"global": bl.device_accuracies(evaluator, shared, slices)}
-    if res.personal:
-        methods["personalized"] = _personalized(link, evaluator, agents, slices)[1]
+    if res.personal or res.personalization:
+        methods["personalized"] = _personalized(link, evaluator, agents, slices, bool(res.personalization))[1]
     if "local" in cfg.baselines and not res.interrupted:
         per_round = bl.local_only(plan, slices, res.rounds, cfg.local_steps, cfg.lr, cfg.seed)
         res.accuracy_local_per_round = [bl.pooled(a, slices) for a in per_round]
@@ -403,6 +503,7 @@ def _write_run(out_dir: Path, res: SimResult) -> None:
 
     data = res.to_dict()
     data["per_device"] = res.per_device
+    data["continual"] = res.continual
     (out_dir / "metrics.json").write_text(json.dumps(data, indent=1, sort_keys=True))
     try:
         from fleet.sim.report import write_report

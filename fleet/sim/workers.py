@@ -24,7 +24,7 @@ import numpy as np
 
 # what the runner may ask of a device in its worker (method paths on the DeviceProtocol)
 CALLS = ("handle", "status", "last_will", "subscriptions", "set_session", "trainer.trainable_state",
-         "trainer.state_hash")
+         "trainer.state_hash", "personal_model")
 
 
 class WorkerError(RuntimeError):
@@ -61,8 +61,9 @@ class DeviceHost:
         self._verifiers: dict[tuple, object] = {}
 
     def add(self, idx: int, identity, verifier: tuple[str, bytes | None], buffer: tuple, x: np.ndarray | None,
-            y: np.ndarray | None, seed: int) -> None:
-        """Build device ``idx`` exactly as the in-process path: buffer ``(capacity, x_shape, dtype, seed)``."""
+            y: np.ndarray | None, seed: int, personal=None) -> None:
+        """Build device ``idx`` exactly as the in-process path: buffer ``(capacity, x_shape, dtype, seed)``;
+        ``personal``: an engine ``PersonalSpec`` (or None) for the device's personalizer."""
         from device_agent.buffer import SampleBuffer
         from device_agent.engine.trainer import Trainer
         from device_agent.protocol import DeviceProtocol, WireDeviceCodec
@@ -73,8 +74,14 @@ class DeviceHost:
         buf = SampleBuffer(capacity, tuple(shape), dtype, seed=buf_seed)
         if x is not None and len(x):
             buf.add(x, y)
+        pers = None
+        if personal is not None:
+            from device_agent.engine.personal import Personalizer
+
+            pers = Personalizer(self.plan, personal)
         self.devices[idx] = DeviceProtocol(identity, self.plan, Trainer(self.plan),
-                                           WireDeviceCodec(self.plan, self._verifiers[verifier]), buf, seed=seed)
+                                           WireDeviceCodec(self.plan, self._verifiers[verifier]), buf, seed=seed,
+                                           personalizer=pers)
 
     def call(self, idx: int, path: str, args: tuple) -> tuple[object, int]:
         """``path`` on device ``idx`` -> (result, the device's model version after it)."""
@@ -142,10 +149,10 @@ class WorkerPool:
         return value
 
     def device(self, idx: int, identity, verifier, x: np.ndarray | None, y: np.ndarray | None,
-               buffer: tuple, seed: int) -> RemoteProtocol:
+               buffer: tuple, seed: int, personal=None) -> RemoteProtocol:
         """Device ``idx`` built in its worker (``placement``); returns the runner-side stand-in for its protocol."""
         w = self.placement.get(idx, idx % len(self))
-        self.request(w, "add", idx, identity, _verifier_spec(verifier), buffer, x, y, seed)
+        self.request(w, "add", idx, identity, _verifier_spec(verifier), buffer, x, y, seed, personal)
         return RemoteProtocol(self, w, idx, identity)
 
     def close(self) -> None:
@@ -213,3 +220,6 @@ class RemoteProtocol:
 
     def subscriptions(self) -> list[str]:
         return self._call("subscriptions")
+
+    def personal_model(self) -> dict:
+        return self._call("personal_model")

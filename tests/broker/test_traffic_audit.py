@@ -101,3 +101,55 @@ def test_no_raw_sample_crosses_the_broker_and_dp_epsilon_is_reported(broker, tmp
     assert len(res.epsilon_per_round) == 2 and 0 < res.epsilon_per_round[0] < res.epsilon_per_round[1]
     assert res.aggregator == "dp"
     assert "DP epsilon (cumulative)" in (tmp_path / "run" / "index.html").read_text()
+
+
+def personal_pieces(personal: dict, held: dict) -> list[bytes]:
+    """Byte pieces of a device's personal model that differ from the model it holds from the fleet: each
+    CHUNK-long piece (or the whole tensor when shorter) that has at least one value the shared model lacks."""
+    out = []
+    for tid, p in personal.items():
+        g = held[tid]
+        if np.array_equal(p, g):
+            continue
+        pb, gb = np.ascontiguousarray(p).tobytes(), np.ascontiguousarray(g).tobytes()
+        n = min(CHUNK, len(pb))
+        out += [pb[o:o + n] for o in range(0, len(pb) - n + 1, max(1, n // 2)) if pb[o:o + n] != gb[o:o + n]]
+    return out
+
+
+def test_personal_models_never_cross_the_broker(broker, tmp_path):
+    # Prepare: devices personalize with Ditto; one device's SRAM affords only a smaller method (fallback)
+    from fleet.sim.runner import run_simulation
+
+    cfg = load_sim_config(ROOT / "configs/quickstart.yaml", broker=f"mqtt://{broker.url.host}:{broker.url.port}",
+                          devices=5, rounds=2, local_steps=10)
+    cfg.model.pretrain_epochs = 1
+    cfg.dataset.max_train_per_device = 40
+    cfg.personal, cfg.baselines, cfg.new_users = [], [], 1
+    cfg.personalization.method, cfg.personalization.steps, cfg.personalization.lr = "ditto", 15, 0.1
+    cfg.personalization.device_sram = [1_000_000, 1_000_000, 1_000_000, 8_000]  # bytes
+    cfg.continual.prequential = False
+    held: list = []
+
+    def probe(agents):
+        for a in agents:
+            held.append((a.protocol.trainer.trainable_state(), a.protocol.personal_model()))
+
+    sniffer = Sniffer(broker.url)
+    try:
+        res = run_simulation(cfg, tmp_path / "run", progress=False, probe=probe)
+    finally:
+        sniffer.stop()
+    assert res.rounds == 2 and res.errors == [], res.errors
+    # the plan takes 5760 B; Ditto adds 2808 B (2 x the sparse set), fine-tuning 1404 B: 8000 B affords fine-tuning
+    assert res.personal_methods == {"ditto": 3, "finetune": 1}
+
+    # Execute: the personal values of every device (where they differ from the shared model)
+    pieces = [p for shared, personal in held for p in personal_pieces(personal, shared)]
+    assert len(pieces) > 10  # the devices did personalize
+
+    # Assert: none of them is in any payload, and the check can fail (a planted piece is found)
+    blob = b"\x00".join(p for _, p in sniffer.seen)
+    assert not [p for p in pieces if p in blob]
+    assert [p for p in pieces if p in blob + pieces[3]] == [pieces[3]] or pieces.count(pieces[3]) > 1
+    assert "new_users_ditto" in res.accuracy_mean_per_device and len(held) == 4

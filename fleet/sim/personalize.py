@@ -1,0 +1,217 @@
+"""Personalization methods compared on one fleet run, new users, and continual (prequential) evaluation.
+
+The fleet run records the global model after every round; this module replays, per device, what each
+personalization method (device_agent/engine/personal.py, the same code a device runs) would have built on
+that sequence of global models from the device's own samples, so every method is measured on the same
+federated run. Three measurements:
+
+- :func:`compare_methods` — final held-out accuracy per device for ``global``, ``local`` (the device alone)
+  and each method, the buffer holding the device's whole training slice from round 1 (as in the fleet run);
+- :func:`new_users` — devices that never joined the fleet get the final global model and personalize for N
+  steps; compared with N local steps from the initial model and with the global model alone;
+- :func:`prequential` — each device's training slice is a stream in time order, one chunk per round: each
+  chunk is first predicted by the model the device holds (test), then added to its buffer (train), then the
+  device personalizes on the next global model. Optionally with drift: halfway, the stream switches to
+  another user's data; forgetting is the accuracy lost on the first user's held-out data.
+
+NOTE (simplification, stated in docs/personalization.md): the global models come from the fleet run, whose
+devices held their whole slice from round 1; only the local and personal models see the stream as a stream.
+This module trains and evaluates on the host engine; it does no I/O and knows nothing of MQTT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_agent.buffer import SampleBuffer
+from device_agent.engine.personal import Personalizer, PersonalSpec
+from device_agent.engine.trainer import Trainer
+
+
+@dataclass
+class Plain:
+    """What the comparison needs of the fleet config (fleet/sim/config.py fills it)."""
+
+    local_steps: int
+    lr: float
+    steps: int  # personalization steps after each update
+    personal_lr: float
+    lam_q15: int
+    seed: int
+
+
+def _acc(trainer: Trainer, state: dict, x: np.ndarray, y: np.ndarray) -> float | None:
+    if not len(y):
+        return None
+    trainer.load_trainable(state)
+    return trainer.evaluate(x, y)
+
+
+class _Device:
+    """One device's models under every method, advanced one global model at a time."""
+
+    def __init__(self, trainer: Trainer, initial: dict, methods: Sequence[str], p: Plain, index: int, buf):
+        self.t, self.p, self.i, self.buf = trainer, p, index, buf
+        self.local = dict(initial)
+        self.pers = {m: Personalizer(trainer.plan, PersonalSpec(m, p.steps, p.personal_lr, p.lam_q15))
+                     for m in methods}
+        self.glob = dict(initial)
+
+    def models(self) -> dict[str, dict]:
+        out = {"global": self.glob, "local": self.local}
+        out.update({m: pz.model(self.glob) for m, pz in self.pers.items()})
+        return out
+
+    def advance(self, r: int, reference: dict) -> None:
+        """Round ``r``: the local model trains ``local_steps``; each method personalizes on ``reference``."""
+        self.glob = reference
+        if len(self.buf) == 0:
+            return
+        rng = np.random.default_rng([self.p.seed + self.i, r])
+        self.t.load_trainable(self.local)
+        for _ in range(self.p.local_steps):
+            self.t.train_step(*self.buf.batch(1, rng), self.p.lr)
+        self.local = self.t.trainable_state()
+        for k, (_m, pz) in enumerate(self.pers.items()):
+            prng = np.random.default_rng([self.p.seed + self.i, r, k + 1])
+            pz.update(self.t, reference, lambda _s, g=prng: self.buf.batch(1, g))
+
+
+def compare_methods(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequence[str],
+                    p: Plain) -> dict[str, list[float | None]]:
+    """Final held-out accuracy per device for global, local and each method (whole slice buffered).
+
+    Parameters
+    ----------
+    initial : every trainable tensor of the plan's initial model (id -> values).
+    globals_ : the full trainable state after each round (shared from the fleet, personal from ``initial``).
+    slices : fleet/sim/baselines.DeviceSlice per device.
+    """
+    t = Trainer(plan)
+    out: dict[str, list[float | None]] = {k: [] for k in ("global", "local", *methods)}
+    for i, d in enumerate(slices):
+        buf = SampleBuffer(max(1, len(d.y_train)), tuple(d.x_train.shape[1:]), d.x_train.dtype, seed=p.seed + i)
+        if len(d.y_train):
+            buf.add(d.x_train, d.y_train)
+        dev = _Device(t, initial, methods, p, i, buf)
+        for r, g in enumerate(globals_, start=1):
+            dev.advance(r, g)
+        for name, state in dev.models().items():
+            out[name].append(_acc(t, state, d.x_test, d.y_test))
+    return out
+
+
+def new_users(plan, initial: dict, final: dict, slices, methods: Sequence[str], steps: int, p: Plain) -> dict[
+        str, list[float | None]]:
+    """Held-out users: ``global`` (final model as is), ``local`` (``steps`` from the initial model) and each
+    method (``steps`` of personalization on top of the final global model), on each user's test slice."""
+    t = Trainer(plan)
+    out: dict[str, list[float | None]] = {k: [] for k in ("global", "local", *methods)}
+    for i, d in enumerate(slices):
+        out["global"].append(_acc(t, final, d.x_test, d.y_test))
+        if not len(d.y_train):
+            for k in ("local", *methods):
+                out[k].append(None)
+            continue
+        buf = SampleBuffer(len(d.y_train), tuple(d.x_train.shape[1:]), d.x_train.dtype, seed=p.seed + i)
+        buf.add(d.x_train, d.y_train)
+        rng = np.random.default_rng([p.seed + i, 0])
+        t.load_trainable(initial)
+        for _ in range(steps):
+            t.train_step(*buf.batch(1, rng), p.lr)
+        out["local"].append(_acc(t, t.trainable_state(), d.x_test, d.y_test))
+        for k, m in enumerate(methods):
+            pz = Personalizer(plan, PersonalSpec(m, steps, p.personal_lr, p.lam_q15))
+            prng = np.random.default_rng([p.seed + i, 0, k + 1])
+            pz.update(t, final, lambda _s, g=prng, b=buf: b.batch(1, g))
+            out[m].append(_acc(t, pz.model(final), d.x_test, d.y_test))
+    return out
+
+
+def _other(slices, subjects: Sequence[int], i: int) -> int:
+    """The device whose stream device ``i`` drifts to: the next one (cyclic) of another subject."""
+    n = len(slices)
+    for k in range(1, n):
+        j = (i + k) % n
+        if subjects[j] != subjects[i] and len(slices[j].y_train):
+            return j
+    return (i + 1) % n
+
+
+def prequential(plan, initial: dict, globals_: Sequence[dict], slices, subjects: Sequence[int],
+                methods: Sequence[str], p: Plain, policy: str = "fifo", capacity: int = 0,
+                drift: bool = False) -> dict:
+    """Test-then-train accuracy per round, pooled over devices, for global, local and each method.
+
+    Returns
+    -------
+    {"prequential": {model: [acc per round]}, "heldout": {model: [acc per round]}} and, with ``drift``,
+    "drift_round" (first round on the new stream), "forgetting" {model: accuracy on the first user's held-out
+    data just before the drift minus at the end}, "recovery_rounds" {model: rounds after the drift until
+    prequential accuracy is back within 0.05 of its mean over the rounds before the drift, None: never}.
+    """
+    t = Trainer(plan)
+    rounds = len(globals_)
+    cut = rounds // 2 if drift else rounds
+    names = ("global", "local", *methods)
+    hits = {k: np.zeros(rounds) for k in names}
+    seen = np.zeros(rounds)
+    held = {k: np.zeros(rounds) for k in names}
+    held_n = np.zeros(rounds)
+    before = {k: 0.0 for k in names}
+    after = {k: 0.0 for k in names}
+    first_n = 0
+    for i, d in enumerate(slices):
+        if not len(d.y_train):
+            continue
+        own = np.array_split(np.arange(len(d.y_train)), rounds)
+        j = _other(slices, subjects, i) if drift else i
+        oth = np.array_split(np.arange(len(slices[j].y_train)), rounds)
+        cap = capacity or len(d.y_train) + (len(slices[j].y_train) if drift else 0)
+        buf = SampleBuffer(cap, tuple(d.x_train.shape[1:]), d.x_train.dtype, policy=policy, seed=p.seed + i)
+        dev = _Device(t, initial, methods, p, i, buf)
+        for r in range(rounds):
+            src, idx = (d, own[r]) if r < cut else (slices[j], oth[r])
+            xs, ys = src.x_train[idx], src.y_train[idx]
+            test = d if r < cut else slices[j]
+            models = dev.models()
+            for k, st in models.items():
+                if len(ys):
+                    t.load_trainable(st)
+                    hits[k][r] += np.sum(t.predict(xs) == ys)
+            seen[r] += len(ys)
+            if len(ys):
+                buf.add(xs, ys)
+            dev.advance(r + 1, globals_[r])
+            if len(test.y_test):
+                for k, st in dev.models().items():
+                    held[k][r] += _acc(t, st, test.x_test, test.y_test) * len(test.y_test)
+                held_n[r] += len(test.y_test)
+            if drift and len(d.y_test) and r in (cut - 1, rounds - 1):
+                for k, st in dev.models().items():
+                    (before if r == cut - 1 else after)[k] += _acc(t, st, d.x_test, d.y_test) * len(d.y_test)
+                first_n += len(d.y_test) if r == cut - 1 else 0
+    res: dict = {
+        "policy": policy, "capacity": capacity,
+        "prequential": {k: [round(float(h / s), 4) if s else None for h, s in zip(hits[k], seen)] for k in names},
+        "heldout": {k: [round(float(h / s), 4) if s else None for h, s in zip(held[k], held_n)] for k in names},
+    }
+    if drift and first_n:
+        res["drift_round"] = cut + 1
+        res["forgetting"] = {k: round((before[k] - after[k]) / first_n, 4) for k in names}
+        res["recovery_rounds"] = {k: _recovery(res["prequential"][k], cut) for k in names}
+    return res
+
+
+def _recovery(curve: list, cut: int) -> int | None:
+    pre = [a for a in curve[:cut] if a is not None]
+    if not pre:
+        return None
+    level = float(np.mean(pre)) - 0.05
+    for k, a in enumerate(curve[cut:]):
+        if a is not None and a >= level:
+            return k
+    return None
