@@ -130,7 +130,8 @@ def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0):
     if len(blobs) != 1:
         raise CliError(f"expected one retained plan on {full_topic(fleet, 'plan/+')}, got "
                        f"{len(blobs)}{': ' + ', '.join(k[0][:16] for k in blobs) if blobs else ''}; "
-                       "is the coordinator running (tinyfleet serve)?")
+                       f"is a coordinator (`tinyfleet serve` or a Flower ServerApp) serving fleet {fleet!r}? "
+                       "(--fleet must be the config's `name`; --connect-timeout waits longer)")
     return _plan(next(iter(blobs.values())), verify, f"the retained plan on {full_topic(fleet, 'plan/+')}")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from device_agent.engine import ir
 from device_agent.engine.recipe import Recipe, plan_recipe
+from fleet.compiler.personal import method_costs
 from fleet.config import BoardConfig, ConfigError, load, parse_size
 
 from .compile import BudgetError, check_budget, compile_full
@@ -289,7 +290,8 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"-o {args.output}: cannot write ({e.strerror or e})") from None
     out = {"model": graph.name, "board": board.name, "budget_bytes": budget, "scheme": scheme.name,
            "n_bias_update": scheme.n_bias_update, "weight_ratio": {str(k): v for k, v in scheme.weight_ratio.items()},
-           "plan_hash": digest, "output": args.output, "recipe": _recipe_json(c.plan), **c.report.as_dict()}
+           "plan_hash": digest, "output": args.output, "recipe": _recipe_json(c.plan),
+           "personalization_bytes": method_costs(c.plan), **c.report.as_dict()}
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:

@@ -22,6 +22,9 @@ def test_compile_prints_json_and_writes_the_plan(tmp_path, capsys, monkeypatch):
         assert key in r
     assert r["peak_sram_bytes"] == r["arena_bytes"] + r["trainable_bytes"] + r["runtime_bytes"] <= 256000
     assert out.stat().st_size == r["flash_bytes"] and len(r["plan_hash"]) == 64
+    pb = r["personalization_bytes"]  # each method's extra SRAM: a bias copy < a head copy <= the sparse set
+    assert set(pb) >= {"bias", "head", "finetune", "ditto"}
+    assert 0 < pb["bias"]["sram_bytes"] < pb["head"]["sram_bytes"] <= pb["ditto"]["sram_bytes"]
 
     from device_agent.wire.plan import plan_from_bytes, plan_hash
 
