@@ -164,7 +164,9 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
     try:
         link.start()
         want = args.min_devices or cfg.goal_count
-        watch = _Watch(link, dash)
+        if dash is not None:
+            dash.follow(link)
+        watch = _Watch(link)
         while watch() < want:
             time.sleep(0.2)
         while True:
@@ -195,13 +197,9 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
 
 
 def _dashboard(cfg, plan_hash: str, bind: tuple[str, int], token: str | None):
-    from fleet.dashboard.server import Dashboard
-    from fleet.dashboard.view import FleetView
+    from fleet.dashboard.server import open_dashboard
 
-    budget = cfg.dp.epsilon_budget if cfg.dp is not None else None
-    dash = Dashboard(FleetView(cfg.name, plan_hash, budget), *bind, token=token).start()
-    print(f"tinyfleet serve: dashboard at {dash.url}", file=sys.stderr, flush=True)
-    return dash
+    return open_dashboard(cfg, plan_hash, bind, token, "tinyfleet serve")
 
 
 def _store(path: Path):
@@ -215,17 +213,12 @@ class _Watch:
     coordinator error (the link rebuilt the coordinator from the store). Devices restored from the store as
     offline are not news."""
 
-    def __init__(self, link, dash=None):
-        self.link, self.dash, self.seen, self.errors = link, dash, {}, 0
+    def __init__(self, link):
+        self.link, self.seen, self.errors = link, {}, 0
 
     def __call__(self) -> int:
         """Print what changed since the last call; return how many devices are online."""
         now = self.link.call(lambda c: {d: r.online for d, r in c.registry.devices.items()})
-        if self.dash is not None:
-            from fleet.dashboard.view import coordinator_snapshot
-
-            records, open_round = self.link.call(coordinator_snapshot)
-            self.dash.update(lambda v: v.sync(records, open_round))
         for d, on in sorted(now.items()):
             if self.seen.get(d, False) != on:
                 print(f"tinyfleet serve: device {d} {'online' if on else 'offline'}", file=sys.stderr, flush=True)

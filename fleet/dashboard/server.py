@@ -50,6 +50,7 @@ class Dashboard:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._thread: threading.Thread | None = None
+        self._following = threading.Event()
 
     @property
     def url(self) -> str:
@@ -74,7 +75,24 @@ class Dashboard:
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
         return self
 
+    def follow(self, link, every: float = 0.5) -> None:
+        """Copy ``link``'s coordinator registry and open round into the view every ``every`` seconds (on a
+        daemon thread, through ``CoordinatorLink.call``: the coordinator's thread reads its own state)."""
+        from fleet.dashboard.view import coordinator_snapshot
+
+        def loop() -> None:
+            while not self._following.wait(every):
+                try:
+                    snap = link.call(coordinator_snapshot, timeout=5.0)
+                except TimeoutError:  # NOTE: a busy or stopping coordinator thread: try again next tick
+                    snap = None
+                if snap is not None:
+                    self.update(lambda v, s=snap: v.sync(*s))
+
+        threading.Thread(target=loop, name="dashboard-follow", daemon=True).start()
+
     def stop(self) -> None:
+        self._following.set()
         if self._server is not None:
             self._server.should_exit = True
             if self._thread is not None:
@@ -96,3 +114,14 @@ class Dashboard:
         for q in list(self.subscribers):
             if q.qsize() < 8:  # NOTE: a slow client misses intermediate seqs, never the latest state
                 q.put_nowait(seq)
+
+
+def open_dashboard(cfg, plan_hash: str, bind: tuple[str, int], token: str | None, who: str) -> Dashboard:
+    """A started dashboard for fleet config ``cfg``; its address printed to stderr as ``<who>: dashboard at URL``.
+    Raises OSError when it cannot listen."""
+    import sys
+
+    budget = cfg.dp.epsilon_budget if cfg.dp is not None else None
+    dash = Dashboard(FleetView(cfg.name, plan_hash, budget), *bind, token=token).start()
+    print(f"{who}: dashboard at {dash.url}", file=sys.stderr, flush=True)
+    return dash

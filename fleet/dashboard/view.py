@@ -113,10 +113,11 @@ class FleetView:
             self.seq += 1
         return changed
 
-    def add_accuracy(self, curve: str, round_id: int, accuracy: float) -> None:
-        """An evaluation result (e.g. the simulator's global / personalized accuracy after a round)."""
+    def add_accuracy(self, curve: str, round_id: int, accuracy: float) -> bool:
+        """An evaluation result (e.g. the simulator's global accuracy after a round)."""
         self.accuracy.setdefault(curve, []).append((int(round_id), float(accuracy)))
         self.seq += 1
+        return True
 
     # ----------------------------------------------------------------------------------------------- outputs
 

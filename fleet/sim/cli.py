@@ -24,9 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print only the JSON line on stdout (no table)")
     p.add_argument("--out", type=Path, help="run directory: metrics.json, store, broker log (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dashboard", metavar="[HOST:]PORT",
+                   help="serve a live read-only dashboard during the run (default host 127.0.0.1; others need a token)")
+    p.add_argument("--dashboard-token", help="access token for the dashboard (default: generated off loopback)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from fleet.dashboard.server import parse_bind
     from fleet.sim.broker import BrokerError
     from fleet.sim.config import load_sim_config
     from fleet.sim.errors import SimulationError
@@ -34,11 +38,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_sim_config(args.config, devices=args.devices, rounds=args.rounds, broker=args.broker)
-    except ConfigError as e:
+        dashboard = (parse_bind(args.dashboard), args.dashboard_token) if args.dashboard else None
+    except (ConfigError, ValueError) as e:
         print(f"tinyfleet simulate: {e}", file=sys.stderr)
         return 2
     try:
-        result = run_simulation(cfg, out_dir=args.out, progress=not args.quiet)
+        result = run_simulation(cfg, out_dir=args.out, progress=not args.quiet, dashboard=dashboard)
     except (BrokerError, SimulationError, ConnectionError) as e:
         print(f"tinyfleet simulate: {e} (check `broker:` in the config or --broker)"
               if isinstance(e, ConnectionError) else f"tinyfleet simulate: {e}", file=sys.stderr)

@@ -118,10 +118,22 @@ class _Progress:
             self.p.stop()
 
 
+def _open_dashboard(cfg, plan_hash: str, dashboard: tuple, stack: ExitStack):
+    from fleet.dashboard.server import open_dashboard
+
+    try:
+        dash = open_dashboard(cfg, plan_hash, *dashboard, "tinyfleet simulate")
+    except OSError as e:
+        raise SimulationError(str(e)) from None
+    stack.callback(dash.stop)
+    return dash
+
+
 class _Watcher:
     """Collects the coordinator's informational outputs (driver thread) for the harness (main thread)."""
 
     def __init__(self):
+        self.also = None  # another consumer of every output (the dashboard)
         self.lock = threading.Lock()
         self.closed: list[object] = []
         self.accepted = 0
@@ -132,6 +144,8 @@ class _Watcher:
         from device_agent.wire.messages import Publish
         from fleet.coordinator import RoundClosed, RoundRefused, Verdict
 
+        if self.also is not None:
+            self.also(out)
         with self.cv:
             if isinstance(out, Publish) and out.topic.endswith("/task"):
                 self.selected.add(out.topic.split("/")[1])
@@ -147,24 +161,25 @@ class _Watcher:
 
 
 def run_simulation(cfg: SimConfig, out_dir: Path | None = None, progress: bool = True,
-                   stop: threading.Event | None = None, probe=None) -> SimResult:
+                   stop: threading.Event | None = None, probe=None, dashboard: tuple | None = None) -> SimResult:
     """Run ``cfg`` end to end; Ctrl-C (KeyboardInterrupt) or ``stop`` ends early with the finished rounds.
 
     ``probe(agents)``, if given, is called with the device agents after the last round, before they stop (tests
-    read what devices hold privately, e.g. the traffic audit's personal models)."""
+    read what devices hold privately, e.g. the traffic audit's personal models). ``dashboard``: ``((host, port),
+    token)`` serves the live dashboard (fleet.dashboard) for the run's duration."""
     res = SimResult(devices=cfg.devices, broker=cfg.broker, aggregator="dp" if cfg.dp else cfg.aggregator)
     bar = _Progress(progress, cfg)
     try:
         with ExitStack() as stack:
             stack.callback(bar.stop)
-            _run(cfg, out_dir, bar, res, stack, stop or threading.Event(), probe)
+            _run(cfg, out_dir, bar, res, stack, stop or threading.Event(), probe, dashboard)
     except KeyboardInterrupt:
         res.interrupted = True
     return res
 
 
 def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, stack: ExitStack,
-         stop: threading.Event, probe=None) -> None:
+         stop: threading.Event, probe=None, dashboard: tuple | None = None) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent.buffer import SampleBuffer
@@ -218,10 +233,15 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     codec = WireCodec(plan, signer=signer)
     res.plan_bytes = len(codec.plan_bytes())
     watcher = _Watcher()
+    dash = _open_dashboard(cfg, codec.plan_hash, dashboard, stack) if dashboard is not None else None
+    if dash is not None:
+        watcher.also = lambda out: dash.update(lambda v: v.apply(out))
     link = CoordinatorLink(url, cfg.name, lambda: Coordinator(plan, Store(store_path), ccfg, time.time, codec),
                            on_output=watcher)
     link.start()
     stack.callback(link.stop)
+    if dash is not None:
+        dash.follow(link)
 
     scale, zp = _input_quant(plan)
     board_sram = max(res.plan_sram_bytes, 256_000)
@@ -324,6 +344,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         res.selected_per_round.append(len(watcher.selected))
         res.devices_dropped += len(watcher.selected - set(closed.accepted))
         res.accuracy_per_round.append(accuracy())
+        if dash is not None:
+            dash.update(lambda v, r=r: v.add_accuracy("global", r + 1, res.accuracy_per_round[-1]))
         globals_.append({**initial, **link.call(lambda c: {k: v.copy() for k, v in c.state.items()})})
         for dev in closed.accepted:
             participation[dev] = participation.get(dev, 0) + 1

@@ -176,3 +176,32 @@ def test_off_loopback_the_token_is_required(broker, tmp_path):
 
     assert code == 401
     assert ok["fleet"] == "dash"
+
+
+def test_simulate_serves_the_dashboard_with_the_accuracy_curve(tmp_path):
+    require_cmd("mosquitto")
+    sim = subprocess.Popen([sys.executable, "-m", "fleet.cli", "simulate", "configs/quickstart.yaml", "--devices", "3",
+                            "--rounds", "4", "--quiet", "--json", "--dashboard", "127.0.0.1:0"], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    browser = None
+    try:
+        url = next(m.group(1) for line in sim.stderr if (m := re.search(r"dashboard at (\S+)", line)))
+        browser = Browser(tmp_path)
+        browser.go(url)
+        browser.wait("document.querySelectorAll('#devices tbody tr').length === 3", timeout=120)
+        browser.wait("document.querySelectorAll('#rounds tbody tr').length >= 1", timeout=120)
+        t_end, curves = time.monotonic() + 60, {"accuracy": {}}
+        while not curves["accuracy"] and time.monotonic() < t_end:  # evaluated after the round closes
+            curves = json.loads(urllib.request.urlopen(url + "api/curves", timeout=10).read())
+            time.sleep(0.2)
+        browser.screenshot(tmp_path / "simulate.png")
+        out, _ = sim.communicate(timeout=300)
+    finally:
+        if browser is not None:
+            browser.close()
+        _stop(sim)
+
+    assert sim.returncode == 0
+    final = json.loads(out.strip().splitlines()[-1])
+    got = curves["accuracy"]["global"]
+    assert got and got[0][0] == 1 and round(got[0][1], 4) == final["accuracy_per_round"][0]  # the run's own number
