@@ -2,7 +2,7 @@
 
 Asynchronous mode (``fleet.coordinator.buffered``) keeps two more tables: each device's open task
 (``async_tasks``) and which accepted delta sits in which buffer (``async_buffer``; the payload is a ``deltas`` row
-keyed by its task id). A store serves one mode for its whole life (:meth:`Store.bind_mode`).
+keyed by its task id). A store serves one mode for its whole life (:meth:`Store.bind_plan`).
 
 Write-ahead by construction: every state change the coordinator makes is one transaction here *before* any
 output that depends on it leaves the coordinator (accepting a delta stores its payload; committing stores the
@@ -177,28 +177,26 @@ class Store:
                 self._set_meta(f"secret:{name}", got)
         return bytes.fromhex(got)
 
-    def bind_plan(self, plan_hash: str) -> None:
-        """Tie this store to one plan; opening it for another plan is an error, not a silent mix."""
-        with self._tx():
+    def bind_plan(self, plan_hash: str, mode: str | None = None) -> None:
+        """Tie this store to one plan, and to ``sync`` or ``async`` rounds when ``mode`` is given, in one
+        transaction; opening it for another plan or mode is an error, not a silent mix (a store made before modes
+        existed, with rounds, is sync)."""
+        with self._tx() as db:
             got = self._meta("plan_hash")
             if got is None:
                 self._set_meta("plan_hash", plan_hash)
             elif got != plan_hash:
                 raise StoreError(f"{self.path} belongs to plan {got[:16]}, not {plan_hash[:16]}: "
                                  "use a new store file for a new plan")
-
-    def bind_mode(self, mode: str) -> None:
-        """Tie this store to ``sync`` or ``async`` rounds; a store with rounds of one mode refuses the other (a store
-        made before modes existed is sync)."""
-        with self._tx() as db:
-            got = self._meta("mode")
-            if got is None:
-                had_rounds = db.execute("SELECT 1 FROM rounds LIMIT 1").fetchone() is not None
-                got = "sync" if had_rounds else mode
-                self._set_meta("mode", got)
-            if got != mode:
-                raise StoreError(f"{self.path} holds {got} rounds, the config asks for {mode}: use a new store file "
-                                 "to change modes")
+            if mode is None:
+                return
+            held = self._meta("mode")
+            if held is None:
+                held = "sync" if db.execute("SELECT 1 FROM rounds LIMIT 1").fetchone() is not None else mode
+                self._set_meta("mode", held)
+            if held != mode:
+                raise StoreError(f"{self.path} holds {held} rounds, the config asks for {mode}: use a new store "
+                                 "file to change modes")
 
     # --- versions ------------------------------------------------------------------------------------------
 

@@ -56,8 +56,7 @@ class Coordinator(Publication, DeltaBook):
         self.registry = Registry(config.heartbeat_timeout)
         self.limits = {"control": Buckets(config.control_limit), "delta": Buckets(config.delta_limit)}
         self.machine = self._new_machine()
-        store.bind_plan(codec.plan_hash)
-        store.bind_mode(config.mode)
+        store.bind_plan(codec.plan_hash, config.mode)
         self.keep_rows = config.aggregator != "fedavg" or config.dp is not None
         self.accountant: RDPAccountant | None = None
         if config.dp is not None:  # spent rounds are committed with the model, so a restart resumes the budget
