@@ -1,7 +1,7 @@
 """The coordinator's durable state in one SQLite file: model versions, rounds, accepted deltas, devices.
 
-Asynchronous mode (``fleet.coordinator.buffered``) keeps two more tables: each device's open task
-(``async_tasks``) and which accepted delta sits in which buffer (``async_buffer``; the payload is a ``deltas`` row
+Asynchronous mode (``fleet.coordinator.buffered``) keeps two more tables: each device's last task and
+whether it is still open (``async_tasks``) and which accepted delta sits in which buffer (``async_buffer``; the payload is a ``deltas`` row
 keyed by its task id). A store serves one mode for its whole life (:meth:`Store.bind_plan`).
 
 Write-ahead by construction: every state change the coordinator makes is one transaction here *before* any
@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 CREATE TABLE IF NOT EXISTS async_tasks (
     device_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL, version INTEGER NOT NULL, hash TEXT NOT NULL,
-    deadline REAL NOT NULL
+    deadline REAL NOT NULL, open INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS async_buffer (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, buffer_id INTEGER NOT NULL, base_version INTEGER NOT NULL,
@@ -307,19 +307,21 @@ class Store:
 
     # --- asynchronous mode ---------------------------------------------------------------------------------
 
-    def put_tasks(self, tasks: list[tuple[str, int, int, str, float]], dropped: list[str], task_seq: int,
+    def put_tasks(self, tasks: list[tuple[str, int, int, str, float]], closed: list[str], task_seq: int,
                   opened: bool) -> None:
-        """Write-ahead for handing out tasks: ``(device, task id, version, version hash, deadline)`` rows upserted,
-        ``dropped`` devices' tasks deleted, the last task id handed out and whether the session is open."""
+        """Write-ahead for handing out tasks: ``(device, task id, version, version hash, deadline)`` rows written as
+        open, ``closed`` devices' tasks marked closed (their ids stay: a device's next task id is one more), the
+        draw counter and whether the session is open."""
         with self._tx() as db:
-            db.executemany("INSERT OR REPLACE INTO async_tasks VALUES (?, ?, ?, ?, ?)", tasks)
-            db.executemany("DELETE FROM async_tasks WHERE device_id = ?", [(d,) for d in dropped])
+            db.executemany("INSERT OR REPLACE INTO async_tasks VALUES (?, ?, ?, ?, ?, 1)", tasks)
+            db.executemany("UPDATE async_tasks SET open = 0 WHERE device_id = ?", [(d,) for d in closed])
             self._set_meta("async_task_seq", str(task_seq))
             self._set_meta("async_open", "1" if opened else "0")
 
-    def async_tasks(self) -> list[tuple[str, int, int, str, float]]:
-        return [tuple(r) for r in self._db.execute(  # type: ignore[misc]
-            "SELECT device_id, round_id, version, hash, deadline FROM async_tasks ORDER BY device_id")]
+    def async_tasks(self) -> list[tuple[str, int, int, str, float, bool]]:
+        """``(device, last task id, version, version hash, deadline, still open)`` sorted by device."""
+        return [(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in self._db.execute(
+            "SELECT device_id, round_id, version, hash, deadline, open FROM async_tasks ORDER BY device_id")]
 
     def accept_buffered(self, row: DeltaRow, buffer_id: int, base_version: int) -> None:
         """Write-ahead for one accepted async delta: payload, device counter, its place in buffer ``buffer_id``, and
@@ -332,7 +334,7 @@ class Store:
                        (row.device_id, row.counter))
             db.execute("INSERT INTO async_buffer VALUES (?, ?, ?, ?)",
                        (row.round_id, row.device_id, buffer_id, base_version))
-            db.execute("DELETE FROM async_tasks WHERE device_id = ?", (row.device_id,))
+            db.execute("UPDATE async_tasks SET open = 0 WHERE device_id = ?", (row.device_id,))
 
     def buffered(self, buffer_id: int) -> list[tuple[DeltaRow, int]]:
         """``(delta row, base version)`` of a buffer's accepted deltas, sorted by device id (the canonical order)."""

@@ -1,8 +1,8 @@
 """Asynchronous buffered rounds (FedBuff-style) as their own table-driven state machine: no I/O, clock or numpy.
 
 States ``IDLE -> COLLECTING <-> COMMITTING``. While COLLECTING, every idle eligible device the coordinator offers
-gets a task on the newest model (its own task id, carried in the wire's ``round_id`` field, so a device sees
-increasing ids); a delta counts if it answers the device's open task, was trained from that task's model and is
+gets a task on the newest model (its own task id, carried in the wire's ``round_id`` field: one more than that
+device's previous task, so each device sees increasing ids); a delta counts if it answers the device's open task, was trained from that task's model and is
 at most ``max_staleness`` versions behind the current one. Every ``buffer_size`` accepted deltas (each device at
 most once per buffer) make a :class:`~fleet.round.Commit`; the coordinator aggregates them with staleness
 weights, persists the new version and answers :class:`Published`, which reopens the buffer on it. ``round_id``
@@ -176,8 +176,9 @@ class AsyncMachine:
     state: RoundState = RoundState.IDLE
     round_id: int = 0  # the open buffer = the version it builds on; 0 before OpenAsync
     version_hash: str = ""
-    task_seq: int = 0  # the last task id handed out
+    task_seq: int = 0  # draws made to pick devices under the concurrency cap
     tasks: dict[str, OpenTask] = field(default_factory=dict)  # device -> its open task
+    issued: dict[str, int] = field(default_factory=dict)  # device -> the last task id it was given (open or not)
     buffer: dict[str, Buffered] = field(default_factory=dict)  # device -> its delta in the open buffer
     counters: dict[str, int] = field(default_factory=dict)  # device -> last accepted counter
 
@@ -206,7 +207,10 @@ class AsyncMachine:
 
     def _offer(self, ev: Eligible):
         """A task on the newest model for each offered device that has none and no delta in the buffer, up to
-        ``concurrency`` tasks out (which devices, when capped: a deterministic draw from (seed, task id))."""
+        ``concurrency`` tasks out (which devices, when capped: a deterministic draw from (seed, draw number)).
+        Task ids count per device (one more than the device's last), so they do not depend on how devices were
+        grouped into offers: a restarted coordinator that hears the devices again in another order hands out the
+        same ids."""
         idle = sorted(set(ev.device_ids) - self.tasks.keys() - self.buffer.keys())
         cap = self.config.concurrency
         if cap:
@@ -214,14 +218,15 @@ class AsyncMachine:
             if free <= 0:
                 return [], S.COLLECTING
             if len(idle) > free:
-                idle = sorted(random.Random(f"{self.seed}/async/{self.task_seq + 1}").sample(idle, free))
-        if not idle:
-            return [], S.COLLECTING
-        self.task_seq += 1
-        task = OpenTask(self.task_seq, self.round_id, self.version_hash, ev.now + self.config.task_timeout_s)
+                self.task_seq += 1
+                idle = sorted(random.Random(f"{self.seed}/async/{self.task_seq}").sample(idle, free))
+        out: list[object] = []
+        deadline = ev.now + self.config.task_timeout_s
         for d in idle:
-            self.tasks[d] = task
-        return [Assign(task.round_id, tuple(idle), task.deadline, task.version, task.version_hash)], S.COLLECTING
+            task = OpenTask(self.issued.get(d, 0) + 1, self.round_id, self.version_hash, deadline)
+            self.tasks[d], self.issued[d] = task, task.round_id
+            out.append(Assign(task.round_id, (d,), deadline, task.version, task.version_hash))
+        return out, S.COLLECTING
 
     def judge(self, up: Upload, now: float) -> Reject | None | str:
         """The verdict on a delta without changing anything: a Reject, "duplicate" or None (it counts)."""
@@ -311,12 +316,13 @@ class AsyncMachine:
 
     def fingerprint(self) -> tuple:
         """Changes whenever the open tasks change (what the store keeps besides accepted deltas)."""
-        return (self.state, self.round_id, self.task_seq, len(self.tasks), len(self.buffer))
+        return (self.state, self.round_id, self.task_seq, len(self.tasks), len(self.buffer), sum(self.issued.values()))
 
     def restore(self, *, opened: bool, version: int, version_hash: str, task_seq: int, tasks: dict[str, OpenTask],
-                buffer: dict[str, Buffered], counters: dict[str, int]) -> None:
-        self.round_id, self.version_hash, self.task_seq = (version, version_hash, task_seq) if opened else (0, "", task_seq)
-        self.tasks, self.buffer, self.counters = dict(tasks), dict(buffer), dict(counters)
+                issued: dict[str, int], buffer: dict[str, Buffered], counters: dict[str, int]) -> None:
+        self.round_id, self.version_hash = (version, version_hash) if opened else (0, "")
+        self.task_seq, self.tasks, self.issued = task_seq, dict(tasks), dict(issued)
+        self.buffer, self.counters = dict(buffer), dict(counters)
         if not opened:
             self.state = S.IDLE
         else:

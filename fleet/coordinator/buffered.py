@@ -35,10 +35,12 @@ class AsyncCoordinator(Coordinator):
 
     def _resume(self) -> None:
         s = self.store
-        tasks = {d: ar.OpenTask(rid, v, h, dl) for d, rid, v, h, dl in s.async_tasks()}
+        rows = s.async_tasks()
+        tasks = {d: ar.OpenTask(rid, v, h, dl) for d, rid, v, h, dl, is_open in rows if is_open}
         buffer = {r.device_id: ar.Buffered(r.round_id, r.content_hash, base) for r, base in s.buffered(self.version)}
         self.machine.restore(opened=s.meta("async_open") == "1", version=self.version, version_hash=self.hash,
-                             task_seq=int(s.meta("async_task_seq") or 0), tasks=tasks, buffer=buffer,
+                             task_seq=int(s.meta("async_task_seq") or 0), tasks=tasks,
+                             issued={r[0]: r[1] for r in rows}, buffer=buffer,
                              counters=s.counters())
 
     # --- events --------------------------------------------------------------------------------------------
@@ -70,12 +72,8 @@ class AsyncCoordinator(Coordinator):
         m = self.machine
         if m.state == rnd.RoundState.COMMITTING:
             out += self._commit(m.commit(), now)
-        groups: dict[int, list[str]] = {}
-        for d, t in sorted(m.tasks.items()):
-            groups.setdefault(t.round_id, []).append(d)
-        for rid, devs in sorted(groups.items()):
-            t = m.tasks[devs[0]]
-            out += self._assign(ar.Assign(rid, tuple(devs), t.deadline, t.version, t.version_hash))
+        for d, t in sorted(m.tasks.items()):  # re-sent: a device answers a repeated task with the same bytes
+            out += self._assign(ar.Assign(t.round_id, (d,), t.deadline, t.version, t.version_hash))
         return out
 
     def _offer(self, now: float) -> list[Output]:
@@ -103,7 +101,7 @@ class AsyncCoordinator(Coordinator):
     def _persist_tasks(self, before: dict[str, ar.OpenTask], seq: int, opened: bool) -> None:
         m = self.machine
         now_open = m.state != rnd.RoundState.IDLE
-        if m.tasks == before and m.task_seq == seq and now_open == opened:
+        if m.tasks == before and m.task_seq == seq and now_open == opened:  # (issued moves only with tasks)
             return
         put = [(d, t.round_id, t.version, t.version_hash, t.deadline) for d, t in sorted(m.tasks.items())
                if before.get(d) != t]
