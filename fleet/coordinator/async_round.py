@@ -114,6 +114,15 @@ class TaskFailed:
 
 
 @dataclass(frozen=True)
+class Behind:
+    """The device reported (``status``) holding ``held_version``: the coordinator sends it the newest version."""
+
+    device_id: str
+    held_version: int
+    now: float
+
+
+@dataclass(frozen=True)
 class Assign:
     """Send these devices task ``round_id`` on model ``version`` (identity ``version_hash``)."""
 
@@ -151,15 +160,18 @@ ASYNC_TRANSITIONS: dict[tuple[RoundState, type], tuple[str, frozenset[RoundState
     (S.COLLECTING, Tick): ("_tick", frozenset({S.COLLECTING})),
     (S.COLLECTING, Rejoined): ("_rejoined", frozenset({S.COLLECTING})),
     (S.COLLECTING, TaskFailed): ("_failed", frozenset({S.COLLECTING})),
+    (S.COLLECTING, Behind): ("_behind", frozenset({S.COLLECTING})),
     (S.COMMITTING, Published): ("_published", frozenset({S.COLLECTING})),
     # before the first OpenAsync nothing is handed out and nothing counts
     (S.IDLE, Eligible): ("_ignore", frozenset({S.IDLE})),
     (S.IDLE, Tick): ("_ignore", frozenset({S.IDLE})),
     (S.IDLE, Rejoined): ("_ignore", frozenset({S.IDLE})),
     (S.IDLE, TaskFailed): ("_ignore", frozenset({S.IDLE})),
+    (S.IDLE, Behind): ("_ignore", frozenset({S.IDLE})),
     (S.IDLE, DeltaArrived): ("_delta_closed", frozenset({S.IDLE})),
     # COMMITTING lasts one coordinator step (or until the boot after a crash, or while DP refuses to publish)
-    **{(S.COMMITTING, e): ("_ignore", frozenset({S.COMMITTING})) for e in (Eligible, Tick, Rejoined, TaskFailed)},
+    **{(S.COMMITTING, e): ("_ignore", frozenset({S.COMMITTING})) for e in (Eligible, Tick, Rejoined, TaskFailed,
+                                                                              Behind)},
     (S.COMMITTING, DeltaArrived): ("_delta_closed", frozenset({S.COMMITTING})),
     # a device that goes offline keeps its task until the deadline: it may deliver after it reconnects
     **{(s, DeviceLost): ("_ignore", frozenset({s})) for s in (S.IDLE, S.COLLECTING, S.COMMITTING)},
@@ -299,6 +311,16 @@ class AsyncMachine:
         if t is not None and t.round_id == ev.round_id:
             del self.tasks[ev.device_id]
         return [], S.COLLECTING
+
+    def _behind(self, ev: Behind):
+        """A device holding a version older than its task's cannot have trained it; it is about to receive the
+        newest version, and a device drops a task for a version older than the one it holds. So a task on a
+        version between the two is replaced by one on the newest version."""
+        t = self.tasks.get(ev.device_id)
+        if t is None or not ev.held_version < t.version < self.round_id:
+            return [], S.COLLECTING
+        del self.tasks[ev.device_id]
+        return self._offer(Eligible((ev.device_id,), ev.now))
 
     def _published(self, ev: Published):
         if ev.version != self.round_id + 1:

@@ -81,6 +81,10 @@ class AsyncCoordinator(Coordinator):
             return []
         return self._machine(rnd.Eligible(tuple(self._eligible()), now), now)
 
+    def _catch_up(self, device_id: str, held: int) -> list[Output]:
+        now = float(self.clock())
+        return super()._catch_up(device_id, held) + self._machine(ar.Behind(device_id, held, now), now)
+
     def _failed(self, device_id: str, round_id: int, now: float) -> list[Output]:
         return self._machine(ar.TaskFailed(device_id, round_id, now), now)
 

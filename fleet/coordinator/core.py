@@ -84,7 +84,7 @@ class Coordinator(Publication, DeltaBook):
         if cls is Coordinator and config.mode == "async":  # NOTE: one constructor for both modes (serve, sim)
             from fleet.coordinator.buffered import AsyncCoordinator
 
-            cls = AsyncCoordinator
+            return super().__new__(AsyncCoordinator)
         return super().__new__(cls)
 
     def _new_machine(self):

@@ -17,9 +17,9 @@ import pytest
 
 from device_agent.wire.delta import encode_delta
 from device_agent.wire.messages import Hello, Publish
+from fleet import coordinator as co
 from fleet import round as rnd
 from fleet.coordinator import async_round as ar
-from fleet import coordinator as co
 from fleet.round import Reject, RoundConfig, RoundState
 from fleet.store import Store, StoreError
 from tests.fixtures.tiny import tiny_plan
