@@ -199,8 +199,10 @@ def mean_ci(xs: list[float]) -> dict:
     a = np.array([x for x in xs if x is not None and math.isfinite(x)], np.float64)
     if len(a) == 0:
         return {"mean": None, "ci95": None, "n": 0}
-    t95 = {1: float("nan"), 2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(a), 2.26)
-    half = t95 * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(a), 2.26)
+    if len(a) < 2:
+        return {"mean": round(float(a.mean()), 4), "ci95": None, "n": len(a)}
+    half = t95 * a.std(ddof=1) / math.sqrt(len(a))
     return {"mean": round(float(a.mean()), 4), "ci95": round(float(half), 4), "n": len(a)}
 
 
