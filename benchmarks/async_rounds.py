@@ -6,8 +6,8 @@ reference engine, real int8 training) joined to the real coordinator through an 
 by a discrete-event loop: each device's behaviour (``fleet/sim/behaviour.py``: per-device step time with
 stragglers, sleepers on a duty cycle, dropouts mid-task, network delay) decides when its messages arrive. A
 sleeping device goes offline (status) and gets its queued messages when it wakes. Both modes see the same devices,
-the same behaviour draw per seed, the same tasks (local steps, lr), the same number of devices training at once
-(sync selects ``ceil(goal * 1.3)``; async ``concurrency`` is that number). Accuracy: the coordinator's model on
+the same behaviour draw per seed, the same tasks (local steps, lr), by default the same number of devices training
+at once (sync selects ``ceil(goal * 1.3)``; async ``concurrency`` is that number unless ``--async-concurrency``). Accuracy: the coordinator's model on
 the pooled test set, sampled every ``--eval-every`` simulated seconds. Bytes: every payload to or from a device
 (tasks, acks, deltas, model updates counted once per receiving device, hello/status) until
 the target is reached (``bytes``) and over the whole run (``bytes_whole_run``).
@@ -49,9 +49,10 @@ def configs(args) -> dict[str, co.CoordinatorConfig]:
     base = co.CoordinatorConfig(round=rnd.RoundConfig(goal=args.goal, over_selection=1.3, quorum=0.5,
                                                       deadline_s=args.deadline, seed=0),
                                 lr=args.lr, local_steps=args.steps, batch_size=1)
+    conc = selected if args.async_concurrency is None else args.async_concurrency
     asy = replace(base, mode="async", asynchronous=AsyncConfig(
-        buffer_size=args.goal, staleness="polynomial", exponent=0.5, max_staleness=args.max_staleness,
-        concurrency=selected, task_timeout_s=args.deadline * 2))
+        buffer_size=args.buffer or args.goal, staleness="polynomial", exponent=0.5,
+        max_staleness=args.max_staleness, concurrency=conc, task_timeout_s=args.deadline * 2))
     return {"sync": base, "async": asy}
 
 
@@ -215,6 +216,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--deadline", type=float, default=60.0)
     p.add_argument("--max-staleness", type=int, default=16)
+    p.add_argument("--buffer", type=int, default=None, help="async buffer size K (default: --goal)")
+    p.add_argument("--async-concurrency", type=int, default=None,
+                   help="async tasks out at once (default: what sync selects per round; 0 = every idle device)")
     p.add_argument("--sim-seconds", type=float, default=1500.0)
     p.add_argument("--eval-every", type=float, default=15.0)
     p.add_argument("--test-samples", type=int, default=600)
@@ -268,8 +272,10 @@ def main() -> None:
     out["final_accuracy_drop_points"] = drop
     out["meets_target"] = bool(speedup is not None and speedup >= 2.0 and drop <= 1.0)
     out["clock"] = "simulated seconds (discrete-event), not wall time"
-    out["setup"] = {"devices": args.devices, "seeds": args.seeds, "goal_or_buffer_k": args.goal,
-                    "concurrent_trainers": math.ceil(args.goal * 1.3 - 1e-9), "local_steps": args.steps,
+    acfg = configs(args)["async"].asynchronous
+    out["setup"] = {"devices": args.devices, "seeds": args.seeds, "sync_goal": args.goal,
+                    "sync_selected": math.ceil(args.goal * 1.3 - 1e-9), "async_buffer_k": acfg.buffer_size,
+                    "async_concurrency": acfg.concurrency or "every idle online device", "local_steps": args.steps,
                     "lr": args.lr, "deadline_or_task_timeout_s": [args.deadline, 2 * args.deadline],
                     "staleness": "1/sqrt(1+s)", "max_staleness": args.max_staleness,
                     "sim_seconds": args.sim_seconds, "test_samples": len(x_te),
