@@ -7,7 +7,7 @@ by a discrete-event loop: each device's behaviour (``fleet/sim/behaviour.py``: p
 stragglers, sleepers on a duty cycle, dropouts mid-task, network delay) decides when its messages arrive. A
 sleeping device goes offline (status) and gets its queued messages when it wakes. Both modes see the same devices,
 the same behaviour draw per seed, the same tasks (local steps, lr), by default the same number of devices training
-at once (sync selects ``ceil(goal * 1.3)``; async ``concurrency`` is that number unless ``--async-concurrency``). Accuracy: the coordinator's model on
+at once (sync selects ``ceil(goal * over_selection)``, 1.3 unless ``--over-selection``; async ``concurrency`` is that number unless ``--async-concurrency``). Accuracy: the coordinator's model on
 the pooled test set, sampled every ``--eval-every`` simulated seconds. Bytes: every payload to or from a device
 (tasks, acks, deltas, model updates counted once per receiving device, hello/status) until
 the target is reached (``bytes``) and over the whole run (``bytes_whole_run``).
@@ -45,8 +45,8 @@ from fleet.store import Store
 
 
 def configs(args) -> dict[str, co.CoordinatorConfig]:
-    selected = math.ceil(args.goal * 1.3 - 1e-9)
-    base = co.CoordinatorConfig(round=rnd.RoundConfig(goal=args.goal, over_selection=1.3, quorum=0.5,
+    selected = math.ceil(args.goal * args.over_selection - 1e-9)
+    base = co.CoordinatorConfig(round=rnd.RoundConfig(goal=args.goal, over_selection=args.over_selection, quorum=0.5,
                                                       deadline_s=args.deadline, seed=0),
                                 lr=args.lr, local_steps=args.steps, batch_size=1)
     conc = selected if args.async_concurrency is None else args.async_concurrency
@@ -212,6 +212,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--devices", type=int, default=20)
     p.add_argument("--goal", type=int, default=6)
+    p.add_argument("--over-selection", type=float, default=1.3,
+                   help="sync selects ceil(goal * this); 1.0 waits for every selected device (the schema default)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--deadline", type=float, default=60.0)
@@ -274,7 +276,7 @@ def main() -> None:
     out["clock"] = "simulated seconds (discrete-event), not wall time"
     acfg = configs(args)["async"].asynchronous
     out["setup"] = {"devices": args.devices, "seeds": args.seeds, "sync_goal": args.goal,
-                    "sync_selected": math.ceil(args.goal * 1.3 - 1e-9), "async_buffer_k": acfg.buffer_size,
+                    "sync_selected": math.ceil(args.goal * args.over_selection - 1e-9), "async_buffer_k": acfg.buffer_size,
                     "async_concurrency": acfg.concurrency or "every idle online device", "local_steps": args.steps,
                     "lr": args.lr, "deadline_or_task_timeout_s": [args.deadline, 2 * args.deadline],
                     "staleness": "1/sqrt(1+s)", "max_staleness": args.max_staleness,
