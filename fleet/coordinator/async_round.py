@@ -52,8 +52,9 @@ class AsyncConfig:
     concurrency: int = 0
     task_timeout_s: float = 60.0
 
-    def validate(self, prefix: str = "async.") -> list[str]:
-        """Every problem, with its key path; empty when valid."""
+    def validate(self, prefix: str = "") -> list[str]:
+        """Every problem, with its key path under ``prefix``; empty when valid (``fleet.config.from_dict`` calls
+        it with the section's path when the config is nested)."""
         errs = []
         if isinstance(self.buffer_size, bool) or not isinstance(self.buffer_size, int) or self.buffer_size < 1:
             errs.append(f"{prefix}buffer_size: must be an integer >= 1, got {self.buffer_size!r}")

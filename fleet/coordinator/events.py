@@ -115,7 +115,7 @@ class CoordinatorConfig:
         """What this module can check of the async policy (the fleet schema checks the rest); empty when valid."""
         if self.mode not in MODES:
             return [f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}"]
-        return self.asynchronous.validate() if self.mode == "async" else []
+        return self.asynchronous.validate("asynchronous.") if self.mode == "async" else []
 
 
 MODES = ("sync", "async")

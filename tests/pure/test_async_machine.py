@@ -107,9 +107,9 @@ def test_config_validation_names_keys():
     assert ar.AsyncConfig().validate() == []
     errs = ar.AsyncConfig(buffer_size=0, staleness="cubic", exponent=-1.0, max_staleness=-2, concurrency=3,
                           task_timeout_s=0.0).validate()
-    assert [e.split(":")[0] for e in errs] == ["async.buffer_size", "async.staleness", "async.exponent",
-                                                "async.max_staleness", "async.task_timeout_s"]
-    assert ar.AsyncConfig(buffer_size=4, concurrency=3).validate()[0].startswith("async.concurrency")
+    assert [e.split(":")[0] for e in errs] == ["buffer_size", "staleness", "exponent", "max_staleness",
+                                                "task_timeout_s"]
+    assert ar.AsyncConfig(buffer_size=4, concurrency=3).validate("a.")[0].startswith("a.concurrency")
     assert co.CoordinatorConfig(mode="asynchronous").validate()[0].startswith("mode:")
     f = ar.AsyncConfig(staleness="hinge", hinge=2, exponent=0.5)
     assert [f.weight(s) for s in (0, 2, 4)] == [1.0, 1.0, 0.5]
