@@ -7,7 +7,8 @@ by a discrete-event loop: each device's behaviour (``fleet/sim/behaviour.py``: p
 stragglers, sleepers on a duty cycle, dropouts mid-task, network delay) decides when its messages arrive. A
 sleeping device goes offline (status) and gets its queued messages when it wakes. Both modes see the same devices,
 the same behaviour draw per seed, the same tasks (local steps, lr), by default the same number of devices training
-at once (sync selects ``ceil(goal * over_selection)``, 1.3 unless ``--over-selection``; async ``concurrency`` is that number unless ``--async-concurrency``). Accuracy: the coordinator's model on
+at once (sync selects ``ceil(goal * over_selection)``, 1.3 unless ``--over-selection``; async ``concurrency`` is
+that number unless ``--async-concurrency``). Accuracy: the coordinator's model on
 the pooled test set, sampled every ``--eval-every`` simulated seconds. Bytes: every payload to or from a device
 (tasks, acks, deltas, model updates counted once per receiving device, hello/status) until
 the target is reached (``bytes``) and over the whole run (``bytes_whole_run``).
