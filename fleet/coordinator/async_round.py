@@ -220,14 +220,17 @@ class AsyncMachine:
 
     def _offer(self, ev: Eligible):
         """A task on the newest model for each offered device that has none and no delta in the buffer, up to
-        ``concurrency`` tasks out (which devices, when capped: a deterministic draw from (seed, draw number)).
+        ``concurrency`` open tasks among the offered (online, eligible) devices: a device that went offline keeps
+        its task (it may deliver after it reconnects) but no longer holds a slot. Which devices, when capped: a
+        deterministic draw from (seed, draw number).
         Task ids count per device (one more than the device's last), so they do not depend on how devices were
         grouped into offers: a restarted coordinator that hears the devices again in another order hands out the
         same ids."""
-        idle = sorted(set(ev.device_ids) - self.tasks.keys() - self.buffer.keys())
+        offered = set(ev.device_ids)
+        idle = sorted(offered - self.tasks.keys() - self.buffer.keys())
         cap = self.config.concurrency
-        if cap:
-            free = cap - len(self.tasks)
+        if cap:  # NOTE: the cap counts devices training now; an offline device's open task does not hold a slot
+            free = cap - len(offered & self.tasks.keys())
             if free <= 0:
                 return [], S.COLLECTING
             if len(idle) > free:

@@ -103,6 +103,22 @@ def test_machine_verdicts_in_order():
         m.handle(rnd.StartRound(9, 1, "h1", 0.0))
 
 
+def test_concurrency_caps_open_tasks_of_online_devices():
+    m = ar.AsyncMachine(ar.AsyncConfig(buffer_size=2, concurrency=2), "p", seed=3)
+    m.handle(ar.OpenAsync(1, "h1", 0.0))
+    online = ("d0", "d1", "d2", "d3")
+    first = m.handle(rnd.Eligible(online, 0.0))
+    assert len(first) == 2 and m.task_seq == 1  # two of four, drawn
+    again = ar.AsyncMachine(ar.AsyncConfig(buffer_size=2, concurrency=2), "p", seed=3)
+    again.handle(ar.OpenAsync(1, "h1", 0.0))
+    assert again.handle(rnd.Eligible(online, 0.0)) == first  # deterministic
+    assert m.handle(rnd.Eligible(online, 1.0)) == []  # full
+    busy = sorted(m.tasks)
+    rest = tuple(d for d in online if d not in busy)
+    (a,) = m.handle(rnd.Eligible((busy[1], *rest), 2.0))  # busy[0] went offline: its slot frees, its task stays
+    assert a.device_ids[0] in rest and busy[0] in m.tasks and len(m.tasks) == 3
+
+
 def test_config_validation_names_keys():
     assert ar.AsyncConfig().validate() == []
     errs = ar.AsyncConfig(buffer_size=0, staleness="cubic", exponent=-1.0, max_staleness=-2, concurrency=3,
