@@ -16,13 +16,14 @@ The target accuracy is ``initial + 0.9 * (min(mean final sync, mean final async)
 and stated in the JSON. Last line: one JSON object.
 
 Measured 2026-12-07 (20 devices, 3 seeds, 1500 simulated s, 20 local steps, means with 95% t-intervals):
-- sync goal 6 of 8 selected (closes on the 6th delta) vs async K 6, 8 tasks out: 280 +- 187 s vs 330 +- 37 s
-  (0.85x: async not faster), final 0.794 vs 0.822. Over-selection already drops sync's two slowest each round and
-  sleepers are offline (never selected), while async's 8 slots fill with stragglers and sleepers' paused tasks.
+- sync goal 6 of 8 selected (closes on the 6th delta) vs async K 6, 8 online devices training: 280 +- 187 s vs
+  300 +- 197 s (0.93x: async not faster), final 0.794 vs 0.832, bytes to target 363 vs 494 kB. Over-selection
+  already drops sync's two slowest each round and sleepers are offline (never selected), while async's 8 slots
+  fill with stragglers (8x slower tasks) and its deltas arrive 1-3 versions stale (weighted 1/sqrt(1+s)).
 - same sync vs async with every idle online device training (``--async-concurrency 0``): 130 +- 57 s (2.15x),
   final 0.819; bytes to target 483 vs 363 kB, 2.5x over the whole run.
-- sync waiting for all 8 selected (``--goal 8 --over-selection 1.0 --buffer 6``) vs async K 6, 8 out:
-  670 +- 253 s vs 255 +- 149 s (2.63x), final 0.785 vs 0.822, bytes to target 395 vs 421 kB.
+- sync waiting for all 8 selected (``--goal 8 --over-selection 1.0 --buffer 6``) vs async K 6, 8 training:
+  670 +- 253 s vs 230 +- 120 s (2.91x), final 0.785 vs 0.832, bytes to target 395 vs 406 kB.
 """
 
 from __future__ import annotations
