@@ -222,6 +222,51 @@ def apply_int_delta(old: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return np.clip(new, lo, hi).astype(old.dtype)
 
 
+# --- asynchronous buffers: staleness weights -------------------------------------------------------------------
+
+Q16 = 1 << 16  # staleness factors are fixed point: q = floor(f * 2^16 + 0.5), so buffered sums stay exact integers
+
+
+def staleness_q16(factors: np.ndarray) -> np.ndarray:
+    """Staleness factors ``f`` in (0, 1] as int64 ``floor(f * 2^16 + 0.5)``, at least 1 (a counted delta never
+    weighs nothing)."""
+    f = np.asarray(factors, np.float64)
+    if f.ndim != 1 or not np.isfinite(f).all() or (f <= 0).any() or (f > 1).any():
+        raise AggregationError(f"staleness factors must be a (n,) vector in (0, 1], got {factors!r}")
+    return np.maximum(np.floor(f * Q16 + 0.5).astype(np.int64), 1)
+
+
+def buffered_fedavg(values: np.ndarray, masks: np.ndarray, weights: np.ndarray, q16: np.ndarray) -> Mean:
+    """A buffer's staleness-weighted FedAvg: per coordinate over its voters,
+    ``sum_i n_i q_i d_ij / (2^16 sum_i n_i)`` (``q_i`` = :func:`staleness_q16` of the delta's factor).
+
+    A stale delta's factor scales its step, not the normalisation (as FedBuff's ``1/K sum f(s_i) d_i``), so a
+    buffer of stale deltas moves the model less. Integer sums: exact, independent of order. With every factor 1
+    it is :func:`fedavg`.
+    """
+    values, masks, weights, q16 = (np.asarray(values), np.asarray(masks), np.asarray(weights),
+                                   np.asarray(q16))
+    _check(values, masks, weights)
+    if values.dtype.kind not in "iu":
+        raise AggregationError(f"integer values expected, got {values.dtype}")
+    if q16.shape != weights.shape or q16.dtype.kind not in "iu" or (q16 <= 0).any() or (q16 > Q16).any():
+        raise AggregationError(f"q16 must be ({weights.shape[0]},) integers in [1, {Q16}], got {q16!r}")
+    num, _ = weighted_sums(values, masks, weights.astype(np.int64) * q16.astype(np.int64))
+    _, den = weighted_sums(values, masks, weights)
+    mean = mean_from_sums(num, den * Q16)
+    return mean
+
+
+def buffered_aggregate(kind: str, values: np.ndarray, masks: np.ndarray, weights: np.ndarray, q16: np.ndarray, *,
+                       clip: float = 0.0, beta: float = 0.0) -> Mean:
+    """A buffer through any aggregator: ``fedavg`` is :func:`buffered_fedavg`; the robust ones run over the
+    staleness-scaled deltas ``d_i * q_i / 2^16`` (float64), so a stale delta also moves a median less."""
+    if kind == "fedavg":
+        return buffered_fedavg(values, masks, weights, q16)
+    scaled = np.asarray(values, np.float64) * (np.asarray(q16, np.float64) / Q16)[:, None]
+    return aggregate(kind, scaled, masks, weights, clip=clip, beta=beta)
+
+
 AGGREGATORS = ("fedavg", "clipped", "median", "trimmed")
 
 

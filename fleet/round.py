@@ -1,10 +1,12 @@
 """One federated round as a table-driven state machine: events in, commands out, no I/O, no clock, no numpy.
 
-States ``IDLE -> SELECTING -> TRAINING -> COLLECTING -> (COMMITTING | ABANDONED) -> IDLE``; every legal
+Synchronous rounds: states ``IDLE -> SELECTING -> TRAINING -> COLLECTING -> (COMMITTING | ABANDONED) -> IDLE``; every legal
 ``(state, event)`` pair is a row of :data:`TRANSITIONS` naming its handler and the states it may lead to; any
 other pair raises :class:`IllegalTransition`. The machine decides *who* trains, *which* deltas count and *when*
 the round closes; it does not decode payloads, aggregate or persist (the coordinator does, from its commands).
 Rejections carry a :class:`Reject` code, which the coordinator sends back to the device in an ``ack``.
+Asynchronous buffered rounds (``mode: async``) are their own machine with their own table, in
+:mod:`fleet.coordinator.async_round`; they share this module's events, commands and reject codes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Reject(IntEnum):
     BAD_SAMPLES = 9  # sample count is zero
     LATE = 10  # arrived after the deadline
     WRONG_DEVICE = 11  # device id in the payload differs from the topic's
+    TOO_STALE = 12  # async: trained from a version more than ``max_staleness`` versions behind the current one
 
 
 # --- events -------------------------------------------------------------------------------------------------

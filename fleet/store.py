@@ -1,5 +1,9 @@
 """The coordinator's durable state in one SQLite file: model versions, rounds, accepted deltas, devices.
 
+Asynchronous mode (``fleet.coordinator.buffered``) keeps two more tables: each device's last task and
+whether it is still open (``async_tasks``) and which accepted delta sits in which buffer (``async_buffer``; the payload is a ``deltas`` row
+keyed by its task id). A store serves one mode for its whole life (:meth:`Store.bind_plan`).
+
 Write-ahead by construction: every state change the coordinator makes is one transaction here *before* any
 output that depends on it leaves the coordinator (accepting a delta stores its payload; committing stores the
 new version and closes the round). A coordinator killed at any instant therefore finds either the state before
@@ -33,6 +37,14 @@ CREATE TABLE IF NOT EXISTS deltas (
 );
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, hello TEXT NOT NULL, last_counter INTEGER NOT NULL DEFAULT -1
+);
+CREATE TABLE IF NOT EXISTS async_tasks (
+    device_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL, version INTEGER NOT NULL, hash TEXT NOT NULL,
+    deadline REAL NOT NULL, open INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS async_buffer (
+    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, buffer_id INTEGER NOT NULL, base_version INTEGER NOT NULL,
+    PRIMARY KEY (round_id, device_id)
 );
 """
 
@@ -165,15 +177,26 @@ class Store:
                 self._set_meta(f"secret:{name}", got)
         return bytes.fromhex(got)
 
-    def bind_plan(self, plan_hash: str) -> None:
-        """Tie this store to one plan; opening it for another plan is an error, not a silent mix."""
-        with self._tx():
+    def bind_plan(self, plan_hash: str, mode: str | None = None) -> None:
+        """Tie this store to one plan, and to ``sync`` or ``async`` rounds when ``mode`` is given, in one
+        transaction; opening it for another plan or mode is an error, not a silent mix (a store made before modes
+        existed, with rounds, is sync)."""
+        with self._tx() as db:
             got = self._meta("plan_hash")
             if got is None:
                 self._set_meta("plan_hash", plan_hash)
             elif got != plan_hash:
                 raise StoreError(f"{self.path} belongs to plan {got[:16]}, not {plan_hash[:16]}: "
                                  "use a new store file for a new plan")
+            if mode is None:
+                return
+            held = self._meta("mode")
+            if held is None:
+                held = "sync" if db.execute("SELECT 1 FROM rounds LIMIT 1").fetchone() is not None else mode
+                self._set_meta("mode", held)
+            if held != mode:
+                raise StoreError(f"{self.path} holds {held} rounds, the config asks for {mode}: use a new store "
+                                 "file to change modes")
 
     # --- versions ------------------------------------------------------------------------------------------
 
@@ -281,3 +304,50 @@ class Store:
 
     def counters(self) -> dict[str, int]:
         return {d: c for d, _, c in self.devices() if c >= 0}
+
+    # --- asynchronous mode ---------------------------------------------------------------------------------
+
+    def put_tasks(self, tasks: list[tuple[str, int, int, str, float]], closed: list[str], task_seq: int,
+                  opened: bool) -> None:
+        """Write-ahead for handing out tasks: ``(device, task id, version, version hash, deadline)`` rows written as
+        open, ``closed`` devices' tasks marked closed (their ids stay: a device's next task id is one more), the
+        draw counter and whether the session is open."""
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO async_tasks VALUES (?, ?, ?, ?, ?, 1)", tasks)
+            db.executemany("UPDATE async_tasks SET open = 0 WHERE device_id = ?", [(d,) for d in closed])
+            self._set_meta("async_task_seq", str(task_seq))
+            self._set_meta("async_open", "1" if opened else "0")
+
+    def async_tasks(self) -> list[tuple[str, int, int, str, float, bool]]:
+        """``(device, last task id, version, version hash, deadline, still open)`` sorted by device."""
+        return [(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in self._db.execute(
+            "SELECT device_id, round_id, version, hash, deadline, open FROM async_tasks ORDER BY device_id")]
+
+    def accept_buffered(self, row: DeltaRow, buffer_id: int, base_version: int) -> None:
+        """Write-ahead for one accepted async delta: payload, device counter, its place in buffer ``buffer_id``, and
+        the end of the device's task, atomically."""
+        with self._tx() as db:
+            db.execute("INSERT INTO deltas VALUES (?, ?, ?, ?, ?, ?)",
+                       (row.round_id, row.device_id, row.content_hash, row.counter, row.num_samples, row.payload))
+            db.execute("INSERT INTO devices (device_id, hello, last_counter) VALUES (?, '{}', ?) "
+                       "ON CONFLICT(device_id) DO UPDATE SET last_counter = excluded.last_counter",
+                       (row.device_id, row.counter))
+            db.execute("INSERT INTO async_buffer VALUES (?, ?, ?, ?)",
+                       (row.round_id, row.device_id, buffer_id, base_version))
+            db.execute("UPDATE async_tasks SET open = 0 WHERE device_id = ?", (row.device_id,))
+
+    def buffered(self, buffer_id: int) -> list[tuple[DeltaRow, int]]:
+        """``(delta row, base version)`` of a buffer's accepted deltas, sorted by device id (the canonical order)."""
+        rows = self._db.execute(
+            "SELECT d.round_id, d.device_id, d.content_hash, d.counter, d.num_samples, d.payload, b.base_version "
+            "FROM async_buffer b JOIN deltas d ON d.round_id = b.round_id AND d.device_id = b.device_id "
+            "WHERE b.buffer_id = ? ORDER BY d.device_id", (buffer_id,))
+        return [(DeltaRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5])), r[6]) for r in rows]
+
+    def commit_buffer(self, buffer_id: int, version: int, hash_: str, state: bytes,
+                      meta: dict[str, str] | None = None) -> None:
+        """The version made from buffer ``buffer_id`` and ``meta`` values (e.g. privacy spent), in one transaction."""
+        with self._tx() as db:
+            db.execute("INSERT INTO versions VALUES (?, ?, ?, ?)", (version, hash_, state, buffer_id))
+            for k, v in (meta or {}).items():
+                self._set_meta(k, v)

@@ -55,8 +55,8 @@ class Coordinator(Publication, DeltaBook):
         self.min_sram = config.min_sram or plan_sram(plan)
         self.registry = Registry(config.heartbeat_timeout)
         self.limits = {"control": Buckets(config.control_limit), "delta": Buckets(config.delta_limit)}
-        self.machine = rnd.RoundMachine(config.round, codec.plan_hash)
-        store.bind_plan(codec.plan_hash)
+        self.machine = self._new_machine()
+        store.bind_plan(codec.plan_hash, config.mode)
         self.keep_rows = config.aggregator != "fedavg" or config.dp is not None
         self.accountant: RDPAccountant | None = None
         if config.dp is not None:  # spent rounds are committed with the model, so a restart resumes the budget
@@ -78,12 +78,25 @@ class Coordinator(Publication, DeltaBook):
             if hello_json != "{}":
                 self.registry.on_hello(parse(hello_json.encode(), Hello), 0.0)  # type: ignore[arg-type]
                 self.registry.mark_offline(device_id)  # online again at its next hello/status
-        last = store.last_round()
+        self._resume()
+
+    def __new__(cls, plan, store: Store, config: CoordinatorConfig, clock, codec: Codec):
+        if cls is Coordinator and config.mode == "async":  # NOTE: one constructor for both modes (serve, sim)
+            from fleet.coordinator.buffered import AsyncCoordinator
+
+            return super().__new__(AsyncCoordinator)
+        return super().__new__(cls)
+
+    def _new_machine(self):
+        return rnd.RoundMachine(self.config.round, self.codec.plan_hash)
+
+    def _resume(self) -> None:
+        """Restore the round machine (and the open round's decoded deltas) from the store."""
+        last = self.store.last_round()
         if last is not None:
-            self.machine.restore(last[2], store.accepted_hashes(last[0]), store.counters())
+            self.machine.restore(last[2], self.store.accepted_hashes(last[0]), self.store.counters())
             if self.machine.state in (*_COLLECTING, rnd.RoundState.COMMITTING):
                 self.round_deltas = self._reload(last[0])  # restart cost: decode the round's stored deltas once
-
 
     def _pack(self, state: dict[int, np.ndarray]) -> bytes:
         return pack_state(self.shared, state)
@@ -173,11 +186,12 @@ class Coordinator(Publication, DeltaBook):
         if msg.state == "offline":
             return self._machine(rnd.DeviceLost(msg.device_id, now), now) if ctl.lost else []
         if msg.state == "failed":  # cannot train that round: for the open round, a dropout (stop waiting)
-            out: list[Output] = [DeviceFailed(msg.device_id, msg.round_id or 0, msg.reason or "")]
-            if msg.round_id == self.machine.round_id:
-                out += self._machine(rnd.DeviceLost(msg.device_id, now), now)
-            return out
+            return [DeviceFailed(msg.device_id, msg.round_id or 0, msg.reason or ""),
+                    *self._failed(msg.device_id, msg.round_id or 0, now)]
         return self._catch_up(msg.device_id, msg.model_version)
+
+    def _failed(self, device_id: str, round_id: int, now: float) -> list[Output]:
+        return self._machine(rnd.DeviceLost(device_id, now), now) if round_id == self.machine.round_id else []
 
     def _machine(self, event: object, now: float) -> list[Output]:
         """Feed the round machine; persist its new state and turn its commands into outputs."""

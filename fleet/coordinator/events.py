@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from device_agent.wire.messages import Publish
 from fleet import round as rnd
+from fleet.coordinator.async_round import AsyncConfig
 from fleet.ratelimit import RateLimit
 from fleet.security.dp import DPConfig
 
@@ -107,6 +108,17 @@ class CoordinatorConfig:
     dp: DPConfig | None = None  # central DP: clip each delta, add Gaussian noise to the sum, account epsilon
     control_limit: RateLimit = field(default_factory=lambda: RateLimit(20.0, 100.0))  # hello+status per device/s
     delta_limit: RateLimit = field(default_factory=lambda: RateLimit(10.0, 50.0))  # deltas per device/s (0: off)
+    mode: str = "sync"  # sync: rounds (``round``) | async: buffered asynchronous aggregation (``asynchronous``)
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+
+    def validate(self) -> list[str]:
+        """What this module can check of the async policy (the fleet schema checks the rest); empty when valid."""
+        if self.mode not in MODES:
+            return [f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}"]
+        return self.asynchronous.validate("asynchronous.") if self.mode == "async" else []
+
+
+MODES = ("sync", "async")
 
 
 def plan_sram(plan) -> int:

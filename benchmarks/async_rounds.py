@@ -1,0 +1,303 @@
+"""Time to a target accuracy, sync rounds vs async buffered rounds (issue 15), on a SIMULATED clock.
+
+One command: ``python benchmarks/async_rounds.py [--seeds 3] [--devices 20] [--sim-seconds 1500]``. The quickstart's
+ImuCNN on the seglearn watch data (``benchmarks/wire_bytes.imu_setup``), host devices (``DeviceProtocol`` + the
+reference engine, real int8 training) joined to the real coordinator through an in-memory link; time is simulated
+by a discrete-event loop: each device's behaviour (``fleet/sim/behaviour.py``: per-device step time with
+stragglers, sleepers on a duty cycle, dropouts mid-task, network delay) decides when its messages arrive. A
+sleeping device goes offline (status) and gets its queued messages when it wakes. Both modes see the same devices,
+the same behaviour draw per seed, the same tasks (local steps, lr), by default the same number of devices training
+at once (sync selects ``ceil(goal * over_selection)``, 1.3 unless ``--over-selection``; async ``concurrency`` is
+that number unless ``--async-concurrency``). Accuracy: the coordinator's model on
+the pooled test set, sampled every ``--eval-every`` simulated seconds. Bytes: every payload to or from a device
+(tasks, acks, deltas, model updates counted once per receiving device, hello/status) until
+the target is reached (``bytes``) and over the whole run (``bytes_whole_run``).
+The target accuracy is ``initial + 0.9 * (min(mean final sync, mean final async) - initial)``, fixed after the runs
+and stated in the JSON. Last line: one JSON object.
+
+Measured 2026-12-07 (20 devices, 3 seeds, 1500 simulated s, 20 local steps, means with 95% t-intervals):
+- sync goal 6 of 8 selected (closes on the 6th delta) vs async K 6, 8 online devices training: 280 +- 187 s vs
+  300 +- 197 s (0.93x: async not faster), final 0.794 vs 0.832, bytes to target 363 vs 494 kB. Over-selection
+  already drops sync's two slowest each round and sleepers are offline (never selected), while async's 8 slots
+  fill with stragglers (8x slower tasks) and its deltas arrive 1-3 versions stale (weighted 1/sqrt(1+s)).
+- same sync vs async with every idle online device training (``--async-concurrency 0``): 130 +- 57 s (2.15x),
+  final 0.819; bytes to target 483 vs 363 kB, 2.5x over the whole run.
+- sync waiting for all 8 selected (``--goal 8 --over-selection 1.0 --buffer 6``) vs async K 6, 8 training:
+  670 +- 253 s vs 230 +- 120 s (2.91x), final 0.785 vs 0.832, bytes to target 395 vs 406 kB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import pickle
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import emit
+from benchmarks.wire_bytes import imu_setup
+from device_agent import protocol as dp
+from device_agent.buffer import SampleBuffer
+from device_agent.engine.trainer import Trainer
+from device_agent.wire.envelope import Verifier
+from device_agent.wire.messages import Publish
+from fleet import coordinator as co
+from fleet import round as rnd
+from fleet.coordinator.async_round import AsyncConfig
+from fleet.sim.behaviour import BehaviourModel
+from fleet.store import Store
+
+
+def configs(args) -> dict[str, co.CoordinatorConfig]:
+    selected = math.ceil(args.goal * args.over_selection - 1e-9)
+    base = co.CoordinatorConfig(round=rnd.RoundConfig(goal=args.goal, over_selection=args.over_selection, quorum=0.5,
+                                                      deadline_s=args.deadline, seed=0),
+                                lr=args.lr, local_steps=args.steps, batch_size=1)
+    conc = selected if args.async_concurrency is None else args.async_concurrency
+    asy = replace(base, mode="async", asynchronous=AsyncConfig(
+        buffer_size=args.buffer or args.goal, staleness="polynomial", exponent=0.5,
+        max_staleness=args.max_staleness, concurrency=conc, task_timeout_s=args.deadline * 2))
+    return {"sync": base, "async": asy}
+
+
+class Sim:
+    """The discrete-event loop: coordinator, devices, a network with per-device delay, simulated time."""
+
+    def __init__(self, plan, data, cfg: co.CoordinatorConfig, behaviours, seed: int):
+        self.now, self.seq, self.events = 0.0, 0, []
+        self.coord = co.Coordinator(plan, Store(), cfg, lambda: self.now, co.WireCodec(plan))
+        self.b = {}
+        self.devices: dict[str, dp.DeviceProtocol] = {}
+        self.rng = np.random.default_rng([seed, 7])
+        for i, ((x, y), beh) in enumerate(zip(data, behaviours)):
+            did = f"d{i:03d}"
+            buf = SampleBuffer(len(x), x.shape[1:], np.int8, seed=seed * 1000 + i)
+            buf.add(x, y)
+            ident = dp.Identity(did, "stm32f746", 320_000, 1_000_000)
+            self.devices[did] = dp.DeviceProtocol(ident, plan, Trainer(plan), dp.WireDeviceCodec(plan,
+                                                  Verifier.unsigned()), buf, seed=seed * 1000 + i)
+            self.b[did] = beh
+        self.inbox: dict[str, list] = {d: [] for d in self.devices}
+        self.awake = {d: self.b[d].awake(0.0) for d in self.devices}
+        self.busy_until = {d: 0.0 for d in self.devices}
+        self.bytes = 0
+        self.byte_log: list[tuple[float, int]] = [(0.0, 0)]  # (time, bytes so far), at every tick
+        self.versions: list[tuple[float, int, dict]] = []  # (time, version, state) after each commit
+        self.verdicts: dict[str, int] = {}
+
+    def push(self, t: float, kind: str, *item) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, item))
+
+    # --- routing -----------------------------------------------------------------------------------------------
+
+    def from_coord(self, outs) -> None:
+        for o in outs:
+            if isinstance(o, co.Verdict):
+                self.verdicts[o.reason] = self.verdicts.get(o.reason, 0) + 1
+            if isinstance(o, co.RoundClosed) and o.committed:
+                self.versions.append((self.now, o.version, {k: v.copy() for k, v in self.coord.state.items()}))
+            if not isinstance(o, Publish):
+                continue
+            parts = o.topic.split("/")
+            if parts[0] == "dev":
+                self.push(self.now + self.b[parts[1]].delay_s, "dev", parts[1], dp.Received(parts[2], o.payload))
+            elif parts[0] == "model":
+                for d in self.devices:
+                    self.push(self.now + self.b[d].delay_s, "dev", d, dp.Received("model", o.payload))
+
+    def from_device(self, did: str, outs, at: float) -> None:
+        for o in outs:
+            if not isinstance(o, Publish):
+                continue
+            kind = o.topic.split("/")[2]
+            if kind == "delta" and self.rng.random() < self.b[did].dropout:
+                continue  # lost mid-task: the coordinator never hears of it
+            self.bytes += len(o.payload)
+            self.push(at + self.b[did].delay_s, "coord", co.Received(kind, did, o.payload))
+
+    def deliver(self, did: str, msg: dp.Received) -> None:
+        dev = self.devices[did]
+        self.bytes += len(msg.payload)
+        outs = dev.handle(msg)
+        trained = any(isinstance(o, Publish) and o.topic.endswith("/delta") for o in outs) and \
+            any(isinstance(o, dp.Note) and o.what == "trained" for o in outs)
+        if trained:  # NOTE: the engine trained now; the delta leaves once the device's awake time has done it
+            start = max(self.now, self.busy_until[did])
+            done = self.b[did].finish(start, self.coord.config.local_steps * self.b[did].step_s)
+            self.busy_until[did] = done
+            self.from_device(did, outs, done)
+        else:
+            self.from_device(did, outs, max(self.now, self.busy_until[did]))
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    def run(self, until: float, tick: float) -> None:
+        self.from_coord(self.coord.handle(co.Boot()))
+        for did, dev in self.devices.items():
+            if self.awake[did]:
+                self.from_device(did, dev.handle(dp.Start()), 0.0)
+            self.push(self.b[did].next_sleep(0.0) if self.awake[did] else self.b[did].next_wake(0.0), "flip", did)
+        t = tick
+        while t < until:
+            self.push(t, "tick")
+            t += tick
+        while self.events:
+            t, _, kind, item = heapq.heappop(self.events)
+            if t > until:
+                break
+            self.now = t
+            if kind == "coord":
+                self.from_coord(self.coord.handle(item[0]))
+            elif kind == "tick":
+                self.byte_log.append((t, self.bytes))
+                self.from_coord(self.coord.handle(co.Tick()))
+                if self.coord.machine.state == rnd.RoundState.IDLE:
+                    self.from_coord(self.coord.handle(co.StartRound()))
+            elif kind == "dev":
+                did, msg = item
+                if self.awake[did]:
+                    self.deliver(did, msg)
+                else:
+                    self.inbox[did].append(msg)  # persistent session: the broker queues it
+            elif kind == "flip":
+                self.flip(item[0])
+
+    def flip(self, did: str) -> None:
+        dev, b = self.devices[did], self.b[did]
+        if self.awake[did]:  # falls asleep: disconnects cleanly (offline status)
+            self.awake[did] = False
+            self.from_device(did, [dev.status("offline")], self.now)
+            self.push(b.next_wake(self.now + 1e-6), "flip", did)
+            return
+        self.awake[did] = True
+        self.from_device(did, dev.handle(dp.Start()), self.now)  # reconnects: hello + status
+        queued, self.inbox[did] = self.inbox[did], []
+        for msg in queued:
+            self.deliver(did, msg)
+        self.push(b.next_sleep(self.now), "flip", did)
+
+
+def accuracy_curve(plan, sim: Sim, x_te, y_te, until: float, every: float, cache: dict) -> list[tuple[float, float]]:
+    t0 = Trainer(plan)
+    curve = []
+    versions = [(0.0, 1, None), *sim.versions]
+    i = 0
+    for k in range(int(until / every) + 1):
+        t = k * every
+        while i + 1 < len(versions) and versions[i + 1][0] <= t:
+            i += 1
+        _, v, state = versions[i]
+        if v not in cache:
+            if state is not None:
+                t0.load_trainable(state)
+            cache[v] = t0.evaluate(x_te, y_te)
+        curve.append((t, cache[v]))
+    return curve
+
+
+def _verdicts(sim: Sim) -> dict[str, int]:
+    return dict(sim.verdicts)
+
+
+def mean_ci(xs: list[float]) -> dict:
+    a = np.array([x for x in xs if x is not None and math.isfinite(x)], np.float64)
+    if len(a) == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(a), 2.26)
+    if len(a) < 2:
+        return {"mean": round(float(a.mean()), 4), "ci95": None, "n": len(a)}
+    half = t95 * a.std(ddof=1) / math.sqrt(len(a))
+    return {"mean": round(float(a.mean()), 4), "ci95": round(float(half), 4), "n": len(a)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--goal", type=int, default=6)
+    p.add_argument("--over-selection", type=float, default=1.3,
+                   help="sync selects ceil(goal * this); 1.0 waits for every selected device (the schema default)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--deadline", type=float, default=60.0)
+    p.add_argument("--max-staleness", type=int, default=16)
+    p.add_argument("--buffer", type=int, default=None, help="async buffer size K (default: --goal)")
+    p.add_argument("--async-concurrency", type=int, default=None,
+                   help="async tasks out at once (default: what sync selects per round; 0 = every idle device)")
+    p.add_argument("--sim-seconds", type=float, default=1500.0)
+    p.add_argument("--eval-every", type=float, default=15.0)
+    p.add_argument("--test-samples", type=int, default=600)
+    p.add_argument("--cache", help="pickle the (slow: pretraining) setup here and reuse it")
+    args = p.parse_args()
+    wall = time.time()
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and cache.exists():
+        plan, data, x_te, y_te = pickle.loads(cache.read_bytes())
+    else:
+        plan, data, x_te, y_te, _, _ = imu_setup(args.devices)
+        if cache is not None:
+            cache.write_bytes(pickle.dumps((plan, data, x_te, y_te)))
+    pick = np.random.default_rng(0).permutation(len(x_te))[:args.test_samples]
+    x_te, y_te = x_te[pick], y_te[pick]
+    model = BehaviourModel()
+    runs: dict[str, list] = {"sync": [], "async": []}
+    for seed in range(args.seeds):
+        beh = model.draw(args.devices, seed)
+        for mode, cfg in configs(args).items():
+            t0 = time.time()
+            sim = Sim(plan, data, replace(cfg, round=replace(cfg.round, seed=seed)), beh, seed)
+            sim.run(args.sim_seconds, tick=2.0)
+            curve = accuracy_curve(plan, sim, x_te, y_te, args.sim_seconds, args.eval_every, {})
+            runs[mode].append({"curve": curve, "versions": [(round(t, 1), v) for t, v, _ in sim.versions],
+                               "bytes": sim.byte_log, "seed": seed, "wall_s": round(time.time() - t0, 1),
+                               "verdicts": _verdicts(sim)})
+            print(f"seed {seed} {mode}: {len(sim.versions)} versions, final acc {curve[-1][1]:.3f}, "
+                  f"{sim.bytes} B, {time.time() - t0:.0f} s wall, {sim.verdicts}", file=sys.stderr, flush=True)
+    initial = runs["sync"][0]["curve"][0][1]
+    finals = {m: [r["curve"][-1][1] for r in rs] for m, rs in runs.items()}
+    target = initial + 0.9 * (min(np.mean(finals["sync"]), np.mean(finals["async"])) - initial)
+    out: dict = {"target_accuracy": round(float(target), 4), "initial_accuracy": round(float(initial), 4)}
+    rows = []
+    for mode, rs in runs.items():
+        ttt = [next((t for t, a in r["curve"] if a >= target), None) for r in rs]
+        btt = [None if t is None else float(next(b for bt, b in reversed(r["bytes"]) if bt <= t))
+               for t, r in zip(ttt, rs)]
+        out[mode] = {"time_to_target_s": mean_ci(ttt), "final_accuracy": mean_ci(finals[mode]),
+                     "bytes": mean_ci(btt), "bytes_whole_run": mean_ci([float(r["bytes"][-1][1]) for r in rs]),
+                     "verdicts": {k: sum(r["verdicts"].get(k, 0) for r in rs)
+                                  for k in sorted({k for r in rs for k in r["verdicts"]})},
+                     "versions": mean_ci([float(len(r["versions"])) for r in rs]),
+                     "reached_target": sum(x is not None for x in ttt), "time_to_target_per_seed": ttt}
+        rows.append((mode, out[mode]["time_to_target_s"]["mean"], out[mode]["final_accuracy"]["mean"],
+                     out[mode]["bytes"]["mean"], out[mode]["versions"]["mean"]))
+    s, a = out["sync"]["time_to_target_s"]["mean"], out["async"]["time_to_target_s"]["mean"]
+    speedup = round(s / a, 2) if s and a else None
+    drop = round(100 * (out["sync"]["final_accuracy"]["mean"] - out["async"]["final_accuracy"]["mean"]), 2)
+    out["speedup"] = speedup
+    out["final_accuracy_drop_points"] = drop
+    out["meets_target"] = bool(speedup is not None and speedup >= 2.0 and drop <= 1.0)
+    out["clock"] = "simulated seconds (discrete-event), not wall time"
+    acfg = configs(args)["async"].asynchronous
+    out["setup"] = {"devices": args.devices, "seeds": args.seeds, "sync_goal": args.goal,
+                    "sync_selected": math.ceil(args.goal * args.over_selection - 1e-9), "async_buffer_k": acfg.buffer_size,
+                    "async_concurrency": acfg.concurrency or "every idle online device", "local_steps": args.steps,
+                    "lr": args.lr, "deadline_or_task_timeout_s": [args.deadline, 2 * args.deadline],
+                    "staleness": "1/sqrt(1+s)", "max_staleness": args.max_staleness,
+                    "sim_seconds": args.sim_seconds, "test_samples": len(x_te),
+                    "behaviour": model.summary(model.draw(args.devices, 0)), "model": "ImuCNN:quarter, watch data",
+                    "target_rule": "initial + 0.9 * (min(mean final sync, mean final async) - initial)"}
+    out["wall_s"] = round(time.time() - wall, 1)
+    emit(out, [(m, f"{t}", f"{acc}", f"{b}", f"{v}") for m, t, acc, b, v in rows],
+         ("mode", "time_to_target_s", "final_acc", "bytes", "versions"))
+
+
+if __name__ == "__main__":
+    main()
