@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from fleet.config import from_dict, read_yaml
+from fleet.coordinator.async_round import AsyncConfig
 from fleet.security.dp import DPConfig
 
 T = TypeVar("T")
@@ -192,6 +193,8 @@ class FleetConfig:
     heartbeat_timeout: float = 0.0  # seconds of silence before a device counts as offline (0 = Last Will only)
     dp: DPConfig | None = None  # central differential privacy (clip + Gaussian noise + RDP accountant)
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    mode: str = "sync"  # sync | async: buffered asynchronous rounds (docs/protocol.md "Asynchronous mode")
+    async_rounds: AsyncConfig = field(default_factory=AsyncConfig)  # read only when mode is async
 
     def validate(self) -> list[str]:
         errs = []
@@ -234,6 +237,13 @@ class FleetConfig:
             errs.append(f"trim: must be a fraction in [0, 0.5), got {self.trim}")
         if isinstance(self.topk_permille, bool) or not 0 <= self.topk_permille <= 1000:
             errs.append(f"topk_permille: must be in 0..1000 (0 = every coordinate), got {self.topk_permille!r}")
+        if self.mode not in ("sync", "async"):
+            errs.append(f"mode: expected sync or async, got {self.mode!r}")
+        elif self.mode == "async":  # NOTE: from_dict already ran AsyncConfig.validate on the async_rounds section
+            k = self.async_rounds.buffer_size
+            if isinstance(k, int) and not isinstance(k, bool) and k > self.devices:
+                errs.append(f"async_rounds.buffer_size: must be <= devices ({self.devices}): a version takes one "
+                            f"delta from each of K devices, got {k}")
         if self.dp is not None and self.aggregator != "fedavg":  # NOTE: DP's sensitivity is for the clipped sum
             errs.append(f"dp: replaces the aggregator with a clipped noisy mean; leave aggregator at fedavg, "
                         f"got {self.aggregator!r}")
@@ -264,7 +274,8 @@ class FleetConfig:
                                  clip=self.clip, trim=self.trim, topk_permille=self.topk_permille,
                                  heartbeat_timeout=self.heartbeat_timeout, dp=self.dp,
                                  control_limit=RateLimit(r.control_per_s, r.control_burst),
-                                 delta_limit=RateLimit(r.delta_per_s, r.delta_burst))
+                                 delta_limit=RateLimit(r.delta_per_s, r.delta_burst),
+                                 mode=self.mode, asynchronous=self.async_rounds)
 
     def tls_files(self) -> dict[str, object]:
         """Keyword arguments for :meth:`device_agent.mqtt.BrokerURL.parse`."""
