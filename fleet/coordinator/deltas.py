@@ -80,6 +80,9 @@ class DeltaBook:
                 self.store.accept_delta(DeltaRow(up.round_id, up.device_id, content_hash, up.counter,
                                                  up.num_samples, ev.payload), m.state.value)
                 self._count(up, decoded)
+                rec = self.registry.devices.get(up.device_id)
+                if rec is not None and rec.model_version < self.version:  # NOTE: devices send status at connect
+                    rec.model_version = self.version  # only; an accepted delta was trained on this version
                 out += self._verdict(up.device_id, up.round_id, content_hash, None, "ok", accepted=True)
             elif isinstance(cmd, rnd.Duplicate):
                 out += self._verdict(up.device_id, up.round_id, content_hash, None, "")

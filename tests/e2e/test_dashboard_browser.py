@@ -140,6 +140,7 @@ def test_device_table_fills_and_rounds_close_live(broker, tmp_path):
         browser.wait("document.querySelectorAll('#devices tbody tr').length === 2")
         browser.wait("document.querySelectorAll('#rounds tbody tr').length >= 2", timeout=90)
         browser.wait("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        browser.wait("document.querySelector('#devices tbody tr').children[4].textContent.startsWith('v')")
         browser.screenshot(tmp_path / "dashboard.png")
         first = browser.js("[...document.querySelectorAll('#devices tbody tr')].map(r => r.dataset.device)")
         result = browser.js("document.querySelector('#rounds tbody tr').children[1].textContent")
