@@ -48,7 +48,6 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ from benchmarks.ablation import (
     torch_scheme_params,
     without_qas,
 )
-from benchmarks.common import MODELS, emit, load_fashion_mnist
+from benchmarks.common import MODELS, emit, load_fashion_mnist, t_interval
 from device_agent.engine import ir
 from device_agent.engine.forward import forward_activations
 from device_agent.engine.recipe import Recipe, lr_factor_q15
@@ -80,7 +79,6 @@ from fleet.compiler.training import build_training_plan
 METHODS = ("fp32_sparse", "int8_sparse_qas", "int8_sparse_lite", "int8_sparse_plain", "int8_sparse_noqas", "int8_last",
            "int8_bias", "int8_lastk", "fp32_full")
 WIDE = (1.0, 1e2, 1e4)  # multipliers of the grid for the no-QAS sweep
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass
@@ -126,15 +124,6 @@ def order(n: int, batch: int, epoch: int, seed: int) -> list[np.ndarray]:
     """One epoch's mini-batches: a seeded permutation cut into full ``batch``-sized pieces (the rest dropped)."""
     p = np.random.default_rng(1000 * seed + epoch).permutation(n)
     return [p[i:i + batch] for i in range(0, n - batch + 1, batch)]
-
-
-def t_interval(v: list[float]) -> list[float]:
-    """95% Student-t interval of the mean ([mean, mean] for one value)."""
-    m = float(np.mean(v))
-    if len(v) < 2:
-        return [round(m, 4), round(m, 4)]
-    h = T975.get(len(v) - 1, 1.96) * float(np.std(v, ddof=1)) / math.sqrt(len(v))
-    return [round(m - h, 4), round(m + h, 4)]
 
 
 # ------------------------------------------------------------------------------------------------- splits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import resource
 import sys
@@ -49,3 +50,15 @@ def load_fashion_mnist(split: str = "train", limit: int | None = None) -> tuple[
 
 def quick() -> bool:
     return "--quick" in sys.argv or os.environ.get("TINYFLEET_QUICK") == "1"
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t_interval(v: list[float]) -> list[float]:
+    """95% Student-t interval of the mean ([mean, mean] for one value)."""
+    m = float(np.mean(v))
+    if len(v) < 2:
+        return [round(m, 4), round(m, 4)]
+    h = T975.get(len(v) - 1, 1.96) * float(np.std(v, ddof=1)) / math.sqrt(len(v))
+    return [round(m - h, 4), round(m + h, 4)]

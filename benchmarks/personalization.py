@@ -16,7 +16,6 @@ fewer devices, rounds and steps, 2 seeds (a smoke form; its numbers are not the 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,21 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import emit
+from benchmarks.common import emit, t_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("sensor-watch", "keyboard-shakespeare", "medical-heart")
 METHODS = ("ditto", "finetune", "head", "bias")
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def t_interval(v: list[float]) -> list[float]:
-    """95% Student-t interval of the mean ([mean, mean] for one value)."""
-    m = float(np.mean(v))
-    if len(v) < 2:
-        return [round(m, 4), round(m, 4)]
-    h = T975.get(len(v) - 1, 1.96) * float(np.std(v, ddof=1)) / math.sqrt(len(v))
-    return [round(m - h, 4), round(m + h, 4)]
 
 
 def run_one(scenario: str, seed: int, args) -> dict:

@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from benchmarks.accuracy_qas import t_interval
-from benchmarks.common import emit
+from benchmarks.common import emit, t_interval
 from benchmarks.wire_bytes import _accuracy, fleet_rounds, flower_bytes, imu_setup
 
 
