@@ -335,6 +335,19 @@ def last_k(task: Task, budget_kb: float, recipe: Recipe) -> ir.SparseScheme:
 # ------------------------------------------------------------------------------------------------- tasks
 
 
+def pretrain_fp32(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, lr: float, epochs: int) -> torch.nn.Module:
+    """The source model of a transfer task: Adam, batches of 32 in ``order``'s seeded permutations; eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for e in range(epochs):
+        model.train()
+        for idx in order(len(y), 32, e, 0):
+            loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
 def imu_task(quick: bool, **_) -> tuple[Task, dict]:
     """ImuCNN pretrained on subjects 1-5, fine-tuned on 6-10 (earlier recordings), tested on later ones."""
     from seglearn.datasets import load_watch
@@ -367,16 +380,7 @@ def imu_task(quick: bool, **_) -> tuple[Task, dict]:
     norm = lambda a: ((a - mean) / std).astype(np.float32)
     xp = norm(xp_raw)[:, :, 0, :]
     torch.manual_seed(0)
-    model = ImuCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for e in range(8 if quick else 30):
-        model.train()
-        for idx in order(len(yp), 32, e, 0):
-            loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xp[idx])), torch.from_numpy(yp[idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = pretrain_fp32(ImuCNN(), xp, yp, 3e-3, 8 if quick else 30)
     graph = import_torch(model, xp[np.random.default_rng(0).permutation(len(xp))[:512]], name="ImuCNN")
     graph = new_classifier(graph, 7)  # NOTE: a fresh head, so every method must learn the new subjects' task
     t_in = graph.tensors[graph.input_id]
@@ -403,16 +407,7 @@ def heart_task(quick: bool, **_) -> tuple[Task, dict]:
     cut = {"train": rest[:int(0.6 * len(rest))], "val": rest[int(0.6 * len(rest)):int(0.75 * len(rest))],
            "test": rest[int(0.75 * len(rest)):]}
     torch.manual_seed(0)
-    model = TabularNet(xp.shape[1], 2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for e in range(10 if quick else 40):
-        model.train()
-        for idx in order(len(yp), 32, e, 0):
-            loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xp[idx])), torch.from_numpy(yp[idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = pretrain_fp32(TabularNet(xp.shape[1], 2), xp, yp, 1e-2, 10 if quick else 40)
     graph = new_classifier(import_torch(model, torch.from_numpy(xp), name="TabularNet"), 2)
     t_in = graph.tensors[graph.input_id]
     x = {k: quantize(feats(df.iloc[r]), float(t_in.scale[0]), t_in.zero_point) for k, r in cut.items()}
