@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from fleet.config import from_dict, read_yaml
 from fleet.coordinator.async_round import AsyncConfig
 from fleet.security.dp import DPConfig
+from fleet.security.secagg_config import SecureAggregationConfig
 
 T = TypeVar("T")
 
@@ -192,6 +193,7 @@ class FleetConfig:
     topk_permille: int = 0  # devices upload the top ceil(numel * k / 1000) per tensor (error feedback); 0 = all
     heartbeat_timeout: float = 0.0  # seconds of silence before a device counts as offline (0 = Last Will only)
     dp: DPConfig | None = None  # central differential privacy (clip + Gaussian noise + RDP accountant)
+    secure_aggregation: SecureAggregationConfig | None = None  # masked uploads: the coordinator sees only the sum
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     mode: str = "sync"  # sync | async: buffered asynchronous rounds (docs/protocol.md "Asynchronous mode")
     async_rounds: AsyncConfig = field(default_factory=AsyncConfig)  # read only when mode is async
@@ -247,6 +249,13 @@ class FleetConfig:
         if self.dp is not None and self.aggregator != "fedavg":  # NOTE: DP's sensitivity is for the clipped sum
             errs.append(f"dp: replaces the aggregator with a clipped noisy mean; leave aggregator at fedavg, "
                         f"got {self.aggregator!r}")
+        if self.secure_aggregation is not None:  # NOTE: masking needs the same support on every device, and sums only
+            if self.topk_permille:
+                errs.append(f"secure_aggregation: top-k uploads put each device's delta on its own support, which "
+                            f"masks cannot cover; set topk_permille: 0, got {self.topk_permille}")
+            if self.aggregator != "fedavg":
+                errs.append(f"secure_aggregation: the coordinator sees only the sum, so only fedavg can aggregate, "
+                            f"got aggregator {self.aggregator!r}")
         return errs
 
     @property
@@ -275,7 +284,8 @@ class FleetConfig:
                                  heartbeat_timeout=self.heartbeat_timeout, dp=self.dp,
                                  control_limit=RateLimit(r.control_per_s, r.control_burst),
                                  delta_limit=RateLimit(r.delta_per_s, r.delta_burst),
-                                 mode=self.mode, asynchronous=self.async_rounds)
+                                 mode=self.mode, asynchronous=self.async_rounds,
+                                 secure_aggregation=self.secure_aggregation)
 
     def tls_files(self) -> dict[str, object]:
         """Keyword arguments for :meth:`device_agent.mqtt.BrokerURL.parse`."""

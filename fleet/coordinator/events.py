@@ -9,6 +9,7 @@ from fleet import round as rnd
 from fleet.coordinator.async_round import AsyncConfig
 from fleet.ratelimit import RateLimit
 from fleet.security.dp import DPConfig
+from fleet.security.secagg_config import SecureAggregationConfig
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class CoordinatorConfig:
     delta_limit: RateLimit = field(default_factory=lambda: RateLimit(10.0, 50.0))  # deltas per device/s (0: off)
     mode: str = "sync"  # sync: rounds (``round``) | async: buffered asynchronous aggregation (``asynchronous``)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    secure_aggregation: SecureAggregationConfig | None = None  # masked uploads (fleet/security/secagg.py)
 
     def validate(self) -> list[str]:
         """What this module can check of the async policy (the fleet schema checks the rest); empty when valid."""
