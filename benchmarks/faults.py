@@ -33,6 +33,12 @@ run of the same seed is the reference:
   delays on a whole-second clock) + 0.3 s (serve reports registry changes every 0.2 s), plus for the hang 7 s:
   Mosquitto 2.0.x sweeps for expired keepalives only every ~6 s, on the same whole-second clock (its
   keepalive.c; measured 5.6-10.6 s with a 3 s keepalive window), and the rounds go on without it.
+- ``async_broker_kill``, ``async_coordinator_kill``, ``async_chaos_proxy``: the same faults under ``mode: async``
+  (buffer of devices - 1, every idle device training, 3x the sync run's rounds as versions). Versions depend on arrival order, so
+  there is no reference run: each passes when every acknowledged delta is stored once, in a committed buffer or
+  the one left open at the end, every committed buffer holds exactly K deltas, exactly ``rounds`` versions were
+  published (a restarted coordinator continues the count), and every version replays bit for bit from its
+  buffer's stored deltas and the version before (the coordinator's aggregation on a copy of the store).
 
 Columns: ``lost`` acknowledged deltas missing from the store or from a committed round; ``duplicated`` deltas
 stored or counted twice; ``rejected`` acks with ``accepted: false``; ``crashes`` process deaths and coordinator
@@ -51,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -275,6 +282,11 @@ def device_faults(f: ProcessFleet, outs: dict[str, Outcome]) -> None:
     f.serve.wait(10)
 
 
+RUN = {"broker_kill": broker_kill, "coordinator_kill": coordinator_kill, "chaos_proxy": chaos_proxy,
+       "garbage": garbage, "poison": poison, "device_restart": device_restart}
+ASYNC_SCENARIOS = ("broker_kill", "coordinator_kill", "chaos_proxy")  # the same faults under ``mode: async``
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 kills per kill scenario (CI)")
@@ -287,7 +299,7 @@ def main() -> None:
     kills = args.kills or (3 if args.quick else 20)
     spec = spec_for(kills, args.devices or (3 if args.quick else DEVICES))
     names = ["broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "poison", "device_restart", "device_kill",
-             "device_hang"]
+             "device_hang"] + [f"async_{n}" for n in ASYNC_SCENARIOS]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     work = args.keep or Path(tempfile.mkdtemp(prefix="tinyfleet-faults-"))
@@ -303,30 +315,24 @@ def main() -> None:
         if name == "device_hang" and "device_kill" in names:
             continue  # measured in device_kill's fleet
         rng = random.Random(f"{args.seed}/{name}")
-        s, chaos = spec, ({"seed": args.seed, "dup": 0.3, "delay": 0.3} if name == "chaos_proxy" else None)
-        if name == "device_restart":  # the Last Will waits longer than a restart takes: no DeviceLost
+        base = name.removeprefix("async_")
+        s, chaos = spec, ({"seed": args.seed, "dup": 0.3, "delay": 0.3} if base == "chaos_proxy" else None)
+        if base != name:  # NOTE: one delta short of every device per version, so deltas also wait in the buffer;
+            # a version needs fewer deltas than a sync round: 3x the versions keep every fault inside the run
+            s = replace(spec, mode="async", buffer_size=max(1, spec.devices - 1), rounds=3 * spec.rounds)
+        elif name == "device_restart":  # the Last Will waits longer than a restart takes: no DeviceLost
             s = FleetSpec(devices=spec.devices, rounds=spec.rounds, will_delay=60)
         elif name.startswith("device_"):
             s = FleetSpec(devices=spec.devices, rounds=10_000, quorum=0.25, keepalive=2, will_delay=1, deadline=30)
         try:
             with ProcessFleet(work / name, s, tiny_plan(), tiny_dataset, args.seed, chaos) as f:
-                if name == "broker_kill":
-                    broker_kill(f, kills, rng, out)
-                elif name == "coordinator_kill":
-                    coordinator_kill(f, kills, rng, out)
-                elif name == "chaos_proxy":
-                    chaos_proxy(f, kills, rng, out)
-                elif name == "garbage":
-                    garbage(f, kills, rng, out)
-                elif name == "poison":
-                    poison(f, kills, rng, out)
-                elif name == "device_restart":
-                    device_restart(f, kills, rng, out)
+                if base in RUN:
+                    RUN[base](f, kills, rng, out)
                 else:
                     device_faults(f, {"device_kill": out, "device_hang": outs.get("device_hang", Outcome())})
                 if name not in ("device_kill", "device_hang") and f.serve.poll() is None:
                     f.wait_serve(60 + 3 * spec.rounds)
-            if name in ("broker_kill", "coordinator_kill") and out.kills < kills:
+            if base in ("broker_kill", "coordinator_kill") and out.kills < kills:
                 out.notes.append(f"only {out.kills} of {kills} kills landed inside the run")
             for n in (name, "device_hang") if name == "device_kill" else (name,):
                 judge(f, None if n in ("device_kill", "device_hang") else clean, outs[n])

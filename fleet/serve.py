@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -120,6 +121,8 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
     from fleet.mqtt import CoordinatorLink
 
     ccfg = cfg.coordinator_config()
+    if cfg.mode == "async":  # NOTE: the session runs by itself between polls: the coordinator stops at the count
+        ccfg = replace(ccfg, max_versions=0 if args.rounds == 0 else cfg.rounds)
     codec = WireCodec(plan, signer=Signer.ed25519(key))
     closed = threading.Event()
     results: list[RoundClosed] = []
@@ -172,8 +175,10 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
         while True:
             # NOTE: rounds are counted by the coordinator (i.e. the store), so a restarted serve finishes the same
             # run instead of starting cfg.rounds new ones, and lets a resumed open round close before the next
-            rid, idle = link.call(lambda c: (c.machine.round_id, c.machine.state == rnd.RoundState.IDLE))
-            if args.rounds != 0 and (rid if idle else rid - 1) >= cfg.rounds:
+            rid, idle, version = link.call(
+                lambda c: (c.machine.round_id, c.machine.state == rnd.RoundState.IDLE, c.version))
+            done = version - 1 if cfg.mode == "async" else rid if idle else rid - 1
+            if args.rounds != 0 and done >= cfg.rounds:
                 break
             if idle:
                 closed.clear()
@@ -270,13 +275,15 @@ class CrashAt:
         """Wrap ``coordinator`` (or its store) so that the named point kills the process; returns it."""
         from fleet.coordinator import Verdict
 
-        if self.point == "accept":
-            store, inner = coordinator.store, coordinator.store.accept_delta
+        if self.point == "accept":  # NOTE: sync rounds accept through accept_delta, async ones accept_buffered
+            store = coordinator.store
+            name = "accept_buffered" if coordinator.config.mode == "async" else "accept_delta"
+            inner = getattr(store, name)
 
-            def accept_delta(row, state):
-                inner(row, state)
+            def accept(*args):
+                inner(*args)
                 self._passed(1)
-            store.accept_delta = accept_delta
+            setattr(store, name, accept)
         else:
             many = coordinator.handle_many
 

@@ -97,6 +97,14 @@ class OpenAsync:
 
 
 @dataclass(frozen=True)
+class CloseAsync:
+    """Stop: the run published all its versions. Open tasks end; accepted deltas stay in the buffer (a later
+    :class:`OpenAsync` on the same version counts them)."""
+
+    now: float
+
+
+@dataclass(frozen=True)
 class Published:
     """The coordinator persisted the buffer's new version: reopen the buffer on it."""
 
@@ -163,6 +171,8 @@ ASYNC_TRANSITIONS: dict[tuple[RoundState, type], tuple[str, frozenset[RoundState
     (S.COLLECTING, TaskFailed): ("_failed", frozenset({S.COLLECTING})),
     (S.COLLECTING, Behind): ("_behind", frozenset({S.COLLECTING})),
     (S.COMMITTING, Published): ("_published", frozenset({S.COLLECTING})),
+    (S.COLLECTING, CloseAsync): ("_close", frozenset({S.IDLE})),
+    (S.IDLE, CloseAsync): ("_ignore", frozenset({S.IDLE})),
     # before the first OpenAsync nothing is handed out and nothing counts
     (S.IDLE, Eligible): ("_ignore", frozenset({S.IDLE})),
     (S.IDLE, Tick): ("_ignore", frozenset({S.IDLE})),
@@ -331,6 +341,10 @@ class AsyncMachine:
             raise ValueError(f"buffer on v{self.round_id} committed as v{ev.version}, expected v{self.round_id + 1}")
         self.round_id, self.version_hash, self.buffer = ev.version, ev.version_hash, {}
         return [], S.COLLECTING
+
+    def _close(self, ev: CloseAsync):
+        self.tasks = {}
+        return [], S.IDLE
 
     def _ignore(self, ev: object):
         return [], self.state

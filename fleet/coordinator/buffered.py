@@ -64,7 +64,13 @@ class AsyncCoordinator(Coordinator):
         refused = self._budget_refusal()
         if refused is not None:
             return [refused]
+        if self._all_published():
+            return []
         return self._machine(ar.OpenAsync(self.version, self.hash, now), now) + self._offer(now)
+
+    def _all_published(self) -> bool:
+        """The run's ``max_versions`` versions exist (the initial model is version 1)."""
+        return 0 < self.config.max_versions <= self.version - 1
 
     def _resume_boot(self, now: float) -> list[Output]:
         out: list[Output] = [Publish(f"plan/{self.codec.plan_hash}", self.codec.plan_bytes(), retain=True),
@@ -72,6 +78,8 @@ class AsyncCoordinator(Coordinator):
         m = self.machine
         if m.state == rnd.RoundState.COMMITTING:
             out += self._commit(m.commit(), now)
+        if self._all_published():  # NOTE: e.g. killed between the last commit and closing the session
+            out += self._machine(ar.CloseAsync(now), now)
         for d, t in sorted(m.tasks.items()):  # re-sent: a device answers a repeated task with the same bytes
             out += self._assign(ar.Assign(t.round_id, (d,), t.deadline, t.version, t.version_hash))
         return out
@@ -188,6 +196,8 @@ class AsyncCoordinator(Coordinator):
         self.version, self.hash, self.state = self.version + 1, new_hash, new_state
         self.model_base, self.model_payload = base, payload
         self.machine.handle(ar.Published(self.version, self.hash, now))
+        if self._all_published():  # NOTE: before any new task leaves: the run ends at exactly max_versions
+            self._machine(ar.CloseAsync(now), now)
         detail = "staleness " + ",".join(map(str, staleness))
         return [Publish("model/current", payload, retain=True),
                 RoundClosed(buffer_id, True, self.version, cmd.device_ids, detail, epsilon=epsilon)]

@@ -111,6 +111,7 @@ class CoordinatorConfig:
     delta_limit: RateLimit = field(default_factory=lambda: RateLimit(10.0, 50.0))  # deltas per device/s (0: off)
     mode: str = "sync"  # sync: rounds (``round``) | async: buffered asynchronous aggregation (``asynchronous``)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    max_versions: int = 0  # async: close the session once this many versions were published (0: never)
     secure_aggregation: SecureAggregationConfig | None = None  # masked uploads (fleet/security/secagg.py)
 
     def validate(self) -> list[str]:

@@ -45,6 +45,18 @@ class FleetSpec:
     will_delay: int = 5  # device Last Will delay, seconds
     quorum: float = 1.0  # 1.0: a round commits only with every device (what makes the result well-defined)
     name: str = "faults"
+    mode: str = "sync"  # async: buffered rounds (``rounds`` versions of ``buffer_size`` deltas each)
+    buffer_size: int = 3  # async only
+
+    def config_yaml(self, port: int, seed: int) -> str:
+        """The fleet config ``tinyfleet serve`` runs."""
+        text = (f"name: {self.name}\nbroker: mqtt://127.0.0.1:{port}\ndevices: {self.devices}\n"
+                f"rounds: {self.rounds}\nlocal_steps: {self.local_steps}\ndeadline: {self.deadline}\n"
+                f"quorum: {self.quorum}\nover_selection: 1.0\nseed: {seed}\n")
+        if self.mode == "async":  # NOTE: every idle device trains; a task outlives any outage (like the deadline)
+            text += (f"mode: async\nasync_rounds: {{buffer_size: {self.buffer_size}, max_staleness: 1000, "
+                     f"task_timeout_s: {self.deadline}}}\n")
+        return text
 
 
 @dataclass
@@ -107,10 +119,7 @@ class ProcessFleet:
 
         (self.dir / "plan.ttp").write_bytes(plan_to_bytes(self.plan))
         s = self.spec
-        (self.dir / "fleet.yaml").write_text(
-            f"name: {s.name}\nbroker: mqtt://127.0.0.1:{self.client_port}\ndevices: {s.devices}\n"
-            f"rounds: {s.rounds}\nlocal_steps: {s.local_steps}\ndeadline: {s.deadline}\nquorum: {s.quorum}\n"
-            f"over_selection: 1.0\nseed: {self.seed}\n")
+        (self.dir / "fleet.yaml").write_text(s.config_yaml(self.client_port, self.seed))
         for i in range(s.devices):
             x, y = self.dataset(32, 1000 * self.seed + i)
             np.savez(self.dir / f"d{i}.npz", x=x, y=y)
@@ -273,6 +282,8 @@ def judge(fleet: ProcessFleet, clean: list[bytes] | None, out: Outcome) -> Outco
     ``clean``, also every round committed with every device and every model version equals the clean run's.
     """
     spec = fleet.spec
+    if spec.mode == "async":
+        return _judge_async(fleet, out)
     with sqlite3.connect(f"file:{fleet.store}?mode=ro", uri=True) as db:
         deltas = db.execute("SELECT round_id, device_id, content_hash FROM deltas").fetchall()
         rounds = dict(db.execute("SELECT round_id, outcome FROM rounds"))
@@ -303,6 +314,67 @@ def _exact(fleet: ProcessFleet, clean: list[bytes], rounds: dict, per_round: dic
     versions = store_versions(fleet.store)
     if versions != clean[:len(versions)] or len(versions) != spec.rounds + 1:
         out.notes.append(f"model differs from the clean run ({len(versions)} versions)")
+
+
+def _judge_async(fleet: ProcessFleet, out: Outcome) -> Outcome:
+    """:func:`judge` for buffered async runs, whose versions depend on arrival order (no clean run to compare):
+    every acknowledged delta is stored once, in a committed buffer or the one left open at the end; every
+    committed buffer holds exactly ``buffer_size`` deltas; and every version is what its buffer's stored deltas
+    make of the version before (replayed with the coordinator's own aggregation on a copy of the store)."""
+    spec = fleet.spec
+    with sqlite3.connect(f"file:{fleet.store}?mode=ro", uri=True) as db:
+        deltas = db.execute("SELECT d.round_id, d.device_id, d.content_hash, b.buffer_id FROM deltas d "
+                            "LEFT JOIN async_buffer b ON b.round_id = d.round_id AND b.device_id = d.device_id"
+                            ).fetchall()
+        made = dict(db.execute("SELECT round_id, version FROM versions WHERE version > 1"))  # buffer -> version
+    stored = {(r, d): (h, b) for r, d, h, b in deltas}
+    open_buffer = max(made, default=0) + 1
+    acked = {(a["round_id"], a["device_id"], a["content_hash"]) for a in fleet.acks if a.get("accepted")}
+    out.lost = sum(stored.get((r, d), ("", 0))[0] != h or (stored[(r, d)][1] not in made
+                                                            and stored[(r, d)][1] != open_buffer)
+                   for r, d, h in acked)
+    sizes: dict[int, int] = {}
+    for *_, b in deltas:
+        sizes[b] = sizes.get(b, 0) + 1
+    out.duplicated = (len(deltas) - len({h for _, _, h, _ in deltas})
+                      + sum(max(0, n - spec.buffer_size) for n in sizes.values()))
+    short = sorted(b for b in made if sizes.get(b) != spec.buffer_size)
+    if short:
+        out.notes.append(f"committed buffers without {spec.buffer_size} deltas: {short}")
+    if sorted(made.values()) != list(range(2, spec.rounds + 2)):
+        out.notes.append(f"versions {sorted(made.values())}, want 2..{spec.rounds + 1}")
+    bad = _replay_async(fleet, made)
+    if bad:
+        out.notes.append(f"versions not reproduced from their buffers: {bad}")
+    out.rejected = sum(not a.get("accepted", False) for a in fleet.acks)
+    out.crashes += fleet.crashes + _coordinator_errors(fleet.serve_log)
+    out.passed = not out.notes and out.lost == 0 and out.duplicated == 0 and out.crashes == 0
+    return out
+
+
+def _replay_async(fleet: ProcessFleet, made: dict[int, int]) -> list[int]:
+    """Versions whose stored state differs from applying their buffer to the version before it."""
+    import tempfile
+
+    from fleet.coordinator import Coordinator
+    from fleet.coordinator.codec import WireCodec
+    from fleet.schema import load_fleet_config
+    from fleet.store import Store
+
+    cfg = load_fleet_config(fleet.dir / "fleet.yaml").coordinator_config()
+    versions = dict(enumerate(store_versions(fleet.store), start=1))
+    with tempfile.TemporaryDirectory() as tmp:  # NOTE: a coordinator writes to its store even when only asked
+        copy = Path(tmp) / "store.sqlite"
+        shutil.copy(fleet.store, copy)
+        c = Coordinator(fleet.plan, Store(copy), cfg, time.time, WireCodec(fleet.plan))
+        bad = []
+        for buffer_id, version in sorted(made.items()):
+            c.state = c._unpack(versions[version - 1])
+            state, _ = c.aggregate_buffer(buffer_id)
+            if c._pack(state) != versions[version]:
+                bad.append(version)
+        c.store.close()
+    return bad
 
 
 def _coordinator_errors(log: Path) -> int:

@@ -1,6 +1,7 @@
 """``benchmarks/faults.py --quick``: real Mosquitto, ``tinyfleet serve`` and device agents, SIGKILLed, hung, fed
 duplicated/reordered and garbage traffic; every scenario must pass (no acknowledged delta lost, none counted
-twice, nothing crashed on its own, the model bit-identical to the fault-free run, lost devices seen in time).
+twice, nothing crashed on its own, the model bit-identical to the fault-free run, lost devices seen in time), the
+kill and chaos scenarios also in async mode.
 
 About a minute and a half on a free machine (3 kills per kill scenario, 3 devices, 8 rounds).
 """
@@ -14,7 +15,7 @@ import sys
 from tests.conftest import ROOT, require_cmd
 
 SCENARIOS = {"broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "poison", "device_restart", "device_kill",
-             "device_hang"}
+             "device_hang", "async_broker_kill", "async_coordinator_kill", "async_chaos_proxy"}
 
 
 def test_faults_quick_every_scenario_passes(tmp_path):

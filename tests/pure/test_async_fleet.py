@@ -23,8 +23,8 @@ from fleet.store import Store
 from tests.pure.test_fleet_inmemory import PLAN, TEST_X, TEST_Y, Fleet, config
 
 
-def async_config(k=4, max_staleness=3, **kw) -> co.CoordinatorConfig:
-    return replace(config(goal=k), mode="async",
+def async_config(k=4, max_staleness=3, max_versions=0, **kw) -> co.CoordinatorConfig:
+    return replace(config(goal=k), mode="async", max_versions=max_versions,
                    asynchronous=AsyncConfig(buffer_size=k, max_staleness=max_staleness, **kw))
 
 
@@ -143,3 +143,16 @@ def test_crash_between_accept_and_commit_resumes_bit_identically(tmp_path):
     assert f.store.version(2) == ref.store.version(2)  # bit-identical (hash and stored state)
     rows = [(r.round_id, r.device_id) for r, _ in f.store.buffered(1)]
     assert len(rows) == len(set(rows)) == 4
+
+
+def test_session_closes_at_max_versions_and_stays_closed_after_a_restart(tmp_path):
+    path = tmp_path / "s.db"
+    f = started(store=Store(path), max_versions=3)
+    f.pump(max_coord=150)
+    assert [c.version for c in f.closed()] == [2, 3, 4]  # exactly max_versions, though devices kept training
+    assert f.coord.machine.tasks == {} and f.coord.machine.state.value == "idle"
+    assert f.coord.handle(co.StartRound()) == []  # a run that published its versions does not reopen
+    f.restart_coordinator(Store(path))
+    f.send(co.StartRound())
+    f.pump(max_coord=40)
+    assert f.coord.version == 4 and f.store.version(5) is None
