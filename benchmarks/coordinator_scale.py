@@ -1,7 +1,7 @@
 """Coordinator round overhead at 1,000 and 10,000 simulated devices: everything except device training.
 
 One command: ``python benchmarks/coordinator_scale.py [--sizes 1000,10000] [--broker-sizes 1000] [--store file|memory]
-[--batch 256]``.
+[--batch 256] [--dashboard]``.
 
 Deltas: ``--templates`` devices really train (engine Trainer on ``examples.tiny_plan``, 8 steps of batch 8 on
 their own samples) once; every simulated device then sends one template's delta re-encoded with its own device
@@ -23,6 +23,11 @@ timed phases: on a shared machine it tells our work from waiting for a core (it 
 plays all N devices (it answers every ``dev/<id>/task`` with that device's pre-encoded delta at once), so the
 time from StartRound to RoundClosed is coordinator + broker + paho overhead with zero training time. One
 client, not N: 1,000+ paho clients need 1,000+ threads, which would measure our 2 cores, not the coordinator.
+
+(c) ``--dashboard``: (b) again with a live dashboard on the same link, as ``serve --dashboard`` runs it (every
+coordinator output applied to its view, the registry copied every 0.5 s through ``CoordinatorLink.call``) and a
+reader fetching the summary and a 50-row page of the device table every 0.5 s: ``overhead_ratio`` is its round
+overhead over (b)'s, measured in the same run, plus the reader's request latencies.
 
 Last line: one JSON object, per size ``{"inmemory": {...}, "broker": {...}}``; seconds and deltas/s.
 """
@@ -141,7 +146,49 @@ def run_inmemory(plan, templates, n: int, store: str, workdir: Path, batch: int 
             "delta_bytes": len(blobs[ids[0]]), "coordinates": int(stacked[0].shape[1])}
 
 
-def run_broker(plan, templates, n: int, store: str, workdir: Path) -> dict:
+class Watcher:
+    """A live dashboard on the link, as ``serve --dashboard`` runs it (coordinator outputs applied, registry
+    followed every 0.5 s), and a browser-like reader fetching the summary and a page of the device table every
+    0.5 s; records each request's latency."""
+
+    def __init__(self, fleet: str, plan_hash: str):
+        from fleet.dashboard.server import Dashboard
+        from fleet.dashboard.view import FleetView
+
+        self.dash = Dashboard(FleetView(fleet, plan_hash)).start()
+        self.latency_ms: list[float] = []
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+
+    def follow(self, link) -> Watcher:
+        self.dash.follow(link)
+        self._reader.start()
+        return self
+
+    def apply(self, output) -> None:
+        self.dash.update(lambda v: v.apply(output))
+
+    def _read(self) -> None:
+        import urllib.request
+
+        page = 0
+        while not self._stop.wait(0.5):
+            for path in ("api/summary", f"api/devices?page={page}&size=50"):
+                t = time.perf_counter()
+                with urllib.request.urlopen(self.dash.url + path, timeout=30) as r:
+                    r.read()
+                self.latency_ms.append(1000 * (time.perf_counter() - t))
+            page += 1
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._reader.join(35)
+        self.dash.stop()
+        lat = sorted(self.latency_ms) or [float("nan")]
+        return {"requests": len(self.latency_ms), "latency_ms_p50": lat[len(lat) // 2], "latency_ms_max": lat[-1]}
+
+
+def run_broker(plan, templates, n: int, store: str, workdir: Path, dashboard: bool = False) -> dict:
     from device_agent.mqtt import MqttEndpoint
     from device_agent.wire.messages import full_topic, split_topic
     from fleet.coordinator import RoundClosed, StartRound
@@ -149,17 +196,23 @@ def run_broker(plan, templates, n: int, store: str, workdir: Path) -> dict:
     from fleet.sim.broker import EmbeddedBroker
 
     fleet = "scale"
-    path = ":memory:" if store == "memory" else str(workdir / f"broker-{n}.sqlite")
+    tag = "-dash" if dashboard else ""
+    path = ":memory:" if store == "memory" else str(workdir / f"broker-{n}{tag}.sqlite")
     closed: list = []
     done = threading.Event()
+    watcher: Watcher | None = None
 
     def on_output(o):
+        if watcher is not None:
+            watcher.apply(o)
         if isinstance(o, RoundClosed):
             closed.append((time.perf_counter(), o))
             done.set()
 
-    with EmbeddedBroker(workdir=workdir / f"broker-{n}") as broker:
+    with EmbeddedBroker(workdir=workdir / f"broker-{n}{tag}") as broker:
         link = CoordinatorLink(broker.url, fleet, lambda: coordinator(plan, n, path), on_output=on_output).start()
+        if dashboard:
+            watcher = Watcher(fleet, link.call(lambda c: c.codec.plan_hash)).follow(link)
         ids = [f"dev{i:05d}" for i in range(n)]
         base = link.call(lambda c: (c.machine.round_id + 1, c.hash, c.codec.plan_hash))
         blobs = payloads(templates, ids, base[0], base[1])
@@ -188,12 +241,14 @@ def run_broker(plan, templates, n: int, store: str, workdir: Path) -> dict:
         link.submit(StartRound())
         ok = done.wait(600)
         t1 = closed[0][0] if closed else time.perf_counter()
+        seen = watcher.stop() if watcher is not None else None
         sim.stop()
         link.stop()
         assert ok and closed[0][1].committed, f"round did not commit: {closed}"
         return {"devices": n, "store": store, "register_s": register_s, "round_overhead_s": t1 - t0,
                 "tasks_seen": tasks_seen[0], "accepted": len(closed[0][1].accepted),
-                "deltas_per_s": len(closed[0][1].accepted) / (t1 - t0), "link_errors": list(link.errors)}
+                "deltas_per_s": len(closed[0][1].accepted) / (t1 - t0), "link_errors": list(link.errors),
+                **({"dashboard": seen} if seen is not None else {})}
 
 
 def main() -> None:
@@ -203,6 +258,8 @@ def main() -> None:
     ap.add_argument("--store", choices=("file", "memory"), default="file")
     ap.add_argument("--templates", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256, help="deltas per handle_many (1: one handle per delta)")
+    ap.add_argument("--dashboard", action="store_true",
+                    help="run each broker size twice, without and with a live dashboard and a reader: its overhead")
     args = ap.parse_args()
     from tests.fixtures.tiny import tiny_plan
 
@@ -222,6 +279,12 @@ def main() -> None:
             result.setdefault(str(n), {})["broker"] = r
             rows.append((n, "broker", args.store, f"{r['round_overhead_s']:.2f}", "", "", "", "",
                          f"{r['deltas_per_s']:.0f}"))
+            if args.dashboard:
+                d = run_broker(plan, templates, n, args.store, Path(tmp), dashboard=True)
+                d["overhead_ratio"] = d["round_overhead_s"] / r["round_overhead_s"]
+                result[str(n)]["broker_dashboard"] = d
+                rows.append((n, "broker + dashboard", args.store, f"{d['round_overhead_s']:.2f}", "", "", "", "",
+                             f"{d['deltas_per_s']:.0f}"))
     result["peak_rss_mb"] = peak_rss_mb()
     result["target_overhead_s_at_10000"] = 5.0
     emit(result, rows, ("devices", "link", "store", "overhead s", "dispatch s", "ingest s", "commit s",
