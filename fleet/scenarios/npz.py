@@ -44,9 +44,10 @@ def device_files(d: DatasetConfig) -> list[Path]:
     return sorted(Path(d.devices or ".").glob("*.npz"))
 
 
-def read_npz(path: Path, test: bool = False) -> dict[str, np.ndarray]:
+def read_npz(path: Path, test: bool = False, int8_ok: bool = False) -> dict[str, np.ndarray]:
     """Arrays ``x``, ``y`` (and ``x_test``, ``y_test`` when present and ``test``) of one file, checked for
-    kind and length (not yet against a model). Raises :class:`NpzError`."""
+    kind and length (not yet against a model); ``int8_ok``: x may also be int8 already quantized like the plan's
+    input (evaluation data). Raises :class:`NpzError`."""
     if not path.is_file():
         raise NpzError(f"file not found: {path}")
     try:
@@ -64,7 +65,7 @@ def read_npz(path: Path, test: bool = False) -> dict[str, np.ndarray]:
         if xk not in out:
             continue
         x, y = out[xk], out[yk]
-        if x.dtype.kind != "f":
+        if x.dtype.kind != "f" and not (int8_ok and x.dtype == np.int8):
             raise NpzError(f"{path.name}: {xk} must be float samples (quantized with the plan's input scale on "
                            f"the device), got {x.dtype}")
         if x.ndim < 2 or len(x) == 0:
@@ -142,7 +143,7 @@ def own_data_errors(cfg: FleetConfig) -> list[str]:
                       ("evaluation.data", cfg.evaluation.data if cfg.evaluation else None)):
         if path:
             try:
-                _check_against(Path(path), read_npz(Path(path)), shape, classes)
+                _check_against(Path(path), read_npz(Path(path), int8_ok=key == "evaluation.data"), shape, classes)
             except NpzError as e:
                 errs.append(f"{key}: {e}")
     return errs

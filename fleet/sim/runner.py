@@ -532,12 +532,12 @@ def _final_metrics(cfg: SimConfig, scenario, plan, link, evaluator, agents, slot
 
 def _write_run(out_dir: Path, res: SimResult) -> None:
     """metrics.json (the printed JSON plus ``per_device``), then index.html + plots (fleet/sim/report.py)."""
-    import json
+    from fleet.metrics import write_metrics
 
     data = res.to_dict()
     data["per_device"] = res.per_device
     data["continual"] = res.continual
-    (out_dir / "metrics.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    write_metrics(out_dir, data, "simulate")
     try:
         from fleet.sim.report import write_report
 
