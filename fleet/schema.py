@@ -229,6 +229,10 @@ class FleetConfig:
     SIMULATOR_KEYS: ClassVar[frozenset[str]] = frozenset(
         {"backend", "qemu_devices", "qemu", "workers", "baselines", "new_users", "continual"})
 
+    # NOTE: a coordinator holds no device's data: `serve` checks (and later reads) only the proxy and evaluation
+    # files of own data; the simulator, which plays the devices too, checks every device file
+    READS_DEVICE_DATA: ClassVar[bool] = False
+
     name: str = "tinyfleet"  # fleet name: topics live under tinyfleet/<name>/
     broker: str = "embedded"  # "embedded" (simulate only: a mosquitto subprocess) or mqtt://[user:pass@]host:port
     tls: TlsConfig | None = None
@@ -284,7 +288,7 @@ class FleetConfig:
         if self.model.torch is not None or self.dataset.name == "npz" or self.evaluation is not None:
             from fleet.scenarios.npz import own_data_errors  # NOTE: reads the files: own model and data only
 
-            errs += own_data_errors(self)
+            errs += own_data_errors(self, devices=self.READS_DEVICE_DATA)
         if not isinstance(self.personal, list) or not all(isinstance(n, str) and n for n in self.personal):
             errs.append(f"personal: expected a list of trainable tensor names (e.g. [classifier.bias]), "
                         f"got {self.personal!r}")

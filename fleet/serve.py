@@ -120,7 +120,7 @@ def _plan(cfg, path: Path | None):
         from fleet.scenarios import load_scenario
 
         try:
-            scenario = load_scenario(cfg)
+            scenario = load_scenario(cfg, devices=False)  # NOTE: a coordinator holds no device's data
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"dataset: {e}") from None
         return plan_for(cfg, scenario)

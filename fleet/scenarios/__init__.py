@@ -22,11 +22,16 @@ DATASETS = ("watch", "shakespeare", "heart", "npz")
 __all__ = ["DATASETS", "DeviceData", "Scenario", "load_scenario", "quantize", "windows"]
 
 
-def load_scenario(cfg: FleetConfig) -> Scenario:
+def load_scenario(cfg: FleetConfig, devices: bool = True) -> Scenario:
     """The devices' data and the proxy set for ``cfg.dataset`` over ``cfg.devices`` devices.
 
     ``dataset.max_test_per_device`` keeps that many evenly spaced windows of each test slice (in order).
+    ``devices=False`` (a coordinator): own data (``npz``) is read for its proxy set only, no device file.
     """
+    if not devices and cfg.dataset.name == "npz":
+        from fleet.scenarios.npz import load_npz_scenario
+
+        return load_npz_scenario(cfg, devices=False)
     sc = _load(cfg)
     cap = cfg.dataset.max_test_per_device
     if cap is not None:

@@ -118,12 +118,13 @@ def _model_facts(cfg: FleetConfig, errs: list[str]) -> tuple[tuple[int, ...] | N
         return None, None
 
 
-def own_data_errors(cfg: FleetConfig) -> list[str]:
-    """Every problem of an own model / own data / evaluation set, one line each with its key path."""
+def own_data_errors(cfg: FleetConfig, devices: bool = True) -> list[str]:
+    """Every problem of an own model / own data / evaluation set, one line each with its key path; ``devices``:
+    the device files too (the simulator; a coordinator holds only the proxy and evaluation files)."""
     errs: list[str] = []
     shape, classes = _model_facts(cfg, errs)
     d = cfg.dataset
-    if d.name == "npz" and (d.devices is not None or d.files is not None):
+    if devices and d.name == "npz" and (d.devices is not None or d.files is not None):
         if d.devices is not None and not Path(d.devices).is_dir():
             errs.append(f"dataset.devices: not a folder: {d.devices}")
         else:
@@ -153,13 +154,21 @@ def _ir(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(len(x), *ir_shape(tuple(x.shape[1:]))), dtype=np.float32)
 
 
-def load_npz_scenario(cfg: FleetConfig) -> Scenario:
-    """The devices' files (the first ``cfg.devices``) and the proxy set, in the engine's layout.
+def load_npz_scenario(cfg: FleetConfig, devices: bool = True) -> Scenario:
+    """The devices' files (the first ``cfg.devices``) and the proxy set, in the engine's layout; without
+    ``devices`` (a coordinator) the proxy set alone, which must then exist.
 
     Raises :class:`NpzError` (a ValueError) for a file that cannot be used; the config check reports the same
     problems earlier, with key paths.
     """
     d = cfg.dataset
+    if not devices:
+        if not d.proxy:
+            raise NpzError("proxy: a coordinator builds the plan from its own data: give dataset.proxy "
+                           "(or serve a compiled plan with --plan)")
+        p = read_npz(Path(d.proxy))
+        y = p["y"].astype(np.int64)
+        return Scenario([], _ir(p["x"]), y, max(2, int(y.max()) + 1), tuple(_ir(p["x"][:1]).shape[1:]))  # type: ignore[arg-type]
     files = device_files(d)
     if len(files) < cfg.devices:
         raise NpzError(f"{cfg.devices} devices, but only {len(files)} .npz files")

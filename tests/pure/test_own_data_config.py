@@ -79,7 +79,9 @@ def test_every_own_data_problem_is_one_error_with_its_key_path(tmp_path, break_i
     # Prepare
     path = _fleet(tmp_path)
     break_it(tmp_path)
-    for load in (load_fleet_config, load_sim_config):
+    # NOTE: a coordinator (serve) holds no device's data: device files are the simulator's to check
+    device_file = message.startswith(("dataset.devices", "devices:"))
+    for load in (load_sim_config,) if device_file else (load_fleet_config, load_sim_config):
         # Execute
         with pytest.raises(ConfigError) as e:
             load(path)
@@ -103,3 +105,25 @@ def test_own_model_keys_are_checked_before_any_file_is_read(tmp_path, text, mess
         load_fleet_config(path)
     # Assert
     assert message in str(e.value)
+
+
+def test_serve_needs_no_device_file_and_builds_the_plan_from_the_proxy(tmp_path):
+    # Prepare: the coordinator's folder: model, weights, proxy and evaluation data, no device file
+    import shutil
+
+    from fleet.compiler.pipeline import plan_for
+
+    path = _fleet(tmp_path)
+    shutil.rmtree(tmp_path / "dev")
+    text = path.read_text().replace("{torch: 'own_net:Net'", "{torch: 'own_net:Net', scheme: last")
+    path.write_text(text)
+    # Execute
+    cfg = load_fleet_config(path)
+    sc = load_scenario(cfg, devices=False)
+    plan = plan_for(cfg, sc)
+    # Assert: a plan for the own model's input, from the proxy set alone
+    assert sc.devices == [] and sc.x_proxy.shape == (6, 1, 4, 4)
+    assert tuple(plan.tensors[plan.input_id].shape) == (1, 4, 4) and plan.tensors[plan.logits_id].shape[0] == 3
+    with pytest.raises(ConfigError) as e:
+        load_sim_config(path)
+    assert "dataset.devices: not a folder" in str(e.value)
