@@ -63,15 +63,14 @@ class ServeRecorder:
         self.evaluate = evaluate
         self.cur = _Round()
         self.t_round = 0.0
-        self.m: dict = {"fleet": fleet, "broker": broker, "plan_bytes": plan_bytes, "plan_sram_bytes": plan_sram,
+        self.m: dict = {"evaluation_samples": getattr(evaluate, "samples", 0), "fleet": fleet, "broker": broker, "plan_bytes": plan_bytes, "plan_sram_bytes": plan_sram,
                         "scheme": scheme, "aggregator": aggregator, "rounds": 0, "devices": 0,
                         "accuracy_initial": None, "accuracy_per_round": [], "round_status": [],
                         "devices_per_round": [], "selected_per_round": [], "bytes_up_per_device_round": [],
                         "bytes_down_per_device_round": [], "payload_up_per_device_round": [],
                         "payload_down_per_device_round": [], "round_seconds": [], "round_ids": [],
                         "model_version": 0, "devices_dropped": 0, "devices_offline": 0, "epsilon_per_round": [],
-                        "errors": [], "interrupted": False, "stopped": "", "per_device": [],
-                        "evaluation_samples": 0}
+                        "errors": [], "interrupted": False, "stopped": "", "per_device": []}
         self.participation: dict[str, int] = {}
 
     def on_output(self, out: object) -> None:
@@ -144,3 +143,12 @@ class ServeRecorder:
 
     def to_dict(self) -> dict:
         return dict(self.m)
+
+    def write(self, out_dir: Path, link) -> Path:
+        """``out_dir/metrics.json`` with the registry's devices and the link's errors as of now."""
+        try:
+            self.devices(link.call(lambda c: list(c.registry.devices.values())))
+        except (ConnectionError, RuntimeError, TimeoutError):  # NOTE: a link that went away keeps the last table
+            pass
+        self.m["errors"] = list(link.errors)
+        return write_metrics(out_dir, self.to_dict(), "serve")

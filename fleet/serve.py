@@ -250,15 +250,13 @@ def _recorder(cfg, url, codec, plan, evaluate):
     from fleet.coordinator import plan_sram
     from fleet.metrics import ServeRecorder
 
-    rec = ServeRecorder(cfg.name, str(url), len(codec.plan_bytes()), plan_sram(plan), plan.name,
-                        "dp" if cfg.dp else cfg.aggregator, evaluate)
-    rec.m["evaluation_samples"] = getattr(evaluate, "samples", 0)
-    return rec
+    return ServeRecorder(cfg.name, str(url), len(codec.plan_bytes()), plan_sram(plan), plan.name,
+                         "dp" if cfg.dp else cfg.aggregator, evaluate)
 
 
 def _record_rounds(rec, link, results: list, seen: int, dash, out: Path | None) -> int:
-    """Record rounds closed since ``seen`` (accuracy on the evaluation data, into the log and the dashboard) and
-    rewrite OUT/metrics.json; returns the new ``seen``."""
+    """Record rounds closed since ``seen`` (scored, logged, on the dashboard), rewrite OUT/metrics.json; returns
+    the new ``seen``."""
     if rec is None:
         return len(results)
     for closed in results[seen:]:
@@ -268,24 +266,13 @@ def _record_rounds(rec, link, results: list, seen: int, dash, out: Path | None) 
             if dash is not None:
                 dash.update(lambda v, r=closed.round_id, a=acc: v.add_accuracy("global", r, a))
     if out is not None:
-        _write(rec, link, out)
+        rec.write(out, link)
     return len(results)
-
-
-def _write(rec, link, out: Path) -> None:
-    from fleet.metrics import write_metrics
-
-    try:
-        rec.devices(link.call(lambda c: list(c.registry.devices.values())))
-    except (ConnectionError, RuntimeError, TimeoutError):  # NOTE: a link that went away keeps the last table
-        pass
-    rec.m["errors"] = list(link.errors)
-    write_metrics(out, rec.to_dict(), "serve")
 
 
 def _finish_run(rec, link, out: Path) -> None:
     try:
-        _write(rec, link, out)
+        rec.write(out, link)
     except OSError as e:
         print(f"tinyfleet serve: cannot write {out}/metrics.json: {e}", file=sys.stderr)
         return
