@@ -127,11 +127,15 @@ def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0):
         pass
     finally:
         ep.stop()
+    if not blobs:
+        raise CliError(f"no retained plan on {full_topic(fleet, 'plan/+')} within {timeout:g} s. Two likely causes: "
+                       f"the coordinator serves another fleet name (--fleet {fleet!r} must equal the config's "
+                       "`name:`, which `tinyfleet serve` prints as \"fleet '<name>'\"; the default is 'tinyfleet'), "
+                       "or no coordinator (`tinyfleet serve` or a Flower ServerApp) has started on this broker yet "
+                       "(--connect-timeout waits longer)")
     if len(blobs) != 1:
-        raise CliError(f"expected one retained plan on {full_topic(fleet, 'plan/+')}, got "
-                       f"{len(blobs)}{': ' + ', '.join(k[0][:16] for k in blobs) if blobs else ''}; "
-                       f"is a coordinator (`tinyfleet serve` or a Flower ServerApp) serving fleet {fleet!r}? "
-                       "(--fleet must be the config's `name`; --connect-timeout waits longer)")
+        raise CliError(f"expected one retained plan on {full_topic(fleet, 'plan/+')}, got {len(blobs)}: "
+                       f"{', '.join(k[0][:16] for k in blobs)}; give the one to train with --plan FILE.ttp")
     return _plan(next(iter(blobs.values())), verify, f"the retained plan on {full_topic(fleet, 'plan/+')}")
 
 

@@ -9,10 +9,11 @@ import sys
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
     "compile": ("fleet.compiler.cli", "compile a model into an int8 training plan (.ttp)"),
+    "quantize-data": ("fleet.compiler.quantize_data", "float .npz samples -> int8 with a plan's input quantization"),
     "simulate": ("fleet.sim.cli", "run a whole fleet on this machine: broker + coordinator + devices"),
     "serve": ("fleet.serve", "run the coordinator against an MQTT broker"),
     "eval": ("fleet.evaluate", "score every model version a `serve` store holds on a test .npz"),
-    "report": ("fleet.sim.report", "write index.html + plots for a simulation run directory"),
+    "report": ("fleet.sim.report", "write index.html + plots for a simulate or serve run directory"),
     "broker-config": ("fleet.security.broker_config", "write a Mosquitto config: per-device users, ACL, TLS"),
 }
 

@@ -44,9 +44,14 @@ class TlsConfig:
 
 @dataclass
 class DatasetConfig:
-    """Which offline data, and how it is cut into windows and spread over devices."""
+    """Which offline data, and how it is cut into windows and spread over devices.
 
-    name: str = "watch"
+    Own data (the ``npz`` scenario, fleet/scenarios/npz.py): ``devices: dir/`` (one ``.npz`` per device, sorted by
+    name) or ``files: [a.npz, ...]``, each with float ``x`` ``(N, *model.input_shape)`` and integer labels ``y``;
+    ``proxy: file.npz`` is the coordinator's calibration/pretraining data. Paths are relative to the config file.
+    """
+
+    name: str = "watch"  # watch | shakespeare | heart | npz (implied by `devices` or `files`)
     window: int = 128  # samples per window (128 = 2.56 s at 50 Hz)
     stride: int = 64
     proxy_subjects: list[int] = field(default_factory=lambda: [1, 2])  # coordinator's data, no device
@@ -59,6 +64,15 @@ class DatasetConfig:
     max_proxy: int = 20000  # proxy windows kept (evenly sampled)
     # heart: fraction of each hospital's patients held out as the coordinator's proxy set (no device)
     proxy_fraction: float = 0.2
+    # npz: own data, one file per device (x float, y int; optional x_test/y_test, else the last test_fraction)
+    devices: str | None = None  # folder of .npz files, one per device (sorted by file name)
+    files: list[str] | None = None
+    proxy: str | None = None  # .npz (x, y): the coordinator's data (calibration, pretraining, scheme search)
+    test_fraction: float = 0.3  # npz: each device's last samples held out for evaluation when it has no x_test
+
+    def __post_init__(self) -> None:
+        if (self.devices is not None or self.files is not None) and self.name == "watch":
+            self.name = "npz"  # NOTE: `devices:`/`files:` say which scenario; `name: npz` may be left out
 
     def validate(self) -> list[str]:
         errs = []
@@ -86,7 +100,21 @@ class DatasetConfig:
             errs.append(f"proxy_users: must be >= 0, got {self.proxy_users}")
         if not 0 < self.proxy_fraction < 1:
             errs.append(f"proxy_fraction: must be a fraction in (0, 1), got {self.proxy_fraction}")
-        return errs
+        return errs + self._npz_errors()
+
+    def _npz_errors(self) -> list[str]:
+        own = self.devices is not None or self.files is not None
+        if self.name != "npz":
+            return [f"{k}: only for own data (name: npz), got name {self.name!r}"
+                    for k, v in (("devices", self.devices), ("files", self.files), ("proxy", self.proxy))
+                    if v is not None]
+        if not own:
+            return ["name: npz needs `devices: DIR/` (one .npz per device) or `files: [a.npz, ...]`"]
+        if self.devices is not None and self.files is not None:
+            return ["devices: give either `devices: DIR/` or `files: [...]`, not both"]
+        if not 0 <= self.test_fraction < 1:
+            return [f"test_fraction: must be a fraction in [0, 1), got {self.test_fraction}"]
+        return []
 
 
 @dataclass
@@ -96,7 +124,12 @@ class ModelConfig:
     name: str = "imu_cnn"
     board: str = "stm32f746"  # configs/boards/<board>.yaml
     scheme: Any = "auto"  # "auto" (search under the budget), a named scheme, or a mapping layer -> settings
-    pretrain_epochs: int = 5  # fp32 epochs on the proxy set before int8 conversion (0: random init)
+    pretrain_epochs: int = 5  # fp32 epochs on the proxy set before int8 conversion (0: random init; not with weights)
+    # own model (instead of `name`): a torch nn.Module class built with no arguments, found in `root`
+    torch: str | None = None  # "module:Class", e.g. model:DigitsCNN for model.py next to the config
+    weights: str | None = None  # state dict file (torch.save(model.state_dict(), path)); relative to the config
+    input_shape: list[int] | None = None  # per-sample input shape the model reads, e.g. [1, 8, 8]
+    root: str | None = None  # folder `torch` is imported from (default: the config file's folder)
 
     def validate(self) -> list[str]:
         errs = []
@@ -104,7 +137,32 @@ class ModelConfig:
             errs.append(f"scheme: expected 'auto', a scheme name or a mapping, got {self.scheme!r}")
         if self.pretrain_epochs < 0:
             errs.append(f"pretrain_epochs: must be >= 0, got {self.pretrain_epochs}")
+        if self.torch is not None:
+            mod, sep, cls = self.torch.partition(":")
+            if not (sep and mod and cls):
+                errs.append(f"torch: expected 'module:Class' (e.g. model:DigitsCNN for model.py), got {self.torch!r}")
+            if self.input_shape is not None and (not self.input_shape or any(
+                    isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.input_shape)):
+                errs.append(f"input_shape: expected positive integers per sample, e.g. [1, 8, 8], "
+                            f"got {self.input_shape!r}")
+        else:
+            errs += [f"{k}: only with an own model (model.torch: module:Class)" for k in ("weights", "input_shape")
+                     if getattr(self, k) is not None]
         return errs
+
+    def torch_shape(self) -> tuple[int, ...] | None:
+        """The per-sample shape the own torch model reads (None: a built-in model)."""
+        return tuple(self.input_shape) if self.torch is not None and self.input_shape else None
+
+
+@dataclass
+class EvaluationConfig:
+    """Coordinator-side evaluation: ``serve`` scores every committed model version on this held-out set."""
+
+    data: str = ""  # .npz with x (float, or int8 quantized like the plan's input) and y; relative to the config
+
+    def validate(self) -> list[str]:
+        return [] if self.data else ["data: required: an .npz with arrays x and y (e.g. data: test.npz)"]
 
 
 @dataclass
@@ -171,6 +229,10 @@ class FleetConfig:
     SIMULATOR_KEYS: ClassVar[frozenset[str]] = frozenset(
         {"backend", "qemu_devices", "qemu", "workers", "baselines", "new_users", "continual"})
 
+    # NOTE: a coordinator holds no device's data: `serve` checks (and later reads) only the proxy and evaluation
+    # files of own data; the simulator, which plays the devices too, checks every device file
+    READS_DEVICE_DATA: ClassVar[bool] = False
+
     name: str = "tinyfleet"  # fleet name: topics live under tinyfleet/<name>/
     broker: str = "embedded"  # "embedded" (simulate only: a mosquitto subprocess) or mqtt://[user:pass@]host:port
     tls: TlsConfig | None = None
@@ -197,6 +259,7 @@ class FleetConfig:
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     mode: str = "sync"  # sync | async: buffered asynchronous rounds (docs/protocol.md "Asynchronous mode")
     async_rounds: AsyncConfig = field(default_factory=AsyncConfig)  # read only when mode is async
+    evaluation: EvaluationConfig | None = None  # serve: accuracy of every committed version on held-out data
 
     def validate(self) -> list[str]:
         errs = []
@@ -222,6 +285,10 @@ class FleetConfig:
         if not self.heartbeat_timeout >= 0:
             errs.append(f"heartbeat_timeout: must be >= 0 seconds (0: Last Will only), got {self.heartbeat_timeout}")
         errs += self._policy_errors()
+        if self.model.torch is not None or self.dataset.name == "npz" or self.evaluation is not None:
+            from fleet.scenarios.npz import own_data_errors  # NOTE: reads the files: own model and data only
+
+            errs += own_data_errors(self, devices=self.READS_DEVICE_DATA)
         if not isinstance(self.personal, list) or not all(isinstance(n, str) and n for n in self.personal):
             errs.append(f"personal: expected a list of trainable tensor names (e.g. [classifier.bias]), "
                         f"got {self.personal!r}")
@@ -304,4 +371,26 @@ def load_fleet_config(path: str | Path, cls: type[T] = FleetConfig, **overrides:
         data.update({k: v for k, v in overrides.items() if v is not None})
         if cls is FleetConfig:
             data = {k: v for k, v in data.items() if k not in FleetConfig.SIMULATOR_KEYS}
+        _relative_to(data, Path(path).resolve().parent)
     return from_dict(cls, data, str(path))
+
+
+# section -> keys holding a path, resolved against the config file's folder (a list: every item)
+PATH_KEYS = {"model": ("weights",), "dataset": ("devices", "files", "proxy"), "evaluation": ("data",)}
+
+
+def _relative_to(data: dict, base: Path) -> None:
+    """Make the config's relative paths relative to its own folder, and ``model.root`` default to that folder."""
+    def fix(v: Any) -> Any:
+        return str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v
+
+    for section, keys in PATH_KEYS.items():
+        sec = data.get(section)
+        if not isinstance(sec, dict):
+            continue
+        for k in keys:
+            if k in sec:
+                sec[k] = [fix(v) for v in sec[k]] if isinstance(sec[k], list) else fix(sec[k])
+    model = data.get("model")
+    if isinstance(model, dict) and "torch" in model:
+        model["root"] = fix(model.get("root", "."))

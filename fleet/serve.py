@@ -5,7 +5,9 @@ pipeline (as ``simulate`` does); the config's ``personal`` tensors are marked ei
 Downlink blobs are signed with the fleet's Ed25519 key (``--key``, PEM; created with its ``.pub`` beside it
 when missing): give devices the public key (``device-agent run --pubkey``). State lives in ``--store`` (SQLite),
 so a restarted ``serve`` resumes the open round and stops after the same total number of rounds (``--crash-at``,
-a hidden fault-injection hook for tests, is :class:`CrashAt`). This module wires; the coordinator decides.
+a hidden fault-injection hook for tests, is :class:`CrashAt`). With the config's ``evaluation.data`` every closed
+round is scored on it; ``--out DIR`` writes the run directory ``simulate --out`` writes (metrics.json, the store:
+fleet/metrics.py). This module wires; the coordinator decides.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="fleet YAML (same schema as simulate), e.g. configs/quickstart.yaml")
     p.add_argument("--broker", help="override the config's broker URL (mqtt://[user:pass@]host:port)")
-    p.add_argument("--store", type=Path, default=Path("tinyfleet-store.sqlite"), help="SQLite store path")
+    p.add_argument("--store", type=Path, help="SQLite store path (default: OUT/store.sqlite with --out, else "
+                                              "tinyfleet-store.sqlite)")
+    p.add_argument("--out", type=Path, help="run directory: metrics.json after every round (docs/metrics.md), the "
+                                            "store; then `tinyfleet report OUT`")
     p.add_argument("--key", type=Path, help="Ed25519 private key (PEM); default <store>.key.pem, created if missing")
     p.add_argument("--plan", type=Path, help="use this signed plan blob instead of compiling from the config")
     p.add_argument("--rounds", type=int, help="override the number of rounds (0: serve until Ctrl-C)")
@@ -59,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from fleet.dashboard.server import parse_bind
     from fleet.schema import load_fleet_config
 
+    if args.store is None:
+        args.store = args.out / "store.sqlite" if args.out is not None else Path("tinyfleet-store.sqlite")
     try:
         cfg = load_fleet_config(args.config, broker=args.broker, rounds=args.rounds or None)
     except ConfigError as e:
@@ -71,12 +78,35 @@ def run(args: argparse.Namespace) -> int:
     try:
         bind = parse_bind(args.dashboard) if args.dashboard else None
         url = BrokerURL.parse(cfg.broker, **cfg.tls_files())
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
         key = load_or_create_key(args.key or Path(f"{args.store}.key.pem"))
         plan = _plan(cfg, args.plan)
+        evaluate = _evaluator(cfg, plan)
     except (BrokerURLError, ValueError, OSError) as e:
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 2
-    return _serve(args, cfg, url, key, plan, bind)
+    return _serve(args, cfg, url, key, plan, bind, evaluate)
+
+
+def _evaluator(cfg, plan):
+    """``state -> accuracy`` on ``evaluation.data`` (checked against the plan now, before any round), or None."""
+    if cfg.evaluation is None:
+        return None
+    from device_agent.cli import CliError, load_samples
+    from device_agent.engine.trainer import Trainer
+
+    try:
+        x, y, _ = load_samples(Path(cfg.evaluation.data), plan)
+    except CliError as e:
+        raise ValueError(f"evaluation.data: {str(e).removeprefix('--data ')}") from None
+    trainer = Trainer(plan)
+
+    def evaluate(state: dict) -> float:
+        trainer.load_trainable(state)
+        return trainer.evaluate(x, y)
+    evaluate.samples = len(y)  # type: ignore[attr-defined]
+    return evaluate
 
 
 def _plan(cfg, path: Path | None):
@@ -91,7 +121,7 @@ def _plan(cfg, path: Path | None):
         from fleet.scenarios import load_scenario
 
         try:
-            scenario = load_scenario(cfg)
+            scenario = load_scenario(cfg, devices=False)  # NOTE: a coordinator holds no device's data
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"dataset: {e}") from None
         return plan_for(cfg, scenario)
@@ -105,7 +135,7 @@ def _plan(cfg, path: Path | None):
         raise ValueError(f"--plan {path}: {e}") from None
 
 
-def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] | None) -> int:
+def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] | None, evaluate=None) -> int:
     from device_agent.wire.envelope import Signer
     from fleet import round as rnd
     from fleet.coordinator import (
@@ -135,9 +165,13 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 2
 
+    rec = _recorder(cfg, url, codec, plan, evaluate) if args.out is not None or evaluate is not None else None
+
     def on_output(out: object) -> None:
         if dash is not None:
             dash.update(lambda v: v.apply(out))
+        if rec is not None:
+            rec.on_output(out)
         if isinstance(out, RoundClosed):
             results.append(out)
             what = f"committed v{out.version}" if out.committed else "abandoned"
@@ -172,6 +206,9 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
         watch = _Watch(link)
         while watch() < want:
             time.sleep(0.2)
+        if rec is not None:
+            rec.initial(*link.call(lambda c: (_shared(c), c.version)))
+        seen = 0
         while True:
             # NOTE: rounds are counted by the coordinator (i.e. the store), so a restarted serve finishes the same
             # run instead of starting cfg.rounds new ones, and lets a resumed open round close before the next
@@ -182,23 +219,69 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
                 break
             if idle:
                 closed.clear()
+                if rec is not None:
+                    rec.start_round(time.monotonic())
                 link.submit(StartRound())
             while not closed.wait(0.2):
                 watch()
             watch()  # NOTE: also when rounds close faster than the poll, or devices going offline go unlogged
+            seen = _record_rounds(rec, link, results, seen, dash, args.out)
             if refused:
+                if rec is not None:
+                    rec.m["stopped"] = refused[-1]
                 return 3
     except ConnectionError as e:
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tinyfleet serve: interrupted; the store keeps every closed round", file=sys.stderr)
+        if rec is not None:
+            rec.m["interrupted"] = True
         return 130
     finally:
+        if rec is not None and args.out is not None:
+            _finish_run(rec, link, args.out)
         link.stop()
         if dash is not None:
             dash.stop()
     return 0
+
+
+def _shared(c) -> dict:
+    return {k: v.copy() for k, v in c.state.items()}
+
+
+def _recorder(cfg, url, codec, plan, evaluate):
+    from fleet.coordinator import plan_sram
+    from fleet.metrics import ServeRecorder
+
+    return ServeRecorder(cfg.name, str(url), len(codec.plan_bytes()), plan_sram(plan), plan.name,
+                         "dp" if cfg.dp else cfg.aggregator, evaluate)
+
+
+def _record_rounds(rec, link, results: list, seen: int, dash, out: Path | None) -> int:
+    """Record rounds closed since ``seen`` (scored, logged, on the dashboard), rewrite OUT/metrics.json; returns
+    the new ``seen``."""
+    if rec is None:
+        return len(results)
+    for closed in results[seen:]:
+        acc = rec.round_closed(closed, link.call(_shared), time.monotonic())
+        if acc is not None:
+            print(f"round {closed.round_id}: accuracy {acc:.4f} on evaluation data", file=sys.stderr, flush=True)
+            if dash is not None:
+                dash.update(lambda v, r=closed.round_id, a=acc: v.add_accuracy("global", r, a))
+    if out is not None:
+        rec.write(out, link)
+    return len(results)
+
+
+def _finish_run(rec, link, out: Path) -> None:
+    try:
+        rec.write(out, link)
+    except OSError as e:
+        print(f"tinyfleet serve: cannot write {out}/metrics.json: {e}", file=sys.stderr)
+        return
+    print(f"tinyfleet serve: wrote {out}/metrics.json; `tinyfleet report {out}` draws the report", file=sys.stderr)
 
 
 def _dashboard(cfg, plan_hash: str, bind: tuple[str, int], token: str | None):

@@ -1,15 +1,15 @@
 """``tinyfleet compile``: a model (MIT .pkl or torch ``module:Class``) + board -> plan.ttp and one JSON report.
 
 It only parses arguments, loads inputs and calls :func:`fleet.compiler.compile.compile_plan`; it refuses to
-guess shapes it cannot know (a torch model needs ``--input-shape``) and reports an infeasible budget with the
-smallest one that would fit. Every error is one line on stderr naming the cause (exit 2; an infeasible budget
+guess shapes it cannot know (a torch model needs ``--input-shape``, which must agree with ``--calib``) and reports
+an infeasible budget with the smallest one that would fit. A torch ``module:Class`` is imported with the working
+directory on the path; the report prints the input quantization devices apply to float samples. Every error is one line on stderr naming the cause (exit 2; an infeasible budget
 exits 1), never a traceback (``TINYFLEET_DEBUG=1`` shows it for an unexpected one).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -42,8 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, help="replace the classifier by a fresh K-way head")
     p.add_argument("--input-size", type=int, default=None, help="MIT models: input resolution (the .pkl's)")
     p.add_argument("--input-shape", help="torch models: per-sample input shape, e.g. 6,128 or 1,28,28")
+    p.add_argument("--weights", help="torch models: state dict to load (torch.save(model.state_dict(), path))")
     p.add_argument("--calib", help="torch models: .npy/.npz (key x) float calibration batch; default N(0,1)")
-    p.add_argument("--proxy", help="scheme search data: .npz with x (int8, quantized like the input) and y")
+    p.add_argument("--proxy", help="scheme search data: .npz with x and y; x float (quantized here with the "
+                                   "model's input quantization) or int8 already quantized like the input")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse frozen expansion+depthwise (PWDW)")
     p.add_argument("-o", "--output", help="write the plan blob (.ttp) here")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
@@ -95,26 +97,40 @@ def _input_shape(text: str) -> tuple[int, ...]:
 
 
 def _torch_factory(spec: str):
-    mod, _, attr = spec.partition(":")
+    """The class (or factory) ``module:Class`` names, imported with the working directory first on the path."""
+    from .models import OwnModelError, import_class
+
     try:
-        return getattr(importlib.import_module(mod), attr)
-    except ModuleNotFoundError as e:
-        raise UsageError(f"cannot load torch model {spec!r}: no module named {e.name!r} (is it on PYTHONPATH?)") \
-            from None
-    except AttributeError:
-        raise UsageError(f"cannot load torch model {spec!r}: module {mod!r} has no attribute {attr!r}") from None
-    except Exception as e:  # noqa: BLE001  NOTE: the user's module failed to import; say how, not where
-        raise UsageError(f"cannot load torch model {spec!r}: importing {mod!r} raised {type(e).__name__}: {e}") \
-            from None
+        return import_class(spec, Path.cwd())
+    except OwnModelError as e:
+        raise UsageError(f"torch model: {e}") from None
 
 
-def _check_proxy(graph: ir.Graph, x: np.ndarray, y: np.ndarray) -> None:
-    """Proxy data the scheme search can train on: int8 ``(N >= 2, *input shape)``, labels in ``[0, K)``."""
+def input_quant(graph: ir.Graph) -> dict:
+    """What a device does to a float sample: ``q = clip(round(x / scale) + zero_point, -128, 127)``."""
+    t = graph.tensors[graph.input_id]
+    if t.dtype != ir.DType.INT8:
+        return {"shape": list(t.shape), "dtype": t.dtype.name.lower(), "scale": None, "zero_point": None}
+    return {"shape": list(t.shape), "dtype": "int8", "scale": float(np.ravel(t.scale)[0]),
+            "zero_point": int(t.zero_point)}
+
+
+def _check_proxy(graph: ir.Graph, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Proxy data the scheme search can train on: ``(N >= 2, *input shape)``, labels in ``[0, K)``; returns x as
+    int8 (float x is quantized with the model's input quantization, as a device would)."""
     shape = tuple(graph.tensors[graph.input_id].shape)
     k = graph.tensors[graph.output_id].shape[0]
     want = f"(N, {', '.join(map(str, shape))})"
+    if x.dtype.kind == "f" and x.ndim >= 2 and x.shape[1:] != shape and int(np.prod(x.shape[1:])) == int(np.prod(shape)):
+        x = x.reshape(len(x), *shape)  # NOTE: the model's own layout, e.g. (N, 6, 128) for the IR's (6, 1, 128)
+    if x.dtype.kind == "f" and x.shape[1:] == shape:
+        if not np.isfinite(x).all():
+            raise UsageError("--proxy: x holds NaN or Inf")
+        q = input_quant(graph)
+        x = np.clip(np.round(x.astype(np.float64) / q["scale"]) + q["zero_point"], -128, 127).astype(np.int8)
     if x.dtype != np.int8 or x.shape[1:] != shape:
-        raise UsageError(f"--proxy: x must be int8 {want}, quantized like the model's input; got {x.dtype} {x.shape}")
+        raise UsageError(f"--proxy: x must be float or int8 {want} (int8: quantized like the model's input); "
+                         f"got {x.dtype} {x.shape}")
     if len(x) < 2:
         raise UsageError(f"--proxy: at least 2 samples needed (half train, half score), got {len(x)}")
     if y.dtype.kind not in "iu" or y.shape != (len(x),):
@@ -122,6 +138,7 @@ def _check_proxy(graph: ir.Graph, x: np.ndarray, y: np.ndarray) -> None:
     if int(y.min()) < 0 or int(y.max()) >= k:
         raise UsageError(f"--proxy: labels y must be class indices in [0, {k}), got range [{int(y.min())}, "
                          f"{int(y.max())}]")
+    return x
 
 
 def load_graph(args: argparse.Namespace) -> ir.Graph:
@@ -154,11 +171,21 @@ def load_graph(args: argparse.Namespace) -> ir.Graph:
             model = factory().eval()
         except Exception as e:  # noqa: BLE001  NOTE: the user's constructor; say how it failed
             raise UsageError(f"{spec}: building the model raised {type(e).__name__}: {e}") from None
+        if args.weights:
+            from .models import OwnModelError, load_weights
+
+            try:
+                load_weights(model, args.weights)
+            except OwnModelError as e:
+                raise UsageError(f"--weights {e}") from None
         if args.calib:
             calib = _load_array(args.calib, "x", "--calib")
             if calib.dtype.kind != "f" or calib.ndim < 2 or not np.isfinite(calib).all():
                 raise UsageError(f"--calib {args.calib}: expected a finite float batch (N, *input shape), got "
                                  f"{calib.dtype} {calib.shape}")
+            if args.input_shape and tuple(calib.shape[1:]) != _input_shape(args.input_shape):
+                raise UsageError(f"--input-shape {args.input_shape} conflicts with --calib {args.calib}, whose "
+                                 f"samples are {tuple(calib.shape[1:])}: give one, or make them agree")
         else:
             shape = args.input_shape or getattr(model, "input_shape", None)
             if shape is None:
@@ -268,7 +295,7 @@ def _run(args: argparse.Namespace) -> int:
     graph = load_graph(args)
     if args.scheme == "auto" and args.proxy:
         px, py = _load_array(args.proxy, "x", "--proxy"), _load_array(args.proxy, "y", "--proxy")
-        _check_proxy(graph, px, py)
+        px = _check_proxy(graph, px, py)
         scheme = search_scheme(graph, budget, px, py, seed=args.seed).scheme
     elif args.scheme == "auto":
         scheme = _auto_named(graph, budget, recipe)[0]
@@ -291,7 +318,7 @@ def _run(args: argparse.Namespace) -> int:
     out = {"model": graph.name, "board": board.name, "budget_bytes": budget, "scheme": scheme.name,
            "n_bias_update": scheme.n_bias_update, "weight_ratio": {str(k): v for k, v in scheme.weight_ratio.items()},
            "plan_hash": digest, "output": args.output, "recipe": _recipe_json(c.plan),
-           "personalization_bytes": method_costs(c.plan), **c.report.as_dict()}
+           "personalization_bytes": method_costs(c.plan), "input": input_quant(graph), **c.report.as_dict()}
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:
@@ -301,4 +328,10 @@ def _run(args: argparse.Namespace) -> int:
               f"{r.optimizer_bytes / 1000:.1f} + runtime "
               f"{r.runtime_bytes / 1000:.1f}) of {budget / 1000:.1f} KB; flash {r.flash_bytes / 1000:.1f} KB; "
               f"{r.num_ops} ops" + (f"; wrote {args.output}" if args.output else ""))
+        q = out["input"]
+        if q["scale"] is not None:
+            zp = q["zero_point"]
+            print(f"input {tuple(q['shape'])} int8: q = clip(round(x / {q['scale']:.6g}) {'-' if zp < 0 else '+'} "
+                  f"{abs(zp)}, -128, 127) (scale {q['scale']!r}, zero point {zp}; `tinyfleet quantize-data` "
+                  "converts float .npz files)")
     return 0

@@ -1,10 +1,16 @@
-"""Small reference PyTorch models used across TinyFleet (IMU 1D CNN, tiny 2D CNN, next-character model).
+"""Small reference PyTorch models used across TinyFleet (IMU 1D CNN, tiny 2D CNN, next-character model), and the
+loader of a user's own model (``module:Class`` + a state-dict file).
 
-All are MCU-sized (a few thousand to ~20k parameters), float, and built only from layers the torch importer
-supports, so ``import_torch(model, calib)`` works on each. They hold no training code and no data.
+All built-in models are MCU-sized (a few thousand to ~20k parameters), float, and built only from layers the
+torch importer supports, so ``import_torch(model, calib)`` works on each. They hold no training code and no
+data; the loader refuses whole pickled modules (state dicts only) and names every failure in one line.
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -135,3 +141,98 @@ class CharConvNet(nn.Module):
         x = self.embed(ids).transpose(1, 2)
         x = self.conv3(self.conv2(self.conv1(x)))
         return self.classifier(torch.flatten(x, 1))
+
+
+# --- a user's own model ---------------------------------------------------------------------------------------
+
+
+class OwnModelError(ValueError):
+    """A user's ``module:Class`` (or its weights) that cannot be loaded; the message says why, in one line."""
+
+
+def import_class(spec: str, root: str | Path | None = None):
+    """The class named by ``spec`` (``module:Class`` or ``package.module:Class``), imported with ``root``
+    (default: the working directory) first on ``sys.path``, so a model file next to the config or in the
+    current folder needs no PYTHONPATH. Raises :class:`OwnModelError`."""
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
+        raise OwnModelError(f"expected 'module:Class' (e.g. model:DigitsCNN for model.py), got {spec!r}")
+    where = str(Path(root or ".").resolve())
+    _forget_other(mod.split(".")[0], Path(where))
+    added = where not in sys.path
+    if added:
+        sys.path.insert(0, where)
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except ModuleNotFoundError as e:
+        raise OwnModelError(f"cannot load {spec!r}: no module named {e.name!r} in {where} or on PYTHONPATH") \
+            from None
+    except AttributeError:
+        raise OwnModelError(f"cannot load {spec!r}: module {mod!r} has no attribute {attr!r}") from None
+    except Exception as e:  # noqa: BLE001  NOTE: the user's module failed to import; say how, not where
+        raise OwnModelError(f"cannot load {spec!r}: importing {mod!r} raised {type(e).__name__}: {e}") from None
+    finally:
+        if added:
+            sys.path.remove(where)
+
+
+def _forget_other(top: str, root: Path) -> None:
+    """Drop a module ``top`` imported earlier from another folder when ``root`` has its own (two configs, two
+    ``model.py``): the one next to this config must win."""
+    cached = sys.modules.get(top)
+    here = (root / f"{top}.py").is_file() or (root / top / "__init__.py").is_file()
+    file = getattr(cached, "__file__", None)
+    if cached is None or not here or file is None or Path(file).resolve().is_relative_to(root):
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(f"{top}.")]:
+        del sys.modules[name]
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """``model`` with the state dict in ``path`` (``torch.save(model.state_dict(), path)``) loaded strictly.
+
+    A whole pickled module is refused (``weights_only``): save ``model.state_dict()``. Raises :class:`OwnModelError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OwnModelError(f"file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  NOTE: torch.load of a damaged or non-state-dict file raises many kinds
+        raise OwnModelError(f"{path}: not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                            "save it with torch.save(model.state_dict(), path)") from None
+    if not isinstance(state, dict):
+        raise OwnModelError(f"{path}: expected a state dict (torch.save(model.state_dict(), path)), "
+                            f"got {type(state).__name__}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise OwnModelError(f"{path}: does not fit the model: {' '.join(str(e).split())[:300]}") from None
+    return model
+
+
+def build_own_model(spec: str, root: str | Path | None = None, weights: str | Path | None = None) -> nn.Module:
+    """A fresh instance of the user's ``module:Class`` (no constructor arguments), with ``weights`` loaded."""
+    cls = import_class(spec, root)
+    try:
+        model = cls()
+    except Exception as e:  # noqa: BLE001  NOTE: the user's constructor; say how it failed
+        raise OwnModelError(f"{spec}: building the model raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise OwnModelError(f"{spec}: expected a torch.nn.Module, got {type(model).__name__}")
+    return load_weights(model, weights) if weights is not None else model
+
+
+def output_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """How many classes ``model`` scores for per-sample inputs of ``input_shape`` (a forward pass on zeros)."""
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001  NOTE: the user's forward pass
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OwnModelError(f"the model cannot read inputs of shape {tuple(input_shape)} per sample ({first})") \
+            from None
+    if out.ndim != 2:
+        raise OwnModelError(f"expected logits (N, classes) for inputs {tuple(input_shape)}, got shape "
+                            f"{tuple(out.shape)[1:]} per sample")
+    return int(out.shape[1])

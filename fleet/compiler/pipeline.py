@@ -62,11 +62,24 @@ def make_model(name: str, x: np.ndarray, num_classes: int):
     raise ValueError(f"model.name: unknown model {name!r} (expected one of {', '.join(MODELS)})")
 
 
-def float_batch(x: np.ndarray) -> np.ndarray:
-    """(N, C, 1, W) windows -> (N, C, W) for a torch Conv1d model; (N, L) character ids -> int64 for nn.Embedding."""
+def float_batch(x: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """(N, C, 1, W) windows -> (N, C, W) for a torch Conv1d model; (N, L) character ids -> int64 for nn.Embedding;
+    with ``shape`` (an own model's per-sample input shape) -> (N, *shape)."""
+    if shape is not None:
+        return np.ascontiguousarray(x.reshape(len(x), *shape))
     if x.ndim == 2:
         return x.astype(np.int64)
     return x.reshape(x.shape[0], x.shape[1], x.shape[-1])
+
+
+def _own_model(cfg: FleetConfig):
+    """The config's own torch model (``model.torch``) with its weights, or a PipelineError."""
+    from fleet.compiler.models import OwnModelError, build_own_model
+
+    try:
+        return build_own_model(cfg.model.torch or "", cfg.model.root, cfg.model.weights)
+    except OwnModelError as e:
+        raise PipelineError(f"model.torch: {e}") from None
 
 
 def pretrain(cfg: FleetConfig, x: np.ndarray, y: np.ndarray, num_classes: int):
@@ -74,21 +87,36 @@ def pretrain(cfg: FleetConfig, x: np.ndarray, y: np.ndarray, num_classes: int):
     import torch
 
     torch.manual_seed(cfg.seed)
-    try:
-        model = make_model(cfg.model.name, x, num_classes)
-    except ValueError as e:
-        raise PipelineError(str(e)) from None
-    if cfg.model.pretrain_epochs and len(y):
-        xt, yt = torch.from_numpy(float_batch(x)), torch.from_numpy(y)
+    if cfg.model.torch is not None:  # NOTE: given weights are the trained model: no pretraining on top
+        model = _own_model(cfg)
+        epochs = 0 if cfg.model.weights is not None else cfg.model.pretrain_epochs
+    else:
+        try:
+            model = make_model(cfg.model.name, x, num_classes)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        epochs = cfg.model.pretrain_epochs
+    if epochs and len(y):
+        xt, yt = torch.from_numpy(float_batch(x, torch_input_shape(cfg))), torch.from_numpy(y)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         gen = torch.Generator().manual_seed(cfg.seed)
         model.train()
-        for _ in range(cfg.model.pretrain_epochs):
+        for _ in range(epochs):
             for idx in torch.randperm(len(yt), generator=gen).split(64):
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
                 opt.step()
     return model.eval()
+
+
+def torch_input_shape(cfg: FleetConfig) -> tuple[int, ...] | None:
+    """An own model's per-sample input shape (``model.input_shape``, else the class's ``input_shape``)."""
+    if cfg.model.torch is None:
+        return None
+    shape = cfg.model.torch_shape()
+    if shape is None:  # NOTE: a model may state its own (self.input_shape), as the built-in ones do
+        shape = tuple(getattr(_own_model(cfg), "input_shape", ()) or ())
+    return shape or None
 
 
 def build_plan(cfg: FleetConfig, scenario) -> tuple[object, object, str]:
@@ -109,7 +137,7 @@ def build_plan(cfg: FleetConfig, scenario) -> tuple[object, object, str]:
     model = pretrain(cfg, x_proxy, y_proxy, scenario.num_classes)
     rng = np.random.default_rng(cfg.seed)
     calib = x_proxy[rng.permutation(len(x_proxy))[:512]]
-    graph = import_torch(model, float_batch(calib), name=type(model).__name__)
+    graph = import_torch(model, float_batch(calib, torch_input_shape(cfg)), name=type(model).__name__)
     s = cfg.model.scheme
     if isinstance(s, dict):
         scheme = ir.SparseScheme(name="config", n_bias_update=int(s.get("n_bias_update", 0)),

@@ -5,7 +5,8 @@ give asymmetric int8 activations; weights are symmetric int8 per output channel;
 conv/linear before it; a ReLU/ReLU6 right after a conv, linear or add becomes that op's clamp. Supported:
 Conv1d/Conv2d (standard, depthwise, grouped, pointwise), Linear, BatchNorm1d/2d, ReLU/ReLU6 (modules and
 functions), residual add, global average pooling (adaptive pool or mean), flatten/view/reshape, Embedding (+ the
-transpose that feeds it to a conv1d), Dropout/Identity. Anything else raises :class:`UnsupportedLayerError`.
+transpose that feeds it to a conv1d), Dropout/Identity (the table: docs/layers.md). Anything else raises
+:class:`UnsupportedLayerError` naming every unsupported layer by module path and type.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from device_agent.engine import ir
 
 from . import quantize as Q
 from .graph_builder import GraphBuilder
-from .torch_trace import UnsupportedLayerError, calibrate, fold_batchnorm, node_kind, trace, where
+from .torch_trace import (
+    UnsupportedLayerError,
+    calibrate,
+    fold_batchnorm,
+    node_kind,
+    trace,
+    unsupported_modules,
+    where,
+)
 
 __all__ = ["UnsupportedLayerError", "fold_batchnorm", "import_torch"]
 
@@ -277,4 +286,7 @@ def import_torch(model: torch.nn.Module, calib_data, name: str | None = None) ->
     if data.is_floating_point():
         data = data.float()
     stats = calibrate(gm, data)
+    bad = unsupported_modules(gm, stats)
+    if bad:
+        raise UnsupportedLayerError.many(bad)
     return _Lowering(gm, stats, name or type(model).__name__).run()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fleet.schema import FleetConfig, load_fleet_config
 
@@ -59,6 +59,8 @@ class ContinualConfig:
 @dataclass
 class SimConfig(FleetConfig):
     """A fleet as ``tinyfleet simulate`` runs it: which backend each device uses, and the in-run baselines."""
+
+    READS_DEVICE_DATA: ClassVar[bool] = True  # the simulator plays the devices: their files are checked at load
 
     backend: str = "python"  # python (host engine) | qemu (one emulated board per device) | renode (not here)
     qemu_devices: int | None = None  # mixed fleet: the first N devices are QEMU boards, the rest use `backend`

@@ -1,4 +1,4 @@
-"""``tinyfleet report RUN_DIR``: a simulation's ``metrics.json`` -> ``index.html`` + PNG plots in the same folder.
+"""``tinyfleet report RUN_DIR``: a run's ``metrics.json`` (simulate or serve) -> ``index.html`` + PNG plots beside it.
 
 The page is self-contained and static: plots are PNG files next to it (relative paths), tables are plain HTML,
 styling is inline CSS, and there is no JavaScript, so it reads the same in a browser, a file viewer or a CI
@@ -46,16 +46,24 @@ class ReportError(ValueError):
 
 
 def load_metrics(run_dir: Path) -> dict:
-    """``RUN_DIR/metrics.json`` as written by ``tinyfleet simulate --out RUN_DIR``."""
+    """``RUN_DIR/metrics.json`` as written by ``tinyfleet simulate --out RUN_DIR`` or ``serve --out RUN_DIR``
+    (fleet/metrics.py, docs/metrics.md)."""
+    from fleet.metrics import MetricsError, check_version
+
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
-        raise ReportError(f"{path} not found: run `tinyfleet simulate CONFIG --out {run_dir}` first")
+        raise ReportError(f"{path} not found: run `tinyfleet simulate CONFIG --out {run_dir}` or `tinyfleet serve "
+                          f"CONFIG --out {run_dir}` first")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ReportError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or "accuracy_per_round" not in data:
-        raise ReportError(f"{path}: expected a simulate result object with 'accuracy_per_round'")
+        raise ReportError(f"{path}: expected a run's metrics object with 'accuracy_per_round' (docs/metrics.md)")
+    try:
+        check_version(data, path)
+    except MetricsError as e:
+        raise ReportError(str(e)) from None
     return data
 
 
@@ -289,7 +297,7 @@ def render_html(m: dict, plots: list[str]) -> str:
              ["aggregator", m.get("aggregator") or "fedavg"], ["interrupted", str(bool(m.get("interrupted")))]]
     if m.get("stopped"):
         facts.append(["stopped early", m.get("stopped")])
-    n = len(m.get("accuracy_per_round", []))
+    n = max(len(m.get("accuracy_per_round") or []), len(m.get("round_status") or []))
     per_round_header = ["round", "status", "selected", "accepted", "bytes up/dev", "bytes down/dev", "seconds",
                         *[labels[k] for k in series]]
     cols = [m.get(k) or [] for k in ("round_status", "selected_per_round", "devices_per_round",
@@ -318,9 +326,7 @@ def render_html(m: dict, plots: list[str]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>TinyFleet run report</title>
 <style>{CSS}</style></head><body>
 <h1>TinyFleet run report</h1>
-<p class="note">Accuracy is measured by the simulation harness on every device's held-out test slice (no device
-sends data). Pooled = all test windows together; local-only trains each device alone with the fleet's steps;
-centralized fine-tunes the fp32 model on every device's training data pooled, one epoch per round.</p>
+<p class="note">{html.escape(_accuracy_note(m))}</p>
 <h2>Summary</h2>
 {_table(summary[0], summary[1:], "summary")}
 {_table(["run", "value"], facts, "facts")}
@@ -334,6 +340,20 @@ centralized fine-tunes the fp32 model on every device's training data pooled, on
 {err_html}
 </body></html>
 """
+
+
+def _accuracy_note(m: dict) -> str:
+    if m.get("source") == "serve":
+        if not m.get("accuracy_per_round"):
+            return ("A real fleet (tinyfleet serve) with no evaluation data: add `evaluation: {data: test.npz}` to "
+                    "the config to score every round. Bytes are payloads seen by the coordinator (no MQTT headers).")
+        return (f"A real fleet (tinyfleet serve): accuracy of the global model after each round on the config's "
+                f"evaluation data ({m.get('evaluation_samples')} samples, held by the coordinator; no device sends "
+                "data). Bytes are payloads seen by the coordinator (no MQTT headers).")
+    return ("Accuracy is measured by the simulation harness on every device's held-out test slice (no device "
+            "sends data). Pooled = all test windows together; local-only trains each device alone with the fleet's "
+            "steps; centralized fine-tunes the fp32 model on every device's training data pooled, one epoch per "
+            "round.")
 
 
 def _continual_html(m: dict) -> str:
@@ -376,7 +396,8 @@ def write_report(run_dir: Path) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=Path, help="a `tinyfleet simulate --out` directory (holds metrics.json)")
+    p.add_argument("run_dir", type=Path, help="a `tinyfleet simulate --out` or `serve --out` directory "
+                                              "(holds metrics.json)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.compiler.pipeline import PipelineError, build_plan, float_batch, mark_personal, pretrain
+from fleet.compiler.pipeline import (
+    PipelineError,
+    build_plan,
+    float_batch,
+    mark_personal,
+    pretrain,
+    torch_input_shape,
+)
 from fleet.sim.config import SimConfig
 from fleet.sim.errors import SimulationError
 
@@ -498,9 +505,10 @@ def _final_metrics(cfg: SimConfig, scenario, plan, link, evaluator, agents, slot
         if not len(y_proxy):  # the same fallback as build_plan, so this is the same float model
             x_proxy, y_proxy = scenario.devices[0].x_train, scenario.devices[0].y_train
         model = pretrain(cfg, x_proxy, y_proxy, scenario.num_classes)
-        x = float_batch(np.concatenate([d.x_train for d in scenario.devices]))
+        shape = torch_input_shape(cfg)  # an own model's layout; None: the built-in models' float_batch rule
+        x = float_batch(np.concatenate([d.x_train for d in scenario.devices]), shape)
         y = np.concatenate([d.y_train for d in scenario.devices])
-        tests = [(float_batch(d.x_test), d.y_test) for d in scenario.devices]
+        tests = [(float_batch(d.x_test, shape), d.y_test) for d in scenario.devices]
         per_round = bl.centralized(model, x, y, tests, res.rounds, cfg.seed)
         res.accuracy_centralized_per_round = [bl.pooled(a, slices) for a in per_round]
         methods["centralized"] = per_round[-1]
@@ -524,12 +532,12 @@ def _final_metrics(cfg: SimConfig, scenario, plan, link, evaluator, agents, slot
 
 def _write_run(out_dir: Path, res: SimResult) -> None:
     """metrics.json (the printed JSON plus ``per_device``), then index.html + plots (fleet/sim/report.py)."""
-    import json
+    from fleet.metrics import write_metrics
 
     data = res.to_dict()
     data["per_device"] = res.per_device
     data["continual"] = res.continual
-    (out_dir / "metrics.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    write_metrics(out_dir, data, "simulate")
     try:
         from fleet.sim.report import write_report
 

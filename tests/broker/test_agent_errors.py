@@ -162,3 +162,21 @@ def test_cli_logs_a_failed_round_and_stops_cleanly_on_sigterm(broker, tmp_path):
     last = statuses(got, lambda s: s.state == "offline")[-1]
     assert last.model_version == 1 and json.loads(last.to_json())["samples"] == 8
     watcher.stop(), coord.stop()
+
+
+def test_agent_with_a_wrong_fleet_name_says_so(broker, tmp_path):
+    # Prepare: a coordinator's retained plan under fleet "errs"; the device asks for fleet "eros"
+    ep, _ = collector(broker, [], client_id="coordinator")
+    ep.publish(topic("plan/abc"), plan_to_bytes(PLAN), retain=True)
+    x, y = tiny_dataset(8)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    # Execute
+    proc = subprocess.run([sys.executable, "-m", "device_agent.cli", "run", "--broker", f"mqtt://127.0.0.1:{broker.port}",
+                           "--id", "d0", "--fleet", "eros", "--data", str(tmp_path / "d.npz"), "--insecure-unsigned",
+                           "--connect-timeout", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    ep.stop()
+    # Assert: the message names the fleet it looked for and the config's `name:` as the likely cause
+    assert proc.returncode != 0
+    assert "--fleet 'eros' must equal the config's `name:`" in proc.stderr and "tinyfleet serve" in proc.stderr, \
+        proc.stderr

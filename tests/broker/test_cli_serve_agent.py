@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from tests.conftest import ROOT
+from tests.fixtures.serve import serve_with_agents
 
 
 def test_serve_and_two_device_agents_commit_a_round(broker, tmp_path):
@@ -22,24 +23,8 @@ def test_serve_and_two_device_agents_commit_a_round(broker, tmp_path):
         x, y = tiny_dataset(32, seed=i)
         np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
     store = tmp_path / "store.sqlite"
-    serve = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", str(tmp_path / "fleet.yaml"),
-                              "--store", str(store), "--plan", str(tmp_path / "plan.ttp")],
-                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    agents = []
-    try:
-        assert "plan" in serve.stderr.readline()  # key written and plan published
-        for i in range(2):
-            agents.append(subprocess.Popen(
-                [sys.executable, "-m", "device_agent.cli", "run", "--broker", f"mqtt://127.0.0.1:{broker.port}",
-                 "--id", f"d{i}", "--fleet", "clitest", "--data", str(tmp_path / f"d{i}.npz"),
-                 "--pubkey", f"{store}.key.pem.pub"], cwd=ROOT, stderr=subprocess.PIPE, text=True))
-
-        rc = serve.wait(timeout=60)
-        err = serve.stderr.read()
-    finally:
-        for p in [serve, *agents]:
-            p.terminate()
-            p.wait(10)
+    rc, err = serve_with_agents(tmp_path / "fleet.yaml", store, [tmp_path / f"d{i}.npz" for i in range(2)],
+                                "clitest", broker.port, ["--plan", tmp_path / "plan.ttp"])
 
     assert rc == 0, err
     assert "round 1: committed v2 (2 deltas)" in err

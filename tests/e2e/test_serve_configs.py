@@ -7,14 +7,12 @@ slice of that scenario as an .npz, and the round must commit both deltas.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import yaml
 
 from tests.conftest import ROOT, require_cmd
+from tests.fixtures.serve import serve_with_agents
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
@@ -43,24 +41,9 @@ def test_serve_commits_one_round_for_every_shipped_config(name, tmp_path):
         for i, dev in enumerate(load_scenario(cfg).devices[:2]):
             np.savez(tmp_path / f"d{i}.npz", x=dev.x_train, y=dev.y_train)
         store = tmp_path / "store.sqlite"
-        serve = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", str(path), "--store", str(store)],
-                                 cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        agents = []
-        try:
-            # Execute: serve compiles the plan, then two agents fetch it and train
-            first = serve.stderr.readline()
-            assert "plan" in first, first + serve.stderr.read()
-            for i in range(2):
-                agents.append(subprocess.Popen(
-                    [sys.executable, "-m", "device_agent.cli", "run", "--broker", f"mqtt://127.0.0.1:{broker.port}",
-                     "--id", f"d{i}", "--fleet", cfg.name, "--data", str(tmp_path / f"d{i}.npz"),
-                     "--pubkey", f"{store}.key.pem.pub"], cwd=ROOT, stderr=subprocess.PIPE, text=True))
-            rc = serve.wait(timeout=240)
-            err = serve.stderr.read()
-        finally:
-            for p in [serve, *agents]:
-                p.terminate()
-                p.wait(10)
+        # Execute: serve compiles the plan, then two agents fetch it and train
+        rc, err = serve_with_agents(path, store, [tmp_path / f"d{i}.npz" for i in range(2)], cfg.name, broker.port,
+                                    timeout=240)
     # Assert
     assert rc == 0, err
     assert "round 1: committed v2 (2 deltas)" in err

@@ -25,7 +25,7 @@ def files(tmp_path_factory):
     (d / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
     np.save(d / "flat_calib.npy", np.zeros((4, 3), np.float32))
     np.savez(d / "proxy_labels.npz", x=np.zeros((4, 1, 28, 28), np.int8), y=np.array([0, 1, 2, 99]))
-    np.savez(d / "proxy_float.npz", x=np.zeros((4, 1, 28, 28), np.float32), y=np.array([0, 1, 2, 3]))
+    np.savez(d / "proxy_float.npz", x=np.zeros((4, 1, 27, 27), np.float32), y=np.array([0, 1, 2, 3]))
     np.savez(d / "proxy_no_y.npz", x=np.zeros((4, 1, 28, 28), np.int8))
     mods = d / "mods"
     mods.mkdir()
@@ -57,7 +57,8 @@ CASES = {  # name -> (arguments, words the one line must hold)
     "calib_corrupt": ([TINY, *BOARD, "--calib", "{d}/bad.npz"], "not a readable"),
     "calib_wrong_shape": ([TINY, *BOARD, "--calib", "{d}/flat_calib.npy"], "calibration batch of shape (4, 3)"),
     "proxy_labels": ([TINY, *BOARD, "--input-shape", "1,28,28", "--proxy", "{d}/proxy_labels.npz"], "[0, 10)"),
-    "proxy_float": ([TINY, *BOARD, "--input-shape", "1,28,28", "--proxy", "{d}/proxy_float.npz"], "int8"),
+    "proxy_float": ([TINY, *BOARD, "--input-shape", "1,28,28", "--proxy", "{d}/proxy_float.npz"],
+                    "x must be float or int8 (N, 1, 28, 28)"),
     "proxy_no_y": ([TINY, *BOARD, "--input-shape", "1,28,28", "--proxy", "{d}/proxy_no_y.npz"], "named 'y'"),
     "budget_string": ([TINY, *BOARD, "--input-shape", "1,28,28", "--budget", "12XB"], "--budget"),
     "board_missing": ([TINY, "--board", "{d}/missing.yaml", "--input-shape", "1,28,28"], "missing.yaml"),
