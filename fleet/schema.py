@@ -352,6 +352,7 @@ class FleetConfig:
                                  control_limit=RateLimit(r.control_per_s, r.control_burst),
                                  delta_limit=RateLimit(r.delta_per_s, r.delta_burst),
                                  mode=self.mode, asynchronous=self.async_rounds,
+                                 max_versions=self.rounds if self.mode == "async" else 0,
                                  secure_aggregation=self.secure_aggregation)
 
     def tls_files(self) -> dict[str, object]:

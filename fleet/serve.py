@@ -151,8 +151,8 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
     from fleet.mqtt import CoordinatorLink
 
     ccfg = cfg.coordinator_config()
-    if cfg.mode == "async":  # NOTE: the session runs by itself between polls: the coordinator stops at the count
-        ccfg = replace(ccfg, max_versions=0 if args.rounds == 0 else cfg.rounds)
+    if args.rounds == 0:  # NOTE: an async session runs by itself between polls; the coordinator stops at the count
+        ccfg = replace(ccfg, max_versions=0)
     codec = WireCodec(plan, signer=Signer.ed25519(key))
     closed = threading.Event()
     results: list[RoundClosed] = []

@@ -203,9 +203,6 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     from fleet.store import Store
 
     t0 = time.monotonic()
-    if cfg.mode != "sync":  # NOTE: the harness below counts rounds by StartRound; async versions come on their own
-        raise SimulationError(f"mode: {cfg.mode} runs under `tinyfleet serve` (and benchmarks/async_rounds.py); "
-                              "`simulate` drives synchronous rounds only, for now")
     try:
         scenario = load_scenario(cfg)
     except (ValueError, FileNotFoundError) as e:
@@ -304,14 +301,22 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     x_test, y_test = scenario.test_set()
     xq_test = quantize(x_test, scale, zp)
 
-    def accuracy() -> float:
-        evaluator.load_trainable(link.call(lambda c: {k: v.copy() for k, v in c.state.items()}))
+    def model(version: int | None = None) -> dict:
+        """The coordinator's current model, or the stored ``version`` (async: the session has moved on)."""
+        if version is None:
+            return link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
+        return link.call(lambda c: c._unpack(c.store.version(version).state))
+
+    def accuracy(version: int | None = None) -> float:
+        evaluator.load_trainable(model(version))
         return evaluator.evaluate(xq_test, y_test.astype(np.int32))
 
     res.accuracy_initial = accuracy()
     res.personal_methods = {m: used.count(m) for m in sorted(set(used))} if cfg.personalization.method else {}
     initial = {t.id: np.array(t.data, copy=True) for t in plan.trainable}
     globals_: list[dict] = []  # every trainable tensor after each round (personal ones: initial values)
+    asynchronous, first = cfg.mode == "async", len(watcher.closed)
+    at_start = [a.endpoint.traffic_snapshot() for a in agents]
     for r in range(cfg.rounds):
         if stop.is_set():
             res.interrupted = True
@@ -320,25 +325,25 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         before = [a.endpoint.traffic_snapshot() for a in agents]
         watcher.reset_round()
         t_round = time.monotonic()
-        n_closed = len(watcher.closed)
-        link.submit(StartRound())
+        link.submit(StartRound())  # NOTE: async: opens the session once; an open session ignores it
         with watcher.cv:
-            while len(watcher.closed) == n_closed:
+            while len(watcher.closed) <= first + r:
                 if stop.is_set():
                     break
                 watcher.cv.wait(0.2)
                 bar.update("round", completed=watcher.accepted, info=f"{len(watcher.selected)} selected")
-        if len(watcher.closed) == n_closed:
+        if len(watcher.closed) <= first + r:
             res.interrupted = True
             break
-        closed = watcher.closed[-1]
+        closed = watcher.closed[first + r]  # NOTE: async versions may close faster than this loop: each in its turn
         if not isinstance(closed, RoundClosed):  # refused (privacy budget): no more rounds, nothing changed
             res.stopped, res.errors = closed.detail, [*res.errors, closed.detail]
             break
         res.model_version = closed.version
         if closed.epsilon is not None:
             res.epsilon_per_round.append(closed.epsilon)
-        _settle(agents, closed.version if closed.committed else None)
+        if not asynchronous:  # NOTE: async devices never wait for a version: they are already training the next
+            _settle(agents, closed.version if closed.committed else None)
         res.round_seconds.append(time.monotonic() - t_round)
         after = [a.endpoint.traffic_snapshot() for a in agents]
         sel = max(1, len(watcher.selected))
@@ -352,11 +357,13 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         res.round_status.append("committed" if closed.committed else "abandoned")
         res.devices_per_round.append(len(closed.accepted))
         res.selected_per_round.append(len(watcher.selected))
-        res.devices_dropped += len(watcher.selected - set(closed.accepted))
-        res.accuracy_per_round.append(accuracy())
+        if not asynchronous:  # NOTE: an async task spans versions: not answering one is not a drop
+            res.devices_dropped += len(watcher.selected - set(closed.accepted))
+        version = closed.version if asynchronous else None
+        res.accuracy_per_round.append(accuracy(version))
         if dash is not None:
             dash.update(lambda v, r=r: v.add_accuracy("global", r + 1, res.accuracy_per_round[-1]))
-        globals_.append({**initial, **link.call(lambda c: {k: v.copy() for k, v in c.state.items()})})
+        globals_.append({**initial, **model(version)})
         for dev in closed.accepted:
             participation[dev] = participation.get(dev, 0) + 1
         if res.personal or res.personalization:
@@ -364,6 +371,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
                 _personalized(link, evaluator, agents, slices, bool(res.personalization))[0])
         res.rounds += 1
         bar.update("rounds", advance=1, info=f"acc {res.accuracy_per_round[-1]:.3f}")
+    if asynchronous and res.rounds:  # NOTE: versions close while the harness scores the last one: per-version
+        _async_traffic(res, at_start, [a.endpoint.traffic_snapshot() for a in agents])  # windows mean nothing
     if probe is not None:
         probe(agents)
     res.model_version = link.call(lambda c: c.version) if not res.interrupted else res.model_version
@@ -397,6 +406,17 @@ def _personal_specs(cfg: SimConfig, plan, plan_sram: int, board_sram: int, slots
         used.append(m)
         specs.append(None if m == "none" else PersonalSpec(m, pc.steps, pc.lr or cfg.lr, pc.lam_q15))
     return specs, used
+
+
+def _async_traffic(res: SimResult, start: list, end: list) -> None:
+    """Async runs: every version's traffic figures are the run's bytes per accepted delta, and its devices are
+    the ones whose deltas made it (tasks span versions, so a per-version window would split them arbitrarily)."""
+    n = max(1, sum(res.devices_per_round))
+    for key, attr in (("bytes_up", "sent"), ("bytes_down", "received"), ("payload_up", "sent_payload"),
+                      ("payload_down", "received_payload")):
+        total = sum(getattr(b, attr) - getattr(a, attr) for a, b in zip(start, end))
+        setattr(res, f"{key}_per_device_round", [total / n] * res.rounds)
+    res.selected_per_round = list(res.devices_per_round)
 
 
 def _settle(agents, version: int | None, timeout: float = 10.0) -> None:
