@@ -229,3 +229,15 @@ def encode_input(values: np.ndarray, mask: np.ndarray, weight: int, group_size: 
         raise SecAggError(f"input entry {int(np.abs(out).max())} x {group_size} devices may overflow 2^{bits - 1}: "
                           "use bits=64 or clip the delta")
     return out
+
+
+def session_label(plan_hash: bytes) -> bytes:
+    """The session every masked round of a plan is bound to (with the round id): both sides derive it."""
+    return b"tinyfleet-secagg plan=" + bytes(plan_hash)
+
+
+def flat_delta(shared: list, old: dict[int, np.ndarray], new: dict[int, np.ndarray]) -> np.ndarray:
+    """``new - old`` (int64) of the shared trainable tensors, flat, in ``shared`` order (the plan's trainable order,
+    personal tensors left out): the layout of a masked input, the same on the device and the coordinator."""
+    return np.concatenate([np.asarray(new[t.id], np.int64).reshape(-1) - np.asarray(old[t.id], np.int64).reshape(-1)
+                           for t in shared])

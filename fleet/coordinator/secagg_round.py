@@ -1,0 +1,273 @@
+"""Masked (secure-aggregation) sync rounds: the stages as their own table-driven machine, and the coordinator's glue.
+
+A masked round is a sync round (:mod:`fleet.round`: select, dispatch, deadline, quorum) whose collection is this
+machine instead of plain deltas. Stages ``ADVERTISE -> SHARE -> MASKED -> UNMASK -> DONE`` (or ``ABORTED``); each
+waits for the devices it expects (the selected ones, then the roster, U2, U3) until all answered or were lost, or
+its deadline passed (ADVERTISE: the round's deadline, or as soon as ``goal`` devices advertised; the others:
+``stage_timeout`` later), then closes through :class:`fleet.security.secagg.SecAggServer`. Closing relays keys and
+encrypted shares (the coordinator never holds a pairwise secret) and, at the end, the sum of the masked inputs of
+U3 with every mask removed: the one vector the coordinator learns. Fewer than ``threshold`` devices at any stage
+abort the round, and the model stays as it was.
+
+:class:`SecureRounds` is the coordinator mixin: tasks go out inside ``OPEN`` frames on ``dev/<id>/secagg_relay``,
+``dev/<id>/secagg`` frames feed the machine, ticks and lost devices reach it instead of the sync machine's
+deadline, and the sum becomes the new model (FedAvg from the masked ``num, den``, bit for bit the plain one).
+Nothing of a masked round is stored: a coordinator that restarts mid-round abandons it (nothing is revealed, the
+devices' keys die with the round). It refuses plain deltas in a masked fleet, messages naming another device
+than their topic, and (no I/O) decides nothing about persistence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from device_agent.wire.errors import WireFormatError
+from device_agent.wire.messages import Publish
+from device_agent.wire.secagg import (
+    AdvertiseKeys,
+    MaskedInput,
+    SecAggError,
+    ShareKeys,
+    UnmaskResponse,
+    session_label,
+)
+from device_agent.wire.secagg_frames import Open, secagg_from_bytes, secagg_to_bytes
+from fleet import aggregate as agg
+from fleet import round as rnd
+from fleet.coordinator.events import Dropped, Output, Received
+from fleet.security.secagg import SecAggAborted, SecAggServer, split_sums
+
+
+class Stage(str, Enum):
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASKED = "masked"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+# --- events and commands ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arrived:
+    device_id: str
+    msg: object
+    digest: str  # sha256 of the payload: an identical redelivery is ignored
+    now: float
+
+
+@dataclass(frozen=True)
+class Gone:
+    device_id: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Clock:
+    now: float
+
+
+@dataclass(frozen=True)
+class Relay:
+    device_id: str
+    msg: object
+
+
+@dataclass(frozen=True)
+class Refused:
+    device_id: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Summed:
+    total: np.ndarray  # (length,) uint, the masks removed
+    device_ids: tuple[str, ...]  # U3: whose inputs are in it
+
+
+@dataclass(frozen=True)
+class Aborted:
+    reason: str
+
+
+_OPEN = (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.UNMASK)
+_ENDED = (Stage.DONE, Stage.ABORTED)
+_ANY = frozenset(Stage)
+# (stage, event type) -> handler. Handlers may close any number of stages (a stage whose devices are all lost).
+TRANSITIONS: dict[tuple[Stage, type], str] = {
+    **{(s, Arrived): "_arrived" for s in _OPEN},
+    **{(s, Gone): "_gone" for s in _OPEN},
+    **{(s, Clock): "_clock" for s in _OPEN},
+    **{(s, Arrived): "_late" for s in _ENDED},
+    **{(s, Gone): "_ignore" for s in _ENDED},
+    **{(s, Clock): "_ignore" for s in _ENDED},
+}
+_EXPECTS = {Stage.ADVERTISE: AdvertiseKeys, Stage.SHARE: ShareKeys, Stage.MASKED: MaskedInput,
+            Stage.UNMASK: UnmaskResponse}
+
+
+class SecureRound:
+    """One masked round's stages. ``selected``: who got the task; ``deadline``: the round's (ADVERTISE) deadline."""
+
+    def __init__(self, round_id: int, session: bytes, selected: tuple[str, ...], threshold: int, goal: int,
+                 length: int, bits: int, deadline: float, stage_timeout: float):
+        self.round_id, self.goal, self.stage_timeout = round_id, goal, stage_timeout
+        self.server = SecAggServer(round_id, session, threshold, length, bits)
+        self.stage = Stage.ADVERTISE
+        self.expected, self.deadline = set(selected), deadline
+        self.lost: set[str] = set()
+        self.seen: set[tuple[str, str]] = set()
+
+    def handle(self, event: object) -> list[object]:
+        name = TRANSITIONS.get((self.stage, type(event)))
+        if name is None:
+            raise rnd.IllegalTransition(self.stage, event)  # type: ignore[arg-type]
+        return getattr(self, name)(event)
+
+    # --- handlers -------------------------------------------------------------------------------------------
+
+    def _arrived(self, ev: Arrived) -> list[object]:
+        if (ev.device_id, ev.digest) in self.seen:
+            return []  # QoS 1 redelivery, or an advertisement re-sent for a repeated task
+        if not isinstance(ev.msg, _EXPECTS[self.stage]) or ev.device_id not in self.expected:
+            return [Refused(ev.device_id, f"{type(ev.msg).__name__} not expected from {ev.device_id} in stage "
+                                          f"{self.stage.value}")]
+        try:
+            self.server.receive(ev.msg)
+        except SecAggError as e:
+            return [Refused(ev.device_id, str(e))]
+        self.seen.add((ev.device_id, ev.digest))
+        return self._advance(ev.now)
+
+    def _gone(self, ev: Gone) -> list[object]:
+        self.lost.add(ev.device_id)
+        return self._advance(ev.now)
+
+    def _clock(self, ev: Clock) -> list[object]:
+        return self._advance(ev.now)
+
+    def _late(self, ev: Arrived) -> list[object]:
+        return [Refused(ev.device_id, f"masked round {self.round_id} is {self.stage.value}")]
+
+    def _ignore(self, ev: object) -> list[object]:
+        return []
+
+    # --- closing stages -------------------------------------------------------------------------------------
+
+    def _answered(self) -> set[str]:
+        s = self.server
+        return set({Stage.ADVERTISE: s.keys, Stage.SHARE: s.shares, Stage.MASKED: s.masked,
+                    Stage.UNMASK: s.answers}[self.stage])
+
+    def _advance(self, now: float) -> list[object]:
+        out: list[object] = []
+        while self.stage in _OPEN:
+            have = self._answered()
+            waiting = self.expected - have - self.lost
+            enough = self.stage == Stage.ADVERTISE and len(have) >= self.goal
+            if waiting and not enough and now <= self.deadline:
+                return out
+            try:
+                out += self._close_stage()
+            except SecAggAborted as e:
+                self.stage = Stage.ABORTED
+                return [*out, Aborted(str(e))]
+            self.deadline = now + self.stage_timeout
+        return out
+
+    def _close_stage(self) -> list[object]:
+        s = self.server
+        if self.stage == Stage.ADVERTISE:
+            roster = s.roster()
+            self.stage, self.expected = Stage.SHARE, {k.device_id for k in roster.keys}
+            return [Relay(d, roster) for d in sorted(self.expected)]
+        if self.stage == Stage.SHARE:
+            routed = s.route_shares()
+            self.stage, self.expected = Stage.MASKED, set(routed)
+            return [Relay(d, routed[d]) for d in sorted(routed)]
+        if self.stage == Stage.MASKED:
+            request = s.unmask_request()
+            self.stage, self.expected = Stage.UNMASK, set(request.survivors)
+            return [Relay(d, request) for d in request.survivors]
+        total = s.result()
+        self.stage = Stage.DONE
+        return [Summed(total, tuple(sorted(s.masked)))]
+
+
+def secure_threshold(fraction: float, selected: int, min_accepted: int) -> int:
+    """Shamir threshold of a round: the config's fraction of the selected devices, above half of them (so two
+    disjoint halves can never both unmask) and at least the round's quorum."""
+    return max(math.ceil(fraction * selected - 1e-9), selected // 2 + 1, min_accepted)
+
+
+class SecureRounds:
+    """Mixin of :class:`fleet.coordinator.Coordinator` for fleets with ``secure_aggregation``."""
+
+    secure: SecureRound | None = None
+    secure_sum: np.ndarray | None = None
+
+    def _secure_tasks(self, d: rnd.Dispatch, task: bytes) -> list[Output]:
+        """The round's tasks inside OPEN frames (a device then never sends this round's delta in clear)."""
+        sa, m = self.config.secure_aggregation, self.machine
+        if self.secure is None or self.secure.round_id != d.round_id:
+            self.secure, self.secure_sum = SecureRound(
+                d.round_id, session_label(bytes.fromhex(self.codec.plan_hash)), m.selected,
+                secure_threshold(sa.threshold, len(m.selected), self.config.round.min_accepted),
+                self.config.round.goal, 2 * self.size, sa.bits, d.deadline, sa.stage_timeout), None
+        frame = secagg_to_bytes(d.round_id, Open(task))
+        return [Publish(f"dev/{dev}/secagg_relay", frame) for dev in d.device_ids]
+
+    def _secure_received(self, ev: Received, now: float) -> list[Output]:
+        sr = self.secure
+        if sr is None:
+            return [Dropped(ev.device_id, ev.kind, "no masked round is open")]
+        try:
+            round_id, msg = secagg_from_bytes(ev.payload)
+        except WireFormatError as e:
+            return [Dropped(ev.device_id, ev.kind, str(e))]
+        if round_id != sr.round_id:
+            return [Dropped(ev.device_id, ev.kind, f"round {round_id}, the open masked round is {sr.round_id}")]
+        if getattr(msg, "device_id", None) != ev.device_id:
+            return [Dropped(ev.device_id, ev.kind, "the message names another device than its topic")]
+        return self._secure_feed(Arrived(ev.device_id, msg, hashlib.sha256(ev.payload).hexdigest(), now), now)
+
+    def _secure_event(self, event: object, now: float) -> list[Output]:
+        """A sync-machine Tick or DeviceLost while a masked round is open: the stages decide, not the deadline."""
+        ev = Clock(now) if isinstance(event, rnd.Tick) else Gone(event.device_id, now)  # type: ignore[attr-defined]
+        return self._secure_feed(ev, now)
+
+    def _secure_feed(self, event: object, now: float) -> list[Output]:
+        sr = self.secure
+        assert sr is not None
+        out: list[Output] = []
+        for cmd in sr.handle(event):
+            if isinstance(cmd, Relay):
+                out.append(Publish(f"dev/{cmd.device_id}/secagg_relay", secagg_to_bytes(sr.round_id, cmd.msg)))
+            elif isinstance(cmd, Refused):
+                out.append(Dropped(cmd.device_id, "secagg", cmd.detail))
+            elif isinstance(cmd, Summed):
+                self.secure_sum = cmd.total
+                out += self._machine(rnd.SecureClosed(cmd.device_ids, f"masked sum of {len(cmd.device_ids)} "
+                                                                      "devices", now), now)
+            elif isinstance(cmd, Aborted):
+                out += self._machine(rnd.SecureClosed((), cmd.reason, now), now)
+        return out
+
+    def _secure_state(self) -> dict[int, np.ndarray]:
+        """The model after the masked round: FedAvg from the unmasked ``num, den`` (as ``RunningSums`` would)."""
+        if self.secure_sum is None:
+            raise RuntimeError("no masked sum to commit (a restarted coordinator abandons its masked round)")
+        num, den = split_sums(self.secure_sum, self.config.secure_aggregation.bits)
+        delta = agg.to_int_delta(agg.mean_from_sums(num, den))
+        out, pos = {}, 0
+        for t in self.shared:
+            out[t.id] = agg.apply_int_delta(self.state[t.id], delta[pos:pos + t.numel])
+            pos += t.numel
+        return out

@@ -1,0 +1,141 @@
+"""Masked rounds through the coordinator and real device protocols on an in-memory link (no broker).
+
+The secure fleet must commit bit for bit the model a plain FedAvg fleet commits from the same devices' deltas,
+recover from dropouts after key sharing, abort below threshold with the model unchanged, store no individual
+update, refuse plain deltas, and abandon (never reveal) a masked round its coordinator restarted in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from device_agent import protocol as dp
+from device_agent.wire.messages import Publish
+from device_agent.wire.secagg_frames import secagg_from_bytes
+from fleet import coordinator as co
+from fleet.coordinator.secagg_round import secure_threshold
+from fleet.security.secagg_config import SecureAggregationConfig
+from fleet.store import Store
+from tests.pure.test_fleet_inmemory import Fleet, config, state_bytes
+
+N = 4
+
+
+class SecureFleet(Fleet):
+    """:class:`Fleet` whose devices may die right after sending one kind of secure-aggregation message."""
+
+    def __init__(self, n=N, drop_after: dict[str, str] | None = None, cfg=None, **kw):
+        self.drop_after = drop_after or {}
+        self.sent: list[tuple[str, str, object]] = []  # (device, kind, decoded message) of every uplink
+        cfg = cfg or config(goal=n, secure_aggregation=SecureAggregationConfig(stage_timeout=5.0))
+        super().__init__(n=n, cfg=cfg, **kw)
+
+    def _route_dev(self, dev, outs):
+        super()._route_dev(dev, outs)
+        did = dev.id.device_id
+        for o in outs:
+            if isinstance(o, Publish) and o.topic.endswith(("/secagg", "/delta")):
+                msg = secagg_from_bytes(o.payload)[1] if o.topic.endswith("/secagg") else None
+                self.sent.append((did, o.topic.rsplit("/", 1)[1], msg))
+                if msg is not None and type(msg).__name__ == self.drop_after.get(did) and did in self.alive:
+                    self.kill(did)
+
+
+def plain_model(kill: tuple[str, ...] = ()) -> bytes:
+    f = Fleet(n=N, cfg=config(goal=N))
+    f.boot()
+    f.round(kill=kill)
+    assert f.closed()[-1].committed
+    return state_bytes(f.coord.state)
+
+
+@pytest.fixture(scope="module")
+def plain_all() -> bytes:
+    return plain_model()
+
+
+def test_masked_round_commits_exactly_the_plain_fedavg(plain_all):
+    f = SecureFleet()
+    f.boot()
+    f.round()
+    (closed,) = f.closed()
+    assert closed.committed and closed.accepted == ("d00", "d01", "d02", "d03"), closed
+    assert state_bytes(f.coord.state) == plain_all
+    assert {k for _, k, _ in f.sent} == {"secagg"}  # no plain delta ever left a device
+    assert f.store.deltas(1) == []  # the store holds no individual update, masked or not
+    assert all(d.version == 2 and d.model_hash == f.coord.hash for d in f.devices.values())
+
+
+def test_drop_after_masked_input_still_sums_its_input(plain_all):
+    f = SecureFleet(drop_after={"d02": "MaskedInput"})
+    f.boot()
+    f.round()
+    (closed,) = f.closed()
+    assert closed.committed and "d02" in closed.accepted
+    assert state_bytes(f.coord.state) == plain_all  # its self mask was removed from the others' shares
+    assert not any(d == "d02" and k == "secagg" and type(m).__name__ == "UnmaskResponse" for d, k, m in f.sent)
+
+
+def test_drop_after_sharing_keys_recovers_its_pairwise_masks():
+    f = SecureFleet(drop_after={"d01": "ShareKeys"})
+    f.boot()
+    f.round()
+    (closed,) = f.closed()
+    assert closed.committed and closed.accepted == ("d00", "d02", "d03")
+    assert state_bytes(f.coord.state) == plain_model(kill=("d01",))
+
+
+def test_below_threshold_aborts_with_the_model_unchanged():
+    assert secure_threshold(0.6, N, 2) == 3
+    f = SecureFleet(drop_after={"d01": "AdvertiseKeys", "d02": "AdvertiseKeys"})
+    f.boot()
+    before = state_bytes(f.coord.state)
+    f.round()
+    (closed,) = f.closed()
+    assert not closed.committed and "threshold 3" in closed.detail, closed
+    assert state_bytes(f.coord.state) == before and f.coord.version == 1
+    # the next round, with the two back, commits
+    f.drop_after = {}
+    for d in ("d01", "d02"):
+        f.alive.add(d)
+        f._route_dev(f.devices[d], f.devices[d].handle(dp.Start()))
+    f.pump()
+    f.round()
+    assert f.closed()[-1].committed and len(f.closed()[-1].accepted) == N
+
+
+def test_plain_delta_is_refused_in_a_masked_fleet():
+    f = SecureFleet()
+    f.boot()
+    f.send(co.StartRound())
+    out = f.send(co.Received("delta", "d00", b"TFDL" + bytes(60)))
+    assert [type(o).__name__ for o in out] == ["Dropped"] and "securely" in out[0].detail
+
+
+def test_coordinator_restart_mid_round_abandons_and_reveals_nothing(tmp_path):
+    db = str(tmp_path / "c.db")
+    f = SecureFleet(store=Store(db))
+    f.boot()
+    f.now += 10.0
+    f.send(co.StartRound())
+    f.pump(max_coord=N + 2)  # keys advertised, shares on their way
+    f.queue.clear()  # whatever was in flight dies with the coordinator
+    f.restart_coordinator(Store(db))
+    f.pump()
+    closed = f.closed()
+    assert [c.committed for c in closed] == [False] and "restarted" in closed[0].detail
+    assert f.coord.version == 1 and f.coord.store.deltas(1) == []
+    assert not any(type(m).__name__ == "UnmaskResponse" for _, _, m in f.sent)
+    f.round()  # a fresh masked round (fresh keys) commits
+    assert f.closed()[-1].committed
+
+
+def test_masked_inputs_look_nothing_like_the_deltas():
+    f = SecureFleet()
+    f.boot()
+    f.round()
+    ys = [m.y for _, _, m in f.sent if type(m).__name__ == "MaskedInput"]
+    assert len(ys) == N
+    for y in ys:  # a delta is mostly small integers; a masked input is uniform mod 2^32
+        assert np.mean(y > (1 << 31)) == pytest.approx(0.5, abs=0.1)
