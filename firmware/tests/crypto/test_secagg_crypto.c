@@ -63,6 +63,7 @@ int main(void) {
 #else /* the board: checks, then measurements */
 
 #include "tf_board.h"
+#include "tf_ed25519.h"
 
 static void put(const char *s) { tf_board_write((const uint8_t *)s, (uint32_t)strlen(s)); }
 
@@ -98,6 +99,9 @@ int main(void) {
     t0 = tf_board_ticks_aligned();
     tf_secagg_mask_input(work, INPUT_X, N_INPUT, INPUT_B, INPUT_S_SK, "d02", peers, 4, CTX);
     const uint64_t input = tf_board_ticks() - t0;
+    t0 = tf_board_ticks_aligned();
+    const int ed_ok = tf_ed25519_verify(ED_SIG, ED_MSG, sizeof(ED_MSG), ED_PUB);
+    const uint64_t ed = tf_board_ticks() - t0;
     put("SECAGG");
     put_u64("ok", bad == 0 && memcmp(work, INPUT_Y, sizeof(work)) == 0);
     put_u64("x25519_ticks", x25519);
@@ -106,6 +110,8 @@ int main(void) {
     put_u64("mask_words", N_INPUT);
     put_u64("input_ticks", input);
     put_u64("input_peers", 4);
+    put_u64("ed25519_verify_ticks", ed);
+    put_u64("ed25519_ok", ed_ok == 1);
     put_u64("tick_hz", tf_board_tick_hz());
     put_u64("stack_used", tf_board_stack_size() - tf_board_stack_unused());
     put_u64("cpuid", tf_board_cpuid());
