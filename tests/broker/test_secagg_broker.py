@@ -169,3 +169,90 @@ def test_below_threshold_aborts_with_the_model_unchanged(fleets):
     closed = secure.run_round()
     assert not closed.committed and closed.version == 1 and "threshold 3" in closed.detail, closed
     assert same(secure.state(), before)
+
+
+def test_medical_pilot_config_masked_round_over_tls_with_per_device_credentials(tmp_path, monkeypatch):
+    """configs/medical-heart-secure.yaml's policy through Mosquitto as broker-config writes it (TLS, a user and an
+    ACL per device): 16 host devices, one masked round, the model moves; a device reads only its own relay."""
+    import os
+    import pwd
+
+    import paho.mqtt.client as paho
+
+    from device_agent.buffer import SampleBuffer
+    from device_agent.engine.trainer import Trainer
+    from device_agent.mqtt import BrokerURL, DeviceAgent
+    from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
+    from device_agent.wire.envelope import Verifier
+    from fleet.coordinator import Coordinator, WireCodec
+    from fleet.mqtt import CoordinatorLink
+    from fleet.schema import load_fleet_config
+    from fleet.security.broker_config import write_broker_config
+    from fleet.sim.broker import free_port
+    from fleet.store import Store
+    from tests.broker.test_acl import Mosquitto
+    from tests.conftest import ROOT, require_cmd
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
+
+    require_cmd("mosquitto")
+    ids = [f"h{h}-d{i}" for h in range(4) for i in range(4)]
+    files = write_broker_config(tmp_path / "pilot" / "broker", "medical-heart-secure", ids, tls=True, port=free_port(),
+                                bind="127.0.0.1", run_as=pwd.getpwuid(os.geteuid()).pw_name)
+    monkeypatch.chdir(tmp_path)  # the config names pilot/broker/ca.crt relative to where serve runs
+    user, pw = files.coordinator
+    cfg = load_fleet_config(ROOT / "configs" / "medical-heart-secure.yaml",
+                            broker=f"mqtts://{user}:{pw}@127.0.0.1:{files.port}")
+    assert cfg.secure_aggregation is not None and cfg.dp is None
+    mosq = Mosquitto(files)
+    plan = tiny_plan()  # NOTE: the pilot's policy and security on the tiny plan: the heart model needs its data
+    closed: list = []
+    link = CoordinatorLink(BrokerURL.parse(cfg.broker, **cfg.tls_files()), cfg.name,
+                           lambda: Coordinator(plan, Store(str(tmp_path / "c.db")), cfg.coordinator_config(),
+                                               time.time, WireCodec(plan)),
+                           on_output=lambda o: closed.append(o) if isinstance(o, RoundClosed) else None,
+                           client_id="coordinator")
+    agents = []
+    try:
+        link.start()
+        for i, dev in enumerate(ids):
+            x, y = tiny_dataset(16, seed=i)
+            buf = SampleBuffer(16, x.shape[1:], np.int8, seed=i)
+            buf.add(x, y)
+            proto = DeviceProtocol(Identity(dev, "host", 1 << 20, 1 << 20), plan, Trainer(plan),
+                                   WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
+            url = BrokerURL("127.0.0.1", files.port, tls=True, username=dev, password=files.devices[dev],
+                            ca_file=str(files.ca_cert))
+            agents.append(DeviceAgent(url, cfg.name, proto, will_delay=0).start())
+        # a curious device subscribes to another device's relay topic: the ACL delivers nothing
+        spy_got: list = []
+        spy = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="spy", protocol=paho.MQTTv5)
+        spy.username_pw_set(ids[0], files.devices[ids[0]])
+        spy.tls_set(ca_certs=str(files.ca_cert))
+        spy.on_message = lambda _c, _u, m: spy_got.append(m.topic)
+        spy.connect("127.0.0.1", files.port)
+        spy.subscribe(f"tinyfleet/{cfg.name}/dev/{ids[1]}/secagg_relay", qos=1)
+        spy.subscribe(f"tinyfleet/{cfg.name}/dev/+/secagg", qos=1)
+        spy.subscribe(f"tinyfleet/{cfg.name}/dev/{ids[0]}/secagg_relay", qos=1)  # its own: the control
+        spy.loop_start()
+        end = time.monotonic() + 30
+        while link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < len(ids):
+            assert time.monotonic() < end, "devices never came online through the ACL"
+            time.sleep(0.05)
+        before = link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
+        link.submit(StartRound())
+        while not closed:
+            assert time.monotonic() < end + 60, "round did not close"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        spy.loop_stop()
+        spy.disconnect()
+        assert closed[0].committed and len(closed[0].accepted) >= cfg.goal_count, closed[0]
+        assert not same(link.call(lambda c: c.state), before)
+        assert link.call(lambda c: c.store.deltas(1)) == []
+        own = f"tinyfleet/{cfg.name}/dev/{ids[0]}/secagg_relay"
+        assert spy_got and set(spy_got) == {own}, spy_got  # its own relay only: no other device's, no uplinks
+    finally:
+        for a in agents:
+            a.stop()
+        link.stop()
+        mosq.stop()

@@ -139,3 +139,39 @@ def test_masked_inputs_look_nothing_like_the_deltas():
     assert len(ys) == N
     for y in ys:  # a delta is mostly small integers; a masked input is uniform mod 2^32
         assert np.mean(y > (1 << 31)) == pytest.approx(0.5, abs=0.1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("secure_aggregation: {bits: 16}\n", "secure_aggregation.bits: expected 32 or 64"),
+    ("secure_aggregation: {threshold: 0.4}\n", "threshold: must be a fraction in [0.5, 1]"),
+    ("secure_aggregation: {noise_multiplier: 1.0}\n", "distributed DP noise"),
+    ("secure_aggregation: {}\ndp: {clip: 1.0, noise_multiplier: 1.0}\n", "central DP"),
+    ("secure_aggregation: {}\nmode: async\n", "masked rounds are sync rounds"),
+    ("secure_aggregation: {}\ntopk_permille: 20\n", "top-k uploads"),
+])
+def test_config_refuses_what_masked_rounds_cannot_do(tmp_path, text, message):
+    from fleet.config import ConfigError
+    from fleet.schema import load_fleet_config
+
+    path = tmp_path / "f.yaml"
+    path.write_text("name: t\nbroker: embedded\ndevices: 4\nrounds: 1\n" + text)
+    with pytest.raises(ConfigError) as e:
+        load_fleet_config(path)
+    assert message in str(e.value)
+
+
+def test_a_plain_masked_config_loads_and_reaches_the_coordinator(tmp_path):
+    from fleet.schema import load_fleet_config
+
+    path = tmp_path / "f.yaml"
+    path.write_text("name: t\nbroker: embedded\ndevices: 4\nrounds: 1\nsecure_aggregation: {bits: 64}\n")
+    cfg = load_fleet_config(path).coordinator_config()
+    assert cfg.secure_aggregation.bits == 64 and cfg.secure_aggregation.threshold == 0.6
+
+
+def test_64_bit_masked_round_commits_the_same_model(plain_all):
+    f = SecureFleet(cfg=config(goal=N, secure_aggregation=SecureAggregationConfig(bits=64, stage_timeout=5.0)))
+    f.boot()
+    f.round()
+    assert f.closed()[0].committed and state_bytes(f.coord.state) == plain_all
+    assert all(m.y.dtype == np.uint64 for _, _, m in f.sent if type(m).__name__ == "MaskedInput")
