@@ -8,7 +8,13 @@ measured in the same run, the Ed25519 check a board already does for every model
 the crypto objects (X25519, ChaCha20, HKDF + masks, SHA-256) linked alone; stack: the painted-stack high-water of
 the whole run. The on-board cost of a round with n peers is ~ (n + 1) masks + n X25519 + 2 X25519 key pairs.
 
-    python benchmarks/secagg_cost.py
+Host devices (``--host-devices 10,50``): one plain FedAvg round and one masked round of n host devices (the engine
+trainer on the tiny plan, real device protocols and coordinator, an in-memory link in place of the broker), same
+devices and seeds: payload bytes each device sends and receives (unicast; the retained model is the same in both),
+the coordinator's CPU time per round, and the mean device CPU time per round, masked over plain in the same run;
+``bit_exact``: both rounds committed the same model.
+
+    python benchmarks/secagg_cost.py [--host-devices 10,50] [--no-boards]
 """
 
 from __future__ import annotations
@@ -62,8 +68,123 @@ def flash_bytes(obj: Path) -> int:
     return text + data
 
 
-def main() -> None:
+def host_round(n: int, secure: bool) -> dict:
+    """One round of ``n`` in-memory host devices; bytes, CPU seconds and the committed model."""
+    from collections import deque
+
+    from device_agent import protocol as dp
+    from device_agent.buffer import SampleBuffer
+    from device_agent.engine.trainer import Trainer
+    from device_agent.wire.envelope import Verifier
+    from device_agent.wire.messages import Publish
+    from fleet import coordinator as co
+    from fleet.round import RoundConfig
+    from fleet.security.secagg_config import SecureAggregationConfig
+    from fleet.store import Store
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
+
+    plan, now = tiny_plan(), [0.0]
+    cfg = co.CoordinatorConfig(round=RoundConfig(goal=n, over_selection=1.0, quorum=0.5, deadline_s=60.0), lr=0.2,
+                               local_steps=8, batch_size=8,
+                               secure_aggregation=SecureAggregationConfig() if secure else None)
+    coord = co.Coordinator(plan, Store(), cfg, lambda: now[0], co.WireCodec(plan))
+    devs = {}
+    for i in range(n):
+        x, y = tiny_dataset(48, seed=i)
+        buf = SampleBuffer(64, x.shape[1:])
+        buf.add(x, y)
+        devs[f"d{i:03d}"] = dp.DeviceProtocol(dp.Identity(f"d{i:03d}", "host", 1 << 20, 1 << 20), plan, Trainer(plan),
+                                              dp.WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
+    up = dict.fromkeys(devs, 0)
+    down = dict.fromkeys(devs, 0)
+    cpu = {"coordinator": 0.0, "devices": 0.0}
+    q: deque = deque()
+    closed: list = []
+
+    def to_coord(event) -> None:
+        t = time.process_time()
+        outs = coord.handle(event)
+        cpu["coordinator"] += time.process_time() - t
+        for o in outs:
+            if isinstance(o, co.RoundClosed):
+                closed.append(o)
+            if not isinstance(o, Publish):
+                continue
+            parts = o.topic.split("/")
+            if parts[0] == "dev":
+                down[parts[1]] += len(o.payload)
+                q.append((parts[1], dp.Received(parts[2], o.payload)))
+            elif parts[0] == "model":
+                q.extend((d, dp.Received("model", o.payload)) for d in devs)
+
+    def to_dev(did: str, event) -> None:
+        t = time.process_time()
+        outs = devs[did].handle(event)
+        cpu["devices"] += time.process_time() - t
+        for o in outs:
+            if isinstance(o, Publish):
+                kind = o.topic.rsplit("/", 1)[1]
+                if kind in ("delta", "secagg"):
+                    up[did] += len(o.payload)
+                q.append((None, co.Received(kind, did, o.payload)))
+
+    def pump() -> None:
+        while q:
+            did, ev = q.popleft()
+            to_coord(ev) if did is None else to_dev(did, ev)
+
+    to_coord(co.Boot())
+    for d in devs:
+        to_dev(d, dp.Start())
+    pump()
+    up, down = dict.fromkeys(devs, 0), dict.fromkeys(devs, 0)  # the round only, not the first model download
+    cpu = {"coordinator": 0.0, "devices": 0.0}
+    to_coord(co.StartRound())
+    pump()
+    assert closed and closed[-1].committed, closed
+    state = b"".join(coord.state[k].tobytes() for k in sorted(coord.state))
+    return {"up": sum(up.values()) / n, "down": sum(down.values()) / n, "coordinator_s": cpu["coordinator"],
+            "device_s": cpu["devices"] / n, "state": state}
+
+
+def host_overhead(sizes: list[int]) -> tuple[dict, list[tuple]]:
     result, rows = {}, []
+    for n in sizes:
+        plain, masked = host_round(n, False), host_round(n, True)
+        r = {"devices": n, "bit_exact": plain["state"] == masked["state"],
+             "up_bytes_per_device": {"plain": round(plain["up"]), "masked": round(masked["up"])},
+             "down_bytes_per_device": {"plain": round(plain["down"]), "masked": round(masked["down"])},
+             "coordinator_cpu_s": {"plain": round(plain["coordinator_s"], 3),
+                                   "masked": round(masked["coordinator_s"], 3)},
+             "device_cpu_s": {"plain": round(plain["device_s"], 4), "masked": round(masked["device_s"], 4)}}
+        for k in ("up_bytes_per_device", "down_bytes_per_device", "coordinator_cpu_s", "device_cpu_s"):
+            r[k]["ratio"] = round(r[k]["masked"] / max(r[k]["plain"], 1e-9), 2)
+        result[f"host_{n}"] = r
+        up = r["up_bytes_per_device"]
+        rows.append((f"host x{n}", r["bit_exact"], f"{up['plain']} -> {up['masked']} (x{up['ratio']})",
+                     f"{r['down_bytes_per_device']['plain']} -> {r['down_bytes_per_device']['masked']}",
+                     f"{r['coordinator_cpu_s']['plain']} -> {r['coordinator_cpu_s']['masked']} s",
+                     f"{r['device_cpu_s']['plain']} -> {r['device_cpu_s']['masked']} s"))
+    return result, rows
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--host-devices", default="10,50", help="comma-separated fleet sizes for the host part ('' none)")
+    ap.add_argument("--no-boards", action="store_true", help="skip the QEMU boards")
+    args = ap.parse_args()
+    sizes = [int(v) for v in args.host_devices.split(",") if v]
+    result, rows = {}, []
+    if sizes:
+        result, host_rows = host_overhead(sizes)
+        for r in [("fleet", "bit-exact", "up B/device plain -> masked", "down B/device", "coordinator CPU/round",
+                   "device CPU/round"), *host_rows]:
+            print("  ".join(str(c) for c in r))
+    if args.no_boards:
+        emit(result)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp))
         for board, cpu in BOARDS.items():

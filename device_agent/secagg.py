@@ -43,7 +43,7 @@ from device_agent.wire.secagg import (
     UnmaskResponse,
     check_roster,
     context,
-    encode_input,
+    encode_dense_input,
     pair_aead,
     pair_mask,
     prg,
@@ -161,7 +161,8 @@ class SecAggDevice:
 class MaskedRound:
     """One device's masked round: its trained delta waits here, masked, until the coordinator's stages ask.
 
-    ``values`` is the flat delta (:func:`device_agent.wire.secagg.flat_delta`), ``weight`` the sample count.
+    ``values`` is the flat delta (:func:`device_agent.wire.secagg.flat_delta`), ``weight`` the sample count; the
+    masked input is :func:`device_agent.wire.secagg.encode_dense_input` of them (D + 1 integers).
     Each coordinator message gives this device's answer (or raises :class:`SecAggError`, and the round goes on
     without this device). The input is encoded for the roster's group size and modulus only once the roster is
     known, and nothing of it leaves unmasked.
@@ -179,15 +180,15 @@ class MaskedRound:
         if isinstance(msg, Roster):
             if msg.round_id != self.round_id or msg.session != self.session:
                 raise SecAggError(f"{d.id}: roster for another round or plan")
-            if msg.length != 2 * self.values.size:
+            if msg.length != self.values.size + 1:
                 raise SecAggError(f"{d.id}: roster length {msg.length}, this plan's masked input is "
-                                  f"{2 * self.values.size}")
+                                  f"{self.values.size + 1}")
             return d.share_keys(msg)
         if isinstance(msg, SharesFor):
             r = d.roster
             if r is None:
                 raise SecAggError(f"{d.id}: shares before a roster")
-            x = encode_input(self.values, np.ones(self.values.size, bool), self.weight, len(r.keys), r.bits)
+            x = encode_dense_input(self.values, self.weight, len(r.keys), r.bits)
             return d.masked_input(msg, x)
         if isinstance(msg, UnmaskRequest):
             return d.unmask(msg)

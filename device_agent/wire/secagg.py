@@ -231,6 +231,21 @@ def encode_input(values: np.ndarray, mask: np.ndarray, weight: int, group_size: 
     return out
 
 
+def encode_dense_input(values: np.ndarray, weight: int, group_size: int, bits: int = 32) -> np.ndarray:
+    """``concat(w * v, [w])`` (D + 1,) int64: a delta on every coordinate of the fixed support (no top-k), so
+    FedAvg's denominator is one number, the sum of the weights. Refuses, as :func:`encode_input`, entries whose sum
+    over ``group_size`` devices could leave the signed ``bits`` range."""
+    v = np.asarray(values, np.int64).reshape(-1)
+    if weight < 1:
+        raise SecAggError(f"weight must be >= 1, got {weight}")
+    out = np.concatenate([v * weight, [weight]])
+    limit = (1 << (bits - 1)) // group_size
+    if np.abs(out).max(initial=0) >= limit:
+        raise SecAggError(f"input entry {int(np.abs(out).max())} x {group_size} devices may overflow 2^{bits - 1}: "
+                          "use bits=64 or clip the delta")
+    return out
+
+
 def session_label(plan_hash: bytes) -> bytes:
     """The session every masked round of a plan is bound to (with the round id): both sides derive it."""
     return b"tinyfleet-secagg plan=" + bytes(plan_hash)

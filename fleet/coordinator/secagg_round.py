@@ -40,7 +40,7 @@ from device_agent.wire.secagg_frames import Open, secagg_from_bytes, secagg_to_b
 from fleet import aggregate as agg
 from fleet import round as rnd
 from fleet.coordinator.events import Dropped, Output, Received
-from fleet.security.secagg import SecAggAborted, SecAggServer, split_sums
+from fleet.security.secagg import SecAggAborted, SecAggServer, split_dense_sums
 
 
 class Stage(str, Enum):
@@ -220,7 +220,7 @@ class SecureRounds:
             self.secure, self.secure_sum = SecureRound(
                 d.round_id, session_label(bytes.fromhex(self.codec.plan_hash)), m.selected,
                 secure_threshold(sa.threshold, len(m.selected), self.config.round.min_accepted),
-                self.config.round.goal, 2 * self.size, sa.bits, d.deadline, sa.stage_timeout), None
+                self.config.round.goal, self.size + 1, sa.bits, d.deadline, sa.stage_timeout), None
         frame = secagg_to_bytes(d.round_id, Open(task))
         return [Publish(f"dev/{dev}/secagg_relay", frame) for dev in d.device_ids]
 
@@ -261,10 +261,11 @@ class SecureRounds:
         return out
 
     def _secure_state(self) -> dict[int, np.ndarray]:
-        """The model after the masked round: FedAvg from the unmasked ``num, den`` (as ``RunningSums`` would)."""
+        """The model after the masked round: FedAvg from the unmasked ``num, den`` (as ``RunningSums`` would; every
+        device covers the whole support, so the denominator is the last entry, the sum of the weights)."""
         if self.secure_sum is None:
             raise RuntimeError("no masked sum to commit (a restarted coordinator abandons its masked round)")
-        num, den = split_sums(self.secure_sum, self.config.secure_aggregation.bits)
+        num, den = split_dense_sums(self.secure_sum, self.config.secure_aggregation.bits)
         delta = agg.to_int_delta(agg.mean_from_sums(num, den))
         out, pos = {}, 0
         for t in self.shared:

@@ -178,4 +178,11 @@ def split_sums(total: np.ndarray, bits: int = 32) -> tuple[np.ndarray, np.ndarra
     return s[:d], s[d:]
 
 
-__all__ = ["SHARE_BYTES", "SecAggAborted", "SecAggServer", "plan_groups", "split_sums", "to_signed"]
+def split_dense_sums(total: np.ndarray, bits: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The FedAvg ``(num, den)`` (int64, D each) from the sum of ``encode_dense_input`` vectors (D + 1)."""
+    s = to_signed(total, bits)
+    return s[:-1], np.full(s.size - 1, s[-1], np.int64)
+
+
+__all__ = ["SHARE_BYTES", "SecAggAborted", "SecAggServer", "plan_groups", "split_dense_sums", "split_sums",
+           "to_signed"]

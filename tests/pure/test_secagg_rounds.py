@@ -175,3 +175,14 @@ def test_64_bit_masked_round_commits_the_same_model(plain_all):
     f.round()
     assert f.closed()[0].committed and state_bytes(f.coord.state) == plain_all
     assert all(m.y.dtype == np.uint64 for _, _, m in f.sent if type(m).__name__ == "MaskedInput")
+
+
+def test_dense_input_refuses_a_sum_that_could_overflow_and_splits_back():
+    from device_agent.wire.secagg import SecAggError, encode_dense_input
+    from fleet.security.secagg import split_dense_sums
+
+    with pytest.raises(SecAggError, match="overflow"):
+        encode_dense_input(np.array([1 << 20]), 1000, 4, 32)
+    xs = [encode_dense_input(np.array([3, -4, 0]), w, 3) for w in (1, 2, 5)]
+    num, den = split_dense_sums(np.sum(xs, axis=0).astype(np.int64).astype(np.uint32))
+    assert num.tolist() == [24, -32, 0] and den.tolist() == [8, 8, 8]
