@@ -400,8 +400,6 @@ class DeviceProtocol:
             return [Note("secagg_refused", f"round {round_id}: {e}")]
         out: list[DeviceOutput] = [self._up("secagg", secagg_to_bytes(round_id, reply)),  # type: ignore[arg-type]
                                    Note("secagg", f"round {round_id}: {type(reply).__name__}")]
-        if m.device.stage.value == "done":
-            self.masked = None  # its masks and shares are spent: nothing more to reveal this round
         return out
 
     def _ack(self, payload: bytes) -> list[DeviceOutput]:

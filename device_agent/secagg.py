@@ -173,9 +173,18 @@ class MaskedRound:
         self.values, self.weight = np.asarray(values, np.int64), int(weight)
         self.device = SecAggDevice(device_id)
         self.advert = self.device.advertise()
+        self._last: tuple[type, object] | None = None  # (request kind, reply) of the last stage answered
 
     def answer(self, msg: object) -> object:
-        """The reply to a Roster, SharesFor or UnmaskRequest of this round."""
+        """The reply to a Roster, SharesFor or UnmaskRequest of this round. A repeated request of the stage just
+        answered (the coordinator re-sends after a broker restart) gets the same reply again, never a new one."""
+        if self._last is not None and type(msg) is self._last[0]:
+            return self._last[1]
+        reply = self._answer(msg)
+        self._last = (type(msg), reply)
+        return reply
+
+    def _answer(self, msg: object) -> object:
         d = self.device
         if isinstance(msg, Roster):
             if msg.round_id != self.round_id or msg.session != self.session:

@@ -139,6 +139,8 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         out: list[Output] = [Publish(f"plan/{self.codec.plan_hash}", self.codec.plan_bytes(), retain=True),
                              self._model_output()]
         m = self.machine
+        if self.config.secure_aggregation is not None and m.state in _COLLECTING and self.secure is not None:
+            return out + self._secure_resume(now)  # the same coordinator after a broker reconnect
         if self.config.secure_aggregation is not None and m.state in (*_COLLECTING, rnd.RoundState.COMMITTING):
             # NOTE: a masked round lives in memory only (keys, shares, masked inputs): abandon it, reveal nothing
             why = "coordinator restarted during a masked round: abandoned, nothing revealed"

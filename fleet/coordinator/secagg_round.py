@@ -124,6 +124,7 @@ class SecureRound:
         self.expected, self.deadline = set(selected), deadline
         self.lost: set[str] = set()
         self.seen: set[tuple[str, str]] = set()
+        self.relayed: dict[str, object] = {}  # device -> the last stage message sent to it
 
     def handle(self, event: object) -> list[object]:
         name = TRANSITIONS.get((self.stage, type(event)))
@@ -161,6 +162,13 @@ class SecureRound:
 
     # --- closing stages -------------------------------------------------------------------------------------
 
+    def resend(self) -> list[Relay]:
+        """The open stage's messages again, for the devices that have not answered (after a broker restart)."""
+        if self.stage not in _OPEN:
+            return []
+        waiting = self.expected - self._answered() - self.lost
+        return [Relay(d, self.relayed[d]) for d in sorted(waiting) if d in self.relayed]
+
     def _answered(self) -> set[str]:
         s = self.server
         return set({Stage.ADVERTISE: s.keys, Stage.SHARE: s.shares, Stage.MASKED: s.masked,
@@ -175,7 +183,9 @@ class SecureRound:
             if waiting and not enough and now <= self.deadline:
                 return out
             try:
-                out += self._close_stage()
+                closed = self._close_stage()
+                self.relayed.update((c.device_id, c.msg) for c in closed if isinstance(c, Relay))
+                out += closed
             except SecAggAborted as e:
                 self.stage = Stage.ABORTED
                 return [*out, Aborted(str(e))]
@@ -223,6 +233,16 @@ class SecureRounds:
                 self.config.round.goal, self.size + 1, sa.bits, d.deadline, sa.stage_timeout), None
         frame = secagg_to_bytes(d.round_id, Open(task))
         return [Publish(f"dev/{dev}/secagg_relay", frame) for dev in d.device_ids]
+
+    def _secure_resume(self, now: float) -> list[Output]:
+        """Boot with the masked round alive (a broker reconnect, not a restart): re-send what may have been lost;
+        devices answer a repeated stage message with the reply they already made."""
+        sr, m = self.secure, self.machine
+        assert sr is not None
+        if sr.stage == Stage.ADVERTISE:
+            waiting = tuple(d for d in m.selected if d not in sr.server.keys and d not in sr.lost)
+            return self._tasks(rnd.Dispatch(m.round_id, waiting, m.deadline))
+        return [Publish(f"dev/{r.device_id}/secagg_relay", secagg_to_bytes(sr.round_id, r.msg)) for r in sr.resend()]
 
     def _secure_received(self, ev: Received, now: float) -> list[Output]:
         sr = self.secure

@@ -186,3 +186,20 @@ def test_dense_input_refuses_a_sum_that_could_overflow_and_splits_back():
     xs = [encode_dense_input(np.array([3, -4, 0]), w, 3) for w in (1, 2, 5)]
     num, den = split_dense_sums(np.sum(xs, axis=0).astype(np.int64).astype(np.uint32))
     assert num.tolist() == [24, -32, 0] and den.tolist() == [8, 8, 8]
+
+
+@pytest.mark.parametrize("cut", [2, N + 2, 2 * N + 3, 3 * N + 2])
+def test_broker_reconnect_mid_round_resends_and_commits_the_same_sum(plain_all, cut):
+    """A broker that loses what was in flight, then the same coordinator's Boot (CoordinatorLink does it on every
+    reconnect): the open stage is re-sent, devices repeat their replies, the round commits the exact sum."""
+    f = SecureFleet()
+    f.boot()
+    f.now += 10.0
+    f.send(co.StartRound())
+    f.pump(max_coord=cut)
+    f.queue.clear()  # lost with the broker
+    f._route_coord(f.coord.handle(co.Boot()))
+    f.pump()
+    (closed,) = f.closed()
+    assert closed.committed and len(closed.accepted) == N, closed
+    assert state_bytes(f.coord.state) == plain_all
