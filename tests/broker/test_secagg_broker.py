@@ -198,10 +198,11 @@ def test_medical_pilot_config_masked_round_over_tls_with_per_device_credentials(
     ids = [f"h{h}-d{i}" for h in range(4) for i in range(4)]
     files = write_broker_config(tmp_path / "pilot" / "broker", "medical-heart-secure", ids, tls=True, port=free_port(),
                                 bind="127.0.0.1", run_as=pwd.getpwuid(os.geteuid()).pw_name)
-    monkeypatch.chdir(tmp_path)  # the config names pilot/broker/ca.crt relative to where serve runs
+    monkeypatch.chdir(tmp_path)  # where serve runs: pilot/broker/ca.crt, as the config's commented tls block says
     user, pw = files.coordinator
     cfg = load_fleet_config(ROOT / "configs" / "medical-heart-secure.yaml",
-                            broker=f"mqtts://{user}:{pw}@127.0.0.1:{files.port}")
+                            broker=f"mqtts://{user}:{pw}@127.0.0.1:{files.port}",
+                            tls={"ca_file": "pilot/broker/ca.crt"})
     assert cfg.secure_aggregation is not None and cfg.dp is None
     mosq = Mosquitto(files)
     plan = tiny_plan()  # NOTE: the pilot's policy and security on the tiny plan: the heart model needs its data
