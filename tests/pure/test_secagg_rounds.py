@@ -203,3 +203,32 @@ def test_broker_reconnect_mid_round_resends_and_commits_the_same_sum(plain_all, 
     (closed,) = f.closed()
     assert closed.committed and len(closed.accepted) == N, closed
     assert state_bytes(f.coord.state) == plain_all
+
+
+def test_an_observer_of_everything_the_coordinator_sees_cannot_unmask_one_device():
+    """Everything the coordinator receives, recorded: with every self-mask seed it legitimately reconstructs, a
+    survivor's masked input minus its self mask is still hidden by pairwise masks, and it holds key shares of the
+    dropout only."""
+    from device_agent.wire.plan import plan_hash
+    from device_agent.wire.secagg import context, encode_dense_input, prg, session_label, shamir_combine
+
+    f = SecureFleet(drop_after={"d02": "ShareKeys"})
+    f.boot()
+    f.round()
+    (closed,) = f.closed()
+    assert closed.committed and closed.accepted == ("d00", "d01", "d03")
+    roster = sorted(d for d, _, m in f.sent if type(m).__name__ == "AdvertiseKeys")
+    xs = {d: i + 1 for i, d in enumerate(roster)}
+    answers = [m for _, _, m in f.sent if type(m).__name__ == "UnmaskResponse"]
+    masked = {d: m.y for d, _, m in f.sent if type(m).__name__ == "MaskedInput"}
+    ctx = context(1, session_label(plan_hash(f.devices["d00"].plan)))
+    t = secure_threshold(0.6, N, 2)
+    for d, y in masked.items():
+        b = shamir_combine({xs[a.device_id]: a.self_mask_shares[d] for a in answers}, t, 32)  # the observer can
+        left = y - prg(b, ctx, y.size, 32)
+        m = f.devices[d].masked
+        x = encode_dense_input(m.values, m.weight, len(roster)).astype(np.uint32)
+        assert np.mean(left == x) < 0.01  # pairwise masks still hide it
+        assert np.mean(left > (1 << 31)) == pytest.approx(0.5, abs=0.1)
+    assert not any(d == "d02" for d in masked)
+    assert all(not a.key_shares or set(a.key_shares) == {"d02"} for a in answers)  # key shares only of the dropout
