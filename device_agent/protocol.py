@@ -31,7 +31,7 @@ from device_agent.wire.delta import encode_delta, residual_after
 from device_agent.wire.errors import WireFormatError
 from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
 from device_agent.wire.plan import plan_hash
-from device_agent.wire.secagg import SecAggError, flat_delta, session_label
+from device_agent.wire.secagg import SecAggError, flat_delta, flat_units, session_label
 from device_agent.wire.secagg_frames import Open, secagg_from_bytes, secagg_to_bytes
 from device_agent.wire.update import Form, ModelUpdate, apply_update
 
@@ -377,7 +377,7 @@ class DeviceProtocol:
         self.state = DeviceState.READY
         values = flat_delta(self.shared, self.base, new)
         self.masked = MaskedRound(self.id.device_id, task.round_id, session_label(bytes.fromhex(self.codec.plan_hash)),
-                                  values, len(self.buffer))
+                                  values, len(self.buffer), flat_units(self.shared))
         self.last_round, self.last_kind = task.round_id, "secagg"
         self.last_delta = secagg_to_bytes(task.round_id, self.masked.advert)
         return [self._up("secagg", self.last_delta), Note("trained", f"round {task.round_id} (masked)")]

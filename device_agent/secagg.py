@@ -44,6 +44,7 @@ from device_agent.wire.secagg import (
     check_roster,
     context,
     encode_dense_input,
+    noisy_lattice,
     pair_aead,
     pair_mask,
     prg,
@@ -162,15 +163,19 @@ class MaskedRound:
     """One device's masked round: its trained delta waits here, masked, until the coordinator's stages ask.
 
     ``values`` is the flat delta (:func:`device_agent.wire.secagg.flat_delta`), ``weight`` the sample count; the
-    masked input is :func:`device_agent.wire.secagg.encode_dense_input` of them (D + 1 integers).
+    masked input is :func:`device_agent.wire.secagg.encode_dense_input` of them (D + 1 integers), or, when the
+    roster asks for DP noise, of :func:`device_agent.wire.secagg.noisy_lattice` with weight 1 (``units``: the
+    plan's :func:`device_agent.wire.secagg.flat_units`).
     Each coordinator message gives this device's answer (or raises :class:`SecAggError`, and the round goes on
     without this device). The input is encoded for the roster's group size and modulus only once the roster is
     known, and nothing of it leaves unmasked.
     """
 
-    def __init__(self, device_id: str, round_id: int, session: bytes, values: np.ndarray, weight: int):
+    def __init__(self, device_id: str, round_id: int, session: bytes, values: np.ndarray, weight: int,
+                 units: np.ndarray | None = None):
         self.round_id, self.session = round_id, session
         self.values, self.weight = np.asarray(values, np.int64), int(weight)
+        self.units = units  # (D,) real value of one integer step: for a roster that asks for DP noise
         self.device = SecAggDevice(device_id)
         self.advert = self.device.advertise()
         self._last: tuple[type, object] | None = None  # (request kind, reply) of the last stage answered
@@ -197,7 +202,15 @@ class MaskedRound:
             r = d.roster
             if r is None:
                 raise SecAggError(f"{d.id}: shares before a roster")
-            x = encode_dense_input(self.values, self.weight, len(r.keys), r.bits)
+            if r.noise is None:
+                x = encode_dense_input(self.values, self.weight, len(r.keys), r.bits)
+            else:  # distributed DP: equal weights (a sample count would scale one device's sensitivity)
+                units = self.units if r.noise.real_units else None
+                if units is None and r.noise.real_units:
+                    raise SecAggError(f"{d.id}: the roster asks for real units and this device has no plan scales")
+                rng = np.random.default_rng(secrets.randbits(128))
+                x = encode_dense_input(noisy_lattice(self.values, units, r.noise, r.threshold, rng), 1,
+                                       len(r.keys), r.bits)
             return d.masked_input(msg, x)
         if isinstance(msg, UnmaskRequest):
             return d.unmask(msg)

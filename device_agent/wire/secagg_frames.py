@@ -12,6 +12,7 @@ an encrypted share pair is 148 bytes (2 x 66 + 16-byte tag). Kinds and bodies:
 
     1 ADVERTISE      id | c_pk | s_pk                                           device -> coordinator
     2 ROSTER         session (u16 len + bytes, <= 256) | threshold u16 | length u32 | bits u8 | list(id | c_pk | s_pk)
+                     | noise u8 (0: none; 1: then clip f64 | resolution u32 | mu f64 | real_units u8)
     3 SHARE_KEYS     id | list(receiver id | ciphertext)                         device -> coordinator
     4 SHARES_FOR     receiver id | list(id) shared | list(sender id | ciphertext)
     5 MASKED_INPUT   id | bits u8 | length u32 | length x (bits / 8) bytes        device -> coordinator
@@ -26,6 +27,7 @@ the protocol (who may send what when): ``device_agent/secagg.py`` and ``fleet/se
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 import zlib
@@ -42,6 +44,7 @@ from device_agent.wire.secagg import (
     AdvertiseKeys,
     EncryptedShare,
     MaskedInput,
+    Noise,
     Roster,
     ShareKeys,
     SharesFor,
@@ -120,9 +123,11 @@ def _body(msg: Message) -> bytes:
     if isinstance(msg, Roster):
         if len(msg.session) > MAX_SESSION or msg.bits not in BITS or not 1 <= msg.length <= MAX_LENGTH:
             raise ValueError("roster: session <= 256 bytes, bits in (32, 64), 1 <= length <= 2^26 expected")
+        z = msg.noise
+        noise = b"\0" if z is None else struct.pack("<BdIdB", 1, z.clip, z.resolution, z.mu, int(z.real_units))
         return (struct.pack("<H", len(msg.session)) + msg.session
                 + struct.pack("<HIB", msg.threshold, msg.length, msg.bits)
-                + _count(len(msg.keys)) + b"".join(_keys(k) for k in msg.keys))
+                + _count(len(msg.keys)) + b"".join(_keys(k) for k in msg.keys) + noise)
     if isinstance(msg, ShareKeys):
         if any(s.sender != msg.device_id for s in msg.shares):
             raise ValueError(f"{msg.device_id}: every share must be sent by the device itself")
@@ -178,6 +183,9 @@ class _Reader:
     def u(self, fmt: str, what: str) -> int:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
 
+    def f64(self, what: str) -> float:
+        return struct.unpack("<d", self.take(8, what))[0]
+
     def id(self, what: str = "a device id") -> str:
         n = self.u("<B", what)
         raw = self.take(n, what)
@@ -227,7 +235,19 @@ def _read_body(kind: int, round_id: int, r: _Reader) -> Message:
         threshold, length, bits = r.u("<H", "threshold"), r.u("<I", "length"), r.u("<B", "bits")
         if bits not in BITS or not 1 <= length <= MAX_LENGTH:
             raise _fail(WireError.BAD_VALUE, f"roster: bits {bits} (32 or 64), length {length} (1..2^26)")
-        return Roster(round_id, session, threshold, length, bits, tuple(r.keys() for _ in range(r.count("roster"))))
+        keys = tuple(r.keys() for _ in range(r.count("roster")))
+        flag = r.u("<B", "noise flag")
+        if flag > 1:
+            raise _fail(WireError.BAD_ENUM, f"roster: noise flag {flag}, expected 0 or 1")
+        noise = None
+        if flag:
+            clip, res, mu, real = r.f64("clip"), r.u("<I", "resolution"), r.f64("mu"), r.u("<B", "real_units")
+            if not (math.isfinite(clip) and clip > 0 and math.isfinite(mu) and mu > 0 and 1 <= res <= 1 << 24
+                    and real <= 1):
+                raise _fail(WireError.BAD_VALUE, f"roster noise: clip {clip}, resolution {res}, mu {mu}, "
+                                                 f"real_units {real}")
+            noise = Noise(clip, res, mu, bool(real))
+        return Roster(round_id, session, threshold, length, bits, keys, noise)
     if kind == 3:
         sender = r.id()
         return ShareKeys(sender, tuple(EncryptedShare(sender, r.id("receiver"), r.take(CIPHERTEXT_BYTES, "ciphertext"))

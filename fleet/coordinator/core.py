@@ -165,7 +165,7 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         m = self.machine
         acc, dp = self.accountant, self.config.dp
         if acc is not None and dp is not None and acc.budget is not None:
-            after = acc.preview(1.0, dp.noise_multiplier)  # NOTE: q = 1: selection is public, no amplification
+            after = acc.preview(1.0, dp.noise_multiplier, self.skellam_round())  # NOTE: q = 1: public selection
             if after > acc.budget:
                 return [RoundRefused(f"privacy budget spent: another round would reach epsilon {after:.3g} > "
                                      f"budget {acc.budget:.3g} (delta {dp.delta:g}) after {len(acc.rounds)} rounds")]
@@ -243,7 +243,7 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         if self.accountant is not None and self.config.dp is not None:
             spent = RDPAccountant.from_json(self.accountant.to_json())  # spend a copy: the store decides
             spent.budget = None  # NOTE: checked when the round started; the noise is already in the model
-            epsilon = spent.spend(1.0, self.config.dp.noise_multiplier).epsilon
+            epsilon = spent.spend(1.0, self.config.dp.noise_multiplier, self.skellam_round()).epsilon
             meta["dp_accountant"] = spent.to_json()
         m.handle(rnd.Closed(now))
         self.store.commit_round(m.snapshot(), self.version + 1, new_hash, self._pack(new_state), meta)

@@ -31,6 +31,7 @@ from device_agent.wire.messages import Publish
 from device_agent.wire.secagg import (
     AdvertiseKeys,
     MaskedInput,
+    Noise,
     SecAggError,
     ShareKeys,
     UnmaskResponse,
@@ -40,7 +41,7 @@ from device_agent.wire.secagg_frames import Open, secagg_from_bytes, secagg_to_b
 from fleet import aggregate as agg
 from fleet import round as rnd
 from fleet.coordinator.events import Dropped, Output, Received
-from fleet.security.secagg import SecAggAborted, SecAggServer, split_dense_sums
+from fleet.security.secagg import SecAggAborted, SecAggServer, split_dense_sums, to_signed
 
 
 class Stage(str, Enum):
@@ -117,9 +118,9 @@ class SecureRound:
     """One masked round's stages. ``selected``: who got the task; ``deadline``: the round's (ADVERTISE) deadline."""
 
     def __init__(self, round_id: int, session: bytes, selected: tuple[str, ...], threshold: int, goal: int,
-                 length: int, bits: int, deadline: float, stage_timeout: float):
+                 length: int, bits: int, deadline: float, stage_timeout: float, noise: Noise | None = None):
         self.round_id, self.goal, self.stage_timeout = round_id, goal, stage_timeout
-        self.server = SecAggServer(round_id, session, threshold, length, bits)
+        self.server = SecAggServer(round_id, session, threshold, length, bits, noise=noise)
         self.stage = Stage.ADVERTISE
         self.expected, self.deadline = set(selected), deadline
         self.lost: set[str] = set()
@@ -230,9 +231,34 @@ class SecureRounds:
             self.secure, self.secure_sum = SecureRound(
                 d.round_id, session_label(bytes.fromhex(self.codec.plan_hash)), m.selected,
                 secure_threshold(sa.threshold, len(m.selected), self.config.round.min_accepted),
-                self.config.round.goal, self.size + 1, sa.bits, d.deadline, sa.stage_timeout), None
+                self.config.round.goal, self.size + 1, sa.bits, d.deadline, sa.stage_timeout,
+                self._secure_noise()), None
         frame = secagg_to_bytes(d.round_id, Open(task))
         return [Publish(f"dev/{dev}/secagg_relay", frame) for dev in d.device_ids]
+
+    def _secure_noise(self) -> Noise | None:
+        """With ``dp:``: the distributed Skellam noise every member adds (its total ``mu`` matches the Gaussian
+        variance ``(noise_multiplier * l2)^2`` of the lattice sum's L2 sensitivity ``l2``)."""
+        dp = self.config.dp
+        if dp is None:
+            return None
+        mu = self.skellam_terms()[2]
+        return Noise(dp.clip, self.config.secure_aggregation.resolution, mu, dp.units == "real")
+
+    def skellam_round(self) -> tuple[float, float, float] | None:
+        """What the accountant spends for a round: ``(mu, l1, l2)`` of distributed Skellam noise, or None (the
+        round is central DP's Gaussian, or has no DP)."""
+        if self.config.secure_aggregation is None or self.config.dp is None:
+            return None
+        l1, l2, mu = self.skellam_terms()
+        return mu, l1, l2
+
+    def skellam_terms(self) -> tuple[float, float, float]:
+        """``(l1, l2, mu)`` of a masked DP round: the lattice delta's norm is at most ``resolution + sqrt(D) / 2``
+        after rounding (l2), ``l1 <= sqrt(D) l2``, and ``mu = (noise_multiplier l2)^2 / 2``."""
+        sa, dp = self.config.secure_aggregation, self.config.dp
+        l2 = sa.resolution + math.sqrt(self.size) / 2
+        return math.sqrt(self.size) * l2, l2, (dp.noise_multiplier * l2) ** 2 / 2
 
     def _secure_resume(self, now: float) -> list[Output]:
         """Boot with the masked round alive (a broker reconnect, not a restart): re-send what may have been lost;
@@ -282,11 +308,18 @@ class SecureRounds:
 
     def _secure_state(self) -> dict[int, np.ndarray]:
         """The model after the masked round: FedAvg from the unmasked ``num, den`` (as ``RunningSums`` would; every
-        device covers the whole support, so the denominator is the last entry, the sum of the weights)."""
+        device covers the whole support, so the denominator is the last entry, the sum of the weights); with DP,
+        the noisy sum of clipped deltas over the round's goal, as central DP's ``dp_mean`` divides."""
         if self.secure_sum is None:
             raise RuntimeError("no masked sum to commit (a restarted coordinator abandons its masked round)")
-        num, den = split_dense_sums(self.secure_sum, self.config.secure_aggregation.bits)
-        delta = agg.to_int_delta(agg.mean_from_sums(num, den))
+        sa, dp = self.config.secure_aggregation, self.config.dp
+        if dp is None:
+            delta = agg.to_int_delta(agg.mean_from_sums(*split_dense_sums(self.secure_sum, sa.bits)))
+        else:  # the noisy lattice sum -> real units over the public denominator (the goal) -> integer units
+            lattice = to_signed(self.secure_sum, sa.bits)[:-1].astype(np.float64)
+            real = lattice * (dp.clip / sa.resolution) / self.config.round.goal
+            units = self.dp_units if self.dp_units is not None else 1.0
+            delta = agg.to_int_delta(agg.Mean(real / units, np.ones(real.size, bool)))
         out, pos = {}, 0
         for t in self.shared:
             out[t.id] = agg.apply_int_delta(self.state[t.id], delta[pos:pos + t.numel])

@@ -144,8 +144,9 @@ def test_masked_inputs_look_nothing_like_the_deltas():
 @pytest.mark.parametrize("text, message", [
     ("secure_aggregation: {bits: 16}\n", "secure_aggregation.bits: expected 32 or 64"),
     ("secure_aggregation: {threshold: 0.4}\n", "threshold: must be a fraction in [0.5, 1]"),
-    ("secure_aggregation: {noise_multiplier: 1.0}\n", "distributed DP noise"),
-    ("secure_aggregation: {}\ndp: {clip: 1.0, noise_multiplier: 1.0}\n", "central DP"),
+    ("secure_aggregation: {resolution: 8}\n", "resolution: must be an integer in [16, 2^24]"),
+    ("secure_aggregation: {resolution: 100000}\ndp: {clip: 1.0}\n", "use bits: 64"),
+    ("secure_aggregation: {}\ndp: {clip: 1.0, noise_multiplier: 0}\n", "must be > 0 with secure_aggregation"),
     ("secure_aggregation: {}\nmode: async\n", "masked rounds are sync rounds"),
     ("secure_aggregation: {}\ntopk_permille: 20\n", "top-k uploads"),
 ])
@@ -232,3 +233,67 @@ def test_an_observer_of_everything_the_coordinator_sees_cannot_unmask_one_device
         assert np.mean(left > (1 << 31)) == pytest.approx(0.5, abs=0.1)
     assert not any(d == "d02" for d in masked)
     assert all(not a.key_shares or set(a.key_shares) == {"d02"} for a in answers)  # key shares only of the dropout
+
+
+# --- distributed DP: each device adds its Skellam share ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mu, d, order", [(3.0, 1, 2), (10.0, 2, 8), (50.0, 5, 32), (200.0, 5, 32),
+                                          (1000.0, 5, 256), (5000.0, 20, 64)])
+def test_skellam_rdp_bound_holds_against_the_exact_divergence(mu, d, order):
+    """rdp_skellam (the accountant's) >= the exact Rényi divergence of Skellam(mu) shifted by d, in one dimension."""
+    from scipy.special import logsumexp
+    from scipy.stats import skellam
+
+    from fleet.security.dp import rdp_skellam
+
+    k = np.arange(-int(20 * mu + 50 * d + 400), int(20 * mu + 50 * d + 400))
+    lp, lq = skellam.logpmf(k - d, mu, mu), skellam.logpmf(k, mu, mu)
+    ok = np.isfinite(lp) & np.isfinite(lq)
+    terms = order * lp[ok] + (1 - order) * lq[ok]
+    assert max(terms[0], terms[-1]) < terms.max() - 40  # the sum is complete where the pmf is representable
+    exact = logsumexp(terms) / (order - 1)
+    bound = rdp_skellam(mu, d, d, order)
+    assert 0.5 * bound < exact <= bound  # a bound, and not a loose one
+
+
+def _dp_cfg(noise_multiplier: float, **sa):
+    from fleet.security.dp import DPConfig
+
+    return config(goal=N, secure_aggregation=SecureAggregationConfig(stage_timeout=5.0, **sa),
+                  dp=DPConfig(clip=0.5, noise_multiplier=noise_multiplier))
+
+
+def test_masked_dp_round_is_central_dp_plus_only_its_own_lattice_and_noise():
+    """Almost no noise: the masked DP model is the central (noise-free) clipped mean within a unit; the devices
+    sent noisy lattice points, never their deltas; the accountant spent one Skellam round."""
+    from fleet.security.dp import DPConfig
+
+    ref = Fleet(n=N, cfg=config(goal=N, dp=DPConfig(clip=0.5, noise_multiplier=0.0)))
+    ref.boot()
+    ref.round()
+    f = SecureFleet(cfg=_dp_cfg(1e-4))
+    f.boot()
+    before = {k: v.astype(np.int64) for k, v in f.coord.state.items()}
+    f.round()
+    (closed,) = f.closed()
+    assert closed.committed and closed.epsilon is not None and closed.epsilon > 0
+    moved = sum(int((f.coord.state[k].astype(np.int64) != before[k]).sum()) for k in before)
+    assert moved > 50  # the round did something
+    for k in before:
+        assert np.abs(f.coord.state[k].astype(np.int64) - ref.coord.state[k].astype(np.int64)).max() <= 1
+    assert len(f.coord.accountant.rounds[0]) == 5  # (q, sigma, mu, l1, l2): a Skellam round
+
+
+def test_masked_dp_epsilon_is_the_gaussian_one_plus_a_vanishing_term():
+    from fleet.security.dp import RDPAccountant
+
+    f = SecureFleet(cfg=_dp_cfg(1.0))
+    f.boot()
+    f.round()
+    (closed,) = f.closed()
+    gauss = RDPAccountant(1e-5)
+    gauss.spend(1.0, 1.0)
+    assert closed.committed and gauss.epsilon() <= closed.epsilon <= 1.02 * gauss.epsilon()
+    # a restarted coordinator reads the same spent round back
+    assert RDPAccountant.from_json(f.coord.accountant.to_json()).epsilon() == pytest.approx(closed.epsilon)
