@@ -14,6 +14,7 @@ from device_agent.wire.secagg import (
     AdvertiseKeys,
     EncryptedShare,
     MaskedInput,
+    Noise,
     Roster,
     ShareKeys,
     SharesFor,
@@ -27,6 +28,7 @@ CT = bytes(range(CIPHERTEXT_BYTES))
 MESSAGES = [
     K[0],
     Roster(7, b"tinyfleet-secagg plan=" + bytes(32), 2, 1400, 32, tuple(K)),
+    Roster(7, b"s", 2, 701, 64, tuple(K), Noise(0.5, 4096, 8.4e6, True)),
     ShareKeys("d0", (EncryptedShare("d0", "d1", CT), EncryptedShare("d0", "d2", CT[::-1]))),
     SharesFor("d1", ("d0", "d1", "d2"), (EncryptedShare("d0", "d1", CT), EncryptedShare("d2", "d1", CT))),
     MaskedInput("d2", np.array([0, 1, 2**32 - 1, 12345], np.uint32)),
@@ -75,7 +77,7 @@ GOOD = secagg_to_bytes(3, MESSAGES[1])
     (_patch(GOOD, HEAD.size + 2 + 54 + 6, b"\x10"), WireError.BAD_VALUE),  # bits 16
     (_patch(GOOD, HEAD.size + 2 + 54 + 7, b"\xff\xff"), WireError.SIZE_OVERFLOW),  # 65535 roster members
     (_patch(GOOD, HEAD.size + 2 + 54 + 10, b"/"), WireError.BAD_STRING),  # device id "/0"
-    (_patch(secagg_to_bytes(1, MESSAGES[7]), HEAD.size + 3 + 2 + 3, b"\xff" * 2),
+    (_patch(secagg_to_bytes(1, MESSAGES[8]), HEAD.size + 3 + 2 + 3, b"\xff" * 2),
      WireError.BAD_VALUE),  # a share above 2^521 - 1
 ])
 def test_refuses_bad_bytes_with_a_specific_code(bad, code):
@@ -102,3 +104,14 @@ def test_writer_refuses_what_the_format_cannot_carry():
         secagg_to_bytes(1, MaskedInput("d0", np.zeros(3, np.int32)))
     with pytest.raises(ValueError, match="u32"):
         secagg_to_bytes(2**32, UnmaskRequest((), ()))
+
+
+def test_roster_noise_fields_are_checked():
+    data = secagg_to_bytes(1, MESSAGES[2])
+    end = len(data) - 4 - 22  # the noise block: flag u8, clip f64, resolution u32, mu f64, real_units u8
+    with pytest.raises(WireFormatError) as e:
+        secagg_from_bytes(_recrc(data[:end] + b"\x02" + data[end + 1:]))
+    assert e.value.code == WireError.BAD_ENUM
+    with pytest.raises(WireFormatError) as e:
+        secagg_from_bytes(_recrc(data[:end + 1] + struct.pack("<d", -1.0) + data[end + 9:]))
+    assert e.value.code == WireError.BAD_VALUE
