@@ -11,10 +11,11 @@ abort the round, and the model stays as it was.
 
 :class:`SecureRounds` is the coordinator mixin: tasks go out inside ``OPEN`` frames on ``dev/<id>/secagg_relay``,
 ``dev/<id>/secagg`` frames feed the machine, ticks and lost devices reach it instead of the sync machine's
-deadline, and the sum becomes the new model (FedAvg from the masked ``num, den``, bit for bit the plain one).
-Nothing of a masked round is stored: a coordinator that restarts mid-round abandons it (nothing is revealed, the
-devices' keys die with the round). It refuses plain deltas in a masked fleet, messages naming another device
-than their topic, and (no I/O) decides nothing about persistence.
+deadline, and the sum becomes the new model (FedAvg from the masked ``num, den``, bit for bit the plain one; with
+``dp:``, the devices' distributed Skellam noise and the accountant's Skellam round). Nothing of a masked round is
+stored: a coordinator that restarts mid-round abandons it (nothing is revealed, the devices' keys die with the
+round); the same coordinator booting again after a broker reconnect re-sends the open stage. It refuses plain
+deltas in a masked fleet and messages naming another device than their topic; it does no I/O.
 """
 
 from __future__ import annotations
