@@ -26,7 +26,7 @@ class Fleet:
     it publishes no further secure-aggregation message and is then killed (socket dropped: its Last Will goes).
     """
 
-    def __init__(self, url, store_path, fleet, n=4, secure=True, silent_after=None, skip=()):
+    def __init__(self, url, store_path, fleet, n=4, secure=True, silent_after=None, skip=(), dp=None):
         from device_agent.buffer import SampleBuffer
         from device_agent.engine.trainer import Trainer
         from device_agent.mqtt import DeviceAgent
@@ -47,7 +47,7 @@ class Fleet:
         ids = [f"d{i}" for i in range(n) if f"d{i}" not in skip]
         cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=len(ids), over_selection=1.0, quorum=0.5,
                                                       deadline_s=20.0), lr=0.05, local_steps=5,
-                                secure_aggregation=sa)
+                                secure_aggregation=sa, dp=dp)
         self.link = CoordinatorLink(url, fleet, lambda: Coordinator(plan, Store(store_path), cfg, time.time,
                                                                     WireCodec(plan)), on_output=self._record)
         self.link.start()
@@ -169,6 +169,17 @@ def test_below_threshold_aborts_with_the_model_unchanged(fleets):
     closed = secure.run_round()
     assert not closed.committed and closed.version == 1 and "threshold 3" in closed.detail, closed
     assert same(secure.state(), before)
+
+
+def test_masked_dp_round_spends_a_skellam_round_and_moves_the_model(fleets):
+    from fleet.security.dp import DPConfig
+
+    secure = fleets(dp=DPConfig(clip=0.5, noise_multiplier=1.0))
+    before = secure.state()
+    closed = secure.run_round()
+    assert closed.committed and len(closed.accepted) == 4 and 4.0 < closed.epsilon < 5.5, closed
+    assert not same(secure.state(), before)
+    assert secure.link.call(lambda c: len(c.accountant.rounds[0])) == 5  # a Skellam round, stored with the model
 
 
 def test_medical_pilot_config_masked_round_over_tls_with_per_device_credentials(tmp_path, monkeypatch):
