@@ -188,7 +188,7 @@ class SecureRound:
                 closed = self._close_stage()
                 self.relayed.update((c.device_id, c.msg) for c in closed if isinstance(c, Relay))
                 out += closed
-            except SecAggAborted as e:
+            except (SecAggAborted, SecAggError) as e:  # NOTE: SecAggError: shares that do not reconstruct
                 self.stage = Stage.ABORTED
                 return [*out, Aborted(str(e))]
             self.deadline = now + self.stage_timeout

@@ -297,3 +297,30 @@ def test_masked_dp_epsilon_is_the_gaussian_one_plus_a_vanishing_term():
     assert closed.committed and gauss.epsilon() <= closed.epsilon <= 1.02 * gauss.epsilon()
     # a restarted coordinator reads the same spent round back
     assert RDPAccountant.from_json(f.coord.accountant.to_json()).epsilon() == pytest.approx(closed.epsilon)
+
+
+def test_shares_that_do_not_reconstruct_abort_the_round_not_the_coordinator():
+    """Outside the honest-but-curious model (a device answers garbage shares): the round aborts, unchanged."""
+    import dataclasses
+
+    f = SecureFleet()
+    f.boot()
+    dev = f.devices["d01"]
+    real = dev._secagg
+
+    def corrupt(payload):
+        out = real(payload)
+        for i, o in enumerate(out):
+            if isinstance(o, Publish) and o.topic.endswith("/secagg"):
+                rid, msg = secagg_from_bytes(o.payload)
+                if type(msg).__name__ == "UnmaskResponse":
+                    from device_agent.wire.secagg_frames import secagg_to_bytes
+
+                    bad = dataclasses.replace(msg, self_mask_shares={k: (v + 1) % (1 << 500)
+                                                                     for k, v in msg.self_mask_shares.items()})
+                    out[i] = Publish(o.topic, secagg_to_bytes(rid, bad))
+        return out
+    dev._secagg = corrupt
+    f.round()
+    (closed,) = f.closed()
+    assert not closed.committed and f.coord.version == 1, closed
