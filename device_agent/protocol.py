@@ -10,6 +10,9 @@ shared trainable tensors only, and a model update never overwrites personal ones
 update; that copy is only ever read locally (:meth:`DeviceProtocol.personal_model`). A task the device cannot train
 (another plan, a model hash it does not hold, no or bad samples, a trainer error) is answered with a ``failed``
 status naming the round, so the coordinator stops waiting for it (docs/protocol.md, "status").
+A task that arrives inside an ``OPEN`` secure-aggregation message (``dev/<id>/secagg_relay``) trains the same way,
+but its delta never leaves in clear: the device advertises keys instead and answers the coordinator's stages
+with :class:`device_agent.secagg.MaskedRound` (docs/security.md, "Secure aggregation").
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import numpy as np
 
 from device_agent.buffer import SampleBuffer
 from device_agent.samples import SampleError, check_batch, input_spec
+from device_agent.secagg import MaskedRound
 from device_agent.wire.delta import encode_delta, residual_after
 from device_agent.wire.errors import WireFormatError
 from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
 from device_agent.wire.plan import plan_hash
+from device_agent.wire.secagg import SecAggError, flat_delta, flat_units, session_label
+from device_agent.wire.secagg_frames import Open, secagg_from_bytes, secagg_to_bytes
 from device_agent.wire.update import Form, ModelUpdate, apply_update
 
 
@@ -196,6 +202,10 @@ class DeviceProtocol:
         self.spec = input_spec(plan)
         self.last_failure: tuple[int, str, str] | None = None  # (round, reason, detail) of the last failed task
         self.session: int | None = None  # the MQTT connection's number, set by the adapter (messages.Status)
+        self.shared = [t for t in plan.trainable if not t.personal]  # the layout of a masked input
+        self.secure_round = 0  # the last round announced as masked (OPEN): its delta never leaves in clear
+        self.masked: MaskedRound | None = None
+        self.last_kind = "delta"  # the topic ``last_delta`` went out on (a masked round: its key advertisement)
 
     # --- topics ---------------------------------------------------------------------------------------------
 
@@ -205,7 +215,7 @@ class DeviceProtocol:
     def subscriptions(self) -> list[str]:
         """Topics (relative to tinyfleet/<fleet>/) the adapter subscribes to, QoS 1."""
         d = self.id.device_id
-        return [f"dev/{d}/task", f"dev/{d}/ack", f"dev/{d}/model", "model/current"]
+        return [f"dev/{d}/task", f"dev/{d}/ack", f"dev/{d}/model", f"dev/{d}/secagg_relay", "model/current"]
 
     def status(self, state: str = "online") -> Publish:
         s = Status(self.id.device_id, state, max(self.version, 0), len(self.buffer), session=self.session)
@@ -245,6 +255,8 @@ class DeviceProtocol:
                 return self._task(event.payload)
             if event.kind == "ack":
                 return self._ack(event.payload)
+            if event.kind == "secagg_relay":
+                return self._secagg(event.payload)
             return [Note("ignored", f"unknown message kind {event.kind!r}")]
         raise TypeError(f"unknown device event {type(event).__name__}")
 
@@ -311,7 +323,7 @@ class DeviceProtocol:
         if task.round_id < self.last_round:
             return [Note("stale_task", f"round {task.round_id} < {self.last_round}")]
         if task.round_id == self.last_round and self.last_delta:
-            return [self._up("delta", self.last_delta), Note("resent", f"round {task.round_id}")]
+            return [self._up(self.last_kind, self.last_delta), Note("resent", f"round {task.round_id}")]
         if task.model_version < self.version:
             return [Note("stale_task", f"model v{task.model_version} < held v{self.version}")]
         if task.model_version > self.version:
@@ -342,6 +354,8 @@ class DeviceProtocol:
             self.trainer.load_trainable(self.base)
             return self.failed(task.round_id, "train_error", f"{type(e).__name__}: {e}")
         new = {tid: trained[tid] for tid in self.shared_ids}
+        if task.round_id == self.secure_round:
+            return self._masked(task, new)
         self.counter += 1
         header = DeltaHeader(self.id.device_id, task.round_id, self.model_hash, self.counter, len(self.buffer))
         # NOTE: 0 (the task asks for nothing) leaves the codec's own default, which is every coordinate unless the
@@ -351,11 +365,42 @@ class DeviceProtocol:
         self._if_refused = {tid: new[tid].astype(np.int64).reshape(-1) - self.base[tid].astype(np.int64).reshape(-1)
                             + (self.residual[tid] if self.residual else 0) for tid in self.shared_ids}
         self.residual = left
-        self.last_round = task.round_id
+        self.last_round, self.last_kind = task.round_id, "delta"
         # the shared tensors go back to the base: the next round trains from the coordinator's next version
         self.trainer.load_trainable(self.base)
         self.state = DeviceState.READY
         return [self._up("delta", self.last_delta), Note("trained", f"round {task.round_id}")]
+
+    def _masked(self, task: Task, new: dict[int, np.ndarray]) -> list[DeviceOutput]:
+        """A masked round: keep the delta here and advertise this round's keys (the coordinator's stages follow)."""
+        self.trainer.load_trainable(self.base)
+        self.state = DeviceState.READY
+        values = flat_delta(self.shared, self.base, new)
+        self.masked = MaskedRound(self.id.device_id, task.round_id, session_label(bytes.fromhex(self.codec.plan_hash)),
+                                  values, len(self.buffer), flat_units(self.shared))
+        self.last_round, self.last_kind = task.round_id, "secagg"
+        self.last_delta = secagg_to_bytes(task.round_id, self.masked.advert)
+        return [self._up("secagg", self.last_delta), Note("trained", f"round {task.round_id} (masked)")]
+
+    def _secagg(self, payload: bytes) -> list[DeviceOutput]:
+        """A secure-aggregation message: OPEN carries a masked round's task; the rest are that round's stages."""
+        try:
+            round_id, msg = secagg_from_bytes(payload)
+        except WireFormatError as e:
+            return [Note("bad_secagg", str(e))]
+        if isinstance(msg, Open):
+            self.secure_round = max(self.secure_round, round_id)
+            return self._task(msg.task)
+        m = self.masked
+        if m is None or m.round_id != round_id:
+            return [Note("secagg_refused", f"round {round_id}: no masked round of this device is open")]
+        try:
+            reply = m.answer(msg)
+        except SecAggError as e:
+            return [Note("secagg_refused", f"round {round_id}: {e}")]
+        out: list[DeviceOutput] = [self._up("secagg", secagg_to_bytes(round_id, reply)),  # type: ignore[arg-type]
+                                   Note("secagg", f"round {round_id}: {type(reply).__name__}")]
+        return out
 
     def _ack(self, payload: bytes) -> list[DeviceOutput]:
         try:

@@ -14,9 +14,11 @@ pairwise (X25519 + ChaCha20-Poly1305), so the coordinator can remove the masks o
 device it asks for *either* its self-mask share *or* its key share, never both: a device answers one unmask
 request per round and refuses one that names a device on both lists.
 
-Primitives and messages: ``device_agent/wire/secagg.py`` (the shared spec). The firmware does not implement this (an MCU would need X25519, ChaCha20-Poly1305 and Shamir in C); the
-coordinator-side counterpart is ``fleet/security/secagg.py``. Wire encoding of the messages over MQTT is not
-defined yet: they are dataclasses here. It refuses rosters with a threshold at or below half the group.
+Primitives and messages: ``device_agent/wire/secagg.py`` (the shared spec), their bytes on MQTT:
+``device_agent/wire/secagg_frames.py``. The coordinator-side counterpart is ``fleet/security/secagg.py``;
+:class:`MaskedRound` is what the device protocol (``device_agent/protocol.py``) runs for one masked round. The
+firmware does not implement the protocol itself (a board's bridge would). It refuses rosters with a threshold at
+or below half the group, and a roster bound to another plan.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from device_agent.wire.secagg import (
     UnmaskResponse,
     check_roster,
     context,
+    encode_dense_input,
+    noisy_lattice,
     pair_aead,
     pair_mask,
     prg,
@@ -153,3 +157,61 @@ class SecAggDevice:
         self.stage = Stage.DONE
         return UnmaskResponse(self.id, {v: self._received[v][1] for v in sorted(surv)},
                               {v: self._received[v][0] for v in sorted(drop)})
+
+
+class MaskedRound:
+    """One device's masked round: its trained delta waits here, masked, until the coordinator's stages ask.
+
+    ``values`` is the flat delta (:func:`device_agent.wire.secagg.flat_delta`), ``weight`` the sample count; the
+    masked input is :func:`device_agent.wire.secagg.encode_dense_input` of them (D + 1 integers), or, when the
+    roster asks for DP noise, of :func:`device_agent.wire.secagg.noisy_lattice` with weight 1 (``units``: the
+    plan's :func:`device_agent.wire.secagg.flat_units`).
+    Each coordinator message gives this device's answer (or raises :class:`SecAggError`, and the round goes on
+    without this device). The input is encoded for the roster's group size and modulus only once the roster is
+    known, and nothing of it leaves unmasked.
+    """
+
+    def __init__(self, device_id: str, round_id: int, session: bytes, values: np.ndarray, weight: int,
+                 units: np.ndarray | None = None):
+        self.round_id, self.session = round_id, session
+        self.values, self.weight = np.asarray(values, np.int64), int(weight)
+        self.units = units  # (D,) real value of one integer step: for a roster that asks for DP noise
+        self.device = SecAggDevice(device_id)
+        self.advert = self.device.advertise()
+        self._last: tuple[type, object] | None = None  # (request kind, reply) of the last stage answered
+
+    def answer(self, msg: object) -> object:
+        """The reply to a Roster, SharesFor or UnmaskRequest of this round. A repeated request of the stage just
+        answered (the coordinator re-sends after a broker restart) gets the same reply again, never a new one."""
+        if self._last is not None and type(msg) is self._last[0]:
+            return self._last[1]
+        reply = self._answer(msg)
+        self._last = (type(msg), reply)
+        return reply
+
+    def _answer(self, msg: object) -> object:
+        d = self.device
+        if isinstance(msg, Roster):
+            if msg.round_id != self.round_id or msg.session != self.session:
+                raise SecAggError(f"{d.id}: roster for another round or plan")
+            if msg.length != self.values.size + 1:
+                raise SecAggError(f"{d.id}: roster length {msg.length}, this plan's masked input is "
+                                  f"{self.values.size + 1}")
+            return d.share_keys(msg)
+        if isinstance(msg, SharesFor):
+            r = d.roster
+            if r is None:
+                raise SecAggError(f"{d.id}: shares before a roster")
+            if r.noise is None:
+                x = encode_dense_input(self.values, self.weight, len(r.keys), r.bits)
+            else:  # distributed DP: equal weights (a sample count would scale one device's sensitivity)
+                units = self.units if r.noise.real_units else None
+                if units is None and r.noise.real_units:
+                    raise SecAggError(f"{d.id}: the roster asks for real units and this device has no plan scales")
+                rng = np.random.default_rng(secrets.randbits(128))
+                x = encode_dense_input(noisy_lattice(self.values, units, r.noise, r.threshold, rng), 1,
+                                       len(r.keys), r.bits)
+            return d.masked_input(msg, x)
+        if isinstance(msg, UnmaskRequest):
+            return d.unmask(msg)
+        raise SecAggError(f"{d.id}: {type(msg).__name__} is not a coordinator message")

@@ -99,6 +99,16 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class SecureClosed:
+    """Secure aggregation settled the round (``fleet/coordinator/secagg_round.py``): ``device_ids`` are the
+    devices whose masked inputs are in the sum (empty: the masked round aborted, ``reason`` says why)."""
+
+    device_ids: tuple[str, ...]
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
 class Closed:
     """The coordinator has persisted the commit (or the abandonment): back to IDLE."""
 
@@ -185,6 +195,7 @@ TRANSITIONS: dict[tuple[RoundState, type], tuple[str, frozenset[RoundState]]] = 
     **{(s, DeviceLost): ("_lost", frozenset({s, S.COMMITTING, S.ABANDONED})) for s in _ACTIVE},
     **{(s, Tick): ("_tick", frozenset({s, S.COMMITTING, S.ABANDONED})) for s in _ACTIVE},
     **{(s, Rejoined): ("_rejoined", frozenset({s})) for s in _ACTIVE},
+    **{(s, SecureClosed): ("_secure_closed", frozenset({S.COMMITTING, S.ABANDONED})) for s in _ACTIVE},
     (S.COMMITTING, Closed): ("_closed", frozenset({S.IDLE})),
     (S.ABANDONED, Closed): ("_closed", frozenset({S.IDLE})),
     # harmless outside a collecting round: late deltas are answered, the rest is ignored
@@ -305,6 +316,13 @@ class RoundMachine:
         if ev.now <= self.deadline:
             return [], self.state
         return self._close("deadline passed")
+
+    def _secure_closed(self, ev: SecureClosed):
+        """A masked round counts the devices in the secure sum (no content hash: no delta was ever seen)."""
+        self.accepted = {d: "secagg" for d in ev.device_ids if d in self._chosen}
+        if not self.accepted:
+            return [Abandon(self.round_id, ev.reason)], S.ABANDONED
+        return self._close(ev.reason)
 
     def _closed(self, ev: Closed):
         return [], S.IDLE

@@ -317,6 +317,8 @@ class FleetConfig:
             errs.append(f"dp: replaces the aggregator with a clipped noisy mean; leave aggregator at fedavg, "
                         f"got {self.aggregator!r}")
         if self.secure_aggregation is not None:  # NOTE: masking needs the same support on every device, and sums only
+            errs += self.secure_aggregation.combination_errors(
+                self.dp is not None, self.mode, self.dp.noise_multiplier if self.dp is not None else 1.0)
             if self.topk_permille:
                 errs.append(f"secure_aggregation: top-k uploads put each device's delta on its own support, which "
                             f"masks cannot cover; set topk_permille: 0, got {self.topk_permille}")

@@ -272,8 +272,8 @@ MESSAGES: dict[str, type[_Message]] = {m.TYPE: m for m in (Hello, Status, Task, 
 # --- topics: everything lives under tinyfleet/<fleet>/ (docs/protocol.md) -------------------------------------
 
 TOPIC_ROOT = "tinyfleet"
-DEVICE_UP = ("hello", "status", "delta")  # device -> coordinator, on dev/<id>/<kind>
-DEVICE_DOWN = ("task", "ack", "model")  # coordinator -> one device, on dev/<id>/<kind>; model: a FULL update
+DEVICE_UP = ("hello", "status", "delta", "secagg")  # device -> coordinator, on dev/<id>/<kind>
+DEVICE_DOWN = ("task", "ack", "model", "secagg_relay")  # coordinator -> one device, on dev/<id>/<kind>; model: a FULL update
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ with a threshold at or below half the group.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import struct
 from dataclasses import dataclass, field
@@ -124,6 +125,19 @@ class AdvertiseKeys:
 
 
 @dataclass(frozen=True)
+class Noise:
+    """Distributed DP in a masked round (docs/security.md): each device clips its delta to L2 ``clip`` (real units
+    when ``real_units``, else integer units), scales it so ``clip`` is ``resolution`` lattice steps, rounds, and adds
+    symmetric Skellam noise ``Poisson(mu / t) - Poisson(mu / t)`` per coordinate (t: the roster's threshold), so a
+    sum of at least t devices carries at least ``Skellam(mu)``."""
+
+    clip: float
+    resolution: int
+    mu: float
+    real_units: bool = True
+
+
+@dataclass(frozen=True)
 class Roster:
     """Coordinator -> every advertiser (U1): who takes part, in device-id order, and the parameters."""
 
@@ -133,6 +147,7 @@ class Roster:
     length: int  # integers per input vector
     bits: int  # values are mod 2^bits
     keys: tuple[AdvertiseKeys, ...]
+    noise: Noise | None = None  # distributed DP noise every member adds (None: an exact sum)
 
 
 @dataclass(frozen=True)
@@ -208,6 +223,10 @@ def check_roster(r: Roster, max_group: int = MAX_GROUP) -> None:
         raise SecAggError("roster: public keys must be 32 bytes and all distinct")
     if r.bits not in BITS or r.length < 1:
         raise SecAggError(f"roster: bits in {BITS} and length >= 1 expected, got {r.bits}, {r.length}")
+    z = r.noise
+    if z is not None and not (math.isfinite(z.clip) and z.clip > 0 and math.isfinite(z.mu) and z.mu > 0
+                              and 1 <= z.resolution <= 1 << 24):
+        raise SecAggError(f"roster: noise needs clip > 0, mu > 0 (finite) and 1 <= resolution <= 2^24, got {z}")
 
 
 # --- inputs: a delta over the plan's fixed support as one integer vector -----------------------------------
@@ -229,3 +248,63 @@ def encode_input(values: np.ndarray, mask: np.ndarray, weight: int, group_size: 
         raise SecAggError(f"input entry {int(np.abs(out).max())} x {group_size} devices may overflow 2^{bits - 1}: "
                           "use bits=64 or clip the delta")
     return out
+
+
+def encode_dense_input(values: np.ndarray, weight: int, group_size: int, bits: int = 32) -> np.ndarray:
+    """``concat(w * v, [w])`` (D + 1,) int64: a delta on every coordinate of the fixed support (no top-k), so
+    FedAvg's denominator is one number, the sum of the weights. Refuses, as :func:`encode_input`, entries whose sum
+    over ``group_size`` devices could leave the signed ``bits`` range."""
+    v = np.asarray(values, np.int64).reshape(-1)
+    if weight < 1:
+        raise SecAggError(f"weight must be >= 1, got {weight}")
+    out = np.concatenate([v * weight, [weight]])
+    limit = (1 << (bits - 1)) // group_size
+    if np.abs(out).max(initial=0) >= limit:
+        raise SecAggError(f"input entry {int(np.abs(out).max())} x {group_size} devices may overflow 2^{bits - 1}: "
+                          "use bits=64 or clip the delta")
+    return out
+
+
+def flat_units(shared: list) -> np.ndarray:
+    """(D,) float64: the real value of one integer step of every coordinate of ``shared`` (in that order): a
+    tensor's per-channel scale repeated over the channel's elements, a per-tensor scale over the whole tensor."""
+    parts = []
+    for t in shared:
+        s = np.asarray(t.scale, np.float64).reshape(-1)
+        if s.size == 1:
+            parts.append(np.full(t.numel, s[0]))
+        elif s.size == t.shape[0]:
+            parts.append(np.repeat(s, t.numel // t.shape[0]))
+        else:
+            raise SecAggError(f"tensor {t.name}: {s.size} scales for shape {t.shape}")
+    u = np.concatenate(parts) if parts else np.zeros(0)
+    if not (np.isfinite(u).all() and (u > 0).all()):
+        raise SecAggError("plan scales must be finite and > 0")
+    return u
+
+
+def noisy_lattice(values: np.ndarray, units: np.ndarray | None, noise: Noise, threshold: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """A device's share of a distributed-DP sum (D,) int64: its delta in real units (``units``; None: integer
+    units) clipped to L2 ``noise.clip``, scaled by ``resolution / clip`` and rounded to integers (the clipped
+    norm grows by at most sqrt(D) / 2), plus ``Poisson(mu / threshold) - Poisson(mu / threshold)`` per coordinate.
+    ``rng`` must come from a secret seed (the device's own entropy)."""
+    v = np.asarray(values, np.float64).reshape(-1)
+    real = v * (np.ones_like(v) if units is None else np.asarray(units, np.float64))
+    norm = float(np.sqrt((real * real).sum()))
+    real = real * min(1.0, noise.clip / norm) if norm > 0 else real
+    lattice = np.rint(real * (noise.resolution / noise.clip)).astype(np.int64)
+    lam = noise.mu / threshold
+    return lattice + rng.poisson(lam, lattice.size) - rng.poisson(lam, lattice.size)
+
+
+def session_label(plan_hash: bytes) -> bytes:
+    """The session every masked round of a plan is bound to (with the round id): both sides derive it."""
+    return b"tinyfleet-secagg plan=" + bytes(plan_hash)
+
+
+def flat_delta(shared: list, old: dict[int, np.ndarray], new: dict[int, np.ndarray]) -> np.ndarray:
+    """``new - old`` (int64) of the shared trainable tensors, flat, in ``shared`` order (the plan's trainable order,
+    personal tensors left out): the layout of a masked input, the same on the device and the coordinator."""
+    return np.concatenate([np.asarray(new[t.id], np.int64).reshape(-1) - np.asarray(old[t.id], np.int64).reshape(-1)
+                           for t in shared])

@@ -9,7 +9,8 @@ acknowledges the batch's messages once it returns. If either raises (store failu
 a new one from the same store: it resumes where the last committed transaction left off.
 Each accepted delta is decoded once, on arrival, and folded into the open round's running sums (or kept, for the
 robust aggregators that need every value), so committing does not re-read the store; a restarted coordinator
-rebuilds that from the stored rows. It refuses to decode binary formats itself (an injected :class:`Codec` does)
+rebuilds that from the stored rows. With ``secure_aggregation`` a round's collection is the masked stages of
+:mod:`fleet.coordinator.secagg_round` instead (plain deltas are refused; a restart abandons the masked round). It refuses to decode binary formats itself (an injected :class:`Codec` does)
 and to aggregate (``aggregate``).
 """
 
@@ -38,13 +39,14 @@ from fleet.coordinator.events import (
     plan_sram,
 )
 from fleet.coordinator.publication import Publication
+from fleet.coordinator.secagg_round import SecureRounds
 from fleet.ratelimit import Buckets
 from fleet.registry import Registry
 from fleet.security.dp import RDPAccountant, support_units
 from fleet.store import Store
 
 
-class Coordinator(Publication, DeltaBook):
+class Coordinator(Publication, DeltaBook, SecureRounds):
     """One fleet, one plan. Build with a store (fresh or from a previous run), then ``handle(Boot())``."""
 
     def __init__(self, plan, store: Store, config: CoordinatorConfig, clock, codec: Codec):
@@ -137,6 +139,14 @@ class Coordinator(Publication, DeltaBook):
         out: list[Output] = [Publish(f"plan/{self.codec.plan_hash}", self.codec.plan_bytes(), retain=True),
                              self._model_output()]
         m = self.machine
+        if self.config.secure_aggregation is not None and m.state in _COLLECTING and self.secure is not None:
+            return out + self._secure_resume(now)  # the same coordinator after a broker reconnect
+        if self.config.secure_aggregation is not None and m.state in (*_COLLECTING, rnd.RoundState.COMMITTING):
+            # NOTE: a masked round lives in memory only (keys, shares, masked inputs): abandon it, reveal nothing
+            why = "coordinator restarted during a masked round: abandoned, nothing revealed"
+            if m.state == rnd.RoundState.COMMITTING:
+                return out + self._close(rnd.Abandon(m.round_id, why), now)
+            return out + self._machine(rnd.SecureClosed((), why, now), now)
         if m.state in (rnd.RoundState.COMMITTING, rnd.RoundState.ABANDONED):
             pending = (rnd.Commit(m.round_id, tuple(sorted(m.accepted))) if m.state == rnd.RoundState.COMMITTING
                        else rnd.Abandon(m.round_id, "resumed after restart"))
@@ -155,7 +165,7 @@ class Coordinator(Publication, DeltaBook):
         m = self.machine
         acc, dp = self.accountant, self.config.dp
         if acc is not None and dp is not None and acc.budget is not None:
-            after = acc.preview(1.0, dp.noise_multiplier)  # NOTE: q = 1: selection is public, no amplification
+            after = acc.preview(1.0, dp.noise_multiplier, self.skellam_round())  # NOTE: q = 1: public selection
             if after > acc.budget:
                 return [RoundRefused(f"privacy budget spent: another round would reach epsilon {after:.3g} > "
                                      f"budget {acc.budget:.3g} (delta {dp.delta:g}) after {len(acc.rounds)} rounds")]
@@ -169,9 +179,15 @@ class Coordinator(Publication, DeltaBook):
             return [Dropped(ev.device_id, ev.kind, f"rate limited: {kind} messages above {lim.rate:g}/s "
                                                    f"(burst {lim.burst:g}) from this device")]
         if ev.kind == "delta":
+            if self.config.secure_aggregation is not None:
+                return [Dropped(ev.device_id, ev.kind, "this fleet aggregates securely: plain deltas are never read")]
             return self._delta(ev, now)
+        if ev.kind == "secagg":
+            if self.config.secure_aggregation is None:
+                return [Dropped(ev.device_id, ev.kind, "this fleet does not aggregate securely")]
+            return self._secure_received(ev, now)
         if ev.kind not in ("hello", "status"):
-            return [Dropped(ev.device_id, ev.kind, "devices publish only hello, status and delta")]
+            return [Dropped(ev.device_id, ev.kind, "devices publish only hello, status, delta and secagg")]
         try:
             ctl = self.registry.receive(ev.kind, ev.device_id, ev.payload, now)
         except MessageError as e:
@@ -195,6 +211,9 @@ class Coordinator(Publication, DeltaBook):
 
     def _machine(self, event: object, now: float) -> list[Output]:
         """Feed the round machine; persist its new state and turn its commands into outputs."""
+        if (self.secure is not None and isinstance(event, (rnd.Tick, rnd.DeviceLost))
+                and self.machine.state in _COLLECTING):
+            return self._secure_event(event, now)
         before = self.machine.fingerprint()
         cmds = self.machine.handle(event)
         out: list[Output] = []
@@ -209,19 +228,22 @@ class Coordinator(Publication, DeltaBook):
 
     def _close(self, cmd: rnd.Commit | rnd.Abandon, now: float) -> list[Output]:
         m = self.machine
+        self.secure = None
         if isinstance(cmd, rnd.Abandon):
             m.handle(rnd.Closed(now))
             self.store.abandon_round(m.snapshot(), cmd.reason)
-            self.round_deltas = None
+            self.round_deltas = self.secure_sum = None
             return [RoundClosed(cmd.round_id, False, self.version, tuple(sorted(m.accepted)), cmd.reason)]
-        new_state = self.aggregate(cmd.round_id)
+        secure = self.config.secure_aggregation is not None
+        new_state = self._secure_state() if secure else self.aggregate(cmd.round_id)
+        self.secure_sum = None
         base, payload = self._encode_model(self.version, self.state, self.version + 1, new_state)
         new_hash = self.codec.update_hash(payload)
         meta, epsilon = {}, None
         if self.accountant is not None and self.config.dp is not None:
             spent = RDPAccountant.from_json(self.accountant.to_json())  # spend a copy: the store decides
             spent.budget = None  # NOTE: checked when the round started; the noise is already in the model
-            epsilon = spent.spend(1.0, self.config.dp.noise_multiplier).epsilon
+            epsilon = spent.spend(1.0, self.config.dp.noise_multiplier, self.skellam_round()).epsilon
             meta["dp_accountant"] = spent.to_json()
         m.handle(rnd.Closed(now))
         self.store.commit_round(m.snapshot(), self.version + 1, new_hash, self._pack(new_state), meta)

@@ -34,6 +34,8 @@ class Publication:
         c = self.config
         task = Task(d.round_id, self.codec.plan_hash, self.version, self.hash, c.lr, c.local_steps, c.batch_size,
                     d.deadline, c.topk_permille).to_json()
+        if c.secure_aggregation is not None:
+            return self._secure_tasks(d, task)
         return [Publish(f"dev/{dev}/task", task) for dev in d.device_ids]
 
 

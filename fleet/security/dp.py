@@ -35,6 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from device_agent.wire.secagg import SecAggError, flat_units
 from fleet.aggregate import AggregationError, Mean
 
 DEFAULT_ORDERS: tuple[int, ...] = tuple(range(2, 65)) + (80, 96, 128, 160, 192, 256, 512, 1024)
@@ -101,21 +102,10 @@ def support_units(plan) -> np.ndarray:
     Order = the coordinator's flattening (shared trainable tensors in plan order, row-major). Per-channel scales
     repeat over the channel's elements; a per-tensor scale covers the whole tensor.
     """
-    parts = []
-    for t in plan.trainable:
-        if t.personal:
-            continue
-        s = np.asarray(t.scale, np.float64).reshape(-1)
-        if s.size == 1:
-            parts.append(np.full(t.numel, s[0]))
-        elif s.size == t.shape[0]:
-            parts.append(np.repeat(s, t.numel // t.shape[0]))
-        else:
-            raise DPError(f"tensor {t.name}: {s.size} scales for shape {t.shape}")
-    u = np.concatenate(parts) if parts else np.zeros(0)
-    if not (np.isfinite(u).all() and (u > 0).all()):
-        raise DPError("plan scales must be finite and > 0")
-    return u
+    try:  # NOTE: one definition, shared with the devices (distributed DP under secure aggregation clips there)
+        return flat_units([t for t in plan.trainable if not t.personal])
+    except SecAggError as e:
+        raise DPError(str(e)) from None
 
 
 def _units(units: np.ndarray | None, d: int) -> np.ndarray:
@@ -195,8 +185,27 @@ def rdp_gaussian(q: float, noise_multiplier: float, order: int) -> float:
     return _logsumexp(terms) / (a - 1)
 
 
+def rdp_skellam(mu: float, l1: float, l2: float, order: int) -> float:
+    """RDP of one round of the symmetric Skellam mechanism: ``Poisson(mu) - Poisson(mu)`` added to each
+    coordinate of an integer sum whose L1 / L2 sensitivities are ``l1`` / ``l2`` (Agarwal, Kairouz, Liu, "The
+    Skellam Mechanism for Differentially Private Federated Learning", NeurIPS 2021):
+    ``a l2^2 / (4 mu) + min(((2a - 1) l2^2 + 6 l1) / (16 mu^2), 3 l1 / (4 mu))``. Its first term is the Gaussian
+    mechanism's at the same variance (2 mu); the rest vanishes as mu grows. Checked against the exact Rényi
+    divergence of shifted Skellam distributions in ``tests/pure/test_secagg_rounds.py``. No sampling (q = 1).
+    """
+    if int(order) != order or order < 2:
+        raise DPError(f"orders must be integers >= 2, got {order!r}")
+    if mu <= 0:
+        return math.inf
+    a = float(order)
+    return a * l2 * l2 / (4 * mu) + min(((2 * a - 1) * l2 * l2 + 6 * l1) / (16 * mu * mu), 3 * l1 / (4 * mu))
+
+
 @lru_cache(maxsize=256)
-def _rdp_vector(q: float, noise_multiplier: float, orders: tuple[int, ...]) -> tuple[float, ...]:
+def _rdp_vector(q: float, noise_multiplier: float, orders: tuple[int, ...],
+                skellam: tuple[float, float, float] | None = None) -> tuple[float, ...]:
+    if skellam is not None:
+        return tuple(rdp_skellam(*skellam, a) for a in orders)
     return tuple(rdp_gaussian(q, noise_multiplier, a) for a in orders)
 
 
@@ -233,7 +242,9 @@ class RDPAccountant:
     delta: float
     budget: float | None = None
     orders: tuple[int, ...] = DEFAULT_ORDERS
-    rounds: list[tuple[float, float]] = field(default_factory=list)  # (q, noise_multiplier) per spent round
+    # (q, noise_multiplier) per spent round; a distributed-Skellam round (secure aggregation) carries its
+    # (mu, l1, l2) too: (q, noise_multiplier, mu, l1, l2)
+    rounds: list[tuple[float, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0 < self.delta < 1:
@@ -241,28 +252,32 @@ class RDPAccountant:
         if self.budget is not None and not self.budget > 0:
             raise DPError(f"epsilon budget must be > 0, got {self.budget!r}")
         self._rdp = np.zeros(len(self.orders))
-        for q, s in self.rounds:
-            self._rdp += self._one(q, s)
+        for r in self.rounds:
+            self._rdp += self._one(r[0], r[1], tuple(r[2:5]) if len(r) == 5 else None)  # type: ignore[arg-type]
 
-    def _one(self, q: float, noise_multiplier: float) -> np.ndarray:
-        return np.array(_rdp_vector(float(q), float(noise_multiplier), tuple(self.orders)))
+    def _one(self, q: float, noise_multiplier: float,
+             skellam: tuple[float, float, float] | None = None) -> np.ndarray:
+        sk = None if skellam is None else tuple(float(v) for v in skellam)
+        return np.array(_rdp_vector(float(q), float(noise_multiplier), tuple(self.orders), sk))  # type: ignore[arg-type]
 
     def epsilon(self) -> float:
         """Cumulative epsilon (at ``delta``) of the rounds spent so far; 0 before any."""
         return rdp_to_epsilon(self._rdp, self.orders, self.delta)[0] if self.rounds else 0.0
 
-    def preview(self, q: float, noise_multiplier: float) -> float:
+    def preview(self, q: float, noise_multiplier: float, skellam: tuple[float, float, float] | None = None) -> float:
         """Epsilon after one more round with these parameters, without spending it."""
-        return rdp_to_epsilon(self._rdp + self._one(q, noise_multiplier), self.orders, self.delta)[0]
+        return rdp_to_epsilon(self._rdp + self._one(q, noise_multiplier, skellam), self.orders, self.delta)[0]
 
-    def spend(self, q: float, noise_multiplier: float) -> RoundPrivacy:
-        """Account one round; raises :class:`PrivacyBudgetExceeded` (and spends nothing) if over budget."""
-        one = self._one(q, noise_multiplier)
+    def spend(self, q: float, noise_multiplier: float,
+              skellam: tuple[float, float, float] | None = None) -> RoundPrivacy:
+        """Account one round; raises :class:`PrivacyBudgetExceeded` (and spends nothing) if over budget.
+        ``skellam``: ``(mu, l1, l2)`` of a distributed-Skellam round (:func:`rdp_skellam`) instead of Gaussian."""
+        one = self._one(q, noise_multiplier, skellam)
         eps, order = rdp_to_epsilon(self._rdp + one, self.orders, self.delta)
         if self.budget is not None and eps > self.budget:
             raise PrivacyBudgetExceeded(eps, self.budget, len(self.rounds))
         self._rdp += one
-        self.rounds.append((float(q), float(noise_multiplier)))
+        self.rounds.append((float(q), float(noise_multiplier), *(float(v) for v in skellam or ())))
         alone = rdp_to_epsilon(one, self.orders, self.delta)[0]
         return RoundPrivacy(len(self.rounds), q, noise_multiplier, eps, alone, order)
 

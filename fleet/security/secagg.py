@@ -23,6 +23,7 @@ from device_agent.wire.secagg import (
     SHARE_BYTES,
     AdvertiseKeys,
     MaskedInput,
+    Noise,
     Roster,
     SecAggError,
     ShareKeys,
@@ -55,8 +56,8 @@ class SecAggServer:
     """One group, one round. Feed every device message to ``receive``; close stages in order."""
 
     def __init__(self, round_id: int, session: bytes, threshold: int, length: int, bits: int = 32,
-                 max_group: int = MAX_GROUP):
-        self.round_id, self.session, self.threshold = round_id, session, threshold
+                 max_group: int = MAX_GROUP, noise: Noise | None = None):
+        self.round_id, self.session, self.threshold, self.noise = round_id, session, threshold, noise
         self.length, self.bits, self.max_group = length, bits, max_group
         self.ctx = context(round_id, session)
         self.stage = "advertise"
@@ -112,7 +113,7 @@ class SecAggServer:
         """Close the advertise stage: the roster (U1) every advertiser receives."""
         self._need("advertise", len(self.keys), "advertised keys")
         r = Roster(self.round_id, self.session, self.threshold, self.length, self.bits,
-                   tuple(self.keys[d] for d in sorted(self.keys)))
+                   tuple(self.keys[d] for d in sorted(self.keys)), self.noise)
         try:
             check_roster(r, self.max_group)
         except SecAggError as e:
@@ -178,4 +179,11 @@ def split_sums(total: np.ndarray, bits: int = 32) -> tuple[np.ndarray, np.ndarra
     return s[:d], s[d:]
 
 
-__all__ = ["SHARE_BYTES", "SecAggAborted", "SecAggServer", "plan_groups", "split_sums", "to_signed"]
+def split_dense_sums(total: np.ndarray, bits: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The FedAvg ``(num, den)`` (int64, D each) from the sum of ``encode_dense_input`` vectors (D + 1)."""
+    s = to_signed(total, bits)
+    return s[:-1], np.full(s.size - 1, s[-1], np.int64)
+
+
+__all__ = ["SHARE_BYTES", "SecAggAborted", "SecAggServer", "plan_groups", "split_dense_sums", "split_sums",
+           "to_signed"]

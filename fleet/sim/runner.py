@@ -154,7 +154,7 @@ class _Watcher:
         if self.also is not None:
             self.also(out)
         with self.cv:
-            if isinstance(out, Publish) and out.topic.endswith("/task"):
+            if isinstance(out, Publish) and out.topic.endswith(("/task", "/secagg_relay")):
                 self.selected.add(out.topic.split("/")[1])
             elif isinstance(out, Verdict) and out.reason == "ok":
                 self.accepted += 1
