@@ -1,0 +1,308 @@
+/* PATCH: a frozen prefix of convs / fused conv + depthwise pairs / adds run tile by tile (the C twin of
+ * device_agent/engine/patch.py, bit for bit). Per output tile the region each layer must produce is found
+ * backwards (receptive field, halos recomputed), then the layers run forwards over those regions, each into its
+ * buffer at buf_off in the caller's scratch; the last layer writes the tile of y. A fused layer is produced one
+ * channel at a time and consumed at once by the depthwise conv after it. Requantization is rq_pre, the exact
+ * form every conv kernel shares, so each output equals the unpatched op's. */
+#include <string.h>
+
+#include "tf_conv_rq.h"
+
+#define TF_PATCH_MAX_TERMS 32768 /* C_in/groups x KH x KW: |acc| <= 32768 x 255 x 128 < 2^31 */
+
+typedef struct {
+    int32_t r0, r1, c0, c1; /* rows [r0, r1), columns [c0, c1); r0 >= r1: nothing */
+} rect;
+
+typedef struct {
+    const int8_t *p; /* channel ch0 at (r0, c0) */
+    int32_t h, w;    /* the whole layer */
+    int32_t r0, c0, rows, cols, ch0, off; /* off = -zero_point */
+} src_t;
+
+typedef struct {
+    int8_t *p; /* channel ch0 at the region's origin */
+    int32_t cstride, rstride, ch0;
+} dst_t;
+
+static int32_t area(const rect *r) { return r->r0 < r->r1 && r->c0 < r->c1 ? (r->r1 - r->r0) * (r->c1 - r->c0) : 0; }
+
+static int32_t max32(int32_t a, int32_t b) { return a > b ? a : b; }
+static int32_t min32(int32_t a, int32_t b) { return a < b ? a : b; }
+
+/* Output dims of every layer (out[l]); TF_OK when the table is one the reference accepts (engine/patch.py
+ * layers_of): refs to earlier layers, conv groups/shapes, adds of equal shapes, fusion only into the depthwise
+ * conv right after, the last layer's dims those of y. */
+tf_status tf_patch_check(const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *x_dims,
+                         const tf_dims *y_dims, tf_dims *out) {
+    const int32_t n = p->n_layers;
+    if (n < 1 || n > TF_PATCH_MAX_LAYERS || p->tiles_h < 1 || p->tiles_w < 1) {
+        return TF_ERR_ARG;
+    }
+    int32_t ch = 0;
+    for (int32_t l = 0; l < n; l++) {
+        const int32_t a = p->in_a[l], k = p->kind[l];
+        if (a < 0 || a > l || p->fused[l] < 0 || p->fused[l] > 1 || p->buf_off[l] < -1 ||
+            p->act_min[l] < -128 || p->act_min[l] > p->act_max[l] || p->act_max[l] > 127 ||
+            p->zero_point[l] < -128 || p->zero_point[l] > 127) {
+            return TF_ERR_ARG;
+        }
+        const tf_dims *src = a ? &out[a - 1] : x_dims;
+        if (k == 0) {
+            const tf_filter_dims *wd = &wt->wd[l];
+            if (p->in_b[l] != -1 || !wt->w[l] || !wt->b[l] || wd->c * wd->h * wd->w > TF_PATCH_MAX_TERMS) {
+                return TF_ERR_ARG;
+            }
+            out[l].c = wd->n;
+            out[l].h = p->stride_h[l] >= 1 ? (src->h + 2 * p->pad_h[l] - wd->h) / p->stride_h[l] + 1 : 0;
+            out[l].w = p->stride_w[l] >= 1 ? (src->w + 2 * p->pad_w[l] - wd->w) / p->stride_w[l] + 1 : 0;
+            if (tf_conv_check(src, wd, &out[l], p->groups[l], p->stride_h[l], p->stride_w[l], p->pad_h[l],
+                              p->pad_w[l]) != TF_OK) {
+                return TF_ERR_SHAPE;
+            }
+            for (int32_t c = 0; c < wd->n; c++) {
+                if (p->shift[ch + c] < 1 || p->shift[ch + c] > 62) {
+                    return TF_ERR_ARG;
+                }
+            }
+            ch += wd->n;
+        } else if (k == 1) {
+            const int32_t b = p->in_b[l];
+            if (b < 0 || b > l || p->add_shift[l] < 1 || p->add_shift[l] > 62) {
+                return TF_ERR_ARG;
+            }
+            const tf_dims *sb = b ? &out[b - 1] : x_dims;
+            if (sb->c != src->c || sb->h != src->h || sb->w != src->w) {
+                return TF_ERR_SHAPE;
+            }
+            out[l] = *src;
+        } else {
+            return TF_ERR_ARG;
+        }
+    }
+    if (ch != p->n_channels || out[n - 1].c != y_dims->c || out[n - 1].h != y_dims->h || out[n - 1].w != y_dims->w) {
+        return TF_ERR_SHAPE;
+    }
+    for (int32_t l = 0; l < n; l++) { /* fusion: conv -> the depthwise conv right after, its only reader */
+        if (!p->fused[l]) {
+            continue;
+        }
+        if (p->kind[l] != 0 || l + 1 >= n || p->kind[l + 1] != 0 || p->in_a[l + 1] != l + 1 ||
+            p->groups[l + 1] != out[l].c || out[l + 1].c != out[l].c || (l && p->fused[l - 1])) {
+            return TF_ERR_ARG;
+        }
+        for (int32_t j = l + 2; j < n; j++) {
+            if (p->in_a[j] == l + 1 || (p->kind[j] == 1 && p->in_b[j] == l + 1)) {
+                return TF_ERR_ARG;
+            }
+        }
+    }
+    if (p->tiles_h > y_dims->h || p->tiles_w > y_dims->w) {
+        return TF_ERR_ARG;
+    }
+    return TF_OK;
+}
+
+static void unite(rect *dst, int32_t r0, int32_t r1, int32_t c0, int32_t c1, const tf_dims *d) {
+    r0 = max32(r0, 0), r1 = min32(r1, d->h), c0 = max32(c0, 0), c1 = min32(c1, d->w);
+    if (r0 >= r1 || c0 >= c1) {
+        return;
+    }
+    if (dst->r0 >= dst->r1) {
+        dst->r0 = r0, dst->r1 = r1, dst->c0 = c0, dst->c1 = c1;
+        return;
+    }
+    dst->r0 = min32(dst->r0, r0), dst->r1 = max32(dst->r1, r1);
+    dst->c0 = min32(dst->c0, c0), dst->c1 = max32(dst->c1, c1);
+}
+
+/* need[l]: the region layer l produces for output tile (ti, tj) (engine/patch.py regions). */
+static void regions(const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *out, int32_t ti,
+                    int32_t tj, rect *need) {
+    const int32_t n = p->n_layers;
+    const tf_dims *yd = &out[n - 1];
+    for (int32_t l = 0; l < n; l++) {
+        need[l].r0 = need[l].r1 = need[l].c0 = need[l].c1 = 0;
+    }
+    need[n - 1].r0 = ti * yd->h / p->tiles_h, need[n - 1].r1 = (ti + 1) * yd->h / p->tiles_h;
+    need[n - 1].c0 = tj * yd->w / p->tiles_w, need[n - 1].c1 = (tj + 1) * yd->w / p->tiles_w;
+    for (int32_t l = n - 1; l >= 0; l--) {
+        const rect r = need[l];
+        if (r.r0 >= r.r1 || r.c0 >= r.c1) {
+            continue;
+        }
+        const int32_t a = p->in_a[l];
+        if (p->kind[l] == 0) {
+            if (a) {
+                const int32_t sh = p->stride_h[l], sw = p->stride_w[l];
+                unite(&need[a - 1], r.r0 * sh - p->pad_h[l], (r.r1 - 1) * sh - p->pad_h[l] + wt->wd[l].h,
+                      r.c0 * sw - p->pad_w[l], (r.c1 - 1) * sw - p->pad_w[l] + wt->wd[l].w, &out[a - 1]);
+            }
+        } else {
+            const int32_t b = p->in_b[l];
+            if (a) {
+                unite(&need[a - 1], r.r0, r.r1, r.c0, r.c1, &out[a - 1]);
+            }
+            if (b) {
+                unite(&need[b - 1], r.r0, r.r1, r.c0, r.c1, &out[b - 1]);
+            }
+        }
+    }
+}
+
+int32_t tf_patch_get_buffer_size(const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *out) {
+    rect need[TF_PATCH_MAX_LAYERS];
+    int32_t total = 0;
+    for (int32_t ti = 0; ti < p->tiles_h; ti++) {
+        for (int32_t tj = 0; tj < p->tiles_w; tj++) {
+            regions(p, wt, out, ti, tj, need);
+            for (int32_t l = 0; l + 1 < p->n_layers; l++) {
+                const int32_t bytes = area(&need[l]) * (p->fused[l] ? 1 : out[l].c);
+                if (bytes && p->buf_off[l] < 0) {
+                    return -1;
+                }
+                total = bytes ? max32(total, p->buf_off[l] + bytes) : total;
+            }
+        }
+    }
+    return total;
+}
+
+/* Output channels [co0, co1) of conv layer l over region r, from s into d (channel co at d.p + (co - d.ch0)
+ * cstride). Input positions outside the layer are padding (they add nothing: x - zx = 0); inside, s holds them. */
+static void conv_region(const tf_patch_params *p, const tf_patch_weights *wt, int32_t l, const int32_t *mult,
+                        const int32_t *shift, const src_t *s, int32_t co0, int32_t co1, const rect *r,
+                        const dst_t *d) {
+    const tf_filter_dims *wd = &wt->wd[l];
+    const int32_t sh = p->stride_h[l], sw = p->stride_w[l], ph = p->pad_h[l], pw = p->pad_w[l];
+    const int32_t cin_g = wd->c, kh_n = wd->h, kw_n = wd->w, cout_g = wd->n / p->groups[l];
+    const int32_t plane = s->rows * s->cols, taps = kh_n * kw_n;
+    const tf_conv_params cp = {sh, sw, ph, pw, p->groups[l], s->off, p->zero_point[l], p->act_min[l], p->act_max[l]};
+    for (int32_t co = co0; co < co1; co++) {
+        rq_t rq;
+        rq_init(&rq, &cp, mult[co], shift[co], wt->b[l][co]);
+        const int8_t *wc = wt->w[l] + co * cin_g * taps;
+        const int8_t *xg = s->p + ((co / cout_g) * cin_g - s->ch0) * plane;
+        int8_t *yc = d->p + (co - d->ch0) * d->cstride;
+        for (int32_t oy = r->r0; oy < r->r1; oy++) {
+            const int32_t iy0 = oy * sh - ph;
+            const int32_t k0 = max32(0, -iy0), k1 = min32(kh_n, s->h - iy0);
+            int8_t *yr = yc + (oy - r->r0) * d->rstride;
+            for (int32_t ox = r->c0; ox < r->c1; ox++) {
+                const int32_t ix0 = ox * sw - pw;
+                const int32_t j0 = max32(0, -ix0), nj = min32(kw_n, s->w - ix0) - j0;
+                int32_t acc = 0;
+                for (int32_t ci = 0; ci < cin_g; ci++) {
+                    const int8_t *wk = wc + ci * taps + j0;
+                    const int8_t *xc = xg + ci * plane + (ix0 + j0 - s->c0);
+                    for (int32_t i = k0; i < k1; i++) {
+                        const int8_t *xr = xc + (iy0 + i - s->r0) * s->cols;
+                        const int8_t *wr = wk + i * kw_n;
+                        for (int32_t j = 0; j < nj; j++) {
+                            acc += ((int32_t)xr[j] + s->off) * wr[j];
+                        }
+                    }
+                }
+                const int32_t pre = rq_pre(&rq, acc);
+                yr[ox - r->c0] = (int8_t)(pre < rq.lo ? rq.lo : (pre > rq.hi ? rq.hi : pre));
+            }
+        }
+    }
+}
+
+static void src_of(const tf_patch_params *p, const tf_dims *x_dims, const int8_t *x, const tf_dims *out,
+                   const rect *need, int8_t *scratch, int32_t ref, src_t *s) {
+    if (ref == 0) {
+        s->p = x, s->h = x_dims->h, s->w = x_dims->w, s->r0 = s->c0 = 0, s->rows = x_dims->h, s->cols = x_dims->w;
+        s->off = p->input_offset;
+    } else {
+        const rect *r = &need[ref - 1];
+        s->p = scratch + p->buf_off[ref - 1], s->h = out[ref - 1].h, s->w = out[ref - 1].w;
+        s->r0 = r->r0, s->c0 = r->c0, s->rows = r->r1 - r->r0, s->cols = r->c1 - r->c0;
+        s->off = -p->zero_point[ref - 1];
+    }
+    s->ch0 = 0;
+}
+
+/* ADD over region r: a, b read at the same positions (both hold them), written to d. */
+static void add_region(const tf_patch_params *p, int32_t l, const src_t *a, const src_t *b, int32_t c_n,
+                       const rect *r, const dst_t *d) {
+    const int64_t half = TF_POW2_I64(p->add_shift[l] - 1);
+    for (int32_t c = 0; c < c_n; c++) {
+        for (int32_t oy = r->r0; oy < r->r1; oy++) {
+            const int8_t *ar = a->p + (c * a->rows + oy - a->r0) * a->cols + (r->c0 - a->c0);
+            const int8_t *br = b->p + (c * b->rows + oy - b->r0) * b->cols + (r->c0 - b->c0);
+            int8_t *yr = d->p + c * d->cstride + (oy - r->r0) * d->rstride;
+            for (int32_t j = 0; j < r->c1 - r->c0; j++) {
+                const int64_t v = ((int64_t)ar[j] + a->off) * p->add_mult_a[l] + ((int64_t)br[j] + b->off) * p->add_mult_b[l];
+                const int64_t pre = ((v + half) >> p->add_shift[l]) + p->zero_point[l];
+                yr[j] = (int8_t)(pre < p->act_min[l] ? p->act_min[l] : (pre > p->act_max[l] ? p->act_max[l] : pre));
+            }
+        }
+    }
+}
+
+tf_status tf_patch_s8(const tf_ctx *ctx, const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *x_dims,
+                      const int8_t *x, const tf_dims *y_dims, int8_t *y) {
+    tf_dims out[TF_PATCH_MAX_LAYERS];
+    rect need[TF_PATCH_MAX_LAYERS];
+    const int32_t *mult[TF_PATCH_MAX_LAYERS], *shift[TF_PATCH_MAX_LAYERS];
+    tf_status st = tf_patch_check(p, wt, x_dims, y_dims, out);
+    if (st != TF_OK) {
+        return st;
+    }
+    const int32_t need_bytes = tf_patch_get_buffer_size(p, wt, out);
+    if (need_bytes < 0 || need_bytes > ctx->size || (need_bytes && !ctx->buf)) {
+        return TF_ERR_SCRATCH;
+    }
+    int8_t *scratch = (int8_t *)ctx->buf;
+    const int32_t n = p->n_layers;
+    for (int32_t l = 0, ch = 0; l < n; l++) { /* per-layer views of the concatenated requantization arrays */
+        mult[l] = p->mult + ch;
+        shift[l] = p->shift + ch;
+        ch += p->kind[l] == 0 ? wt->wd[l].n : 0;
+    }
+    for (int32_t ti = 0; ti < p->tiles_h; ti++) {
+        for (int32_t tj = 0; tj < p->tiles_w; tj++) {
+            regions(p, wt, out, ti, tj, need);
+            for (int32_t l = 0; l < n; l++) {
+                const rect *r = &need[l];
+                if (p->fused[l] || area(r) == 0) {
+                    continue;
+                }
+                dst_t d;
+                if (l == n - 1) {
+                    d.p = y + (r->r0 * y_dims->w + r->c0), d.cstride = y_dims->h * y_dims->w, d.rstride = y_dims->w;
+                } else {
+                    d.p = scratch + p->buf_off[l], d.rstride = r->c1 - r->c0, d.cstride = area(r);
+                }
+                d.ch0 = 0;
+                src_t a;
+                src_of(p, x_dims, x, out, need, scratch, p->in_a[l], &a);
+                if (p->kind[l] == 1) {
+                    src_t b;
+                    src_of(p, x_dims, x, out, need, scratch, p->in_b[l], &b);
+                    add_region(p, l, &a, &b, out[l].c, r, &d);
+                } else if (l && p->fused[l - 1]) { /* channel c of the fused layer, then its depthwise channel */
+                    const int32_t f = l - 1;
+                    src_t fs;
+                    src_of(p, x_dims, x, out, need, scratch, p->in_a[f], &fs);
+                    const rect *rf = &need[f];
+                    src_t one = a; /* layer f's buffer, one channel, read as channel c */
+                    dst_t fd = {scratch + (p->buf_off[f] < 0 ? 0 : p->buf_off[f]), area(rf), rf->c1 - rf->c0, 0};
+                    for (int32_t c = 0; c < out[l].c; c++) {
+                        if (area(rf)) {
+                            fd.ch0 = c;
+                            conv_region(p, wt, f, mult[f], shift[f], &fs, c, c + 1, rf, &fd);
+                        }
+                        one.ch0 = c;
+                        conv_region(p, wt, l, mult[l], shift[l], &one, c, c + 1, r, &d);
+                    }
+                } else {
+                    conv_region(p, wt, l, mult[l], shift[l], &a, 0, out[l].c, r, &d);
+                }
+            }
+        }
+    }
+    return TF_OK;
+}
