@@ -214,18 +214,18 @@ def scratch_bytes(layers: list[Layer], tiles_h: int, tiles_w: int) -> int:
     return max([ly.buf_off + s for ly, s in zip(layers, buffer_bytes(layers, tiles_h, tiles_w)) if s] + [0])
 
 
-def _read(store: dict, layers: list[Layer], ref: int, x: np.ndarray, want: Rect, chans: slice) -> np.ndarray:
+def _read(store: dict, layers: list[Layer], ref: int, x: np.ndarray, zx: int, want: Rect, chans: slice) -> np.ndarray:
     """Channels ``chans`` of ref's values over ``want`` (rows/cols may leave the layer: filled with its zero
     point, i.e. the conv's padding); raises if an in-layer position was not produced."""
     if ref == 0:
         c, h, w = x.shape
-        zp, src, at = None, x, (0, h, 0, w)
+        zp, src, at = zx, x, (0, h, 0, w)
     else:
         c, h, w = layers[ref - 1].shape
         zp = layers[ref - 1].zero_point
         src, at = store[ref]
     r0, r1, c0, c1 = want
-    out = np.full((len(range(c)[chans]), r1 - r0, c1 - c0), 0 if zp is None else zp, np.int64)
+    out = np.full((len(range(c)[chans]), r1 - r0, c1 - c0), zp, np.int64)
     a0, a1, b0, b1 = max(r0, 0), min(r1, h), max(c0, 0), min(c1, w)
     if a0 < a1 and b0 < b1:
         if a0 < at[0] or a1 > at[1] or b0 < at[2] or b1 > at[3]:
@@ -251,7 +251,7 @@ def _conv(store, layers, i, x, zx, r: Rect, w, b, mult, shift, chans: slice) -> 
         src_ch, groups = slice(grp * cin_g, (grp + 1) * cin_g), 1
     else:
         src_ch = slice(None)
-    win = _read(store, layers, ly.in_a, x, want, src_ch)
+    win = _read(store, layers, ly.in_a, x, zx, want, src_ch)
     y, _ = conv2d(win[None], zs, w[chans], b[chans], ly.zero_point, ConvGeom(g.stride_h, g.stride_w, 0, 0, groups),
                   mult[chans], shift[chans], ly.act_min, ly.act_max)
     return y[0]
@@ -336,8 +336,8 @@ def _tile(layers, params, sizes, scratch, x, zx, tile: Rect, y) -> None:
             continue
         out = y[:, r[0]:r[1], r[2]:r[3]] if i == last else dest(i, r, ly.shape[0])
         if ly.kind == KIND_ADD:
-            a = _read(store, layers, ly.in_a, x, r, slice(None))
-            b = _read(store, layers, ly.in_b, x, r, slice(None))
+            a = _read(store, layers, ly.in_a, x, zx, r, slice(None))
+            b = _read(store, layers, ly.in_b, x, zx, r, slice(None))
             za = zx if ly.in_a == 0 else layers[ly.in_a - 1].zero_point
             zb = zx if ly.in_b == 0 else layers[ly.in_b - 1].zero_point
             out[...] = add(a, za, b, zb, ly.zero_point, ly.add_mult_a, ly.add_mult_b, ly.add_shift, ly.act_min,
