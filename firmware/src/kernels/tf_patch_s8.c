@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "tf_conv_rq.h"
+#include "tf_dsp.h"
 
 #define TF_PATCH_MAX_TERMS 32768 /* C_in/groups x KH x KW: |acc| <= 32768 x 255 x 128 < 2^31 */
 
@@ -168,8 +169,156 @@ int32_t tf_patch_get_buffer_size(const tf_patch_params *p, const tf_patch_weight
     return total;
 }
 
+/* One output channel's requantization: the one-smmla form of tf_conv_rq.h (rqf_t) whenever its exactness
+ * conditions hold (shift in [33, 55], int8 zero point, acc + bias never wraps), the 64-bit rq_pre otherwise;
+ * then the clamp to [act_min, act_max] (rqf_init also wants the full int8 range: here the clamp is separate). */
+typedef struct {
+    rq_t rq;
+    rqf_t f;
+    int fast;
+} rqx_t;
+
+static void rqx_init(rqx_t *r, const tf_conv_params *cp, int32_t mult, int32_t shift, int32_t bias, int32_t terms) {
+    rq_init(&r->rq, cp, mult, shift, bias);
+    tf_conv_params full = *cp;
+    full.act_min = -128, full.act_max = 127;
+    r->f.mult = r->f.k = r->f.t = r->f.bias = 0;
+    r->fast = rqf_init(&r->f, &full, mult, shift, bias, (int64_t)terms * TF_RQF_TAP);
+}
+
+static inline int8_t rq_out(const rqx_t *r, int32_t acc) {
+    const int32_t pre = r->fast ? rqf_pre(&r->f, acc + r->f.bias) : rq_pre(&r->rq, acc);
+    return (int8_t)(pre < r->rq.lo ? r->rq.lo : (pre > r->rq.hi ? r->rq.hi : pre));
+}
+
+#if TF_USE_DSP
+#define PATCH_PW_CIN 64 /* most input channels of the packed 1x1 path */
+/* Four pixels of a row (x at the first, channel ci) x two channels per step: a[i] += x[ci][i] w[ci] +
+ * x[ci + 1][i] w[ci + 1] by one SMLAD each (wpk: (w[2k], w[2k + 1]) int16 pairs). */
+static inline void pw4_dsp(const int8_t *xp, const uint32_t *wpk, int32_t cin, int32_t plane, int32_t *a) {
+    int32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    for (int32_t k = 0; k < cin / 2; k++, xp += 2 * plane) {
+        const uint32_t v0 = tf_load_u32(xp), v1 = tf_load_u32(xp + plane), w = wpk[k];
+        const uint32_t e0 = tf_sxtb16(v0), e1 = tf_sxtb16(v1), o0 = tf_sxtb16_ror8(v0), o1 = tf_sxtb16_ror8(v1);
+        a0 = tf_smlad(tf_pkhbt(e0, e1), w, a0);
+        a2 = tf_smlad(tf_pkhtb(e1, e0), w, a2);
+        a1 = tf_smlad(tf_pkhbt(o0, o1), w, a1);
+        a3 = tf_smlad(tf_pkhtb(o1, o0), w, a3);
+    }
+    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+}
+#endif
+
+/* 1x1 stride-1 conv: four pixels of a row per pass, the zero-point term folded into woff. */
+static void pw_region(const rqx_t *rq, const int8_t *wc, int32_t cin, int32_t woff, const src_t *s, const int8_t *xg,
+                      const rect *r, int8_t *yc, int32_t rstride) {
+    const int32_t plane = s->rows * s->cols, n = r->c1 - r->c0;
+#if TF_USE_DSP
+    uint32_t wpk[PATCH_PW_CIN / 2];
+    const int dsp = cin % 2 == 0 && cin <= PATCH_PW_CIN;
+    for (int32_t k = 0; dsp && k < cin / 2; k++) {
+        wpk[k] = TF_PACK16(wc[2 * k], wc[2 * k + 1]);
+    }
+#endif
+    for (int32_t oy = r->r0; oy < r->r1; oy++) {
+        const int8_t *xr = xg + (oy - s->r0) * s->cols + (r->c0 - s->c0);
+        int8_t *yr = yc + (oy - r->r0) * rstride;
+        int32_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            int32_t a[4] = {woff, woff, woff, woff};
+            const int8_t *xp = xr + j;
+#if TF_USE_DSP
+            if (dsp) {
+                pw4_dsp(xp, wpk, cin, plane, a);
+            } else
+#endif
+            {
+                for (int32_t ci = 0; ci < cin; ci++, xp += plane) {
+                    const int32_t w = wc[ci];
+                    a[0] += xp[0] * w, a[1] += xp[1] * w, a[2] += xp[2] * w, a[3] += xp[3] * w;
+                }
+            }
+            yr[j] = rq_out(rq, a[0]), yr[j + 1] = rq_out(rq, a[1]), yr[j + 2] = rq_out(rq, a[2]);
+            yr[j + 3] = rq_out(rq, a[3]);
+        }
+        for (; j < n; j++) {
+            int32_t a0 = woff;
+            const int8_t *xp = xr + j;
+            for (int32_t ci = 0; ci < cin; ci++, xp += plane) {
+                a0 += xp[0] * wc[ci];
+            }
+            yr[j] = rq_out(rq, a0);
+        }
+    }
+}
+
+/* Sum over the taps of output (oy, ox) that lie inside the layer, (x - zx) w: the border case. */
+static int32_t acc_border(const src_t *s, const int8_t *xg, const int8_t *wc, int32_t cin_g, int32_t kh_n,
+                          int32_t kw_n, int32_t iy0, int32_t ix0) {
+    const int32_t plane = s->rows * s->cols, taps = kh_n * kw_n;
+    const int32_t k0 = max32(0, -iy0), k1 = min32(kh_n, s->h - iy0);
+    const int32_t j0 = max32(0, -ix0), nj = min32(kw_n, s->w - ix0) - j0;
+    int32_t acc = 0;
+    for (int32_t ci = 0; ci < cin_g; ci++) {
+        const int8_t *wk = wc + ci * taps + j0;
+        const int8_t *xc = xg + ci * plane + (ix0 + j0 - s->c0);
+        for (int32_t i = k0; i < k1; i++) {
+            const int8_t *xr = xc + (iy0 + i - s->r0) * s->cols;
+            const int8_t *wr = wk + i * kw_n;
+            for (int32_t j = 0; j < nj; j++) {
+                acc += ((int32_t)xr[j] + s->off) * wr[j];
+            }
+        }
+    }
+    return acc;
+}
+
+/* Sum x w over a window wholly inside the layer (x at its top-left tap); the caller adds woff. */
+static inline int32_t acc_inside(const int8_t *x, const int8_t *wc, int32_t cin_g, int32_t kh_n, int32_t kw_n,
+                                 int32_t cols, int32_t plane) {
+    int32_t acc = 0;
+    if (kh_n == 3 && kw_n == 3) {
+        for (int32_t ci = 0; ci < cin_g; ci++, x += plane, wc += 9) {
+            const int8_t *x1 = x + cols, *x2 = x1 + cols;
+            acc += x[0] * wc[0] + x[1] * wc[1] + x[2] * wc[2] + x1[0] * wc[3] + x1[1] * wc[4] + x1[2] * wc[5] +
+                   x2[0] * wc[6] + x2[1] * wc[7] + x2[2] * wc[8];
+        }
+        return acc;
+    }
+    for (int32_t ci = 0; ci < cin_g; ci++, x += plane) {
+        for (int32_t i = 0; i < kh_n; i++) {
+            const int8_t *xr = x + i * cols;
+            for (int32_t j = 0; j < kw_n; j++) {
+                acc += xr[j] * *wc++;
+            }
+        }
+    }
+    return acc;
+}
+
+#if TF_USE_DSP
+#define PATCH_DSP_CIN 4 /* input channels of a group the packed 3x3 path takes (the first conv's 3, depthwise 1) */
+/* 3x3 window sum x w, two SMLADs per row: (x0, x2).(w0, w2) + (x1, x3).(w1, 0), wp = 6 packed words per input
+ * channel; reads one byte after each window row (the caller keeps it inside the buffer). */
+static inline int32_t acc3_row(const int8_t *x, uint32_t we, uint32_t wo, int32_t acc) {
+    const uint32_t v = tf_load_u32(x);
+    return tf_smlad(tf_sxtb16_ror8(v), wo, tf_smlad(tf_sxtb16(v), we, acc));
+}
+
+static inline int32_t acc3_dsp(const int8_t *x, const uint32_t *wp, int32_t cin_g, int32_t cols, int32_t plane) {
+    int32_t acc = 0;
+    for (int32_t ci = 0; ci < cin_g; ci++, x += plane, wp += 6) {
+        acc = acc3_row(x, wp[0], wp[1], acc);
+        acc = acc3_row(x + cols, wp[2], wp[3], acc);
+        acc = acc3_row(x + 2 * cols, wp[4], wp[5], acc);
+    }
+    return acc;
+}
+#endif
+
 /* Output channels [co0, co1) of conv layer l over region r, from s into d (channel co at d.p + (co - d.ch0)
- * cstride). Input positions outside the layer are padding (they add nothing: x - zx = 0); inside, s holds them. */
+ * cstride). Input positions outside the layer are padding (they add nothing: x - zx = 0); inside, s holds them.
+ * Windows wholly inside the layer take acc_inside plus the folded zero-point term (the same integer). */
 static void conv_region(const tf_patch_params *p, const tf_patch_weights *wt, int32_t l, const int32_t *mult,
                         const int32_t *shift, const src_t *s, int32_t co0, int32_t co1, const rect *r,
                         const dst_t *d) {
@@ -178,33 +327,73 @@ static void conv_region(const tf_patch_params *p, const tf_patch_weights *wt, in
     const int32_t cin_g = wd->c, kh_n = wd->h, kw_n = wd->w, cout_g = wd->n / p->groups[l];
     const int32_t plane = s->rows * s->cols, taps = kh_n * kw_n;
     const tf_conv_params cp = {sh, sw, ph, pw, p->groups[l], s->off, p->zero_point[l], p->act_min[l], p->act_max[l]};
+    /* output columns whose window lies inside the layer: ox * sw - pw >= 0 and ox * sw - pw + kw <= w */
+    const int32_t oxa = max32(r->c0, (pw + sw - 1) / sw);
+    const int32_t oxb = max32(oxa, min32(r->c1, s->w - kw_n + pw >= 0 ? (s->w - kw_n + pw) / sw + 1 : 0));
     for (int32_t co = co0; co < co1; co++) {
-        rq_t rq;
-        rq_init(&rq, &cp, mult[co], shift[co], wt->b[l][co]);
+        rqx_t rq;
+        rqx_init(&rq, &cp, mult[co], shift[co], wt->b[l][co], cin_g * taps);
         const int8_t *wc = wt->w[l] + co * cin_g * taps;
         const int8_t *xg = s->p + ((co / cout_g) * cin_g - s->ch0) * plane;
         int8_t *yc = d->p + (co - d->ch0) * d->cstride;
+        int32_t woff = 0;
+        for (int32_t t = 0; t < cin_g * taps; t++) {
+            woff += wc[t];
+        }
+        woff *= s->off;
+        if (taps == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0) {
+            pw_region(&rq, wc, cin_g, woff, s, xg, r, yc, d->rstride);
+            continue;
+        }
+#if TF_USE_DSP
+        uint32_t wp[6 * PATCH_DSP_CIN];
+        const int dsp = kh_n == 3 && kw_n == 3 && cin_g <= PATCH_DSP_CIN;
+        for (int32_t ci = 0; dsp && ci < cin_g; ci++) {
+            for (int32_t k = 0; k < 3; k++) {
+                const int8_t *w3 = wc + ci * 9 + 3 * k;
+                wp[6 * ci + 2 * k] = TF_PACK16(w3[0], w3[2]);
+                wp[6 * ci + 2 * k + 1] = TF_PACK16(w3[1], 0);
+            }
+        }
+        const int32_t row_end = s->c0 + s->cols; /* a window's 4th byte must stay inside its buffer row */
+#endif
         for (int32_t oy = r->r0; oy < r->r1; oy++) {
             const int32_t iy0 = oy * sh - ph;
-            const int32_t k0 = max32(0, -iy0), k1 = min32(kh_n, s->h - iy0);
+            const int inside = iy0 >= 0 && iy0 + kh_n <= s->h;
+            const int32_t a = inside ? oxa : r->c1, b = inside ? oxb : r->c1;
             int8_t *yr = yc + (oy - r->r0) * d->rstride;
-            for (int32_t ox = r->c0; ox < r->c1; ox++) {
-                const int32_t ix0 = ox * sw - pw;
-                const int32_t j0 = max32(0, -ix0), nj = min32(kw_n, s->w - ix0) - j0;
-                int32_t acc = 0;
-                for (int32_t ci = 0; ci < cin_g; ci++) {
-                    const int8_t *wk = wc + ci * taps + j0;
-                    const int8_t *xc = xg + ci * plane + (ix0 + j0 - s->c0);
-                    for (int32_t i = k0; i < k1; i++) {
-                        const int8_t *xr = xc + (iy0 + i - s->r0) * s->cols;
-                        const int8_t *wr = wk + i * kw_n;
-                        for (int32_t j = 0; j < nj; j++) {
-                            acc += ((int32_t)xr[j] + s->off) * wr[j];
-                        }
+            const int32_t c0 = r->c0;
+            for (int32_t ox = c0; ox < a; ox++) {
+                yr[ox - c0] = rq_out(&rq, acc_border(s, xg, wc, cin_g, kh_n, kw_n, iy0, ox * sw - pw));
+            }
+            for (int32_t ox = b > a ? b : a; ox < r->c1; ox++) {
+                yr[ox - c0] = rq_out(&rq, acc_border(s, xg, wc, cin_g, kh_n, kw_n, iy0, ox * sw - pw));
+            }
+            if (a >= b) {
+                continue;
+            }
+            int32_t ox = a;
+            const int8_t *x0 = xg + (iy0 - s->r0) * s->cols + (a * sw - pw - s->c0);
+#if TF_USE_DSP
+            if (dsp) { /* NOTE: the window's 4th byte stays in its buffer row while ix0 + 3 < row_end */
+                const int32_t bd = min32(b, (row_end - 4 + pw) / sw + 1);
+                if (cin_g == 1) {
+                    const uint32_t w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3], w4 = wp[4], w5 = wp[5];
+                    const int32_t c1 = s->cols, c2 = 2 * s->cols; /* NOTE: c1 is a row stride here */
+                    for (; ox < bd; ox++, x0 += sw) {
+                        int32_t acc = acc3_row(x0, w0, w1, woff);
+                        acc = acc3_row(x0 + c1, w2, w3, acc);
+                        yr[ox - c0] = rq_out(&rq, acc3_row(x0 + c2, w4, w5, acc));
+                    }
+                } else {
+                    for (; ox < bd; ox++, x0 += sw) {
+                        yr[ox - c0] = rq_out(&rq, woff + acc3_dsp(x0, wp, cin_g, s->cols, plane));
                     }
                 }
-                const int32_t pre = rq_pre(&rq, acc);
-                yr[ox - r->c0] = (int8_t)(pre < rq.lo ? rq.lo : (pre > rq.hi ? rq.hi : pre));
+            }
+#endif
+            for (; ox < b; ox++, x0 += sw) {
+                yr[ox - c0] = rq_out(&rq, woff + acc_inside(x0, wc, cin_g, kh_n, kw_n, s->cols, plane));
             }
         }
     }
