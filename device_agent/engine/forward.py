@@ -110,7 +110,8 @@ def forward_op(op: ir.Op, tensors: dict[int, ir.Tensor], store: Store) -> None:
         outs = conv2d(mid, int(a["mid_zero_point"]), ins[3], ins[4], zy, geom, a["dw_mult"], a["dw_shift"],
                       int(a["dw_act_min"]), int(a["dw_act_max"]))[:1]
     elif t == ir.OpType.PATCH:
-        from .patch import patch_forward  # NOTE: patch.py builds on conv2d/add above, so it imports this module
+        # NOTE: patch.py builds on conv2d/add above, so it imports this module: imported here, not at the top
+        from .patch import patch_forward
 
         outs = (patch_forward(op, tensors, ins[0], ins[1:]),)
     else:

@@ -28,8 +28,9 @@ def make_patch(x_shape, specs, tiles, seed=0, offsets=None):
     consts, ins, mult, shift = [], [0], [], []
     shapes = [tuple(x_shape)]
     for i, s in enumerate(specs):
-        row = dict(in_b=-1, stride_h=1, stride_w=1, pad_h=0, pad_w=0, groups=0, add_mult_a=0, add_mult_b=0,
-                   add_shift=0, fused=0, buf_off=-1, act_min=-128, act_max=127, zero_point=int(rng.integers(-20, 20)))
+        row = {"in_b": -1, "stride_h": 1, "stride_w": 1, "pad_h": 0, "pad_w": 0, "groups": 0, "add_mult_a": 0,
+               "add_mult_b": 0, "add_shift": 0, "fused": 0, "buf_off": -1, "act_min": -128, "act_max": 127,
+               "zero_point": int(rng.integers(-20, 20))}
         if s[0] == "conv":
             _, co, k, st, pad, g, fused = s
             c, h, w = shapes[i]
@@ -125,7 +126,7 @@ def test_writer_refuses_an_even_input_count():
     from tests.fixtures.tiny import tiny_plan
 
     plan = tiny_plan(seed=1)
-    op, tensors, _ = make_patch((3, 8, 8), [("conv", 2, 3, 1, 1, 1, 0)], (1, 1))
+    op, _, _ = make_patch((3, 8, 8), [("conv", 2, 3, 1, 1, 1, 0)], (1, 1))
     op.inputs = op.inputs[:2]
     plan.ops.insert(0, op)
     with pytest.raises(ValueError, match="1 \\+ 2k"):

@@ -423,7 +423,8 @@ static void add_region(const tf_patch_params *p, int32_t l, const src_t *a, cons
             const int8_t *br = b->p + (c * b->rows + oy - b->r0) * b->cols + (r->c0 - b->c0);
             int8_t *yr = d->p + c * d->cstride + (oy - r->r0) * d->rstride;
             for (int32_t j = 0; j < r->c1 - r->c0; j++) {
-                const int64_t v = ((int64_t)ar[j] + a->off) * p->add_mult_a[l] + ((int64_t)br[j] + b->off) * p->add_mult_b[l];
+                const int64_t v = ((int64_t)ar[j] + a->off) * p->add_mult_a[l] +
+                                  ((int64_t)br[j] + b->off) * p->add_mult_b[l];
                 const int64_t pre = ((v + half) >> p->add_shift[l]) + p->zero_point[l];
                 yr[j] = (int8_t)(pre < p->act_min[l] ? p->act_min[l] : (pre > p->act_max[l] ? p->act_max[l] : pre));
             }
