@@ -1,12 +1,15 @@
-"""Patch-based first stage: replace a plan's frozen high-resolution prefix by one PATCH op where that shrinks the arena.
+"""Patch-based first stage: replace segments of a plan's frozen high-resolution prefix by PATCH ops where that
+shrinks the arena.
 
-The candidate stages are the prefixes of the op list made of frozen CONV2D / PWDW / ADD ops (no mask, nothing
-read after the stage but its last output); for each, tile grids from 1x1 to 16x16 are scored by the arena's
-lower bound (the PATCH op's input + output + scratch against every other op's live bytes) and then by the
-multiply-accumulates the halos add. The layer buffers inside the scratch are placed by the planner's first fit
-over their lifetimes within one tile (:func:`device_agent.engine.patch.lifetimes`). It refuses to patch a stage
-that trains, saves or masks anything, and it keeps the plan unpatched unless patching saves at least
-:data:`MIN_SAVING` of the arena (each tile recomputes halos: instructions for bytes).
+The prefix is the leading run of frozen CONV2D / PWDW / ADD ops without masks. A segment of it can be one PATCH op
+when it has one arena input and nothing after it reads its inside. :func:`choose` cuts the prefix into segments
+and ops left alone by dynamic programming: first the smallest arena bound (the most bytes live at any op, a
+PATCH op's being its live bytes plus its scratch), then the fewest MACs the halos add; each segment's tile grid
+(1x1 to 16x16) keeps its MACs within :data:`MAX_HALO` times the unpatched ones. The layer buffers inside a
+PATCH op's scratch are placed by the planner's first fit over their lifetimes within one tile
+(:func:`device_agent.engine.patch.lifetimes`). It refuses to patch anything that trains, saves or masks, and it
+keeps the plan unpatched unless patching saves at least :data:`MIN_SAVING` of the arena (each tile recomputes its
+halo: instructions for bytes).
 """
 
 from __future__ import annotations
@@ -125,8 +128,9 @@ def _op(plan: ir.Plan, start: int, end: int, stage, tiles_h: int, tiles_w: int) 
     attrs.update(tiles_h=tiles_h, tiles_w=tiles_w, mult=np.asarray(ms[:n_ch], np.int32),
                  shift=np.asarray(ms[n_ch:], np.int32))
     y = plan.ops[end].outputs[0]
-    op = ir.Op(ir.OpType.PATCH, [plan.ops[start].inputs[0], *consts], [y], attrs,
-               f"patch[{plan.ops[start].name}..{plan.ops[end].name}]")
+    name = f"patch[{plan.ops[start].name}..{plan.ops[end].name}]"
+    name = name if len(name.encode()) <= 200 else f"patch[ops {start}..{end}]"  # NOTE: plan names <= 255 bytes
+    op = ir.Op(ir.OpType.PATCH, [plan.ops[start].inputs[0], *consts], [y], attrs, name)
     op.check()
     layers = P.layers_of(op, plan.tensors)
     _, h, w = layers[-1].shape
