@@ -210,8 +210,10 @@ static inline void pw4_dsp(const int8_t *xp, const uint32_t *wpk, int32_t cin, i
 #endif
 
 /* 1x1 stride-1 conv: four pixels of a row per pass, the zero-point term folded into woff. */
-static void pw_region(const rqx_t *rq, const int8_t *wc, int32_t cin, int32_t woff, const src_t *s, const int8_t *xg,
+static void pw_region(const rqx_t *rqp, const int8_t *wc, int32_t cin, int32_t woff, const src_t *s, const int8_t *xg,
                       const rect *r, int8_t *yc, int32_t rstride) {
+    /* NOTE: a local copy: int8 stores to y may alias anything reached through a pointer */
+    const rqx_t rql = *rqp, *rq = &rql;
     const int32_t plane = s->rows * s->cols, n = r->c1 - r->c0;
 #if TF_USE_DSP
     uint32_t wpk[PATCH_PW_CIN / 2];
@@ -314,6 +316,18 @@ static inline int32_t acc3_dsp(const int8_t *x, const uint32_t *wp, int32_t cin_
     }
     return acc;
 }
+
+/* 5x5 one-channel window: per row (x0, x2).(w0, w2) + (x1, x3).(w1, w3) by two SMLADs, + x4 w4; wp = 3 words per
+ * row: the two pairs and w4. Reads only the window. */
+static inline int32_t acc5_dsp(const int8_t *x, const uint32_t *wp, int32_t cols, int32_t acc) {
+    for (int32_t r = 0; r < 5; r++, x += cols, wp += 3) {
+        const uint32_t v = tf_load_u32(x);
+        acc = tf_smlad(tf_sxtb16(v), wp[0], acc);
+        acc = tf_smlad(tf_sxtb16_ror8(v), wp[1], acc);
+        acc += x[4] * (int32_t)wp[2];
+    }
+    return acc;
+}
 #endif
 
 /* Output channels [co0, co1) of conv layer l over region r, from s into d (channel co at d.p + (co - d.ch0)
@@ -325,7 +339,7 @@ static void conv_region(const tf_patch_params *p, const tf_patch_weights *wt, in
     const tf_filter_dims *wd = &wt->wd[l];
     const int32_t sh = p->stride_h[l], sw = p->stride_w[l], ph = p->pad_h[l], pw = p->pad_w[l];
     const int32_t cin_g = wd->c, kh_n = wd->h, kw_n = wd->w, cout_g = wd->n / p->groups[l];
-    const int32_t plane = s->rows * s->cols, taps = kh_n * kw_n;
+    const int32_t plane = s->rows * s->cols, taps = kh_n * kw_n, cols = s->cols;
     const tf_conv_params cp = {sh, sw, ph, pw, p->groups[l], s->off, p->zero_point[l], p->act_min[l], p->act_max[l]};
     /* output columns whose window lies inside the layer: ox * sw - pw >= 0 and ox * sw - pw + kw <= w */
     const int32_t oxa = max32(r->c0, (pw + sw - 1) / sw);
@@ -356,6 +370,14 @@ static void conv_region(const tf_patch_params *p, const tf_patch_weights *wt, in
             }
         }
         const int32_t row_end = s->c0 + s->cols; /* a window's 4th byte must stay inside its buffer row */
+        uint32_t wp5[15];
+        const int dw5 = kh_n == 5 && kw_n == 5 && cin_g == 1;
+        for (int32_t k = 0; dw5 && k < 5; k++) {
+            const int8_t *wr = wc + 5 * k;
+            wp5[3 * k] = TF_PACK16(wr[0], wr[2]);
+            wp5[3 * k + 1] = TF_PACK16(wr[1], wr[3]);
+            wp5[3 * k + 2] = (uint32_t)(int32_t)wr[4];
+        }
 #endif
         for (int32_t oy = r->r0; oy < r->r1; oy++) {
             const int32_t iy0 = oy * sh - ph;
@@ -375,11 +397,16 @@ static void conv_region(const tf_patch_params *p, const tf_patch_weights *wt, in
             int32_t ox = a;
             const int8_t *x0 = xg + (iy0 - s->r0) * s->cols + (a * sw - pw - s->c0);
 #if TF_USE_DSP
+            if (dw5) {
+                for (; ox < b; ox++, x0 += sw) {
+                    yr[ox - c0] = rq_out(&rq, acc5_dsp(x0, wp5, cols, woff));
+                }
+            }
             if (dsp) { /* NOTE: the window's 4th byte stays in its buffer row while ix0 + 3 < row_end */
                 const int32_t bd = min32(b, (row_end - 4 + pw) / sw + 1);
                 if (cin_g == 1) {
                     const uint32_t w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3], w4 = wp[4], w5 = wp[5];
-                    const int32_t c1 = s->cols, c2 = 2 * s->cols; /* NOTE: c1 is a row stride here */
+                    const int32_t c1 = cols, c2 = 2 * cols; /* NOTE: c1 is a row stride here */
                     for (; ox < bd; ox++, x0 += sw) {
                         int32_t acc = acc3_row(x0, w0, w1, woff);
                         acc = acc3_row(x0 + c1, w2, w3, acc);
@@ -387,13 +414,13 @@ static void conv_region(const tf_patch_params *p, const tf_patch_weights *wt, in
                     }
                 } else {
                     for (; ox < bd; ox++, x0 += sw) {
-                        yr[ox - c0] = rq_out(&rq, woff + acc3_dsp(x0, wp, cin_g, s->cols, plane));
+                        yr[ox - c0] = rq_out(&rq, woff + acc3_dsp(x0, wp, cin_g, cols, plane));
                     }
                 }
             }
 #endif
             for (; ox < b; ox++, x0 += sw) {
-                yr[ox - c0] = rq_out(&rq, woff + acc_inside(x0, wc, cin_g, kh_n, kw_n, s->cols, plane));
+                yr[ox - c0] = rq_out(&rq, woff + acc_inside(x0, wc, cin_g, kh_n, kw_n, cols, plane));
             }
         }
     }
