@@ -1,4 +1,5 @@
-"""Forward int8 kernels (CONV2D, ADD, AVGPOOL, RESHAPE, EMBEDDING, CLAMP, SAVE_CHANNELS, PWDW) and run_forward.
+"""Forward int8 kernels (CONV2D, ADD, AVGPOOL, RESHAPE, EMBEDDING, CLAMP, SAVE_CHANNELS, PWDW; PATCH in patch.py)
+and run_forward.
 
 Every kernel takes batch-first int8 arrays (N, C, H, W) and returns int8 outputs (plus a bool mask where the op
 has one), following docs/engine.md to the bit. It refuses training ops: those live in backward.py / update.py.
@@ -108,6 +109,11 @@ def forward_op(op: ir.Op, tensors: dict[int, ir.Tensor], store: Store) -> None:
         geom = ConvGeom(geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, groups=mid.shape[1])
         outs = conv2d(mid, int(a["mid_zero_point"]), ins[3], ins[4], zy, geom, a["dw_mult"], a["dw_shift"],
                       int(a["dw_act_min"]), int(a["dw_act_max"]))[:1]
+    elif t == ir.OpType.PATCH:
+        # NOTE: patch.py builds on conv2d/add above, so it imports this module: imported here, not at the top
+        from .patch import patch_forward
+
+        outs = (patch_forward(op, tensors, ins[0], ins[1:]),)
     else:
         raise ValueError(f"op {op.name or t.name} is not a forward op (forward_op runs {_FORWARD_NAMES})")
     for tid, val in zip(op.outputs, outs):

@@ -48,6 +48,8 @@ class OpType(IntEnum):
     PWDW = 8  # in [x, w_pw, b_pw, w_dw, b_dw] out [y]: 1x1 expansion fused with the next depthwise conv,
     #           computed one expanded channel at a time (an HxW buffer, not the whole tensor); same numbers
     #           as CONV2D(pw) then CONV2D(dw). Frozen layers only (nothing saved for backward).
+    PATCH = 9  # in [x, (w, b) per conv layer] out [y]: a frozen prefix of convs / fused conv+depthwise / adds run
+    #            tile by tile (engine/patch.py); same numbers as the unpatched ops, scratch = one tile's buffers.
     # loss
     SOFTMAX_CE = 16  # in [logits (K,1,1), label] out [g_logits]
     # backward (gradients are int8 with a per-sample power-of-two exponent)
@@ -77,6 +79,12 @@ OP_ATTRS: dict[OpType, tuple[tuple[str, bool], ...]] = {
         ("mid_zero_point", False),
         ("dw_stride_h", False), ("dw_stride_w", False), ("dw_pad_h", False), ("dw_pad_w", False),
         ("dw_act_min", False), ("dw_act_max", False), ("dw_mult", True), ("dw_shift", True),
+    ),
+    OpType.PATCH: (
+        ("tiles_h", False), ("tiles_w", False), ("kind", True), ("in_a", True), ("in_b", True), ("stride_h", True),
+        ("stride_w", True), ("pad_h", True), ("pad_w", True), ("groups", True), ("act_min", True), ("act_max", True),
+        ("zero_point", True), ("add_mult_a", True), ("add_mult_b", True), ("add_shift", True), ("fused", True),
+        ("buf_off", True), ("mult", True), ("shift", True),
     ),
     OpType.SOFTMAX_CE: (("exp_lut", True),),  # 256 entries: round(2**20 * exp(-j * s_logits))
     OpType.APPLY_MASK: (),

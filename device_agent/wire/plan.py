@@ -29,9 +29,10 @@ from device_agent.wire.envelope import (
 )
 from device_agent.wire.errors import WireError, WireFormatError
 
-# NOTE: v2 added the RECIPE section (flag FLAG_RECIPE). A v1 blob is refused (UNSUPPORTED_VERSION) rather than read
-# as "no recipe": the plan hash covers the version, so a silently upgraded v1 plan would change identity.
-PLAN = FormatId("plan", b"TFPL", 2, "recompile with `tinyfleet compile`")
+# NOTE: v2 added the RECIPE section (flag FLAG_RECIPE); v3 the PATCH op (type 9, a variable input count). Older
+# blobs are refused (UNSUPPORTED_VERSION) rather than read: the plan hash covers the version, so a silently
+# upgraded plan would change identity, and a v2 runtime cannot run a v3 plan's PATCH op.
+PLAN = FormatId("plan", b"TFPL", 3, "recompile with `tinyfleet compile`")
 
 MAX_TENSORS = 65535
 MAX_OPS = 65535
@@ -61,8 +62,10 @@ ARITY: dict[ir.OpType, tuple[int, tuple[int, ...]]] = {
     ir.OpType.SAVE_CHANNELS: (1, (1,)), ir.OpType.PWDW: (5, (1,)), ir.OpType.SOFTMAX_CE: (2, (1,)),
     ir.OpType.APPLY_MASK: (2, (1,)), ir.OpType.CONV2D_BWD_INPUT: (2, (1,)), ir.OpType.CONV2D_UPDATE: (4, (0,)),
     ir.OpType.GRAD_ACCUM: (2, (1,)), ir.OpType.AVGPOOL_BWD: (1, (1,)), ir.OpType.RESHAPE_BWD: (1, (1,)),
-    ir.OpType.EMBEDDING_UPDATE: (3, (0,)),
+    ir.OpType.EMBEDDING_UPDATE: (3, (0,)), ir.OpType.PATCH: (-1, (1,)),
 }
+# NOTE: -1 inputs: PATCH takes x then a (w, b) pair per conv layer, an odd count in [1, 1 + 2 * PATCH_MAX_CONVS].
+PATCH_MAX_CONVS = 16
 # (op type, input position) that may be NONE_ID: CONV2D_UPDATE's x_saved when only the bias trains.
 OPTIONAL_INPUTS = frozenset({(ir.OpType.CONV2D_UPDATE, 1)})
 
@@ -271,8 +274,10 @@ def _read_op(c: Cursor, index: int, nt: int) -> ir.Op:
     if reserved:
         raise _fail(WireError.RESERVED_NONZERO, f"op {index}: reserved byte {reserved}")
     want_in, want_out = ARITY[typ]
-    if n_in != want_in or n_out not in want_out:
-        raise _fail(WireError.BAD_VALUE, f"op {index} {typ.name}: {want_in} inputs / {want_out} outputs expected, "
+    ok_in = n_in % 2 == 1 and n_in <= 1 + 2 * PATCH_MAX_CONVS if want_in < 0 else n_in == want_in
+    if not ok_in or n_out not in want_out:
+        want = f"1 + 2k (k <= {PATCH_MAX_CONVS})" if want_in < 0 else str(want_in)
+        raise _fail(WireError.BAD_VALUE, f"op {index} {typ.name}: {want} inputs / {want_out} outputs expected, "
                                          f"got {n_in} / {n_out}")
     ids = c.unpack(struct.Struct(f"<{n_in + n_out}i"), f"op {index} tensor ids")
     for pos, tid in enumerate(ids):

@@ -86,6 +86,34 @@ tf_status tf_pwdw_s8(const tf_ctx *ctx, const tf_pwdw_params *p, const tf_dims *
                      const tf_filter_dims *dw_dims, const int8_t *w_dw, const int32_t *b_dw, const tf_dims *y_dims,
                      int8_t *y);
 
+#define TF_PATCH_MAX_LAYERS 16
+
+/* PATCH layer table (device_agent/engine/patch.py): every array has one value per layer, in_a / in_b are refs
+ * (0 = the op's input x, j + 1 = layer j), kind 0 = conv, 1 = add; mult / shift concatenate the conv layers'
+ * per-output-channel arrays (n_channels values). */
+typedef struct {
+    int32_t n_layers, tiles_h, tiles_w, n_channels;
+    int32_t input_offset; /* -zero_point(x) */
+    const int32_t *kind, *in_a, *in_b, *stride_h, *stride_w, *pad_h, *pad_w, *groups, *act_min, *act_max;
+    const int32_t *zero_point, *add_mult_a, *add_mult_b, *add_shift, *fused, *buf_off, *mult, *shift;
+} tf_patch_params;
+
+typedef struct {
+    const int8_t *w[TF_PATCH_MAX_LAYERS];  /* conv layer l: (C_out, C_in/groups, KH, KW) int8; add: NULL */
+    const int32_t *b[TF_PATCH_MAX_LAYERS]; /* (C_out,) int32 */
+    tf_filter_dims wd[TF_PATCH_MAX_LAYERS];
+} tf_patch_weights;
+
+/* PATCH: the layers over tiles_h x tiles_w output tiles, halos recomputed; x (C, H, W) the op's input, y the last
+ * layer's output. Same bytes as the unpatched ops. tf_patch_check validates the table and fills out (n_layers,)
+ * with every layer's dims; tf_patch_get_buffer_size is the scratch it needs (the highest buf_off + one tile's
+ * buffer, -1 when a needed buffer has no offset). */
+tf_status tf_patch_check(const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *x_dims,
+                         const tf_dims *y_dims, tf_dims *out);
+int32_t tf_patch_get_buffer_size(const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *out);
+tf_status tf_patch_s8(const tf_ctx *ctx, const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *x_dims,
+                      const int8_t *x, const tf_dims *y_dims, int8_t *y);
+
 /* EMBEDDING: y[d, 0, l] = table[ids[l], d]. ids (L,) int32 in [0, V), table (V, D) int8, y (D, 1, L). */
 tf_status tf_embedding_s8(int32_t vocab, int32_t dim, int32_t length, const int32_t *ids, const int8_t *table,
                           int8_t *y);

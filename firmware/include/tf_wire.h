@@ -21,7 +21,7 @@ enum { TF_K_INPUT = 1, TF_K_LABEL, TF_K_ACTIVATION, TF_K_GRADIENT, TF_K_MASK, TF
 enum { TF_DT_INT8 = 1, TF_DT_INT16, TF_DT_INT32, TF_DT_MASK };
 enum {
     TF_OP_CONV2D = 1, TF_OP_ADD, TF_OP_AVGPOOL, TF_OP_RESHAPE, TF_OP_EMBEDDING, TF_OP_CLAMP, TF_OP_SAVE_CHANNELS,
-    TF_OP_PWDW, TF_OP_SOFTMAX_CE = 16, TF_OP_APPLY_MASK, TF_OP_CONV2D_BWD_INPUT, TF_OP_CONV2D_UPDATE,
+    TF_OP_PWDW, TF_OP_PATCH, TF_OP_SOFTMAX_CE = 16, TF_OP_APPLY_MASK, TF_OP_CONV2D_BWD_INPUT, TF_OP_CONV2D_UPDATE,
     TF_OP_GRAD_ACCUM, TF_OP_AVGPOOL_BWD, TF_OP_RESHAPE_BWD, TF_OP_EMBEDDING_UPDATE,
 };
 
@@ -75,7 +75,8 @@ typedef struct {
     uint32_t slots_off; /* absolute offset of slot 0: u32 op_index | i32 wbuf_off | i32 bbuf_off | i32 frac_off */
 } tf_plan;
 
-#define TF_PLAN_VERSION 2
+#define TF_PLAN_VERSION 3
+#define TF_PATCH_MAX_IN 33 /* PATCH inputs: x + (w, b) x 16 conv layers (wire/plan.py PATCH_MAX_CONVS) */
 #define TF_PLAN_FLAG_RECIPE 4u
 
 /* The strict reader: envelope + body (every check of wire/plan.py, same order, same codes). */

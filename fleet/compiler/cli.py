@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy", help="scheme search data: .npz with x and y; x float (quantized here with the "
                                    "model's input quantization) or int8 already quantized like the input")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse frozen expansion+depthwise (PWDW)")
+    p.add_argument("--no-patch", action="store_true",
+                   help="run the frozen first stage whole, not tile by tile (no PATCH op: the pre-v3 arena)")
     p.add_argument("-o", "--output", help="write the plan blob (.ttp) here")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
     p.add_argument("--seed", type=int, default=0)
@@ -301,7 +303,7 @@ def _run(args: argparse.Namespace) -> int:
         scheme = _auto_named(graph, budget, recipe)[0]
     else:
         scheme = named_scheme(graph, args.scheme)
-    c = compile_full(graph, scheme, fuse=not args.no_fuse, recipe=recipe)
+    c = compile_full(graph, scheme, fuse=not args.no_fuse, recipe=recipe, patch=not args.no_patch)
     check_budget(c.report, budget, scheme.name)
     digest = ""
     if c.blob is not None:

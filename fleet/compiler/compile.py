@@ -44,9 +44,9 @@ def _serialize(plan: ir.Plan) -> bytes | None:
 
 def compile_full(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True, serialize: bool = True,
                  runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES, recipe: Recipe | None = None,
-                 range_ste: bool = False) -> Compiled:
+                 range_ste: bool = False, patch: bool = True) -> Compiled:
     """Build, plan, check and (optionally) serialize; no budget check. See :func:`compile_plan`."""
-    plan = build_training_plan(graph, scheme, fuse=fuse, range_ste=range_ste, recipe=recipe)
+    plan = build_training_plan(graph, scheme, fuse=fuse, range_ste=range_ste, recipe=recipe, patch=patch)
     layout = plan_arena(plan)
     check_layout(plan, layout)
     blob = _serialize(plan) if serialize else None
@@ -56,7 +56,8 @@ def compile_full(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True, se
 
 def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = None, fuse: bool = True,
                  serialize: bool = True, runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES,
-                 recipe: Recipe | None = None, range_ste: bool = False) -> tuple[ir.Plan, MemoryReport]:
+                 recipe: Recipe | None = None, range_ste: bool = False,
+                 patch: bool = True) -> tuple[ir.Plan, MemoryReport]:
     """Compile ``graph`` for ``scheme`` and check it against ``budget``.
 
     Parameters
@@ -79,6 +80,9 @@ def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = 
         and boards run it alike; its optimizer region counts in ``optimizer_bytes`` and ``peak_sram_bytes``.
     range_ste : bool
         No saturation masks on linear int8-range clamps (``training.build_training_plan``); opt-in.
+    patch : bool
+        Run the frozen high-resolution first stage tile by tile (one PATCH op) where that shrinks the arena by
+        at least ``patching.MIN_SAVING``; False reproduces the unpatched plans.
 
     Returns
     -------
@@ -90,7 +94,7 @@ def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = 
     BudgetError
         ``peak_sram_bytes > budget``; ``.required`` = the plan's peak.
     """
-    c = compile_full(graph, scheme, fuse, serialize, runtime_bytes, recipe, range_ste)
+    c = compile_full(graph, scheme, fuse, serialize, runtime_bytes, recipe, range_ste, patch)
     check_budget(c.report, budget, scheme.name)
     return c.plan, c.report
 

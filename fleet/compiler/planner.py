@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from device_agent.engine import ir
+from device_agent.engine import patch as patch_geom
 
 ALIGN = 4  # bytes; every arena offset is a multiple of this
 ARENA_KINDS = frozenset({ir.Kind.INPUT, ir.Kind.LABEL, ir.Kind.ACTIVATION, ir.Kind.GRADIENT, ir.Kind.MASK})
@@ -112,7 +113,11 @@ def scratch_bytes(op: ir.Op, tensors: list[ir.Tensor]) -> int:
     - SOFTMAX_CE: the ``K`` int32 exponentials ``e_i``.
     - CONV2D_BWD_INPUT and GRAD_ACCUM: 0; the kernel makes two passes (max |acc|, then write), no int32 tensor.
     - CONV2D forward: 0 (direct convolution, no im2col).
+    - PATCH: one tile's layer buffers at their ``buf_off`` (``engine.patch.scratch_bytes``: the largest tile).
     """
+    if op.type == ir.OpType.PATCH:
+        layers = patch_geom.layers_of(op, tensors)
+        return patch_geom.scratch_bytes(layers, int(op.attrs["tiles_h"]), int(op.attrs["tiles_w"]))
     if op.type == ir.OpType.PWDW:
         _, h, w = tensors[op.inputs[0]].shape
         return h * w

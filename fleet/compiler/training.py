@@ -2,8 +2,8 @@
 
 It does autodiff for the scheme only (backward stops at the earliest updated layer), prunes dead ops, orders
 each ``CONV2D_UPDATE`` right after its gradient exists (after ``CONV2D_BWD_INPUT``, which uses the old weights),
-masks in place where the gradient has no other reader, and fuses frozen expansion + depthwise pairs into
-``PWDW``. It refuses to plan memory (:mod:`.planner`) or to execute anything.
+masks in place where the gradient has no other reader, fuses frozen expansion + depthwise pairs into
+``PWDW`` and (opt-in) runs the frozen first stage tile by tile (``PATCH``, :mod:`.patching`). It refuses to plan memory (:mod:`.planner`) or to execute anything.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from device_agent.engine import ir
 from device_agent.engine.recipe import Recipe, with_recipe
 
 from .graph_builder import backbone_convs
+from .patching import patch_first_stage
 from .quantize import classifier_op
 
 RATIOS = (0.125, 0.25, 0.5, 1.0)
@@ -155,7 +156,8 @@ def _geom(op: ir.Op) -> dict[str, int]:
 
 
 def build_training_plan(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True,
-                        name: str | None = None, range_ste: bool = False, recipe: Recipe | None = None) -> ir.Plan:
+                        name: str | None = None, range_ste: bool = False, recipe: Recipe | None = None,
+                        patch: bool = False) -> ir.Plan:
     """Compile the training step of ``scheme`` on ``graph`` into an ordered plan (offsets not yet planned).
 
     Parameters
@@ -177,6 +179,9 @@ def build_training_plan(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = T
         Training recipe the plan carries (docs/engine.md "Training recipe"): the result is a
         ``recipe.RecipePlan`` with the optimizer region laid out (``recipe.layout_optimizer``), which the
         Trainer and the firmware both train with. None or an inactive recipe: a plain plan.
+    patch : bool
+        Run the frozen high-resolution prefix tile by tile as one PATCH op where that shrinks the arena
+        (:mod:`.patching` chooses the stage end and the tile grid).
 
     Returns
     -------
@@ -281,6 +286,8 @@ def build_training_plan(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = T
                    name=name or f"{graph.name}/{scheme.name}")
     prune_dead(plan)
     mask_in_place(plan)
+    if patch:
+        patch_first_stage(plan)
     return with_recipe(compact(plan), recipe)
 
 

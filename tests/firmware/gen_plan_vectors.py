@@ -17,7 +17,10 @@ carrying a training recipe (plan v2 RECIPE section; ``lr_m, lr_e`` stay ``mant_e
 floor), ``imu_recipe16`` (B = 2, momentum 0.5, 16-bit residuals, warm-up 2 + cosine to 5), ``tiny_recipe_sr``
 (B = 2, no momentum, stochastic rounding at the boundary, cosine to 0 at 3 updates: the last samples add nothing),
 ``imu_recipe_b1`` (B = 1, no momentum: transient v, 8-bit residuals, warm-up 3 + cosine to 12 over 12 updates),
-``tiny_recipe_mom_sr`` (B = 1, momentum 0.8, stochastic rounding, no schedule).
+``tiny_recipe_mom_sr`` (B = 1, momentum 0.8, stochastic rounding, no schedule); ``patch`` (plan v3 PATCH ops:
+fleet.compiler.models.TinyCNN on odd 3x29x27 inputs, its frozen stem + inverted-residual block (fused expansion,
+a residual add inside the stage) as one PATCH op of 3x2 uneven tiles and the strided depthwise-separable pair as a
+second one of 2x3 tiles, the classifier training).
 
     python tests/firmware/gen_plan_vectors.py [--out DIR] [--plans tiny,text,imu] [--mbv2]
 """
@@ -43,7 +46,8 @@ from fleet.compiler.mit_import import default_models_dir
 
 OUT = ROOT / "firmware" / "tests" / "vectors" / "plans"
 MODELS = default_models_dir()
-SMALL = ("tiny", "text", "imu", "tiny_recipe8", "imu_recipe16", "tiny_recipe_sr", "imu_recipe_b1", "tiny_recipe_mom_sr")
+SMALL = ("tiny", "text", "imu", "tiny_recipe8", "imu_recipe16", "tiny_recipe_sr", "imu_recipe_b1", "tiny_recipe_mom_sr",
+         "patch")
 
 
 def _pad4(b: bytes) -> bytes:
@@ -135,9 +139,32 @@ def build(name: str):
     if name == "tiny_recipe_mom_sr":
         plan, x, y, _, _ = build("tiny")
         return with_recipe(plan, Recipe(momentum=0.8)), x, y, 8, 0.1
+    if name == "patch":
+        return build_patch()
     if name == "mbv2":
         return build_mit("mbv2-w0.35", "99kb", steps=2)
     raise ValueError(f"unknown vector {name!r}, expected one of {SMALL + ('mbv2',)}")
+
+
+def build_patch():
+    """TinyCNN (3x29x27) with two PATCH ops forced at chosen tile grids (see the module docstring)."""
+    import torch
+
+    from fleet.compiler.models import TinyCNN
+    from fleet.compiler.patching import Choice, apply
+    from fleet.compiler.torch_import import import_torch
+    from fleet.compiler.training import build_training_plan, compact
+    torch.manual_seed(3)
+    model = TinyCNN(in_channels=3, num_classes=5, width=8).eval()
+    rng = np.random.default_rng(4)
+    graph = import_torch(model, rng.standard_normal((32, 3, 29, 27)).astype(np.float32), name="TinyCNN")
+    plan = build_training_plan(graph, ir.SparseScheme("head"))
+    add = next(i for i, op in enumerate(plan.ops) if op.type == ir.OpType.ADD)
+    apply(plan, [Choice(0, add, 3, 2, 0, 0, 0), Choice(add + 1, add + 2, 2, 3, 0, 0, 0)])
+    plan = _planned(compact(plan))
+    x = rng.integers(-128, 128, (3, *plan.tensors[plan.input_id].shape)).astype(np.int8)
+    y = rng.integers(0, 5, 3).astype(np.int32)
+    return plan, x, y, 5, 0.1
 
 
 def build_mit(model: str, rung: str, steps: int = 2, classes: int = 10, n: int = 2):

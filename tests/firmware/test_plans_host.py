@@ -35,7 +35,7 @@ def test_host_plans_bit_exact_and_manifest(tmp_path: Path) -> None:
     r = subprocess.run([str(exe), "--manifest", str(ROOT / "tests" / "vectors"),
                         *map(str, sorted(PLAN_VECTORS.glob("*.tfv")))], check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "plan vectors: 8 run, all bit-exact" in r.stdout and "ok manifest" in r.stdout
+    assert "plan vectors: 9 run, all bit-exact" in r.stdout and "ok manifest" in r.stdout
 
 
 def test_host_mbv2_bit_exact(tmp_path: Path) -> None:

@@ -113,8 +113,8 @@ def test_signature_is_checked_before_the_body():
 
 
 def test_version_message_says_what_to_do():
-    blob = gen.patch(plan_to_bytes(gen.golden_plan()), 4, "H", 3)
-    with pytest.raises(WireFormatError, match=r"plan v2 expected, got v3: recompile with `tinyfleet compile`"):
+    blob = gen.patch(plan_to_bytes(gen.golden_plan()), 4, "H", 4)
+    with pytest.raises(WireFormatError, match=r"plan v3 expected, got v4: recompile with `tinyfleet compile`"):
         plan_from_bytes(blob, verify=Verifier.unsigned())
 
 
@@ -156,6 +156,6 @@ def test_recipe_plan_round_trips_and_v1_is_refused():
         [(4, -1, 0, -1), (8, 16, 40, 52)] and back.recipe.optimizer_bytes == 64
     assert type(plain) is ir.Plan and plan_recipe(plain) is None
     assert plan_hash(blob) != plan_hash(gen.golden_plan())
-    with pytest.raises(WireFormatError, match=r"plan v2 expected, got v1: recompile") as e:
+    with pytest.raises(WireFormatError, match=r"plan v3 expected, got v1: recompile") as e:
         plan_from_bytes(v1, verify=Verifier.unsigned())
     assert e.value.code == WireError.UNSUPPORTED_VERSION

@@ -15,7 +15,7 @@
 uint64_t tf_profile_ticks[TF_MAX_OPS]; /* profiling builds only: board ticks of each op in the last step */
 #endif
 
-#define MAX_ATTRS 13
+#define MAX_ATTRS 20
 
 typedef struct {
     const int32_t *v[MAX_ATTRS];
@@ -226,13 +226,69 @@ static int recipe_slot(tf_runtime *rt, uint32_t i, const tf_filter_dims *wd, int
     return TF_RT_OK;
 }
 
+/* PATCH (attrs = ir.OP_ATTRS[PATCH]: tiles_h, tiles_w, then 18 arrays): the layer table, its conv weights from
+ * inputs 1.. in (w, b) pairs, checked by tf_patch_check; scratch = tf_patch_get_buffer_size. Its own frame so
+ * the table's stack is live only while a PATCH op runs. */
+static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view *op, const attrs_t *a,
+                                               const ten_t *x, const ten_t *y, const tf_ctx *ctx, int exec) {
+    tf_patch_weights wt;
+    tf_dims out[TF_PATCH_MAX_LAYERS];
+    const int32_t n = a->n[2];
+    if (n < 1 || n > TF_PATCH_MAX_LAYERS) {
+        return TF_RT_BAD_OP;
+    }
+    for (int k = 3; k < 18; k++) {
+        if (a->n[k] != n) {
+            return TF_RT_BAD_OP;
+        }
+    }
+    int32_t wi = 1, ch = 0;
+    for (int32_t l = 0; l < n; l++) {
+        wt.w[l] = NULL, wt.b[l] = NULL;
+        memset(&wt.wd[l], 0, sizeof(wt.wd[l]));
+        if (a->v[2][l] != 0) {
+            continue;
+        }
+        ten_t w, b;
+        if (wi + 1 >= op->n_in) {
+            return TF_RT_BAD_OP;
+        }
+        get(rt, op->ids[wi], &w);
+        get(rt, op->ids[wi + 1], &b);
+        if (!is_filter(&w) || !is_vec32(&b, w.t.dims[0])) {
+            return TF_RT_BAD_OP;
+        }
+        wt.w[l] = (const int8_t *)w.p, wt.b[l] = (const int32_t *)(const void *)b.p, wt.wd[l] = fdims(&w);
+        ch += w.t.dims[0];
+        wi += 2;
+    }
+    if (wi != op->n_in || a->n[18] != ch || a->n[19] != ch) {
+        return TF_RT_BAD_OP;
+    }
+    const tf_patch_params p = {n, *a->v[0], *a->v[1], ch, -x->t.zero_point, a->v[2], a->v[3], a->v[4], a->v[5],
+                               a->v[6], a->v[7], a->v[8], a->v[9], a->v[10], a->v[11], a->v[12], a->v[13],
+                               a->v[14], a->v[15], a->v[16], a->v[17], a->v[18], a->v[19]};
+    const tf_dims xd = dims3(x), yd = dims3(y);
+    if (tf_patch_check(&p, &wt, &xd, &yd, out) != TF_OK) {
+        return TF_RT_BAD_OP;
+    }
+    const int32_t need = tf_patch_get_buffer_size(&p, &wt, out);
+    if (need < 0 || ctx->size < need) {
+        return TF_RT_NO_SCRATCH;
+    }
+    if (exec) {
+        KERNEL(tf_patch_s8(ctx, &p, &wt, &xd, (const int8_t *)x->p, &yd, (int8_t *)y->p));
+    }
+    return TF_RT_OK;
+}
+
 static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
     tf_op_view op;
     attrs_t a;
     ten_t in[5], out[2];
     tf_plan_op(&rt->plan, rt->op_off[i], &op);
     parse_attrs(&op, &a);
-    for (int k = 0; k < op.n_in; k++) {
+    for (int k = 0; k < op.n_in && k < 5; k++) { /* PATCH reads its weight inputs itself (run_patch) */
         get(rt, op.ids[k], &in[k]);
     }
     for (int k = 0; k < op.n_out; k++) {
@@ -358,6 +414,9 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         }
         return TF_RT_OK;
     }
+    case TF_OP_PATCH:
+        REQ(is_act(&in[0], TF_DT_INT8) && is_act(y, TF_DT_INT8) && writable(y));
+        return run_patch(rt, &op, &a, &in[0], y, &ctx, exec);
     case TF_OP_SOFTMAX_CE: {
         const int32_t k = in[0].t.numel;
         REQ(is_act(&in[0], TF_DT_INT8) && k <= TF_MAX_CLASSES && in[1].p && in[1].t.dtype == TF_DT_INT32);

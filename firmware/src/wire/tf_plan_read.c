@@ -102,6 +102,7 @@ const char *tf_op_attr_spec(uint32_t t) {
     case TF_OP_CLAMP: return "ss";
     case TF_OP_SAVE_CHANNELS: return "s";
     case TF_OP_PWDW: return "ssaasssssssaa";
+    case TF_OP_PATCH: return "ssaaaaaaaaaaaaaaaaaa";
     case TF_OP_SOFTMAX_CE: return "a";
     case TF_OP_APPLY_MASK: return "";
     case TF_OP_CONV2D_BWD_INPUT: return "sssssas";
@@ -123,6 +124,7 @@ static void arity(uint32_t t, uint32_t *n_in, uint32_t *outs) {
     case TF_OP_GRAD_ACCUM: *n_in = 2, *outs = 2; break;
     case TF_OP_CLAMP: *n_in = 1, *outs = 6; break;
     case TF_OP_PWDW: *n_in = 5, *outs = 2; break;
+    case TF_OP_PATCH: *n_in = 0, *outs = 2; break; /* x then (w, b) per conv layer: odd, <= TF_PATCH_MAX_IN */
     case TF_OP_CONV2D_UPDATE: *n_in = 4, *outs = 1; break;
     case TF_OP_EMBEDDING_UPDATE: *n_in = 3, *outs = 1; break;
     default: *n_in = 1, *outs = 2; break; /* AVGPOOL RESHAPE SAVE_CHANNELS AVGPOOL_BWD RESHAPE_BWD */
@@ -146,7 +148,8 @@ static int read_op(cur *c, uint32_t nt) {
     }
     uint32_t want_in, outs;
     arity(typ, &want_in, &outs);
-    if (n_in != want_in || n_out > 2 || !((outs >> n_out) & 1)) {
+    const int in_ok = want_in ? n_in == want_in : (n_in & 1) && n_in <= TF_PATCH_MAX_IN;
+    if (!in_ok || n_out > 2 || !((outs >> n_out) & 1)) {
         return TF_WE_BAD_VALUE;
     }
     if (need(c, 4u * (n_in + n_out))) {
