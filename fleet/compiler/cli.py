@@ -25,7 +25,7 @@ from device_agent.engine.recipe import Recipe, plan_recipe
 from fleet.compiler.personal import method_costs
 from fleet.config import BoardConfig, ConfigError, load, parse_size
 
-from .compile import BudgetError, check_budget, compile_full
+from .compile import BudgetError, check_budget, compile_fitting, compile_full
 from .scheme import VARIANTS, all_schemes, named_scheme, search_scheme
 from .training import SchemeError
 
@@ -47,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy", help="scheme search data: .npz with x and y; x float (quantized here with the "
                                    "model's input quantization) or int8 already quantized like the input")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse frozen expansion+depthwise (PWDW)")
-    p.add_argument("--no-patch", action="store_true",
-                   help="run the frozen first stage whole, not tile by tile (no PATCH op: the pre-v3 arena)")
+    p.add_argument("--patch", choices=("auto", "always", "never"), default="auto",
+                   help="run the frozen first stage tile by tile (PATCH ops: far less arena, more instructions): "
+                        "auto = only when the whole-stage plan exceeds the budget (default)")
     p.add_argument("-o", "--output", help="write the plan blob (.ttp) here")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
     p.add_argument("--seed", type=int, default=0)
@@ -303,7 +304,8 @@ def _run(args: argparse.Namespace) -> int:
         scheme = _auto_named(graph, budget, recipe)[0]
     else:
         scheme = named_scheme(graph, args.scheme)
-    c = compile_full(graph, scheme, fuse=not args.no_fuse, recipe=recipe, patch=not args.no_patch)
+    c = compile_fitting(graph, scheme, budget, {"auto": None, "always": True, "never": False}[args.patch],
+                        fuse=not args.no_fuse, recipe=recipe)
     check_budget(c.report, budget, scheme.name)
     digest = ""
     if c.blob is not None:

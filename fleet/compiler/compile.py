@@ -54,10 +54,24 @@ def compile_full(graph: ir.Graph, scheme: ir.SparseScheme, fuse: bool = True, se
     return Compiled(plan, layout, report, blob)
 
 
+def compile_fitting(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None, patch: bool | None = None,
+                    **kw) -> Compiled:
+    """:func:`compile_full`, patched only where it must be: with ``patch=None`` the frozen first stage runs whole
+    (the fast plan) unless that plan's ``peak_sram_bytes`` exceeds ``budget``; then tile by tile (PATCH ops: far
+    less arena, more instructions, because every tile recomputes its halo). True / False force either. No budget
+    check (:func:`check_budget`)."""
+    if patch is not None:
+        return compile_full(graph, scheme, patch=patch, **kw)
+    whole = compile_full(graph, scheme, patch=False, **kw)
+    if budget is None or whole.report.peak_sram_bytes <= budget:
+        return whole
+    return compile_full(graph, scheme, patch=True, **kw)
+
+
 def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = None, fuse: bool = True,
                  serialize: bool = True, runtime_bytes: int = RUNTIME_ALLOWANCE_BYTES,
                  recipe: Recipe | None = None, range_ste: bool = False,
-                 patch: bool = True) -> tuple[ir.Plan, MemoryReport]:
+                 patch: bool | None = None) -> tuple[ir.Plan, MemoryReport]:
     """Compile ``graph`` for ``scheme`` and check it against ``budget``.
 
     Parameters
@@ -80,9 +94,10 @@ def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = 
         and boards run it alike; its optimizer region counts in ``optimizer_bytes`` and ``peak_sram_bytes``.
     range_ste : bool
         No saturation masks on linear int8-range clamps (``training.build_training_plan``); opt-in.
-    patch : bool
-        Run the frozen high-resolution first stage tile by tile (one PATCH op) where that shrinks the arena by
-        at least ``patching.MIN_SAVING``; False reproduces the unpatched plans.
+    patch : bool, optional
+        None (default): patch only when the unpatched plan does not fit ``budget`` (:func:`compile_fitting`).
+        True: run the frozen high-resolution first stage tile by tile (PATCH ops) where that shrinks the arena
+        by at least ``patching.MIN_SAVING``; False: never.
 
     Returns
     -------
@@ -94,7 +109,8 @@ def compile_plan(graph: ir.Graph, scheme: ir.SparseScheme, budget: int | None = 
     BudgetError
         ``peak_sram_bytes > budget``; ``.required`` = the plan's peak.
     """
-    c = compile_full(graph, scheme, fuse, serialize, runtime_bytes, recipe, range_ste, patch)
+    c = compile_fitting(graph, scheme, budget, patch, fuse=fuse, serialize=serialize, runtime_bytes=runtime_bytes,
+                        recipe=recipe, range_ste=range_ste)
     check_budget(c.report, budget, scheme.name)
     return c.plan, c.report
 

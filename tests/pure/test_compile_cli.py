@@ -39,8 +39,8 @@ def test_compile_prints_json_and_writes_the_plan(tmp_path, capsys, monkeypatch):
 
 def test_impossible_budget_names_the_minimum(capsys, monkeypatch):
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
-    assert main(["compile", *MODEL, "--scheme", "last", "--json"]) == 0
-    need = json.loads(capsys.readouterr().out)["peak_sram_bytes"]
+    assert main(["compile", *MODEL, "--scheme", "last", "--patch", "always", "--json"]) == 0
+    need = json.loads(capsys.readouterr().out)["peak_sram_bytes"]  # the smallest form: first stage tile by tile
     assert main(["compile", *MODEL, "--scheme", "auto", "--budget", str(need - 1), "--json"]) == 1
     cap = capsys.readouterr()
     assert f"smallest feasible budget is {need} bytes" in cap.err
@@ -89,3 +89,15 @@ def test_bad_recipe_options_name_the_option(capsys, monkeypatch):
                        (["--warmup", "10", "--total-steps", "5"], "--warmup/--total-steps:")):
         assert main(["compile", *MODEL, "--scheme", "last", *opts]) == 2, opts
         assert want in capsys.readouterr().err, opts
+
+
+def test_patch_auto_only_when_the_whole_stage_plan_does_not_fit(capsys, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    sizes = {}
+    for mode in ("never", "always"):
+        assert main(["compile", *MODEL, "--scheme", "last", "--patch", mode, "--json"]) == 0
+        sizes[mode] = json.loads(capsys.readouterr().out)["peak_sram_bytes"]
+    assert sizes["always"] < sizes["never"]  # the model has a first stage worth patching
+    for budget, want in ((sizes["never"], "never"), (sizes["never"] - 1, "always")):
+        assert main(["compile", *MODEL, "--scheme", "last", "--budget", str(budget), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["peak_sram_bytes"] == sizes[want], budget
