@@ -290,7 +290,8 @@ def real_feats(task, cut: int, qf: dict) -> dict:
     return {k: torch.from_numpy(float(t.scale[0]) * (v.astype(np.float32) - t.zero_point)) for k, v in qf.items()}
 
 
-def grad_compare(task, plan: ir.Plan, trainer: Trainer, x: np.ndarray, y: np.ndarray) -> dict:
+def grad_compare(task, plan: ir.Plan, trainer: Trainer, x: np.ndarray, y: np.ndarray,
+                 grad_rounding: str = "half_up") -> dict:
     """Every error gradient of one engine step against the twin's at the trainer's current weights."""
     from torch.nn import functional as F
 
@@ -300,7 +301,7 @@ def grad_compare(task, plan: ir.Plan, trainer: Trainer, x: np.ndarray, y: np.nda
     for tid, v in trainer.params.items():
         by_name[trainer.tensors[tid].name].data = v
     _, fwd = constrained_twin(g, keep=True)
-    plain = Trainer(plan)
+    plain = Trainer(plan, grad_rounding=grad_rounding)
     plain.load_trainable(trainer.trainable_state())
     tr = plain.trace_step(x, y, 1e-9)
     t_in = g.tensors[g.input_id]
@@ -309,10 +310,13 @@ def grad_compare(task, plan: ir.Plan, trainer: Trainer, x: np.ndarray, y: np.nda
     F.cross_entropy(out, torch.from_numpy(y.astype(np.int64)), reduction="sum").backward()
     masked = {op.outputs[0] for op in plan.ops if len(op.outputs) == 2 and plan.tensors[op.outputs[1]].dtype == ir.DType.MASK}
     gid = {t.name: t.id for t in g.tensors}
+    summed = {t.name.rsplit(".", 1)[0] for t in plan.tensors if t.name.endswith(".gsum")}
     rows = {}
     for pt in plan.tensors:
         base = pt.name.rsplit(".", 1)[0]
         if pt.kind != ir.Kind.GRADIENT or pt.id not in tr.values or base not in gid:
+            continue
+        if base in summed and not pt.name.endswith(".gsum"):  # NOTE: one branch of a sum, not the gradient
             continue
         fid = next((t.id for t in plan.tensors if t.name == base), None)
         ref = env[("pre", gid[base])] if fid in masked else env[gid[base]]  # NOTE: masks are applied in place
@@ -354,7 +358,7 @@ def main_twin(args) -> None:
     _, cut = AQ.int8_plan(task, task.sparse)
     qf = cached_features(task, cut, args.feature_cache)
     feats = real_feats(task, cut, qf)
-    setup = AQ.Setup(batch=args.batch, epochs=args.epochs, engine=args.engine)
+    setup = AQ.Setup(batch=args.batch, epochs=args.epochs, engine=args.engine, grad_rounding=args.grad_rounding)
     result = {}
     for v in args.variants.split(","):
         result[v] = train_twin(task, setup, feats, args.lr, args.seed, **VARIANTS[v])
@@ -370,10 +374,11 @@ def main_grads(args) -> None:
     task, _ = AQ.fashion_task(False, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
     plan, cut = AQ.int8_plan(task, task.sparse)
     qf = cached_features(task, cut, args.feature_cache)
-    trainer = Trainer(plan, recipe=AQ.Setup(batch=args.batch, epochs=args.epochs).recipe(args.n_train))
+    trainer = Trainer(plan, recipe=AQ.Setup(batch=args.batch, epochs=args.epochs).recipe(args.n_train),
+                      grad_rounding=args.grad_rounding)
     for idx in AQ.order(args.n_train, args.batch, 0, args.seed)[:args.batches]:
         trainer.train_step(qf["train"][idx], task.y["train"][idx], args.lr)
-    rows = grad_compare(task, plan, trainer, qf["val"][:args.probe], task.y["val"][:args.probe])
+    rows = grad_compare(task, plan, trainer, qf["val"][:args.probe], task.y["val"][:args.probe], args.grad_rounding)
     emit(rows, [(k, *(f"{a}={b}" for a, b in r.items())) for k, r in rows.items()])
 
 
@@ -394,6 +399,7 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="twin mode: also the int8 engine with the recipe")
     ap.add_argument("--engine", default="python", choices=("python", "native"))
     ap.add_argument("--batches", type=int, default=100, help="grads mode: recipe updates before the comparison")
+    ap.add_argument("--grad-rounding", default="half_up", choices=("half_up", "half_even"))
     ap.add_argument("--feature-cache", default=None, help="directory to keep the int8 prefix outputs in")
     args = ap.parse_args()
     torch.set_num_threads(1)
