@@ -73,12 +73,37 @@ def rshift_round(x: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
     return np.where(shift > 0, right, x << np.maximum(-shift, 0))
 
 
-def dyn_requant(acc: np.ndarray, exp: np.ndarray | int, per_sample: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def rshift_round_even(x: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
+    """Arithmetic right shift with round half to even (unbiased on exact halves); ``shift <= 0`` shifts left.
+
+    ``q = x >> s``, ``r = x - (q << s)``; ``q + 1`` when ``r > 2**(s-1)`` or (``r == 2**(s-1)`` and ``q`` odd).
+    Right shifts above 62 act as 62, as in :func:`rshift_round`.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    pos = np.clip(shift, 0, 62)
+    q = x >> pos
+    r = x - (q << pos)
+    half = np.where(pos > 0, np.int64(1) << np.maximum(pos - 1, 0), 0)
+    up = (pos > 0) & ((r > half) | ((r == half) & ((q & 1) == 1)))
+    return np.where(shift > 0, q + up, x << np.maximum(-shift, 0))
+
+
+def shift_rounder(even: bool):
+    """:func:`rshift_round_even` when ``even`` else :func:`rshift_round` (the error-gradient rounding rule)."""
+    return rshift_round_even if even else rshift_round
+
+
+def dyn_requant(acc: np.ndarray, exp: np.ndarray | int, per_sample: bool = True,
+                even: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Error gradient ``acc * 2**exp`` (int64) -> int8 values and a new power-of-two exponent.
 
-    The shift is the smallest ``sh >= 0`` with ``(max|acc| + half) >> sh <= 127``, taken per sample
-    (axis 0) when ``per_sample``. Returns ``(int8 array, int64 exponents of shape (N,))``.
+    The shift is the smallest ``sh >= 0`` with ``round(max|acc| / 2**sh) <= 127``, taken per sample
+    (axis 0) when ``per_sample``; rounding half up, or half to even with ``even`` (the host-only
+    ``grad_rounding="half_even"`` option, docs/engine.md "Diagnosis at 10k"). Returns ``(int8 array, int64
+    exponents of shape (N,))``.
     """
+    rnd = shift_rounder(even)
     acc = np.asarray(acc, dtype=np.int64)
     n = acc.shape[0] if per_sample else 1
     flat = acc.reshape(n, -1)
@@ -87,9 +112,9 @@ def dyn_requant(acc: np.ndarray, exp: np.ndarray | int, per_sample: bool = True)
     # bit_length(m) - 7 is exact or one short; fix up with one rounding check.
     bl = np.array([int(v).bit_length() for v in m], dtype=np.int64)
     sh = np.maximum(bl - 7, 0)
-    too_big = rshift_round(m, sh) > INT8_MAX
+    too_big = rnd(m, sh) > INT8_MAX
     sh = sh + too_big
-    out = rshift_round(flat, sh[:, None]).astype(np.int8).reshape(acc.shape)
+    out = rnd(flat, sh[:, None]).astype(np.int8).reshape(acc.shape)
     return out, np.asarray(exp, dtype=np.int64) + sh
 
 

@@ -188,9 +188,9 @@ def apply_weight(w: np.ndarray, frac: np.ndarray | None, v: np.ndarray, frac_bit
     return w_new.astype(np.int8), f_new.astype(np.int8 if frac_bits == 8 else np.int16)
 
 
-def apply_bias(b: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``b - rshift_round(v, ACC_BITS_B)`` saturated to int32."""
-    return np.clip(np.asarray(b, np.int64) - rshift_round(v, ACC_BITS_B), INT32_MIN, INT32_MAX).astype(np.int32)
+def apply_bias(b: np.ndarray, v: np.ndarray, bits: int = ACC_BITS_B) -> np.ndarray:
+    """``b - rshift_round(v, bits)`` saturated to int32 (``bits`` = the spec's ``ACC_BITS_B`` on a device)."""
+    return np.clip(np.asarray(b, np.int64) - rshift_round(v, bits), INT32_MIN, INT32_MAX).astype(np.int32)
 
 
 # ---- the recipe in the plan (docs/engine.md "Training recipe", plan v2 RECIPE section) ---------------------

@@ -6,6 +6,7 @@
  * weight, SMLAD where the board has it; other shapes the plain loop); a sample whose gradient row is all zero adds
  * nothing (d = 0 exactly), so off the boundary that channel is skipped. No scratch. */
 #include "tf_dsp.h"
+#include "tf_conv_update_check.h"
 #include "tf_kernels.h"
 #include "tf_qmath.h"
 
@@ -73,30 +74,16 @@ static void step_w(const tf_recipe_state *r, int32_t idx, int32_t acc, int32_t m
 tf_status tf_conv2d_update_recipe_s8(const tf_conv_update_params *p, const tf_qas *qas, const tf_recipe_state *r,
                                      const tf_dims *gy_dims, const int8_t *g_y, int32_t e_y, const tf_dims *x_dims,
                                      const int8_t *x_saved, const tf_filter_dims *w_dims, int8_t *w, int32_t *b) {
-    if (!p || !qas || !r || !g_y || (p->update_weight && (!w || !x_saved)) || (p->update_bias && !b)) {
-        return TF_ERR_ARG;
+    const tf_status st = tf_conv_update_check(p, qas, gy_dims, g_y, x_dims, x_saved, w_dims, w, b);
+    if (st != TF_OK) {
+        return st;
     }
-    if (p->lr_m < 0 || p->lr_m > 32768 || (r->frac_bits != 0 && r->frac_bits != 8 && r->frac_bits != 16) ||
+    if (!r || (r->frac_bits != 0 && r->frac_bits != 8 && r->frac_bits != 16) ||
         (r->frac_bits && p->update_weight && !r->frac) || r->beta_q15 < 0 || r->beta_q15 > 32767) {
         return TF_ERR_ARG;
     }
-    if (p->update_weight) {
-        if (!x_dims || p->k < 0 || p->k > x_dims->c) {
-            return TF_ERR_ARG;
-        }
-        tf_status st = tf_conv_check(x_dims, w_dims, gy_dims, p->groups, p->stride_h, p->stride_w, p->pad_h,
-                                     p->pad_w);
-        if (st != TF_OK) {
-            return st;
-        }
-    } else if (gy_dims->c != w_dims->n || p->groups < 1 || w_dims->n % p->groups) {
-        return TF_ERR_SHAPE;
-    }
     const int32_t oh_n = gy_dims->h, ow_n = gy_dims->w, oplane = oh_n * ow_n;
     const int32_t ih_n = x_dims ? x_dims->h : 0, iw_n = x_dims ? x_dims->w : 0, iplane = ih_n * iw_n;
-    if (oplane > 32768) { /* |g| <= 128, |x - zx| <= 255: int32 sums over this many pixels are exact */
-        return TF_ERR_OVERFLOW;
-    }
     const int32_t cin_g = w_dims->c, cout_g = w_dims->n / p->groups, kh_n = w_dims->h, kw_n = w_dims->w;
     const int32_t wsize = cin_g * kh_n * kw_n;
     const int pointwise = kh_n == 1 && kw_n == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_h == 0 &&

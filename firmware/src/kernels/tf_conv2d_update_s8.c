@@ -1,10 +1,10 @@
 /* CONV2D_UPDATE: QAS-scaled SGD with stochastic rounding, one output channel at a time (compute dW, db for
  * channel c, apply, discard: no gradient buffer). Only input channels < k (the saved ones) are updated. */
 #include "tf_dsp.h"
+#include "tf_conv_update_check.h"
 #include "tf_kernels.h"
 #include "tf_qmath.h"
 
-#define TF_UPDATE_MAX_PIXELS 32768 /* |g| <= 128, |x - zx| <= 255: int32 sums over this many pixels are exact */
 #define UPD_CHUNK 32               /* weights of one output channel whose sums are held at once (128 B of stack) */
 #if TF_USE_DSP
 #define UPD_GU_WORDS 128 /* one g row unpacked to int16 pairs: planes up to 256 pixels (512 B of stack) */
@@ -305,29 +305,12 @@ static void update_pointwise_pair(const tf_conv_update_params *p, const int8_t *
 tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas, const tf_dims *gy_dims,
                               const int8_t *g_y, int32_t e_y, const tf_dims *x_dims, const int8_t *x_saved,
                               const tf_filter_dims *w_dims, int8_t *w, int32_t *b) {
-    if (!p || !qas || !g_y || (p->update_weight && (!w || !x_saved)) || (p->update_bias && !b)) {
-        return TF_ERR_ARG;
-    }
-    if (p->lr_m < 0 || p->lr_m > 32768) {
-        return TF_ERR_ARG;
-    }
-    if (p->update_weight) { /* NOTE: a bias-only update never sees the input (x_dims may be NULL then) */
-        if (!x_dims || p->k < 0 || p->k > x_dims->c) {
-            return TF_ERR_ARG;
-        }
-        tf_status st = tf_conv_check(x_dims, w_dims, gy_dims, p->groups, p->stride_h, p->stride_w, p->pad_h,
-                                     p->pad_w);
-        if (st != TF_OK) {
-            return st;
-        }
-    } else if (gy_dims->c != w_dims->n || p->groups < 1 || w_dims->n % p->groups) {
-        return TF_ERR_SHAPE;
+    const tf_status st = tf_conv_update_check(p, qas, gy_dims, g_y, x_dims, x_saved, w_dims, w, b);
+    if (st != TF_OK) {
+        return st;
     }
     const int32_t oh_n = gy_dims->h, ow_n = gy_dims->w, oplane = oh_n * ow_n;
     const int32_t ih_n = x_dims ? x_dims->h : 0, iw_n = x_dims ? x_dims->w : 0, iplane = ih_n * iw_n;
-    if (oplane > TF_UPDATE_MAX_PIXELS) {
-        return TF_ERR_OVERFLOW;
-    }
     const int32_t cin_g = w_dims->c, cout_g = w_dims->n / p->groups, kh_n = w_dims->h, kw_n = w_dims->w;
     const int32_t wsize = cin_g * kh_n * kw_n;
     const int pointwise = kh_n == 1 && kw_n == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_h == 0 &&
