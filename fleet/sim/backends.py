@@ -265,6 +265,7 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
         elf_load_ranges,
         elf_symbol,
         firmware_elf,
+        firmware_target,
     )
     from device_agent.bridge import BoardTrainer
     from device_agent.engine.trainer import Trainer
@@ -275,15 +276,15 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
         raise SimulationError("backend qemu: `qemu-system-arm` not on PATH (Debian: apt-get install "
                               "qemu-system-arm; see ../shared/EMULATION.md)")
     src = Path(q.elf) if q.elf else firmware_elf(q.machine)
+    target = firmware_target(q.machine)
     if not q.elf:  # the default ELF is ours: an incremental make keeps it current with the sources
-        target = f"qemu-{q.machine.split('-')[-1]}"
         r = subprocess.run(["make", "-s", "-C", str(FIRMWARE_DIR), target], capture_output=True, text=True,
                            check=False)
         if r.returncode != 0:
             raise SimulationError(f"backend qemu: `make -C firmware {target}` failed:\n{r.stderr[-2000:]}")
     if not src.is_file():
-        raise SimulationError(f"backend qemu: firmware {src} not built: run `make -C firmware "
-                              f"qemu-{q.machine.split('-')[-1]}` (or set qemu.elf)")
+        raise SimulationError(f"backend qemu: firmware {src} not built: run `make -C firmware {target}` "
+                              "(or set qemu.elf)")
     # a private copy: a rebuild of firmware/build during the run must not change what later boards boot
     tmp = Path(tempfile.mkdtemp(prefix="tinyfleet-qemu-"))
     stack.callback(shutil.rmtree, tmp, ignore_errors=True)
@@ -315,7 +316,7 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
         fleet.clients.append(client)
         if not client.ping().get("blob_capacity"):
             raise SimulationError(f"backend qemu: firmware {src} has no plan store (built before LOAD_PLAN existed): "
-                                  f"rebuild it with `make -C firmware qemu-{q.machine.split('-')[-1]}` or set qemu.elf")
+                                  f"rebuild it with `make -C firmware {target}` or set qemu.elf")
         try:
             # a provisioned board booted with the plan (the firmware checked it); else LOAD_PLAN
             held = bool(preload) and client.stats()["plan_bytes"] == len(blob) and \

@@ -13,7 +13,7 @@ from typing import Any
 from fleet.schema import FleetConfig, load_fleet_config
 
 BACKENDS = ("python", "qemu", "renode")
-QEMU_MACHINES = ("mps2-an386", "mps2-an500")
+QEMU_MACHINES = ("mps2-an386", "mps2-an500", "netduinoplus2")
 BASELINES = ("local", "centralized")  # local-only training per device; fp32 on pooled data (fleet/sim/baselines.py)
 
 
@@ -21,7 +21,7 @@ BASELINES = ("local", "centralized")  # local-only training per device; fp32 on 
 class QemuConfig:
     """Emulated boards for ``backend: qemu`` / ``qemu_devices`` (fleet/sim/backends.py)."""
 
-    machine: str = "mps2-an500"  # mps2-an500 (Cortex-M7) or mps2-an386 (Cortex-M4)
+    machine: str = "mps2-an500"  # mps2-an500 (Cortex-M7), mps2-an386 (Cortex-M4), netduinoplus2 (STM32F405)
     elf: str | None = None  # firmware ELF (default: firmware/build/<an500|an386>/tinyfleet.elf)
     icount: bool = False  # deterministic virtual time (instruction count), ~2.3x slower
     timeout: float = 120.0  # seconds one board command may take (100 boards share 2 cores)

@@ -188,17 +188,36 @@ def test_netduino_requests_sent_while_busy_all_get_answers(netduino) -> None:
     assert info["frames_bad"] == 0
 
 
-def test_netduino_flash_store_takes_a_plan_flashed_with_the_image(stm32_elfs, tmp_path: Path) -> None:
-    """With the store in flash (ROM to the guest on QEMU) a plan written by QEMU's loader, as a factory would flash
-    it, is adopted at boot, and the whole 128 KB SRAM minus statics and stack is arena."""
+def test_netduino_flash_store_trains_a_plan_flashed_with_the_image(stm32_elfs, tmp_path: Path) -> None:
+    """With the store in flash (ROM to the guest on QEMU) the plan and the samples are written by QEMU's loader, as a
+    factory would flash them (the samples at the slots the board reports); the board adopts the plan at boot,
+    PUSH_SAMPLE of the same bytes changes nothing, and training is bit-exact: the path of
+    benchmarks/firmware_paper.py --board netduinoplus2. The whole SRAM minus statics and stack is arena."""
     require_cmd("qemu-system-arm")
     elf = stm32_elfs["netduino-flashstore"]
     v = PlanVector.read(PLAN_VECTORS / "imu.tfv")
+    nb, n = len(v.samples[0]), len(v.samples)
     at = elf_symbol(elf, "__store_start")
     assert FLASH[0] < at and not any(lo < at + len(v.plan) and at < hi for lo, hi in elf_load_ranges(elf))
-    blob = tmp_path / "plan.ttp"
-    blob.write_bytes(v.plan)
-    with QemuBoard("netduinoplus2", elf=elf, preload=[(blob, at)]) as board, BoardClient(board.endpoint) as c:
-        stats, ping = c.stats(), c.ping()
-    assert stats["plan_bytes"] == len(v.plan) and ping["blob_capacity"] > 700 * KB
+    (tmp_path / "plan.ttp").write_bytes(v.plan)
+    preload = [(tmp_path / "plan.ttp", at)]
+    with QemuBoard("netduinoplus2", elf=elf, preload=preload) as board, BoardClient(board.endpoint) as c:
+        held = c.stats()["plan_bytes"]
+        store = c.ping()["blob_capacity"]
+        cap = c.store_samples(0, [], nb)["sample_capacity"]
+    (tmp_path / "samples.bin").write_bytes(b"".join(s + bytes(-nb % 4) for s in v.samples))
+    preload.append((tmp_path / "samples.bin", at + store - cap * (nb + -nb % 4)))
+    with QemuBoard("netduinoplus2", elf=elf, preload=preload) as board, BoardClient(board.endpoint) as c:
+        for s, y in zip(v.samples, v.labels):
+            c.push_sample(s, y)
+        tr = c.train(v.steps, v.lr_m, v.lr_e, round_id=1)
+        state = c.state()
+    with QemuBoard("netduinoplus2", elf=elf, preload=preload[:1]) as board, BoardClient(board.endpoint) as c:
+        for s, y in zip(v.samples, v.labels):  # without the flashed samples: PUSH_SAMPLE cannot write the ROM
+            c.push_sample(s, y)
+        c.train(v.steps, v.lr_m, v.lr_e, round_id=1)
+        unflashed = c.state()
+    assert held == len(v.plan) and store > 700 * KB and cap >= n
+    assert tr["steps_done"] == v.steps and state["state_hash"] == v.state_hash
+    assert unflashed["state_hash"] != v.state_hash
     assert elf_symbol(elf, "__arena_end") - elf_symbol(elf, "__arena_start") > 100 * KB
