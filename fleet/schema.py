@@ -169,7 +169,7 @@ class FleetConfig:
     # NOTE: keys only `tinyfleet simulate` reads (fleet/sim/config.py validates them); `serve` skips them, so
     # one YAML file serves both. tests/pure/test_config.py keeps this list equal to the simulator's extra fields.
     SIMULATOR_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"backend", "qemu_devices", "qemu", "workers", "baselines", "new_users", "continual"})
+        {"backend", "qemu_devices", "qemu", "renode", "workers", "baselines", "new_users", "continual"})
 
     name: str = "tinyfleet"  # fleet name: topics live under tinyfleet/<name>/
     broker: str = "embedded"  # "embedded" (simulate only: a mosquitto subprocess) or mqtt://[user:pass@]host:port

@@ -38,6 +38,30 @@ class QemuConfig:
 
 
 @dataclass
+class RenodeConfig:
+    """Renode boards for ``backend: renode`` (fleet/sim/renode.py): STM32F746 machines, several per Renode process."""
+
+    elf: str | None = None  # firmware ELF (default: firmware/build/stm32f746/tinyfleet.elf)
+    machines_per_process: int = 10  # boards per Renode process (one process: ~0.5 GB and ~5 s to start)
+    quantum_us: float | None = None  # Renode's global quantum in microseconds of virtual time (None: its default)
+    timeout: float = 300.0  # seconds one board command may take
+    boot_timeout: float = 300.0  # seconds for every process to start and its boards to answer
+
+    def validate(self) -> list[str]:
+        errs = []
+        if self.elf is not None and not Path(self.elf).is_file():
+            errs.append(f"elf: file not found: {self.elf}")
+        if isinstance(self.machines_per_process, bool) or not isinstance(self.machines_per_process, int) or \
+                self.machines_per_process < 1:
+            errs.append(f"machines_per_process: must be an integer >= 1, got {self.machines_per_process!r}")
+        if self.quantum_us is not None and not self.quantum_us > 0:
+            errs.append(f"quantum_us: must be > 0 microseconds, got {self.quantum_us}")
+        if self.timeout <= 0 or self.boot_timeout <= 0:
+            errs.append("timeout, boot_timeout: must be > 0 seconds")
+        return errs
+
+
+@dataclass
 class ContinualConfig:
     """Continual evaluation (fleet/sim/continual.py): each device's stream in time order, tested then trained."""
 
@@ -60,9 +84,10 @@ class ContinualConfig:
 class SimConfig(FleetConfig):
     """A fleet as ``tinyfleet simulate`` runs it: which backend each device uses, and the in-run baselines."""
 
-    backend: str = "python"  # python (host engine) | qemu (one emulated board per device) | renode (not here)
+    backend: str = "python"  # python (host engine) | qemu | renode (one emulated board per device)
     qemu_devices: int | None = None  # mixed fleet: the first N devices are QEMU boards, the rest use `backend`
     qemu: QemuConfig = field(default_factory=QemuConfig)
+    renode: RenodeConfig = field(default_factory=RenodeConfig)
     workers: int | None = None  # processes for backend python devices (fleet/sim/workers.py); None: CPU count, 0: none
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # measured in the same run; [] for none
     # users held out of training (a count: the last N devices of the scenario; or a list of device indices):
