@@ -18,6 +18,9 @@ board's plan store (flash: the plan is used in place from there), pushes one ran
 A rung whose plan does not fit the board falls back to the next smaller rung (reported as ``rung``). Models
 absent from ../shared/models are skipped. The last line is one JSON object.
 
+``--board renode-stm32f746``: the paper's board on Renode (fleet/sim/renode.py; the plan written into the flash
+store); ``instructions_per_step`` there is the DWT cycle count (our .repl: 216 MIPS at 216 MHz, 1 cycle per
+instruction; Renode models no pipeline, cache or wait states).
 ``--board netduinoplus2`` (STM32F405, firmware/boards/stm32, the ``qemu-netduino-flashstore`` image): QEMU 7.2 maps
 128 KB of the part's 192 KB (no CCM) and its flash is ROM to the guest, so the plan is written into the flash
 store by QEMU's loader (as a factory flashes it) and so is the sample, at the sample slot the board reports
@@ -28,6 +31,7 @@ exactly those bytes. Instructions = SysTick ticks x 1e9 / 168 MHz (-icount shift
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -88,7 +92,26 @@ BOARDS = ("an500", "an386", "netduinoplus2")  # QEMU mps2-an500 (M7), mps2-an386
 # board -> (QEMU machine, make target, ELF under the build directory)
 TARGETS = {"an500": ("mps2-an500", "qemu-an500", "an500/tinyfleet.elf"),
            "an386": ("mps2-an386", "qemu-an386", "an386/tinyfleet.elf"),
-           "netduinoplus2": ("netduinoplus2", "qemu-netduino-flashstore", "netduino/tinyfleet-flashstore.elf")}
+           "netduinoplus2": ("netduinoplus2", "qemu-netduino-flashstore", "netduino/tinyfleet-flashstore.elf"),
+           "renode-stm32f746": ("renode-stm32f746", "stm32f746", "stm32f746/tinyfleet.elf")}
+
+
+@contextlib.contextmanager
+def board_client(machine: str, elf: Path, preload: list, icount: bool = False, timeout: float = 60.0):
+    """A BoardClient on a fresh emulated board: QEMU, or Renode's STM32F746 (fleet/sim/renode.py)."""
+    if machine == "renode-stm32f746":
+        from fleet.sim.renode import RenodeProcess, connect_ready
+
+        with tempfile.TemporaryDirectory() as tmp, RenodeProcess(elf, preload=preload, workdir=Path(tmp)) as proc:
+            c = connect_ready(proc, proc.endpoints[0], timeout)
+            try:
+                yield c
+            finally:
+                c.close()
+        return
+    with QemuBoard(machine, elf=elf, icount=icount, preload=preload) as board, \
+            BoardClient(board.endpoint, timeout=timeout) as c:
+        yield c
 
 
 def build_firmware(build: Path, board: str = "an500") -> tuple[Path, int, int]:
@@ -118,8 +141,9 @@ def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, cl
     graph = new_classifier(import_mit(MODELS / f"{model}.pkl"), classes)
     ladder = load_schemes(PAPER_SCHEMES)[model]
     machine = TARGETS[board_name][0]
-    rom_store = board_name == "netduinoplus2"
-    with QemuBoard(machine, elf=elf) as board, BoardClient(board.endpoint, timeout=60) as c:
+    rom_store = board_name == "netduinoplus2"  # flash that is ROM to the guest: plan and sample through the loader
+    flash_plan = rom_store or machine == "renode-stm32f746"  # Renode: the plan written like the fleet backend's
+    with board_client(machine, elf, []) as c:
         info, ping = c.board_info(), c.ping()
     pool, store, tick_hz = info["arena_bytes"], ping["blob_capacity"], info["tick_hz"]
     needs = {}
@@ -145,16 +169,16 @@ def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, cl
     lr_m, lr_e = mant_exp(LR)
     with tempfile.TemporaryDirectory() as tmp:
         preload = []
-        if rom_store:  # the plan flashed with the image, then the sample at the slot the board reports
+        if flash_plan:  # the plan flashed with the image (then, ROM: the sample at the slot the board reports)
             at = elf_symbol(elf, "__store_start")
             preload = [_flashed(Path(tmp), "plan.ttp", blob, at)]
-            with QemuBoard(machine, elf=elf, preload=preload) as board, BoardClient(board.endpoint, timeout=60) as c:
+        if rom_store:
+            with board_client(machine, elf, preload) as c:
                 cap = c.store_samples(0, [], tin.nbytes)["sample_capacity"]
             slot0 = at + store - cap * -(-tin.nbytes // 4) * 4
             preload.append(_flashed(Path(tmp), "sample.bin", x.tobytes(), slot0))
-        with QemuBoard(machine, elf=elf, icount=True, preload=preload) as board, \
-                BoardClient(board.endpoint, timeout=600) as c:
-            if rom_store:
+        with board_client(machine, elf, preload, icount=True, timeout=1800) as c:
+            if flash_plan:
                 if c.stats()["plan_bytes"] != len(blob):
                     raise RuntimeError(f"{model}: the board did not adopt the flashed plan")
             else:
@@ -168,7 +192,10 @@ def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, cl
         ref.train_step(x, y, LR)
     m = macs(plan)
     trainable = sum(t.nbytes for t in plan.trainable)
-    insns = round(st["train_ticks"] * 1e9 / tick_hz)  # -icount shift=0: 1 instruction = 1 ns of virtual time
+    if machine == "renode-stm32f746":  # DWT CYCCNT; our .repl runs 216 MIPS at 216 MHz: 1 cycle = 1 instruction
+        insns = st["train_ticks"]
+    else:  # -icount shift=0: 1 instruction = 1 ns of virtual time
+        insns = round(st["train_ticks"] * 1e9 / tick_hz)
     return {
         "board": machine, "rung": rung, "fits": True, "sram_budget_bytes": ping["sram_bytes"], "peak_sram_bytes": statics + pool_need(plan) + stats["stack_high_water"],
         "arena_bytes": plan.arena_bytes, "trainable_bytes": trainable, "statics_bytes": statics,
@@ -185,7 +212,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(RUNGS))
     ap.add_argument("--steps", type=int, default=2, help="training steps; the last one is timed")
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--board", choices=BOARDS, default="an500", help="QEMU board: mps2 an500 (M7), an386 (M4), netduinoplus2 (STM32F405, M4)")
+    ap.add_argument("--board", choices=BOARDS, default="an500", help="QEMU board: mps2 an500 (M7), an386 (M4), netduinoplus2 (STM32F405, M4); "
+                    "renode-stm32f746: Renode (needs renode on PATH or $TINYFLEET_RENODE)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         elf, flash_fw, statics = build_firmware(Path(tmp), args.board)
