@@ -89,7 +89,7 @@ class RenodeProcess:
                       f"connector Connect sysbus.usart1 uart{i}",
                       f"sysbus LoadELF @{Path(self.elf).resolve()}"]
             lines += [f"sysbus LoadBinary @{Path(p).resolve()} {addr:#x}" for p, addr in self.preload]
-            lines += ["cpu VectorTableOffset 0x08000000", "mach clear"]
+            lines += ["sysbus.cpu VectorTableOffset 0x08000000", "mach clear"]
         lines.append("start")
         return "\n".join(lines) + "\n"
 
