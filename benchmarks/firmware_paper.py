@@ -88,7 +88,7 @@ def macs(plan: ir.Plan) -> dict[str, int]:
     return out
 
 
-BOARDS = ("an500", "an386", "netduinoplus2")  # QEMU mps2-an500 (M7), mps2-an386 (M4), netduinoplus2 (STM32F405)
+BOARDS = ("an500", "an386", "netduinoplus2", "renode-stm32f746")  # QEMU mps2 M7 / M4, STM32F405; Renode STM32F746
 # board -> (QEMU machine, make target, ELF under the build directory)
 TARGETS = {"an500": ("mps2-an500", "qemu-an500", "an500/tinyfleet.elf"),
            "an386": ("mps2-an386", "qemu-an386", "an386/tinyfleet.elf"),

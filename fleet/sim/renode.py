@@ -41,8 +41,8 @@ def renode_missing_reason() -> str:
     env = os.environ.get(RENODE_ENV)
     if env:
         return f"${RENODE_ENV}={env} is not an executable Renode launcher"
-    return (f"Renode not found: put `renode` on PATH or set ${RENODE_ENV} to its launcher (Renode has no Debian/PyPI "
-            "package; see docs/boards.md)")
+    return (f"renode not on PATH and ${RENODE_ENV} unset: install Renode (no Debian/PyPI package; docs/boards.md) "
+            f"and put `renode` on PATH or set ${RENODE_ENV} to its launcher")
 
 
 def firmware_elf() -> Path:
