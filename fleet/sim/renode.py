@@ -224,11 +224,12 @@ def start_renode_fleet(cfg, plan, n: int, stack, on_board=None) -> list:
                            workdir=tmp) for i in range(0, n, k)]
     fleet.boards.extend(procs)
     endpoints = [(p, ep) for p in procs for ep in p.start()]
+    deadline = time.monotonic() + r.boot_timeout  # NOTE: one deadline for the whole fleet, not per board
 
     def up(i: int):
         proc, ep = endpoints[i]
         try:
-            client = connect_ready(proc, ep, r.timeout, r.boot_timeout)
+            client = connect_ready(proc, ep, r.timeout, max(1.0, deadline - time.monotonic()))
         except RuntimeError as e:
             raise SimulationError(f"backend renode: board {i}: {e}") from None
         fleet.clients.append(client)
@@ -242,8 +243,11 @@ def start_renode_fleet(cfg, plan, n: int, stack, on_board=None) -> list:
             on_board(i)
         return trainer
 
-    with ThreadPoolExecutor(max_workers=min(n, 16), thread_name_prefix="renode-boot") as pool:
+    pool = ThreadPoolExecutor(max_workers=min(n, 16), thread_name_prefix="renode-boot")
+    try:
         trainers = [f.result() for f in [pool.submit(up, i) for i in range(n)]]
+    finally:  # a board that failed ends the boot: the others are not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
     fleet.booted_at = time.monotonic()
     fleet.boot_seconds = fleet.booted_at - t0
     fleet.trainers = trainers
