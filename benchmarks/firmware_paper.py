@@ -1,7 +1,8 @@
 """Training on an emulated Cortex-M (QEMU mps2-an500 = M7 or mps2-an386 = M4, -icount shift=0), measured: the paper's
 three models at 128x128 with their ~100 KB sparse schemes (../shared/models/schemes.yaml rungs 99kb / 98kb / 99kb).
 
-One command: ``python benchmarks/firmware_paper.py [--models mbv2-w0.35,...] [--steps 2] [--board an500|an386]``.
+One command: ``python benchmarks/firmware_paper.py [--models mbv2-w0.35,...] [--steps 2]
+[--board an500|an386|netduinoplus2]``.
 Per model it compiles the plan, builds the firmware for the board (320 KB SRAM / 1 MB flash budget), loads the
 plan over the UART into the
 board's plan store (flash: the plan is used in place from there), pushes one random 128x128 sample, trains
@@ -16,11 +17,21 @@ board's plan store (flash: the plan is used in place from there), pushes one ran
   the plan's ops; ``bit_exact``: the board's state hash equals the Python Trainer's after the same steps.
 A rung whose plan does not fit the board falls back to the next smaller rung (reported as ``rung``). Models
 absent from ../shared/models are skipped. The last line is one JSON object.
+
+``--board renode-stm32f746``: the paper's board on Renode (fleet/sim/renode.py; the plan written into the flash
+store); ``instructions_per_step`` there is the DWT cycle count (our .repl: 216 MIPS at 216 MHz, 1 cycle per
+instruction; Renode models no pipeline, cache or wait states).
+``--board netduinoplus2`` (STM32F405, firmware/boards/stm32, the ``qemu-netduino-flashstore`` image): QEMU 7.2 maps
+128 KB of the part's 192 KB (no CCM) and its flash is ROM to the guest, so the plan is written into the flash
+store by QEMU's loader (as a factory flashes it) and so is the sample, at the sample slot the board reports
+(PUSH_SAMPLE's write of the same bytes is then a no-op): the state hash still checks that the board trained on
+exactly those bytes. Instructions = SysTick ticks x 1e9 / 168 MHz (-icount shift=0: 1 instruction = 1 ns).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -31,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import MODELS, ROOT, emit
-from device_agent.board import BoardClient, QemuBoard
+from device_agent.board import BoardClient, QemuBoard, elf_symbol
 from device_agent.bridge import pool_need
 from device_agent.engine import ir
 from device_agent.engine.qmath import mant_exp
@@ -45,7 +56,6 @@ RUNGS = {"mbv2-w0.35": ["99kb", "73kb", "49kb"], "proxyless-w0.3": ["98kb", "74k
          "mcunet-5fps": ["99kb", "74kb", "49kb"]}
 PAPER_KB = {"mbv2-w0.35": 141, "proxyless-w0.3": 135, "mcunet-5fps": 173}
 PAPER_MCYCLES = {"mbv2-w0.35": 80.6, "proxyless-w0.3": 95.7, "mcunet-5fps": 118.0}
-INSNS_PER_TICK = 40
 LR = 0.02
 
 
@@ -78,61 +88,116 @@ def macs(plan: ir.Plan) -> dict[str, int]:
     return out
 
 
-BOARDS = ("an500", "an386")  # QEMU mps2-an500 (Cortex-M7), mps2-an386 (Cortex-M4)
+BOARDS = ("an500", "an386", "netduinoplus2", "renode-stm32f746")  # QEMU mps2 M7 / M4, STM32F405; Renode STM32F746
+# board -> (QEMU machine, make target, ELF under the build directory)
+TARGETS = {"an500": ("mps2-an500", "qemu-an500", "an500/tinyfleet.elf"),
+           "an386": ("mps2-an386", "qemu-an386", "an386/tinyfleet.elf"),
+           "netduinoplus2": ("netduinoplus2", "qemu-netduino-flashstore", "netduino/tinyfleet-flashstore.elf"),
+           "renode-stm32f746": ("renode-stm32f746", "stm32f746", "stm32f746/tinyfleet.elf")}
+
+
+@contextlib.contextmanager
+def board_client(machine: str, elf: Path, preload: list, icount: bool = False, timeout: float = 60.0):
+    """A BoardClient on a fresh emulated board: QEMU, or Renode's STM32F746 (fleet/sim/renode.py)."""
+    if machine == "renode-stm32f746":
+        from fleet.sim.renode import RenodeProcess, connect_ready
+
+        with tempfile.TemporaryDirectory() as tmp, RenodeProcess(elf, preload=preload, workdir=Path(tmp)) as proc:
+            c = connect_ready(proc, proc.endpoints[0], timeout)
+            try:
+                yield c
+            finally:
+                c.close()
+        return
+    with QemuBoard(machine, elf=elf, icount=icount, preload=preload) as board, \
+            BoardClient(board.endpoint, timeout=timeout) as c:
+        yield c
 
 
 def build_firmware(build: Path, board: str = "an500") -> tuple[Path, int, int]:
     """The board's ELF; returns (elf, flash bytes = text + data, statics = data + bss)."""
     # NOTE: SELFTEST=0: the on-board kernel self-test vectors (~70 KB) would take flash from the plan store, and
     # MCUNet's 99kb rung needs all of it; the training code is the same in both builds.
-    r = subprocess.run(["make", "-s", "-j2", "-C", str(ROOT / "firmware"), f"BUILD={build}", f"qemu-{board}",
-                        "SELFTEST=0"],
+    _, target, rel = TARGETS[board]
+    r = subprocess.run(["make", "-s", "-j2", "-C", str(ROOT / "firmware"), f"BUILD={build}", target, "SELFTEST=0"],
                        check=False, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(r.stdout + r.stderr)
-    elf = build / board / "tinyfleet.elf"
+    elf = build / rel
     text, data, bss = (int(v) for v in subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True,
                                                        text=True, check=True).stdout.splitlines()[1].split()[:3])
     return elf, text + data, data + bss
+
+
+def _flashed(tmp: Path, name: str, data: bytes, at: int) -> tuple[Path, int]:
+    """A QEMU loader entry writing ``data`` at ``at`` (flash that is ROM to the guest)."""
+    path = tmp / name
+    path.write_bytes(data)
+    return path, at
 
 
 def run_model(model: str, elf: Path, flash_fw: int, statics: int, steps: int, classes: int,
               board_name: str = "an500") -> dict:
     graph = new_classifier(import_mit(MODELS / f"{model}.pkl"), classes)
     ladder = load_schemes(PAPER_SCHEMES)[model]
-    with QemuBoard(f"mps2-{board_name}", elf=elf, icount=True) as board, BoardClient(board.endpoint, timeout=600) as c:
+    machine = TARGETS[board_name][0]
+    rom_store = board_name == "netduinoplus2"  # flash that is ROM to the guest: plan and sample through the loader
+    flash_plan = rom_store or machine == "renode-stm32f746"  # Renode: the plan written like the fleet backend's
+    with board_client(machine, elf, []) as c:
         info, ping = c.board_info(), c.ping()
-        pool, store = info["arena_bytes"], ping["blob_capacity"]
-        for rung in RUNGS[model]:
-            comp = compile_full(graph, ladder[rung])
-            plan, blob = comp.plan, comp.blob
-            tin = plan.tensors[plan.input_id]
-            # the board's store: plan + one base-update slot + at least one sample (firmware/src/device/tf_device_store.c layout_after_plan)
-            upd = 16 + 44 + sum(12 + -(-t.nbytes // 4) * 4 for t in plan.trainable) + 68
-            fits = pool_need(plan) <= pool and -(-len(blob) // 64) * 64 + -(-upd // 64) * 64 + tin.nbytes <= store
-            if fits:
-                break
-            print(f"{model}: rung {rung} does not fit the board (pool {pool_need(plan)} > {pool} or store), "
-                  "falling back", file=sys.stderr)
-        else:
-            raise RuntimeError(f"{model}: no rung fits the board")
-        rng = np.random.default_rng(0)
-        x = rng.integers(-100, 100, (1, *tin.shape)).astype(np.int8)
-        y = np.array([3], np.int32)
-        c.load_plan(blob)
-        c.push_sample(x.tobytes(), int(y[0]))
-        lr_m, lr_e = mant_exp(LR)
-        for _ in range(steps):
-            c.train(1, lr_m, lr_e)
-        st, stats = c.state(), c.stats()
+    pool, store, tick_hz = info["arena_bytes"], ping["blob_capacity"], info["tick_hz"]
+    needs = {}
+    for rung in RUNGS[model]:
+        comp = compile_full(graph, ladder[rung])
+        plan, blob = comp.plan, comp.blob
+        tin = plan.tensors[plan.input_id]
+        # the board's store: plan + one base-update slot + at least one sample (firmware/src/device/tf_device_store.c layout_after_plan)
+        upd = 16 + 44 + sum(12 + -(-t.nbytes // 4) * 4 for t in plan.trainable) + 68
+        fits = pool_need(plan) <= pool and -(-len(blob) // 64) * 64 + -(-upd // 64) * 64 + tin.nbytes <= store
+        if fits:
+            break
+        needs[rung] = pool_need(plan)
+        print(f"{model}: rung {rung} does not fit the board (pool {pool_need(plan)} > {pool} or store), "
+              "falling back", file=sys.stderr)
+    else:  # measured: what each rung needs against what the board has
+        return {"board": machine, "rung": None, "fits": False, "sram_budget_bytes": ping["sram_bytes"],
+                "pool_bytes": pool, "store_bytes": store, "statics_bytes": statics, "pool_need_bytes": needs,
+                "paper_peak_kb": PAPER_KB[model], "paper_mcycles": PAPER_MCYCLES[model]}
+    rng = np.random.default_rng(0)
+    x = rng.integers(-100, 100, (1, *tin.shape)).astype(np.int8)
+    y = np.array([3], np.int32)
+    lr_m, lr_e = mant_exp(LR)
+    with tempfile.TemporaryDirectory() as tmp:
+        preload = []
+        if flash_plan:  # the plan flashed with the image (then, ROM: the sample at the slot the board reports)
+            at = elf_symbol(elf, "__store_start")
+            preload = [_flashed(Path(tmp), "plan.ttp", blob, at)]
+        if rom_store:
+            with board_client(machine, elf, preload) as c:
+                cap = c.store_samples(0, [], tin.nbytes)["sample_capacity"]
+            slot0 = at + store - cap * -(-tin.nbytes // 4) * 4
+            preload.append(_flashed(Path(tmp), "sample.bin", x.tobytes(), slot0))
+        with board_client(machine, elf, preload, icount=True, timeout=1800) as c:
+            if flash_plan:
+                if c.stats()["plan_bytes"] != len(blob):
+                    raise RuntimeError(f"{model}: the board did not adopt the flashed plan")
+            else:
+                c.load_plan(blob)
+            c.push_sample(x.tobytes(), int(y[0]))
+            for _ in range(steps):
+                c.train(1, lr_m, lr_e)
+            st, stats = c.state(), c.stats()
     ref = Trainer(plan)
     for _ in range(steps):
         ref.train_step(x, y, LR)
     m = macs(plan)
     trainable = sum(t.nbytes for t in plan.trainable)
-    insns = st["train_ticks"] * INSNS_PER_TICK
+    if machine == "renode-stm32f746":  # DWT CYCCNT; our .repl runs 216 MIPS at 216 MHz: 1 cycle = 1 instruction
+        insns = st["train_ticks"]
+    else:  # -icount shift=0: 1 instruction = 1 ns of virtual time
+        insns = round(st["train_ticks"] * 1e9 / tick_hz)
     return {
-        "board": f"mps2-{board_name}", "rung": rung, "peak_sram_bytes": statics + pool_need(plan) + stats["stack_high_water"],
+        "board": machine, "rung": rung, "fits": True, "sram_budget_bytes": ping["sram_bytes"], "peak_sram_bytes": statics + pool_need(plan) + stats["stack_high_water"],
         "arena_bytes": plan.arena_bytes, "trainable_bytes": trainable, "statics_bytes": statics,
         "stack_high_water": stats["stack_high_water"], "flash_bytes": flash_fw + len(blob), "plan_bytes": len(blob),
         "instructions_per_step": insns, "macs_per_step": m["total"], "macs_forward": m["forward"],
@@ -147,7 +212,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(RUNGS))
     ap.add_argument("--steps", type=int, default=2, help="training steps; the last one is timed")
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--board", choices=BOARDS, default="an500", help="QEMU mps2 board: an500 (M7) or an386 (M4)")
+    ap.add_argument("--board", choices=BOARDS, default="an500", help="QEMU board: mps2 an500 (M7), an386 (M4), netduinoplus2 (STM32F405, M4); "
+                    "renode-stm32f746: Renode (needs renode on PATH or $TINYFLEET_RENODE)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         elf, flash_fw, statics = build_firmware(Path(tmp), args.board)
@@ -158,6 +224,11 @@ def main() -> None:
                 continue
             r = run_model(model, elf, flash_fw, statics, args.steps, args.classes, args.board)
             result[model] = r
+            if not r["fits"]:
+                rows.append((model, "none fits", "-", "-", str(r["paper_peak_kb"]), "-", "-", "-",
+                             str(r["paper_mcycles"]), "-", "-",
+                             f"needs {min(r['pool_need_bytes'].values()) / 1000:.0f} kB > {r['pool_bytes'] / 1000:.0f}"))
+                continue
             rows.append((model, r["rung"], f"{r['peak_sram_bytes'] / 1000:.1f}", f"{r['arena_bytes'] / 1000:.1f}",
                          str(r["paper_peak_kb"]), f"{r['trainable_bytes'] / 1000:.1f}",
                          f"{r['flash_bytes'] / 1000:.0f}", f"{r['instructions_per_step'] / 1e6:.1f}",

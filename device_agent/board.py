@@ -27,7 +27,12 @@ from device_agent.wire.errors import WireFormatError
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE_BUILD = ROOT / "firmware" / "build"
-MACHINES = {"mps2-an386": "an386", "mps2-an500": "an500"}  # QEMU machine -> firmware build directory
+# QEMU machine -> firmware build directory; netduinoplus2 = STM32F405 (firmware/boards/stm32, plan store in SRAM)
+MACHINES = {"mps2-an386": "an386", "mps2-an500": "an500", "netduinoplus2": "netduino"}
+MAKE_TARGETS = {"mps2-an386": "qemu-an386", "mps2-an500": "qemu-an500", "netduinoplus2": "qemu-netduino"}
+# QEMU 7.2's STM32 USART drops bytes that arrive before the firmware enables it (the CMSDK UART holds them): on
+# these machines start() waits until the booted board answers a PING before handing out the endpoint.
+PROBE_MACHINES = frozenset({"netduinoplus2"})
 
 CMD_SELFTEST = frames.Command.SELFTEST
 CMD_BOARD_INFO = frames.Command.BOARD_INFO
@@ -38,6 +43,13 @@ def firmware_elf(machine: str) -> Path:
     if machine not in MACHINES:
         raise ValueError(f"unknown QEMU machine {machine!r}, expected one of {sorted(MACHINES)}")
     return FIRMWARE_BUILD / MACHINES[machine] / "tinyfleet.elf"
+
+
+def firmware_target(machine: str) -> str:
+    """The ``make -C firmware`` target that builds :func:`firmware_elf` for a QEMU machine name."""
+    if machine not in MAKE_TARGETS:
+        raise ValueError(f"unknown QEMU machine {machine!r}, expected one of {sorted(MAKE_TARGETS)}")
+    return MAKE_TARGETS[machine]
 
 
 def elf_symbol(elf: Path, name: str) -> int:
@@ -144,7 +156,8 @@ class QemuBoard:
             return self.endpoint
         elf = Path(self.elf) if self.elf else firmware_elf(self.machine)
         if not elf.exists():
-            raise FileNotFoundError(f"firmware {elf} not built: run `make -C firmware qemu-{MACHINES.get(self.machine)}`")
+            raise FileNotFoundError(f"firmware {elf} not built: run `make -C firmware "
+                                    f"{MAKE_TARGETS.get(self.machine, 'qemu-an500')}`")
         if shutil.which(self.qemu) is None:
             raise FileNotFoundError(f"`{self.qemu}` not on PATH: run `make setup` (Debian: qemu-system-arm)")
         for _ in range(5):  # NOTE: the free port may be taken between probing and QEMU binding it: retry
@@ -164,11 +177,30 @@ class QemuBoard:
             if listening:
                 self._proc, self._endpoint = proc, (self.host, port)
                 threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
+                if self.machine in PROBE_MACHINES:
+                    try:
+                        self._probe()
+                    except BaseException:
+                        self.stop()
+                        raise
                 return self._endpoint
             self._kill(proc)
             if not any("in use" in line for line in self._log):
                 break
         raise RuntimeError(f"QEMU did not start ({' '.join(self.command(0))}):\n" + "".join(self._log[-20:]))
+
+    def _probe(self) -> None:
+        """Connect (the guest starts), PING until the board answers, disconnect: QEMU then listens for the client."""
+        deadline = time.monotonic() + self.start_timeout
+        with BoardClient(self.endpoint, timeout=0.1) as c:
+            while True:
+                try:
+                    c.ping()
+                    return
+                except (TimeoutError, WireFormatError, BoardError):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{self.machine}: the board did not answer PING within "
+                                           f"{self.start_timeout} s") from None
 
     def _wait_listening(self, proc: subprocess.Popen) -> bool:
         """QEMU prints 'waiting for connection' on stderr once the server socket listens."""

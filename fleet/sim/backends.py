@@ -9,7 +9,8 @@
   stream (STORE_SAMPLES, ``DeviceSlot.on_samples``), and a round's steps are one TRAIN_LIST of stored slots.
   Board I/O blocks on a socket, so board devices get a pool with one worker per board: the boards train
   concurrently while the host thread waits (idle boards sleep in WFI and cost no CPU).
-- ``renode``: not available on these machines; asking for it fails with a clear message.
+- ``renode``: one Renode STM32F746 machine per device, several per Renode process (fleet/sim/renode.py), driven
+  exactly like the QEMU boards; Renode is found on PATH or as ``$TINYFLEET_RENODE``, else refused with that reason.
 
 A fleet may mix backends (``qemu_devices: N`` in the config: the first N devices are boards, the rest use
 ``backend``). This module builds trainers and owns the boards' lifetime; it implements no protocol logic.
@@ -206,30 +207,32 @@ def build_devices(cfg: SimConfig, plan, stack: ExitStack, on_board: Callable[[in
     unknown = sorted(set(kinds) - set(BACKENDS))
     if unknown:
         raise SimulationError(f"backend: unknown backend {unknown[0]!r} (expected one of {', '.join(BACKENDS)})")
-    if "renode" in kinds:
-        if shutil.which("renode") is None:
-            raise SimulationError("backend: renode not on PATH (Renode is not installable on this machine; "
-                                  "use backend: qemu for emulated boards or python for host devices)")
-        raise SimulationError("backend: renode is on PATH, but the renode backend is not implemented yet "
-                              "(use backend: qemu)")
-    n_qemu = kinds.count("qemu")
-    boards = start_qemu_fleet(cfg, plan, n_qemu, stack, on_board) if n_qemu else []
+    n_qemu, n_renode = kinds.count("qemu"), kinds.count("renode")
+    if n_qemu and n_renode:
+        raise SimulationError("backend: one emulator per run (qemu_devices with backend: renode is not supported)")
+    if n_renode:
+        from fleet.sim.renode import start_renode_fleet
+
+        boards = start_renode_fleet(cfg, plan, n_renode, stack, on_board)
+    else:
+        boards = start_qemu_fleet(cfg, plan, n_qemu, stack, on_board) if n_qemu else []
     slots, it = [], iter(boards)
     executor = None
-    if n_qemu:
+    n_boards = n_qemu + n_renode
+    if n_boards:
         # NOTE: one worker per board: a worker mostly waits on its board's socket (GIL released)
-        executor = ThreadPoolExecutor(max_workers=min(n_qemu, 128), thread_name_prefix="boards")
+        executor = ThreadPoolExecutor(max_workers=min(n_boards, 128), thread_name_prefix="boards")
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         # NOTE: sample transfers get their own pool: a device call waiting for its transfer must not hold the
         # worker the transfer needs
-        streams = ThreadPoolExecutor(max_workers=min(n_qemu, 64), thread_name_prefix="streams")
+        streams = ThreadPoolExecutor(max_workers=min(n_boards, 64), thread_name_prefix="streams")
         stack.callback(streams.shutdown, wait=False, cancel_futures=True)
         for b in boards:
             b.executor = streams
     for kind in kinds:
-        if kind == "qemu":
+        if kind in ("qemu", "renode"):
             trainer = next(it)
-            slots.append(DeviceSlot("qemu", trainer, executor, on_samples=trainer.stream_samples))
+            slots.append(DeviceSlot(kind, trainer, executor, on_samples=trainer.stream_samples))
         else:
             slots.append(DeviceSlot("python", Trainer(plan)))
     return _python_workers(cfg, plan, slots, stack)
@@ -265,6 +268,7 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
         elf_load_ranges,
         elf_symbol,
         firmware_elf,
+        firmware_target,
     )
     from device_agent.bridge import BoardTrainer
     from device_agent.engine.trainer import Trainer
@@ -275,15 +279,15 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
         raise SimulationError("backend qemu: `qemu-system-arm` not on PATH (Debian: apt-get install "
                               "qemu-system-arm; see ../shared/EMULATION.md)")
     src = Path(q.elf) if q.elf else firmware_elf(q.machine)
+    target = firmware_target(q.machine)
     if not q.elf:  # the default ELF is ours: an incremental make keeps it current with the sources
-        target = f"qemu-{q.machine.split('-')[-1]}"
         r = subprocess.run(["make", "-s", "-C", str(FIRMWARE_DIR), target], capture_output=True, text=True,
                            check=False)
         if r.returncode != 0:
             raise SimulationError(f"backend qemu: `make -C firmware {target}` failed:\n{r.stderr[-2000:]}")
     if not src.is_file():
-        raise SimulationError(f"backend qemu: firmware {src} not built: run `make -C firmware "
-                              f"qemu-{q.machine.split('-')[-1]}` (or set qemu.elf)")
+        raise SimulationError(f"backend qemu: firmware {src} not built: run `make -C firmware {target}` "
+                              "(or set qemu.elf)")
     # a private copy: a rebuild of firmware/build during the run must not change what later boards boot
     tmp = Path(tempfile.mkdtemp(prefix="tinyfleet-qemu-"))
     stack.callback(shutil.rmtree, tmp, ignore_errors=True)
@@ -315,7 +319,7 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
         fleet.clients.append(client)
         if not client.ping().get("blob_capacity"):
             raise SimulationError(f"backend qemu: firmware {src} has no plan store (built before LOAD_PLAN existed): "
-                                  f"rebuild it with `make -C firmware qemu-{q.machine.split('-')[-1]}` or set qemu.elf")
+                                  f"rebuild it with `make -C firmware {target}` or set qemu.elf")
         try:
             # a provisioned board booted with the plan (the firmware checked it); else LOAD_PLAN
             held = bool(preload) and client.stats()["plan_bytes"] == len(blob) and \

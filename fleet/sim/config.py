@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from fleet.schema import FleetConfig, load_fleet_config
 
 BACKENDS = ("python", "qemu", "renode")
-QEMU_MACHINES = ("mps2-an386", "mps2-an500")
+QEMU_MACHINES = ("mps2-an386", "mps2-an500", "netduinoplus2")
 BASELINES = ("local", "centralized")  # local-only training per device; fp32 on pooled data (fleet/sim/baselines.py)
 
 
@@ -21,7 +21,7 @@ BASELINES = ("local", "centralized")  # local-only training per device; fp32 on 
 class QemuConfig:
     """Emulated boards for ``backend: qemu`` / ``qemu_devices`` (fleet/sim/backends.py)."""
 
-    machine: str = "mps2-an500"  # mps2-an500 (Cortex-M7) or mps2-an386 (Cortex-M4)
+    machine: str = "mps2-an500"  # mps2-an500 (Cortex-M7), mps2-an386 (Cortex-M4), netduinoplus2 (STM32F405)
     elf: str | None = None  # firmware ELF (default: firmware/build/<an500|an386>/tinyfleet.elf)
     icount: bool = False  # deterministic virtual time (instruction count), ~2.3x slower
     timeout: float = 120.0  # seconds one board command may take (100 boards share 2 cores)
@@ -34,6 +34,30 @@ class QemuConfig:
             errs.append(f"elf: file not found: {self.elf}")
         if self.timeout <= 0:
             errs.append(f"timeout: must be > 0 seconds, got {self.timeout}")
+        return errs
+
+
+@dataclass
+class RenodeConfig:
+    """Renode boards for ``backend: renode`` (fleet/sim/renode.py): STM32F746 machines, several per Renode process."""
+
+    elf: str | None = None  # firmware ELF (default: firmware/build/stm32f746/tinyfleet.elf)
+    machines_per_process: int = 10  # boards per Renode process (one process: ~0.5 GB and ~5 s to start)
+    quantum_us: float | None = None  # Renode's global quantum in microseconds of virtual time (None: its default)
+    timeout: float = 300.0  # seconds one board command may take
+    boot_timeout: float = 300.0  # seconds for every process to start and its boards to answer
+
+    def validate(self) -> list[str]:
+        errs = []
+        if self.elf is not None and not Path(self.elf).is_file():
+            errs.append(f"elf: file not found: {self.elf}")
+        if isinstance(self.machines_per_process, bool) or not isinstance(self.machines_per_process, int) or \
+                self.machines_per_process < 1:
+            errs.append(f"machines_per_process: must be an integer >= 1, got {self.machines_per_process!r}")
+        if self.quantum_us is not None and not self.quantum_us > 0:
+            errs.append(f"quantum_us: must be > 0 microseconds, got {self.quantum_us}")
+        if self.timeout <= 0 or self.boot_timeout <= 0:
+            errs.append("timeout, boot_timeout: must be > 0 seconds")
         return errs
 
 
@@ -62,9 +86,10 @@ class SimConfig(FleetConfig):
 
     READS_DEVICE_DATA: ClassVar[bool] = True  # the simulator plays the devices: their files are checked at load
 
-    backend: str = "python"  # python (host engine) | qemu (one emulated board per device) | renode (not here)
+    backend: str = "python"  # python (host engine) | qemu | renode (one emulated board per device)
     qemu_devices: int | None = None  # mixed fleet: the first N devices are QEMU boards, the rest use `backend`
     qemu: QemuConfig = field(default_factory=QemuConfig)
+    renode: RenodeConfig = field(default_factory=RenodeConfig)
     workers: int | None = None  # processes for backend python devices (fleet/sim/workers.py); None: CPU count, 0: none
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # measured in the same run; [] for none
     # users held out of training (a count: the last N devices of the scenario; or a list of device indices):

@@ -6,7 +6,7 @@
 #include "tf_proto.h"
 #include "tf_wire.h"
 
-extern const uint8_t __key_slot[]; /* mps2.ld: the last TF_KEY_SLOT_BYTES of the flash budget */
+extern const uint8_t __key_slot[]; /* the linker script: the last TF_KEY_SLOT_BYTES of the flash budget */
 
 static void write_cb(const uint8_t *buf, uint32_t n) { tf_board_write(buf, n); }
 
