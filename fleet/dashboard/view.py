@@ -97,6 +97,8 @@ class FleetView:
     def sync(self, records: list, open_round: dict) -> bool:
         """Registry records (``fleet.registry.DeviceRecord`` copies) and the open round
         (``{"round_id", "state", "selected", "accepted", "lost", "deadline"}``)."""
+        if open_round and any(r.round_id >= open_round.get("round_id", 0) for r in self.rounds):
+            open_round = {}  # NOTE: a snapshot taken before a RoundClosed that was applied first: that round is over
         changed = open_round != self.open
         self.open = open_round
         for r in records:

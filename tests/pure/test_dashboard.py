@@ -54,6 +54,16 @@ def test_seq_moves_only_on_change():
     assert v.apply(DeviceFailed("d0", 2, "no_samples")) and v.device("d0")["last_failure"] == "round 2: no_samples"
 
 
+def test_a_snapshot_older_than_a_closed_round_does_not_reopen_it():
+    v = _view_with_a_round()  # round 1 closed (applied from the coordinator's outputs)
+    recs = [DeviceRecord("d0", "host", 1 << 20, 1 << 20)]
+
+    v.sync(recs, {"round_id": 1, "state": "training", "selected": 2, "accepted": 1, "lost": 0, "deadline": 9.0})
+    assert v.summary()["open_round"] == {}
+    v.sync(recs, {"round_id": 2, "state": "training", "selected": 2, "accepted": 0, "lost": 0, "deadline": 19.0})
+    assert v.summary()["open_round"]["round_id"] == 2
+
+
 def test_device_table_pages_and_filters_at_ten_thousand_devices():
     v = FleetView("f")
     v.sync([DeviceRecord(f"dev{i:05d}", "host" if i % 2 else "mps2-an386", 1, 1, online=i % 3 == 0)
