@@ -358,6 +358,7 @@ def _replay_async(fleet: ProcessFleet, made: dict[int, int]) -> list[int]:
 
     from fleet.coordinator import Coordinator
     from fleet.coordinator.codec import WireCodec
+    from fleet.coordinator.core import pack_state, unpack_state
     from fleet.schema import load_fleet_config
     from fleet.store import Store
 
@@ -369,9 +370,9 @@ def _replay_async(fleet: ProcessFleet, made: dict[int, int]) -> list[int]:
         c = Coordinator(fleet.plan, Store(copy), cfg, time.time, WireCodec(fleet.plan))
         bad = []
         for buffer_id, version in sorted(made.items()):
-            c.state = c._unpack(versions[version - 1])
+            c.state = unpack_state(c.shared, versions[version - 1])
             state, _ = c.aggregate_buffer(buffer_id)
-            if c._pack(state) != versions[version]:
+            if pack_state(c.shared, state) != versions[version]:
                 bad.append(version)
         c.store.close()
     return bad

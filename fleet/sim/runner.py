@@ -196,6 +196,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
     from device_agent.wire.envelope import Signer, Verifier
     from fleet.coordinator import Coordinator, RoundClosed, StartRound, WireCodec, plan_sram
+    from fleet.coordinator.core import unpack_state
     from fleet.mqtt import CoordinatorLink
     from fleet.scenarios import load_scenario
     from fleet.scenarios.base import quantize
@@ -305,7 +306,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         """The coordinator's current model, or the stored ``version`` (async: the session has moved on)."""
         if version is None:
             return link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
-        return link.call(lambda c: c._unpack(c.store.version(version).state))
+        return link.call(lambda c: unpack_state(c.shared, c.store.version(version).state))
 
     def accuracy(version: int | None = None) -> float:
         evaluator.load_trainable(model(version))
