@@ -184,9 +184,10 @@ class DeviceProtocol:
     """One device. ``counter`` must persist across reboots on a real board (flash); pass it back in."""
 
     def __init__(self, identity: Identity, plan, trainer: LocalTrainer, codec: DeviceCodec, buffer: SampleBuffer,
-                 counter: int = 0, seed: int = 0, personalizer=None):
+                 counter: int = 0, seed: int = 0, personalizer=None, masked_round=MaskedRound):
         self.id, self.plan, self.trainer, self.codec, self.buffer = identity, plan, trainer, codec, buffer
         self.personalizer = personalizer  # engine.personal.Personalizer or None
+        self.masked_round = masked_round  # MaskedRound or a twin with its signature (a board that masks itself)
         self.shared_ids = sorted(t.id for t in plan.trainable if not t.personal)
         self.state = DeviceState.OFF
         self.version, self.model_hash = -1, ""
@@ -376,7 +377,7 @@ class DeviceProtocol:
         self.trainer.load_trainable(self.base)
         self.state = DeviceState.READY
         values = flat_delta(self.shared, self.base, new)
-        self.masked = MaskedRound(self.id.device_id, task.round_id, session_label(bytes.fromhex(self.codec.plan_hash)),
+        self.masked = self.masked_round(self.id.device_id, task.round_id, session_label(bytes.fromhex(self.codec.plan_hash)),
                                   values, len(self.buffer), flat_units(self.shared))
         self.last_round, self.last_kind = task.round_id, "secagg"
         self.last_delta = secagg_to_bytes(task.round_id, self.masked.advert)

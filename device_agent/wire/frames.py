@@ -43,6 +43,11 @@ class Command(IntEnum):
 TEST_COMMANDS = frozenset({0x7E, 0x7F})
 
 
+# Command families defined in their own modules (frames_personal, frames_secagg), merged into PAYLOADS below.
+PERSONAL_COMMANDS = range(0x20, 0x30)
+SECAGG_COMMANDS = range(0x30, 0x40)
+
+
 class Status(IntEnum):
     OK = 0x00
     ERR_CRC = 0x01  # request failed COBS/CRC: resend it (seq is SEQ_UNKNOWN)
@@ -212,6 +217,19 @@ class Deframer:
             self._buf.clear()
             self._overflow = False
         return out
+
+
+def _merge_families() -> None:
+    from device_agent.wire import frames_personal, frames_secagg  # NOTE: they import this module's names
+
+    for codes, table in ((PERSONAL_COMMANDS, frames_personal.PAYLOADS), (SECAGG_COMMANDS, frames_secagg.PAYLOADS)):
+        for direction, code in table:
+            if code not in codes or (direction, code) in PAYLOADS:
+                raise ImportError(f"frame family: code {code:#04x} outside its range or defined twice")
+        PAYLOADS.update(table)
+
+
+_merge_families()
 
 
 def _layout(direction: str, code: int) -> tuple[struct.Struct, tuple[str, ...], bool]:

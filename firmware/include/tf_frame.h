@@ -29,8 +29,14 @@ enum {
     TF_CMD_STORE_SAMPLES = 0x0B, /* v2: req <III first_slot, offset, total + batch chunk; resp <III received,
                                   * samples_stored, sample_capacity */
     TF_CMD_TRAIN_LIST = 0x0C,    /* v2: req <iiII lr_m, lr_e, round_id, count + count x u16 slots; resp as TRAIN */
-    /* 0x7E / 0x7F: test builds only (kernel bench, stack-overflow fault test) */
+    /* 0x20-0x2F: personalization (include/tf_proto_ext.h, src/proto/tf_proto_personal.c)
+     * 0x30-0x3F: secure aggregation (include/tf_proto_ext.h, src/proto/tf_proto_secagg.c)
+     * 0x7E / 0x7F: test builds only (kernel bench, stack-overflow fault test) */
 };
+#define TF_CMD_PERSONAL_FIRST 0x20
+#define TF_CMD_PERSONAL_LAST 0x2F
+#define TF_CMD_SECAGG_FIRST 0x30
+#define TF_CMD_SECAGG_LAST 0x3F
 
 /* frames.Status */
 enum {

@@ -8,6 +8,7 @@
 #include "tf_board.h"
 #include "tf_cobs.h"
 #include "tf_device.h"
+#include "tf_proto_ext.h"
 #include "tf_sha256.h"
 
 uint16_t tf_crc16(const uint8_t *data, uint32_t n) {
@@ -269,6 +270,15 @@ static void handle(tf_proto *p, int32_t n) {
     const int32_t in_len = n - TF_FRAME_OVERHEAD;
     uint8_t *out = p->msg + 3; /* the response payload overwrites the request's (read fully before) */
     p_dev = p->dev;
+    tf_cmd_handler *family = cmd >= TF_CMD_PERSONAL_FIRST && cmd <= TF_CMD_PERSONAL_LAST ? tf_proto_personal
+                             : cmd >= TF_CMD_SECAGG_FIRST && cmd <= TF_CMD_SECAGG_LAST   ? tf_proto_secagg
+                                                                                         : NULL;
+    if (family) {
+        int32_t len = 0;
+        const uint8_t status = family(p->dev, cmd, out, in_len, out, &len);
+        reply(p, seq, status, len < 0 || len > TF_FRAME_MAX_PAYLOAD ? 0 : len);
+        return;
+    }
     if (p->dev && ((cmd >= TF_CMD_LOAD_PLAN && cmd <= TF_CMD_GET_DELTA) || cmd == TF_CMD_STORE_SAMPLES ||
                    cmd == TF_CMD_TRAIN_LIST)) {
         device_command(p, seq, cmd, in_len);

@@ -1,0 +1,10 @@
+"""UART frame payloads of the personal command family (codes in ``frames.PERSONAL_COMMANDS``; C twin:
+firmware/src/proto/tf_proto_personal.c). :mod:`device_agent.wire.frames` merges :data:`PAYLOADS` into its table.
+"""
+
+from __future__ import annotations
+
+import struct
+
+# (direction, code) -> (fixed fields struct, field names, variable tail allowed), as frames.PAYLOADS
+PAYLOADS: dict[tuple[str, int], tuple[struct.Struct, tuple[str, ...], bool]] = {}
