@@ -24,6 +24,14 @@ Measured 2026-12-07 (20 devices, 3 seeds, 1500 simulated s, 20 local steps, mean
   final 0.819; bytes to target 483 vs 363 kB, 2.5x over the whole run.
 - sync waiting for all 8 selected (``--goal 8 --over-selection 1.0 --buffer 6``) vs async K 6, 8 training:
   670 +- 253 s vs 230 +- 120 s (2.91x), final 0.785 vs 0.832, bytes to target 395 vs 406 kB.
+Measured 2026-12-07 later (same setup and seeds, a smaller async buffer):
+- sync goal 6 of 8 vs async K 3, 8 training (``--buffer 3``): 280 +- 187 s vs 150 +- 162 s (1.87x), final
+  0.794 vs 0.786 (-0.8 points), bytes to target 363 vs 475 kB.
+- same with a 30 s task timeout (``--task-timeout 30``: a straggler's slot is freed sooner): 120 s (2.33x) but
+  final 0.781 +- 0.177 (one seed ends at 0.698): faster and unstable.
+- sync goal 3 of 8 vs async K 3, 8 training (``--goal 3 --over-selection 2.67 --async-concurrency 8``): sync
+  85 s vs async 105 s to a target of 0.754 (sync ends at 0.762, async 0.786): a sync fleet that closes on its
+  3 fastest devices gets there first and ends 2.4 points lower.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ def configs(args) -> dict[str, co.CoordinatorConfig]:
     conc = selected if args.async_concurrency is None else args.async_concurrency
     asy = replace(base, mode="async", asynchronous=AsyncConfig(
         buffer_size=args.buffer or args.goal, staleness="polynomial", exponent=0.5,
-        max_staleness=args.max_staleness, concurrency=conc, task_timeout_s=args.deadline * 2))
+        max_staleness=args.max_staleness, concurrency=conc, task_timeout_s=args.task_timeout or args.deadline * 2))
     return {"sync": base, "async": asy}
 
 
@@ -229,6 +237,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--deadline", type=float, default=60.0)
     p.add_argument("--max-staleness", type=int, default=16)
+    p.add_argument("--task-timeout", type=float, default=None,
+                   help="async: seconds before an unanswered task frees its slot (default: 2 x --deadline)")
     p.add_argument("--buffer", type=int, default=None, help="async buffer size K (default: --goal)")
     p.add_argument("--async-concurrency", type=int, default=None,
                    help="async tasks out at once (default: what sync selects per round; 0 = every idle device)")
@@ -289,7 +299,7 @@ def main() -> None:
     out["setup"] = {"devices": args.devices, "seeds": args.seeds, "sync_goal": args.goal,
                     "sync_selected": math.ceil(args.goal * args.over_selection - 1e-9), "async_buffer_k": acfg.buffer_size,
                     "async_concurrency": acfg.concurrency or "every idle online device", "local_steps": args.steps,
-                    "lr": args.lr, "deadline_or_task_timeout_s": [args.deadline, 2 * args.deadline],
+                    "lr": args.lr, "deadline_or_task_timeout_s": [args.deadline, args.task_timeout or 2 * args.deadline],
                     "staleness": "1/sqrt(1+s)", "max_staleness": args.max_staleness,
                     "sim_seconds": args.sim_seconds, "test_samples": len(x_te),
                     "behaviour": model.summary(model.draw(args.devices, 0)), "model": "ImuCNN:quarter, watch data",
