@@ -35,7 +35,7 @@ $(BIN)/tinyfleet: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,flower-simulation]'
 	touch $@
 
 # Scenario data that is not a Python dependency, cached in .data/ (gitignored) so runs never download:

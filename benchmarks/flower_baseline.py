@@ -1,7 +1,7 @@
 """Flower side by side: the same scenario run by Flower (PyTorch fp32 clients, stock dense FedAvg) and by us.
 
 One command: ``python benchmarks/flower_baseline.py [--config configs/sensor-watch.yaml] [--rounds R]
-[--devices N] [--flower-lr 0.002] [--quick]``.
+[--devices N] [--flower-lr 0.002] [--engine local|simulation] [--quick]``.
 
 Same scenario for both, from one config: the watch IMU data split over the same devices
 (``fleet.scenarios.watch.load_watch_scenario`` with the config's window, stride, proxy subjects and seed), the same
@@ -13,11 +13,13 @@ from), the same rounds, clients per round (the config's ``goal``) and local step
   round; memory = the plan's arena + trainable bytes (``plan_sram``: what a board needs to train).
 - Flower (``flwr`` 1.42): a ``ClientApp`` training the whole fp32 model with SGD, stock
   ``flwr.serverapp.strategy.FedAvg`` (``fraction_train`` = goal / devices, no client evaluation; the server
-  evaluates the global model on every device's test slice). Flower's simulation engine needs Ray
-  (``flwr[simulation]``); instead the strategy drives the ClientApps in this process through a small
-  ``flwr.serverapp.Grid`` (:class:`LocalGrid`) that serializes every instruction and reply with Flower's own
-  protobuf serde (``message_to_proto``) and hands the ClientApp the deserialized copy: the bytes reported are
-  the serialized messages' sizes. BatchNorm layers keep the pretrained statistics (eval mode) while training:
+  evaluates the global model on every device's test slice). ``--engine local`` (default): the strategy drives
+  the ClientApps in this process through a small ``flwr.serverapp.Grid`` (:class:`LocalGrid`) that serializes
+  every instruction and reply with Flower's own protobuf serde (``message_to_proto``) and hands the ClientApp the
+  deserialized copy. ``--engine simulation``: Flower's own simulation engine (``flwr.simulation.run_simulation``,
+  Ray actors, one CPU each; needs the ``flower-simulation`` extra, which ``make setup`` installs), with the same
+  ServerApp strategy and ClientApp; its node sampling draws other node ids, so its runs are not identical to the
+  local engine's. Either way the bytes reported are the serialized messages' sizes. BatchNorm layers keep the pretrained statistics (eval mode) while training:
   batch-1 batch statistics would be per-sample. Client memory: a fresh process trains one client's round
   (``peak_rss``) and a tensor floor (parameters + gradients + autograd-saved tensors of one step).
 
@@ -77,7 +79,7 @@ def local_train(model, x: np.ndarray, y: np.ndarray, steps: int, lr: float, seed
     model.eval()
     for _ in range(steps):
         i = int(rng.integers(len(y)))
-        xb = torch.from_numpy(x[i:i + 1].reshape(1, x.shape[1], x.shape[-1]))
+        xb = torch.tensor(x[i:i + 1].reshape(1, x.shape[1], x.shape[-1]))  # a copy: Ray hands read-only arrays
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xb), torch.from_numpy(y[i:i + 1])).backward()
         opt.step()
@@ -141,7 +143,7 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_flower(cfg, sc, model0, lr: float) -> dict:
+def run_flower(cfg, sc, model0, lr: float, engine: str = "local") -> dict:
     import copy
 
     import torch
@@ -178,18 +180,82 @@ def run_flower(cfg, sc, model0, lr: float) -> dict:
     torch.manual_seed(cfg.seed)
     n, k = cfg.devices, cfg.goal_count
     strategy = FedAvg(fraction_train=k / n, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=n)
-    grid = LocalGrid(app, n)
+    sizes: dict[str, list[int]] = {"down": [], "up": []}
     t0 = time.monotonic()
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model0.state_dict()), num_rounds=cfg.rounds,
-                   evaluate_fn=evaluate)
+    if engine == "local":
+        grid = LocalGrid(app, n)
+        sizes = grid.sizes
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model0.state_dict()), num_rounds=cfg.rounds,
+                       evaluate_fn=evaluate)
+        backend = "in-process LocalGrid driving a ClientApp (flwr serde; Ray not used)"
+    else:
+        _run_on_simulation_engine(app, strategy, ArrayRecord(model0.state_dict()), evaluate, cfg, sizes)
+        backend = "flwr.simulation.run_simulation (Ray actors, 1 CPU each)"
     sec = time.monotonic() - t0
     params = sum(p.numel() for p in model0.parameters())
     return {"accuracy_initial": accs[0], "accuracy_per_round": accs[1:], "accuracy_final": accs[-1],
-            "bytes_down_per_device_round": float(np.mean(grid.sizes["down"])),
-            "bytes_up_per_device_round": float(np.mean(grid.sizes["up"])),
-            "clients_per_round": len(grid.sizes["up"]) / cfg.rounds, "parameters": params,
-            "fp32_parameter_bytes": params * 4, "seconds": sec, "lr": lr,
-            "backend": "in-process LocalGrid driving a ClientApp (flwr serde; Ray not used)"}
+            "bytes_down_per_device_round": float(np.mean(sizes["down"])),
+            "bytes_up_per_device_round": float(np.mean(sizes["up"])),
+            "clients_per_round": len(sizes["up"]) / cfg.rounds, "parameters": params,
+            "fp32_parameter_bytes": params * 4, "seconds": sec, "lr": lr, "engine": engine, "backend": backend}
+
+
+def _run_on_simulation_engine(app, strategy, initial, evaluate, cfg, sizes: dict[str, list[int]]) -> None:
+    """``strategy`` on Flower's simulation engine; the Grid it hands the ServerApp is wrapped to record the
+    serialized size of every instruction and reply."""
+    from flwr.app import Context
+    from flwr.common.serde import message_to_proto
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    def size(m) -> int:
+        return len(message_to_proto(m).SerializeToString())
+
+    class MeasuredGrid(Grid):
+        def __init__(self, inner: Grid):
+            self.inner = inner
+
+        def set_run(self, run_id: int) -> None:
+            self.inner.set_run(run_id)
+
+        @property
+        def run(self):
+            return self.inner.run
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+        def get_node_ids(self):
+            return self.inner.get_node_ids()
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            sizes["down"] += [size(m) for m in messages]
+            return self.inner.push_messages(messages)
+
+        def pull_messages(self, message_ids):
+            replies = list(self.inner.pull_messages(message_ids))
+            sizes["up"] += [size(m) for m in replies if not m.has_error()]
+            return replies
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            sizes["down"] += [size(m) for m in messages]
+            replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+            sizes["up"] += [size(m) for m in replies if not m.has_error()]
+            return replies
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy.start(grid=MeasuredGrid(grid), initial_arrays=initial, num_rounds=cfg.rounds, evaluate_fn=evaluate)
+
+    run_simulation(server_app=server, client_app=app, num_supernodes=cfg.devices,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    if len(sizes["up"]) != cfg.rounds * cfg.goal_count:
+        raise SystemExit(f"flower_baseline: the simulation engine returned {len(sizes['up'])} replies, "
+                         f"{cfg.rounds} x {cfg.goal_count} expected (see Flower's log above)")
 
 
 def client_memory(config: Path, devices: int, steps: int, lr: float) -> dict:
@@ -255,6 +321,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--steps", type=int, help="local steps (batch 1) per client per round")
     ap.add_argument("--flower-lr", type=float, default=FLOWER_LR, help="SGD learning rate of the fp32 clients")
+    ap.add_argument("--engine", choices=("local", "simulation"), default="local",
+                    help="Flower side: in-process LocalGrid, or Flower's simulation engine (Ray)")
     ap.add_argument("--quick", action="store_true", help="8 devices, 2 rounds, 10 steps, 4 clients per round")
     args = ap.parse_args()
     import torch
@@ -263,7 +331,7 @@ def main() -> int:
     cfg = load_config(args)
     lr = args.flower_lr
     sc, model0 = scenario_and_model(cfg)
-    flower = run_flower(cfg, sc, model0, lr)
+    flower = run_flower(cfg, sc, model0, lr, args.engine)
     flower.update(client_memory(args.config, cfg.devices, cfg.local_steps, lr))
     flower["client_memory_bytes"] = flower["tensor_floor_bytes"]
     ours = run_ours(cfg)

@@ -6,12 +6,15 @@ only), so only the ImuCNN paths run; the full commands are in the benchmarks' do
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,10 +56,16 @@ def test_fleet_python_quick():
     assert 0 < r["coordinator_overhead_s"] < r["round_seconds"] and not r["errors"]
 
 
-def test_flower_baseline_quick():
-    """Flower (fp32 FedAvg) and ours on the same 8-device watch scenario, 2 rounds, 4 clients per round."""
-    r = _run("flower_baseline.py", timeout=400)
+@pytest.mark.parametrize("engine", ["local", "simulation"])
+def test_flower_baseline_quick(engine):
+    """Flower (fp32 FedAvg) and ours on the same 8-device watch scenario, 2 rounds, 4 clients per round; Flower's
+    side in this process or on Flower's own simulation engine (Ray)."""
+    if engine == "simulation":
+        require(importlib.util.find_spec("ray") is not None,
+                "Flower's simulation engine needs Ray: the flower-simulation extra (make setup installs it)")
+    r = _run("flower_baseline.py", "--engine", engine, timeout=400)
     ours, flower = r["ours"], r["flower"]
+    assert flower["engine"] == engine
     assert flower["clients_per_round"] == ours["clients_per_round"] == 4 and flower["parameters"] > 5000
     # dense fp32 both ways vs sparse int8: the serialized model alone is 4 bytes per parameter
     assert flower["bytes_up_per_device_round"] > flower["fp32_parameter_bytes"] > 10 * ours["bytes_up_per_device_round"]
