@@ -228,4 +228,12 @@ def board_masked_round(client: BoardClient, entropy=os.urandom):
     return functools.partial(BoardMaskedRound, client, entropy=entropy)
 
 
-__all__ = ["REASONS", "BoardDeviceProtocol", "BoardMaskedRound", "SealingBoardTrainer", "board_masked_round", "seal"]
+
+
+
+def step_ticks(client: BoardClient) -> dict[str, int]:
+    """STATS: core ticks the board spent in each secagg step since reset (``<step>_ticks``; under QEMU
+    ``-icount shift=0`` a tick is 40 instructions on mps2)."""
+    return _call(client, C.STATS, "STATS")[0]
+__all__ = ["REASONS", "BoardDeviceProtocol", "BoardMaskedRound", "SealingBoardTrainer", "board_masked_round", "seal",
+           "step_ticks"]

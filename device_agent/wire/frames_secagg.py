@@ -26,6 +26,7 @@ class SecAggCommand(IntEnum):
     GET_MASKED = 0x38  # chunk of the masked input (u32 little-endian words)
     UNMASK = 0x39  # survivors then dropped (member indices): one request per round
     GET_REVEAL = 0x3A  # chunk of revealed shares: survivors' self-mask shares, then dropped devices' key shares
+    STATS = 0x3B  # core ticks spent in each step SEAL..GET_REVEAL since reset (u64 each)
 
 
 _P = struct.Struct
@@ -54,4 +55,6 @@ PAYLOADS: dict[tuple[str, int], tuple[struct.Struct, tuple[str, ...], bool]] = {
     ("resp", C.UNMASK): (_P("<H"), ("reveals",), False),
     ("req", C.GET_REVEAL): (_P("<HH"), ("first", "count"), False),
     ("resp", C.GET_REVEAL): (_P("<H"), ("count",), True),
+    ("req", C.STATS): (_P("<"), (), False),
+    ("resp", C.STATS): (_P("<11Q"), tuple(f"{c.name.lower()}_ticks" for c in C if c <= C.GET_REVEAL), False),
 }

@@ -307,6 +307,16 @@ class SecureRounds:
                 out += self._machine(rnd.SecureClosed((), cmd.reason, now), now)
         return out
 
+    def state_from_sum(self, total: np.ndarray) -> dict[int, np.ndarray]:
+        """The model a masked round's unmasked sum ``total`` makes of the current state (what committing it stores):
+        for an independent check of a run (``fleet/sim/faults.py`` recomputes the sum from the broker's traffic)."""
+        kept = self.secure_sum
+        self.secure_sum = np.asarray(total)
+        try:
+            return self._secure_state()
+        finally:
+            self.secure_sum = kept
+
     def _secure_state(self) -> dict[int, np.ndarray]:
         """The model after the masked round: FedAvg from the unmasked ``num, den`` (as ``RunningSums`` would; every
         device covers the whole support, so the denominator is the last entry, the sum of the weights); with DP,

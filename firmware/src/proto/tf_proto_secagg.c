@@ -21,9 +21,12 @@ enum {
     SA_GET_MASKED = 0x38,
     SA_UNMASK = 0x39,
     SA_GET_REVEAL = 0x3A,
+    SA_STATS = 0x3B,
 };
+#define SA_N_STEPS (SA_GET_REVEAL - SA_SEAL + 1)
 
 static tf_secagg_dev SA;
+static uint64_t step_ticks[SA_N_STEPS]; /* core ticks spent in each step since reset (SA_STATS) */
 
 static uint32_t ld32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -50,12 +53,34 @@ static tf_sa_result bad(void) {
     return r;
 }
 
+static uint8_t step(struct tf_device_s *dev, uint8_t cmd, const uint8_t *in, uint32_t n, uint8_t *out,
+                    int32_t *out_len);
+
 uint8_t tf_proto_secagg(struct tf_device_s *dev, uint8_t cmd, const uint8_t *in, int32_t in_len, uint8_t *out,
                         int32_t *out_len) {
-    const uint64_t t = tf_board_ticks();
+    const uint64_t t = tf_board_ticks_aligned();
     tf_sa_mix(&SA, &t, sizeof(t));
     const uint32_t n = in_len < 0 ? 0 : (uint32_t)in_len;
     *out_len = 0;
+    if (cmd == SA_STATS) { /* -> SA_N_STEPS x u64 ticks, SEAL first (with -icount shift=0: 1 tick = 40 insns) */
+        if (n != 0) {
+            return TF_ST_ERR_BAD_PAYLOAD;
+        }
+        for (int i = 0; i < SA_N_STEPS; i++) {
+            st32(out + 8 * i, (uint32_t)step_ticks[i]), st32(out + 8 * i + 4, (uint32_t)(step_ticks[i] >> 32));
+        }
+        *out_len = 8 * SA_N_STEPS;
+        return TF_ST_OK;
+    }
+    const uint8_t st = step(dev, cmd, in, n, out, out_len);
+    if (cmd >= SA_SEAL && cmd <= SA_GET_REVEAL) {
+        step_ticks[cmd - SA_SEAL] += tf_board_ticks() - t;
+    }
+    return st;
+}
+
+static uint8_t step(struct tf_device_s *dev, uint8_t cmd, const uint8_t *in, uint32_t n, uint8_t *out,
+                    int32_t *out_len) {
     switch (cmd) {
     case SA_SEAL: {
         uint32_t length;
