@@ -93,17 +93,25 @@ class SealingBoardTrainer(BoardTrainer):
 
 
 class BoardDeviceProtocol(DeviceProtocol):
-    """:class:`DeviceProtocol` for a board: a task of a masked round (OPEN) trains with ``seal_next`` set."""
+    """:class:`DeviceProtocol` for a board: a task of a masked round (OPEN) trains with ``seal_next`` set on its
+    :class:`SealingBoardTrainer` (the trainer itself, or the one a wrapper holds as ``.board``, as the simulator's
+    ``LazyBoardTrainer`` does)."""
+
+    def _sealer(self) -> SealingBoardTrainer | None:
+        for t in (self.trainer, getattr(self.trainer, "board", None)):
+            if isinstance(t, SealingBoardTrainer):
+                return t
+        return None
 
     def _run(self, task):
-        sealing = isinstance(self.trainer, SealingBoardTrainer)
-        if sealing:
-            self.trainer.seal_next = task.round_id == self.secure_round
+        sealer = self._sealer()
+        if sealer is not None:
+            sealer.seal_next = task.round_id == self.secure_round
         try:
             return super()._run(task)
         finally:
-            if sealing:
-                self.trainer.seal_next = False
+            if sealer is not None:
+                sealer.seal_next = False
 
 
 class BoardMaskedRound:

@@ -430,7 +430,6 @@ def observe_secure(records: list[tuple[str, str, bytes]]) -> tuple[int, dict[int
     ``threshold`` revealed shares, and masked inputs that are not uniform once the self mask it can rebuild is
     removed (more than 5% of the words within 2^24 of 0); ``sums``: each round's unmasked sum, recomputed with a
     fresh :class:`~fleet.security.secagg.SecAggServer` (rounds whose messages do not make one are left out)."""
-    from device_agent.wire.secagg import SecAggError, context, prg, shamir_combine
     from device_agent.wire.secagg_frames import secagg_from_bytes
     from fleet.security.secagg import SecAggServer
 
@@ -442,30 +441,42 @@ def observe_secure(records: list[tuple[str, str, bytes]]) -> tuple[int, dict[int
             continue
         seen.setdefault(round_id, {}).setdefault(type(msg).__name__, {}).setdefault(device, msg)
     revealed, sums = 0, {}
-    for r, msgs in sorted(seen.items()):
-        roster = next(iter(msgs.get("Roster", {}).values()), None)
-        if roster is None:
-            continue
-        answers = list(msgs.get("UnmaskResponse", {}).values())
-        t, xs = roster.threshold, {k.device_id: i + 1 for i, k in enumerate(roster.keys)}
-        ctx = context(r, roster.session)
-        for k in roster.keys:
-            d = k.device_id
-            b_shares = {xs[a.device_id]: a.self_mask_shares[d] for a in answers if d in a.self_mask_shares}
-            s_shares = {xs[a.device_id]: a.key_shares[d] for a in answers if d in a.key_shares}
-            revealed += len(b_shares) >= t and len(s_shares) >= t
-            y = msgs.get("MaskedInput", {}).get(d)
-            if y is not None and len(b_shares) >= t:
-                try:
-                    left = y.y - prg(shamir_combine(b_shares, t, 32), ctx, y.y.size, roster.bits)
-                except SecAggError:
-                    continue
-                small = np.abs(left.astype(np.int64) - np.where(left >= 1 << 31, 1 << 32, 0)) < 1 << 24
-                revealed += float(np.mean(small)) > 0.05
-        total = _resum(SecAggServer, roster, msgs)
-        if total is not None:
-            sums[r] = total
+    for r, all_msgs in sorted(seen.items()):
+        groups = {tuple(k.device_id for k in m.keys): m for m in all_msgs.get("Roster", {}).values()}
+        totals = []
+        for ids, roster in groups.items():  # one roster per secure-aggregation group
+            msgs = {kind: {d: m for d, m in by.items() if d in ids} for kind, by in all_msgs.items()}
+            revealed += _revealed(roster, msgs)
+            total = _resum(SecAggServer, roster, msgs)
+            if total is not None:
+                totals.append(total)
+        if totals:
+            sums[r] = totals[0] if len(groups) == 1 else tuple(totals)
     return revealed, sums
+
+
+def _revealed(roster, msgs: dict[str, dict]) -> int:
+    """Devices of one group whose input an observer of its messages could unmask (see :func:`observe_secure`)."""
+    from device_agent.wire.secagg import SecAggError, context, prg, shamir_combine
+
+    answers = list(msgs.get("UnmaskResponse", {}).values())
+    t, xs = roster.threshold, {k.device_id: i + 1 for i, k in enumerate(roster.keys)}
+    ctx = context(roster.round_id, roster.session)
+    revealed = 0
+    for k in roster.keys:
+        d = k.device_id
+        b_shares = {xs[a.device_id]: a.self_mask_shares[d] for a in answers if d in a.self_mask_shares}
+        s_shares = {xs[a.device_id]: a.key_shares[d] for a in answers if d in a.key_shares}
+        revealed += len(b_shares) >= t and len(s_shares) >= t
+        y = msgs.get("MaskedInput", {}).get(d)
+        if y is not None and len(b_shares) >= t:
+            try:
+                left = y.y - prg(shamir_combine(b_shares, t, 32), ctx, y.y.size, roster.bits)
+            except SecAggError:
+                continue
+            small = np.abs(left.astype(np.int64) - np.where(left >= 1 << 31, 1 << 32, 0)) < 1 << 24
+            revealed += float(np.mean(small)) > 0.05
+    return revealed
 
 
 def _resum(server_cls, roster, msgs: dict[str, dict]) -> np.ndarray | None:

@@ -87,3 +87,18 @@ def test_a_masked_input_without_its_pairwise_masks_is_found():
     revealed, sums = observe_secure(records)
     assert revealed == 1
     assert not np.array_equal(sums[1], _true_sum(f, tuple(f.devices)))  # and the recomputed sum no longer matches
+
+
+def test_groups_are_recomputed_group_by_group():
+    from fleet.security.secagg_config import SecureAggregationConfig
+    from tests.pure.test_fleet_inmemory import config
+
+    f = Recorded(n=5, cfg=config(goal=5, secure_aggregation=SecureAggregationConfig(stage_timeout=5.0)))
+    f.coord.secure_group_size = 3  # groups d00 d02 d04 | d01 d03
+    f.boot()
+    f.round()
+    assert f.closed()[-1].committed
+    revealed, sums = observe_secure(f.records)
+    assert revealed == 0 and isinstance(sums[1], tuple) and len(sums[1]) == 2
+    total = (sum(t.astype(np.uint64) for t in sums[1]) % (1 << 32)).astype(np.uint32)
+    assert np.array_equal(total, _true_sum(f, tuple(f.devices)))
