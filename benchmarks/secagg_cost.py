@@ -229,10 +229,12 @@ def board_overhead(n_boards: int, n_hosts: int) -> dict:
         before = {d: step_ticks(c) for d, c in clients.items()}
         masked = host_round(n, True, clients, plan)
         after = {d: step_ticks(c) for d, c in clients.items()}
+        stack = max(c.board_info()["stack_high_water"] for c in clients.values())
     out = {"boards": n_boards, "hosts": n_hosts, "bit_exact": plain["state"] == masked["state"],
            "up_bytes_per_device": {"plain": round(plain["up"]), "masked": round(masked["up"])},
            "down_bytes_per_device": {"plain": round(plain["down"]), "masked": round(masked["down"])},
-           "round_s": {"plain": round(plain["round_s"], 2), "masked": round(masked["round_s"], 2)}}
+           "round_s": {"plain": round(plain["round_s"], 2), "masked": round(masked["round_s"], 2)},
+           "board_stack_high_water": stack}
     for k in ("up_bytes_per_device", "down_bytes_per_device", "round_s"):
         out[k]["ratio"] = round(out[k]["masked"] / max(out[k]["plain"], 1e-9), 2)
     for m, cpu in (("mps2-an386", "cortex-m4"), ("mps2-an500", "cortex-m7")):

@@ -424,7 +424,7 @@ def _judge_secure(fleet: ProcessFleet, out: Outcome) -> Outcome:
     return out
 
 
-def observe_secure(records: list[tuple[str, str, bytes]]) -> tuple[int, dict[int, np.ndarray]]:
+def observe_secure(records: list[tuple[str, str, bytes]]) -> tuple[int, dict[int, np.ndarray | tuple]]:
     """What an observer of the secure-aggregation topics learns: ``(revealed, sums)`` from ``(device, kind,
     payload)`` records. ``revealed`` counts (round, device) pairs whose self-mask seed and masking key both have
     ``threshold`` revealed shares, and masked inputs that are not uniform once the self mask it can rebuild is
@@ -440,7 +440,8 @@ def observe_secure(records: list[tuple[str, str, bytes]]) -> tuple[int, dict[int
         except ValueError:
             continue
         seen.setdefault(round_id, {}).setdefault(type(msg).__name__, {}).setdefault(device, msg)
-    revealed, sums = 0, {}
+    revealed = 0
+    sums: dict[int, np.ndarray | tuple] = {}
     for r, all_msgs in sorted(seen.items()):
         groups = {tuple(k.device_id for k in m.keys): m for m in all_msgs.get("Roster", {}).values()}
         totals = []

@@ -99,6 +99,9 @@ def test_boards_and_hosts_mask_a_round_whose_sum_is_the_plain_one(boards):
     assert kinds == ["AdvertiseKeys", "ShareKeys", "MaskedInput", "UnmaskResponse"], kinds
     size = sum(t.numel for t in tfi.PLAN.trainable if not t.personal)
     assert all(f.devices[d].trainer.sealed_length == size + 1 for d in BOARDS)
+    for client in boards.clients.values():  # the painted stack after training and a masked round
+        info = client.board_info()
+        assert info["stack_high_water"] < info["stack_size"] - 1024, info
 
 
 def test_a_third_dropped_after_sharing_keys_is_recovered(boards):
@@ -120,3 +123,92 @@ def test_eighty_percent_gone_aborts_with_the_model_unchanged(boards):
     (closed,) = f.closed()
     assert not closed.committed and "threshold" in closed.detail, closed
     assert tfi.state_bytes(f.coord.state) == before and f.coord.version == 1
+
+
+def test_board_with_host_peers_at_the_protocol_level_and_its_refusals(boards):
+    """One board and two host SecAggDevices under a bare SecAggServer: the unmasked sum is the board's own delta
+    (read here with GET_DELTA, which a masked round never does) times its weight plus the hosts' inputs; the board
+    refuses a roster asking for DP noise, a forged share, and a second, different unmask request."""
+    import numpy as np
+
+    from device_agent.board_secagg import BoardMaskedRound, seal
+    from device_agent.secagg import SecAggDevice
+    from device_agent.wire.plan import plan_hash
+    from device_agent.wire.secagg import (
+        Noise,
+        Roster,
+        SecAggError,
+        SharesFor,
+        UnmaskRequest,
+        encode_dense_input,
+        flat_delta,
+        session_label,
+    )
+    from fleet.security.secagg import SecAggServer
+    from tests.pure.test_fleet_inmemory import tiny_dataset
+
+    plan, client = boards.plan, boards.clients["d00"]
+    shared = [t for t in plan.trainable if not t.personal]
+    trainer = SealingBoardTrainer(client, plan)
+    base = {t.id: np.asarray(t.data).reshape(t.shape) for t in shared}
+    trainer.load_trainable(base)
+    x, y = tiny_dataset(3, seed=5)
+    for i in range(3):
+        trainer.train_step(x[i:i + 1], y[i:i + 1], 0.2)
+    delta = flat_delta(shared, base, trainer.trainable_state())
+    assert delta.any()
+    session, length, weight = session_label(plan_hash(plan)), delta.size + 1, 7
+
+    def begin():
+        assert seal(client) == length
+        return BoardMaskedRound(client, "d00", 9, session, np.zeros(delta.size, np.int64), weight)
+
+    board = begin()
+    hosts = [SecAggDevice(d) for d in ("d01", "d02")]
+    keys = (board.advert, *(h.advertise() for h in hosts))
+    noisy = Roster(9, session, 2, length, 32, keys, Noise(1.0, 64, 10.0))
+    try:
+        board.answer(noisy)
+        raise AssertionError("the board took a roster asking for DP noise")
+    except SecAggError as e:
+        assert "no distributed DP noise" in str(e)
+
+    board = begin()  # a new round: the board starts over from SEAL
+    hosts = [SecAggDevice(d) for d in ("d01", "d02")]
+    keys = (board.advert, *(h.advertise() for h in hosts))
+    roster = Roster(9, session, 2, length, 32, keys)
+    server = SecAggServer(9, session, 2, length)
+    for k in keys:
+        server.receive(k)
+    assert server.roster() == roster
+    server.receive(board.answer(roster))
+    for h in hosts:
+        server.receive(h.share_keys(roster))
+    routed = server.route_shares()
+    forged = routed["d00"].shares[0]
+    bad = SharesFor("d00", routed["d00"].shared,
+                    (type(forged)(forged.sender, forged.receiver, bytes([forged.ciphertext[0] ^ 1])
+                                  + forged.ciphertext[1:]),) + routed["d00"].shares[1:])
+    rng = np.random.default_rng(0)
+    xs = {h.id: rng.integers(-50, 50, delta.size) for h in hosts}
+    try:
+        BoardMaskedRound._mask(board, bad)
+        raise AssertionError("the board opened a forged share")
+    except SecAggError as e:
+        assert "does not authenticate" in str(e)
+    # the forged share was refused, nothing was stored: the genuine ones go through
+    server.receive(board.answer(routed["d00"]))
+    for h in hosts:
+        server.receive(h.masked_input(routed[h.id], encode_dense_input(xs[h.id], 1, 3)))
+    request = server.unmask_request()
+    server.receive(board.answer(request))
+    for h in hosts:
+        server.receive(h.unmask(request))
+    total = server.result()
+    want = encode_dense_input(delta, weight, 3) + sum(encode_dense_input(xs[h], 1, 3) for h in xs)
+    assert np.array_equal(total, want.astype(np.uint32))
+    try:
+        BoardMaskedRound._unmask(board, UnmaskRequest(("d00", "d01"), ("d02",)))
+        raise AssertionError("the board answered a second, different unmask request")
+    except SecAggError as e:
+        assert "second, different unmask request" in str(e)
