@@ -289,6 +289,8 @@ def main() -> None:
                    "masked_input_insns": ins["input"], "masked_input_peers": r["input_peers"],
                    "masked_input_words": r["mask_words"], "ed25519_verify_insns": ins["ed25519_verify"],
                    "x25519_vs_ed25519_verify": round(ins["x25519"] / ins["ed25519_verify"], 3),
+                   "shamir_share_insns": ins["shamir_share"], "shamir_threshold": r["shamir_threshold"],
+                   "aead_seal_insns": ins["aead_seal"], "aead_bytes": r["aead_bytes"],
                    "flash_bytes": flash_bytes(Path(tmp) / "secagg" / board / "crypto.o"),
                    "stack_bytes": r["stack_used"]}
             result[board] = res

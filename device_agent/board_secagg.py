@@ -14,6 +14,7 @@ It refuses rosters asking for distributed DP noise (the board adds none) and 64-
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import struct
@@ -119,15 +120,17 @@ class BoardMaskedRound:
     the same signature and answers as :class:`device_agent.secagg.MaskedRound`, computed by the board."""
 
     def __init__(self, client: BoardClient, device_id: str, round_id: int, session: bytes, values: np.ndarray,
-                 weight: int, units: np.ndarray | None = None, entropy=os.urandom):
+                 weight: int, units: np.ndarray | None = None, entropy=os.urandom, lock=None):
+        self.lock = lock or contextlib.nullcontext()  # held around each conversation with the board
         values = np.asarray(values)
         if values.any():
             raise SecAggError(f"{device_id}: the delta crossed the UART in clear: train with SealingBoardTrainer")
         self.client, self.id, self.round_id, self.session = client, device_id, round_id, session
         self.length = values.size + 1
         ident = device_id.encode()
-        fields, _ = _call(client, C.BEGIN, "BEGIN", bytes(session) + ident, round_id=round_id, weight=int(weight),
-                          entropy=entropy(32), session_len=len(session), id_len=len(ident))
+        with self.lock:
+            fields, _ = _call(client, C.BEGIN, "BEGIN", bytes(session) + ident, round_id=round_id,
+                              weight=int(weight), entropy=entropy(32), session_len=len(session), id_len=len(ident))
         self.advert = AdvertiseKeys(device_id, fields["c_pk"], fields["s_pk"])
         self.roster: Roster | None = None
         self.index: dict[str, int] = {}
@@ -137,7 +140,8 @@ class BoardMaskedRound:
         """As :meth:`device_agent.secagg.MaskedRound.answer`: a repeated stage request gets the same reply."""
         if self._last is not None and type(msg) is self._last[0]:
             return self._last[1]
-        reply = self._answer(msg)
+        with self.lock:
+            reply = self._answer(msg)
         self._last = (type(msg), reply)
         return reply
 
@@ -231,9 +235,10 @@ class BoardMaskedRound:
                               dict(zip(drop, vals[len(surv):], strict=True)))
 
 
-def board_masked_round(client: BoardClient, entropy=os.urandom):
-    """The ``masked_round=`` builder of a board's :class:`DeviceProtocol` (see the module docstring)."""
-    return functools.partial(BoardMaskedRound, client, entropy=entropy)
+def board_masked_round(client: BoardClient, entropy=os.urandom, lock=None):
+    """The ``masked_round=`` builder of a board's :class:`DeviceProtocol` (see the module docstring); ``lock``: held
+    around each conversation with the board when other threads talk to it too (a ``threading.Lock``)."""
+    return functools.partial(BoardMaskedRound, client, entropy=entropy, lock=lock)
 
 
 
