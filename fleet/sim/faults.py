@@ -419,7 +419,9 @@ def _judge_secure(fleet: ProcessFleet, out: Outcome) -> Outcome:
     if len(committed) < spec.rounds - out.kills:
         out.notes.append(f"{len(committed)} masked rounds committed, want at least {spec.rounds} - {out.kills} faults")
     out.crashes += fleet.crashes + _coordinator_errors(fleet.serve_log)
-    out.detail = f"{len(committed)} of {len(rounds)} masked rounds committed, {len(recomputed)} recomputed"
+    partial = _partial_rounds(fleet.secagg, spec.devices, set(committed))
+    out.detail = (f"{len(committed)} of {len(rounds)} masked rounds committed ({partial} without every device), "
+                  f"{len(recomputed)} recomputed")
     out.passed = not out.notes and out.lost == 0 and out.revealed == 0 and out.crashes == 0
     return out
 
@@ -478,6 +480,23 @@ def _revealed(roster, msgs: dict[str, dict]) -> int:
             small = np.abs(left.astype(np.int64) - np.where(left >= 1 << 31, 1 << 32, 0)) < 1 << 24
             revealed += float(np.mean(small)) > 0.05
     return revealed
+
+
+def _partial_rounds(records: list[tuple[str, str, bytes]], devices: int, committed: set[int]) -> int:
+    """Committed rounds whose sum left a device out (a smaller roster, or dropouts in the unmask request)."""
+    from device_agent.wire.secagg import Roster, UnmaskRequest
+    from device_agent.wire.secagg_frames import secagg_from_bytes
+
+    short = set()
+    for _, _, payload in records:
+        try:
+            r, msg = secagg_from_bytes(payload)
+        except ValueError:
+            continue
+        if r in committed and ((isinstance(msg, Roster) and len(msg.keys) < devices)
+                               or (isinstance(msg, UnmaskRequest) and len(msg.survivors) < devices)):
+            short.add(r)
+    return len(short)
 
 
 def _resum(server_cls, roster, msgs: dict[str, dict]) -> np.ndarray | None:
