@@ -50,16 +50,30 @@ static void drbg(tf_secagg_dev *s, uint8_t out[32]) {
     tf_sa_mix(s, "next", 4);
 }
 
-static void wipe(tf_secagg_dev *s) {
+/* forget the round (keeping the DRBG); `clear_area`: also zero the area, only while it is still bound */
+static void reset(tf_secagg_dev *s, int clear_area) {
     uint8_t keep[32];
     memcpy(keep, s->entropy, 32);
     const uint32_t counter = s->drbg_counter;
-    if (s->area && s->area_size) {
+    if (clear_area && s->area && s->area_size) {
         memset(s->area, 0, s->area_size);
     }
     memset(s, 0, sizeof(*s));
     memcpy(s->entropy, keep, 32), s->drbg_counter = counter;
     memset(keep, 0, sizeof(keep));
+}
+static void wipe(tf_secagg_dev *s) { reset(s, 1); }
+
+static uint32_t pool_used(const tf_device *d) { return (tf_runtime_pool_need(&d->rt.plan) + 7u) & ~7u; }
+
+void tf_sa_bind(tf_secagg_dev *s, const tf_device *d) {
+    if (s->stage == TF_SA_IDLE) {
+        return;
+    }
+    if (!d || d != s->dev || !d->has_plan || d->base_lost || (const void *)d->rt.plan.blob != s->plan ||
+        pool_used(d) > d->pool_size || d->pool + pool_used(d) != s->area) {
+        reset(s, 0);
+    }
 }
 
 static int64_t element(const tf_device *d, const tf_tensor_info *t, uint32_t id, uint32_t e) {
@@ -86,11 +100,12 @@ tf_sa_result tf_sa_seal(tf_secagg_dev *s, tf_device *d, uint32_t *length) {
     if (!d || !d->has_plan || d->base_lost) {
         return refuse(TF_ST_ERR_STATE, TF_SAR_NO_PLAN);
     }
-    const uint32_t used = (tf_runtime_pool_need(&d->rt.plan) + 7u) & ~7u;
-    wipe(s);
+    const uint32_t used = pool_used(d);
+    wipe(s); /* tf_sa_bind ran first: an area still held is this device's */
     if (used > d->pool_size) {
         return refuse(TF_ST_ERR_NO_MEMORY, 0);
     }
+    s->dev = d, s->plan = d->rt.plan.blob;
     s->area = d->pool + used, s->area_size = d->pool_size - used;
     s->y = (uint32_t *)(void *)s->area;
     uint32_t at = 0;

@@ -57,6 +57,8 @@ typedef struct {
     uint8_t c_sk[32], s_sk[32], b[32], poly_s[32], poly_b[32], c_pk[32], s_pk[32];
     uint8_t entropy[32]; /* DRBG state: SHA-256 of everything mixed in */
     uint32_t drbg_counter;
+    const tf_device *dev; /* what the state is bound to (tf_sa_bind): the device, its plan and its pool's tail */
+    const void *plan;
     uint8_t *area; /* the pool's tail */
     uint32_t area_size;
     uint32_t *y;       /* (d + 1) words: the delta when sealed, the masked input after tf_sa_mask */
@@ -76,6 +78,9 @@ void tf_sa_mix(tf_secagg_dev *s, const void *data, uint32_t n);
  * part's port defines it from its RNG peripheral (STM32 RNG). */
 uint32_t tf_secagg_trng(uint8_t *out, uint32_t n);
 
+/* Before every command: a round sealed on another device, plan or pool layout (a new plan, or a fresh device in
+ * the fuzz harness) is dropped without touching its old area; the commands then answer ERR_STATE. */
+void tf_sa_bind(tf_secagg_dev *s, const tf_device *d);
 tf_sa_result tf_sa_seal(tf_secagg_dev *s, tf_device *d, uint32_t *length);
 tf_sa_result tf_sa_begin(tf_secagg_dev *s, const tf_device *d, uint32_t round_id, uint32_t weight,
                          const uint8_t host_entropy[32], const uint8_t *session, uint32_t session_len, const char *id,

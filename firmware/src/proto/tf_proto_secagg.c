@@ -72,6 +72,7 @@ uint8_t tf_proto_secagg(struct tf_device_s *dev, uint8_t cmd, const uint8_t *in,
         *out_len = 8 * SA_N_STEPS;
         return TF_ST_OK;
     }
+    tf_sa_bind(&SA, dev);
     const uint8_t st = step(dev, cmd, in, n, out, out_len);
     if (cmd >= SA_SEAL && cmd <= SA_GET_REVEAL) {
         step_ticks[cmd - SA_SEAL] += tf_board_ticks() - t;
