@@ -4,9 +4,9 @@ firmware/src/proto/tf_proto_secagg.c). :mod:`device_agent.wire.frames` merges :d
 One masked round on a board, in order: SEAL (the trained delta stays on the board), BEGIN (keys), ROSTER +
 ROSTER_ADD (the members), SHARE_KEYS, GET_SHARE per other member, PUT_SHARE per received share, MASK (U2),
 GET_MASKED (chunks), UNMASK (survivors, dropped), GET_REVEAL (chunks of shares); STATS (ticks per step) for
-measurements. A refusal answers ERR_STATE
-(u32 reason), ERR_FORMAT (u16 reason, u16 0), ERR_NO_MEMORY (u32 capacity) or ERR_BAD_PAYLOAD (malformed);
-reasons: ``device_agent.board_secagg.REASONS``. It refuses nothing itself: layouts only.
+measurements. A refusal answers ERR_STATE (u32 reason), ERR_FORMAT (u16 reason, u16 0), ERR_NO_MEMORY (u32
+capacity) or ERR_BAD_PAYLOAD (malformed); reasons: ``device_agent.board_secagg.REASONS``. It refuses nothing
+itself: layouts only.
 """
 
 from __future__ import annotations
