@@ -21,10 +21,11 @@ import struct
 
 import numpy as np
 
-from device_agent.board import BoardClient
+from device_agent.board import BoardClient, BoardError
 from device_agent.bridge import BoardTrainer
 from device_agent.protocol import DeviceProtocol
 from device_agent.wire import frames
+from device_agent.wire.errors import WireFormatError
 from device_agent.wire.frames_secagg import SecAggCommand as C
 from device_agent.wire.secagg import (
     SHARE_BYTES,
@@ -104,6 +105,15 @@ class BoardDeviceProtocol(DeviceProtocol):
                 return t
         return None
 
+    def _masked(self, task, new):
+        """As :meth:`DeviceProtocol._masked`; a board that refuses or fails BEGIN fails this round (a ``failed``
+        status: the coordinator counts the device out) instead of ending the agent."""
+        try:
+            return super()._masked(task, new)
+        except (SecAggError, BoardError, OSError, WireFormatError) as e:
+            self.masked = None
+            return self.failed(task.round_id, "secagg_board", str(e))
+
     def _run(self, task):
         sealer = self._sealer()
         if sealer is not None:
@@ -140,8 +150,11 @@ class BoardMaskedRound:
         """As :meth:`device_agent.secagg.MaskedRound.answer`: a repeated stage request gets the same reply."""
         if self._last is not None and type(msg) is self._last[0]:
             return self._last[1]
-        with self.lock:
-            reply = self._answer(msg)
+        try:
+            with self.lock:
+                reply = self._answer(msg)
+        except (BoardError, OSError, WireFormatError) as e:  # the board halted or the link broke: a dropout
+            raise SecAggError(f"{self.id}: board link: {e}") from e
         self._last = (type(msg), reply)
         return reply
 

@@ -358,3 +358,24 @@ def test_groups_sum_to_the_plain_fedavg_and_a_failed_group_leaves_only_itself_ou
     ref.boot()
     ref.round(kill=("d01", "d04"))
     assert state_bytes(g.coord.state) == state_bytes(ref.coord.state)
+
+
+def test_a_board_that_refuses_its_masked_round_fails_it_and_the_round_goes_on():
+    """device_agent/board_secagg.BoardDeviceProtocol: a board whose BEGIN is refused (here: a builder that raises as
+    the board would) reports the round failed instead of ending its agent; the others' sum commits."""
+    from device_agent.board_secagg import BoardDeviceProtocol
+    from device_agent.wire.secagg import SecAggError
+
+    def refused(*args, **kw):
+        raise SecAggError("board BEGIN: ERR_FORMAT: the session is not this board's plan")
+
+    f = SecureFleet()
+    old = f.devices["d01"]
+    f.devices["d01"] = BoardDeviceProtocol(old.id, old.plan, old.trainer, old.codec, old.buffer, seed=old.seed,
+                                           masked_round=refused)
+    f.boot()
+    f.round()
+    (closed,) = f.closed()
+    assert closed.committed and closed.accepted == ("d00", "d02", "d03"), closed
+    assert f.devices["d01"].last_failure[1] == "secagg_board"
+    assert state_bytes(f.coord.state) == plain_model(kill=("d01",))
