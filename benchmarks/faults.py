@@ -40,10 +40,19 @@ run of the same seed is the reference:
   published (a restarted coordinator continues the count), and every version replays bit for bit from its
   buffer's stored deltas and the version before (the coordinator's aggregation on a copy of the store).
 
+- ``secagg_dropout``, ``secagg_coordinator_kill``, ``secagg_broker_kill``: masked rounds (``secure_aggregation``,
+  threshold 0.6, quorum 0.5) with device agents SIGKILLed and restarted, ``tinyfleet serve`` SIGKILLed at random
+  moments (it abandons the open masked round) and the broker SIGKILLed. An observer records everything the broker
+  carries on the secure-aggregation topics (all the coordinator and the broker see); each passes with 0 lost
+  (every committed version is exactly what the observer recomputes from the observed masked inputs and unmask
+  answers) and 0 revealed (no device has both its self-mask seed and its masking key reconstructable, no masked
+  input is non-uniform once every self mask the observer can rebuild is removed, nothing individual stored).
+
 Columns: ``lost`` acknowledged deltas missing from the store or from a committed round; ``duplicated`` deltas
 stored or counted twice; ``rejected`` acks with ``accepted: false``; ``crashes`` process deaths and coordinator
 errors that were not injected; ``faults`` what was injected. Last line: ``{"scenarios": {name: {"pass",
-"lost", "duplicated", "rejected", "crashes"}}}``.
+"lost", "duplicated", "rejected", "crashes"}}}`` (secure scenarios add ``revealed``); ``revealed`` device inputs an
+observer of the coordinator and the broker could unmask.
 """
 
 from __future__ import annotations
@@ -282,9 +291,42 @@ def device_faults(f: ProcessFleet, outs: dict[str, Outcome]) -> None:
     f.serve.wait(10)
 
 
+def secure_coordinator_kill(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> None:
+    """SIGKILL ``tinyfleet serve`` at random moments of a masked run (a masked round has no accept / commit of
+    a delta to crash at) and restart it on its store: it abandons the open masked round."""
+    f.start()
+    for i in range(kills):
+        f.wait_serve_up()
+        if not _gate(f, i, kills, rng):
+            break
+        f.signal(f.serve)
+        out.kills += 1
+        f.serve_exited()
+        f.start_serve()
+
+
+def secure_dropout(f: ProcessFleet, kills: int, rng: random.Random, out: Outcome) -> None:
+    """SIGKILL a device agent at a random moment (its masked round's keys die with it) and start it again a moment
+    later: the round goes on without it (its pairwise masks recovered from the others' key shares) or, if it
+    dropped before sharing keys, without it from the start."""
+    f.start()
+    f.wait_serve_up()
+    for i in range(kills):
+        if not _gate(f, i, kills, rng):
+            break
+        victim = f"d{rng.randrange(f.spec.devices)}"
+        f.signal(f.agents[victim])
+        out.kills += 1
+        time.sleep(rng.uniform(0.2, 0.8))  # NOTE: a masked round takes ~0.8 s here: the restart lands inside the run
+        f.start_agent(victim)
+
+
 RUN = {"broker_kill": broker_kill, "coordinator_kill": coordinator_kill, "chaos_proxy": chaos_proxy,
        "garbage": garbage, "poison": poison, "device_restart": device_restart}
 ASYNC_SCENARIOS = ("broker_kill", "coordinator_kill", "chaos_proxy")  # the same faults under ``mode: async``
+# masked rounds (secure_aggregation): judged by fleet.sim.faults._judge_secure (0 lost, 0 revealed)
+SECURE = {"secagg_dropout": secure_dropout, "secagg_coordinator_kill": secure_coordinator_kill,
+          "secagg_broker_kill": broker_kill}
 
 
 def main() -> None:
@@ -299,7 +341,7 @@ def main() -> None:
     kills = args.kills or (3 if args.quick else 20)
     spec = spec_for(kills, args.devices or (3 if args.quick else DEVICES))
     names = ["broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "poison", "device_restart", "device_kill",
-             "device_hang"] + [f"async_{n}" for n in ASYNC_SCENARIOS]
+             "device_hang"] + [f"async_{n}" for n in ASYNC_SCENARIOS] + list(SECURE)
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     work = args.keep or Path(tempfile.mkdtemp(prefix="tinyfleet-faults-"))
@@ -307,7 +349,7 @@ def main() -> None:
     rows, result = [], {}
     t = time.monotonic()
     clean, ref = run_clean(work, spec, args.seed)
-    rows.append(("clean (reference)", ref.passed, 0, 0, 0, 0, 0, f"{time.monotonic() - t:.1f}",
+    rows.append(("clean (reference)", ref.passed, 0, 0, 0, 0, "-", 0, f"{time.monotonic() - t:.1f}",
                  f"{spec.rounds} rounds x {spec.devices} devices"))
     outs = {name: Outcome() for name in names}
     for name in names:
@@ -317,7 +359,9 @@ def main() -> None:
         rng = random.Random(f"{args.seed}/{name}")
         base = name.removeprefix("async_")
         s, chaos = spec, ({"seed": args.seed, "dup": 0.3, "delay": 0.3} if base == "chaos_proxy" else None)
-        if base != name:  # NOTE: one delta short of every device per version, so deltas also wait in the buffer;
+        if name in SECURE:  # NOTE: a lost device must not hold a masked round for the 300 s deadline
+            s = replace(spec, secure=True, quorum=0.5, deadline=20.0, keepalive=2, will_delay=1)
+        elif base != name:  # NOTE: one delta short of every device per version, so deltas also wait in the buffer;
             # a version needs fewer deltas than a sync round: 3x the versions keep every fault inside the run
             s = replace(spec, mode="async", buffer_size=max(1, spec.devices - 1), rounds=3 * spec.rounds)
         elif name == "device_restart":  # the Last Will waits longer than a restart takes: no DeviceLost
@@ -326,13 +370,15 @@ def main() -> None:
             s = FleetSpec(devices=spec.devices, rounds=10_000, quorum=0.25, keepalive=2, will_delay=1, deadline=30)
         try:
             with ProcessFleet(work / name, s, tiny_plan(), tiny_dataset, args.seed, chaos) as f:
-                if base in RUN:
+                if name in SECURE:
+                    SECURE[name](f, kills, rng, out)
+                elif base in RUN:
                     RUN[base](f, kills, rng, out)
                 else:
                     device_faults(f, {"device_kill": out, "device_hang": outs.get("device_hang", Outcome())})
                 if name not in ("device_kill", "device_hang") and f.serve.poll() is None:
                     f.wait_serve(60 + 3 * spec.rounds)
-            if base in ("broker_kill", "coordinator_kill") and out.kills < kills:
+            if (base in ("broker_kill", "coordinator_kill") or name in SECURE) and out.kills < kills:
                 out.notes.append(f"only {out.kills} of {kills} kills landed inside the run")
             for n in (name, "device_hang") if name == "device_kill" else (name,):
                 judge(f, None if n in ("device_kill", "device_hang") else clean, outs[n])
@@ -345,12 +391,13 @@ def main() -> None:
             o = outs[n]
             result[n] = o.row()
             detail = "; ".join([o.detail] * bool(o.detail) + o.notes)
-            rows.append((n, result[n]["pass"], o.lost, o.duplicated, o.rejected, o.crashes, o.kills,
+            rows.append((n, result[n]["pass"], o.lost, o.duplicated, o.rejected, o.crashes,
+                         "-" if o.revealed is None else o.revealed, o.kills,
                          f"{time.monotonic() - t:.1f}", detail))
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
     emit({"scenarios": result}, rows,
-         ("scenario", "pass", "lost", "duplicated", "rejected", "crashes", "faults", "seconds", "detail"))
+         ("scenario", "pass", "lost", "duplicated", "rejected", "crashes", "revealed", "faults", "seconds", "detail"))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ devices and seeds: payload bytes each device sends and receives (unicast; the re
 the coordinator's CPU time per round, and the mean device CPU time per round, masked over plain in the same run;
 ``bit_exact``: both rounds committed the same model.
 
-    python benchmarks/secagg_cost.py [--host-devices 10,50] [--no-boards]
+Rounds with QEMU boards (``--round-boards 10+10``: 10 boards, half M4 half M7 under ``-icount shift=0``, and 10
+host devices): the same plain and masked rounds with the boards training on the board and, masked, doing the whole
+device side of the protocol themselves (device_agent/board_secagg.py); bytes, round wall time (the in-memory link
+serves devices one after another, so it is the sum of their work) and each board's instructions per protocol step
+(its STATS counters: ticks x 40).
+
+    python benchmarks/secagg_cost.py [--host-devices 10,50] [--no-boards] [--round-boards B+H]
 """
 
 from __future__ import annotations
@@ -68,8 +74,12 @@ def flash_bytes(obj: Path) -> int:
     return text + data
 
 
-def host_round(n: int, secure: bool) -> dict:
-    """One round of ``n`` in-memory host devices; bytes, CPU seconds and the committed model."""
+def host_round(n: int, secure: bool, boards: dict | None = None, plan=None) -> dict:
+    """One round of ``n`` in-memory devices; bytes, CPU seconds, the round's wall time and the committed model.
+
+    ``boards``: device id -> :class:`device_agent.board.BoardClient` of the devices that are QEMU boards (they train
+    on the board, N = 1 steps, and in a masked round mask on the board: device_agent/board_secagg.py); ``plan``: the
+    compiled plan every device runs (boards need its arena layout)."""
     from collections import deque
 
     from device_agent import protocol as dp
@@ -83,18 +93,27 @@ def host_round(n: int, secure: bool) -> dict:
     from fleet.store import Store
     from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
-    plan, now = tiny_plan(), [0.0]
-    cfg = co.CoordinatorConfig(round=RoundConfig(goal=n, over_selection=1.0, quorum=0.5, deadline_s=60.0), lr=0.2,
-                               local_steps=8, batch_size=8,
-                               secure_aggregation=SecureAggregationConfig() if secure else None)
+    boards = boards or {}
+    plan, now = plan or tiny_plan(), [0.0]
+    cfg = co.CoordinatorConfig(round=RoundConfig(goal=n, over_selection=1.0, quorum=0.5, deadline_s=600.0), lr=0.2,
+                               local_steps=8, batch_size=1 if boards else 8,
+                               secure_aggregation=SecureAggregationConfig(stage_timeout=600.0) if secure else None)
     coord = co.Coordinator(plan, Store(), cfg, lambda: now[0], co.WireCodec(plan))
     devs = {}
     for i in range(n):
         x, y = tiny_dataset(48, seed=i)
         buf = SampleBuffer(64, x.shape[1:])
         buf.add(x, y)
-        devs[f"d{i:03d}"] = dp.DeviceProtocol(dp.Identity(f"d{i:03d}", "host", 1 << 20, 1 << 20), plan, Trainer(plan),
-                                              dp.WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
+        did = f"d{i:03d}"
+        ident, codec = dp.Identity(did, "host", 1 << 20, 1 << 20), dp.WireDeviceCodec(plan, Verifier.unsigned())
+        if did in boards:
+            from device_agent.board_secagg import BoardDeviceProtocol, SealingBoardTrainer, board_masked_round
+
+            trainer = SealingBoardTrainer(boards[did], plan)
+            devs[did] = BoardDeviceProtocol(ident, plan, trainer, codec, buf, seed=i,
+                                            masked_round=board_masked_round(boards[did]))
+        else:
+            devs[did] = dp.DeviceProtocol(ident, plan, Trainer(plan), codec, buf, seed=i)
     up = dict.fromkeys(devs, 0)
     down = dict.fromkeys(devs, 0)
     cpu = {"coordinator": 0.0, "devices": 0.0}
@@ -139,12 +158,14 @@ def host_round(n: int, secure: bool) -> dict:
     pump()
     up, down = dict.fromkeys(devs, 0), dict.fromkeys(devs, 0)  # the round only, not the first model download
     cpu = {"coordinator": 0.0, "devices": 0.0}
+    t0 = time.perf_counter()
     to_coord(co.StartRound())
     pump()
+    wall = time.perf_counter() - t0
     assert closed and closed[-1].committed, closed
     state = b"".join(coord.state[k].tobytes() for k in sorted(coord.state))
     return {"up": sum(up.values()) / n, "down": sum(down.values()) / n, "coordinator_s": cpu["coordinator"],
-            "device_s": cpu["devices"] / n, "state": state}
+            "device_s": cpu["devices"] / n, "state": state, "round_s": wall}
 
 
 def host_overhead(sizes: list[int]) -> tuple[dict, list[tuple]]:
@@ -156,16 +177,78 @@ def host_overhead(sizes: list[int]) -> tuple[dict, list[tuple]]:
              "down_bytes_per_device": {"plain": round(plain["down"]), "masked": round(masked["down"])},
              "coordinator_cpu_s": {"plain": round(plain["coordinator_s"], 3),
                                    "masked": round(masked["coordinator_s"], 3)},
-             "device_cpu_s": {"plain": round(plain["device_s"], 4), "masked": round(masked["device_s"], 4)}}
-        for k in ("up_bytes_per_device", "down_bytes_per_device", "coordinator_cpu_s", "device_cpu_s"):
+             "device_cpu_s": {"plain": round(plain["device_s"], 4), "masked": round(masked["device_s"], 4)},
+             "round_s": {"plain": round(plain["round_s"], 3), "masked": round(masked["round_s"], 3)}}
+        for k in ("up_bytes_per_device", "down_bytes_per_device", "coordinator_cpu_s", "device_cpu_s", "round_s"):
             r[k]["ratio"] = round(r[k]["masked"] / max(r[k]["plain"], 1e-9), 2)
         result[f"host_{n}"] = r
         up = r["up_bytes_per_device"]
         rows.append((f"host x{n}", r["bit_exact"], f"{up['plain']} -> {up['masked']} (x{up['ratio']})",
                      f"{r['down_bytes_per_device']['plain']} -> {r['down_bytes_per_device']['masked']}",
                      f"{r['coordinator_cpu_s']['plain']} -> {r['coordinator_cpu_s']['masked']} s",
-                     f"{r['device_cpu_s']['plain']} -> {r['device_cpu_s']['masked']} s"))
+                     f"{r['device_cpu_s']['plain']} -> {r['device_cpu_s']['masked']} s",
+                     f"{r['round_s']['plain']} -> {r['round_s']['masked']} s (x{r['round_s']['ratio']})"))
     return result, rows
+
+
+STEPS = ("seal", "begin", "roster", "roster_add", "share_keys", "get_share", "put_share", "mask", "get_masked",
+         "unmask", "get_reveal")
+
+
+def board_overhead(n_boards: int, n_hosts: int) -> dict:
+    """A plain and a masked round of ``n_boards`` QEMU boards (half mps2-an386 = M4, half mps2-an500 = M7, under
+    ``-icount shift=0``) and ``n_hosts`` host devices, in-memory link, same devices and seeds: bytes, the round's
+    wall time (devices served one after the other: the sum of their work), and the instructions each board spent
+    in each protocol step (its STATS ticks x 40), mean per board and per call for the per-peer steps."""
+    import copy
+    from contextlib import ExitStack
+
+    from device_agent.board import QemuBoard
+    from device_agent.board_secagg import step_ticks
+    from device_agent.bridge import connect
+    from fleet.compiler.planner import plan_arena
+    from tests.fixtures.tiny import tiny_plan
+
+    plan = copy.deepcopy(tiny_plan())
+    plan_arena(plan)
+    n = n_boards + n_hosts
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        r = subprocess.run(["make", "-s", "-j2", "-C", str(ROOT / "firmware"), f"BUILD={tmp}", "qemu-an386",
+                            "qemu-an500"], check=False, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(r.stdout + r.stderr)
+        clients, machine = {}, {}
+        for i in range(n_boards):
+            m = ("mps2-an386", "mps2-an500")[i % 2]
+            b = stack.enter_context(QemuBoard(m, elf=Path(tmp) / m.removeprefix("mps2-") / "tinyfleet.elf",
+                                              icount=True, nice=10))
+            did = f"d{i * n // max(n_boards, 1):03d}"  # boards spread over the sorted ids
+            clients[did] = stack.enter_context(connect(f"tcp://{b.endpoint[0]}:{b.endpoint[1]}", timeout=600))
+            machine[did] = m
+        plain = host_round(n, False, clients, plan)
+        before = {d: step_ticks(c) for d, c in clients.items()}
+        masked = host_round(n, True, clients, plan)
+        after = {d: step_ticks(c) for d, c in clients.items()}
+        stack = max(c.board_info()["stack_high_water"] for c in clients.values())
+    out = {"boards": n_boards, "hosts": n_hosts, "bit_exact": plain["state"] == masked["state"],
+           "up_bytes_per_device": {"plain": round(plain["up"]), "masked": round(masked["up"])},
+           "down_bytes_per_device": {"plain": round(plain["down"]), "masked": round(masked["down"])},
+           "round_s": {"plain": round(plain["round_s"], 2), "masked": round(masked["round_s"], 2)},
+           "board_stack_high_water": stack}
+    for k in ("up_bytes_per_device", "down_bytes_per_device", "round_s"):
+        out[k]["ratio"] = round(out[k]["masked"] / max(out[k]["plain"], 1e-9), 2)
+    for m, cpu in (("mps2-an386", "cortex-m4"), ("mps2-an500", "cortex-m7")):
+        ds = [d for d in clients if machine[d] == m]
+        if not ds:
+            continue
+        ins = {s: sum(after[d][f"{s}_ticks"] - before[d][f"{s}_ticks"] for d in ds) * INSNS_PER_TICK / len(ds)
+               for s in STEPS}
+        steps = {s: round(v) for s, v in ins.items()}
+        steps["get_share_per_peer"] = round(ins["get_share"] / (n - 1))
+        steps["put_share_per_peer"] = round(ins["put_share"] / (n - 1))
+        steps["total"] = round(sum(ins.values()))
+        out[cpu] = steps
+    return out
 
 
 def main() -> None:
@@ -174,6 +257,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--host-devices", default="10,50", help="comma-separated fleet sizes for the host part ('' none)")
     ap.add_argument("--no-boards", action="store_true", help="skip the QEMU boards")
+    ap.add_argument("--round-boards", default="", help="BOARDS[+HOSTS]: also a plain and a masked round with that many "
+                                                       "QEMU boards (and host devices), e.g. 10+10")
     args = ap.parse_args()
     sizes = [int(v) for v in args.host_devices.split(",") if v]
     result, rows = {}, []
@@ -182,6 +267,13 @@ def main() -> None:
         for r in [("fleet", "bit-exact", "up B/device plain -> masked", "down B/device", "coordinator CPU/round",
                    "device CPU/round"), *host_rows]:
             print("  ".join(str(c) for c in r))
+    if args.round_boards:
+        nb, _, nh = args.round_boards.partition("+")
+        r = board_overhead(int(nb), int(nh or 0))
+        result[f"boards_{nb}_hosts_{nh or 0}"] = r
+        print(f"round with {nb} QEMU boards + {nh or 0} hosts: bit-exact {r['bit_exact']}, up B/device "
+              f"{r['up_bytes_per_device']}, round s {r['round_s']}; insns per board step: "
+              + "; ".join(f"{c}: {r[c]}" for c in ("cortex-m4", "cortex-m7") if c in r))
     if args.no_boards:
         emit(result)
         return
@@ -197,6 +289,8 @@ def main() -> None:
                    "masked_input_insns": ins["input"], "masked_input_peers": r["input_peers"],
                    "masked_input_words": r["mask_words"], "ed25519_verify_insns": ins["ed25519_verify"],
                    "x25519_vs_ed25519_verify": round(ins["x25519"] / ins["ed25519_verify"], 3),
+                   "shamir_share_insns": ins["shamir_share"], "shamir_threshold": r["shamir_threshold"],
+                   "aead_seal_insns": ins["aead_seal"], "aead_bytes": r["aead_bytes"],
                    "flash_bytes": flash_bytes(Path(tmp) / "secagg" / board / "crypto.o"),
                    "stack_bytes": r["stack_used"]}
             result[board] = res

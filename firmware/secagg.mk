@@ -11,7 +11,8 @@ FLASH_SIZE ?= 1024K
 STACK_SIZE ?= 8K
 
 WARN     := -std=c99 -Wall -Wextra -Werror -Wshadow -Wpointer-arith -Wstrict-prototypes -Wvla
-CRYPTO   := $(wildcard src/crypto/*.c) src/runtime/tf_sha256.c
+# the primitives (the device's protocol steps, tf_secagg_device.c, run in the main firmware: Makefile)
+CRYPTO   := $(filter-out src/crypto/tf_secagg_device.c,$(wildcard src/crypto/*.c)) src/runtime/tf_sha256.c
 INC      := -Iinclude -Isrc/crypto -Itests/crypto -Itests -Itests/vectors
 TEST     := tests/crypto/test_secagg_crypto.c
 DEPS     := $(wildcard src/crypto/*.h) tests/crypto/secagg_vectors.h include/tf_sha256.h secagg.mk
@@ -45,4 +46,4 @@ $(BUILD)/secagg/%/crypto.o: $(CRYPTO) $(DEPS)
 $(BUILD)/secagg/%/secagg.elf: $(CRYPTO) $(TEST) $(BOARD) $(CORE) $(DEPS) boards/qemu-mps2/mps2.ld
 	@mkdir -p $(dir $@)
 	$(CC_ARM) $(ARM) -mcpu=$(if $(filter an386,$*),cortex-m4,cortex-m7) $(ARM_LD) -o $@ \
-	  $(CRYPTO) $(TEST) $(BOARD) $(filter-out src/runtime/tf_sha256.c,$(CORE)) -lgcc
+	  $(CRYPTO) $(TEST) $(BOARD) $(filter-out src/runtime/tf_sha256.c,$(CORE)) src/crypto/tf_secagg_device.c -lgcc

@@ -36,11 +36,28 @@ class SecAggError(ValueError):
 # --- primitives ---------------------------------------------------------------------------------------------
 
 
-def shamir_split(secret: bytes, xs: list[int], threshold: int) -> dict[int, int]:
-    """Shares ``{x: f(x)}`` of ``secret`` (<= 64 bytes) with a random degree ``threshold - 1`` polynomial."""
+def shamir_coefficients(seed: bytes, count: int) -> list[int]:
+    """``count`` field elements from a 32-byte secret seed: the ChaCha20 keystream under it (zero nonce), read as
+    66-byte big-endian numbers masked to 521 bits (``PRIME`` itself reads as 0). A board derives its polynomial the
+    same way (firmware/src/crypto/tf_shamir.c), so it never stores the polynomial."""
+    if len(seed) != 32 or count < 0:
+        raise SecAggError(f"shamir: a 32-byte seed and count >= 0 expected, got {len(seed)} bytes, {count}")
+    enc = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
+    stream = enc.update(b"\0" * (SHARE_BYTES * count))
+    out = []
+    for k in range(count):
+        v = int.from_bytes(stream[SHARE_BYTES * k:SHARE_BYTES * (k + 1)], "big") & PRIME
+        out.append(0 if v == PRIME else v)
+    return out
+
+
+def shamir_split(secret: bytes, xs: list[int], threshold: int, seed: bytes | None = None) -> dict[int, int]:
+    """Shares ``{x: f(x)}`` of ``secret`` (<= 64 bytes) with a random degree ``threshold - 1`` polynomial: its
+    coefficients are :func:`shamir_coefficients` of ``seed`` (default: 32 fresh secret bytes)."""
     if not 1 <= threshold <= len(xs) or len(set(xs)) != len(xs) or not all(0 < x < PRIME for x in xs):
         raise SecAggError(f"shamir: need distinct non-zero points and 1 <= t <= n, got t={threshold}, n={len(xs)}")
-    coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    seed = secrets.token_bytes(32) if seed is None else seed
+    coeffs = [int.from_bytes(secret, "big")] + shamir_coefficients(seed, threshold - 1)
     out = {}
     for x in xs:
         acc = 0

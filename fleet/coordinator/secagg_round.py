@@ -30,6 +30,7 @@ import numpy as np
 from device_agent.wire.errors import WireFormatError
 from device_agent.wire.messages import Publish
 from device_agent.wire.secagg import (
+    MAX_GROUP,
     AdvertiseKeys,
     MaskedInput,
     Noise,
@@ -42,7 +43,7 @@ from device_agent.wire.secagg_frames import Open, secagg_from_bytes, secagg_to_b
 from fleet import aggregate as agg
 from fleet import round as rnd
 from fleet.coordinator.events import Dropped, Output, Received
-from fleet.security.secagg import SecAggAborted, SecAggServer, split_dense_sums, to_signed
+from fleet.security.secagg import SecAggAborted, SecAggServer, plan_groups, split_dense_sums, to_signed
 
 
 class Stage(str, Enum):
@@ -90,7 +91,7 @@ class Refused:
 
 @dataclass(frozen=True)
 class Summed:
-    total: np.ndarray  # (length,) uint, the masks removed
+    total: np.ndarray | tuple  # (length,) uint, the masks removed; a tuple of them, one per group, for groups
     device_ids: tuple[str, ...]  # U3: whose inputs are in it
 
 
@@ -116,17 +117,30 @@ _EXPECTS = {Stage.ADVERTISE: AdvertiseKeys, Stage.SHARE: ShareKeys, Stage.MASKED
 
 
 class SecureRound:
-    """One masked round's stages. ``selected``: who got the task; ``deadline``: the round's (ADVERTISE) deadline."""
+    """One masked round's stages. ``groups``: who got the task, split into secure-aggregation groups (each at most
+    ``MAX_GROUP`` devices, :func:`fleet.security.secagg.plan_groups`) with their Shamir ``thresholds``; every group
+    runs the protocol on its own server, the stages in lockstep. A group that falls below its threshold leaves the
+    round (its devices' inputs are not in the sum); the round aborts when no group is left. ``deadline``: the round's
+    (ADVERTISE) deadline."""
 
-    def __init__(self, round_id: int, session: bytes, selected: tuple[str, ...], threshold: int, goal: int,
+    def __init__(self, round_id: int, session: bytes, groups: list[list[str]], thresholds: list[int], goal: int,
                  length: int, bits: int, deadline: float, stage_timeout: float, noise: Noise | None = None):
         self.round_id, self.goal, self.stage_timeout = round_id, goal, stage_timeout
-        self.server = SecAggServer(round_id, session, threshold, length, bits, noise=noise)
+        self.servers = [SecAggServer(round_id, session, t, length, bits, noise=noise)
+                        for _, t in zip(groups, thresholds, strict=True)]
+        self.group_of = {d: i for i, g in enumerate(groups) for d in g}
+        self.live = set(range(len(groups)))  # groups still in the round
         self.stage = Stage.ADVERTISE
-        self.expected, self.deadline = set(selected), deadline
+        self.expected, self.deadline = set(self.group_of), deadline
         self.lost: set[str] = set()
         self.seen: set[tuple[str, str]] = set()
         self.relayed: dict[str, object] = {}  # device -> the last stage message sent to it
+        self.left: list[str] = []  # why groups left the round
+
+    @property
+    def server(self) -> SecAggServer:
+        """The one group's server (rounds of at most ``MAX_GROUP`` devices)."""
+        return self.servers[0]
 
     def handle(self, event: object) -> list[object]:
         name = TRANSITIONS.get((self.stage, type(event)))
@@ -143,7 +157,7 @@ class SecureRound:
             return [Refused(ev.device_id, f"{type(ev.msg).__name__} not expected from {ev.device_id} in stage "
                                           f"{self.stage.value}")]
         try:
-            self.server.receive(ev.msg)
+            self.servers[self.group_of[ev.device_id]].receive(ev.msg)
         except SecAggError as e:
             return [Refused(ev.device_id, str(e))]
         self.seen.add((ev.device_id, ev.digest))
@@ -172,9 +186,12 @@ class SecureRound:
         return [Relay(d, self.relayed[d]) for d in sorted(waiting) if d in self.relayed]
 
     def _answered(self) -> set[str]:
-        s = self.server
-        return set({Stage.ADVERTISE: s.keys, Stage.SHARE: s.shares, Stage.MASKED: s.masked,
-                    Stage.UNMASK: s.answers}[self.stage])
+        out: set[str] = set()
+        for i in self.live:
+            s = self.servers[i]
+            out |= set({Stage.ADVERTISE: s.keys, Stage.SHARE: s.shares, Stage.MASKED: s.masked,
+                        Stage.UNMASK: s.answers}[self.stage])
+        return out
 
     def _advance(self, now: float) -> list[object]:
         out: list[object] = []
@@ -184,33 +201,53 @@ class SecureRound:
             enough = self.stage == Stage.ADVERTISE and len(have) >= self.goal
             if waiting and not enough and now <= self.deadline:
                 return out
-            try:
-                closed = self._close_stage()
-                self.relayed.update((c.device_id, c.msg) for c in closed if isinstance(c, Relay))
-                out += closed
-            except (SecAggAborted, SecAggError) as e:  # NOTE: SecAggError: shares that do not reconstruct
-                self.stage = Stage.ABORTED
-                return [*out, Aborted(str(e))]
+            closed = self._close_stage()
+            self.relayed.update((c.device_id, c.msg) for c in closed if isinstance(c, Relay))
+            out += closed
+            if self.stage == Stage.ABORTED:
+                return out
             self.deadline = now + self.stage_timeout
         return out
 
     def _close_stage(self) -> list[object]:
-        s = self.server
-        if self.stage == Stage.ADVERTISE:
-            roster = s.roster()
-            self.stage, self.expected = Stage.SHARE, {k.device_id for k in roster.keys}
-            return [Relay(d, roster) for d in sorted(self.expected)]
-        if self.stage == Stage.SHARE:
-            routed = s.route_shares()
-            self.stage, self.expected = Stage.MASKED, set(routed)
-            return [Relay(d, routed[d]) for d in sorted(routed)]
-        if self.stage == Stage.MASKED:
-            request = s.unmask_request()
-            self.stage, self.expected = Stage.UNMASK, set(request.survivors)
-            return [Relay(d, request) for d in request.survivors]
-        total = s.result()
-        self.stage = Stage.DONE
-        return [Summed(total, tuple(sorted(s.masked)))]
+        """Close the stage on every live group; a group below its threshold (or whose shares do not reconstruct)
+        leaves the round."""
+        out: list[object] = []
+        expected: set[str] = set()
+        totals, summed = [], []
+        for i in sorted(self.live):
+            s = self.servers[i]
+            try:
+                if self.stage == Stage.ADVERTISE:
+                    roster = s.roster()
+                    ids = [k.device_id for k in roster.keys]
+                    out += [Relay(d, roster) for d in ids]
+                elif self.stage == Stage.SHARE:
+                    routed = s.route_shares()
+                    ids = sorted(routed)
+                    out += [Relay(d, routed[d]) for d in ids]
+                elif self.stage == Stage.MASKED:
+                    request = s.unmask_request()
+                    ids = list(request.survivors)
+                    out += [Relay(d, request) for d in ids]
+                else:
+                    totals.append(s.result())
+                    summed += sorted(s.masked)
+                    ids = []
+                expected |= set(ids)
+            except (SecAggAborted, SecAggError) as e:  # NOTE: SecAggError: shares that do not reconstruct
+                self.live.discard(i)
+                self.left.append(str(e))
+        if not self.live:
+            self.stage = Stage.ABORTED
+            return [Aborted("; ".join(self.left))]
+        if self.stage == Stage.UNMASK:
+            self.stage = Stage.DONE
+            return [Summed(totals[0] if len(totals) == 1 and len(self.servers) == 1 else tuple(totals),
+                           tuple(sorted(summed)))]
+        self.stage = {Stage.ADVERTISE: Stage.SHARE, Stage.SHARE: Stage.MASKED, Stage.MASKED: Stage.UNMASK}[self.stage]
+        self.expected = expected
+        return sorted(out, key=lambda r: r.device_id)  # type: ignore[attr-defined]
 
 
 def secure_threshold(fraction: float, selected: int, min_accepted: int) -> int:
@@ -223,15 +260,18 @@ class SecureRounds:
     """Mixin of :class:`fleet.coordinator.Coordinator` for fleets with ``secure_aggregation``."""
 
     secure: SecureRound | None = None
-    secure_sum: np.ndarray | None = None
+    secure_sum: np.ndarray | tuple | None = None  # one unmasked sum, or one per group
+    secure_group_size = MAX_GROUP  # devices per secure-aggregation group: more selected devices run in groups
 
     def _secure_tasks(self, d: rnd.Dispatch, task: bytes) -> list[Output]:
         """The round's tasks inside OPEN frames (a device then never sends this round's delta in clear)."""
         sa, m = self.config.secure_aggregation, self.machine
         if self.secure is None or self.secure.round_id != d.round_id:
+            groups = plan_groups(list(m.selected), self.secure_group_size)
+            quorum = self.config.round.min_accepted if len(groups) == 1 else 0  # groups: the round's quorum decides
             self.secure, self.secure_sum = SecureRound(
-                d.round_id, session_label(bytes.fromhex(self.codec.plan_hash)), m.selected,
-                secure_threshold(sa.threshold, len(m.selected), self.config.round.min_accepted),
+                d.round_id, session_label(bytes.fromhex(self.codec.plan_hash)), groups,
+                [secure_threshold(sa.threshold, len(g), quorum) for g in groups],
                 self.config.round.goal, self.size + 1, sa.bits, d.deadline, sa.stage_timeout,
                 self._secure_noise()), None
         frame = secagg_to_bytes(d.round_id, Open(task))
@@ -307,6 +347,16 @@ class SecureRounds:
                 out += self._machine(rnd.SecureClosed((), cmd.reason, now), now)
         return out
 
+    def state_from_sum(self, total: np.ndarray) -> dict[int, np.ndarray]:
+        """The model a masked round's unmasked sum ``total`` makes of the current state (what committing it stores):
+        for an independent check of a run (``fleet/sim/faults.py`` recomputes the sum from the broker's traffic)."""
+        kept = self.secure_sum
+        self.secure_sum = np.asarray(total)
+        try:
+            return self._secure_state()
+        finally:
+            self.secure_sum = kept
+
     def _secure_state(self) -> dict[int, np.ndarray]:
         """The model after the masked round: FedAvg from the unmasked ``num, den`` (as ``RunningSums`` would; every
         device covers the whole support, so the denominator is the last entry, the sum of the weights); with DP,
@@ -314,10 +364,12 @@ class SecureRounds:
         if self.secure_sum is None:
             raise RuntimeError("no masked sum to commit (a restarted coordinator abandons its masked round)")
         sa, dp = self.config.secure_aggregation, self.config.dp
+        parts = self.secure_sum if isinstance(self.secure_sum, tuple) else (self.secure_sum,)  # one sum per group
         if dp is None:
-            delta = agg.to_int_delta(agg.mean_from_sums(*split_dense_sums(self.secure_sum, sa.bits)))
+            sums = [split_dense_sums(p, sa.bits) for p in parts]
+            delta = agg.to_int_delta(agg.mean_from_sums(sum(n for n, _ in sums), sum(d for _, d in sums)))
         else:  # the noisy lattice sum -> real units over the public denominator (the goal) -> integer units
-            lattice = to_signed(self.secure_sum, sa.bits)[:-1].astype(np.float64)
+            lattice = sum(to_signed(p, sa.bits)[:-1] for p in parts).astype(np.float64)
             real = lattice * (dp.clip / sa.resolution) / self.config.round.goal
             units = self.dp_units if self.dp_units is not None else 1.0
             delta = agg.to_int_delta(agg.Mean(real / units, np.ones(real.size, bool)))

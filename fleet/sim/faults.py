@@ -47,6 +47,8 @@ class FleetSpec:
     name: str = "faults"
     mode: str = "sync"  # async: buffered rounds (``rounds`` versions of ``buffer_size`` deltas each)
     buffer_size: int = 3  # async only
+    secure: bool = False  # masked rounds (secure_aggregation: threshold 0.6); judged by :func:`_judge_secure`
+    stage_timeout: float = 3.0  # secure only: how long a masked round's stage waits for lost devices
 
     def config_yaml(self, port: int, seed: int) -> str:
         """The fleet config ``tinyfleet serve`` runs."""
@@ -56,6 +58,8 @@ class FleetSpec:
         if self.mode == "async":  # NOTE: every idle device trains; a task outlives any outage (like the deadline)
             text += (f"mode: async\nasync_rounds: {{buffer_size: {self.buffer_size}, max_staleness: 1000, "
                      f"task_timeout_s: {self.deadline}}}\n")
+        if self.secure:
+            text += f"secure_aggregation: {{threshold: 0.6, stage_timeout: {self.stage_timeout}}}\n"
         return text
 
 
@@ -68,14 +72,16 @@ class Outcome:
     duplicated: int = 0  # deltas counted more than once (stored twice, or more deltas than devices in a round)
     rejected: int = 0  # acks with accepted = false the observer saw
     crashes: int = 0  # process deaths and coordinator errors we did not inject
+    revealed: int | None = None  # secure runs: device inputs an observer of the coordinator + broker could unmask
     kills: int = 0  # faults injected
     expect_rejected: int = 0  # bad deltas the scenario sent: each must come back rejected
     detail: str = ""  # what the scenario measured, for the table
     notes: list[str] = field(default_factory=list)  # every note is a reason the scenario failed
 
     def row(self) -> dict:
-        return {"pass": self.passed, "lost": self.lost, "duplicated": self.duplicated, "rejected": self.rejected,
-                "crashes": self.crashes}
+        row = {"pass": self.passed, "lost": self.lost, "duplicated": self.duplicated, "rejected": self.rejected,
+               "crashes": self.crashes}
+        return row if self.revealed is None else {**row, "revealed": self.revealed}
 
 
 class ProcessFleet:
@@ -99,6 +105,7 @@ class ProcessFleet:
         self.serve: subprocess.Popen | None = None
         self.agents: dict[str, subprocess.Popen] = {}
         self.acks: list[dict] = []  # every ack the coordinator published, as the observer received it
+        self.secagg: list[tuple[str, str, bytes]] = []  # secure runs: (device, topic kind, payload) as observed
         self.crashes = 0
         self._killed: set[int] = set()  # pids we signalled ourselves
         self._observer = None
@@ -223,6 +230,11 @@ class ProcessFleet:
         from device_agent.wire.messages import full_topic
 
         def on_msg(topic: str, payload: bytes, ack) -> None:
+            if topic.endswith(("/secagg", "/secagg_relay")):
+                with self._lock:
+                    self.secagg.append((topic.split("/")[-2], topic.rsplit("/", 1)[1], bytes(payload)))
+                ack()
+                return
             try:
                 msg = json.loads(payload)
                 msg["device_id"] = topic.split("/")[-2]
@@ -233,7 +245,8 @@ class ProcessFleet:
             ack()
 
         self._observer = MqttEndpoint(BrokerURL("127.0.0.1", self.broker.port), f"{self.spec.name}-observer",
-                                      [full_topic(self.spec.name, "dev/+/ack")], on_msg)
+                                      [full_topic(self.spec.name, t) for t in ("dev/+/ack", "dev/+/secagg",
+                                                                                "dev/+/secagg_relay")], on_msg)
         self._observer.start(10)
 
     # --- cleanup ---------------------------------------------------------------------------------------------
@@ -284,6 +297,8 @@ def judge(fleet: ProcessFleet, clean: list[bytes] | None, out: Outcome) -> Outco
     spec = fleet.spec
     if spec.mode == "async":
         return _judge_async(fleet, out)
+    if spec.secure:
+        return _judge_secure(fleet, out)
     with sqlite3.connect(f"file:{fleet.store}?mode=ro", uri=True) as db:
         deltas = db.execute("SELECT round_id, device_id, content_hash FROM deltas").fetchall()
         rounds = dict(db.execute("SELECT round_id, outcome FROM rounds"))
@@ -374,6 +389,165 @@ def _replay_async(fleet: ProcessFleet, made: dict[int, int]) -> list[int]:
             state, _ = c.aggregate_buffer(buffer_id)
             if pack_state(c.shared, state) != versions[version]:
                 bad.append(version)
+        c.store.close()
+    return bad
+
+
+def _judge_secure(fleet: ProcessFleet, out: Outcome) -> Outcome:
+    """:func:`judge` for masked runs (no delta is ever stored or acknowledged): everything the broker carried on the
+    secure-aggregation topics, as the observer recorded it, is what the coordinator and the broker saw.
+
+    ``lost``: committed masked rounds whose stored model is not exactly what the observer recomputes, with its own
+    :class:`~fleet.security.secagg.SecAggServer`, from that round's observed masked inputs and unmask answers
+    (an input dropped or counted twice changes the sum), plus a committed round the observer cannot recompute.
+    ``revealed``: device inputs that observer could unmask: a device of a round whose self-mask seed and masking
+    key both have ``threshold`` revealed shares, a masked input that is not uniform once every self mask the
+    observer can rebuild is removed (more than 5% of its words within 2^24 of 0: a delta is small integers, a
+    masked value is uniform mod 2^32), and any individual update in the store. Fewer committed rounds than
+    ``rounds`` - faults, a crash or a note fail it too."""
+    spec = fleet.spec
+    with sqlite3.connect(f"file:{fleet.store}?mode=ro", uri=True) as db:
+        rounds = dict(db.execute("SELECT round_id, outcome FROM rounds"))
+        made = dict(db.execute("SELECT round_id, version FROM versions WHERE version > 1"))
+        stored = db.execute("SELECT COUNT(*) FROM deltas").fetchone()[0]
+    revealed, sums = observe_secure(fleet.secagg)
+    out.revealed = stored + revealed
+    recomputed = {r: t for r, t in sums.items() if rounds.get(r) == "committed"}
+    if fleet.store.exists():
+        out.lost = _check_secure_versions(fleet, made, recomputed)
+    committed = sorted(r for r, o in rounds.items() if o == "committed")
+    if len(committed) < spec.rounds - out.kills:
+        out.notes.append(f"{len(committed)} masked rounds committed, want at least {spec.rounds} - {out.kills} faults")
+    out.crashes += fleet.crashes + _coordinator_errors(fleet.serve_log)
+    partial = _partial_rounds(fleet.secagg, spec.devices, set(committed))
+    out.detail = (f"{len(committed)} of {len(rounds)} masked rounds committed ({partial} without every device), "
+                  f"{len(recomputed)} recomputed")
+    out.passed = not out.notes and out.lost == 0 and out.revealed == 0 and out.crashes == 0
+    return out
+
+
+def observe_secure(records: list[tuple[str, str, bytes]]) -> tuple[int, dict[int, np.ndarray | tuple]]:
+    """What an observer of the secure-aggregation topics learns: ``(revealed, sums)`` from ``(device, kind,
+    payload)`` records. ``revealed`` counts (round, device) pairs whose self-mask seed and masking key both have
+    ``threshold`` revealed shares, and masked inputs that are not uniform once the self mask it can rebuild is
+    removed (more than 5% of the words within 2^24 of 0); ``sums``: each round's unmasked sum, recomputed with a
+    fresh :class:`~fleet.security.secagg.SecAggServer` (rounds whose messages do not make one are left out)."""
+    from device_agent.wire.secagg_frames import secagg_from_bytes
+    from fleet.security.secagg import SecAggServer
+
+    seen: dict[int, dict[str, dict]] = {}  # round -> message kind -> device -> message (the first observed)
+    for device, _, payload in records:
+        try:
+            round_id, msg = secagg_from_bytes(payload)
+        except ValueError:
+            continue
+        seen.setdefault(round_id, {}).setdefault(type(msg).__name__, {}).setdefault(device, msg)
+    revealed = 0
+    sums: dict[int, np.ndarray | tuple] = {}
+    for r, all_msgs in sorted(seen.items()):
+        groups = {tuple(k.device_id for k in m.keys): m for m in all_msgs.get("Roster", {}).values()}
+        totals = []
+        for ids, roster in groups.items():  # one roster per secure-aggregation group
+            msgs = {kind: {d: m for d, m in by.items() if d in ids} for kind, by in all_msgs.items()}
+            revealed += _revealed(roster, msgs)
+            total = _resum(SecAggServer, roster, msgs)
+            if total is not None:
+                totals.append(total)
+        if totals:
+            sums[r] = totals[0] if len(groups) == 1 else tuple(totals)
+    return revealed, sums
+
+
+def _revealed(roster, msgs: dict[str, dict]) -> int:
+    """Devices of one group whose input an observer of its messages could unmask (see :func:`observe_secure`)."""
+    from device_agent.wire.secagg import SecAggError, context, prg, shamir_combine
+
+    answers = list(msgs.get("UnmaskResponse", {}).values())
+    t, xs = roster.threshold, {k.device_id: i + 1 for i, k in enumerate(roster.keys)}
+    ctx = context(roster.round_id, roster.session)
+    revealed = 0
+    for k in roster.keys:
+        d = k.device_id
+        b_shares = {xs[a.device_id]: a.self_mask_shares[d] for a in answers if d in a.self_mask_shares}
+        s_shares = {xs[a.device_id]: a.key_shares[d] for a in answers if d in a.key_shares}
+        revealed += len(b_shares) >= t and len(s_shares) >= t
+        y = msgs.get("MaskedInput", {}).get(d)
+        if y is not None and len(b_shares) >= t:
+            try:
+                left = y.y - prg(shamir_combine(b_shares, t, 32), ctx, y.y.size, roster.bits)
+            except SecAggError:
+                continue
+            small = np.abs(left.astype(np.int64) - np.where(left >= 1 << 31, 1 << 32, 0)) < 1 << 24
+            revealed += float(np.mean(small)) > 0.05
+    return revealed
+
+
+def _partial_rounds(records: list[tuple[str, str, bytes]], devices: int, committed: set[int]) -> int:
+    """Committed rounds whose sum left a device out (a smaller roster, or dropouts in the unmask request)."""
+    from device_agent.wire.secagg import Roster, UnmaskRequest
+    from device_agent.wire.secagg_frames import secagg_from_bytes
+
+    short = set()
+    for _, _, payload in records:
+        try:
+            r, msg = secagg_from_bytes(payload)
+        except ValueError:
+            continue
+        if r in committed and ((isinstance(msg, Roster) and len(msg.keys) < devices)
+                               or (isinstance(msg, UnmaskRequest) and len(msg.survivors) < devices)):
+            short.add(r)
+    return len(short)
+
+
+def _resum(server_cls, roster, msgs: dict[str, dict]) -> np.ndarray | None:
+    """The round's unmasked sum, recomputed from the observed messages (None: they do not make a sum)."""
+    request = next(iter(msgs.get("UnmaskRequest", {}).values()), None)
+    shares_for = next(iter(msgs.get("SharesFor", {}).values()), None)
+    if request is None or shares_for is None:
+        return None
+    s = server_cls(roster.round_id, roster.session, roster.threshold, roster.length, roster.bits, noise=roster.noise)
+    try:
+        for k in roster.keys:
+            s.receive(k)
+        s.roster()
+        for d in shares_for.shared:
+            s.receive(msgs["ShareKeys"][d])
+        s.route_shares()
+        for d in request.survivors:
+            s.receive(msgs["MaskedInput"][d])
+        s.unmask_request()
+        for a in msgs.get("UnmaskResponse", {}).values():
+            if a.device_id in request.survivors:
+                s.receive(a)
+        return s.result()
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def _check_secure_versions(fleet: ProcessFleet, made: dict[int, int], recomputed: dict) -> int:
+    """Committed masked rounds whose stored version is not the previous one plus the recomputed sum's FedAvg."""
+    import tempfile
+
+    from fleet.coordinator import Coordinator
+    from fleet.coordinator.codec import WireCodec
+    from fleet.coordinator.core import pack_state, unpack_state
+    from fleet.schema import load_fleet_config
+    from fleet.store import Store
+
+    cfg = load_fleet_config(fleet.dir / "fleet.yaml").coordinator_config()
+    versions = dict(enumerate(store_versions(fleet.store), start=1))
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "store.sqlite"
+        shutil.copy(fleet.store, copy)
+        c = Coordinator(fleet.plan, Store(copy), cfg, time.time, WireCodec(fleet.plan))
+        for r, version in sorted(made.items()):
+            total = recomputed.get(r)
+            if total is None:
+                bad += 1
+                continue
+            c.state = unpack_state(c.shared, versions[version - 1])
+            bad += pack_state(c.shared, c.state_from_sum(total)) != versions[version]
         c.store.close()
     return bad
 

@@ -15,7 +15,8 @@ import sys
 from tests.conftest import ROOT, require_cmd
 
 SCENARIOS = {"broker_kill", "coordinator_kill", "chaos_proxy", "garbage", "poison", "device_restart", "device_kill",
-             "device_hang", "async_broker_kill", "async_coordinator_kill", "async_chaos_proxy"}
+             "device_hang", "async_broker_kill", "async_coordinator_kill", "async_chaos_proxy", "secagg_dropout",
+             "secagg_coordinator_kill", "secagg_broker_kill"}
 
 
 def test_faults_quick_every_scenario_passes(tmp_path):
@@ -29,7 +30,9 @@ def test_faults_quick_every_scenario_passes(tmp_path):
 
     assert set(scenarios) == SCENARIOS, table
     for name, row in scenarios.items():
-        assert set(row) == {"pass", "lost", "duplicated", "rejected", "crashes"}
+        secure = name.startswith("secagg_")
+        assert set(row) == {"pass", "lost", "duplicated", "rejected", "crashes"} | ({"revealed"} if secure else set())
+        assert not secure or row["revealed"] == 0, f"{name}:\n{table}"
         assert row["pass"] is True and row["lost"] == 0 and row["duplicated"] == 0 and row["crashes"] == 0, \
             f"{name}:\n{table}"
     assert scenarios["garbage"]["rejected"] >= 10, table  # every bad delta came back rejected

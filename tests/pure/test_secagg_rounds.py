@@ -324,3 +324,58 @@ def test_shares_that_do_not_reconstruct_abort_the_round_not_the_coordinator():
     f.round()
     (closed,) = f.closed()
     assert not closed.committed and f.coord.version == 1, closed
+
+
+# --- groups: more selected devices than one secure-aggregation group holds ---------------------------------------
+
+
+def test_groups_sum_to_the_plain_fedavg_and_a_failed_group_leaves_only_itself_out():
+    """7 devices in groups of at most 3 (3 + 2 + 2, each with its own roster, shares and threshold): the committed
+    model is the plain FedAvg of all 7; when one 2-device group loses a member after sharing keys (below its
+    threshold 2) only that group leaves the round: the model is the plain FedAvg of the other 5."""
+    n = 7
+    f = SecureFleet(n=n, cfg=config(goal=n, secure_aggregation=SecureAggregationConfig(stage_timeout=5.0)))
+    f.coord.secure_group_size = 3
+    f.boot()
+    f.round()
+    (closed,) = f.closed()
+    assert closed.committed and len(closed.accepted) == n, closed
+    sizes = sorted(len(m.shares) + 1 for _, _, m in f.sent if type(m).__name__ == "ShareKeys")
+    assert sizes == [2, 2, 2, 2, 3, 3, 3]  # each device shared with its own group only
+    ref = Fleet(n=n, cfg=config(goal=n))
+    ref.boot()
+    ref.round()
+    assert state_bytes(f.coord.state) == state_bytes(ref.coord.state)
+
+    g = SecureFleet(n=n, cfg=config(goal=n, secure_aggregation=SecureAggregationConfig(stage_timeout=5.0)),
+                    drop_after={"d01": "ShareKeys"})  # groups: d00 d03 d06 | d01 d04 | d02 d05
+    g.coord.secure_group_size = 3
+    g.boot()
+    g.round()
+    (closed,) = g.closed()
+    assert closed.committed and closed.accepted == ("d00", "d02", "d03", "d05", "d06"), closed
+    ref = Fleet(n=n, cfg=config(goal=n))
+    ref.boot()
+    ref.round(kill=("d01", "d04"))
+    assert state_bytes(g.coord.state) == state_bytes(ref.coord.state)
+
+
+def test_a_board_that_refuses_its_masked_round_fails_it_and_the_round_goes_on():
+    """device_agent/board_secagg.BoardDeviceProtocol: a board whose BEGIN is refused (here: a builder that raises as
+    the board would) reports the round failed instead of ending its agent; the others' sum commits."""
+    from device_agent.board_secagg import BoardDeviceProtocol
+    from device_agent.wire.secagg import SecAggError
+
+    def refused(*args, **kw):
+        raise SecAggError("board BEGIN: ERR_FORMAT: the session is not this board's plan")
+
+    f = SecureFleet()
+    old = f.devices["d01"]
+    f.devices["d01"] = BoardDeviceProtocol(old.id, old.plan, old.trainer, old.codec, old.buffer, seed=old.seed,
+                                           masked_round=refused)
+    f.boot()
+    f.round()
+    (closed,) = f.closed()
+    assert closed.committed and closed.accepted == ("d00", "d02", "d03"), closed
+    assert f.devices["d01"].last_failure[1] == "secagg_board"
+    assert state_bytes(f.coord.state) == plain_model(kill=("d01",))

@@ -8,6 +8,8 @@
 #include <stdint.h>
 
 #define TF_SECAGG_CTX_BYTES 36 /* round id (u32 LE) + SHA-256 of the session label */
+#define TF_SHARE_BYTES 66      /* a Shamir share over GF(2^521 - 1), big-endian */
+#define TF_AEAD_TAG 16
 
 /* 64 bytes of ChaCha20 keystream: block `counter` under `key` and a 96-bit nonce. */
 void tf_chacha20_block(uint8_t out[64], const uint8_t key[32], uint32_t counter, const uint8_t nonce[12]);
@@ -36,5 +38,19 @@ typedef struct {
 void tf_secagg_mask_input(uint32_t *y, const uint32_t *x, uint32_t n, const uint8_t b[32], const uint8_t s_sk[32],
                           const char *own_id, const tf_secagg_peer *peers, uint32_t n_peers,
                           const uint8_t ctx[TF_SECAGG_CTX_BYTES]);
+
+/* Poly1305 one-time MAC (RFC 8439 2.5) of msg under a 32-byte one-time key. */
+void tf_poly1305(uint8_t tag[16], const uint8_t key[32], const uint8_t *msg, uint32_t n);
+/* ChaCha20-Poly1305 (RFC 8439 2.8): out = ciphertext (n bytes) || tag (16 bytes). */
+void tf_aead_seal(uint8_t *out, const uint8_t key[32], const uint8_t nonce[12], const uint8_t *ad, uint32_t ad_len,
+                  const uint8_t *plain, uint32_t n);
+/* Inverse of tf_aead_seal for box = ciphertext (n bytes) || tag: 0 and the plaintext, or -1 and nothing written. */
+int tf_aead_open(uint8_t *plain, const uint8_t key[32], const uint8_t nonce[12], const uint8_t *ad, uint32_t ad_len,
+                 const uint8_t *box, uint32_t n);
+
+/* The Shamir share f(x) of a 32-byte secret (big-endian number) with threshold t: f's coefficients 1..t-1 come
+ * from `seed` (device_agent/wire/secagg.py shamir_split(secret, xs, t, seed)). 0 < x < 2^16. */
+void tf_shamir_share(uint8_t out[TF_SHARE_BYTES], const uint8_t secret[32], const uint8_t seed[32],
+                     uint32_t threshold, uint32_t x);
 
 #endif /* TF_SECAGG_H */

@@ -13,7 +13,18 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from device_agent.wire.secagg import _hkdf, context, pair_mask, prg, raw_pub, session_label
+from device_agent.wire.secagg import (
+    PRIME,
+    SHARE_BYTES,
+    _hkdf,
+    context,
+    pair_aead,
+    pair_mask,
+    prg,
+    raw_pub,
+    session_label,
+    shamir_split,
+)
 
 OUT = Path(__file__).with_name("secagg_vectors.h")
 N_INPUT = 1400  # the tiny plan's masked input: 2 x 700 coordinates
@@ -85,6 +96,28 @@ def main(argv: list[str] | None = None) -> int:
             f"static const uint8_t PEER_PK[{len(ids)}][32] = {{{', '.join(c_bytes(raw_pub(p)) for p in peers)}}};",
             f"static const uint32_t INPUT_Y[{N_INPUT}] = {c_words(y.astype(np.uint32))};", "",
             ]
+    # Shamir shares as a board makes them (coefficients from a seed), thresholds 1, 3 and 60, points up to 300;
+    # a secret at the top of the 32-byte range
+    out += ["typedef struct { uint8_t secret[32], seed[32]; uint32_t t, x; uint8_t share[66]; } shamir_case;",
+            "static const shamir_case SHAMIR_CASES[] = {"]
+    for t, xs in ((1, (1, 2)), (3, (1, 2, 3, 7)), (60, (1, 59, 60, 300))):
+        secret = rand(32) if t != 3 else b"\xff" * 32
+        pseed = rand(32)
+        shares = shamir_split(secret, list(range(1, max(xs) + 1)), t, pseed)  # t <= n points
+        for x in xs:
+            out.append(f"    {{{c_bytes(secret)},\n     {c_bytes(pseed)}, {t}u, {x}u,\n     "
+                       f"{c_bytes(shares[x].to_bytes(SHARE_BYTES, 'big'))}}},")
+    out += ["};", ""]
+    assert max(shamir_split(b"\xff" * 32, [1, 2, 3], 3, b"\0" * 32).values()) < PRIME
+    # one encrypted share pair, as SecAggDevice.share_keys seals it ("d02" -> "d10")
+    c_own, c_peer = (X25519PrivateKey.from_private_bytes(rand(32)) for _ in range(2))
+    box, nonce, ad = pair_aead(c_own, raw_pub(c_peer), "d02", "d10", ctx)
+    plain = rand(2 * SHARE_BYTES)
+    sealed = box.encrypt(nonce, plain, ad)
+    out += [f"static const uint8_t AEAD_C_SK[32] = {c_bytes(c_own.private_bytes_raw())};",
+            f"static const uint8_t AEAD_PEER_C_PK[32] = {c_bytes(raw_pub(c_peer))};",
+            f"static const uint8_t AEAD_PLAIN[{len(plain)}] = {c_bytes(plain)};",
+            f"static const uint8_t AEAD_BOX[{len(sealed)}] = {c_bytes(sealed)};", ""]
     # the baseline the benchmark measures in the same run: the Ed25519 check a board already does per model update
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 

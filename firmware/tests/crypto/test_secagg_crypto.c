@@ -7,6 +7,7 @@
 
 #include "secagg_vectors.h"
 #include "tf_secagg.h"
+#include "tf_sha256.h"
 #include "tf_x25519.h"
 
 static uint32_t work[N_INPUT]; /* (N_INPUT,) uint32: the masked input under construction */
@@ -51,13 +52,50 @@ static int check_input(void) {
     return memcmp(work, INPUT_Y, sizeof(work)) != 0;
 }
 
+/* Shamir shares from a seed (device_agent/wire/secagg.py shamir_split): every case byte for byte */
+static int check_shamir(void) {
+    int bad = 0;
+    uint8_t share[TF_SHARE_BYTES];
+    for (unsigned i = 0; i < sizeof(SHAMIR_CASES) / sizeof(*SHAMIR_CASES); i++) {
+        const shamir_case *c = &SHAMIR_CASES[i];
+        tf_shamir_share(share, c->secret, c->seed, c->t, c->x);
+        bad += memcmp(share, c->share, sizeof(share)) != 0;
+    }
+    return bad;
+}
+
+/* share encryption (pair_aead: HKDF of the X25519 agreement, nonce and AD from the ids): seal, open, a forgery */
+static uint8_t aead_out[sizeof(AEAD_BOX)], aead_plain[sizeof(AEAD_PLAIN)];
+static int check_aead(void) {
+    static const char SHARE_INFO[] = "tinyfleet-secagg-v1 share-encryption ";
+    uint8_t agreed[32], key[32], info[sizeof(SHARE_INFO) - 1 + TF_SECAGG_CTX_BYTES], ad[TF_SECAGG_CTX_BYTES + 7];
+    uint8_t nonce[12], h[32];
+    tf_x25519(agreed, AEAD_C_SK, AEAD_PEER_C_PK);
+    memcpy(info, SHARE_INFO, sizeof(SHARE_INFO) - 1);
+    memcpy(info + sizeof(SHARE_INFO) - 1, CTX, TF_SECAGG_CTX_BYTES);
+    tf_hkdf_sha256(key, agreed, 32, info, sizeof(info));
+    memcpy(ad, CTX, TF_SECAGG_CTX_BYTES);
+    memcpy(ad + TF_SECAGG_CTX_BYTES, "d02\0d10", 7);
+    tf_sha256(ad + TF_SECAGG_CTX_BYTES, 7, h);
+    memcpy(nonce, h, 12);
+    int bad = 0;
+    tf_aead_seal(aead_out, key, nonce, ad, sizeof(ad), AEAD_PLAIN, sizeof(AEAD_PLAIN));
+    bad += memcmp(aead_out, AEAD_BOX, sizeof(AEAD_BOX)) != 0;
+    bad += tf_aead_open(aead_plain, key, nonce, ad, sizeof(ad), AEAD_BOX, sizeof(AEAD_PLAIN)) != 0;
+    bad += memcmp(aead_plain, AEAD_PLAIN, sizeof(AEAD_PLAIN)) != 0;
+    aead_out[5] ^= 1; /* a flipped ciphertext bit must not open */
+    bad += tf_aead_open(aead_plain, key, nonce, ad, sizeof(ad), aead_out, sizeof(AEAD_PLAIN)) != -1;
+    return bad;
+}
+
 #ifndef TF_SECAGG_BOARD
 
 int main(void) {
-    const int x = check_x25519(), m = check_masks(), in = check_input();
-    printf("secagg crypto: x25519 %d bad of %u, masks %d bad, masked input %s\n", x,
-           (unsigned)(sizeof(X25519_CASES) / sizeof(*X25519_CASES)), m, in ? "MISMATCH" : "ok");
-    return x || m || in;
+    const int x = check_x25519(), m = check_masks(), in = check_input(), sh = check_shamir(), ae = check_aead();
+    printf("secagg crypto: x25519 %d bad of %u, masks %d bad, masked input %s, shamir %d bad of %u, aead %d bad\n",
+           x, (unsigned)(sizeof(X25519_CASES) / sizeof(*X25519_CASES)), m, in ? "MISMATCH" : "ok", sh,
+           (unsigned)(sizeof(SHAMIR_CASES) / sizeof(*SHAMIR_CASES)), ae);
+    return x || m || in || sh || ae;
 }
 
 #else /* the board: checks, then measurements */
@@ -84,7 +122,7 @@ static void put_u64(const char *name, uint64_t v) {
 
 int main(void) {
     tf_board_init();
-    const int bad = check_x25519() + check_masks() + check_input();
+    const int bad = check_x25519() + check_masks() + check_input() + check_shamir() + check_aead();
     uint8_t out[32], ctx[TF_SECAGG_CTX_BYTES], key[32];
     memcpy(ctx, CTX, sizeof(ctx));
     uint64_t t0 = tf_board_ticks_aligned();
@@ -102,6 +140,14 @@ int main(void) {
     t0 = tf_board_ticks_aligned();
     const int ed_ok = tf_ed25519_verify(ED_SIG, ED_MSG, sizeof(ED_MSG), ED_PUB);
     const uint64_t ed = tf_board_ticks() - t0;
+    uint8_t share[TF_SHARE_BYTES];
+    const shamir_case *sc = &SHAMIR_CASES[sizeof(SHAMIR_CASES) / sizeof(*SHAMIR_CASES) - 1]; /* t = 60 */
+    t0 = tf_board_ticks_aligned();
+    tf_shamir_share(share, sc->secret, sc->seed, sc->t, sc->x);
+    const uint64_t shamir = tf_board_ticks() - t0;
+    t0 = tf_board_ticks_aligned();
+    tf_aead_seal(aead_out, key, ctx, ctx, sizeof(ctx), AEAD_PLAIN, sizeof(AEAD_PLAIN));
+    const uint64_t aead = tf_board_ticks() - t0;
     put("SECAGG");
     put_u64("ok", bad == 0 && memcmp(work, INPUT_Y, sizeof(work)) == 0);
     put_u64("x25519_ticks", x25519);
@@ -111,6 +157,10 @@ int main(void) {
     put_u64("input_ticks", input);
     put_u64("input_peers", 4);
     put_u64("ed25519_verify_ticks", ed);
+    put_u64("shamir_share_ticks", shamir);
+    put_u64("shamir_threshold", sc->t);
+    put_u64("aead_seal_ticks", aead);
+    put_u64("aead_bytes", sizeof(AEAD_PLAIN));
     put_u64("ed25519_ok", ed_ok == 1);
     put_u64("tick_hz", tf_board_tick_hz());
     put_u64("stack_used", tf_board_stack_size() - tf_board_stack_unused());
