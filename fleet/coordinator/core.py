@@ -291,8 +291,20 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         self.version, self.hash, self.state = self.version + 1, new_hash, new_state
         self.model_base, self.model_payload = base, payload
         self.round_deltas = None
-        return [Publish("model/current", payload, retain=True),
+        return [Publish("model/current", payload, retain=True), *self._member_models(),
                 RoundClosed(cmd.round_id, True, self.version, tuple(sorted(m.accepted)), epsilon=epsilon)]
+
+    def _member_models(self) -> list[Output]:
+        """A plan family: each online device on a smaller plan gets the new version of its own plan (FULL, on
+        ``dev/<id>/model``): ``model/current`` carries the largest plan's tensors only."""
+        if getattr(self.codec, "assign", None) is None:
+            return []
+        out: list[Output] = []
+        for d, rec in sorted(self.registry.devices.items()):
+            plan = self.plan_of(d) if rec.online else None
+            if plan is not None and plan != self.codec.plan_hash:
+                out += self._member_model(d, plan, rec.model_version)
+        return out
 
 
 _COLLECTING = (rnd.RoundState.TRAINING, rnd.RoundState.COLLECTING)
