@@ -352,7 +352,7 @@ def group_srams(cfg: SimConfig) -> list[tuple[str, str, int]]:
 
     boards = {b.qemu_machine or b.name: b for b in (load(BoardConfig, p) for p in sorted(BOARDS.glob("*.yaml")))}
     boards.update({b.name: b for b in list(boards.values())})
-    out = []
+    out: list[tuple[str, str, int]] = []
     for g in cfg.device_groups:
         if g.backend == "qemu":
             b = boards.get(g.machine or "")
@@ -380,13 +380,14 @@ def build_mixed_devices(cfg: SimConfig, kinds: list[tuple[str, str, int]], plans
         else:
             slots[i] = DeviceSlot("python", Trainer(plans[i]))
     n_boards = sum(len(v) for v in groups.values())
+    elfs = {g.machine: g.elf for g in cfg.device_groups if g.elf is not None}
     if n_boards:
         executor = ThreadPoolExecutor(max_workers=min(n_boards, 128), thread_name_prefix="boards")
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         streams = ThreadPoolExecutor(max_workers=min(n_boards, 64), thread_name_prefix="streams")
         stack.callback(streams.shutdown, wait=False, cancel_futures=True)
         for (machine, _), idx in groups.items():
-            sub = replace(cfg, qemu=replace(cfg.qemu, machine=machine, elf=None))
+            sub = replace(cfg, qemu=replace(cfg.qemu, machine=machine, elf=elfs.get(machine)))
             for i, trainer in zip(idx, start_qemu_fleet(sub, plans[idx[0]], len(idx), stack)):
                 trainer.executor = streams
                 slots[i] = DeviceSlot("qemu", trainer, executor, on_samples=trainer.stream_samples)

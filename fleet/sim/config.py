@@ -90,6 +90,7 @@ class DeviceGroup:
     backend: str = "python"  # python | qemu
     machine: str | None = None  # qemu: mps2-an500 | mps2-an386 | netduinoplus2
     sram: Size | None = None  # bytes the device reports in its hello (python: required; qemu: the board's budget)
+    elf: str | None = None  # qemu: firmware ELF (default: built for the machine, as qemu.elf)
 
     def validate(self) -> list[str]:
         errs = []
@@ -99,7 +100,9 @@ class DeviceGroup:
             errs.append(f"backend: expected python or qemu, got {self.backend!r}")
         elif self.backend == "qemu" and self.machine not in QEMU_MACHINES:
             errs.append(f"machine: expected one of {', '.join(QEMU_MACHINES)}, got {self.machine!r}")
-        elif self.backend == "python" and (self.machine is not None or not self.sram):
+        if self.elf is not None and not Path(self.elf).is_file():
+            errs.append(f"elf: file not found: {self.elf}")
+        if self.backend == "python" and (self.machine is not None or not self.sram):
             errs.append("python devices: give sram (bytes of SRAM, e.g. 64KB) and no machine")
         return errs
 
