@@ -219,3 +219,22 @@ def test_a_model_update_carries_exactly_its_plans_tensors(mixed, family):
     assert models == {"mid0", "small0", "small1"}
     closed = [i for i in mixed.infos if isinstance(i, co.RoundClosed)]
     assert closed[-1].committed and len(closed[-1].accepted) == 5 and closed[-1].version == 3
+
+
+def test_mixed_fleet_config_is_checked_with_key_paths():
+    from fleet.config import ConfigError, from_dict
+    from fleet.sim.config import SimConfig
+
+    ok = from_dict(SimConfig, {"devices": 3, "plan_budgets": ["28KB", "256KB"], "device_groups": [
+        {"backend": "qemu", "machine": "netduinoplus2"}, {"backend": "python", "sram": "30KB", "count": 2}]}, "t")
+    assert ok.plan_budgets == [28_000, 256_000] and ok.device_groups[1].sram == 30_000
+    with pytest.raises(ConfigError) as e:
+        from_dict(SimConfig, {"devices": 3, "mode": "async", "plan_budgets": ["28KB", "28KB"], "device_groups": [
+            {"backend": "qemu", "machine": "pdp11"}, {"backend": "python", "count": 1}]}, "t")
+    text = str(e.value)
+    for want in ("plan_budgets: budgets must be distinct", "plan_budgets: nested plans run in sync rounds only",
+                 "device_groups[0].machine: expected one of", "device_groups[1]", "give sram",
+                 "device_groups: counts add up to 2, but devices is 3"):
+        assert want in text, (want, text)
+    with pytest.raises(ConfigError, match="device_groups: a mixed-memory fleet needs plan_budgets"):
+        from_dict(SimConfig, {"devices": 1, "device_groups": [{"backend": "python", "sram": "30KB"}]}, "t")
