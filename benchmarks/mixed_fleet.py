@@ -11,7 +11,8 @@ The model, scheme and budgets are configs/fleet-mixed.yaml's (watch IMU scenario
 - ``smallest``: one plan, the family's smallest (what fits every device), for everyone.
 
 Accuracy is the global model's (the arm's largest plan with the coordinator's state) on the scenario's held-out
-test set, after every round; the final one is averaged over seeds with a 95% t interval. Devices are host engines
+test set, after every round; the final one is averaged over seeds with a 95% t interval, and so is the paired
+per-seed difference of the mixed arm to each other arm (``mixed_minus_<arm>``: [mean, interval]). Devices are host engines
 (``device_agent.engine.Trainer``) driven by the real coordinator (``fleet.coordinator``: FamilyCodec, round
 machine, FedAvg) and the real device protocol through an in-memory link, without a broker: the plans are the same
 ones ``tinyfleet simulate configs/fleet-mixed.yaml`` gives its QEMU boards and host devices (compiled once per
@@ -183,6 +184,11 @@ def main() -> None:
         result[f"{name}_final"] = [round(v, 4) for v in finals[name]]
         rows.append((name, f"{np.mean(finals[name]):.3f}", f"[{lo:.3f}, {hi:.3f}]",
                      " ".join(f"{v:.3f}" for v in finals[name])))
+    for other in ARMS[1:]:  # NOTE: every arm runs on the same seeds, data and pretrained model: compare per seed
+        diff = [a - b for a, b in zip(finals["mixed"], finals[other])]
+        result[f"mixed_minus_{other}"] = [round(float(np.mean(diff)), 4), t_interval(diff)]
+        rows.append((f"mixed - {other}", f"{np.mean(diff):+.3f}", "[{:+.3f}, {:+.3f}]".format(*t_interval(diff)),
+                     " ".join(f"{v:+.3f}" for v in diff)))
     result["per_seed_accuracy"] = {name: [[round(a, 4) for a in r[name]["accuracy"]] for r in per_seed]
                                    for name in ARMS}
     emit(result, rows, ("arm", "final acc (mean)", "95% t interval", "per seed"))
