@@ -246,6 +246,7 @@ def measure(model: str, plan: ir.Plan, blob: bytes, elf: Path, flash_fw: int, st
         insns = round(st["train_ticks"] * 1e9 / tick_hz)
     return {
         "board": machine, "fits": True, "patched": is_patched(plan), "scheme": plan.scheme.name,
+        "n_bias_update": plan.scheme.n_bias_update, "weight_ratio": {str(k): v for k, v in plan.scheme.weight_ratio.items()},
         "sram_budget_bytes": ping["sram_bytes"], "peak_sram_bytes": statics + pool_need(plan) + stats["stack_high_water"],
         "arena_bytes": plan.arena_bytes, "trainable_bytes": trainable, "statics_bytes": statics,
         "stack_high_water": stats["stack_high_water"], "flash_bytes": flash_fw + len(blob), "plan_bytes": len(blob),
