@@ -1,13 +1,14 @@
 """Mixed-memory fleets: what nested plans buy over leaving small devices out or shrinking everyone's plan.
 
-One command: ``python benchmarks/mixed_fleet.py [--seeds 0,1,2] [--rounds 6] [--steps 50] [--lr 0.02] [--quick]``.
+One command: ``python benchmarks/mixed_fleet.py [--seeds 0,1,2] [--rounds 6] [--steps 50] [--lr 0.01]
+[--srams 256000,33000,29000] [--quick]``.
 
 The model, scheme and budgets are configs/fleet-mixed.yaml's (watch IMU scenario, ImuCNN, scheme ``full``,
 ``plan_budgets: [28KB, 32KB, 36KB, 256KB]``); the fleet is the scenario's 10 devices with SRAM cycling 256 KB /
-33 KB / 29 KB (4 large, 3 mid, 3 small). Three arms, each on the same pretrained model, data and seed:
+33 KB / 29 KB (4 large, 3 mid, 3 small; ``--srams`` another cycle). Three arms, each on the same pretrained model, data and seed:
 
 - ``mixed``: every device trains the largest nested plan that fits its SRAM (the family);
-- ``drop_small``: one plan, the largest; the 6 smaller devices are refused (``no_plan_fits``) and never train;
+- ``drop_small``: one plan, the largest; the smaller devices are refused (``no_plan_fits``) and never train;
 - ``smallest``: one plan, the family's smallest (what fits every device), for everyone.
 
 Accuracy is the global model's (the arm's largest plan with the coordinator's state) on the scenario's held-out
@@ -137,6 +138,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=50, help="local steps (batch 1) per device per round")
     p.add_argument("--lr", type=float, default=None, help="default: the config's")
+    p.add_argument("--srams", default=",".join(str(v) for v in SRAMS),
+                   help="SRAM bytes per device, cycled over the scenario's devices (default 4 large, 3 mid, 3 small)")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 10 steps")
     args = p.parse_args()
     if quick():
@@ -149,6 +152,7 @@ def main() -> None:
     from fleet.sim.config import load_sim_config
 
     seeds = [int(s) for s in args.seeds.split(",")]
+    cycle = [int(v) for v in args.srams.split(",")]
     finals: dict[str, list[float]] = {a: [] for a in ARMS}
     per_seed: list[dict] = []
     t0 = time.monotonic()
@@ -156,7 +160,7 @@ def main() -> None:
         cfg = load_sim_config(CONFIG, devices=10, device_groups=[], seed=seed)
         args.lr = cfg.lr if args.lr is None else args.lr
         scenario = load_scenario(cfg)
-        srams = [SRAMS[i % len(SRAMS)] for i in range(len(scenario.devices))]
+        srams = [cycle[i % len(cycle)] for i in range(len(scenario.devices))]
         family = build_family(cfg, scenario)
         plan = family.largest.plan
         t = plan.tensors[plan.input_id]
@@ -174,7 +178,7 @@ def main() -> None:
                   f"{r['trained_per_round']} refused {r['refused']}", file=sys.stderr)
         per_seed.append(row)
     result = {"benchmark": "mixed_fleet", "seeds": seeds, "rounds": args.rounds, "local_steps": args.steps,
-              "lr": args.lr, "devices": 10, "srams": list(SRAMS), "seconds": round(time.monotonic() - t0, 1),
+              "lr": args.lr, "devices": 10, "srams": cycle, "seconds": round(time.monotonic() - t0, 1),
               "budgets": per_seed[0]["budgets"], "needs": per_seed[0]["needs"]}
     rows = []
     for name in ARMS:
