@@ -238,3 +238,25 @@ def test_mixed_fleet_config_is_checked_with_key_paths():
         assert want in text, (want, text)
     with pytest.raises(ConfigError, match="device_groups: a mixed-memory fleet needs plan_budgets"):
         from_dict(SimConfig, {"devices": 1, "device_groups": [{"backend": "python", "sram": "30KB"}]}, "t")
+
+
+def test_round_machine_judges_each_device_against_its_own_plan_and_base():
+    from fleet import round as rnd
+
+    m = rnd.RoundMachine(rnd.RoundConfig(goal=3, quorum=0.5, deadline_s=10.0), "big")
+    m.handle(rnd.StartRound(1, 5, "H-big", 0.0, (("small", "H-small"),)))
+    m.handle(rnd.Eligible(("a", "b", "c"), 0.0, (("b", "small"), ("c", "big"))))
+    assert m.assigned == {"b": "small"}  # the round's own plan is the default
+
+    def up(dev, plan, base, n=1):
+        return rnd.Upload(dev, 1, plan, base, n, 8, f"{dev}{plan}{base}")
+
+    assert m.judge(up("a", "small", "H-small"), 1.0) == rnd.Reject.WRONG_PLAN
+    assert m.judge(up("b", "big", "H-big"), 1.0) == rnd.Reject.WRONG_PLAN
+    assert m.judge(up("b", "small", "H-big"), 1.0) == rnd.Reject.STALE_BASE
+    assert m.judge(up("b", "small", "H-small"), 1.0) is None
+    assert m.judge(up("a", "big", "H-big"), 1.0) is None
+    # a restarted coordinator restores both from the stored snapshot
+    again = rnd.RoundMachine(m.config, "big")
+    again.restore(m.snapshot(), {}, {})
+    assert (again.bases, again.assigned) == ({"small": "H-small"}, {"b": "small"})
