@@ -56,6 +56,9 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         self.size = sum(t.numel for t in self.shared)  # coordinates of the flat delta vector
         self.round_deltas: RoundDeltas | None = None  # the open round's accepted deltas, decoded
         needs = getattr(codec, "needs", None)  # a plan family (FamilyCodec): what each member's devices need
+        if needs and len(needs) > 1 and (config.mode != "sync" or config.secure_aggregation is not None):
+            raise ValueError("a plan family (nested plans) runs in sync rounds without secure aggregation: the async "
+                             "machine and masking assume one support")
         self.min_sram = config.min_sram or (min(needs.values()) if needs else plan_sram(plan))
         self.registry = Registry(config.heartbeat_timeout)
         self.limits = {"control": Buckets(config.control_limit), "delta": Buckets(config.delta_limit)}
