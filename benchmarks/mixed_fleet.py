@@ -93,7 +93,10 @@ def run_arm(family, scenario, srams: list[int], args, seed: int, xq_test, y_test
     t = plan.tensors[plan.input_id]
     scale, zp = float(np.ravel(t.scale)[0]), int(t.zero_point)
     now = [0.0]
-    cfg = co.CoordinatorConfig(round=RoundConfig(goal=len(srams), quorum=0.3, deadline_s=100.0, seed=seed),
+    # NOTE: the goal is the devices that can train in this arm (a fleet leaving small devices out sets its goal
+    # by the devices it keeps), so a round commits whenever at least half of them delivered
+    goal = max(1, sum(family.choose(s) is not None for s in srams))
+    cfg = co.CoordinatorConfig(round=RoundConfig(goal=goal, quorum=0.5, deadline_s=100.0, seed=seed),
                                lr=args.lr, local_steps=args.steps, batch_size=1)
     coord = co.Coordinator(plan, Store(), cfg, lambda: now[0], co.FamilyCodec(family))
     devices = {}
