@@ -137,7 +137,7 @@ def build_family(graph: ir.Graph, scheme: ir.SparseScheme, budgets: list[int], *
             nxt = shrink(current)
             if nxt is None:
                 need = c.report.peak_sram_bytes
-                raise BudgetError(f"plan_budgets: {budget} bytes is below the classifier-only plan of this model, "
+                raise BudgetError(f"budget {budget} bytes is below the classifier-only plan of this model, "
                                   f"which needs {need} bytes ({need / 1000:.1f} kB): raise or drop that budget", need)
             current = replace(nxt, name=f"{root}-fit{budget // 1000}k")
             c = _fit(graph, current, budget, patch, compile_kw)

@@ -146,7 +146,7 @@ def build_family(cfg: FleetConfig, scenario):
         return PlanFamily([Member(m.budget, mark_personal(m.plan, cfg.personal), m.report, m.scheme)
                            for m in fam.members])
     except BudgetError as e:
-        raise PipelineError(str(e)) from None
+        raise PipelineError(f"plan_budgets: {e}") from None
     except (FamilyError, ValueError) as e:
         raise PipelineError(f"plan_budgets: {e}") from None
 

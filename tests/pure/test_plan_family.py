@@ -260,3 +260,27 @@ def test_round_machine_judges_each_device_against_its_own_plan_and_base():
     again = rnd.RoundMachine(m.config, "big")
     again.restore(m.snapshot(), {}, {})
     assert (again.bases, again.assigned) == ({"small": "H-small"}, {"b": "small"})
+
+
+def test_compile_cli_writes_one_plan_per_member(tmp_path, capsys):
+    import argparse
+    import json
+
+    from device_agent.wire.envelope import Verifier
+    from device_agent.wire.plan import plan_from_bytes
+    from fleet.compiler import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["fleet.compiler.models:TinyCNN", "--board", "configs/boards/stm32f746.yaml", "--scheme",
+                         "full", "--budgets", "40KB,50KB,256KB", "-o", str(tmp_path), "--json"])
+    assert cli.run(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["budget_bytes"] for r in out["family"]] == [40_000, 50_000, 256_000]
+    plans = [plan_from_bytes((tmp_path / f"plan-{b}.ttp").read_bytes(), verify=Verifier.skip())
+             for b in (40_000, 50_000, 256_000)]
+    for i in range(len(plans) - 1):
+        check_nested(plans[i], plans[i + 1])
+    args.budgets = "1KB,256KB"
+    assert cli.run(args) == 1  # below the classifier-only plan: the budget exit code
+    assert "below the classifier-only plan" in capsys.readouterr().err
