@@ -1,7 +1,7 @@
 """Where a training step's instructions go, per op type, for a paper model's plan with the frozen first stage run
 whole and tile by tile (PATCH): the diagnosis behind PATCH's instruction price.
 
-One command: ``python benchmarks/patch_profile.py [--model mbv2-w0.35] [--rung 99kb]``.
+One command: ``python benchmarks/patch_profile.py [--model mbv2-w0.35] [--rung 99kb] [--slack BYTES]``.
 
 It builds a profiling firmware for QEMU mps2-an500 (``ARM_EXTRA=-DTF_BENCH -DTF_PROFILE``: the runtime records
 each op's SysTick ticks of the last TRAIN step, read back 8 ops per test command 0x7E), loads each plan, trains 2
@@ -72,6 +72,10 @@ def main() -> None:
     ap.add_argument("--model", default="mbv2-w0.35")
     ap.add_argument("--rung", default="99kb")
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--slack", type=int, default=0,
+                    help="an experiment: bytes added at the top of the patched plan's arena (free at every op), so "
+                         "the kernels that look for a free arena gap (CONV2D_BWD_INPUT one pass, PWDW 4 channels) "
+                         "find one; the numbers do not change, only the memory")
     args = ap.parse_args()
     graph = new_classifier(import_mit(MODELS / f"{args.model}.pkl"), args.classes)
     scheme = load_schemes(PAPER_SCHEMES)[args.model][args.rung]
@@ -80,7 +84,14 @@ def main() -> None:
         elf = build(Path(tmp))
         for name, patch in (("whole", False), ("patched", True)):
             comp = compile_full(graph, scheme, patch=patch)
-            result[name] = profile(elf, comp.plan, comp.blob)
+            blob = comp.blob
+            if patch and args.slack:
+                from device_agent.wire.plan import plan_to_bytes
+
+                comp.plan.arena_bytes += args.slack - args.slack % 16
+                blob = plan_to_bytes(comp.plan)
+                result["patched_arena_bytes"] = comp.plan.arena_bytes
+            result[name] = profile(elf, comp.plan, blob)
     kinds = sorted(set(result["whole"]) | set(result["patched"]),
                    key=lambda k: -max(result["whole"].get(k, 0), result["patched"].get(k, 0)))
     rows = [(k, f"{result['whole'].get(k, 0) / 1e6:.2f}", f"{result['patched'].get(k, 0) / 1e6:.2f}",
