@@ -52,12 +52,14 @@ class StartRound:
     base_version: int
     base_hash: str
     now: float
+    bases: tuple[tuple[str, str], ...] = ()  # mixed-memory fleet: (plan hash, base hash) of every smaller plan
 
 
 @dataclass(frozen=True)
 class Eligible:
     device_ids: tuple[str, ...]
     now: float
+    plans: tuple[tuple[str, str], ...] = ()  # mixed-memory fleet: (device, plan hash) where not the round's plan
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,8 @@ class RoundMachine:
     accepted: dict[str, str] = field(default_factory=dict)  # device -> content hash
     lost: set[str] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)  # device -> last accepted counter
+    bases: dict[str, str] = field(default_factory=dict)  # smaller plan hash -> its hash of the base version
+    assigned: dict[str, str] = field(default_factory=dict)  # selected device -> its plan when not ``plan_hash``
     _chosen: frozenset[str] = frozenset()  # set view of ``selected`` (membership is per delta: keep it O(1))
 
     def handle(self, event: object) -> list[object]:
@@ -241,12 +245,14 @@ class RoundMachine:
         self.round_id, self.base_version, self.base_hash = ev.round_id, ev.base_version, ev.base_hash
         self.selected, self.deadline, self.accepted, self.lost = (), 0.0, {}, set()
         self._chosen = frozenset()
+        self.bases, self.assigned = dict(ev.bases), {}
         return [], S.SELECTING
 
     def _select(self, ev: Eligible):
         want = math.ceil(self.config.goal * self.config.over_selection - 1e-9)
         self.selected = select(ev.device_ids, want, self.config.seed, self.round_id)
         self._chosen = frozenset(self.selected)
+        self.assigned = {d: p for d, p in ev.plans if d in self._chosen and p != self.plan_hash}
         if len(self.selected) < self.config.min_accepted:
             why = f"{len(self.selected)} eligible device(s) < quorum {self.config.min_accepted}"
             return [Abandon(self.round_id, why)], S.ABANDONED
@@ -257,7 +263,7 @@ class RoundMachine:
         """The verdict on a delta in an active round without changing anything: a Reject, "duplicate" or None."""
         if up.round_id != self.round_id:
             return Reject.WRONG_ROUND
-        if up.plan_hash != self.plan_hash:
+        if up.plan_hash != self.assigned.get(up.device_id, self.plan_hash):  # NOTE: mixed fleets: its own plan
             return Reject.WRONG_PLAN
         if self.accepted.get(up.device_id) == up.content_hash:
             return "duplicate"
@@ -267,7 +273,7 @@ class RoundMachine:
             return Reject.ALREADY_CONTRIBUTED
         if up.counter <= self.counters.get(up.device_id, -1):
             return Reject.REPLAYED_COUNTER
-        if up.base_hash != self.base_hash:
+        if up.base_hash != (self.base_hash if up.plan_hash == self.plan_hash else self.bases.get(up.plan_hash)):
             return Reject.STALE_BASE
         if up.num_samples <= 0:
             return Reject.BAD_SAMPLES
@@ -356,7 +362,7 @@ class RoundMachine:
     def snapshot(self) -> dict:
         return {"state": self.state.value, "round_id": self.round_id, "base_version": self.base_version,
                 "base_hash": self.base_hash, "selected": list(self.selected), "deadline": self.deadline,
-                "lost": sorted(self.lost)}
+                "lost": sorted(self.lost), "bases": dict(self.bases), "plans": dict(self.assigned)}
 
     def restore(self, snap: dict, accepted: dict[str, str], counters: dict[str, int]) -> None:
         self.state = RoundState(snap["state"])
@@ -365,3 +371,4 @@ class RoundMachine:
         self.accepted, self.counters = dict(accepted), dict(counters)
         self.selected, self.lost = tuple(snap["selected"]), set(snap["lost"]) - set(accepted)
         self._chosen = frozenset(self.selected)
+        self.bases, self.assigned = dict(snap.get("bases", {})), dict(snap.get("plans", {}))

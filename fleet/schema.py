@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from fleet.config import from_dict, read_yaml
+from fleet.config import Size, from_dict, read_yaml
 from fleet.coordinator.async_round import AsyncConfig
 from fleet.security.dp import DPConfig
 from fleet.security.secagg_config import SecureAggregationConfig
@@ -227,7 +227,8 @@ class FleetConfig:
     # NOTE: keys only `tinyfleet simulate` reads (fleet/sim/config.py validates them); `serve` skips them, so
     # one YAML file serves both. tests/pure/test_config.py keeps this list equal to the simulator's extra fields.
     SIMULATOR_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"backend", "qemu_devices", "qemu", "renode", "workers", "baselines", "new_users", "continual"})
+        {"backend", "qemu_devices", "qemu", "renode", "workers", "baselines", "new_users", "continual",
+         "device_groups"})
 
     # NOTE: a coordinator holds no device's data: `serve` checks (and later reads) only the proxy and evaluation
     # files of own data; the simulator, which plays the devices too, checks every device file
@@ -260,6 +261,9 @@ class FleetConfig:
     mode: str = "sync"  # sync | async: buffered asynchronous rounds (docs/protocol.md "Asynchronous mode")
     async_rounds: AsyncConfig = field(default_factory=AsyncConfig)  # read only when mode is async
     evaluation: EvaluationConfig | None = None  # serve: accuracy of every committed version on held-out data
+    # mixed-memory fleet: one nested plan per SRAM budget (fleet/compiler/family.py); each device trains the largest
+    # plan that fits the SRAM in its hello. Empty: one plan under the board's budget.
+    plan_budgets: list[Size] = field(default_factory=list)
 
     def validate(self) -> list[str]:
         errs = []
@@ -325,6 +329,22 @@ class FleetConfig:
             if self.aggregator != "fedavg":
                 errs.append(f"secure_aggregation: the coordinator sees only the sum, so only fedavg can aggregate, "
                             f"got aggregator {self.aggregator!r}")
+        if self.plan_budgets:
+            errs += self._family_errors()
+        return errs
+
+    def _family_errors(self) -> list[str]:
+        b = self.plan_budgets
+        errs = []
+        if not isinstance(b, list) or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in b):
+            return [f"plan_budgets: expected a list of SRAM sizes > 0 (e.g. [64KB, 128KB, 256KB]), got {b!r}"]
+        if len(set(b)) != len(b):
+            errs.append(f"plan_budgets: budgets must be distinct, got {b!r}")
+        if self.mode != "sync":  # NOTE: the async machine judges every delta against one plan
+            errs.append(f"plan_budgets: nested plans run in sync rounds only; set mode: sync, got {self.mode!r}")
+        if self.secure_aggregation is not None:
+            errs.append("plan_budgets: secure aggregation masks one support shared by every device; a family has "
+                        "one per plan: drop secure_aggregation or plan_budgets")
         return errs
 
     @property

@@ -21,6 +21,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fleet.compiler.family import PlanFamily
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="fleet YAML (same schema as simulate), e.g. configs/quickstart.yaml")
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
         key = load_or_create_key(args.key or Path(f"{args.store}.key.pem"))
         plan = _plan(cfg, args.plan)
-        evaluate = _evaluator(cfg, plan)
+        evaluate = _evaluator(cfg, plan.largest.plan if isinstance(plan, PlanFamily) else plan)
     except (BrokerURLError, ValueError, OSError) as e:
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 2
@@ -111,7 +113,8 @@ def _evaluator(cfg, plan):
 
 def _plan(cfg, path: Path | None):
     """The fleet's plan: ``--plan FILE.ttp`` (from ``tinyfleet compile``) or compiled from the config's scenario;
-    either way the config's ``personal`` tensors are marked, so they are trained on devices and never uploaded."""
+    either way the config's ``personal`` tensors are marked, so they are trained on devices and never uploaded.
+    With ``plan_budgets`` (a mixed-memory fleet): the nested family (fleet/compiler/family.py) instead."""
     from device_agent.wire.envelope import Verifier
     from device_agent.wire.errors import WireFormatError
     from device_agent.wire.plan import plan_from_bytes
@@ -124,7 +127,13 @@ def _plan(cfg, path: Path | None):
             scenario = load_scenario(cfg, devices=False)  # NOTE: a coordinator holds no device's data
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"dataset: {e}") from None
+        if cfg.plan_budgets:
+            from fleet.compiler.pipeline import build_family
+
+            return build_family(cfg, scenario)
         return plan_for(cfg, scenario)
+    if cfg.plan_budgets:
+        raise ValueError(f"--plan {path}: one plan file, but the config asks for a family (plan_budgets): drop one")
     try:
         plan = plan_from_bytes(path.read_bytes(), verify=Verifier.skip())  # our own file: re-signed by the codec
     except (OSError, WireFormatError) as e:
@@ -142,9 +151,11 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
         Coordinator,
         DeviceFailed,
         Dropped,
+        FamilyCodec,
         RoundClosed,
         RoundRefused,
         StartRound,
+        Unfit,
         Verdict,
         WireCodec,
     )
@@ -153,7 +164,12 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
     ccfg = cfg.coordinator_config()
     if args.rounds == 0:  # NOTE: an async session runs by itself between polls; the coordinator stops at the count
         ccfg = replace(ccfg, max_versions=0)
-    codec = WireCodec(plan, signer=Signer.ed25519(key))
+    family = plan if isinstance(plan, PlanFamily) else None
+    if family is not None:  # a mixed-memory fleet: the largest plan is the fleet's model, every member is published
+        plan = family.largest.plan
+        print("tinyfleet serve: plans by SRAM: " + ", ".join(
+            f"{m.need} B -> {m.scheme.name}" for m in family.members), file=sys.stderr)
+    codec = FamilyCodec(family, signer=Signer.ed25519(key)) if family is not None else WireCodec(plan, signer=Signer.ed25519(key))
     closed = threading.Event()
     results: list[RoundClosed] = []
     drops = _DropLog()
@@ -188,6 +204,8 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
                   f"{out.detail}", file=sys.stderr)
         elif isinstance(out, Dropped):
             drops(out)
+        elif isinstance(out, Unfit):
+            print(f"tinyfleet serve: device {out.device_id}: {out.detail}", file=sys.stderr, flush=True)
         elif isinstance(out, DeviceFailed):
             print(f"tinyfleet serve: device {out.device_id} cannot train round {out.round_id}: {out.reason}",
                   file=sys.stderr, flush=True)

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", choices=("auto", "always", "never"), default="auto",
                    help="run the frozen first stage tile by tile (PATCH ops: far less arena, more instructions): "
                         "auto = only when the whole-stage plan exceeds the budget (default)")
+    p.add_argument("--budgets", help="a nested plan family for a mixed-memory fleet, e.g. 28KB,64KB,256KB: the scheme "
+                                     "under the largest budget, shrunk where a smaller one needs "
+                                     "(fleet/compiler/family.py); -o is then a directory of plan-<budget>.ttp")
     p.add_argument("-o", "--output", help="write the plan blob (.ttp) here")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
     p.add_argument("--seed", type=int, default=0)
@@ -295,6 +298,8 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"--budget: {e}") from None
     recipe = recipe_from_args(args)
+    budgets = _budgets(args.budgets) if args.budgets else None
+    budget = max(budgets) if budgets else budget
     graph = load_graph(args)
     if args.scheme == "auto" and args.proxy:
         px, py = _load_array(args.proxy, "x", "--proxy"), _load_array(args.proxy, "y", "--proxy")
@@ -304,6 +309,8 @@ def _run(args: argparse.Namespace) -> int:
         scheme = _auto_named(graph, budget, recipe)[0]
     else:
         scheme = named_scheme(graph, args.scheme)
+    if budgets:
+        return _family(args, board.name, graph, scheme, budgets, recipe)
     c = compile_fitting(graph, scheme, budget, {"auto": None, "always": True, "never": False}[args.patch],
                         fuse=not args.no_fuse, recipe=recipe)
     check_budget(c.report, budget, scheme.name)
@@ -338,4 +345,49 @@ def _run(args: argparse.Namespace) -> int:
             print(f"input {tuple(q['shape'])} int8: q = clip(round(x / {q['scale']:.6g}) {'-' if zp < 0 else '+'} "
                   f"{abs(zp)}, -128, 127) (scale {q['scale']!r}, zero point {zp}; `tinyfleet quantize-data` "
                   "converts float .npz files)")
+    return 0
+
+
+def _budgets(text: str) -> list[int]:
+    try:
+        out = [parse_size(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError as e:
+        raise UsageError(f"--budgets: {e}") from None
+    if not out or min(out) <= 0 or len(set(out)) != len(out):
+        raise UsageError(f"--budgets: expected distinct sizes > 0, e.g. 28KB,64KB,256KB, got {text!r}")
+    return out
+
+
+def _family(args: argparse.Namespace, board: str, graph: ir.Graph, scheme: ir.SparseScheme, budgets: list[int],
+            recipe: Recipe | None) -> int:
+    """``--budgets``: the nested family, one plan per distinct plan, written as ``<-o>/plan-<budget>.ttp``."""
+    from device_agent.wire.plan import plan_hash, plan_to_bytes
+
+    from .family import build_family
+
+    fam = build_family(graph, scheme, budgets, patch={"auto": None, "always": True, "never": False}[args.patch],
+                       fuse=not args.no_fuse, recipe=recipe)
+    out_dir = Path(args.output) if args.output else None
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"-o {out_dir}: cannot create the directory ({e.strerror or e})") from None
+    rows = []
+    for m in fam.members:
+        blob = plan_to_bytes(m.plan)
+        path = out_dir / f"plan-{m.budget}.ttp" if out_dir is not None else None
+        if path is not None:
+            path.write_bytes(blob)
+        rows.append({"budget_bytes": m.budget, "need_bytes": m.need, "scheme": m.scheme.name,
+                     "n_bias_update": m.scheme.n_bias_update,
+                     "weight_ratio": {str(k): v for k, v in m.scheme.weight_ratio.items()},
+                     "plan_hash": plan_hash(blob).hex(), "output": str(path) if path else None,
+                     **m.report.as_dict()})
+    if args.json:
+        print(json.dumps({"model": graph.name, "board": board, "budgets": budgets, "family": rows}, sort_keys=True))
+    else:
+        for r in rows:
+            print(f"{graph.name} / {r['scheme']}: budget {r['budget_bytes'] / 1000:.1f} KB, needs "
+                  f"{r['need_bytes'] / 1000:.1f} KB, plan {r['plan_hash'][:16]}" + (f" -> {r['output']}" if r["output"] else ""))
     return 0

@@ -122,6 +122,37 @@ def torch_input_shape(cfg: FleetConfig) -> tuple[int, ...] | None:
 def build_plan(cfg: FleetConfig, scenario) -> tuple[object, object, str]:
     """Pretrain, quantize (PTQ on proxy windows), pick the scheme, compile under the board's budget."""
     from fleet.compiler.compile import BudgetError, compile_plan
+
+    graph, scheme, budget = _graph_and_scheme(cfg, scenario)
+    try:
+        plan, report = compile_plan(graph, scheme, budget=budget)
+    except BudgetError as e:
+        raise PipelineError(f"model.scheme: {e}") from None
+    return plan, report, scheme.name
+
+
+def build_family(cfg: FleetConfig, scenario):
+    """The nested plan family of ``cfg.plan_budgets`` (fleet/compiler/family.py), ``cfg.personal`` marked in
+    every member: the config's scheme (searched under the largest budget for ``auto``) shrunk where a budget needs.
+
+    Raises PipelineError for a budget below the model's classifier-only plan (naming what it needs)."""
+    from fleet.compiler.compile import BudgetError
+    from fleet.compiler.family import FamilyError, Member, PlanFamily
+    from fleet.compiler.family import build_family as compile_family
+
+    graph, scheme, _ = _graph_and_scheme(cfg, scenario, max(cfg.plan_budgets))
+    try:
+        fam = compile_family(graph, scheme, list(cfg.plan_budgets))
+        return PlanFamily([Member(m.budget, mark_personal(m.plan, cfg.personal), m.report, m.scheme)
+                           for m in fam.members])
+    except BudgetError as e:
+        raise PipelineError(f"plan_budgets: {e}") from None
+    except (FamilyError, ValueError) as e:
+        raise PipelineError(f"plan_budgets: {e}") from None
+
+
+def _graph_and_scheme(cfg: FleetConfig, scenario, budget: int | None = None):
+    """The imported int8 graph, the config's scheme and the budget it is compiled under (default the board's)."""
     from fleet.compiler.scheme import named_scheme, search_scheme
     from fleet.compiler.torch_import import import_torch
     from fleet.config import BoardConfig, ConfigError, load
@@ -131,6 +162,7 @@ def build_plan(cfg: FleetConfig, scenario) -> tuple[object, object, str]:
         board = load(BoardConfig, BOARDS / f"{cfg.model.board}.yaml")
     except ConfigError as e:
         raise PipelineError(f"model.board: {e}") from None
+    budget = board.training_budget if budget is None else budget
     x_proxy, y_proxy = scenario.x_proxy, scenario.y_proxy
     if not len(y_proxy):  # no proxy subjects: calibrate on the first device's windows (still not its test set)
         x_proxy, y_proxy = scenario.devices[0].x_train, scenario.devices[0].y_train
@@ -146,15 +178,11 @@ def build_plan(cfg: FleetConfig, scenario) -> tuple[object, object, str]:
         t = graph.tensors[graph.input_id]
         scale, zp = float(np.ravel(t.scale)[0]), int(t.zero_point)
         order = rng.permutation(len(y_proxy))[:256]
-        scheme = search_scheme(graph, board.training_budget, quantize(x_proxy[order], scale, zp),
+        scheme = search_scheme(graph, budget, quantize(x_proxy[order], scale, zp),
                                y_proxy[order].astype(np.int32), steps=10, seed=cfg.seed).scheme
     else:
         scheme = named_scheme(graph, s)
-    try:
-        plan, report = compile_plan(graph, scheme, budget=board.training_budget)
-    except BudgetError as e:
-        raise PipelineError(f"model.scheme: {e}") from None
-    return plan, report, scheme.name
+    return graph, scheme, budget
 
 
 def mark_personal(plan: ir.Plan, names: Sequence[str]) -> ir.Plan:

@@ -2,7 +2,7 @@
 ``deltas`` (judge, store, count and aggregate deltas), ``publication`` (tasks and models), ``events`` (its
 vocabulary and derived policy) and ``codec`` (the binary formats behind one interface). Import from here."""
 
-from fleet.coordinator.codec import Codec, CodecError, DecodedDelta, WireCodec, encode_diff
+from fleet.coordinator.codec import Codec, CodecError, DecodedDelta, FamilyCodec, WireCodec, encode_diff
 from fleet.coordinator.core import Coordinator
 from fleet.coordinator.deltas import RoundDeltas
 from fleet.coordinator.events import (
@@ -16,10 +16,11 @@ from fleet.coordinator.events import (
     RoundRefused,
     StartRound,
     Tick,
+    Unfit,
     Verdict,
     plan_sram,
 )
 
-__all__ = ["Boot", "Codec", "CodecError", "Coordinator", "CoordinatorConfig", "DecodedDelta", "DeviceFailed", "Dropped", "Output",
-           "Received", "RoundClosed", "RoundDeltas", "RoundRefused", "StartRound", "Tick", "Verdict", "WireCodec",
+__all__ = ["Boot", "Codec", "CodecError", "Coordinator", "CoordinatorConfig", "DecodedDelta", "DeviceFailed", "Dropped", "FamilyCodec", "Output",
+           "Received", "RoundClosed", "RoundDeltas", "RoundRefused", "StartRound", "Tick", "Unfit", "Verdict", "WireCodec",
            "encode_diff", "plan_sram"]

@@ -15,7 +15,7 @@ import numpy as np
 from device_agent.wire.delta import delta_from_bytes, delta_to_flat, shared_layout
 from device_agent.wire.errors import WireFormatError
 from device_agent.wire.plan import plan_hash, plan_to_bytes
-from device_agent.wire.update import update_from_state, update_from_states, update_hash
+from device_agent.wire.update import model_hash, update_from_state, update_from_states, update_hash
 from fleet import round as rnd
 
 
@@ -104,3 +104,59 @@ class WireCodec:
         upd = update_from_states(self.plan, old, new, base_version=base_version, new_version=new_version,
                                  plan_hash=self._hash)
         return upd.to_bytes(self.signer)
+
+
+class FamilyCodec(WireCodec):
+    """:class:`WireCodec` for a nested plan family (:class:`fleet.compiler.family.PlanFamily`): the largest plan is
+    the coordinator's plan (its tensor ids key the model state, ``model/current`` carries it); a delta of a smaller
+    member is read with that member's plan and its tensors moved to the largest plan's ids, so aggregation sees one
+    coordinate space (absent tensors: mask False). Updates for a member carry exactly its plan's shared tensors."""
+
+    def __init__(self, family, signer=None, verify=None):
+        super().__init__(family.largest.plan, signer, verify)
+        self.family = family
+        self.members: dict[str, tuple[object, WireCodec, dict[int, int]]] = {}  # plan hash -> member, codec, ids
+        for m in family.members[:-1]:
+            c = WireCodec(m.plan, signer, verify)
+            self.members[c.plan_hash] = (m, c, family.id_map(m))
+        self.needs = {self.plan_hash: family.largest.need, **{h: m.need for h, (m, _, _) in self.members.items()}}
+
+    def assign(self, sram: int) -> str | None:
+        """The plan hash a device with ``sram`` bytes trains (the largest member that fits), or None."""
+        m = self.family.choose(sram)
+        if m is None:
+            return None
+        if m is self.family.largest:
+            return self.plan_hash
+        return next(h for h, (mm, _, _) in self.members.items() if mm is m)
+
+    def plan_blobs(self) -> dict[str, bytes]:
+        """Every member's signed plan blob by plan hash (each is published retained on ``plan/<hash>``)."""
+        return {self.plan_hash: self.plan_bytes(), **{h: c.plan_bytes() for h, (_, c, _) in self.members.items()}}
+
+    def decode_delta(self, payload: bytes, content_hash: str) -> DecodedDelta:
+        d = super().decode_delta(payload, content_hash)
+        member = self.members.get(d.header.plan_hash)
+        if member is None:
+            return d
+        _, codec, ids = member
+        got = codec.decode_delta(payload, content_hash)
+        values = {t.id: np.zeros(t.shape, np.int64) for t in self.plan.trainable if not t.personal}
+        masks = {tid: np.zeros(v.shape, bool) for tid, v in values.items()}
+        for tid, v in got.values.items():
+            values[ids[tid]], masks[ids[tid]] = v, got.masks[tid]
+        return DecodedDelta(got.header, values, masks)
+
+    def _member_state(self, plan_hash: str, state: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        _, _, ids = self.members[plan_hash]
+        return {tid: state[big] for tid, big in ids.items() if big in state}
+
+    def member_hashes(self, version: int, state: dict[int, np.ndarray]) -> dict[str, str]:
+        """Model ``version``'s identity (``model_hash``) in every smaller member's view of it, by plan hash."""
+        return {h: model_hash(m.plan, self._member_state(h, state), version, plan_hash=bytes.fromhex(h)).hex()
+                for h, (m, _, _) in self.members.items()}
+
+    def encode_member_update(self, plan_hash: str, base_version: int, new_version: int,
+                             state: dict[int, np.ndarray]) -> bytes:
+        """The FULL update of a smaller member: its plan's shared tensors of ``state`` (largest-plan ids)."""
+        return self.members[plan_hash][1].encode_update(base_version, new_version, self._member_state(plan_hash, state))

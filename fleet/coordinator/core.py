@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from device_agent.engine.ir import DTYPE_NUMPY
-from device_agent.wire.messages import Hello, MessageError, Publish, parse
+from device_agent.wire.messages import Ack, Hello, MessageError, Publish, ack_detail, parse
 from fleet import round as rnd
 from fleet.coordinator.codec import Codec
 from fleet.coordinator.deltas import DeltaBook, RoundDeltas
@@ -36,6 +36,7 @@ from fleet.coordinator.events import (
     RoundRefused,
     StartRound,
     Tick,
+    Unfit,
     plan_sram,
 )
 from fleet.coordinator.publication import Publication
@@ -54,7 +55,11 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         self.shared = [t for t in plan.trainable if not t.personal]  # what devices upload and download
         self.size = sum(t.numel for t in self.shared)  # coordinates of the flat delta vector
         self.round_deltas: RoundDeltas | None = None  # the open round's accepted deltas, decoded
-        self.min_sram = config.min_sram or plan_sram(plan)
+        needs = getattr(codec, "needs", None)  # a plan family (FamilyCodec): what each member's devices need
+        if needs and len(needs) > 1 and (config.mode != "sync" or config.secure_aggregation is not None):
+            raise ValueError("a plan family (nested plans) runs in sync rounds without secure aggregation: the async "
+                             "machine and masking assume one support")
+        self.min_sram = config.min_sram or (min(needs.values()) if needs else plan_sram(plan))
         self.registry = Registry(config.heartbeat_timeout)
         self.limits = {"control": Buckets(config.control_limit), "delta": Buckets(config.delta_limit)}
         self.machine = self._new_machine()
@@ -75,6 +80,7 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         self.model_payload: bytes | None = None  # what model/current carries (DIFF against version - 1 if it can)
         self.model_base: int | None = None  # the version that payload is a DIFF against; None: FULL form
         self._full: tuple[int, bytes] | None = None  # (version, its FULL form) for devices that lag behind
+        self._member_full: dict[str, tuple] = {}  # smaller plan -> ((plan, version), its FULL update)
         self.full_sent: dict[str, int] = {}  # device -> version whose FULL form it was sent (reset by its hello)
         for device_id, hello_json, _ in store.devices():
             if hello_json != "{}":
@@ -136,7 +142,9 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         raise TypeError(f"unknown coordinator event {type(event).__name__}")
 
     def _boot(self, now: float) -> list[Output]:
-        out: list[Output] = [Publish(f"plan/{self.codec.plan_hash}", self.codec.plan_bytes(), retain=True),
+        blobs = getattr(self.codec, "plan_blobs", None)
+        plans = blobs() if blobs is not None else {self.codec.plan_hash: self.codec.plan_bytes()}
+        out: list[Output] = [*(Publish(f"plan/{h}", b, retain=True) for h, b in plans.items()),
                              self._model_output()]
         m = self.machine
         if self.config.secure_aggregation is not None and m.state in _COLLECTING and self.secure is not None:
@@ -155,11 +163,41 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
             waiting = tuple(d for d in m.selected if d not in m.accepted and d not in m.lost)
             out += self._tasks(rnd.Dispatch(m.round_id, waiting, m.deadline))
         elif m.state == rnd.RoundState.SELECTING:  # never persisted in this state; kept for completeness
-            out += self._machine(rnd.Eligible(tuple(self._eligible()), now), now)
+            out += self._machine(self._eligible_event(now), now)
         return out
 
     def _eligible(self) -> list[str]:
-        return self.registry.eligible(self.min_sram, self.codec.plan_hash if self.config.require_plan else None)
+        if getattr(self.codec, "assign", None) is None:
+            return self.registry.eligible(self.min_sram, self.codec.plan_hash if self.config.require_plan else None)
+        out = []
+        for d in self.registry.eligible(self.min_sram):
+            p = self.plan_of(d)
+            if p is not None and (not self.config.require_plan or p in self.registry.devices[d].plan_hashes):
+                out.append(d)
+        return out
+
+    def plan_of(self, device_id: str) -> str | None:
+        """The plan hash ``device_id`` trains: the largest plan of the family that fits the SRAM in its hello
+        (one plan: that plan if it fits); None when none fits or the device never said hello."""
+        rec = self.registry.devices.get(device_id)
+        if rec is None or rec.sram < self.min_sram:
+            return None
+        assign = getattr(self.codec, "assign", None)
+        return self.codec.plan_hash if assign is None else assign(rec.sram)
+
+    def _eligible_event(self, now: float) -> rnd.Eligible:
+        ids = tuple(self._eligible())
+        if getattr(self.codec, "assign", None) is None:
+            return rnd.Eligible(ids, now)
+        return rnd.Eligible(ids, now, tuple((d, p) for d in ids if (p := self.plan_of(d)) != self.codec.plan_hash))
+
+    def _refuse_unfit(self, device_id: str) -> list[Output]:
+        """A device whose SRAM is below the smallest plan: an ack it can log (it will never get a task) + Unfit."""
+        rec = self.registry.devices[device_id]
+        why = (f"no plan fits: this device reports {rec.sram} bytes of SRAM, the smallest plan of this fleet "
+               f"needs {self.min_sram} bytes; it will not be asked to train")
+        ack = Ack(0, "00", False, "no_plan_fits", ack_detail(why))
+        return [Publish(f"dev/{device_id}/ack", ack.to_json()), Unfit(device_id, rec.sram, self.min_sram, why)]
 
     def _start(self, now: float) -> list[Output]:
         m = self.machine
@@ -169,8 +207,10 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
             if after > acc.budget:
                 return [RoundRefused(f"privacy budget spent: another round would reach epsilon {after:.3g} > "
                                      f"budget {acc.budget:.3g} (delta {dp.delta:g}) after {len(acc.rounds)} rounds")]
-        m.handle(rnd.StartRound(m.round_id + 1, self.version, self.hash, now))
-        return self._machine(rnd.Eligible(tuple(self._eligible()), now), now)
+        hashes = getattr(self.codec, "member_hashes", None)
+        bases = tuple(sorted(hashes(self.version, self.state).items())) if hashes is not None else ()
+        m.handle(rnd.StartRound(m.round_id + 1, self.version, self.hash, now, bases))
+        return self._machine(self._eligible_event(now), now)
 
     def _received(self, ev: Received, now: float) -> list[Output]:
         kind = "delta" if ev.kind == "delta" else "control"
@@ -198,6 +238,8 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         if isinstance(msg, Hello):
             self.store.save_device(msg.device_id, ev.payload.decode())
             self.full_sent.pop(msg.device_id, None)  # a (re)started device may have lost what it was sent
+            if self.plan_of(msg.device_id) is None:
+                return self._refuse_unfit(msg.device_id)
             return self._machine(rnd.Rejoined(msg.device_id, now), now)  # ... incl. its task of the open round
         if msg.state == "offline":
             return self._machine(rnd.DeviceLost(msg.device_id, now), now) if ctl.lost else []
@@ -252,8 +294,20 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         self.version, self.hash, self.state = self.version + 1, new_hash, new_state
         self.model_base, self.model_payload = base, payload
         self.round_deltas = None
-        return [Publish("model/current", payload, retain=True),
+        return [Publish("model/current", payload, retain=True), *self._member_models(),
                 RoundClosed(cmd.round_id, True, self.version, tuple(sorted(m.accepted)), epsilon=epsilon)]
+
+    def _member_models(self) -> list[Output]:
+        """A plan family: each online device on a smaller plan gets the new version of its own plan (FULL, on
+        ``dev/<id>/model``): ``model/current`` carries the largest plan's tensors only."""
+        if getattr(self.codec, "assign", None) is None:
+            return []
+        out: list[Output] = []
+        for d, rec in sorted(self.registry.devices.items()):
+            plan = self.plan_of(d) if rec.online else None
+            if plan is not None and plan != self.codec.plan_hash:
+                out += self._member_model(d, plan, rec.model_version)
+        return out
 
 
 _COLLECTING = (rnd.RoundState.TRAINING, rnd.RoundState.COLLECTING)

@@ -68,6 +68,17 @@ class DeviceFailed:
 
 
 @dataclass(frozen=True)
+class Unfit:
+    """Informational: a device said hello with less SRAM than the smallest plan needs; it was told why (an ack
+    ``no_plan_fits``) and is never selected while its hello says so."""
+
+    device_id: str
+    sram: int
+    need: int
+    detail: str
+
+
+@dataclass(frozen=True)
 class RoundClosed:
     """Informational: a round ended; ``version`` is the new model version when committed."""
 
@@ -86,7 +97,7 @@ class RoundRefused:
     detail: str
 
 
-Output = Publish | Verdict | Dropped | DeviceFailed | RoundClosed | RoundRefused
+Output = Publish | Verdict | Dropped | DeviceFailed | RoundClosed | RoundRefused | Unfit
 
 
 @dataclass

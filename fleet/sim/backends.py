@@ -341,3 +341,54 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
     for obs in FLEET_OBSERVERS[:]:  # an observer may remove itself
         obs(fleet)
     return trainers
+
+
+def group_srams(cfg: SimConfig) -> list[tuple[str, str, int]]:
+    """Per device of a mixed-memory fleet (``device_groups``): (backend, board name, SRAM in its hello). A QEMU
+    board reports its board YAML's training budget (configs/boards/: the YAML named after the machine, or the one
+    whose ``qemu_machine`` it is); a host device reports its group's ``sram``."""
+    from fleet.compiler.pipeline import BOARDS
+    from fleet.config import BoardConfig, load
+
+    boards = {b.qemu_machine or b.name: b for b in (load(BoardConfig, p) for p in sorted(BOARDS.glob("*.yaml")))}
+    boards.update({b.name: b for b in list(boards.values())})
+    out: list[tuple[str, str, int]] = []
+    for g in cfg.device_groups:
+        if g.backend == "qemu":
+            b = boards.get(g.machine or "")
+            if b is None:
+                raise SimulationError(f"device_groups: no board YAML in {BOARDS} for machine {g.machine!r}")
+            out += [("qemu", str(g.machine), int(g.sram or b.training_budget))] * g.count
+        else:
+            out += [("python", f"host-{int(g.sram) // 1000}k", int(g.sram or 0))] * g.count
+    return out
+
+
+def build_mixed_devices(cfg: SimConfig, kinds: list[tuple[str, str, int]], plans: list, stack: ExitStack) -> list[
+        DeviceSlot]:
+    """One :class:`DeviceSlot` per device of a mixed-memory fleet: device i trains ``plans[i]``; boards of one
+    machine and plan boot together (python devices stay on the runner's threads: one worker pool holds one plan)."""
+    from dataclasses import replace
+
+    from device_agent.engine.trainer import Trainer
+
+    slots: list[DeviceSlot | None] = [None] * len(kinds)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (backend, board, _) in enumerate(kinds):
+        if backend == "qemu":
+            groups.setdefault((board, id(plans[i])), []).append(i)
+        else:
+            slots[i] = DeviceSlot("python", Trainer(plans[i]))
+    n_boards = sum(len(v) for v in groups.values())
+    elfs = {g.machine: g.elf for g in cfg.device_groups if g.elf is not None}
+    if n_boards:
+        executor = ThreadPoolExecutor(max_workers=min(n_boards, 128), thread_name_prefix="boards")
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        streams = ThreadPoolExecutor(max_workers=min(n_boards, 64), thread_name_prefix="streams")
+        stack.callback(streams.shutdown, wait=False, cancel_futures=True)
+        for (machine, _), idx in groups.items():
+            sub = replace(cfg, qemu=replace(cfg.qemu, machine=machine, elf=elfs.get(machine)))
+            for i, trainer in zip(idx, start_qemu_fleet(sub, plans[idx[0]], len(idx), stack)):
+                trainer.executor = streams
+                slots[i] = DeviceSlot("qemu", trainer, executor, on_samples=trainer.stream_samples)
+    return [s for s in slots if s is not None]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from fleet.config import Size
 from fleet.schema import FleetConfig, load_fleet_config
 
 BACKENDS = ("python", "qemu", "renode")
@@ -81,6 +82,32 @@ class ContinualConfig:
 
 
 @dataclass
+class DeviceGroup:
+    """``count`` devices of one kind in a mixed-memory fleet (``device_groups``, in device order): a QEMU board
+    (``backend: qemu`` + ``machine``; its SRAM is the board YAML's training budget) or host devices with ``sram``."""
+
+    count: int = 1
+    backend: str = "python"  # python | qemu
+    machine: str | None = None  # qemu: mps2-an500 | mps2-an386 | netduinoplus2
+    sram: Size | None = None  # bytes the device reports in its hello (python: required; qemu: the board's budget)
+    elf: str | None = None  # qemu: firmware ELF (default: built for the machine, as qemu.elf)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            errs.append(f"count: must be an integer >= 1, got {self.count!r}")
+        if self.backend not in ("python", "qemu"):
+            errs.append(f"backend: expected python or qemu, got {self.backend!r}")
+        elif self.backend == "qemu" and self.machine not in QEMU_MACHINES:
+            errs.append(f"machine: expected one of {', '.join(QEMU_MACHINES)}, got {self.machine!r}")
+        if self.elf is not None and not Path(self.elf).is_file():
+            errs.append(f"elf: file not found: {self.elf}")
+        if self.backend == "python" and (self.machine is not None or not self.sram):
+            errs.append("python devices: give sram (bytes of SRAM, e.g. 64KB) and no machine")
+        return errs
+
+
+@dataclass
 class SimConfig(FleetConfig):
     """A fleet as ``tinyfleet simulate`` runs it: which backend each device uses, and the in-run baselines."""
 
@@ -96,6 +123,8 @@ class SimConfig(FleetConfig):
     # they join after the run, get the global model and personalize (fleet/sim/newusers.py)
     new_users: int | list[int] = 0
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    # mixed-memory fleet (with plan_budgets): device kinds in device order; their counts add up to `devices`
+    device_groups: list[DeviceGroup] = field(default_factory=list)
 
     def validate(self) -> list[str]:
         errs = super().validate()
@@ -107,6 +136,14 @@ class SimConfig(FleetConfig):
         if self.qemu_devices is not None and not 0 <= self.qemu_devices <= self.devices:
             errs.append(f"qemu_devices: must be in 0..devices ({self.devices}), got {self.qemu_devices}")
         errs += self._new_user_errors()
+        if self.device_groups:
+            n = sum(g.count for g in self.device_groups if isinstance(g.count, int))
+            if n != self.devices:
+                errs.append(f"device_groups: counts add up to {n}, but devices is {self.devices}")
+            if not self.plan_budgets:
+                errs.append("device_groups: a mixed-memory fleet needs plan_budgets (one nested plan per budget)")
+            if self.qemu_devices is not None or self.new_users:
+                errs.append("device_groups: leave qemu_devices and new_users unset (groups say what each device is)")
         bad = [b for b in self.baselines if b not in BASELINES] if isinstance(self.baselines, list) else [self.baselines]
         if bad:
             errs.append(f"baselines: expected a list drawn from {', '.join(BASELINES)}, got {bad}")

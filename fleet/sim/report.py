@@ -309,7 +309,8 @@ def render_html(m: dict, plots: list[str]) -> str:
         per_round_header.append("DP epsilon (cumulative)")
     per_round = [[i + 1, *[c[i] if i < len(c) else None for c in cols]] for i in range(n)]
     dev_methods = device_methods(rows)
-    extra = [k for k in ("personalization", "sram_bytes", "flash_bytes", "instructions_per_step", "memory_source")
+    extra = [k for k in ("board", "plan", "plan_budget", "plan_need_bytes", "personalization", "sram_bytes",
+                         "flash_bytes", "instructions_per_step", "memory_source")
              if any(r.get(k) is not None for r in rows)]
     dev_header = ["device", "subject", "backend", "train", "test", "rounds in", *[labels[k] for k in dev_methods],
                   *extra]

@@ -22,6 +22,7 @@ import numpy as np
 
 from fleet.compiler.pipeline import (
     PipelineError,
+    build_family,
     build_plan,
     float_batch,
     mark_personal,
@@ -195,7 +196,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     from device_agent.mqtt import DeviceAgent
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
     from device_agent.wire.envelope import Signer, Verifier
-    from fleet.coordinator import Coordinator, RoundClosed, StartRound, WireCodec, plan_sram
+    from fleet.coordinator import Coordinator, FamilyCodec, RoundClosed, StartRound, WireCodec, plan_sram
     from fleet.coordinator.core import unpack_state
     from fleet.mqtt import CoordinatorLink
     from fleet.scenarios import load_scenario
@@ -215,9 +216,14 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     res.new_users = [d.device_id for d in newcomers]
     res.devices = len(scenario.devices)
     cfg = replace(cfg, devices=len(scenario.devices))  # NOTE: the fleet is what is left (goal, selection, hello)
+    family = None
     try:
-        plan, _report, res.scheme = build_plan(cfg, scenario)
-        plan = mark_personal(plan, cfg.personal)
+        if cfg.plan_budgets:  # mixed-memory fleet: one nested plan per budget, the largest is the fleet's model
+            family = build_family(cfg, scenario)
+            plan, res.scheme = family.largest.plan, family.largest.scheme.name
+        else:
+            plan, _report, res.scheme = build_plan(cfg, scenario)
+            plan = mark_personal(plan, cfg.personal)
     except (PipelineError, ValueError) as e:
         raise SimulationError(str(e)) from None
     res.personal = list(cfg.personal)
@@ -238,7 +244,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     signer, verifier = Signer.ed25519(key), Verifier.ed25519(key.public_key())
     ccfg = cfg.coordinator_config()
     store_path = str(out_dir / "store.sqlite") if out_dir is not None else ":memory:"
-    codec = WireCodec(plan, signer=signer)
+    codec = FamilyCodec(family, signer=signer) if family is not None else WireCodec(plan, signer=signer)
     res.plan_bytes = len(codec.plan_bytes())
     watcher = _Watcher()
     dash = _open_dashboard(cfg, codec.plan_hash, dashboard, stack) if dashboard is not None else None
@@ -252,12 +258,19 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         dash.follow(link)
 
     scale, zp = _input_quant(plan)
-    board_sram = max(res.plan_sram_bytes, 256_000)
+    board_sram = max(res.plan_sram_bytes, 256_000, family.largest.need if family is not None else 0)
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="devices")  # NOTE: 2 cores; GIL-bound anyway
     stack.callback(pool.shutdown, wait=False, cancel_futures=True)
     from fleet.sim.backends import build_devices  # python Trainer or one QEMU board per device
 
-    slots = build_devices(cfg, plan, stack)
+    mixed = _mixed_fleet(cfg, family, board_sram)  # per device: (backend, board, SRAM, member or None)
+    plans = [(m or family.smallest).plan if family is not None else plan for (_, _, _, m) in mixed]
+    if cfg.device_groups:
+        from fleet.sim.backends import build_mixed_devices
+
+        slots = build_mixed_devices(cfg, [k[:3] for k in mixed], plans, stack)
+    else:
+        slots = build_devices(cfg, plan, stack)
     streams: list = []  # boards storing their device's samples (Futures)
     agents: list[DeviceAgent] = []
     stack.callback(lambda: [a.stop(graceful=True) for a in agents])
@@ -265,6 +278,10 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     for i, dd in enumerate(scenario.devices):
         sram = cfg.personalization.device_sram[i % len(cfg.personalization.device_sram)] \
             if cfg.personalization.device_sram else board_sram
+        board_name, own = cfg.model.board, plan
+        if cfg.device_groups:
+            _, board_name, sram, _ = mixed[i]
+            own = plans[i]
         if slots[i].host is not None:  # fleet/sim/workers.py: protocol, trainer and samples live in a worker
             proto = slots[i].host.device(
                 i, Identity(dd.device_id, cfg.model.board, sram, 1_000_000), verifier,
@@ -279,9 +296,9 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
             buf.add(xq, yq)
             if slots[i].on_samples is not None:  # a board keeps its samples: they reach it once, as its stream
                 streams.append(slots[i].on_samples(xq, yq))
-        pers = Personalizer(plan, specs[i]) if specs[i] is not None else None
-        proto = DeviceProtocol(Identity(dd.device_id, cfg.model.board, sram, 1_000_000), plan, slots[i].trainer,
-                               WireDeviceCodec(plan, verifier), buf, seed=cfg.seed + i, personalizer=pers)
+        pers = Personalizer(own, specs[i]) if specs[i] is not None else None
+        proto = DeviceProtocol(Identity(dd.device_id, board_name, sram, 1_000_000), own, slots[i].trainer,
+                               WireDeviceCodec(own, verifier), buf, seed=cfg.seed + i, personalizer=pers)
         agents.append(DeviceAgent(url, cfg.name, proto, executor=slots[i].executor or pool).start(timeout=None))
     deadline = time.monotonic() + 30
     online = 0
@@ -344,7 +361,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         if closed.epsilon is not None:
             res.epsilon_per_round.append(closed.epsilon)
         if not asynchronous:  # NOTE: async devices never wait for a version: they are already training the next
-            _settle(agents, closed.version if closed.committed else None)
+            _settle([a for a, k in zip(agents, mixed) if family is None or k[3] is not None],
+                    closed.version if closed.committed else None)
         res.round_seconds.append(time.monotonic() - t_round)
         after = [a.endpoint.traffic_snapshot() for a in agents]
         sel = max(1, len(watcher.selected))
@@ -383,11 +401,40 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         _final_metrics(cfg, scenario, plan, link, evaluator, agents, slots, slices, participation, res)
         for i, m in enumerate(used):
             res.per_device[i]["personalization"] = m
+        if family is not None:
+            _plan_columns(res, mixed, plans, codec)
         if not res.interrupted:
             _personal_metrics(cfg, plan, initial, globals_, slices, _device_slices_of(newcomers, scale, zp),
                               [int(d.subject) for d in scenario.devices], res)
     if out_dir is not None:
         _write_run(out_dir, res)
+
+
+def _mixed_fleet(cfg: SimConfig, family, board_sram: int) -> list[tuple]:
+    """Per device: (backend, board, SRAM in its hello, the family member it trains or None: below the smallest)."""
+    from fleet.sim.backends import device_backends, group_srams
+
+    if cfg.device_groups:
+        return [(b, name, sram, family.choose(sram)) for b, name, sram in group_srams(cfg)]
+    member = family.choose(board_sram) if family is not None else None
+    return [(b, cfg.model.board, board_sram, member) for b in device_backends(cfg)]
+
+
+def _plan_columns(res: SimResult, mixed: list[tuple], plans: list, codec) -> None:
+    """The device table of a mixed-memory fleet: each device's board and plan (budget, hash, what it needs); host
+    devices' SRAM / flash are their plan's (boards report their own measurement)."""
+    from device_agent.wire.plan import plan_hash
+    from fleet.coordinator import plan_sram
+
+    for row, (_, board, sram, member), p in zip(res.per_device, mixed, plans):
+        row["board"] = board
+        if member is None:
+            row.update(plan=f"none: {sram} B < {codec.family.smallest.need} B", plan_budget=None,
+                       plan_need_bytes=None, sram_bytes=None, flash_bytes=None)
+            continue
+        row.update(plan=plan_hash(p).hex()[:12], plan_budget=member.budget, plan_need_bytes=member.need)
+        if row.get("memory_source") == "planned":
+            row["sram_bytes"], row["flash_bytes"] = plan_sram(p), member.report.flash_bytes
 
 
 def _personal_specs(cfg: SimConfig, plan, plan_sram: int, board_sram: int, slots) -> tuple[list, list[str]]:
