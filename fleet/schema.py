@@ -227,7 +227,7 @@ class FleetConfig:
     # NOTE: keys only `tinyfleet simulate` reads (fleet/sim/config.py validates them); `serve` skips them, so
     # one YAML file serves both. tests/pure/test_config.py keeps this list equal to the simulator's extra fields.
     SIMULATOR_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"backend", "qemu_devices", "qemu", "renode", "workers", "baselines", "new_users", "continual",
+        {"backend", "qemu_devices", "qemu", "renode", "workers", "ray_address", "baselines", "new_users", "continual",
          "device_groups"})
 
     # NOTE: a coordinator holds no device's data: `serve` checks (and later reads) only the proxy and evaluation

@@ -2,6 +2,8 @@
 
 - ``python``: the host engine (``device_agent.engine.trainer.Trainer``); devices live in ``workers`` processes
   (fleet/sim/workers.py; ``workers: 0``: on the runner's small thread pool).
+- ``ray``: the same host devices in ``workers`` Ray actors (fleet/sim/ray_pool.py) on a local Ray instance, or
+  on the cluster at ``ray_address``.
 - ``qemu``: one emulated board per device (``qemu-system-arm``, mps2-an500 by default) running our firmware; the
   board holds the plan (LOAD_PLAN at boot) and the device agent drives it through
   :class:`device_agent.bridge.BoardTrainer` (the plan is provisioned in each board's flash image, PRELOAD_PLAN,
@@ -233,24 +235,33 @@ def build_devices(cfg: SimConfig, plan, stack: ExitStack, on_board: Callable[[in
         if kind in ("qemu", "renode"):
             trainer = next(it)
             slots.append(DeviceSlot(kind, trainer, executor, on_samples=trainer.stream_samples))
-        else:
+        else:  # python or ray: the host engine (in this process, worker processes or Ray actors)
             slots.append(DeviceSlot("python", Trainer(plan)))
     return _python_workers(cfg, plan, slots, stack)
 
 
 def _python_workers(cfg: SimConfig, plan, slots: list[DeviceSlot], stack: ExitStack) -> list[DeviceSlot]:
-    """Move the python devices into ``cfg.workers`` processes (None: one per CPU; 0: stay on the runner's threads).
+    """Move the python devices into ``cfg.workers`` processes, or Ray actors with ``backend: ray`` (None: one per
+    CPU; 0: stay on the runner's threads).
 
     Device i of the python ones goes to worker i % N, with that worker's one handler thread as its executor."""
     import os
+
+    from fleet.sim.workers import WorkerError, WorkerPool
 
     idx = [i for i, s in enumerate(slots) if s.backend == "python"]
     n = min((os.cpu_count() or 1) if cfg.workers is None else cfg.workers, len(idx))
     if n < 1:
         return slots
-    from fleet.sim.workers import WorkerPool
+    if cfg.backend == "ray":
+        from fleet.sim.ray_pool import RayPool
 
-    pool = WorkerPool(n, plan)
+        try:
+            pool: WorkerPool = RayPool(n, plan, cfg.ray_address)
+        except WorkerError as e:
+            raise SimulationError(str(e)) from None
+    else:
+        pool = WorkerPool(n, plan)
     stack.callback(pool.close)
     for k, i in enumerate(idx):
         pool.placement[i] = k % n

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from fleet.config import Size
 from fleet.schema import FleetConfig, load_fleet_config
 
-BACKENDS = ("python", "qemu", "renode")
+BACKENDS = ("python", "ray", "qemu", "renode")
 QEMU_MACHINES = ("mps2-an386", "mps2-an500", "netduinoplus2")
 BASELINES = ("local", "centralized")  # local-only training per device; fp32 on pooled data (fleet/sim/baselines.py)
 
@@ -113,11 +113,12 @@ class SimConfig(FleetConfig):
 
     READS_DEVICE_DATA: ClassVar[bool] = True  # the simulator plays the devices: their files are checked at load
 
-    backend: str = "python"  # python (host engine) | qemu | renode (one emulated board per device)
+    backend: str = "python"  # python (host engine) | ray (host engine in Ray actors) | qemu | renode (boards)
     qemu_devices: int | None = None  # mixed fleet: the first N devices are QEMU boards, the rest use `backend`
     qemu: QemuConfig = field(default_factory=QemuConfig)
     renode: RenodeConfig = field(default_factory=RenodeConfig)
     workers: int | None = None  # processes for backend python devices (fleet/sim/workers.py); None: CPU count, 0: none
+    ray_address: str | None = None  # backend ray: an existing Ray cluster; None: a local Ray instance for the run
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # measured in the same run; [] for none
     # users held out of training (a count: the last N devices of the scenario; or a list of device indices):
     # they join after the run, get the global model and personalize (fleet/sim/newusers.py)
@@ -133,6 +134,11 @@ class SimConfig(FleetConfig):
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             errs.append(f"workers: must be a number of processes >= 0 (0: devices on the runner's threads), "
                         f"got {self.workers!r}")
+        if self.backend == "ray" and self.workers == 0:
+            errs.append("workers: backend ray needs at least 1 Ray actor, got 0")
+        if self.ray_address is not None and (self.backend != "ray" or not isinstance(self.ray_address, str)):
+            errs.append(f"ray_address: a Ray cluster address for backend ray, got {self.ray_address!r} with "
+                        f"backend {self.backend}")
         if self.qemu_devices is not None and not 0 <= self.qemu_devices <= self.devices:
             errs.append(f"qemu_devices: must be in 0..devices ({self.devices}), got {self.qemu_devices}")
         errs += self._new_user_errors()

@@ -17,6 +17,26 @@ from concurrent.futures import ThreadPoolExecutor
 from fleet.sim.workers import DeviceHost, WorkerError, WorkerPool
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse an address nothing listens on (``host:port`` or ``ray://host:port``) within ``timeout`` seconds:
+    Ray itself keeps retrying for minutes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise WorkerError(f"ray_address: expected host:port or ray://host:port, got {address!r}")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise WorkerError(f"ray_address: no Ray cluster answers at {address} ({e.strerror or e}): start one "
+                          f"(`ray start --head`) or leave ray_address out for a local instance") from None
+
+
 class _HostActor:
     """The body of one Ray actor: a DeviceHost and one entry point."""
 
@@ -41,6 +61,8 @@ class RayPool(WorkerPool):
                               "which `make setup` does)") from None
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
+        if self._owns_ray and address not in (None, "auto", "local"):
+            _check_reachable(address)
         if self._owns_ray:
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,

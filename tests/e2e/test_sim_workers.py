@@ -1,23 +1,31 @@
-"""`backend: python` devices in worker processes give the same run as devices on the runner's threads."""
+"""`backend: python` devices in worker processes, and `backend: ray` devices in Ray actors, give the same run as
+devices on the runner's threads."""
 
 from __future__ import annotations
 
-from tests.conftest import ROOT, require_cmd
+import importlib.util
+
+import pytest
+
+from tests.conftest import ROOT, require, require_cmd
 
 
-def _run(workers: int):
+def _run(workers: int, backend: str = "python"):
     from fleet.sim.config import load_sim_config
     from fleet.sim.runner import run_simulation
 
     cfg = load_sim_config(ROOT / "configs" / "quickstart.yaml", devices=4, rounds=2, local_steps=15, workers=workers,
-                          deadline=900)  # NOTE: rounds close on every delta, never on a slow machine's clock
+                          deadline=900, backend=backend)  # NOTE: deadline: rounds close on every delta
     cfg.model.pretrain_epochs = 1
     return run_simulation(cfg, progress=False)
 
 
-def test_worker_processes_match_threads_bit_for_bit():
+@pytest.mark.parametrize("backend", ["python", "ray"])
+def test_worker_processes_match_threads_bit_for_bit(backend):
     require_cmd("mosquitto")
-    threads, procs = _run(0), _run(2)
+    if backend == "ray":
+        require(importlib.util.find_spec("ray") is not None, "Ray not installed (make setup installs it)")
+    threads, procs = _run(0), _run(2, backend)
 
     assert procs.round_status == threads.round_status == ["committed", "committed"]
     assert not procs.errors and not threads.errors
