@@ -351,4 +351,4 @@ def pool_need(plan: ir.Plan) -> int:
             + (pr.optimizer_bytes if pr is not None else 0))
 
 
-__all__ = ["BoardError", "BoardPersonalizer", "BoardTrainer", "make_personalizer", "SampleSlots", "connect", "pool_need"]
+__all__ = ["BoardError", "BoardPersonalizer", "BoardTrainer", "SampleSlots", "connect", "make_personalizer", "pool_need"]
