@@ -116,3 +116,42 @@ def test_board_refuses_to_personalize_after_shared_training(board_elfs) -> None:
         assert trainer.state_hash() == before
         with pytest.raises(BoardError, match="stays on the board"):
             pz.model({})
+
+
+def test_device_protocol_drives_the_board_personalizer(board_elfs) -> None:
+    """Through the fleet protocol (in-memory coordinator, two rounds): d00 on a board with a BoardPersonalizer
+    sends the same uplinks as the all-Python fleet without personalization, and its board's personal model hash
+    is the one the same device gets with the Python Personalizer."""
+    from dataclasses import replace
+
+    from device_agent.engine.ir import Plan
+    from tests.pure.test_fleet_inmemory import PLAN, Fleet, config, tiny_dataset
+
+    spec = PersonalSpec("ditto", 5, PERSONAL_LR, LAM_Q15)
+
+    def fleet() -> Fleet:
+        return Fleet(n=2, cfg=replace(config(goal=2), batch_size=1, local_steps=6))
+
+    plain, ref = fleet(), fleet()
+    ref.devices["d00"].personalizer = Personalizer(PLAN, spec)
+    for f in (plain, ref):
+        f.boot()
+        f.round()
+        f.round()
+    ref_hash = _hash(PLAN, ref.devices["d00"].personal_model())
+    assert ref_hash != ref.devices["d00"].trainer.state_hash()  # the reference device did personalize
+    with QemuBoard("mps2-an500", elf=board_elfs["mps2-an500"]) as board, \
+            connect(f"tcp://{board.endpoint[0]}:{board.endpoint[1]}") as client:
+        f = fleet()
+        board_plan: Plan = copy.deepcopy(PLAN)
+        plan_arena(board_plan)
+        trainer = BoardTrainer(client, board_plan)
+        trainer.store_samples(*tiny_dataset(48, seed=0))  # d00's buffer (tests/pure/test_fleet_inmemory.Fleet)
+        f.devices["d00"].trainer = trainer
+        f.devices["d00"].personalizer = BoardPersonalizer(trainer, spec)
+        f.boot()
+        f.round()
+        f.round()
+        got = f.devices["d00"].personalizer.hash()
+    assert [u for d, u in f.uplinks if d == "d00"] == [u for d, u in plain.uplinks if d == "d00"] != []
+    assert got == ref_hash
