@@ -311,8 +311,12 @@ class BoardPersonalizer:
     def update(self, trainer, reference: dict[int, np.ndarray], batch: Callable[[int], tuple]) -> None:
         """Personalize on the board on top of the model update it holds (``reference``: the same model, unused:
         the board reads the global values from its stored update); ``batch(k)`` gives step k's ``(x, y)``."""
-        if trainer is not self.trainer:
+        # NOTE: a wrapper that defers board traffic (fleet/sim/backends.LazyBoardTrainer) hands over its board
+        # holding exactly the current model update, untrained
+        board = trainer.personal_board() if hasattr(trainer, "personal_board") else trainer
+        if board is not self.trainer:
             raise ValueError("a BoardPersonalizer personalizes on its own board's trainer")
+        trainer = board
         del reference
         keys = []
         for k in range(self.spec.steps):
