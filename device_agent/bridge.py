@@ -151,6 +151,7 @@ class BoardTrainer:
         self.nbytes = int(np.prod(tin.shape)) * (4 if tin.dtype == ir.DType.INT32 else 1)
         self.stored = stored
         self.slots: SampleSlots | None = None  # set when the board's store is first used
+        self.personal_bytes = 0  # SRAM the board reserved for a personal copy (BoardPersonalizer's PERSONAL_SETUP)
         self.samples_sent = 0  # samples that crossed the UART (STORE_SAMPLES or PUSH_SAMPLE)
         if load_plan:
             client.load_plan(self.blob)
@@ -281,10 +282,13 @@ class BoardTrainer:
 
     @property
     def memory(self) -> dict[str, int]:
-        """What the board measured of itself: SRAM = statics (.data + .bss) + the plan's pool + the painted
-        stack's high-water mark; flash = firmware + plan blob."""
+        """What the board measured of itself: SRAM = statics (.data + .bss) + the plan's pool (+ a personal copy)
+        + the painted stack's high-water mark; flash = firmware + plan blob."""
         info, stats = self.client.board_info(), self.client.stats()
-        return {"sram_bytes": info["static_ram"] + pool_need(self.plan) + info["stack_high_water"],
+        pool = pool_need(self.plan)
+        if self.personal_bytes:  # NOTE: the copy sits 8-aligned after the runtime's part of the pool
+            pool = -(-pool // 8) * 8 + self.personal_bytes
+        return {"sram_bytes": info["static_ram"] + pool + info["stack_high_water"],
                 "flash_bytes": info["flash_used"] + stats["plan_bytes"], "stack_high_water": info["stack_high_water"]}
 
 
@@ -305,6 +309,7 @@ class BoardPersonalizer:
         self.trainer, self.spec, self.plan = trainer, spec, trainer.plan
         self.ids = method_ids(trainer.plan, spec.method)
         self.cost = trainer.client.personal_setup(spec.method, self.ids, spec.lam_q15)  # what the board reserved
+        trainer.personal_bytes = self.cost["sram_bytes"]
         self.updates = 0
         self.steps_done = 0
 

@@ -95,6 +95,7 @@ def test_board_personal_model_is_bit_exact_and_leaves_the_delta_alone(board_elfs
             assert len(set(got_personal)) == UPDATES and got_personal[0] != plain_shared[0]  # it did personalize
             c = method_cost(plan, m)
             assert (pz.cost["sram_bytes"], pz.cost["flash_bytes"]) == (c.sram_bytes, c.flash_bytes), m
+            assert trainer.personal_bytes == c.sram_bytes  # counted in the board's measured memory
             assert client.personal_hash()["personal_steps"] == UPDATES * PERSONAL_STEPS
 
 
