@@ -67,6 +67,10 @@ uint8_t tf_proto_personal(struct tf_device_s *dev, uint8_t cmd, const uint8_t *i
     if (in_len != 0) { /* PERSONAL_HASH: resp <32sBBHII hash, method, has, reserved, sram_bytes, personal_steps */
         return TF_ST_ERR_BAD_PAYLOAD;
     }
+    if (!d->has_plan) {
+        const tf_dev_result none = {TF_ST_ERR_STATE, 0};
+        return answer(none, out, out_len, 0);
+    }
     tf_device_personal_hash(d, out);
     out[32] = d->pers_method, out[33] = d->pers_has, out[34] = out[35] = 0;
     uint8_t *q = put32(put32(out + 36, d->pers_bytes), d->pers_steps_done);
