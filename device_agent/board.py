@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from device_agent.wire import frames
+from device_agent.wire import frames, frames_personal
 from device_agent.wire.errors import WireFormatError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -439,6 +439,36 @@ class BoardClient:
                                                              f"announced {total}")
             out += tail
         return bytes(out)
+
+    def personal_setup(self, method: str, ids: list[int], lam_q15: int = 0) -> dict[str, int]:
+        """PERSONAL_SETUP: keep a personal copy of tensors ``ids`` with ``method`` ("none": drop it); returns what
+        the copy costs the board (``sram_bytes``, ``flash_bytes``) and the pool bytes left."""
+        if method not in frames_personal.METHOD_CODES:
+            raise ValueError(f"personalization method must be one of {', '.join(frames_personal.METHOD_CODES)}, "
+                             f"got {method!r}")
+        tail = frames_personal.list_payload(ids, frames_personal.list_max(frames_personal.SETUP, frames.MAX_PAYLOAD))
+        return self._ok(frames_personal.SETUP, frames.pack(
+            "req", frames_personal.SETUP, tail, method=frames_personal.METHOD_CODES[method], reserved=0,
+            count=len(ids), lam_q15=lam_q15), f"PERSONAL_SETUP {method}")[0]
+
+    def personalize(self, slots: list[int], lr_m: int, lr_e: int, restart: bool = False) -> dict[str, int]:
+        """PERSONALIZE: one personal step per stored slot, in order (several frames if the list is long; only the
+        first carries ``restart``)."""
+        limit = frames_personal.list_max(frames_personal.PERSONALIZE, frames.MAX_PAYLOAD)
+        out = {"steps_done": 0, "correct": 0, "personal_steps": 0}
+        for i in range(0, len(slots), limit):
+            part = slots[i:i + limit]
+            r = self._ok(frames_personal.PERSONALIZE, frames.pack(
+                "req", frames_personal.PERSONALIZE, frames_personal.list_payload(part, limit), lr_m=lr_m, lr_e=lr_e,
+                flags=int(restart and i == 0), reserved=0, count=len(part)), f"PERSONALIZE of {len(part)} slots")[0]
+            out["steps_done"] += r["steps_done"]
+            out["correct"] += r["correct"]
+            out["personal_steps"] = r["personal_steps"]
+        return out
+
+    def personal_hash(self) -> dict[str, int | bytes]:
+        """PERSONAL_HASH: sha256 of the board's personal model (the copy itself never leaves the board)."""
+        return self._ok(frames_personal.HASH, b"", "PERSONAL_HASH")[0]
 
     def state(self) -> dict[str, int | bytes]:
         """STATE_HASH: sha256 of the trainable tensors (== Trainer.state_hash) and counters."""

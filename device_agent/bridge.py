@@ -18,12 +18,14 @@ label, so results stay bit-exact. A v1 board falls back to PUSH_SAMPLE + TRAIN 1
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
 from device_agent.board import BoardClient, BoardError
 from device_agent.engine import ir
+from device_agent.engine.personal import Personalizer, PersonalSpec, method_ids
 from device_agent.engine.qmath import mant_exp
 from device_agent.engine.recipe import plan_recipe
 from device_agent.engine.trainer import StepStats
@@ -149,6 +151,7 @@ class BoardTrainer:
         self.nbytes = int(np.prod(tin.shape)) * (4 if tin.dtype == ir.DType.INT32 else 1)
         self.stored = stored
         self.slots: SampleSlots | None = None  # set when the board's store is first used
+        self.personal_bytes = 0  # SRAM the board reserved for a personal copy (BoardPersonalizer's PERSONAL_SETUP)
         self.samples_sent = 0  # samples that crossed the UART (STORE_SAMPLES or PUSH_SAMPLE)
         if load_plan:
             client.load_plan(self.blob)
@@ -226,13 +229,23 @@ class BoardTrainer:
                     out[f] += r[f]
             return out
         out = {"steps_done": 0, "samples_used": 0, "correct": 0}
+        for todo in self.stored_runs(samples):
+            r = self.client.train_list(todo, lr_m, lr_e)
+            out = {f: out[f] + r[f] for f in out}
+        return out
+
+    def stored_runs(self, samples: list[bytes]) -> Iterator[list[int]]:
+        """The slots of ``samples`` (keys from :meth:`sample_key`) in order, in runs the board holds at once: each
+        run is stored (STORE_SAMPLES for what the board lacks) before it is yielded. Needs a v2 board."""
+        slots = self._store()
+        if slots is None:
+            raise BoardError(frames.Status.ERR_STATE, "this board keeps no samples (protocol v1 or stored=False)")
         todo: list[int] = []
         new: list[tuple[int, bytes]] = []
         for k in samples:
             if k not in slots.slot_of and len(set(todo)) >= slots.capacity:
-                self._send(new)  # the store is full of this list's samples: train what is listed so far
-                r = self.client.train_list(todo, lr_m, lr_e)
-                out = {f: out[f] + r[f] for f in out}
+                self._send(new)  # the store is full of this list's samples: use what is listed so far
+                yield todo
                 todo, new = [], []
             slot, fresh = slots.place(k, keep=set(todo))
             if fresh:
@@ -240,9 +253,7 @@ class BoardTrainer:
             todo.append(slot)
         self._send(new)
         if todo:
-            r = self.client.train_list(todo, lr_m, lr_e)
-            out = {f: out[f] + r[f] for f in out}
-        return out
+            yield todo
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepStats:
         """One N = 1 step on the board on sample ``x[0]``: from its store (TRAIN_LIST, storing the sample first if
@@ -271,11 +282,74 @@ class BoardTrainer:
 
     @property
     def memory(self) -> dict[str, int]:
-        """What the board measured of itself: SRAM = statics (.data + .bss) + the plan's pool + the painted
-        stack's high-water mark; flash = firmware + plan blob."""
+        """What the board measured of itself: SRAM = statics (.data + .bss) + the plan's pool (+ a personal copy)
+        + the painted stack's high-water mark; flash = firmware + plan blob."""
         info, stats = self.client.board_info(), self.client.stats()
-        return {"sram_bytes": info["static_ram"] + pool_need(self.plan) + info["stack_high_water"],
+        pool = pool_need(self.plan)
+        if self.personal_bytes:  # NOTE: the copy sits 8-aligned after the runtime's part of the pool
+            pool = -(-pool // 8) * 8 + self.personal_bytes
+        return {"sram_bytes": info["static_ram"] + pool + info["stack_high_water"],
                 "flash_bytes": info["flash_used"] + stats["plan_bytes"], "stack_high_water": info["stack_high_water"]}
+
+
+class BoardPersonalizer:
+    """:class:`~device_agent.engine.personal.Personalizer` run by the board (PERSONAL_* commands,
+    firmware/src/device/tf_device_personal.c): the same spec and samples give the same personal model bit for bit
+    (compare :meth:`hash` with the reference's), but the copy stays in the board's SRAM and is never read back.
+
+    Parameters
+    ----------
+    trainer : the device's :class:`BoardTrainer` (the samples a step names are stored on its board).
+    spec : method, steps, lr, Ditto's lam_q15; batch_size must be 1 (the board trains N = 1).
+    """
+
+    def __init__(self, trainer: BoardTrainer, spec: PersonalSpec):
+        if spec.batch_size != 1:
+            raise ValueError(f"a board personalizes one sample per step, got batch_size {spec.batch_size}")
+        self.trainer, self.spec, self.plan = trainer, spec, trainer.plan
+        self.ids = method_ids(trainer.plan, spec.method)
+        self.cost = trainer.client.personal_setup(spec.method, self.ids, spec.lam_q15)  # what the board reserved
+        trainer.personal_bytes = self.cost["sram_bytes"]
+        self.updates = 0
+        self.steps_done = 0
+
+    def update(self, trainer, reference: dict[int, np.ndarray], batch: Callable[[int], tuple]) -> None:
+        """Personalize on the board on top of the model update it holds (``reference``: the same model, unused:
+        the board reads the global values from its stored update); ``batch(k)`` gives step k's ``(x, y)``."""
+        # NOTE: a wrapper that defers board traffic (fleet/sim/backends.LazyBoardTrainer) hands over its board
+        # holding exactly the current model update, untrained
+        board = trainer.personal_board() if hasattr(trainer, "personal_board") else trainer
+        if board is not self.trainer:
+            raise ValueError("a BoardPersonalizer personalizes on its own board's trainer")
+        trainer = board
+        del reference
+        keys = []
+        for k in range(self.spec.steps):
+            x, y = batch(k)
+            x, y = np.asarray(x), np.asarray(y).reshape(-1)
+            if x.shape[0] != 1 or y.shape != (1,):
+                raise ValueError(f"a board personalizes one sample per step, got a batch of {x.shape[0]}")
+            keys.append(trainer.sample_key(x[0], y[0]))
+        lr_m, lr_e = mant_exp(float(self.spec.lr))
+        first = True
+        for run in trainer.stored_runs(keys):
+            r = trainer.client.personalize(run, lr_m, lr_e, restart=first and self.spec.method == "finetune")
+            self.steps_done = r["personal_steps"]
+            first = False
+        self.updates += 1
+
+    def model(self, reference: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Refused: the personal copy never leaves the board (compare :meth:`hash` instead)."""
+        raise BoardError(frames.Status.ERR_STATE, "the personal model stays on the board: compare hash()")
+
+    def hash(self) -> str:
+        """The board's sha256 of its personal model (== Trainer.state_hash of Personalizer.model(global))."""
+        return bytes(self.trainer.client.personal_hash()["personal_hash"]).hex()
+
+
+def make_personalizer(trainer, plan: ir.Plan, spec: PersonalSpec):
+    """The personalizer a device runs: on its board for a :class:`BoardTrainer`, else the host reference."""
+    return BoardPersonalizer(trainer, spec) if isinstance(trainer, BoardTrainer) else Personalizer(plan, spec)
 
 
 def pool_need(plan: ir.Plan) -> int:
@@ -286,4 +360,4 @@ def pool_need(plan: ir.Plan) -> int:
             + (pr.optimizer_bytes if pr is not None else 0))
 
 
-__all__ = ["BoardError", "BoardTrainer", "SampleSlots", "connect", "pool_need"]
+__all__ = ["BoardError", "BoardPersonalizer", "BoardTrainer", "SampleSlots", "connect", "make_personalizer", "pool_need"]

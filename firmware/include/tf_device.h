@@ -13,6 +13,11 @@
 
 #define TF_MAX_SAMPLES 128 /* sample slots in the store (fewer when the store is small) */
 #define TF_MAX_DELTA_TENSORS 128
+#define TF_MAX_PERSONAL_TENSORS 64 /* tensors a personal copy may hold */
+
+/* personalization methods (device_agent/engine/personal.py METHODS; 0: none) */
+enum { TF_PERS_NONE = 0, TF_PERS_DITTO = 1, TF_PERS_FINETUNE = 2, TF_PERS_HEAD = 3, TF_PERS_BIAS = 4 };
+#define TF_PERSONAL_STEP0 0x80000000u /* the update counter of personal steps starts here (+ steps done) */
 
 /* prepare errors are reported as ERR_FORMAT with wire_error = TF_PREP_ERROR_BASE + tf_runtime error */
 #define TF_PREP_ERROR_BASE 256
@@ -50,6 +55,16 @@ typedef struct tf_device_s {
     tf_sel_iter it_idx, it_val;
     int32_t it_rec;
     tf_verify verify;
+    /* personalization (src/device/tf_device_personal.c): the personal copy sits in the pool after the
+     * runtime's part; the global values it is trained on (and pulled toward) are the delta base in the store */
+    int trained_since_update; /* shared steps since the last model update: the runtime no longer holds the base */
+    uint8_t pers_method;      /* TF_PERS_* */
+    uint8_t pers_has;         /* the copy holds a personal model (after the first PERSONALIZE) */
+    int32_t pers_lam_q15;     /* Ditto's pull, 0..32768 */
+    uint32_t pers_n, pers_bytes, pers_steps_done;
+    uint16_t pers_ids[TF_MAX_PERSONAL_TENSORS]; /* ascending shared trainable tensor ids */
+    uint32_t pers_off[TF_MAX_PERSONAL_TENSORS]; /* offset of each tensor's copy in pers (4-aligned) */
+    uint8_t *pers;
 } tf_device;
 
 /* status of a device call: TF_ST_* (tf_frame.h) plus a detail (expected offset, capacity or wire error). */
@@ -82,5 +97,20 @@ tf_dev_result tf_device_train(tf_device *d, uint32_t steps, int32_t lr_m, int32_
 /* GET_DELTA: chunk [offset, offset + max_len) of the records section (built when offset == 0). */
 tf_dev_result tf_device_delta(tf_device *d, uint32_t offset, uint32_t max_len, uint32_t topk_permille,
                               uint8_t *out, uint32_t *n, uint32_t *total);
+
+/* PERSONAL_SETUP: keep a personal copy of tensors `ids` (count x u16, ascending, shared trainable) with method
+ * TF_PERS_* (NONE: drop the copy); any earlier copy is dropped. ERR_NO_MEMORY (detail: bytes free) when the pool
+ * cannot hold it beside the runtime; ERR_STATE without a plan or with a training recipe (not supported). */
+tf_dev_result tf_device_personal_setup(tf_device *d, uint32_t method, int32_t lam_q15, const uint8_t *ids,
+                                       uint32_t count);
+/* PERSONALIZE: one personal step per listed slot (u16), as Personalizer.update does on the current model update:
+ * from the copy (or from the global model if there is none yet, or `restart` for finetune), each step followed by
+ * restoring the non-personal tensors and, for ditto, the integer pull toward the global values; then the copy is
+ * kept and the runtime holds the global model and its update counter again (deltas unchanged). ERR_STATE if the
+ * device trained since the last model update (the global values are then gone from the runtime). */
+tf_dev_result tf_device_personalize(tf_device *d, const uint8_t *slots, uint32_t count, int32_t lr_m, int32_t lr_e,
+                                    int restart, uint32_t *correct);
+/* SHA-256 of the personal model (the runtime's trainable tensors with the copy laid over them, id order). */
+void tf_device_personal_hash(const tf_device *d, uint8_t out[32]);
 
 #endif /* TF_DEVICE_H */

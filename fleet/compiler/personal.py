@@ -4,13 +4,14 @@ Counts bytes from the plan's tensor table (device_agent/engine/personal.py says 
 measures nothing and trains nothing. ``tinyfleet compile --json`` can report :func:`method_costs` beside the
 plan's own memory (wiring it there is the compile CLI's job).
 
-Accounting (bytes, per device):
+Accounting (bytes, per device), the board's own (firmware/src/device/tf_device_personal.c reports the same
+number to PERSONAL_SETUP; tests/firmware/test_personal_board.py checks it): the personal copy of the method's
+tensors (device_agent/engine/personal.py ``method_ids``), each 4-byte aligned, in SRAM after the plan's pool:
 
-- ``ditto``: SRAM = 2 x sparse set (the persistent personal copy, plus the global values the pull and the delta
-  need while the personal copy trains); flash = 1 x sparse set (the personal copy survives a reboot);
-- ``finetune``: SRAM = 1 x sparse set (the personal copy beside the global one); flash = 1 x sparse set;
-- ``head``: SRAM = flash = the classifier's weights + bias (+ its per-channel weight scales, 4 bytes each);
-- ``bias``: SRAM = flash = the classifier's int32 bias.
+- ``ditto`` and ``finetune``: the whole sparse set; ``head``: the classifier's weights and bias; ``bias``: the
+  classifier's int32 bias. Ditto costs no more than finetune on a board: the global values it is pulled toward
+  are the stored model update (the delta base, flash), which the board keeps anyway.
+- flash: 0. The copy lives in SRAM only and is rebuilt after a reboot (the next model update starts it again).
 """
 
 from __future__ import annotations
@@ -30,18 +31,13 @@ class MethodCost:
 
 def _bytes(plan: ir.Plan, ids: list[int]) -> int:
     tensors = {t.id: t for t in plan.tensors}
-    return sum(tensors[i].nbytes for i in ids)
+    return sum(-(-tensors[i].nbytes // 4) * 4 for i in ids)  # NOTE: 4-aligned per tensor, as the board lays it out
 
 
 def method_cost(plan: ir.Plan, method: str) -> MethodCost:
     """Extra SRAM / flash bytes of ``method`` on a board running ``plan`` (accounting in the module docstring)."""
     ids = method_ids(plan, method)  # raises ValueError for an unknown method
-    copy = _bytes(plan, ids)
-    if method == "head":  # NOTE: a personal weight needs its own per-channel scale too (requantization)
-        tensors = {t.id: t for t in plan.tensors}
-        copy += sum(4 * tensors[i].scale.size for i in ids if tensors[i].dtype == ir.DType.INT8)
-    sram = 2 * copy if method == "ditto" else copy
-    return MethodCost(method, sram, copy)
+    return MethodCost(method, _bytes(plan, ids), 0)
 
 
 def method_costs(plan: ir.Plan) -> dict[str, dict[str, int]]:

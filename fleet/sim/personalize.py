@@ -22,7 +22,7 @@ This module trains and evaluates on the host engine; it does no I/O and knows no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -41,6 +41,11 @@ class Plain:
     personal_lr: float
     lam_q15: int
     seed: int
+    lr_by: dict[str, float] = field(default_factory=dict)  # lr per model ("local" or a method) chosen by tune_lr
+
+    def lr_of(self, model: str) -> float:
+        """The lr ``model`` ("local" or a method) trains with: tune_lr's choice, else the configured one."""
+        return self.lr_by.get(model, self.lr if model == "local" else self.personal_lr)
 
 
 def _acc(trainer: Trainer, state: dict, x: np.ndarray, y: np.ndarray) -> float | None:
@@ -56,7 +61,7 @@ class _Device:
     def __init__(self, trainer: Trainer, initial: dict, methods: Sequence[str], p: Plain, index: int, buf):
         self.t, self.p, self.i, self.buf = trainer, p, index, buf
         self.local = dict(initial)
-        self.pers = {m: Personalizer(trainer.plan, PersonalSpec(m, p.steps, p.personal_lr, p.lam_q15))
+        self.pers = {m: Personalizer(trainer.plan, PersonalSpec(m, p.steps, p.lr_of(m), p.lam_q15))
                      for m in methods}
         self.glob = dict(initial)
 
@@ -73,7 +78,7 @@ class _Device:
         rng = np.random.default_rng([self.p.seed + self.i, r])
         self.t.load_trainable(self.local)
         for _ in range(self.p.local_steps):
-            self.t.train_step(*self.buf.batch(1, rng), self.p.lr)
+            self.t.train_step(*self.buf.batch(1, rng), self.p.lr_of("local"))
         self.local = self.t.trainable_state()
         for k, (_m, pz) in enumerate(self.pers.items()):
             prng = np.random.default_rng([self.p.seed + self.i, r, k + 1])
@@ -104,6 +109,49 @@ def compare_methods(plan, initial: dict, globals_: Sequence[dict], slices, metho
     return out
 
 
+def validation_split(slices, fraction: float) -> list:
+    """Each device's held-back validation data: the last ``fraction`` of its training slice (time order) becomes
+    the slice's test part, the rest its training part; the device's real test slice is not in it. A device with
+    fewer than 4 training samples keeps them all and has no validation data (its accuracy is then None)."""
+    from fleet.sim.baselines import DeviceSlice
+
+    out = []
+    for d in slices:
+        n = len(d.y_train)
+        k = max(1, round(n * fraction)) if n >= 4 else 0
+        out.append(DeviceSlice(d.device_id, d.x_train[:n - k], d.y_train[:n - k], d.x_train[n - k:],
+                               d.y_train[n - k:]))
+    return out
+
+
+def tune_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequence[str], p: Plain,
+            grid: Sequence[float], fraction: float = 0.25) -> tuple[dict[str, float], dict[str, list]]:
+    """The lr grid rule, the same for local-only and every method: replay each on the devices' validation split
+    (:func:`validation_split`) with every lr in ``grid`` (multiples of its configured lr) and keep, per model, the
+    one with the best mean per-device validation accuracy (ties: the smaller lr). Test slices are never read.
+
+    Returns
+    -------
+    (lr per model: "local" and each method; validation accuracy per model, one per grid entry).
+    """
+    if not grid or any(not g > 0 for g in grid):
+        raise ValueError(f"lr grid: expected multipliers > 0, got {list(grid)}")
+    val = validation_split(slices, fraction)
+    names = ("local", *methods)
+    scores: dict[str, list] = {k: [] for k in names}
+    for g in grid:
+        q = replace(p, lr=p.lr * g, personal_lr=p.personal_lr * g, lr_by={})
+        got = compare_methods(plan, initial, globals_, val, methods, q)
+        for k in names:
+            accs = [a for a in got[k] if a is not None]
+            scores[k].append(round(float(np.mean(accs)), 4) if accs else None)
+    chosen = {}
+    for k in names:
+        best = max(range(len(grid)), key=lambda i, k=k: (scores[k][i] or 0.0, -grid[i]))
+        chosen[k] = (p.lr if k == "local" else p.personal_lr) * grid[best]
+    return chosen, scores
+
+
 def new_users(plan, initial: dict, final: dict, slices, methods: Sequence[str], steps: int, p: Plain) -> dict[
         str, list[float | None]]:
     """Held-out users: ``global`` (final model as is), ``local`` (``steps`` from the initial model) and each
@@ -121,10 +169,10 @@ def new_users(plan, initial: dict, final: dict, slices, methods: Sequence[str], 
         rng = np.random.default_rng([p.seed + i, 0])
         t.load_trainable(initial)
         for _ in range(steps):
-            t.train_step(*buf.batch(1, rng), p.lr)
+            t.train_step(*buf.batch(1, rng), p.lr_of("local"))
         out["local"].append(_acc(t, t.trainable_state(), d.x_test, d.y_test))
         for k, m in enumerate(methods):
-            pz = Personalizer(plan, PersonalSpec(m, steps, p.personal_lr, p.lam_q15))
+            pz = Personalizer(plan, PersonalSpec(m, steps, p.lr_of(m), p.lam_q15))
             prng = np.random.default_rng([p.seed + i, 0, k + 1])
             pz.update(t, final, lambda _s, g=prng, b=buf: b.batch(1, g))
             out[m].append(_acc(t, pz.model(final), d.x_test, d.y_test))

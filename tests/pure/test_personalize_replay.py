@@ -88,3 +88,33 @@ def test_config_errors_name_the_key(data, message):
 def test_new_user_indices():
     assert from_dict(SimConfig, {"devices": 6, "new_users": 2}, "c").new_user_indices() == [4, 5]
     assert from_dict(SimConfig, {"devices": 6, "new_users": [3, 0]}, "c").new_user_indices() == [0, 3]
+
+
+def test_validation_split_is_the_tail_of_the_training_slice(setup):
+    _, slices, *_ = setup
+    val = ps.validation_split(slices, 0.25)
+    for d, v in zip(slices, val):
+        assert len(v.y_test) == 8 and len(v.y_train) == 24
+        assert np.array_equal(v.x_test, d.x_train[24:]) and np.array_equal(v.x_train, d.x_train[:24])
+    tiny = ps.validation_split([DeviceSlice("s", slices[0].x_train[:3], slices[0].y_train[:3],
+                                            slices[0].x_test, slices[0].y_test)], 0.25)[0]
+    assert len(tiny.y_train) == 3 and len(tiny.y_test) == 0  # too few samples to hold any back
+
+
+def test_tune_lr_picks_from_the_grid_without_reading_test_data(setup):
+    plan, slices, initial, globals_, p = setup
+    chosen, scores = ps.tune_lr(plan, initial, globals_[:2], slices, ["head", "ditto"], p, grid=(0.5, 2.0))
+    assert set(chosen) == {"local", "head", "ditto"} and all(len(s) == 2 for s in scores.values())
+    assert chosen["local"] in (0.05, 0.2) and chosen["head"] in (0.05, 0.2)
+    for k, s in scores.items():  # the chosen lr has the best validation accuracy (ties: the smaller one)
+        base = p.lr if k == "local" else p.personal_lr
+        best = 0 if s[0] >= s[1] else 1
+        assert chosen[k] == pytest.approx(base * (0.5, 2.0)[best])
+    # the test slices are never read: garbage there changes nothing
+    junk = [DeviceSlice(d.device_id, d.x_train, d.y_train, d.x_test[::-1] * 0, (d.y_test + 1) % 4) for d in slices]
+    assert ps.tune_lr(plan, initial, globals_[:2], junk, ["head", "ditto"], p, grid=(0.5, 2.0)) == (chosen, scores)
+    with pytest.raises(ValueError, match="lr grid"):
+        ps.tune_lr(plan, initial, globals_, slices, ["head"], p, grid=(0.0,))
+    # the choice is used: lr_of reads it, and compare_methods trains with it
+    q = ps.Plain(**{**p.__dict__, "lr_by": chosen})
+    assert q.lr_of("head") == chosen["head"] and q.lr_of("bias") == p.personal_lr

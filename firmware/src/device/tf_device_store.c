@@ -79,6 +79,10 @@ static void layout_after_plan(tf_device *d) {
     d->upd_len = 0;
     d->model_version = 0;
     d->delta_ready = 0;
+    d->trained_since_update = 0;
+    d->pers_method = TF_PERS_NONE; /* a new plan: the personal copy belonged to the old one */
+    d->pers_has = 0;
+    d->pers_n = d->pers_bytes = d->pers_steps_done = 0;
 }
 
 static int load_runtime(tf_device *d, const uint8_t *blob, uint32_t n, tf_plan *plan, uint32_t *detail,
@@ -181,6 +185,7 @@ static tf_dev_result finish_update(tf_device *d) {
     d->upd_len = d->xfer_total;
     d->model_version = u.new_version;
     d->delta_ready = 0;
+    d->trained_since_update = 0;
     return tf_res(TF_ST_OK, 0);
 }
 

@@ -18,6 +18,7 @@ static uint32_t list_slot(const uint8_t *slots, uint32_t s) { return (uint32_t)(
  * callers checked). On success: the round id is kept and a delta must be rebuilt. */
 static tf_dev_result run_steps(tf_device *d, uint32_t steps, const uint8_t *slots, uint32_t u, int32_t lr_m,
                                int32_t lr_e, uint32_t round_id, uint32_t *correct) {
+    d->trained_since_update = 1; /* NOTE: the runtime no longer holds the delta base (PERSONALIZE needs it) */
     for (uint32_t s = 0; s < steps; s++) {
         uint32_t slot;
         if (slots) {
