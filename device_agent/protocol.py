@@ -28,7 +28,7 @@ from device_agent.buffer import SampleBuffer
 from device_agent.samples import SampleError, check_batch, input_spec
 from device_agent.secagg import MaskedRound
 from device_agent.wire.delta import encode_delta, residual_after
-from device_agent.wire.errors import WireFormatError
+from device_agent.wire.errors import WireError, WireFormatError
 from device_agent.wire.messages import Ack, Hello, MessageError, Publish, Status, Task, parse
 from device_agent.wire.plan import plan_hash
 from device_agent.wire.secagg import SecAggError, flat_delta, flat_units, session_label
@@ -271,8 +271,8 @@ class DeviceProtocol:
     def _model(self, payload: bytes) -> list[DeviceOutput]:
         try:
             upd = self.codec.decode_update(payload, self.version, self.base if self.version >= 0 else None)
-        except CodecError as e:
-            return [Note("bad_model", str(e))]
+        except CodecError as e:  # NOTE: in a nested plan family model/current carries the largest plan: not ours
+            return [Note("other_plan" if e.code == WireError.PLAN_MISMATCH else "bad_model", str(e))]
         if upd.new_version <= self.version:
             return [Note("stale_model", f"v{upd.new_version} <= held v{self.version}")]
         if upd.state is None:

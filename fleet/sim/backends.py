@@ -175,6 +175,25 @@ class LazyBoardTrainer:
         self._lr = lr
         return StepStats(float("nan"), 0, 1)
 
+    @property
+    def lock(self) -> threading.Lock:
+        """Held during every conversation with the board (a masked round's commands take it too)."""
+        return self._lock
+
+    def personalizer(self, spec):
+        """A :class:`~device_agent.bridge.BoardPersonalizer` on this board (its PERSONAL_SETUP after the stream)."""
+        from device_agent.bridge import BoardPersonalizer
+
+        self._wait_stream()
+        with self._lock:
+            return BoardPersonalizer(self.board, spec)
+
+    def personal_board(self):
+        """The board holding exactly the current model update, untrained (pending load and queued steps done), for
+        its BoardPersonalizer."""
+        self._flush()
+        return self.board
+
     def trainable_state(self) -> dict:
         self._flush()
         with self._lock:
@@ -281,7 +300,7 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
         firmware_elf,
         firmware_target,
     )
-    from device_agent.bridge import BoardTrainer
+    from device_agent.board_secagg import SealingBoardTrainer  # = BoardTrainer unless a masked round seals
     from device_agent.engine.trainer import Trainer
     from device_agent.wire.plan import plan_to_bytes
 
@@ -335,7 +354,7 @@ def start_qemu_fleet(cfg: SimConfig, plan, n: int, stack: ExitStack,
             # a provisioned board booted with the plan (the firmware checked it); else LOAD_PLAN
             held = bool(preload) and client.stats()["plan_bytes"] == len(blob) and \
                 client.state()["state_hash"].hex() == initial
-            trainer = LazyBoardTrainer(BoardTrainer(client, plan, load_plan=not held))
+            trainer = LazyBoardTrainer(SealingBoardTrainer(client, plan, load_plan=not held))
         except BoardError as e:
             raise SimulationError(f"backend qemu: board {i} refused the plan: {e} (does the plan fit "
                                   f"{q.machine}'s 320 KB SRAM?)") from None

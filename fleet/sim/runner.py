@@ -190,6 +190,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
          stop: threading.Event, probe=None, dashboard: tuple | None = None) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from device_agent.board_secagg import BoardDeviceProtocol, SealingBoardTrainer, board_masked_round
     from device_agent.buffer import SampleBuffer
     from device_agent.engine.personal import Personalizer
     from device_agent.engine.trainer import Trainer
@@ -296,9 +297,15 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
             buf.add(xq, yq)
             if slots[i].on_samples is not None:  # a board keeps its samples: they reach it once, as its stream
                 streams.append(slots[i].on_samples(xq, yq))
-        pers = Personalizer(own, specs[i]) if specs[i] is not None else None
-        proto = DeviceProtocol(Identity(dd.device_id, board_name, sram, 1_000_000), own, slots[i].trainer,
-                               WireDeviceCodec(own, verifier), buf, seed=cfg.seed + i, personalizer=pers)
+        pers, cls, kw = None, DeviceProtocol, {}
+        if specs[i] is not None:  # NOTE: a board keeps and trains its personal copy itself (never read back)
+            on_board = getattr(slots[i].trainer, "personalizer", None)
+            pers = on_board(specs[i]) if on_board is not None else Personalizer(own, specs[i])
+        board = getattr(slots[i].trainer, "board", None)
+        if isinstance(board, SealingBoardTrainer):  # a board masks its own delta in secure rounds
+            cls, kw = BoardDeviceProtocol, {"masked_round": board_masked_round(board.client, lock=slots[i].trainer.lock)}
+        proto = cls(Identity(dd.device_id, board_name, sram, 1_000_000), own, slots[i].trainer,
+                    WireDeviceCodec(own, verifier), buf, seed=cfg.seed + i, personalizer=pers, **kw)
         agents.append(DeviceAgent(url, cfg.name, proto, executor=slots[i].executor or pool).start(timeout=None))
     deadline = time.monotonic() + 30
     online = 0
@@ -439,7 +446,7 @@ def _plan_columns(res: SimResult, mixed: list[tuple], plans: list, codec) -> Non
 
 def _personal_specs(cfg: SimConfig, plan, plan_sram: int, board_sram: int, slots) -> tuple[list, list[str]]:
     """Per device: the engine PersonalSpec it runs (None: none) and the method it uses after the memory fallback
-    (fleet/compiler/personal.py); boards (qemu) do not personalize yet: "none"."""
+    (fleet/compiler/personal.py); a board runs it itself (device_agent.bridge.BoardPersonalizer)."""
     from device_agent.engine.personal import PersonalSpec
     from fleet.compiler.personal import choose_method
 
@@ -449,8 +456,6 @@ def _personal_specs(cfg: SimConfig, plan, plan_sram: int, board_sram: int, slots
     for i, slot in enumerate(slots[:cfg.devices]):
         sram = pc.device_sram[i % len(pc.device_sram)] if pc.device_sram else board_sram
         m = choose_method(plan, pc.method, plan_sram, sram) if pc.method else "none"
-        if slot.backend != "python":  # NOTE: the firmware side of personalization is a later piece of work
-            m = "none"
         used.append(m)
         specs.append(None if m == "none" else PersonalSpec(m, pc.steps, pc.lr or cfg.lr, pc.lam_q15))
     return specs, used
@@ -538,20 +543,27 @@ def _mean_into(res: SimResult, name: str, accs: list) -> None:
 
 def _personalized(link, evaluator, agents, slices, whole: bool = False) -> tuple[float, list]:
     """Pooled and per-device accuracy of the global model with each device's own personal tensors swapped in
-    (``whole``: every trainable tensor as the device predicts with it, personal copy included)."""
+    (``whole``: every trainable tensor as the device predicts with it, personal copy included; a board's personal
+    copy stays on the board, so with ``whole`` a personalizing board is not scored: None)."""
+    from device_agent.bridge import BoardPersonalizer
     from fleet.sim.baselines import device_accuracies, personal_ids, pooled
 
     ids = personal_ids(evaluator.plan)
     shared = link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
     personal: list[dict | None] = []
-    for a in agents:
+    on_board = [whole and isinstance(getattr(a.protocol, "personalizer", None), BoardPersonalizer) for a in agents]
+    for a, board in zip(agents, on_board):
+        if board:  # NOTE: its personal copy never leaves the board: not scored (the replays measure the method)
+            personal.append(None)
+            continue
         try:
             # the harness reads it; the device never sends it
             state = a.protocol.personal_model() if whole else a.protocol.trainer.trainable_state()
             personal.append(state if whole else {i: state[i] for i in ids})
         except (OSError, RuntimeError, KeyError):  # NOTE: a board that went away counts with the global values
             personal.append(None)
-    accs = device_accuracies(evaluator, shared, slices, personal)
+    accs = [None if board else acc for acc, board in zip(device_accuracies(evaluator, shared, slices, personal),
+                                                         on_board)]
     return pooled(accs, slices), accs
 
 

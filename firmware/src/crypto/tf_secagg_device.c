@@ -64,7 +64,10 @@ static void reset(tf_secagg_dev *s, int clear_area) {
 }
 static void wipe(tf_secagg_dev *s) { reset(s, 1); }
 
-static uint32_t pool_used(const tf_device *d) { return (tf_runtime_pool_need(&d->rt.plan) + 7u) & ~7u; }
+/* The runtime's part of the pool, then the personal copy (tf_device_personal.c): the round's area starts after both. */
+static uint32_t pool_used(const tf_device *d) {
+    return ((tf_runtime_pool_need(&d->rt.plan) + 7u) & ~7u) + ((d->pers_bytes + 7u) & ~7u);
+}
 
 void tf_sa_bind(tf_secagg_dev *s, const tf_device *d) {
     if (s->stage == TF_SA_IDLE) {
