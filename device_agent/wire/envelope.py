@@ -14,6 +14,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import cast
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -56,7 +57,7 @@ class Signer:
     def sign(self, message: bytes) -> bytes:
         if self.alg == SigAlg.ED25519:
             return self._key.sign(message)  # type: ignore[attr-defined]
-        return hmac.new(self._key, message, hashlib.sha256).digest()  # type: ignore[arg-type]
+        return hmac.new(cast(bytes, self._key), message, hashlib.sha256).digest()
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Verifier:
                                       f"{what}: Ed25519 signature does not verify; the blob was altered or "
                                       "signed with another key") from None
             return
-        tag = hmac.new(self._key, message, hashlib.sha256).digest()  # type: ignore[arg-type]
+        tag = hmac.new(cast(bytes, self._key), message, hashlib.sha256).digest()
         if not hmac.compare_digest(tag, signature):
             raise WireFormatError(WireError.BAD_SIGNATURE,
                                   f"{what}: HMAC-SHA256 tag does not verify; altered, or another device key")
@@ -142,7 +143,7 @@ def seal(fmt: FormatId, body: bytes, signer: Signer | None = None) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
 
 
-def open_blob(fmt: FormatId, data: bytes, verify: Verifier) -> memoryview:
+def open_blob(fmt: FormatId, data: bytes | bytearray | memoryview, verify: Verifier) -> memoryview:
     """Check the envelope (magic, version, length, CRC, flags, signature) and return the body bytes.
 
     Nothing of the body is read before the signature passed (docs/formats.md, "Check order").

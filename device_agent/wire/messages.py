@@ -131,7 +131,7 @@ class _Message:
 
     def to_json(self) -> bytes:
         body = {"v": PROTOCOL_VERSION, "type": self.TYPE}
-        for k in _field_names(type(self)):  # NOTE: not asdict, which deep-copies every field (flat scalars here)
+        for k in _field_names(type(self)):  # type: ignore[arg-type]  # NOTE: a class is hashable; not asdict, which deep-copies every field (flat scalars here)
             v = getattr(self, k)
             if v is None and k in self.OPTIONAL:
                 continue

@@ -159,6 +159,7 @@ def write_record(b: Builder, r: Record) -> None:
     enc = r.encoding
     b.pack("HBBII", r.tensor_id, int(enc), int(dt), r.numel, r.values.size)
     if enc != Enc.DENSE:
+        assert r.indices is not None  # NOTE: the encoding is DENSE exactly when a record lists no indices
         raw = encode_bitmap(r.numel, r.indices) if enc in BITMAP else encode_varints(gaps_of(r.indices))
         b.buf += raw
         b.pad()
@@ -168,7 +169,7 @@ def write_record(b: Builder, r: Record) -> None:
 _VALUE_DTYPES = frozenset(int(d) for d in WIDTH)
 _ENC_OF = {int(e): e for e in Enc}
 _WIDTH_OF = {int(d): w for d, w in WIDTH.items()}
-_NUMPY_OF = {1: np.dtype("<i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
+_NUMPY_OF: dict[int, np.dtype] = {1: np.dtype("<i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 _NARROWER = {2: (-128, 127), 4: (-32768, 32767)}  # width -> the range a narrower type would hold
 _VARINT_STEPS = (1 << 7, 1 << 14, 1 << 21, 1 << 28)
 
