@@ -109,8 +109,6 @@ class Setup:
     warmup_frac: float = 0.05
     frac_bits: int = 16
     engine: str = "python"  # int8 runs: "python" (the reference) or "native" (the firmware's C, bit-exact)
-    grad_rounding: str = "half_up"  # reference only: "half_even" = the proposed error-gradient rounding
-    bias_acc_bits: int = 4  # reference only: units of the recipe's bias buffers (2**-bits LSB; proposed 12)
 
     def updates(self, n_train: int) -> int:
         return self.epochs * (n_train // self.batch)
@@ -264,12 +262,7 @@ def run_int8(task: Task, setup: Setup, scheme: ir.SparseScheme, lr: float, seed:
     ytr = task.y["train"]
     rec = None if plain else (lite_recipe(setup, len(ytr)) if lite else setup.recipe(len(ytr)))
     base = plan if qas else without_qas(plan)
-    if setup.engine == "native":
-        if (setup.grad_rounding, setup.bias_acc_bits) != ("half_up", 4):
-            raise ValueError("--grad-rounding / --bias-acc-bits are reference-engine prototypes: use --engine python")
-        trainer = native_trainer(base, rec)
-    else:
-        trainer = Trainer(base, recipe=rec, grad_rounding=setup.grad_rounding, bias_acc_bits=setup.bias_acc_bits)
+    trainer = native_trainer(base, rec) if setup.engine == "native" else Trainer(base, recipe=rec)
     feats = {s: features(task, cut, s) for s in ("train", "val", "test")}
 
     def get(split, idx):
@@ -510,9 +503,6 @@ def main() -> None:
     ap.add_argument("--grid", default=None, help="comma-separated learning rates (default per task)")
     ap.add_argument("--engine", default="python", choices=("python", "native"),
                     help="int8 runs on the reference engine or the native one (`make native`; bit-exact, faster)")
-    ap.add_argument("--grad-rounding", default="half_up", choices=("half_up", "half_even"),
-                    help="int8 error-gradient rounding (half_even: proposed fix, reference engine only)")
-    ap.add_argument("--bias-acc-bits", type=int, default=4, help="recipe bias buffer units 2**-bits LSB (proposed 12)")
     ap.add_argument("--partial", default=None, help="write the results so far to this JSON file after each method")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -525,8 +515,7 @@ def main() -> None:
         epochs = 2 if args.quick else (args.epochs or {"imu": 10, "fashion": 6, "heart": 20}[name])
         if args.grid and not args.quick:
             task.grid = tuple(float(v) for v in args.grid.split(","))
-        setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs, engine=args.engine,
-                      grad_rounding=args.grad_rounding, bias_acc_bits=args.bias_acc_bits)
+        setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs, engine=args.engine)
         plans = method_plan(task, setup)
         out: dict[str, dict] = {}
         for m in [m for m in args.methods.split(",") if m in plans]:
@@ -546,8 +535,7 @@ def main() -> None:
                 Path(args.partial).write_text(json.dumps({**result, name: out}, sort_keys=True))
         out["_setup"] = {"scheme": task.sparse.name, "n": {k: len(v) for k, v in task.y.items()}, "epochs": epochs,
                          "batch": setup.batch, "momentum": setup.momentum, "warmup_frac": setup.warmup_frac,
-                         "frac_bits": setup.frac_bits, "grad_rounding": setup.grad_rounding,
-                         "bias_acc_bits": setup.bias_acc_bits, "seeds": seeds, "seconds": round(time.time() - t0, 1), **extra}
+                         "frac_bits": setup.frac_bits, "seeds": seeds, "seconds": round(time.time() - t0, 1), **extra}
         result[name] = out
     emit(result, rows, ("task", "method", "test", "ci95", "n", "lr", "mem_kb", "val curve (seed 0)", "time"))
 
