@@ -414,16 +414,17 @@ def heart_task(quick: bool, **_) -> tuple[Task, dict]:
     return task, {"pretrain": "Cleveland (304)", "target": "Hungary + VA Long Beach + Switzerland"}
 
 
-def fashion_task(quick: bool, n_train: int = 2000, n_val: int = 500, n_test: int = 1000) -> tuple[Task, dict]:
-    """MbV2-w0.35 (MIT int8 weights, fresh 10-way head) on Fashion-MNIST at 128x128."""
+def fashion_task(quick: bool, n_train: int = 2000, n_val: int = 500, n_test: int = 1000,
+                 model: str = "mbv2-w0.35") -> tuple[Task, dict]:
+    """``model`` (MIT int8 weights: mbv2-w0.35 or mcunet-5fps, fresh 10-way head) on Fashion-MNIST at 128x128."""
     from fleet.compiler.mit_import import import_mit
     from fleet.compiler.quantize import new_classifier
     from fleet.compiler.scheme import named_scheme
 
-    path = MODELS / "mbv2-w0.35.pkl"
+    path = MODELS / f"{model}.pkl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} absent: the fashion task needs the MIT MbV2-w0.35 int8 model")
-    graph = new_classifier(import_mit(path, name="mbv2-w0.35"), 10)
+        raise FileNotFoundError(f"{path} absent: the fashion task needs the MIT {model} int8 model")
+    graph = new_classifier(import_mit(path, name=model), 10)
     n_tr, n_va, n_te = (200, 100, 200) if quick else (n_train, n_val, n_test)
     xa, ya = load_fashion_mnist("train")
     xt, yt = load_fashion_mnist("test")
@@ -439,10 +440,14 @@ def fashion_task(quick: bool, n_train: int = 2000, n_val: int = 500, n_test: int
     y = {"train": ya[perm[:n_tr]].astype(np.int32), "val": ya[perm[n_tr:]].astype(np.int32),
          "test": yt[te].astype(np.int32)}
     expand = lambda a: np.repeat(a[:, None], 3, axis=1)
-    task = Task("fashion", graph, named_scheme(graph, "mbv2-w0.35:99kb"), x, y,
+    task = Task("fashion" if model == "mbv2-w0.35" else f"fashion_{model}", graph, named_scheme(graph, f"{model}:99kb"),
+                x, y,
                 grid=(0.003, 0.01) if quick else (0.001, 0.003, 0.01), expand=expand)
     return task, {}
 
+
+TASKS = {"imu": imu_task, "fashion": fashion_task, "heart": heart_task,
+         "fashion_mcunet": lambda *a, **k: fashion_task(*a, model="mcunet-5fps", **k)}
 
 # ------------------------------------------------------------------------------------------------- driver
 
@@ -510,9 +515,8 @@ def main() -> None:
     result, rows = {}, []
     for name in args.tasks.split(","):
         t0 = time.time()
-        task, extra = {"imu": imu_task, "fashion": fashion_task, "heart": heart_task}[name](
-            args.quick, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
-        epochs = 2 if args.quick else (args.epochs or {"imu": 10, "fashion": 6, "heart": 20}[name])
+        task, extra = TASKS[name](args.quick, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+        epochs = 2 if args.quick else (args.epochs or {"imu": 10, "heart": 20}.get(name, 6))
         if args.grid and not args.quick:
             task.grid = tuple(float(v) for v in args.grid.split(","))
         setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs, engine=args.engine)
