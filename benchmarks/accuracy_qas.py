@@ -47,6 +47,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")  # NOTE: one core per run (2 cores shared); before numpy/torch load BLAS
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -93,6 +94,7 @@ class Task:
     grid: tuple[float, ...]
     expand: object = None  # callable: stored inputs -> (N, *input shape) int8
     cache: dict = field(default_factory=dict)
+    feature_dir: str | None = None  # keep the int8 prefix outputs on disk here (keyed by the split's input bytes)
 
     def inputs(self, split: str, idx=None) -> np.ndarray:
         x = self.x[split] if idx is None else self.x[split][idx]
@@ -168,10 +170,20 @@ def features(task: Task, cut: int | None, split: str) -> np.ndarray | None:
         return task.x[split] if task.expand is None else None
     key = ("feat", cut, split)
     if key not in task.cache:
-        prefix, _ = split_graph(task.graph, cut)
-        n = len(task.y[split])
-        task.cache[key] = np.concatenate([forward_activations(prefix, task.inputs(split, slice(i, i + 64)))[cut]
-                                          for i in range(0, n, 64)])
+        path = None
+        if task.feature_dir is not None:
+            digest = hashlib.sha256(np.ascontiguousarray(task.x[split]).tobytes()).hexdigest()[:16]
+            path = Path(task.feature_dir) / f"{task.name}_cut{cut}_{split}_{digest}.npy"
+        if path is not None and path.exists():
+            task.cache[key] = np.load(path)
+        else:
+            prefix, _ = split_graph(task.graph, cut)
+            n = len(task.y[split])
+            task.cache[key] = np.concatenate([forward_activations(prefix, task.inputs(split, slice(i, i + 64)))[cut]
+                                              for i in range(0, n, 64)])
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, task.cache[key])
     return task.cache[key]
 
 
@@ -508,6 +520,8 @@ def main() -> None:
     ap.add_argument("--grid", default=None, help="comma-separated learning rates (default per task)")
     ap.add_argument("--engine", default="python", choices=("python", "native"),
                     help="int8 runs on the reference engine or the native one (`make native`; bit-exact, faster)")
+    ap.add_argument("--feature-cache", default=None, help="directory to keep the frozen prefix's int8 outputs in "
+                    "(one .npy per task, cut and split, named by a hash of the split's inputs)")
     ap.add_argument("--partial", default=None, help="write the results so far to this JSON file after each method")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -516,6 +530,7 @@ def main() -> None:
     for name in args.tasks.split(","):
         t0 = time.time()
         task, extra = TASKS[name](args.quick, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+        task.feature_dir = args.feature_cache
         epochs = 2 if args.quick else (args.epochs or {"imu": 10, "heart": 20}.get(name, 6))
         if args.grid and not args.quick:
             task.grid = tuple(float(v) for v in args.grid.split(","))
