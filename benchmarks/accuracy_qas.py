@@ -33,9 +33,11 @@ Tasks and splits (no test data is used for any choice):
   fine-tuned on subjects 6-10's earlier recording per exercise (75% train / rest validate), tested on the later.
 - ``fashion``: MIT MbV2-w0.35 int8 ImageNet weights, fresh zero-initialised 10-way head; Fashion-MNIST resized
   to 128x128, grey replicated to RGB, int8 = pixel - 128; train/validation from the train file, test from t10k.
-  Sparse scheme: the paper's ``mbv2-w0.35:99kb`` rung.
+  Sparse scheme: the paper's ``mbv2-w0.35:99kb`` rung. ``fashion_mcunet``: the same with MIT MCUNet-5FPS and its
+  ``mcunet-5fps:99kb`` rung.
 Runs whose scheme freezes a prefix train on cached prefix outputs (``ablation.split_graph``; for fp32 the float
-twin's prefix): the same arithmetic as the full plan (rounding streams are keyed by tensor ids).
+twin's prefix): the same arithmetic as the full plan (rounding streams are keyed by tensor ids); ``--feature-cache
+DIR`` keeps the int8 ones on disk between runs.
 Last stdout line: ``{"<task>": {"<method>": {"mean", "ci95", "n", "seeds", "lr", "mem_kb", ...}, "_setup": {...}}}``.
 """
 
