@@ -33,9 +33,11 @@ Tasks and splits (no test data is used for any choice):
   fine-tuned on subjects 6-10's earlier recording per exercise (75% train / rest validate), tested on the later.
 - ``fashion``: MIT MbV2-w0.35 int8 ImageNet weights, fresh zero-initialised 10-way head; Fashion-MNIST resized
   to 128x128, grey replicated to RGB, int8 = pixel - 128; train/validation from the train file, test from t10k.
-  Sparse scheme: the paper's ``mbv2-w0.35:99kb`` rung.
+  Sparse scheme: the paper's ``mbv2-w0.35:99kb`` rung. ``fashion_mcunet``: the same with MIT MCUNet-5FPS and its
+  ``mcunet-5fps:99kb`` rung.
 Runs whose scheme freezes a prefix train on cached prefix outputs (``ablation.split_graph``; for fp32 the float
-twin's prefix): the same arithmetic as the full plan (rounding streams are keyed by tensor ids).
+twin's prefix): the same arithmetic as the full plan (rounding streams are keyed by tensor ids); ``--feature-cache
+DIR`` keeps the int8 ones on disk between runs.
 Last stdout line: ``{"<task>": {"<method>": {"mean", "ci95", "n", "seeds", "lr", "mem_kb", ...}, "_setup": {...}}}``.
 """
 
@@ -47,6 +49,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")  # NOTE: one core per run (2 cores shared); before numpy/torch load BLAS
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -93,6 +96,7 @@ class Task:
     grid: tuple[float, ...]
     expand: object = None  # callable: stored inputs -> (N, *input shape) int8
     cache: dict = field(default_factory=dict)
+    feature_dir: str | None = None  # keep the int8 prefix outputs on disk here (keyed by the split's input bytes)
 
     def inputs(self, split: str, idx=None) -> np.ndarray:
         x = self.x[split] if idx is None else self.x[split][idx]
@@ -109,8 +113,6 @@ class Setup:
     warmup_frac: float = 0.05
     frac_bits: int = 16
     engine: str = "python"  # int8 runs: "python" (the reference) or "native" (the firmware's C, bit-exact)
-    grad_rounding: str = "half_up"  # reference only: "half_even" = the proposed error-gradient rounding
-    bias_acc_bits: int = 4  # reference only: units of the recipe's bias buffers (2**-bits LSB; proposed 12)
 
     def updates(self, n_train: int) -> int:
         return self.epochs * (n_train // self.batch)
@@ -170,10 +172,20 @@ def features(task: Task, cut: int | None, split: str) -> np.ndarray | None:
         return task.x[split] if task.expand is None else None
     key = ("feat", cut, split)
     if key not in task.cache:
-        prefix, _ = split_graph(task.graph, cut)
-        n = len(task.y[split])
-        task.cache[key] = np.concatenate([forward_activations(prefix, task.inputs(split, slice(i, i + 64)))[cut]
-                                          for i in range(0, n, 64)])
+        path = None
+        if task.feature_dir is not None:
+            digest = hashlib.sha256(np.ascontiguousarray(task.x[split]).tobytes()).hexdigest()[:16]
+            path = Path(task.feature_dir) / f"{task.name}_cut{cut}_{split}_{digest}.npy"
+        if path is not None and path.exists():
+            task.cache[key] = np.load(path)
+        else:
+            prefix, _ = split_graph(task.graph, cut)
+            n = len(task.y[split])
+            task.cache[key] = np.concatenate([forward_activations(prefix, task.inputs(split, slice(i, i + 64)))[cut]
+                                              for i in range(0, n, 64)])
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, task.cache[key])
     return task.cache[key]
 
 
@@ -264,12 +276,7 @@ def run_int8(task: Task, setup: Setup, scheme: ir.SparseScheme, lr: float, seed:
     ytr = task.y["train"]
     rec = None if plain else (lite_recipe(setup, len(ytr)) if lite else setup.recipe(len(ytr)))
     base = plan if qas else without_qas(plan)
-    if setup.engine == "native":
-        if (setup.grad_rounding, setup.bias_acc_bits) != ("half_up", 4):
-            raise ValueError("--grad-rounding / --bias-acc-bits are reference-engine prototypes: use --engine python")
-        trainer = native_trainer(base, rec)
-    else:
-        trainer = Trainer(base, recipe=rec, grad_rounding=setup.grad_rounding, bias_acc_bits=setup.bias_acc_bits)
+    trainer = native_trainer(base, rec) if setup.engine == "native" else Trainer(base, recipe=rec)
     feats = {s: features(task, cut, s) for s in ("train", "val", "test")}
 
     def get(split, idx):
@@ -421,16 +428,17 @@ def heart_task(quick: bool, **_) -> tuple[Task, dict]:
     return task, {"pretrain": "Cleveland (304)", "target": "Hungary + VA Long Beach + Switzerland"}
 
 
-def fashion_task(quick: bool, n_train: int = 2000, n_val: int = 500, n_test: int = 1000) -> tuple[Task, dict]:
-    """MbV2-w0.35 (MIT int8 weights, fresh 10-way head) on Fashion-MNIST at 128x128."""
+def fashion_task(quick: bool, n_train: int = 2000, n_val: int = 500, n_test: int = 1000,
+                 model: str = "mbv2-w0.35") -> tuple[Task, dict]:
+    """``model`` (MIT int8 weights: mbv2-w0.35 or mcunet-5fps, fresh 10-way head) on Fashion-MNIST at 128x128."""
     from fleet.compiler.mit_import import import_mit
     from fleet.compiler.quantize import new_classifier
     from fleet.compiler.scheme import named_scheme
 
-    path = MODELS / "mbv2-w0.35.pkl"
+    path = MODELS / f"{model}.pkl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} absent: the fashion task needs the MIT MbV2-w0.35 int8 model")
-    graph = new_classifier(import_mit(path, name="mbv2-w0.35"), 10)
+        raise FileNotFoundError(f"{path} absent: the fashion task needs the MIT {model} int8 model")
+    graph = new_classifier(import_mit(path, name=model), 10)
     n_tr, n_va, n_te = (200, 100, 200) if quick else (n_train, n_val, n_test)
     xa, ya = load_fashion_mnist("train")
     xt, yt = load_fashion_mnist("test")
@@ -446,10 +454,14 @@ def fashion_task(quick: bool, n_train: int = 2000, n_val: int = 500, n_test: int
     y = {"train": ya[perm[:n_tr]].astype(np.int32), "val": ya[perm[n_tr:]].astype(np.int32),
          "test": yt[te].astype(np.int32)}
     expand = lambda a: np.repeat(a[:, None], 3, axis=1)
-    task = Task("fashion", graph, named_scheme(graph, "mbv2-w0.35:99kb"), x, y,
+    task = Task("fashion" if model == "mbv2-w0.35" else f"fashion_{model}", graph, named_scheme(graph, f"{model}:99kb"),
+                x, y,
                 grid=(0.003, 0.01) if quick else (0.001, 0.003, 0.01), expand=expand)
     return task, {}
 
+
+TASKS = {"imu": imu_task, "fashion": fashion_task, "heart": heart_task,
+         "fashion_mcunet": lambda *a, **k: fashion_task(*a, model="mcunet-5fps", **k)}
 
 # ------------------------------------------------------------------------------------------------- driver
 
@@ -510,9 +522,8 @@ def main() -> None:
     ap.add_argument("--grid", default=None, help="comma-separated learning rates (default per task)")
     ap.add_argument("--engine", default="python", choices=("python", "native"),
                     help="int8 runs on the reference engine or the native one (`make native`; bit-exact, faster)")
-    ap.add_argument("--grad-rounding", default="half_up", choices=("half_up", "half_even"),
-                    help="int8 error-gradient rounding (half_even: proposed fix, reference engine only)")
-    ap.add_argument("--bias-acc-bits", type=int, default=4, help="recipe bias buffer units 2**-bits LSB (proposed 12)")
+    ap.add_argument("--feature-cache", default=None, help="directory to keep the frozen prefix's int8 outputs in "
+                    "(one .npy per task, cut and split, named by a hash of the split's inputs)")
     ap.add_argument("--partial", default=None, help="write the results so far to this JSON file after each method")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -520,13 +531,12 @@ def main() -> None:
     result, rows = {}, []
     for name in args.tasks.split(","):
         t0 = time.time()
-        task, extra = {"imu": imu_task, "fashion": fashion_task, "heart": heart_task}[name](
-            args.quick, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
-        epochs = 2 if args.quick else (args.epochs or {"imu": 10, "fashion": 6, "heart": 20}[name])
+        task, extra = TASKS[name](args.quick, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+        task.feature_dir = args.feature_cache
+        epochs = 2 if args.quick else (args.epochs or {"imu": 10, "heart": 20}.get(name, 6))
         if args.grid and not args.quick:
             task.grid = tuple(float(v) for v in args.grid.split(","))
-        setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs, engine=args.engine,
-                      grad_rounding=args.grad_rounding, bias_acc_bits=args.bias_acc_bits)
+        setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs, engine=args.engine)
         plans = method_plan(task, setup)
         out: dict[str, dict] = {}
         for m in [m for m in args.methods.split(",") if m in plans]:
@@ -546,8 +556,7 @@ def main() -> None:
                 Path(args.partial).write_text(json.dumps({**result, name: out}, sort_keys=True))
         out["_setup"] = {"scheme": task.sparse.name, "n": {k: len(v) for k, v in task.y.items()}, "epochs": epochs,
                          "batch": setup.batch, "momentum": setup.momentum, "warmup_frac": setup.warmup_frac,
-                         "frac_bits": setup.frac_bits, "grad_rounding": setup.grad_rounding,
-                         "bias_acc_bits": setup.bias_acc_bits, "seeds": seeds, "seconds": round(time.time() - t0, 1), **extra}
+                         "frac_bits": setup.frac_bits, "seeds": seeds, "seconds": round(time.time() - t0, 1), **extra}
         result[name] = out
     emit(result, rows, ("task", "method", "test", "ci95", "n", "lr", "mem_kb", "val curve (seed 0)", "time"))
 

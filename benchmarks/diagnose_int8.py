@@ -26,7 +26,9 @@ scale, as ``dyn_requant``), ``bround`` (each applied bias step rounded to whole 
 int8 engine itself runs with ``--int8`` (native engine when built). Last line ``{"<variant>": {"val_curve",
 "test"}}``. ``--mode grads``: after ``--batches`` recipe updates, every error-gradient tensor of one step of
 the engine against the twin's real gradient at the same weights (per-sample cosine, norm ratio, mean offset in
-units of the fp32 rms, and the fraction of elements the twin has nonzero that the int8 gradient zeroes).
+units of the fp32 rms, and the fraction of elements the twin has nonzero that the int8 gradient zeroes; the
+half-up vs half-to-even comparison in docs/engine.md ran at commit 73d2873^, where ``--grad-rounding`` still
+selected the old rounding).
 Command used: ``python benchmarks/diagnose_int8.py --mode twin --n-train 3000 --lr 0.003 --int8``.
 """
 
@@ -290,8 +292,7 @@ def real_feats(task, cut: int, qf: dict) -> dict:
     return {k: torch.from_numpy(float(t.scale[0]) * (v.astype(np.float32) - t.zero_point)) for k, v in qf.items()}
 
 
-def grad_compare(task, plan: ir.Plan, trainer: Trainer, x: np.ndarray, y: np.ndarray,
-                 grad_rounding: str = "half_up") -> dict:
+def grad_compare(task, plan: ir.Plan, trainer: Trainer, x: np.ndarray, y: np.ndarray) -> dict:
     """Every error gradient of one engine step against the twin's at the trainer's current weights."""
     from torch.nn import functional as F
 
@@ -301,7 +302,7 @@ def grad_compare(task, plan: ir.Plan, trainer: Trainer, x: np.ndarray, y: np.nda
     for tid, v in trainer.params.items():
         by_name[trainer.tensors[tid].name].data = v
     _, fwd = constrained_twin(g, keep=True)
-    plain = Trainer(plan, grad_rounding=grad_rounding)
+    plain = Trainer(plan)
     plain.load_trainable(trainer.trainable_state())
     tr = plain.trace_step(x, y, 1e-9)
     t_in = g.tensors[g.input_id]
@@ -358,7 +359,7 @@ def main_twin(args) -> None:
     _, cut = AQ.int8_plan(task, task.sparse)
     qf = cached_features(task, cut, args.feature_cache)
     feats = real_feats(task, cut, qf)
-    setup = AQ.Setup(batch=args.batch, epochs=args.epochs, engine=args.engine, grad_rounding=args.grad_rounding)
+    setup = AQ.Setup(batch=args.batch, epochs=args.epochs, engine=args.engine)
     result = {}
     for v in args.variants.split(","):
         result[v] = train_twin(task, setup, feats, args.lr, args.seed, **VARIANTS[v])
@@ -374,11 +375,10 @@ def main_grads(args) -> None:
     task, _ = AQ.fashion_task(False, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
     plan, cut = AQ.int8_plan(task, task.sparse)
     qf = cached_features(task, cut, args.feature_cache)
-    trainer = Trainer(plan, recipe=AQ.Setup(batch=args.batch, epochs=args.epochs).recipe(args.n_train),
-                      grad_rounding=args.grad_rounding)
+    trainer = Trainer(plan, recipe=AQ.Setup(batch=args.batch, epochs=args.epochs).recipe(args.n_train))
     for idx in AQ.order(args.n_train, args.batch, 0, args.seed)[:args.batches]:
         trainer.train_step(qf["train"][idx], task.y["train"][idx], args.lr)
-    rows = grad_compare(task, plan, trainer, qf["val"][:args.probe], task.y["val"][:args.probe], args.grad_rounding)
+    rows = grad_compare(task, plan, trainer, qf["val"][:args.probe], task.y["val"][:args.probe])
     emit(rows, [(k, *(f"{a}={b}" for a, b in r.items())) for k, r in rows.items()])
 
 
@@ -399,7 +399,6 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="twin mode: also the int8 engine with the recipe")
     ap.add_argument("--engine", default="python", choices=("python", "native"))
     ap.add_argument("--batches", type=int, default=100, help="grads mode: recipe updates before the comparison")
-    ap.add_argument("--grad-rounding", default="half_up", choices=("half_up", "half_even"))
     ap.add_argument("--feature-cache", default=None, help="directory to keep the int8 prefix outputs in")
     args = ap.parse_args()
     torch.set_num_threads(1)

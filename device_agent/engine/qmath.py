@@ -89,21 +89,15 @@ def rshift_round_even(x: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
     return np.where(shift > 0, q + up, x << np.maximum(-shift, 0))
 
 
-def shift_rounder(even: bool):
-    """:func:`rshift_round_even` when ``even`` else :func:`rshift_round` (the error-gradient rounding rule)."""
-    return rshift_round_even if even else rshift_round
-
-
-def dyn_requant(acc: np.ndarray, exp: np.ndarray | int, per_sample: bool = True,
-                even: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def dyn_requant(acc: np.ndarray, exp: np.ndarray | int, per_sample: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Error gradient ``acc * 2**exp`` (int64) -> int8 values and a new power-of-two exponent.
 
     The shift is the smallest ``sh >= 0`` with ``round(max|acc| / 2**sh) <= 127``, taken per sample
-    (axis 0) when ``per_sample``; rounding half up, or half to even with ``even`` (the host-only
-    ``grad_rounding="half_even"`` option, docs/engine.md "Diagnosis at 10k"). Returns ``(int8 array, int64
-    exponents of shape (N,))``.
+    (axis 0) when ``per_sample``; rounding half to even (:func:`rshift_round_even`: ties are exact and common on
+    small gradients, and half up would bias them; docs/engine.md "Diagnosis at 10k"). Returns ``(int8 array,
+    int64 exponents of shape (N,))``.
     """
-    rnd = shift_rounder(even)
+    rnd = rshift_round_even
     acc = np.asarray(acc, dtype=np.int64)
     n = acc.shape[0] if per_sample else 1
     flat = acc.reshape(n, -1)

@@ -27,7 +27,8 @@ from .qmath import WEIGHT_MAX, WEIGHT_MIN, rng_u32, rshift_round, stochastic_shi
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 ACC_BITS_W = 16  # weight acc/mom units: 2**-16 weight LSB (int32: +-32768 LSB)
-ACC_BITS_B = 4  # bias acc/mom units: 2**-4 bias LSB (the bias LSB s_x s_w is already tiny)
+ACC_BITS_B = 12  # bias acc/mom units: 2**-12 bias LSB (per-sample bias steps are often < 1 LSB; int32 still holds
+# +-524288 LSB, far above any bias step; docs/engine.md "Diagnosis at 10k")
 # 0.5 (1 + cos(pi i / 64)) in Q15, i = 0..64: the device's cosine table (generated here, copied to C verbatim)
 COS_Q15 = tuple(round(32768 * 0.5 * (1 + math.cos(math.pi * i / 64))) for i in range(65))
 
@@ -189,7 +190,7 @@ def apply_weight(w: np.ndarray, frac: np.ndarray | None, v: np.ndarray, frac_bit
 
 
 def apply_bias(b: np.ndarray, v: np.ndarray, bits: int = ACC_BITS_B) -> np.ndarray:
-    """``b - rshift_round(v, bits)`` saturated to int32 (``bits`` = the spec's ``ACC_BITS_B`` on a device)."""
+    """``b - rshift_round(v, bits)`` saturated to int32 (``bits``: the spec's ``ACC_BITS_B``)."""
     return np.clip(np.asarray(b, np.int64) - rshift_round(v, bits), INT32_MIN, INT32_MAX).astype(np.int32)
 
 

@@ -15,7 +15,6 @@ from . import ir
 from .backward import backward_op
 from .forward import check_input, forward_op
 from .recipe import (
-    ACC_BITS_B,
     Recipe,
     check_plan_recipe,
     lr_factor_q15,
@@ -60,21 +59,10 @@ class Trainer:
         differs from the plan's raises ValueError. No recipe anywhere: the plan's default step. With a recipe,
         a batch of N samples is N device steps at batch 1: samples accumulate, and every ``accum_steps``-th
         sample applies the update (a batch may cross that boundary; it is split there).
-    grad_rounding : ``"half_up"`` (the spec, what the firmware computes) or ``"half_even"``: every rounding shift
-        of the error gradient (``dyn_requant``, GRAD_ACCUM alignment, CONV2D_BWD_INPUT's weight-scale step)
-        rounds half to even. Host-only prototype of a proposed spec change (docs/engine.md "Diagnosis at 10k").
-    bias_acc_bits : with a recipe, the units of the bias buffers (``2**-bits`` bias LSB; the spec's 4, or 12 as
-        proposed there). Host-only prototype too.
     """
 
     def __init__(self, plan: ir.Plan, update_weight: bool = True, update_bias: bool = True,
-                 recipe: Recipe | None = None, grad_rounding: str = "half_up", bias_acc_bits: int = ACC_BITS_B) -> None:
-        if grad_rounding not in ("half_up", "half_even"):
-            raise ValueError(f"grad_rounding must be 'half_up' or 'half_even', got {grad_rounding!r}")
-        if not (isinstance(bias_acc_bits, int) and 0 <= bias_acc_bits <= 16):
-            raise ValueError(f"bias_acc_bits must be an int in [0, 16], got {bias_acc_bits!r}")
-        self.even = grad_rounding == "half_even"
-        self.bias_acc_bits = bias_acc_bits
+                 recipe: Recipe | None = None) -> None:
         self.plan = plan
         self.tensors = {t.id: t for t in plan.tensors}
         for t in plan.tensors:
@@ -141,11 +129,11 @@ class Trainer:
         for op in self.plan.ops:
             if op.type in UPDATE_OPS and self.recipe is not None:
                 recipe_update(op, self.tensors, store, exps, self.opt_state, self.recipe, lr_me, bool(_apply),
-                              self.step, self.update_weight, self.update_bias, self.bias_acc_bits)
+                              self.step, self.update_weight, self.update_bias)
             elif op.type in UPDATE_OPS:
                 update_op(op, self.tensors, store, exps, lr, self.step, self.update_weight, self.update_bias)
             elif op.type in ir.BACKWARD_OPS:
-                lo, ok = backward_op(op, self.tensors, store, exps, labels, self.even)
+                lo, ok = backward_op(op, self.tensors, store, exps, labels)
                 if lo.size:
                     loss, correct = lo, ok
             else:

@@ -158,19 +158,17 @@ def _accumulate(state: dict, key: tuple, deltas: np.ndarray, shape: tuple[int, .
 
 def recipe_update(op: ir.Op, tensors: dict[int, ir.Tensor], store: dict[int, np.ndarray],
                   exps: dict[int, np.ndarray], state: dict, recipe, lr_me: tuple[int, int] | None, apply: bool,
-                  step: int, update_weight: bool = True, update_bias: bool = True, bias_bits: int | None = None) -> None:
+                  step: int, update_weight: bool = True, update_bias: bool = True) -> None:
     """One CONV2D_UPDATE under a :class:`~device_agent.engine.recipe.Recipe`: accumulate, and at ``apply`` step.
 
     Per sample ``n``: ``d_n = rshift_round(acc_n * M, -(E_n + bits))`` (``M, E_n`` as in the default step with
-    the per-sample lr ``lr_me``; ``bits`` 16 for weights, ``bias_bits`` (default 4) for biases), added with int32 saturation into one
+    the per-sample lr ``lr_me``; ``bits`` 16 for weights, 12 for biases), added with int32 saturation into one
     buffer per tensor: the momentum buffer ``v`` when ``beta > 0`` (it already holds ``beta v_prev``), else the
     accumulator ``a``. At ``apply`` the parameter takes the buffer (``recipe.apply_weight`` / ``apply_bias``),
     then ``v = rshift_round(v * beta_q15, 15)`` (or ``a = 0``). ``lr_me = None`` (schedule factor 0): nothing is
     added. State arrays are full-shape in the reference; only trained elements count as device bytes.
     """
     from .recipe import ACC_BITS_B, ACC_BITS_W, apply_bias, apply_weight, fixed_delta, momentum_decay
-
-    bbits = ACC_BITS_B if bias_bits is None else bias_bits
 
     if op.type != ir.OpType.CONV2D_UPDATE:
         raise ValueError(f"the training recipe supports CONV2D_UPDATE only, got {op.name or op.type.name}")
@@ -214,9 +212,9 @@ def recipe_update(op: ir.Op, tensors: dict[int, ir.Tensor], store: dict[int, np.
         if lr_me is not None:
             acc = g.astype(np.int64).sum(axis=(2, 3))
             m, ex = _mult_exp(lr_me[0], lr_me[1], a["qas_b_m"], a["qas_b_e"], 0)
-            d = fixed_delta(acc, m[None, :], ex[None, :] + e[:, None], bbits)
+            d = fixed_delta(acc, m[None, :], ex[None, :] + e[:, None], ACC_BITS_B)
         v = _accumulate(state, (bid, buf), d, b.shape)
         if apply:
-            store[bid] = apply_bias(b, v, bbits)
+            store[bid] = apply_bias(b, v, ACC_BITS_B)
             v = momentum_decay(v, recipe.beta_q15)
         state[(bid, buf)] = v.astype(np.int32)

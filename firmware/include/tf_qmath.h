@@ -24,7 +24,27 @@ static inline int64_t tf_rshift_round(int64_t x, int32_t shift) {
     return x * TF_POW2_I64(-shift);
 }
 
-/* Smallest sh >= 0 with rshift_round(max_abs, sh) <= 127 (the shift of qmath.dyn_requant). */
+/* Arithmetic right shift with round half to even (qmath.rshift_round_even): q = x >> s, r = x - q 2^s, q + 1 when
+ * r > 2^(s-1) or (r == 2^(s-1) and q odd); as q + ((r + 2^(s-1) - 1 + (q & 1)) >> s), with r taken unsigned so
+ * nothing overflows. shift <= 0 shifts left; right shifts above 62 act as 62. Every error-gradient shift uses it. */
+static inline int64_t tf_rshift_round_even(int64_t x, int32_t shift) {
+    if (shift > 0) {
+        shift = shift > 62 ? 62 : shift;
+        const int64_t q = x >> shift;
+        const uint64_t r = (uint64_t)x & (((uint64_t)1 << shift) - 1u);
+        return q + (int64_t)((r + ((uint64_t)1 << (shift - 1)) - 1u + (uint64_t)(q & 1)) >> shift);
+    }
+    return x * TF_POW2_I64(-shift);
+}
+
+/* tf_rshift_round_even for 32-bit x and shift in [1, 30] (the hot loops of the backward kernels). */
+static inline int32_t tf_rne_s32(int32_t x, int32_t shift) {
+    const int32_t q = x >> shift;
+    const uint32_t r = (uint32_t)x & ((1u << shift) - 1u);
+    return q + (int32_t)((r + (1u << (shift - 1)) - 1u + (uint32_t)(q & 1)) >> shift);
+}
+
+/* Smallest sh >= 0 with rshift_round_even(max_abs, sh) <= 127 (the shift of qmath.dyn_requant). */
 static inline int32_t tf_dyn_shift(uint64_t max_abs) {
     int32_t bl = 0;
     uint64_t m = max_abs;
@@ -33,7 +53,7 @@ static inline int32_t tf_dyn_shift(uint64_t max_abs) {
         m >>= 1;
     }
     int32_t sh = bl > 7 ? bl - 7 : 0;
-    if (tf_rshift_round((int64_t)max_abs, sh) > TF_INT8_MAX) {
+    if (tf_rshift_round_even((int64_t)max_abs, sh) > TF_INT8_MAX) {
         sh++;
     }
     return sh;

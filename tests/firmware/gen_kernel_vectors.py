@@ -225,6 +225,17 @@ def dyn_requant_case(rng, i: int) -> Case:
     return Case(f"dyn_requant_{i}", OP_DYN_REQUANT, [n, e_in, int(e[0])], [("acc", acc), ("g", g)])
 
 
+def dyn_requant_tie_case(rng, i: int) -> Case:
+    """Every value an exact tie at the dynamic shift ``s`` (odd multiples of ``2**(s-1)``, |v| / 2**s <= 126.5):
+    half to even and half up disagree on about half of them, and ``s`` up to 30 exercises the 32-bit path."""
+    n, s = int(rng.integers(8, 80)), int(rng.integers(1, 25))
+    acc = ((2 * rng.integers(-127, 127, size=(1, n)) + 1) << (s - 1)).astype(np.int32)
+    acc[0, 0] = 253 << (s - 1)
+    e_in = int(rng.integers(-30, 10))
+    g, e = qmath.dyn_requant(acc, np.array([e_in]))
+    return Case(f"dyn_requant_tie_{i}", OP_DYN_REQUANT, [n, e_in, int(e[0])], [("acc", acc), ("g", g)])
+
+
 def frame_case(rng, i: int) -> Case:
     """A UART frame as device_agent.wire.frames encodes it (COBS edge cases: 253-255 byte runs, zeros)."""
     n = [0, 1, 251, 252, 253, 254, 300, frames.MAX_PAYLOAD][i % 8]
@@ -240,7 +251,8 @@ def frame_case(rng, i: int) -> Case:
 
 GENERATORS = [(conv2d_case, 15), (add_case, 4), (avgpool_case, 4), (clamp_case, 3), (softmax_ce_case, 6),
               (apply_mask_case, 3), (grad_accum_case, 6), (avgpool_bwd_case, 4), (conv_bwd_input_case, 15),
-              (conv_update_case, 20), (rng_case, 2), (scaled_update_case, 4), (dyn_requant_case, 6), (frame_case, 8)]
+              (conv_update_case, 20), (rng_case, 2), (scaled_update_case, 4), (dyn_requant_case, 6), (frame_case, 8),
+              (dyn_requant_tie_case, 4)]
 
 _CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.uint8): "uint8_t", np.dtype(np.int32): "int32_t",
           np.dtype(np.uint32): "uint32_t", np.dtype(np.int64): "int64_t"}

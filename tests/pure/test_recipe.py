@@ -71,7 +71,7 @@ def test_residual_saturates_with_the_weight():
 def test_momentum_and_bias_fixed_point_by_hand():
     assert momentum_decay(np.array([1000, -3]), 16384).tolist() == [500, -1]  # -1.5 rounds half up
     assert momentum_decay(np.array([7]), 0).tolist() == [0]
-    assert apply_bias(np.array([100], np.int32), np.array([24])).tolist() == [98]  # 24 / 16 = 1.5 -> 2
+    assert apply_bias(np.array([100], np.int32), np.array([6144])).tolist() == [98]  # 6144 / 4096 = 1.5 -> 2
     # fixed_delta: acc 3 * mult 16384 * 2**-14 = 3 LSB -> 3 * 2**16 units
     assert fixed_delta(np.array([3]), np.array([16384]), np.array([-14]), 16).tolist() == [3 << 16]
 

@@ -33,6 +33,7 @@ from device_agent.wire import (
 )
 from device_agent.wire import frames as F
 from device_agent.wire.envelope import seal
+from device_agent.wire.plan import PLAN
 from device_agent.wire.sparse import encode_bitmap
 from device_agent.wire.update import UPDATE_V1, update_from_states
 
@@ -209,11 +210,14 @@ def build() -> list[tuple[str, str, str, str, bytes]]:
 
     # envelope (signed plan, Ed25519 reader)
     bad("env_magic.ttp", "plan", "ed25519", E.BAD_MAGIC, b"TFXX" + p_ed[4:])
-    bad("env_version.ttp", "plan", "ed25519", E.UNSUPPORTED_VERSION, patch(p_ed, 4, "H", 4, crc=False))
+    bad("env_version.ttp", "plan", "ed25519", E.UNSUPPORTED_VERSION, patch(p_ed, 4, "H", PLAN.version + 1, crc=False))
     # a v1 plan (before the RECIPE section) is refused, not read as "no recipe" (wire/plan.py PLAN)
     bad("env_version_1.ttp", "plan", "unsigned", E.UNSUPPORTED_VERSION, patch(p0, 4, "H", 1))
     # a v2 plan (before the PATCH op) is refused: a v2 runtime could not run every v3 plan
     bad("env_version_2.ttp", "plan", "unsigned", E.UNSUPPORTED_VERSION, patch(p0, 4, "H", 2))
+    # a v3 plan (once v4 exists: proposed for the half-to-even backward, docs/engine.md) is refused likewise
+    for old in range(3, PLAN.version):
+        bad(f"env_version_{old}.ttp", "plan", "unsigned", E.UNSUPPORTED_VERSION, patch(p0, 4, "H", old))
     bad("env_short_header.ttp", "plan", "ed25519", E.TRUNCATED, p_ed[:10])
     bad("env_truncated.ttp", "plan", "ed25519", E.TRUNCATED, p_ed[:-1])
     bad("env_trailing.ttp", "plan", "ed25519", E.TRAILING_BYTES, p_ed + b"\0")

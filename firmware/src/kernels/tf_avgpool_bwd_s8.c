@@ -15,7 +15,7 @@ tf_status tf_avgpool_bwd_s8(int32_t inv_hw, const tf_dims *gx_dims, const int8_t
     }
     const int32_t sh = tf_dyn_shift(mx);
     for (int32_t c = 0; c < gx_dims->c; c++) {
-        const int8_t v = (int8_t)tf_rshift_round((int64_t)g_y[c] * inv_hw, sh);
+        const int8_t v = (int8_t)tf_rshift_round_even((int64_t)g_y[c] * inv_hw, sh);
         for (int32_t i = 0; i < plane; i++) {
             g_x[c * plane + i] = v;
         }

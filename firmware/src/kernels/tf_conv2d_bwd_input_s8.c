@@ -73,7 +73,7 @@ static int64_t bwd_elem(const tf_conv_bwd_params *p, const tf_dims *gy, const in
     return acc;
 }
 
-/* The same sum without the int16 g' buffer: g' = rshift_round(g_y * wscale_q, 8) recomputed per term. */
+/* The same sum without the int16 g' buffer: g' = rshift_round_even(g_y * wscale_q, 8) recomputed per term. */
 static int64_t bwd_elem_direct(const tf_conv_bwd_params *p, const tf_dims *gy, const int8_t *g_y,
                                const int32_t *wscale_q, const tf_filter_dims *wd, const int8_t *w, int32_t ci,
                                int32_t ih, int32_t iw) {
@@ -95,7 +95,7 @@ static int64_t bwd_elem_direct(const tf_conv_bwd_params *p, const tf_dims *gy, c
             const int8_t *wp = w + ((co0 * cin_g + ci_l) * wd->h + kh) * wd->w + kw;
             int32_t part = 0;
             for (int32_t co = 0; co < cout_g; co++) {
-                const int32_t gq = ((int32_t)gp[co * oplane] * wscale_q[co0 + co] + 128) >> 8; /* |gq| <= 2^14 */
+                const int32_t gq = tf_rne_s32((int32_t)gp[co * oplane] * wscale_q[co0 + co], 8); /* |gq| <= 2^14 */
                 part += gq * wp[co * wstride];
                 if ((co & 511) == 511) {
                     acc += part;
@@ -143,13 +143,13 @@ __attribute__((noinline)) static void dot4_cols(const int16_t *g, const int8_t *
 }
 
 /* What one pass of the 1x1 / depthwise paths does with each acc: find max |acc| (TF_PASS_MAX), store
- * rshift_round(acc, sh) (TF_PASS_WRITE) or keep acc in int32 scratch and find the max (TF_PASS_KEEP). */
+ * rshift_round_even(acc, sh) (TF_PASS_WRITE) or keep acc in int32 scratch and find the max (TF_PASS_KEEP). */
 enum { TF_PASS_MAX, TF_PASS_WRITE, TF_PASS_KEEP };
 
 static inline __attribute__((always_inline)) void visit(int64_t acc, int32_t i, int mode, int32_t sh, int8_t *g_x,
                                                        int32_t *acc32, uint64_t *mx) {
     if (mode == TF_PASS_WRITE) {
-        g_x[i] = (int8_t)tf_rshift_round(acc, sh);
+        g_x[i] = (int8_t)tf_rshift_round_even(acc, sh);
         return;
     }
     if (mode == TF_PASS_KEEP) {
@@ -178,7 +178,7 @@ static uint64_t bwd_pointwise(const tf_conv_bwd_params *p, const int32_t *wscale
                     const int32_t cg = g * cout_g + c0;
                     if (ci == 0 || cout_g > TF_BWD_CHUNK) {
                         for (int32_t k = 0; k < nco; k++) {
-                            gq[k] = (int16_t)(((int32_t)g_y[(cg + k) * plane + px] * wscale_q[cg + k] + 128) >> 8);
+                            gq[k] = (int16_t)tf_rne_s32((int32_t)g_y[(cg + k) * plane + px] * wscale_q[cg + k], 8);
                         }
                         gq[nco] = 0;
                     }
@@ -367,7 +367,7 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
             const int32_t row = (r0 + oh * sh_) * pw + c0;
             const int8_t *grow = gc + oh * ow_n;
             for (int32_t ow = ow_lo; ow < ow_hi; ow++) {
-                u[row + ow * sw_] = (int16_t)(((int32_t)grow[ow] * q + 128) >> 8);
+                u[row + ow * sw_] = (int16_t)tf_rne_s32((int32_t)grow[ow] * q, 8);
             }
         }
         const int8_t *wc = w + c * kh_n * kw_n;
@@ -415,19 +415,6 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
 }
 
 #if TF_USE_DSP
-/* NOTE: helpers tf_dsp.h lacks (kept local to this kernel). (a + b) >> 1 per signed halfword; the low byte of
- * each halfword, zero-extended. */
-static inline uint32_t tf_shadd16(uint32_t a, uint32_t b) {
-    uint32_t r;
-    __asm__("shadd16 %0, %1, %2" : "=r"(r) : "r"(a), "r"(b));
-    return r;
-}
-static inline uint32_t tf_uxtb16(uint32_t a) {
-    uint32_t r;
-    __asm__("uxtb16 %0, %1" : "=r"(r) : "r"(a));
-    return r;
-}
-
 /* The co-pair loop of mac4x2 (operands as there), four pairs per turn: 47 instructions per 64 MACs. The loop end
  * is read from the stack so that the w words come in pairs (ldrd) with 14 registers. */
 #define TF_MAC4X2_STEP                                                                                              \
@@ -506,16 +493,9 @@ static inline __attribute__((always_inline)) void mac4x2(const uint32_t *wp, con
 #endif
 }
 
-/* (g'(ya, qa), g'(yb, qb)) as an int16 pair, g'(y, q) = (y * q + 128) >> 8. */
+/* (g'(ya, qa), g'(yb, qb)) as an int16 pair, g'(y, q) = rshift_round_even(y * q, 8). */
 static inline uint32_t gq_pair(int32_t ya, int32_t qa, int32_t yb, int32_t qb) {
-#if TF_USE_DSP
-    /* NOTE: the high half is bits 8..23 of yb * qb + 128, so pkhbt's lsl #8 does that shift */
-    uint32_t r;
-    __asm__("pkhbt %0, %1, %2, lsl #8" : "=r"(r) : "r"((ya * qa + 128) >> 8), "r"(yb * qb + 128));
-    return r;
-#else
-    return pair16((ya * qa + 128) >> 8, (yb * qb + 128) >> 8);
-#endif
+    return pair16(tf_rne_s32(ya * qa, 8), tf_rne_s32(yb * qb, 8));
 }
 
 /* The 1x1 stride-1 case as a GEMM into the int32 sums: acc[ci, p] = sum_co w[co, ci] g'[co, p], 4 input channels
@@ -591,8 +571,7 @@ static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *w
     return mx;
 }
 
-/* g_x[i] = rshift_round(acc[i], sh), |acc| < 2^31: ((acc >> (sh - 1)) + 1) >> 1 is (acc + 2^(sh-1)) >> sh
- * without the int32 overflow of the addition. */
+/* g_x[i] = rshift_round_even(acc[i], sh), |acc| < 2^31 (tf_rne_s32 does not overflow). */
 static void requant_out(const int32_t *acc, int8_t *g_x, int32_t n, int32_t sh) {
     if (sh == 0) {
         for (int32_t i = 0; i < n; i++) {
@@ -600,21 +579,8 @@ static void requant_out(const int32_t *acc, int8_t *g_x, int32_t n, int32_t sh) 
         }
         return;
     }
-    const int32_t s1 = sh - 1;
-    int32_t i = 0;
-#if TF_USE_DSP
-    /* NOTE: acc >> s1 lies in [-256, 255], so the rounding halving is one shadd16 per two outputs and the int8
-     * results are gathered with uxtb16: 4 outputs in ~15 instructions instead of ~28. */
-    const uint32_t ones = 0x00010001u;
-    for (; i + 4 <= n; i += 4) {
-        const uint32_t x = tf_pkhbt((uint32_t)(acc[i] >> s1), (uint32_t)(acc[i + 2] >> s1));
-        const uint32_t y = tf_pkhbt((uint32_t)(acc[i + 1] >> s1), (uint32_t)(acc[i + 3] >> s1));
-        const uint32_t v = tf_uxtb16(tf_shadd16(x, ones)) | (tf_uxtb16(tf_shadd16(y, ones)) << 8);
-        __builtin_memcpy(g_x + i, &v, 4);
-    }
-#endif
-    for (; i < n; i++) {
-        g_x[i] = (int8_t)(((acc[i] >> s1) + 1) >> 1);
+    for (int32_t i = 0; i < n; i++) {
+        g_x[i] = (int8_t)tf_rne_s32(acc[i], sh);
     }
 }
 
@@ -695,7 +661,7 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
             return TF_ERR_ARG;
         }
         for (int32_t i = 0; gq && i < oplane; i++) {
-            gq[co * oplane + i] = (int16_t)tf_rshift_round((int64_t)g_y[co * oplane + i] * wscale_q[co], 8);
+            gq[co * oplane + i] = (int16_t)tf_rshift_round_even((int64_t)g_y[co * oplane + i] * wscale_q[co], 8);
         }
     }
 #define BWD_ELEM(i)                                                                                                 \
@@ -720,7 +686,7 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
     const int32_t sh = tf_dyn_shift(mx);
     for (int32_t i = 0; i < n; i++) {
         int64_t a = fits ? acc32[i] : BWD_ELEM(i);
-        g_x[i] = (int8_t)tf_rshift_round(a, sh);
+        g_x[i] = (int8_t)tf_rshift_round_even(a, sh);
     }
 #undef BWD_ELEM
     *e_x = e_y + p->wscale_p - 7 + sh;

@@ -11,7 +11,7 @@
 #include "tf_qmath.h"
 
 #define ACC_BITS_W 16 /* weight v units: 2^-16 LSB */
-#define ACC_BITS_B 4  /* bias v units: 2^-4 LSB */
+#define ACC_BITS_B 12 /* bias v units: 2^-12 LSB (recipe.ACC_BITS_B) */
 
 static int32_t sat32(int64_t v) { return (int32_t)tf_clamp_i32(v, INT32_MIN, INT32_MAX); }
 

@@ -14,7 +14,7 @@ tf_status tf_dyn_requant_s32(int32_t n, const int32_t *acc, int32_t exp, int8_t 
     const int32_t sh = tf_dyn_shift(mx);
     /* NOTE: writing g[i] after reading acc[i] in ascending order keeps g aliasing acc's bytes safe. */
     for (int32_t i = 0; i < n; i++) {
-        g[i] = (int8_t)tf_rshift_round(acc[i], sh);
+        g[i] = (int8_t)tf_rshift_round_even(acc[i], sh);
     }
     *g_exp = exp + sh;
     return TF_OK;

@@ -39,7 +39,7 @@ tf_status tf_softmax_ce_s8(const int32_t *exp_lut, int32_t k, const int8_t *logi
     const int32_t sh = tf_dyn_shift(mx);
     for (int32_t i = 0; i < k; i++) {
         int64_t pq = ((int64_t)exp_lut[ymax - logits[i]] * 32768 + s / 2) / s;
-        g[i] = (int8_t)tf_rshift_round(pq - (i == label ? 32768 : 0), sh);
+        g[i] = (int8_t)tf_rshift_round_even(pq - (i == label ? 32768 : 0), sh);
     }
     *g_exp = -15 + sh;
     if (res) {

@@ -29,12 +29,12 @@ static void grad_accum_ref(int32_t n, const int8_t *g1, int32_t e1, const int8_t
     const int32_t e = e1 > e2 ? e1 : e2, s1 = e - e1, s2 = e - e2;
     uint64_t mx = 0;
     for (int32_t i = 0; i < n; i++) {
-        uint64_t a = tf_abs64(tf_rshift_round(g1[i], s1) + tf_rshift_round(g2[i], s2));
+        uint64_t a = tf_abs64(tf_rshift_round_even(g1[i], s1) + tf_rshift_round_even(g2[i], s2));
         mx = a > mx ? a : mx;
     }
     const int32_t sh = tf_dyn_shift(mx);
     for (int32_t i = 0; i < n; i++) {
-        g[i] = (int8_t)tf_rshift_round(tf_rshift_round(g1[i], s1) + tf_rshift_round(g2[i], s2), sh);
+        g[i] = (int8_t)tf_rshift_round_even(tf_rshift_round_even(g1[i], s1) + tf_rshift_round_even(g2[i], s2), sh);
     }
     *g_exp = e + sh;
 }
