@@ -97,6 +97,7 @@ fuzz:
 lint:
 	$(BIN)/ruff check fleet device_agent tests benchmarks fuzz firmware/tools
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -106,20 +106,21 @@ def backward_op(op: ir.Op, tensors: dict[int, ir.Tensor], store: dict[int, np.nd
     none = (np.empty(0), np.empty(0, bool))
     if t == ir.OpType.SOFTMAX_CE:
         lab = store[ins[1]] if labels is None else labels
-        g, e, loss, ok = softmax_ce(store[ins[0]], lab, a["exp_lut"], float(tensors[ins[0]].scale[0]))
+        g, e, loss, ok = softmax_ce(store[ins[0]], np.asarray(lab), np.asarray(a["exp_lut"]),
+                                    float(tensors[ins[0]].scale[0]))
         store[out], exps[out] = g, e
         return loss, ok
     if t == ir.OpType.APPLY_MASK:
         store[out], exps[out] = apply_mask(store[ins[0]], store[ins[1]]), exps[ins[0]]
     elif t == ir.OpType.CONV2D_BWD_INPUT:
-        hw = tuple(tensors[out].shape[1:3])
+        hw = (int(tensors[out].shape[1]), int(tensors[out].shape[2]))
         store[out], exps[out] = conv_bwd_input(store[ins[0]], exps[ins[0]], store[ins[1]], ConvGeom.from_attrs(a),
-                                               hw, a["wscale_q"], int(a["wscale_p"]))
+                                               hw, np.asarray(a["wscale_q"]), int(a["wscale_p"]))
     elif t == ir.OpType.GRAD_ACCUM:
         store[out], exps[out] = grad_accum(store[ins[0]], exps[ins[0]], store[ins[1]], exps[ins[1]])
     elif t == ir.OpType.AVGPOOL_BWD:
         store[out], exps[out] = avgpool_bwd(store[ins[0]], exps[ins[0]], int(a["inv_hw"]),
-                                            tuple(tensors[out].shape[1:3]))
+                                            (int(tensors[out].shape[1]), int(tensors[out].shape[2])))
     elif t == ir.OpType.RESHAPE_BWD:
         g = store[ins[0]]
         store[out], exps[out] = g.reshape(g.shape[0], *tensors[out].shape), exps[ins[0]]

@@ -84,7 +84,7 @@ def forward_op(op: ir.Op, tensors: dict[int, ir.Tensor], store: Store) -> None:
     zp = [tensors[i].zero_point for i in op.inputs]
     zy = tensors[op.outputs[0]].zero_point
     if t == ir.OpType.CONV2D:
-        outs = conv2d(ins[0], zp[0], ins[1], ins[2], zy, ConvGeom.from_attrs(a), a["mult"], a["shift"],
+        outs: tuple[np.ndarray, ...] = conv2d(ins[0], zp[0], ins[1], ins[2], zy, ConvGeom.from_attrs(a), a["mult"], a["shift"],
                       int(a["act_min"]), int(a["act_max"]))
     elif t == ir.OpType.ADD:
         outs = add(ins[0], zp[0], ins[1], zp[1], zy, int(a["mult_a"]), int(a["mult_b"]), int(a["shift"]),

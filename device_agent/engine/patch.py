@@ -257,9 +257,12 @@ def _conv(store, layers, i, x, zx, r: Rect, w, b, mult, shift, chans: slice) -> 
     return y[0]
 
 
-def _params(op: ir.Op, layers: list[Layer], consts) -> list[tuple | None]:
+_Params = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # w, b, mult, shift of one conv layer
+
+
+def _params(op: ir.Op, layers: list[Layer], consts) -> list[_Params | None]:
     """(w, b, mult, shift) per conv layer (None for an add) from the op's constants and concatenated attrs."""
-    params: list[tuple | None] = []
+    params: list[_Params | None] = []
     k = wi = 0
     mult, shift = np.asarray(op.attrs["mult"]).reshape(-1), np.asarray(op.attrs["shift"]).reshape(-1)
     for ly in layers:
@@ -348,11 +351,11 @@ def _tile(layers, params, sizes, scratch, x, zx, tile: Rect, y) -> None:
             for c in range(ly.shape[0]):
                 if rf is not None:
                     buf = dest(f, rf, 1)
-                    buf[...] = _conv(store, layers, f, x, zx, rf, *params[f], slice(c, c + 1))
+                    buf[...] = _conv(store, layers, f, x, zx, rf, *_of(params, f), slice(c, c + 1))
                     store[i] = (buf, rf)  # NOTE: ref i (layer f) holds channel c only, read as channel 0
-                out[c:c + 1] = _conv(store, one, i, x, zx, r, *_slice(params[i], c), slice(0, 1))
+                out[c:c + 1] = _conv(store, one, i, x, zx, r, *_slice(_of(params, i), c), slice(0, 1))
         else:
-            out[...] = _conv(store, layers, i, x, zx, r, *params[i], slice(None))
+            out[...] = _conv(store, layers, i, x, zx, r, *_of(params, i), slice(None))
         if i != last:
             store[i + 1] = (out, r)
 
@@ -368,6 +371,13 @@ def _one(layers: list[Layer], f: int) -> list[Layer]:
     return one
 
 
-def _slice(p: tuple, c: int) -> tuple:
+def _of(params: list[_Params | None], i: int) -> _Params:
+    p = params[i]
+    if p is None:
+        raise ValueError(f"PATCH: layer {i} is an add, it has no conv parameters")
+    return p
+
+
+def _slice(p: _Params, c: int) -> _Params:
     w, b, m, s = p
     return w[c:c + 1], b[c:c + 1], m[c:c + 1], s[c:c + 1]

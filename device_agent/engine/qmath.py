@@ -60,7 +60,7 @@ def requantize(acc: np.ndarray, mult: np.ndarray | int, shift: np.ndarray | int)
     return (acc * mult + (np.int64(1) << (shift - 1))) >> shift
 
 
-def rshift_round(x: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
+def rshift_round(x: np.ndarray | int, shift: np.ndarray | int) -> np.ndarray:
     """Arithmetic right shift with round half up; ``shift <= 0`` shifts left.
 
     Right shifts above 62 act as 62 (the result is 0 for ``|x| < 2**61``), so no shift is undefined in C.
@@ -73,7 +73,7 @@ def rshift_round(x: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
     return np.where(shift > 0, right, x << np.maximum(-shift, 0))
 
 
-def rshift_round_even(x: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
+def rshift_round_even(x: np.ndarray | int, shift: np.ndarray | int) -> np.ndarray:
     """Arithmetic right shift with round half to even (unbiased on exact halves); ``shift <= 0`` shifts left.
 
     ``q = x >> s``, ``r = x - (q << s)``; ``q + 1`` when ``r > 2**(s-1)`` or (``r == 2**(s-1)`` and ``q`` odd).

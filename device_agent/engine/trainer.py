@@ -70,7 +70,7 @@ class Trainer:
                 raise ValueError(f"plan tensor {t.id} ({t.name}) is {t.kind.name} but has no data")
         for op in plan.ops:
             op.check()
-        self.consts = {t.id: t.data for t in plan.tensors if t.kind == ir.Kind.CONST}
+        self.consts = {t.id: t.data for t in plan.tensors if t.kind == ir.Kind.CONST and t.data is not None}
         self.params = {t.id: np.array(t.data, copy=True) for t in plan.tensors if t.kind == ir.Kind.TRAINABLE}
         self.update_weight = update_weight
         self.update_bias = update_bias

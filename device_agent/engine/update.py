@@ -126,7 +126,7 @@ def update_op(op: ir.Op, tensors: dict[int, ir.Tensor], store: dict[int, np.ndar
         uw = bool(a["update_weight"]) and update_weight and k > 0
         x_saved = store[xid] if uw else None
         zx = tensors[xid].zero_point if xid >= 0 else 0
-        in_hw = tuple(x_saved.shape[2:]) if uw else (0, 0)
+        in_hw = tuple(x_saved.shape[2:]) if x_saved is not None else (0, 0)
         ub = bool(a["update_bias"]) and update_bias
         for tid in [t for t, on in ((wid, uw), (bid, ub)) if on]:  # a bias-only update leaves w in flash
             if tensors[tid].kind != ir.Kind.TRAINABLE:
