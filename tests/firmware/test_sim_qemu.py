@@ -47,6 +47,23 @@ def test_mixed_fleet_round_through_the_broker(board_elfs) -> None:
     assert all(r["sram_bytes"] == res.plan_sram_bytes for r in hosts)
 
 
+def test_boards_mask_and_personalize_in_a_simulated_fleet(board_elfs) -> None:
+    """Boards run secure aggregation's device side themselves (their delta never crosses the UART in clear) and
+    personalize on the board, in the same rounds over the real broker as two host devices."""
+    require_cmd("mosquitto")
+    elf = {"machine": "mps2-an500", "elf": str(board_elfs["mps2-an500"])}
+    plain = run_simulation(_cfg(qemu_devices=2, qemu=elf, baselines=[]), progress=False)
+    secure = run_simulation(_cfg(qemu_devices=2, qemu=elf, rounds=2, baselines=[],
+                                 secure_aggregation={"threshold": 0.6, "bits": 32, "stage_timeout": 60},
+                                 personalization={"method": "ditto", "steps": 4}), progress=False)
+    assert secure.errors == [] and secure.round_status == ["committed", "committed"]
+    assert secure.devices_per_round == [4, 4] and secure.model_version >= 3
+    # masked rounds carry keys, shares and the masked input: more bytes up than the plain round's sparse delta
+    assert secure.payload_up_per_device_round[0] > 2 * plain.payload_up_per_device_round[0]
+    assert secure.personal_methods == {"ditto": 4}  # the boards too: their personal copy stays on the board
+    assert [r["accuracy_personalized"] is None for r in secure.per_device] == [True, True, False, False]
+
+
 def test_renode_backend_says_it_is_not_on_path(monkeypatch) -> None:
     monkeypatch.setattr("shutil.which", lambda name: None)
     with ExitStack() as stack, pytest.raises(SimulationError, match="renode not on PATH"):
