@@ -14,7 +14,10 @@ import yaml
 from tests.conftest import ROOT, require_cmd
 from tests.fixtures.serve import serve_with_agents
 
-CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+# NOTE: a nested plan family (plan_budgets) retains one plan per budget and `device-agent run` does not yet choose
+# among them by its SRAM (it asks for --plan): its serve path is tested in tests/pure/test_plan_family.py (in-memory)
+# and tests/firmware/test_sim_mixed_memory.py (simulate, real broker)
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if "plan_budgets" not in p.read_text())
 
 
 def _small(name: str, port: int, tmp_path):
