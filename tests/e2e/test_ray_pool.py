@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
 import pytest
 
-from device_agent import protocol as dp
-from device_agent.buffer import SampleBuffer
-from device_agent.engine.trainer import Trainer
 from fleet.compiler.pipeline import mark_personal
 from fleet.sim.workers import WorkerError
 from tests.conftest import require
 from tests.fixtures.tiny import tiny_plan
-from tests.pure.test_workers import N, run_fleet, samples
+from tests.pure.test_workers import assert_bit_identical
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +32,7 @@ def pool(plan):
 
 
 def test_ray_devices_are_bit_identical_to_in_process(plan, pool):
-    def local(i, did, verifier):
-        x, y = samples(i)
-        buf = SampleBuffer(len(y), x.shape[1:], np.int8, seed=100 + i)
-        buf.add(x, y)
-        return dp.DeviceProtocol(dp.Identity(did, "stm32f746", 320_000, 1_000_000), plan, Trainer(plan),
-                                 dp.WireDeviceCodec(plan, verifier), buf, seed=i)
-
-    def remote(i, did, verifier):
-        x, y = samples(i)
-        return pool.device(i, dp.Identity(did, "stm32f746", 320_000, 1_000_000), verifier, x, y,
-                           (len(y), x.shape[1:], np.int8, 100 + i), seed=i)
-
-    state_a, deltas_a, devs_a = run_fleet(plan, local)
-    state_b, deltas_b, devs_b = run_fleet(plan, remote)
-    assert len(deltas_a) == 2 * N and deltas_a == deltas_b  # every delta byte for byte, in the same order
-    assert all(np.array_equal(state_a[k], state_b[k]) for k in state_a)
-    assert state_a[plan.trainable[0].id].any()  # it trained
-    for a, b in zip(devs_a, devs_b):  # personal tensors: trained in the actor, readable by the harness
-        assert a.trainer.state_hash() == b.trainer.state_hash() and b.version == a.version >= 2
-    assert sorted({b.worker for b in devs_b}) == [0, 1]
+    assert_bit_identical(plan, pool)
 
 
 def test_ray_errors_name_the_cause(plan, pool):

@@ -88,6 +88,11 @@ def samples(i: int):
 
 
 def test_worker_devices_are_bit_identical_to_in_process(plan, pool):
+    assert_bit_identical(plan, pool)
+
+
+def assert_bit_identical(plan, pool) -> None:
+    """Devices in ``pool`` (a WorkerPool or its Ray twin) against in-process devices: same deltas, models, state."""
     def local(i, did, verifier):
         x, y = samples(i)
         buf = SampleBuffer(len(y), x.shape[1:], np.int8, seed=100 + i)
