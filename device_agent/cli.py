@@ -101,16 +101,19 @@ def _verifier(args):
     return Verifier.ed25519(key)
 
 
-def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0):
-    """The one retained plan under ``plan/+`` (a clear error if there are none or several)."""
+def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0, sram: int | None = None):
+    """The retained plan this device trains: the one under ``plan/+``, or, for a nested plan family (several plans
+    and a ``plan/index``), the largest whose SRAM need fits ``sram`` (as the coordinator assigns it); a clear error
+    otherwise."""
     from device_agent.mqtt import MqttEndpoint
-    from device_agent.wire.messages import full_topic, split_topic
+    from device_agent.wire.messages import MessageError, PlanIndex, full_topic, parse, split_topic
 
     got: queue.Queue = queue.Queue()
+    index_topic = full_topic(fleet, "plan/index")
 
     def on_msg(topic: str, payload: bytes, ack) -> None:
         ack()
-        got.put((split_topic(fleet, topic), payload))
+        got.put((topic, payload))
 
     ep = MqttEndpoint(url, f"{client_id}-plan", [full_topic(fleet, "plan/+")], on_msg, session_expiry=0)
     try:
@@ -118,25 +121,43 @@ def fetch_plan(url, fleet: str, client_id: str, verify, timeout: float = 10.0):
     except ConnectionError:
         raise CliError(f"no connection to the broker {url} within {timeout:g} s: is it running, and are the "
                        "URL, credentials and TLS files right?") from None
-    blobs = {}
+    retained = {}
     try:
-        blobs.update([got.get(timeout=timeout)])
+        retained.update([got.get(timeout=timeout)])
         while True:  # retained messages arrive together; collect the rest
-            blobs.update([got.get(timeout=0.5)])
+            retained.update([got.get(timeout=0.5)])
     except queue.Empty:
         pass
     finally:
         ep.stop()
+    index = retained.pop(index_topic, None)
+    blobs = {k[0]: v for t, v in retained.items() if (k := split_topic(fleet, t)) is not None and k[1] == "plan"}
+    where = full_topic(fleet, "plan/+")
     if not blobs:
-        raise CliError(f"no retained plan on {full_topic(fleet, 'plan/+')} within {timeout:g} s. Two likely causes: "
+        raise CliError(f"no retained plan on {where} within {timeout:g} s. Two likely causes: "
                        f"the coordinator serves another fleet name (--fleet {fleet!r} must equal the config's "
                        "`name:`, which `tinyfleet serve` prints as \"fleet '<name>'\"; the default is 'tinyfleet'), "
                        "or no coordinator (`tinyfleet serve` or a Flower ServerApp) has started on this broker yet "
                        "(--connect-timeout waits longer)")
-    if len(blobs) != 1:
-        raise CliError(f"expected one retained plan on {full_topic(fleet, 'plan/+')}, got {len(blobs)}: "
-                       f"{', '.join(k[0][:16] for k in blobs)}; give the one to train with --plan FILE.ttp")
-    return _plan(next(iter(blobs.values())), verify, f"the retained plan on {full_topic(fleet, 'plan/+')}")
+    if len(blobs) == 1:
+        return _plan(next(iter(blobs.values())), verify, f"the retained plan on {where}")
+    if index is None or sram is None:
+        raise CliError(f"expected one retained plan on {where}, got {len(blobs)} and no plan/index saying which "
+                       f"fits this device: {', '.join(h[:16] for h in blobs)}; give the one to train with "
+                       "--plan FILE.ttp")
+    try:
+        idx = parse(index, PlanIndex)
+    except MessageError as e:
+        raise CliError(f"{index_topic}: refused: {e}") from None
+    assert isinstance(idx, PlanIndex)
+    chosen = idx.choose(sram)
+    if chosen is None:
+        raise CliError(f"no plan of this fleet fits --sram {sram}: the smallest needs {min(idx.sram)} bytes, so the "
+                       "coordinator will not ask this device to train (give the bytes the device really has)")
+    if chosen not in blobs:
+        raise CliError(f"{index_topic} names plan {chosen[:16]} for --sram {sram}, but no retained {where} holds it")
+    return _plan(blobs[chosen], verify, f"the retained plan {chosen[:16]} on {where} (largest that fits "
+                                        f"--sram {sram})")
 
 
 def _plan(blob: bytes, verify, what: str):
@@ -151,7 +172,7 @@ def _plan(blob: bytes, verify, what: str):
 
 def _load_plan(args, url, verify):
     if args.plan is None:
-        return fetch_plan(url, args.fleet, f"tinyfleet-{args.fleet}-{args.id}", verify, args.connect_timeout)
+        return fetch_plan(url, args.fleet, f"tinyfleet-{args.fleet}-{args.id}", verify, args.connect_timeout, args.sram)
     try:
         blob = args.plan.read_bytes()
     except OSError as e:

@@ -260,6 +260,30 @@ class Ack(_Message):
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"detail"})
 
 
+@dataclass(frozen=True)
+class PlanIndex(_Message):
+    """Coordinator -> all, ``plan/index`` (retained) beside a nested plan family's ``plan/<hash>`` blobs: the bytes
+    of SRAM each plan needs. A device trains the plan with the largest need that fits the SRAM in its hello (the
+    coordinator assigns the same one); a device below every need is never asked to train."""
+
+    TYPE: ClassVar[str] = "plans"
+    plan_hashes: tuple[str, ...]
+    sram: tuple[int, ...]  # bytes, one per plan hash, in the same order
+    SCHEMA: ClassVar[dict[str, Any]] = {"plan_hashes": _list(_HASH, 16), "sram": _list(_U32_CHECK, 16)}
+
+    @classmethod
+    def _check_fields(cls, obj: dict) -> None:
+        hashes, sram = obj.get("plan_hashes", ()), obj.get("sram", ())
+        if not hashes or len(hashes) != len(sram) or len(set(hashes)) != len(hashes):
+            raise MessageError(MsgError.BAD_VALUE, f"plans: plan_hashes and sram must be equally long, non-empty "
+                                                   f"and without repeats, got {len(hashes)} hashes and {len(sram)} sizes")
+
+    def choose(self, sram: int) -> str | None:
+        """The hash of the plan with the largest need <= ``sram``, or None when none fits."""
+        fits = [(need, h) for h, need in zip(self.plan_hashes, self.sram) if need <= sram]
+        return max(fits)[1] if fits else None
+
+
 def ack_detail(text: str) -> str:
     """``text`` made fit for :attr:`Ack.detail`: one line of printable ASCII, at most :data:`MAX_DETAIL` chars
     (other characters become ``?``; a longer text is cut and ends with ``...``, so a cut is visible)."""
@@ -267,7 +291,7 @@ def ack_detail(text: str) -> str:
     return line if len(line) <= MAX_DETAIL else line[:MAX_DETAIL - 3] + "..."
 
 
-MESSAGES: dict[str, type[_Message]] = {m.TYPE: m for m in (Hello, Status, Task, Ack)}
+MESSAGES: dict[str, type[_Message]] = {m.TYPE: m for m in (Hello, Status, Task, Ack, PlanIndex)}
 
 # --- topics: everything lives under tinyfleet/<fleet>/ (docs/protocol.md) -------------------------------------
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from device_agent.engine.ir import DTYPE_NUMPY
-from device_agent.wire.messages import Ack, Hello, MessageError, Publish, ack_detail, parse
+from device_agent.wire.messages import Ack, Hello, MessageError, PlanIndex, Publish, ack_detail, parse
 from fleet import round as rnd
 from fleet.coordinator.codec import Codec
 from fleet.coordinator.deltas import DeltaBook, RoundDeltas
@@ -146,6 +146,10 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         plans = blobs() if blobs is not None else {self.codec.plan_hash: self.codec.plan_bytes()}
         out: list[Output] = [*(Publish(f"plan/{h}", b, retain=True) for h, b in plans.items()),
                              self._model_output()]
+        needs = getattr(self.codec, "needs", None)
+        if needs:  # a family: which plan a device trains is decided by its SRAM (messages.PlanIndex)
+            index = PlanIndex(tuple(needs), tuple(needs.values()))
+            out.append(Publish("plan/index", index.to_json(), retain=True))
         m = self.machine
         if self.config.secure_aggregation is not None and m.state in _COLLECTING and self.secure is not None:
             return out + self._secure_resume(now)  # the same coordinator after a broker reconnect

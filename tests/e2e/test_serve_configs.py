@@ -2,7 +2,9 @@
 
 Each config is served as shipped except for the fleet size (two devices, goal two), one round and a short
 pretraining: the plan is built from the config's own scenario by the compiler pipeline, the devices get their
-slice of that scenario as an .npz, and the round must commit both deltas.
+slice of that scenario as an .npz, and the round must commit both deltas. Where the config compiles a nested
+plan family, one agent announces little SRAM: it must pick the plan the coordinator assigns it from plan/index
+(a wrong pick fails its task as wrong_plan and the round misses its goal).
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ import yaml
 from tests.conftest import ROOT, require_cmd
 from tests.fixtures.serve import serve_with_agents
 
-# NOTE: a nested plan family (plan_budgets) retains one plan per budget and `device-agent run` does not yet choose
-# among them by its SRAM (it asks for --plan): its serve path is tested in tests/pure/test_plan_family.py (in-memory)
-# and tests/firmware/test_sim_mixed_memory.py (simulate, real broker)
-CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if "plan_budgets" not in p.read_text())
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+SMALL_SRAM = 33_000  # bytes: in a nested plan family (plan_budgets) below the full plan, above the smallest
 
 
 def _small(name: str, port: int, tmp_path):
@@ -45,8 +45,9 @@ def test_serve_commits_one_round_for_every_shipped_config(name, tmp_path):
             np.savez(tmp_path / f"d{i}.npz", x=dev.x_train, y=dev.y_train)
         store = tmp_path / "store.sqlite"
         # Execute: serve compiles the plan, then two agents fetch it and train
+        small = {0: ["--sram", str(SMALL_SRAM)]} if cfg.plan_budgets else None
         rc, err = serve_with_agents(path, store, [tmp_path / f"d{i}.npz" for i in range(2)], cfg.name, broker.port,
-                                    timeout=240)
+                                    timeout=240, agent_args=small)
     # Assert
     assert rc == 0, err
     assert "round 1: committed v2 (2 deltas)" in err

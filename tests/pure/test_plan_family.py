@@ -15,7 +15,7 @@ from device_agent.engine import ir
 from device_agent.engine.trainer import Trainer
 from device_agent.wire.delta import delta_from_bytes
 from device_agent.wire.envelope import Verifier
-from device_agent.wire.messages import Ack, Publish, Task, parse
+from device_agent.wire.messages import Ack, MessageError, PlanIndex, Publish, Task, parse
 from device_agent.wire.update import ModelUpdate
 from fleet import aggregate as agg
 from fleet import coordinator as co
@@ -173,6 +173,30 @@ def test_each_device_trains_the_largest_plan_that_fits(mixed, family):
     assert len(set(want.values())) == 3
     (closed,) = [i for i in mixed.infos if isinstance(i, co.RoundClosed)]
     assert closed.committed and set(closed.accepted) == set(want)
+
+
+def test_the_retained_plan_index_picks_the_plan_the_coordinator_assigns(family):
+    # Prepare: a fresh family coordinator
+    codec = co.FamilyCodec(family)
+    coord = co.Coordinator(family.largest.plan, Store(), co.CoordinatorConfig(), lambda: 0.0, codec)
+    # Execute: it boots and publishes its plans
+    outs = {o.topic: o for o in coord.handle(co.Boot()) if isinstance(o, Publish)}
+    # Assert: one retained plan per member and an index a device reads to pick the same plan the coordinator assigns
+    assert {t for t in outs if t.startswith("plan/")} == {"plan/index", *(f"plan/{h}" for h in codec.needs)}
+    index = parse(outs["plan/index"].payload, PlanIndex)
+    assert outs["plan/index"].retain and set(index.plan_hashes) == set(codec.needs)
+    for sram in sorted({*(m.need for m in family.members), *(m.need - 1 for m in family.members), 10**6}):
+        assert index.choose(sram) == codec.assign(sram), sram
+    assert index.choose(family.smallest.need - 1) is None
+
+
+def test_a_plan_index_refuses_mismatched_or_repeated_entries():
+    with pytest.raises(MessageError, match="equally long"):
+        parse(b'{"v":1,"type":"plans","plan_hashes":["ab","cd"],"sram":[1]}', PlanIndex)
+    with pytest.raises(MessageError, match="without repeats"):
+        parse(b'{"v":1,"type":"plans","plan_hashes":["ab","ab"],"sram":[1,2]}', PlanIndex)
+    ok = PlanIndex(("ab", "cd"), (100, 200))
+    assert parse(ok.to_json(), PlanIndex) == ok and ok.choose(150) == "ab" and ok.choose(99) is None
 
 
 def test_a_device_below_the_smallest_plan_is_told_why(mixed, family):
