@@ -132,6 +132,11 @@ def netduino(stm32_elfs) -> Path:
     return stm32_elfs["netduino"]
 
 
+# NOTE (_BOOT_NOTE): QEMU 7.2's STM32 USART drops bytes that arrive before the firmware enables it, so
+# QemuBoard.start() PINGs the booting board until it answers; a PING cut by that moment reaches the board as the
+# tail of a frame and counts in frames_bad (0 or 1, by timing). The tests check that their own traffic adds none.
+
+
 def test_netduino_round_trip(netduino) -> None:
     with QemuBoard("netduinoplus2", elf=netduino) as board, BoardClient(board.endpoint, timeout=30) as c:
         ping, info = c.ping(), c.board_info()
@@ -141,7 +146,7 @@ def test_netduino_round_trip(netduino) -> None:
     assert (info["cpuid"] >> 4) & 0xFFF == 0xC24 and info["tick_hz"] == 168_000_000  # Cortex-M4
     assert 0 < info["arena_bytes"] < 128 * KB and ping["blob_capacity"] == 48 * KB
     assert test["passed"] == test["cases"] > 50 and test["first_failed"] == -1
-    assert info2["ticks"] > info["ticks"] and info2["frames_bad"] == 0
+    assert info2["ticks"] > info["ticks"] and info2["frames_bad"] == info["frames_bad"]  # (see _BOOT_NOTE)
 
 
 def test_netduino_plans_bit_exact(netduino) -> None:
@@ -178,6 +183,7 @@ def test_netduino_requests_sent_while_busy_all_get_answers(netduino) -> None:
     """USART1 flow control: a SELFTEST then four maximum-size frames at once (2 KB, twice the RX ring): the ring
     fills, the byte waits in DR with the interrupt masked, and all five answers come back in order."""
     with QemuBoard("netduinoplus2", elf=netduino) as board, BoardClient(board.endpoint, timeout=30) as c:
+        before = c.board_info()
         burst = [frames.Frame(100 + i, frames.Command.PING, bytes(frames.MAX_PAYLOAD)) for i in range(4)]
         c.send_raw(frames.encode_frame(frames.Frame(99, frames.Command.SELFTEST))
                    + b"".join(frames.encode_frame(f) for f in burst))
@@ -185,7 +191,7 @@ def test_netduino_requests_sent_while_busy_all_get_answers(netduino) -> None:
         info = c.board_info()
     assert [(a.seq, a.code) for a in answers] == [(99, frames.Status.OK)] + [
         (f.seq, frames.Status.ERR_BAD_PAYLOAD) for f in burst]
-    assert info["frames_bad"] == 0
+    assert info["frames_bad"] == before["frames_bad"]  # (see _BOOT_NOTE)
 
 
 def test_netduino_flash_store_trains_a_plan_flashed_with_the_image(stm32_elfs, tmp_path: Path) -> None:
