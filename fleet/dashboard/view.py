@@ -1,7 +1,7 @@
 """What the dashboard shows, folded from the coordinator's outputs and registry snapshots; no I/O, no clock.
 
 :class:`FleetView` takes what a running coordinator already produces (``Verdict``, ``RoundClosed``,
-``RoundRefused``, ``DeviceFailed``, ``Dropped``, ``Publish``; a copy of its registry's records and of its open
+``RoundRefused``, ``DeviceFailed``, ``Dropped``, ``Unfit``, ``Publish``; a copy of its registry's records and of its open
 round) and keeps the tables the pages render: devices (paged), rounds, learning curves, traffic, privacy. Every
 change bumps ``seq``, which is what the live stream announces. It refuses to read the store: it sees the fleet
 as the coordinator saw it since the dashboard started (plus what the caller seeds it with).
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from device_agent.wire.messages import Publish
-from fleet.coordinator.events import DeviceFailed, Dropped, RoundClosed, RoundRefused, Verdict
+from fleet.coordinator.events import DeviceFailed, Dropped, RoundClosed, RoundRefused, Unfit, Verdict
 
 
 @dataclass
@@ -86,6 +86,13 @@ class FleetView:
         elif isinstance(out, DeviceFailed):
             self._row(out.device_id).last_failure = f"round {out.round_id}: {out.reason}"
             self._note(f"device {out.device_id} cannot train round {out.round_id}: {out.reason}")
+        elif isinstance(out, Unfit):  # NOTE: repeated at every hello of that device: shown once, not counted up
+            row = self._row(out.device_id)
+            why = f"no plan fits: {out.sram} B of SRAM, the smallest plan needs {out.need} B"
+            if row.last_failure == why:
+                return False
+            row.last_failure, row.refused["no_plan_fits"] = why, 1
+            self._note(f"device {out.device_id}: {why}")
         elif isinstance(out, Dropped):
             self._row(out.device_id).refused[f"{out.kind} refused"] = \
                 self._row(out.device_id).refused.get(f"{out.kind} refused", 0) + 1

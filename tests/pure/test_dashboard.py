@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from device_agent.wire.messages import Publish
-from fleet.coordinator.events import DeviceFailed, RoundClosed, Verdict
+from fleet.coordinator.events import DeviceFailed, RoundClosed, Unfit, Verdict
 from fleet.dashboard.server import is_loopback, parse_bind
 from fleet.dashboard.view import FleetView
 from fleet.registry import DeviceRecord
@@ -39,6 +39,19 @@ def test_outputs_fold_into_device_and_round_tables():
     s = v.summary()
     assert (s["devices"], s["online"], s["model_version"], s["refused"]) == (2, 2, 2, {"stale_base": 1})
     assert v.curves()["epsilon"] == [(1, 0.5)] and v.curves()["epsilon_budget"] == 4.0
+
+
+def test_a_device_below_every_plan_is_shown_once_with_why():
+    # Prepare
+    v = _view_with_a_round()
+    seq = v.seq
+    # Execute: the coordinator says so at each of its hellos
+    changed = [v.apply(Unfit("tiny", 20_000, 26_300, "no plan fits")) for _ in range(3)]
+    # Assert
+    row = v.device("tiny")
+    assert changed == [True, False, False] and v.seq == seq + 1
+    assert row["refused"] == {"no_plan_fits": 1} and "smallest plan needs 26300 B" in row["last_failure"]
+    assert v.summary()["refused"]["no_plan_fits"] == 1 and "tiny" in v.log[-1]
 
 
 def test_seq_moves_only_on_change():
