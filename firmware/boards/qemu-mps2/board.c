@@ -2,6 +2,7 @@
  * extended to 64 bits, the MPU stack guard, painted-stack high-water. Refuses polling when idle: WFI. */
 #include "tf_board.h"
 #include "tf_proto.h"
+#include "../common/tf_rx_ring.h"
 
 #define REG(a) (*(volatile uint32_t *)(a))
 
@@ -35,8 +36,7 @@
 extern uint32_t __stack_limit, __stack_top, __guard_start, __arena_start, __arena_end;
 extern uint32_t __data_start, __bss_end, __flash_end, __ram_start, __ram_end, __store_start, __store_end;
 
-static volatile uint8_t rx_ring[1024]; /* holds a whole maximum-size frame (~520 bytes encoded) */
-static volatile uint32_t rx_head, rx_tail; /* head: written by the ISR, tail: by the main loop */
+static tf_rx_ring rx;
 static volatile uint32_t tick_wraps;
 volatile uint32_t fault_exception; /* IPSR of the last fault, for a debugger */
 
@@ -47,15 +47,12 @@ static void dsb_isb(void) { __asm__ volatile("dsb\n isb" ::: "memory"); }
  * that arrives while the main loop is busy (e.g. a request sent during a long TRAIN) waits instead of being lost
  * (flow control; a lost frame delimiter would merge frames and stall the link). */
 static void rx_drain(void) {
-    while (UART_STATE & UART_STATE_RXFULL) {
-        const uint32_t next = (rx_head + 1) % sizeof(rx_ring);
-        if (next == rx_tail) {
-            return;
-        }
-        rx_ring[rx_head] = (uint8_t)UART_DATA;
-        rx_head = next;
+    while ((UART_STATE & UART_STATE_RXFULL) && !tf_rx_ring_full(&rx)) {
+        tf_rx_ring_put(&rx, (uint8_t)UART_DATA);
     }
 }
+
+static int uart_has_byte(void) { return (UART_STATE & UART_STATE_RXFULL) != 0; }
 
 void tf_uart0_rx_handler(void) {
     /* NOTE: clear first, then drain: a byte arriving after the last RXFULL check re-raises the interrupt.
@@ -98,28 +95,10 @@ void tf_board_init(void) {
     __asm__ volatile("cpsie i" ::: "memory");
 }
 
-int tf_board_getc(void) {
-    if (rx_tail == rx_head) {
-        /* NOTE: the ISR stops at a full ring and its interrupt is already cleared: fetch what waits in the UART */
-        __asm__ volatile("cpsid i" ::: "memory");
-        rx_drain();
-        __asm__ volatile("cpsie i" ::: "memory");
-        if (rx_tail == rx_head) {
-            return -1;
-        }
-    }
-    int b = rx_ring[rx_tail];
-    rx_tail = (rx_tail + 1) % sizeof(rx_ring);
-    return b;
-}
+/* NOTE: the ISR stops at a full ring and its interrupt is already cleared: getc fetches what waits in the UART */
+int tf_board_getc(void) { return tf_rx_ring_getc(&rx, rx_drain, 0); }
 
-void tf_board_idle(void) {
-    __asm__ volatile("cpsid i" ::: "memory");
-    if (rx_tail == rx_head && !(UART_STATE & UART_STATE_RXFULL)) {
-        __asm__ volatile("dsb\n wfi" ::: "memory"); /* a pending IRQ still wakes WFI with PRIMASK set */
-    }
-    __asm__ volatile("cpsie i\n isb" ::: "memory");
-}
+void tf_board_idle(void) { tf_rx_ring_idle(&rx, uart_has_byte); }
 
 void tf_board_write(const uint8_t *buf, uint32_t n) {
     for (uint32_t i = 0; i < n; i++) {

@@ -3,6 +3,7 @@
  * RDR/TDR), not the F4's SR/DR. Refuses polling when idle. Emulators without an RCC model (HSIRDY never reads 1)
  * skip the clock set-up; ticks come from DWT CYCCNT where it runs, else SysTick (core.c). */
 #include "stm32.h"
+#include "../common/tf_rx_ring.h"
 
 #define RCC_BASE 0x40023800u
 #define RCC_CR TF_REG(RCC_BASE + 0x00)
@@ -45,8 +46,7 @@
 #define IRQ_WORD (TF_USART_IRQ / 32u)
 #define IRQ_BIT (1u << (TF_USART_IRQ % 32u))
 
-static volatile uint8_t rx_ring[1024]; /* holds a whole maximum-size frame (~520 bytes encoded) */
-static volatile uint32_t rx_head, rx_tail; /* head: written by the ISR, tail: by the main loop */
+static tf_rx_ring rx;
 
 static int wait_set(volatile uint32_t *reg, uint32_t mask, uint32_t want) {
     for (uint32_t i = 0; i < 100000u; i++) {
@@ -108,13 +108,11 @@ static void rx_drain(void) {
         if (!(isr & ISR_RXNE)) {
             return;
         }
-        const uint32_t next = (rx_head + 1) % sizeof(rx_ring);
-        if (next == rx_tail) {
+        if (tf_rx_ring_full(&rx)) {
             NVIC_ICER(IRQ_WORD) = IRQ_BIT; /* ring full: the byte waits in RDR (usart_f4.c rx_drain) */
             return;
         }
-        rx_ring[rx_head] = (uint8_t)USART_RDR;
-        rx_head = next;
+        tf_rx_ring_put(&rx, (uint8_t)USART_RDR);
     }
 }
 
@@ -137,30 +135,18 @@ void tf_board_init(void) {
     __asm__ volatile("cpsie i" ::: "memory");
 }
 
-int tf_board_getc(void) {
-    if (rx_tail == rx_head) {
-        __asm__ volatile("cpsid i" ::: "memory");
-        rx_drain();
-        if ((rx_head + 1) % sizeof(rx_ring) != rx_tail) {
-            NVIC_ISER(IRQ_WORD) = IRQ_BIT;
-        }
-        __asm__ volatile("cpsie i" ::: "memory");
-        if (rx_tail == rx_head) {
-            return -1;
-        }
+/* A full ring masked the interrupt (rx_drain); unmask it once the main loop made room. */
+static void rx_rearm(void) {
+    if (!tf_rx_ring_full(&rx)) {
+        NVIC_ISER(IRQ_WORD) = IRQ_BIT;
     }
-    int b = rx_ring[rx_tail];
-    rx_tail = (rx_tail + 1) % sizeof(rx_ring);
-    return b;
 }
 
-void tf_board_idle(void) {
-    __asm__ volatile("cpsid i" ::: "memory");
-    if (rx_tail == rx_head && !(USART_ISR & ISR_RXNE)) {
-        __asm__ volatile("dsb\n wfi" ::: "memory"); /* a pending IRQ still wakes WFI with PRIMASK set */
-    }
-    __asm__ volatile("cpsie i\n isb" ::: "memory");
-}
+static int uart_has_byte(void) { return (USART_ISR & ISR_RXNE) != 0; }
+
+int tf_board_getc(void) { return tf_rx_ring_getc(&rx, rx_drain, rx_rearm); }
+
+void tf_board_idle(void) { tf_rx_ring_idle(&rx, uart_has_byte); }
 
 void tf_board_write(const uint8_t *buf, uint32_t n) {
     for (uint32_t i = 0; i < n; i++) {
