@@ -22,7 +22,7 @@ from typing import Any
 
 from device_agent.mqtt import BrokerURL, MqttEndpoint
 from device_agent.wire.messages import DEVICE_UP, Publish, full_topic, split_topic
-from fleet.coordinator import Claimed, Dropped, Received
+from fleet.coordinator import Claimed, Dropped, Received, Verdict
 
 TICK_S = 0.2
 BATCH_MAX = 256  # events handled in one store transaction (one fsync), at most
@@ -82,9 +82,10 @@ class CoordinatorLink:
         """Queue a coordinator event (``StartRound()``, ``Tick()``...) for the driver thread."""
         self._q.put(("event", event, None))
 
-    def submit_claims(self, claims: list, reply: Callable[[list], None]) -> None:
-        """Queue an aggregation worker's batch of ``Claimed`` deltas: handled as one batch (one store
-        transaction), then ``reply(outputs)`` on the driver thread, after the store committed."""
+    def submit_claims(self, claims: list, reply: Callable[[set], None]) -> None:
+        """Queue an aggregation worker's batch of ``Claimed`` deltas: handled in one store transaction (with other
+        workers' batches queued meanwhile), then ``reply({(device_id, content_hash), ...})`` with those of its
+        claims that were accepted, on the driver thread, after the store committed."""
         self._q.put(("claims", claims, reply))
 
     def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
@@ -149,8 +150,13 @@ class CoordinatorLink:
                 except BaseException as e:  # noqa: BLE001  handed to the caller
                     done.set_exception(e)
                 continue
-            if kind == "claims":
-                done(self._handle(what))
+            if kind == "claims":  # NOTE: every worker's queued batch in one store transaction
+                group, held = self._claims_group(item)
+                outs = self._handle([ev for _, evs, _ in group for ev in evs])
+                for (_, _, reply), mine in zip(group, _accepted_by_batch(group, outs)):
+                    reply(mine)
+                if held is STOP:
+                    break
                 continue
             batch = [item]
             while len(batch) < BATCH_MAX:  # whatever queued up meanwhile goes into the same store transaction
@@ -168,6 +174,21 @@ class CoordinatorLink:
                     done()  # the broker may forget the message now: the store has what it implied
             if held is STOP:
                 break
+
+    def _claims_group(self, first: tuple) -> tuple[list, object]:
+        """``first`` and the claim batches queued right behind it (up to :data:`BATCH_MAX` claims in all); the
+        item that ended the group, to be handled next (or None)."""
+        group, count = [first], len(first[1])
+        while count < BATCH_MAX:
+            try:
+                nxt = self._q.get_nowait()
+            except queue.Empty:
+                return group, None
+            if nxt is None or nxt[0] != "claims":
+                return group, nxt if nxt is not None else STOP
+            group.append(nxt)
+            count += len(nxt[1])
+        return group, None
 
     def _handle(self, events: list) -> list:
         """``handle_many(events)``, publish its outputs and return them.
@@ -212,3 +233,15 @@ class CoordinatorLink:
             if self.on_output is not None:
                 self.on_output(out)
         return outputs
+
+
+def _accepted_by_batch(group: list, outputs: list) -> list[set]:
+    """Per claim batch of ``group``, the (device, content hash) of its claims that ``outputs`` accepted. The same
+    bytes in two batches (a redelivered delta) are accepted once, on the first claim: it goes to that batch."""
+    ok = {(o.device_id, o.content_hash) for o in outputs if isinstance(o, Verdict) and o.reason == "ok"}
+    out = []
+    for _, claims, _ in group:
+        mine = {(c.device_id, c.content_hash) for c in claims} & ok
+        ok -= mine
+        out.append(mine)
+    return out

@@ -31,7 +31,7 @@ from device_agent.mqtt import BrokerURL, MqttEndpoint
 from device_agent.wire.messages import full_topic, split_topic
 from fleet.aggregate import RunningSums
 from fleet.coordinator.deltas import flat_delta, read_delta
-from fleet.coordinator.events import Claimed, Verdict
+from fleet.coordinator.events import Claimed
 from fleet.coordinator.partials import Partial
 
 BATCH_MAX = 128  # deltas per claim batch (one coordinator store transaction)
@@ -206,10 +206,9 @@ class AggregationPool:
             except (EOFError, OSError):
                 return  # the worker died: the supervisor restarts the slot
 
-            def reply(outputs, slot=slot) -> None:
-                ok = {(o.device_id, o.content_hash) for o in outputs if isinstance(o, Verdict) and o.reason == "ok"}
+            def reply(accepted: set, slot=slot) -> None:
                 try:
-                    slot.verdicts.send(ok)
+                    slot.verdicts.send(accepted)
                 except (BrokenPipeError, OSError):
                     pass  # died meanwhile: its messages come back to its successor, as duplicates if stored
             self.link.submit_claims(claims, reply)
