@@ -176,10 +176,10 @@ class CoordinatorLink:
                 break
 
     def _claims_group(self, first: tuple) -> tuple[list, object]:
-        """``first`` and the claim batches queued right behind it (up to :data:`BATCH_MAX` claims in all); the
+        """``first`` and the claim batches queued right behind it (up to 4 x :data:`BATCH_MAX` claims); the
         item that ended the group, to be handled next (or None)."""
         group, count = [first], len(first[1])
-        while count < BATCH_MAX:
+        while count < 4 * BATCH_MAX:
             try:
                 nxt = self._q.get_nowait()
             except queue.Empty:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fleet.aggregate import RunningSums
 
 
@@ -24,6 +26,9 @@ class Partial:
     sums: RunningSums
     covered: dict[str, str] = field(default_factory=dict)  # device id -> content hash (sha256 hex)
     worker: str = ""
+    # deltas read but not summed yet (their verdict was still out when the commit asked): device id, content hash,
+    # flat values, mask, weight; the merge adds those that are accepted and in no partial's sums
+    rows: list[tuple[str, str, np.ndarray, np.ndarray, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,8 @@ class Merged:
 
 def merge_partials(round_id: int, accepted: dict[str, str], partials: list[Partial], size: int) -> Merged:
     """Add the partials of ``round_id`` that hold only ``accepted`` deltas (device -> content hash) and no delta
-    an earlier-taken partial holds; largest first, so a refused overlap leaves the most to the workers."""
+    an earlier-taken partial holds (largest first, so a refused overlap leaves the most to the workers), then the
+    partials' unsummed ``rows`` that are accepted and not in yet."""
     total = RunningSums(size)
     seen: set[str] = set()
     taken, refused = [], []
@@ -55,4 +61,9 @@ def merge_partials(round_id: int, accepted: dict[str, str], partials: list[Parti
             total.merge(p.sums)
             seen.update(p.covered)
             taken.append(p.worker)
+    for p in partials:
+        for d, h, values, mask, weight in p.rows if p.round_id == round_id else ():
+            if accepted.get(d) == h and d not in seen:
+                total.add(values, mask, weight)
+                seen.add(d)
     return Merged(total, frozenset(d for d in accepted if d not in seen), tuple(taken), tuple(refused))

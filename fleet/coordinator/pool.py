@@ -34,7 +34,8 @@ from fleet.coordinator.deltas import flat_delta, read_delta
 from fleet.coordinator.events import Claimed
 from fleet.coordinator.partials import Partial
 
-BATCH_MAX = 128  # deltas per claim batch (one coordinator store transaction)
+BATCH_MAX = 256  # deltas per claim batch, at most
+LINGER_S = 0.25  # after a batch's first delta, wait this long for more: one store commit (fsync) per batch
 PARTIAL_TIMEOUT_S = 30.0  # a worker that does not hand its partial by then is left out (its deltas: from the store)
 
 
@@ -47,7 +48,7 @@ def share_topic(fleet: str) -> str:
 
 
 def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, control,
-                crash_after: int = 0) -> None:
+                crash_after: int = 0, linger_s: float = LINGER_S) -> None:
     """One aggregation worker until told to stop. ``crash_after`` > 0 (tests): SIGKILL itself right after the
     coordinator accepted its ``crash_after``-th delta, before summing or acknowledging it."""
     shared = [t for t in codec.plan.trainable if not t.personal]
@@ -66,6 +67,7 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
     endpoint.start(timeout=30.0)
     control.send(("ready", name))  # NOTE: a shared subscription drops what arrives before any member subscribed
     partials: dict[int, Partial] = {}
+    pending: list = []  # the batch whose verdicts are out: (device, payload, ack), Reading
     accepted_total = 0
     stats = {"busy_s": 0.0, "cpu_s": 0.0, "read": 0, "summed": 0, "batches": 0}  # reading and summing only
 
@@ -80,7 +82,11 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
         if cmd == "stats":
             control.send(dict(stats))
         elif cmd == "partial":  # handed over for the commit of round ``arg``: older rounds are done with too
-            control.send(partials.pop(arg, Partial(arg, RunningSums(size), {}, name)))
+            part = partials.pop(arg, Partial(arg, RunningSums(size), {}, name))
+            part.rows = [(d, r.content_hash, *flat_delta(shared, r.decoded), r.decoded.header.num_samples)
+                         for (d, _, _), r in pending
+                         if r.decoded is not None and r.decoded.values and r.decoded.header.round_id == arg]
+            control.send(part)
             for r in [r for r in partials if r < arg]:
                 del partials[r]
         return True
@@ -94,9 +100,12 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
                 batch = [inbox.get(timeout=0.05)]
             except queue.Empty:
                 continue
+            # NOTE: deltas trickle in as devices finish training; the coordinator commits (fsyncs, ~3 ms here) once
+            # per batch, so a batch of one per delta would make fsync the whole cost of a round
+            end = time.monotonic() + linger_s
             while len(batch) < BATCH_MAX:
                 try:
-                    batch.append(inbox.get_nowait())
+                    batch.append(inbox.get(timeout=max(0.0, end - time.monotonic())))
                 except queue.Empty:
                     break
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -107,6 +116,7 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
             stats["batches"] += 1
             claims.send([Claimed(d, p, r.content_hash, r.decoded.header if r.decoded is not None else None,
                                  r.reject, r.detail) for (d, p, _), r in zip(batch, reads)])
+            pending[:] = list(zip(batch, reads))  # NOTE: the commit this batch may close asks for them unsummed
             while True:  # NOTE: a commit may ask for our partial while this batch is being judged: answer it
                 ready = wait([verdicts, control])
                 if verdicts in ready:
@@ -127,6 +137,7 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
                     stats["summed"] += 1
             stats["busy_s"] += time.perf_counter() - t0
             stats["cpu_s"] += time.thread_time() - c0
+            pending.clear()
             for _, _, ack in batch:
                 ack()  # NOTE: after the coordinator stored (or refused) it and it is summed: redelivery is harmless
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -141,14 +152,14 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
 class _Slot:
     """One worker process and its three pipes (claims up, verdicts down, control both ways)."""
 
-    def __init__(self, ctx, index: int, args: tuple, crash_after: int):
+    def __init__(self, ctx, index: int, args: tuple, crash_after: int, linger_s: float):
         self.index = index
         self.claims, child_claims = ctx.Pipe(duplex=False)
         child_verdicts, self.verdicts = ctx.Pipe(duplex=False)
         self.control, child_control = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, daemon=True, name=f"tinyfleet-agg{index}",
                                 args=(*args[:2], index, args[2], child_claims, child_verdicts, child_control,
-                                      crash_after))
+                                      crash_after, linger_s))
         self.proc.start()
         for c in (child_claims, child_verdicts, child_control):
             c.close()
@@ -161,13 +172,15 @@ class AggregationPool:
     ``pool.stop()`` before ``link.stop()``. A worker that dies is restarted in its slot (same MQTT session).
 
     ``codec``: the coordinator's codec without a signer (it is pickled into every worker). ``crash_after``: tests
-    only, see :func:`worker_main` (first incarnation of slot 0 only).
+    only, see :func:`worker_main` (first incarnation of slot 0 only). ``linger_s``: how long a worker collects
+    deltas before claiming them (the latency a delta's ack gains, the fsyncs a round saves).
     """
 
-    def __init__(self, url: BrokerURL, fleet: str, codec, n: int, crash_after: int = 0):
+    def __init__(self, url: BrokerURL, fleet: str, codec, n: int, crash_after: int = 0, linger_s: float = LINGER_S):
         if n < 1:
             raise ValueError(f"aggregation_workers: must be >= 1, got {n}")
         self.url, self.fleet, self.codec, self.n, self.crash_after = url, fleet, codec, n, crash_after
+        self.linger_s = linger_s
         self._ctx = mp.get_context("spawn")
         self._slots: list[_Slot] = []
         self._lock = threading.Lock()  # guards _slots against the supervisor's restarts
@@ -194,7 +207,7 @@ class AggregationPool:
         return self
 
     def _spawn(self, index: int, crash_after: int = 0) -> _Slot:
-        slot = _Slot(self._ctx, index, (self.url, self.fleet, self.codec), crash_after)
+        slot = _Slot(self._ctx, index, (self.url, self.fleet, self.codec), crash_after, self.linger_s)
         threading.Thread(target=self._read_claims, args=(slot,), name=f"tinyfleet-agg{index}-claims",
                          daemon=True).start()
         return slot
