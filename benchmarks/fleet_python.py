@@ -46,6 +46,16 @@ FLEET = "scale"
 KEEPALIVE_S = 120
 
 
+class _RayProc:
+    """What the benchmark needs of a worker process, for a Ray actor: its pid, a no-op join, no exit code."""
+
+    def __init__(self, pid: int):
+        self.pid, self.exitcode = pid, None
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
 class TimedCoordinator:
     """The coordinator with a stopwatch around every ``handle``/``handle_many`` (its own time, not the link's)."""
 
@@ -205,6 +215,93 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
             conn.send(("stats", {**stats, "connected": connected[0], "clients": len(clients)}))
 
 
+class _QueueConn:
+    """The two ends of a ``multiprocessing`` pipe that ``_devices_worker`` uses, over two queues (a thread in a Ray
+    actor talks to the actor's methods through it)."""
+
+    def __init__(self, out_q, in_q):
+        self.out_q, self.in_q = out_q, in_q
+
+    def send(self, msg) -> None:
+        self.out_q.put(msg)
+
+    def poll(self) -> bool:
+        return not self.in_q.empty()
+
+    def recv(self):
+        return self.in_q.get()
+
+
+class RayDevices:
+    """A Ray actor running ``_devices_worker`` (devices + their MQTT connections) on a thread of its own; the
+    benchmark talks to it as to a worker process (``recv``/``send``/``poll``), one call at a time."""
+
+    def __init__(self, host: str, port: int, ids: list[int], per_conn: int, samples: int):
+        import queue
+
+        self.to_driver, self.to_worker = queue.Queue(), queue.Queue()
+        conn = _QueueConn(self.to_driver, self.to_worker)
+        threading.Thread(target=_devices_worker, args=(conn, host, port, ids, per_conn, samples),
+                         daemon=True).start()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def recv(self, timeout: float):
+        import queue
+
+        try:
+            return self.to_driver.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def send(self, msg) -> None:
+        self.to_worker.put(msg)
+
+
+class _ActorConn:
+    """The driver's end of a :class:`RayDevices` actor, shaped like a pipe's."""
+
+    def __init__(self, actor):
+        import ray
+
+        self.ray, self.actor, self.got = ray, actor, None
+
+    def poll(self, timeout: float) -> bool:
+        if self.got is None:
+            self.got = self.ray.get(self.actor.recv.remote(timeout))
+        return self.got is not None
+
+    def recv(self):
+        self.poll(3600)
+        got, self.got = self.got, None
+        return got
+
+    def send(self, msg) -> None:
+        self.ray.get(self.actor.send.remote(msg))
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                kids = [int(k) for k in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+            except OSError:
+                continue
+            for k in kids:
+                if k not in out:
+                    out.add(k)
+                    todo.append(k)
+    return out
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -234,7 +331,9 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
             closed.append(o)
             done.set()
 
-    cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=n, quorum=0.9, deadline_s=args.deadline), lr=0.2,
+    goal = min(n, args.per_round) if args.per_round else n
+    cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=goal, quorum=0.9, deadline_s=args.deadline,
+                                                  over_selection=1.0 if args.per_round else 1.3), lr=0.2,
                             local_steps=args.steps, batch_size=1)
     timed: list[TimedCoordinator] = []
 
@@ -259,13 +358,22 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
         t0 = time.perf_counter()
         workers = []
         for w in range(args.workers):
+            ids = list(range(w, n, args.workers))
+            if args.backend == "ray":
+                import ray
+
+                actor = ray.remote(num_cpus=0, max_concurrency=4)(RayDevices).remote(
+                    broker.url.host, broker.url.port, ids, args.per_connection, args.samples)
+                workers.append((_RayProc(ray.get(actor.pid.remote())), _ActorConn(actor)))
+                continue
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_devices_worker, daemon=True,
-                            args=(child, broker.url.host, broker.url.port, list(range(w, n, args.workers)),
-                                  args.per_connection, args.samples))
+                            args=(child, broker.url.host, broker.url.port, ids, args.per_connection, args.samples))
             p.start()
             workers.append((p, parent))
         mem.pids = [broker.proc.pid] + [p.pid for p, _ in workers] + (pool.pids() if pool is not None else [])
+        if args.backend == "ray":  # NOTE: Ray's own processes (GCS, raylet, idle workers) count too
+            mem.pids = sorted(set(mem.pids) | _descendants(os.getpid()))
         for p, c in workers:
             if not c.poll(args.setup_timeout):
                 raise SystemExit(f"fleet_python: worker {p.pid} did not build its devices within "
@@ -344,6 +452,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4, help="local training steps (batch 1) per device per round")
     ap.add_argument("--samples", type=int, default=16, help="private samples per device")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="device processes")
+    ap.add_argument("--backend", choices=("process", "ray"), default="process",
+                    help="where the device workers run: spawned processes, or Ray actors on a local Ray instance")
+    ap.add_argument("--per-round", type=int, default=0,
+                    help="devices selected per round (the round's goal); 0: every registered device")
     ap.add_argument("--agg-workers", default="0",
                     help="comma-separated aggregation worker counts to run each size with (0: the coordinator "
                          "reads every delta itself), e.g. 0,1,2,4")
@@ -362,6 +474,11 @@ def main() -> int:
     result: dict = {"ulimit_n": fds, "mosquitto_max_connections": "unlimited (not set)", "host_cores": os.cpu_count(),
                     "target_overhead_s_at_10000": 5.0}
     rows = []
+    if args.backend == "ray":
+        import ray
+
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        result["backend"] = f"ray {ray.__version__} (local instance; actors num_cpus=0)"
     with tempfile.TemporaryDirectory(prefix="tinyfleet-fleetpy-") as tmp:
         for n in sizes:
             need = -(-n // args.per_connection) + 64

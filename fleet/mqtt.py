@@ -26,6 +26,7 @@ from fleet.coordinator import Claimed, Dropped, Received, Verdict
 
 TICK_S = 0.2
 BATCH_MAX = 256  # events handled in one store transaction (one fsync), at most
+CLAIMS_GRACE_S = 0.02  # how long claim batches of other aggregation workers are waited for, to share a commit
 STOP = ("stop", None, None)  # the stop sentinel (None on the queue), when it was drained behind a batch
 
 
@@ -180,8 +181,8 @@ class CoordinatorLink:
         item that ended the group, to be handled next (or None)."""
         group, count = [first], len(first[1])
         while count < 4 * BATCH_MAX:
-            try:
-                nxt = self._q.get_nowait()
+            try:  # NOTE: workers close their batches at the same instants: the others' are a few ms behind
+                nxt = self._q.get(timeout=CLAIMS_GRACE_S)
             except queue.Empty:
                 return group, None
             if nxt is None or nxt[0] != "claims":

@@ -19,6 +19,7 @@ from the store at merge. This module is I/O (processes, pipes, MQTT); it decides
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -35,7 +36,7 @@ from fleet.coordinator.events import Claimed
 from fleet.coordinator.partials import Partial
 
 BATCH_MAX = 256  # deltas per claim batch, at most
-LINGER_S = 0.25  # after a batch's first delta, wait this long for more: one store commit (fsync) per batch
+LINGER_S = 0.5  # a batch closes at the next multiple of this on the wall clock: one store commit (fsync) per period
 PARTIAL_TIMEOUT_S = 30.0  # a worker that does not hand its partial by then is left out (its deltas: from the store)
 
 
@@ -101,11 +102,12 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
             except queue.Empty:
                 continue
             # NOTE: deltas trickle in as devices finish training; the coordinator commits (fsyncs, ~3 ms here) once
-            # per batch, so a batch of one per delta would make fsync the whole cost of a round
-            end = time.monotonic() + linger_s
+            # per batch, so a batch of one per delta would make fsync the whole cost of a round. Every worker closes
+            # its batch at the same wall-clock instants, so the coordinator commits all workers' batches at once.
+            end = (math.floor(time.time() / linger_s) + 1) * linger_s if linger_s > 0 else 0.0
             while len(batch) < BATCH_MAX:
                 try:
-                    batch.append(inbox.get(timeout=max(0.0, end - time.monotonic())))
+                    batch.append(inbox.get(timeout=max(0.0, end - time.time())))
                 except queue.Empty:
                     break
             t0, c0 = time.perf_counter(), time.thread_time()
