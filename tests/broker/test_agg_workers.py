@@ -148,3 +148,26 @@ def test_a_worker_killed_after_acceptance_loses_and_doubles_nothing(broker, tmp_
     for (s1, h1, _), (s2, h2, _) in zip(alone, pooled):
         assert h1 == h2
         assert all(np.array_equal(s1[k], s2[k]) for k in s1)
+
+
+def test_serve_with_aggregation_workers_commits_a_round(broker, tmp_path):
+    # Prepare: `tinyfleet serve` with two aggregation workers and two `device-agent run` processes
+    from device_agent.wire.plan import plan_to_bytes
+    from tests.fixtures.serve import serve_with_agents
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
+
+    (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
+    (tmp_path / "fleet.yaml").write_text(
+        f"name: aggserve\nbroker: mqtt://127.0.0.1:{broker.port}\ndevices: 2\nrounds: 2\nlocal_steps: 5\n"
+        "deadline: 30\naggregation_workers: 2\n")
+    for i in range(2):
+        x, y = tiny_dataset(32, seed=i)
+        np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
+    # Execute
+    rc, err = serve_with_agents(tmp_path / "fleet.yaml", tmp_path / "store.sqlite",
+                                [tmp_path / f"d{i}.npz" for i in range(2)], "aggserve", broker.port,
+                                ["--plan", tmp_path / "plan.ttp"])
+    # Assert
+    assert rc == 0, err
+    assert "2 aggregation workers on $share/tinyfleet-aggserve/" in err
+    assert "round 1: committed v2 (2 deltas)" in err and "round 2: committed v3 (2 deltas)" in err
