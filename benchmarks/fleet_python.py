@@ -1,7 +1,7 @@
 """Host-device fleet at scale: N devices really train, every message crosses a real embedded Mosquitto.
 
 One command: ``python benchmarks/fleet_python.py --devices 1000,10000 [--rounds 1] [--steps 4] [--workers 2]
-[--per-connection 1]``.
+[--per-connection 1] [--agg-workers 0,1,2,4] [--backend process|ray] [--per-round 1000]``.
 
 For each size: the coordinator (``fleet.mqtt.CoordinatorLink`` driving ``fleet.coordinator.Coordinator``, SQLite
 store on disk, as ``tinyfleet serve``) runs in this process; the devices run in ``--workers`` processes. Every
@@ -23,6 +23,13 @@ Measured per size: ``round_seconds`` (StartRound -> RoundClosed, the round commi
 aggregating, persisting) with its CPU time and a breakdown, ``register_s`` (all devices connected and
 registered), ``peak_host_mem_mb`` (sum of PSS of this process, the workers and the broker, sampled every 0.25 s).
 Target (DESIGN.md): 10,000 host devices per round, coordinator overhead < 5 s.
+
+``--agg-workers 0,1,2,4`` runs each size once per count of aggregation workers (fleet/coordinator/pool.py; 0 = the
+coordinator reads every delta, the baseline of the same run), each on a fresh broker and store:
+``coordinator_plus_agg_workers_s`` adds the workers' time reading and summing deltas to the coordinator's.
+``--backend ray`` puts the device workers (devices and their MQTT connections) in Ray actors on a local Ray
+instance instead of spawned processes; peak memory then counts Ray's own processes too. ``--per-round K`` selects
+K of the registered devices per round (e.g. 40,000 registered, 1,000 per round).
 """
 
 from __future__ import annotations
