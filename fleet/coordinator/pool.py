@@ -154,14 +154,14 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
 class _Slot:
     """One worker process and its three pipes (claims up, verdicts down, control both ways)."""
 
-    def __init__(self, ctx, index: int, args: tuple, crash_after: int, linger_s: float):
+    def __init__(self, ctx, pool: AggregationPool, index: int, crash_after: int):
         self.index = index
         self.claims, child_claims = ctx.Pipe(duplex=False)
         child_verdicts, self.verdicts = ctx.Pipe(duplex=False)
         self.control, child_control = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, daemon=True, name=f"tinyfleet-agg{index}",
-                                args=(*args[:2], index, args[2], child_claims, child_verdicts, child_control,
-                                      crash_after, linger_s))
+                                args=(pool.url, pool.fleet, index, pool.codec, child_claims, child_verdicts,
+                                      child_control, crash_after, pool.linger_s))
         self.proc.start()
         for c in (child_claims, child_verdicts, child_control):
             c.close()
@@ -174,8 +174,9 @@ class AggregationPool:
     ``pool.stop()`` before ``link.stop()``. A worker that dies is restarted in its slot (same MQTT session).
 
     ``codec``: the coordinator's codec without a signer (it is pickled into every worker). ``crash_after``: tests
-    only, see :func:`worker_main` (first incarnation of slot 0 only). ``linger_s``: how long a worker collects
-    deltas before claiming them (the latency a delta's ack gains, the fsyncs a round saves).
+    only, see :func:`worker_main` (first incarnation of slot 0 only). ``linger_s``: the period at whose wall-clock
+    multiples every worker closes its batch of deltas (the latency a delta's ack gains, the fsyncs a round saves;
+    0: claim at once).
     """
 
     def __init__(self, url: BrokerURL, fleet: str, codec, n: int, crash_after: int = 0, linger_s: float = LINGER_S):
@@ -209,7 +210,7 @@ class AggregationPool:
         return self
 
     def _spawn(self, index: int, crash_after: int = 0) -> _Slot:
-        slot = _Slot(self._ctx, index, (self.url, self.fleet, self.codec), crash_after, self.linger_s)
+        slot = _Slot(self._ctx, self, index, crash_after)
         threading.Thread(target=self._read_claims, args=(slot,), name=f"tinyfleet-agg{index}-claims",
                          daemon=True).start()
         return slot
