@@ -160,7 +160,6 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
         Verdict,
         WireCodec,
     )
-    from fleet.coordinator.pool import share_topic
     from fleet.mqtt import CoordinatorLink
 
     ccfg = cfg.coordinator_config()
@@ -212,7 +211,7 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
             print(f"tinyfleet serve: device {out.device_id} cannot train round {out.round_id}: {out.reason}",
                   file=sys.stderr, flush=True)
 
-    pool = _pool(cfg, url, plan, family)
+    pool = _pool(cfg, url, plan, family, key)
 
     def coordinator() -> Coordinator:
         c = Coordinator(plan, _store(args.store), ccfg, time.time, codec)
@@ -227,7 +226,8 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
         link.start()
         if pool is not None:
             pool.start(link)
-            print(f"tinyfleet serve: {pool.n} aggregation workers on {share_topic(cfg.name)}", file=sys.stderr)
+            print(f"tinyfleet serve: {pool.n} aggregation workers on {pool.topic.split('/', 2)[2]} (shared "
+                  f"subscription)", file=sys.stderr)
         want = args.min_devices or cfg.goal_count
         if dash is not None:
             dash.follow(link)
@@ -277,16 +277,20 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
     return 0
 
 
-def _pool(cfg, url, plan, family):
+def _pool(cfg, url, plan, family, key):
     """The config's aggregation workers (not started), or None. Their codec reads deltas as the coordinator's
-    does; it signs nothing, so the fleet's private key never leaves this process."""
+    does; it signs nothing, so the fleet's private key never leaves this process: their shared-subscription group
+    is named after it (a device cannot join a group it cannot name)."""
     if not cfg.aggregation_workers:
         return None
+    from cryptography.hazmat.primitives import serialization as ser
+
     from fleet.coordinator import FamilyCodec, WireCodec
-    from fleet.coordinator.pool import AggregationPool
+    from fleet.coordinator.pool import AggregationPool, secret_group
 
     codec = FamilyCodec(family) if family is not None else WireCodec(plan)
-    return AggregationPool(url, cfg.name, codec, cfg.aggregation_workers)
+    raw = key.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
+    return AggregationPool(url, cfg.name, codec, cfg.aggregation_workers, group=secret_group(cfg.name, raw))
 
 
 def _shared(c) -> dict:

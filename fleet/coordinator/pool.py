@@ -1,6 +1,6 @@
 """Aggregation workers: N processes that read and sum a fleet's deltas, fed by the broker's shared subscription.
 
-Each worker subscribes ``$share/tinyfleet-<fleet>/tinyfleet/<fleet>/dev/+/delta`` (MQTT 5 shared subscription:
+Each worker subscribes ``$share/<group>/tinyfleet/<fleet>/dev/+/delta`` (MQTT 5 shared subscription:
 the broker hands each delta to one worker of the group), reads it with the coordinator's own reader
 (:func:`fleet.coordinator.deltas.read_delta`), and sends the coordinator a :class:`Claimed` per delta, a batch at
 a time. The coordinator judges them with its round machine (the only judge), stores the accepted ones and answers
@@ -19,6 +19,7 @@ from the store at merge. This module is I/O (processes, pipes, MQTT); it decides
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing as mp
 import os
@@ -40,16 +41,26 @@ LINGER_S = 0.5  # a batch closes at the next multiple of this on the wall clock:
 PARTIAL_TIMEOUT_S = 30.0  # a worker that does not hand its partial by then is left out (its deltas: from the store)
 
 
-def share_topic(fleet: str) -> str:
-    """The shared subscription of a fleet's aggregation workers."""
-    return f"$share/tinyfleet-{fleet}/" + full_topic(fleet, "dev/+/delta")
+def share_topic(fleet: str, group: str | None = None) -> str:
+    """The shared subscription of a fleet's aggregation workers (group ``tinyfleet-<fleet>`` unless given).
+
+    NOTE: Mosquitto grants any client's subscription to a shared group and applies its read ACL only when a
+    message is routed to it: a device that joined the workers' group would black-hole its share of the deltas
+    (tests/broker/test_acl.py). ``serve`` therefore names the group after a secret (:func:`secret_group`)."""
+    return f"$share/{group or f'tinyfleet-{fleet}'}/" + full_topic(fleet, "dev/+/delta")
+
+
+def secret_group(fleet: str, secret: bytes) -> str:
+    """A shared-subscription group name no device can guess: derived from a secret only the coordinator holds (the
+    fleet's signing key), the same across restarts so the workers' persistent sessions keep their subscription."""
+    return f"tinyfleet-{fleet}-" + hashlib.sha256(b"tinyfleet aggregation group\0" + secret).hexdigest()[:32]
 
 
 # --- worker process -------------------------------------------------------------------------------------------
 
 
 def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, control,
-                crash_after: int = 0, linger_s: float = LINGER_S) -> None:
+                crash_after: int = 0, linger_s: float = LINGER_S, group: str | None = None) -> None:
     """One aggregation worker until told to stop. ``crash_after`` > 0 (tests): SIGKILL itself right after the
     coordinator accepted its ``crash_after``-th delta, before summing or acknowledging it."""
     shared = [t for t in codec.plan.trainable if not t.personal]
@@ -64,7 +75,7 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
             return
         inbox.put((where[0], payload, ack))
 
-    endpoint = MqttEndpoint(url, f"tinyfleet-{fleet}-{name}", [share_topic(fleet)], on_message)
+    endpoint = MqttEndpoint(url, f"tinyfleet-{fleet}-{name}", [share_topic(fleet, group)], on_message)
     endpoint.start(timeout=30.0)
     control.send(("ready", name))  # NOTE: a shared subscription drops what arrives before any member subscribed
     partials: dict[int, Partial] = {}
@@ -161,7 +172,7 @@ class _Slot:
         self.control, child_control = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, daemon=True, name=f"tinyfleet-agg{index}",
                                 args=(pool.url, pool.fleet, index, pool.codec, child_claims, child_verdicts,
-                                      child_control, crash_after, pool.linger_s))
+                                      child_control, crash_after, pool.linger_s, pool.group))
         self.proc.start()
         for c in (child_claims, child_verdicts, child_control):
             c.close()
@@ -176,14 +187,16 @@ class AggregationPool:
     ``codec``: the coordinator's codec without a signer (it is pickled into every worker). ``crash_after``: tests
     only, see :func:`worker_main` (first incarnation of slot 0 only). ``linger_s``: the period at whose wall-clock
     multiples every worker closes its batch of deltas (the latency a delta's ack gains, the fsyncs a round saves;
-    0: claim at once).
+    0: claim at once). ``group``: the shared-subscription group (:func:`secret_group` on a broker devices share).
     """
 
-    def __init__(self, url: BrokerURL, fleet: str, codec, n: int, crash_after: int = 0, linger_s: float = LINGER_S):
+    def __init__(self, url: BrokerURL, fleet: str, codec, n: int, crash_after: int = 0, linger_s: float = LINGER_S,
+                 group: str | None = None):
         if n < 1:
             raise ValueError(f"aggregation_workers: must be >= 1, got {n}")
         self.url, self.fleet, self.codec, self.n, self.crash_after = url, fleet, codec, n, crash_after
-        self.linger_s = linger_s
+        self.linger_s, self.group = linger_s, group
+        self.topic = share_topic(fleet, group)
         self._ctx = mp.get_context("spawn")
         self._slots: list[_Slot] = []
         self._lock = threading.Lock()  # guards _slots against the supervisor's restarts

@@ -118,7 +118,7 @@ def acl_text(fleet: str, coordinator: str | None = COORDINATOR_USER, sites: dict
     coord = [] if coordinator is None else [
         f"user {coordinator}",
         *(f"topic read {p}/dev/+/{k}" for k in DEVICE_UP),
-        f"topic read $share/tinyfleet-{fleet}/{p}/dev/+/delta",  # aggregation workers (fleet/coordinator/pool.py)
+        f"topic read $share/+/{p}/dev/+/delta",  # aggregation workers (fleet/coordinator/pool.py)
         *(f"topic write {p}/dev/+/{k}" for k in DEVICE_DOWN),
         f"topic readwrite {p}/model/current",
         f"topic readwrite {p}/plan/+",

@@ -169,5 +169,5 @@ def test_serve_with_aggregation_workers_commits_a_round(broker, tmp_path):
                                 ["--plan", tmp_path / "plan.ttp"])
     # Assert
     assert rc == 0, err
-    assert "2 aggregation workers on $share/tinyfleet-aggserve/" in err
+    assert "2 aggregation workers on tinyfleet/aggserve/dev/+/delta (shared subscription)" in err
     assert "round 1: committed v2 (2 deltas)" in err and "round 2: committed v3 (2 deltas)" in err
