@@ -140,6 +140,7 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
             t0, c0 = time.perf_counter(), time.thread_time()
             for (d, _, ack), r in zip(batch, reads):
                 if (d, r.content_hash) in ok and r.decoded is not None:
+                    ok.discard((d, r.content_hash))  # NOTE: the same message twice in a batch is accepted once
                     accepted_total += 1
                     if crash_after and accepted_total >= crash_after:
                         os.kill(os.getpid(), signal.SIGKILL)

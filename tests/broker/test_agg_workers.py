@@ -38,7 +38,7 @@ class Player:
     """Plays N devices on one MQTT client: hello + status each, then answers every task with that device's
     delta (a template re-encoded for the device, round and base), published ``copies`` times."""
 
-    def __init__(self, url, plan_hash: str, templates, copies: int):
+    def __init__(self, url, plan_hash: str, templates, copies: int, gap_s: float = 0.0, fleet: str = FLEET):
         from device_agent.mqtt import MqttEndpoint
         from device_agent.wire.messages import Hello, Status, Task, full_topic, parse, split_topic
 
@@ -49,7 +49,7 @@ class Player:
             ack()
 
         def answer(topic, payload):
-            where = split_topic(FLEET, topic)
+            where = split_topic(fleet, topic)
             if where is not None and where[1] == "task":
                 task = parse(payload, Task)
                 i = int(where[0][1:])
@@ -58,18 +58,20 @@ class Player:
                     task.model_hash), task.round_id
                 blob = t.to_bytes()
                 for _ in range(copies):
-                    self.sim.publish(full_topic(FLEET, f"dev/{where[0]}/delta"), blob)
+                    self.sim.publish(full_topic(fleet, f"dev/{where[0]}/delta"), blob)
+                time.sleep(gap_s)  # NOTE: devices finishing one by one: a round closes long after its first batch
 
-        self.sim = MqttEndpoint(url, "agg-player", [full_topic(FLEET, "dev/+/task")], on_task).start()
+        self.sim = MqttEndpoint(url, f"{fleet}-player", [full_topic(fleet, "dev/+/task")], on_task).start()
         for i in range(N):
             d = f"d{i:03d}"
-            self.sim.publish(full_topic(FLEET, f"dev/{d}/hello"),
+            self.sim.publish(full_topic(fleet, f"dev/{d}/hello"),
                              Hello(d, "stm32f746", 320_000, 1_000_000, (plan_hash,), "sim").to_json(), retain=True)
-            self.sim.publish(full_topic(FLEET, f"dev/{d}/status"), Status(d, "online", 1, 24).to_json(), retain=True)
+            self.sim.publish(full_topic(fleet, f"dev/{d}/status"), Status(d, "online", 1, 24).to_json(),
+                             retain=True)
 
 
 def _run(broker, tmp_path, workers: int, crash_after: int = 0, rounds: int = 2, copies: int = 2,
-         linger_s: float = 0.25):
+         linger_s: float = 0.25, gap_s: float = 0.0):
     """Run ``rounds`` rounds of N devices; returns (states after each round, last merges, pool restarts)."""
     from fleet import round as rnd
     from fleet.coordinator import Coordinator, CoordinatorConfig, RoundClosed, StartRound, WireCodec
@@ -79,8 +81,9 @@ def _run(broker, tmp_path, workers: int, crash_after: int = 0, rounds: int = 2, 
     from tests.fixtures.tiny import tiny_plan
 
     plan = tiny_plan()
+    fleet = f"{FLEET}w" if workers else FLEET  # NOTE: its own MQTT sessions: none kept from the run without workers
     cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=N, over_selection=1.0, quorum=1.0, deadline_s=60.0))
-    pool = AggregationPool(broker.url, FLEET, WireCodec(plan), workers, crash_after, linger_s) if workers else None
+    pool = AggregationPool(broker.url, fleet, WireCodec(plan), workers, crash_after, linger_s) if workers else None
     closed: list = []
     done = threading.Event()
 
@@ -97,10 +100,11 @@ def _run(broker, tmp_path, workers: int, crash_after: int = 0, rounds: int = 2, 
 
     from device_agent.wire.messages import DEVICE_UP
     kinds = DEVICE_UP if pool is None else tuple(k for k in DEVICE_UP if k != "delta")
-    link = CoordinatorLink(broker.url, FLEET, factory, on_output=on_output, kinds=kinds).start()
+    link = CoordinatorLink(broker.url, fleet, factory, on_output=on_output, kinds=kinds).start()
     if pool is not None:
         pool.start(link)
-    player = Player(broker.url, link.call(lambda c: c.codec.plan_hash), _templates(plan), copies=copies)
+    player = Player(broker.url, link.call(lambda c: c.codec.plan_hash), _templates(plan), copies=copies,
+                    gap_s=gap_s, fleet=fleet)
     try:
         end = time.monotonic() + 30
         while link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < N:
@@ -137,10 +141,11 @@ def test_workers_commit_the_single_process_model(broker, tmp_path):
 
 def test_a_worker_killed_after_acceptance_loses_and_doubles_nothing(broker, tmp_path):
     # Prepare / Execute: slot 0 SIGKILLs itself after the coordinator accepted its 3rd delta, before summing
-    # or acknowledging it (no linger: batches of a few deltas, so the kill comes early in round 1, with 2 deltas
-    # summed and lost with it); the pool restarts the slot and the broker redelivers its unacknowledged deltas
+    # or acknowledging it (no linger and deltas 20 ms apart: batches of one or two, so the kill comes early in
+    # round 1, with 2 deltas summed and lost with it); the pool restarts the slot and the broker redelivers its
+    # unacknowledged deltas
     alone, _ = _run(broker, tmp_path, workers=0, copies=1)
-    pooled, restarts = _run(broker, tmp_path, workers=2, crash_after=3, copies=1, linger_s=0.0)
+    pooled, restarts = _run(broker, tmp_path, workers=2, crash_after=3, copies=1, linger_s=0.0, gap_s=0.02)
     # Assert: the kill happened, its accepted deltas were made up from the store, the model is the same
     assert restarts >= 1
     first_merge = pooled[0][2]
