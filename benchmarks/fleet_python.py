@@ -1,7 +1,7 @@
 """Host-device fleet at scale: N devices really train, every message crosses a real embedded Mosquitto.
 
 One command: ``python benchmarks/fleet_python.py --devices 1000,10000 [--rounds 1] [--steps 4] [--workers 2]
-[--per-connection 1]``.
+[--per-connection 1] [--agg-workers 0,1,2,4] [--backend process|ray] [--per-round 1000]``.
 
 For each size: the coordinator (``fleet.mqtt.CoordinatorLink`` driving ``fleet.coordinator.Coordinator``, SQLite
 store on disk, as ``tinyfleet serve``) runs in this process; the devices run in ``--workers`` processes. Every
@@ -23,6 +23,13 @@ Measured per size: ``round_seconds`` (StartRound -> RoundClosed, the round commi
 aggregating, persisting) with its CPU time and a breakdown, ``register_s`` (all devices connected and
 registered), ``peak_host_mem_mb`` (sum of PSS of this process, the workers and the broker, sampled every 0.25 s).
 Target (DESIGN.md): 10,000 host devices per round, coordinator overhead < 5 s.
+
+``--agg-workers 0,1,2,4`` runs each size once per count of aggregation workers (fleet/coordinator/pool.py; 0 = the
+coordinator reads every delta, the baseline of the same run), each on a fresh broker and store:
+``coordinator_plus_agg_workers_s`` adds the workers' time reading and summing deltas to the coordinator's.
+``--backend ray`` puts the device workers (devices and their MQTT connections) in Ray actors on a local Ray
+instance instead of spawned processes; peak memory then counts Ray's own processes too. ``--per-round K`` selects
+K of the registered devices per round (e.g. 40,000 registered, 1,000 per round).
 """
 
 from __future__ import annotations
@@ -46,6 +53,16 @@ FLEET = "scale"
 KEEPALIVE_S = 120
 
 
+class _RayProc:
+    """What the benchmark needs of a worker process, for a Ray actor: its pid, a no-op join, no exit code."""
+
+    def __init__(self, pid: int):
+        self.pid, self.exitcode = pid, None
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
 class TimedCoordinator:
     """The coordinator with a stopwatch around every ``handle``/``handle_many`` (its own time, not the link's)."""
 
@@ -60,14 +77,15 @@ class TimedCoordinator:
         return getattr(self.inner, name)
 
     def _timed(self, fn, events):
-        from fleet.coordinator import Received, RoundClosed, StartRound
+        from fleet.coordinator import Claimed, Received, RoundClosed, StartRound
 
         t0, c0 = time.perf_counter(), time.thread_time()
         out = fn()
         dt = time.perf_counter() - t0
         if self.on:
             kind = ("start" if any(isinstance(e, StartRound) for e in events) else
-                    "deltas" if any(isinstance(e, Received) and e.kind == "delta" for e in events) else "other")
+                    "deltas" if any(isinstance(e, Claimed) or isinstance(e, Received) and e.kind == "delta"
+                                    for e in events) else "other")
             self.busy[kind] += dt
             self.cpu += time.thread_time() - c0
             if any(isinstance(o, RoundClosed) for o in out):
@@ -204,6 +222,93 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
             conn.send(("stats", {**stats, "connected": connected[0], "clients": len(clients)}))
 
 
+class _QueueConn:
+    """The two ends of a ``multiprocessing`` pipe that ``_devices_worker`` uses, over two queues (a thread in a Ray
+    actor talks to the actor's methods through it)."""
+
+    def __init__(self, out_q, in_q):
+        self.out_q, self.in_q = out_q, in_q
+
+    def send(self, msg) -> None:
+        self.out_q.put(msg)
+
+    def poll(self) -> bool:
+        return not self.in_q.empty()
+
+    def recv(self):
+        return self.in_q.get()
+
+
+class RayDevices:
+    """A Ray actor running ``_devices_worker`` (devices + their MQTT connections) on a thread of its own; the
+    benchmark talks to it as to a worker process (``recv``/``send``/``poll``), one call at a time."""
+
+    def __init__(self, host: str, port: int, ids: list[int], per_conn: int, samples: int):
+        import queue
+
+        self.to_driver, self.to_worker = queue.Queue(), queue.Queue()
+        conn = _QueueConn(self.to_driver, self.to_worker)
+        threading.Thread(target=_devices_worker, args=(conn, host, port, ids, per_conn, samples),
+                         daemon=True).start()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def recv(self, timeout: float):
+        import queue
+
+        try:
+            return self.to_driver.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def send(self, msg) -> None:
+        self.to_worker.put(msg)
+
+
+class _ActorConn:
+    """The driver's end of a :class:`RayDevices` actor, shaped like a pipe's."""
+
+    def __init__(self, actor):
+        import ray
+
+        self.ray, self.actor, self.got = ray, actor, None
+
+    def poll(self, timeout: float) -> bool:
+        if self.got is None:
+            self.got = self.ray.get(self.actor.recv.remote(timeout))
+        return self.got is not None
+
+    def recv(self):
+        self.poll(3600)
+        got, self.got = self.got, None
+        return got
+
+    def send(self, msg) -> None:
+        self.ray.get(self.actor.send.remote(msg))
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                kids = [int(k) for k in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+            except OSError:
+                continue
+            for k in kids:
+                if k not in out:
+                    out.add(k)
+                    todo.append(k)
+    return out
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -214,9 +319,11 @@ def _tail(path: Path, lines: int = 15) -> str:
 # --- one size -------------------------------------------------------------------------------------------------
 
 
-def run_size(n: int, args, workdir: Path) -> dict:
+def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
+    from device_agent.wire.messages import DEVICE_UP
     from fleet import round as rnd
     from fleet.coordinator import Coordinator, CoordinatorConfig, RoundClosed, StartRound, WireCodec
+    from fleet.coordinator.pool import AggregationPool
     from fleet.mqtt import CoordinatorLink
     from fleet.sim.broker import EmbeddedBroker
     from fleet.store import Store
@@ -231,29 +338,49 @@ def run_size(n: int, args, workdir: Path) -> dict:
             closed.append(o)
             done.set()
 
-    cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=n, quorum=0.9, deadline_s=args.deadline), lr=0.2,
+    goal = min(n, args.per_round) if args.per_round else n
+    cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=goal, quorum=0.9, deadline_s=args.deadline,
+                                                  over_selection=1.0 if args.per_round else 1.3), lr=0.2,
                             local_steps=args.steps, batch_size=1)
     timed: list[TimedCoordinator] = []
 
+    tag = f"{n}-w{agg_workers}"
+    pool: AggregationPool | None = None
+
     def factory():
-        timed.append(TimedCoordinator(Coordinator(plan, Store(str(workdir / f"store-{n}.sqlite")), cfg, time.time,
-                                                  WireCodec(plan))))
+        c = Coordinator(plan, Store(str(workdir / f"store-{tag}.sqlite")), cfg, time.time, WireCodec(plan))
+        if pool is not None:
+            c.partials = pool.partials
+        timed.append(TimedCoordinator(c))
         return timed[0]
 
     mem = MemSampler().start()
     ctx = mp.get_context("spawn")
-    with EmbeddedBroker(workdir=workdir / f"broker-{n}") as broker:
-        link = CoordinatorLink(broker.url, FLEET, factory, on_output=on_output).start()
+    with EmbeddedBroker(workdir=workdir / f"broker-{tag}") as broker:
+        kinds = DEVICE_UP if not agg_workers else tuple(k for k in DEVICE_UP if k != "delta")
+        pool = AggregationPool(broker.url, FLEET, WireCodec(plan), agg_workers) if agg_workers else None
+        link = CoordinatorLink(broker.url, FLEET, factory, on_output=on_output, kinds=kinds).start()
+        if pool is not None:
+            pool.start(link)
         t0 = time.perf_counter()
         workers = []
         for w in range(args.workers):
+            ids = list(range(w, n, args.workers))
+            if args.backend == "ray":
+                import ray
+
+                actor = ray.remote(num_cpus=0, max_concurrency=4)(RayDevices).remote(
+                    broker.url.host, broker.url.port, ids, args.per_connection, args.samples)
+                workers.append((_RayProc(ray.get(actor.pid.remote())), _ActorConn(actor)))
+                continue
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_devices_worker, daemon=True,
-                            args=(child, broker.url.host, broker.url.port, list(range(w, n, args.workers)),
-                                  args.per_connection, args.samples))
+                            args=(child, broker.url.host, broker.url.port, ids, args.per_connection, args.samples))
             p.start()
             workers.append((p, parent))
-        mem.pids = [broker.proc.pid] + [p.pid for p, _ in workers]
+        mem.pids = [broker.proc.pid] + [p.pid for p, _ in workers] + (pool.pids() if pool is not None else [])
+        if args.backend == "ray":  # NOTE: Ray's own processes (GCS, raylet, idle workers) count too
+            mem.pids = sorted(set(mem.pids) | _descendants(os.getpid()))
         for p, c in workers:
             if not c.poll(args.setup_timeout):
                 raise SystemExit(f"fleet_python: worker {p.pid} did not build its devices within "
@@ -277,6 +404,7 @@ def run_size(n: int, args, workdir: Path) -> dict:
             link.call(lambda c: setattr(c, "on", True))
             tc.busy = {k: 0.0 for k in tc.busy}
             tc.cpu = 0.0
+            w0 = link.call(lambda c: pool.stats()) if pool is not None else []
             done.clear()
             t0 = time.perf_counter()
             link.submit(StartRound())
@@ -284,22 +412,37 @@ def run_size(n: int, args, workdir: Path) -> dict:
                 raise SystemExit("fleet_python: the round never closed")
             wall = time.perf_counter() - t0
             link.call(lambda c: setattr(c, "on", False))
+            w1 = link.call(lambda c: pool.stats()) if pool is not None else []
+            wbusy = [b["busy_s"] - a["busy_s"] for a, b in zip(w0, w1)]
+            wcpu = [b["cpu_s"] - a["cpu_s"] for a, b in zip(w0, w1)]
+            merge = link.call(lambda c: c.last_merge)
             rc = closed[-1]
             rounds.append({"round_seconds": wall, "committed": rc.committed, "accepted": len(rc.accepted),
                            "coordinator_busy_s": sum(tc.busy.values()), "coordinator_cpu_s": tc.cpu,
-                           "busy_breakdown_s": dict(tc.busy), "closing_batch_s": tc.closing_batch_s})
+                           "busy_breakdown_s": dict(tc.busy), "closing_batch_s": tc.closing_batch_s,
+                           "agg_workers_busy_s": wbusy, "agg_workers_cpu_s": wcpu,
+                           "agg_workers_summed": [b["summed"] - a["summed"] for a, b in zip(w0, w1)],
+                           "merge_decoded_by_coordinator": len(merge.missing) if merge is not None and pool else None,
+                           "agg_worker_restarts": pool.restarts if pool is not None else 0})
         wstats = []
         for p, c in workers:
             c.send("stop")
             wstats.append(c.recv()[1] if c.poll(60) else {})
             p.join(10)
+        if pool is not None:
+            pool.stop()
         link.stop()
     mem.stop()
     trained = sum(s.get("trained", 0) for s in wstats)
     errors = [e for s in wstats for e in s.get("errors", [])][:5] + link.errors[:5]
     retries = sum(s.get("connect_retries", 0) for s in wstats)
     last = rounds[-1]
-    return {"devices": n, "workers": args.workers, "devices_per_connection": args.per_connection,
+    total = last["coordinator_busy_s"] + sum(last["agg_workers_busy_s"])
+    return {"devices": n, "workers": args.workers, "agg_workers": agg_workers,
+            "coordinator_plus_agg_workers_s": total,
+            "coordinator_plus_slowest_agg_worker_s": last["coordinator_busy_s"] + max(last["agg_workers_busy_s"],
+                                                                                     default=0.0),
+            "devices_per_connection": args.per_connection,
             "connections": sum(s.get("clients", 0) for s in wstats), "connect_retries": retries,
             "local_steps": args.steps,
             "register_s": register_s, "round_seconds": last["round_seconds"],
@@ -316,6 +459,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4, help="local training steps (batch 1) per device per round")
     ap.add_argument("--samples", type=int, default=16, help="private samples per device")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="device processes")
+    ap.add_argument("--backend", choices=("process", "ray"), default="process",
+                    help="where the device workers run: spawned processes, or Ray actors on a local Ray instance")
+    ap.add_argument("--per-round", type=int, default=0,
+                    help="devices selected per round (the round's goal); 0: every registered device")
+    ap.add_argument("--agg-workers", default="0",
+                    help="comma-separated aggregation worker counts to run each size with (0: the coordinator "
+                         "reads every delta itself), e.g. 0,1,2,4")
     ap.add_argument("--per-connection", type=int, default=1, help="devices sharing one MQTT connection")
     ap.add_argument("--deadline", type=float, default=600.0, help="round deadline, seconds")
     ap.add_argument("--setup-timeout", type=float, default=1800.0,
@@ -323,6 +473,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="50 devices")
     args = ap.parse_args()
     sizes = [50] if args.quick else [int(s) for s in args.devices.split(",") if s]
+    aggs = [int(w) for w in args.agg_workers.split(",") if w]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by mosquitto and the workers
@@ -330,6 +481,11 @@ def main() -> int:
     result: dict = {"ulimit_n": fds, "mosquitto_max_connections": "unlimited (not set)", "host_cores": os.cpu_count(),
                     "target_overhead_s_at_10000": 5.0}
     rows = []
+    if args.backend == "ray":
+        import ray
+
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        result["backend"] = f"ray {ray.__version__} (local instance; actors num_cpus=0)"
     with tempfile.TemporaryDirectory(prefix="tinyfleet-fleetpy-") as tmp:
         for n in sizes:
             need = -(-n // args.per_connection) + 64
@@ -337,14 +493,19 @@ def main() -> int:
                 print(f"fleet_python: {n} devices need ~{need} file descriptors in the broker, ulimit -n is {fds}: "
                       f"use --per-connection {-(-n // (fds - 64))} or raise the limit", file=sys.stderr)
                 return 2
-            r = run_size(n, args, Path(tmp))
-            result[str(n)] = r
-            rows.append((n, r["connections"], f"{r['register_s']:.1f}", f"{r['round_seconds']:.1f}",
-                         f"{r['coordinator_overhead_s']:.2f}", f"{r['coordinator_cpu_s']:.2f}",
-                         r["accepted"], r["peak_host_mem_mb"]))
-    emit(result, rows, ("devices", "connections", "register s", "round s", "coord busy s", "coord cpu s",
-                        "accepted", "peak MB"))
-    ok = all(result[str(n)]["committed"] and not result[str(n)]["errors"] for n in sizes)
+            for w in aggs:
+                r = run_size(n, args, Path(tmp), w)
+                key = str(n) if aggs == [0] else f"{n}/w{w}"
+                result[key] = r
+                rows.append((n, w, r["connections"], f"{r['register_s']:.1f}", f"{r['round_seconds']:.1f}",
+                             f"{r['coordinator_overhead_s']:.2f}", f"{r['coordinator_cpu_s']:.2f}",
+                             f"{r['coordinator_plus_agg_workers_s']:.2f}", r["accepted"], r["peak_host_mem_mb"]))
+                print(f"fleet_python: {key}: {r['round_seconds']:.1f} s round, coordinator {r['coordinator_overhead_s']:.2f} s"
+                      f" + workers {r['coordinator_plus_agg_workers_s'] - r['coordinator_overhead_s']:.2f} s",
+                      file=sys.stderr, flush=True)
+    emit(result, rows, ("devices", "agg workers", "connections", "register s", "round s", "coord busy s",
+                        "coord cpu s", "coord+workers s", "accepted", "peak MB"))
+    ok = all(r["committed"] and not r["errors"] for k, r in result.items() if isinstance(r, dict))
     return 0 if ok else 1
 
 

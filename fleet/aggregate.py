@@ -101,6 +101,15 @@ class RunningSums:
         self.den += wm
         self.count += 1
 
+    def merge(self, other: RunningSums) -> None:
+        """Add ``other``'s rows (a partial sum of other devices, e.g. from an aggregation worker): exact, so the
+        result equals adding its rows here one by one, in any order."""
+        if other.num.shape != self.num.shape or other.den.shape != self.den.shape:
+            raise AggregationError(f"partial sums of size {other.num.shape} cannot merge into {self.num.shape}")
+        self.num += other.num
+        self.den += other.den
+        self.count += other.count
+
     def mean(self) -> Mean:
         """The sparse FedAvg of every row added so far (what :func:`fedavg` gives for them stacked)."""
         return mean_from_sums(self.num, self.den)

@@ -22,10 +22,11 @@ from typing import Any
 
 from device_agent.mqtt import BrokerURL, MqttEndpoint
 from device_agent.wire.messages import DEVICE_UP, Publish, full_topic, split_topic
-from fleet.coordinator import Dropped, Received
+from fleet.coordinator import Claimed, Dropped, Received, Verdict
 
 TICK_S = 0.2
 BATCH_MAX = 256  # events handled in one store transaction (one fsync), at most
+CLAIMS_GRACE_S = 0.02  # how long claim batches of other aggregation workers are waited for, to share a commit
 STOP = ("stop", None, None)  # the stop sentinel (None on the queue), when it was drained behind a batch
 
 
@@ -39,7 +40,7 @@ class CoordinatorLink:
 
     def __init__(self, url: BrokerURL, fleet: str, factory: Callable[[], Any],
                  on_output: Callable[[object], None] | None = None, client_id: str | None = None,
-                 tick: float = TICK_S):
+                 tick: float = TICK_S, kinds: tuple[str, ...] = DEVICE_UP):
         self.fleet, self.factory, self.on_output, self.tick = fleet, factory, on_output, tick
         self.coordinator: Any = None
         self._q: queue.Queue = queue.Queue()
@@ -47,7 +48,8 @@ class CoordinatorLink:
         self._thread = threading.Thread(target=self._run, name=f"coordinator-{fleet}", daemon=True)
         self._ready: Future = Future()
         self.errors: list[str] = []
-        subs = [full_topic(fleet, f"dev/+/{kind}") for kind in DEVICE_UP]
+        self.kinds = kinds  # without "delta" when aggregation workers read the deltas (fleet/coordinator/pool.py)
+        subs = [full_topic(fleet, f"dev/+/{kind}") for kind in kinds]
         self.endpoint = MqttEndpoint(url, client_id or f"tinyfleet-{fleet}-coordinator", subs, self._on_message,
                                      on_connect=self._on_connect, retained_on_resume=True)
 
@@ -81,6 +83,12 @@ class CoordinatorLink:
         """Queue a coordinator event (``StartRound()``, ``Tick()``...) for the driver thread."""
         self._q.put(("event", event, None))
 
+    def submit_claims(self, claims: list, reply: Callable[[set], None]) -> None:
+        """Queue an aggregation worker's batch of ``Claimed`` deltas: handled in one store transaction (with other
+        workers' batches queued meanwhile), then ``reply({(device_id, content_hash), ...})`` with those of its
+        claims that were accepted, on the driver thread, after the store committed."""
+        self._q.put(("claims", claims, reply))
+
     def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
         """Run ``fn(coordinator)`` on the driver thread and return its result (e.g. read the registry)."""
         fut: Future = Future()
@@ -92,6 +100,8 @@ class CoordinatorLink:
     def _on_connect(self, session_present: bool) -> None:
         from fleet.coordinator import Boot
 
+        if "delta" not in self.kinds:  # NOTE: a session kept from a run without workers would still get deltas
+            self.endpoint.client.unsubscribe(full_topic(self.fleet, "dev/+/delta"))
         # NOTE: after every reconnect, not only when the session is gone: a broker that crashed restarts from its
         # last autosave, so it may have lost the newest retained model, a task it had already PUBACKed to us, or
         # a delta it had PUBACKed to a device (which never sends it again unprompted). Boot republishes the plan
@@ -141,25 +151,48 @@ class CoordinatorLink:
                 except BaseException as e:  # noqa: BLE001  handed to the caller
                     done.set_exception(e)
                 continue
+            if kind == "claims":  # NOTE: every worker's queued batch in one store transaction
+                group, held = self._claims_group(item)
+                outs = self._handle([ev for _, evs, _ in group for ev in evs])
+                for (_, _, reply), mine in zip(group, _accepted_by_batch(group, outs)):
+                    reply(mine)
+                if held is STOP:
+                    break
+                continue
             batch = [item]
             while len(batch) < BATCH_MAX:  # whatever queued up meanwhile goes into the same store transaction
                 try:
                     nxt = self._q.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None or nxt[0] == "call":  # a call sees the state after the events queued before it
+                if nxt is None or nxt[0] != "event":  # a call sees the state after the events queued before it
                     held = nxt if nxt is not None else STOP
                     break
                 batch.append(nxt)
-            if self._handle([b[1] for b in batch]):
-                for _, _, done in batch:
-                    if done is not None:
-                        done()  # the broker may forget the message now: the store has what it implied
+            self._handle([b[1] for b in batch])
+            for _, _, done in batch:
+                if done is not None:
+                    done()  # the broker may forget the message now: the store has what it implied
             if held is STOP:
                 break
 
-    def _handle(self, events: list) -> bool:
-        """``handle_many(events)`` and publish its outputs; False when the batch did not happen as a whole.
+    def _claims_group(self, first: tuple) -> tuple[list, object]:
+        """``first`` and the claim batches queued right behind it (up to 4 x :data:`BATCH_MAX` claims); the
+        item that ended the group, to be handled next (or None)."""
+        group, count = [first], len(first[1])
+        while count < 4 * BATCH_MAX:
+            try:  # NOTE: workers close their batches at the same instants: the others' are a few ms behind
+                nxt = self._q.get(timeout=CLAIMS_GRACE_S)
+            except queue.Empty:
+                return group, None
+            if nxt is None or nxt[0] != "claims":
+                return group, nxt if nxt is not None else STOP
+            group.append(nxt)
+            count += len(nxt[1])
+        return group, None
+
+    def _handle(self, events: list) -> list:
+        """``handle_many(events)``, publish its outputs and return them.
 
         NOTE: the coordinator's contract: after a failed handle, rebuild from the same store and Boot. Then the
         batch's events are handled again one at a time, so one message that makes a handler raise (a poison
@@ -167,20 +200,21 @@ class CoordinatorLink:
         output) and counts as handled, so it is acknowledged and the broker does not redeliver it forever.
         """
         try:
-            self._emit(self._many(events))
-            return True
+            return self._emit(self._many(events))
         except Exception as e:  # noqa: BLE001
             self._rebuild(f"batch of {len(events)}: {type(e).__name__}: {e}")
-        if len(events) > 1 or isinstance(events[0], Received):
+        out: list = []
+        if len(events) > 1 or isinstance(events[0], (Received, Claimed)):
             for ev in events:
                 try:
-                    self._emit(self._many([ev]))
+                    out += self._emit(self._many([ev]))
                 except Exception as e:  # noqa: BLE001
-                    who = f"{ev.kind} from device {ev.device_id!r}" if isinstance(ev, Received) else type(ev).__name__
+                    kind = "delta" if isinstance(ev, Claimed) else getattr(ev, "kind", "")
+                    who = f"{kind} from device {ev.device_id!r}" if kind else type(ev).__name__
                     self._rebuild(f"refused {who}: {type(e).__name__}: {e}")
-                    if isinstance(ev, Received):
-                        self._emit([Dropped(ev.device_id, ev.kind, f"handler raised {type(e).__name__}: {e}")])
-        return True
+                    if kind:
+                        out += self._emit([Dropped(ev.device_id, kind, f"handler raised {type(e).__name__}: {e}")])
+        return out
 
     def _many(self, events: list) -> list:
         many = getattr(self.coordinator, "handle_many", None)  # NOTE: the Flower grid's driver has handle only
@@ -193,9 +227,22 @@ class CoordinatorLink:
         self.coordinator = self.factory()
         self._emit(self.coordinator.handle(Boot()))
 
-    def _emit(self, outputs: list) -> None:
+    def _emit(self, outputs: list) -> list:
         for out in outputs:
             if isinstance(out, Publish):
                 self.endpoint.publish(full_topic(self.fleet, out.topic), out.payload, out.retain)
             if self.on_output is not None:
                 self.on_output(out)
+        return outputs
+
+
+def _accepted_by_batch(group: list, outputs: list) -> list[set]:
+    """Per claim batch of ``group``, the (device, content hash) of its claims that ``outputs`` accepted. The same
+    bytes in two batches (a redelivered delta) are accepted once, on the first claim: it goes to that batch."""
+    ok = {(o.device_id, o.content_hash) for o in outputs if isinstance(o, Verdict) and o.reason == "ok"}
+    out = []
+    for _, claims, _ in group:
+        mine = {(c.device_id, c.content_hash) for c in claims} & ok
+        ok -= mine
+        out.append(mine)
+    return out

@@ -264,6 +264,9 @@ class FleetConfig:
     # mixed-memory fleet: one nested plan per SRAM budget (fleet/compiler/family.py); each device trains the largest
     # plan that fits the SRAM in its hello. Empty: one plan under the board's budget.
     plan_budgets: list[Size] = field(default_factory=list)
+    # processes that read and sum deltas beside the coordinator, fed by an MQTT 5 shared subscription
+    # (fleet/coordinator/pool.py); 0: the coordinator reads every delta itself
+    aggregation_workers: int = 0
 
     def validate(self) -> list[str]:
         errs = []
@@ -331,6 +334,15 @@ class FleetConfig:
                             f"got aggregator {self.aggregator!r}")
         if self.plan_budgets:
             errs += self._family_errors()
+        w = self.aggregation_workers
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            errs.append(f"aggregation_workers: must be an integer >= 0 (0: the coordinator reads every delta), got {w!r}")
+        elif w and (self.mode != "sync" or self.aggregator != "fedavg" or self.dp is not None
+                    or self.secure_aggregation is not None):
+            # NOTE: workers hand over sums; robust aggregators and DP need every row, masked and async rounds
+            # judge deltas with state a worker does not see
+            errs.append("aggregation_workers: partial sums serve sync FedAvg rounds only (no dp, no "
+                        "secure_aggregation, aggregator fedavg, mode sync); set aggregation_workers: 0")
         return errs
 
     def _family_errors(self) -> list[str]:

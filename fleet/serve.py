@@ -146,6 +146,7 @@ def _plan(cfg, path: Path | None):
 
 def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] | None, evaluate=None) -> int:
     from device_agent.wire.envelope import Signer
+    from device_agent.wire.messages import DEVICE_UP
     from fleet import round as rnd
     from fleet.coordinator import (
         Coordinator,
@@ -210,14 +211,23 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
             print(f"tinyfleet serve: device {out.device_id} cannot train round {out.round_id}: {out.reason}",
                   file=sys.stderr, flush=True)
 
+    pool = _pool(cfg, url, plan, family, key)
+
     def coordinator() -> Coordinator:
         c = Coordinator(plan, _store(args.store), ccfg, time.time, codec)
+        if pool is not None:
+            c.partials = pool.partials
         return args.crash_at.arm(c) if args.crash_at is not None else c
 
-    link = CoordinatorLink(url, cfg.name, coordinator, on_output=on_output)
+    kinds = DEVICE_UP if pool is None else tuple(k for k in DEVICE_UP if k != "delta")
+    link = CoordinatorLink(url, cfg.name, coordinator, on_output=on_output, kinds=kinds)
     print(f"tinyfleet serve: fleet {cfg.name!r} on {url}, plan {codec.plan_hash[:16]}", file=sys.stderr)
     try:
         link.start()
+        if pool is not None:
+            pool.start(link)
+            print(f"tinyfleet serve: {pool.n} aggregation workers on {pool.topic.split('/', 2)[2]} (shared "
+                  f"subscription)", file=sys.stderr)
         want = args.min_devices or cfg.goal_count
         if dash is not None:
             dash.follow(link)
@@ -248,7 +258,7 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
                 if rec is not None:
                     rec.m["stopped"] = refused[-1]
                 return 3
-    except ConnectionError as e:
+    except (ConnectionError, RuntimeError) as e:
         print(f"tinyfleet serve: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -259,10 +269,28 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
     finally:
         if rec is not None and args.out is not None:
             _finish_run(rec, link, args.out)
+        if pool is not None:
+            pool.stop()
         link.stop()
         if dash is not None:
             dash.stop()
     return 0
+
+
+def _pool(cfg, url, plan, family, key):
+    """The config's aggregation workers (not started), or None. Their codec reads deltas as the coordinator's
+    does; it signs nothing, so the fleet's private key never leaves this process: their shared-subscription group
+    is named after it (a device cannot join a group it cannot name)."""
+    if not cfg.aggregation_workers:
+        return None
+    from cryptography.hazmat.primitives import serialization as ser
+
+    from fleet.coordinator import FamilyCodec, WireCodec
+    from fleet.coordinator.pool import AggregationPool, secret_group
+
+    codec = FamilyCodec(family) if family is not None else WireCodec(plan)
+    raw = key.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
+    return AggregationPool(url, cfg.name, codec, cfg.aggregation_workers, group=secret_group(cfg.name, raw))
 
 
 def _shared(c) -> dict:

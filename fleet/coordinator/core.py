@@ -27,6 +27,7 @@ from fleet.coordinator.codec import Codec
 from fleet.coordinator.deltas import DeltaBook, RoundDeltas
 from fleet.coordinator.events import (
     Boot,
+    Claimed,
     CoordinatorConfig,
     DeviceFailed,
     Dropped,
@@ -130,6 +131,8 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         now = float(self.clock())
         if isinstance(event, Received):
             return self._received(event, now)
+        if isinstance(event, Claimed):  # a delta an aggregation worker read (fleet/coordinator/pool.py)
+            return self._refused("delta", event.device_id, now) or self._claimed(event, now)
         if isinstance(event, Tick):
             out: list[Output] = []
             for d in self.registry.expire(now):
@@ -217,14 +220,10 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         return self._machine(self._eligible_event(now), now)
 
     def _received(self, ev: Received, now: float) -> list[Output]:
-        kind = "delta" if ev.kind == "delta" else "control"
-        if not self.limits[kind].allow(ev.device_id, now):  # NOTE: before any decoding: a flood costs nothing
-            lim = self.limits[kind].limit
-            return [Dropped(ev.device_id, ev.kind, f"rate limited: {kind} messages above {lim.rate:g}/s "
-                                                   f"(burst {lim.burst:g}) from this device")]
+        refused = self._refused(ev.kind, ev.device_id, now)
+        if refused:
+            return refused
         if ev.kind == "delta":
-            if self.config.secure_aggregation is not None:
-                return [Dropped(ev.device_id, ev.kind, "this fleet aggregates securely: plain deltas are never read")]
             return self._delta(ev, now)
         if ev.kind == "secagg":
             if self.config.secure_aggregation is None:
@@ -251,6 +250,17 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
             return [DeviceFailed(msg.device_id, msg.round_id or 0, msg.reason or ""),
                     *self._failed(msg.device_id, msg.round_id or 0, now)]
         return self._catch_up(msg.device_id, msg.model_version)
+
+    def _refused(self, kind: str, device_id: str, now: float) -> list[Output]:
+        """A ``Dropped`` when this message must not be read at all (rate limit, plain delta in a masked fleet)."""
+        bucket = "delta" if kind == "delta" else "control"
+        if not self.limits[bucket].allow(device_id, now):  # NOTE: before any decoding: a flood costs nothing
+            lim = self.limits[bucket].limit
+            return [Dropped(device_id, kind, f"rate limited: {bucket} messages above {lim.rate:g}/s "
+                                             f"(burst {lim.burst:g}) from this device")]
+        if kind == "delta" and self.config.secure_aggregation is not None:
+            return [Dropped(device_id, kind, "this fleet aggregates securely: plain deltas are never read")]
+        return []
 
     def _failed(self, device_id: str, round_id: int, now: float) -> list[Output]:
         return self._machine(rnd.DeviceLost(device_id, now), now) if round_id == self.machine.round_id else []

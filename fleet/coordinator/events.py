@@ -22,6 +22,20 @@ class Received:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """A delta an aggregation worker already read (:func:`fleet.coordinator.deltas.read_delta`): the coordinator
+    judges it by ``header`` without decoding it again and stores ``payload``; the worker sums it once told it was
+    accepted. ``header`` is None when the reader refused the payload (``reject``, ``detail`` say why)."""
+
+    device_id: str
+    payload: bytes
+    content_hash: str
+    header: object | None  # fleet.round.Upload
+    reject: int = 0  # fleet.round.Reject value when header is None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class Boot:
     """First event after construction: republish plan and model, resume the open round (re-send its tasks)."""
 
@@ -46,6 +60,7 @@ class Verdict:
     code: int = 0  # Reject value (0 = accepted or duplicate); for MALFORMED, ``detail`` holds the WireError
     detail: str = ""
     nbytes: int = 0  # the delta's payload size
+    content_hash: str = ""  # sha256 of the payload (hex): which bytes this verdict is about
 
 
 @dataclass(frozen=True)

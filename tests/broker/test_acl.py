@@ -357,3 +357,25 @@ def test_cli_writes_config_from_devices_file(tmp_path, capsys):
     assert main(["broker-config", "--fleet", FLEET, "--devices", "bad/id", "--out", str(tmp_path / "p")]) == 2
     assert "MQTT topic levels" in capsys.readouterr().err
     assert callable(broker_config.add_arguments) and callable(broker_config.run)
+
+
+def test_aggregation_workers_in_a_secret_group_get_every_delta_whoever_else_subscribes(secured):
+    # Prepare: a worker logs in as the coordinator and joins the workers' shared subscription under a group named
+    # after a secret; a device joins the default-named group and, as a device could, subscribes without $share
+    from fleet.coordinator.pool import secret_group, share_topic
+
+    creds = json.loads(secured.credentials.read_text())
+    worker = Client(secured, "coordinator", creds["coordinator"]["password"])
+    device = Client(secured, "a", creds["devices"]["a"])
+    assert worker.connected() and device.connected()
+    assert not worker.sub(share_topic(FLEET, secret_group(FLEET, b"the fleet key"))).is_failure
+    device.sub(share_topic(FLEET))
+    device.sub(f"{P}/dev/+/delta")
+    # Execute
+    for k in range(10):
+        device.pub(f"{P}/dev/a/delta", b"delta %d" % k)
+    # Assert: the worker gets every delta, the device reads none (its read ACL). NOTE: a device in the *same*
+    # group would be routed every other delta, which its read ACL then drops: why the group name is secret
+    assert worker.wait(lambda: len(worker.messages) >= 10), worker.messages
+    assert sorted(worker.messages) == sorted((f"{P}/dev/a/delta", b"delta %d" % k) for k in range(10))
+    assert device.messages == []

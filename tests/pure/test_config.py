@@ -36,6 +36,8 @@ def test_simulator_keys_are_exactly_the_simulators_extra_fields():
     ("heartbeat_timeout: -1\n", "heartbeat_timeout: must be >= 0"),
     ("dataset: {name: mnist}\n", "dataset.name: unknown dataset 'mnist'"),
     ("aggregator: clipped\n", "clip: must be > 0 for the clipped aggregator"),
+    ("aggregation_workers: -1\n", "aggregation_workers: must be an integer >= 0"),
+    ("aggregation_workers: 2\naggregator: median\n", "aggregation_workers: partial sums serve sync FedAvg rounds"),
 ])
 def test_every_bad_value_is_one_error_with_its_key_path_for_serve_and_simulate(tmp_path, text, message):
     # Prepare
