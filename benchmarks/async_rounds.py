@@ -298,6 +298,32 @@ def mean_ci(xs: list[float]) -> dict:
     return {"mean": round(float(a.mean()), 4), "ci95": round(float(half), 4), "n": len(a)}
 
 
+def emit_from_dumps(args) -> None:
+    """The comparison of runs simulated earlier (``--dump``), each setting under its own name."""
+    runs: dict[str, list] = {}
+    for path in args.from_dump.split(","):
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            a = r["args"]
+            name = r["mode"]
+            if name == "sync":  # dumps written before the sync grid
+                name = f"sync g{a['goal']}/{math.ceil(a['goal'] * a['over_selection'] - 1e-9)}"
+            elif name == "async" and "async" in runs and any(x["seed"] == r["seed"] for x in runs["async"]):
+                raise SystemExit(f"{path}: a second async run of seed {r['seed']}: compare one async setting")
+            runs.setdefault(name, []).append({"curve": r["curve"], "versions": r.get("versions") or r["commits"],
+                                              "bytes": r.get("bytes") or [(0.0, math.nan)], "seed": r["seed"],
+                                              "verdicts": r["verdicts"]})
+            if name == "async":
+                args.async_setup = {k: a.get(k) for k in ("buffer", "async_concurrency", "server_lr", "task_timeout",
+                                                          "exponent", "max_staleness")}
+    args.seeds = min(len(v) for v in runs.values())
+    out = compare({k: sorted(v, key=lambda r: r["seed"])[:args.seeds] for k, v in runs.items()}, args)
+    out["setup"] = {"from_dump": args.from_dump.split(","), "async": getattr(args, "async_setup", None),
+                    "final_window_s": args.final_window, "smooth_evaluations": args.smooth,
+                    "clock": "simulated seconds", "target_rule": "initial + 0.9 * (min over settings of mean final - initial)"}
+    emit(out, out.pop("_rows"), ("setting", "time_to_target_s", "first_crossing_s", "final_acc", "bytes", "versions"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3)
@@ -328,8 +354,12 @@ def main() -> None:
     p.add_argument("--modes", default="sync,async", help="run only these (one mode: --dump output, no comparison)")
     p.add_argument("--dump", help="append per-run curves, commits and staleness here (JSON lines)")
     p.add_argument("--cache", help="pickle the (slow: pretraining) setup here and reuse it")
+    p.add_argument("--from-dump", help="no simulation: compare the runs in these --dump files (comma-separated)")
     args = p.parse_args()
     wall = time.time()
+    if args.from_dump:
+        emit_from_dumps(args)
+        return
     cache = Path(args.cache) if args.cache else None
     if cache is not None and cache.exists():
         plan, data, x_te, y_te = pickle.loads(cache.read_bytes())
@@ -357,7 +387,8 @@ def main() -> None:
             if args.dump:
                 with open(args.dump, "a") as f:
                     f.write(json.dumps({"mode": name, "seed": seed, "args": vars(args), "curve": curve,
-                                        "commits": sim.closed, "verdicts": sim.verdicts,
+                                        "commits": sim.closed, "verdicts": sim.verdicts, "bytes": sim.byte_log,
+                                        "versions": runs[name][-1]["versions"],
                                         "behaviour": [vars(b) for b in beh]}) + "\n")
             print(f"seed {seed} {name}: {len(sim.versions)} versions, final acc {curve[-1][1]:.3f}, "
                   f"{sim.bytes} B, {time.time() - t0:.0f} s wall, {sim.verdicts}", file=sys.stderr, flush=True)
