@@ -354,6 +354,8 @@ def main() -> None:
     p.add_argument("--modes", default="sync,async", help="run only these (one mode: --dump output, no comparison)")
     p.add_argument("--dump", help="append per-run curves, commits and staleness here (JSON lines)")
     p.add_argument("--cache", help="pickle the (slow: pretraining) setup here and reuse it")
+    p.add_argument("--stragglers", type=float, default=0.2, help="fraction of devices 8x slower (behaviour model)")
+    p.add_argument("--sleepers", type=float, default=0.3, help="fraction of devices awake half of every 600 s")
     p.add_argument("--from-dump", help="no simulation: compare the runs in these --dump files (comma-separated)")
     args = p.parse_args()
     wall = time.time()
@@ -369,7 +371,7 @@ def main() -> None:
             cache.write_bytes(pickle.dumps((plan, data, x_te, y_te)))
     pick = np.random.default_rng(0).permutation(len(x_te))[:args.test_samples]
     x_te, y_te = x_te[pick], y_te[pick]
-    model = BehaviourModel()
+    model = BehaviourModel(stragglers=args.stragglers, sleepers=args.sleepers)
     cfgs = configs(args)
     runs: dict[str, list] = {name: [] for name in cfgs}
     for seed in range(args.seeds):
