@@ -31,6 +31,9 @@ Measured 2026-12-07 (session 8; 20 devices, 3 seeds, 1500 simulated s, 20 local 
 - async K 3, every idle device, server lr 0.5: 185 s, final 0.821 (the least noisy: version sd 0.014-0.019);
   K 3 without server lr: 150 +- 99 s (1.63x) but final 0.802 (-1.45 points).
 - across targets 0.76-0.79 the best async setting is 1.3-1.7x sooner than sync g6/12; per-seed ratios 0.7-2.9.
+- a harsher fleet, half the devices 8x slower (``--stragglers 0.5 --sync-grid 6:2.0,6:2.67 --buffer 6
+  --async-concurrency 0``): sync g6/17 435 +- 528 s, final 0.805; sync g6/12 625 s, 0.795; async 385 +- 334 s,
+  0.804 +- 0.008: 1.13x the best sync (1.6x g6/12), 0.1 points lower (/work/runs/s8/async/harsh.out).
 Why not 2x: sync with over-selection 2.0 closes each round on the 6 fastest of 12 online devices, so stragglers
 and sleepers cost it little time; async's advantage is the work sync throws away, and here that is ~1.5x more
 accepted deltas per second (g6/12: 714 in 1500 s; async K 6: ~1060). Stale deltas are mostly the stragglers' (K 3,
