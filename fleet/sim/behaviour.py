@@ -47,6 +47,8 @@ class DeviceBehaviour:
         if self.duty >= 1.0:
             return math.inf
         pos = (t + self.phase_s) % self.period_s
+        if pos >= self.duty * self.period_s:  # NOTE: a wake instant whose phase rounded to just below the period
+            return self.next_wake(t) + self.duty * self.period_s  # (else this lies in the past: flips forever)
         return t + (self.duty * self.period_s - pos)
 
     def finish(self, t: float, work_s: float) -> float:

@@ -60,3 +60,15 @@ def test_a_board_speed_is_instructions_over_its_clock(tmp_path):
     assert c.clock("my-board") == 48e6 and c.clock("stm32f746") == 216e6
     with pytest.raises(KeyError, match="no clock known for board 'other'"):
         c.clock("other")
+
+
+def test_a_wake_instant_rounded_short_of_its_period_still_moves_time_forward():
+    # Prepare: a wake instant whose phase computes to just below the period (float rounding), so awake() says no
+    d = DeviceBehaviour(step_s=0.5, period_s=600.0, duty=0.5, phase_s=0.1)
+    t = 599.9 - 1e-13
+    assert not d.awake(t)
+
+    # Execute / Assert: the next sleep is half a period after the wake, never in the past (a simulator flipping
+    # sleep/wake at such an instant used to loop forever and ran out of memory)
+    assert d.next_sleep(t) == pytest.approx(t + 300.0)
+    assert d.next_wake(t) >= t and d.finish(t, 1.0) == pytest.approx(t + 1.0, abs=1e-9)
