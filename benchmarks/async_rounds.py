@@ -34,6 +34,9 @@ Measured 2026-12-07 (session 8; 20 devices, 3 seeds, 1500 simulated s, 20 local 
 - a harsher fleet, half the devices 8x slower (``--stragglers 0.5 --sync-grid 6:2.0,6:2.67 --buffer 6
   --async-concurrency 0``): sync g6/17 435 +- 528 s, final 0.805; sync g6/12 625 s, 0.795; async 385 +- 334 s,
   0.804 +- 0.008: 1.13x the best sync (1.6x g6/12), 0.1 points lower (/work/runs/s8/async/harsh.out).
+- most devices sleeping (``--sleepers 0.8 --sync-grid 6:1.3,6:2.0 --buffer 6 --async-concurrency 0``): sync g6/8
+  775 +- 282 s, 0.793; sync g6/12 365 +- 151 s, 0.820; async 320 +- 94 s, 0.817 +- 0.023, bytes to target 654 vs
+  854 kB: 1.14x the best sync (2.4x g6/8), 0.3 points lower (/work/runs/s8/async/sleepy.out).
 Why not 2x: sync with over-selection 2.0 closes each round on the 6 fastest of 12 online devices, so stragglers
 and sleepers cost it little time; async's advantage is the work sync throws away, and here that is ~1.5x more
 accepted deltas per second (g6/12: 714 in 1500 s; async K 6: ~1060). Stale deltas are mostly the stragglers' (K 3,
