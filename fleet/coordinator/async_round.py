@@ -42,7 +42,8 @@ class AsyncConfig:
     ``constant`` 1; ``polynomial`` ``(1 + s) ** -exponent`` (0.5: ``1/sqrt(1+s)``, FedBuff's); ``hinge`` 1 up to
     ``hinge`` versions, then ``1 / (1 + exponent * (s - hinge))``. ``concurrency``: tasks out at once (0: every
     idle eligible device trains). ``task_timeout_s``: a task not answered by then is dropped and its device
-    offered a new one."""
+    offered a new one. ``server_lr`` in (0, 1] scales every buffer's step (FedBuff's server learning rate,
+    folded into each delta's factor: ``server_lr * f(s)``)."""
 
     buffer_size: int = 10
     staleness: str = "polynomial"
@@ -51,6 +52,7 @@ class AsyncConfig:
     max_staleness: int = 8
     concurrency: int = 0
     task_timeout_s: float = 60.0
+    server_lr: float = 1.0
 
     def validate(self, prefix: str = "") -> list[str]:
         """Every problem, with its key path under ``prefix``; empty when valid (``fleet.config.from_dict`` calls
@@ -69,6 +71,9 @@ class AsyncConfig:
         if not (isinstance(self.task_timeout_s, (int, float)) and math.isfinite(self.task_timeout_s)
                 and self.task_timeout_s > 0):
             errs.append(f"{prefix}task_timeout_s: must be finite and > 0, got {self.task_timeout_s!r}")
+        if not (isinstance(self.server_lr, (int, float)) and not isinstance(self.server_lr, bool)
+                and 0 < self.server_lr <= 1):
+            errs.append(f"{prefix}server_lr: must be in (0, 1], got {self.server_lr!r}")
         if isinstance(self.concurrency, int) and isinstance(self.buffer_size, int) \
                 and 0 < self.concurrency < self.buffer_size:
             errs.append(f"{prefix}concurrency: must be 0 or >= buffer_size ({self.buffer_size}): fewer tasks out "

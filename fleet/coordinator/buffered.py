@@ -210,7 +210,8 @@ class AsyncCoordinator(Coordinator):
         values, masks = np.stack([f[0] for f in flat]), np.stack([f[1] for f in flat])
         weights = np.array([r.num_samples for r, _ in rows], np.int64)
         staleness = [buffer_id - base for _, base in rows]
-        q16 = agg.staleness_q16(np.array([c.asynchronous.weight(s) for s in staleness]))
+        a = c.asynchronous
+        q16 = agg.staleness_q16(np.array([a.server_lr * a.weight(s) for s in staleness]))
         if c.dp is not None:  # NOTE: equal weights (as sync); factors <= 1 scale before clipping, so each delta
             scaled = values.astype(np.float64) * (q16 / agg.Q16)[:, None]  # still moves the sum by <= clip
             mean = dp_mean(scaled, masks, clip=c.dp.clip, noise_multiplier=c.dp.noise_multiplier,

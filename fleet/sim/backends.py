@@ -422,3 +422,40 @@ def build_mixed_devices(cfg: SimConfig, kinds: list[tuple[str, str, int]], plans
                 trainer.executor = streams
                 slots[i] = DeviceSlot("qemu", trainer, executor, on_samples=trainer.stream_samples)
     return [s for s in slots if s is not None]
+
+
+def measure_instructions_per_step(cfg: SimConfig, plan, machine: str) -> int:
+    """Instructions one local training step of ``plan`` takes on ``machine``, measured on one fresh emulated board
+    (``-icount shift=0``: 1 instruction = 1 ns of virtual time; SysTick ticks of the last TRAIN x 1e9 / tick_hz),
+    for the behaviour model's per-board speed (fleet/sim/paced.py)."""
+    from device_agent.board import BoardClient, BoardError, QemuBoard, firmware_elf, firmware_target
+    from device_agent.engine.qmath import mant_exp
+    from device_agent.wire.plan import plan_to_bytes
+
+    if shutil.which("qemu-system-arm") is None:
+        raise SimulationError("behaviour.instructions_per_step: auto measures one emulated board, but "
+                              "`qemu-system-arm` is not on PATH: install it or give the number")
+    own = cfg.qemu.elf is not None and cfg.qemu.machine == machine
+    elf = Path(cfg.qemu.elf) if own else firmware_elf(machine)
+    if not own:
+        target = firmware_target(machine)
+        r = subprocess.run(["make", "-s", "-C", str(FIRMWARE_DIR), target], capture_output=True, text=True, check=False)
+        if r.returncode != 0 or not elf.is_file():
+            raise SimulationError(f"behaviour.instructions_per_step: `make -C firmware {target}` failed:\n"
+                                  f"{r.stderr[-2000:]}")
+    t = plan.tensors[plan.input_id]
+    x = np.zeros(t.shape, np.int8)  # one sample (the plan's input has no batch axis)
+    lr_m, lr_e = mant_exp(0.01)
+    try:
+        with QemuBoard(machine, elf=elf, icount=True, start_timeout=30.0) as board, \
+                BoardClient(board.endpoint, timeout=max(cfg.qemu.timeout, 300.0)) as c:
+            c.load_plan(plan_to_bytes(plan))
+            c.push_sample(x.tobytes(), 0)
+            c.train(1, lr_m, lr_e)
+            ticks, tick_hz = c.state()["train_ticks"], c.board_info()["tick_hz"]
+    except (BoardError, OSError, TimeoutError) as e:
+        raise SimulationError(f"behaviour.instructions_per_step: measuring on {machine} failed: {e} "
+                              "(give the number instead of auto)") from None
+    if not ticks:
+        raise SimulationError(f"behaviour.instructions_per_step: {machine} reported 0 ticks for a step")
+    return round(int(ticks) * 1e9 / int(tick_hz))

@@ -2,7 +2,8 @@
 
 A :class:`BehaviourModel` (the distribution, seeded) draws one :class:`DeviceBehaviour` per device; each answers
 pure questions about a simulated clock (is it awake at t, when does a job of w awake-seconds started at t finish).
-Nothing here runs devices, sleeps or reads a wall clock: a simulator (``benchmarks/async_rounds.py``) asks it.
+Nothing here runs devices, sleeps or reads a wall clock: a simulator asks it (``benchmarks/async_rounds.py`` on a
+discrete-event clock, ``tinyfleet simulate`` through ``fleet/sim/paced.py`` on a scaled wall clock).
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+# Core clock of each board a config can name (configs/boards/*.yaml; QEMU machines by their model): a device's
+# step time is its measured instructions per step over this. NOTE: QEMU's mps2 boards are FPGA images clocked at
+# 25 MHz; a fleet that means "a Cortex-M7 at 216 MHz" names stm32f746 (QEMU emulates it with mps2-an500).
+CLOCK_HZ = {"stm32f746": 216e6, "mps2-an500": 25e6, "mps2-an386": 25e6, "netduinoplus2": 168e6}
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class DeviceBehaviour:
         if self.duty >= 1.0:
             return math.inf
         pos = (t + self.phase_s) % self.period_s
+        if pos >= self.duty * self.period_s:  # NOTE: a wake instant whose phase rounded to just below the period
+            return self.next_wake(t) + self.duty * self.period_s  # (else this lies in the past: flips forever)
         return t + (self.duty * self.period_s - pos)
 
     def finish(self, t: float, work_s: float) -> float:
@@ -70,9 +78,14 @@ class BehaviourModel:
     dropout: float = 0.05
     delay_s: tuple[float, float] = (0.05, 0.5)
 
-    def draw(self, n: int, seed: int) -> list[DeviceBehaviour]:
+    def draw(self, n: int, seed: int, base_step_s: list[float] | None = None) -> list[DeviceBehaviour]:
+        """``n`` devices; ``base_step_s`` (per device, e.g. its board's instructions per step over its clock)
+        replaces ``step_s`` as the centre of each device's speed. The same seed gives the same fleet."""
         rng = np.random.default_rng([seed, 15])
-        step = self.step_s * np.exp(rng.normal(0.0, self.speed_sigma, n))
+        base = np.full(n, self.step_s) if base_step_s is None else np.asarray(base_step_s, np.float64)
+        if base.shape != (n,) or not (np.isfinite(base).all() and (base > 0).all()):
+            raise ValueError(f"base_step_s: expected {n} step times > 0 seconds, got {base_step_s!r}")
+        step = base * np.exp(rng.normal(0.0, self.speed_sigma, n))
         slow = rng.permutation(n) < round(self.stragglers * n)
         asleep = rng.permutation(n) < round(self.sleepers * n)
         phase = rng.uniform(0.0, self.period_s, n)
@@ -85,6 +98,18 @@ class BehaviourModel:
         steps = np.array([d.step_s for d in devices])
         return {"devices": len(devices), "step_s_median": round(float(np.median(steps)), 3),
                 "step_s_max_over_min": round(float(steps.max() / steps.min()), 1),
-                "stragglers": int(sum(d.step_s > self.step_s * self.straggler_factor / 2 for d in devices)),
+                # NOTE: against the fast tail, not the median: with half the fleet straggling the median is one
+                "stragglers": int(sum(d.step_s > np.percentile(steps, 10) * self.straggler_factor / 2
+                                      for d in devices)),
                 "sleepers": int(sum(d.duty < 1.0 for d in devices)), "duty_of_sleepers": self.sleeper_duty,
                 "period_s": self.period_s, "dropout_per_task": self.dropout, "delay_s": list(self.delay_s)}
+
+
+def awake_intervals(device: DeviceBehaviour, until: float) -> list[tuple[float, float]]:
+    """The [start, end) intervals of ``[0, until)`` in which ``device`` is awake (who was awake when)."""
+    out, t = [], device.next_wake(0.0)
+    while t < until:
+        end = min(device.next_sleep(t), until)
+        out.append((t, end))
+        t = device.next_wake(end + 1e-9) if end < until else until
+    return out

@@ -82,6 +82,77 @@ class ContinualConfig:
 
 
 @dataclass
+class BehaviourConfig:
+    """How simulated devices behave in time (fleet/sim/behaviour.py, applied by fleet/sim/paced.py to host devices
+    and boards alike): speed from instructions per step over the board's clock, sleep/wake duty cycles, dropouts
+    mid-task, network delay. Off unless ``enabled``; seeded by the run's ``seed``. Simulated seconds pass at
+    ``time_scale`` wall seconds each; the coordinator's ``deadline`` and ``async_rounds.task_timeout_s`` stay wall
+    seconds (the coordinator is real)."""
+
+    enabled: bool = False
+    time_scale: float = 1.0  # wall seconds per simulated second (0.1: the fleet's time runs 10x faster)
+    # instructions one local step takes: "auto" measures it on one emulated board per machine (QEMU -icount);
+    # a number skips the measurement (host devices on a machine without QEMU)
+    instructions_per_step: str | int = "auto"
+    clock_hz: dict[str, float] = field(default_factory=dict)  # board -> core clock, over fleet.sim.behaviour.CLOCK_HZ
+    speed_sigma: float = 0.3  # log-normal spread of device speed around its board's
+    stragglers: float = 0.2  # fraction of devices straggler_factor times slower
+    straggler_factor: float = 8.0
+    sleepers: float = 0.3  # fraction of devices awake only sleeper_duty of every period_s (random phase)
+    sleeper_duty: float = 0.5
+    period_s: float = 600.0  # simulated seconds
+    dropout: float = 0.05  # probability a task is lost mid-way (the device never answers it)
+    delay_s: list[float] = field(default_factory=lambda: [0.05, 0.5])  # one-way network delay, uniform [lo, hi]
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not self.time_scale > 0:
+            errs.append(f"time_scale: must be > 0 wall seconds per simulated second, got {self.time_scale}")
+        ips = self.instructions_per_step
+        if ips != "auto" and (isinstance(ips, bool) or not isinstance(ips, int) or ips < 1):
+            errs.append(f"instructions_per_step: expected auto or an integer >= 1, got {ips!r}")
+        for board, hz in self.clock_hz.items():
+            if isinstance(hz, bool) or not isinstance(hz, (int, float)) or not hz > 0:
+                errs.append(f"clock_hz.{board}: must be > 0 Hz, got {hz!r}")
+        num = {k: getattr(self, k) for k in ("speed_sigma", "straggler_factor", "period_s", "stragglers", "sleepers",
+                                             "dropout", "sleeper_duty")}
+        rules = {"speed_sigma": (lambda v: v >= 0, ">= 0"), "straggler_factor": (lambda v: v >= 1, ">= 1"),
+                 "period_s": (lambda v: v > 0, "> 0 simulated seconds"),
+                 "stragglers": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+                 "sleepers": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+                 "dropout": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+                 "sleeper_duty": (lambda v: 0 < v <= 1, "in (0, 1] (the awake fraction of each period)")}
+        for key, v in num.items():
+            ok, want = rules[key]
+            if not ok(v):
+                errs.append(f"{key}: must be {want}, got {v}")
+        d = self.delay_s
+        if len(d) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d) \
+                or not 0 <= d[0] <= d[1]:
+            errs.append(f"delay_s: expected [lo, hi] seconds with 0 <= lo <= hi, got {d!r}")
+        return errs
+
+    def model(self):
+        """The :class:`fleet.sim.behaviour.BehaviourModel` this config describes."""
+        from fleet.sim.behaviour import BehaviourModel
+
+        return BehaviourModel(speed_sigma=self.speed_sigma, stragglers=self.stragglers,
+                              straggler_factor=self.straggler_factor, sleepers=self.sleepers,
+                              sleeper_duty=self.sleeper_duty, period_s=self.period_s, dropout=self.dropout,
+                              delay_s=(float(self.delay_s[0]), float(self.delay_s[1])))
+
+    def clock(self, board: str) -> float:
+        """``board``'s core clock in Hz (``clock_hz`` first, then fleet.sim.behaviour.CLOCK_HZ)."""
+        from fleet.sim.behaviour import CLOCK_HZ
+
+        if board in self.clock_hz:
+            return float(self.clock_hz[board])
+        if board not in CLOCK_HZ:
+            raise KeyError(f"behaviour.clock_hz: no clock known for board {board!r}: add `{board}: <Hz>`")
+        return CLOCK_HZ[board]
+
+
+@dataclass
 class DeviceGroup:
     """``count`` devices of one kind in a mixed-memory fleet (``device_groups``, in device order): a QEMU board
     (``backend: qemu`` + ``machine``; its SRAM is the board YAML's training budget) or host devices with ``sram``."""
@@ -126,6 +197,7 @@ class SimConfig(FleetConfig):
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     # mixed-memory fleet (with plan_budgets): device kinds in device order; their counts add up to `devices`
     device_groups: list[DeviceGroup] = field(default_factory=list)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)  # device speed, sleep, dropouts, delay
 
     def validate(self) -> list[str]:
         errs = super().validate()

@@ -33,6 +33,8 @@ PLOTS = {  # file -> caption
     "bytes.png": "MQTT bytes per selected device per round",
     "participation.png": "Participation and dropout per round",
     "memory.png": "Per-device memory: planned by the compiler (host devices) or measured (boards)",
+    "behaviour.png": "Who was awake when (simulated clock, behaviour model): bars awake, | task received, "
+                     "dot delta sent, x task lost mid-way",
 }
 PERSONAL_PLOTS = {  # drawn when the run measured personalization methods / continual evaluation
     "personal.png": "Per-device accuracy of each model (global, local-only, each personalization method)",
@@ -250,6 +252,43 @@ def plot_memory(rows: list[dict], path: Path) -> None:
 # --- page -----------------------------------------------------------------------------------------------------
 
 
+def awake_spans(events: list, device: str, until: float) -> list[tuple[float, float]]:
+    """A device's awake intervals from its sleep/wake events (awake from 0 unless its first event is a sleep at 0)."""
+    spans, start = [], 0.0
+    for t, dev, what in events:
+        if dev != device:
+            continue
+        if what == "sleep" and start is not None:
+            if t > start:
+                spans.append((start, t))
+            start = None
+        elif what == "wake" and start is None:
+            start = t
+    if start is not None and until > start:
+        spans.append((start, until))
+    return spans
+
+
+def plot_behaviour(b: dict, path: Path) -> None:
+    """One row per device: awake spans, tasks received, deltas sent, tasks lost (fleet/sim/paced.py events)."""
+    rows = b.get("devices") or []
+    ids = b.get("device_ids") or sorted({e[1] for e in b.get("events") or []})
+    until = float(b.get("sim_seconds") or max([e[0] for e in b.get("events") or [[1.0]]] + [1.0]))
+    plt, fig, ax = _figure(7.0, max(2.0, 0.22 * len(ids) + 1.0))
+    marks = {"task": ("|", "#555555"), "delta": (".", "#2ca02c"), "dropout": ("x", "#d62728")}
+    for y, dev in enumerate(ids):
+        spans = awake_spans(b.get("events") or [], dev, until)
+        ax.broken_barh([(a, e - a) for a, e in spans], (y - 0.35, 0.7), color="#aec7e8")
+        for what, (mk, colour) in marks.items():
+            ts = [e[0] for e in b.get("events") or [] if e[1] == dev and e[2] == what]
+            ax.plot(ts, [y] * len(ts), mk, color=colour, ms=5, ls="none")
+    ax.set_yticks(range(len(ids)))
+    ax.set_yticklabels([f"{d} ({r.get('step_s', 0) * 1000:.0f} ms/step)" if i < len(rows) else d
+                        for i, (d, r) in enumerate(zip(ids, rows + [{}] * len(ids)))], fontsize=7)
+    ax.set(xlabel="simulated seconds", xlim=(0, until))
+    _save(plt, fig, path)
+
+
 def _cell(v: object) -> str:
     if v is None:
         return "<td>–</td>"
@@ -310,7 +349,8 @@ def render_html(m: dict, plots: list[str]) -> str:
     per_round = [[i + 1, *[c[i] if i < len(c) else None for c in cols]] for i in range(n)]
     dev_methods = device_methods(rows)
     extra = [k for k in ("board", "plan", "plan_budget", "plan_need_bytes", "personalization", "sram_bytes",
-                         "flash_bytes", "instructions_per_step", "memory_source")
+                         "flash_bytes", "instructions_per_step", "memory_source", "step_s", "duty", "awake_s",
+                         "tasks_lost")
              if any(r.get(k) is not None for r in rows)]
     dev_header = ["device", "subject", "backend", "train", "test", "rounds in", *[labels[k] for k in dev_methods],
                   *extra]
@@ -391,6 +431,10 @@ def write_report(run_dir: Path) -> Path:
     if any(r.get(k) is not None for r in rows for k in ("sram_bytes", "flash_bytes", "instructions_per_step")):
         plot_memory(rows, run_dir / "memory.png")
         plots.append("memory.png")
+    if (m.get("behaviour") or {}).get("devices"):
+        plot_behaviour({**m["behaviour"], "device_ids": [r.get("device_id") for r in rows] or None},
+                       run_dir / "behaviour.png")
+        plots.append("behaviour.png")
     page = run_dir / "index.html"
     page.write_text(render_html(m, plots), encoding="utf-8")
     return page

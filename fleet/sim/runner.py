@@ -75,11 +75,14 @@ class SimResult:
     new_users: list[str] = field(default_factory=list)  # device ids held out of training
     continual: dict = field(default_factory=dict)  # fleet/sim/personalize.py prequential (+ drift), metrics.json
     per_device: list[dict] = field(default_factory=list)  # metrics.json only (not the printed JSON line)
+    # behaviour model (fleet/sim/paced.py): per-device speed/duty/phase, sleep/wake/task events; metrics.json only
+    behaviour: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("per_device")
         d.pop("continual")
+        d.pop("behaviour")
         for k, v in d.items():
             if isinstance(v, float):
                 d[k] = round(v, 4)
@@ -272,6 +275,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         slots = build_mixed_devices(cfg, [k[:3] for k in mixed], plans, stack)
     else:
         slots = build_devices(cfg, plan, stack)
+    agent, pacer = _agent_factory(cfg, plan, url, mixed, res, stack)  # DeviceAgent, or PacedAgent (behaviour)
     streams: list = []  # boards storing their device's samples (Futures)
     agents: list[DeviceAgent] = []
     stack.callback(lambda: [a.stop(graceful=True) for a in agents])
@@ -289,7 +293,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
                 quantize(dd.x_train, scale, zp) if dd.n_train else None, dd.y_train.astype(np.int32),
                 (max(1, dd.n_train), tuple(scenario.input_shape), np.int8, cfg.seed + i), seed=cfg.seed + i,
                 personal=specs[i])
-            agents.append(DeviceAgent(url, cfg.name, proto, executor=slots[i].executor).start(timeout=None))
+            agents.append(agent(i, proto, slots[i].executor).start(timeout=None))
             continue
         buf = SampleBuffer(max(1, dd.n_train), tuple(scenario.input_shape), np.int8, seed=cfg.seed + i)
         if dd.n_train:
@@ -306,7 +310,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
             cls, kw = BoardDeviceProtocol, {"masked_round": board_masked_round(board.client, lock=slots[i].trainer.lock)}
         proto = cls(Identity(dd.device_id, board_name, sram, 1_000_000), own, slots[i].trainer,
                     WireDeviceCodec(own, verifier), buf, seed=cfg.seed + i, personalizer=pers, **kw)
-        agents.append(DeviceAgent(url, cfg.name, proto, executor=slots[i].executor or pool).start(timeout=None))
+        agents.append(agent(i, proto, slots[i].executor or pool).start(timeout=None))
     deadline = time.monotonic() + 30
     online = 0
     while online < cfg.devices:
@@ -317,6 +321,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         bar.update("connect", completed=online)
     for f in streams:  # every board holds its samples before the first round
         f.result()
+    if pacer is not None:  # simulated time 0: duty cycles start now
+        pacer.start()
     bar.update("setup", advance=1, info="fleet up")
     res.setup_seconds = time.monotonic() - t0
 
@@ -404,10 +410,16 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     res.model_version = link.call(lambda c: c.version) if not res.interrupted else res.model_version
     res.devices_offline = link.call(lambda c: sum(not rec.online for rec in c.registry.devices.values()))
     res.errors = link.errors + [f"{a.device_id}: {n[1]}" for a in agents for n in a.notes if n[0] == "error"]
+    if pacer is not None:
+        pacer.stop()
+        res.behaviour.update(sim_seconds=round(pacer.now(), 3), events=list(pacer.events))
+        res.errors += [f"behaviour: {e}" for e in pacer.errors]
     if res.rounds:
         _final_metrics(cfg, scenario, plan, link, evaluator, agents, slots, slices, participation, res)
         for i, m in enumerate(used):
             res.per_device[i]["personalization"] = m
+        if pacer is not None:
+            _behaviour_columns(res, [a.device_id for a in agents])
         if family is not None:
             _plan_columns(res, mixed, plans, codec)
         if not res.interrupted:
@@ -415,6 +427,35 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
                               [int(d.subject) for d in scenario.devices], res)
     if out_dir is not None:
         _write_run(out_dir, res)
+
+
+def _agent_factory(cfg: SimConfig, plan, url, mixed: list[tuple], res: SimResult, stack: ExitStack):
+    """``(agent(i, protocol, executor), pacer)``: plain device agents, or with ``behaviour.enabled`` agents that
+    live by each device's drawn behaviour on one simulated clock (fleet/sim/paced.py; pacer None otherwise)."""
+    from device_agent.mqtt import DeviceAgent
+
+    if not cfg.behaviour.enabled:
+        return (lambda i, proto, executor: DeviceAgent(url, cfg.name, proto, executor=executor)), None
+    from fleet.sim.paced import PacedAgent, Pacer, draw_fleet
+
+    kinds = [(b, (name if cfg.device_groups else cfg.qemu.machine) if b == "qemu" else None)
+             for b, name, _, _ in mixed]
+    behaviours, res.behaviour = draw_fleet(cfg, plan, kinds)
+    pacer = Pacer(cfg.behaviour.time_scale)
+    stack.callback(pacer.stop)
+    return (lambda i, proto, executor: PacedAgent(url, cfg.name, proto, executor=executor, behaviour=behaviours[i],
+                                                  pacer=pacer, seed=cfg.seed + i)), pacer
+
+
+def _behaviour_columns(res: SimResult, ids: list[str]) -> None:
+    """Per-device table: step time, duty cycle, awake simulated seconds, tasks lost mid-way (behaviour model)."""
+    from fleet.sim.report import awake_spans
+
+    b = res.behaviour
+    for row, dev, d in zip(res.per_device, ids, b["devices"]):
+        spans = awake_spans(b["events"], dev, b["sim_seconds"])
+        row.update(step_s=d["step_s"], duty=d["duty"], awake_s=round(sum(e - a for a, e in spans), 1),
+                   tasks_lost=sum(1 for e in b["events"] if e[1] == dev and e[2] == "dropout"))
 
 
 def _mixed_fleet(cfg: SimConfig, family, board_sram: int) -> list[tuple]:
@@ -476,7 +517,7 @@ def _settle(agents, version: int | None, timeout: float = 10.0) -> None:
     """Wait until every connected device holds ``version`` (None: until their mailboxes are empty)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        live = [a for a in agents if a.endpoint.connected.is_set()]
+        live = [a for a in agents if a.endpoint.connected.is_set() and getattr(a, "awake", True)]
         if all(a.idle() and (version is None or a.protocol.version >= version) for a in live):
             return
         time.sleep(0.05)
@@ -617,6 +658,8 @@ def _write_run(out_dir: Path, res: SimResult) -> None:
     data = res.to_dict()
     data["per_device"] = res.per_device
     data["continual"] = res.continual
+    if res.behaviour:
+        data["behaviour"] = res.behaviour
     write_metrics(out_dir, data, "simulate")
     try:
         from fleet.sim.report import write_report

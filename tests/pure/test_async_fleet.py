@@ -36,7 +36,7 @@ def started(n=10, store=None, **kw) -> Fleet:
     return f
 
 
-def reference_version(store: Store, b: int) -> dict[int, np.ndarray]:
+def reference_version(store: Store, b: int, server_lr: float = 1.0) -> dict[int, np.ndarray]:
     """Version b + 1 from version b and buffer b's stored payloads, by the documented formula, in float64."""
     shared = [t for t in PLAN.trainable if not t.personal]
     old = unpack_state(shared, store.version(b).state)
@@ -47,7 +47,7 @@ def reference_version(store: Store, b: int) -> dict[int, np.ndarray]:
     for row, _ in store.buffered(b):
         d = delta_from_bytes(row.payload)
         s = b - by_hash[bytes(d.base_hash).hex()]
-        f = np.floor((1.0 + s) ** -0.5 * 65536 + 0.5) / 65536
+        f = np.floor(server_lr * (1.0 + s) ** -0.5 * 65536 + 0.5) / 65536
         vals, masks = delta_to_dense(d, PLAN), delta_support(d, PLAN)
         for t in ids:
             m = masks[t].ravel()
@@ -78,6 +78,22 @@ def test_commits_every_k_with_exact_staleness_weights():
         stale_seen |= {int(s) for s in c.detail.removeprefix("staleness ").split(",")}
     assert stale_seen - {0}, "the FIFO interleaving should produce stale deltas"
     assert f.accuracy() > before + 0.1
+
+
+def test_server_learning_rate_scales_every_factor_as_documented():
+    # Prepare: half steps (FedBuff's server learning rate); out-of-range values are refused with their key
+    assert AsyncConfig(server_lr=0.0).validate() == ["server_lr: must be in (0, 1], got 0.0"]
+    assert AsyncConfig(server_lr=1.5).validate() and not AsyncConfig(server_lr=0.5).validate()
+    f = started(server_lr=0.5)
+    # Execute
+    f.pump(max_coord=60)
+    # Assert: every version is the documented formula with q = floor(0.5 f(s) 2^16 + 0.5)
+    closed = f.closed()
+    assert len(closed) >= 3
+    for c in closed:
+        ref = reference_version(f.store, c.round_id, server_lr=0.5)
+        got = unpack_state([t for t in PLAN.trainable if not t.personal], f.store.version(c.version).state)
+        assert all(np.array_equal(ref[t], got[t]) for t in ref), c
 
 
 def test_delayed_delta_refused_too_stale_with_its_reason():
