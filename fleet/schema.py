@@ -228,7 +228,7 @@ class FleetConfig:
     # one YAML file serves both. tests/pure/test_config.py keeps this list equal to the simulator's extra fields.
     SIMULATOR_KEYS: ClassVar[frozenset[str]] = frozenset(
         {"backend", "qemu_devices", "qemu", "renode", "workers", "ray_address", "baselines", "new_users", "continual",
-         "device_groups"})
+         "device_groups", "behaviour"})
 
     # NOTE: a coordinator holds no device's data: `serve` checks (and later reads) only the proxy and evaluation
     # files of own data; the simulator, which plays the devices too, checks every device file

@@ -200,6 +200,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     from device_agent.mqtt import DeviceAgent
     from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
     from device_agent.wire.envelope import Signer, Verifier
+    from device_agent.wire.messages import DEVICE_UP
     from fleet.coordinator import Coordinator, FamilyCodec, RoundClosed, StartRound, WireCodec, plan_sram
     from fleet.coordinator.core import unpack_state
     from fleet.mqtt import CoordinatorLink
@@ -254,10 +255,26 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
     dash = _open_dashboard(cfg, codec.plan_hash, dashboard, stack) if dashboard is not None else None
     if dash is not None:
         watcher.also = lambda out: dash.update(lambda v: v.apply(out))
-    link = CoordinatorLink(url, cfg.name, lambda: Coordinator(plan, Store(store_path), ccfg, time.time, codec),
-                           on_output=watcher)
+    agg = None
+    if cfg.aggregation_workers:  # fleet/coordinator/pool.py: workers read and sum the deltas, the coordinator judges
+        from fleet.coordinator.pool import AggregationPool
+
+        agg = AggregationPool(url, cfg.name, FamilyCodec(family) if family is not None else WireCodec(plan),
+                              cfg.aggregation_workers)
+
+    def coordinator():
+        c = Coordinator(plan, Store(store_path), ccfg, time.time, codec)
+        if agg is not None:
+            c.partials = agg.partials
+        return c
+
+    kinds = tuple(k for k in DEVICE_UP if k != "delta" or agg is None)
+    link = CoordinatorLink(url, cfg.name, coordinator, on_output=watcher, kinds=kinds)
     link.start()
     stack.callback(link.stop)
+    if agg is not None:
+        agg.start(link)
+        stack.callback(agg.stop)  # NOTE: before link.stop (the stack unwinds last-in first-out)
     if dash is not None:
         dash.follow(link)
 
