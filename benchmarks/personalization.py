@@ -1,16 +1,18 @@
 """Personalization vs the global model vs training alone, per scenario, over seeds (issue 13).
 
 One command: ``python benchmarks/personalization.py [--quick] [--seeds 3] [--scenarios sensor-watch,...]
-[--devices N] [--rounds N]``; prints a table, then one JSON line.
+[--methods ditto,...] [--lr-grid 1,3] [--out-json FILE] [--devices N] [--rounds N]``; prints a table, then one
+JSON line.
 
 Each (scenario, seed) is one ``tinyfleet simulate`` run of ``configs/<scenario>.yaml`` (host devices over the
 embedded broker) with its ``personalization``, ``new_users`` and ``continual`` sections: every method is replayed
-on that run's global models (fleet/sim/personalize.py). Per scenario and model (``global``, ``local``,
-``centralized``, ``personalized`` = the devices' own method after fallback, each method, ``new_users_*``): the
-mean over seeds of the mean per-device final accuracy, with a 95% Student-t interval. The target (DESIGN.md):
-the best method >= both global and local-only beyond the interval; judged here on the paired per-seed
-difference (best - global, best - local): met when the difference's 95% interval lies above 0. ``--quick``:
-fewer devices, rounds and steps, 2 seeds (a smoke form; its numbers are not the README's).
+on that run's global models (fleet/sim/personalize.py), local-only and every method with the lr chosen by the same
+rule on device-held validation data (``with_tuned_lr`` over ``--lr-grid``). Per scenario and model (``global``,
+``local``, each method, ``new_users_*``; ``personalized`` = the devices' own live method and ``centralized`` from
+the run): the mean over seeds of the mean per-device final accuracy, with a 95% Student-t interval. The target
+(issue 13): the best replayed method >= both global and local-only beyond the interval, judged on the paired
+difference per device and seed (n = devices x seeds; the per-seed paired interval, n = seeds, is reported beside
+it). ``--quick``: fewer devices, rounds and steps, 2 seeds (a smoke form; its numbers are not the README's).
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def run_one(scenario: str, seed: int, args) -> dict:
              if a}
     out = {"means": means, "per_device": per_device, "run_means": dict(res.accuracy_mean_per_device),
            "seconds": round(time.monotonic() - t0, 1), "methods_used": res.personal_methods,
-           "devices_per_round": res.devices_per_round}
+           "devices_per_round": res.devices_per_round,
+           "devices": [{k: r[k] for k in ("device_id", "subject", "n_train", "n_test")} for r in res.per_device]}
     if grid:
         out["lr"] = {k: round(v, 6) for k, v in got["plain"].lr_by.items()}
         out["lr_validation"] = got["lr_scores"]
