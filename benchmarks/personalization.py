@@ -90,6 +90,8 @@ def run_one(scenario: str, seed: int, args) -> dict:
     if args.no_continual or seed >= args.continual_seeds:
         cfg.continual.prequential = False
     grid = tuple(float(g) for g in args.lr_grid.split(",")) if args.lr_grid else ()
+    if hasattr(cfg.personalization, "lr_grid"):  # simulate applies the rule itself: the bridge only records
+        cfg.personalization.lr_grid, grid = list(grid), ()
     got, restore = _capture(grid)
     t0 = time.monotonic()
     try:
@@ -111,7 +113,7 @@ def run_one(scenario: str, seed: int, args) -> dict:
            "seconds": round(time.monotonic() - t0, 1), "methods_used": res.personal_methods,
            "devices_per_round": res.devices_per_round,
            "devices": [{k: r[k] for k in ("device_id", "subject", "n_train", "n_test")} for r in res.per_device]}
-    if grid:
+    if got.get("plain") is not None and got["plain"].lr_by:
         out["lr"] = {k: round(v, 6) for k, v in got["plain"].lr_by.items()}
         out["lr_validation"] = got["lr_scores"]
     runs = res.continual.get("runs", [])
