@@ -42,6 +42,7 @@ class Plain:
     lam_q15: int
     seed: int
     lr_by: dict[str, float] = field(default_factory=dict)  # lr per model ("local" or a method) chosen by tune_lr
+    lr_grid: tuple[float, ...] = ()  # tune_lr's multipliers (with_tuned_lr); (): the configured lrs as they are
 
     def lr_of(self, model: str) -> float:
         """The lr ``model`` ("local" or a method) trains with: tune_lr's choice, else the configured one."""
@@ -140,7 +141,7 @@ def tune_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequ
     names = ("local", *methods)
     scores: dict[str, list] = {k: [] for k in names}
     for g in grid:
-        q = replace(p, lr=p.lr * g, personal_lr=p.personal_lr * g, lr_by={})
+        q = replace(p, lr=p.lr * g, personal_lr=p.personal_lr * g, lr_by={}, lr_grid=())
         got = compare_methods(plan, initial, globals_, val, methods, q)
         for k in names:
             accs = [a for a in got[k] if a is not None]
@@ -150,6 +151,16 @@ def tune_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequ
         best = max(range(len(grid)), key=lambda i, k=k: (scores[k][i] or 0.0, -grid[i]))
         chosen[k] = (p.lr if k == "local" else p.personal_lr) * grid[best]
     return chosen, scores
+
+
+def with_tuned_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequence[str], p: Plain,
+                  fraction: float = 0.25) -> tuple[Plain, dict[str, list]]:
+    """``p`` with ``lr_by`` chosen by :func:`tune_lr` over ``p.lr_grid`` for local-only and every method (the same
+    rule for all; new users then train with the lrs chosen on the fleet's devices). No grid: ``p`` unchanged."""
+    if not p.lr_grid:
+        return p, {}
+    chosen, scores = tune_lr(plan, initial, globals_, slices, methods, p, p.lr_grid, fraction)
+    return replace(p, lr_by=chosen), scores
 
 
 def new_users(plan, initial: dict, final: dict, slices, methods: Sequence[str], steps: int, p: Plain) -> dict[

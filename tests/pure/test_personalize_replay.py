@@ -118,3 +118,16 @@ def test_tune_lr_picks_from_the_grid_without_reading_test_data(setup):
     # the choice is used: lr_of reads it, and compare_methods trains with it
     q = ps.Plain(**{**p.__dict__, "lr_by": chosen})
     assert q.lr_of("head") == chosen["head"] and q.lr_of("bias") == p.personal_lr
+
+
+def test_with_tuned_lr_applies_the_rule_only_with_a_grid(setup):
+    from dataclasses import replace
+
+    plan, slices, initial, globals_, p = setup
+    assert ps.with_tuned_lr(plan, initial, globals_[:2], slices, ["head"], p) == (p, {})  # no grid: unchanged
+    q, scores = ps.with_tuned_lr(plan, initial, globals_[:2], slices, ["head"], replace(p, lr_grid=(0.5, 2.0)))
+    chosen, expected = ps.tune_lr(plan, initial, globals_[:2], slices, ["head"], p, grid=(0.5, 2.0))
+    assert q.lr_by == chosen and scores == expected and q.lr_grid == (0.5, 2.0)
+    # the replays then train with the chosen lrs: the same numbers as a Plain carrying them by hand
+    assert ps.compare_methods(plan, initial, globals_[:2], slices, ["head"], q) == ps.compare_methods(
+        plan, initial, globals_[:2], slices, ["head"], replace(p, lr_by=chosen))
