@@ -195,6 +195,7 @@ class PersonalizationConfig:
     new_user_steps: int = 30  # simulate: steps a new user personalizes for after joining
     compare: list[str] = field(default_factory=lambda: list(PERSONAL_METHODS))  # simulate: methods measured
     device_sram: list[int] = field(default_factory=list)  # SRAM budget per device (bytes, cycled); []: the board's
+    lr_grid: list[float] = field(default_factory=list)  # simulate: lr multipliers of the lr rule (tune_lr); []: none
 
     def validate(self) -> list[str]:
         errs = []
@@ -213,6 +214,10 @@ class PersonalizationConfig:
         if not isinstance(self.device_sram, list) or any(
                 isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in self.device_sram):
             errs.append(f"device_sram: expected a list of SRAM budgets in bytes (> 0), got {self.device_sram!r}")
+        if not isinstance(self.lr_grid, list) or any(
+                isinstance(g, bool) or not isinstance(g, (int, float)) or not (g > 0 and math.isfinite(g))
+                for g in self.lr_grid):
+            errs.append(f"lr_grid: expected a list of lr multipliers > 0, got {self.lr_grid!r}")
         return errs
 
     @property

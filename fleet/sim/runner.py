@@ -73,6 +73,7 @@ class SimResult:
     personalization: str = ""  # the method devices were asked for (personalization.method); "" none
     personal_methods: dict[str, int] = field(default_factory=dict)  # method a device used (after fallback) -> count
     new_users: list[str] = field(default_factory=list)  # device ids held out of training
+    personal_lr: dict[str, float] = field(default_factory=dict)  # lr rule's choice per model (personalization.lr_grid)
     continual: dict = field(default_factory=dict)  # fleet/sim/personalize.py prequential (+ drift), metrics.json
     per_device: list[dict] = field(default_factory=list)  # metrics.json only (not the printed JSON line)
     # behaviour model (fleet/sim/paced.py): per-device speed/duty/phase, sleep/wake/task events; metrics.json only
@@ -567,10 +568,16 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
     methods = list(pc.compare)
     if not methods and not newcomers:
         return
-    p = ps.Plain(cfg.local_steps, cfg.lr, pc.steps, pc.lr or cfg.lr, pc.lam_q15, cfg.seed)
+    p = ps.Plain(cfg.local_steps, cfg.lr, pc.steps, pc.lr or cfg.lr, pc.lam_q15, cfg.seed,
+                 lr_grid=tuple(pc.lr_grid))
     if methods:
+        # NOTE: with an lr grid, local-only and every method take the lr chosen on device-held validation data
+        p, _scores = ps.with_tuned_lr(plan, initial, globals_, slices, methods, p)
+        res.personal_lr = {k: round(v, 6) for k, v in p.lr_by.items()}
         got = ps.compare_methods(plan, initial, globals_, slices, methods, p)
-        for name in methods:  # NOTE: "global" and "local" come from the run itself (_final_metrics)
+        # NOTE: "global" comes from the run itself (_final_metrics), and so does "local" unless the lr rule chose
+        # local-only's lr: then the replay's local-only (its chosen lr) replaces the run's
+        for name in [*methods, *(["local"] if p.lr_by else [])]:
             _mean_into(res, name, got[name])
             for row, a in zip(res.per_device, got[name]):
                 row[f"accuracy_{name}"] = None if a is None else round(float(a), 4)

@@ -76,6 +76,7 @@ def test_prequential_policies_and_drift(setup):
     ({"personalization": {"method": "fedavg"}}, "personalization.method: expected one of"),
     ({"personalization": {"ditto_lambda": 2}}, "personalization.ditto_lambda: must be in [0, 1]"),
     ({"personalization": {"device_sram": [0]}}, "personalization.device_sram"),
+    ({"personalization": {"lr_grid": [0]}}, "personalization.lr_grid: expected a list of lr multipliers > 0"),
     ({"devices": 4, "new_users": 4}, "new_users: must leave at least one fleet device"),
     ({"devices": 4, "new_users": [1, 1]}, "new_users: expected distinct device indices"),
     ({"continual": {"policies": ["lifo"]}}, "continual.policies"),
