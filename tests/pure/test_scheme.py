@@ -76,7 +76,7 @@ def test_search_prices_the_recipes_optimizer_state(graph):
 
     base = compile_full(graph, ir.SparseScheme("last"), serialize=False, recipe=rec).report.peak_sram_bytes
     budget = base + 6000
-    kw = dict(layers=[4, 5], bias_ks=[0, 2], ratios=(0.5, 1.0), unit=100, score=score)
+    kw = {"layers": [4, 5], "bias_ks": [0, 2], "ratios": (0.5, 1.0), "unit": 100, "score": score}
     # Execute
     plain = search_scheme(graph, budget, None, None, **kw)
     stateful = search_scheme(graph, budget, None, None, recipe=rec, **kw)
