@@ -22,7 +22,16 @@ Methods:
   schedule, ``range_ste`` plan; grid as ``plain``;
 - ``int8_last``: classifier only; ``int8_bias``: the scheme's biases (its last ``n_bias_update`` convs) +
   classifier; ``int8_lastk``: weights and biases of the last ``k`` backbone convs, ``k`` the largest whose
-  memory does not exceed the sparse scheme's.
+  memory does not exceed the sparse scheme's; ``int8_lastk_budget``: the same with ``k`` the largest whose
+  plan fits ``--search-budget`` (comparable memory to ``int8_searched``);
+- ``int8_searched``: the scheme ``fleet.compiler.scheme.search_scheme`` picks (contribution analysis + knapsack)
+  under ``--search-budget`` bytes of ``peak_sram_bytes`` (default 256000: arena + trainable + *the shared
+  recipe's* optimizer state + the runtime allowance), trained with the shared recipe like every other row.
+  Its proxy: ``SEARCH_PROXY`` = (1024 train, 512 scoring) samples of the training split (never validation or
+  test), each candidate trained one epoch with the recipe at the grid's (lower) middle rate on the engine of the run
+  (cached prefix outputs, as the runs); candidates: bias-only last-k for ``k`` in ``SEARCH_BIAS_KS``, and the
+  non-depthwise convs among the last ``SEARCH_DEPTH`` at ratios ``SEARCH_RATIOS``. The JSON row carries the
+  chosen scheme, its candidates' gains and the search's seconds.
 Learning rate: each method sweeps its grid on seed 0 and keeps the best final validation accuracy; seeds
 1.. run at that rate. Reported: test accuracy mean, 95% t-interval over seeds, per-seed values, the seed-0
 validation curve per epoch (to see it flatten), and memory of the int8 plan (KB = 1000 B: arena + trainable +
@@ -80,8 +89,12 @@ from fleet.compiler.graph_builder import backbone_convs
 from fleet.compiler.training import build_training_plan
 
 METHODS = ("fp32_sparse", "int8_sparse_qas", "int8_sparse_lite", "int8_sparse_plain", "int8_sparse_noqas", "int8_last",
-           "int8_bias", "int8_lastk", "fp32_full")
+           "int8_bias", "int8_lastk", "fp32_full", "int8_searched", "int8_lastk_budget")
 WIDE = (1.0, 1e2, 1e4)  # multipliers of the grid for the no-QAS sweep
+SEARCH_PROXY = (1024, 512)  # searched scheme: proxy samples (train, score) from the training split
+SEARCH_BIAS_KS = (0, 4, 8, 12, 16, 24)  # bias-only depths analysed
+SEARCH_DEPTH = 12  # weights analysed: the non-depthwise convs among the last SEARCH_DEPTH backbone convs
+SEARCH_RATIOS = (0.25, 0.5, 1.0)
 
 
 @dataclass
@@ -343,6 +356,75 @@ def last_k(task: Task, budget_kb: float, recipe: Recipe) -> ir.SparseScheme:
     return best
 
 
+def searched_scheme(task: Task, setup: Setup, budget: int, quick: bool = False) -> tuple[ir.SparseScheme, dict]:
+    """``search_scheme`` under ``budget`` bytes with the shared recipe's optimizer state priced in; proxy training on
+    a slice of the training split (cached per task). Returns the scheme and what the search saw."""
+    from fleet.compiler.scheme import search_scheme
+
+    key = ("searched", budget)
+    if key in task.cache:
+        return task.cache[key]
+    t0 = time.time()
+    n = len(backbone_convs(task.graph))
+    n_tr, n_sc = (64, 32) if quick else SEARCH_PROXY
+    idx = np.random.default_rng(12345).permutation(len(task.y["train"]))[:n_tr + n_sc]
+    x_px, y_px = task.inputs("train", idx), task.y["train"][idx]
+    convs = backbone_convs(task.graph)
+    layers = [i for i in range(max(0, n - SEARCH_DEPTH), n) if int(task.graph.ops[convs[i]].attrs["groups"]) == 1]
+    ks = [k for k in SEARCH_BIAS_KS if k <= n]
+    cands = [ir.SparseScheme("b", k) for k in ks] + [ir.SparseScheme("w", 0, {i: 1.0}) for i in layers]
+    cuts = {c for c in (_cut_for(task.graph, s) for s in cands) if c is not None}
+    feats: dict[int, list] = {c: [] for c in cuts}
+    for i in range(0, len(y_px), 64):  # NOTE: one forward pass gives every candidate's cached prefix output
+        acts = forward_activations(task.graph, x_px[i:i + 64])
+        for c in cuts:
+            feats[c].append(acts[c])
+    px = {c: np.concatenate(v) for c, v in feats.items()}
+    rec = Setup(setup.batch, 1, setup.momentum, setup.warmup_frac, setup.frac_bits, setup.engine).recipe(n_tr)
+    lr = task.grid[(len(task.grid) - 1) // 2]  # the grid's (lower) middle rate
+
+    def score(s: ir.SparseScheme) -> float:
+        g, sch, cut = _tail(task, s)
+        plan = engine_ready(build_training_plan(g, sch, range_ste=True))
+        trainer = native_trainer(plan, rec) if setup.engine == "native" else Trainer(plan, recipe=rec)
+        x = px[cut] if cut is not None else x_px
+        for b in order(n_tr, setup.batch, 0, 0):
+            if setup.engine == "native":
+                trainer.steps(x[b], y_px[b], lr)
+            else:
+                trainer.train_step(x[b], y_px[b], lr)
+        return float((trainer.predict(x[n_tr:]) == y_px[n_tr:]).mean())
+
+    full_rec = setup.recipe(len(task.y["train"]))
+    res = search_scheme(task.graph, budget, None, None, layers=layers, bias_ks=ks, ratios=SEARCH_RATIOS,
+                        recipe=full_rec, range_ste=True, score=score)
+    res.scheme.name = f"searched-{budget // 1000}kb"
+    info = {"budget": budget, "peak_sram_bytes": res.peak_sram_bytes, "n_bias_update": res.scheme.n_bias_update,
+            "weight_ratio": {str(i): r for i, r in res.scheme.weight_ratio.items()},
+            "bias_gain": {str(k): round(v, 4) for k, v in res.bias_gain.items()},
+            "weight_gain": {f"{i}@{r}": round(v, 4) for (i, r), v in res.weight_gain.items()},
+            "evaluations": res.evaluations, "proxy": [n_tr, n_sc], "proxy_lr": lr,
+            "search_seconds": round(time.time() - t0)}
+    print(f"  {task.name} search: {info}", file=sys.stderr, flush=True)
+    task.cache[key] = (res.scheme, info)
+    return task.cache[key]
+
+
+def last_k_fitting(task: Task, budget: int, recipe: Recipe) -> ir.SparseScheme | None:
+    """Weights + biases of the last ``k`` backbone convs, ``k`` the largest whose ``peak_sram_bytes`` <= ``budget``
+    (None when not even the last conv fits: MbV2 and MCUNet at 256 KB with the shared recipe)."""
+    from fleet.compiler.compile import compile_full
+
+    n = len(backbone_convs(task.graph))
+    best = None
+    for k in range(1, n + 1):
+        s = ir.SparseScheme(f"last{k}", k, {i: 1.0 for i in range(n - k, n)})
+        if compile_full(task.graph, s, serialize=False, recipe=recipe, range_ste=True).report.peak_sram_bytes > budget:
+            break
+        best = s
+    return best
+
+
 # ------------------------------------------------------------------------------------------------- tasks
 
 
@@ -466,8 +548,10 @@ TASKS = {"imu": imu_task, "fashion": fashion_task, "heart": heart_task,
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def method_plan(task: Task, setup: Setup) -> dict[str, tuple]:
-    """Method -> (run(lr, seed) -> dict, lr grid, int8 scheme for memory or None, recipe for memory)."""
+def method_plan(task: Task, setup: Setup, methods: tuple[str, ...] = METHODS, search_budget: int = 256_000,
+                quick: bool = False) -> dict[str, tuple]:
+    """Method -> (run(lr, seed) -> dict, lr grid, int8 scheme for memory or None, recipe for memory); the searched
+    scheme is only searched when ``methods`` asks for it."""
     rec = setup.recipe(len(task.y["train"]))
     n = len(backbone_convs(task.graph))
     sp = task.sparse
@@ -487,9 +571,19 @@ def method_plan(task: Task, setup: Setup) -> dict[str, tuple]:
         "int8_last": (lambda lr, s: run_int8(task, setup, last, lr, s), task.grid, last, rec),
         "int8_bias": (lambda lr, s: run_int8(task, setup, bias, lr, s), task.grid, bias, rec),
     }
-    if n:
+    if n and "int8_lastk" in methods:
         lk = last_k(task, plan_memory(task, sp, rec)["mem_kb"], rec)
         out["int8_lastk"] = (lambda lr, s: run_int8(task, setup, lk, lr, s), task.grid, lk, rec)
+    if n and "int8_lastk_budget" in methods:
+        lb = last_k_fitting(task, search_budget, rec)
+        if lb is None:
+            print(f"  {task.name} int8_lastk_budget: skipped, not even the last conv fits {search_budget} B with the "
+                  "recipe's optimizer state", file=sys.stderr, flush=True)
+        else:
+            out["int8_lastk_budget"] = (lambda lr, s: run_int8(task, setup, lb, lr, s), task.grid, lb, rec)
+    if n and "int8_searched" in methods:
+        ss, _ = searched_scheme(task, setup, search_budget, quick)
+        out["int8_searched"] = (lambda lr, s: run_int8(task, setup, ss, lr, s), task.grid, ss, rec)
     return out
 
 
@@ -525,6 +619,8 @@ def main() -> None:
     ap.add_argument("--feature-cache", default=None, help="directory to keep the frozen prefix's int8 outputs in "
                     "(one .npy per task, cut and split, named by a hash of the split's inputs)")
     ap.add_argument("--partial", default=None, help="write the results so far to this JSON file after each method")
+    ap.add_argument("--search-budget", type=int, default=256_000, help="bytes of peak SRAM (with the recipe's "
+                    "optimizer state) for int8_searched and int8_lastk_budget")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = 1 if args.quick else args.seeds
@@ -537,7 +633,8 @@ def main() -> None:
         if args.grid and not args.quick:
             task.grid = tuple(float(v) for v in args.grid.split(","))
         setup = Setup(batch=args.batch if not args.quick else 8, epochs=epochs, engine=args.engine)
-        plans = method_plan(task, setup)
+        wanted = tuple(args.methods.split(","))
+        plans = method_plan(task, setup, wanted, args.search_budget, args.quick)
         out: dict[str, dict] = {}
         for m in [m for m in args.methods.split(",") if m in plans]:
             fn, grid, scheme, rec = plans[m]
@@ -547,6 +644,10 @@ def main() -> None:
             r = study(fn, grid, seeds, log)
             r.update(plan_memory(task, scheme, rec) if scheme is not None else {"mem_kb": None})
             r["scheme"] = scheme.name if scheme is not None else ("full" if m == "fp32_full" else task.sparse.name)
+            if m == "int8_searched":
+                r["search"] = searched_scheme(task, setup, args.search_budget, args.quick)[1]
+            elif scheme is not None and m.startswith("int8_lastk"):
+                r["k"] = scheme.n_bias_update
             r["seconds"] = round(time.time() - tm)
             out[m] = r
             rows.append((name, m, f"{r['mean']:.4f}", f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", r["n"], r["lr"],

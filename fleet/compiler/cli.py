@@ -304,7 +304,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.scheme == "auto" and args.proxy:
         px, py = _load_array(args.proxy, "x", "--proxy"), _load_array(args.proxy, "y", "--proxy")
         px = _check_proxy(graph, px, py)
-        scheme = search_scheme(graph, budget, px, py, seed=args.seed).scheme
+        scheme = search_scheme(graph, budget, px, py, seed=args.seed, recipe=recipe).scheme
     elif args.scheme == "auto":
         scheme = _auto_named(graph, budget, recipe)[0]
     else:

@@ -1,15 +1,18 @@
 """Sparse-update schemes: named ones (YAML ladders, 'full' / 'last' / 'bias') and the search under a budget.
 
 The search is the paper's: contribution analysis (accuracy gain of bias-only last-k, then of each layer's
-weights at each ratio, by short int8 training on proxy data with the engine's Trainer), then an exact knapsack
-over measured memory costs; the winner is compiled and checked, never trusted from the cost model. It refuses
-to invent gains: without proxy data, :func:`search_scheme` cannot run (see ``prior`` for a stated fallback).
+weights at each ratio, by short int8 training on proxy data with the engine's Trainer, or a caller's scorer),
+then an exact knapsack over measured memory costs; the winner is compiled and checked, never trusted from the
+cost model. Memory is the whole training memory a board holds (``peak_sram_bytes``: arena + trainable +
+the optimizer state of the recipe it will train with + runtime allowance). It refuses to invent gains: without
+proxy data or a scorer, :func:`search_scheme` cannot run (see ``prior`` for a stated fallback).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import numpy as np
 import yaml
 
 from device_agent.engine import ir
+from device_agent.engine.recipe import Recipe
 
 from .compile import BudgetError, compile_full
 from .graph_builder import backbone_convs
@@ -109,6 +113,7 @@ class SearchResult:
     bias_cost: dict[int, int] = field(default_factory=dict)
     weight_gain: dict[tuple[int, float], float] = field(default_factory=dict)  # (conv, ratio) -> gain
     weight_cost: dict[tuple[int, float], int] = field(default_factory=dict)
+    evaluations: int = 0  # proxy trainings run (the search's cost; each also compiles the candidate)
 
 
 def _accuracy(graph: ir.Graph, scheme: ir.SparseScheme, x: np.ndarray, y: np.ndarray, steps: int, lr: float,
@@ -129,8 +134,9 @@ def _accuracy(graph: ir.Graph, scheme: ir.SparseScheme, x: np.ndarray, y: np.nda
     return trainer.evaluate(x[n_train:], y[n_train:]) if len(x) > n_train else trainer.evaluate(x, y)
 
 
-def _peak(graph: ir.Graph, scheme: ir.SparseScheme) -> int:
-    return compile_full(graph, scheme, serialize=False).report.peak_sram_bytes
+def _peak(graph: ir.Graph, scheme: ir.SparseScheme, recipe: Recipe | None = None, range_ste: bool = False) -> int:
+    """The compiled plan's ``peak_sram_bytes``, with the optimizer state of ``recipe`` (None: the default step)."""
+    return compile_full(graph, scheme, serialize=False, recipe=recipe, range_ste=range_ste).report.peak_sram_bytes
 
 
 def _knapsack(items: list[list[tuple[float, int, float]]], capacity: int) -> tuple[float, list[float]]:
@@ -148,10 +154,11 @@ def _knapsack(items: list[list[tuple[float, int, float]]], capacity: int) -> tup
     return best[capacity], choice[capacity]
 
 
-def search_scheme(graph: ir.Graph, budget: int, proxy_x: np.ndarray, proxy_y: np.ndarray,
+def search_scheme(graph: ir.Graph, budget: int, proxy_x: np.ndarray | None, proxy_y: np.ndarray | None,
                   layers: list[int] | None = None, bias_ks: list[int] | None = None,
                   ratios: tuple[float, ...] = RATIOS, steps: int = 20, lr: float = 0.05, batch: int = 16,
-                  unit: int = 1000, seed: int = 0) -> SearchResult:
+                  unit: int = 1000, seed: int = 0, recipe: Recipe | None = None, range_ste: bool = False,
+                  score: Callable[[ir.SparseScheme], float] | None = None) -> SearchResult:
     """Best sparse scheme under ``budget`` bytes of SRAM by contribution analysis + exact knapsack.
 
     Parameters
@@ -159,9 +166,10 @@ def search_scheme(graph: ir.Graph, budget: int, proxy_x: np.ndarray, proxy_y: np
     graph : ir.Graph
         Forward graph (its classifier always trains).
     budget : int
-        Bytes; the result's compiled ``peak_sram_bytes`` is checked against it.
-    proxy_x, proxy_y : np.ndarray
-        Proxy samples (int8, batch first) and labels; the first half trains, the second half scores.
+        Bytes; the result's compiled ``peak_sram_bytes`` (with ``recipe``'s optimizer state) is checked against it.
+    proxy_x, proxy_y : np.ndarray or None
+        Proxy samples (int8, batch first) and labels; the first half trains, the second half scores. None only
+        with ``score``.
     layers : list of int, optional
         Backbone conv indices whose weights are analysed; default the last 4.
     bias_ks : list of int, optional
@@ -171,6 +179,14 @@ def search_scheme(graph: ir.Graph, budget: int, proxy_x: np.ndarray, proxy_y: np
     steps, lr, batch, seed : training of each candidate (``steps`` Trainer steps of ``batch`` samples).
     unit : int
         Knapsack cost unit in bytes (costs round up).
+    recipe : Recipe, optional
+        The training recipe the plan will run with: every cost includes its optimizer state (per trained weight
+        and bias, ``recipe.layout_optimizer``), so a stateful recipe buys fewer weights under the same budget.
+    range_ste : bool
+        Compile candidates as the runs will (``build_training_plan(..., range_ste=...)``).
+    score : callable, optional
+        ``score(scheme) -> accuracy`` of a short training on proxy data, in place of the built-in Trainer run
+        (e.g. the native engine on cached prefix outputs); gains are differences of its values.
 
     Returns
     -------
@@ -181,28 +197,36 @@ def search_scheme(graph: ir.Graph, budget: int, proxy_x: np.ndarray, proxy_y: np
     BudgetError
         Even the classifier alone does not fit; ``.required`` is its peak.
     """
+    if score is None and (proxy_x is None or proxy_y is None):
+        raise ValueError("search_scheme needs proxy data (proxy_x, proxy_y) or a score(scheme) function")
     n = len(backbone_convs(graph))
     layers = sorted(layers if layers is not None else range(max(0, n - 4), n))
     ks = sorted(set(bias_ks if bias_ks is not None else [0] + [2 ** i for i in range(int(math.log2(n)) + 1)] + [n]))
+    peak = lambda s: _peak(graph, s, recipe, range_ste)
     base = ir.SparseScheme("last")
-    base_peak = _peak(graph, base)
+    base_peak = peak(base)
     if base_peak > budget:
         raise BudgetError(f"even the classifier-only scheme needs {base_peak} bytes > budget {budget}; the smallest "
                           f"feasible budget is {base_peak} bytes ({base_peak / 1000:.1f} KB)", base_peak)
-    acc0 = _accuracy(graph, base, proxy_x, proxy_y, steps, lr, batch, seed)
     res = SearchResult(base, base_peak, base_peak)
+
+    def acc(s: ir.SparseScheme) -> float:
+        res.evaluations += 1
+        if score is not None:
+            return float(score(s))
+        assert proxy_x is not None and proxy_y is not None
+        return _accuracy(graph, s, proxy_x, proxy_y, steps, lr, batch, seed)
+
+    acc0 = acc(base)
     for k in ks:
         s = ir.SparseScheme(f"bias{k}", k)
-        res.bias_cost[k] = max(0, _peak(graph, s) - base_peak)
-        res.bias_gain[k] = 0.0 if k == 0 else _accuracy(graph, s, proxy_x, proxy_y, steps, lr, batch, seed) - acc0
+        res.bias_cost[k] = max(0, peak(s) - base_peak)
+        res.bias_gain[k] = 0.0 if k == 0 else acc(s) - acc0
     for i in layers:
-        depth = ir.SparseScheme("depth", n - i)
-        depth_peak = _peak(graph, depth)
+        depth_peak = peak(ir.SparseScheme("depth", n - i))
         for r in ratios:
-            s = ir.SparseScheme(f"w{i}@{r}", n - i, {i: r})
-            res.weight_cost[(i, r)] = max(0, _peak(graph, s) - depth_peak)
-            res.weight_gain[(i, r)] = _accuracy(graph, ir.SparseScheme("w", 0, {i: r}), proxy_x, proxy_y, steps,
-                                                lr, batch, seed) - acc0
+            res.weight_cost[(i, r)] = max(0, peak(ir.SparseScheme(f"w{i}@{r}", n - i, {i: r})) - depth_peak)
+            res.weight_gain[(i, r)] = acc(ir.SparseScheme(f"w{i}@{r}", 0, {i: r})) - acc0
     slack = 0
     for _ in range(6):  # NOTE: costs are not exactly additive; shrink the capacity until the compiled plan fits
         best: tuple[float, ir.SparseScheme] | None = None
@@ -220,9 +244,9 @@ def search_scheme(graph: ir.Graph, budget: int, proxy_x: np.ndarray, proxy_y: np
                 best = (gain, ir.SparseScheme(f"auto-{budget}", k, wr))
         if best is None:
             break
-        peak = _peak(graph, best[1])
-        if peak <= budget:
-            res.scheme, res.peak_sram_bytes = best[1], peak
+        got = peak(best[1])
+        if got <= budget:
+            res.scheme, res.peak_sram_bytes = best[1], got
             return res
-        slack += peak - budget
+        slack += got - budget
     return res  # the classifier-only scheme fits (checked above)

@@ -29,12 +29,15 @@ def _run(script: str, *args: str, timeout: int = 120) -> dict:
 
 
 def test_accuracy_qas_quick_imu():
-    r = _run("accuracy_qas.py", "--tasks", "imu", "--no-wide")
+    r = _run("accuracy_qas.py", "--tasks", "imu", "--no-wide", timeout=300)  # ~30 s of CPU; more when shared
     for k in ("fp32_full", "fp32_sparse", "int8_sparse_noqas", "int8_sparse_qas", "int8_last", "int8_bias"):
         m = r["imu"][k]
         assert 0.0 <= m["ci95"][0] <= m["mean"] <= m["ci95"][1] <= 1.0 and m["n"] >= 1
     assert r["imu"]["int8_sparse_qas"]["mean"] > 0.3  # 7 classes: chance is ~0.14
     assert r["imu"]["int8_sparse_qas"]["mem_kb"] > r["imu"]["int8_last"]["mem_kb"] > 0
+    found = r["imu"]["int8_searched"]  # the compiler's search under 256 KB with the recipe's optimizer state
+    assert found["peak_sram_kb"] <= 256.0 and found["search"]["evaluations"] > 1 and found["scheme"] == "searched-256kb"
+    assert r["imu"]["int8_lastk_budget"]["peak_sram_kb"] <= 256.0 < r["imu"]["int8_lastk_budget"]["peak_sram_kb"] * 100
 
 
 def test_engine_speed_quick_imu():

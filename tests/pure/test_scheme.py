@@ -60,3 +60,31 @@ def test_search_fits_the_budget_and_refuses_the_impossible(graph):
     with pytest.raises(BudgetError) as e:
         search_scheme(graph, base - 1, x, y, layers=[5], bias_ks=[0], steps=1)
     assert e.value.required == base
+
+
+def test_search_prices_the_recipes_optimizer_state(graph):
+    # Prepare: a scorer that values weights by their count (so the knapsack wants as many as fit), a stateful
+    # recipe (int32 momentum buffer + int16 residual per trained weight) and a budget the default step could fill
+    from device_agent.engine.recipe import Recipe
+
+    rec = Recipe(accum_steps=4, momentum=0.9, frac_bits=16)
+    seen: list[str] = []
+
+    def score(s: ir.SparseScheme) -> float:
+        seen.append(s.name)
+        return s.n_bias_update + sum(10 * r * (i + 1) for i, r in s.weight_ratio.items())
+
+    base = compile_full(graph, ir.SparseScheme("last"), serialize=False, recipe=rec).report.peak_sram_bytes
+    budget = base + 6000
+    kw = {"layers": [4, 5], "bias_ks": [0, 2], "ratios": (0.5, 1.0), "unit": 100, "score": score}
+    # Execute
+    plain = search_scheme(graph, budget, None, None, **kw)
+    stateful = search_scheme(graph, budget, None, None, recipe=rec, **kw)
+    # Assert: the recipe's plan fits the budget with its optimizer state, and buys less than the default step
+    rep = compile_full(graph, stateful.scheme, serialize=False, recipe=rec).report
+    assert rep.peak_sram_bytes == stateful.peak_sram_bytes <= budget and rep.optimizer_bytes > 0
+    no_state = compile_full(graph, plain.scheme, serialize=False, recipe=rec).report.peak_sram_bytes
+    assert no_state > budget, "the default step's choice would not fit with the recipe's state"
+    assert stateful.evaluations == plain.evaluations == 1 + 1 + 4 and seen.count("last") == 2
+    with pytest.raises(ValueError, match="proxy data"):
+        search_scheme(graph, budget, None, None, layers=[5], bias_ks=[0])
