@@ -36,7 +36,10 @@ def test_sleeping_devices_answer_only_while_awake_and_the_report_shows_when(tmp_
     steps = sorted(d["step_s"] for d in b["devices"])  # 3 M / 216 MHz = 13.9 ms, one straggler 3x slower
     assert steps == pytest.approx([3e6 / 216e6] * 3 + [3 * 3e6 / 216e6], rel=1e-4)
     events = b["events"]
-    assert {"sleep", "wake", "task", "delta"} <= {e[2] for e in events}, events
+    kinds = {e[2] for e in events}
+    assert {"sleep", "task", "delta"} <= kinds, events
+    if b["sim_seconds"] > 6:  # a whole period: every sleeper woke at least once (a fast run may end before that)
+        assert "wake" in kinds, events
     for t, dev, what in events:  # the point: nothing leaves a sleeping device
         if what == "delta":
             assert any(a - 1e-6 <= t <= e + 1e-6 for a, e in awake_spans(events, dev, b["sim_seconds"])), (t, dev)
