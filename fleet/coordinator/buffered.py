@@ -19,8 +19,8 @@ from device_agent.wire.messages import Publish, Task
 from fleet import aggregate as agg
 from fleet import round as rnd
 from fleet.coordinator import async_round as ar
-from fleet.coordinator.codec import CodecError
 from fleet.coordinator.core import Coordinator
+from fleet.coordinator.deltas import read_delta
 from fleet.coordinator.events import Boot, Output, Received, RoundClosed, RoundRefused, StartRound, Tick
 from fleet.security.dp import RDPAccountant, dp_mean, round_rng
 from fleet.store import DeltaRow
@@ -133,16 +133,12 @@ class AsyncCoordinator(Coordinator):
         held = m.buffer.get(ev.device_id)
         if held is not None and held.content_hash == content_hash:  # QoS 1 redelivery into the open buffer
             return self._verdict(ev.device_id, held.round_id, content_hash, None, "")
-        try:
-            decoded = self.codec.decode_delta(ev.payload, content_hash)
-        except CodecError as e:
-            rid = m.tasks[ev.device_id].round_id if ev.device_id in m.tasks else 0
-            return self._verdict(ev.device_id, rid, content_hash, rnd.Reject.MALFORMED,
-                                 f"WireError {e.code}: {e.detail}")
-        up = decoded.header
-        if up.device_id != ev.device_id:
-            return self._verdict(ev.device_id, up.round_id, content_hash, rnd.Reject.WRONG_DEVICE,
-                                 f"payload says {up.device_id!r}")
+        r = read_delta(self.codec, ev.device_id, ev.payload, content_hash)
+        if r.decoded is None:
+            rid = r.round_id if r.round_id is not None else (
+                m.tasks[ev.device_id].round_id if ev.device_id in m.tasks else 0)
+            return self._verdict(ev.device_id, rid, content_hash, rnd.Reject(r.reject), r.detail)
+        up = r.decoded.header
         if self.store.has_delta(up.round_id, up.device_id, content_hash):
             return self._verdict(ev.device_id, up.round_id, content_hash, None, "")  # counted in an earlier buffer
         before, seq = dict(m.tasks), m.task_seq
