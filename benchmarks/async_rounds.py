@@ -21,6 +21,11 @@ session-7 "instability" at a 30 s task timeout (final 0.781 +- 0.177) was one se
 the mean of its last 150 s was 0.817 +- 0.022. Sync settings: ``--sync-grid goal:over_selection,...``; the one
 with the lowest mean time to target is the ``sync`` baseline (a user tunes it). Last line: one JSON object.
 
+Measured 2026-12-07 (session 9), the headline: 9 seeds of the best sync and the best async of the grid below,
+``python benchmarks/async_rounds.py --seeds 10 --sync-grid 6:2.0 --buffer 6 --async-concurrency 0 --dump D``
+(stopped after seed 8 for time; ``--from-dump D`` gives the JSON): target 0.793; sync g6/12 450 +- 116 s, final
+0.808 +- 0.007; async 365 +- 116 s, final 0.810 +- 0.012: 1.23x, per-seed ratios 0.69-3.0 (geometric mean 1.28x,
+95 % interval [0.94, 1.75]; async faster on 7 of 9 seeds); accepted deltas per run 1,046 vs 731.
 Measured 2026-12-07 (session 8; 20 devices, 3 seeds, 1500 simulated s, 20 local steps, lr 0.05, default behaviour:
 20 % stragglers 8x slower, 30 % sleepers awake half of every 600 s, 5 % dropouts; 95 % t-intervals; every run
 ``--dump``-ed under /work/runs/s8/async and compared with ``--from-dump``, which recomputes the same JSON):
