@@ -7,7 +7,8 @@ JSON line.
 Each (scenario, seed) is one ``tinyfleet simulate`` run of ``configs/<scenario>.yaml`` (host devices over the
 embedded broker) with its ``personalization``, ``new_users`` and ``continual`` sections: every method is replayed
 on that run's global models (fleet/sim/personalize.py), local-only and every method with the lr chosen by the same
-rule on device-held validation data (``with_tuned_lr`` over ``--lr-grid``). Per scenario and model (``global``,
+rule on device-held validation data (the runner's ``personalization.lr_grid``, set from ``--lr-grid``), and
+``select`` (host-only: each device's own pick of global / local-only / a method by that validation data). Per scenario and model (``global``,
 ``local``, each method, ``new_users_*``; ``personalized`` = the devices' own live method and ``centralized`` from
 the run): the mean over seeds of the mean per-device final accuracy, with a 95% Student-t interval. The target
 (issue 13): the best replayed method >= both global and local-only beyond the interval, judged on the paired
