@@ -99,7 +99,9 @@ def run_one(scenario: str, seed: int, args) -> dict:
     from fleet.sim import personalize as ps
 
     per_device = dict(got["compare"][-1]) if got["compare"] else {}
-    for k in ("select", "personalized", "centralized"):
+    if per_device and any("select_choice" in r for r in res.per_device):  # the chosen model's unrounded accuracy
+        per_device["select"] = ps.selected_accuracy([r.get("select_choice") for r in res.per_device], per_device)
+    for k in ("personalized", "centralized"):
         if any(f"accuracy_{k}" in r for r in res.per_device):
             per_device[k] = [r.get(f"accuracy_{k}") for r in res.per_device]
     if got["new"]:
