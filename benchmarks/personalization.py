@@ -7,7 +7,8 @@ JSON line.
 Each (scenario, seed) is one ``tinyfleet simulate`` run of ``configs/<scenario>.yaml`` (host devices over the
 embedded broker) with its ``personalization``, ``new_users`` and ``continual`` sections: every method is replayed
 on that run's global models (fleet/sim/personalize.py), local-only and every method with the lr chosen by the same
-rule on device-held validation data (``with_tuned_lr`` over ``--lr-grid``). Per scenario and model (``global``,
+rule on device-held validation data (the runner's ``personalization.lr_grid``, set from ``--lr-grid``), and
+``select`` (host-only: each device's own pick of global / local-only / a method by that validation data). Per scenario and model (``global``,
 ``local``, each method, ``new_users_*``; ``personalized`` = the devices' own live method and ``centralized`` from
 the run): the mean over seeds of the mean per-device final accuracy, with a 95% Student-t interval. The target
 (issue 13): the best replayed method >= both global and local-only beyond the interval, judged on the paired
@@ -21,7 +22,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,30 +32,26 @@ from benchmarks.common import emit, t_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("sensor-watch", "keyboard-shakespeare", "medical-heart")
-METHODS = ("ditto", "finetune", "head", "bias")
+METHODS = ("ditto", "finetune", "head", "bias", "select")  # select: host-only
 
 
-def _capture(grid: tuple[float, ...]) -> tuple[dict, object]:
-    """Wrap fleet/sim/personalize's replays so this run (a) applies the lr rule (``with_tuned_lr`` over ``grid``)
-    before them and (b) hands back their per-device numbers. NOTE: a bridge until ``tinyfleet simulate`` passes
-    ``personalization.lr_grid`` itself (runner.py is another work package's file; the patch is in the session
-    report): the wrapped functions are the ones the runner calls, with the same arguments."""
+def _capture() -> tuple[dict, object]:
+    """Record the per-device numbers of fleet/sim/personalize's replays as the runner calls them (the runner
+    itself applies the lr rule and the per-device selection): its last ``compare_methods`` call is the replay on
+    the test slices (the earlier ones are the lr rule's validation replays), its first ``new_users`` call the new
+    users' test replay and its second their validation replay (what their "select" chooses from)."""
     from fleet.sim import personalize as ps
 
-    got: dict = {}
+    got: dict = {"compare": [], "new": []}
     orig_compare, orig_new = ps.compare_methods, ps.new_users
 
-    def compare(plan, initial, globals_, slices, methods, p):
-        if got.get("tuning"):  # tune_lr's own replays (it calls compare_methods by the module's name)
-            return orig_compare(plan, initial, globals_, slices, methods, p)
-        got["tuning"] = True
-        p, scores = ps.with_tuned_lr(plan, initial, globals_, slices, methods, replace(p, lr_grid=grid))
-        got.update(tuning=False, plain=p, lr_scores=scores, fleet=orig_compare(plan, initial, globals_, slices, methods, p))
-        return got["fleet"]
+    def compare(*a, **k):
+        got["compare"].append(orig_compare(*a, **k))
+        return got["compare"][-1]
 
-    def new(plan, initial, final, slices, methods, steps, p):
-        got["new"] = orig_new(plan, initial, final, slices, methods, steps, got.get("plain", p))
-        return got["new"]
+    def new(*a, **k):
+        got["new"].append(orig_new(*a, **k))
+        return got["new"][-1]
 
     ps.compare_methods, ps.new_users = compare, new
 
@@ -89,10 +85,8 @@ def run_one(scenario: str, seed: int, args) -> dict:
         cfg.personalization.compare = args.methods.split(",")
     if args.no_continual or seed >= args.continual_seeds:
         cfg.continual.prequential = False
-    grid = tuple(float(g) for g in args.lr_grid.split(",")) if args.lr_grid else ()
-    if hasattr(cfg.personalization, "lr_grid"):  # simulate applies the rule itself: the bridge only records
-        cfg.personalization.lr_grid, grid = list(grid), ()
-    got, restore = _capture(grid)
+    cfg.personalization.lr_grid = [float(g) for g in args.lr_grid.split(",")] if args.lr_grid else []
+    got, restore = _capture()
     t0 = time.monotonic()
     try:
         res = run_simulation(cfg, None, progress=False)
@@ -102,20 +96,27 @@ def run_one(scenario: str, seed: int, args) -> dict:
         raise SystemExit(f"{scenario} seed {seed}: run incomplete ({res.rounds} rounds): {res.errors[:3]}")
     # per device (fleet devices, then new users): the replays' numbers, every model by the same code and lr rule;
     # the run's own "personalized" (the devices' live method) and "centralized" beside them
-    per_device = {k: v for k, v in got.get("fleet", {}).items()}
+    from fleet.sim import personalize as ps
+
+    per_device = dict(got["compare"][-1]) if got["compare"] else {}
+    if per_device and any("select_choice" in r for r in res.per_device):  # the chosen model's unrounded accuracy
+        per_device["select"] = ps.selected_accuracy([r.get("select_choice") for r in res.per_device], per_device)
     for k in ("personalized", "centralized"):
         if any(f"accuracy_{k}" in r for r in res.per_device):
             per_device[k] = [r.get(f"accuracy_{k}") for r in res.per_device]
-    per_device.update({f"new_users_{k}": v for k, v in got.get("new", {}).items()})
+    if got["new"]:
+        new = dict(got["new"][0])
+        if len(got["new"]) > 1:  # the runner's new-user selection, per user (it keeps only the mean)
+            new["select"] = ps.selected_accuracy(ps.select_per_device(got["new"][1]), got["new"][0])
+        per_device.update({f"new_users_{k}": v for k, v in new.items()})
     means = {k: round(float(np.mean(a)), 4) for k, v in per_device.items() for a in [[x for x in v if x is not None]]
              if a}
     out = {"means": means, "per_device": per_device, "run_means": dict(res.accuracy_mean_per_device),
            "seconds": round(time.monotonic() - t0, 1), "methods_used": res.personal_methods,
            "devices_per_round": res.devices_per_round,
            "devices": [{k: r[k] for k in ("device_id", "subject", "n_train", "n_test")} for r in res.per_device]}
-    if got.get("plain") is not None and got["plain"].lr_by:
-        out["lr"] = {k: round(v, 6) for k, v in got["plain"].lr_by.items()}
-        out["lr_validation"] = got["lr_scores"]
+    out["lr"] = dict(res.personal_lr)
+    out["select_choices"] = dict(res.select_choices)
     runs = res.continual.get("runs", [])
     out["continual"] = {
         f"{r['policy']}{'+drift' if r.get('drift_round') else ''}": {
@@ -155,6 +156,11 @@ def summarize(per_seed: list[dict]) -> dict:
                                 for b in ("global", "local"))
         out["target_met_seed_interval"] = all(
             out.get(f"best_minus_{b}", {"ci95_seeds": [0, 0]})["ci95_seeds"][0] > 0 for b in ("global", "local"))
+    if "select" in acc:  # the device-side selection (host-only) against both baselines, whether or not it is best
+        for base in ("global", "local"):
+            if base in acc:
+                out[f"select_minus_{base}"] = _paired(per_seed, "select", base)
+        out["select_choices"] = [s.get("select_choices", {}) for s in per_seed]
     nu = [m for m in METHODS if f"new_users_{m}" in acc]
     if nu:
         best_nu = max(nu, key=lambda m: acc[f"new_users_{m}"]["mean"])
@@ -198,7 +204,8 @@ def main() -> None:
             if args.out_json:  # after every seed: a long run that is cut short keeps what it measured
                 Path(args.out_json).write_text(json.dumps(raw))
             print(f"# {sc} seed {seed}: {per_seed[-1]['means']} lr {per_seed[-1].get('lr')} "
-                  f"({per_seed[-1]['seconds']} s)", file=sys.stderr, flush=True)
+                  f"select {per_seed[-1].get('select_choices')} ({per_seed[-1]['seconds']} s)",
+                  file=sys.stderr, flush=True)
         s = summarize(per_seed)
         result["scenarios"][sc] = s
         for k, v in s["accuracy_mean_per_device"].items():

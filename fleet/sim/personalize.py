@@ -3,12 +3,14 @@
 The fleet run records the global model after every round; this module replays, per device, what each
 personalization method (device_agent/engine/personal.py, the same code a device runs) would have built on
 that sequence of global models from the device's own samples, so every method is measured on the same
-federated run. Three measurements:
+federated run. Four measurements:
 
 - :func:`compare_methods` — final held-out accuracy per device for ``global``, ``local`` (the device alone)
   and each method, the buffer holding the device's whole training slice from round 1 (as in the fleet run);
 - :func:`new_users` — devices that never joined the fleet get the final global model and personalize for N
   steps; compared with N local steps from the initial model and with the global model alone;
+- :func:`select_per_device` — each device picks global, local-only or a method by its own validation data
+  (host-only: the boards run one configured method);
 - :func:`prequential` — each device's training slice is a stream in time order, one chunk per round: each
   chunk is first predicted by the model the device holds (test), then added to its buffer (train), then the
   device personalizes on the next global model. Optionally with drift: halfway, the stream switches to
@@ -126,41 +128,71 @@ def validation_split(slices, fraction: float) -> list:
 
 
 def tune_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequence[str], p: Plain,
-            grid: Sequence[float], fraction: float = 0.25) -> tuple[dict[str, float], dict[str, list]]:
+            grid: Sequence[float], fraction: float = 0.25) -> tuple[dict[str, float], dict[str, list], dict[str, list]]:
     """The lr grid rule, the same for local-only and every method: replay each on the devices' validation split
     (:func:`validation_split`) with every lr in ``grid`` (multiples of its configured lr) and keep, per model, the
     one with the best mean per-device validation accuracy (ties: the smaller lr). Test slices are never read.
 
     Returns
     -------
-    (lr per model: "local" and each method; validation accuracy per model, one per grid entry).
+    (lr per model: "local" and each method; validation accuracy per model, one per grid entry; validation accuracy
+    per model and device at the chosen lr, "global" included: what :func:`select_per_device` chooses from).
     """
     if not grid or any(not g > 0 for g in grid):
         raise ValueError(f"lr grid: expected multipliers > 0, got {list(grid)}")
     val = validation_split(slices, fraction)
     names = ("local", *methods)
     scores: dict[str, list] = {k: [] for k in names}
+    per_grid = []
     for g in grid:
         q = replace(p, lr=p.lr * g, personal_lr=p.personal_lr * g, lr_by={}, lr_grid=())
         got = compare_methods(plan, initial, globals_, val, methods, q)
+        per_grid.append(got)
         for k in names:
             accs = [a for a in got[k] if a is not None]
             scores[k].append(round(float(np.mean(accs)), 4) if accs else None)
-    chosen = {}
+    chosen, per_device = {}, {"global": per_grid[0]["global"]}
     for k in names:
         best = max(range(len(grid)), key=lambda i, k=k: (scores[k][i] or 0.0, -grid[i]))
         chosen[k] = (p.lr if k == "local" else p.personal_lr) * grid[best]
-    return chosen, scores
+        per_device[k] = per_grid[best][k]
+    return chosen, scores, per_device
 
 
 def with_tuned_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequence[str], p: Plain,
-                  fraction: float = 0.25) -> tuple[Plain, dict[str, list]]:
+                  fraction: float = 0.25) -> tuple[Plain, dict[str, list], dict[str, list]]:
     """``p`` with ``lr_by`` chosen by :func:`tune_lr` over ``p.lr_grid`` for local-only and every method (the same
-    rule for all; new users then train with the lrs chosen on the fleet's devices). No grid: ``p`` unchanged."""
+    rule for all; new users then train with the lrs chosen on the fleet's devices), the grid's mean validation
+    scores and the per-device validation accuracies at the chosen lrs. No grid: ``p`` unchanged and the
+    per-device validation accuracies at the configured lrs (one replay on the validation split)."""
     if not p.lr_grid:
-        return p, {}
-    chosen, scores = tune_lr(plan, initial, globals_, slices, methods, p, p.lr_grid, fraction)
-    return replace(p, lr_by=chosen), scores
+        got = compare_methods(plan, initial, globals_, validation_split(slices, fraction), methods, p)
+        return p, {}, got
+    chosen, scores, per_device = tune_lr(plan, initial, globals_, slices, methods, p, p.lr_grid, fraction)
+    return replace(p, lr_by=chosen), scores, per_device
+
+
+# what select_per_device prefers on a validation tie: the cheapest on a device first (keep the global model)
+SELECT_ORDER = ("global", "bias", "head", "finetune", "ditto", "local")
+
+
+def select_per_device(validation: dict[str, list]) -> list[str | None]:
+    """Device-side model selection (host-only today): each device keeps the model ("global", "local" or a
+    method) with the best accuracy on its own validation data (:func:`tune_lr`'s per-device numbers; test data
+    is not an input), ties broken toward the cheaper end of ``SELECT_ORDER``; None where it has no validation
+    data (such a device keeps the global model: see :func:`selected_accuracy`)."""
+    names = [k for k in SELECT_ORDER if k in validation] + sorted(k for k in validation if k not in SELECT_ORDER)
+    n = len(next(iter(validation.values()))) if validation else 0
+    out: list[str | None] = []
+    for i in range(n):
+        have = [(validation[k][i], -j, k) for j, k in enumerate(names) if validation[k][i] is not None]
+        out.append(max(have)[2] if have else None)
+    return out
+
+
+def selected_accuracy(choice: Sequence[str | None], test: dict[str, list]) -> list[float | None]:
+    """Each device's test accuracy of the model it selected (the global model where it could not select)."""
+    return [test[c or "global"][i] for i, c in enumerate(choice)]
 
 
 def new_users(plan, initial: dict, final: dict, slices, methods: Sequence[str], steps: int, p: Plain) -> dict[

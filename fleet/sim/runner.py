@@ -74,6 +74,7 @@ class SimResult:
     personal_methods: dict[str, int] = field(default_factory=dict)  # method a device used (after fallback) -> count
     new_users: list[str] = field(default_factory=list)  # device ids held out of training
     personal_lr: dict[str, float] = field(default_factory=dict)  # lr rule's choice per model (personalization.lr_grid)
+    select_choices: dict[str, int] = field(default_factory=dict)  # "select" (host-only): model -> devices choosing it
     continual: dict = field(default_factory=dict)  # fleet/sim/personalize.py prequential (+ drift), metrics.json
     per_device: list[dict] = field(default_factory=list)  # metrics.json only (not the printed JSON line)
     # behaviour model (fleet/sim/paced.py): per-device speed/duty/phase, sleep/wake/task events; metrics.json only
@@ -572,12 +573,19 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
                  lr_grid=tuple(pc.lr_grid))
     if methods:
         # NOTE: with an lr grid, local-only and every method take the lr chosen on device-held validation data
-        p, _scores = ps.with_tuned_lr(plan, initial, globals_, slices, methods, p)
+        p, _scores, val = ps.with_tuned_lr(plan, initial, globals_, slices, methods, p)
         res.personal_lr = {k: round(v, 6) for k, v in p.lr_by.items()}
         got = ps.compare_methods(plan, initial, globals_, slices, methods, p)
+        # NOTE: "select" (host-only: a board runs one configured method) = each device's own pick among global,
+        # local-only and every method by its validation data (the same replays the lr rule ran)
+        choice = ps.select_per_device(val)
+        got["select"] = ps.selected_accuracy(choice, got)
+        for row, c in zip(res.per_device, choice):
+            row["select_choice"] = c or "global"
+        res.select_choices = {c: choice.count(c) for c in sorted({c or "global" for c in choice})}
         # NOTE: "global" comes from the run itself (_final_metrics), and so does "local" unless the lr rule chose
         # local-only's lr: then the replay's local-only (its chosen lr) replaces the run's
-        for name in [*methods, *(["local"] if p.lr_by else [])]:
+        for name in [*methods, "select", *(["local"] if p.lr_by else [])]:
             _mean_into(res, name, got[name])
             for row, a in zip(res.per_device, got[name]):
                 row[f"accuracy_{name}"] = None if a is None else round(float(a), 4)
@@ -585,6 +593,10 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
             _mean_into(res, "local", got["local"])
     if newcomers:
         got = ps.new_users(plan, initial, globals_[-1], newcomers, methods, pc.new_user_steps, p)
+        if methods:  # a new user selects too, on the last quarter of its own training data (host-only)
+            val = ps.new_users(plan, initial, globals_[-1], ps.validation_split(newcomers, 0.25), methods,
+                               pc.new_user_steps, p)
+            got["select"] = ps.selected_accuracy(ps.select_per_device(val), got)
         for name, accs in got.items():
             _mean_into(res, f"new_users_{name}", accs)
     cc = cfg.continual

@@ -17,8 +17,8 @@ import yaml
 
 from tests.conftest import ROOT, require, require_cmd
 
-METHODS = {"global", "personalized", "local", "centralized", "ditto", "finetune", "head", "bias"}
-NEW_USERS = {f"new_users_{m}" for m in ("global", "local", "ditto", "finetune", "head", "bias")}
+METHODS = {"global", "personalized", "local", "centralized", "ditto", "finetune", "head", "bias", "select"}
+NEW_USERS = {f"new_users_{m}" for m in ("global", "local", "ditto", "finetune", "head", "bias", "select")}
 
 
 def _simulate(tmp_path, config: str, **changes) -> tuple[dict, dict]:
@@ -46,6 +46,11 @@ def _simulate(tmp_path, config: str, **changes) -> tuple[dict, dict]:
     assert len(metrics["per_device"]) == fleet == result["devices"] and len(result["new_users"]) == cfg["new_users"]
     assert all(r[f"accuracy_{m}"] is not None for r in metrics["per_device"] for m in METHODS)
     assert result["personal_methods"] == {cfg["personalization"]["method"]: fleet}
+    # "select" (host-only): each device's pick by its own validation data, reported per device and counted
+    picks = [r["select_choice"] for r in metrics["per_device"]]
+    assert set(picks) <= {"global", "local", "ditto", "finetune", "head", "bias"}
+    assert result["select_choices"] == {c: picks.count(c) for c in set(picks)}
+    assert all(r["accuracy_select"] == r[f"accuracy_{r['select_choice']}"] for r in metrics["per_device"])
     # the methods are different models (not one number under four names)
     assert len({metrics["accuracy_mean_per_device"][m] for m in ("ditto", "finetune", "head", "bias")}) > 1
     runs = metrics["continual"]["runs"]

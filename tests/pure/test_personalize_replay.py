@@ -104,7 +104,8 @@ def test_validation_split_is_the_tail_of_the_training_slice(setup):
 
 def test_tune_lr_picks_from_the_grid_without_reading_test_data(setup):
     plan, slices, initial, globals_, p = setup
-    chosen, scores = ps.tune_lr(plan, initial, globals_[:2], slices, ["head", "ditto"], p, grid=(0.5, 2.0))
+    chosen, scores, val = ps.tune_lr(plan, initial, globals_[:2], slices, ["head", "ditto"], p, grid=(0.5, 2.0))
+    assert set(val) == {"global", "local", "head", "ditto"} and all(len(v) == 4 for v in val.values())
     assert set(chosen) == {"local", "head", "ditto"} and all(len(s) == 2 for s in scores.values())
     assert chosen["local"] in (0.05, 0.2) and chosen["head"] in (0.05, 0.2)
     for k, s in scores.items():  # the chosen lr has the best validation accuracy (ties: the smaller one)
@@ -113,7 +114,8 @@ def test_tune_lr_picks_from_the_grid_without_reading_test_data(setup):
         assert chosen[k] == pytest.approx(base * (0.5, 2.0)[best])
     # the test slices are never read: garbage there changes nothing
     junk = [DeviceSlice(d.device_id, d.x_train, d.y_train, d.x_test[::-1] * 0, (d.y_test + 1) % 4) for d in slices]
-    assert ps.tune_lr(plan, initial, globals_[:2], junk, ["head", "ditto"], p, grid=(0.5, 2.0)) == (chosen, scores)
+    assert ps.tune_lr(plan, initial, globals_[:2], junk, ["head", "ditto"], p, grid=(0.5, 2.0)) == (
+        chosen, scores, val)
     with pytest.raises(ValueError, match="lr grid"):
         ps.tune_lr(plan, initial, globals_, slices, ["head"], p, grid=(0.0,))
     # the choice is used: lr_of reads it, and compare_methods trains with it
@@ -125,10 +127,37 @@ def test_with_tuned_lr_applies_the_rule_only_with_a_grid(setup):
     from dataclasses import replace
 
     plan, slices, initial, globals_, p = setup
-    assert ps.with_tuned_lr(plan, initial, globals_[:2], slices, ["head"], p) == (p, {})  # no grid: unchanged
-    q, scores = ps.with_tuned_lr(plan, initial, globals_[:2], slices, ["head"], replace(p, lr_grid=(0.5, 2.0)))
-    chosen, expected = ps.tune_lr(plan, initial, globals_[:2], slices, ["head"], p, grid=(0.5, 2.0))
-    assert q.lr_by == chosen and scores == expected and q.lr_grid == (0.5, 2.0)
+    q, scores, val = ps.with_tuned_lr(plan, initial, globals_[:2], slices, ["head"], p)
+    assert (q, scores) == (p, {})  # no grid: unchanged, and the validation replay at the configured lrs
+    assert val == ps.compare_methods(plan, initial, globals_[:2], ps.validation_split(slices, 0.25), ["head"], p)
+    q, scores, val = ps.with_tuned_lr(plan, initial, globals_[:2], slices, ["head"], replace(p, lr_grid=(0.5, 2.0)))
+    chosen, expected, expected_val = ps.tune_lr(plan, initial, globals_[:2], slices, ["head"], p, grid=(0.5, 2.0))
+    assert q.lr_by == chosen and scores == expected and val == expected_val and q.lr_grid == (0.5, 2.0)
     # the replays then train with the chosen lrs: the same numbers as a Plain carrying them by hand
     assert ps.compare_methods(plan, initial, globals_[:2], slices, ["head"], q) == ps.compare_methods(
         plan, initial, globals_[:2], slices, ["head"], replace(p, lr_by=chosen))
+
+
+def test_select_per_device_picks_by_validation_and_prefers_the_cheap_end_on_ties():
+    val = {"local": [0.5, 0.9, 0.7, None], "global": [0.5, 0.2, 0.7, None], "ditto": [0.6, 0.9, 0.1, None],
+           "bias": [0.1, 0.2, 0.7, None]}
+    choice = ps.select_per_device(val)
+    # device 1: ditto and local tie -> ditto (personal model before training alone); device 2: global first
+    assert choice == ["ditto", "ditto", "global", None]
+    test = {"local": [1.0, 0.0, 0.0, 0.3], "global": [0.0, 0.1, 0.2, 0.4], "ditto": [0.5, 0.6, 0.7, 0.8],
+            "bias": [0.0] * 4}
+    assert ps.selected_accuracy(choice, test) == [0.5, 0.6, 0.2, 0.4]  # no validation data: the global model
+
+
+def test_select_never_reads_test_data(setup):
+    """The selection's only input is tune_lr's per-device validation numbers: garbage in the test slices leaves
+    every device's choice unchanged; only the reported accuracy of the chosen model reads test data."""
+    plan, slices, initial, globals_, p = setup
+    junk = [DeviceSlice(d.device_id, d.x_train, d.y_train, d.x_test[::-1] * 0, (d.y_test + 1) % 4) for d in slices]
+    picks = []
+    for sl in (slices, junk):
+        _, _, val = ps.tune_lr(plan, initial, globals_[:2], sl, METHODS, p, grid=(1.0, 3.0))
+        picks.append(ps.select_per_device(val))
+    assert picks[0] == picks[1] and all(c in {"global", "local", *METHODS} for c in picks[0])
+    got = ps.compare_methods(plan, initial, globals_[:2], slices, METHODS, p)
+    assert ps.selected_accuracy(picks[0], got) == [got[c][i] for i, c in enumerate(picks[0])]
