@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import emit
 from benchmarks.fleet_qemu import MemSampler
+from benchmarks.sched_probe import CountingConnection, process_sched, thread_sched, threads_sched
 
 FLEET = "scale"
 KEEPALIVE_S = 120
@@ -70,8 +71,11 @@ class TimedCoordinator:
         self.inner = inner
         self.busy = {"start": 0.0, "deltas": 0.0, "other": 0.0}
         self.cpu = 0.0
+        self.runq_s = 0.0  # of the busy time: runnable, waiting for a core (the devices' training held both)
+        self.counts = {"calls": 0, "delta_calls": 0, "deltas": 0, "events": 0, "publishes": 0}
         self.closing_batch_s = 0.0
         self.on = False
+        self.db: CountingConnection | None = None
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -79,15 +83,21 @@ class TimedCoordinator:
     def _timed(self, fn, events):
         from fleet.coordinator import Claimed, Received, RoundClosed, StartRound
 
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0, (_, q0) = time.perf_counter(), time.thread_time(), thread_sched()
         out = fn()
         dt = time.perf_counter() - t0
         if self.on:
-            kind = ("start" if any(isinstance(e, StartRound) for e in events) else
-                    "deltas" if any(isinstance(e, Claimed) or isinstance(e, Received) and e.kind == "delta"
-                                    for e in events) else "other")
+            ndeltas = sum(1 for e in events if isinstance(e, Claimed) or isinstance(e, Received) and e.kind == "delta")
+            kind = "start" if any(isinstance(e, StartRound) for e in events) else "deltas" if ndeltas else "other"
             self.busy[kind] += dt
             self.cpu += time.thread_time() - c0
+            self.runq_s += thread_sched()[1] - q0
+            c = self.counts
+            c["calls"] += 1
+            c["delta_calls"] += bool(ndeltas)
+            c["deltas"] += ndeltas
+            c["events"] += len(events)
+            c["publishes"] += sum(1 for o in out if o.__class__.__name__ == "Publish")
             if any(isinstance(o, RoundClosed) for o in out):
                 self.closing_batch_s = dt
         return out
@@ -133,13 +143,16 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
     groups = [list(protos)[k:k + per_conn] for k in range(0, len(protos), per_conn)]
     clients: list = []
     connected = [0]
-    stats = {"messages_in": 0, "messages_out": 0, "trained": 0, "connect_retries": 0, "errors": []}
+    stats = {"messages_in": 0, "messages_out": 0, "trained": 0, "connect_retries": 0, "errors": [],
+             "last_delta_at": 0.0}
 
     def send(client, outs):
         for o in outs:
             if isinstance(o, Publish):
                 client.publish(full_topic(FLEET, o.topic), o.payload, qos=1, retain=o.retain)
                 stats["messages_out"] += 1
+                if o.topic.endswith("/delta"):  # NOTE: the wall clock, shared with the coordinator's process
+                    stats["last_delta_at"] = time.time()
 
     def on_connect(client, devs, flags, rc, props):
         subs = [(full_topic(FLEET, "model/current"), 1)]
@@ -288,6 +301,18 @@ class _ActorConn:
         self.ray.get(self.actor.send.remote(msg))
 
 
+def _sched_delta(s0: dict, s1: dict) -> dict:
+    """CPU and run-queue seconds each process (and each coordinator thread) spent between two samples."""
+    def d(a, b):
+        return {"cpu_s": round(b[0] - a[0], 3), "runq_s": round(b[1] - a[1], 3)}
+
+    return {"coordinator_threads": {k: d(s0["coordinator_threads"].get(k, (0.0, 0.0)), v)
+                                    for k, v in s1["coordinator_threads"].items()},
+            "agg_workers": [d(a, b) for a, b in zip(s0["agg"], s1["agg"])],
+            "device_workers": [d(a, b) for a, b in zip(s0["devices"], s1["devices"])],
+            "broker": d(s0["broker"], s1["broker"])}
+
+
 def _descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (Linux /proc)."""
     out, todo = set(), [pid]
@@ -333,8 +358,11 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
     closed: list = []
     done = threading.Event()
 
+    closed_at: list[float] = []
+
     def on_output(o):
-        if isinstance(o, RoundClosed):
+        if isinstance(o, RoundClosed):  # NOTE: after model/current was handed to paho (outputs are in order)
+            closed_at.append(time.time())
             closed.append(o)
             done.set()
 
@@ -348,10 +376,12 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
     pool: AggregationPool | None = None
 
     def factory():
-        c = Coordinator(plan, Store(str(workdir / f"store-{tag}.sqlite")), cfg, time.time, WireCodec(plan))
+        store = Store(str(workdir / f"store-{tag}.sqlite"))
+        c = Coordinator(plan, store, cfg, time.time, WireCodec(plan))
         if pool is not None:
             c.partials = pool.partials
         timed.append(TimedCoordinator(c))
+        store._db = timed[-1].db = CountingConnection(store._db)  # NOTE: counts and times the commits (fsyncs)
         return timed[0]
 
     mem = MemSampler().start()
@@ -403,8 +433,14 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
             tc = timed[0]
             link.call(lambda c: setattr(c, "on", True))
             tc.busy = {k: 0.0 for k in tc.busy}
-            tc.cpu = 0.0
+            tc.cpu = tc.runq_s = 0.0
+            tc.counts = {k: 0 for k in tc.counts}
+            db0 = tc.db.counts() if tc.db is not None else {}
             w0 = link.call(lambda c: pool.stats()) if pool is not None else []
+            agg_pids = pool.pids() if pool is not None else []
+            named = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+            s0 = {"coordinator_threads": threads_sched(named), "agg": [process_sched(p) for p in agg_pids],
+                  "devices": [process_sched(p.pid) for p, _ in workers], "broker": process_sched(broker.proc.pid)}
             done.clear()
             t0 = time.perf_counter()
             link.submit(StartRound())
@@ -412,7 +448,16 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
                 raise SystemExit("fleet_python: the round never closed")
             wall = time.perf_counter() - t0
             link.call(lambda c: setattr(c, "on", False))
+            s1 = {"coordinator_threads": threads_sched(named), "agg": [process_sched(p) for p in agg_pids],
+                  "devices": [process_sched(p.pid) for p, _ in workers], "broker": process_sched(broker.proc.pid)}
             w1 = link.call(lambda c: pool.stats()) if pool is not None else []
+            db1 = tc.db.counts() if tc.db is not None else {}
+            last_sent = 0.0
+            for _p, c in workers:
+                c.send("stats")
+                got = c.recv()
+                last_sent = max(last_sent, got[1].get("last_delta_at", 0.0))
+            sched = _sched_delta(s0, s1)
             wbusy = [b["busy_s"] - a["busy_s"] for a, b in zip(w0, w1)]
             wcpu = [b["cpu_s"] - a["cpu_s"] for a, b in zip(w0, w1)]
             merge = link.call(lambda c: c.last_merge)
@@ -423,7 +468,12 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
                            "agg_workers_busy_s": wbusy, "agg_workers_cpu_s": wcpu,
                            "agg_workers_summed": [b["summed"] - a["summed"] for a, b in zip(w0, w1)],
                            "merge_decoded_by_coordinator": len(merge.missing) if merge is not None and pool else None,
-                           "agg_worker_restarts": pool.restarts if pool is not None else 0})
+                           "agg_worker_restarts": pool.restarts if pool is not None else 0,
+                           "tail_s": closed_at[-1] - last_sent if last_sent else None,
+                           "coordinator_runq_s": tc.runq_s, "coordinator_counts": dict(tc.counts),
+                           "store": {k: db1[k] - db0.get(k, 0) for k in db1},
+                           "agg_batches": [b["batches"] - a["batches"] for a, b in zip(w0, w1)],
+                           "sched": sched})
         wstats = []
         for p, c in workers:
             c.send("stop")
@@ -449,6 +499,8 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
             "coordinator_overhead_s": last["coordinator_busy_s"], "coordinator_cpu_s": last["coordinator_cpu_s"],
             "busy_breakdown_s": last["busy_breakdown_s"], "closing_batch_s": last["closing_batch_s"],
             "committed": last["committed"], "accepted": last["accepted"], "deltas_trained": trained,
+            "tail_s": last["tail_s"], "coordinator_runq_s": last["coordinator_runq_s"], "store": last["store"],
+            "agg_workers_cpu_s": last["agg_workers_cpu_s"],
             "rounds": rounds, "peak_host_mem_mb": round(mem.peak_kb / 1024, 1), "errors": errors}
 
 
@@ -499,12 +551,13 @@ def main() -> int:
                 result[key] = r
                 rows.append((n, w, r["connections"], f"{r['register_s']:.1f}", f"{r['round_seconds']:.1f}",
                              f"{r['coordinator_overhead_s']:.2f}", f"{r['coordinator_cpu_s']:.2f}",
-                             f"{r['coordinator_plus_agg_workers_s']:.2f}", r["accepted"], r["peak_host_mem_mb"]))
+                             f"{r['coordinator_plus_agg_workers_s']:.2f}", f"{r['tail_s']:.2f}",
+                             f"{r['store']['durable_commits']}", r["accepted"], r["peak_host_mem_mb"]))
                 print(f"fleet_python: {key}: {r['round_seconds']:.1f} s round, coordinator {r['coordinator_overhead_s']:.2f} s"
                       f" + workers {r['coordinator_plus_agg_workers_s'] - r['coordinator_overhead_s']:.2f} s",
                       file=sys.stderr, flush=True)
     emit(result, rows, ("devices", "agg workers", "connections", "register s", "round s", "coord busy s",
-                        "coord cpu s", "coord+workers s", "accepted", "peak MB"))
+                        "coord cpu s", "coord+workers s", "tail s", "fsyncs", "accepted", "peak MB"))
     ok = all(r["committed"] and not r["errors"] for k, r in result.items() if isinstance(r, dict))
     return 0 if ok else 1
 
