@@ -21,12 +21,22 @@ config sets no ``max_connections``, i.e. unlimited); the JSON reports both.
 Measured per size: ``round_seconds`` (StartRound -> RoundClosed, the round committed), ``coordinator_busy_s``
 (wall time inside the coordinator's ``handle``/``handle_many`` during the round: selecting, decoding, judging,
 aggregating, persisting) with its CPU time and a breakdown, ``register_s`` (all devices connected and
-registered), ``peak_host_mem_mb`` (sum of PSS of this process, the workers and the broker, sampled every 0.25 s).
+registered), ``peak_host_mem_mb`` (sum of PSS of this process, the workers and the broker, sampled every 1 s by a
+process of its own).
 Target (DESIGN.md): 10,000 host devices per round, coordinator overhead < 5 s.
 
 ``--agg-workers 0,1,2,4`` runs each size once per count of aggregation workers (fleet/coordinator/pool.py; 0 = the
 coordinator reads every delta, the baseline of the same run), each on a fresh broker and store:
 ``coordinator_plus_agg_workers_s`` adds the workers' time reading and summing deltas to the coordinator's.
+
+What that wall time is made of, from Linux's scheduler counters (benchmarks/sched_probe.py): ``coordinator_runq_s``
+(of the handler's wall time, runnable but waiting for a core that the devices' training held), the store's
+``durable_commits`` (one WAL fsync each) and their wall time, and per process / per coordinator thread CPU and
+run-queue seconds. The overhead that the round pays, defined so that it cannot be flattered by the overlap with
+training: ``tail_s`` (the wall clock from the last delta a device sent to the new model published: the part of
+the round that waits for the coordinator and workers alone) and ``overhead_bound_s`` = tail + the CPU time of the
+coordinator's process (every thread) + the aggregation workers' processes during the round, an upper bound of
+what they add to the round on a machine whose cores they share with the devices.
 ``--backend ray`` puts the device workers (devices and their MQTT connections) in Ray actors on a local Ray
 instance instead of spawned processes; peak memory then counts Ray's own processes too. ``--per-round K`` selects
 K of the registered devices per round (e.g. 40,000 registered, 1,000 per round).
@@ -47,8 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import emit
-from benchmarks.fleet_qemu import MemSampler
-from benchmarks.sched_probe import CountingConnection, process_sched, thread_sched, threads_sched
+from benchmarks.sched_probe import CountingConnection, MemProbe, process_sched, thread_sched, threads_sched
 
 FLEET = "scale"
 KEEPALIVE_S = 120
@@ -301,6 +310,17 @@ class _ActorConn:
         self.ray.get(self.actor.send.remote(msg))
 
 
+def _overhead(tail_s: float, sched: dict) -> dict:
+    """The overhead the coordinator and its aggregation workers add to a round, bounded from above: the tail (last
+    delta sent -> new model published, what the round waits for after the devices are done) plus every CPU second
+    their processes spent during the round (all threads: handler, MQTT network, claim readers; the workers' too), as
+    if each of them had delayed the devices' training by as much (2 cores shared with the devices, here)."""
+    coord = sum(v["cpu_s"] for k, v in sched["coordinator_threads"].items() if k != "MainThread")  # bench driver
+    agg = sum(w["cpu_s"] for w in sched["agg_workers"])
+    return {"coordinator_process_cpu_s": round(coord, 3), "agg_workers_process_cpu_s": round(agg, 3),
+            "overhead_bound_s": round(tail_s + coord + agg, 3)}
+
+
 def _sched_delta(s0: dict, s1: dict) -> dict:
     """CPU and run-queue seconds each process (and each coordinator thread) spent between two samples."""
     def d(a, b):
@@ -384,7 +404,7 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
         store._db = timed[-1].db = CountingConnection(store._db)  # NOTE: counts and times the commits (fsyncs)
         return timed[0]
 
-    mem = MemSampler().start()
+    mem = MemProbe().start()  # NOTE: in a process of its own, not the coordinator's
     ctx = mp.get_context("spawn")
     with EmbeddedBroker(workdir=workdir / f"broker-{tag}") as broker:
         kinds = DEVICE_UP if not agg_workers else tuple(k for k in DEVICE_UP if k != "delta")
@@ -473,7 +493,7 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
                            "coordinator_runq_s": tc.runq_s, "coordinator_counts": dict(tc.counts),
                            "store": {k: db1[k] - db0.get(k, 0) for k in db1},
                            "agg_batches": [b["batches"] - a["batches"] for a, b in zip(w0, w1)],
-                           "sched": sched})
+                           "sched": sched, **_overhead(closed_at[-1] - last_sent if last_sent else 0.0, sched)})
         wstats = []
         for p, c in workers:
             c.send("stop")
@@ -500,6 +520,8 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
             "busy_breakdown_s": last["busy_breakdown_s"], "closing_batch_s": last["closing_batch_s"],
             "committed": last["committed"], "accepted": last["accepted"], "deltas_trained": trained,
             "tail_s": last["tail_s"], "coordinator_runq_s": last["coordinator_runq_s"], "store": last["store"],
+            "coordinator_process_cpu_s": last["coordinator_process_cpu_s"],
+            "agg_workers_process_cpu_s": last["agg_workers_process_cpu_s"], "overhead_bound_s": last["overhead_bound_s"],
             "agg_workers_cpu_s": last["agg_workers_cpu_s"],
             "rounds": rounds, "peak_host_mem_mb": round(mem.peak_kb / 1024, 1), "errors": errors}
 
@@ -551,13 +573,16 @@ def main() -> int:
                 result[key] = r
                 rows.append((n, w, r["connections"], f"{r['register_s']:.1f}", f"{r['round_seconds']:.1f}",
                              f"{r['coordinator_overhead_s']:.2f}", f"{r['coordinator_cpu_s']:.2f}",
-                             f"{r['coordinator_plus_agg_workers_s']:.2f}", f"{r['tail_s']:.2f}",
+                             f"{r['coordinator_runq_s']:.2f}", f"{r['coordinator_plus_agg_workers_s']:.2f}",
+                             f"{r['tail_s']:.2f}", f"{r['coordinator_process_cpu_s']:.2f}",
+                             f"{r['agg_workers_process_cpu_s']:.2f}", f"{r['overhead_bound_s']:.2f}",
                              f"{r['store']['durable_commits']}", r["accepted"], r["peak_host_mem_mb"]))
                 print(f"fleet_python: {key}: {r['round_seconds']:.1f} s round, coordinator {r['coordinator_overhead_s']:.2f} s"
                       f" + workers {r['coordinator_plus_agg_workers_s'] - r['coordinator_overhead_s']:.2f} s",
                       file=sys.stderr, flush=True)
     emit(result, rows, ("devices", "agg workers", "connections", "register s", "round s", "coord busy s",
-                        "coord cpu s", "coord+workers s", "tail s", "fsyncs", "accepted", "peak MB"))
+                        "coord cpu s", "coord runq s", "coord+workers s", "tail s", "coord proc cpu s",
+                        "workers proc cpu s", "overhead bound s", "fsyncs", "accepted", "peak MB"))
     ok = all(r["committed"] and not r["errors"] for k, r in result.items() if isinstance(r, dict))
     return 0 if ok else 1
 

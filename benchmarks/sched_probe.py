@@ -5,11 +5,14 @@ run queue (a core was busy with something else) and the number of time slices. A
 is then CPU + run-queue wait + blocked (I/O such as an fsync, a lock, the GIL, an empty queue). Used by
 ``fleet_python.py`` to say what the coordinator's and the aggregation workers' time is made of; also a SQLite
 connection wrapper that counts and times the store's commits (each durable commit is one fsync of the WAL with
-``synchronous=FULL``). Linux only; it refuses nothing and reads only /proc.
+``synchronous=FULL``), and a peak-memory sampler that runs in a process of its own so that its reads of /proc (seconds
+of CPU over a 10,000-device round) do not compete with the measured coordinator for its interpreter. Linux only;
+it refuses nothing and reads only /proc.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -87,3 +90,50 @@ class CountingConnection:
 
     def __getattr__(self, name):
         return getattr(self._db, name)
+
+
+def _mem_loop(conn, parent: int, period: float) -> None:
+    """The sampler process: sum of PSS of ``parent`` and the pids it is given, every ``period`` s; peak on stop."""
+    from benchmarks.fleet_qemu import pss_kb
+
+    os.nice(5)  # NOTE: a meter, not part of what is measured: it yields the cores first
+    pids: list[int] = []
+    peak = 0
+    while True:
+        if conn.poll(period):
+            cmd, arg = conn.recv()
+            if cmd == "stop":
+                conn.send(peak)
+                return
+            pids = list(arg)
+        peak = max(peak, pss_kb(parent) + sum(pss_kb(p) for p in pids))
+
+
+class MemProbe:
+    """Peak of (this process's PSS + the PSS of ``pids``), sampled every ``period`` s by a child process."""
+
+    def __init__(self, period: float = 1.0):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_mem_loop, args=(child, os.getpid(), period), daemon=True,
+                                 name="tinyfleet-memprobe")
+        self._pids: list[int] = []
+        self.peak_kb = 0
+
+    def start(self) -> MemProbe:
+        self._proc.start()
+        return self
+
+    @property
+    def pids(self) -> list[int]:
+        return list(self._pids)
+
+    @pids.setter
+    def pids(self, pids: list[int]) -> None:
+        self._pids = list(pids)
+        self._conn.send(("pids", self._pids))
+
+    def stop(self) -> None:
+        self._conn.send(("stop", None))
+        self.peak_kb = self._conn.recv() if self._conn.poll(30) else 0
+        self._proc.join(10)

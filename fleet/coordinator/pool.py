@@ -38,6 +38,7 @@ from fleet.coordinator.partials import Partial
 
 BATCH_MAX = 256  # deltas per claim batch, at most
 LINGER_S = 0.5  # a batch closes at the next multiple of this on the wall clock: one store commit (fsync) per period
+LINGER_POLL_S = 0.05  # while a batch lingers, how often a worker checks whether it is already full
 PARTIAL_TIMEOUT_S = 30.0  # a worker that does not hand its partial by then is left out (its deltas: from the store)
 
 
@@ -115,10 +116,16 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
             # NOTE: deltas trickle in as devices finish training; the coordinator commits (fsyncs, ~3 ms here) once
             # per batch, so a batch of one per delta would make fsync the whole cost of a round. Every worker closes
             # its batch at the same wall-clock instants, so the coordinator commits all workers' batches at once.
+            # While it lingers it sleeps on the control pipe, not on the inbox: no wake-up per arriving message,
+            # and a commit that asks for this worker's partial meanwhile is answered at once (the lingering
+            # deltas are not claimed yet, so no round counts them: leaving them out of the partial is exact).
             end = (math.floor(time.time() / linger_s) + 1) * linger_s if linger_s > 0 else 0.0
+            while inbox.qsize() < BATCH_MAX - 1 and (left := end - time.time()) > 0:
+                if control.poll(min(left, LINGER_POLL_S)) and not serve_control():
+                    return
             while len(batch) < BATCH_MAX:
                 try:
-                    batch.append(inbox.get(timeout=max(0.0, end - time.time())))
+                    batch.append(inbox.get_nowait())
                 except queue.Empty:
                     break
             t0, c0 = time.perf_counter(), time.thread_time()
