@@ -39,7 +39,9 @@ coordinator's process (every thread) + the aggregation workers' processes during
 what they add to the round on a machine whose cores they share with the devices.
 ``--backend ray`` puts the device workers (devices and their MQTT connections) in Ray actors on a local Ray
 instance instead of spawned processes; peak memory then counts Ray's own processes too. ``--per-round K`` selects
-K of the registered devices per round (e.g. 40,000 registered, 1,000 per round).
+K of the registered devices per round (e.g. 40,000 registered, 1,000 per round). ``--devices-nice K`` runs the device
+workers K nicer than the coordinator: the cores are still shared, but the coordinator and the workers no longer wait
+behind the devices' training for one (what a coordinator on a machine of its own sees).
 """
 
 from __future__ import annotations
@@ -121,8 +123,11 @@ class TimedCoordinator:
 # --- devices (worker processes) -------------------------------------------------------------------------------
 
 
-def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, samples: int) -> None:
-    """Build this worker's devices and serve them over MQTT until told to stop; reports on ``conn``."""
+def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, samples: int, nice: int = 0) -> None:
+    """Build this worker's devices and serve them over MQTT until told to stop; reports on ``conn``. ``nice`` > 0:
+    lower this process's priority by as much (the devices yield the cores, as devices on hardware of their own)."""
+    if nice:
+        os.nice(nice)
     import selectors
     from collections import deque
 
@@ -425,7 +430,8 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
                 continue
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_devices_worker, daemon=True,
-                            args=(child, broker.url.host, broker.url.port, ids, args.per_connection, args.samples))
+                            args=(child, broker.url.host, broker.url.port, ids, args.per_connection, args.samples,
+                                  args.devices_nice))
             p.start()
             workers.append((p, parent))
         mem.pids = [broker.proc.pid] + [p.pid for p, _ in workers] + (pool.pids() if pool is not None else [])
@@ -541,6 +547,9 @@ def main() -> int:
                     help="comma-separated aggregation worker counts to run each size with (0: the coordinator "
                          "reads every delta itself), e.g. 0,1,2,4")
     ap.add_argument("--per-connection", type=int, default=1, help="devices sharing one MQTT connection")
+    ap.add_argument("--devices-nice", type=int, default=0,
+                    help="process backend: run the device workers this much nicer than the coordinator (they then "
+                         "yield the cores to it, as devices on their own hardware would); 0: same priority")
     ap.add_argument("--deadline", type=float, default=600.0, help="round deadline, seconds")
     ap.add_argument("--setup-timeout", type=float, default=1800.0,
                     help="seconds for the workers to build and connect their devices, and again for registration")
@@ -552,7 +561,8 @@ def main() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by mosquitto and the workers
     fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    result: dict = {"ulimit_n": fds, "mosquitto_max_connections": "unlimited (not set)", "host_cores": os.cpu_count(),
+    result: dict = {"devices_nice": args.devices_nice, "ulimit_n": fds,
+                    "mosquitto_max_connections": "unlimited (not set)", "host_cores": os.cpu_count(),
                     "target_overhead_s_at_10000": 5.0}
     rows = []
     if args.backend == "ray":
