@@ -1,6 +1,6 @@
 """CPU profile of the aggregation path with workers: what a worker and the coordinator do per delta, by function.
 
-One command: ``python benchmarks/claims_profile.py [--deltas 10000] [--batch 30] [--top 12]``.
+One command: ``python benchmarks/claims_profile.py [--deltas 10000] [--batch 30] [--top 12] [--plain]``.
 
 The path of ``aggregation_workers: N`` without the broker and the pipes: ``--deltas`` distinct real deltas
 (``coordinator_scale.template_deltas``, the ``examples.tiny_plan`` of ``fleet_python.py``); a worker's share
@@ -11,7 +11,7 @@ synchronous=FULL, as ``serve``) each run under cProfile. ``--batch 30`` is what 
 delta: CPU µs of each side, wall µs of the coordinator's side, the commits' wall time (fsync) apart, and the top
 functions by own CPU time (cProfile timing thread CPU time; it adds its own overhead: compare shares, not absolute
 times, with the benchmark).
-Last line: one JSON object.
+``--plain``: the same without cProfile, for CPU times without its overhead. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--templates", type=int, default=8)
     ap.add_argument("--batch", type=int, default=30, help="claims per coordinator store transaction")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--plain", action="store_true", help="no cProfile: CPU and wall times without its overhead")
     args = ap.parse_args()
     from fleet.aggregate import RunningSums
     from fleet.coordinator import Boot, Claimed, Received, RoundClosed, StartRound
@@ -70,7 +71,8 @@ def main() -> None:
 
         worker = cProfile.Profile(time.thread_time)  # NOTE: CPU time: the machine is shared
         t0, c0 = time.perf_counter(), time.process_time()
-        worker.enable()
+        if not args.plain:
+            worker.enable()
         reads = {d: read_delta(c.codec, d, blobs[d]) for d in ids}
         worker.disable()
         read_cpu = time.process_time() - c0
@@ -80,7 +82,8 @@ def main() -> None:
         coord = cProfile.Profile(time.thread_time)
         rest = claims[:-1]  # NOTE: the last one closes the round (commit: not the per-delta path)
         t0, c0 = time.perf_counter(), time.process_time()
-        coord.enable()
+        if not args.plain:
+            coord.enable()
         for i in range(0, len(rest), args.batch):
             c.handle_many(rest[i:i + args.batch])
         coord.disable()
@@ -90,7 +93,8 @@ def main() -> None:
         shared = [t for t in plan.trainable if not t.personal]
         sums = RunningSums(sum(t.numel for t in shared))
         c0 = time.process_time()
-        worker.enable()
+        if not args.plain:
+            worker.enable()
         for r in reads.values():
             sums.add(*flat_delta(shared, r.decoded), r.decoded.header.num_samples)
         worker.disable()
@@ -104,11 +108,14 @@ def main() -> None:
          "coordinator_cpu_us": coord_cpu * per, "coordinator_wall_us": coord_wall * per,
          "coordinator_commit_wall_us": commits["commit_wall_s"] * per,
          "commits": commits["durable_commits"], "statements_per_delta": commits["statements"] / (n - 1),
-         "profiled": "cProfile, thread CPU time (includes its overhead)",
-         "coordinator_top": _top(coord, args.top, n - 1), "worker_top": _top(worker, args.top, n)}
+         "profiled": "no" if args.plain else "cProfile, thread CPU time (includes its overhead)",
+         "coordinator_top": [] if args.plain else _top(coord, args.top, n - 1),
+         "worker_top": [] if args.plain else _top(worker, args.top, n)}
     rows = [(side, name, f"{us:.1f}", calls) for side, key in (("coordinator", "coordinator_top"),
                                                                 ("worker", "worker_top"))
             for name, us, calls in r[key]]
+    if args.plain:
+        rows = [(k, "", f"{v:.1f}", "") for k, v in r.items() if k.endswith("_us")]
     emit(r, rows, ("side", "function", "own µs/delta", "calls"))
 
 
