@@ -122,7 +122,11 @@ class Store:
             self._round_state = None
             self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._round_state = None  # NOTE: a failed COMMIT may have written nothing
+            raise
 
     @contextmanager
     def batch(self) -> Iterator[None]:
