@@ -21,15 +21,27 @@ config sets no ``max_connections``, i.e. unlimited); the JSON reports both.
 Measured per size: ``round_seconds`` (StartRound -> RoundClosed, the round committed), ``coordinator_busy_s``
 (wall time inside the coordinator's ``handle``/``handle_many`` during the round: selecting, decoding, judging,
 aggregating, persisting) with its CPU time and a breakdown, ``register_s`` (all devices connected and
-registered), ``peak_host_mem_mb`` (sum of PSS of this process, the workers and the broker, sampled every 0.25 s).
+registered), ``peak_host_mem_mb`` (sum of PSS of this process, the workers and the broker, sampled every 1 s by a
+process of its own).
 Target (DESIGN.md): 10,000 host devices per round, coordinator overhead < 5 s.
 
 ``--agg-workers 0,1,2,4`` runs each size once per count of aggregation workers (fleet/coordinator/pool.py; 0 = the
 coordinator reads every delta, the baseline of the same run), each on a fresh broker and store:
 ``coordinator_plus_agg_workers_s`` adds the workers' time reading and summing deltas to the coordinator's.
+
+What that wall time is made of, from Linux's scheduler counters (benchmarks/sched_probe.py): ``coordinator_runq_s``
+(of the handler's wall time, runnable but waiting for a core that the devices' training held), the store's
+``durable_commits`` (one WAL fsync each) and their wall time, and per process / per coordinator thread CPU and
+run-queue seconds. The overhead that the round pays, defined so that it cannot be flattered by the overlap with
+training: ``tail_s`` (the wall clock from the last delta a device sent to the new model published: the part of
+the round that waits for the coordinator and workers alone) and ``overhead_bound_s`` = tail + the CPU time of the
+coordinator's process (every thread) + the aggregation workers' processes during the round, an upper bound of
+what they add to the round on a machine whose cores they share with the devices.
 ``--backend ray`` puts the device workers (devices and their MQTT connections) in Ray actors on a local Ray
 instance instead of spawned processes; peak memory then counts Ray's own processes too. ``--per-round K`` selects
-K of the registered devices per round (e.g. 40,000 registered, 1,000 per round).
+K of the registered devices per round (e.g. 40,000 registered, 1,000 per round). ``--devices-nice K`` runs the device
+workers K nicer than the coordinator: the cores are still shared, but the coordinator and the workers no longer wait
+behind the devices' training for one (what a coordinator on a machine of its own sees).
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import emit
-from benchmarks.fleet_qemu import MemSampler
+from benchmarks.sched_probe import CountingConnection, MemProbe, process_sched, thread_sched, threads_sched
 
 FLEET = "scale"
 KEEPALIVE_S = 120
@@ -70,8 +82,11 @@ class TimedCoordinator:
         self.inner = inner
         self.busy = {"start": 0.0, "deltas": 0.0, "other": 0.0}
         self.cpu = 0.0
+        self.runq_s = 0.0  # of the busy time: runnable, waiting for a core (the devices' training held both)
+        self.counts = {"calls": 0, "delta_calls": 0, "deltas": 0, "events": 0, "publishes": 0}
         self.closing_batch_s = 0.0
         self.on = False
+        self.db: CountingConnection | None = None
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -79,15 +94,21 @@ class TimedCoordinator:
     def _timed(self, fn, events):
         from fleet.coordinator import Claimed, Received, RoundClosed, StartRound
 
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0, (_, q0) = time.perf_counter(), time.thread_time(), thread_sched()
         out = fn()
         dt = time.perf_counter() - t0
         if self.on:
-            kind = ("start" if any(isinstance(e, StartRound) for e in events) else
-                    "deltas" if any(isinstance(e, Claimed) or isinstance(e, Received) and e.kind == "delta"
-                                    for e in events) else "other")
+            ndeltas = sum(1 for e in events if isinstance(e, Claimed) or isinstance(e, Received) and e.kind == "delta")
+            kind = "start" if any(isinstance(e, StartRound) for e in events) else "deltas" if ndeltas else "other"
             self.busy[kind] += dt
             self.cpu += time.thread_time() - c0
+            self.runq_s += thread_sched()[1] - q0
+            c = self.counts
+            c["calls"] += 1
+            c["delta_calls"] += bool(ndeltas)
+            c["deltas"] += ndeltas
+            c["events"] += len(events)
+            c["publishes"] += sum(1 for o in out if o.__class__.__name__ == "Publish")
             if any(isinstance(o, RoundClosed) for o in out):
                 self.closing_batch_s = dt
         return out
@@ -102,8 +123,11 @@ class TimedCoordinator:
 # --- devices (worker processes) -------------------------------------------------------------------------------
 
 
-def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, samples: int) -> None:
-    """Build this worker's devices and serve them over MQTT until told to stop; reports on ``conn``."""
+def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, samples: int, nice: int = 0) -> None:
+    """Build this worker's devices and serve them over MQTT until told to stop; reports on ``conn``. ``nice`` > 0:
+    lower this process's priority by as much (the devices yield the cores, as devices on hardware of their own)."""
+    if nice:
+        os.nice(nice)
     import selectors
     from collections import deque
 
@@ -133,13 +157,16 @@ def _devices_worker(conn, host: str, port: int, ids: list[int], per_conn: int, s
     groups = [list(protos)[k:k + per_conn] for k in range(0, len(protos), per_conn)]
     clients: list = []
     connected = [0]
-    stats = {"messages_in": 0, "messages_out": 0, "trained": 0, "connect_retries": 0, "errors": []}
+    stats = {"messages_in": 0, "messages_out": 0, "trained": 0, "connect_retries": 0, "errors": [],
+             "last_delta_at": 0.0}
 
     def send(client, outs):
         for o in outs:
             if isinstance(o, Publish):
                 client.publish(full_topic(FLEET, o.topic), o.payload, qos=1, retain=o.retain)
                 stats["messages_out"] += 1
+                if o.topic.endswith("/delta"):  # NOTE: the wall clock, shared with the coordinator's process
+                    stats["last_delta_at"] = time.time()
 
     def on_connect(client, devs, flags, rc, props):
         subs = [(full_topic(FLEET, "model/current"), 1)]
@@ -288,6 +315,29 @@ class _ActorConn:
         self.ray.get(self.actor.send.remote(msg))
 
 
+def _overhead(tail_s: float, sched: dict) -> dict:
+    """The overhead the coordinator and its aggregation workers add to a round, bounded from above: the tail (last
+    delta sent -> new model published, what the round waits for after the devices are done) plus every CPU second
+    their processes spent during the round (all threads: handler, MQTT network, claim readers; the workers' too), as
+    if each of them had delayed the devices' training by as much (2 cores shared with the devices, here)."""
+    coord = sum(v["cpu_s"] for k, v in sched["coordinator_threads"].items() if k != "MainThread")  # bench driver
+    agg = sum(w["cpu_s"] for w in sched["agg_workers"])
+    return {"coordinator_process_cpu_s": round(coord, 3), "agg_workers_process_cpu_s": round(agg, 3),
+            "overhead_bound_s": round(tail_s + coord + agg, 3)}
+
+
+def _sched_delta(s0: dict, s1: dict) -> dict:
+    """CPU and run-queue seconds each process (and each coordinator thread) spent between two samples."""
+    def d(a, b):
+        return {"cpu_s": round(b[0] - a[0], 3), "runq_s": round(b[1] - a[1], 3)}
+
+    return {"coordinator_threads": {k: d(s0["coordinator_threads"].get(k, (0.0, 0.0)), v)
+                                    for k, v in s1["coordinator_threads"].items()},
+            "agg_workers": [d(a, b) for a, b in zip(s0["agg"], s1["agg"])],
+            "device_workers": [d(a, b) for a, b in zip(s0["devices"], s1["devices"])],
+            "broker": d(s0["broker"], s1["broker"])}
+
+
 def _descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (Linux /proc)."""
     out, todo = set(), [pid]
@@ -333,8 +383,11 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
     closed: list = []
     done = threading.Event()
 
+    closed_at: list[float] = []
+
     def on_output(o):
-        if isinstance(o, RoundClosed):
+        if isinstance(o, RoundClosed):  # NOTE: after model/current was handed to paho (outputs are in order)
+            closed_at.append(time.time())
             closed.append(o)
             done.set()
 
@@ -348,13 +401,15 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
     pool: AggregationPool | None = None
 
     def factory():
-        c = Coordinator(plan, Store(str(workdir / f"store-{tag}.sqlite")), cfg, time.time, WireCodec(plan))
+        store = Store(str(workdir / f"store-{tag}.sqlite"))
+        c = Coordinator(plan, store, cfg, time.time, WireCodec(plan))
         if pool is not None:
             c.partials = pool.partials
         timed.append(TimedCoordinator(c))
+        store._db = timed[-1].db = CountingConnection(store._db)  # NOTE: counts and times the commits (fsyncs)
         return timed[0]
 
-    mem = MemSampler().start()
+    mem = MemProbe().start()  # NOTE: in a process of its own, not the coordinator's
     ctx = mp.get_context("spawn")
     with EmbeddedBroker(workdir=workdir / f"broker-{tag}") as broker:
         kinds = DEVICE_UP if not agg_workers else tuple(k for k in DEVICE_UP if k != "delta")
@@ -375,7 +430,8 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
                 continue
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_devices_worker, daemon=True,
-                            args=(child, broker.url.host, broker.url.port, ids, args.per_connection, args.samples))
+                            args=(child, broker.url.host, broker.url.port, ids, args.per_connection, args.samples,
+                                  args.devices_nice))
             p.start()
             workers.append((p, parent))
         mem.pids = [broker.proc.pid] + [p.pid for p, _ in workers] + (pool.pids() if pool is not None else [])
@@ -403,8 +459,14 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
             tc = timed[0]
             link.call(lambda c: setattr(c, "on", True))
             tc.busy = {k: 0.0 for k in tc.busy}
-            tc.cpu = 0.0
+            tc.cpu = tc.runq_s = 0.0
+            tc.counts = {k: 0 for k in tc.counts}
+            db0 = tc.db.counts() if tc.db is not None else {}
             w0 = link.call(lambda c: pool.stats()) if pool is not None else []
+            agg_pids = pool.pids() if pool is not None else []
+            named = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+            s0 = {"coordinator_threads": threads_sched(named), "agg": [process_sched(p) for p in agg_pids],
+                  "devices": [process_sched(p.pid) for p, _ in workers], "broker": process_sched(broker.proc.pid)}
             done.clear()
             t0 = time.perf_counter()
             link.submit(StartRound())
@@ -412,7 +474,16 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
                 raise SystemExit("fleet_python: the round never closed")
             wall = time.perf_counter() - t0
             link.call(lambda c: setattr(c, "on", False))
+            s1 = {"coordinator_threads": threads_sched(named), "agg": [process_sched(p) for p in agg_pids],
+                  "devices": [process_sched(p.pid) for p, _ in workers], "broker": process_sched(broker.proc.pid)}
             w1 = link.call(lambda c: pool.stats()) if pool is not None else []
+            db1 = tc.db.counts() if tc.db is not None else {}
+            last_sent = 0.0
+            for _p, c in workers:
+                c.send("stats")
+                got = c.recv()
+                last_sent = max(last_sent, got[1].get("last_delta_at", 0.0))
+            sched = _sched_delta(s0, s1)
             wbusy = [b["busy_s"] - a["busy_s"] for a, b in zip(w0, w1)]
             wcpu = [b["cpu_s"] - a["cpu_s"] for a, b in zip(w0, w1)]
             merge = link.call(lambda c: c.last_merge)
@@ -423,7 +494,12 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
                            "agg_workers_busy_s": wbusy, "agg_workers_cpu_s": wcpu,
                            "agg_workers_summed": [b["summed"] - a["summed"] for a, b in zip(w0, w1)],
                            "merge_decoded_by_coordinator": len(merge.missing) if merge is not None and pool else None,
-                           "agg_worker_restarts": pool.restarts if pool is not None else 0})
+                           "agg_worker_restarts": pool.restarts if pool is not None else 0,
+                           "tail_s": closed_at[-1] - last_sent if last_sent else None,
+                           "coordinator_runq_s": tc.runq_s, "coordinator_counts": dict(tc.counts),
+                           "store": {k: db1[k] - db0.get(k, 0) for k in db1},
+                           "agg_batches": [b["batches"] - a["batches"] for a, b in zip(w0, w1)],
+                           "sched": sched, **_overhead(closed_at[-1] - last_sent if last_sent else 0.0, sched)})
         wstats = []
         for p, c in workers:
             c.send("stop")
@@ -449,6 +525,10 @@ def run_size(n: int, args, workdir: Path, agg_workers: int = 0) -> dict:
             "coordinator_overhead_s": last["coordinator_busy_s"], "coordinator_cpu_s": last["coordinator_cpu_s"],
             "busy_breakdown_s": last["busy_breakdown_s"], "closing_batch_s": last["closing_batch_s"],
             "committed": last["committed"], "accepted": last["accepted"], "deltas_trained": trained,
+            "tail_s": last["tail_s"], "coordinator_runq_s": last["coordinator_runq_s"], "store": last["store"],
+            "coordinator_process_cpu_s": last["coordinator_process_cpu_s"],
+            "agg_workers_process_cpu_s": last["agg_workers_process_cpu_s"], "overhead_bound_s": last["overhead_bound_s"],
+            "agg_workers_cpu_s": last["agg_workers_cpu_s"],
             "rounds": rounds, "peak_host_mem_mb": round(mem.peak_kb / 1024, 1), "errors": errors}
 
 
@@ -467,6 +547,9 @@ def main() -> int:
                     help="comma-separated aggregation worker counts to run each size with (0: the coordinator "
                          "reads every delta itself), e.g. 0,1,2,4")
     ap.add_argument("--per-connection", type=int, default=1, help="devices sharing one MQTT connection")
+    ap.add_argument("--devices-nice", type=int, default=0,
+                    help="process backend: run the device workers this much nicer than the coordinator (they then "
+                         "yield the cores to it, as devices on their own hardware would); 0: same priority")
     ap.add_argument("--deadline", type=float, default=600.0, help="round deadline, seconds")
     ap.add_argument("--setup-timeout", type=float, default=1800.0,
                     help="seconds for the workers to build and connect their devices, and again for registration")
@@ -478,7 +561,8 @@ def main() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by mosquitto and the workers
     fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    result: dict = {"ulimit_n": fds, "mosquitto_max_connections": "unlimited (not set)", "host_cores": os.cpu_count(),
+    result: dict = {"devices_nice": args.devices_nice, "ulimit_n": fds,
+                    "mosquitto_max_connections": "unlimited (not set)", "host_cores": os.cpu_count(),
                     "target_overhead_s_at_10000": 5.0}
     rows = []
     if args.backend == "ray":
@@ -499,12 +583,16 @@ def main() -> int:
                 result[key] = r
                 rows.append((n, w, r["connections"], f"{r['register_s']:.1f}", f"{r['round_seconds']:.1f}",
                              f"{r['coordinator_overhead_s']:.2f}", f"{r['coordinator_cpu_s']:.2f}",
-                             f"{r['coordinator_plus_agg_workers_s']:.2f}", r["accepted"], r["peak_host_mem_mb"]))
+                             f"{r['coordinator_runq_s']:.2f}", f"{r['coordinator_plus_agg_workers_s']:.2f}",
+                             f"{r['tail_s']:.2f}", f"{r['coordinator_process_cpu_s']:.2f}",
+                             f"{r['agg_workers_process_cpu_s']:.2f}", f"{r['overhead_bound_s']:.2f}",
+                             f"{r['store']['durable_commits']}", r["accepted"], r["peak_host_mem_mb"]))
                 print(f"fleet_python: {key}: {r['round_seconds']:.1f} s round, coordinator {r['coordinator_overhead_s']:.2f} s"
                       f" + workers {r['coordinator_plus_agg_workers_s'] - r['coordinator_overhead_s']:.2f} s",
                       file=sys.stderr, flush=True)
     emit(result, rows, ("devices", "agg workers", "connections", "register s", "round s", "coord busy s",
-                        "coord cpu s", "coord+workers s", "accepted", "peak MB"))
+                        "coord cpu s", "coord runq s", "coord+workers s", "tail s", "coord proc cpu s",
+                        "workers proc cpu s", "overhead bound s", "fsyncs", "accepted", "peak MB"))
     ok = all(r["committed"] and not r["errors"] for k, r in result.items() if isinstance(r, dict))
     return 0 if ok else 1
 

@@ -78,6 +78,9 @@ class Store:
         self.path = str(path)
         self._batch_depth = 0  # > 0 inside batch(): _tx joins the batch's transaction
         self._batch_failed = False
+        # (round id, state) the rounds table holds, as this connection last wrote or checked it; None: unknown.
+        # NOTE: lets accept_delta skip its two round statements; forgotten on every rollback and round write
+        self._round_state: tuple[int, str] | None = None
         if readonly:  # a reader beside a running coordinator (``tinyfleet eval``): never creates or writes
             self._db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
             got = self._meta("schema_version")
@@ -116,9 +119,14 @@ class Store:
         try:
             yield self._db
         except BaseException:
+            self._round_state = None
             self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._round_state = None  # NOTE: a failed COMMIT may have written nothing
+            raise
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -145,6 +153,7 @@ class Store:
             self._db.execute("COMMIT")
         except BaseException:
             self._batch_depth = 0
+            self._round_state = None
             with suppress(sqlite3.Error):  # NOTE: a dead connection rolls back by itself; keep the first error
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -231,8 +240,8 @@ class Store:
         with self._tx() as db:
             self._put_round(db, snapshot)
 
-    @staticmethod
-    def _put_round(db: sqlite3.Connection, snap: dict, outcome: str = "", new_version: int | None = None) -> None:
+    def _put_round(self, db: sqlite3.Connection, snap: dict, outcome: str = "", new_version: int | None = None) -> None:
+        self._round_state = None
         db.execute("INSERT INTO rounds (round_id, state, snapshot, outcome, new_version) VALUES (?, ?, ?, ?, ?) "
                    "ON CONFLICT(round_id) DO UPDATE SET state = excluded.state, snapshot = excluded.snapshot, "
                    "outcome = excluded.outcome, new_version = excluded.new_version",
@@ -256,12 +265,15 @@ class Store:
                        "ON CONFLICT(device_id) DO UPDATE SET last_counter = excluded.last_counter",
                        (row.device_id, row.counter))
             # NOTE: SQLite rewrites a whole row on UPDATE, and the round's row holds the selected list (~130 KB at
-            # 10,000 devices): rewriting it per delta was most of the write-ahead cost. Write only a new state.
-            changed = db.execute("UPDATE rounds SET state = ? WHERE round_id = ? AND state != ?",
-                                 (state, row.round_id, state)).rowcount
-            exists = changed or db.execute("SELECT 1 FROM rounds WHERE round_id = ?", (row.round_id,)).fetchone()
-            if not exists:
-                raise StoreError(f"round {row.round_id} was never saved: save_round before accept_delta")
+            # 10,000 devices): rewriting it per delta was most of the write-ahead cost. Write only a new state, and
+            # only check the row when this connection does not know it holds (round, state) already.
+            if self._round_state != (row.round_id, state):
+                changed = db.execute("UPDATE rounds SET state = ? WHERE round_id = ? AND state != ?",
+                                     (state, row.round_id, state)).rowcount
+                exists = changed or db.execute("SELECT 1 FROM rounds WHERE round_id = ?", (row.round_id,)).fetchone()
+                if not exists:
+                    raise StoreError(f"round {row.round_id} was never saved: save_round before accept_delta")
+                self._round_state = (row.round_id, state)
 
     def commit_round(self, snapshot: dict, version: int, hash_: str, state: bytes,
                      meta: dict[str, str] | None = None) -> None:

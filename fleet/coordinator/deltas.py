@@ -96,38 +96,38 @@ class DeltaBook:
     last_merge: Merged | None = None  # how the last commit's sums were put together (workers, decoded here)
 
     def _delta(self, ev: Received, now: float) -> list[Output]:
-        return [dataclasses.replace(o, nbytes=len(ev.payload)) if isinstance(o, Verdict) else o
+        size = len(ev.payload)  # NOTE: the async coordinator's _judge leaves nbytes out; this one sets it
+        return [dataclasses.replace(o, nbytes=size) if isinstance(o, Verdict) and o.nbytes != size else o
                 for o in self._judge(ev, now)]
 
     def _judge(self, ev: Received, now: float) -> list[Output]:
         content_hash = hashlib.sha256(ev.payload).hexdigest()
-        m = self.machine
+        m, size = self.machine, len(ev.payload)
         if m.accepted.get(ev.device_id) == content_hash:  # QoS 1 redelivery of a counted delta: same bytes, same
-            return self._verdict(ev.device_id, m.round_id, content_hash, None, "")  # verdict, no need to decode
+            return self._verdict(ev.device_id, m.round_id, content_hash, None, "", nbytes=size)  # no need to decode
         read = read_delta(self.codec, ev.device_id, ev.payload, content_hash)
         if read.decoded is None:
             return self._verdict(ev.device_id, read.round_id if read.round_id is not None else m.round_id,
-                                 content_hash, rnd.Reject(read.reject), read.detail)
+                                 content_hash, rnd.Reject(read.reject), read.detail, nbytes=size)
         return self._settle(read.decoded.header, ev.payload, now, read.decoded)
 
     def _claimed(self, ev: Claimed, now: float) -> list[Output]:
         """A delta an aggregation worker read: judged and stored here, summed by the worker (told by the verdict)."""
-        m = self.machine
+        m, size = self.machine, len(ev.payload)
         if m.accepted.get(ev.device_id) == ev.content_hash:
-            out = self._verdict(ev.device_id, m.round_id, ev.content_hash, None, "")
-        elif ev.header is None:
-            out = self._verdict(ev.device_id, m.round_id, ev.content_hash, rnd.Reject(ev.reject), ev.detail)
-        else:
-            out = self._settle(ev.header, ev.payload, now, None)  # type: ignore[arg-type]
-        return [dataclasses.replace(o, nbytes=len(ev.payload)) if isinstance(o, Verdict) else o for o in out]
+            return self._verdict(ev.device_id, m.round_id, ev.content_hash, None, "", nbytes=size)
+        if ev.header is None:
+            return self._verdict(ev.device_id, m.round_id, ev.content_hash, rnd.Reject(ev.reject), ev.detail,
+                                 nbytes=size)
+        return self._settle(ev.header, ev.payload, now, None)  # type: ignore[arg-type]
 
     def _settle(self, up: rnd.Upload, payload: bytes, now: float, decoded: DecodedDelta | None) -> list[Output]:
         """The round machine's verdict on a read delta; an accepted one is stored, then counted here when
         ``decoded`` is given (None: an aggregation worker holds it in its partial sum)."""
         m = self.machine
-        content_hash = up.content_hash
+        content_hash, size = up.content_hash, len(payload)
         if up.round_id != m.round_id and self.store.has_delta(up.round_id, up.device_id, content_hash):
-            return self._verdict(up.device_id, up.round_id, content_hash, None, "")  # redelivered, old round
+            return self._verdict(up.device_id, up.round_id, content_hash, None, "", nbytes=size)  # redelivered
         out: list[Output] = []
         for cmd in m.handle(rnd.DeltaArrived(up, now)):
             if isinstance(cmd, rnd.Accepted):
@@ -138,22 +138,22 @@ class DeltaBook:
                 rec = self.registry.devices.get(up.device_id)
                 if rec is not None and rec.model_version < self.version:  # NOTE: devices send status at connect
                     rec.model_version = self.version  # only; an accepted delta was trained on this version
-                out += self._verdict(up.device_id, up.round_id, content_hash, None, "ok", accepted=True)
+                out += self._verdict(up.device_id, up.round_id, content_hash, None, "ok", accepted=True, nbytes=size)
             elif isinstance(cmd, rnd.Duplicate):
-                out += self._verdict(up.device_id, up.round_id, content_hash, None, "")
+                out += self._verdict(up.device_id, up.round_id, content_hash, None, "", nbytes=size)
             elif isinstance(cmd, rnd.Rejected):
-                out += self._verdict(up.device_id, up.round_id, content_hash, cmd.reason, cmd.detail)
+                out += self._verdict(up.device_id, up.round_id, content_hash, cmd.reason, cmd.detail, nbytes=size)
             else:
                 out += self._close(cmd, now)
         return out
 
     def _verdict(self, device_id: str, round_id: int, content_hash: str, reason: rnd.Reject | None, detail: str,
-                 accepted: bool = False) -> list[Output]:
+                 accepted: bool = False, nbytes: int = 0) -> list[Output]:
         name = "ok" if accepted else "duplicate" if reason is None else reason.name.lower()
         ack = Ack(max(round_id, 0), content_hash, accepted or reason is None, name,
                   ack_detail(detail) if reason is not None and detail else None)
         return [Publish(f"dev/{device_id}/ack", ack.to_json()),
-                Verdict(device_id, round_id, name, int(reason or 0), detail, content_hash=content_hash)]
+                Verdict(device_id, round_id, name, int(reason or 0), detail, nbytes, content_hash)]
 
     def _flat(self, decoded: DecodedDelta) -> tuple[np.ndarray, np.ndarray]:
         return flat_delta(self.shared, decoded)

@@ -19,6 +19,7 @@ from the store at merge. This module is I/O (processes, pipes, MQTT); it decides
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import multiprocessing as mp
@@ -38,6 +39,8 @@ from fleet.coordinator.partials import Partial
 
 BATCH_MAX = 256  # deltas per claim batch, at most
 LINGER_S = 0.5  # a batch closes at the next multiple of this on the wall clock: one store commit (fsync) per period
+LINGER_POLL_S = 0.05  # while a batch lingers, how often a worker checks whether it is already full
+IDLE_WAIT_S = 5.0  # an idle worker's longest sleep (it wakes at once for a message or a control request)
 PARTIAL_TIMEOUT_S = 30.0  # a worker that does not hand its partial by then is left out (its deltas: from the store)
 
 
@@ -67,6 +70,13 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
     size = sum(t.numel for t in shared)
     name = f"agg{slot}"
     inbox: queue.Queue = queue.Queue()
+    # NOTE: an idle worker sleeps until a message or a control request comes (no polling: a round of 10,000
+    # devices lasts minutes, and a wake-up every 50 ms cost more CPU than the deltas' reading); the network thread
+    # writes a byte to this pipe when it queues a message while the main thread sleeps
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    idle = threading.Event()
 
     def on_message(topic: str, payload: bytes, ack) -> None:
         where = split_topic(fleet, topic)
@@ -74,6 +84,9 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
             ack()
             return
         inbox.put((where[0], payload, ack))
+        if idle.is_set():
+            with contextlib.suppress(BlockingIOError):  # full: the main thread has bytes to wake on already
+                os.write(wake_w, b"\0")
 
     endpoint = MqttEndpoint(url, f"tinyfleet-{fleet}-{name}", [share_topic(fleet, group)], on_message)
     endpoint.start(timeout=30.0)
@@ -108,17 +121,29 @@ def worker_main(url: BrokerURL, fleet: str, slot: int, codec, claims, verdicts, 
             while control.poll():
                 if not serve_control():
                     return
+            idle.set()  # NOTE: before looking at the inbox: a message queued after the look wakes the wait
+            if inbox.empty():
+                wait([control, wake_r], timeout=IDLE_WAIT_S)
+            idle.clear()
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 4096)
             try:
-                batch = [inbox.get(timeout=0.05)]
+                batch = [inbox.get_nowait()]
             except queue.Empty:
                 continue
             # NOTE: deltas trickle in as devices finish training; the coordinator commits (fsyncs, ~3 ms here) once
             # per batch, so a batch of one per delta would make fsync the whole cost of a round. Every worker closes
             # its batch at the same wall-clock instants, so the coordinator commits all workers' batches at once.
+            # While it lingers it sleeps on the control pipe, not on the inbox: no wake-up per arriving message,
+            # and a commit that asks for this worker's partial meanwhile is answered at once (the lingering
+            # deltas are not claimed yet, so no round counts them: leaving them out of the partial is exact).
             end = (math.floor(time.time() / linger_s) + 1) * linger_s if linger_s > 0 else 0.0
+            while inbox.qsize() < BATCH_MAX - 1 and (left := end - time.time()) > 0:
+                if control.poll(min(left, LINGER_POLL_S)) and not serve_control():
+                    return
             while len(batch) < BATCH_MAX:
                 try:
-                    batch.append(inbox.get(timeout=max(0.0, end - time.time())))
+                    batch.append(inbox.get_nowait())
                 except queue.Empty:
                     break
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -244,13 +269,20 @@ class AggregationPool:
             self.link.submit_claims(claims, reply)
 
     def _supervise(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.is_set():
+            with self._lock:
+                sentinels = [s.proc.sentinel for s in self._slots]
+            wait(sentinels, timeout=1.0)  # NOTE: wakes when a worker dies, not five times a second
+            restarted = False
             with self._lock:
                 for i, slot in enumerate(self._slots):
                     if not slot.proc.is_alive() and not self._stop.is_set():
                         slot.proc.join()
                         self.restarts += 1
                         self._slots[i] = self._spawn(slot.index)
+                        restarted = True
+            if restarted:
+                self._stop.wait(0.2)  # NOTE: a worker that dies at start is not respawned in a tight loop
 
     def partials(self, round_id: int) -> list[Partial]:
         """Every live worker's partial sum of ``round_id`` (a worker that does not answer is left out). Call it on

@@ -176,3 +176,49 @@ def test_serve_with_aggregation_workers_commits_a_round(broker, tmp_path):
     assert rc == 0, err
     assert "2 aggregation workers on tinyfleet/aggserve/dev/+/delta (shared subscription)" in err
     assert "round 1: committed v2 (2 deltas)" in err and "round 2: committed v3 (2 deltas)" in err
+
+
+def test_a_lingering_worker_answers_a_commit_at_once_without_its_unclaimed_deltas(broker, tmp_path):
+    # Prepare: one worker whose claim batches close only at multiples of 600 s of the wall clock; a round starts
+    # and every device sends its delta, which the worker holds unclaimed while it lingers
+    from device_agent.wire.messages import DEVICE_UP
+    from fleet import round as rnd
+    from fleet.coordinator import Coordinator, CoordinatorConfig, StartRound, WireCodec
+    from fleet.coordinator.pool import AggregationPool
+    from fleet.mqtt import CoordinatorLink
+    from fleet.store import Store
+    from tests.fixtures.tiny import tiny_plan
+
+    plan, fleet, linger = tiny_plan(), f"{FLEET}l", 600.0
+    if time.time() % linger > linger - 30:  # NOTE: not across a batch boundary: the test needs the batch open
+        time.sleep(linger - time.time() % linger + 0.1)
+    cfg = CoordinatorConfig(round=rnd.RoundConfig(goal=N, over_selection=1.0, quorum=1.0, deadline_s=60.0))
+    pool = AggregationPool(broker.url, fleet, WireCodec(plan), 1, linger_s=linger)
+
+    def factory():
+        c = Coordinator(plan, Store(str(tmp_path / "store.sqlite")), cfg, time.time, WireCodec(plan))
+        c.partials = pool.partials
+        return c
+
+    link = CoordinatorLink(broker.url, fleet, factory, kinds=tuple(k for k in DEVICE_UP if k != "delta")).start()
+    pool.start(link)
+    player = Player(broker.url, link.call(lambda c: c.codec.plan_hash), _templates(plan), copies=1, fleet=fleet)
+    try:
+        end = time.monotonic() + 30
+        while link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < N:
+            assert time.monotonic() < end, "devices did not register"
+            time.sleep(0.05)
+        link.submit(StartRound())
+        time.sleep(1.5)  # the tasks go out, the deltas come back to the worker
+        # Execute: the coordinator asks for the round's partial (as a commit does) while the batch lingers
+        t0 = time.monotonic()
+        parts = link.call(lambda c: pool.partials(c.machine.round_id), timeout=20.0)
+        waited = time.monotonic() - t0
+        # Assert: answered at once, holding none of the deltas that no verdict has accepted yet
+        assert waited < 5.0, f"the partial took {waited:.1f} s: the worker did not answer while lingering"
+        assert len(parts) == 1 and parts[0].covered == {} and parts[0].rows == [] and parts[0].sums.count == 0
+        assert link.call(lambda c: len(c.machine.accepted)) == 0
+    finally:
+        player.sim.stop()
+        pool.stop()
+        link.stop()

@@ -49,6 +49,27 @@ def test_failed_transaction_leaves_nothing(tmp_path):
     assert [d.content_hash for d in s.deltas(1)] == ["c1"] and s.last_round()[1] == "collecting"
 
 
+def test_round_state_known_to_the_connection_is_forgotten_on_rollback(tmp_path):
+    # Prepare: accept_delta skips its round statements when this connection knows the row holds (round, state)
+    s = Store(tmp_path / "c.db")
+    s.save_round({"round_id": 1, "state": "training"})
+    # Execute: a batch that moved the round to collecting rolls back; then the same state is asked again
+    with pytest.raises(RuntimeError), s.batch():
+        s.accept_delta(DeltaRow(1, "x", "c1", 1, 1, b"p"), "collecting")
+        raise RuntimeError("the batch fails after the step")
+    assert s.last_round()[1] == "training" and s.deltas(1) == []
+    s.accept_delta(DeltaRow(1, "y", "c2", 1, 1, b"q"), "collecting")
+    s.accept_delta(DeltaRow(1, "z", "c3", 1, 1, b"r"), "collecting")  # the known state: no round statements
+    # Assert: the state written after the rollback, a round written since is seen again, an unsaved round refused
+    assert s.last_round()[1] == "collecting"
+    s.save_round({"round_id": 1, "state": "training"})
+    s.accept_delta(DeltaRow(1, "w", "c4", 1, 1, b"s"), "collecting")
+    assert s.last_round()[1] == "collecting"
+    with pytest.raises(StoreError, match="never saved"):
+        s.accept_delta(DeltaRow(2, "x", "c5", 2, 1, b"t"), "collecting")
+    assert [d.device_id for d in Store(tmp_path / "c.db").deltas(1)] == ["w", "y", "z"]
+
+
 # --- kill at every step ----------------------------------------------------------------------------------------
 
 
