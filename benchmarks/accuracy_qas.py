@@ -35,6 +35,8 @@ Methods:
 - ``int8_searched_lite``: the same search priced with the ``lite`` recipe's optimizer state (8-bit residuals:
   1 B per trained weight instead of the shared recipe's 6, no bias state) and its proxy trained with ``lite`` at
   the lite grid's (lower) middle rate, so the budget holds ~4x the weights; trained with ``lite`` on its grid.
+- ``int8_lastk_lite``: ``int8_lastk_budget`` for ``lite``: the largest last-k whose plan with the lite recipe fits
+  ``--search-budget`` (comparable memory to ``int8_searched_lite``), trained with ``lite`` on its grid.
 Learning rate: each method sweeps its grid on seed 0 and keeps the best final validation accuracy; seeds
 1.. run at that rate. Reported: test accuracy mean, 95% t-interval over seeds, per-seed values, the seed-0
 validation curve per epoch (to see it flatten), and memory of the int8 plan (KB = 1000 B: arena + trainable +
@@ -92,7 +94,8 @@ from fleet.compiler.graph_builder import backbone_convs
 from fleet.compiler.training import build_training_plan
 
 METHODS = ("fp32_sparse", "int8_sparse_qas", "int8_sparse_lite", "int8_sparse_plain", "int8_sparse_noqas", "int8_last",
-           "int8_bias", "int8_lastk", "fp32_full", "int8_searched", "int8_searched_lite", "int8_lastk_budget")
+           "int8_bias", "int8_lastk", "fp32_full", "int8_searched", "int8_searched_lite", "int8_lastk_budget",
+           "int8_lastk_lite")
 WIDE = (1.0, 1e2, 1e4)  # multipliers of the grid for the no-QAS sweep
 SEARCH_PROXY = (1024, 512)  # searched scheme: proxy samples (train, score) from the training split
 SEARCH_BIAS_KS = (0, 4, 8, 12, 16, 24)  # bias-only depths analysed
@@ -596,6 +599,13 @@ def method_plan(task: Task, setup: Setup, methods: tuple[str, ...] = METHODS, se
                   "recipe's optimizer state", file=sys.stderr, flush=True)
         else:
             out["int8_lastk_budget"] = (lambda lr, s: run_int8(task, setup, lb, lr, s), task.grid, lb, rec)
+    if n and "int8_lastk_lite" in methods:
+        ll = last_k_fitting(task, search_budget, lrec)
+        if ll is None:
+            print(f"  {task.name} int8_lastk_lite: skipped, not even the last conv fits {search_budget} B with the lite "
+                  "recipe", file=sys.stderr, flush=True)
+        else:
+            out["int8_lastk_lite"] = (lambda lr, s: run_int8(task, setup, ll, lr, s, lite=True), plain, ll, lrec)
     if n and "int8_searched" in methods:
         ss, _ = searched_scheme(task, setup, search_budget, quick)
         out["int8_searched"] = (lambda lr, s: run_int8(task, setup, ss, lr, s), task.grid, ss, rec)
