@@ -32,6 +32,11 @@ Methods:
   (cached prefix outputs, as the runs); candidates: bias-only last-k for ``k`` in ``SEARCH_BIAS_KS``, and the
   non-depthwise convs among the last ``SEARCH_DEPTH`` at ratios ``SEARCH_RATIOS``. The JSON row carries the
   chosen scheme, its candidates' gains and the search's seconds.
+- ``int8_searched_lite``: the same search priced with the ``lite`` recipe's optimizer state (8-bit residuals:
+  1 B per trained weight instead of the shared recipe's 6, no bias state) and its proxy trained with ``lite`` at
+  the lite grid's (lower) middle rate, so the budget holds ~4x the weights; trained with ``lite`` on its grid.
+- ``int8_lastk_lite``: ``int8_lastk_budget`` for ``lite``: the largest last-k whose plan with the lite recipe fits
+  ``--search-budget`` (comparable memory to ``int8_searched_lite``), trained with ``lite`` on its grid.
 Learning rate: each method sweeps its grid on seed 0 and keeps the best final validation accuracy; seeds
 1.. run at that rate. Reported: test accuracy mean, 95% t-interval over seeds, per-seed values, the seed-0
 validation curve per epoch (to see it flatten), and memory of the int8 plan (KB = 1000 B: arena + trainable +
@@ -89,7 +94,8 @@ from fleet.compiler.graph_builder import backbone_convs
 from fleet.compiler.training import build_training_plan
 
 METHODS = ("fp32_sparse", "int8_sparse_qas", "int8_sparse_lite", "int8_sparse_plain", "int8_sparse_noqas", "int8_last",
-           "int8_bias", "int8_lastk", "fp32_full", "int8_searched", "int8_lastk_budget")
+           "int8_bias", "int8_lastk", "fp32_full", "int8_searched", "int8_searched_lite", "int8_lastk_budget",
+           "int8_lastk_lite")
 WIDE = (1.0, 1e2, 1e4)  # multipliers of the grid for the no-QAS sweep
 SEARCH_PROXY = (1024, 512)  # searched scheme: proxy samples (train, score) from the training split
 SEARCH_BIAS_KS = (0, 4, 8, 12, 16, 24)  # bias-only depths analysed
@@ -274,6 +280,11 @@ def run_fp32(task: Task, setup: Setup, scheme: ir.SparseScheme | None, lr: float
     return {"val_curve": curve, "val": curve[-1], "test": acc("test")}
 
 
+def lite_grid(task: Task, setup: Setup) -> tuple[float, ...]:
+    """The common grid scaled by ``1 / ((1 - momentum) B)``: the same per-sample step at batch 1 without momentum."""
+    return tuple(round(lr / ((1 - setup.momentum) * setup.batch), 10) for lr in task.grid)
+
+
 def lite_recipe(setup: Setup, n_train: int) -> Recipe:
     """The cheap variant: batch 1 (no buffer), no momentum, 8-bit weight residuals, the same schedule."""
     r = setup.recipe(n_train)
@@ -356,12 +367,14 @@ def last_k(task: Task, budget_kb: float, recipe: Recipe) -> ir.SparseScheme:
     return best
 
 
-def searched_scheme(task: Task, setup: Setup, budget: int, quick: bool = False) -> tuple[ir.SparseScheme, dict]:
-    """``search_scheme`` under ``budget`` bytes with the shared recipe's optimizer state priced in; proxy training on
-    a slice of the training split (cached per task). Returns the scheme and what the search saw."""
+def searched_scheme(task: Task, setup: Setup, budget: int, quick: bool = False,
+                    lite: bool = False) -> tuple[ir.SparseScheme, dict]:
+    """``search_scheme`` under ``budget`` bytes with the shared recipe's optimizer state priced in (``lite``: the
+    lite recipe's, proxy trained with it at the lite grid's rate); proxy training on a slice of the training split
+    (cached per task). Returns the scheme and what the search saw."""
     from fleet.compiler.scheme import search_scheme
 
-    key = ("searched", budget)
+    key = ("searched", budget, lite)
     if key in task.cache:
         return task.cache[key]
     t0 = time.time()
@@ -380,8 +393,10 @@ def searched_scheme(task: Task, setup: Setup, budget: int, quick: bool = False) 
         for c in cuts:
             feats[c].append(acts[c])
     px = {c: np.concatenate(v) for c, v in feats.items()}
-    rec = Setup(setup.batch, 1, setup.momentum, setup.warmup_frac, setup.frac_bits, setup.engine).recipe(n_tr)
-    lr = task.grid[(len(task.grid) - 1) // 2]  # the grid's (lower) middle rate
+    one = Setup(setup.batch, 1, setup.momentum, setup.warmup_frac, setup.frac_bits, setup.engine)
+    rec = lite_recipe(one, n_tr) if lite else one.recipe(n_tr)
+    grid = lite_grid(task, setup) if lite else task.grid
+    lr = grid[(len(grid) - 1) // 2]  # the grid's (lower) middle rate
 
     def score(s: ir.SparseScheme) -> float:
         g, sch, cut = _tail(task, s)
@@ -391,15 +406,18 @@ def searched_scheme(task: Task, setup: Setup, budget: int, quick: bool = False) 
         for b in order(n_tr, setup.batch, 0, 0):
             if setup.engine == "native":
                 trainer.steps(x[b], y_px[b], lr)
+            elif lite:
+                for j in range(len(b)):  # NOTE: lite is batch 1: one sample, one update (as run_int8)
+                    trainer.train_step(x[b[j:j + 1]], y_px[b[j:j + 1]], lr)
             else:
                 trainer.train_step(x[b], y_px[b], lr)
         return float((trainer.predict(x[n_tr:]) == y_px[n_tr:]).mean())
 
-    full_rec = setup.recipe(len(task.y["train"]))
+    full_rec = lite_recipe(setup, len(task.y["train"])) if lite else setup.recipe(len(task.y["train"]))
     res = search_scheme(task.graph, budget, None, None, layers=layers, bias_ks=ks, ratios=SEARCH_RATIOS,
                         recipe=full_rec, range_ste=True, score=score)
-    res.scheme.name = f"searched-{budget // 1000}kb"
-    info = {"budget": budget, "peak_sram_bytes": res.peak_sram_bytes, "n_bias_update": res.scheme.n_bias_update,
+    res.scheme.name = f"searched-{'lite-' if lite else ''}{budget // 1000}kb"
+    info = {"budget": budget, "recipe": "lite" if lite else "shared", "peak_sram_bytes": res.peak_sram_bytes, "n_bias_update": res.scheme.n_bias_update,
             "weight_ratio": {str(i): r for i, r in res.scheme.weight_ratio.items()},
             "bias_gain": {str(k): round(v, 4) for k, v in res.bias_gain.items()},
             "weight_gain": {f"{i}@{r}": round(v, 4) for (i, r), v in res.weight_gain.items()},
@@ -559,15 +577,15 @@ def method_plan(task: Task, setup: Setup, methods: tuple[str, ...] = METHODS, se
     last = ir.SparseScheme("last", 0, {})
     mid = task.grid[len(task.grid) // 2]
     wide = tuple(round(mid * k, 10) for k in WIDE)  # NOTE: no-QAS steps are ~s_w**2 smaller than QAS steps
-    plain = tuple(round(lr / ((1 - setup.momentum) * setup.batch), 10) for lr in task.grid)  # same per-sample step
+    plain = lite_grid(task, setup)  # same per-sample step
+    lrec = lite_recipe(setup, len(task.y["train"]))
     out = {
         "fp32_full": (lambda lr, s: run_fp32(task, setup, None, lr, s), task.grid, None, None),
         "fp32_sparse": (lambda lr, s: run_fp32(task, setup, sp, lr, s), task.grid, None, None),
         "int8_sparse_qas": (lambda lr, s: run_int8(task, setup, sp, lr, s), task.grid, sp, rec),
         "int8_sparse_noqas": (lambda lr, s: run_int8(task, setup, sp, lr, s, qas=False), wide, sp, rec),
         "int8_sparse_plain": (lambda lr, s: run_int8(task, setup, sp, lr, s, plain=True), plain, sp, None),
-        "int8_sparse_lite": (lambda lr, s: run_int8(task, setup, sp, lr, s, lite=True), plain, sp,
-                             lite_recipe(setup, len(task.y["train"]))),
+        "int8_sparse_lite": (lambda lr, s: run_int8(task, setup, sp, lr, s, lite=True), plain, sp, lrec),
         "int8_last": (lambda lr, s: run_int8(task, setup, last, lr, s), task.grid, last, rec),
         "int8_bias": (lambda lr, s: run_int8(task, setup, bias, lr, s), task.grid, bias, rec),
     }
@@ -581,9 +599,19 @@ def method_plan(task: Task, setup: Setup, methods: tuple[str, ...] = METHODS, se
                   "recipe's optimizer state", file=sys.stderr, flush=True)
         else:
             out["int8_lastk_budget"] = (lambda lr, s: run_int8(task, setup, lb, lr, s), task.grid, lb, rec)
+    if n and "int8_lastk_lite" in methods:
+        ll = last_k_fitting(task, search_budget, lrec)
+        if ll is None:
+            print(f"  {task.name} int8_lastk_lite: skipped, not even the last conv fits {search_budget} B with the lite "
+                  "recipe", file=sys.stderr, flush=True)
+        else:
+            out["int8_lastk_lite"] = (lambda lr, s: run_int8(task, setup, ll, lr, s, lite=True), plain, ll, lrec)
     if n and "int8_searched" in methods:
         ss, _ = searched_scheme(task, setup, search_budget, quick)
         out["int8_searched"] = (lambda lr, s: run_int8(task, setup, ss, lr, s), task.grid, ss, rec)
+    if n and "int8_searched_lite" in methods:
+        sl, _ = searched_scheme(task, setup, search_budget, quick, lite=True)
+        out["int8_searched_lite"] = (lambda lr, s: run_int8(task, setup, sl, lr, s, lite=True), plain, sl, lrec)
     return out
 
 
@@ -644,8 +672,8 @@ def main() -> None:
             r = study(fn, grid, seeds, log)
             r.update(plan_memory(task, scheme, rec) if scheme is not None else {"mem_kb": None})
             r["scheme"] = scheme.name if scheme is not None else ("full" if m == "fp32_full" else task.sparse.name)
-            if m == "int8_searched":
-                r["search"] = searched_scheme(task, setup, args.search_budget, args.quick)[1]
+            if m in ("int8_searched", "int8_searched_lite"):
+                r["search"] = searched_scheme(task, setup, args.search_budget, args.quick, lite=m.endswith("lite"))[1]
             elif scheme is not None and m.startswith("int8_lastk"):
                 r["k"] = scheme.n_bias_update
             r["seconds"] = round(time.time() - tm)

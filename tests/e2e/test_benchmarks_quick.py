@@ -37,6 +37,9 @@ def test_accuracy_qas_quick_imu():
     assert r["imu"]["int8_sparse_qas"]["mem_kb"] > r["imu"]["int8_last"]["mem_kb"] > 0
     found = r["imu"]["int8_searched"]  # the compiler's search under 256 KB with the recipe's optimizer state
     assert found["peak_sram_kb"] <= 256.0 and found["search"]["evaluations"] > 1 and found["scheme"] == "searched-256kb"
+    lite = r["imu"]["int8_searched_lite"]  # the same search priced with the lite recipe (1 B per trained weight)
+    assert lite["peak_sram_kb"] <= 256.0 and lite["search"]["recipe"] == "lite" and lite["scheme"] == "searched-lite-256kb"
+    assert r["imu"]["int8_lastk_lite"]["peak_sram_kb"] <= 256.0 and r["imu"]["int8_lastk_lite"]["k"] >= 1
     assert r["imu"]["int8_lastk_budget"]["peak_sram_kb"] <= 256.0 < r["imu"]["int8_lastk_budget"]["peak_sram_kb"] * 100
 
 
