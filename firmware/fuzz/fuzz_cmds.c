@@ -106,15 +106,24 @@ static uint32_t pick_size(input *in, uint32_t exact) {
     const uint32_t mode = u8(in), k = u8(in);
     const uint32_t room = dev.samples_at > dev.upd_off ? dev.samples_at - dev.upd_off : 0;
     switch (mode % 9) {
-    case 0: return u32(in);
-    case 1: return 0u - 1u - k; /* 2^32 - 1 - k */
-    case 2: return 0x80000000u + k - 128u;
-    case 3: return STORE + k - 128u;
-    case 4: return room + k - 128u;
-    case 5: return k;
-    case 6: return exact + k % 8 - 4;
-    case 7: return 0u - 64u * (k + 1); /* 2^32 - 64 (k + 1) */
-    default: return exact;
+    case 0:
+        return u32(in);
+    case 1:
+        return 0u - 1u - k; /* 2^32 - 1 - k */
+    case 2:
+        return 0x80000000u + k - 128u;
+    case 3:
+        return STORE + k - 128u;
+    case 4:
+        return room + k - 128u;
+    case 5:
+        return k;
+    case 6:
+        return exact + k % 8 - 4;
+    case 7:
+        return 0u - 64u * (k + 1); /* 2^32 - 64 (k + 1) */
+    default:
+        return exact;
     }
 }
 
@@ -257,14 +266,30 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     for (uint32_t ops = 0; in.n > 0 && ops < 64; ops++) {
         const uint32_t op = u8(&in);
         switch (op % 8) {
-        case 0: op_raw(&in); break;
-        case 1: op_load_start(&in, op); break;
-        case 2: op_load_cont(&in, op); break;
-        case 3: op_push_sample(&in, op); break;
-        case 4: op_store_samples(&in, op); break;
-        case 5: op_train(&in, op); break;
-        case 6: op_delta(&in, op); break;
-        default: send((op & 16) ? TF_CMD_STATE_HASH : TF_CMD_GET_STATS, NULL, 0); break;
+        case 0:
+            op_raw(&in);
+            break;
+        case 1:
+            op_load_start(&in, op);
+            break;
+        case 2:
+            op_load_cont(&in, op);
+            break;
+        case 3:
+            op_push_sample(&in, op);
+            break;
+        case 4:
+            op_store_samples(&in, op);
+            break;
+        case 5:
+            op_train(&in, op);
+            break;
+        case 6:
+            op_delta(&in, op);
+            break;
+        default:
+            send((op & 16) ? TF_CMD_STATE_HASH : TF_CMD_GET_STATS, NULL, 0);
+            break;
         }
     }
     free(store);

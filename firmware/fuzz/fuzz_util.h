@@ -40,8 +40,8 @@ static inline int tf_fuzz_reseal(uint8_t *b, size_t n) {
         return 0;
     }
     tf_st_u32(b + 8, (uint32_t)n);
-    b[6] = b[7] = 0;                              /* flags */
-    b[12] = b[13] = b[14] = b[15] = 0;            /* sig_alg, sig_len: unsigned */
+    b[6] = b[7] = 0;                   /* flags */
+    b[12] = b[13] = b[14] = b[15] = 0; /* sig_alg, sig_len: unsigned */
     tf_st_u32(b + n - 4, tf_crc32(b, (uint32_t)n - 4));
     return 1;
 }

@@ -81,8 +81,8 @@ tf_dev_result tf_device_boot(tf_device *d);
 /* LOAD_PLAN / LOAD_UPDATE chunk; *received = bytes held after it. */
 tf_dev_result tf_device_load(tf_device *d, uint8_t cmd, uint32_t offset, uint32_t total, const uint8_t *chunk,
                              uint32_t n, uint32_t *received);
-tf_dev_result tf_device_push_sample(tf_device *d, uint32_t offset, uint32_t total, int32_t label,
-                                    const uint8_t *chunk, uint32_t n, uint32_t *received);
+tf_dev_result tf_device_push_sample(tf_device *d, uint32_t offset, uint32_t total, int32_t label, const uint8_t *chunk,
+                                    uint32_t n, uint32_t *received);
 /* STORE_SAMPLES chunk: a batch of `total` bytes, records (label i32 | input bytes | pad4) for the slots first,
  * first + 1, ... (first + count <= capacity); *received = batch bytes held after it. total 0 stores nothing. */
 tf_dev_result tf_device_store_samples(tf_device *d, uint32_t first, uint32_t offset, uint32_t total,
@@ -95,8 +95,8 @@ tf_dev_result tf_device_train_list(tf_device *d, const uint8_t *slots, uint32_t 
 tf_dev_result tf_device_train(tf_device *d, uint32_t steps, int32_t lr_m, int32_t lr_e, uint32_t round_id,
                               uint32_t *used, uint32_t *correct);
 /* GET_DELTA: chunk [offset, offset + max_len) of the records section (built when offset == 0). */
-tf_dev_result tf_device_delta(tf_device *d, uint32_t offset, uint32_t max_len, uint32_t topk_permille,
-                              uint8_t *out, uint32_t *n, uint32_t *total);
+tf_dev_result tf_device_delta(tf_device *d, uint32_t offset, uint32_t max_len, uint32_t topk_permille, uint8_t *out,
+                              uint32_t *n, uint32_t *total);
 
 /* PERSONAL_SETUP: keep a personal copy of tensors `ids` (count x u16, ascending, shared trainable) with method
  * TF_PERS_* (NONE: drop the copy); any earlier copy is dropped. ERR_NO_MEMORY (detail: bytes free) when the pool

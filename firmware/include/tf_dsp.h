@@ -41,11 +41,11 @@ static inline uint32_t tf_pkhtb(uint32_t a, uint32_t b) {
     return r;
 }
 /* acc + a.lo * b.lo (bb), a.hi * b.lo (tb), a.lo * b.hi (bt), a.hi * b.hi (tt): signed 16-bit halves. */
-#define TF_SMLAXY(xy)                                                                                               \
-    static inline int32_t tf_smla##xy(uint32_t a, uint32_t b, int32_t acc) {                                        \
-        int32_t r;                                                                                                  \
-        __asm__("smla" #xy " %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));                                 \
-        return r;                                                                                                   \
+#define TF_SMLAXY(xy)                                                                                                  \
+    static inline int32_t tf_smla##xy(uint32_t a, uint32_t b, int32_t acc) {                                           \
+        int32_t r;                                                                                                     \
+        __asm__("smla" #xy " %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));                                    \
+        return r;                                                                                                      \
     }
 TF_SMLAXY(bb)
 TF_SMLAXY(tb)

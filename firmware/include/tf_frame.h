@@ -22,10 +22,10 @@ enum {
     TF_CMD_TRAIN = 0x05,
     TF_CMD_GET_DELTA = 0x06,
     TF_CMD_GET_STATS = 0x07,
-    TF_CMD_SELFTEST = 0x08,   /* resp <IIiIQ: cases, passed, first_failed, crc32, ticks */
-    TF_CMD_BOARD_INFO = 0x09, /* resp <IIQIIIIIIII: see tf_proto.c cmd_board_info */
-    TF_CMD_STATE_HASH = 0x0A, /* resp <32sIIIIQ: sha256 of the trainable tensors, update_counter, model_version,
-                               * steps_total, p_label_q15 of the last step, ticks of the last TRAIN */
+    TF_CMD_SELFTEST = 0x08,      /* resp <IIiIQ: cases, passed, first_failed, crc32, ticks */
+    TF_CMD_BOARD_INFO = 0x09,    /* resp <IIQIIIIIIII: see tf_proto.c cmd_board_info */
+    TF_CMD_STATE_HASH = 0x0A,    /* resp <32sIIIIQ: sha256 of the trainable tensors, update_counter, model_version,
+                                  * steps_total, p_label_q15 of the last step, ticks of the last TRAIN */
     TF_CMD_STORE_SAMPLES = 0x0B, /* v2: req <III first_slot, offset, total + batch chunk; resp <III received,
                                   * samples_stored, sample_capacity */
     TF_CMD_TRAIN_LIST = 0x0C,    /* v2: req <iiII lr_m, lr_e, round_id, count + count x u16 slots; resp as TRAIN */

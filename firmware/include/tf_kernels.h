@@ -39,12 +39,12 @@ typedef struct {
  * x (C_in, H, W) int8; w (C_out, C_in/groups, KH, KW) int8; bias (C_out,) int32 or NULL;
  * y (C_out, OH, OW) int8; mask ceil(C_out*OH*OW / 8) bytes or NULL. Needs no scratch. */
 /* Shared shape check of the conv family: y = floor((x + 2 pad - K) / stride) + 1, groups divide channels. */
-tf_status tf_conv_check(const tf_dims *x, const tf_filter_dims *w, const tf_dims *y, int32_t groups,
-                        int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w);
+tf_status tf_conv_check(const tf_dims *x, const tf_filter_dims *w, const tf_dims *y, int32_t groups, int32_t stride_h,
+                        int32_t stride_w, int32_t pad_h, int32_t pad_w);
 
-tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims,
-                       const int8_t *x, const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias,
-                       const tf_dims *y_dims, int8_t *y, uint8_t *mask);
+tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims, const int8_t *x,
+                       const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims,
+                       int8_t *y, uint8_t *mask);
 
 typedef struct {
     int32_t a_offset, b_offset; /* -zero_point(a), -zero_point(b) */
@@ -67,14 +67,14 @@ tf_status tf_avgpool_s8(const tf_avgpool_params *p, const tf_dims *x_dims, const
 tf_status tf_clamp_s8(int32_t act_min, int32_t act_max, int32_t n, const int8_t *x, int8_t *y, uint8_t *mask);
 
 typedef struct {
-    int32_t input_offset;                   /* -zero_point(x) */
-    int32_t pw_act_min, pw_act_max;         /* clamp of the expanded channel */
-    const int32_t *pw_mult, *pw_shift;      /* (C_mid,) */
-    int32_t mid_zero_point;                 /* zero point of the expanded channel */
+    int32_t input_offset;              /* -zero_point(x) */
+    int32_t pw_act_min, pw_act_max;    /* clamp of the expanded channel */
+    const int32_t *pw_mult, *pw_shift; /* (C_mid,) */
+    int32_t mid_zero_point;            /* zero point of the expanded channel */
     int32_t dw_stride_h, dw_stride_w, dw_pad_h, dw_pad_w;
     int32_t dw_act_min, dw_act_max;
-    const int32_t *dw_mult, *dw_shift;      /* (C_out,) */
-    int32_t output_offset;                  /* zero_point(y) */
+    const int32_t *dw_mult, *dw_shift; /* (C_out,) */
+    int32_t output_offset;             /* zero_point(y) */
 } tf_pwdw_params;
 
 /* PWDW: CONV2D(1x1, pw) then depthwise CONV2D (groups = C_mid), one expanded channel at a time.
@@ -172,11 +172,11 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
 
 typedef struct {
     int32_t stride_h, stride_w, pad_h, pad_w, groups;
-    int32_t k;            /* input channels saved (the first k), weights of channels >= k stay */
+    int32_t k; /* input channels saved (the first k), weights of channels >= k stay */
     int32_t update_weight, update_bias;
-    int32_t input_offset; /* -zero_point(x) */
-    int32_t lr_m, lr_e;   /* learning rate as qmath.mant_exp */
-    uint32_t step;        /* the device's update counter */
+    int32_t input_offset;              /* -zero_point(x) */
+    int32_t lr_m, lr_e;                /* learning rate as qmath.mant_exp */
+    uint32_t step;                     /* the device's update counter */
     uint32_t w_tensor_id, b_tensor_id; /* plan tensor ids, seeds of rng_u32 */
 } tf_conv_update_params;
 
@@ -212,7 +212,7 @@ tf_status tf_conv2d_update_recipe_s8(const tf_conv_update_params *p, const tf_qa
                                      const int8_t *x_saved, const tf_filter_dims *w_dims, int8_t *w, int32_t *b);
 
 typedef struct {
-    int32_t qas_m, qas_e;     /* 1 / s_table as qmath.mant_exp */
+    int32_t qas_m, qas_e; /* 1 / s_table as qmath.mant_exp */
     int32_t lr_m, lr_e;
     uint32_t step, table_tensor_id;
 } tf_embedding_update_params;

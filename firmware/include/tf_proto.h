@@ -13,8 +13,8 @@ typedef struct {
     tf_write_fn write;
     uint8_t rx[TF_FRAME_MAX_ENCODED]; /* COBS bytes of the frame being received */
     int32_t rx_len;
-    int32_t rx_overflow; /* the current frame exceeded the buffer: reject it at the delimiter */
-    uint8_t msg[TF_FRAME_MAX_RAW];      /* decoded request, then the response being built */
+    int32_t rx_overflow;           /* the current frame exceeded the buffer: reject it at the delimiter */
+    uint8_t msg[TF_FRAME_MAX_RAW]; /* decoded request, then the response being built */
     uint8_t tx[TF_FRAME_MAX_ENCODED + 1];
     uint32_t frames_ok, frames_bad; /* counted for BOARD_INFO */
     uint32_t last_error;            /* errors.WireError of the last rejected frame */

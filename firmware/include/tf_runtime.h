@@ -14,12 +14,12 @@
 /* prepare errors (tf_runtime_load), reported with the op index in err_op */
 enum {
     TF_RT_OK = 0,
-    TF_RT_TOO_BIG = 1,   /* more tensors / ops / classes than this build's tables */
-    TF_RT_NO_MEMORY = 2, /* arena + trainable copies exceed the board's memory */
-    TF_RT_BAD_OP = 3,    /* an op whose tensors, shapes or attributes do not fit its kernel */
-    TF_RT_NO_SCRATCH = 4,/* an op needs scratch the plan did not plan */
-    TF_RT_KERNEL = 5,    /* a kernel refused at run time (see err_status) */
-    TF_RT_BAD_SAMPLE = 6,/* label out of range or token id out of the table */
+    TF_RT_TOO_BIG = 1,    /* more tensors / ops / classes than this build's tables */
+    TF_RT_NO_MEMORY = 2,  /* arena + trainable copies exceed the board's memory */
+    TF_RT_BAD_OP = 3,     /* an op whose tensors, shapes or attributes do not fit its kernel */
+    TF_RT_NO_SCRATCH = 4, /* an op needs scratch the plan did not plan */
+    TF_RT_KERNEL = 5,     /* a kernel refused at run time (see err_status) */
+    TF_RT_BAD_SAMPLE = 6, /* label out of range or token id out of the table */
 };
 
 typedef struct {
@@ -37,13 +37,13 @@ typedef struct {
     uint8_t *ptr[TF_MAX_TENSORS]; /* value of each tensor (arena, SRAM copy or blob), NULL if never used */
     int32_t exp[TF_MAX_TENSORS];  /* gradient exponents of the current step */
     uint32_t op_off[TF_MAX_OPS];
-    int16_t scratch[TF_MAX_OPS];  /* scratch tensor id per op, -1 none, <= -2 a free arena gap (tf_runtime.c) */
-    uint32_t step;                /* update counter (uint32, wraps), seeds the stochastic rounding; with a recipe
-                                     it counts applied updates only */
-    uint8_t *opt;                 /* the recipe's optimizer region (plan.opt_bytes, after the trainable copies) */
-    uint32_t pending;             /* recipe: samples accumulated since the last applied update (< accum_steps) */
-    uint32_t slot_next;           /* recipe: slot of the next CONV2D_UPDATE while ops run */
-    uint32_t opt_cursor;          /* recipe: canonical layout position while the prepare checks the slots */
+    int16_t scratch[TF_MAX_OPS]; /* scratch tensor id per op, -1 none, <= -2 a free arena gap (tf_runtime.c) */
+    uint32_t step;               /* update counter (uint32, wraps), seeds the stochastic rounding; with a recipe
+                                    it counts applied updates only */
+    uint8_t *opt;                /* the recipe's optimizer region (plan.opt_bytes, after the trainable copies) */
+    uint32_t pending;            /* recipe: samples accumulated since the last applied update (< accum_steps) */
+    uint32_t slot_next;          /* recipe: slot of the next CONV2D_UPDATE while ops run */
+    uint32_t opt_cursor;         /* recipe: canonical layout position while the prepare checks the slots */
     int32_t n_classes;
     int8_t logits[TF_MAX_CLASSES]; /* logits of the last step (read by SOFTMAX_CE) */
     int32_t err_op, err_status;

@@ -7,9 +7,9 @@
 
 typedef struct {
     uint32_t h[8];
-    uint64_t len;      /* bytes hashed so far */
+    uint64_t len; /* bytes hashed so far */
     uint8_t buf[64];
-    uint32_t used;     /* bytes in buf */
+    uint32_t used; /* bytes in buf */
 } tf_sha256_ctx;
 
 void tf_sha256_init(tf_sha256_ctx *c);

@@ -7,9 +7,9 @@
 
 typedef struct {
     uint64_t h[8];
-    uint64_t len;     /* bytes hashed so far (< 2^64: far beyond any blob) */
+    uint64_t len; /* bytes hashed so far (< 2^64: far beyond any blob) */
     uint8_t buf[128];
-    uint32_t used;    /* bytes in buf */
+    uint32_t used; /* bytes in buf */
 } tf_sha512_ctx;
 
 void tf_sha512_init(tf_sha512_ctx *c);

@@ -8,21 +8,52 @@
 #include <stdint.h>
 
 enum {
-    TF_WE_OK = 0, TF_WE_TRUNCATED = 1, TF_WE_BAD_MAGIC = 2, TF_WE_UNSUPPORTED_VERSION = 3, TF_WE_BAD_LENGTH = 4,
-    TF_WE_TRAILING_BYTES = 5, TF_WE_CRC_MISMATCH = 6, TF_WE_UNSIGNED = 7, TF_WE_BAD_SIGNATURE = 8,
-    TF_WE_SIG_ALG_MISMATCH = 9, TF_WE_RESERVED_NONZERO = 10, TF_WE_BAD_ENUM = 11, TF_WE_BAD_INDEX = 12,
-    TF_WE_BAD_SCALE = 13, TF_WE_SIZE_OVERFLOW = 14, TF_WE_OUT_OF_ARENA = 15, TF_WE_BAD_SHAPE = 16,
-    TF_WE_BAD_OFFSET = 17, TF_WE_BAD_STRING = 18, TF_WE_BAD_VALUE = 19, TF_WE_ID_ORDER = 20,
-    TF_WE_NOT_CANONICAL = 21, TF_WE_PLAN_MISMATCH = 22,
+    TF_WE_OK = 0,
+    TF_WE_TRUNCATED = 1,
+    TF_WE_BAD_MAGIC = 2,
+    TF_WE_UNSUPPORTED_VERSION = 3,
+    TF_WE_BAD_LENGTH = 4,
+    TF_WE_TRAILING_BYTES = 5,
+    TF_WE_CRC_MISMATCH = 6,
+    TF_WE_UNSIGNED = 7,
+    TF_WE_BAD_SIGNATURE = 8,
+    TF_WE_SIG_ALG_MISMATCH = 9,
+    TF_WE_RESERVED_NONZERO = 10,
+    TF_WE_BAD_ENUM = 11,
+    TF_WE_BAD_INDEX = 12,
+    TF_WE_BAD_SCALE = 13,
+    TF_WE_SIZE_OVERFLOW = 14,
+    TF_WE_OUT_OF_ARENA = 15,
+    TF_WE_BAD_SHAPE = 16,
+    TF_WE_BAD_OFFSET = 17,
+    TF_WE_BAD_STRING = 18,
+    TF_WE_BAD_VALUE = 19,
+    TF_WE_ID_ORDER = 20,
+    TF_WE_NOT_CANONICAL = 21,
+    TF_WE_PLAN_MISMATCH = 22,
 };
 
 /* ir.Kind, ir.DType, ir.OpType */
 enum { TF_K_INPUT = 1, TF_K_LABEL, TF_K_ACTIVATION, TF_K_GRADIENT, TF_K_MASK, TF_K_CONST, TF_K_TRAINABLE };
 enum { TF_DT_INT8 = 1, TF_DT_INT16, TF_DT_INT32, TF_DT_MASK };
 enum {
-    TF_OP_CONV2D = 1, TF_OP_ADD, TF_OP_AVGPOOL, TF_OP_RESHAPE, TF_OP_EMBEDDING, TF_OP_CLAMP, TF_OP_SAVE_CHANNELS,
-    TF_OP_PWDW, TF_OP_PATCH, TF_OP_SOFTMAX_CE = 16, TF_OP_APPLY_MASK, TF_OP_CONV2D_BWD_INPUT, TF_OP_CONV2D_UPDATE,
-    TF_OP_GRAD_ACCUM, TF_OP_AVGPOOL_BWD, TF_OP_RESHAPE_BWD, TF_OP_EMBEDDING_UPDATE,
+    TF_OP_CONV2D = 1,
+    TF_OP_ADD,
+    TF_OP_AVGPOOL,
+    TF_OP_RESHAPE,
+    TF_OP_EMBEDDING,
+    TF_OP_CLAMP,
+    TF_OP_SAVE_CHANNELS,
+    TF_OP_PWDW,
+    TF_OP_PATCH,
+    TF_OP_SOFTMAX_CE = 16,
+    TF_OP_APPLY_MASK,
+    TF_OP_CONV2D_BWD_INPUT,
+    TF_OP_CONV2D_UPDATE,
+    TF_OP_GRAD_ACCUM,
+    TF_OP_AVGPOOL_BWD,
+    TF_OP_RESHAPE_BWD,
+    TF_OP_EMBEDDING_UPDATE,
 };
 
 /* Signature policy, always explicit (docs/formats.md check 11). */
@@ -52,7 +83,7 @@ typedef struct {
     uint8_t kind, dtype, rank, flags;
     int32_t dims[4];
     int32_t zero_point;
-    int32_t offset;     /* arena offset or -1 */
+    int32_t offset; /* arena offset or -1 */
     uint32_t n_scales, scales_off, data_off, data_len;
     int32_t numel;
     uint32_t nbytes;

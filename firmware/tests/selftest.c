@@ -206,8 +206,8 @@ static void run_conv_bwd_input(run_ctx *r) {
             r->ok = 0;
             return;
         }
-        status(r, tf_conv2d_bwd_input_s8(&ctx, &bp, BUF(2, int32_t), &yd, BUF(0, int8_t), p[14], &wd,
-                                         BUF(1, int8_t), &xd, g, &e));
+        status(r, tf_conv2d_bwd_input_s8(&ctx, &bp, BUF(2, int32_t), &yd, BUF(0, int8_t), p[14], &wd, BUF(1, int8_t),
+                                         &xd, g, &e));
         expect(r, 3, g, n);
         if (e != p[15]) {
             say(r, c->name, ": exponent differs");
@@ -224,8 +224,8 @@ static void run_conv_update(run_ctx *r) {
     tf_dims xd, yd;
     tf_filter_dims wd;
     conv_dims(p, &xd, &wd, &yd);
-    tf_conv_update_params up = {p[P_SH], p[P_SW], p[P_PH], p[P_PW], p[P_G], p[13], p[14], p[15], -p[16],
-                                p[17], p[18], (uint32_t)p[19], (uint32_t)p[20], (uint32_t)p[21]};
+    tf_conv_update_params up = {p[P_SH], p[P_SW], p[P_PH], p[P_PW], p[P_G],          p[13],           p[14],
+                                p[15],   -p[16],  p[17],   p[18],   (uint32_t)p[19], (uint32_t)p[20], (uint32_t)p[21]};
     tf_qas qas = {BUF(4, int32_t), BUF(5, int32_t), BUF(6, int32_t), BUF(7, int32_t)};
     int8_t *w = take(r, (uint32_t)c->bufs[2].nbytes);
     int32_t *b = take(r, (uint32_t)c->bufs[3].nbytes);
@@ -251,8 +251,8 @@ static void run_atom(run_ctx *r) {
     } else if (c->op == 101) {
         int64_t *out = take(r, (uint32_t)n * 8);
         for (int32_t i = 0; i < n; i++) {
-            out[i] = tf_scaled_update(BUF(0, int64_t)[i], BUF(1, int32_t)[i], BUF(2, int32_t)[i],
-                                      BUF(3, uint32_t)[i], p[1] ? 255 : INT32_MAX);
+            out[i] = tf_scaled_update(BUF(0, int64_t)[i], BUF(1, int32_t)[i], BUF(2, int32_t)[i], BUF(3, uint32_t)[i],
+                                      p[1] ? 255 : INT32_MAX);
         }
         expect(r, 4, out, n * 8);
     } else if (c->op == 102) {
@@ -295,17 +295,39 @@ void tf_selftest_run(uint8_t *work, uint32_t work_size, void (*log)(const char *
         r.used = 0;
         r.ok = 1;
         switch (r.c->op) {
-        case 1: run_conv2d(&r); break;
-        case 2: run_add(&r); break;
-        case 3: run_avgpool(&r); break;
-        case 6: run_clamp(&r); break;
-        case 16: run_softmax_ce(&r); break;
-        case 17: run_apply_mask(&r); break;
-        case 18: run_conv_bwd_input(&r); break;
-        case 20: run_grad_accum(&r); break;
-        case 21: run_avgpool_bwd(&r); break;
-        case 19: run_conv_update(&r); break;
-        default: run_atom(&r); break;
+        case 1:
+            run_conv2d(&r);
+            break;
+        case 2:
+            run_add(&r);
+            break;
+        case 3:
+            run_avgpool(&r);
+            break;
+        case 6:
+            run_clamp(&r);
+            break;
+        case 16:
+            run_softmax_ce(&r);
+            break;
+        case 17:
+            run_apply_mask(&r);
+            break;
+        case 18:
+            run_conv_bwd_input(&r);
+            break;
+        case 20:
+            run_grad_accum(&r);
+            break;
+        case 21:
+            run_avgpool_bwd(&r);
+            break;
+        case 19:
+            run_conv_update(&r);
+            break;
+        default:
+            run_atom(&r);
+            break;
         }
         if (r.ok) {
             res->passed++;

@@ -34,8 +34,8 @@ static void mpu_guard(void) {
     MPU_RNR = 0;
     MPU_RBAR = (uint32_t)&__guard_start;
     MPU_RASR = (1u << 28) | (0u << 24) | (9u << 1) | 1u; /* XN, AP=none, SIZE=2^(9+1), enable */
-    MPU_CTRL = (1u << 2) | 1u;                            /* PRIVDEFENA | ENABLE */
-    SCB_SHCSR |= 1u << 16;                                /* MemManage fault enabled */
+    MPU_CTRL = (1u << 2) | 1u;                           /* PRIVDEFENA | ENABLE */
+    SCB_SHCSR |= 1u << 16;                               /* MemManage fault enabled */
     tf_stm32_dsb_isb();
 }
 

@@ -77,10 +77,10 @@ void tf_usart_irq_handler(void) { rx_drain(); }
 
 void tf_board_init(void) {
     tf_stm32_core_init();
-    RCC_AHB1ENR |= 1u;       /* GPIOA */
-    RCC_APB2ENR |= 1u << 4;  /* USART1 */
-    GPIOA_MODER = (GPIOA_MODER & ~(0xFu << 18)) | (0xAu << 18);   /* PA9, PA10: alternate function */
-    GPIOA_AFRH = (GPIOA_AFRH & ~(0xFFu << 4)) | (0x77u << 4);     /* AF7 = USART1 */
+    RCC_AHB1ENR |= 1u;                                          /* GPIOA */
+    RCC_APB2ENR |= 1u << 4;                                     /* USART1 */
+    GPIOA_MODER = (GPIOA_MODER & ~(0xFu << 18)) | (0xAu << 18); /* PA9, PA10: alternate function */
+    GPIOA_AFRH = (GPIOA_AFRH & ~(0xFFu << 4)) | (0x77u << 4);   /* AF7 = USART1 */
     const int pll = clock_init();
     USART_BRR = ((pll ? PCLK2_HZ : HSI_HZ) + BAUD / 2u) / BAUD; /* oversampling by 16 */
     USART_CR1 = CR1_UE | CR1_TE | CR1_RE | CR1_RXNEIE;

@@ -77,7 +77,7 @@ static int clock_init(void) {
     if (!wait_set(&PWR_CSR1, 1u << 17, 1u << 17)) {
         return 0;
     }
-    FLASH_ACR = (1u << 9) | (1u << 8) | 7u; /* ARTEN PRFTEN, LATENCY 7 */
+    FLASH_ACR = (1u << 9) | (1u << 8) | 7u;                          /* ARTEN PRFTEN, LATENCY 7 */
     RCC_CFGR = (RCC_CFGR & ~0xFCF3u) | (4u << 13) | (5u << 10) | 2u; /* PPRE2 /2, PPRE1 /4, SW = PLL */
     return wait_set(&RCC_CFGR, 0xCu, 0x8u);
 }
@@ -121,10 +121,10 @@ void tf_usart_irq_handler(void) { rx_drain(); }
 void tf_board_init(void) {
     tf_stm32_core_init();
     caches_on();
-    RCC_AHB1ENR |= 3u;      /* GPIOA, GPIOB */
-    RCC_APB2ENR |= 1u << 4; /* USART1 */
+    RCC_AHB1ENR |= 3u;                                      /* GPIOA, GPIOB */
+    RCC_APB2ENR |= 1u << 4;                                 /* USART1 */
     GPIOA_MODER = (GPIOA_MODER & ~(3u << 18)) | (2u << 18); /* PA9 TX: alternate function */
-    GPIOA_AFRH = (GPIOA_AFRH & ~(0xFu << 4)) | (7u << 4);    /* AF7 */
+    GPIOA_AFRH = (GPIOA_AFRH & ~(0xFu << 4)) | (7u << 4);   /* AF7 */
     GPIOB_MODER = (GPIOB_MODER & ~(3u << 14)) | (2u << 14); /* PB7 RX */
     GPIOB_AFRL = (GPIOB_AFRL & ~(0xFu << 28)) | (7u << 28);
     const int pll = clock_init();

@@ -4,20 +4,20 @@
 #include "tf_secagg.h"
 
 #define ROTL(x, n) (((x) << (n)) | ((x) >> (32 - (n))))
-#define QR(a, b, c, d)                                                                                           \
-    do {                                                                                                         \
-        a += b;                                                                                                  \
-        d ^= a;                                                                                                  \
-        d = ROTL(d, 16);                                                                                         \
-        c += d;                                                                                                  \
-        b ^= c;                                                                                                  \
-        b = ROTL(b, 12);                                                                                         \
-        a += b;                                                                                                  \
-        d ^= a;                                                                                                  \
-        d = ROTL(d, 8);                                                                                          \
-        c += d;                                                                                                  \
-        b ^= c;                                                                                                  \
-        b = ROTL(b, 7);                                                                                          \
+#define QR(a, b, c, d)                                                                                                 \
+    do {                                                                                                               \
+        a += b;                                                                                                        \
+        d ^= a;                                                                                                        \
+        d = ROTL(d, 16);                                                                                               \
+        c += d;                                                                                                        \
+        b ^= c;                                                                                                        \
+        b = ROTL(b, 12);                                                                                               \
+        a += b;                                                                                                        \
+        d ^= a;                                                                                                        \
+        d = ROTL(d, 8);                                                                                                \
+        c += d;                                                                                                        \
+        b ^= c;                                                                                                        \
+        b = ROTL(b, 7);                                                                                                \
     } while (0)
 
 static uint32_t le32(const uint8_t *p) {

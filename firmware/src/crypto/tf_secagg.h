@@ -50,7 +50,7 @@ int tf_aead_open(uint8_t *plain, const uint8_t key[32], const uint8_t nonce[12],
 
 /* The Shamir share f(x) of a 32-byte secret (big-endian number) with threshold t: f's coefficients 1..t-1 come
  * from `seed` (device_agent/wire/secagg.py shamir_split(secret, xs, t, seed)). 0 < x < 2^16. */
-void tf_shamir_share(uint8_t out[TF_SHARE_BYTES], const uint8_t secret[32], const uint8_t seed[32],
-                     uint32_t threshold, uint32_t x);
+void tf_shamir_share(uint8_t out[TF_SHARE_BYTES], const uint8_t secret[32], const uint8_t seed[32], uint32_t threshold,
+                     uint32_t x);
 
 #endif /* TF_SECAGG_H */

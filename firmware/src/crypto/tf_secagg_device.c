@@ -82,7 +82,8 @@ void tf_sa_bind(tf_secagg_dev *s, const tf_device *d) {
 static int64_t element(const tf_device *d, const tf_tensor_info *t, uint32_t id, uint32_t e) {
     const uint8_t *nw = d->rt.ptr[id], *old = d->base[id];
     switch (t->dtype) {
-    case TF_DT_INT8: return (int64_t)((const int8_t *)nw)[e] - ((const int8_t *)old)[e];
+    case TF_DT_INT8:
+        return (int64_t)((const int8_t *)nw)[e] - ((const int8_t *)old)[e];
     case TF_DT_INT16: {
         int16_t a, b;
         memcpy(&a, nw + 2 * e, 2), memcpy(&b, old + 2 * e, 2);
@@ -338,8 +339,8 @@ tf_sa_result tf_sa_put_share(tf_secagg_dev *s, uint32_t sender, const uint8_t bo
     uint8_t key[32], nonce[12];
     pair_key(s, s->m[sender].c_pk, key);
     const uint32_t ad_len = pair_ad(s, s->m[sender].id, s->id, nonce, ad);
-    const int bad = tf_aead_open(s->shares + sender * 2 * TF_SHARE_BYTES, key, nonce, ad, ad_len, box,
-                                 2 * TF_SHARE_BYTES);
+    const int bad =
+        tf_aead_open(s->shares + sender * 2 * TF_SHARE_BYTES, key, nonce, ad, ad_len, box, 2 * TF_SHARE_BYTES);
     memset(key, 0, sizeof(key));
     if (bad) {
         return NO(TF_SAR_AUTH);

@@ -61,9 +61,9 @@ typedef struct {
     const void *plan;
     uint8_t *area; /* the pool's tail */
     uint32_t area_size;
-    uint32_t *y;       /* (d + 1) words: the delta when sealed, the masked input after tf_sa_mask */
-    tf_sa_member *m;   /* n members in roster (sorted id) order */
-    uint8_t *shares;   /* n x 132: member i's shares for this board, s_sk share then b share */
+    uint32_t *y;     /* (d + 1) words: the delta when sealed, the masked input after tf_sa_mask */
+    tf_sa_member *m; /* n members in roster (sorted id) order */
+    uint8_t *shares; /* n x 132: member i's shares for this board, s_sk share then b share */
 } tf_secagg_dev;
 
 /* A refusal: TF_ST_* status and the reason (or the capacity for ERR_NO_MEMORY). */

@@ -65,8 +65,8 @@ static void coefficient(uint32_t c[LIMBS], const uint8_t seed[32], uint32_t k) {
     memset(block, 0, sizeof(block));
 }
 
-void tf_shamir_share(uint8_t out[TF_SHARE_BYTES], const uint8_t secret[32], const uint8_t seed[32],
-                     uint32_t threshold, uint32_t x) {
+void tf_shamir_share(uint8_t out[TF_SHARE_BYTES], const uint8_t secret[32], const uint8_t seed[32], uint32_t threshold,
+                     uint32_t x) {
     uint32_t acc[LIMBS] = {0}, c[LIMBS];
     for (uint32_t k = threshold; k-- > 0;) {
         /* acc = acc * x + c_k (c_0 = the secret, big-endian) */

@@ -183,28 +183,28 @@ static void fe_tobytes(uint8_t s[32], const fe f) {
 /* NOTE: not inlined: its temporaries and the ladder's would share one frame above the 1 KB frame limit */
 __attribute__((noinline)) static void fe_invert(fe out, const fe z) {
     fe z2, z9, z11, z5, z10, z20, z50, z100, t;
-    fe_sq(z2, z);          /* z^2 */
-    fe_sq_n(t, z2, 2);     /* z^8 */
-    fe_mul(z9, t, z);      /* z^9 */
-    fe_mul(z11, z9, z2);   /* z^11 */
-    fe_sq(t, z11);         /* z^22 */
-    fe_mul(z5, t, z9);     /* z^31 = z^(2^5 - 1) */
+    fe_sq(z2, z);        /* z^2 */
+    fe_sq_n(t, z2, 2);   /* z^8 */
+    fe_mul(z9, t, z);    /* z^9 */
+    fe_mul(z11, z9, z2); /* z^11 */
+    fe_sq(t, z11);       /* z^22 */
+    fe_mul(z5, t, z9);   /* z^31 = z^(2^5 - 1) */
     fe_sq_n(t, z5, 5);
-    fe_mul(z10, t, z5);    /* z^(2^10 - 1) */
+    fe_mul(z10, t, z5); /* z^(2^10 - 1) */
     fe_sq_n(t, z10, 10);
-    fe_mul(z20, t, z10);   /* z^(2^20 - 1) */
+    fe_mul(z20, t, z10); /* z^(2^20 - 1) */
     fe_sq_n(t, z20, 20);
-    fe_mul(t, t, z20);     /* z^(2^40 - 1) */
+    fe_mul(t, t, z20); /* z^(2^40 - 1) */
     fe_sq_n(t, t, 10);
-    fe_mul(z50, t, z10);   /* z^(2^50 - 1) */
+    fe_mul(z50, t, z10); /* z^(2^50 - 1) */
     fe_sq_n(t, z50, 50);
-    fe_mul(z100, t, z50);  /* z^(2^100 - 1) */
+    fe_mul(z100, t, z50); /* z^(2^100 - 1) */
     fe_sq_n(t, z100, 100);
-    fe_mul(t, t, z100);    /* z^(2^200 - 1) */
+    fe_mul(t, t, z100); /* z^(2^200 - 1) */
     fe_sq_n(t, t, 50);
-    fe_mul(t, t, z50);     /* z^(2^250 - 1) */
-    fe_sq_n(t, t, 5);      /* z^(2^255 - 32) */
-    fe_mul(out, t, z11);   /* z^(2^255 - 21) */
+    fe_mul(t, t, z50);   /* z^(2^250 - 1) */
+    fe_sq_n(t, t, 5);    /* z^(2^255 - 32) */
+    fe_mul(out, t, z11); /* z^(2^255 - 21) */
 }
 
 void tf_x25519(uint8_t out[32], const uint8_t scalar[32], const uint8_t u[32]) {

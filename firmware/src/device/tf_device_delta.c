@@ -4,8 +4,8 @@
 
 #include "tf_device_int.h"
 
-tf_dev_result tf_device_delta(tf_device *d, uint32_t offset, uint32_t max_len, uint32_t topk_permille,
-                              uint8_t *out, uint32_t *n, uint32_t *total) {
+tf_dev_result tf_device_delta(tf_device *d, uint32_t offset, uint32_t max_len, uint32_t topk_permille, uint8_t *out,
+                              uint32_t *n, uint32_t *total) {
     *n = 0;
     const tf_delta_src src = {&d->rt.plan, (const uint8_t *const *)d->rt.ptr, d->base};
     if (!d->has_plan || d->base_lost) {

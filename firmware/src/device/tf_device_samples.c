@@ -5,8 +5,8 @@
 
 #include "tf_device_int.h"
 
-tf_dev_result tf_device_push_sample(tf_device *d, uint32_t offset, uint32_t total, int32_t label,
-                                    const uint8_t *chunk, uint32_t n, uint32_t *received) {
+tf_dev_result tf_device_push_sample(tf_device *d, uint32_t offset, uint32_t total, int32_t label, const uint8_t *chunk,
+                                    uint32_t n, uint32_t *received) {
     if (!d->has_plan || d->sample_cap == 0) {
         return tf_res(d->has_plan ? TF_ST_ERR_NO_MEMORY : TF_ST_ERR_STATE, 0);
     }

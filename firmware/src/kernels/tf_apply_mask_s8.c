@@ -4,12 +4,10 @@
 
 #if TF_USE_DSP
 /* Byte j of am_nibble[b] is 0xFF when bit j of b is set: the AND mask of 4 gradients for 4 mask bits. */
-static const uint32_t am_nibble[16] = {
-    0x00000000u, 0x000000FFu, 0x0000FF00u, 0x0000FFFFu, 0x00FF0000u, 0x00FF00FFu, 0x00FFFF00u, 0x00FFFFFFu,
-    0xFF000000u, 0xFF0000FFu, 0xFF00FF00u, 0xFF00FFFFu, 0xFFFF0000u, 0xFFFF00FFu, 0xFFFFFF00u, 0xFFFFFFFFu};
-static inline void am_store_u32(int8_t *p, uint32_t v) {
-    __builtin_memcpy(p, &v, 4); /* one unaligned str on M4/M7 */
-}
+static const uint32_t am_nibble[16] = {0x00000000u, 0x000000FFu, 0x0000FF00u, 0x0000FFFFu, 0x00FF0000u, 0x00FF00FFu,
+                                       0x00FFFF00u, 0x00FFFFFFu, 0xFF000000u, 0xFF0000FFu, 0xFF00FF00u, 0xFF00FFFFu,
+                                       0xFFFF0000u, 0xFFFF00FFu, 0xFFFFFF00u, 0xFFFFFFFFu};
+static inline void am_store_u32(int8_t *p, uint32_t v) { __builtin_memcpy(p, &v, 4); /* one unaligned str on M4/M7 */ }
 #endif
 
 tf_status tf_apply_mask_s8(int32_t n, const uint8_t *mask, int8_t *g) {

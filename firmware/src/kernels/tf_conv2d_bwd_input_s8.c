@@ -6,7 +6,7 @@
 #include "tf_kernels.h"
 #include "tf_qmath.h"
 
-#define TF_BWD_CHUNK 384 /* g' values of one pixel (int16, on the stack) per chunk; int32 sums stay exact */
+#define TF_BWD_CHUNK 384         /* g' values of one pixel (int16, on the stack) per chunk; int32 sums stay exact */
 #define TF_PW_GEMM_MAX_COUT 1022 /* |g'| <= 2^14, |w| <= 128: int32 sums of <= 1022 terms cannot overflow */
 
 /* Bytes after the int32 sums that the 1x1 GEMM path packs its operands into: g' as (ceil(P/2), NCP, 2) words
@@ -33,8 +33,8 @@ int32_t tf_conv2d_bwd_input_get_buffer_size(const tf_dims *gy_dims, const tf_dim
 static inline uint32_t pair16(int32_t lo, int32_t hi) { return ((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16); }
 
 /* acc[ci, ih, iw] = sum_{co in group, kh, kw: ih = oh*s - pad + kh} g'[co, oh, ow] * w[co, ci_local, kh, kw] */
-static int64_t bwd_elem(const tf_conv_bwd_params *p, const tf_dims *gy, const int16_t *gq,
-                        const tf_filter_dims *wd, const int8_t *w, int32_t ci, int32_t ih, int32_t iw) {
+static int64_t bwd_elem(const tf_conv_bwd_params *p, const tf_dims *gy, const int16_t *gq, const tf_filter_dims *wd,
+                        const int8_t *w, int32_t ci, int32_t ih, int32_t iw) {
     const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, g = ci / cin_g, ci_l = ci % cin_g;
     const int32_t oplane = gy->h * gy->w;
     int64_t acc = 0;
@@ -147,7 +147,7 @@ __attribute__((noinline)) static void dot4_cols(const int16_t *g, const int8_t *
 enum { TF_PASS_MAX, TF_PASS_WRITE, TF_PASS_KEEP };
 
 static inline __attribute__((always_inline)) void visit(int64_t acc, int32_t i, int mode, int32_t sh, int8_t *g_x,
-                                                       int32_t *acc32, uint64_t *mx) {
+                                                        int32_t *acc32, uint64_t *mx) {
     if (mode == TF_PASS_WRITE) {
         g_x[i] = (int8_t)tf_rshift_round_even(acc, sh);
         return;
@@ -162,8 +162,8 @@ static inline __attribute__((always_inline)) void visit(int64_t acc, int32_t i, 
 /* One pass of the 1x1 stride-1 case: acc[ci, p] = sum_co g'[co, p] w[co, ci_l] (see visit() for mode).
  * g' of one pixel is built on the stack per chunk of output channels. */
 static uint64_t bwd_pointwise(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
-                              const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, int8_t *g_x,
-                              int32_t *acc32, int32_t sh, int mode) {
+                              const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, int8_t *g_x, int32_t *acc32,
+                              int32_t sh, int mode) {
     int16_t gq[TF_BWD_CHUNK + 2];
     const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, plane = gy->h * gy->w;
     uint64_t mx = 0;
@@ -212,7 +212,7 @@ static int dw_plane_fits(const tf_dims *gx, const tf_filter_dims *wd) {
  * the plane rows, weights packed per kernel row r as (w[r][2], w[r][1]) and (w[r][1], w[r][0]). Returns
  * max(mx, a ^ (a >> 31)) over the sums, as tile4x2. */
 static __attribute__((noinline)) uint32_t dw3_keep(const int16_t *u, int32_t pw, int32_t ih_n, int32_t iw_n,
-                                                  const int8_t *wc, int32_t *d, uint32_t mx) {
+                                                   const int8_t *wc, int32_t *d, uint32_t mx) {
     const uint32_t k0 = pair16(wc[2], wc[1]), l0 = pair16(wc[1], wc[0]);
     const uint32_t k1 = pair16(wc[5], wc[4]), l1 = pair16(wc[4], wc[3]);
     const uint32_t k2 = pair16(wc[8], wc[7]), l2 = pair16(wc[7], wc[6]);
@@ -224,42 +224,42 @@ static __attribute__((noinline)) uint32_t dw3_keep(const int16_t *u, int32_t pw,
             int32_t o0, o1;
             uint32_t t;
             /* NOTE: 30 instructions per two outputs (C spilled the weights: 47); rows advance by post-increment */
-            __asm__("1:\n\t"
-                    "ldr %[t], [%[b0], #-4]\n\t"
-                    "smuad %[o0], %[t], %[k0]\n\t"
-                    "smultb %[o1], %[t], %[k0]\n\t"
-                    "ldr %[t], [%[b0]], #4\n\t"
-                    "smlabt %[o0], %[t], %[l0], %[o0]\n\t"
-                    "smlad %[o1], %[t], %[l0], %[o1]\n\t"
-                    "ldr %[t], [%[b1], #-4]\n\t"
-                    "smlad %[o0], %[t], %[k1], %[o0]\n\t"
-                    "smlatb %[o1], %[t], %[k1], %[o1]\n\t"
-                    "ldr %[t], [%[b1]], #4\n\t"
-                    "smlabt %[o0], %[t], %[l1], %[o0]\n\t"
-                    "smlad %[o1], %[t], %[l1], %[o1]\n\t"
-                    "ldr %[t], [%[b2], #-4]\n\t"
-                    "smlad %[o0], %[t], %[k2], %[o0]\n\t"
-                    "smlatb %[o1], %[t], %[k2], %[o1]\n\t"
-                    "ldr %[t], [%[b2]], #4\n\t"
-                    "smlabt %[o0], %[t], %[l2], %[o0]\n\t"
-                    "smlad %[o1], %[t], %[l2], %[o1]\n\t"
-                    "strd %[o0], %[o1], [%[d]], #8\n\t"
-                    "eor %[o0], %[o0], %[o0], asr #31\n\t"
-                    "cmp %[o0], %[mx]\n\t"
-                    "it hi\n\t"
-                    "movhi %[mx], %[o0]\n\t"
-                    "eor %[o1], %[o1], %[o1], asr #31\n\t"
-                    "cmp %[o1], %[mx]\n\t"
-                    "it hi\n\t"
-                    "movhi %[mx], %[o1]\n\t"
-                    "ldr %[t], %[bend]\n\t"
-                    "cmp %[b0], %[t]\n\t"
-                    "bne 1b"
-                    : [b0] "+r"(b), [b1] "+r"(b1), [b2] "+r"(b2), [d] "+r"(d), [mx] "+r"(mx), [o0] "=&r"(o0),
-                      [o1] "=&r"(o1), [t] "=&r"(t)
-                    : [k0] "r"(k0), [l0] "r"(l0), [k1] "r"(k1), [l1] "r"(l1), [k2] "r"(k2), [l2] "r"(l2),
-                      [bend] "m"(bend)
-                    : "cc", "memory");
+            __asm__(
+                "1:\n\t"
+                "ldr %[t], [%[b0], #-4]\n\t"
+                "smuad %[o0], %[t], %[k0]\n\t"
+                "smultb %[o1], %[t], %[k0]\n\t"
+                "ldr %[t], [%[b0]], #4\n\t"
+                "smlabt %[o0], %[t], %[l0], %[o0]\n\t"
+                "smlad %[o1], %[t], %[l0], %[o1]\n\t"
+                "ldr %[t], [%[b1], #-4]\n\t"
+                "smlad %[o0], %[t], %[k1], %[o0]\n\t"
+                "smlatb %[o1], %[t], %[k1], %[o1]\n\t"
+                "ldr %[t], [%[b1]], #4\n\t"
+                "smlabt %[o0], %[t], %[l1], %[o0]\n\t"
+                "smlad %[o1], %[t], %[l1], %[o1]\n\t"
+                "ldr %[t], [%[b2], #-4]\n\t"
+                "smlad %[o0], %[t], %[k2], %[o0]\n\t"
+                "smlatb %[o1], %[t], %[k2], %[o1]\n\t"
+                "ldr %[t], [%[b2]], #4\n\t"
+                "smlabt %[o0], %[t], %[l2], %[o0]\n\t"
+                "smlad %[o1], %[t], %[l2], %[o1]\n\t"
+                "strd %[o0], %[o1], [%[d]], #8\n\t"
+                "eor %[o0], %[o0], %[o0], asr #31\n\t"
+                "cmp %[o0], %[mx]\n\t"
+                "it hi\n\t"
+                "movhi %[mx], %[o0]\n\t"
+                "eor %[o1], %[o1], %[o1], asr #31\n\t"
+                "cmp %[o1], %[mx]\n\t"
+                "it hi\n\t"
+                "movhi %[mx], %[o1]\n\t"
+                "ldr %[t], %[bend]\n\t"
+                "cmp %[b0], %[t]\n\t"
+                "bne 1b"
+                : [b0] "+r"(b), [b1] "+r"(b1), [b2] "+r"(b2), [d] "+r"(d), [mx] "+r"(mx), [o0] "=&r"(o0),
+                  [o1] "=&r"(o1), [t] "=&r"(t)
+                : [k0] "r"(k0), [l0] "r"(l0), [k1] "r"(k1), [l1] "r"(l1), [k2] "r"(k2), [l2] "r"(l2), [bend] "m"(bend)
+                : "cc", "memory");
         }
         if (iw2 < iw_n) {
             const int16_t *b1 = b - pw, *b2 = b1 - pw;
@@ -277,7 +277,7 @@ static __attribute__((noinline)) uint32_t dw3_keep(const int16_t *u, int32_t pw,
  * int16 pairs, U[r][iw + m] with w[kh][KW-1-m] (m < KW, padded to even with a zero weight). As dw3_keep. */
 #define TF_DWK_MAX 8
 static inline __attribute__((always_inline)) int32_t dwk_row(const int16_t *r, const uint32_t *wk, int32_t np,
-                                                            int32_t acc) {
+                                                             int32_t acc) {
     uint32_t v0, v1, v2, v3;
     if (np == 4) {
         __builtin_memcpy(&v0, r, 4);
@@ -305,8 +305,8 @@ static inline __attribute__((always_inline)) int32_t dwk_row(const int16_t *r, c
 }
 
 static __attribute__((noinline)) uint32_t dwk_keep(const int16_t *u, int32_t pw, int32_t kh_n, int32_t kw_n,
-                                                  int32_t ih_n, int32_t iw_n, const int8_t *wc, int32_t *d,
-                                                  uint32_t mx) {
+                                                   int32_t ih_n, int32_t iw_n, const int8_t *wc, int32_t *d,
+                                                   uint32_t mx) {
     uint32_t wk[TF_DWK_MAX * TF_DWK_MAX / 2];
     const int32_t np = (kw_n + 1) / 2;
     for (int32_t kh = 0; kh < kh_n; kh++) {
@@ -390,8 +390,8 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
                 int32_t acc = 0; /* at most K*K terms of 2^14 * 127 */
                 if (k33) {
                     const int16_t *b1 = b0 - pw, *b2 = b1 - pw;
-                    acc = b0[0] * w0 + b0[-1] * w1 + b0[-2] * w2 + b1[0] * w3 + b1[-1] * w4 + b1[-2] * w5 +
-                          b2[0] * w6 + b2[-1] * w7 + b2[-2] * w8;
+                    acc = b0[0] * w0 + b0[-1] * w1 + b0[-2] * w2 + b1[0] * w3 + b1[-1] * w4 + b1[-2] * w5 + b2[0] * w6 +
+                          b2[-1] * w7 + b2[-2] * w8;
                 } else {
                     for (int32_t kh = 0; kh < kh_n; kh++) {
                         for (int32_t kw = 0; kw < kw_n; kw++) {
@@ -417,22 +417,22 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
 #if TF_USE_DSP
 /* The co-pair loop of mac4x2 (operands as there), four pairs per turn: 47 instructions per 64 MACs. The loop end
  * is read from the stack so that the w words come in pairs (ldrd) with 14 registers. */
-#define TF_MAC4X2_STEP                                                                                              \
-    "ldrd %[g0], %[g1], [%[gp]], #8\n\t"                                                                            \
-    "ldrd %[t0], %[t1], [%[wp]], #8\n\t"                                                                            \
-    "smlad %[a0], %[t0], %[g0], %[a0]\n\t"                                                                          \
-    "smlad %[a1], %[t0], %[g1], %[a1]\n\t"                                                                          \
-    "smlad %[a2], %[t1], %[g0], %[a2]\n\t"                                                                          \
-    "smlad %[a3], %[t1], %[g1], %[a3]\n\t"                                                                          \
-    "ldrd %[t0], %[t1], [%[wp]], #8\n\t"                                                                            \
-    "smlad %[a4], %[t0], %[g0], %[a4]\n\t"                                                                          \
-    "smlad %[a5], %[t0], %[g1], %[a5]\n\t"                                                                          \
-    "smlad %[a6], %[t1], %[g0], %[a6]\n\t"                                                                          \
+#define TF_MAC4X2_STEP                                                                                                 \
+    "ldrd %[g0], %[g1], [%[gp]], #8\n\t"                                                                               \
+    "ldrd %[t0], %[t1], [%[wp]], #8\n\t"                                                                               \
+    "smlad %[a0], %[t0], %[g0], %[a0]\n\t"                                                                             \
+    "smlad %[a1], %[t0], %[g1], %[a1]\n\t"                                                                             \
+    "smlad %[a2], %[t1], %[g0], %[a2]\n\t"                                                                             \
+    "smlad %[a3], %[t1], %[g1], %[a3]\n\t"                                                                             \
+    "ldrd %[t0], %[t1], [%[wp]], #8\n\t"                                                                               \
+    "smlad %[a4], %[t0], %[g0], %[a4]\n\t"                                                                             \
+    "smlad %[a5], %[t0], %[g1], %[a5]\n\t"                                                                             \
+    "smlad %[a6], %[t1], %[g0], %[a6]\n\t"                                                                             \
     "smlad %[a7], %[t1], %[g1], %[a7]\n\t"
-#define TF_MAC4X2_LOOP                                                                                              \
-    "1:\n\t" TF_MAC4X2_STEP TF_MAC4X2_STEP TF_MAC4X2_STEP TF_MAC4X2_STEP                                              \
+#define TF_MAC4X2_LOOP                                                                                                 \
+    "1:\n\t" TF_MAC4X2_STEP TF_MAC4X2_STEP TF_MAC4X2_STEP TF_MAC4X2_STEP                                               \
     "ldr %[t0], %[gend]\n\tcmp %[gp], %[t0]\n\tbne 1b"
-#define TF_MAC4X2_OPERANDS                                                                                          \
+#define TF_MAC4X2_OPERANDS                                                                                             \
     : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5), [a6] "+r"(a6),       \
       [a7] "+r"(a7), [wp] "+r"(wp), [gp] "+r"(gp), [t0] "=&r"(t0), [t1] "=&r"(t1), [g0] "=&r"(g0), [g1] "=&r"(g1)     \
     : [gend] "m"(gend)                                                                                               \
@@ -443,7 +443,7 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
 /* mac4x2 for 4 channels x 2 pixels that all exist: stores the sums at d[j * plane + s] (d 4-byte aligned) and
  * returns max(mx, max_j t_j), t = a ^ (a >> 31) (|a|, or |a| - 1 for a < 0: see bwd_pointwise_gemm). */
 static inline __attribute__((always_inline)) uint32_t tile4x2(const uint32_t *wp, const uint32_t *gp, int32_t ncp,
-                                                             int32_t *d, int32_t plane, uint32_t mx) {
+                                                              int32_t *d, int32_t plane, uint32_t mx) {
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
     const uint32_t *gend = gp + 2 * ncp;
     uint32_t t0, t1, g0, g1;
@@ -458,10 +458,10 @@ static inline __attribute__((always_inline)) uint32_t tile4x2(const uint32_t *wp
             "strd %[a6], %[a7], [%[d]]\n\t"
 #define TF_TMAX(r) "eor " r ", " r ", " r ", asr #31\n\tcmp " r ", %[mx]\n\tit hi\n\tmovhi %[mx], " r "\n\t"
             TF_TMAX("%[a0]") TF_TMAX("%[a1]") TF_TMAX("%[a2]") TF_TMAX("%[a3]") TF_TMAX("%[a4]") TF_TMAX("%[a5]")
-            TF_TMAX("%[a6]") TF_TMAX("%[a7]")
+                TF_TMAX("%[a6]") TF_TMAX("%[a7]")
 #undef TF_TMAX
-            : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5),
-              [a6] "+r"(a6), [a7] "+r"(a7), [d] "+r"(d), [mx] "+r"(mx)
+            : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [a4] "+r"(a4), [a5] "+r"(a5), [a6] "+r"(a6),
+              [a7] "+r"(a7), [d] "+r"(d), [mx] "+r"(mx)
             : [st] "r"(plane * 4)
             : "cc", "memory");
     return mx;
@@ -471,7 +471,7 @@ static inline __attribute__((always_inline)) uint32_t tile4x2(const uint32_t *wp
 /* a[2j + s] = sum_k wp[4k + j] . gp[2k + s] (dot of int16 pairs), k < ncp, ncp a multiple of 4; wp (ncp, 4),
  * gp (ncp, 2) words. */
 static inline __attribute__((always_inline)) void mac4x2(const uint32_t *wp, const uint32_t *gp, int32_t ncp,
-                                                        int32_t *a) {
+                                                         int32_t *a) {
 #if TF_USE_DSP
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
     const uint32_t *gend = gp + 2 * ncp;
@@ -506,8 +506,8 @@ static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *w
                                    const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, int32_t *acc32) {
     const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, plane = gy->h * gy->w;
     const int32_t ncp = (cout_g + 7) / 8 * 4, npp = (plane + 1) / 2; /* as pw_gemm_bytes */
-    uint32_t *gq = (uint32_t *)(acc32 + cin_g * p->groups * plane); /* (npp, ncp, 2) */
-    uint32_t *wpk = gq + npp * ncp * 2;                             /* (ncp, 4) */
+    uint32_t *gq = (uint32_t *)(acc32 + cin_g * p->groups * plane);  /* (npp, ncp, 2) */
+    uint32_t *wpk = gq + npp * ncp * 2;                              /* (ncp, 4) */
     uint32_t mx = 0;
     for (int32_t g = 0; g < p->groups; g++) {
         const int32_t cg = g * cout_g;
@@ -618,8 +618,7 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
         /* NOTE: with int32 scratch for g_x one pass keeps every acc; without, two passes (max, then write).
          * Same numbers either way. */
         const int32_t n = gx_dims->c * gx_dims->h * gx_dims->w;
-        int32_t *acc32 = ctx->buf && ctx->size >= 4 * n && ((uintptr_t)ctx->buf & 3) == 0 ? (int32_t *)ctx->buf
-                                                                                            : NULL;
+        int32_t *acc32 = ctx->buf && ctx->size >= 4 * n && ((uintptr_t)ctx->buf & 3) == 0 ? (int32_t *)ctx->buf : NULL;
         const int32_t cout_g = w_dims->n / p->groups;
         const int gemm = pw && acc32 && cout_g <= TF_PW_GEMM_MAX_COUT &&
                          ctx->size >= 4 * n + pw_gemm_bytes(cout_g, gy_dims->h * gy_dims->w);
@@ -664,9 +663,9 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
             gq[co * oplane + i] = (int16_t)tf_rshift_round_even((int64_t)g_y[co * oplane + i] * wscale_q[co], 8);
         }
     }
-#define BWD_ELEM(i)                                                                                                 \
-    (direct ? bwd_elem_direct(p, gy_dims, g_y, wscale_q, w_dims, w, (i) / iplane, ((i) % iplane) / gx_dims->w,      \
-                              (i) % gx_dims->w)                                                                     \
+#define BWD_ELEM(i)                                                                                                    \
+    (direct ? bwd_elem_direct(p, gy_dims, g_y, wscale_q, w_dims, w, (i) / iplane, ((i) % iplane) / gx_dims->w,         \
+                              (i) % gx_dims->w)                                                                        \
             : bwd_elem(p, gy_dims, gq, w_dims, w, (i) / iplane, ((i) % iplane) / gx_dims->w, (i) % gx_dims->w))
     const int32_t iplane = gx_dims->h * gx_dims->w, n = gx_dims->c * iplane;
     uint64_t mx = 0;

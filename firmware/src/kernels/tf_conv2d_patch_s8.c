@@ -4,9 +4,9 @@
 #include "tf_conv_rq.h"
 #include "tf_dsp.h"
 
-#define TF_PATCH_CIN 4 /* most input channels */
+#define TF_PATCH_CIN 4                           /* most input channels */
 #define TF_PATCH_NP ((9 * TF_PATCH_CIN + 1) / 2) /* int16 pairs of a TF_PATCH_CIN x 3 x 3 window */
-#define TF_PATCH_CO 8  /* output channels per pass over x (packed weights on the stack: 8 x 18 words) */
+#define TF_PATCH_CO 8 /* output channels per pass over x (packed weights on the stack: 8 x 18 words) */
 
 /* Slot of tap (ci, kh, kw) among a window's int16 values, in the order sxtb16 delivers them: per channel
  * (x0, x2) of rows 0, 1, 2 and (x1 of row 0, x1 of row 1); then x1 of row 2 of every channel; a zero pads the
@@ -76,8 +76,8 @@ static TF_AI void patch_fast(uint32_t *pp, const int8_t *xw, int32_t cin, int32_
  * with every channel's packed weights (wt: (nco / 2, np, 2) int16 pairs, channel pairs interleaved; rq[c].bias
  * holds bias + the zx term). cin is a constant where it pays (the first conv's 3). */
 static TF_AI void patch_pass(const tf_conv_params *p, const int8_t *xg, int32_t cin, int32_t ih_n, int32_t iw_n,
-                             int32_t oh_n, int32_t ow_n, const uint32_t *wt, const rqf_t *rq, int32_t nco,
-                             int32_t nout, int8_t *yc) {
+                             int32_t oh_n, int32_t ow_n, const uint32_t *wt, const rqf_t *rq, int32_t nco, int32_t nout,
+                             int8_t *yc) {
     uint32_t pp[TF_PATCH_NP][2] __attribute__((aligned(8))); /* (np, 2): pair j of windows a and b */
     const int32_t np = (9 * cin + 1) / 2, oplane = oh_n * ow_n, off = p->input_offset;
     const int32_t sh = p->stride_h, sw = p->stride_w;
@@ -147,23 +147,22 @@ static TF_AI void patch_pass(const tf_conv_params *p, const int8_t *xg, int32_t 
 }
 
 /* NOTE: out of line, so their stack frames are not added to tf_conv_patch3's (1 KB frame limit) */
-static __attribute__((noinline)) void patch_pass3(const tf_conv_params *p, const int8_t *xg, int32_t ih_n,
-                                                  int32_t iw_n, int32_t oh_n, int32_t ow_n, const uint32_t *wt,
-                                                  const rqf_t *rq, int32_t nco, int32_t nout, int8_t *yc) {
+static __attribute__((noinline)) void patch_pass3(const tf_conv_params *p, const int8_t *xg, int32_t ih_n, int32_t iw_n,
+                                                  int32_t oh_n, int32_t ow_n, const uint32_t *wt, const rqf_t *rq,
+                                                  int32_t nco, int32_t nout, int8_t *yc) {
     patch_pass(p, xg, 3, ih_n, iw_n, oh_n, ow_n, wt, rq, nco, nout, yc);
 }
-static __attribute__((noinline)) void patch_passn(const tf_conv_params *p, const int8_t *xg, int32_t cin,
-                                                  int32_t ih_n, int32_t iw_n, int32_t oh_n, int32_t ow_n,
-                                                  const uint32_t *wt, const rqf_t *rq, int32_t nco, int32_t nout,
-                                                  int8_t *yc) {
+static __attribute__((noinline)) void patch_passn(const tf_conv_params *p, const int8_t *xg, int32_t cin, int32_t ih_n,
+                                                  int32_t iw_n, int32_t oh_n, int32_t ow_n, const uint32_t *wt,
+                                                  const rqf_t *rq, int32_t nco, int32_t nout, int8_t *yc) {
     patch_pass(p, xg, cin, ih_n, iw_n, oh_n, ow_n, wt, rq, nco, nout, yc);
 }
 
 /* CONV2D 3x3, groups 1, cin <= TF_PATCH_CIN, no mask, every channel in rqf range: the whole conv (returns 1),
  * else 0 and the caller takes the per-channel path. Shapes as tf_conv2d_s8 (checked by it). */
 int tf_conv_patch3(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims, const int8_t *x,
-                   const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims,
-                   int8_t *y, const uint8_t *mask) {
+                   const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims, int8_t *y,
+                   const uint8_t *mask) {
     const int32_t cin = w_dims->c, cout = w_dims->n;
     if (mask || p->groups != 1 || w_dims->h != 3 || w_dims->w != 3 || cin > TF_PATCH_CIN || cout < 2) {
         return 0;

@@ -9,8 +9,8 @@
 /* |x - zx| <= 255 and |w| <= 127: int32 sums of this many terms are exact. */
 #define TF_CONV_MAX_TERMS 32768
 
-tf_status tf_conv_check(const tf_dims *x, const tf_filter_dims *w, const tf_dims *y, int32_t groups,
-                        int32_t stride_h, int32_t stride_w, int32_t pad_h, int32_t pad_w) {
+tf_status tf_conv_check(const tf_dims *x, const tf_filter_dims *w, const tf_dims *y, int32_t groups, int32_t stride_h,
+                        int32_t stride_w, int32_t pad_h, int32_t pad_w) {
     if (groups < 1 || stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) {
         return TF_ERR_ARG;
     }
@@ -26,9 +26,9 @@ tf_status tf_conv_check(const tf_dims *x, const tf_filter_dims *w, const tf_dims
 
 /* 1x1 stride 1: y[co, p] for all p of the plane; x (C_in/groups, plane) of this group, w (C_in/groups,). */
 static inline __attribute__((always_inline)) int pointwise_impl(const rq_t *rp, const int8_t *x, const int8_t *w,
-                                                                 int32_t cin, int32_t plane, int32_t woff,
-                                                                 int8_t *y, uint8_t *mask, uint32_t *bitsp,
-                                                                 int32_t out_i, int fast, int has_mask) {
+                                                                int32_t cin, int32_t plane, int32_t woff, int8_t *y,
+                                                                uint8_t *mask, uint32_t *bitsp, int32_t out_i, int fast,
+                                                                int has_mask) {
     /* NOTE: local copies: int8 stores to y may alias anything reached through a pointer */
     const rq_t rl = *rp, *r = &rl;
     uint32_t bv = *bitsp, *bits = &bv;
@@ -75,8 +75,8 @@ static inline __attribute__((always_inline)) int pointwise_impl(const rq_t *rp, 
 }
 
 __attribute__((noinline)) static void pointwise(const rq_t *rp, const int8_t *x, const int8_t *w, int32_t cin,
-                                                int32_t plane, int32_t woff, int8_t *y, uint8_t *mask,
-                                                uint32_t *bitsp, int32_t out_i) {
+                                                int32_t plane, int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp,
+                                                int32_t out_i) {
     (void)TF_DISPATCH(pointwise_impl, rp, mask, rp, x, w, cin, plane, woff, y, mask, bitsp, out_i);
 }
 
@@ -84,9 +84,9 @@ __attribute__((noinline)) static void pointwise(const rq_t *rp, const int8_t *x,
  * j < 2. Their outputs are oplane apart; each channel collects its own mask bits, so callers use it only where
  * every channel starts on a mask byte (plane % 8 == 0) or without a mask. */
 static inline __attribute__((always_inline)) int pointwise2_impl(const rq_t *rp, const int8_t *x, const int8_t *w,
-                                                                  int32_t cin, int32_t plane, int32_t woff0,
-                                                                  int32_t woff1, int8_t *y, uint8_t *mask,
-                                                                  int32_t out_i, int fast, int has_mask) {
+                                                                 int32_t cin, int32_t plane, int32_t woff0,
+                                                                 int32_t woff1, int8_t *y, uint8_t *mask, int32_t out_i,
+                                                                 int fast, int has_mask) {
     const rq_t r0l = rp[0], r1l = rp[1]; /* NOTE: local copies, as in pointwise() */
     uint32_t b0 = 0, b1 = 0;
     const int8_t *w1 = w + cin;
@@ -148,8 +148,8 @@ static inline __attribute__((always_inline)) int pointwise2_impl(const rq_t *rp,
 
 /* rp[0], rp[1] must both take the fast requantization or both not (TF_DISPATCH looks at rp[0]). */
 __attribute__((noinline)) static void pointwise2(const rq_t *rp, const int8_t *x, const int8_t *w, int32_t cin,
-                                                 int32_t plane, int32_t woff0, int32_t woff1, int8_t *y,
-                                                 uint8_t *mask, int32_t out_i) {
+                                                 int32_t plane, int32_t woff0, int32_t woff1, int8_t *y, uint8_t *mask,
+                                                 int32_t out_i) {
     (void)TF_DISPATCH(pointwise2_impl, rp, mask, rp, x, w, cin, plane, woff0, woff1, y, mask, out_i);
 }
 
@@ -192,7 +192,7 @@ static inline uint32_t pw_ld16(const int8_t *p) {
 }
 
 #define TF_PW4_CHUNK 96 /* C_in per packed weight chunk: 4 channels x C_in / 2 words = 768 bytes of stack */
-#define TF_PW4_PX 16     /* pixels per block when C_in spans several chunks: 4 x 16 int32 partial sums */
+#define TF_PW4_PX 16    /* pixels per block when C_in spans several chunks: 4 x 16 int32 partial sums */
 
 /* wq[(ci / 2) * 4 + j] = (w[j, ci], w[j, ci + 1]) as two int16, ci < n (even), for four channels of weights
  * w[j, ci] at w + j * stride + ci; sums[j] = sum_ci w[j, ci] unless sums is NULL. */
@@ -253,31 +253,30 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
      * the loop end lives on the stack. Four input channels per turn: needs wend > wq, C_in % 4 == 0. */
     uint32_t tt, xx, ww;
     /* two input channels: x pair unpack (6) + 4 weight pairs x 2 pixels (12) */
-#define PW4_STEP                                                                                                    \
-    "ldrh %[t], [%[xp]]\n\t"                                                                                        \
-    "ldrh %[x0], [%[xp], %[pl]]\n\t"                                                                                \
-    "add %[xp], %[xp], %[pl], lsl #1\n\t"                                                                           \
-    "orr %[t], %[t], %[x0], lsl #16\n\t"                                                                            \
-    "sxtb16 %[x0], %[t]\n\t"                                                                                        \
-    "sxtb16 %[t], %[t], ror #8\n\t"                                                                                 \
-    "ldr %[w], [%[wq]], #4\n\t"                                                                                     \
-    "smlad %[a0], %[x0], %[w], %[a0]\n\t"                                                                           \
-    "smlad %[b0], %[t], %[w], %[b0]\n\t"                                                                            \
-    "ldr %[w], [%[wq]], #4\n\t"                                                                                     \
-    "smlad %[a1], %[x0], %[w], %[a1]\n\t"                                                                           \
-    "smlad %[b1], %[t], %[w], %[b1]\n\t"                                                                            \
-    "ldr %[w], [%[wq]], #4\n\t"                                                                                     \
-    "smlad %[a2], %[x0], %[w], %[a2]\n\t"                                                                           \
-    "smlad %[b2], %[t], %[w], %[b2]\n\t"                                                                            \
-    "ldr %[w], [%[wq]], #4\n\t"                                                                                     \
-    "smlad %[a3], %[x0], %[w], %[a3]\n\t"                                                                           \
+#define PW4_STEP                                                                                                       \
+    "ldrh %[t], [%[xp]]\n\t"                                                                                           \
+    "ldrh %[x0], [%[xp], %[pl]]\n\t"                                                                                   \
+    "add %[xp], %[xp], %[pl], lsl #1\n\t"                                                                              \
+    "orr %[t], %[t], %[x0], lsl #16\n\t"                                                                               \
+    "sxtb16 %[x0], %[t]\n\t"                                                                                           \
+    "sxtb16 %[t], %[t], ror #8\n\t"                                                                                    \
+    "ldr %[w], [%[wq]], #4\n\t"                                                                                        \
+    "smlad %[a0], %[x0], %[w], %[a0]\n\t"                                                                              \
+    "smlad %[b0], %[t], %[w], %[b0]\n\t"                                                                               \
+    "ldr %[w], [%[wq]], #4\n\t"                                                                                        \
+    "smlad %[a1], %[x0], %[w], %[a1]\n\t"                                                                              \
+    "smlad %[b1], %[t], %[w], %[b1]\n\t"                                                                               \
+    "ldr %[w], [%[wq]], #4\n\t"                                                                                        \
+    "smlad %[a2], %[x0], %[w], %[a2]\n\t"                                                                              \
+    "smlad %[b2], %[t], %[w], %[b2]\n\t"                                                                               \
+    "ldr %[w], [%[wq]], #4\n\t"                                                                                        \
+    "smlad %[a3], %[x0], %[w], %[a3]\n\t"                                                                              \
     "smlad %[b3], %[t], %[w], %[b3]\n\t"
     __asm__("2:\n\t" PW4_STEP PW4_STEP "ldr %[w], %[we]\n\t"
             "cmp %[wq], %[w]\n\t"
             "bne 2b"
-            : [a0] "+r"(a0), [b0] "+r"(b0), [a1] "+r"(a1), [b1] "+r"(b1), [a2] "+r"(a2), [b2] "+r"(b2),
-              [a3] "+r"(a3), [b3] "+r"(b3), [xp] "+r"(xp), [wq] "+r"(wq), [t] "=&r"(tt), [x0] "=&r"(xx),
-              [w] "=&r"(ww)
+            : [a0] "+r"(a0), [b0] "+r"(b0), [a1] "+r"(a1), [b1] "+r"(b1), [a2] "+r"(a2), [b2] "+r"(b2), [a3] "+r"(a3),
+              [b3] "+r"(b3), [xp] "+r"(xp), [wq] "+r"(wq), [t] "=&r"(tt), [x0] "=&r"(xx), [w] "=&r"(ww)
             : [pl] "r"(plane), [we] "m"(wend)
             : "cc", "memory");
 #undef PW4_STEP
@@ -322,8 +321,8 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
  * channel j's eight bits sit in byte j of mb, in order. */
 static inline __attribute__((always_inline)) void pw4_run(const rqf_t *f, const int32_t *ia, int32_t ia_step,
                                                           const int8_t *x, const uint32_t *wq, const uint32_t *wend,
-                                                          int32_t plane, int32_t p0, int32_t n, int8_t *yo,
-                                                          uint8_t *mo, int32_t *po, int last, int has_mask) {
+                                                          int32_t plane, int32_t p0, int32_t n, int8_t *yo, uint8_t *mo,
+                                                          int32_t *po, int last, int has_mask) {
     if (!last || !has_mask) {
         for (int32_t k = 0; k < n; k += 2) {
             pw4_px2(f, ia + 4 * k * ia_step, x + p0 + k, wq, wend, plane, yo + p0 + k, NULL, last ? NULL : po + 4 * k,
@@ -388,8 +387,7 @@ __attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *b, int3
             ws[j] = pw_sum_s8(w + j * cin, cin);
         }
     }
-    const int32_t i0 = b[0] + off * ws[0], i1 = b[1] + off * ws[1], i2 = b[2] + off * ws[2],
-                  i3 = b[3] + off * ws[3];
+    const int32_t i0 = b[0] + off * ws[0], i1 = b[1] + off * ws[1], i2 = b[2] + off * ws[2], i3 = b[3] + off * ws[3];
     const int32_t i8[8] = {i0, i0, i1, i1, i2, i2, i3, i3};
     int8_t *yo = y + out_i;
     uint8_t *mo = mask ? mask + (out_i >> 3) : NULL;
@@ -422,9 +420,9 @@ static int try_pw4(const tf_conv_params *p, const tf_per_channel_quant *q, const
     return 1;
 }
 
-tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims,
-                       const int8_t *x, const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias,
-                       const tf_dims *y_dims, int8_t *y, uint8_t *mask) {
+tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims, const int8_t *x,
+                       const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims,
+                       int8_t *y, uint8_t *mask) {
     if (!p || !q || !x || !w || !y) {
         return TF_ERR_ARG;
     }
@@ -444,8 +442,8 @@ tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, c
     const int32_t plane = ih_n * iw_n, oplane = oh_n * ow_n, wsize = cin_g * kh_n * kw_n;
     const int32_t off = p->input_offset;
     const int linear = plane == 1 && oplane == 1 && kh_n == 1 && kw_n == 1; /* NOTE: padding can make OH, OW > 1 */
-    const int pointwise1 = kh_n == 1 && kw_n == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_h == 0 &&
-                           p->pad_w == 0;
+    const int pointwise1 =
+        kh_n == 1 && kw_n == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_h == 0 && p->pad_w == 0;
     uint32_t bits = 0;
     int32_t out_i = 0;
     for (int32_t co = 0; co < w_dims->n; co++) {
@@ -485,8 +483,7 @@ tf_status tf_conv2d_s8(const tf_conv_params *p, const tf_per_channel_quant *q, c
             out_i = tf_conv_dw3(&r, p, xg, wc, ih_n, iw_n, oh_n, ow_n, woff, y, mask, &bits, out_i);
             continue;
         }
-        out_i = tf_conv_spatial(&r, p, xg, wc, cin_g, ih_n, iw_n, kh_n, kw_n, oh_n, ow_n, woff, y, mask, &bits,
-                                out_i);
+        out_i = tf_conv_spatial(&r, p, xg, wc, cin_g, ih_n, iw_n, kh_n, kw_n, oh_n, ow_n, woff, y, mask, &bits, out_i);
     }
     if (mask && (out_i & 7)) { /* padding bits of the last byte are zero, as numpy packbits */
         mask[out_i >> 3] = (uint8_t)bits;

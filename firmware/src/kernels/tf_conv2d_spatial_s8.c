@@ -1,13 +1,14 @@
 /* CONV2D forward, spatial kernels called by tf_conv2d_s8.c: KxK with stride and zero-point padding and the 3x3
  * depthwise case (__SMLAD paths for stride 1 and 2; small planes through a padded copy), one output channel per
- * call (the first conv's patch path: tf_conv2d_patch_s8.c). It does no 1x1 convs and keeps every result identical to the reference (device_agent/engine).
- * Over 400 lines: the portable and __SMLAD forms of each window shape stay beside each other. */
+ * call (the first conv's patch path: tf_conv2d_patch_s8.c). It does no 1x1 convs and keeps every result identical to
+ * the reference (device_agent/engine). Over 400 lines: the portable and __SMLAD forms of each window shape stay beside
+ * each other. */
 #include "tf_conv_rq.h"
 #include "tf_dsp.h"
 
 /* sum x * w over a K x K window fully inside x (no padding): rows iw_n apart, cin channels plane apart. */
-static inline int32_t window(const int8_t *x, const int8_t *w, int32_t cin, int32_t plane, int32_t iw_n,
-                             int32_t kh_n, int32_t kw_n) {
+static inline int32_t window(const int8_t *x, const int8_t *w, int32_t cin, int32_t plane, int32_t iw_n, int32_t kh_n,
+                             int32_t kw_n) {
     int32_t acc = 0;
     if (kh_n == 3 && kw_n == 3) {
         for (int32_t ci = 0; ci < cin; ci++, x += plane, w += 9) {
@@ -34,8 +35,8 @@ static inline int32_t window(const int8_t *x, const int8_t *w, int32_t cin, int3
 
 /* Writes y[i] (and mask bit i) from acc: s8 (rqf: acc includes the bias), fast and has_mask are constants
  * per instance. */
-static TF_AI void put8(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i,
-                       int32_t acc, int s8, int fast, int has_mask) {
+static TF_AI void put8(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i, int32_t acc,
+                       int s8, int fast, int has_mask) {
     if (!s8) {
         putf(r, y, mask, bits, i, acc, fast, has_mask);
         return;
@@ -52,8 +53,8 @@ static TF_AI void put8(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask, 
 }
 
 /* put8 of outputs i and i + 1: with a mask, both bits join the byte in one step. */
-static TF_AI void put8x2(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i,
-                         int32_t a0, int32_t a1, int s8, int fast, int has_mask) {
+static TF_AI void put8x2(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask, uint32_t *bits, int32_t i, int32_t a0,
+                         int32_t a1, int s8, int fast, int has_mask) {
     if (!s8 || !has_mask) {
         put8(r, q, y, mask, bits, i, a0, s8, fast, has_mask);
         put8(r, q, y, mask, bits, i + 1, a1, s8, fast, has_mask);
@@ -77,8 +78,8 @@ static TF_AI void put8x2(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask
 }
 
 /* Instantiates impl (last parameters s8, fast, has_mask) for the rqf cases and the four putf cases. */
-#define TF_DISPATCH8(impl, s8, rp, mask, ...)                                                                       \
-    ((s8) ? ((mask) ? impl(__VA_ARGS__, 1, 1, 1) : impl(__VA_ARGS__, 1, 1, 0))                                      \
+#define TF_DISPATCH8(impl, s8, rp, mask, ...)                                                                          \
+    ((s8) ? ((mask) ? impl(__VA_ARGS__, 1, 1, 1) : impl(__VA_ARGS__, 1, 1, 0))                                         \
           : TF_DISPATCH(impl, rp, mask, __VA_ARGS__, 0))
 
 /* One 3-tap kernel row at stride 2 for two neighbouring outputs: x[0..2] (a0) and x[2..4] (a1); w02 = (w0, w2)
@@ -194,8 +195,8 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_par
                 }
             }
             for (; ow < ow_hi; ow++, out_i++, i += sw) {
-                const int32_t acc = woff + r0[i] * w0 + r0[i + 1] * w1 + r0[i + 2] * w2 + r1[i] * w3 +
-                                    r1[i + 1] * w4 + r1[i + 2] * w5 + r2[i] * w6 + r2[i + 1] * w7 + r2[i + 2] * w8;
+                const int32_t acc = woff + r0[i] * w0 + r0[i + 1] * w1 + r0[i + 2] * w2 + r1[i] * w3 + r1[i + 1] * w4 +
+                                    r1[i + 2] * w5 + r2[i] * w6 + r2[i + 1] * w7 + r2[i + 2] * w8;
                 put8(r, q, y, mask, bits, out_i, acc, s8, fast, has_mask);
             }
         }
@@ -291,18 +292,17 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_pa
 }
 
 int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, const int8_t *wc, int32_t ih_n,
-                    int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask,
-                    uint32_t *bitsp, int32_t out_i) {
+                    int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp,
+                    int32_t out_i) {
     rqf_t q = {0, 0, 0, 0};
     const int s8 = rqf_of(&q, p, rp, 9);
     /* padded plane: every window's rows and columns, + 1 column read by the two-output steps, rounded to words */
     const int32_t hp = (oh_n - 1) * p->stride_h + 3, wp = ((ow_n - 1) * p->stride_w + 4 + 3) & ~3;
     if (wp <= TF_DW_PITCH && hp * TF_DW_PITCH <= TF_DW_PAD) {
-        return TF_DISPATCH8(dw3p_impl, s8, rp, mask, rp, &q, p, xc, wc, ih_n, iw_n, oh_n, ow_n, hp, wp, woff, y,
-                            mask, bitsp, out_i);
+        return TF_DISPATCH8(dw3p_impl, s8, rp, mask, rp, &q, p, xc, wc, ih_n, iw_n, oh_n, ow_n, hp, wp, woff, y, mask,
+                            bitsp, out_i);
     }
-    return TF_DISPATCH8(dw3_impl, s8, rp, mask, rp, &q, p, xc, wc, ih_n, iw_n, oh_n, ow_n, woff, y, mask, bitsp,
-                        out_i);
+    return TF_DISPATCH8(dw3_impl, s8, rp, mask, rp, &q, p, xc, wc, ih_n, iw_n, oh_n, ow_n, woff, y, mask, bitsp, out_i);
 }
 
 #define TF_S2_CIN 4 /* most input channels of the 3x3 stride-2 path (the first conv has 3) */
@@ -311,9 +311,9 @@ int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, c
  * kernel rows of an output row are pointers (a row of zero points above and below x, as in dw3_impl), two
  * outputs per step (row3s2); only the padded edge columns take the per-tap path. */
 static TF_AI int32_t conv3s2_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_params *p, const int8_t *xg,
-                                  const int8_t *wc, int32_t cin, int32_t ih_n, int32_t iw_n, int32_t oh_n,
-                                  int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp,
-                                  int32_t out_i, int s8, int fast, int has_mask) {
+                                  const int8_t *wc, int32_t cin, int32_t ih_n, int32_t iw_n, int32_t oh_n, int32_t ow_n,
+                                  int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i, int s8,
+                                  int fast, int has_mask) {
     const rq_t rl = *rp, *r = &rl;
     const rqf_t ql = *qp, *q = &ql;
     uint32_t bv = *bitsp, *bits = &bv;
@@ -380,7 +380,8 @@ static TF_AI int32_t spatial_impl(const rq_t *rp, const rqf_t *qp, const tf_conv
     const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset, plane = ih_n * iw_n;
     const int dw3 = cin_g == 1 && kh_n == 3 && kw_n == 3;
     /* interior columns: iw0 = ow * sw - pad_w >= 0 and iw0 + kw_n <= iw_n */
-    int32_t ow_lo = (p->pad_w + sw - 1) / sw, ow_hi = iw_n - kw_n + p->pad_w >= 0 ? (iw_n - kw_n + p->pad_w) / sw + 1 : 0;
+    int32_t ow_lo = (p->pad_w + sw - 1) / sw,
+            ow_hi = iw_n - kw_n + p->pad_w >= 0 ? (iw_n - kw_n + p->pad_w) / sw + 1 : 0;
     ow_hi = ow_hi > ow_n ? ow_n : ow_hi;
     ow_lo = ow_lo > ow_hi ? ow_hi : ow_lo;
     for (int32_t oh = 0; oh < oh_n; oh++) {
@@ -392,8 +393,8 @@ static TF_AI int32_t spatial_impl(const rq_t *rp, const rqf_t *qp, const tf_conv
             if (row_in && ow == ow_lo && ow_lo < ow_hi) {
                 const int8_t *xw = xg + ih0 * iw_n + iw0;
                 if (dw3) {
-                    const int32_t w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5],
-                                  w6 = wc[6], w7 = wc[7], w8 = wc[8];
+                    const int32_t w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5], w6 = wc[6],
+                                  w7 = wc[7], w8 = wc[8];
                     for (; ow < ow_hi; ow++, out_i++, xw += sw) {
                         const int8_t *r1 = xw + iw_n, *r2 = r1 + iw_n;
                         put8(r, q, y, mask, bits, out_i,
@@ -432,16 +433,15 @@ static TF_AI int32_t spatial_impl(const rq_t *rp, const rqf_t *qp, const tf_conv
     return out_i;
 }
 
-
 int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *xg, const int8_t *wc, int32_t cin_g,
                         int32_t ih_n, int32_t iw_n, int32_t kh_n, int32_t kw_n, int32_t oh_n, int32_t ow_n,
                         int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i) {
     rqf_t q = {0, 0, 0, 0};
     const int s8 = rqf_of(&q, p, rp, cin_g * kh_n * kw_n);
     if (kh_n == 3 && kw_n == 3 && p->stride_w == 2 && cin_g <= TF_S2_CIN && iw_n <= TF_DW_ROW) {
-        return TF_DISPATCH8(conv3s2_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, oh_n, ow_n, woff, y,
-                            mask, bitsp, out_i);
+        return TF_DISPATCH8(conv3s2_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, oh_n, ow_n, woff, y, mask,
+                            bitsp, out_i);
     }
-    return TF_DISPATCH8(spatial_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, kh_n, kw_n, oh_n, ow_n,
-                        woff, y, mask, bitsp, out_i);
+    return TF_DISPATCH8(spatial_impl, s8, rp, mask, rp, &q, p, xg, wc, cin_g, ih_n, iw_n, kh_n, kw_n, oh_n, ow_n, woff,
+                        y, mask, bitsp, out_i);
 }

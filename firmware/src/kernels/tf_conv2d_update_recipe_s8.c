@@ -52,8 +52,7 @@ static void frac_set(const tf_recipe_state *r, int32_t i, int32_t v) {
 }
 
 /* One trained weight: add d into v, apply at the boundary, keep v. */
-static void step_w(const tf_recipe_state *r, int32_t idx, int32_t acc, int32_t m, int32_t e, int8_t *w,
-                   uint32_t rnd) {
+static void step_w(const tf_recipe_state *r, int32_t idx, int32_t acc, int32_t m, int32_t e, int8_t *w, uint32_t rnd) {
     int32_t v = r->wbuf ? r->wbuf[idx] : 0;
     if (r->add) {
         v = sat32((int64_t)v + fixed_delta(acc, m, e, ACC_BITS_W));

@@ -5,7 +5,7 @@
 #include "tf_kernels.h"
 #include "tf_qmath.h"
 
-#define UPD_CHUNK 32               /* weights of one output channel whose sums are held at once (128 B of stack) */
+#define UPD_CHUNK 32 /* weights of one output channel whose sums are held at once (128 B of stack) */
 #if TF_USE_DSP
 #define UPD_GU_WORDS 128 /* one g row unpacked to int16 pairs: planes up to 256 pixels (512 B of stack) */
 #endif
@@ -402,7 +402,8 @@ tf_status tf_conv2d_update_s8(const tf_conv_update_params *p, const tf_qas *qas,
                             for (int32_t ow = 0; ow < ow_n; ow++) {
                                 const int32_t iw = ow * p->stride_w - p->pad_w + kw;
                                 if (iw >= 0 && iw < iw_n) {
-                                    acc += (int32_t)gc[oh * ow_n + ow] * ((int32_t)xc[ih * iw_n + iw] + p->input_offset);
+                                    acc +=
+                                        (int32_t)gc[oh * ow_n + ow] * ((int32_t)xc[ih * iw_n + iw] + p->input_offset);
                                 }
                             }
                         }

@@ -124,11 +124,11 @@ static inline int rqf_of(rqf_t *q, const tf_conv_params *p, const rq_t *r, int32
 }
 
 #define TF_AI inline __attribute__((always_inline))
-#define TF_PACK16(a, b) (((uint32_t)(a) & 0xFFFFu) | ((uint32_t)(b) << 16))
+#define TF_PACK16(a, b) (((uint32_t)(a)&0xFFFFu) | ((uint32_t)(b) << 16))
 
 /* Instantiates name##_impl (always inline, last two parameters fast and has_mask) for the four cases. */
-#define TF_DISPATCH(impl, rp, mask, ...)                                                                            \
-    ((rp)->shift >= 33 ? ((mask) ? impl(__VA_ARGS__, 1, 1) : impl(__VA_ARGS__, 1, 0))                              \
+#define TF_DISPATCH(impl, rp, mask, ...)                                                                               \
+    ((rp)->shift >= 33 ? ((mask) ? impl(__VA_ARGS__, 1, 1) : impl(__VA_ARGS__, 1, 0))                                  \
                        : ((mask) ? impl(__VA_ARGS__, 0, 1) : impl(__VA_ARGS__, 0, 0)))
 /* One output channel of a KxK conv (cin_g input channels of its group at xg, weights wc (cin_g, KH, KW)) and
  * the 3x3 depthwise case; both return the next output index (tf_conv2d_spatial_s8.c). */
@@ -136,14 +136,14 @@ int32_t tf_conv_spatial(const rq_t *rp, const tf_conv_params *p, const int8_t *x
                         int32_t ih_n, int32_t iw_n, int32_t kh_n, int32_t kw_n, int32_t oh_n, int32_t ow_n,
                         int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp, int32_t out_i);
 int32_t tf_conv_dw3(const rq_t *rp, const tf_conv_params *p, const int8_t *xc, const int8_t *wc, int32_t ih_n,
-                    int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask,
-                    uint32_t *bitsp, int32_t out_i);
+                    int32_t iw_n, int32_t oh_n, int32_t ow_n, int32_t woff, int8_t *y, uint8_t *mask, uint32_t *bitsp,
+                    int32_t out_i);
 
 /* The first conv's patch path (3x3, C_in <= 4, no mask; tf_conv2d_spatial_s8.c): computes the whole output and
  * returns 1, or returns 0 when the shape is not its case. */
 int tf_conv_patch3(const tf_conv_params *p, const tf_per_channel_quant *q, const tf_dims *x_dims, const int8_t *x,
-                   const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims,
-                   int8_t *y, const uint8_t *mask);
+                   const tf_filter_dims *w_dims, const int8_t *w, const int32_t *bias, const tf_dims *y_dims, int8_t *y,
+                   const uint8_t *mask);
 
 #define TF_DW_ROW 256 /* widest input row of the 3x3 depthwise path (a row of zero points on the stack) */
 

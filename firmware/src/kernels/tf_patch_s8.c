@@ -16,8 +16,8 @@ typedef struct {
 } rect;
 
 typedef struct {
-    const int8_t *p; /* channel ch0 at (r0, c0) */
-    int32_t h, w;    /* the whole layer */
+    const int8_t *p;                      /* channel ch0 at (r0, c0) */
+    int32_t h, w;                         /* the whole layer */
     int32_t r0, c0, rows, cols, ch0, off; /* off = -zero_point */
 } src_t;
 
@@ -43,9 +43,8 @@ tf_status tf_patch_check(const tf_patch_params *p, const tf_patch_weights *wt, c
     int32_t ch = 0;
     for (int32_t l = 0; l < n; l++) {
         const int32_t a = p->in_a[l], k = p->kind[l];
-        if (a < 0 || a > l || p->fused[l] < 0 || p->fused[l] > 1 || p->buf_off[l] < -1 ||
-            p->act_min[l] < -128 || p->act_min[l] > p->act_max[l] || p->act_max[l] > 127 ||
-            p->zero_point[l] < -128 || p->zero_point[l] > 127) {
+        if (a < 0 || a > l || p->fused[l] < 0 || p->fused[l] > 1 || p->buf_off[l] < -1 || p->act_min[l] < -128 ||
+            p->act_min[l] > p->act_max[l] || p->act_max[l] > 127 || p->zero_point[l] < -128 || p->zero_point[l] > 127) {
             return TF_ERR_ARG;
         }
         const tf_dims *src = a ? &out[a - 1] : x_dims;
@@ -118,8 +117,8 @@ static void unite(rect *dst, int32_t r0, int32_t r1, int32_t c0, int32_t c1, con
 }
 
 /* need[l]: the region layer l produces for output tile (ti, tj) (engine/patch.py regions). */
-static void regions(const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *out, int32_t ti,
-                    int32_t tj, rect *need) {
+static void regions(const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *out, int32_t ti, int32_t tj,
+                    rect *need) {
     const int32_t n = p->n_layers;
     const tf_dims *yd = &out[n - 1];
     for (int32_t l = 0; l < n; l++) {
@@ -255,8 +254,8 @@ static void pw_region(const rqx_t *rqp, const int8_t *wc, int32_t cin, int32_t w
 }
 
 /* Sum over the taps of output (oy, ox) that lie inside the layer, (x - zx) w: the border case. */
-static int32_t acc_border(const src_t *s, const int8_t *xg, const int8_t *wc, int32_t cin_g, int32_t kh_n,
-                          int32_t kw_n, int32_t iy0, int32_t ix0) {
+static int32_t acc_border(const src_t *s, const int8_t *xg, const int8_t *wc, int32_t cin_g, int32_t kh_n, int32_t kw_n,
+                          int32_t iy0, int32_t ix0) {
     const int32_t plane = s->rows * s->cols, taps = kh_n * kw_n;
     const int32_t k0 = max32(0, -iy0), k1 = min32(kh_n, s->h - iy0);
     const int32_t j0 = max32(0, -ix0), nj = min32(kw_n, s->w - ix0) - j0;
@@ -334,8 +333,7 @@ static inline int32_t acc5_dsp(const int8_t *x, const uint32_t *wp, int32_t cols
  * cstride). Input positions outside the layer are padding (they add nothing: x - zx = 0); inside, s holds them.
  * Windows wholly inside the layer take acc_inside plus the folded zero-point term (the same integer). */
 static void conv_region(const tf_patch_params *p, const tf_patch_weights *wt, int32_t l, const int32_t *mult,
-                        const int32_t *shift, const src_t *s, int32_t co0, int32_t co1, const rect *r,
-                        const dst_t *d) {
+                        const int32_t *shift, const src_t *s, int32_t co0, int32_t co1, const rect *r, const dst_t *d) {
     const tf_filter_dims *wd = &wt->wd[l];
     const int32_t sh = p->stride_h[l], sw = p->stride_w[l], ph = p->pad_h[l], pw = p->pad_w[l];
     const int32_t cin_g = wd->c, kh_n = wd->h, kw_n = wd->w, cout_g = wd->n / p->groups[l];
@@ -441,8 +439,8 @@ static void src_of(const tf_patch_params *p, const tf_dims *x_dims, const int8_t
 }
 
 /* ADD over region r: a, b read at the same positions (both hold them), written to d. */
-static void add_region(const tf_patch_params *p, int32_t l, const src_t *a, const src_t *b, int32_t c_n,
-                       const rect *r, const dst_t *d) {
+static void add_region(const tf_patch_params *p, int32_t l, const src_t *a, const src_t *b, int32_t c_n, const rect *r,
+                       const dst_t *d) {
     const int64_t half = TF_POW2_I64(p->add_shift[l] - 1);
     for (int32_t c = 0; c < c_n; c++) {
         for (int32_t oy = r->r0; oy < r->r1; oy++) {
@@ -450,8 +448,8 @@ static void add_region(const tf_patch_params *p, int32_t l, const src_t *a, cons
             const int8_t *br = b->p + (c * b->rows + oy - b->r0) * b->cols + (r->c0 - b->c0);
             int8_t *yr = d->p + c * d->cstride + (oy - r->r0) * d->rstride;
             for (int32_t j = 0; j < r->c1 - r->c0; j++) {
-                const int64_t v = ((int64_t)ar[j] + a->off) * p->add_mult_a[l] +
-                                  ((int64_t)br[j] + b->off) * p->add_mult_b[l];
+                const int64_t v =
+                    ((int64_t)ar[j] + a->off) * p->add_mult_a[l] + ((int64_t)br[j] + b->off) * p->add_mult_b[l];
                 const int64_t pre = ((v + half) >> p->add_shift[l]) + p->zero_point[l];
                 yr[j] = (int8_t)(pre < p->act_min[l] ? p->act_min[l] : (pre > p->act_max[l] ? p->act_max[l] : pre));
             }

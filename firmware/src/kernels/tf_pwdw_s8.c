@@ -31,11 +31,11 @@ tf_status tf_pwdw_s8(const tf_ctx *ctx, const tf_pwdw_params *p, const tf_dims *
         const int32_t k = c_mid - m < per ? c_mid - m : per;
         const tf_dims mid_dims = {k, x_dims->h, x_dims->w};
         const tf_filter_dims pwk = {k, x_dims->c, 1, 1}, dwk = {k * mult, 1, dw_dims->h, dw_dims->w};
-        const tf_conv_params dwp = {p->dw_stride_h, p->dw_stride_w, p->dw_pad_h, p->dw_pad_w, k, -p->mid_zero_point,
-                                    p->output_offset, p->dw_act_min, p->dw_act_max};
+        const tf_conv_params dwp = {p->dw_stride_h,     p->dw_stride_w,   p->dw_pad_h,   p->dw_pad_w,  k,
+                                    -p->mid_zero_point, p->output_offset, p->dw_act_min, p->dw_act_max};
         const tf_per_channel_quant qp = {p->pw_mult + m, p->pw_shift + m};
-        tf_status st = tf_conv2d_s8(&pwp, &qp, x_dims, x, &pwk, w_pw + m * x_dims->c, b_pw ? b_pw + m : NULL,
-                                    &mid_dims, mid, NULL);
+        tf_status st = tf_conv2d_s8(&pwp, &qp, x_dims, x, &pwk, w_pw + m * x_dims->c, b_pw ? b_pw + m : NULL, &mid_dims,
+                                    mid, NULL);
         if (st != TF_OK) {
             return st;
         }

@@ -211,8 +211,7 @@ static void device_command(tf_proto *p, uint32_t seq, uint8_t cmd, int32_t in_le
             return;
         }
         memcpy(chunk, in + 12, (uint32_t)in_len - 12);
-        r = tf_device_store_samples(d, get_u32(in), get_u32(in + 4), get_u32(in + 8), chunk, (uint32_t)in_len - 12,
-                                    &a);
+        r = tf_device_store_samples(d, get_u32(in), get_u32(in + 4), get_u32(in + 8), chunk, (uint32_t)in_len - 12, &a);
         uint8_t *q = put_u32(put_u32(out, a), d->samples_stored);
         reply_dev(p, seq, r, (int32_t)(put_u32(q, d->has_plan ? d->sample_cap : 0) - out));
     } else if (cmd == TF_CMD_TRAIN_LIST) {
@@ -346,9 +345,9 @@ static void handle(tf_proto *p, int32_t n) {
     int32_t len = cmd == TF_CMD_PING        ? cmd_ping(out)
                   : cmd == TF_CMD_GET_STATS ? cmd_stats(out)
 #ifndef TF_NO_SELFTEST
-                  : cmd == TF_CMD_SELFTEST  ? cmd_selftest(out)
+                  : cmd == TF_CMD_SELFTEST ? cmd_selftest(out)
 #endif
-                                            : cmd_board_info(p, out);
+                                           : cmd_board_info(p, out);
     reply(p, seq, TF_ST_OK, len);
 }
 

@@ -212,6 +212,7 @@ static uint8_t step(struct tf_device_s *dev, uint8_t cmd, const uint8_t *in, uin
         }
         return answer(r, out, out_len);
     }
-    default: return TF_ST_ERR_UNKNOWN_COMMAND;
+    default:
+        return TF_ST_ERR_UNKNOWN_COMMAND;
     }
 }

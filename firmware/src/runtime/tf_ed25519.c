@@ -19,15 +19,22 @@ typedef struct {
 
 /* Generated from the RFC 8032 parameters (p = 2^255 - 19, d = -121665/121666, sqrt(-1) = 2^((p-1)/4), base
  * point B = (x, 4/5) with x even, T = x y), as canonical limbs. */
-static const fe FE_D = {56195235, 13857412, 51736253, 6949390, 114729, 24766616, 60832955, 30306712, 48412415, 21499315};
-static const fe FE_D2 = {45281625, 27714825, 36363642, 13898781, 229458, 15978800, 54557047, 27058993, 29715967, 9444199};
-static const fe FE_SQRTM1 = {34513072, 25610706, 9377949, 3500415, 12389472, 33281959, 41962654, 31548777, 326685, 11406482};
-static const fe FE_BX = {52811034, 25909283, 16144682, 17082669, 27570973, 30858332, 40966398, 8378388, 20764389, 8758491};
-static const fe FE_BY = {40265304, 26843545, 13421772, 20132659, 26843545, 6710886, 53687091, 13421772, 40265318, 26843545};
-static const fe FE_BT = {28827043, 27438313, 39759291, 244362, 8635006, 11264893, 19351346, 13413597, 16611511, 27139452};
+static const fe FE_D = {56195235, 13857412, 51736253, 6949390,  114729,
+                        24766616, 60832955, 30306712, 48412415, 21499315};
+static const fe FE_D2 = {45281625, 27714825, 36363642, 13898781, 229458,
+                         15978800, 54557047, 27058993, 29715967, 9444199};
+static const fe FE_SQRTM1 = {34513072, 25610706, 9377949,  3500415, 12389472,
+                             33281959, 41962654, 31548777, 326685,  11406482};
+static const fe FE_BX = {52811034, 25909283, 16144682, 17082669, 27570973,
+                         30858332, 40966398, 8378388,  20764389, 8758491};
+static const fe FE_BY = {40265304, 26843545, 13421772, 20132659, 26843545,
+                         6710886,  53687091, 13421772, 40265318, 26843545};
+static const fe FE_BT = {28827043, 27438313, 39759291, 244362,   8635006,
+                         11264893, 19351346, 13413597, 16611511, 27139452};
 
 static const uint8_t L_BYTES[32] = {0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7,
-                                    0xa2, 0xde, 0xf9, 0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10};
+                                    0xa2, 0xde, 0xf9, 0xde, 0x14, 0,    0,    0,    0,    0,    0,
+                                    0,    0,    0,    0,    0,    0,    0,    0,    0,    0x10};
 /* p - 2 (inversion) and (p - 5) / 8 (square root), little-endian */
 static const uint8_t EXP_INV[32] = {0xeb, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
                                     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -44,8 +51,8 @@ static int width(int i) { return (i & 1) ? 25 : 26; }
  * times 19 (2^255 = 19 mod p). NOTE: >> of a negative integer is arithmetic on every compiler we build with. */
 static inline __attribute__((always_inline)) void fe_carry(fe out, int64_t h[10]) {
     int64_t c;
-#define CARRY(i, w, to, times) \
-    (c = (h[i] + ((int64_t)1 << ((w) - 1))) >> (w), h[i] -= c * ((int64_t)1 << (w)), h[to] += (times) * c)
+#define CARRY(i, w, to, times)                                                                                         \
+    (c = (h[i] + ((int64_t)1 << ((w)-1))) >> (w), h[i] -= c * ((int64_t)1 << (w)), h[to] += (times)*c)
     CARRY(0, 26, 1, 1), CARRY(1, 25, 2, 1), CARRY(2, 26, 3, 1), CARRY(3, 25, 4, 1), CARRY(4, 26, 5, 1);
     CARRY(5, 25, 6, 1), CARRY(6, 26, 7, 1), CARRY(7, 25, 8, 1), CARRY(8, 26, 9, 1), CARRY(9, 25, 0, 19);
     CARRY(0, 26, 1, 1);
@@ -65,7 +72,7 @@ static void fe_set(fe out, int32_t v) {
 /* The same carry for a sum or difference of two carried elements (limbs below 2^27): 32-bit arithmetic. */
 static void fe_carry32(fe h) {
     int32_t c;
-#define CARRY(i, w, to, times) (c = (h[i] + (1 << ((w) - 1))) >> (w), h[i] -= c * (1 << (w)), h[to] += (times) * c)
+#define CARRY(i, w, to, times) (c = (h[i] + (1 << ((w)-1))) >> (w), h[i] -= c * (1 << (w)), h[to] += (times)*c)
     CARRY(0, 26, 1, 1), CARRY(1, 25, 2, 1), CARRY(2, 26, 3, 1), CARRY(3, 25, 4, 1), CARRY(4, 26, 5, 1);
     CARRY(5, 25, 6, 1), CARRY(6, 26, 7, 1), CARRY(7, 25, 8, 1), CARRY(8, 26, 9, 1), CARRY(9, 25, 0, 19);
     CARRY(0, 26, 1, 1);
@@ -100,38 +107,28 @@ static void fe_mul(fe out, const fe f, const fe g) {
     const int32_t f1_2 = 2 * f1, f3_2 = 2 * f3, f5_2 = 2 * f5, f7_2 = 2 * f7, f9_2 = 2 * f9;
     const int32_t g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], g4 = g[4], g5 = g[5], g6 = g[6], g7 = g[7], g8 = g[8],
                   g9 = g[9];
-    const int32_t g1_19 = 19 * g1, g2_19 = 19 * g2, g3_19 = 19 * g3, g4_19 = 19 * g4, g5_19 = 19 * g5,
-                  g6_19 = 19 * g6, g7_19 = 19 * g7, g8_19 = 19 * g8, g9_19 = 19 * g9;
-    int64_t h0 = M(f0, g0) + M(f1_2, g9_19) + M(f2, g8_19) + M(f3_2, g7_19)
-                 + M(f4, g6_19) + M(f5_2, g5_19) + M(f6, g4_19) + M(f7_2, g3_19)
-                 + M(f8, g2_19) + M(f9_2, g1_19);
-    int64_t h1 = M(f0, g1) + M(f1, g0) + M(f2, g9_19) + M(f3, g8_19)
-                 + M(f4, g7_19) + M(f5, g6_19) + M(f6, g5_19) + M(f7, g4_19)
-                 + M(f8, g3_19) + M(f9, g2_19);
-    int64_t h2 = M(f0, g2) + M(f1_2, g1) + M(f2, g0) + M(f3_2, g9_19)
-                 + M(f4, g8_19) + M(f5_2, g7_19) + M(f6, g6_19) + M(f7_2, g5_19)
-                 + M(f8, g4_19) + M(f9_2, g3_19);
-    int64_t h3 = M(f0, g3) + M(f1, g2) + M(f2, g1) + M(f3, g0)
-                 + M(f4, g9_19) + M(f5, g8_19) + M(f6, g7_19) + M(f7, g6_19)
-                 + M(f8, g5_19) + M(f9, g4_19);
-    int64_t h4 = M(f0, g4) + M(f1_2, g3) + M(f2, g2) + M(f3_2, g1)
-                 + M(f4, g0) + M(f5_2, g9_19) + M(f6, g8_19) + M(f7_2, g7_19)
-                 + M(f8, g6_19) + M(f9_2, g5_19);
-    int64_t h5 = M(f0, g5) + M(f1, g4) + M(f2, g3) + M(f3, g2)
-                 + M(f4, g1) + M(f5, g0) + M(f6, g9_19) + M(f7, g8_19)
-                 + M(f8, g7_19) + M(f9, g6_19);
-    int64_t h6 = M(f0, g6) + M(f1_2, g5) + M(f2, g4) + M(f3_2, g3)
-                 + M(f4, g2) + M(f5_2, g1) + M(f6, g0) + M(f7_2, g9_19)
-                 + M(f8, g8_19) + M(f9_2, g7_19);
-    int64_t h7 = M(f0, g7) + M(f1, g6) + M(f2, g5) + M(f3, g4)
-                 + M(f4, g3) + M(f5, g2) + M(f6, g1) + M(f7, g0)
-                 + M(f8, g9_19) + M(f9, g8_19);
-    int64_t h8 = M(f0, g8) + M(f1_2, g7) + M(f2, g6) + M(f3_2, g5)
-                 + M(f4, g4) + M(f5_2, g3) + M(f6, g2) + M(f7_2, g1)
-                 + M(f8, g0) + M(f9_2, g9_19);
-    int64_t h9 = M(f0, g9) + M(f1, g8) + M(f2, g7) + M(f3, g6)
-                 + M(f4, g5) + M(f5, g4) + M(f6, g3) + M(f7, g2)
-                 + M(f8, g1) + M(f9, g0);
+    const int32_t g1_19 = 19 * g1, g2_19 = 19 * g2, g3_19 = 19 * g3, g4_19 = 19 * g4, g5_19 = 19 * g5, g6_19 = 19 * g6,
+                  g7_19 = 19 * g7, g8_19 = 19 * g8, g9_19 = 19 * g9;
+    int64_t h0 = M(f0, g0) + M(f1_2, g9_19) + M(f2, g8_19) + M(f3_2, g7_19) + M(f4, g6_19) + M(f5_2, g5_19) +
+                 M(f6, g4_19) + M(f7_2, g3_19) + M(f8, g2_19) + M(f9_2, g1_19);
+    int64_t h1 = M(f0, g1) + M(f1, g0) + M(f2, g9_19) + M(f3, g8_19) + M(f4, g7_19) + M(f5, g6_19) + M(f6, g5_19) +
+                 M(f7, g4_19) + M(f8, g3_19) + M(f9, g2_19);
+    int64_t h2 = M(f0, g2) + M(f1_2, g1) + M(f2, g0) + M(f3_2, g9_19) + M(f4, g8_19) + M(f5_2, g7_19) + M(f6, g6_19) +
+                 M(f7_2, g5_19) + M(f8, g4_19) + M(f9_2, g3_19);
+    int64_t h3 = M(f0, g3) + M(f1, g2) + M(f2, g1) + M(f3, g0) + M(f4, g9_19) + M(f5, g8_19) + M(f6, g7_19) +
+                 M(f7, g6_19) + M(f8, g5_19) + M(f9, g4_19);
+    int64_t h4 = M(f0, g4) + M(f1_2, g3) + M(f2, g2) + M(f3_2, g1) + M(f4, g0) + M(f5_2, g9_19) + M(f6, g8_19) +
+                 M(f7_2, g7_19) + M(f8, g6_19) + M(f9_2, g5_19);
+    int64_t h5 = M(f0, g5) + M(f1, g4) + M(f2, g3) + M(f3, g2) + M(f4, g1) + M(f5, g0) + M(f6, g9_19) + M(f7, g8_19) +
+                 M(f8, g7_19) + M(f9, g6_19);
+    int64_t h6 = M(f0, g6) + M(f1_2, g5) + M(f2, g4) + M(f3_2, g3) + M(f4, g2) + M(f5_2, g1) + M(f6, g0) +
+                 M(f7_2, g9_19) + M(f8, g8_19) + M(f9_2, g7_19);
+    int64_t h7 = M(f0, g7) + M(f1, g6) + M(f2, g5) + M(f3, g4) + M(f4, g3) + M(f5, g2) + M(f6, g1) + M(f7, g0) +
+                 M(f8, g9_19) + M(f9, g8_19);
+    int64_t h8 = M(f0, g8) + M(f1_2, g7) + M(f2, g6) + M(f3_2, g5) + M(f4, g4) + M(f5_2, g3) + M(f6, g2) + M(f7_2, g1) +
+                 M(f8, g0) + M(f9_2, g9_19);
+    int64_t h9 = M(f0, g9) + M(f1, g8) + M(f2, g7) + M(f3, g6) + M(f4, g5) + M(f5, g4) + M(f6, g3) + M(f7, g2) +
+                 M(f8, g1) + M(f9, g0);
     int64_t h[10] = {h0, h1, h2, h3, h4, h5, h6, h7, h8, h9};
     fe_carry(out, h);
 }
@@ -145,28 +142,17 @@ static void fe_sq(fe out, const fe f) {
                   f9 = f[9];
     const int32_t f0_2 = 2 * f0, f1_2 = 2 * f1, f2_2 = 2 * f2, f3_2 = 2 * f3, f4_2 = 2 * f4, f5_2 = 2 * f5,
                   f6_2 = 2 * f6, f7_2 = 2 * f7;
-    const int32_t f6_19 = 19 * f6, f8_19 = 19 * f8, f3_38 = 38 * f3, f5_38 = 38 * f5, f7_38 = 38 * f7,
-                  f9_38 = 38 * f9;
-    int64_t h0 = M(f0, f0) + M(f1_2, f9_38) + M(f2_2, f8_19) + M(f3_2, f7_38)
-                 + M(f4_2, f6_19) + M(f5, f5_38);
-    int64_t h1 = M(f0_2, f1) + M(f2, f9_38) + M(f8, f3_38) + M(f4, f7_38)
-                 + M(f6, f5_38);
-    int64_t h2 = M(f0_2, f2) + M(f1_2, f1) + M(f3_2, f9_38) + M(f4_2, f8_19)
-                 + M(f5_2, f7_38) + M(f6, f6_19);
-    int64_t h3 = M(f0_2, f3) + M(f1_2, f2) + M(f4, f9_38) + M(f8, f5_38)
-                 + M(f6, f7_38);
-    int64_t h4 = M(f0_2, f4) + M(f1_2, f3_2) + M(f2, f2) + M(f5_2, f9_38)
-                 + M(f6_2, f8_19) + M(f7, f7_38);
-    int64_t h5 = M(f0_2, f5) + M(f1_2, f4) + M(f2_2, f3) + M(f6, f9_38)
-                 + M(f8, f7_38);
-    int64_t h6 = M(f0_2, f6) + M(f1_2, f5_2) + M(f2_2, f4) + M(f3_2, f3)
-                 + M(f7_2, f9_38) + M(f8, f8_19);
-    int64_t h7 = M(f0_2, f7) + M(f1_2, f6) + M(f2_2, f5) + M(f3_2, f4)
-                 + M(f8, f9_38);
-    int64_t h8 = M(f0_2, f8) + M(f1_2, f7_2) + M(f2_2, f6) + M(f3_2, f5_2)
-                 + M(f4, f4) + M(f9, f9_38);
-    int64_t h9 = M(f0_2, f9) + M(f1_2, f8) + M(f2_2, f7) + M(f3_2, f6)
-                 + M(f4_2, f5);
+    const int32_t f6_19 = 19 * f6, f8_19 = 19 * f8, f3_38 = 38 * f3, f5_38 = 38 * f5, f7_38 = 38 * f7, f9_38 = 38 * f9;
+    int64_t h0 = M(f0, f0) + M(f1_2, f9_38) + M(f2_2, f8_19) + M(f3_2, f7_38) + M(f4_2, f6_19) + M(f5, f5_38);
+    int64_t h1 = M(f0_2, f1) + M(f2, f9_38) + M(f8, f3_38) + M(f4, f7_38) + M(f6, f5_38);
+    int64_t h2 = M(f0_2, f2) + M(f1_2, f1) + M(f3_2, f9_38) + M(f4_2, f8_19) + M(f5_2, f7_38) + M(f6, f6_19);
+    int64_t h3 = M(f0_2, f3) + M(f1_2, f2) + M(f4, f9_38) + M(f8, f5_38) + M(f6, f7_38);
+    int64_t h4 = M(f0_2, f4) + M(f1_2, f3_2) + M(f2, f2) + M(f5_2, f9_38) + M(f6_2, f8_19) + M(f7, f7_38);
+    int64_t h5 = M(f0_2, f5) + M(f1_2, f4) + M(f2_2, f3) + M(f6, f9_38) + M(f8, f7_38);
+    int64_t h6 = M(f0_2, f6) + M(f1_2, f5_2) + M(f2_2, f4) + M(f3_2, f3) + M(f7_2, f9_38) + M(f8, f8_19);
+    int64_t h7 = M(f0_2, f7) + M(f1_2, f6) + M(f2_2, f5) + M(f3_2, f4) + M(f8, f9_38);
+    int64_t h8 = M(f0_2, f8) + M(f1_2, f7_2) + M(f2_2, f6) + M(f3_2, f5_2) + M(f4, f4) + M(f9, f9_38);
+    int64_t h9 = M(f0_2, f9) + M(f1_2, f8) + M(f2_2, f7) + M(f3_2, f6) + M(f4_2, f5);
     int64_t h[10] = {h0, h1, h2, h3, h4, h5, h6, h7, h8, h9};
     fe_carry(out, h);
 }
@@ -279,20 +265,20 @@ static void ge_add(ge *r, const ge *p, const ge *q) {
 /* r = 2p, RFC 8032 5.1.4 doubling: 4 squarings + 4 products instead of the addition's 9 products. r may alias p. */
 __attribute__((noinline)) static void ge_dbl(ge *r, const ge *p) {
     fe a, b, c, e, h;
-    fe_sq(a, p->X);      /* A = X^2 */
-    fe_sq(b, p->Y);      /* B = Y^2 */
+    fe_sq(a, p->X); /* A = X^2 */
+    fe_sq(b, p->Y); /* B = Y^2 */
     fe_sq(c, p->Z);
-    fe_add(c, c, c);     /* C = 2 Z^2 */
-    fe_add(h, a, b);     /* H = A + B */
+    fe_add(c, c, c); /* C = 2 Z^2 */
+    fe_add(h, a, b); /* H = A + B */
     fe_add(e, p->X, p->Y);
     fe_sq(e, e);
-    fe_sub(e, h, e);     /* E = H - (X + Y)^2 */
-    fe_sub(a, a, b);     /* G = A - B */
-    fe_add(c, c, a);     /* F = C + G */
-    fe_mul(r->X, e, c);  /* X3 = E F */
-    fe_mul(r->Y, a, h);  /* Y3 = G H */
-    fe_mul(r->T, e, h);  /* T3 = E H */
-    fe_mul(r->Z, c, a);  /* Z3 = F G */
+    fe_sub(e, h, e);    /* E = H - (X + Y)^2 */
+    fe_sub(a, a, b);    /* G = A - B */
+    fe_add(c, c, a);    /* F = C + G */
+    fe_mul(r->X, e, c); /* X3 = E F */
+    fe_mul(r->Y, a, h); /* Y3 = G H */
+    fe_mul(r->T, e, h); /* T3 = E H */
+    fe_mul(r->Z, c, a); /* Z3 = F G */
 }
 
 /* RFC 8032 5.1.3 decoding; 0 if s is not the canonical encoding of a curve point. */
@@ -312,15 +298,15 @@ __attribute__((noinline)) static int ge_decode(ge *P, const uint8_t s[32]) {
     fe_sub(u, u, t); /* u = y^2 - 1 */
     fe_add(v, v, t); /* v = d y^2 + 1 */
     fe_sq(v3, v);
-    fe_mul(v3, v3, v);   /* v^3 */
+    fe_mul(v3, v3, v); /* v^3 */
     fe_sq(x, v3);
-    fe_mul(x, x, v);     /* v^7 */
-    fe_mul(x, x, u);     /* u v^7 */
+    fe_mul(x, x, v); /* v^7 */
+    fe_mul(x, x, u); /* u v^7 */
     fe_pow(x, x, EXP_SQRT);
     fe_mul(x, x, v3);
-    fe_mul(x, x, u);     /* x = u v^3 (u v^7)^((p-5)/8) */
+    fe_mul(x, x, u); /* x = u v^3 (u v^7)^((p-5)/8) */
     fe_sq(t, x);
-    fe_mul(t, t, v);     /* v x^2 */
+    fe_mul(t, t, v); /* v x^2 */
     if (!fe_equal(t, u)) {
         fe_neg(u, u);
         if (!fe_equal(t, u)) {
@@ -352,7 +338,8 @@ __attribute__((noinline)) static void ge_encode(uint8_t s[32], const ge *P) {
 }
 
 /* [s]B + [k]Q, one shared doubling chain (Straus-Shamir), scalars 256-bit little-endian. */
-__attribute__((noinline)) static void ge_double_scalarmult(ge *r, const uint8_t s[32], const uint8_t k[32], const ge *Q) {
+__attribute__((noinline)) static void ge_double_scalarmult(ge *r, const uint8_t s[32], const uint8_t k[32],
+                                                           const ge *Q) {
     ge B, BQ;
     fe_copy(B.X, FE_BX);
     fe_copy(B.Y, FE_BY);
@@ -418,7 +405,8 @@ static void sc_reduce512(uint8_t out[32], const uint8_t in[64]) {
 }
 
 /* k = SHA-512(R ‖ A ‖ M) mod L */
-__attribute__((noinline)) static void challenge(uint8_t k[32], const uint8_t r[32], const uint8_t pub[32], const uint8_t *msg, uint32_t n) {
+__attribute__((noinline)) static void challenge(uint8_t k[32], const uint8_t r[32], const uint8_t pub[32],
+                                                const uint8_t *msg, uint32_t n) {
     tf_sha512_ctx c;
     uint8_t h[64];
     tf_sha512_init(&c);

@@ -83,21 +83,23 @@ static int shifts_ok(const int32_t *s, int32_t n) {
     }
     return 1;
 }
-static int mask_ok(const ten_t *m, int32_t numel) { return m->t.dtype == TF_DT_MASK && m->t.numel == numel && writable(m); }
+static int mask_ok(const ten_t *m, int32_t numel) {
+    return m->t.dtype == TF_DT_MASK && m->t.numel == numel && writable(m);
+}
 
-#define REQ(c)                                                                                                      \
-    do {                                                                                                            \
-        if (!(c)) {                                                                                                 \
-            return TF_RT_BAD_OP;                                                                                    \
-        }                                                                                                           \
+#define REQ(c)                                                                                                         \
+    do {                                                                                                               \
+        if (!(c)) {                                                                                                    \
+            return TF_RT_BAD_OP;                                                                                       \
+        }                                                                                                              \
     } while (0)
-#define KERNEL(call)                                                                                                \
-    do {                                                                                                            \
-        tf_status st_ = (call);                                                                                     \
-        if (st_ != TF_OK) {                                                                                         \
-            rt->err_status = (int32_t)st_;                                                                          \
-            return TF_RT_KERNEL;                                                                                    \
-        }                                                                                                           \
+#define KERNEL(call)                                                                                                   \
+    do {                                                                                                               \
+        tf_status st_ = (call);                                                                                        \
+        if (st_ != TF_OK) {                                                                                            \
+            rt->err_status = (int32_t)st_;                                                                             \
+            return TF_RT_KERNEL;                                                                                       \
+        }                                                                                                              \
     } while (0)
 
 static void move(uint8_t *dst, const uint8_t *src, uint32_t n) {
@@ -119,8 +121,8 @@ __attribute__((noinline)) static int32_t free_gap(const tf_runtime *rt, uint32_t
     uint32_t lo[GAP_MAX_LIVE], hi[GAP_MAX_LIVE], n_live = 0;
     memset(before, 0, sizeof(before));
     memset(after, 0, sizeof(after));
-#define MARK(set, t) ((set)[(uint32_t)(t) >> 3] |= (uint8_t)(1u << ((uint32_t)(t) & 7)))
-#define HAS(set, t) (((set)[(uint32_t)(t) >> 3] >> ((uint32_t)(t) & 7)) & 1)
+#define MARK(set, t) ((set)[(uint32_t)(t) >> 3] |= (uint8_t)(1u << ((uint32_t)(t)&7)))
+#define HAS(set, t) (((set)[(uint32_t)(t) >> 3] >> ((uint32_t)(t)&7)) & 1)
     for (uint32_t j = 0; j < rt->plan.n_ops; j++) {
         tf_op_view op;
         tf_plan_op(&rt->plan, rt->op_off[j], &op);
@@ -164,8 +166,7 @@ __attribute__((noinline)) static int32_t free_gap(const tf_runtime *rt, uint32_t
     for (uint32_t c = 0; c <= n_live; c++) { /* candidates: offset 0 and the end of every live tensor */
         const uint32_t start = c == n_live ? 0 : (hi[c] + 7u) & ~7u;
         if (!(start <= rt->plan.arena_bytes && need <= rt->plan.arena_bytes - start) ||
-            start / 8 > (uint32_t)(GAP_BASE - INT16_MIN) ||
-            (best >= 0 && start >= (uint32_t)best)) {
+            start / 8 > (uint32_t)(GAP_BASE - INT16_MIN) || (best >= 0 && start >= (uint32_t)best)) {
             continue;
         }
         int clash = 0;
@@ -181,8 +182,8 @@ __attribute__((noinline)) static int32_t free_gap(const tf_runtime *rt, uint32_t
  * offsets must be the canonical layout (recipe.layout_optimizer): wbuf (4 B per trained weight) and bbuf (4 B per
  * bias) when accum_steps > 1 or momentum, frac (F/8 B per trained weight, padded to 4) when F > 0, -1 otherwise.
  * Fills the state pointers. */
-static int recipe_slot(tf_runtime *rt, uint32_t i, const tf_filter_dims *wd, int32_t groups, int32_t k, int uw,
-                       int ub, tf_recipe_state *rs) {
+static int recipe_slot(tf_runtime *rt, uint32_t i, const tf_filter_dims *wd, int32_t groups, int32_t k, int uw, int ub,
+                       tf_recipe_state *rs) {
     const tf_plan *pl = &rt->plan;
     if (rt->slot_next >= pl->n_slots || groups < 1 || wd->n % groups) {
         return TF_RT_BAD_OP;
@@ -229,8 +230,8 @@ static int recipe_slot(tf_runtime *rt, uint32_t i, const tf_filter_dims *wd, int
 /* PATCH (attrs = ir.OP_ATTRS[PATCH]: tiles_h, tiles_w, then 18 arrays): the layer table, its conv weights from
  * inputs 1.. in (w, b) pairs, checked by tf_patch_check; scratch = tf_patch_get_buffer_size. Its own frame so
  * the table's stack is live only while a PATCH op runs. */
-static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view *op, const attrs_t *a,
-                                               const ten_t *x, const ten_t *y, const tf_ctx *ctx, int exec) {
+static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view *op, const attrs_t *a, const ten_t *x,
+                                               const ten_t *y, const tf_ctx *ctx, int exec) {
     tf_patch_weights wt;
     tf_dims out[TF_PATCH_MAX_LAYERS];
     const int32_t n = a->n[2];
@@ -265,9 +266,9 @@ static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view 
     if (wi != op->n_in || a->n[18] != ch || a->n[19] != ch) {
         return TF_RT_BAD_OP;
     }
-    const tf_patch_params p = {n, *a->v[0], *a->v[1], ch, -x->t.zero_point, a->v[2], a->v[3], a->v[4], a->v[5],
-                               a->v[6], a->v[7], a->v[8], a->v[9], a->v[10], a->v[11], a->v[12], a->v[13],
-                               a->v[14], a->v[15], a->v[16], a->v[17], a->v[18], a->v[19]};
+    const tf_patch_params p = {n,        *a->v[0], *a->v[1], ch,       -x->t.zero_point, a->v[2],  a->v[3],  a->v[4],
+                               a->v[5],  a->v[6],  a->v[7],  a->v[8],  a->v[9],          a->v[10], a->v[11], a->v[12],
+                               a->v[13], a->v[14], a->v[15], a->v[16], a->v[17],         a->v[18], a->v[19]};
     const tf_dims xd = dims3(x), yd = dims3(y);
     if (tf_patch_check(&p, &wt, &xd, &yd, out) != TF_OK) {
         return TF_RT_BAD_OP;
@@ -326,8 +327,8 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         REQ(is_act(y, TF_DT_INT8) && writable(y) && (op.n_out < 2 || mask_ok(&out[1], n)));
         REQ(A(2) >= 1 && A(2) <= 62 && act_range(A(3), A(4)));
         if (exec) {
-            const tf_add_params p = {-in[0].t.zero_point, -in[1].t.zero_point, A(0), A(1), A(2), y->t.zero_point,
-                                     A(3), A(4)};
+            const tf_add_params p = {
+                -in[0].t.zero_point, -in[1].t.zero_point, A(0), A(1), A(2), y->t.zero_point, A(3), A(4)};
             KERNEL(tf_add_s8(&p, n, (const int8_t *)in[0].p, (const int8_t *)in[1].p, (int8_t *)y->p,
                              op.n_out > 1 ? out[1].p : NULL));
         }
@@ -382,7 +383,8 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         return TF_RT_OK;
     }
     case TF_OP_PWDW: {
-        REQ(is_act(&in[0], TF_DT_INT8) && is_filter(&in[1]) && is_filter(&in[3]) && is_act(y, TF_DT_INT8) && writable(y));
+        REQ(is_act(&in[0], TF_DT_INT8) && is_filter(&in[1]) && is_filter(&in[3]) && is_act(y, TF_DT_INT8) &&
+            writable(y));
         const tf_dims xd = dims3(&in[0]), yd = dims3(y);
         const tf_filter_dims pw = fdims(&in[1]), dw = fdims(&in[3]);
         REQ(is_vec32(&in[2], pw.n) && is_vec32(&in[4], dw.n) && pw.c == xd.c && pw.h == 1 && pw.w == 1);
@@ -406,8 +408,21 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
             return TF_RT_NO_SCRATCH;
         }
         if (exec) {
-            const tf_pwdw_params p = {-in[0].t.zero_point, A(0), A(1), a.v[2], a.v[3], A(4), A(5), A(6), A(7), A(8),
-                                      A(9), A(10), a.v[11], a.v[12], y->t.zero_point};
+            const tf_pwdw_params p = {-in[0].t.zero_point,
+                                      A(0),
+                                      A(1),
+                                      a.v[2],
+                                      a.v[3],
+                                      A(4),
+                                      A(5),
+                                      A(6),
+                                      A(7),
+                                      A(8),
+                                      A(9),
+                                      A(10),
+                                      a.v[11],
+                                      a.v[12],
+                                      y->t.zero_point};
             KERNEL(tf_pwdw_s8(&ctx, &p, &xd, (const int8_t *)in[0].p, &pw, (const int8_t *)in[1].p,
                               (const int32_t *)(const void *)in[2].p, &dw, (const int8_t *)in[3].p,
                               (const int32_t *)(const void *)in[4].p, &yd, (int8_t *)y->p));
@@ -492,9 +507,20 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
             REQ(recipe_slot(rt, i, &wd, A(4), k, uw, ub, &rs) == TF_RT_OK);
         }
         if (exec && (uw || ub)) {
-            const tf_conv_update_params p = {A(0), A(1), A(2), A(3), A(4), k, uw, ub,
-                                             uw ? -xs->t.zero_point : 0, sc->lr_m, sc->lr_e, rt->step,
-                                             (uint32_t)w->id, (uint32_t)b->id};
+            const tf_conv_update_params p = {A(0),
+                                             A(1),
+                                             A(2),
+                                             A(3),
+                                             A(4),
+                                             k,
+                                             uw,
+                                             ub,
+                                             uw ? -xs->t.zero_point : 0,
+                                             sc->lr_m,
+                                             sc->lr_e,
+                                             rt->step,
+                                             (uint32_t)w->id,
+                                             (uint32_t)b->id};
             const tf_qas q = {a.v[8], a.v[9], a.v[10], a.v[11]};
             if (rt->plan.has_recipe) {
                 rs.apply = sc->apply;

@@ -9,7 +9,8 @@
 static int64_t delta_value(const tf_delta_src *s, const tf_tensor_info *t, int32_t id, uint32_t e) {
     const uint8_t *nw = s->cur[id], *old = s->base[id];
     switch (t->dtype) {
-    case TF_DT_INT8: return (int64_t)((const int8_t *)nw)[e] - ((const int8_t *)old)[e];
+    case TF_DT_INT8:
+        return (int64_t)((const int8_t *)nw)[e] - ((const int8_t *)old)[e];
     case TF_DT_INT16: {
         int16_t a, b;
         memcpy(&a, nw + 2 * e, 2), memcpy(&b, old + 2 * e, 2);

@@ -63,7 +63,8 @@ static int utf8_ok(const uint8_t *s, uint32_t n) {
             }
             cp = cp << 6 | (s[i + k] & 0x3F);
         }
-        if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))) {
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+            (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))) {
             return 0;
         }
         i += len;
@@ -94,40 +95,79 @@ static int rd_string(cur *c) {
 /* Attribute layout per op type: 's' scalar i32, 'a' array (u32 count, count x i32). = ir.OP_ATTRS */
 const char *tf_op_attr_spec(uint32_t t) {
     switch (t) {
-    case TF_OP_CONV2D: return "sssssssaa";
-    case TF_OP_ADD: return "sssss";
-    case TF_OP_AVGPOOL: return "ss";
-    case TF_OP_RESHAPE: return "";
-    case TF_OP_EMBEDDING: return "";
-    case TF_OP_CLAMP: return "ss";
-    case TF_OP_SAVE_CHANNELS: return "s";
-    case TF_OP_PWDW: return "ssaasssssssaa";
-    case TF_OP_PATCH: return "ssaaaaaaaaaaaaaaaaaa";
-    case TF_OP_SOFTMAX_CE: return "a";
-    case TF_OP_APPLY_MASK: return "";
-    case TF_OP_CONV2D_BWD_INPUT: return "sssssas";
-    case TF_OP_CONV2D_UPDATE: return "ssssssssaaaa";
-    case TF_OP_GRAD_ACCUM: return "";
-    case TF_OP_AVGPOOL_BWD: return "s";
-    case TF_OP_RESHAPE_BWD: return "";
-    case TF_OP_EMBEDDING_UPDATE: return "ss";
-    default: return NULL;
+    case TF_OP_CONV2D:
+        return "sssssssaa";
+    case TF_OP_ADD:
+        return "sssss";
+    case TF_OP_AVGPOOL:
+        return "ss";
+    case TF_OP_RESHAPE:
+        return "";
+    case TF_OP_EMBEDDING:
+        return "";
+    case TF_OP_CLAMP:
+        return "ss";
+    case TF_OP_SAVE_CHANNELS:
+        return "s";
+    case TF_OP_PWDW:
+        return "ssaasssssssaa";
+    case TF_OP_PATCH:
+        return "ssaaaaaaaaaaaaaaaaaa";
+    case TF_OP_SOFTMAX_CE:
+        return "a";
+    case TF_OP_APPLY_MASK:
+        return "";
+    case TF_OP_CONV2D_BWD_INPUT:
+        return "sssssas";
+    case TF_OP_CONV2D_UPDATE:
+        return "ssssssssaaaa";
+    case TF_OP_GRAD_ACCUM:
+        return "";
+    case TF_OP_AVGPOOL_BWD:
+        return "s";
+    case TF_OP_RESHAPE_BWD:
+        return "";
+    case TF_OP_EMBEDDING_UPDATE:
+        return "ss";
+    default:
+        return NULL;
     }
 }
 
 /* (inputs, allowed outputs bitmask) = wire/plan.py ARITY */
 static void arity(uint32_t t, uint32_t *n_in, uint32_t *outs) {
     switch (t) {
-    case TF_OP_CONV2D: *n_in = 3, *outs = 6; break;
-    case TF_OP_ADD: *n_in = 2, *outs = 6; break;
-    case TF_OP_EMBEDDING: case TF_OP_SOFTMAX_CE: case TF_OP_APPLY_MASK: case TF_OP_CONV2D_BWD_INPUT:
-    case TF_OP_GRAD_ACCUM: *n_in = 2, *outs = 2; break;
-    case TF_OP_CLAMP: *n_in = 1, *outs = 6; break;
-    case TF_OP_PWDW: *n_in = 5, *outs = 2; break;
-    case TF_OP_PATCH: *n_in = 0, *outs = 2; break; /* x then (w, b) per conv layer: odd, <= TF_PATCH_MAX_IN */
-    case TF_OP_CONV2D_UPDATE: *n_in = 4, *outs = 1; break;
-    case TF_OP_EMBEDDING_UPDATE: *n_in = 3, *outs = 1; break;
-    default: *n_in = 1, *outs = 2; break; /* AVGPOOL RESHAPE SAVE_CHANNELS AVGPOOL_BWD RESHAPE_BWD */
+    case TF_OP_CONV2D:
+        *n_in = 3, *outs = 6;
+        break;
+    case TF_OP_ADD:
+        *n_in = 2, *outs = 6;
+        break;
+    case TF_OP_EMBEDDING:
+    case TF_OP_SOFTMAX_CE:
+    case TF_OP_APPLY_MASK:
+    case TF_OP_CONV2D_BWD_INPUT:
+    case TF_OP_GRAD_ACCUM:
+        *n_in = 2, *outs = 2;
+        break;
+    case TF_OP_CLAMP:
+        *n_in = 1, *outs = 6;
+        break;
+    case TF_OP_PWDW:
+        *n_in = 5, *outs = 2;
+        break;
+    case TF_OP_PATCH:
+        *n_in = 0, *outs = 2;
+        break; /* x then (w, b) per conv layer: odd, <= TF_PATCH_MAX_IN */
+    case TF_OP_CONV2D_UPDATE:
+        *n_in = 4, *outs = 1;
+        break;
+    case TF_OP_EMBEDDING_UPDATE:
+        *n_in = 3, *outs = 1;
+        break;
+    default:
+        *n_in = 1, *outs = 2;
+        break; /* AVGPOOL RESHAPE SAVE_CHANNELS AVGPOOL_BWD RESHAPE_BWD */
     }
 }
 
@@ -359,8 +399,9 @@ int tf_plan_read(const uint8_t *blob, uint32_t n, const tf_verify *v, tf_plan *o
     if (nt > 65535 || p.n_ops > 65535) {
         return TF_WE_SIZE_OVERFLOW;
     }
-    if (p.input_id < 0 || (uint32_t)p.input_id >= nt || !(p.label_id == -1 || (p.label_id >= 0 && (uint32_t)p.label_id < nt)) ||
-        p.logits_id < 0 || (uint32_t)p.logits_id >= nt) {
+    if (p.input_id < 0 || (uint32_t)p.input_id >= nt ||
+        !(p.label_id == -1 || (p.label_id >= 0 && (uint32_t)p.label_id < nt)) || p.logits_id < 0 ||
+        (uint32_t)p.logits_id >= nt) {
         return TF_WE_BAD_INDEX;
     }
     if (p.arena_bytes > 0x7FFFFFFFu) {

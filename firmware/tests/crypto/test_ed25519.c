@@ -91,7 +91,8 @@ int main(void) {
         valid += got;
         differ += got != t->openssl;
     }
-    printf("%s ed25519: %d cases (%d valid), sha512: %d lengths, key slots: %d; %d verdicts differ from OpenSSL (non-canonical "
+    printf("%s ed25519: %d cases (%d valid), sha512: %d lengths, key slots: %d; %d verdicts differ from OpenSSL "
+           "(non-canonical "
            "public keys, refused as RFC 8032 5.1.3 says)\n",
            bad ? "FAIL" : "ok", n, valid, (int)(sizeof(SHA512_CASES) / sizeof(*SHA512_CASES)),
            (int)(sizeof(KEY_SLOT_CASES) / sizeof(*KEY_SLOT_CASES)), differ);

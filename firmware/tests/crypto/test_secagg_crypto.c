@@ -92,8 +92,8 @@ static int check_aead(void) {
 
 int main(void) {
     const int x = check_x25519(), m = check_masks(), in = check_input(), sh = check_shamir(), ae = check_aead();
-    printf("secagg crypto: x25519 %d bad of %u, masks %d bad, masked input %s, shamir %d bad of %u, aead %d bad\n",
-           x, (unsigned)(sizeof(X25519_CASES) / sizeof(*X25519_CASES)), m, in ? "MISMATCH" : "ok", sh,
+    printf("secagg crypto: x25519 %d bad of %u, masks %d bad, masked input %s, shamir %d bad of %u, aead %d bad\n", x,
+           (unsigned)(sizeof(X25519_CASES) / sizeof(*X25519_CASES)), m, in ? "MISMATCH" : "ok", sh,
            (unsigned)(sizeof(SHAMIR_CASES) / sizeof(*SHAMIR_CASES)), ae);
     return x || m || in || sh || ae;
 }

@@ -135,11 +135,11 @@ static int run_vector(const char *path) {
 }
 
 /* MANIFEST lines: file format verify expect ...; plans and updates only, unsigned, Ed25519 and HMAC policies. */
-static const char *const WIRE_NAMES[] = {"ok", "TRUNCATED", "BAD_MAGIC", "UNSUPPORTED_VERSION", "BAD_LENGTH",
-                                         "TRAILING_BYTES", "CRC_MISMATCH", "UNSIGNED", "BAD_SIGNATURE",
-                                         "SIG_ALG_MISMATCH", "RESERVED_NONZERO", "BAD_ENUM", "BAD_INDEX", "BAD_SCALE",
-                                         "SIZE_OVERFLOW", "OUT_OF_ARENA", "BAD_SHAPE", "BAD_OFFSET", "BAD_STRING",
-                                         "BAD_VALUE", "ID_ORDER", "NOT_CANONICAL", "PLAN_MISMATCH"};
+static const char *const WIRE_NAMES[] = {
+    "ok",           "TRUNCATED", "BAD_MAGIC",     "UNSUPPORTED_VERSION", "BAD_LENGTH",       "TRAILING_BYTES",
+    "CRC_MISMATCH", "UNSIGNED",  "BAD_SIGNATURE", "SIG_ALG_MISMATCH",    "RESERVED_NONZERO", "BAD_ENUM",
+    "BAD_INDEX",    "BAD_SCALE", "SIZE_OVERFLOW", "OUT_OF_ARENA",        "BAD_SHAPE",        "BAD_OFFSET",
+    "BAD_STRING",   "BAD_VALUE", "ID_ORDER",      "NOT_CANONICAL",       "PLAN_MISMATCH"};
 
 /* tf_update_read_only: tf_wire.h (src/wire/tf_update_read.c) */
 
@@ -217,7 +217,8 @@ static int run_manifest(const char *dir) {
     fclose(f);
     free(key);
     free(pub);
-    printf("%s manifest: %d blobs checked (%d Ed25519-signed), %d skipped (not a downlink format / not TFUP v1; 0 for Ed25519)\n",
+    printf("%s manifest: %d blobs checked (%d Ed25519-signed), %d skipped (not a downlink format / not TFUP v1; 0 for "
+           "Ed25519)\n",
            bad ? "FAIL" : "ok", checked, ed25519, skipped);
     return bad;
 }

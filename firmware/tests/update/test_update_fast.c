@@ -69,8 +69,9 @@ static void check(int32_t w, int32_t acc, int32_t m, int32_t e, uint32_t rnd) {
 }
 
 int main(void) {
-    const int32_t acc_edge[] = {0, 1, -1, 2, -2, 127, -128, 32640, -32640, (1 << 30) - 1, -(1 << 30) + 1, 1 << 20,
-                                -(1 << 20), 0x12345, -0x12345};
+    const int32_t acc_edge[] = {
+        0,       1,          -1,      2,       -2, 127, -128, 32640, -32640, (1 << 30) - 1, -(1 << 30) + 1,
+        1 << 20, -(1 << 20), 0x12345, -0x12345};
     const int32_t m_edge[] = {0, 1, 2, 3, 255, 256, 32767, 32768, 65535, 65536, (1 << 17) - 1, 1 << 17, 1 << 20};
     const uint32_t rnd_edge[] = {0, 1, 0x7FFFFFFFu, 0x80000000u, 0xFFFFFFFFu, 0xFFFFFFFEu, 0x00010000u};
     const int32_t w_edge[] = {-128, -127, -1, 0, 1, 126, 127};
@@ -104,8 +105,8 @@ int main(void) {
         const int32_t e = -(int32_t)((u >> 10) % 90) + 8;
         const int32_t bb = (u >> 20) & 1 ? (int32_t)next_u32() : (int32_t)(next_u32() & 0xFFFF) - 32768;
         const uint32_t rnd = next_u32();
-        const int64_t want = tf_clamp_i32((int64_t)bb - tf_scaled_update(acc, m, e, rnd, INT32_MAX), INT32_MIN,
-                                          INT32_MAX);
+        const int64_t want =
+            tf_clamp_i32((int64_t)bb - tf_scaled_update(acc, m, e, rnd, INT32_MAX), INT32_MIN, INT32_MAX);
         checks++;
         if (upd_bias(bb, acc, m, e, rnd) != want && failures++ < 10) {
             printf("FAIL bias b=%d acc=%d m=%d e=%d rnd=%u\n", (int)bb, (int)acc, (int)m, (int)e, (unsigned)rnd);
