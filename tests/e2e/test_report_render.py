@@ -69,7 +69,7 @@ def test_simulate_writes_report_with_personal_tensors_and_baselines(tmp_path):
         assert len(result[key]) == 2 and all(0.0 <= a <= 1.0 for a in result[key]), key
     keys = set(result["accuracy_mean_per_device"])
     assert {"global", "personalized", "local", "centralized"} <= keys
-    assert keys - {"global", "personalized", "local", "centralized"} <= {"bias", "head", "finetune", "ditto"}
+    assert keys - {"global", "personalized", "local", "centralized"} <= {"bias", "head", "finetune", "ditto", "select"}
     metrics = json.loads((run / "metrics.json").read_text())
     assert [r["device_id"] for r in metrics["per_device"]] == ["dev0000", "dev0001", "dev0002"]
     assert all(r["rounds_participated"] == 2 and r["sram_bytes"] > 0 for r in metrics["per_device"])
