@@ -592,20 +592,17 @@ def method_plan(task: Task, setup: Setup, methods: tuple[str, ...] = METHODS, se
     if n and "int8_lastk" in methods:
         lk = last_k(task, plan_memory(task, sp, rec)["mem_kb"], rec)
         out["int8_lastk"] = (lambda lr, s: run_int8(task, setup, lk, lr, s), task.grid, lk, rec)
-    if n and "int8_lastk_budget" in methods:
-        lb = last_k_fitting(task, search_budget, rec)
+    # last-k at the search's budget, priced with the shared recipe's optimizer state or with lite's
+    for name, r, grid, lite, priced in (("int8_lastk_budget", rec, task.grid, False, "the recipe's optimizer state"),
+                                        ("int8_lastk_lite", lrec, plain, True, "the lite recipe")):
+        if not (n and name in methods):
+            continue
+        lb = last_k_fitting(task, search_budget, r)
         if lb is None:
-            print(f"  {task.name} int8_lastk_budget: skipped, not even the last conv fits {search_budget} B with the "
-                  "recipe's optimizer state", file=sys.stderr, flush=True)
+            print(f"  {task.name} {name}: skipped, not even the last conv fits {search_budget} B with {priced}",
+                  file=sys.stderr, flush=True)
         else:
-            out["int8_lastk_budget"] = (lambda lr, s: run_int8(task, setup, lb, lr, s), task.grid, lb, rec)
-    if n and "int8_lastk_lite" in methods:
-        ll = last_k_fitting(task, search_budget, lrec)
-        if ll is None:
-            print(f"  {task.name} int8_lastk_lite: skipped, not even the last conv fits {search_budget} B with the lite "
-                  "recipe", file=sys.stderr, flush=True)
-        else:
-            out["int8_lastk_lite"] = (lambda lr, s: run_int8(task, setup, ll, lr, s, lite=True), plain, ll, lrec)
+            out[name] = (lambda lr, s, lb=lb, lite=lite: run_int8(task, setup, lb, lr, s, lite=lite), grid, lb, r)
     if n and "int8_searched" in methods:
         ss, _ = searched_scheme(task, setup, search_budget, quick)
         out["int8_searched"] = (lambda lr, s: run_int8(task, setup, ss, lr, s), task.grid, ss, rec)
