@@ -56,12 +56,12 @@ class Registry:
             Not a valid message of that kind, another device's id, or a status before any hello (the registry is
             unchanged).
         """
-        msg = parse(payload, Hello if kind == "hello" else Status)
-        if msg.device_id != device_id:  # type: ignore[attr-defined]
-            raise MessageError(MsgError.BAD_VALUE, f"device_id {msg.device_id!r} != topic id")  # type: ignore[attr-defined]
+        msg: Hello | Status = parse(payload, Hello) if kind == "hello" else parse(payload, Status)
+        if msg.device_id != device_id:
+            raise MessageError(MsgError.BAD_VALUE, f"device_id {msg.device_id!r} != topic id")
         was_online = self.is_online(device_id)
         rec = self.devices.get(device_id)
-        if rec is not None and msg.session is not None and msg.session < rec.session:  # type: ignore[union-attr]
+        if rec is not None and msg.session is not None and msg.session < rec.session:
             return Control(msg, was_online, False, stale=True)
         if isinstance(msg, Hello):
             self.on_hello(msg, now)

@@ -311,7 +311,7 @@ class Store:
 
     def devices(self) -> list[tuple[str, str, int]]:
         """``(device_id, hello JSON, last accepted counter)`` sorted by id."""
-        return [tuple(r) for r in self._db.execute(  # type: ignore[misc]
+        return [tuple(r) for r in self._db.execute(
             "SELECT device_id, hello, last_counter FROM devices ORDER BY device_id")]
 
     def counters(self) -> dict[str, int]:

@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, overload
 
 PROTOCOL_VERSION = 1
 MAX_PAYLOAD = 4096  # bytes; control messages are small, a bigger one is a bug or an attack
@@ -327,6 +327,17 @@ def split_topic(fleet: str, topic: str) -> tuple[str, str] | None:
     if len(rest) == 2 and rest[0] == "plan" and _HEX.fullmatch(rest[1]):
         return rest[1], "plan"
     return None
+
+
+M = TypeVar("M", bound=_Message)
+
+
+@overload
+def parse(payload: bytes, expect: type[M]) -> M: ...
+
+
+@overload
+def parse(payload: bytes, expect: None = None) -> _Message: ...
 
 
 def parse(payload: bytes, expect: type[_Message] | None = None) -> _Message:

@@ -22,7 +22,7 @@ from fleet.coordinator import async_round as ar
 from fleet.coordinator.core import Coordinator
 from fleet.coordinator.deltas import read_delta
 from fleet.coordinator.events import Boot, Output, Received, RoundClosed, RoundRefused, StartRound, Tick
-from fleet.security.dp import RDPAccountant, dp_mean, round_rng
+from fleet.security.dp import dp_mean, round_rng
 from fleet.store import DeltaRow
 
 
@@ -180,15 +180,10 @@ class AsyncCoordinator(Coordinator):
         new_state, staleness = self.aggregate_buffer(buffer_id)
         base, payload = self._encode_model(self.version, self.state, self.version + 1, new_state)
         new_hash = self.codec.update_hash(payload)
-        meta, epsilon = {}, None
-        if self.accountant is not None and self.config.dp is not None:
-            spent = RDPAccountant.from_json(self.accountant.to_json())  # spend a copy: the store decides
-            spent.budget = None
-            epsilon = spent.spend(1.0, self.config.dp.noise_multiplier).epsilon
-            meta["dp_accountant"] = spent.to_json()
+        spent, epsilon, meta = self._dp_spend()
         self.store.commit_buffer(buffer_id, self.version + 1, new_hash, self._pack(new_state), meta)
-        if meta:
-            spent.budget, self.accountant = self.config.dp.epsilon_budget, spent
+        if spent is not None:
+            self.accountant = spent
         self.version, self.hash, self.state = self.version + 1, new_hash, new_state
         self.model_base, self.model_payload = base, payload
         self.machine.handle(ar.Published(self.version, self.hash, now))

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -115,7 +115,7 @@ class FamilyCodec(WireCodec):
     def __init__(self, family, signer=None, verify=None):
         super().__init__(family.largest.plan, signer, verify)
         self.family = family
-        self.members: dict[str, tuple[object, WireCodec, dict[int, int]]] = {}  # plan hash -> member, codec, ids
+        self.members: dict[str, tuple[Any, WireCodec, dict[int, int]]] = {}  # plan hash -> member (PlanMember), codec, ids
         for m in family.members[:-1]:
             c = WireCodec(m.plan, signer, verify)
             self.members[c.plan_hash] = (m, c, family.id_map(m))

@@ -85,7 +85,7 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         self.full_sent: dict[str, int] = {}  # device -> version whose FULL form it was sent (reset by its hello)
         for device_id, hello_json, _ in store.devices():
             if hello_json != "{}":
-                self.registry.on_hello(parse(hello_json.encode(), Hello), 0.0)  # type: ignore[arg-type]
+                self.registry.on_hello(parse(hello_json.encode(), Hello), 0.0)
                 self.registry.mark_offline(device_id)  # online again at its next hello/status
         self._resume()
 
@@ -196,7 +196,8 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         ids = tuple(self._eligible())
         if getattr(self.codec, "assign", None) is None:
             return rnd.Eligible(ids, now)
-        return rnd.Eligible(ids, now, tuple((d, p) for d in ids if (p := self.plan_of(d)) != self.codec.plan_hash))
+        return rnd.Eligible(ids, now, tuple((d, p) for d in ids
+                                                  if (p := self.plan_of(d)) is not None and p != self.codec.plan_hash))
 
     def _refuse_unfit(self, device_id: str) -> list[Output]:
         """A device whose SRAM is below the smallest plan: an ack it can log (it will never get a task) + Unfit."""
@@ -249,6 +250,7 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         if msg.state == "failed":  # cannot train that round: for the open round, a dropout (stop waiting)
             return [DeviceFailed(msg.device_id, msg.round_id or 0, msg.reason or ""),
                     *self._failed(msg.device_id, msg.round_id or 0, now)]
+        assert msg.model_version is not None  # NOTE: Status refuses an online/busy/failed status without it
         return self._catch_up(msg.device_id, msg.model_version)
 
     def _refused(self, kind: str, device_id: str, now: float) -> list[Output]:
@@ -295,21 +297,30 @@ class Coordinator(Publication, DeltaBook, SecureRounds):
         self.secure_sum = None
         base, payload = self._encode_model(self.version, self.state, self.version + 1, new_state)
         new_hash = self.codec.update_hash(payload)
-        meta, epsilon = {}, None
-        if self.accountant is not None and self.config.dp is not None:
-            spent = RDPAccountant.from_json(self.accountant.to_json())  # spend a copy: the store decides
-            spent.budget = None  # NOTE: checked when the round started; the noise is already in the model
-            epsilon = spent.spend(1.0, self.config.dp.noise_multiplier, self.skellam_round()).epsilon
-            meta["dp_accountant"] = spent.to_json()
+        spent, epsilon, meta = self._dp_spend(self.skellam_round())
         m.handle(rnd.Closed(now))
         self.store.commit_round(m.snapshot(), self.version + 1, new_hash, self._pack(new_state), meta)
-        if meta:  # committed: the copy is now the accountant of record
-            spent.budget, self.accountant = self.config.dp.epsilon_budget, spent
+        if spent is not None:  # committed: the copy is now the accountant of record
+            self.accountant = spent
         self.version, self.hash, self.state = self.version + 1, new_hash, new_state
         self.model_base, self.model_payload = base, payload
         self.round_deltas = None
         return [Publish("model/current", payload, retain=True), *self._member_models(),
                 RoundClosed(cmd.round_id, True, self.version, tuple(sorted(m.accepted)), epsilon=epsilon)]
+
+    def _dp_spend(self, skellam: tuple[float, float, float] | None = None
+                  ) -> tuple[RDPAccountant | None, float | None, dict[str, str]]:
+        """With DP: a copy of the accountant with this commit spent, its epsilon, and the store meta that commits it
+        (the copy becomes the accountant once the store has committed); without DP: ``None, None, {}``."""
+        dp = self.config.dp
+        if self.accountant is None or dp is None:
+            return None, None, {}
+        spent = RDPAccountant.from_json(self.accountant.to_json())
+        spent.budget = None  # NOTE: checked when the round started; the noise is already in the model
+        epsilon = spent.spend(1.0, dp.noise_multiplier, skellam).epsilon
+        meta = {"dp_accountant": spent.to_json()}
+        spent.budget = dp.epsilon_budget
+        return spent, epsilon, meta
 
     def _member_models(self) -> list[Output]:
         """A plan family: each online device on a smaller plan gets the new version of its own plan (FULL, on

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from fleet import round as rnd
 from fleet.coordinator.codec import CodecError, DecodedDelta
 from fleet.coordinator.events import Claimed, Output, Received, Verdict
 from fleet.coordinator.partials import Merged, Partial, merge_partials
+from fleet.coordinator.parts import CoordinatorParts
 from fleet.security.dp import dp_mean, round_rng
 from fleet.store import DeltaRow
 
@@ -87,12 +89,12 @@ class RoundDeltas:
                 np.array([r[2] for r in rows], np.int64))
 
 
-class DeltaBook:
+class DeltaBook(CoordinatorParts):
     """Mixin of :class:`fleet.coordinator.Coordinator`: deltas in, verdicts and aggregates out."""
 
     # NOTE: set by an aggregation pool (fleet/coordinator/pool.py): ``round_id -> [Partial]``, the workers' sums of
     # the deltas they read (``Claimed``); None: this coordinator reads and sums every delta itself
-    partials = None
+    partials: Callable[[int], list[Partial]] | None = None
     last_merge: Merged | None = None  # how the last commit's sums were put together (workers, decoded here)
 
     def _delta(self, ev: Received, now: float) -> list[Output]:
@@ -180,13 +182,13 @@ class DeltaBook:
         weights = np.array([r.num_samples for r in rows], np.int64)
         return np.stack([f[0] for f in flat]), np.stack([f[1] for f in flat]), weights
 
-    def _merged(self, round_id: int) -> agg.RunningSums:
+    def _merged(self, round_id: int, partials: Callable[[int], list[Partial]]) -> agg.RunningSums:
         """The round's FedAvg sums: the workers' partials plus what this coordinator counted itself, each accepted
         delta exactly once; deltas no usable partial covers are decoded from the store here."""
         accepted = self.store.accepted_hashes(round_id)
         rd = self.round_deltas
         own = [Partial(round_id, rd.sums, dict(rd.hashes), "coordinator")] if rd is not None and rd.round_id == round_id else []
-        merged = merge_partials(round_id, accepted, own + list(self.partials(round_id)), self.size)
+        merged = merge_partials(round_id, accepted, own + list(partials(round_id)), self.size)
         if merged.missing:
             for r in self.store.deltas(round_id):
                 if r.device_id in merged.missing:
@@ -200,8 +202,8 @@ class DeltaBook:
         Uses the deltas decoded on arrival when they are exactly the round's stored ones, else decodes the store's.
         """
         c = self.config
-        if self.partials is not None and c.aggregator == "fedavg" and c.dp is None:
-            return self._apply(self._merged(round_id).mean())
+        if (partials := self.partials) is not None and c.aggregator == "fedavg" and c.dp is None:
+            return self._apply(self._merged(round_id, partials).mean())
         rd = self.round_deltas
         if rd is None or rd.round_id != round_id or rd.hashes != self.store.accepted_hashes(round_id):
             rd = self._reload(round_id)

@@ -266,6 +266,7 @@ class AggregationPool:
                     slot.verdicts.send(accepted)
                 except (BrokenPipeError, OSError):
                     pass  # died meanwhile: its messages come back to its successor, as duplicates if stored
+            assert self.link is not None  # NOTE: start() sets it before it spawns a worker
             self.link.submit_claims(claims, reply)
 
     def _supervise(self) -> None:

@@ -7,11 +7,12 @@ import numpy as np
 
 from device_agent.wire.messages import Publish, Task
 from fleet import round as rnd
-from fleet.coordinator.codec import encode_diff
+from fleet.coordinator.codec import FamilyCodec, encode_diff
 from fleet.coordinator.events import Output
+from fleet.coordinator.parts import CoordinatorParts
 
 
-class Publication:
+class Publication(CoordinatorParts):
     """Mixin of :class:`fleet.coordinator.Coordinator`: the outputs that carry models and tasks."""
 
     def _catch_up(self, device_id: str, held: int) -> list[Output]:
@@ -41,6 +42,7 @@ class Publication:
         self.full_sent[device_id] = self.version
         key = (plan, self.version)
         if self._member_full.get(plan, (None,))[0] != key:
+            assert isinstance(self.codec, FamilyCodec)  # NOTE: only a plan family has members (plan_of)
             payload = self.codec.encode_member_update(plan, self.version - 1, self.version, self.state)
             self._member_full[plan] = (key, payload)
         return [Publish(f"dev/{device_id}/model", self._member_full[plan][1])]

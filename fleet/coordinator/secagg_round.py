@@ -24,6 +24,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,11 +40,16 @@ from device_agent.wire.secagg import (
     UnmaskResponse,
     session_label,
 )
-from device_agent.wire.secagg_frames import Open, secagg_from_bytes, secagg_to_bytes
+from device_agent.wire.secagg_frames import Message, Open, secagg_from_bytes, secagg_to_bytes
 from fleet import aggregate as agg
 from fleet import round as rnd
 from fleet.coordinator.events import Dropped, Output, Received
+from fleet.coordinator.parts import CoordinatorParts
 from fleet.security.secagg import SecAggAborted, SecAggServer, plan_groups, split_dense_sums, to_signed
+
+if TYPE_CHECKING:
+    from fleet.security.dp import DPConfig
+    from fleet.security.secagg_config import SecureAggregationConfig
 
 
 class Stage(str, Enum):
@@ -80,7 +86,7 @@ class Clock:
 @dataclass(frozen=True)
 class Relay:
     device_id: str
-    msg: object
+    msg: Message
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,7 @@ class SecureRound:
         self.expected, self.deadline = set(self.group_of), deadline
         self.lost: set[str] = set()
         self.seen: set[tuple[str, str]] = set()
-        self.relayed: dict[str, object] = {}  # device -> the last stage message sent to it
+        self.relayed: dict[str, Message] = {}  # device -> the last stage message sent to it
         self.left: list[str] = []  # why groups left the round
 
     @property
@@ -189,8 +195,9 @@ class SecureRound:
         out: set[str] = set()
         for i in self.live:
             s = self.servers[i]
-            out |= set({Stage.ADVERTISE: s.keys, Stage.SHARE: s.shares, Stage.MASKED: s.masked,
-                        Stage.UNMASK: s.answers}[self.stage])
+            held: dict[Stage, dict[str, Any]] = {Stage.ADVERTISE: s.keys, Stage.SHARE: s.shares,
+                                                 Stage.MASKED: s.masked, Stage.UNMASK: s.answers}
+            out |= set(held[self.stage])
         return out
 
     def _advance(self, now: float) -> list[object]:
@@ -256,16 +263,22 @@ def secure_threshold(fraction: float, selected: int, min_accepted: int) -> int:
     return max(math.ceil(fraction * selected - 1e-9), selected // 2 + 1, min_accepted)
 
 
-class SecureRounds:
+class SecureRounds(CoordinatorParts):
     """Mixin of :class:`fleet.coordinator.Coordinator` for fleets with ``secure_aggregation``."""
 
     secure: SecureRound | None = None
     secure_sum: np.ndarray | tuple | None = None  # one unmasked sum, or one per group
     secure_group_size = MAX_GROUP  # devices per secure-aggregation group: more selected devices run in groups
 
+    def _masking(self) -> tuple[SecureAggregationConfig, DPConfig | None]:
+        """The fleet's ``secure_aggregation`` and ``dp`` configs (this mixin only runs in fleets that mask)."""
+        if self.config.secure_aggregation is None:
+            raise RuntimeError("a masked round in a fleet without secure_aggregation")
+        return self.config.secure_aggregation, self.config.dp
+
     def _secure_tasks(self, d: rnd.Dispatch, task: bytes) -> list[Output]:
         """The round's tasks inside OPEN frames (a device then never sends this round's delta in clear)."""
-        sa, m = self.config.secure_aggregation, self.machine
+        (sa, _), m = self._masking(), self.machine
         if self.secure is None or self.secure.round_id != d.round_id:
             groups = plan_groups(list(m.selected), self.secure_group_size)
             quorum = self.config.round.min_accepted if len(groups) == 1 else 0  # groups: the round's quorum decides
@@ -284,7 +297,7 @@ class SecureRounds:
         if dp is None:
             return None
         mu = self.skellam_terms()[2]
-        return Noise(dp.clip, self.config.secure_aggregation.resolution, mu, dp.units == "real")
+        return Noise(dp.clip, self._masking()[0].resolution, mu, dp.units == "real")
 
     def skellam_round(self) -> tuple[float, float, float] | None:
         """What the accountant spends for a round: ``(mu, l1, l2)`` of distributed Skellam noise, or None (the
@@ -297,7 +310,9 @@ class SecureRounds:
     def skellam_terms(self) -> tuple[float, float, float]:
         """``(l1, l2, mu)`` of a masked DP round: the lattice delta's norm is at most ``resolution + sqrt(D) / 2``
         after rounding (l2), ``l1 <= sqrt(D) l2``, and ``mu = (noise_multiplier l2)^2 / 2``."""
-        sa, dp = self.config.secure_aggregation, self.config.dp
+        sa, dp = self._masking()
+        if dp is None:
+            raise RuntimeError("Skellam noise terms of a masked round without dp")
         l2 = sa.resolution + math.sqrt(self.size) / 2
         return math.sqrt(self.size) * l2, l2, (dp.noise_multiplier * l2) ** 2 / 2
 
@@ -363,13 +378,14 @@ class SecureRounds:
         the noisy sum of clipped deltas over the round's goal, as central DP's ``dp_mean`` divides."""
         if self.secure_sum is None:
             raise RuntimeError("no masked sum to commit (a restarted coordinator abandons its masked round)")
-        sa, dp = self.config.secure_aggregation, self.config.dp
+        sa, dp = self._masking()
         parts = self.secure_sum if isinstance(self.secure_sum, tuple) else (self.secure_sum,)  # one sum per group
         if dp is None:
             sums = [split_dense_sums(p, sa.bits) for p in parts]
-            delta = agg.to_int_delta(agg.mean_from_sums(sum(n for n, _ in sums), sum(d for _, d in sums)))
+            delta = agg.to_int_delta(agg.mean_from_sums(np.sum([n for n, _ in sums], axis=0),
+                                                        np.sum([d for _, d in sums], axis=0)))
         else:  # the noisy lattice sum -> real units over the public denominator (the goal) -> integer units
-            lattice = sum(to_signed(p, sa.bits)[:-1] for p in parts).astype(np.float64)
+            lattice = np.sum([to_signed(p, sa.bits)[:-1] for p in parts], axis=0).astype(np.float64)
             real = lattice * (dp.clip / sa.resolution) / self.config.round.goal
             units = self.dp_units if self.dp_units is not None else 1.0
             delta = agg.to_int_delta(agg.Mean(real / units, np.ones(real.size, bool)))

@@ -258,7 +258,7 @@ class RDPAccountant:
     def _one(self, q: float, noise_multiplier: float,
              skellam: tuple[float, float, float] | None = None) -> np.ndarray:
         sk = None if skellam is None else tuple(float(v) for v in skellam)
-        return np.array(_rdp_vector(float(q), float(noise_multiplier), tuple(self.orders), sk))  # type: ignore[arg-type]
+        return np.array(_rdp_vector(float(q), float(noise_multiplier), tuple(self.orders), sk))
 
     def epsilon(self) -> float:
         """Cumulative epsilon (at ``delta``) of the rounds spent so far; 0 before any."""
