@@ -7,12 +7,14 @@ I/O stay in the reference engine, on the values copied back after each call. It 
 does: a batch of N samples is N device steps in one call, which is what the reference does only with a
 training recipe (plain reference mini-batches sum N gradients into one update; that is refused here rather
 than silently changed). A plan's training recipe (plan v2 RECIPE section) runs in C with its optimizer state
-there; ``load_trainable`` (a new model version) resets it, as on a board and in the reference.
+there; ``load_trainable`` (a new model version) resets it, as on a board and in the reference. In a source
+tree it refuses a library built from other sources than the tree's (its build id differs): run ``make native``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 from pathlib import Path
 
@@ -25,7 +27,12 @@ from device_agent.engine.trainer import StepStats, Trainer
 from device_agent.engine.update import lr_mant_exp
 from device_agent.wire.plan import plan_to_bytes
 
-LIBRARY = Path(__file__).resolve().parent.parent / "firmware" / "build" / "native" / "libtinyfleet_native.so"
+FIRMWARE = Path(__file__).resolve().parent.parent / "firmware"
+LIBRARY = FIRMWARE / "build" / "native" / "libtinyfleet_native.so"
+# What the library is built from (boards/host/native.mk SRC and HDR; keep the two lists alike): its build id hashes
+# these files.
+NATIVE_SOURCES = ("src/kernels/*.c", "src/runtime/*.c", "src/wire/*.c", "src/proto/tf_crc.c", "boards/host/tf_native.c",
+                  "include/*.h", "src/kernels/*.h", "src/runtime/*.h", "src/wire/*.h")
 RUNTIME_ERRORS = {1: "too many tensors/ops/classes for the runtime's tables", 2: "not enough memory",
                   3: "an op the runtime cannot run", 4: "an op's scratch buffer is missing",
                   5: "a kernel refused", 6: "a bad sample (label out of range or token id outside the table)"}
@@ -37,8 +44,30 @@ class NativeError(RuntimeError):
     """The native library is missing or refused the plan or a step."""
 
 
+def source_build_id(firmware: Path) -> str | None:
+    """The build id ``make native`` gives a library built from the sources under ``firmware``; None outside a source
+    tree (no ``boards/host/native.mk``). As native.mk: the first 16 hex digits of the sha256 of ``sha256sum``'s
+    listing of the files, in path order."""
+    if not (firmware / "boards" / "host" / "native.mk").is_file():
+        return None
+    files = sorted({p.relative_to(firmware).as_posix() for pattern in NATIVE_SOURCES for p in firmware.glob(pattern)})
+    listing = "".join(f"{hashlib.sha256((firmware / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def library_build_id(lib: ctypes.CDLL) -> str | None:
+    """The build id a library exports (None: built before libraries had one)."""
+    try:
+        fn = lib.tf_native_build_id
+    except AttributeError:
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode("ascii")
+
+
 def load_library(path: Path | None = None) -> ctypes.CDLL:
-    """The shared library (built once per checkout by ``make native``), with its function signatures."""
+    """The shared library (built once per checkout by ``make native``), with its function signatures; in a source
+    tree, only if it was built from that tree's sources (:func:`source_build_id`)."""
     global _lib
     if _lib is not None and path is None:
         return _lib
@@ -46,6 +75,11 @@ def load_library(path: Path | None = None) -> ctypes.CDLL:
     if not path.exists():
         raise NativeError(f"native engine library {path} not built: run `make native` (needs gcc)")
     lib = ctypes.CDLL(str(path))
+    want = source_build_id(FIRMWARE)
+    built = library_build_id(lib)
+    if want is not None and built != want:
+        raise NativeError(f"native engine library {path} is stale: built from other sources than {FIRMWARE} "
+                          f"(build id {built or 'none'}, the sources give {want}): run `make native` to rebuild it")
     u8p, i32p, u32p = ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_uint32)
     lib.tf_native_open.restype = ctypes.c_void_p
     lib.tf_native_open.argtypes = [u8p, ctypes.c_uint32, i32p, i32p]

@@ -2,7 +2,9 @@
 
 Each config dataclass declares its fields with types; ``validate(self) -> list[str]`` methods may add
 semantic checks (messages relative to the object). :func:`load` collects *all* errors before raising
-:class:`ConfigError`, e.g. ``fleet.rounds: must be > 0, got -3``. No globals, no environment variables.
+:class:`ConfigError`, e.g. ``fleet.rounds: must be > 0, got -3``. One bad value is one error: an object holding a
+value of the wrong type (anywhere below it) is not checked, as its checks would see the placeholder put in its
+place (``devices: 0`` for ``devices: ten``). No globals, no environment variables.
 """
 
 from __future__ import annotations
@@ -52,7 +54,19 @@ class Size(int):
     """A byte count that YAML may write as ``256KB`` / ``320KiB``."""
 
 
-def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
+class _Errors(list):
+    """The errors found so far; ``wrong_type`` counts values that were replaced by a placeholder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wrong_type = 0
+
+    def type_error(self, message: str) -> None:
+        self.append(message)
+        self.wrong_type += 1
+
+
+def _convert(tp: Any, value: Any, path: str, errors: _Errors) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -64,18 +78,18 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         return _convert(inner[0], value, path, errors) if len(inner) == 1 else value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            errors.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            errors.type_error(f"{path}: expected a mapping, got {type(value).__name__}")
             return None
         return _build(tp, value, path, errors)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            errors.append(f"{path}: expected a list, got {value!r}")
+            errors.type_error(f"{path}: expected a list, got {value!r}")
             return []
         (item,) = typing.get_args(tp)[:1] or (Any,)
         return [_convert(item, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            errors.append(f"{path}: expected a mapping, got {value!r}")
+            errors.type_error(f"{path}: expected a mapping, got {value!r}")
             return {}
         _, vt = typing.get_args(tp) or (Any, Any)
         return {k: _convert(vt, v, f"{path}.{k}", errors) for k, v in value.items()}
@@ -83,31 +97,32 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         try:
             return Size(parse_size(value))
         except ValueError as e:
-            errors.append(f"{path}: {e}")
+            errors.type_error(f"{path}: {e}")
             return Size(0)
     if tp is bool:
         if not isinstance(value, bool):
-            errors.append(f"{path}: expected true/false, got {value!r}")
+            errors.type_error(f"{path}: expected true/false, got {value!r}")
         return bool(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{path}: expected an integer, got {value!r}")
+            errors.type_error(f"{path}: expected an integer, got {value!r}")
             return 0
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{path}: expected a number, got {value!r}")
+            errors.type_error(f"{path}: expected a number, got {value!r}")
             return 0.0
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            errors.append(f"{path}: expected a string, got {value!r}")
+            errors.type_error(f"{path}: expected a string, got {value!r}")
         return str(value)
     return value
 
 
-def _build(cls: type[T], data: dict, path: str, errors: list[str]) -> T:
+def _build(cls: type[T], data: dict, path: str, errors: _Errors) -> T:
     hints = typing.get_type_hints(cls)
+    wrong_before = errors.wrong_type
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
@@ -124,7 +139,7 @@ def _build(cls: type[T], data: dict, path: str, errors: list[str]) -> T:
     except TypeError:
         return None  # type: ignore[return-value]  # missing keys already reported
     check = getattr(obj, "validate", None)
-    if check is not None:
+    if check is not None and errors.wrong_type == wrong_before:
         errors.extend(f"{_join(path, msg)}" if not msg.startswith(":") else f"{path}{msg}" for msg in check())
     return obj
 
@@ -135,12 +150,12 @@ def _join(path: str, key: str) -> str:
 
 def from_dict(cls: type[T], data: dict, source: str = "", prefix: str = "") -> T:
     """Build ``cls`` from a mapping; raise :class:`ConfigError` listing every problem."""
-    errors: list[str] = []
+    errors = _Errors()
     if not isinstance(data, dict):
         raise ConfigError([f"{prefix or '<root>'}: expected a mapping, got {type(data).__name__}"], source)
     obj = _build(cls, data, prefix, errors)
     if errors:
-        raise ConfigError(errors, source)
+        raise ConfigError(list(errors), source)
     return obj
 
 

@@ -3,7 +3,8 @@
 The input quantization comes from a plan (``--plan plan.ttp``: its input tensor, with the same checks a device
 applies to its data, device_agent/samples.py) or is given (``--scale``, ``--zero-point``, printed by
 ``tinyfleet compile``): ``q = clip(round(x / scale) + zero_point, -128, 127)``. ``y`` and any other array are
-copied unchanged. It refuses NaN/Inf, non-float ``x`` and a file without ``x``; it says how many values saturated.
+copied unchanged. It refuses NaN/Inf, non-float ``x``, a file that is not a .npz (zip) archive and one without ``x``;
+it says how many values saturated.
 """
 
 from __future__ import annotations
@@ -43,9 +44,25 @@ def quantize(x: np.ndarray, scale: float, zero_point: int) -> tuple[np.ndarray, 
     return np.clip(q, -128, 127).astype(np.int8), int(np.count_nonzero((q < -128) | (q > 127)))
 
 
+# NOTE: np.load guesses the format from the first bytes and takes anything else for a pickle, so a text or .npy
+# file would be reported as pickled data; a .npz is a zip archive (local file header, or the end record if empty).
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _read(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise QuantizeError(f"{path}: no such file")
+    try:
+        with path.open("rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise QuantizeError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not head.startswith(_ZIP_MAGIC):
+        what = "a single-array .npy file" if head.startswith(_NPY_MAGIC) else \
+            "an empty file" if not head else f"it starts with {head[:4]!r}"
+        raise QuantizeError(f"{path}: not a .npz (zip) archive ({what}); save the samples with "
+                            "np.savez(path, x=x, y=y)")
     try:
         with np.load(path, allow_pickle=False) as data:
             if isinstance(data, np.ndarray) or "x" not in data.files:

@@ -1,10 +1,47 @@
-"""Broker-group fixtures: each test gets its own Mosquitto on a free loopback port, stopped afterwards."""
+"""Broker-group fixtures: each test gets its own Mosquitto on a free loopback port, stopped afterwards; the pieces
+of a fleet the broker tests share (host devices on the tiny plan, waiting for them to register, `tinyfleet serve`
+with two `device-agent run` processes)."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
 from tests.conftest import require_cmd
+
+
+def host_agent(url, fleet: str, plan, device_id: str, seed: int, samples: int = 32):
+    """A host device (a :class:`DeviceAgent`, not started) training ``plan`` on ``tiny_dataset(samples, seed)``
+    through ``url`` (a URL string or a BrokerURL with its credentials)."""
+    import numpy as np
+
+    from device_agent.buffer import SampleBuffer
+    from device_agent.engine.trainer import Trainer
+    from device_agent.mqtt import DeviceAgent
+    from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
+    from device_agent.wire.envelope import Verifier
+    from tests.fixtures.tiny import tiny_dataset
+
+    x, y = tiny_dataset(samples, seed=seed)
+    buf = SampleBuffer(samples, x.shape[1:], np.int8, seed=seed)
+    buf.add(x, y)
+    proto = DeviceProtocol(Identity(device_id, "host", 1 << 20, 1 << 20), plan, Trainer(plan),
+                           WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=seed)
+    return DeviceAgent(url, fleet, proto, will_delay=0)
+
+
+def online(link) -> int:
+    """Devices the coordinator behind ``link`` counts online."""
+    return link.call(lambda c: sum(r.online for r in c.registry.devices.values()))
+
+
+def wait_online(link, n: int, timeout: float = 30.0, what: str = "devices did not register") -> None:
+    """Wait until the coordinator counts at least ``n`` devices online; fail with ``what`` after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while online(link) < n:
+        assert time.monotonic() < end, what
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -27,20 +64,12 @@ class TinyFleet:
 
     def __init__(self, url, store_path, n=3, fleet="t", goal=None, quorum=0.5, deadline=20.0, dup_deltas=False):
         import threading
-        import time
 
-        import numpy as np
-
-        from device_agent.buffer import SampleBuffer
-        from device_agent.engine.trainer import Trainer
-        from device_agent.mqtt import DeviceAgent
-        from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
-        from device_agent.wire.envelope import Verifier
         from fleet import round as rnd
         from fleet.coordinator import Coordinator, CoordinatorConfig, WireCodec
         from fleet.mqtt import CoordinatorLink
         from fleet.store import Store
-        from tests.fixtures.tiny import tiny_dataset, tiny_plan
+        from tests.fixtures.tiny import tiny_plan
 
         self.plan = plan = tiny_plan()
         self.outputs: list = []
@@ -52,12 +81,7 @@ class TinyFleet:
         self.link.start()
         self.agents = []
         for i in range(n):
-            x, y = tiny_dataset(32, seed=i)
-            buf = SampleBuffer(32, x.shape[1:], np.int8, seed=i)
-            buf.add(x, y)
-            proto = DeviceProtocol(Identity(f"d{i}", "host", 1 << 20, 1 << 20), plan, Trainer(plan),
-                                   WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
-            agent = DeviceAgent(url, fleet, proto, will_delay=0)
+            agent = host_agent(url, fleet, plan, f"d{i}", seed=i)
             if dup_deltas:  # every delta published twice: what a QoS 1 redelivery looks like to the coordinator
                 pub = agent.endpoint.publish
 
@@ -80,8 +104,6 @@ class TinyFleet:
             return [o for o in self.outputs if isinstance(o, cls)]
 
     def wait(self, pred, timeout=20.0):
-        import time
-
         end = time.monotonic() + timeout
         while not pred():
             assert time.monotonic() < end, "timed out"
@@ -98,7 +120,7 @@ class TinyFleet:
         return self.of(RoundClosed)[-1]
 
     def online(self):
-        return self.link.call(lambda c: sum(r.online for r in c.registry.devices.values()))
+        return online(self.link)
 
     def state(self):
         return self.link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
@@ -122,3 +144,29 @@ def tiny_fleet(broker, tmp_path):
     yield make
     for f in made:
         f.close()
+
+
+@pytest.fixture
+def serve_tiny(broker, tmp_path):
+    """``serve_tiny(name, settings, serve_args=(), store=None)`` -> ``(rc, stderr)``: `tinyfleet serve` of the tiny
+    plan (``tmp_path/plan.ttp``) for the fleet ``name`` of ``tmp_path/fleet.yaml`` (2 devices on the ``broker``
+    fixture, then the YAML lines ``settings``) with two `device-agent run` processes on ``tmp_path/d0.npz``,
+    ``d1.npz``; the store is ``tmp_path/store.sqlite`` unless given. Every process has ended when it returns."""
+    import numpy as np
+
+    from device_agent.wire.plan import plan_to_bytes
+    from tests.fixtures.serve import serve_with_agents
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
+
+    def run(name: str, settings: str, serve_args=(), store=None):
+        (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
+        (tmp_path / "fleet.yaml").write_text(
+            f"name: {name}\nbroker: mqtt://127.0.0.1:{broker.port}\ndevices: 2\n{settings}")
+        for i in range(2):
+            x, y = tiny_dataset(32, seed=i)
+            np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
+        return serve_with_agents(tmp_path / "fleet.yaml", store or tmp_path / "store.sqlite",
+                                 [tmp_path / f"d{i}.npz" for i in range(2)], name, broker.port,
+                                 ["--plan", tmp_path / "plan.ttp", *serve_args])
+
+    return run

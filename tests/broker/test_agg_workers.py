@@ -10,6 +10,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.broker.conftest import wait_online
+
 pytestmark = pytest.mark.broker
 
 N = 24  # devices
@@ -106,10 +108,7 @@ def _run(broker, tmp_path, workers: int, crash_after: int = 0, rounds: int = 2, 
     player = Player(broker.url, link.call(lambda c: c.codec.plan_hash), _templates(plan), copies=copies,
                     gap_s=gap_s, fleet=fleet)
     try:
-        end = time.monotonic() + 30
-        while link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < N:
-            assert time.monotonic() < end, "devices did not register"
-            time.sleep(0.05)
+        wait_online(link, N)
         states = []
         for r in range(rounds):
             done.clear()
@@ -155,23 +154,10 @@ def test_a_worker_killed_after_acceptance_loses_and_doubles_nothing(broker, tmp_
         assert all(np.array_equal(s1[k], s2[k]) for k in s1)
 
 
-def test_serve_with_aggregation_workers_commits_a_round(broker, tmp_path):
+def test_serve_with_aggregation_workers_commits_a_round(serve_tiny):
     # Prepare: `tinyfleet serve` with two aggregation workers and two `device-agent run` processes
-    from device_agent.wire.plan import plan_to_bytes
-    from tests.fixtures.serve import serve_with_agents
-    from tests.fixtures.tiny import tiny_dataset, tiny_plan
-
-    (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
-    (tmp_path / "fleet.yaml").write_text(
-        f"name: aggserve\nbroker: mqtt://127.0.0.1:{broker.port}\ndevices: 2\nrounds: 2\nlocal_steps: 5\n"
-        "deadline: 30\naggregation_workers: 2\n")
-    for i in range(2):
-        x, y = tiny_dataset(32, seed=i)
-        np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
     # Execute
-    rc, err = serve_with_agents(tmp_path / "fleet.yaml", tmp_path / "store.sqlite",
-                                [tmp_path / f"d{i}.npz" for i in range(2)], "aggserve", broker.port,
-                                ["--plan", tmp_path / "plan.ttp"])
+    rc, err = serve_tiny("aggserve", "rounds: 2\nlocal_steps: 5\ndeadline: 30\naggregation_workers: 2\n")
     # Assert
     assert rc == 0, err
     assert "2 aggregation workers on tinyfleet/aggserve/dev/+/delta (shared subscription)" in err
@@ -204,10 +190,7 @@ def test_a_lingering_worker_answers_a_commit_at_once_without_its_unclaimed_delta
     pool.start(link)
     player = Player(broker.url, link.call(lambda c: c.codec.plan_hash), _templates(plan), copies=1, fleet=fleet)
     try:
-        end = time.monotonic() + 30
-        while link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < N:
-            assert time.monotonic() < end, "devices did not register"
-            time.sleep(0.05)
+        wait_online(link, N)
         link.submit(StartRound())
         time.sleep(1.5)  # the tasks go out, the deltas come back to the worker
         # Execute: the coordinator asks for the round's partial (as a commit does) while the batch lingers

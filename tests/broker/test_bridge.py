@@ -18,6 +18,7 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 
+from tests.broker.conftest import host_agent, wait_online
 from tests.broker.test_acl import Mosquitto
 from tests.conftest import require_cmd
 
@@ -36,16 +37,12 @@ class Fleet:
     """A coordinator on ``coord_url`` and the six devices, each on the URL ``device_url(d)`` gives."""
 
     def __init__(self, coord_url: str, device_url, store: str):
-        from device_agent.buffer import SampleBuffer
-        from device_agent.engine.trainer import Trainer
-        from device_agent.mqtt import BrokerURL, DeviceAgent
-        from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
-        from device_agent.wire.envelope import Verifier
+        from device_agent.mqtt import BrokerURL
         from fleet import round as rnd
         from fleet.coordinator import Coordinator, CoordinatorConfig, RoundClosed, WireCodec
         from fleet.mqtt import CoordinatorLink
         from fleet.store import Store
-        from tests.fixtures.tiny import tiny_dataset, tiny_plan
+        from tests.fixtures.tiny import tiny_plan
 
         plan = tiny_plan()
         self.closed: list = []
@@ -60,18 +57,9 @@ class Fleet:
                                 local_steps=5)
         self.link = CoordinatorLink(BrokerURL.parse(coord_url), FLEET, lambda: Coordinator(
             plan, Store(store), cfg, time.time, WireCodec(plan)), on_output=on_output).start()
-        self.agents = []
-        for i, d in enumerate(DEVICES):
-            x, y = tiny_dataset(32, seed=i)
-            buf = SampleBuffer(32, x.shape[1:], np.int8, seed=i)
-            buf.add(x, y)
-            proto = DeviceProtocol(Identity(d, "host", 1 << 20, 1 << 20), plan, Trainer(plan),
-                                   WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
-            self.agents.append(DeviceAgent(BrokerURL.parse(device_url(d)), FLEET, proto, will_delay=0).start())
-        end = time.monotonic() + 30
-        while self.link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < len(DEVICES):
-            assert time.monotonic() < end, "devices did not register through the brokers"
-            time.sleep(0.05)
+        self.agents = [host_agent(BrokerURL.parse(device_url(d)), FLEET, plan, d, seed=i).start()
+                       for i, d in enumerate(DEVICES)]
+        wait_online(self.link, len(DEVICES), what="devices did not register through the brokers")
 
     def round(self, after_start=None):
         from fleet.coordinator import StartRound

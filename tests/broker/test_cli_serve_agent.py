@@ -8,27 +8,14 @@ import sys
 import numpy as np
 
 from tests.conftest import ROOT
-from tests.fixtures.serve import serve_with_agents
 
 
-def test_serve_and_two_device_agents_commit_a_round(broker, tmp_path):
-    from device_agent.wire.plan import plan_to_bytes
-    from tests.fixtures.tiny import tiny_dataset, tiny_plan
-
-    (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
-    (tmp_path / "fleet.yaml").write_text(
-        f"name: clitest\nbroker: mqtt://127.0.0.1:{broker.port}\ndevices: 2\nrounds: 1\nlocal_steps: 5\n"
-        "deadline: 30\n")
-    for i in range(2):
-        x, y = tiny_dataset(32, seed=i)
-        np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
-    store = tmp_path / "store.sqlite"
-    rc, err = serve_with_agents(tmp_path / "fleet.yaml", store, [tmp_path / f"d{i}.npz" for i in range(2)],
-                                "clitest", broker.port, ["--plan", tmp_path / "plan.ttp"])
+def test_serve_and_two_device_agents_commit_a_round(serve_tiny, tmp_path):
+    rc, err = serve_tiny("clitest", "rounds: 1\nlocal_steps: 5\ndeadline: 30\n")
 
     assert rc == 0, err
     assert "round 1: committed v2 (2 deltas)" in err
-    _eval_scores_every_stored_version(tmp_path, store)
+    _eval_scores_every_stored_version(tmp_path, tmp_path / "store.sqlite")
 
 
 def _eval_scores_every_stored_version(tmp_path, store):

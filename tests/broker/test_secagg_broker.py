@@ -17,6 +17,7 @@ import pytest
 from device_agent.wire.secagg_frames import secagg_from_bytes
 from fleet.coordinator import RoundClosed, StartRound
 from fleet.security.secagg_config import SecureAggregationConfig
+from tests.broker.conftest import host_agent, wait_online
 
 
 class Fleet:
@@ -27,16 +28,11 @@ class Fleet:
     """
 
     def __init__(self, url, store_path, fleet, n=4, secure=True, silent_after=None, skip=(), dp=None):
-        from device_agent.buffer import SampleBuffer
-        from device_agent.engine.trainer import Trainer
-        from device_agent.mqtt import DeviceAgent
-        from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
-        from device_agent.wire.envelope import Verifier
         from fleet import round as rnd
         from fleet.coordinator import Coordinator, CoordinatorConfig, WireCodec
         from fleet.mqtt import CoordinatorLink
         from fleet.store import Store
-        from tests.fixtures.tiny import tiny_dataset, tiny_plan
+        from tests.fixtures.tiny import tiny_plan
 
         self.plan = plan = tiny_plan()
         self.store_path = store_path
@@ -54,16 +50,10 @@ class Fleet:
         self.agents = {}
         self.went_silent = {d: threading.Event() for d in (silent_after or {})}
         for did in ids:
-            i = int(did[1:])
-            x, y = tiny_dataset(32, seed=i)
-            buf = SampleBuffer(32, x.shape[1:], np.int8, seed=i)
-            buf.add(x, y)
-            proto = DeviceProtocol(Identity(did, "host", 1 << 20, 1 << 20), plan, Trainer(plan),
-                                   WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
-            agent = DeviceAgent(url, fleet, proto, will_delay=0)
+            agent = host_agent(url, fleet, plan, did, seed=int(did[1:]))
             self._tap(agent, did, (silent_after or {}).get(did))
             self.agents[did] = agent.start()
-        self.wait(lambda: self.link.call(lambda c: sum(r.online for r in c.registry.devices.values())) == len(ids))
+        wait_online(self.link, len(ids))
 
     def _tap(self, agent, did, silent_after):
         pub = agent.endpoint.publish
@@ -190,11 +180,7 @@ def test_medical_pilot_config_masked_round_over_tls_with_per_device_credentials(
 
     import paho.mqtt.client as paho
 
-    from device_agent.buffer import SampleBuffer
-    from device_agent.engine.trainer import Trainer
-    from device_agent.mqtt import BrokerURL, DeviceAgent
-    from device_agent.protocol import DeviceProtocol, Identity, WireDeviceCodec
-    from device_agent.wire.envelope import Verifier
+    from device_agent.mqtt import BrokerURL
     from fleet.coordinator import Coordinator, WireCodec
     from fleet.mqtt import CoordinatorLink
     from fleet.schema import load_fleet_config
@@ -203,7 +189,7 @@ def test_medical_pilot_config_masked_round_over_tls_with_per_device_credentials(
     from fleet.store import Store
     from tests.broker.test_acl import Mosquitto
     from tests.conftest import ROOT, require_cmd
-    from tests.fixtures.tiny import tiny_dataset, tiny_plan
+    from tests.fixtures.tiny import tiny_plan
 
     require_cmd("mosquitto")
     ids = [f"h{h}-d{i}" for h in range(4) for i in range(4)]
@@ -227,14 +213,9 @@ def test_medical_pilot_config_masked_round_over_tls_with_per_device_credentials(
     try:
         link.start()
         for i, dev in enumerate(ids):
-            x, y = tiny_dataset(16, seed=i)
-            buf = SampleBuffer(16, x.shape[1:], np.int8, seed=i)
-            buf.add(x, y)
-            proto = DeviceProtocol(Identity(dev, "host", 1 << 20, 1 << 20), plan, Trainer(plan),
-                                   WireDeviceCodec(plan, Verifier.unsigned()), buf, seed=i)
             url = BrokerURL("127.0.0.1", files.port, tls=True, username=dev, password=files.devices[dev],
                             ca_file=str(files.ca_cert))
-            agents.append(DeviceAgent(url, cfg.name, proto, will_delay=0).start())
+            agents.append(host_agent(url, cfg.name, plan, dev, seed=i, samples=16).start())
         # a curious device subscribes to another device's relay topic: the ACL delivers nothing
         spy_got: list = []
         spy = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="spy", protocol=paho.MQTTv5)
@@ -246,10 +227,8 @@ def test_medical_pilot_config_masked_round_over_tls_with_per_device_credentials(
         spy.subscribe(f"tinyfleet/{cfg.name}/dev/+/secagg", qos=1)
         spy.subscribe(f"tinyfleet/{cfg.name}/dev/{ids[0]}/secagg_relay", qos=1)  # its own: the control
         spy.loop_start()
+        wait_online(link, len(ids), what="devices never came online through the ACL")
         end = time.monotonic() + 30
-        while link.call(lambda c: sum(r.online for r in c.registry.devices.values())) < len(ids):
-            assert time.monotonic() < end, "devices never came online through the ACL"
-            time.sleep(0.05)
         before = link.call(lambda c: {k: v.copy() for k, v in c.state.items()})
         link.submit(StartRound())
         while not closed:

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 
 from tests.conftest import ROOT
-from tests.fixtures.serve import serve_with_agents
 
 
 def _tinyfleet(*argv):
@@ -18,25 +17,16 @@ def _tinyfleet(*argv):
                           capture_output=True, text=True, timeout=180)
 
 
-def test_serve_out_writes_a_run_directory_that_report_and_eval_agree_with(broker, tmp_path):
+def test_serve_out_writes_a_run_directory_that_report_and_eval_agree_with(serve_tiny, tmp_path):
     # Prepare: a two-device fleet with coordinator-side evaluation data (path relative to the config)
-    from device_agent.wire.plan import plan_to_bytes
-    from tests.fixtures.tiny import tiny_dataset, tiny_plan
+    from tests.fixtures.tiny import tiny_dataset
 
-    (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
-    (tmp_path / "fleet.yaml").write_text(
-        f"name: outtest\nbroker: mqtt://127.0.0.1:{broker.port}\ndevices: 2\nrounds: 2\nlocal_steps: 8\n"
-        "deadline: 30\nevaluation: {data: test.npz}\n")
-    for i in range(2):
-        x, y = tiny_dataset(32, seed=i)
-        np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
     x, y = tiny_dataset(64, seed=9)
     np.savez(tmp_path / "test.npz", x=x, y=y)
     run = tmp_path / "run"
     # Execute
-    rc, err = serve_with_agents(tmp_path / "fleet.yaml", run / "store.sqlite",
-                                [tmp_path / f"d{i}.npz" for i in range(2)], "outtest", broker.port,
-                                ["--plan", tmp_path / "plan.ttp", "--out", run])
+    rc, err = serve_tiny("outtest", "rounds: 2\nlocal_steps: 8\ndeadline: 30\nevaluation: {data: test.npz}\n",
+                         ["--out", run], store=run / "store.sqlite")
     report = _tinyfleet("report", run)
     scored = _tinyfleet("eval", tmp_path / "fleet.yaml", "--store", run / "store.sqlite", "--plan",
                         tmp_path / "plan.ttp", "--data", tmp_path / "test.npz", "--json")

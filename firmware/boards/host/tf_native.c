@@ -7,6 +7,14 @@
 
 #include "tf_runtime.h"
 
+#ifndef TF_NATIVE_BUILD_ID
+#error "TF_NATIVE_BUILD_ID: the hash of the sources this library is built from (boards/host/native.mk)"
+#endif
+
+/* What the library was built from (boards/host/native.mk): native.py refuses a library whose id differs from its
+ * source tree's, instead of failing later on a plan the older code reads differently. */
+const char *tf_native_build_id(void) { return TF_NATIVE_BUILD_ID; }
+
 typedef struct {
     tf_runtime rt;
     uint8_t *blob;

@@ -151,7 +151,7 @@ uint32_t tf_board_ram_size(void) { return (uint32_t)((uintptr_t)&__ram_end - (ui
 uint32_t tf_board_flash_used(void) { return (uint32_t)(uintptr_t)&__flash_end; }
 uint32_t tf_board_cpuid(void) { return SCB_CPUID; }
 
-/* Entered with SP reset to the stack top (startup.c): report ERR_INTERNAL on the UART, then halt. */
+/* Entered with SP reset to the stack top (boards/common/startup.c): report ERR_INTERNAL on the UART, then halt. */
 void tf_board_fault(uint32_t exception) {
     __asm__ volatile("cpsid i" ::: "memory");
     fault_exception = exception;

@@ -1,6 +1,7 @@
 /* STM32 board services shared by the F4 and F7 ports: SysTick extended to 64 bits (or the DWT cycle counter
  * where the core has a running one), the MPU stack guard, painted-stack high-water and the memory facts from the
- * linker script. The USART driver and the clock tree are per family (usart_f4.c, usart_f7.c). */
+ * linker script. The clock tree and the USART registers are per family (usart_f4.c, usart_f7.c), the USART's
+ * receive ring and transmit loop are usart.c. */
 #include "stm32.h"
 #include "tf_proto.h"
 
@@ -13,6 +14,15 @@ static int use_dwt;
 volatile uint32_t fault_exception; /* IPSR of the last fault, for a debugger */
 
 void tf_stm32_dsb_isb(void) { __asm__ volatile("dsb\n isb" ::: "memory"); }
+
+int tf_stm32_wait_set(volatile uint32_t *reg, uint32_t mask, uint32_t want) {
+    for (uint32_t i = 0; i < 100000u; i++) {
+        if ((*reg & mask) == want) {
+            return 1;
+        }
+    }
+    return 0;
+}
 
 static void cyc_extend(void) {
     const uint32_t now = DWT_CYCCNT;
@@ -126,7 +136,7 @@ uint32_t tf_board_ram_size(void) { return (uint32_t)(uintptr_t)&__ram_size; }
 uint32_t tf_board_flash_used(void) { return (uint32_t)((uintptr_t)&__flash_end - (uintptr_t)&__flash_start); }
 uint32_t tf_board_cpuid(void) { return SCB_CPUID; }
 
-/* Entered with SP reset to the stack top (startup.c): report ERR_INTERNAL on the USART, then halt. */
+/* Entered with SP reset to the stack top (boards/common/startup.c): report ERR_INTERNAL on the USART, then halt. */
 void tf_board_fault(uint32_t exception) {
     __asm__ volatile("cpsid i" ::: "memory");
     fault_exception = exception;

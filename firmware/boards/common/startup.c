@@ -1,18 +1,19 @@
-/* Reset and vector table for the mps2 boards: copy .data, zero .bss, paint the stack, jump to main.
- * Faults (incl. a stack overflow into the MPU guard) move SP to a safe place and report over UART0. */
+/* Reset and vector table every Cortex-M port shares: copy .data, zero .bss, paint the stack, jump to main. Faults
+ * (incl. a stack overflow into the MPU guard) move SP to the stack top and report through tf_board_fault. The
+ * board's interrupts come from the tf_board_irqs.h on its include path: TF_N_IRQ, and TF_IRQ_VECTORS for those it
+ * handles (the rest go to the default handler); a board without one does not build. The linker script provides
+ * the symbols the asm names. */
 #include <stdint.h>
 
 #include "tf_board.h"
+#include "tf_board_irqs.h"
 
-extern uint32_t __data_start, __data_end, __data_load, __bss_start, __bss_end;
-extern uint32_t __stack_top, __stack_limit;
+extern uint32_t __stack_top;
 
 int main(void);
 void tf_reset_handler(void);
 void tf_fault_entry(void);
 void tf_default_handler(void);
-void tf_uart0_rx_handler(void);
-void tf_systick_handler(void);
 
 __attribute__((naked, noreturn)) void tf_reset_handler(void) {
     /* NOTE: naked + asm so nothing touches the stack before it is painted. */
@@ -37,8 +38,10 @@ void tf_default_handler(void) { tf_board_fault(0xFF); }
 
 typedef void (*tf_vector)(void);
 
-/* Cortex-M core vectors, then mps2 IRQs: UART0 RX is IRQ 0, UART0 TX IRQ 1. */
-__attribute__((section(".vectors"), used)) const tf_vector tf_vectors[16 + 32] = {
+/* The Cortex-M core's 16 entries, then the board's TF_N_IRQ interrupts. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Woverride-init" /* NOTE: the board's handlers override the default on purpose */
+__attribute__((section(".vectors"), used)) const tf_vector tf_vectors[16 + TF_N_IRQ] = {
     (tf_vector)(uintptr_t)&__stack_top,
     tf_reset_handler,
     tf_fault_entry, /* NMI */
@@ -55,6 +58,7 @@ __attribute__((section(".vectors"), used)) const tf_vector tf_vectors[16 + 32] =
     0,
     tf_default_handler, /* PendSV */
     tf_systick_handler,
-    tf_uart0_rx_handler, /* IRQ 0: UART0 RX */
-    [17 ... 47] = tf_default_handler,
+    [16 ... 16 + TF_N_IRQ - 1] = tf_default_handler,
+    TF_IRQ_VECTORS,
 };
+#pragma GCC diagnostic pop
