@@ -47,6 +47,8 @@ typedef struct {
     int32_t n_classes;
     int8_t logits[TF_MAX_CLASSES]; /* logits of the last step (read by SOFTMAX_CE) */
     int32_t err_op, err_status;
+    /* per op: 0, or the op's free arena gap is smaller than it wanted: frac / 256 of it (tf_runtime.c) */
+    uint8_t gap_frac[TF_MAX_OPS];
 } tf_runtime;
 
 /* Prepare a plan that passed tf_plan_read. pool: the board's SRAM for arena + trainable copies. Nothing in the

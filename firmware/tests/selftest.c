@@ -188,7 +188,9 @@ static void run_avgpool_bwd(run_ctx *r) {
     }
 }
 
-/* CONV2D_BWD_INPUT: conv params, wscale_p e_y e_x | g_y w wscale_q -> g_x. Run twice: one pass, two passes. */
+/* CONV2D_BWD_INPUT: conv params, wscale_p e_y e_x | g_y w wscale_q -> g_x. Run with the one-pass scratch, with
+ * 1/2, 1/3 and 1/7 of the 1x1 / depthwise fast path's (the chunked path: some sums kept, the rest twice), with
+ * the two-pass scratch. */
 static void run_conv_bwd_input(run_ctx *r) {
     const tf_vec_case *c = r->c;
     const int32_t *p = c->params;
@@ -197,8 +199,16 @@ static void run_conv_bwd_input(run_ctx *r) {
     conv_dims(p, &xd, &wd, &yd);
     tf_conv_bwd_params bp = {p[P_SH], p[P_SW], p[P_PH], p[P_PW], p[P_G], p[13]};
     int32_t n = xd.c * xd.h * xd.w;
-    for (int one_pass = 1; one_pass >= 0; one_pass--) {
-        int32_t need = tf_conv2d_bwd_input_get_buffer_size(&yd, &xd, one_pass);
+    const int32_t fast = tf_conv2d_bwd_input_fast_buffer_size(&bp, &wd, &xd);
+    const int32_t sizes[5] = {tf_conv2d_bwd_input_get_buffer_size(&yd, &xd, 1), fast / 2 & ~3, fast / 3 & ~3,
+                              fast / 7 & ~3, tf_conv2d_bwd_input_get_buffer_size(&yd, &xd, 0)};
+    const uint32_t used = r->used;
+    for (int k = 0; k < 5; k++) {
+        const int32_t need = sizes[k];
+        if (k > 0 && k < 4 && fast <= 0) {
+            continue;
+        }
+        r->used = used;
         tf_ctx ctx = {take(r, (uint32_t)need), need};
         int8_t *g = take(r, (uint32_t)n);
         int32_t e = 0;

@@ -332,9 +332,10 @@ static __attribute__((noinline)) uint32_t dwk_keep(const int16_t *u, int32_t pw,
 }
 #endif
 
+/* Channels [c_lo, c_hi); in TF_PASS_KEEP mode channel c's sums go to acc32 + (c - c_lo) H W. */
 static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
                               const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx,
-                              int8_t *g_x, int32_t *acc32, int32_t sh, int mode) {
+                              int8_t *g_x, int32_t *acc32, int32_t sh, int mode, int32_t c_lo, int32_t c_hi) {
     int16_t u[TF_BWD_DW_PLANE + 2]; /* + 2: the zero-weight pad tap of an odd K reads one past a row */
     const int32_t oh_n = gy->h, ow_n = gy->w, oplane = oh_n * ow_n, ih_n = gx->h, iw_n = gx->w;
     const int32_t kh_n = wd->h, kw_n = wd->w, ph = ih_n + kh_n - 1, pw = iw_n + kw_n - 1;
@@ -359,7 +360,7 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
         u[i] = 0;
     }
     const int k33 = kh_n == 3 && kw_n == 3;
-    for (int32_t c = 0; c < gx->c; c++) {
+    for (int32_t c = c_lo; c < c_hi; c++) {
         int ih_skip = 0;
         const int8_t *gc = g_y + c * oplane;
         const int32_t q = wscale_q[c];
@@ -374,13 +375,15 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
         const int32_t w0 = k33 ? wc[0] : 0, w1 = k33 ? wc[1] : 0, w2 = k33 ? wc[2] : 0;
         const int32_t w3 = k33 ? wc[3] : 0, w4 = k33 ? wc[4] : 0, w5 = k33 ? wc[5] : 0;
         const int32_t w6 = k33 ? wc[6] : 0, w7 = k33 ? wc[7] : 0, w8 = k33 ? wc[8] : 0;
-        int32_t i = c * ih_n * iw_n;
+        int32_t i = 0; /* element of this channel */
+        int8_t *gxc = mode == TF_PASS_KEEP ? g_x : g_x + c * ih_n * iw_n;
+        int32_t *accc = mode == TF_PASS_KEEP ? acc32 + (c - c_lo) * ih_n * iw_n : acc32;
 #if TF_USE_DSP
         if (k33 && mode == TF_PASS_KEEP) {
-            mx = dw3_keep(u, pw, ih_n, iw_n, wc, acc32 + i, (uint32_t)mx);
+            mx = dw3_keep(u, pw, ih_n, iw_n, wc, accc, (uint32_t)mx);
             ih_skip = 1;
         } else if (mode == TF_PASS_KEEP && kh_n <= TF_DWK_MAX && kw_n <= TF_DWK_MAX) {
-            mx = dwk_keep(u, pw, kh_n, kw_n, ih_n, iw_n, wc, acc32 + i, (uint32_t)mx);
+            mx = dwk_keep(u, pw, kh_n, kw_n, ih_n, iw_n, wc, accc, (uint32_t)mx);
             ih_skip = 1;
         }
 #endif
@@ -399,7 +402,7 @@ static uint64_t bwd_depthwise(const tf_conv_bwd_params *p, const int32_t *wscale
                         }
                     }
                 }
-                visit(acc, i, mode, sh, g_x, acc32, &mx);
+                visit(acc, i, mode, sh, gxc, accc, &mx);
             }
         }
         if (sh_ > 1 || sw_ > 1) { /* NOTE: clear what this channel placed; the zeros between stay zero */
@@ -502,26 +505,29 @@ static inline uint32_t gq_pair(int32_t ya, int32_t qa, int32_t yb, int32_t qb) {
  * x 2 pixels per inner loop, both operands packed as int16 pairs of consecutive co behind the sums (scratch of
  * 4 * C_in * P + pw_gemm_bytes; C_out per group <= TF_PW_GEMM_MAX_COUT). Returns M: max |acc| is M or M + 1
  * (the DSP tiles track a ^ (a >> 31), one instruction cheaper than |a|; the caller settles which). */
+/* Pixels [px0, px0 + npx) only (the chunked path): the sums of input channel c at acc32 + c npx, the packed
+ * operands (pw_gemm_bytes(C_out per group, npx)) after all C_in x npx sums. */
 static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
-                                   const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, int32_t *acc32) {
+                                   const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, int32_t *acc32,
+                                   int32_t px0, int32_t npx) {
     const int32_t cin_g = wd->c, cout_g = wd->n / p->groups, plane = gy->h * gy->w;
-    const int32_t ncp = (cout_g + 7) / 8 * 4, npp = (plane + 1) / 2; /* as pw_gemm_bytes */
-    uint32_t *gq = (uint32_t *)(acc32 + cin_g * p->groups * plane);  /* (npp, ncp, 2) */
-    uint32_t *wpk = gq + npp * ncp * 2;                              /* (ncp, 4) */
+    const int32_t ncp = (cout_g + 7) / 8 * 4, npp = (npx + 1) / 2; /* as pw_gemm_bytes */
+    uint32_t *gq = (uint32_t *)(acc32 + cin_g * p->groups * npx);  /* (npp, ncp, 2) */
+    uint32_t *wpk = gq + npp * ncp * 2;                            /* (ncp, 4) */
     uint32_t mx = 0;
     for (int32_t g = 0; g < p->groups; g++) {
         const int32_t cg = g * cout_g;
         for (int32_t k = 0; k < ncp; k++) { /* g' of co = cg + 2k (lo) and + 2k + 1 (hi), 0 past the group */
             const int has0 = 2 * k < cout_g, has1 = 2 * k + 1 < cout_g;
-            const int8_t *y0 = g_y + (cg + (has0 ? 2 * k : 0)) * plane, *y1 = has1 ? y0 + plane : y0;
+            const int8_t *y0 = g_y + (cg + (has0 ? 2 * k : 0)) * plane + px0, *y1 = has1 ? y0 + plane : y0;
             const int32_t q0 = has0 ? wscale_q[cg + 2 * k] : 0, q1 = has1 ? wscale_q[cg + 2 * k + 1] : 0;
             uint32_t *dst = gq + 2 * k;
             int32_t px = 0;
-            for (; px + 2 <= plane; px += 2, dst += 2 * ncp) {
+            for (; px + 2 <= npx; px += 2, dst += 2 * ncp) {
                 dst[0] = gq_pair(y0[px], q0, y1[px], q1);
                 dst[1] = gq_pair(y0[px + 1], q0, y1[px + 1], q1);
             }
-            if (px < plane) {
+            if (px < npx) {
                 dst[0] = gq_pair(y0[px], q0, y1[px], q1);
                 dst[1] = 0;
             }
@@ -547,21 +553,21 @@ static uint32_t bwd_pointwise_gemm(const tf_conv_bwd_params *p, const int32_t *w
                     wpk[4 * k + j] = j < nci && has0 ? pair16(w0[j], has1 ? w1[j] : 0) : 0;
                 }
             }
-            int32_t *dst = acc32 + (g * cin_g + ci) * plane;
+            int32_t *dst = acc32 + (g * cin_g + ci) * npx;
             for (int32_t pp = 0; pp < npp; pp++) {
 #if TF_USE_DSP
-                if (nci == 4 && 2 * pp + 1 < plane) {
-                    mx = tile4x2(wpk, gq + pp * ncp * 2, ncp, dst + 2 * pp, plane, mx);
+                if (nci == 4 && 2 * pp + 1 < npx) {
+                    mx = tile4x2(wpk, gq + pp * ncp * 2, ncp, dst + 2 * pp, npx, mx);
                     continue;
                 }
 #endif
                 int32_t a[8];
                 mac4x2(wpk, gq + pp * ncp * 2, ncp, a);
-                for (int32_t s = 0; s < 2 && 2 * pp + s < plane; s++) {
+                for (int32_t s = 0; s < 2 && 2 * pp + s < npx; s++) {
                     for (int32_t j = 0; j < nci; j++) {
                         const int32_t v = a[2 * j + s];
                         const uint32_t m = v < 0 ? 0u - (uint32_t)v : (uint32_t)v;
-                        dst[j * plane + 2 * pp + s] = v;
+                        dst[j * npx + 2 * pp + s] = v;
                         mx = m > mx ? m : mx;
                     }
                 }
@@ -582,6 +588,111 @@ static void requant_out(const int32_t *acc, int8_t *g_x, int32_t n, int32_t sh) 
     for (int32_t i = 0; i < n; i++) {
         g_x[i] = (int8_t)tf_rne_s32(acc[i], sh);
     }
+}
+
+/* The exact max |a| of sums a[0..n) whose tracked max is M (the DSP paths track a ^ (a >> 31), so max |a| is M
+ * or M + 1: rarely the shift differs, then a sum of -(M + 1) settles it; the exact paths never have one). */
+static uint64_t settle_max(const int32_t *a, int32_t n, uint64_t mx) {
+    if (mx < ((uint64_t)1 << 31) && tf_dyn_shift(mx + 1) != tf_dyn_shift(mx)) {
+        for (int32_t i = 0; i < n; i++) {
+            if ((int64_t)a[i] == -(int64_t)(mx + 1)) {
+                return mx + 1;
+            }
+        }
+    }
+    return mx;
+}
+
+/* The chunked 1x1 / depthwise path, for scratch smaller than every g_x element's int32 sum: units (1x1: npx
+ * pixels of every input channel, by the GEMM; depthwise: one channel) are computed into int32 slots, units
+ * 0..K-1 keep theirs, the others are computed again once the shift is known (two passes for those only). */
+typedef struct {
+    int pw;               /* 1x1 (pixel chunks) or depthwise (channels) */
+    int32_t n_units, npx; /* npx: pixels of a 1x1 unit (the last one may have fewer) */
+    int32_t unit, extra;  /* int32 words of a unit's sums; bytes after the working unit (the GEMM's operands) */
+    int32_t kept;         /* K */
+} bwd_chunks;
+
+/* The largest units that leave room for K >= 1 kept ones where possible; 0 when not even one unit fits. */
+static int chunks_of(bwd_chunks *c, int pw, int32_t cout_g, const tf_dims *gx, int32_t size) {
+    const int32_t plane = gx->h * gx->w, ncp = (cout_g + 7) / 8 * 4;
+    c->pw = pw;
+    if (pw) { /* a unit of npx (even) pixels: 4 C_in npx bytes of sums + pw_gemm_bytes(cout_g, npx) */
+        const int32_t per_px = 4 * gx->c + 4 * ncp, fixed = 16 * ncp;
+        int32_t npx = 0;
+        for (int32_t part = 16; part >= 1 && npx < 16; part /= 4) { /* small units keep more, down to 16 px */
+            npx = size / part > fixed ? (size / part - fixed) / per_px : 0;
+        }
+        npx &= ~1;
+        if (npx < 2) {
+            return 0;
+        }
+        c->npx = npx < plane ? npx : plane;
+        c->n_units = (plane + c->npx - 1) / c->npx;
+        c->unit = gx->c * c->npx;
+        c->extra = pw_gemm_bytes(cout_g, c->npx);
+    } else {
+        c->npx = plane, c->n_units = gx->c, c->unit = plane, c->extra = 0;
+    }
+    const int32_t slots = (size - c->extra) / (4 * c->unit); /* the working slot included */
+    if (slots < 1) {
+        return 0;
+    }
+    c->kept = slots - 1 < c->n_units ? slots - 1 : c->n_units;
+    return 1;
+}
+
+/* Pixels of unit u (1x1; the last unit may have fewer than npx). */
+static int32_t unit_px(const bwd_chunks *c, const tf_dims *gx, int32_t u) {
+    const int32_t left = gx->h * gx->w - u * c->npx;
+    return left < c->npx ? left : c->npx;
+}
+
+/* Unit u's int32 sums into d (1x1: (C_in, unit_px) at pixel u npx); returns their exact max |sum|. */
+static uint64_t chunk_unit(const bwd_chunks *c, int32_t u, const tf_conv_bwd_params *p, const int32_t *wscale_q,
+                           const tf_dims *gy, const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w,
+                           const tf_dims *gx, int8_t *g_x, int32_t *d) {
+    if (c->pw) {
+        const int32_t npx = unit_px(c, gx, u);
+        return settle_max(d, gx->c * npx, bwd_pointwise_gemm(p, wscale_q, gy, g_y, wd, w, d, u * c->npx, npx));
+    }
+    return settle_max(d, c->unit, bwd_depthwise(p, wscale_q, gy, g_y, wd, w, gx, g_x, d, 0, TF_PASS_KEEP, u, u + 1));
+}
+
+/* g_x of unit u from its sums d. */
+static void chunk_write(const bwd_chunks *c, int32_t u, const tf_dims *gx, const int32_t *d, int8_t *g_x, int32_t sh) {
+    if (!c->pw) {
+        requant_out(d, g_x + u * c->unit, c->unit, sh);
+        return;
+    }
+    const int32_t plane = gx->h * gx->w, npx = unit_px(c, gx, u);
+    for (int32_t ci = 0; ci < gx->c; ci++) {
+        requant_out(d + ci * npx, g_x + ci * plane + u * c->npx, npx, sh);
+    }
+}
+
+/* The whole chunked path; returns the shift, or -1 when a sum reached 2^31 (the caller runs the exact passes). */
+static int32_t bwd_chunked(const bwd_chunks *c, const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
+                           const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx, int8_t *g_x,
+                           int32_t *buf) {
+    uint64_t mx = 0;
+    for (int32_t u = 0; u < c->n_units; u++) {
+        const uint64_t m =
+            chunk_unit(c, u, p, wscale_q, gy, g_y, wd, w, gx, g_x, buf + (u < c->kept ? u : c->kept) * c->unit);
+        mx = m > mx ? m : mx;
+    }
+    if (mx >= ((uint64_t)1 << 31)) {
+        return -1;
+    }
+    const int32_t sh = tf_dyn_shift(mx);
+    for (int32_t u = 0; u < c->n_units; u++) {
+        int32_t *d = buf + (u < c->kept ? u : c->kept) * c->unit;
+        if (u >= c->kept) {
+            (void)chunk_unit(c, u, p, wscale_q, gy, g_y, wd, w, gx, g_x, d);
+        }
+        chunk_write(c, u, gx, d, g_x, sh);
+    }
+    return sh;
 }
 
 int32_t tf_conv2d_bwd_input_fast_buffer_size(const tf_conv_bwd_params *p, const tf_filter_dims *w_dims,
@@ -622,27 +733,32 @@ tf_status tf_conv2d_bwd_input_s8(const tf_ctx *ctx, const tf_conv_bwd_params *p,
         const int32_t cout_g = w_dims->n / p->groups;
         const int gemm = pw && acc32 && cout_g <= TF_PW_GEMM_MAX_COUT &&
                          ctx->size >= 4 * n + pw_gemm_bytes(cout_g, gy_dims->h * gy_dims->w);
-        const int mode = acc32 ? TF_PASS_KEEP : TF_PASS_MAX;
-        const uint64_t mx = gemm ? bwd_pointwise_gemm(p, wscale_q, gy_dims, g_y, w_dims, w, acc32)
-                            : pw ? bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, acc32, 0, mode)
-                                 : bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, acc32, 0, mode);
-        int32_t shf = tf_dyn_shift(mx);
-        if (acc32 && mx < ((uint64_t)1 << 31) && tf_dyn_shift(mx + 1) != shf) {
-            /* NOTE: the DSP paths track a ^ (a >> 31), so max |acc| is M or M + 1: rarely the shift differs, then
-             * a sum of -(M + 1) settles it (the exact paths never have one) */
-            for (int32_t i = 0; i < n; i++) {
-                if ((int64_t)acc32[i] == -(int64_t)(mx + 1)) {
-                    shf = tf_dyn_shift(mx + 1);
-                    break;
-                }
+        bwd_chunks ch;
+        if (!gemm && (pw ? cout_g <= TF_PW_GEMM_MAX_COUT : !acc32) && ctx->buf && ((uintptr_t)ctx->buf & 3) == 0 &&
+            chunks_of(&ch, pw, cout_g, gx_dims, ctx->size)) { /* NOTE: scratch for some sums, not all */
+            const int32_t sh =
+                bwd_chunked(&ch, p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, (int32_t *)ctx->buf);
+            if (sh >= 0) {
+                *e_x = e_y + p->wscale_p - 7 + sh;
+                return TF_OK;
             }
+            acc32 = NULL;
         }
+        const int mode = acc32 ? TF_PASS_KEEP : TF_PASS_MAX;
+        uint64_t mx =
+            gemm ? bwd_pointwise_gemm(p, wscale_q, gy_dims, g_y, w_dims, w, acc32, 0, gy_dims->h * gy_dims->w)
+            : pw ? bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, acc32, 0, mode)
+                 : bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, acc32, 0, mode, 0, gx_dims->c);
+        if (acc32) {
+            mx = settle_max(acc32, n, mx);
+        }
+        const int32_t shf = tf_dyn_shift(mx);
         if (acc32 && mx < ((uint64_t)1 << 31)) {
             requant_out(acc32, g_x, n, shf); /* shf <= 25 here */
         } else if (pw) {
             bwd_pointwise(p, wscale_q, gy_dims, g_y, w_dims, w, g_x, NULL, shf, TF_PASS_WRITE);
         } else {
-            bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, NULL, shf, TF_PASS_WRITE);
+            bwd_depthwise(p, wscale_q, gy_dims, g_y, w_dims, w, gx_dims, g_x, NULL, shf, TF_PASS_WRITE, 0, gx_dims->c);
         }
         *e_x = e_y + p->wscale_p - 7 + shf;
         return TF_OK;

@@ -115,8 +115,9 @@ static void move(uint8_t *dst, const uint8_t *src, uint32_t n) {
 /* Lowest 8-aligned arena offset of `need` bytes that no tensor live at op i touches, or -1. Lifetimes are the
  * planner's (fleet/compiler/planner.py buffers()): inclusive first..last op that names the tensor, INPUT and
  * LABEL from op 0, an op's scratch tensor at that op only. Bytes outside every live tensor hold nothing that is
- * read later, so a kernel may use them as scratch while op i runs. */
-__attribute__((noinline)) static int32_t free_gap(const tf_runtime *rt, uint32_t i, uint32_t need) {
+ * read later, so a kernel may use them as scratch while op i runs. With *got < need: failing that, the offset
+ * of the largest such gap of at least *got bytes, its size in *got (else *got = need). */
+__attribute__((noinline)) static int32_t free_gap(const tf_runtime *rt, uint32_t i, uint32_t need, uint32_t *got) {
     uint8_t before[TF_MAX_TENSORS / 8], after[TF_MAX_TENSORS / 8];
     uint32_t lo[GAP_MAX_LIVE], hi[GAP_MAX_LIVE], n_live = 0;
     memset(before, 0, sizeof(before));
@@ -162,20 +163,25 @@ __attribute__((noinline)) static int32_t free_gap(const tf_runtime *rt, uint32_t
     }
 #undef MARK
 #undef HAS
-    int32_t best = -1;
+    int32_t best = -1, part = -1;
+    uint32_t part_len = *got;
     for (uint32_t c = 0; c <= n_live; c++) { /* candidates: offset 0 and the end of every live tensor */
         const uint32_t start = c == n_live ? 0 : (hi[c] + 7u) & ~7u;
-        if (!(start <= rt->plan.arena_bytes && need <= rt->plan.arena_bytes - start) ||
-            start / 8 > (uint32_t)(GAP_BASE - INT16_MIN) || (best >= 0 && start >= (uint32_t)best)) {
+        if (start >= rt->plan.arena_bytes || start / 8 > (uint32_t)(GAP_BASE - INT16_MIN)) {
             continue;
         }
-        int clash = 0;
-        for (uint32_t k = 0; k < n_live && !clash; k++) {
-            clash = lo[k] < start + need && start < hi[k];
+        uint32_t end = rt->plan.arena_bytes; /* the gap from start: up to the next live tensor */
+        for (uint32_t k = 0; k < n_live; k++) {
+            end = lo[k] <= start && start < hi[k] ? start : (lo[k] > start && lo[k] < end ? lo[k] : end);
         }
-        best = clash ? best : (int32_t)start;
+        if (end - start >= need && (best < 0 || start < (uint32_t)best)) {
+            best = (int32_t)start;
+        } else if (end - start >= part_len && end - start < need && (part < 0 || end - start > part_len)) {
+            part = (int32_t)start, part_len = end - start;
+        }
     }
-    return best;
+    *got = best >= 0 || part < 0 ? need : part_len;
+    return best >= 0 ? best : part;
 }
 
 /* The optimizer slot of the CONV2D_UPDATE at op i (slots in op order): at prepare (rt->opt_cursor advancing) its
@@ -397,7 +403,8 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
          * in the planner's H x W scratch. Same numbers, no extra SRAM. */
         const int32_t need4 = 4 * tf_pwdw_get_buffer_size(&xd);
         if (!exec && rt->scratch[i] >= 0 && pw.n >= 4) {
-            const int32_t off = free_gap(rt, i, (uint32_t)need4);
+            uint32_t got = (uint32_t)need4;
+            const int32_t off = free_gap(rt, i, (uint32_t)need4, &got);
             rt->scratch[i] = off >= 0 ? (int16_t)(GAP_BASE - off / 8) : rt->scratch[i];
         }
         if (rt->scratch[i] <= GAP_BASE) {
@@ -472,13 +479,17 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
          * live at this op occupies (free_gap), found once at load: same numbers, no extra SRAM. */
         int32_t need = tf_conv2d_bwd_input_fast_buffer_size(&p, &wd, &gx);
         need = need >= 0 ? need : tf_conv2d_bwd_input_get_buffer_size(&gy, &gx, 1);
+        /* NOTE: failing a gap of `need` bytes, the largest of at least need / 256: the kernels' chunked path keeps
+         * what fits and computes the rest twice (gap_frac: its size as need x frac / 256, rounded down to 8) */
         if (!exec && rt->scratch[i] < 0) {
-            const int32_t off = free_gap(rt, i, (uint32_t)need);
+            uint32_t got = (uint32_t)need / 256 + 8;
+            const int32_t off = free_gap(rt, i, (uint32_t)need, &got);
             rt->scratch[i] = (int16_t)(off >= 0 ? GAP_BASE - off / 8 : -1);
+            rt->gap_frac[i] = (uint8_t)(got < (uint32_t)need ? (uint64_t)got * 256 / (uint32_t)need : 0);
         }
         if (rt->scratch[i] <= GAP_BASE) {
             ctx.buf = rt->arena + 8 * (uint32_t)(GAP_BASE - rt->scratch[i]);
-            ctx.size = need;
+            ctx.size = rt->gap_frac[i] ? (int32_t)(((uint64_t)need * rt->gap_frac[i] / 256) & ~7u) : need;
         }
         if (exec) {
             KERNEL(tf_conv2d_bwd_input_s8(&ctx, &p, a.v[5], &gy, (const int8_t *)in[0].p, rt->exp[in[0].id], &wd,
@@ -661,6 +672,7 @@ int tf_runtime_load(tf_runtime *rt, const tf_plan *plan, uint8_t *pool, uint32_t
     for (uint32_t i = 0; i < plan->n_ops; i++) {
         rt->op_off[i] = pos;
         rt->scratch[i] = -1;
+        rt->gap_frac[i] = 0;
         pos += tf_ld_u32(plan->blob + pos + 4);
     }
     for (uint32_t i = 0; i < plan->n_tensors; i++) {
