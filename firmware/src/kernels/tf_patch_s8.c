@@ -208,6 +208,42 @@ static inline void pw4_dsp(const int8_t *xp, const uint32_t *wpk, int32_t cin, i
 }
 #endif
 
+#if TF_USE_DSP
+/* n consecutive pixels of a 1x1 conv (x: the first, channel planes `plane` apart) to y, four per pw4_dsp step, a
+ * lone pixel by the portable sum; out of line, so the fast requantization's constants (woff folded into the
+ * bias) stay in registers. */
+static __attribute__((noinline)) void pw_run(const int8_t *x, int32_t plane, int32_t n, const uint32_t *wpk,
+                                             const int8_t *wc, int32_t cin, const rqx_t *rq, int32_t woff, int8_t *y) {
+    int32_t j = 0;
+    if (rq->fast) {
+        const int32_t a0 = woff + rq->f.bias, mult = rq->f.mult, k = rq->f.k, t = rq->f.t;
+        const int32_t lo = rq->rq.lo, hi = rq->rq.hi;
+        for (; j + 4 <= n; j += 4) {
+            int32_t a[4] = {a0, a0, a0, a0};
+            pw4_dsp(x + j, wpk, cin, plane, a);
+            for (int32_t i = 0; i < 4; i++) {
+                const int32_t pre = tf_mmla(a[i], mult, k) >> t;
+                y[j + i] = (int8_t)(pre < lo ? lo : (pre > hi ? hi : pre));
+            }
+        }
+    }
+    for (; j + 4 <= n; j += 4) {
+        int32_t a[4] = {woff, woff, woff, woff};
+        pw4_dsp(x + j, wpk, cin, plane, a);
+        y[j] = rq_out(rq, a[0]), y[j + 1] = rq_out(rq, a[1]), y[j + 2] = rq_out(rq, a[2]);
+        y[j + 3] = rq_out(rq, a[3]);
+    }
+    for (; j < n; j++) {
+        int32_t a0 = woff;
+        const int8_t *xp = x + j;
+        for (int32_t ci = 0; ci < cin; ci++, xp += plane) {
+            a0 += xp[0] * wc[ci];
+        }
+        y[j] = rq_out(rq, a0);
+    }
+}
+#endif
+
 /* 1x1 stride-1 conv: four pixels of a row per pass, the zero-point term folded into woff. */
 static void pw_region(const rqx_t *rqp, const int8_t *wc, int32_t cin, int32_t woff, const src_t *s, const int8_t *xg,
                       const rect *r, int8_t *yc, int32_t rstride) {
@@ -219,6 +255,17 @@ static void pw_region(const rqx_t *rqp, const int8_t *wc, int32_t cin, int32_t w
     const int dsp = cin % 2 == 0 && cin <= PATCH_PW_CIN;
     for (int32_t k = 0; dsp && k < cin / 2; k++) {
         wpk[k] = TF_PACK16(wc[2 * k], wc[2 * k + 1]);
+    }
+    if (dsp) { /* NOTE: region rows that are whole rows of both x's and y's buffers run as one */
+        const int flat = s->c0 == r->c0 && s->cols == n && rstride == n;
+        const int8_t *xr = xg + (r->r0 - s->r0) * s->cols + (r->c0 - s->c0);
+        for (int32_t oy = r->r0; oy < r->r1; oy++, xr += s->cols) {
+            pw_run(xr, plane, flat ? n * (r->r1 - r->r0) : n, wpk, wc, cin, rq, woff, yc + (oy - r->r0) * rstride);
+            if (flat) {
+                break;
+            }
+        }
+        return;
     }
 #endif
     for (int32_t oy = r->r0; oy < r->r1; oy++) {
@@ -316,6 +363,43 @@ static inline int32_t acc3_dsp(const int8_t *x, const uint32_t *wp, int32_t cin_
     return acc;
 }
 
+/* A row of n outputs of a 3x3 conv over cin_g (1 or 3, a constant where inlined) input channels, x0 the first
+ * window's top-left tap, windows sw apart; wp as acc3_dsp. Out of line with the requantization constants in
+ * locals (in conv_region they live on the stack): the fast form with woff folded into the bias, else rq_out. */
+static TF_AI void row3_impl(const int8_t *x0, int32_t sw, int32_t n, int32_t cols, int32_t plane, const uint32_t *wp,
+                            int32_t cin_g, const rqx_t *rq, int32_t woff, int8_t *yr) {
+    if (!rq->fast) {
+        for (int32_t i = 0; i < n; i++, x0 += sw) {
+            yr[i] = rq_out(rq, woff + acc3_dsp(x0, wp, cin_g, cols, plane));
+        }
+        return;
+    }
+    const int32_t a0 = woff + rq->f.bias, mult = rq->f.mult, k = rq->f.k, t = rq->f.t;
+    const int32_t lo = rq->rq.lo, hi = rq->rq.hi, c2 = 2 * cols;
+    for (int32_t i = 0; i < n; i++, x0 += sw) {
+        int32_t acc = a0;
+        const int8_t *xc = x0;
+        const uint32_t *wc = wp;
+        for (int32_t ci = 0; ci < cin_g; ci++, xc += plane, wc += 6) {
+            acc = acc3_row(xc, wc[0], wc[1], acc);
+            acc = acc3_row(xc + cols, wc[2], wc[3], acc);
+            acc = acc3_row(xc + c2, wc[4], wc[5], acc);
+        }
+        const int32_t pre = tf_mmla(acc, mult, k) >> t;
+        yr[i] = (int8_t)(pre < lo ? lo : (pre > hi ? hi : pre));
+    }
+}
+
+static __attribute__((noinline)) void row3_c1(const int8_t *x0, int32_t sw, int32_t n, int32_t cols, const uint32_t *wp,
+                                              const rqx_t *rq, int32_t woff, int8_t *yr) {
+    row3_impl(x0, sw, n, cols, 0, wp, 1, rq, woff, yr);
+}
+
+static __attribute__((noinline)) void row3_c3(const int8_t *x0, int32_t sw, int32_t n, int32_t cols, int32_t plane,
+                                              const uint32_t *wp, const rqx_t *rq, int32_t woff, int8_t *yr) {
+    row3_impl(x0, sw, n, cols, plane, wp, 3, rq, woff, yr);
+}
+
 /* 5x5 one-channel window: per row (x0, x2).(w0, w2) + (x1, x3).(w1, w3) by two SMLADs, + x4 w4; wp = 3 words per
  * row: the two pairs and w4. Reads only the window. */
 static inline int32_t acc5_dsp(const int8_t *x, const uint32_t *wp, int32_t cols, int32_t acc) {
@@ -402,7 +486,14 @@ static void conv_region(const tf_patch_params *p, const tf_patch_weights *wt, in
             }
             if (dsp) { /* NOTE: the window's 4th byte stays in its buffer row while ix0 + 3 < row_end */
                 const int32_t bd = min32(b, (row_end - 4 + pw) / sw + 1);
-                if (cin_g == 1) {
+                if ((cin_g == 1 || cin_g == 3) && bd - ox >= 6) { /* NOTE: shorter rows: the call costs more */
+                    if (cin_g == 1) {
+                        row3_c1(x0, sw, bd - ox, cols, wp, &rq, woff, yr + (ox - c0));
+                    } else {
+                        row3_c3(x0, sw, bd - ox, cols, plane, wp, &rq, woff, yr + (ox - c0));
+                    }
+                    x0 += (bd - ox) * sw, ox = bd;
+                } else if (cin_g == 1) {
                     const uint32_t w0 = wp[0], w1 = wp[1], w2 = wp[2], w3 = wp[3], w4 = wp[4], w5 = wp[5];
                     const int32_t c1 = cols, c2 = 2 * cols; /* NOTE: c1 is a row stride here */
                     for (; ox < bd; ox++, x0 += sw) {
