@@ -156,8 +156,11 @@ typedef struct {
  * g_y (C_out, OH, OW) int8; wscale_q (C_out,) int32; w (C_out, C_in/groups, KH, KW); g_x (C_in, H, W) int8.
  * 1x1 stride-1 and depthwise (any stride) convs: with int32 scratch for every g_x element
  * (tf_conv2d_bwd_input_fast_buffer_size, 4-byte aligned; for 1x1 it also holds g' and a weight block as int16
- * pairs behind the sums: the GEMM path) one pass, without scratch two (max, then write); g' of one pixel
- * (<= 384 output channels per chunk) or one zero-stuffed channel plane (<= 400) lives on the stack.
+ * pairs behind the sums: the GEMM path) one pass; with less (4-byte aligned, at least one unit: a pixel chunk
+ * of the 1x1 GEMM or one depthwise channel) the chunked path keeps the units that fit (int32, or packed to 16
+ * bits exactly enough for the final rounding) and computes the others twice; without scratch two passes (max,
+ * then write); g' of one pixel (<= 384 output channels per chunk) or one zero-stuffed channel plane (<= 400)
+ * lives on the stack.
  * Other convs: int16 g' in scratch (tf_conv2d_bwd_input_get_buffer_size), with an extra int32 per g_x element
  * one pass, else two; no scratch at all: g' recomputed per term. Every path gives the same numbers. */
 /* Scratch bytes of the one-pass 1x1 / depthwise path, or -1 when the conv takes the general path. */

@@ -1,7 +1,8 @@
 /* CONV2D_BWD_INPUT: the error gradient of a conv's input, the exact adjoint (transposed conv) of the forward
  * incl. stride, padding and groups, computed as a gather per input element (docs/engine.md). Over 400 lines:
- * the portable gather, the 1x1 GEMM path and the depthwise KxK __SMLAD paths of one op share its bounds and
- * dispatcher here, so a path's entry condition and its exactness argument sit side by side. */
+ * the portable gather, the 1x1 GEMM path, the depthwise KxK __SMLAD paths and the chunked path for small scratch
+ * of one op share its bounds and dispatcher here, so a path's entry condition and its exactness argument sit
+ * side by side. */
 #include "tf_dsp.h"
 #include "tf_kernels.h"
 #include "tf_qmath.h"
@@ -604,14 +605,41 @@ static uint64_t settle_max(const int32_t *a, int32_t n, uint64_t mx) {
 }
 
 /* The chunked 1x1 / depthwise path, for scratch smaller than every g_x element's int32 sum: units (1x1: npx
- * pixels of every input channel, by the GEMM; depthwise: one channel) are computed into int32 slots, units
- * 0..K-1 keep theirs, the others are computed again once the shift is known (two passes for those only). */
+ * pixels of every input channel, by the GEMM; depthwise: one channel) are computed into an int32 slot, units
+ * 0..K-1 keep theirs, the others are computed again once the shift is known (two passes for those only). When
+ * not every unit's int32 sums fit, the kept ones are stored in half the bytes (pack16), exactly enough for the
+ * final rounding. */
 typedef struct {
     int pw;               /* 1x1 (pixel chunks) or depthwise (channels) */
     int32_t n_units, npx; /* npx: pixels of a 1x1 unit (the last one may have fewer) */
     int32_t unit, extra;  /* int32 words of a unit's sums; bytes after the working unit (the GEMM's operands) */
     int32_t kept;         /* K */
+    int half;             /* 0: unit u's int32 sums stay in slot u; 1: one int32 slot, kept units packed behind it */
 } bwd_chunks;
+
+/* NOTE: the packed form of a unit's sums a (exact max |a| = m < 2^31): s = max(0, bitlen(m) - 14) and
+ * v = 2 (a >> s) + (a mod 2^s != 0), one int16 each. The shift of the whole op is sh = dyn_shift(M) >= bitlen(M) - 7
+ * >= s + 7 with M >= m, so s > 0 implies sh > s, and then a' = (v >> 1) 2^s + (v & 1) rounds exactly as a does:
+ * rshift_round_even(a, sh) depends only on a >> sh, on the bits below sh compared with 2^(sh-1) (a' keeps the
+ * bits down to s and a nonzero rest as a 1) and on parity. s = 0 keeps a itself. Returns s. */
+static int32_t pack16(const int32_t *a, int32_t n, uint64_t m, int16_t *v) {
+    int32_t bl = 0;
+    while (bl < 31 && (m >> bl) != 0) {
+        bl++;
+    }
+    const int32_t s = bl > 14 ? bl - 14 : 0;
+    const int32_t low = (int32_t)((1u << s) - 1u);
+    for (int32_t i = 0; i < n; i++) {
+        v[i] = (int16_t)((a[i] >> s) * 2 + ((a[i] & low) != 0));
+    }
+    return s;
+}
+
+static void unpack16(const int16_t *v, int32_t n, int32_t s, int32_t *a) {
+    for (int32_t i = 0; i < n; i++) {
+        a[i] = (v[i] >> 1) * (1 << s) + (v[i] & 1);
+    }
+}
 
 /* The largest units that leave room for K >= 1 kept ones where possible; 0 when not even one unit fits. */
 static int chunks_of(bwd_chunks *c, int pw, int32_t cout_g, const tf_dims *gx, int32_t size) {
@@ -634,11 +662,13 @@ static int chunks_of(bwd_chunks *c, int pw, int32_t cout_g, const tf_dims *gx, i
     } else {
         c->npx = plane, c->n_units = gx->c, c->unit = plane, c->extra = 0;
     }
-    const int32_t slots = (size - c->extra) / (4 * c->unit); /* the working slot included */
+    const int32_t slots = (size - c->extra) / (4 * c->unit), work = 4 * c->unit + c->extra; /* slots: + working */
     if (slots < 1) {
         return 0;
     }
-    c->kept = slots - 1 < c->n_units ? slots - 1 : c->n_units;
+    c->half = slots - 1 < c->n_units;
+    c->kept = c->half ? (size - work) / (2 * c->unit + 1) : c->n_units; /* + 1: the unit's s */
+    c->kept = c->kept < c->n_units ? c->kept : c->n_units;
     return 1;
 }
 
@@ -675,20 +705,27 @@ static void chunk_write(const bwd_chunks *c, int32_t u, const tf_dims *gx, const
 static int32_t bwd_chunked(const bwd_chunks *c, const tf_conv_bwd_params *p, const int32_t *wscale_q, const tf_dims *gy,
                            const int8_t *g_y, const tf_filter_dims *wd, const int8_t *w, const tf_dims *gx, int8_t *g_x,
                            int32_t *buf) {
+    int16_t *k16 = c->half ? (int16_t *)(buf + c->unit) + c->extra / 2 : NULL; /* behind the slot and operands */
+    uint8_t *ks = c->half ? (uint8_t *)(k16 + c->kept * c->unit) : NULL;
     uint64_t mx = 0;
     for (int32_t u = 0; u < c->n_units; u++) {
-        const uint64_t m =
-            chunk_unit(c, u, p, wscale_q, gy, g_y, wd, w, gx, g_x, buf + (u < c->kept ? u : c->kept) * c->unit);
+        int32_t *d = c->half ? buf : buf + (u < c->kept ? u : c->kept) * c->unit;
+        const uint64_t m = chunk_unit(c, u, p, wscale_q, gy, g_y, wd, w, gx, g_x, d);
         mx = m > mx ? m : mx;
+        if (c->half && u < c->kept) {
+            ks[u] = (uint8_t)pack16(d, c->pw ? gx->c * unit_px(c, gx, u) : c->unit, m, k16 + u * c->unit);
+        }
     }
     if (mx >= ((uint64_t)1 << 31)) {
         return -1;
     }
     const int32_t sh = tf_dyn_shift(mx);
     for (int32_t u = 0; u < c->n_units; u++) {
-        int32_t *d = buf + (u < c->kept ? u : c->kept) * c->unit;
+        int32_t *d = c->half ? buf : buf + (u < c->kept ? u : c->kept) * c->unit;
         if (u >= c->kept) {
             (void)chunk_unit(c, u, p, wscale_q, gy, g_y, wd, w, gx, g_x, d);
+        } else if (c->half) {
+            unpack16(k16 + u * c->unit, c->pw ? gx->c * unit_px(c, gx, u) : c->unit, ks[u], d);
         }
         chunk_write(c, u, gx, d, g_x, sh);
     }
