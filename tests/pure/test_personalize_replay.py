@@ -77,6 +77,8 @@ def test_prequential_policies_and_drift(setup):
     ({"personalization": {"ditto_lambda": 2}}, "personalization.ditto_lambda: must be in [0, 1]"),
     ({"personalization": {"device_sram": [0]}}, "personalization.device_sram"),
     ({"personalization": {"lr_grid": [0]}}, "personalization.lr_grid: expected a list of lr multipliers > 0"),
+    ({"personalization": {"validation": "random"}},
+     "personalization.validation: expected one of last, per_label, stored"),
     ({"devices": 4, "new_users": 4}, "new_users: must leave at least one fleet device"),
     ({"devices": 4, "new_users": [1, 1]}, "new_users: expected distinct device indices"),
     ({"continual": {"policies": ["lifo"]}}, "continual.policies"),
