@@ -121,6 +121,8 @@ def run_one(scenario: str, seed: int, args) -> dict:
            "devices": [{k: r[k] for k in ("device_id", "subject", "n_train", "n_test")} for r in res.per_device]}
     out["lr"] = dict(res.personal_lr)
     out["seed"], out["validation"] = seed, cfg.personalization.validation
+    # the lr rule's validation replays, one per grid entry (per model and device): what the lr and select chose from
+    out["validation_replays"] = got["compare"][:-1]
     out["select_choices"] = dict(res.select_choices)
     runs = res.continual.get("runs", [])
     out["continual"] = {
