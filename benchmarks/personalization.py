@@ -90,6 +90,8 @@ def run_one(scenario: str, seed: int, args) -> dict:
     cfg.personalization.lr_grid = [float(g) for g in args.lr_grid.split(",")] if args.lr_grid else []
     if args.validation:
         cfg.personalization.validation = args.validation
+    if args.validation_gap is not None:
+        cfg.personalization.validation_gap = args.validation_gap
     got, restore = _capture()
     t0 = time.monotonic()
     try:
@@ -121,6 +123,7 @@ def run_one(scenario: str, seed: int, args) -> dict:
            "devices": [{k: r[k] for k in ("device_id", "subject", "n_train", "n_test")} for r in res.per_device]}
     out["lr"] = dict(res.personal_lr)
     out["seed"], out["validation"] = seed, cfg.personalization.validation
+    out["validation_gap"] = cfg.personalization.validation_gap
     # the lr rule's validation replays, one per grid entry (per model and device): what the lr and select chose from
     out["validation_replays"] = got["compare"][:-1]
     out["select_choices"] = dict(res.select_choices)
@@ -191,6 +194,8 @@ def main() -> None:
     ap.add_argument("--seeds-list", default=None, help="these seeds instead, e.g. 0,2 (one process per seed)")
     ap.add_argument("--validation", default=None, choices=("last", "per_label", "stored"),
                     help="override the configs' personalization.validation (which samples a device holds back)")
+    ap.add_argument("--validation-gap", type=int, default=None,
+                    help="override personalization.validation_gap (samples dropped before each held-back tail)")
     ap.add_argument("--merge", default=None,
                     help="summarize these --out-json files' seeds together (comma-separated); runs nothing")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))

@@ -197,6 +197,7 @@ class PersonalizationConfig:
     device_sram: list[int] = field(default_factory=list)  # SRAM budget per device (bytes, cycled); []: the board's
     lr_grid: list[float] = field(default_factory=list)  # simulate: lr multipliers of the lr rule (tune_lr); []: none
     validation: str = "last"  # simulate: samples a device holds back for tune_lr / select: last | per_label | stored
+    validation_gap: int = 0  # simulate: samples dropped before each held-back tail (overlapping windows)
 
     def validate(self) -> list[str]:
         errs = []
@@ -221,6 +222,8 @@ class PersonalizationConfig:
             errs.append(f"lr_grid: expected a list of lr multipliers > 0, got {self.lr_grid!r}")
         if self.validation not in ("last", "per_label", "stored"):  # fleet/sim/personalize.py VALIDATION_RULES
             errs.append(f"validation: expected one of last, per_label, stored, got {self.validation!r}")
+        if isinstance(self.validation_gap, bool) or not isinstance(self.validation_gap, int) or self.validation_gap < 0:
+            errs.append(f"validation_gap: must be a number of samples >= 0, got {self.validation_gap!r}")
         return errs
 
     @property

@@ -572,7 +572,7 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
     if not methods and not newcomers:
         return
     p = ps.Plain(cfg.local_steps, cfg.lr, pc.steps, pc.lr or cfg.lr, pc.lam_q15, cfg.seed,
-                 lr_grid=tuple(pc.lr_grid), validation=pc.validation)
+                 lr_grid=tuple(pc.lr_grid), validation=pc.validation, validation_gap=pc.validation_gap)
     fleet_times, new_times = (t or None for t in times)
     if methods:
         # NOTE: with an lr grid, local-only and every method take the lr chosen on device-held validation data
@@ -599,7 +599,7 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
         got = ps.new_users(plan, initial, globals_[-1], newcomers, methods, pc.new_user_steps, p)
         if methods:  # a new user selects too, on a quarter of its own training data by the same rule (host-only)
             val = ps.new_users(plan, initial, globals_[-1],
-                               ps.validation_split(newcomers, 0.25, p.validation, new_times), methods,
+                               ps.validation_split(newcomers, 0.25, p.validation, new_times, p.validation_gap), methods,
                                pc.new_user_steps, p)
             got["select"] = ps.selected_accuracy(ps.select_per_device(val), got)
         for name, accs in got.items():

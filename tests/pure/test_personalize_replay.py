@@ -79,6 +79,7 @@ def test_prequential_policies_and_drift(setup):
     ({"personalization": {"lr_grid": [0]}}, "personalization.lr_grid: expected a list of lr multipliers > 0"),
     ({"personalization": {"validation": "random"}},
      "personalization.validation: expected one of last, per_label, stored"),
+    ({"personalization": {"validation_gap": -1}}, "personalization.validation_gap: must be a number of samples"),
     ({"devices": 4, "new_users": 4}, "new_users: must leave at least one fleet device"),
     ({"devices": 4, "new_users": [1, 1]}, "new_users: expected distinct device indices"),
     ({"continual": {"policies": ["lifo"]}}, "continual.policies"),

@@ -38,6 +38,19 @@ def test_per_label_holds_every_class_back_where_last_holds_only_the_latest_exerc
     assert _val(y, list(range(16)), "per_label") == [4, 5, 10, 11, 15]
 
 
+def test_gap_drops_the_samples_just_before_each_held_back_tail():
+    y = [0] * 6 + [1] * 6 + [2] * 4
+    keep, val = ps.validation_indices(np.array(y), np.arange(16), 0.25, "per_label", gap=1)
+    assert val.tolist() == [4, 5, 10, 11, 15] and keep.tolist() == [0, 1, 2, 6, 7, 8, 12, 13]  # 3, 9, 14 dropped
+    keep, val = ps.validation_indices(np.array(y), np.arange(16), 0.25, "last", gap=2)
+    assert val.tolist() == [12, 13, 14, 15] and keep.tolist() == list(range(10))  # 10, 11 dropped
+    # a label keeps a training sample: label 1 has 2 (1 held back, nothing left to drop)
+    keep, val = ps.validation_indices(np.array([0, 0, 0, 0, 1, 1]), None, 0.25, "per_label", gap=1)
+    assert val.tolist() == [3, 5] and keep.tolist() == [0, 1, 4]
+    keep, val = ps.validation_indices(np.array(y), None, 0.25, "stored", gap=3)  # stored: no gap (random holdout)
+    assert val.tolist() == [12, 13, 14, 15] and len(keep) == 12
+
+
 def test_small_labels_keep_a_training_sample_and_tiny_devices_hold_nothing_back():
     # label 0: 1 sample -> 0 held back; label 1: 2 -> floor(1.0) = 1; label 2: 4 -> 1
     assert _val([0, 1, 1, 2, 2, 2, 2], None, "per_label") == [2, 6]
