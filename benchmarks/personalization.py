@@ -2,8 +2,7 @@
 
 One command: ``python benchmarks/personalization.py [--quick] [--seeds 3 | --seeds-list 0,2]
 [--scenarios sensor-watch,...] [--methods ditto,...] [--lr-grid 1,3] [--validation per_label] [--validation-gap 1]
-[--out-json FILE]
-[--devices N] [--rounds N]``; prints a table, then one JSON line. Seeds can run in separate processes (one
+[--out-json FILE] [--devices N] [--rounds N]``; prints a table, then one JSON line. Seeds can run in separate processes (one
 ``--seeds-list`` each, one ``--out-json`` each); ``--merge a.json,b.json`` then summarizes their seeds together
 without running anything.
 
