@@ -2,9 +2,9 @@
 
 One command: ``python benchmarks/personalization.py [--quick] [--seeds 3 | --seeds-list 0,2]
 [--scenarios sensor-watch,...] [--methods ditto,...] [--lr-grid 1,3] [--validation per_label] [--validation-gap 1]
-[--out-json FILE] [--devices N] [--rounds N]``; prints a table, then one JSON line. Seeds can run in separate processes (one
-``--seeds-list`` each, one ``--out-json`` each); ``--merge a.json,b.json`` then summarizes their seeds together
-without running anything.
+[--out-json FILE] [--devices N] [--rounds N]``; prints a table, then one JSON line. Seeds can run in separate
+processes (one ``--seeds-list`` each, one ``--out-json`` each); ``--merge a.json,b.json`` then summarizes their
+seeds together without running anything.
 
 Each (scenario, seed) is one ``tinyfleet simulate`` run of ``configs/<scenario>.yaml`` (host devices over the
 embedded broker) with its ``personalization``, ``new_users`` and ``continual`` sections: every method is replayed
