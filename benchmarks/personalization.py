@@ -1,8 +1,10 @@
 """Personalization vs the global model vs training alone, per scenario, over seeds (issue 13).
 
-One command: ``python benchmarks/personalization.py [--quick] [--seeds 3] [--scenarios sensor-watch,...]
-[--methods ditto,...] [--lr-grid 1,3] [--out-json FILE] [--devices N] [--rounds N]``; prints a table, then one
-JSON line.
+One command: ``python benchmarks/personalization.py [--quick] [--seeds 3 | --seeds-list 0,2]
+[--scenarios sensor-watch,...] [--methods ditto,...] [--lr-grid 1,3] [--validation per_label] [--validation-gap 1]
+[--out-json FILE] [--devices N] [--rounds N]``; prints a table, then one JSON line. Seeds can run in separate
+processes (one ``--seeds-list`` each, one ``--out-json`` each); ``--merge a.json,b.json`` then summarizes their
+seeds together without running anything.
 
 Each (scenario, seed) is one ``tinyfleet simulate`` run of ``configs/<scenario>.yaml`` (host devices over the
 embedded broker) with its ``personalization``, ``new_users`` and ``continual`` sections: every method is replayed
@@ -86,6 +88,10 @@ def run_one(scenario: str, seed: int, args) -> dict:
     if args.no_continual or seed >= args.continual_seeds:
         cfg.continual.prequential = False
     cfg.personalization.lr_grid = [float(g) for g in args.lr_grid.split(",")] if args.lr_grid else []
+    if args.validation:
+        cfg.personalization.validation = args.validation
+    if args.validation_gap is not None:
+        cfg.personalization.validation_gap = args.validation_gap
     got, restore = _capture()
     t0 = time.monotonic()
     try:
@@ -116,6 +122,10 @@ def run_one(scenario: str, seed: int, args) -> dict:
            "devices_per_round": res.devices_per_round,
            "devices": [{k: r[k] for k in ("device_id", "subject", "n_train", "n_test")} for r in res.per_device]}
     out["lr"] = dict(res.personal_lr)
+    out["seed"], out["validation"] = seed, cfg.personalization.validation
+    out["validation_gap"] = cfg.personalization.validation_gap
+    # the lr rule's validation replays, one per grid entry (per model and device): what the lr and select chose from
+    out["validation_replays"] = got["compare"][:-1]
     out["select_choices"] = dict(res.select_choices)
     runs = res.continual.get("runs", [])
     out["continual"] = {
@@ -168,6 +178,8 @@ def summarize(per_seed: list[dict]) -> dict:
         for base in ("global", "local"):
             if f"new_users_{base}" in acc:
                 out[f"new_users_best_minus_{base}"] = _paired(per_seed, f"new_users_{best_nu}", f"new_users_{base}")
+    out["seeds_run"] = [s.get("seed") for s in per_seed]
+    out["validation"] = sorted({s.get("validation", "stored") for s in per_seed})  # before session 10: stored
     out["lr"] = [s["lr"] for s in per_seed if "lr" in s]
     out["continual"] = [s["continual"] for s in per_seed if s["continual"]]
     out["methods_used"] = per_seed[0]["methods_used"]
@@ -179,6 +191,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small fleets, 2 seeds (smoke form)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick: 2)")
+    ap.add_argument("--seeds-list", default=None, help="these seeds instead, e.g. 0,2 (one process per seed)")
+    ap.add_argument("--validation", default=None, choices=("last", "per_label", "stored"),
+                    help="override the configs' personalization.validation (which samples a device holds back)")
+    ap.add_argument("--validation-gap", type=int, default=None,
+                    help="override personalization.validation_gap (samples dropped before each held-back tail)")
+    ap.add_argument("--merge", default=None,
+                    help="summarize these --out-json files' seeds together (comma-separated); runs nothing")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--devices", type=int, default=None, help="override every config's device count")
     ap.add_argument("--rounds", type=int, default=None, help="override every config's rounds")
@@ -191,14 +210,23 @@ def main() -> None:
     ap.add_argument("--continual-seeds", type=int, default=1,
                     help="run the prequential replays (fifo, reservoir, drift) for the first N seeds only")
     args = ap.parse_args()
-    seeds = args.seeds or (2 if args.quick else 3)
-    result: dict = {"benchmark": "personalization", "quick": args.quick, "seeds": list(range(seeds)),
+    if args.seeds_list:
+        seeds = [int(s) for s in args.seeds_list.split(",")]
+    else:
+        seeds = list(range(args.seeds or (2 if args.quick else 3)))
+    result: dict = {"benchmark": "personalization", "quick": args.quick, "seeds": seeds,
                     "devices": args.devices, "rounds": args.rounds, "lr_grid": args.lr_grid, "scenarios": {}}
     raw: dict = {}
     rows = []
-    for sc in args.scenarios.split(","):
-        per_seed = []
-        for seed in range(seeds):
+    if args.merge:
+        for f in args.merge.split(","):
+            for sc, per_seed in json.loads(Path(f).read_text()).items():
+                raw.setdefault(sc, []).extend(per_seed)
+        result["merged"] = args.merge.split(",")
+        result["seeds"] = {sc: [s.get("seed") for s in v] for sc, v in raw.items()}
+    for sc in raw if args.merge else args.scenarios.split(","):
+        per_seed = raw[sc] if args.merge else []
+        for seed in [] if args.merge else seeds:
             per_seed.append(run_one(sc, seed, args))
             raw[sc] = per_seed
             if args.out_json:  # after every seed: a long run that is cut short keeps what it measured

@@ -196,6 +196,8 @@ class PersonalizationConfig:
     compare: list[str] = field(default_factory=lambda: list(PERSONAL_METHODS))  # simulate: methods measured
     device_sram: list[int] = field(default_factory=list)  # SRAM budget per device (bytes, cycled); []: the board's
     lr_grid: list[float] = field(default_factory=list)  # simulate: lr multipliers of the lr rule (tune_lr); []: none
+    validation: str = "last"  # simulate: samples a device holds back for tune_lr / select: last | per_label | stored
+    validation_gap: int = 0  # simulate: samples dropped before each held-back tail (overlapping windows)
 
     def validate(self) -> list[str]:
         errs = []
@@ -218,6 +220,10 @@ class PersonalizationConfig:
                 isinstance(g, bool) or not isinstance(g, (int, float)) or not (g > 0 and math.isfinite(g))
                 for g in self.lr_grid):
             errs.append(f"lr_grid: expected a list of lr multipliers > 0, got {self.lr_grid!r}")
+        if self.validation not in ("last", "per_label", "stored"):  # fleet/sim/personalize.py VALIDATION_RULES
+            errs.append(f"validation: expected one of last, per_label, stored, got {self.validation!r}")
+        if isinstance(self.validation_gap, bool) or not isinstance(self.validation_gap, int) or self.validation_gap < 0:
+            errs.append(f"validation_gap: must be a number of samples >= 0, got {self.validation_gap!r}")
         return errs
 
     @property

@@ -12,7 +12,11 @@ import numpy as np
 
 @dataclass
 class DeviceData:
-    """One device's private slice: windows ``(N, C, 1, W)`` float32 and labels ``(N,)`` int64."""
+    """One device's private slice: windows ``(N, C, 1, W)`` float32 and labels ``(N,)`` int64.
+
+    ``t_train``: each training sample's place in the device's stream (time order, smaller = earlier; the built-in
+    scenarios store the stream shuffled, so storage order is not time order); None: storage order is time order.
+    """
 
     device_id: str
     subject: int
@@ -20,6 +24,7 @@ class DeviceData:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    t_train: np.ndarray | None = None
 
     @property
     def n_train(self) -> int:

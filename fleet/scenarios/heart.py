@@ -149,5 +149,6 @@ def load_heart_scenario(devices: int, proxy_fraction: float = 0.2, max_train_per
         order = rng.permutation(len(tr))
         if max_train_per_device is not None:
             order = order[:max_train_per_device]
-        out.append(DeviceData(f"dev{d:04d}", k, feats(tr)[order], labels(tr)[order], feats(te), labels(te)))
+        out.append(DeviceData(f"dev{d:04d}", k, feats(tr)[order], labels(tr)[order], feats(te), labels(te),
+                              t_train=order))  # order[k]: stored patient k's place in the arrival stream
     return Scenario(out, feats(proxy), labels(proxy), 2, (len(FEATURES), 1, 1), class_names=CLASS_NAMES)

@@ -189,10 +189,12 @@ def load_shakespeare_scenario(devices: int, window: int = 80, stride: int = 4, d
         s = split_role(roles[key], window, stride)
         for d, tr, te in zip(devs, np.array_split(np.arange(len(s.y_train)), len(devs)),
                              np.array_split(np.arange(len(s.y_test)), len(devs))):
-            tr = tr[rng.permutation(len(tr))]  # NOTE: the device samples its buffer at random anyway
+            order = rng.permutation(len(tr))  # NOTE: the device samples its buffer at random anyway
             if max_train_per_device is not None:
-                tr = tr[:max_train_per_device]
-            out.append(DeviceData(f"dev{d:04d}", u, s.x_train[tr], s.y_train[tr], s.x_test[te], s.y_test[te]))
+                order = order[:max_train_per_device]
+            tr = tr[order]  # order[k]: stored window k's place in the role's text (time order)
+            out.append(DeviceData(f"dev{d:04d}", u, s.x_train[tr], s.y_train[tr], s.x_test[te], s.y_test[te],
+                                  t_train=order))
     parts = [split_role(roles[k], window, stride) for k in proxies]
     x_proxy = _cat([p.x_train for p in parts] + [p.x_test for p in parts], (window,), np.int8)
     y_proxy = _cat([p.y_train for p in parts] + [p.y_test for p in parts], (), np.int64)

@@ -88,10 +88,11 @@ def load_watch_scenario(
         tr_parts = _split_per_class(ytr, len(devs))
         te_parts = _split_per_class(yte, len(devs))
         for d, tr, te in zip(devs, tr_parts, te_parts):
-            tr = rng.permutation(tr)
+            order = rng.permutation(len(tr))  # tr is in time order per class: order[k] is sample k's place in it
             if max_train_per_device is not None:
-                tr = tr[:max_train_per_device]
-            out[d] = DeviceData(f"dev{d:04d}", sub, xtr[tr], ytr[tr], xte[te], yte[te])
+                order = order[:max_train_per_device]
+            tr = tr[order]
+            out[d] = DeviceData(f"dev{d:04d}", sub, xtr[tr], ytr[tr], xte[te], yte[te], t_train=order)
     proxy = [subject_windows(s) for s in proxy_subjects]
     shape = (WATCH_CHANNELS, 1, window)
     x_proxy = _cat([p[0] for p in proxy] + [p[2] for p in proxy], shape, np.float32)

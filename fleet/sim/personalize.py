@@ -45,6 +45,8 @@ class Plain:
     seed: int
     lr_by: dict[str, float] = field(default_factory=dict)  # lr per model ("local" or a method) chosen by tune_lr
     lr_grid: tuple[float, ...] = ()  # tune_lr's multipliers (with_tuned_lr); (): the configured lrs as they are
+    validation: str = "last"  # which samples a device holds back for tune_lr and select (validation_indices)
+    validation_gap: int = 0  # samples dropped before each held-back tail (validation_indices)
 
     def lr_of(self, model: str) -> float:
         """The lr ``model`` ("local" or a method) trains with: tune_lr's choice, else the configured one."""
@@ -112,26 +114,72 @@ def compare_methods(plan, initial: dict, globals_: Sequence[dict], slices, metho
     return out
 
 
-def validation_split(slices, fraction: float) -> list:
-    """Each device's held-back validation data: the last ``fraction`` of its training slice (time order) becomes
-    the slice's test part, the rest its training part; the device's real test slice is not in it. A device with
-    fewer than 4 training samples keeps them all and has no validation data (its accuracy is then None)."""
+VALIDATION_RULES = ("last", "per_label", "stored")  # personalization.validation (fleet/schema.py)
+
+
+def validation_indices(y: np.ndarray, times: np.ndarray | None, fraction: float, rule: str = "last",
+                       gap: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Which of a device's training samples it holds back as validation: ``(kept, held back)`` storage indices.
+
+    ``times``: each sample's place in the device's stream (smaller = earlier; None: storage order is time order).
+    Rules:
+
+    - ``last``: the last ``k = max(1, round(n * fraction))`` samples in time order;
+    - ``per_label``: per label, the last ``floor(n_c * fraction + 0.5)`` of that label's samples in time order,
+      at most ``n_c - 1`` (a label keeps a training sample); its validation then holds every label the device
+      trains on, in about its training proportions, each label's latest samples (one time boundary per label, so
+      overlapping windows leak across it only once);
+    - ``stored``: the last ``k`` in storage order (sessions 8-9: the built-in scenarios store a device's stream
+      shuffled, so this is a random holdout, whose overlapping neighbours sit on both sides).
+
+    ``gap``: for ``last`` and ``per_label``, the samples just before each held-back tail (time order) are in
+    neither part, as the scenarios drop the windows that overlap their train/test cut (watch: 1); a label keeps
+    at least one training sample, so a small label drops fewer. A device with fewer than 4 samples holds none
+    back. Both index arrays are ascending.
+    """
+    if rule not in VALIDATION_RULES:
+        raise ValueError(f"validation rule: expected one of {', '.join(VALIDATION_RULES)}, got {rule!r}")
+    n = len(y)
+    if times is not None and len(times) != n:
+        raise ValueError(f"times: expected one per sample ({n}), got {len(times)}")
+    if n < 4:
+        return np.arange(n), np.zeros(0, np.int64)
+    seq = np.arange(n) if rule == "stored" or times is None else np.argsort(times, kind="stable")  # time order
+    held, dropped = [], []
+    for part in ([seq[y[seq] == c] for c in np.unique(y)] if rule == "per_label" else [seq]):
+        if rule == "per_label":  # part: one label's samples in time order
+            k = min(int(np.floor(len(part) * fraction + 0.5)), len(part) - 1)
+        else:
+            k = max(1, round(n * fraction))
+        g = 0 if rule == "stored" else max(0, min(gap, len(part) - k - 1))
+        held.append(part[len(part) - k:])
+        dropped.append(part[len(part) - k - g:len(part) - k])
+    val = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(n), np.concatenate([val, *dropped])), val
+
+
+def validation_split(slices, fraction: float, rule: str = "last", times: Sequence | None = None,
+                     gap: int = 0) -> list:
+    """Each device's held-back validation data (:func:`validation_indices`; ``times`` per device, None: storage
+    order is time order) as the slice's test part, the rest its training part (kept in storage order); the device's
+    real test slice is not in it. A device with fewer than 4 training samples has no validation data (its accuracy
+    is then None)."""
     from fleet.sim.baselines import DeviceSlice
 
     out = []
-    for d in slices:
-        n = len(d.y_train)
-        k = max(1, round(n * fraction)) if n >= 4 else 0
-        out.append(DeviceSlice(d.device_id, d.x_train[:n - k], d.y_train[:n - k], d.x_train[n - k:],
-                               d.y_train[n - k:]))
+    for i, d in enumerate(slices):
+        keep, val = validation_indices(d.y_train, None if times is None else times[i], fraction, rule, gap)
+        out.append(DeviceSlice(d.device_id, d.x_train[keep], d.y_train[keep], d.x_train[val], d.y_train[val]))
     return out
 
 
 def tune_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequence[str], p: Plain,
-            grid: Sequence[float], fraction: float = 0.25) -> tuple[dict[str, float], dict[str, list], dict[str, list]]:
+            grid: Sequence[float], fraction: float = 0.25, times: Sequence | None = None) -> tuple[
+                dict[str, float], dict[str, list], dict[str, list]]:
     """The lr grid rule, the same for local-only and every method: replay each on the devices' validation split
-    (:func:`validation_split`) with every lr in ``grid`` (multiples of its configured lr) and keep, per model, the
-    one with the best mean per-device validation accuracy (ties: the smaller lr). Test slices are never read.
+    (:func:`validation_split` by ``p.validation``, ``times`` per device) with every lr in ``grid`` (multiples of
+    its configured lr) and keep, per model, the one with the best mean per-device validation accuracy (ties: the
+    smaller lr). Test slices are never read.
 
     Returns
     -------
@@ -140,7 +188,7 @@ def tune_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequ
     """
     if not grid or any(not g > 0 for g in grid):
         raise ValueError(f"lr grid: expected multipliers > 0, got {list(grid)}")
-    val = validation_split(slices, fraction)
+    val = validation_split(slices, fraction, p.validation, times, p.validation_gap)
     names = ("local", *methods)
     scores: dict[str, list] = {k: [] for k in names}
     per_grid = []
@@ -160,15 +208,16 @@ def tune_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequ
 
 
 def with_tuned_lr(plan, initial: dict, globals_: Sequence[dict], slices, methods: Sequence[str], p: Plain,
-                  fraction: float = 0.25) -> tuple[Plain, dict[str, list], dict[str, list]]:
+                  fraction: float = 0.25, times: Sequence | None = None) -> tuple[Plain, dict[str, list],
+                                                                                   dict[str, list]]:
     """``p`` with ``lr_by`` chosen by :func:`tune_lr` over ``p.lr_grid`` for local-only and every method (the same
     rule for all; new users then train with the lrs chosen on the fleet's devices), the grid's mean validation
     scores and the per-device validation accuracies at the chosen lrs. No grid: ``p`` unchanged and the
     per-device validation accuracies at the configured lrs (one replay on the validation split)."""
     if not p.lr_grid:
-        got = compare_methods(plan, initial, globals_, validation_split(slices, fraction), methods, p)
-        return p, {}, got
-    chosen, scores, per_device = tune_lr(plan, initial, globals_, slices, methods, p, p.lr_grid, fraction)
+        val = validation_split(slices, fraction, p.validation, times, p.validation_gap)
+        return p, {}, compare_methods(plan, initial, globals_, val, methods, p)
+    chosen, scores, per_device = tune_lr(plan, initial, globals_, slices, methods, p, p.lr_grid, fraction, times)
     return replace(p, lr_by=chosen), scores, per_device
 
 

@@ -443,7 +443,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
             _plan_columns(res, mixed, plans, codec)
         if not res.interrupted:
             _personal_metrics(cfg, plan, initial, globals_, slices, _device_slices_of(newcomers, scale, zp),
-                              [int(d.subject) for d in scenario.devices], res)
+                              [int(d.subject) for d in scenario.devices], res,
+                              ([d.t_train for d in scenario.devices], [d.t_train for d in newcomers]))
     if out_dir is not None:
         _write_run(out_dir, res)
 
@@ -560,9 +561,10 @@ def _device_slices_of(devices, scale: float, zp: int) -> list:
 
 
 def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict], slices, newcomers,
-                      subjects: list[int], res: SimResult) -> None:
+                      subjects: list[int], res: SimResult, times: tuple[list, list] = ([], [])) -> None:
     """Every method replayed on this run's global models (fleet/sim/personalize.py): per-device finals, new
-    users, prequential curves per buffer policy and the drift case."""
+    users, prequential curves per buffer policy and the drift case. ``times``: each fleet device's and new user's
+    stream order of its training samples (DeviceData.t_train), for the validation split."""
     from fleet.sim import personalize as ps
 
     pc = cfg.personalization
@@ -570,10 +572,12 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
     if not methods and not newcomers:
         return
     p = ps.Plain(cfg.local_steps, cfg.lr, pc.steps, pc.lr or cfg.lr, pc.lam_q15, cfg.seed,
-                 lr_grid=tuple(pc.lr_grid))
+                 lr_grid=tuple(pc.lr_grid), validation=pc.validation, validation_gap=pc.validation_gap)
+    fleet_times, new_times = (t or None for t in times)
     if methods:
         # NOTE: with an lr grid, local-only and every method take the lr chosen on device-held validation data
-        p, _scores, val = ps.with_tuned_lr(plan, initial, globals_, slices, methods, p)
+        # (personalization.validation: which samples a device holds back)
+        p, _scores, val = ps.with_tuned_lr(plan, initial, globals_, slices, methods, p, times=fleet_times)
         res.personal_lr = {k: round(v, 6) for k, v in p.lr_by.items()}
         got = ps.compare_methods(plan, initial, globals_, slices, methods, p)
         # NOTE: "select" (host-only: a board runs one configured method) = each device's own pick among global,
@@ -593,8 +597,9 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
             _mean_into(res, "local", got["local"])
     if newcomers:
         got = ps.new_users(plan, initial, globals_[-1], newcomers, methods, pc.new_user_steps, p)
-        if methods:  # a new user selects too, on the last quarter of its own training data (host-only)
-            val = ps.new_users(plan, initial, globals_[-1], ps.validation_split(newcomers, 0.25), methods,
+        if methods:  # a new user selects too, on a quarter of its own training data by the same rule (host-only)
+            val = ps.new_users(plan, initial, globals_[-1],
+                               ps.validation_split(newcomers, 0.25, p.validation, new_times, p.validation_gap), methods,
                                pc.new_user_steps, p)
             got["select"] = ps.selected_accuracy(ps.select_per_device(val), got)
         for name, accs in got.items():
