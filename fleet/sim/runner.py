@@ -118,7 +118,8 @@ class _Progress:
                           TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True))
         self.p.start()
         self.setup = self.p.add_task("setup", total=4, info="")
-        self.connect = self.p.add_task("devices connected", total=cfg.devices, info="")
+        # NOTE: new users are held out of the fleet run: they never connect
+        self.connect = self.p.add_task("devices connected", total=cfg.devices - len(cfg.new_user_indices()), info="")
         self.rounds = self.p.add_task("rounds", total=cfg.rounds, info="")
         self.round = self.p.add_task("round 1 deltas", total=cfg.goal_count, info="")
 
