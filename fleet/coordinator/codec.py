@@ -63,7 +63,7 @@ def encode_diff(codec, base_version: int, new_version: int, old: dict[int, np.nd
 class WireCodec:
     """:class:`Codec` over ``device_agent.wire``. ``signer`` signs plan and updates; ``verify`` checks deltas."""
 
-    def __init__(self, plan, signer=None, verify=None):
+    def __init__(self, plan, signer=None, verify=None) -> None:
         self.plan, self.signer, self.verify = plan, signer, verify
         self._layout = shared_layout(plan)  # where delta_to_flat puts each shared tensor: computed once
         self._slices = [(t.id, self._layout.slots[t.id][0], t.numel, t.shape) for t in plan.tensors
@@ -112,7 +112,7 @@ class FamilyCodec(WireCodec):
     member is read with that member's plan and its tensors moved to the largest plan's ids, so aggregation sees one
     coordinate space (absent tensors: mask False). Updates for a member carry exactly its plan's shared tensors."""
 
-    def __init__(self, family, signer=None, verify=None):
+    def __init__(self, family, signer=None, verify=None) -> None:
         super().__init__(family.largest.plan, signer, verify)
         self.family = family
         self.members: dict[str, tuple[Any, WireCodec, dict[int, int]]] = {}  # plan hash -> member (PlanMember), codec, ids
