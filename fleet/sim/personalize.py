@@ -283,8 +283,11 @@ def _other(slices, subjects: Sequence[int], i: int) -> int:
 
 def prequential(plan, initial: dict, globals_: Sequence[dict], slices, subjects: Sequence[int],
                 methods: Sequence[str], p: Plain, policy: str = "fifo", capacity: int = 0,
-                drift: bool = False) -> dict:
+                drift: bool = False, times: Sequence | None = None) -> dict:
     """Test-then-train accuracy per round, pooled over devices, for global, local and each method.
+
+    Each device's training slice is its stream in time order (``times``: per device, each sample's place in the
+    stream, ``DeviceData.t_train``; None, or None for a device: storage order is time order), one chunk per round.
 
     Returns
     -------
@@ -307,9 +310,9 @@ def prequential(plan, initial: dict, globals_: Sequence[dict], slices, subjects:
     for i, d in enumerate(slices):
         if not len(d.y_train):
             continue
-        own = np.array_split(np.arange(len(d.y_train)), rounds)
+        own = np.array_split(_time_order(times, i, len(d.y_train)), rounds)
         j = _other(slices, subjects, i) if drift else i
-        oth = np.array_split(np.arange(len(slices[j].y_train)), rounds)
+        oth = np.array_split(_time_order(times, j, len(slices[j].y_train)), rounds)
         cap = capacity or len(d.y_train) + (len(slices[j].y_train) if drift else 0)
         buf = SampleBuffer(cap, tuple(d.x_train.shape[1:]), d.x_train.dtype, policy=policy, seed=p.seed + i)
         dev = _Device(t, initial, methods, p, i, buf)
@@ -344,6 +347,13 @@ def prequential(plan, initial: dict, globals_: Sequence[dict], slices, subjects:
         res["forgetting"] = {k: round((before[k] - after[k]) / first_n, 4) for k in names}
         res["recovery_rounds"] = {k: _recovery(res["prequential"][k], cut) for k in names}
     return res
+
+
+def _time_order(times: Sequence | None, i: int, n: int) -> np.ndarray:
+    """Device ``i``'s ``n`` training samples' indices in stream order."""
+    if times is None or times[i] is None:
+        return np.arange(n)
+    return np.argsort(np.asarray(times[i]), kind="stable")
 
 
 def _recovery(curve: list, cut: int) -> int | None:

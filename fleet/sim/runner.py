@@ -611,10 +611,10 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
     stream_methods = [pc.method] if pc.method else methods[:1]
     if cc.prequential and stream_methods and len(globals_) >= 2:
         runs = [ps.prequential(plan, initial, globals_, slices, subjects, stream_methods, p, pol,
-                               cc.buffer_capacity) for pol in cc.policies]
+                               cc.buffer_capacity, times=fleet_times) for pol in cc.policies]
         if cc.drift:
             runs.append(ps.prequential(plan, initial, globals_, slices, subjects, stream_methods, p,
-                                       cc.policies[0], cc.buffer_capacity, drift=True))
+                                       cc.policies[0], cc.buffer_capacity, drift=True, times=fleet_times))
         res.continual = {"runs": runs}
 
 

@@ -72,6 +72,21 @@ def test_prequential_policies_and_drift(setup):
     assert ps._recovery([0.8, 0.5, 0.7, 0.76], 1) == 2 and ps._recovery([0.8, 0.1], 1) is None
 
 
+def test_prequential_streams_in_time_order_whatever_the_storage_order(setup):
+    plan, slices, initial, globals_, p = setup
+    base = ps.prequential(plan, initial, globals_, slices, [0, 1, 0, 1], ["finetune"], p, "fifo", capacity=4)
+    rng = np.random.default_rng(7)
+    perms = [rng.permutation(len(d.y_train)) for d in slices]
+    shuffled = [DeviceSlice(d.device_id, d.x_train[q], d.y_train[q], d.x_test, d.y_test) for d, q in zip(slices, perms)]
+    # stored shuffled, with each sample's place in time recorded: the same stream, the same curves
+    got = ps.prequential(plan, initial, globals_, shuffled, [0, 1, 0, 1], ["finetune"], p, "fifo", capacity=4,
+                         times=perms)
+    assert got == base
+    # ... and without the times it is another stream (so the times are what restored it)
+    assert ps.prequential(plan, initial, globals_, shuffled, [0, 1, 0, 1], ["finetune"], p, "fifo",
+                          capacity=4) != base
+
+
 @pytest.mark.parametrize("data, message", [
     ({"personalization": {"method": "fedavg"}}, "personalization.method: expected one of"),
     ({"personalization": {"ditto_lambda": 2}}, "personalization.ditto_lambda: must be in [0, 1]"),
