@@ -20,9 +20,10 @@ DEPS     := $(wildcard src/crypto/*.h) tests/crypto/secagg_vectors.h include/tf_
 # the board: its startup, UART and timer (boards/qemu-mps2 without main.c), the firmware it links against for
 # board.c's fault report, and this test's main; --gc-sections keeps only what is used
 CORE     := $(wildcard src/kernels/*.c src/proto/*.c src/runtime/*.c src/wire/*.c src/device/*.c src/*.c)
-BOARD    := boards/qemu-mps2/startup.c boards/qemu-mps2/board.c
+BOARD    := boards/common/startup.c boards/qemu-mps2/board.c
 ARM      := $(WARN) -O2 -g -mthumb -mfloat-abi=soft -ffp-contract=off -ffunction-sections -fdata-sections \
-            -ffreestanding -fno-common -Werror=frame-larger-than=1024 -Wstack-usage=2048 $(INC) -DTF_SECAGG_BOARD
+            -ffreestanding -fno-common -Werror=frame-larger-than=1024 -Wstack-usage=2048 $(INC) -DTF_SECAGG_BOARD \
+            -Iboards/qemu-mps2
 ARM_LD   := -nostartfiles --specs=nano.specs -Wl,--gc-sections -Wl,--no-warn-rwx-segments \
             -Wl,--defsym=RAM_SIZE=$(RAM_SIZE) -Wl,--defsym=FLASH_SIZE=$(FLASH_SIZE) \
             -Wl,--defsym=STACK_SIZE=$(STACK_SIZE) -Tboards/qemu-mps2/mps2.ld
