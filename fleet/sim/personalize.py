@@ -114,6 +114,12 @@ def compare_methods(plan, initial: dict, globals_: Sequence[dict], slices, metho
     return out
 
 
+def stream_order(times: np.ndarray | None, n: int) -> np.ndarray:
+    """The storage indices of a device's ``n`` training samples in time order (``times``: each one's place in the
+    stream, ``DeviceData.t_train``; None: storage order is time order)."""
+    return np.arange(n) if times is None else np.argsort(np.asarray(times), kind="stable")
+
+
 VALIDATION_RULES = ("last", "per_label", "stored")  # personalization.validation (fleet/schema.py)
 
 
@@ -144,7 +150,7 @@ def validation_indices(y: np.ndarray, times: np.ndarray | None, fraction: float,
         raise ValueError(f"times: expected one per sample ({n}), got {len(times)}")
     if n < 4:
         return np.arange(n), np.zeros(0, np.int64)
-    seq = np.arange(n) if rule == "stored" or times is None else np.argsort(times, kind="stable")  # time order
+    seq = np.arange(n) if rule == "stored" else stream_order(times, n)
     held, dropped = [], []
     for part in ([seq[y[seq] == c] for c in np.unique(y)] if rule == "per_label" else [seq]):
         if rule == "per_label":  # part: one label's samples in time order
@@ -310,9 +316,9 @@ def prequential(plan, initial: dict, globals_: Sequence[dict], slices, subjects:
     for i, d in enumerate(slices):
         if not len(d.y_train):
             continue
-        own = np.array_split(_time_order(times, i, len(d.y_train)), rounds)
+        own = np.array_split(stream_order(None if times is None else times[i], len(d.y_train)), rounds)
         j = _other(slices, subjects, i) if drift else i
-        oth = np.array_split(_time_order(times, j, len(slices[j].y_train)), rounds)
+        oth = np.array_split(stream_order(None if times is None else times[j], len(slices[j].y_train)), rounds)
         cap = capacity or len(d.y_train) + (len(slices[j].y_train) if drift else 0)
         buf = SampleBuffer(cap, tuple(d.x_train.shape[1:]), d.x_train.dtype, policy=policy, seed=p.seed + i)
         dev = _Device(t, initial, methods, p, i, buf)
@@ -347,13 +353,6 @@ def prequential(plan, initial: dict, globals_: Sequence[dict], slices, subjects:
         res["forgetting"] = {k: round((before[k] - after[k]) / first_n, 4) for k in names}
         res["recovery_rounds"] = {k: _recovery(res["prequential"][k], cut) for k in names}
     return res
-
-
-def _time_order(times: Sequence | None, i: int, n: int) -> np.ndarray:
-    """Device ``i``'s ``n`` training samples' indices in stream order."""
-    if times is None or times[i] is None:
-        return np.arange(n)
-    return np.argsort(np.asarray(times[i]), kind="stable")
 
 
 def _recovery(curve: list, cut: int) -> int | None:
