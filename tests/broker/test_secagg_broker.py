@@ -49,6 +49,7 @@ class Fleet:
         self.link.start()
         self.agents = {}
         self.went_silent = {d: threading.Event() for d in (silent_after or {})}
+        self.last_sent = {}  # device -> the MessageInfo of the last message it sent before going silent
         for did in ids:
             agent = host_agent(url, fleet, plan, did, seed=int(did[1:]))
             self._tap(agent, did, (silent_after or {}).get(did))
@@ -67,6 +68,7 @@ class Fleet:
                     self.masked[did] = payload
                 if kind == silent_after:
                     info = pub(topic, payload, retain)
+                    self.last_sent[did] = info
                     self.went_silent[did].set()
                     return info
             return pub(topic, payload, retain)
@@ -93,7 +95,9 @@ class Fleet:
         end = time.monotonic() + timeout
         while len(self.closed()) == n:
             for did, ev in self.went_silent.items():
-                if ev.is_set() and self.agents[did].endpoint.connected.is_set():
+                # NOTE: killed once its last message left (PUBACKed), not while paho still queues it
+                sent = self.last_sent.get(did)
+                if ev.is_set() and (sent is None or sent.is_published()) and self.agents[did].endpoint.connected.is_set():
                     self.agents[did].stop(graceful=False)
             assert time.monotonic() < end, "round did not close"
             time.sleep(0.05)
