@@ -146,25 +146,31 @@ def tiny_fleet(broker, tmp_path):
         f.close()
 
 
+def tiny_fleet_files(tmp_path, name: str, port: int, settings: str) -> None:
+    """What `tinyfleet serve` and two agents of the tiny plan read: ``tmp_path/plan.ttp``, ``tmp_path/fleet.yaml``
+    (fleet ``name``, 2 devices on the broker at ``port``, then the YAML lines ``settings``), ``d0.npz``, ``d1.npz``."""
+    import numpy as np
+
+    from device_agent.wire.plan import plan_to_bytes
+    from tests.fixtures.tiny import tiny_dataset, tiny_plan
+
+    (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
+    (tmp_path / "fleet.yaml").write_text(f"name: {name}\nbroker: mqtt://127.0.0.1:{port}\ndevices: 2\n{settings}")
+    for i in range(2):
+        x, y = tiny_dataset(32, seed=i)
+        np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
+
+
 @pytest.fixture
 def serve_tiny(broker, tmp_path):
     """``serve_tiny(name, settings, serve_args=(), store=None)`` -> ``(rc, stderr)``: `tinyfleet serve` of the tiny
     plan (``tmp_path/plan.ttp``) for the fleet ``name`` of ``tmp_path/fleet.yaml`` (2 devices on the ``broker``
     fixture, then the YAML lines ``settings``) with two `device-agent run` processes on ``tmp_path/d0.npz``,
     ``d1.npz``; the store is ``tmp_path/store.sqlite`` unless given. Every process has ended when it returns."""
-    import numpy as np
-
-    from device_agent.wire.plan import plan_to_bytes
     from tests.fixtures.serve import serve_with_agents
-    from tests.fixtures.tiny import tiny_dataset, tiny_plan
 
     def run(name: str, settings: str, serve_args=(), store=None):
-        (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
-        (tmp_path / "fleet.yaml").write_text(
-            f"name: {name}\nbroker: mqtt://127.0.0.1:{broker.port}\ndevices: 2\n{settings}")
-        for i in range(2):
-            x, y = tiny_dataset(32, seed=i)
-            np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
+        tiny_fleet_files(tmp_path, name, broker.port, settings)
         return serve_with_agents(tmp_path / "fleet.yaml", store or tmp_path / "store.sqlite",
                                  [tmp_path / f"d{i}.npz" for i in range(2)], name, broker.port,
                                  ["--plan", tmp_path / "plan.ttp", *serve_args])

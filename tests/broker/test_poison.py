@@ -8,8 +8,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
+from tests.broker.conftest import tiny_fleet_files
 from tests.conftest import ROOT
 
 POISON = [b"[" * 995, b"{" * 3000, b"\xff\xfe garbage", b"", b'{"v": 1, "type": "hello", "device_id": ' * 50]
@@ -40,18 +39,10 @@ def _serve(tmp_path, rounds: int):
 
 
 def test_poison_on_every_device_topic_stalls_no_round_across_a_coordinator_restart(broker, tmp_path):
-    from device_agent.wire.plan import plan_to_bytes
-    from tests.fixtures.tiny import tiny_dataset, tiny_plan
-
     # Prepare: a fleet of two real agents, and a poisoner flooding an unknown device's topics and sending some
     # garbage on the good devices' topics (NOTE: under the broker ACL only a device itself can publish there; the
     # per-device rate limits stop a device that floods its own topics, at its own expense)
-    (tmp_path / "plan.ttp").write_bytes(plan_to_bytes(tiny_plan()))
-    (tmp_path / "fleet.yaml").write_text(
-        f"name: poison\nbroker: mqtt://127.0.0.1:{broker.port}\ndevices: 2\nlocal_steps: 5\ndeadline: 30\n")
-    for i in range(2):
-        x, y = tiny_dataset(32, seed=i)
-        np.savez(tmp_path / f"d{i}.npz", x=x, y=y)
+    tiny_fleet_files(tmp_path, "poison", broker.port, "local_steps: 5\ndeadline: 30\n")
     serve = _serve(tmp_path, 1)
     agents = []
     try:
