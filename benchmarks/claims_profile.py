@@ -11,7 +11,9 @@ synchronous=FULL, as ``serve``) each run under cProfile. ``--batch 30`` is what 
 delta: CPU µs of each side, wall µs of the coordinator's side, the commits' wall time (fsync) apart, and the top
 functions by own CPU time (cProfile timing thread CPU time; it adds its own overhead: compare shares, not absolute
 times, with the benchmark).
-``--plain``: the same without cProfile, for CPU times without its overhead. Last line: one JSON object.
+``--plain``: the same without cProfile, for CPU times without its overhead. ``--no-round-cache``: the store's
+per-connection round-state cache defeated (the A/B of that cache: alternate runs with and without it).
+Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=30, help="claims per coordinator store transaction")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--plain", action="store_true", help="no cProfile: CPU and wall times without its overhead")
+    ap.add_argument("--no-round-cache", action="store_true",
+                    help="the store checks the round's row on every delta (its per-connection cache of the round "
+                         "state defeated): run alternately with and without it for that cache's A/B")
     args = ap.parse_args()
     from fleet.aggregate import RunningSums
     from fleet.coordinator import Boot, Claimed, Received, RoundClosed, StartRound
@@ -61,6 +66,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tinyfleet-claimsprof-") as tmp:
         c = coordinator(plan, n, str(Path(tmp) / "store.sqlite"))
         c.partials = lambda round_id: []  # NOTE: no worker partials: the commit decodes from the store (not timed)
+        if args.no_round_cache:  # a data descriptor that always answers "unknown" shadows the instance's cache
+            c.store.__class__ = type("UncachedStore", (type(c.store),),
+                                     {"_round_state": property(lambda s: None, lambda s, v: None)})
         c.handle(Boot())
         for i in range(0, n, 128):
             c.handle_many([Received(k, d, m) for d in ids[i:i + 128]
@@ -103,7 +111,7 @@ def main() -> None:
         assert any(isinstance(o, RoundClosed) and o.committed for o in out)
 
     per = 1e6 / (n - 1)
-    r = {"deltas": n, "batch": args.batch, "delta_bytes": len(blobs[ids[0]]),
+    r = {"deltas": n, "batch": args.batch, "delta_bytes": len(blobs[ids[0]]), "round_cache": not args.no_round_cache,
          "worker_read_cpu_us": 1e6 * read_cpu / n, "worker_sum_cpu_us": 1e6 * sum_cpu / n,
          "coordinator_cpu_us": coord_cpu * per, "coordinator_wall_us": coord_wall * per,
          "coordinator_commit_wall_us": commits["commit_wall_s"] * per,
