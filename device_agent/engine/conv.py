@@ -29,7 +29,10 @@ class ConvGeom:
                    int(attrs[prefix + "pad_w"]), int(attrs.get(prefix + "groups", 1)))
 
     def out_hw(self, h: int, w: int, kh: int, kw: int) -> tuple[int, int]:
-        """Output spatial size for an ``h x w`` input and a ``kh x kw`` kernel."""
+        """Output spatial size for an ``h x w`` input and a ``kh x kw`` kernel (a pad is at most the kernel)."""
+        if not (0 <= self.pad_h <= kh and 0 <= self.pad_w <= kw):
+            raise ValueError(f"conv pad {self.pad_h}x{self.pad_w} with a {kh}x{kw} kernel: each pad must be >= 0 "
+                             "and at most the kernel size (a larger one only adds outputs that see padding alone)")
         oh = (h + 2 * self.pad_h - kh) // self.stride_h + 1
         ow = (w + 2 * self.pad_w - kw) // self.stride_w + 1
         if oh < 1 or ow < 1:

@@ -55,6 +55,16 @@ def test_conv2d_matches_float_conv_within_one_lsb(cin, cout, groups, kh, kw, str
     assert (mask == ((want > -128.5) & (want < 127.5))).mean() > 0.99
 
 
+def test_conv_geometry_refuses_pads_over_the_kernel_and_empty_outputs():
+    # Prepare: the C twin is tf_conv_check (a fuzzed plan's pad of 2^30 once overflowed there)
+    ok, wide, huge, empty = ConvGeom(1, 1, 3, 3), ConvGeom(1, 1, 4, 0), ConvGeom(2, 2, 2**30, 0), ConvGeom(2, 1)
+    # Execute / Assert
+    assert ok.out_hw(1, 1, 3, 3) == (5, 5)  # pad == kernel: legal, the border sees padding only
+    for geom, args in ((wide, (8, 8, 3, 3)), (huge, (8, 8, 3, 3)), (empty, (1, 8, 3, 3))):
+        with pytest.raises(ValueError, match="pad|no output"):
+            geom.out_hw(*args)
+
+
 def test_conv2d_relu_clamp_and_mask():
     # Prepare
     x = RNG.integers(-128, 128, (1, 4, 5, 5)).astype(np.int8)

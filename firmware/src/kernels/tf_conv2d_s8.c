@@ -11,14 +11,17 @@
 
 tf_status tf_conv_check(const tf_dims *x, const tf_filter_dims *w, const tf_dims *y, int32_t groups, int32_t stride_h,
                         int32_t stride_w, int32_t pad_h, int32_t pad_w) {
-    if (groups < 1 || stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) {
+    /* NOTE: a pad over the kernel size only adds outputs that see padding alone; refusing it (as the Python
+     * reference does) bounds every offset the kernels compute from pads (a fuzzed pad of 2^30 overflowed 2 pad) */
+    if (groups < 1 || stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0 || pad_h > w->h || pad_w > w->w) {
         return TF_ERR_ARG;
     }
     if (x->c % groups || w->n % groups || x->c / groups != w->c || y->c != w->n) {
         return TF_ERR_SHAPE;
     }
-    if (y->h != (x->h + 2 * pad_h - w->h) / stride_h + 1 || y->w != (x->w + 2 * pad_w - w->w) / stride_w + 1 ||
-        y->h < 1 || y->w < 1) {
+    const int64_t span_h = (int64_t)x->h + 2 * (int64_t)pad_h - w->h,
+                  span_w = (int64_t)x->w + 2 * (int64_t)pad_w - w->w;
+    if (span_h < 0 || span_w < 0 || y->h != span_h / stride_h + 1 || y->w != span_w / stride_w + 1) {
         return TF_ERR_SHAPE;
     }
     return TF_OK;
