@@ -62,6 +62,9 @@ class SimResult:
     interrupted: bool = False
     stopped: str = ""  # why the run ended before cfg.rounds without an interrupt (e.g. privacy budget spent)
     aggregator: str = ""
+    # aggregation workers (fleet/coordinator/pool.py): {"workers", "restarts", "read", "summed"} (per live worker,
+    # counted since its start), {} when the coordinator read every delta itself
+    aggregation: dict = field(default_factory=dict)
     epsilon_per_round: list[float] = field(default_factory=list)  # DP: cumulative epsilon after each committed round
     errors: list[str] = field(default_factory=list)
     # per round, pooled over every device's test slice (fleet/sim/baselines.py); empty when not measured
@@ -429,6 +432,10 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         probe(agents)
     res.model_version = link.call(lambda c: c.version) if not res.interrupted else res.model_version
     res.devices_offline = link.call(lambda c: sum(not rec.online for rec in c.registry.devices.values()))
+    if agg is not None:  # NOTE: stats() on the coordinator's thread, as partials(): they share the control pipes
+        stats = link.call(lambda c: agg.stats())
+        res.aggregation = {"workers": agg.n, "restarts": agg.restarts, "read": [w["read"] for w in stats],
+                           "summed": [w["summed"] for w in stats]}
     res.errors = link.errors + [f"{a.device_id}: {n[1]}" for a in agents for n in a.notes if n[0] == "error"]
     if pacer is not None:
         pacer.stop()

@@ -46,3 +46,6 @@ def test_aggregation_workers_commit_the_models_one_coordinator_commits():
     assert not pooled.errors
     assert pooled.accuracy_per_round == alone.accuracy_per_round
     assert pooled.payload_up_per_device_round == alone.payload_up_per_device_round
+    # the run says who summed: two live workers, every accepted delta summed by one of them
+    assert alone.aggregation == {} and pooled.aggregation["workers"] == 2 and pooled.aggregation["restarts"] == 0
+    assert sum(pooled.aggregation["summed"]) == sum(pooled.devices_per_round)
