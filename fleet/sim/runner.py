@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -268,8 +269,16 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         agg = AggregationPool(url, cfg.name, FamilyCodec(family) if family is not None else WireCodec(plan),
                               cfg.aggregation_workers)
 
+    pacer = None  # behaviour model: the fleet's simulated clock, which the coordinator's deadlines follow too
+    if cfg.behaviour.enabled:
+        from fleet.sim.paced import Pacer
+
+        pacer = Pacer(cfg.behaviour.time_scale)
+        stack.callback(pacer.stop)
+    clock = time.time if pacer is None else _fleet_clock(pacer)
+
     def coordinator():
-        c = Coordinator(plan, Store(store_path), ccfg, time.time, codec)
+        c = Coordinator(plan, Store(store_path), ccfg, clock, codec)
         if agg is not None:
             c.partials = agg.partials
         return c
@@ -298,7 +307,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         slots = build_mixed_devices(cfg, [k[:3] for k in mixed], plans, stack)
     else:
         slots = build_devices(cfg, plan, stack)
-    agent, pacer = _agent_factory(cfg, plan, url, mixed, res, stack)  # DeviceAgent, or PacedAgent (behaviour)
+    agent = _agent_factory(cfg, plan, url, mixed, res, pacer)  # DeviceAgent, or PacedAgent (behaviour)
     streams: list = []  # boards storing their device's samples (Futures)
     agents: list[DeviceAgent] = []
     stack.callback(lambda: [a.stop(graceful=True) for a in agents])
@@ -457,22 +466,28 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         _write_run(out_dir, res)
 
 
-def _agent_factory(cfg: SimConfig, plan, url, mixed: list[tuple], res: SimResult, stack: ExitStack):
-    """``(agent(i, protocol, executor), pacer)``: plain device agents, or with ``behaviour.enabled`` agents that
-    live by each device's drawn behaviour on one simulated clock (fleet/sim/paced.py; pacer None otherwise)."""
+def _agent_factory(cfg: SimConfig, plan, url, mixed: list[tuple], res: SimResult, pacer):
+    """``agent(i, protocol, executor)``: plain device agents, or (``pacer``: ``behaviour.enabled``) agents that
+    live by each device's drawn behaviour on the pacer's simulated clock (fleet/sim/paced.py)."""
     from device_agent.mqtt import DeviceAgent
 
-    if not cfg.behaviour.enabled:
-        return (lambda i, proto, executor: DeviceAgent(url, cfg.name, proto, executor=executor)), None
-    from fleet.sim.paced import PacedAgent, Pacer, draw_fleet
+    if pacer is None:
+        return lambda i, proto, executor: DeviceAgent(url, cfg.name, proto, executor=executor)
+    from fleet.sim.paced import PacedAgent, draw_fleet
 
     kinds = [(b, (name if cfg.device_groups else cfg.qemu.machine) if b == "qemu" else None)
              for b, name, _, _ in mixed]
     behaviours, res.behaviour = draw_fleet(cfg, plan, kinds)
-    pacer = Pacer(cfg.behaviour.time_scale)
-    stack.callback(pacer.stop)
-    return (lambda i, proto, executor: PacedAgent(url, cfg.name, proto, executor=executor, behaviour=behaviours[i],
-                                                  pacer=pacer, seed=cfg.seed + i)), pacer
+    return lambda i, proto, executor: PacedAgent(url, cfg.name, proto, executor=executor, behaviour=behaviours[i],
+                                                 pacer=pacer, seed=cfg.seed + i)
+
+
+def _fleet_clock(pacer) -> Callable[[], float]:
+    """The coordinator's clock under a behaviour model: wall time at setup plus the fleet's simulated seconds, so a
+    round's ``deadline`` and async ``task_timeout_s`` are simulated seconds, as every device's speed and duty cycle
+    are (with ``time_scale: 0.1`` a 600 s deadline closes after 60 wall seconds). Frozen until the pacer starts."""
+    wall0 = time.time()
+    return lambda: wall0 + pacer.now()
 
 
 def _behaviour_columns(res: SimResult, ids: list[str]) -> None:

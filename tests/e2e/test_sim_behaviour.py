@@ -46,3 +46,24 @@ def test_sleeping_devices_answer_only_while_awake_and_the_report_shows_when(tmp_
     sleepers = [r for r, d in zip(rows, b["devices"]) if d["duty"] < 1]
     assert all(r["awake_s"] < 0.75 * b["sim_seconds"] for r in sleepers if b["sim_seconds"] > 6), rows
     assert "behaviour.png" in (tmp_path / "run" / "index.html").read_text()
+
+
+def test_the_round_deadline_is_on_the_fleets_simulated_clock(tmp_path):
+    """time_scale 0.05 (20 simulated seconds per wall second), deadline 60 simulated seconds: one device 2000x
+    slower needs 100 steps x 13.9 ms x 2000 = 2778 simulated seconds (139 wall s), so it misses every round, which
+    closes on the deadline after 3 wall seconds (on a wall-clock deadline: 60 s). round_seconds also holds the
+    harness's wait (<= 10 s) for the busy straggler to take the new model."""
+    require_cmd("mosquitto")
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text((ROOT / "configs" / "quickstart.yaml").read_text().replace("deadline: 30", "deadline: 60") + (
+        "behaviour: {enabled: true, time_scale: 0.05, instructions_per_step: 3000000, sleepers: 0, stragglers: 0.25,"
+        " straggler_factor: 2000, speed_sigma: 0, dropout: 0, delay_s: [0.01, 0.05]}\n"))
+    cmd = [sys.executable, "-m", "fleet.cli", "simulate", str(cfg), "--rounds", "2", "--devices", "4", "--json",
+           "--quiet", "--out", str(tmp_path / "run")]
+
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["round_status"] == ["committed", "committed"] and out["devices_per_round"] == [3, 3], out
+    assert all(s < 30 for s in out["round_seconds"]), out["round_seconds"]  # wall seconds: 60 simulated = 3 wall
