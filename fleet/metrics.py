@@ -70,7 +70,7 @@ class ServeRecorder:
                         "bytes_down_per_device_round": [], "payload_up_per_device_round": [],
                         "payload_down_per_device_round": [], "round_seconds": [], "round_ids": [],
                         "model_version": 0, "devices_dropped": 0, "devices_offline": 0, "epsilon_per_round": [],
-                        "errors": [], "interrupted": False, "stopped": "", "per_device": []}
+                        "errors": [], "interrupted": False, "stopped": "", "aggregation": {}, "per_device": []}
         self.participation: dict[str, int] = {}
 
     def on_output(self, out: object) -> None:
@@ -144,10 +144,13 @@ class ServeRecorder:
     def to_dict(self) -> dict:
         return dict(self.m)
 
-    def write(self, out_dir: Path, link) -> Path:
-        """``out_dir/metrics.json`` with the registry's devices and the link's errors as of now."""
+    def write(self, out_dir: Path, link, pool=None) -> Path:
+        """``out_dir/metrics.json`` with the registry's devices, the aggregation ``pool``'s summary (if any) and
+        the link's errors as of now."""
         try:
             self.devices(link.call(lambda c: list(c.registry.devices.values())))
+            if pool is not None:
+                self.m["aggregation"] = link.call(lambda c: pool.summary())
         except (ConnectionError, RuntimeError, TimeoutError):  # NOTE: a link that went away keeps the last table
             pass
         self.m["errors"] = list(link.errors)

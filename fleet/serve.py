@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
             while not closed.wait(0.2):
                 watch()
             watch()  # NOTE: also when rounds close faster than the poll, or devices going offline go unlogged
-            seen = _record_rounds(rec, link, results, seen, dash, args.out)
+            seen = _record_rounds(rec, link, results, seen, dash, args.out, pool)
             if refused:
                 if rec is not None:
                     rec.m["stopped"] = refused[-1]
@@ -268,7 +268,7 @@ def _serve(args: argparse.Namespace, cfg, url, key, plan, bind: tuple[str, int] 
         return 130
     finally:
         if rec is not None and args.out is not None:
-            _finish_run(rec, link, args.out)
+            _finish_run(rec, link, args.out, pool)
         if pool is not None:
             pool.stop()
         link.stop()
@@ -305,7 +305,7 @@ def _recorder(cfg, url, codec, plan, evaluate):
                          "dp" if cfg.dp else cfg.aggregator, evaluate)
 
 
-def _record_rounds(rec, link, results: list, seen: int, dash, out: Path | None) -> int:
+def _record_rounds(rec, link, results: list, seen: int, dash, out: Path | None, pool) -> int:
     """Record rounds closed since ``seen`` (scored, logged, on the dashboard), rewrite OUT/metrics.json; returns
     the new ``seen``."""
     if rec is None:
@@ -317,13 +317,13 @@ def _record_rounds(rec, link, results: list, seen: int, dash, out: Path | None) 
             if dash is not None:
                 dash.update(lambda v, r=closed.round_id, a=acc: v.add_accuracy("global", r, a))
     if out is not None:
-        rec.write(out, link)
+        rec.write(out, link, pool)
     return len(results)
 
 
-def _finish_run(rec, link, out: Path) -> None:
+def _finish_run(rec, link, out: Path, pool) -> None:
     try:
-        rec.write(out, link)
+        rec.write(out, link, pool)
     except OSError as e:
         print(f"tinyfleet serve: cannot write {out}/metrics.json: {e}", file=sys.stderr)
         return

@@ -294,6 +294,13 @@ class AggregationPool:
         """Each live worker's counters: ``busy_s``/``cpu_s`` spent reading and summing, deltas ``read``/``summed``."""
         return self._ask("stats", None)
 
+    def summary(self) -> dict:
+        """What metrics.json says of the workers (docs/metrics.md ``aggregation``): ``workers``, ``restarts`` and
+        per live worker the deltas ``read`` / ``summed`` since it started. On the coordinator's thread only."""
+        stats = self.stats()
+        return {"workers": self.n, "restarts": self.restarts, "read": [w["read"] for w in stats],
+                "summed": [w["summed"] for w in stats]}
+
     def _ask(self, cmd: str, arg) -> list:
         with self._lock:
             slots = list(self._slots)

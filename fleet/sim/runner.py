@@ -441,10 +441,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         probe(agents)
     res.model_version = link.call(lambda c: c.version) if not res.interrupted else res.model_version
     res.devices_offline = link.call(lambda c: sum(not rec.online for rec in c.registry.devices.values()))
-    if agg is not None:  # NOTE: stats() on the coordinator's thread, as partials(): they share the control pipes
-        stats = link.call(lambda c: agg.stats())
-        res.aggregation = {"workers": agg.n, "restarts": agg.restarts, "read": [w["read"] for w in stats],
-                           "summed": [w["summed"] for w in stats]}
+    if agg is not None:
+        res.aggregation = link.call(lambda c: agg.summary())
     res.errors = link.errors + [f"{a.device_id}: {n[1]}" for a in agents for n in a.notes if n[0] == "error"]
     if pacer is not None:
         pacer.stop()

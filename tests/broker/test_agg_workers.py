@@ -4,6 +4,7 @@ coordinator accepted a delta it read (before it summed or acknowledged it) and t
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -154,14 +155,17 @@ def test_a_worker_killed_after_acceptance_loses_and_doubles_nothing(broker, tmp_
         assert all(np.array_equal(s1[k], s2[k]) for k in s1)
 
 
-def test_serve_with_aggregation_workers_commits_a_round(serve_tiny):
+def test_serve_with_aggregation_workers_commits_a_round(serve_tiny, tmp_path):
     # Prepare: `tinyfleet serve` with two aggregation workers and two `device-agent run` processes
     # Execute
-    rc, err = serve_tiny("aggserve", "rounds: 2\nlocal_steps: 5\ndeadline: 30\naggregation_workers: 2\n")
+    rc, err = serve_tiny("aggserve", "rounds: 2\nlocal_steps: 5\ndeadline: 30\naggregation_workers: 2\n",
+                         ["--out", tmp_path / "run"])
     # Assert
     assert rc == 0, err
     assert "2 aggregation workers on tinyfleet/aggserve/dev/+/delta (shared subscription)" in err
     assert "round 1: committed v2 (2 deltas)" in err and "round 2: committed v3 (2 deltas)" in err
+    agg = json.loads((tmp_path / "run" / "metrics.json").read_text())["aggregation"]  # the workers summed all 4
+    assert agg["workers"] == 2 and agg["restarts"] == 0 and sum(agg["summed"]) == 4, agg
 
 
 def test_a_lingering_worker_answers_a_commit_at_once_without_its_unclaimed_deltas(broker, tmp_path):
