@@ -54,7 +54,7 @@ $(SHAKESPEARE): | $(BIN)/tinyfleet
 
 # Fast by default: pure + broker + firmware groups; long scale runs live in benchmarks/.
 test:
-	$(PYTEST) -q -x tests
+	$(PYTEST) -q -x --durations=15 tests
 
 test-pure:
 	$(PYTEST) -q -m pure tests
