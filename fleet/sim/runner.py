@@ -108,6 +108,9 @@ def _input_quant(plan) -> tuple[float, int]:
 # --- the run --------------------------------------------------------------------------------------------------
 
 
+AFTER_PHASES = ("baselines", "personalization replays", "new users", "prequential streams", "done")
+
+
 class _Progress:
     """Rich progress bars on stderr (or nothing)."""
 
@@ -126,6 +129,12 @@ class _Progress:
         self.connect = self.p.add_task("devices connected", total=cfg.devices - len(cfg.new_user_indices()), info="")
         self.rounds = self.p.add_task("rounds", total=cfg.rounds, info="")
         self.round = self.p.add_task("round 1 deltas", total=cfg.goal_count, info="")
+        # NOTE: after the rounds: baselines, personalization replays, new users, streams (long on big fleets)
+        self.after = self.p.add_task("after the rounds", total=len(AFTER_PHASES) - 1, info="")
+
+    def phase(self, name: str) -> None:
+        """Mark the after-the-rounds phase ``name`` (one of AFTER_PHASES) as the one running."""
+        self.update("after", completed=AFTER_PHASES.index(name), info=name)
 
     def update(self, task: str, **kw) -> None:
         if self.p is not None:
@@ -449,6 +458,7 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         res.behaviour.update(sim_seconds=round(pacer.now(), 3), events=list(pacer.events))
         res.errors += [f"behaviour: {e}" for e in pacer.errors]
     if res.rounds:
+        bar.phase("baselines")
         _final_metrics(cfg, scenario, plan, link, evaluator, agents, slots, slices, participation, res)
         for i, m in enumerate(used):
             res.per_device[i]["personalization"] = m
@@ -459,7 +469,8 @@ def _run(cfg: SimConfig, out_dir: Path | None, bar: _Progress, res: SimResult, s
         if not res.interrupted:
             _personal_metrics(cfg, plan, initial, globals_, slices, _device_slices_of(newcomers, scale, zp),
                               [int(d.subject) for d in scenario.devices], res,
-                              ([d.t_train for d in scenario.devices], [d.t_train for d in newcomers]))
+                              ([d.t_train for d in scenario.devices], [d.t_train for d in newcomers]), bar.phase)
+        bar.phase("done")
     if out_dir is not None:
         _write_run(out_dir, res)
 
@@ -582,10 +593,12 @@ def _device_slices_of(devices, scale: float, zp: int) -> list:
 
 
 def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict], slices, newcomers,
-                      subjects: list[int], res: SimResult, times: tuple[list, list] = ([], [])) -> None:
+                      subjects: list[int], res: SimResult, times: tuple[list, list] = ([], []),
+                      phase: Callable[[str], None] = lambda name: None) -> None:
     """Every method replayed on this run's global models (fleet/sim/personalize.py): per-device finals, new
     users, prequential curves per buffer policy and the drift case. ``times``: each fleet device's and new user's
-    stream order of its training samples (DeviceData.t_train), for the validation split."""
+    stream order of its training samples (DeviceData.t_train), for the validation split. ``phase(name)``: told
+    as each of AFTER_PHASES starts."""
     from fleet.sim import personalize as ps
 
     pc = cfg.personalization
@@ -596,6 +609,7 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
                  lr_grid=tuple(pc.lr_grid), validation=pc.validation, validation_gap=pc.validation_gap)
     fleet_times, new_times = (t or None for t in times)
     if methods:
+        phase("personalization replays")
         # NOTE: with an lr grid, local-only and every method take the lr chosen on device-held validation data
         # (personalization.validation: which samples a device holds back)
         p, _scores, val = ps.with_tuned_lr(plan, initial, globals_, slices, methods, p, times=fleet_times)
@@ -617,6 +631,7 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
         if "local" not in res.accuracy_mean_per_device:
             _mean_into(res, "local", got["local"])
     if newcomers:
+        phase("new users")
         got = ps.new_users(plan, initial, globals_[-1], newcomers, methods, pc.new_user_steps, p)
         if methods:  # a new user selects too, on a quarter of its own training data by the same rule (host-only)
             val = ps.new_users(plan, initial, globals_[-1],
@@ -630,6 +645,7 @@ def _personal_metrics(cfg: SimConfig, plan, initial: dict, globals_: list[dict],
     # its training steps again per buffer policy and for the drift case
     stream_methods = [pc.method] if pc.method else methods[:1]
     if cc.prequential and stream_methods and len(globals_) >= 2:
+        phase("prequential streams")
         runs = [ps.prequential(plan, initial, globals_, slices, subjects, stream_methods, p, pol,
                                cc.buffer_capacity, times=fleet_times) for pol in cc.policies]
         if cc.drift:
