@@ -86,8 +86,8 @@ class BehaviourConfig:
     """How simulated devices behave in time (fleet/sim/behaviour.py, applied by fleet/sim/paced.py to host devices
     and boards alike): speed from instructions per step over the board's clock, sleep/wake duty cycles, dropouts
     mid-task, network delay. Off unless ``enabled``; seeded by the run's ``seed``. Simulated seconds pass at
-    ``time_scale`` wall seconds each; the coordinator runs on the same clock, so its ``deadline`` and
-    ``async_rounds.task_timeout_s`` are simulated seconds too."""
+    ``time_scale`` wall seconds each; the coordinator runs on the same clock, so its ``deadline``,
+    ``heartbeat_timeout`` and ``async_rounds.task_timeout_s`` are simulated seconds too."""
 
     enabled: bool = False
     time_scale: float = 1.0  # wall seconds per simulated second (0.1: the fleet's time runs 10x faster)

@@ -492,9 +492,9 @@ def _agent_factory(cfg: SimConfig, plan, url, mixed: list[tuple], res: SimResult
 
 
 def _fleet_clock(pacer) -> Callable[[], float]:
-    """The coordinator's clock under a behaviour model: wall time at setup plus the fleet's simulated seconds, so a
-    round's ``deadline`` and async ``task_timeout_s`` are simulated seconds, as every device's speed and duty cycle
-    are (with ``time_scale: 0.1`` a 600 s deadline closes after 60 wall seconds). Frozen until the pacer starts."""
+    """The coordinator's clock under a behaviour model: wall time at setup plus the fleet's simulated seconds, so
+    ``deadline``, ``heartbeat_timeout`` and async ``task_timeout_s`` are simulated seconds, as every device's speed
+    and duty cycle are (``time_scale: 0.1``: a 600 s deadline closes after 60 wall s). Frozen until the pacer starts."""
     wall0 = time.time()
     return lambda: wall0 + pacer.now()
 
