@@ -205,7 +205,8 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_par
     return out_i;
 }
 
-#define TF_DW_PITCH 20 /* row pitch of the padded plane of small depthwise layers (a 16 x 16 input: 18 x 20) */
+#define TF_DW_PITCH                                                                                                    \
+    20 /* row pitch of the padded plane of small depthwise layers (a 16 x 16 input: 18 x 20); five words */
 #define TF_DW_PAD (TF_DW_PITCH * 20) /* its bytes */
 
 /* Depthwise 3x3 for one small channel: x copied once into a plane already padded with zero points (hp rows of
@@ -223,8 +224,12 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_pa
     int8_t *buf = (int8_t *)buf32;
     const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset;
     const uint32_t z4 = ((uint32_t)-off & 0xFFu) * 0x01010101u;
-    for (int32_t k = 0; k < hp * TF_DW_PITCH / 4; k++) {
-        buf32[k] = z4;
+    for (uint32_t *row = buf32, *end = buf32 + hp * (TF_DW_PITCH / 4); row < end; row += TF_DW_PITCH / 4) {
+        row[0] = z4; /* NOTE: a row per turn (five words, strd + strd + str), not a word */
+        row[1] = z4;
+        row[2] = z4;
+        row[3] = z4;
+        row[4] = z4;
     }
     /* input rows and columns that some window reads (the others are never read) */
     const int32_t nh = ih_n < hp - p->pad_h ? ih_n : hp - p->pad_h, nw = iw_n < wp - p->pad_w ? iw_n : wp - p->pad_w;
