@@ -77,10 +77,13 @@ static TF_AI void put8x2(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask
     }
 }
 
-/* Instantiates impl (last parameters s8, fast, has_mask) for the rqf cases and the four putf cases. */
+/* Instantiates impl (last parameters s8, fast, has_mask) for the rqf cases and the two general putf cases.
+ * NOTE: channels without the rqf form are rare, so they share putf's general form (fast 0: rq_pre tests the
+ * shift itself, the same numbers): two instances fewer of each kernel, ~8 KB of flash the plan store keeps
+ * (MCUNet's 99kb rung needs all of it). rp: unused, kept for the call sites' symmetry with TF_DISPATCH. */
 #define TF_DISPATCH8(impl, s8, rp, mask, ...)                                                                          \
     ((s8) ? ((mask) ? impl(__VA_ARGS__, 1, 1, 1) : impl(__VA_ARGS__, 1, 1, 0))                                         \
-          : TF_DISPATCH(impl, rp, mask, __VA_ARGS__, 0))
+          : ((mask) ? impl(__VA_ARGS__, 0, 0, 1) : impl(__VA_ARGS__, 0, 0, 0)))
 
 /* One 3-tap kernel row at stride 2 for two neighbouring outputs: x[0..2] (a0) and x[2..4] (a1); w02 = (w0, w2)
  * as int16 halves, w1 in the low half. NOTE: one word gives (x0, x2) and (x1, x3) after sxtb16: 9 instructions
