@@ -586,6 +586,16 @@ static void requant_out(const int32_t *acc, int8_t *g_x, int32_t n, int32_t sh) 
         }
         return;
     }
+    if (sh <= 24) {
+        /* NOTE: rne(a, sh) = floor((a + 2^(sh-1) - 1 + ((a >> sh) & 1)) / 2^sh); in 32 bits the sum can wrap (by
+         * 2^32), which moves the quotient by 2^(32 - sh), a multiple of 256 for sh <= 24: the same int8. */
+        const uint32_t k = (1u << (sh - 1)) - 1u;
+        for (int32_t i = 0; i < n; i++) {
+            const int32_t a = acc[i];
+            g_x[i] = (int8_t)((int32_t)((uint32_t)a + k + (uint32_t)((a >> sh) & 1)) >> sh);
+        }
+        return;
+    }
     for (int32_t i = 0; i < n; i++) {
         g_x[i] = (int8_t)tf_rne_s32(acc[i], sh);
     }

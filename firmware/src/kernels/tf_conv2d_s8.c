@@ -245,11 +245,12 @@ static inline __attribute__((always_inline)) void pw4_put(const rqf_t *f, int8_t
 
 /* Two pixels (p, p + 1) of four channels: 8 sums over the C_in of wq..wend, starting from ia (a0 b0 a1 b1 ..:
  * channel j pixel p, p + 1), one x pair unpack serves four channels. last: requantize and store at yp (+ mask
- * bits), else store the 8 sums at po. */
+ * bits), else store the 8 sums at po. by8 (a constant): C_in of wq..wend % 8 == 0, eight input channels per turn
+ * of the asm loop (its end test once per 8, not per 4). */
 static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const int32_t *ia, const int8_t *xp,
                                                           const uint32_t *wq, const uint32_t *wend, int32_t plane,
-                                                          int8_t *yp, uint32_t *mb, int32_t *po, int last,
-                                                          int has_mask) {
+                                                          int8_t *yp, uint32_t *mb, int32_t *po, int last, int has_mask,
+                                                          int by8) {
     int32_t a0 = ia[0], b0 = ia[1], a1 = ia[2], b1 = ia[3], a2 = ia[4], b2 = ia[5], a3 = ia[6], b3 = ia[7];
 #if TF_USE_DSP
     /* NOTE: the compiler spills accumulators out of this loop (15 live values for 14 registers); by hand only
@@ -275,15 +276,24 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
     "ldr %[w], [%[wq]], #4\n\t"                                                                                        \
     "smlad %[a3], %[x0], %[w], %[a3]\n\t"                                                                              \
     "smlad %[b3], %[t], %[w], %[b3]\n\t"
-    __asm__("2:\n\t" PW4_STEP PW4_STEP "ldr %[w], %[we]\n\t"
-            "cmp %[wq], %[w]\n\t"
-            "bne 2b"
-            : [a0] "+r"(a0), [b0] "+r"(b0), [a1] "+r"(a1), [b1] "+r"(b1), [a2] "+r"(a2), [b2] "+r"(b2), [a3] "+r"(a3),
-              [b3] "+r"(b3), [xp] "+r"(xp), [wq] "+r"(wq), [t] "=&r"(tt), [x0] "=&r"(xx), [w] "=&r"(ww)
-            : [pl] "r"(plane), [we] "m"(wend)
-            : "cc", "memory");
+#define PW4_OPERANDS                                                                                                   \
+    : [a0] "+r"(a0), [b0] "+r"(b0), [a1] "+r"(a1), [b1] "+r"(b1), [a2] "+r"(a2), [b2] "+r"(b2), [a3] "+r"(a3),       \
+      [b3] "+r"(b3), [xp] "+r"(xp), [wq] "+r"(wq), [t] "=&r"(tt), [x0] "=&r"(xx), [w] "=&r"(ww)                       \
+    : [pl] "r"(plane), [we] "m"(wend)                                                                                \
+    : "cc", "memory"
+    if (by8) {
+        __asm__("2:\n\t" PW4_STEP PW4_STEP PW4_STEP PW4_STEP "ldr %[w], %[we]\n\t"
+                "cmp %[wq], %[w]\n\t"
+                "bne 2b" PW4_OPERANDS);
+    } else {
+        __asm__("2:\n\t" PW4_STEP PW4_STEP "ldr %[w], %[we]\n\t"
+                "cmp %[wq], %[w]\n\t"
+                "bne 2b" PW4_OPERANDS);
+    }
+#undef PW4_OPERANDS
 #undef PW4_STEP
 #else
+    (void)by8;
     for (; wq < wend; wq += 4, xp += 2 * plane) {
         const uint32_t t = pw_ld16(xp) | (pw_ld16(xp + plane) << 16); /* x[ci, p..p+1], x[ci+1, p..p+1] */
         const uint32_t x0 = pw_sxtb16(t), x1 = pw_sxtb16_ror8(t);     /* (x[ci, p], x[ci+1, p]), p + 1 */
@@ -319,17 +329,17 @@ static inline __attribute__((always_inline)) void pw4_px2(const rqf_t *f, const 
 
 /* Pixels p0 .. p0 + n - 1 (n even; with a mask n % 8 == 0) of four channels over the C_in of wq..wend; the
  * pair at p0 + k starts from the 8 sums at ia + 4 * k * ia_step (ia_step 0: one set for all). last / has_mask
- * as pw4_px2; partial sums go to po + 4 * k.
+ * / by8 as pw4_px2; partial sums go to po + 4 * k.
  * NOTE: with a mask, eight pixels per outer step: after four two-pixel steps (each shifting mb right by 2)
  * channel j's eight bits sit in byte j of mb, in order. */
 static inline __attribute__((always_inline)) void pw4_run(const rqf_t *f, const int32_t *ia, int32_t ia_step,
                                                           const int8_t *x, const uint32_t *wq, const uint32_t *wend,
                                                           int32_t plane, int32_t p0, int32_t n, int8_t *yo, uint8_t *mo,
-                                                          int32_t *po, int last, int has_mask) {
+                                                          int32_t *po, int last, int has_mask, int by8) {
     if (!last || !has_mask) {
         for (int32_t k = 0; k < n; k += 2) {
             pw4_px2(f, ia + 4 * k * ia_step, x + p0 + k, wq, wend, plane, yo + p0 + k, NULL, last ? NULL : po + 4 * k,
-                    last, 0);
+                    last, 0, by8);
         }
         return;
     }
@@ -338,10 +348,10 @@ static inline __attribute__((always_inline)) void pw4_run(const rqf_t *f, const 
         uint32_t mb = 0;
         const int32_t *ik = ia + 4 * k * ia_step;
         const int32_t p = p0 + k;
-        pw4_px2(f, ik, x + p, wq, wend, plane, yo + p, &mb, NULL, 1, 1);
-        pw4_px2(f, ik + 8 * ia_step, x + p + 2, wq, wend, plane, yo + p + 2, &mb, NULL, 1, 1);
-        pw4_px2(f, ik + 16 * ia_step, x + p + 4, wq, wend, plane, yo + p + 4, &mb, NULL, 1, 1);
-        pw4_px2(f, ik + 24 * ia_step, x + p + 6, wq, wend, plane, yo + p + 6, &mb, NULL, 1, 1);
+        pw4_px2(f, ik, x + p, wq, wend, plane, yo + p, &mb, NULL, 1, 1, by8);
+        pw4_px2(f, ik + 8 * ia_step, x + p + 2, wq, wend, plane, yo + p + 2, &mb, NULL, 1, 1, by8);
+        pw4_px2(f, ik + 16 * ia_step, x + p + 4, wq, wend, plane, yo + p + 4, &mb, NULL, 1, 1, by8);
+        pw4_px2(f, ik + 24 * ia_step, x + p + 6, wq, wend, plane, yo + p + 6, &mb, NULL, 1, 1, by8);
         uint8_t *m = mo + (p >> 3);
         m[0] = (uint8_t)mb;
         m[mplane] = (uint8_t)(mb >> 8);
@@ -363,12 +373,13 @@ __attribute__((noinline)) static void pw4_big(const rqf_t *f, const int32_t *i8,
             const int8_t *xc = x + c0 * plane;
             const int32_t *ia = c0 ? part : i8;
             const int32_t step = c0 ? 1 : 0;
+            /* NOTE: TF_PW4_CHUNK % 8 == 0: every chunk of a C_in % 8 == 0 layer takes the by8 loop */
             if (c0 + cc < cin) {
-                pw4_run(f, ia, step, xc, wq, wq + 2 * cc, plane, p0, n, yo, mo, part, 0, 0);
+                pw4_run(f, ia, step, xc, wq, wq + 2 * cc, plane, p0, n, yo, mo, part, 0, 0, (cc & 7) == 0);
             } else if (mo) {
-                pw4_run(f, ia, step, xc, wq, wq + 2 * cc, plane, p0, n, yo, mo, NULL, 1, 1);
+                pw4_run(f, ia, step, xc, wq, wq + 2 * cc, plane, p0, n, yo, mo, NULL, 1, 1, (cc & 7) == 0);
             } else {
-                pw4_run(f, ia, step, xc, wq, wq + 2 * cc, plane, p0, n, yo, mo, NULL, 1, 0);
+                pw4_run(f, ia, step, xc, wq, wq + 2 * cc, plane, p0, n, yo, mo, NULL, 1, 0, (cc & 7) == 0);
             }
         }
     }
@@ -396,10 +407,16 @@ __attribute__((noinline)) static void pw4(const rqf_t *f, const int32_t *b, int3
     uint8_t *mo = mask ? mask + (out_i >> 3) : NULL;
     if (cin > TF_PW4_CHUNK) {
         pw4_big(f, i8, x, w, wq, cin, plane, yo, mo);
+    } else if (cin & 7) {
+        if (mask) {
+            pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 1, 0);
+        } else {
+            pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 0, 0);
+        }
     } else if (mask) {
-        pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 1);
+        pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 1, 1);
     } else {
-        pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 0);
+        pw4_run(f, i8, 0, x, wq, wq + 2 * cin, plane, 0, plane, yo, mo, NULL, 1, 0, 1);
     }
 }
 

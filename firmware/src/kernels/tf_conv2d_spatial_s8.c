@@ -77,10 +77,13 @@ static TF_AI void put8x2(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask
     }
 }
 
-/* Instantiates impl (last parameters s8, fast, has_mask) for the rqf cases and the four putf cases. */
+/* Instantiates impl (last parameters s8, fast, has_mask) for the rqf cases and the two general putf cases.
+ * NOTE: channels without the rqf form are rare, so they share putf's general form (fast 0: rq_pre tests the
+ * shift itself, the same numbers): two instances fewer of each kernel, ~8 KB of flash the plan store keeps
+ * (MCUNet's 99kb rung needs all of it). rp: unused, kept for the call sites' symmetry with TF_DISPATCH. */
 #define TF_DISPATCH8(impl, s8, rp, mask, ...)                                                                          \
     ((s8) ? ((mask) ? impl(__VA_ARGS__, 1, 1, 1) : impl(__VA_ARGS__, 1, 1, 0))                                         \
-          : TF_DISPATCH(impl, rp, mask, __VA_ARGS__, 0))
+          : ((mask) ? impl(__VA_ARGS__, 0, 0, 1) : impl(__VA_ARGS__, 0, 0, 0)))
 
 /* One 3-tap kernel row at stride 2 for two neighbouring outputs: x[0..2] (a0) and x[2..4] (a1); w02 = (w0, w2)
  * as int16 halves, w1 in the low half. NOTE: one word gives (x0, x2) and (x1, x3) after sxtb16: 9 instructions
@@ -205,7 +208,47 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_par
     return out_i;
 }
 
-#define TF_DW_PITCH 20 /* row pitch of the padded plane of small depthwise layers (a 16 x 16 input: 18 x 20) */
+#if TF_USE_DSP
+/* Depthwise 3x3 stride 1, a 2 x 2 block of outputs: rows x, x + pitch, .. x + 3 pitch (columns 0..3 each) give
+ * out[0], out[1] (the output row of x) and out[2], out[3] (the next row), each started at woff. NOTE: the two
+ * middle rows serve both output rows: 4 loads and 8 unpacks for 4 outputs (the 2-output step: 3 and 6 for 2). */
+static TF_AI void dw3x2x2(const int8_t *x, int32_t pitch, uint32_t w02, uint32_t w35, uint32_t w68, uint32_t w14,
+                          uint32_t w7p, int32_t woff, int32_t out[4]) {
+    uint32_t v = tf_load_u32(x), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+    int32_t a0 = tf_smlad(e, w02, woff), a1 = tf_smlad(o, w02, woff);
+    a0 = tf_smlabb(o, w14, a0);
+    a1 = tf_smlatb(e, w14, a1);
+    v = tf_load_u32(x + pitch), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+    a0 = tf_smlad(e, w35, a0);
+    a1 = tf_smlad(o, w35, a1);
+    a0 = tf_smlabt(o, w14, a0);
+    a1 = tf_smlatt(e, w14, a1);
+    int32_t b0 = tf_smlad(e, w02, woff), b1 = tf_smlad(o, w02, woff);
+    b0 = tf_smlabb(o, w14, b0);
+    b1 = tf_smlatb(e, w14, b1);
+    v = tf_load_u32(x + 2 * pitch), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+    a0 = tf_smlad(e, w68, a0);
+    a1 = tf_smlad(o, w68, a1);
+    a0 = tf_smlabb(o, w7p, a0);
+    a1 = tf_smlatb(e, w7p, a1);
+    b0 = tf_smlad(e, w35, b0);
+    b1 = tf_smlad(o, w35, b1);
+    b0 = tf_smlabt(o, w14, b0);
+    b1 = tf_smlatt(e, w14, b1);
+    v = tf_load_u32(x + 3 * pitch), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+    b0 = tf_smlad(e, w68, b0);
+    b1 = tf_smlad(o, w68, b1);
+    b0 = tf_smlabb(o, w7p, b0);
+    b1 = tf_smlatb(e, w7p, b1);
+    out[0] = a0;
+    out[1] = a1;
+    out[2] = b0;
+    out[3] = b1;
+}
+#endif
+
+/* row pitch of the padded plane of small depthwise layers (a 16 x 16 input: 18 x 20): five words */
+#define TF_DW_PITCH 20
 #define TF_DW_PAD (TF_DW_PITCH * 20) /* its bytes */
 
 /* Depthwise 3x3 for one small channel: x copied once into a plane already padded with zero points (hp rows of
@@ -223,8 +266,12 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_pa
     int8_t *buf = (int8_t *)buf32;
     const int32_t sh = p->stride_h, sw = p->stride_w, off = p->input_offset;
     const uint32_t z4 = ((uint32_t)-off & 0xFFu) * 0x01010101u;
-    for (int32_t k = 0; k < hp * TF_DW_PITCH / 4; k++) {
-        buf32[k] = z4;
+    for (uint32_t *row = buf32, *end = buf32 + hp * (TF_DW_PITCH / 4); row < end; row += TF_DW_PITCH / 4) {
+        row[0] = z4; /* NOTE: a row per turn (five words, strd + strd + str), not a word */
+        row[1] = z4;
+        row[2] = z4;
+        row[3] = z4;
+        row[4] = z4;
     }
     /* input rows and columns that some window reads (the others are never read) */
     const int32_t nh = ih_n < hp - p->pad_h ? ih_n : hp - p->pad_h, nw = iw_n < wp - p->pad_w ? iw_n : wp - p->pad_w;
@@ -248,7 +295,30 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_pa
 #if TF_USE_DSP
     const uint32_t w14 = TF_PACK16(w1, w4), w7p = TF_PACK16(w7, 0);
 #endif
-    for (int32_t oh = 0; oh < oh_n; oh++) {
+    int32_t oh = 0;
+#if TF_USE_DSP
+    if (sw == 1 && sh == 1 && !has_mask) { /* two output rows at a time (no mask: any store order) */
+        for (; oh + 1 < oh_n; oh += 2, out_i += ow_n) {
+            const int8_t *r0 = buf + oh * TF_DW_PITCH;
+            int32_t ow = 0;
+            for (; ow + 1 < ow_n; ow += 2, out_i += 2) {
+                int32_t a[4];
+                dw3x2x2(r0 + ow, TF_DW_PITCH, w02, w35, w68, w14, w7p, woff, a);
+                put8x2(r, q, y, mask, bits, out_i, a[0], a[1], s8, fast, 0);
+                put8x2(r, q, y, mask, bits, out_i + ow_n, a[2], a[3], s8, fast, 0);
+            }
+            for (; ow < ow_n; ow++, out_i++) {
+                for (int32_t k = 0; k < 2; k++) {
+                    const int8_t *x0 = r0 + k * TF_DW_PITCH + ow, *x1 = x0 + TF_DW_PITCH, *x2 = x1 + TF_DW_PITCH;
+                    const int32_t acc = woff + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 +
+                                        x1[2] * w5 + x2[0] * w6 + x2[1] * w7 + x2[2] * w8;
+                    put8(r, q, y, mask, bits, out_i + k * ow_n, acc, s8, fast, 0);
+                }
+            }
+        }
+    }
+#endif
+    for (; oh < oh_n; oh++) {
         const int8_t *r0 = buf + oh * sh * TF_DW_PITCH, *r1 = r0 + TF_DW_PITCH, *r2 = r1 + TF_DW_PITCH;
         int32_t ow = 0, i = 0;
 #if TF_USE_DSP
