@@ -70,7 +70,17 @@ KINDS = ("standard", "depthwise", "grouped", "linear", "pointwise")
 
 def conv2d_case(rng, i: int) -> Case:
     kind = KINDS[i % len(KINDS)]
-    cin, cout, g, h, w, k, s, p = _geom_case(rng, kind)
+    return _conv2d(rng, i, kind, *_geom_case(rng, kind))
+
+
+def dw_wide_case(rng, i: int) -> Case:
+    """Depthwise 3x3 on planes too wide for the padded copy (the row-pointer path and its 2 x 2 steps, stride 1
+    and 2, pads 0-2, odd and even sizes)."""
+    c, h, w = int(rng.integers(2, 4)), int(rng.integers(3, 8)), int(rng.integers(18, 27))
+    return _conv2d(rng, i, "dw_wide", c, c, c, h, w, 3, 1 + i % 2 * (i > 2), int(rng.integers(0, 3)))
+
+
+def _conv2d(rng, i: int, kind: str, cin: int, cout: int, g: int, h: int, w: int, k: int, s: int, p: int) -> Case:
     geom = ConvGeom(s, s, p, p, g)
     oh, ow = geom.out_hw(h, w, k, k)
     x, wt = _i8(rng, (1, cin, h, w)), _i8(rng, (cout, cin // g, k, k), -127, 127)
@@ -252,7 +262,7 @@ def frame_case(rng, i: int) -> Case:
 GENERATORS = [(conv2d_case, 15), (add_case, 4), (avgpool_case, 4), (clamp_case, 3), (softmax_ce_case, 6),
               (apply_mask_case, 3), (grad_accum_case, 6), (avgpool_bwd_case, 4), (conv_bwd_input_case, 15),
               (conv_update_case, 20), (rng_case, 2), (scaled_update_case, 4), (dyn_requant_case, 6), (frame_case, 8),
-              (dyn_requant_tie_case, 4)]
+              (dyn_requant_tie_case, 4), (dw_wide_case, 6)]
 
 _CTYPE = {np.dtype(np.int8): "int8_t", np.dtype(np.uint8): "uint8_t", np.dtype(np.int32): "int32_t",
           np.dtype(np.uint32): "uint32_t", np.dtype(np.int64): "int64_t"}

@@ -77,6 +77,40 @@ static TF_AI void put8x2(const rq_t *r, const rqf_t *q, int8_t *y, uint8_t *mask
     }
 }
 
+#if TF_USE_DSP
+/* The second output row of a 2 x 2 step (s8 only): y[i], y[i + 1] written, their mask bits kept in bw at bit j
+ * (j even: both in one word) until the first row's bits are in the stream (put_bits). */
+static TF_AI void put8x2_b(const rqf_t *q, int8_t *y, int32_t i, int32_t a0, int32_t a1, uint32_t *bw, int32_t j,
+                           int has_mask) { /* j < 32 */
+    const int32_t p0 = tf_mmla(a0, q->mult, q->k) >> q->t, p1 = tf_mmla(a1, q->mult, q->k) >> q->t;
+    const int32_t y0 = tf_sat8(p0), y1 = tf_sat8(p1);
+    y[i] = (int8_t)y0;
+    y[i + 1] = (int8_t)y1;
+    if (has_mask) {
+        *bw |= ((uint32_t)(y0 == p0) | (uint32_t)(y1 == p1) << 1) << j;
+    }
+}
+
+/* put8x2_b of one output */
+static TF_AI void put8_b(const rqf_t *q, int8_t *y, int32_t i, int32_t a0, uint32_t *bw, int32_t j, int has_mask) {
+    const int32_t p0 = tf_mmla(a0, q->mult, q->k) >> q->t, y0 = tf_sat8(p0);
+    y[i] = (int8_t)y0;
+    if (has_mask) {
+        *bw |= (uint32_t)(y0 == p0) << j;
+    }
+}
+
+/* Appends the n <= 24 mask bits of v (bit 0 first, zero above n) to the stream at output i. */
+static TF_AI void put_bits(uint8_t *mask, uint32_t *bits, int32_t i, uint32_t v, int32_t n) {
+    int32_t t = (i & 7) + n;
+    uint32_t acc = *bits | v << (i & 7);
+    for (uint8_t *d = mask + (i >> 3); t >= 8; t -= 8, acc >>= 8) {
+        *d++ = (uint8_t)acc;
+    }
+    *bits = acc;
+}
+#endif
+
 /* Instantiates impl (last parameters s8, fast, has_mask) for the rqf cases and the two general putf cases.
  * NOTE: channels without the rqf form are rare, so they share putf's general form (fast 0: rq_pre tests the
  * shift itself, the same numbers): two instances fewer of each kernel, ~8 KB of flash the plan store keeps
@@ -114,6 +148,45 @@ static TF_AI int32_t edge3(const int8_t *x, const int8_t *w, int32_t iw, int32_t
     }
     return acc;
 }
+
+#if TF_USE_DSP
+/* Depthwise 3x3 stride 1, a 2 x 2 block of outputs: input rows x0 .. x3 (columns 0..3 each) give out[0], out[1]
+ * (the output row of x0) and out[2], out[3] (the next row), each started at woff. NOTE: the two
+ * middle rows serve both output rows: 4 loads and 8 unpacks for 4 outputs (the 2-output step: 3 and 6 for 2). */
+static TF_AI void dw3x2x2(const int8_t *x0, const int8_t *x1, const int8_t *x2, const int8_t *x3, uint32_t w02,
+                          uint32_t w35, uint32_t w68, uint32_t w14, uint32_t w7p, int32_t woff, int32_t out[4]) {
+    uint32_t v = tf_load_u32(x0), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+    int32_t a0 = tf_smlad(e, w02, woff), a1 = tf_smlad(o, w02, woff);
+    a0 = tf_smlabb(o, w14, a0);
+    a1 = tf_smlatb(e, w14, a1);
+    v = tf_load_u32(x1), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+    a0 = tf_smlad(e, w35, a0);
+    a1 = tf_smlad(o, w35, a1);
+    a0 = tf_smlabt(o, w14, a0);
+    a1 = tf_smlatt(e, w14, a1);
+    int32_t b0 = tf_smlad(e, w02, woff), b1 = tf_smlad(o, w02, woff);
+    b0 = tf_smlabb(o, w14, b0);
+    b1 = tf_smlatb(e, w14, b1);
+    v = tf_load_u32(x2), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+    a0 = tf_smlad(e, w68, a0);
+    a1 = tf_smlad(o, w68, a1);
+    a0 = tf_smlabb(o, w7p, a0);
+    a1 = tf_smlatb(e, w7p, a1);
+    b0 = tf_smlad(e, w35, b0);
+    b1 = tf_smlad(o, w35, b1);
+    b0 = tf_smlabt(o, w14, b0);
+    b1 = tf_smlatt(e, w14, b1);
+    v = tf_load_u32(x3), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
+    b0 = tf_smlad(e, w68, b0);
+    b1 = tf_smlad(o, w68, b1);
+    b0 = tf_smlabb(o, w7p, b0);
+    b1 = tf_smlatb(e, w7p, b1);
+    out[0] = a0;
+    out[1] = a1;
+    out[2] = b0;
+    out[3] = b1;
+}
+#endif
 
 /* Depthwise 3x3 for one channel: rows outside x read a row of zero points (x - zx = 0 there), so only the
  * left and right edge columns need bounds; every window uses sum x * w + off * sum w. */
@@ -208,45 +281,6 @@ static TF_AI int32_t dw3_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_par
     return out_i;
 }
 
-#if TF_USE_DSP
-/* Depthwise 3x3 stride 1, a 2 x 2 block of outputs: rows x, x + pitch, .. x + 3 pitch (columns 0..3 each) give
- * out[0], out[1] (the output row of x) and out[2], out[3] (the next row), each started at woff. NOTE: the two
- * middle rows serve both output rows: 4 loads and 8 unpacks for 4 outputs (the 2-output step: 3 and 6 for 2). */
-static TF_AI void dw3x2x2(const int8_t *x, int32_t pitch, uint32_t w02, uint32_t w35, uint32_t w68, uint32_t w14,
-                          uint32_t w7p, int32_t woff, int32_t out[4]) {
-    uint32_t v = tf_load_u32(x), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
-    int32_t a0 = tf_smlad(e, w02, woff), a1 = tf_smlad(o, w02, woff);
-    a0 = tf_smlabb(o, w14, a0);
-    a1 = tf_smlatb(e, w14, a1);
-    v = tf_load_u32(x + pitch), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
-    a0 = tf_smlad(e, w35, a0);
-    a1 = tf_smlad(o, w35, a1);
-    a0 = tf_smlabt(o, w14, a0);
-    a1 = tf_smlatt(e, w14, a1);
-    int32_t b0 = tf_smlad(e, w02, woff), b1 = tf_smlad(o, w02, woff);
-    b0 = tf_smlabb(o, w14, b0);
-    b1 = tf_smlatb(e, w14, b1);
-    v = tf_load_u32(x + 2 * pitch), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
-    a0 = tf_smlad(e, w68, a0);
-    a1 = tf_smlad(o, w68, a1);
-    a0 = tf_smlabb(o, w7p, a0);
-    a1 = tf_smlatb(e, w7p, a1);
-    b0 = tf_smlad(e, w35, b0);
-    b1 = tf_smlad(o, w35, b1);
-    b0 = tf_smlabt(o, w14, b0);
-    b1 = tf_smlatt(e, w14, b1);
-    v = tf_load_u32(x + 3 * pitch), e = tf_sxtb16(v), o = tf_sxtb16_ror8(v);
-    b0 = tf_smlad(e, w68, b0);
-    b1 = tf_smlad(o, w68, b1);
-    b0 = tf_smlabb(o, w7p, b0);
-    b1 = tf_smlatb(e, w7p, b1);
-    out[0] = a0;
-    out[1] = a1;
-    out[2] = b0;
-    out[3] = b1;
-}
-#endif
-
 /* row pitch of the padded plane of small depthwise layers (a 16 x 16 input: 18 x 20): five words */
 #define TF_DW_PITCH 20
 #define TF_DW_PAD (TF_DW_PITCH * 20) /* its bytes */
@@ -297,23 +331,38 @@ static TF_AI int32_t dw3p_impl(const rq_t *rp, const rqf_t *qp, const tf_conv_pa
 #endif
     int32_t oh = 0;
 #if TF_USE_DSP
-    if (sw == 1 && sh == 1 && !has_mask) { /* two output rows at a time (no mask: any store order) */
+    if (sw == 1 && sh == 1 && (s8 || !has_mask)) { /* two output rows at a time (mask bits per row: ba, bb) */
         for (; oh + 1 < oh_n; oh += 2, out_i += ow_n) {
             const int8_t *r0 = buf + oh * TF_DW_PITCH;
+            uint32_t ba = 0, bb = 0; /* the two rows' mask bits (ow_n <= TF_DW_PITCH - 3) */
             int32_t ow = 0;
             for (; ow + 1 < ow_n; ow += 2, out_i += 2) {
                 int32_t a[4];
-                dw3x2x2(r0 + ow, TF_DW_PITCH, w02, w35, w68, w14, w7p, woff, a);
-                put8x2(r, q, y, mask, bits, out_i, a[0], a[1], s8, fast, 0);
-                put8x2(r, q, y, mask, bits, out_i + ow_n, a[2], a[3], s8, fast, 0);
+                dw3x2x2(r0 + ow, r0 + ow + TF_DW_PITCH, r0 + ow + 2 * TF_DW_PITCH, r0 + ow + 3 * TF_DW_PITCH, w02, w35,
+                        w68, w14, w7p, woff, a);
+                if (s8) {
+                    put8x2_b(q, y, out_i, a[0], a[1], &ba, ow, has_mask);
+                    put8x2_b(q, y, out_i + ow_n, a[2], a[3], &bb, ow, has_mask);
+                } else {
+                    put8x2(r, q, y, mask, bits, out_i, a[0], a[1], s8, fast, 0);
+                    put8x2(r, q, y, mask, bits, out_i + ow_n, a[2], a[3], s8, fast, 0);
+                }
             }
             for (; ow < ow_n; ow++, out_i++) {
                 for (int32_t k = 0; k < 2; k++) {
                     const int8_t *x0 = r0 + k * TF_DW_PITCH + ow, *x1 = x0 + TF_DW_PITCH, *x2 = x1 + TF_DW_PITCH;
                     const int32_t acc = woff + x0[0] * w0 + x0[1] * w1 + x0[2] * w2 + x1[0] * w3 + x1[1] * w4 +
                                         x1[2] * w5 + x2[0] * w6 + x2[1] * w7 + x2[2] * w8;
-                    put8(r, q, y, mask, bits, out_i + k * ow_n, acc, s8, fast, 0);
+                    if (s8) {
+                        put8_b(q, y, out_i + k * ow_n, acc, k ? &bb : &ba, ow, has_mask);
+                    } else {
+                        put8(r, q, y, mask, bits, out_i + k * ow_n, acc, s8, fast, 0);
+                    }
                 }
+            }
+            if (has_mask) {
+                put_bits(mask, bits, out_i - ow_n, ba, ow_n);
+                put_bits(mask, bits, out_i, bb, ow_n);
             }
         }
     }
