@@ -7,7 +7,7 @@
 #include "fuzz_util.h"
 #include "tf_runtime.h"
 
-static uint8_t pool[64 * 1024];
+static uint8_t pool[512 * 1024]; /* above any MCU's SRAM (stm32f746: 320 KiB): every arena a device could hold */
 static tf_runtime rt;
 
 /* Touch every byte the accessors hand out: any read the reader did not bound shows up under ASan. */

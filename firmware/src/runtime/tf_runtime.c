@@ -249,6 +249,9 @@ static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view 
             return TF_RT_BAD_OP;
         }
     }
+    /* NOTE: tf_patch_check computes each conv layer's span (h + 2 pad - kh) in int32 before its conv check
+     * refuses the pad: pads are bounded first, as tf_conv_check bounds them (0 <= pad <= kernel; a fuzzed pad of
+     * 2^30 overflowed there) */
     int32_t wi = 1, ch = 0;
     for (int32_t l = 0; l < n; l++) {
         wt.w[l] = NULL, wt.b[l] = NULL;
@@ -265,6 +268,9 @@ static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view 
         if (!is_filter(&w) || !is_vec32(&b, w.t.dims[0])) {
             return TF_RT_BAD_OP;
         }
+        if (a->v[7][l] < 0 || a->v[7][l] > w.t.dims[2] || a->v[8][l] < 0 || a->v[8][l] > w.t.dims[3]) {
+            return TF_RT_BAD_OP;
+        }
         wt.w[l] = (const int8_t *)w.p, wt.b[l] = (const int32_t *)(const void *)b.p, wt.wd[l] = fdims(&w);
         ch += w.t.dims[0];
         wi += 2;
@@ -278,6 +284,18 @@ static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view 
     const tf_dims xd = dims3(x), yd = dims3(y);
     if (tf_patch_check(&p, &wt, &xd, &yd, out) != TF_OK) {
         return TF_RT_BAD_OP;
+    }
+    /* NOTE: tf_patch_get_buffer_size computes tile bounds (ti + 1) x H and sums buf_off + a tile's buffer in
+     * int32: tiles x H (W) must fit, and a layer whose whole buffer at its buf_off passes 2^31 - 1 bytes is
+     * refused (engine/patch.py refuses the same), so neither can wrap */
+    if ((int64_t)p.tiles_h * yd.h > INT32_MAX || (int64_t)p.tiles_w * yd.w > INT32_MAX) {
+        return TF_RT_BAD_OP;
+    }
+    for (int32_t l = 0; l + 1 < n; l++) {
+        const int64_t whole = (int64_t)(a->v[16][l] ? 1 : out[l].c) * out[l].h * out[l].w;
+        if (a->v[17][l] + whole > INT32_MAX) {
+            return TF_RT_NO_SCRATCH;
+        }
     }
     const int32_t need = tf_patch_get_buffer_size(&p, &wt, out);
     if (need < 0 || ctx->size < need) {
@@ -363,7 +381,7 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         const ten_t *ids = &in[0], *tab = &in[1];
         REQ(ids->p && ids->t.dtype == TF_DT_INT32 && ids->t.rank == 1 && tab->p && tab->t.dtype == TF_DT_INT8 &&
             tab->t.rank == 2);
-        REQ(writable(y) && y->t.dtype == TF_DT_INT8 && y->t.numel == tab->t.dims[1] * ids->t.numel);
+        REQ(writable(y) && y->t.dtype == TF_DT_INT8 && y->t.numel == (int64_t)tab->t.dims[1] * ids->t.numel);
         if (exec) {
             KERNEL(tf_embedding_s8(tab->t.dims[0], tab->t.dims[1], ids->t.numel, (const int32_t *)(const void *)ids->p,
                                    (const int8_t *)tab->p, (int8_t *)y->p));
@@ -401,15 +419,15 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         /* NOTE: four expanded channels per pass (their 1x1 shares every x unpack) where a free arena gap holds
          * 4 x H x W bytes (free_gap, found once at load, as for CONV2D_BWD_INPUT); else one channel at a time
          * in the planner's H x W scratch. Same numbers, no extra SRAM. */
-        const int32_t need4 = 4 * tf_pwdw_get_buffer_size(&xd);
-        if (!exec && rt->scratch[i] >= 0 && pw.n >= 4) {
+        const int64_t need4 = 4 * (int64_t)tf_pwdw_get_buffer_size(&xd);
+        if (!exec && rt->scratch[i] >= 0 && pw.n >= 4 && need4 <= INT32_MAX) {
             uint32_t got = (uint32_t)need4;
             const int32_t off = free_gap(rt, i, (uint32_t)need4, &got);
             rt->scratch[i] = off >= 0 ? (int16_t)(GAP_BASE - off / 8) : rt->scratch[i];
         }
         if (rt->scratch[i] <= GAP_BASE) {
             ctx.buf = rt->arena + 8 * (uint32_t)(GAP_BASE - rt->scratch[i]);
-            ctx.size = need4;
+            ctx.size = (int32_t)need4;
         }
         if (ctx.size < tf_pwdw_get_buffer_size(&xd)) {
             return TF_RT_NO_SCRATCH;
@@ -507,7 +525,9 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         REQ(a.n[8] == wd.n && a.n[9] == wd.n && a.n[10] == wd.n && a.n[11] == wd.n && gy.c == wd.n);
         tf_dims xd = {0, 0, 0};
         if (uw) {
-            REQ(is_act(xs, TF_DT_INT8) && w->t.kind == TF_K_TRAINABLE && xs->t.dims[0] >= k);
+            /* NOTE: groups <= C_out (tf_conv_check's C_out % groups refuses more) is checked before the product */
+            REQ(is_act(xs, TF_DT_INT8) && w->t.kind == TF_K_TRAINABLE && xs->t.dims[0] >= k && A(4) >= 1 &&
+                A(4) <= wd.n);
             xd = dims3(xs);
             xd.c = wd.c * A(4);
             REQ(k <= xd.c && tf_conv_check(&xd, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
@@ -570,7 +590,7 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         const ten_t *g = &in[0], *ids = &in[1], *tab = &in[2];
         REQ(g->p && g->t.dtype == TF_DT_INT8 && ids->p && ids->t.dtype == TF_DT_INT32 && tab->p &&
             tab->t.kind == TF_K_TRAINABLE && tab->t.dtype == TF_DT_INT8 && tab->t.rank == 2 &&
-            g->t.numel == tab->t.dims[1] * ids->t.numel);
+            g->t.numel == (int64_t)tab->t.dims[1] * ids->t.numel);
         if (exec) {
             const tf_embedding_update_params p = {A(0), A(1), sc->lr_m, sc->lr_e, rt->step, (uint32_t)tab->id};
             KERNEL(tf_embedding_update_s8(&p, tab->t.dims[0], tab->t.dims[1], ids->t.numel, (const int8_t *)g->p,
