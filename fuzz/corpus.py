@@ -101,7 +101,11 @@ def cmd_seeds() -> list[bytes]:
     reload = bytes([1 | 32, 8, 0]) + struct.pack("<H", 504) + bytes([2 | 32, 8])
     sample = bytes([3, 8, 0, 1]) + struct.pack("<H", 500) + bytes(range(256)) * 2 + bytes([5, 2])
     stored = bytes([4, 1]) + struct.pack("<H", 500) + bytes(500) + bytes([5 | 16, 2, 0, 1, 6, 0, 0, 255, 1, 0, 0])
-    return [reload, sample, stored, reload + sample + bytes([6, 0, 0, 0, 2, 0, 0])]
+    # a whole record stored in slot 0 (tiny.tfv: 192 input bytes), then TRAIN_LIST on it at lr_e = 2^31 - 1 and
+    # -2^31 (op bit 64: lr_e from the input; regressions: lr_e + qas_e + 15 wrapped in the update kernels)
+    record = bytes([4, 0, 0]) + struct.pack("<H", 4 + 192) + bytes(4 + 192)
+    lr_edges = [record + bytes([5 | 16 | 64]) + struct.pack("<i", e) + bytes([1, 0]) for e in (2**31 - 1, -2**31)]
+    return [reload, sample, stored, reload + sample + bytes([6, 0, 0, 0, 2, 0, 0])] + lr_edges
 
 
 def seeds() -> dict[str, list[bytes]]:

@@ -83,6 +83,14 @@ static int shifts_ok(const int32_t *s, int32_t n) {
     }
     return 1;
 }
+static int exps_ok(const int32_t *e, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        if (e[i] < -TF_EXP_LIMIT || e[i] > TF_EXP_LIMIT) {
+            return 0;
+        }
+    }
+    return 1;
+}
 static int mask_ok(const ten_t *m, int32_t numel) {
     return m->t.dtype == TF_DT_MASK && m->t.numel == numel && writable(m);
 }
@@ -491,7 +499,7 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         REQ(is_act(&in[0], TF_DT_INT8) && is_filter(&in[1]) && is_act(y, TF_DT_INT8) && writable(y));
         const tf_dims gy = dims3(&in[0]), gx = dims3(y);
         const tf_filter_dims wd = fdims(&in[1]);
-        REQ(a.n[5] == wd.n && tf_conv_check(&gx, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
+        REQ(a.n[5] == wd.n && exps_ok(a.v[6], 1) && tf_conv_check(&gx, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
         const tf_conv_bwd_params p = {A(0), A(1), A(2), A(3), A(4), A(6)};
         /* NOTE: the planner gives this op no scratch; the one-pass kernel paths use arena bytes that no tensor
          * live at this op occupies (free_gap), found once at load: same numbers, no extra SRAM. */
@@ -523,6 +531,7 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         const int32_t k = A(5);
         const int uw = A(6) && k > 0, ub = A(7) != 0;
         REQ(a.n[8] == wd.n && a.n[9] == wd.n && a.n[10] == wd.n && a.n[11] == wd.n && gy.c == wd.n);
+        REQ(exps_ok(a.v[9], wd.n) && exps_ok(a.v[11], wd.n)); /* qas_w_e, qas_b_e: summed with lr_e and e_y */
         tf_dims xd = {0, 0, 0};
         if (uw) {
             /* NOTE: groups <= C_out (tf_conv_check's C_out % groups refuses more) is checked before the product */
@@ -589,7 +598,7 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
     case TF_OP_EMBEDDING_UPDATE: {
         const ten_t *g = &in[0], *ids = &in[1], *tab = &in[2];
         REQ(g->p && g->t.dtype == TF_DT_INT8 && ids->p && ids->t.dtype == TF_DT_INT32 && tab->p &&
-            tab->t.kind == TF_K_TRAINABLE && tab->t.dtype == TF_DT_INT8 && tab->t.rank == 2 &&
+            tab->t.kind == TF_K_TRAINABLE && tab->t.dtype == TF_DT_INT8 && tab->t.rank == 2 && exps_ok(a.v[1], 1) &&
             g->t.numel == (int64_t)tab->t.dims[1] * ids->t.numel);
         if (exec) {
             const tf_embedding_update_params p = {A(0), A(1), sc->lr_m, sc->lr_e, rt->step, (uint32_t)tab->id};
@@ -728,6 +737,9 @@ int tf_runtime_step(tf_runtime *rt, const uint8_t *sample, int32_t label, int32_
                     tf_step_result *res) {
     tf_tensor_info tin;
     tf_plan_tensor(&rt->plan, rt->plan.input_id, &tin);
+    if (lr_e < -TF_EXP_LIMIT || lr_e > TF_EXP_LIMIT) {
+        return TF_RT_BAD_SAMPLE; /* before the sums of lr_e with the plan's exponents could wrap */
+    }
     if (label < 0 || (rt->n_classes && label >= rt->n_classes) || rt->plan.label_id < 0) {
         return TF_RT_BAD_SAMPLE;
     }
