@@ -27,6 +27,9 @@ static int small_enough(const tf_plan *p) {
         uint64_t t = 0;
         for (uint32_t k = 0; k < (uint32_t)op.n_in + op.n_out; k++) {
             tf_tensor_info ti;
+            if (op.ids[k] < 0) {
+                continue; /* CONV2D_UPDATE without its input (bias only) */
+            }
             tf_plan_tensor(p, op.ids[k], &ti);
             t += (uint64_t)ti.numel;
         }
