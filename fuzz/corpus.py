@@ -74,6 +74,12 @@ def hostile_plans() -> list[bytes]:
     y.shape, y.offset = (2**18, 1, 1), 0
     text.arena_bytes = 2**18 + 4
     out.append(plan_to_bytes(text))
+    # training steps (fuzz_plan steps small plans): a recipe bias exponent of 4000 (inside EXP_LIMIT) shifts the
+    # recipe's per-sample delta left by ~4000 bits (UB; now TF_ERR_OVERFLOW / ValueError before it)
+    rec = load("tiny_recipe8")
+    upd = next(o for o in rec.ops if o.type == ir.OpType.CONV2D_UPDATE)
+    upd.attrs["qas_b_e"] = np.full_like(np.asarray(upd.attrs["qas_b_e"]), 4000)
+    out.append(plan_to_bytes(rec))
     return out
 
 

@@ -23,7 +23,7 @@ def check_exps(what: str, e) -> None:
     """Raise ValueError unless every exponent in ``e`` is within +-EXP_LIMIT (as the firmware refuses)."""
     a = np.asarray(e, np.int64)
     if a.size and int(np.abs(a).max()) > EXP_LIMIT:
-        raise ValueError(f"{what}: exponent {int(a[np.abs(a).argmax()])} outside +-{EXP_LIMIT}")
+        raise ValueError(f"{what}: exponent {int(a.flat[np.abs(a).argmax()])} outside +-{EXP_LIMIT}")
 
 
 def quantize_multiplier(real: float) -> tuple[int, int]:

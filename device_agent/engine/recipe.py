@@ -26,6 +26,7 @@ from . import ir
 from .qmath import WEIGHT_MAX, WEIGHT_MIN, rng_u32, rshift_round, stochastic_shift
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+MAX_LSHIFT = 6  # fixed_delta: |v| <= 2**56 shifted left by at most this stays in int64 (tf_recipe.h)
 ACC_BITS_W = 16  # weight acc/mom units: 2**-16 weight LSB (int32: +-32768 LSB)
 ACC_BITS_B = 12  # bias acc/mom units: 2**-12 bias LSB (per-sample bias steps are often < 1 LSB; int32 still holds
 # +-524288 LSB, far above any bias step; docs/engine.md "Diagnosis at 10k")
@@ -155,8 +156,12 @@ def fixed_delta(acc: np.ndarray, mult: np.ndarray, exp: np.ndarray, bits: int) -
 
     ``acc`` int64 per-sample sums (|acc| < 2**40), ``mult`` < 2**16, all broadcast.
     """
+    exp = np.asarray(exp, np.int64)
+    if exp.size and int(exp.max()) + bits > MAX_LSHIFT:
+        raise ValueError(f"recipe update: exponent {int(exp.max())} + {bits} bits shifts a delta of up to 2**56 left "
+                         f"by more than {MAX_LSHIFT} (past int64; the firmware refuses it too)")
     v = np.clip(np.asarray(acc, np.int64) * np.asarray(mult, np.int64), -(1 << 56), 1 << 56)
-    return np.clip(rshift_round(v, -(np.asarray(exp, np.int64) + bits)), INT32_MIN, INT32_MAX)
+    return np.clip(rshift_round(v, -(exp + bits)), INT32_MIN, INT32_MAX)
 
 
 def sat_add32(a: np.ndarray, b: np.ndarray) -> np.ndarray:

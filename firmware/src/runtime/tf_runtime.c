@@ -563,6 +563,17 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
                                              (uint32_t)b->id};
             const tf_qas q = {a.v[8], a.v[9], a.v[10], a.v[11]};
             if (rt->plan.has_recipe) {
+                /* NOTE: the recipe's per-sample delta is rshift_round(clamp(acc m, +-2^56), -(e + bits)): a left shift
+                 * of 7+ bits could pass int64 (UB; the reference's numpy shift wraps). Refused, as by
+                 * engine/recipe.py fixed_delta (fuzz_plan: a plan's qas_b_e made it a shift of 2^249). */
+                for (int32_t c = 0; sc->add && c < wd.n; c++) {
+                    const int64_t e = (int64_t)sc->lr_e + 15 + rt->exp[g->id];
+                    if ((uw && e + a.v[9][c] + TF_RECIPE_ACC_BITS_W > TF_RECIPE_MAX_LSHIFT) ||
+                        (ub && e + a.v[11][c] + TF_RECIPE_ACC_BITS_B > TF_RECIPE_MAX_LSHIFT)) {
+                        rt->err_status = (int32_t)TF_ERR_OVERFLOW;
+                        return TF_RT_KERNEL;
+                    }
+                }
                 rs.apply = sc->apply;
                 rs.add = sc->add;
                 KERNEL(tf_conv2d_update_recipe_s8(&p, &q, &rs, &gy, (const int8_t *)g->p, rt->exp[g->id],
