@@ -74,6 +74,9 @@ def hostile_plans() -> list[bytes]:
     y.shape, y.offset = (2**18, 1, 1), 0
     text.arena_bytes = 2**18 + 4
     out.append(plan_to_bytes(text))
+    text = load("text")  # EMBEDDING's ids (int32, arena 48..72) moved inside its output y (arena 0..48)
+    text.tensors[0].offset = 16
+    out.append(plan_to_bytes(text))
     # training steps (fuzz_plan steps small plans): a recipe bias exponent of 4000 (inside EXP_LIMIT) shifts the
     # recipe's per-sample delta left by ~4000 bits (UB; now TF_ERR_OVERFLOW / ValueError before it)
     rec = load("tiny_recipe8")
