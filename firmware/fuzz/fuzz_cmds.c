@@ -196,7 +196,7 @@ static void op_store_samples(input *in, uint32_t op) {
 static void op_train(input *in, uint32_t op) {
     uint8_t pl[16 + 2 * 8];
     const uint32_t lr_e = (op & 64) ? u32(in) : (uint32_t)-10; /* raw: any exponent, the int32 edges included */
-    if (op & 16) { /* TRAIN_LIST of up to 8 slots */
+    if (op & 16) {                                             /* TRAIN_LIST of up to 8 slots */
         const uint32_t count = u8(in) % 9;
         uint8_t *q = put32(put32(put32(put32(pl, 1024), lr_e), 1), count);
         for (uint32_t i = 0; i < count; i++) {

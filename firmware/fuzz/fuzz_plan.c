@@ -8,7 +8,8 @@
 #include "fuzz_util.h"
 #include "tf_runtime.h"
 
-static _Alignas(8) uint8_t pool[512 * 1024]; /* above any MCU's SRAM (stm32f746: 320 KiB): every arena a device could hold */
+static _Alignas(
+    8) uint8_t pool[512 * 1024]; /* above any MCU's SRAM (stm32f746: 320 KiB): every arena a device could hold */
 static tf_runtime rt;
 static uint8_t sample[sizeof(pool)];
 

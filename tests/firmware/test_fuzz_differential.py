@@ -246,7 +246,7 @@ def test_misaligned_arena_offsets_refused_alike(decode_cli):
     moved, aligned = [], []
     for blob in valid["unsigned"]:
         body = bytearray(blob[:-4])
-        nt, arena, n_ratios = (PLAN_HEADER.unpack_from(body, 16)[k] for k in (0, 5, 8))
+        nt, n_ratios = (PLAN_HEADER.unpack_from(body, 16)[k] for k in (0, 8))
         table = 16 + PLAN_HEADER.size + 8 * n_ratios
         for i in range(nt):
             at = table + i * TENSOR_REC.size

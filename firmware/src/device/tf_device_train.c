@@ -11,7 +11,7 @@ tf_dev_result tf_device_check_lr(const tf_device *d, int32_t lr_m, int32_t lr_e)
         return tf_res(TF_ST_ERR_STATE, 0);
     }
     return lr_m <= 0 || lr_m > 32768 || lr_e < -TF_EXP_LIMIT || lr_e > TF_EXP_LIMIT ? tf_res(TF_ST_ERR_BAD_PAYLOAD, 0)
-                                                                                     : tf_res(TF_ST_OK, 0);
+                                                                                    : tf_res(TF_ST_OK, 0);
 }
 
 static uint32_t list_slot(const uint8_t *slots, uint32_t s) { return (uint32_t)(slots[2 * s] | slots[2 * s + 1] << 8); }

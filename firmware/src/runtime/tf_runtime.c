@@ -506,7 +506,8 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         REQ(is_act(&in[0], TF_DT_INT8) && is_filter(&in[1]) && is_act(y, TF_DT_INT8) && writable(y));
         const tf_dims gy = dims3(&in[0]), gx = dims3(y);
         const tf_filter_dims wd = fdims(&in[1]);
-        REQ(a.n[5] == wd.n && exps_ok(a.v[6], 1) && tf_conv_check(&gx, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
+        REQ(a.n[5] == wd.n && exps_ok(a.v[6], 1) &&
+            tf_conv_check(&gx, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
         const tf_conv_bwd_params p = {A(0), A(1), A(2), A(3), A(4), A(6)};
         /* NOTE: the planner gives this op no scratch; the one-pass kernel paths use arena bytes that no tensor
          * live at this op occupies (free_gap), found once at load: same numbers, no extra SRAM. */
