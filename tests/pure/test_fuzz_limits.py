@@ -9,7 +9,7 @@ import pytest
 from device_agent.engine.backward import conv_bwd_input
 from device_agent.engine.conv import ConvGeom
 from device_agent.engine.qmath import EXP_LIMIT, check_exps, mant_exp
-from device_agent.engine.recipe import ACC_BITS_B, MAX_LSHIFT, fixed_delta
+from device_agent.engine.recipe import ACC_BITS_B, ACC_MAX_BITS, fixed_delta
 
 
 def test_exponents_within_the_limit_pass_and_beyond_it_are_refused():
@@ -37,11 +37,14 @@ def test_conv_bwd_input_refuses_a_wscale_p_beyond_the_limit():
 
 
 def test_recipe_delta_left_shift_limit():
-    # Prepare: the largest clamped product (2^56) at the largest allowed left shift, and one bit more
-    acc, mult = np.array([2**40]), np.array([2**16])
+    # Prepare: a bias sum of up to 2^22 times a 15-bit multiplier, shifted left by exponent + 12 bits
+    acc, mult = np.array([2**22 - 1]), np.array([2**15 - 1])
+    edge = 62 - ACC_MAX_BITS[ACC_BITS_B] - 15 - ACC_BITS_B  # the widest exponent whose shift stays below 2^62
     # Execute
-    at_limit = fixed_delta(acc, mult, np.array([MAX_LSHIFT - ACC_BITS_B]), ACC_BITS_B)
-    # Assert: saturated, exact int32 (no int64 wrap), and a wider shift refused (C: TF_ERR_OVERFLOW)
+    at_limit = fixed_delta(acc, mult, np.array([edge]), ACC_BITS_B)
+    # Assert: saturated, exact int32 (no int64 wrap), and one more bit refused (C: TF_ERR_OVERFLOW)
     assert at_limit.tolist() == [2**31 - 1]
-    with pytest.raises(ValueError, match="shifts a delta"):
-        fixed_delta(acc, mult, np.array([MAX_LSHIFT + 1 - ACC_BITS_B]), ACC_BITS_B)
+    with pytest.raises(ValueError, match="could pass"):
+        fixed_delta(acc, mult, np.array([edge + 1]), ACC_BITS_B)
+    with pytest.raises(ValueError, match="could pass"):
+        fixed_delta(np.array([0]), mult, np.array([249 - ACC_BITS_B]), ACC_BITS_B)  # the fuzzed 2^249 shift

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "tf_kernels.h"
+#include "tf_qmath.h"
 #include "tf_recipe.h"
 #include "tf_sha256.h"
 
@@ -91,6 +92,14 @@ static int exps_ok(const int32_t *e, int32_t n) {
     }
     return 1;
 }
+static int64_t bitlen32(int64_t v) {
+    int64_t n = 0;
+    for (uint64_t q = (uint64_t)(v < 0 ? -v : v); q; q >>= 1) {
+        n++;
+    }
+    return n;
+}
+
 /* The bytes of x and y do not overlap (either may be NULL). */
 static int apart(const ten_t *x, const ten_t *y) {
     return !x->p || !y->p || x->p + x->t.nbytes <= y->p || y->p + y->t.nbytes <= x->p;
@@ -571,13 +580,18 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
                                              (uint32_t)b->id};
             const tf_qas q = {a.v[8], a.v[9], a.v[10], a.v[11]};
             if (rt->plan.has_recipe) {
-                /* NOTE: the recipe's per-sample delta is rshift_round(clamp(acc m, +-2^56), -(e + bits)): a left shift
-                 * of 7+ bits could pass int64 (UB; the reference's numpy shift wraps). Refused, as by
-                 * engine/recipe.py fixed_delta (fuzz_plan: a plan's qas_b_e made it a shift of 2^249). */
+                /* NOTE: the recipe's per-sample delta is rshift_round(clamp(sum m, +-2^56), -(e + bits)): a left
+                 * shift that could take the largest sum (2^30 weights, 2^22 bias) x m past 2^62 is refused (UB in
+                 * C, a wrap in the reference's numpy), as by engine/recipe.py fixed_delta (fuzz_plan: a plan's
+                 * qas_b_e made it a shift of 249 bits) */
                 for (int32_t c = 0; sc->add && c < wd.n; c++) {
                     const int64_t e = (int64_t)sc->lr_e + 15 + rt->exp[g->id];
-                    if ((uw && e + a.v[9][c] + TF_RECIPE_ACC_BITS_W > TF_RECIPE_MAX_LSHIFT) ||
-                        (ub && e + a.v[11][c] + TF_RECIPE_ACC_BITS_B > TF_RECIPE_MAX_LSHIFT)) {
+                    if ((uw && e + a.v[9][c] + TF_RECIPE_ACC_BITS_W + TF_RECIPE_ACC_MAX_BITS_W +
+                                       bitlen32(tf_rshift_round((int64_t)sc->lr_m * a.v[8][c], 15)) >
+                                   62) ||
+                        (ub && e + a.v[11][c] + TF_RECIPE_ACC_BITS_B + TF_RECIPE_ACC_MAX_BITS_B +
+                                       bitlen32(tf_rshift_round((int64_t)sc->lr_m * a.v[10][c], 15)) >
+                                   62)) {
                         rt->err_status = (int32_t)TF_ERR_OVERFLOW;
                         return TF_RT_KERNEL;
                     }
