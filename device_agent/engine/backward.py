@@ -12,7 +12,7 @@ import numpy as np
 
 from . import ir
 from .conv import ConvGeom, conv_transpose_acc
-from .qmath import dyn_requant, rshift_round_even
+from .qmath import check_exps, dyn_requant, rshift_round_even
 
 Grad = tuple[np.ndarray, np.ndarray]  # (int8 (N, ...), int64 exponents (N,))
 
@@ -68,6 +68,7 @@ def conv_bwd_input(g: np.ndarray, e: np.ndarray, w: np.ndarray, geom: ConvGeom, 
     -------
     (N, C_in, H, W) int8 gradient and (N,) exponents.
     """
+    check_exps("wscale_p", wscale_p)
     q = np.asarray(wscale_q, dtype=np.int64).reshape(1, -1, 1, 1)
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"wscale_q has {q.shape[1]} entries, expected one per output channel ({g.shape[1]})")

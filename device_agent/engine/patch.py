@@ -21,6 +21,7 @@ from .conv import ConvGeom
 from .forward import add, conv2d
 
 KIND_CONV, KIND_ADD = 0, 1
+INT32_MAX = 2**31 - 1
 MAX_LAYERS = 16  # the firmware's fixed layer table (tf_kernels.h TF_PATCH_MAX_LAYERS)
 LAYER_ATTRS = ("kind", "in_a", "in_b", "stride_h", "stride_w", "pad_h", "pad_w", "groups", "act_min", "act_max",
                "zero_point", "add_mult_a", "add_mult_b", "add_shift", "fused", "buf_off")
@@ -277,6 +278,19 @@ def _params(op: ir.Op, layers: list[Layer], consts) -> list[_Params | None]:
     return params
 
 
+def check_int32(layers: list[Layer], tiles_h: int, tiles_w: int, name: str = "PATCH") -> None:
+    """The firmware computes tile bounds and buffer ends in int32 (tf_runtime.c run_patch refuses what would
+    wrap): ``tiles x`` the output's H (W), and every buffer's ``buf_off`` + its whole layer (one channel when
+    fused), must stay below 2^31. No MCU scratch comes near; a hostile plan is refused, on both sides."""
+    _, h, w = layers[-1].shape
+    if tiles_h * h > INT32_MAX or tiles_w * w > INT32_MAX:
+        raise ValueError(f"{name}: tiles {tiles_h}x{tiles_w} over a {h}x{w} output pass int32 tile bounds")
+    for i, ly in enumerate(layers[:-1]):
+        c, lh, lw = ly.shape
+        if ly.buf_off + (1 if ly.fused else c) * lh * lw > INT32_MAX:
+            raise ValueError(f"{name}: layer {i} buffer at {ly.buf_off} of a {ly.shape} layer passes 2^31 bytes")
+
+
 def patch_forward(op: ir.Op, tensors, x: np.ndarray, consts: list[np.ndarray], tiled: bool = False) -> np.ndarray:
     """PATCH: batch-first ``x`` (N, C, H, W) int8 -> ``y`` (N, *y shape) int8; ``consts`` = values of
     ``op.inputs[1:]`` (w, b per conv layer).
@@ -295,6 +309,7 @@ def patch_forward(op: ir.Op, tensors, x: np.ndarray, consts: list[np.ndarray], t
     _, h, w = layers[-1].shape
     if not (1 <= th <= h and 1 <= tw <= w):
         raise ValueError(f"{op.name or 'PATCH'}: tiles {th}x{tw} must be in 1..{h} x 1..{w}")
+    check_int32(layers, th, tw, op.name or "PATCH")
     sizes = buffer_bytes(layers, th, tw)
     if any(s and ly.buf_off < 0 for ly, s in zip(layers, sizes)):
         raise ValueError(f"{op.name or 'PATCH'}: a layer buffer without an offset")

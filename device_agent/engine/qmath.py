@@ -14,6 +14,16 @@ import numpy as np
 INT8_MIN, INT8_MAX = -128, 127
 WEIGHT_MIN, WEIGHT_MAX = -127, 127  # symmetric int8 weights
 MANT_BITS = 15  # mantissas are integers in [2^14, 2^15]
+# Largest |exponent| a plan attribute (qas_*_e, wscale_p) or a learning rate's lr_e may carry (the firmware's
+# TF_EXP_LIMIT): a float's mant_exp is within +-1100; the device sums these in int32 and refuses beyond.
+EXP_LIMIT = 4096
+
+
+def check_exps(what: str, e) -> None:
+    """Raise ValueError unless every exponent in ``e`` is within +-EXP_LIMIT (as the firmware refuses)."""
+    a = np.asarray(e, np.int64)
+    if a.size and int(np.abs(a).max()) > EXP_LIMIT:
+        raise ValueError(f"{what}: exponent {int(a.flat[np.abs(a).argmax()])} outside +-{EXP_LIMIT}")
 
 
 def quantize_multiplier(real: float) -> tuple[int, int]:

@@ -29,6 +29,9 @@ INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 ACC_BITS_W = 16  # weight acc/mom units: 2**-16 weight LSB (int32: +-32768 LSB)
 ACC_BITS_B = 12  # bias acc/mom units: 2**-12 bias LSB (per-sample bias steps are often < 1 LSB; int32 still holds
 # +-524288 LSB, far above any bias step; docs/engine.md "Diagnosis at 10k")
+# Bits of a per-sample sum (tf_recipe.h): weights |sum g (x - zx)| <= 32768 px x 128 x 255 < 2**30, bias
+# |sum g| <= 2**22; fixed_delta refuses a shift that could take sum x mult past 2**62 (keyed by ACC_BITS_*)
+ACC_MAX_BITS = {ACC_BITS_W: 30, ACC_BITS_B: 22}
 # 0.5 (1 + cos(pi i / 64)) in Q15, i = 0..64: the device's cosine table (generated here, copied to C verbatim)
 COS_Q15 = tuple(round(32768 * 0.5 * (1 + math.cos(math.pi * i / 64))) for i in range(65))
 
@@ -155,8 +158,14 @@ def fixed_delta(acc: np.ndarray, mult: np.ndarray, exp: np.ndarray, bits: int) -
 
     ``acc`` int64 per-sample sums (|acc| < 2**40), ``mult`` < 2**16, all broadcast.
     """
+    exp = np.asarray(exp, np.int64)
+    m_bits = np.frexp(np.abs(np.asarray(mult, np.int64)).astype(np.float64))[1]  # bit_length (mult < 2**53)
+    reach = exp + bits + ACC_MAX_BITS[bits] + m_bits
+    if reach.size and int(reach.max()) > 62:
+        raise ValueError(f"recipe update: a per-sample sum x mult shifted left by exponent + {bits} bits could pass "
+                         "2**62 (int64; the firmware refuses it too)")
     v = np.clip(np.asarray(acc, np.int64) * np.asarray(mult, np.int64), -(1 << 56), 1 << 56)
-    return np.clip(rshift_round(v, -(np.asarray(exp, np.int64) + bits)), INT32_MIN, INT32_MAX)
+    return np.clip(rshift_round(v, -(exp + bits)), INT32_MIN, INT32_MAX)
 
 
 def sat_add32(a: np.ndarray, b: np.ndarray) -> np.ndarray:

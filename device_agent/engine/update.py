@@ -13,7 +13,7 @@ import numpy as np
 
 from . import ir
 from .conv import ConvGeom, conv_weight_acc
-from .qmath import WEIGHT_MAX, WEIGHT_MIN, mant_exp, rng_u32, rshift_round, scaled_update
+from .qmath import WEIGHT_MAX, WEIGHT_MIN, check_exps, mant_exp, rng_u32, rshift_round, scaled_update
 
 INT32_MAX = (1 << 31) - 1
 
@@ -35,6 +35,8 @@ def align_sum(acc: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _mult_exp(lr_m: int, lr_e: int, qas_m, qas_e, e_y: int) -> tuple[np.ndarray, np.ndarray]:
     """``M = rshift_round(lr_m * qas_m, 15)``, ``E = lr_e + qas_e + 15 + e_y``."""
+    check_exps("learning rate", lr_e)
+    check_exps("qas exponent", qas_e)
     m = rshift_round(np.int64(lr_m) * np.asarray(qas_m, np.int64), 15)
     return m, lr_e + np.asarray(qas_e, np.int64) + 15 + e_y
 

@@ -39,6 +39,7 @@ MAX_OPS = 65535
 MAX_RANK = 4
 MAX_NAME = 255  # UTF-8 bytes per name
 MAX_NUMEL = 2**31 - 1
+ARENA_ALIGN = 4  # every arena offset is a multiple of this (fleet/compiler/planner.py ALIGN; kernels read int32 in place)
 NONE_ID = -1  # "no tensor": label_id of an inference-only plan, optional op inputs
 
 PLAN_HEADER = struct.Struct("<IIiiiIIIII")  # 40 bytes
@@ -358,6 +359,8 @@ def _read_tensor(c: Cursor, i: int, rec: tuple, arena: int, name: str) -> ir.Ten
         raise _fail(WireError.BAD_VALUE, f"{what}: int8 zero point {zp} outside [-128, 127]")
     if offset != -1 and (offset < 0 or offset + nbytes > arena):
         raise _fail(WireError.OUT_OF_ARENA, f"{what}: arena offset {offset} + {nbytes} bytes beyond arena {arena}")
+    if offset != -1 and offset % ARENA_ALIGN:
+        raise _fail(WireError.BAD_OFFSET, f"{what}: arena offset {offset} is not a multiple of {ARENA_ALIGN}")
     if n_scales != 1 and not (rank >= 1 and n_scales == dims[0]):
         raise _fail(WireError.BAD_SHAPE, f"{what}: {n_scales} scales, expected 1 or shape[0]")
     if scales_off != c.abs_pos:

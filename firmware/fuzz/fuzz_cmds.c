@@ -195,16 +195,17 @@ static void op_store_samples(input *in, uint32_t op) {
 
 static void op_train(input *in, uint32_t op) {
     uint8_t pl[16 + 2 * 8];
-    if (op & 16) { /* TRAIN_LIST of up to 8 slots */
+    const uint32_t lr_e = (op & 64) ? u32(in) : (uint32_t)-10; /* raw: any exponent, the int32 edges included */
+    if (op & 16) {                                             /* TRAIN_LIST of up to 8 slots */
         const uint32_t count = u8(in) % 9;
-        uint8_t *q = put32(put32(put32(put32(pl, 1024), (uint32_t)-10), 1), count);
+        uint8_t *q = put32(put32(put32(put32(pl, 1024), lr_e), 1), count);
         for (uint32_t i = 0; i < count; i++) {
             const uint32_t s = (op & 32) ? u16(in) : u8(in) % 8;
             q[0] = (uint8_t)s, q[1] = (uint8_t)(s >> 8), q += 2;
         }
         send(TF_CMD_TRAIN_LIST, pl, (uint32_t)(q - pl));
     } else {
-        uint8_t *q = put32(put32(put32(put32(pl, u8(in) % 3 + 1), (op & 32) ? u32(in) : 1024), (uint32_t)-10), 1);
+        uint8_t *q = put32(put32(put32(put32(pl, u8(in) % 3 + 1), (op & 32) ? u32(in) : 1024), lr_e), 1);
         send(TF_CMD_TRAIN, pl, (uint32_t)(q - pl));
     }
 }

@@ -5,6 +5,14 @@
 
 #include <stdint.h>
 
+#define TF_RECIPE_ACC_BITS_W 16 /* weight buffer units: 2^-16 LSB (recipe.ACC_BITS_W) */
+#define TF_RECIPE_ACC_BITS_B 12 /* bias buffer units: 2^-12 LSB (recipe.ACC_BITS_B) */
+/* Bits of a per-sample sum: weights |sum g (x - zx)| <= 32768 px x 128 x 255 < 2^30, bias |sum g| <= 2^22. A
+ * step whose delta (sum x m) shifted left by exponent + bits could pass 2^62 is refused (tf_runtime.c,
+ * TF_ERR_OVERFLOW), as by engine/recipe.py fixed_delta (recipe.ACC_MAX_BITS) */
+#define TF_RECIPE_ACC_MAX_BITS_W 30
+#define TF_RECIPE_ACC_MAX_BITS_B 22
+
 /* 0.5 (1 + cos(pi i / 64)) in Q15, i = 0..64 (recipe.COS_Q15, copied verbatim; src/runtime/tf_recipe.c) */
 extern const int32_t tf_cos_q15[65];
 

@@ -10,6 +10,10 @@
 #define TF_MAX_TENSORS 512
 #define TF_MAX_OPS 512
 #define TF_MAX_CLASSES 1024
+/* Largest |exponent| a plan attribute (qas_*_e, wscale_p) or a step's lr_e may carry (engine/qmath.py EXP_LIMIT):
+ * any float's mant_exp is within +-1100, and with this bound the exponent sums of a step (lr_e + qas_e + 15 +
+ * e_y, e_y + wscale_p - 7 + shift, over <= TF_MAX_OPS ops) stay far inside int32. */
+#define TF_EXP_LIMIT 4096
 
 /* prepare errors (tf_runtime_load), reported with the op index in err_op */
 enum {

@@ -78,6 +78,7 @@ void tf_content_hash(const uint8_t *blob, uint32_t n, uint8_t out[32]);
 
 /* ---- plan ---- */
 #define TF_PLAN_TENSOR_REC 44
+#define TF_PLAN_ARENA_ALIGN 4u /* every arena offset is a multiple of this (wire/plan.py ARENA_ALIGN) */
 
 typedef struct {
     uint8_t kind, dtype, rank, flags;

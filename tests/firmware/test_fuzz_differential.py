@@ -235,6 +235,38 @@ def test_size_edges_agree(decode_cli):
     assert int32_edge, "the corpus must hold the BAD_LENGTH case of a 2^32-byte tensor"
 
 
+def test_misaligned_arena_offsets_refused_alike(decode_cli):
+    """Every arena tensor of the valid unsigned plans moved 1, 2 or 3 bytes: refused alike, BAD_OFFSET (fuzz_plan
+    found an EMBEDDING reading its int32 ids at arena offset 1; offsets are multiples of ARENA_ALIGN), while the
+    same plans moved by 4 bytes (inside the arena) stay valid in both."""
+    from device_agent.wire.errors import WireError
+    from device_agent.wire.plan import ARENA_ALIGN, PLAN_HEADER, TENSOR_REC
+
+    _, valid = vectors("plan")
+    moved, aligned = [], []
+    for blob in valid["unsigned"]:
+        body = bytearray(blob[:-4])
+        nt, n_ratios = (PLAN_HEADER.unpack_from(body, 16)[k] for k in (0, 8))
+        table = 16 + PLAN_HEADER.size + 8 * n_ratios
+        for i in range(nt):
+            at = table + i * TENSOR_REC.size
+            rec = list(TENSOR_REC.unpack_from(body, at))
+            if rec[9] < 0:
+                continue
+            for delta in (1, 2, 3, -ARENA_ALIGN):
+                if rec[9] + delta < 0:
+                    continue
+                b = bytearray(body)
+                TENSOR_REC.pack_into(b, at, *rec[:9], rec[9] + delta, *rec[10:])
+                (aligned if delta % ARENA_ALIGN == 0 else moved).append(reseal(bytes(b) + b"\0\0\0\0"))
+    assert len(moved) > 30 and aligned
+    assert compare(decode_cli, "plan", "unsigned", moved, all_refused=True)
+    assert compare(decode_cli, "plan", "unsigned", aligned)
+    codes = {verdict("plan", b, POLICY["unsigned"]) for b in moved}  # past the arena's end: OUT_OF_ARENA first
+    assert codes == {f"err {int(WireError.BAD_OFFSET)}", f"err {int(WireError.OUT_OF_ARENA)}"}
+    assert any(verdict("plan", b, POLICY["unsigned"]).startswith("ok") for b in aligned)
+
+
 def _frames() -> list[bytes]:
     return [f for f in (VECTORS / "uart_frames.bin").read_bytes().split(b"\0") if f]
 

@@ -17,6 +17,9 @@ static inline tf_dev_result tf_res(uint8_t st, uint32_t detail) {
     return r;
 }
 
+/* TRAIN / TRAIN_LIST / PERSONALIZE: the learning rate's checks (tf_device_train.c) */
+tf_dev_result tf_device_check_lr(const tf_device *d, int32_t lr_m, int32_t lr_e);
+
 /* shared = trainable and not personal: carried by model updates, sent in deltas */
 static inline int tf_is_shared(const tf_tensor_info *t) { return t->kind == TF_K_TRAINABLE && !(t->flags & 1u); }
 

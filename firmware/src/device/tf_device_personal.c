@@ -112,8 +112,9 @@ tf_dev_result tf_device_personalize(tf_device *d, const uint8_t *slots, uint32_t
     if (!d->has_plan || d->pers_method == TF_PERS_NONE || d->base_lost || d->trained_since_update) {
         return tf_res(TF_ST_ERR_STATE, 0);
     }
-    if (lr_m <= 0 || lr_m > 32768) {
-        return tf_res(TF_ST_ERR_BAD_PAYLOAD, 0);
+    const tf_dev_result lr = tf_device_check_lr(d, lr_m, lr_e);
+    if (lr.status != TF_ST_OK) {
+        return lr;
     }
     for (uint32_t s = 0; s < count; s++) {
         const uint32_t slot = tf_ld_u16(slots + 2 * s);

@@ -4,11 +4,14 @@
 
 #include "tf_device_int.h"
 
-static tf_dev_result check_lr(const tf_device *d, int32_t lr_m) {
+/* lr = lr_m 2^lr_e: a mantissa in 1..2^15, an exponent within TF_EXP_LIMIT (the runtime sums it with the plan's
+ * exponents in int32; fuzz_cmds found a TRAIN_LIST lr_e of 2^31 - 1 overflowing the update kernels' sum) */
+tf_dev_result tf_device_check_lr(const tf_device *d, int32_t lr_m, int32_t lr_e) {
     if (!d->has_plan) {
         return tf_res(TF_ST_ERR_STATE, 0);
     }
-    return lr_m <= 0 || lr_m > 32768 ? tf_res(TF_ST_ERR_BAD_PAYLOAD, 0) : tf_res(TF_ST_OK, 0);
+    return lr_m <= 0 || lr_m > 32768 || lr_e < -TF_EXP_LIMIT || lr_e > TF_EXP_LIMIT ? tf_res(TF_ST_ERR_BAD_PAYLOAD, 0)
+                                                                                    : tf_res(TF_ST_OK, 0);
 }
 
 static uint32_t list_slot(const uint8_t *slots, uint32_t s) { return (uint32_t)(slots[2 * s] | slots[2 * s + 1] << 8); }
@@ -47,7 +50,7 @@ tf_dev_result tf_device_train(tf_device *d, uint32_t steps, int32_t lr_m, int32_
     if (d->has_plan && d->samples_held == 0) {
         return tf_res(TF_ST_ERR_STATE, 0);
     }
-    tf_dev_result r = check_lr(d, lr_m);
+    tf_dev_result r = tf_device_check_lr(d, lr_m, lr_e);
     if (r.status != TF_ST_OK) {
         return r;
     }
@@ -60,7 +63,7 @@ tf_dev_result tf_device_train(tf_device *d, uint32_t steps, int32_t lr_m, int32_
 tf_dev_result tf_device_train_list(tf_device *d, const uint8_t *slots, uint32_t count, int32_t lr_m, int32_t lr_e,
                                    uint32_t round_id, uint32_t *correct) {
     *correct = 0;
-    tf_dev_result r = check_lr(d, lr_m);
+    tf_dev_result r = tf_device_check_lr(d, lr_m, lr_e);
     if (r.status != TF_ST_OK) {
         return r;
     }

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "tf_kernels.h"
+#include "tf_qmath.h"
 #include "tf_recipe.h"
 #include "tf_sha256.h"
 
@@ -82,6 +83,26 @@ static int shifts_ok(const int32_t *s, int32_t n) {
         }
     }
     return 1;
+}
+static int exps_ok(const int32_t *e, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        if (e[i] < -TF_EXP_LIMIT || e[i] > TF_EXP_LIMIT) {
+            return 0;
+        }
+    }
+    return 1;
+}
+static int64_t bitlen32(int64_t v) {
+    int64_t n = 0;
+    for (uint64_t q = (uint64_t)(v < 0 ? -v : v); q; q >>= 1) {
+        n++;
+    }
+    return n;
+}
+
+/* The bytes of x and y do not overlap (either may be NULL). */
+static int apart(const ten_t *x, const ten_t *y) {
+    return !x->p || !y->p || x->p + x->t.nbytes <= y->p || y->p + y->t.nbytes <= x->p;
 }
 static int mask_ok(const ten_t *m, int32_t numel) {
     return m->t.dtype == TF_DT_MASK && m->t.numel == numel && writable(m);
@@ -249,6 +270,9 @@ static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view 
             return TF_RT_BAD_OP;
         }
     }
+    /* NOTE: tf_patch_check computes each conv layer's span (h + 2 pad - kh) in int32 before its conv check
+     * refuses the pad: pads are bounded first, as tf_conv_check bounds them (0 <= pad <= kernel; a fuzzed pad of
+     * 2^30 overflowed there) */
     int32_t wi = 1, ch = 0;
     for (int32_t l = 0; l < n; l++) {
         wt.w[l] = NULL, wt.b[l] = NULL;
@@ -265,6 +289,9 @@ static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view 
         if (!is_filter(&w) || !is_vec32(&b, w.t.dims[0])) {
             return TF_RT_BAD_OP;
         }
+        if (a->v[7][l] < 0 || a->v[7][l] > w.t.dims[2] || a->v[8][l] < 0 || a->v[8][l] > w.t.dims[3]) {
+            return TF_RT_BAD_OP;
+        }
         wt.w[l] = (const int8_t *)w.p, wt.b[l] = (const int32_t *)(const void *)b.p, wt.wd[l] = fdims(&w);
         ch += w.t.dims[0];
         wi += 2;
@@ -278,6 +305,18 @@ static __attribute__((noinline)) int run_patch(tf_runtime *rt, const tf_op_view 
     const tf_dims xd = dims3(x), yd = dims3(y);
     if (tf_patch_check(&p, &wt, &xd, &yd, out) != TF_OK) {
         return TF_RT_BAD_OP;
+    }
+    /* NOTE: tf_patch_get_buffer_size computes tile bounds (ti + 1) x H and sums buf_off + a tile's buffer in
+     * int32: tiles x H (W) must fit, and a layer whose whole buffer at its buf_off passes 2^31 - 1 bytes is
+     * refused (engine/patch.py refuses the same), so neither can wrap */
+    if ((int64_t)p.tiles_h * yd.h > INT32_MAX || (int64_t)p.tiles_w * yd.w > INT32_MAX) {
+        return TF_RT_BAD_OP;
+    }
+    for (int32_t l = 0; l + 1 < n; l++) {
+        const int64_t whole = (int64_t)(a->v[16][l] ? 1 : out[l].c) * out[l].h * out[l].w;
+        if (a->v[17][l] + whole > INT32_MAX) {
+            return TF_RT_NO_SCRATCH;
+        }
     }
     const int32_t need = tf_patch_get_buffer_size(&p, &wt, out);
     if (need < 0 || ctx->size < need) {
@@ -363,7 +402,10 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         const ten_t *ids = &in[0], *tab = &in[1];
         REQ(ids->p && ids->t.dtype == TF_DT_INT32 && ids->t.rank == 1 && tab->p && tab->t.dtype == TF_DT_INT8 &&
             tab->t.rank == 2);
-        REQ(writable(y) && y->t.dtype == TF_DT_INT8 && y->t.numel == tab->t.dims[1] * ids->t.numel);
+        REQ(writable(y) && y->t.dtype == TF_DT_INT8 && y->t.numel == (int64_t)tab->t.dims[1] * ids->t.numel);
+        /* NOTE: the kernel checks every id, then writes y while reading ids again: y over the ids would turn the
+         * checked ids into unchecked ones (fuzz_plan: ids at arena offset 16 inside y, an id of 4e8 read) */
+        REQ(apart(ids, y) && apart(tab, y));
         if (exec) {
             KERNEL(tf_embedding_s8(tab->t.dims[0], tab->t.dims[1], ids->t.numel, (const int32_t *)(const void *)ids->p,
                                    (const int8_t *)tab->p, (int8_t *)y->p));
@@ -401,15 +443,15 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         /* NOTE: four expanded channels per pass (their 1x1 shares every x unpack) where a free arena gap holds
          * 4 x H x W bytes (free_gap, found once at load, as for CONV2D_BWD_INPUT); else one channel at a time
          * in the planner's H x W scratch. Same numbers, no extra SRAM. */
-        const int32_t need4 = 4 * tf_pwdw_get_buffer_size(&xd);
-        if (!exec && rt->scratch[i] >= 0 && pw.n >= 4) {
+        const int64_t need4 = 4 * (int64_t)tf_pwdw_get_buffer_size(&xd);
+        if (!exec && rt->scratch[i] >= 0 && pw.n >= 4 && need4 <= INT32_MAX) {
             uint32_t got = (uint32_t)need4;
             const int32_t off = free_gap(rt, i, (uint32_t)need4, &got);
             rt->scratch[i] = off >= 0 ? (int16_t)(GAP_BASE - off / 8) : rt->scratch[i];
         }
         if (rt->scratch[i] <= GAP_BASE) {
             ctx.buf = rt->arena + 8 * (uint32_t)(GAP_BASE - rt->scratch[i]);
-            ctx.size = need4;
+            ctx.size = (int32_t)need4;
         }
         if (ctx.size < tf_pwdw_get_buffer_size(&xd)) {
             return TF_RT_NO_SCRATCH;
@@ -473,7 +515,8 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         REQ(is_act(&in[0], TF_DT_INT8) && is_filter(&in[1]) && is_act(y, TF_DT_INT8) && writable(y));
         const tf_dims gy = dims3(&in[0]), gx = dims3(y);
         const tf_filter_dims wd = fdims(&in[1]);
-        REQ(a.n[5] == wd.n && tf_conv_check(&gx, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
+        REQ(a.n[5] == wd.n && exps_ok(a.v[6], 1) &&
+            tf_conv_check(&gx, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
         const tf_conv_bwd_params p = {A(0), A(1), A(2), A(3), A(4), A(6)};
         /* NOTE: the planner gives this op no scratch; the one-pass kernel paths use arena bytes that no tensor
          * live at this op occupies (free_gap), found once at load: same numbers, no extra SRAM. */
@@ -505,9 +548,12 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
         const int32_t k = A(5);
         const int uw = A(6) && k > 0, ub = A(7) != 0;
         REQ(a.n[8] == wd.n && a.n[9] == wd.n && a.n[10] == wd.n && a.n[11] == wd.n && gy.c == wd.n);
+        REQ(exps_ok(a.v[9], wd.n) && exps_ok(a.v[11], wd.n)); /* qas_w_e, qas_b_e: summed with lr_e and e_y */
         tf_dims xd = {0, 0, 0};
         if (uw) {
-            REQ(is_act(xs, TF_DT_INT8) && w->t.kind == TF_K_TRAINABLE && xs->t.dims[0] >= k);
+            /* NOTE: groups <= C_out (tf_conv_check's C_out % groups refuses more) is checked before the product */
+            REQ(is_act(xs, TF_DT_INT8) && w->t.kind == TF_K_TRAINABLE && xs->t.dims[0] >= k && A(4) >= 1 &&
+                A(4) <= wd.n);
             xd = dims3(xs);
             xd.c = wd.c * A(4);
             REQ(k <= xd.c && tf_conv_check(&xd, &wd, &gy, A(4), A(0), A(1), A(2), A(3)) == TF_OK);
@@ -534,6 +580,22 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
                                              (uint32_t)b->id};
             const tf_qas q = {a.v[8], a.v[9], a.v[10], a.v[11]};
             if (rt->plan.has_recipe) {
+                /* NOTE: the recipe's per-sample delta is rshift_round(clamp(sum m, +-2^56), -(e + bits)): a left
+                 * shift that could take the largest sum (2^30 weights, 2^22 bias) x m past 2^62 is refused (UB in
+                 * C, a wrap in the reference's numpy), as by engine/recipe.py fixed_delta (fuzz_plan: a plan's
+                 * qas_b_e made it a shift of 249 bits) */
+                for (int32_t c = 0; sc->add && c < wd.n; c++) {
+                    const int64_t e = (int64_t)sc->lr_e + 15 + rt->exp[g->id];
+                    if ((uw && e + a.v[9][c] + TF_RECIPE_ACC_BITS_W + TF_RECIPE_ACC_MAX_BITS_W +
+                                       bitlen32(tf_rshift_round((int64_t)sc->lr_m * a.v[8][c], 15)) >
+                                   62) ||
+                        (ub && e + a.v[11][c] + TF_RECIPE_ACC_BITS_B + TF_RECIPE_ACC_MAX_BITS_B +
+                                       bitlen32(tf_rshift_round((int64_t)sc->lr_m * a.v[10][c], 15)) >
+                                   62)) {
+                        rt->err_status = (int32_t)TF_ERR_OVERFLOW;
+                        return TF_RT_KERNEL;
+                    }
+                }
                 rs.apply = sc->apply;
                 rs.add = sc->add;
                 KERNEL(tf_conv2d_update_recipe_s8(&p, &q, &rs, &gy, (const int8_t *)g->p, rt->exp[g->id],
@@ -569,8 +631,8 @@ static int run_op(tf_runtime *rt, uint32_t i, int exec, const step_ctx *sc) {
     case TF_OP_EMBEDDING_UPDATE: {
         const ten_t *g = &in[0], *ids = &in[1], *tab = &in[2];
         REQ(g->p && g->t.dtype == TF_DT_INT8 && ids->p && ids->t.dtype == TF_DT_INT32 && tab->p &&
-            tab->t.kind == TF_K_TRAINABLE && tab->t.dtype == TF_DT_INT8 && tab->t.rank == 2 &&
-            g->t.numel == tab->t.dims[1] * ids->t.numel);
+            tab->t.kind == TF_K_TRAINABLE && tab->t.dtype == TF_DT_INT8 && tab->t.rank == 2 && exps_ok(a.v[1], 1) &&
+            g->t.numel == (int64_t)tab->t.dims[1] * ids->t.numel);
         if (exec) {
             const tf_embedding_update_params p = {A(0), A(1), sc->lr_m, sc->lr_e, rt->step, (uint32_t)tab->id};
             KERNEL(tf_embedding_update_s8(&p, tab->t.dims[0], tab->t.dims[1], ids->t.numel, (const int8_t *)g->p,
@@ -708,6 +770,9 @@ int tf_runtime_step(tf_runtime *rt, const uint8_t *sample, int32_t label, int32_
                     tf_step_result *res) {
     tf_tensor_info tin;
     tf_plan_tensor(&rt->plan, rt->plan.input_id, &tin);
+    if (lr_e < -TF_EXP_LIMIT || lr_e > TF_EXP_LIMIT) {
+        return TF_RT_BAD_SAMPLE; /* before the sums of lr_e with the plan's exponents could wrap */
+    }
     if (label < 0 || (rt->n_classes && label >= rt->n_classes) || rt->plan.label_id < 0) {
         return TF_RT_BAD_SAMPLE;
     }

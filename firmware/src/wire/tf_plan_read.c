@@ -285,6 +285,11 @@ static int read_tensor(cur *c, const tf_plan *p, int32_t i) {
     if (t.offset != -1 && (t.offset < 0 || (uint64_t)(uint32_t)t.offset + nbytes > p->arena_bytes)) {
         return TF_WE_OUT_OF_ARENA;
     }
+    /* NOTE: kernels read INT32 tensors and int32 scratch in place: a misaligned offset is refused (fuzz_plan found
+     * an EMBEDDING reading its ids at arena offset 1; the planner aligns every offset to 4) */
+    if (t.offset != -1 && ((uint32_t)t.offset & (TF_PLAN_ARENA_ALIGN - 1u))) {
+        return TF_WE_BAD_OFFSET;
+    }
     if (t.n_scales != 1 && !(t.rank >= 1 && t.n_scales == tf_ld_u32(r + 4))) {
         return TF_WE_BAD_SHAPE;
     }
