@@ -2,23 +2,17 @@
 pad_h = 2^30 must be refused by tf_patch_check without overflowing 2 * pad_h, and buf_off = 2^31 - 16 must give
 tf_patch_get_buffer_size -1 or INT32_MAX, not a wrapped sum. The runtime refuses both plans before calling the
 kernels (tf_runtime.c run_patch; regressions in fuzz/corpus.py hostile_plans), so this guards direct callers.
-
-Expected to fail until the kernel fix (session 11 report, /work/runs/s11/fuzz/kernel-fix-tf_patch_s8.diff) is in
-firmware/src/kernels/tf_patch_s8.c: strict, so the XPASS then asks for the marker to go.
 """
 
 from __future__ import annotations
 
 import subprocess
 
-import pytest
-
 from tests.conftest import ROOT, require_cmd
 
 FW = ROOT / "firmware"
 
 
-@pytest.mark.xfail(strict=True, reason="tf_patch_s8.c: 2 * pad_h and buf_off + bytes in int32 (kernel fix pending)")
 def test_patch_kernel_refuses_hostile_tables_without_ub(tmp_path):
     # Prepare
     require_cmd("clang")

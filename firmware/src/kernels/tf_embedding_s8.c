@@ -13,9 +13,15 @@ tf_status tf_embedding_s8(int32_t vocab, int32_t dim, int32_t length, const int3
             return TF_ERR_ARG;
         }
     }
-    for (int32_t d = 0; d < dim; d++) {
-        for (int32_t l = 0; l < length; l++) {
-            y[d * length + l] = table[ids[l] * dim + d];
+    /* NOTE: each id is read once more and checked where it is used: y may not alias ids (the runtime refuses that
+     * layout), but a direct caller's overlap must not turn the first pass's checks into an out-of-bounds read */
+    for (int32_t l = 0; l < length; l++) {
+        const int32_t r = ids[l];
+        if (r < 0 || r >= vocab) {
+            return TF_ERR_ARG;
+        }
+        for (int32_t d = 0; d < dim; d++) {
+            y[d * length + l] = table[(int64_t)r * dim + d];
         }
     }
     return TF_OK;

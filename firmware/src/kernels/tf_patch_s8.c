@@ -26,7 +26,9 @@ typedef struct {
     int32_t cstride, rstride, ch0;
 } dst_t;
 
-static int32_t area(const rect *r) { return r->r0 < r->r1 && r->c0 < r->c1 ? (r->r1 - r->r0) * (r->c1 - r->c0) : 0; }
+static int64_t area(const rect *r) {
+    return r->r0 < r->r1 && r->c0 < r->c1 ? (int64_t)(r->r1 - r->r0) * (r->c1 - r->c0) : 0;
+}
 
 static int32_t max32(int32_t a, int32_t b) { return a > b ? a : b; }
 static int32_t min32(int32_t a, int32_t b) { return a < b ? a : b; }
@@ -53,9 +55,19 @@ tf_status tf_patch_check(const tf_patch_params *p, const tf_patch_weights *wt, c
             if (p->in_b[l] != -1 || !wt->w[l] || !wt->b[l] || wd->c * wd->h * wd->w > TF_PATCH_MAX_TERMS) {
                 return TF_ERR_ARG;
             }
+            /* pads bounded as tf_conv_check bounds them, spans in int64: 2 pad_h overflowed at pad_h = 2^30 */
+            if (p->pad_h[l] < 0 || p->pad_h[l] > wd->h || p->pad_w[l] < 0 || p->pad_w[l] > wd->w ||
+                p->stride_h[l] < 1 || p->stride_w[l] < 1) {
+                return TF_ERR_ARG;
+            }
+            const int64_t oh = ((int64_t)src->h + 2 * (int64_t)p->pad_h[l] - wd->h) / p->stride_h[l] + 1,
+                          ow = ((int64_t)src->w + 2 * (int64_t)p->pad_w[l] - wd->w) / p->stride_w[l] + 1;
+            if (oh < 1 || ow < 1 || oh > INT32_MAX || ow > INT32_MAX) {
+                return TF_ERR_SHAPE;
+            }
             out[l].c = wd->n;
-            out[l].h = p->stride_h[l] >= 1 ? (src->h + 2 * p->pad_h[l] - wd->h) / p->stride_h[l] + 1 : 0;
-            out[l].w = p->stride_w[l] >= 1 ? (src->w + 2 * p->pad_w[l] - wd->w) / p->stride_w[l] + 1 : 0;
+            out[l].h = (int32_t)oh;
+            out[l].w = (int32_t)ow;
             if (tf_conv_check(src, wd, &out[l], p->groups[l], p->stride_h[l], p->stride_w[l], p->pad_h[l],
                               p->pad_w[l]) != TF_OK) {
                 return TF_ERR_SHAPE;
@@ -124,8 +136,10 @@ static void regions(const tf_patch_params *p, const tf_patch_weights *wt, const 
     for (int32_t l = 0; l < n; l++) {
         need[l].r0 = need[l].r1 = need[l].c0 = need[l].c1 = 0;
     }
-    need[n - 1].r0 = ti * yd->h / p->tiles_h, need[n - 1].r1 = (ti + 1) * yd->h / p->tiles_h;
-    need[n - 1].c0 = tj * yd->w / p->tiles_w, need[n - 1].c1 = (tj + 1) * yd->w / p->tiles_w;
+    need[n - 1].r0 = (int32_t)((int64_t)ti * yd->h / p->tiles_h);
+    need[n - 1].r1 = (int32_t)((int64_t)(ti + 1) * yd->h / p->tiles_h);
+    need[n - 1].c0 = (int32_t)((int64_t)tj * yd->w / p->tiles_w);
+    need[n - 1].c1 = (int32_t)((int64_t)(tj + 1) * yd->w / p->tiles_w);
     for (int32_t l = n - 1; l >= 0; l--) {
         const rect r = need[l];
         if (r.r0 >= r.r1 || r.c0 >= r.c1) {
@@ -152,20 +166,20 @@ static void regions(const tf_patch_params *p, const tf_patch_weights *wt, const 
 
 int32_t tf_patch_get_buffer_size(const tf_patch_params *p, const tf_patch_weights *wt, const tf_dims *out) {
     rect need[TF_PATCH_MAX_LAYERS];
-    int32_t total = 0;
+    int64_t total = 0; /* NOTE: buf_off + a tile's bytes in int64, saturated: 2^31 - 16 + 16 wrapped in int32 */
     for (int32_t ti = 0; ti < p->tiles_h; ti++) {
         for (int32_t tj = 0; tj < p->tiles_w; tj++) {
             regions(p, wt, out, ti, tj, need);
             for (int32_t l = 0; l + 1 < p->n_layers; l++) {
-                const int32_t bytes = area(&need[l]) * (p->fused[l] ? 1 : out[l].c);
+                const int64_t bytes = area(&need[l]) * (p->fused[l] ? 1 : out[l].c);
                 if (bytes && p->buf_off[l] < 0) {
                     return -1;
                 }
-                total = bytes ? max32(total, p->buf_off[l] + bytes) : total;
+                total = bytes && p->buf_off[l] + bytes > total ? p->buf_off[l] + bytes : total;
             }
         }
     }
-    return total;
+    return total > INT32_MAX ? INT32_MAX : (int32_t)total;
 }
 
 /* One output channel's requantization: the one-smmla form of tf_conv_rq.h (rqf_t) whenever its exactness
