@@ -11,21 +11,27 @@ import pytest
 from tests.conftest import ROOT, require_cmd
 
 
+def _simulate(tmp_path, rounds: int, behaviour: str, deadline: int = 30) -> subprocess.CompletedProcess:
+    """`tinyfleet simulate` of the quickstart on 4 host devices at 3 M instructions per step (no QEMU here), with
+    the ``behaviour`` fields (no speed spread, no dropouts) and ``deadline``, into tmp_path/run."""
+    require_cmd("mosquitto")
+    cfg = tmp_path / "b.yaml"
+    text = (ROOT / "configs" / "quickstart.yaml").read_text().replace("deadline: 30", f"deadline: {deadline}")
+    cfg.write_text(text + (
+        f"behaviour: {{enabled: true, instructions_per_step: 3000000, speed_sigma: 0, dropout: 0, "
+        f"delay_s: [0.01, 0.05], {behaviour}}}\n"))
+    cmd = [sys.executable, "-m", "fleet.cli", "simulate", str(cfg), "--rounds", str(rounds), "--devices", "4",
+           "--json", "--quiet", "--out", str(tmp_path / "run")]
+    return subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def test_sleeping_devices_answer_only_while_awake_and_the_report_shows_when(tmp_path):
     """Host devices at the speed of an STM32F746 (3 M instructions per step at 216 MHz, a fixed figure: no QEMU
     here), half of them sleeping half of every 6 simulated seconds: every delta leaves while its device is awake,
     and metrics.json + the report say who was awake when."""
     from fleet.sim.report import awake_spans
 
-    require_cmd("mosquitto")
-    cfg = tmp_path / "b.yaml"
-    cfg.write_text((ROOT / "configs" / "quickstart.yaml").read_text() + (
-        "behaviour: {enabled: true, instructions_per_step: 3000000, period_s: 6, sleepers: 0.5, sleeper_duty: 0.5,"
-        " stragglers: 0.25, straggler_factor: 3, speed_sigma: 0, dropout: 0, delay_s: [0.01, 0.05]}\n"))
-    cmd = [sys.executable, "-m", "fleet.cli", "simulate", str(cfg), "--rounds", "3", "--devices", "4", "--json",
-           "--quiet", "--out", str(tmp_path / "run")]
-
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = _simulate(tmp_path, 3, "period_s: 6, sleepers: 0.5, sleeper_duty: 0.5, stragglers: 0.25, straggler_factor: 3")
 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["rounds"] == 3
@@ -53,15 +59,7 @@ def test_the_round_deadline_is_on_the_fleets_simulated_clock(tmp_path):
     slower needs 100 steps x 13.9 ms x 2000 = 2778 simulated seconds (139 wall s), so it misses every round, which
     closes on the deadline after 3 wall seconds (on a wall-clock deadline: 60 s). round_seconds also holds the
     harness's wait (<= 10 s) for the busy straggler to take the new model."""
-    require_cmd("mosquitto")
-    cfg = tmp_path / "b.yaml"
-    cfg.write_text((ROOT / "configs" / "quickstart.yaml").read_text().replace("deadline: 30", "deadline: 60") + (
-        "behaviour: {enabled: true, time_scale: 0.05, instructions_per_step: 3000000, sleepers: 0, stragglers: 0.25,"
-        " straggler_factor: 2000, speed_sigma: 0, dropout: 0, delay_s: [0.01, 0.05]}\n"))
-    cmd = [sys.executable, "-m", "fleet.cli", "simulate", str(cfg), "--rounds", "2", "--devices", "4", "--json",
-           "--quiet", "--out", str(tmp_path / "run")]
-
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = _simulate(tmp_path, 2, "time_scale: 0.05, sleepers: 0, stragglers: 0.25, straggler_factor: 2000", 60)
 
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
