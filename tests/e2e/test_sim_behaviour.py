@@ -56,12 +56,12 @@ def test_sleeping_devices_answer_only_while_awake_and_the_report_shows_when(tmp_
 
 def test_the_round_deadline_is_on_the_fleets_simulated_clock(tmp_path):
     """time_scale 0.05 (20 simulated seconds per wall second), deadline 60 simulated seconds: one device 2000x
-    slower needs 100 steps x 13.9 ms x 2000 = 2778 simulated seconds (139 wall s), so it misses every round, which
+    slower needs 100 steps x 13.9 ms x 2000 = 2778 simulated seconds (139 wall s), so it misses the round, which
     closes on the deadline after 3 wall seconds (on a wall-clock deadline: 60 s). round_seconds also holds the
     harness's wait (<= 10 s) for the busy straggler to take the new model."""
-    proc = _simulate(tmp_path, 2, "time_scale: 0.05, sleepers: 0, stragglers: 0.25, straggler_factor: 2000", 60)
+    proc = _simulate(tmp_path, 1, "time_scale: 0.05, sleepers: 0, stragglers: 0.25, straggler_factor: 2000", 60)
 
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["round_status"] == ["committed", "committed"] and out["devices_per_round"] == [3, 3], out
+    assert out["round_status"] == ["committed"] and out["devices_per_round"] == [3], out
     assert all(s < 30 for s in out["round_seconds"]), out["round_seconds"]  # wall seconds: 60 simulated = 3 wall
