@@ -32,6 +32,7 @@ from device_agent.buffer import SampleBuffer
 from device_agent.engine.trainer import Trainer
 from fleet import aggregate as agg
 from fleet.compiler.pipeline import build_plan
+from fleet.config import ConfigError
 from fleet.scenarios import load_scenario
 from fleet.sim.config import load_sim_config
 from fleet.sim.runner import _device_slices_of, _input_quant
@@ -71,7 +72,10 @@ def main() -> None:
     ap.add_argument("--central-lr", type=float)
     ap.add_argument("--replay", default="", help="personalization methods to replay, e.g. ditto,head")
     a = ap.parse_args()
-    cfg, t0 = _config(a), time.time()
+    try:
+        cfg, t0 = _config(a), time.time()
+    except (ConfigError, json.JSONDecodeError) as e:  # NOTE: a bad config or --scheme: one message, no traceback
+        ap.error(f"{a.config}: {e}" if isinstance(e, ConfigError) else f"--scheme: not JSON ({e})")
     sc = load_scenario(cfg)
     held = set(cfg.new_user_indices())
     devs = [d for i, d in enumerate(sc.devices) if i not in held]
